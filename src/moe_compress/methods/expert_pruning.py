@@ -1,0 +1,46 @@
+"""Expert pruning by a registered criterion: statistics in, Plan out."""
+
+from __future__ import annotations
+
+import torch
+
+from ..arch.adapter import MoEAdapter
+from ..plan import LayerPlan, Plan
+from .budget import Budget, RoutingLimits, select_experts
+from .criteria import CRITERIA, layer_scores
+
+
+def routing_limits(adapter: MoEAdapter, config) -> RoutingLimits:
+    """What each layer's router needs to keep working after pruning."""
+    groups, per_token = adapter.routing_groups(config)
+    # DeepSeek-V3/GLM score a group by the sum of its two best experts.
+    min_per_group = 2 if groups > 1 and adapter.router_score == "sigmoid" else 1
+    return RoutingLimits(adapter.top_k(config), groups, per_token, min_per_group)
+
+
+def plan_expert_pruning(
+    adapter: MoEAdapter,
+    config,
+    stats: dict[int, dict[str, torch.Tensor]],
+    criterion: str,
+    ratio: float,
+    budget: Budget = "layer",
+    min_keep: int = 0,
+) -> Plan:
+    limits = routing_limits(adapter, config)
+    scores = layer_scores(criterion, stats)
+    kept = select_experts(scores, ratio, budget, limits, CRITERIA[criterion].normalise_globally, min_keep)
+    layers = [LayerPlan(layer, s.numel(), kept[layer], [float(v) for v in s]) for layer, s in sorted(scores.items())]
+    plan = Plan(
+        model_type=adapter.model_type,
+        top_k=limits.top_k,
+        layers=layers,
+        method=criterion,
+        ratio=ratio,
+        budget=budget,
+        routing_groups=limits.groups,
+        groups_per_token=limits.groups_per_token,
+        min_per_group=limits.min_per_group,
+    )
+    plan.validate()
+    return plan

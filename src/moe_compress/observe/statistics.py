@@ -1,0 +1,125 @@
+"""Per-expert statistics gathered by accumulators, never by buffering every token.
+
+Each statistic is a running sum over calibration tokens, kept in float64 so that long
+calibration runs do not lose precision. A method asks for statistics by name; the observer
+computes only those, and the expensive per-expert outputs f_e(x) only when a requested
+statistic needs them (and then only on the tokens routed to each expert).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from ..arch.adapter import MoEAdapter
+from ..arch.expert_math import expert_forward
+
+
+@dataclass
+class RoutedBatch:
+    """One MoE forward: the tokens, the router's logits and the routing it chose."""
+
+    x: torch.Tensor  # [N, H] tokens entering the experts
+    logits: torch.Tensor  # [N, E] router logits
+    top_idx: torch.Tensor  # [N, k] selected experts
+    top_w: torch.Tensor  # [N, k] gate weights actually applied
+    adapter: MoEAdapter
+    experts: nn.Module
+    _outputs: list = field(default_factory=list, repr=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits.shape[-1]
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """Full router distribution p_t before top-k, [N, E]."""
+        return self.adapter.router_probs(self.logits).double()
+
+    @cached_property
+    def renormalised_w(self) -> torch.Tensor:
+        """Gate weights renormalised over the selected top-k (REAP's g), [N, k]."""
+        w = self.top_w.double()
+        return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    @cached_property
+    def dense_gates(self) -> torch.Tensor:
+        """g_{t,e}: the applied gate weight, 0 where e was not selected, [N, E]."""
+        gates = torch.zeros(self.x.shape[0], self.num_experts, dtype=torch.float64)
+        return gates.scatter_add_(1, self.top_idx.long(), self.top_w.double())
+
+    def routed(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For each expert with routed tokens: (e, token rows, top-k slot, f_e(x) on those rows).
+
+        Outputs are computed once per batch and shared by every statistic that needs them.
+        """
+        if not self._outputs:
+            for e in range(self.num_experts):
+                rows, slot = torch.where(self.top_idx == e)
+                if rows.numel():
+                    out = expert_forward(self.experts, e, self.x[rows]).double()
+                    self._outputs.append((e, rows, slot, out))
+        yield from self._outputs
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A named running sum: `update(batch)` returns this batch's contribution, shape [E]."""
+
+    name: str
+    update: Callable[[RoutedBatch], torch.Tensor]
+    needs_expert_outputs: bool = False
+    doc: str = ""
+
+
+def _per_expert(batch: RoutedBatch, value: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros(batch.num_experts, dtype=torch.float64)
+    for e, rows, slot, out in batch.routed():
+        total[e] = value(e, rows, slot, out)
+    return total
+
+
+STATISTICS: dict[str, Statistic] = {
+    s.name: s
+    for s in (
+        Statistic("tokens", lambda b: torch.full((b.num_experts,), float(b.x.shape[0]), dtype=torch.float64), doc="T, tokens seen"),
+        Statistic(
+            "selected",
+            lambda b: torch.bincount(b.top_idx.reshape(-1).long(), minlength=b.num_experts).double(),
+            doc="|T_e|, tokens routed to e",
+        ),
+        Statistic("prob_sum", lambda b: b.probs.sum(0), doc="sum_t p_{t,e}"),
+        Statistic("gate_sum", lambda b: b.dense_gates.sum(0), doc="sum_t g_{t,e}"),
+        Statistic(
+            "output_norm_sum",
+            lambda b: _per_expert(b, lambda e, rows, slot, out: out.norm(dim=-1).sum()),
+            needs_expert_outputs=True,
+            doc="sum over T_e of ||f_e(x_t)||",
+        ),
+        Statistic(
+            "reap_sum",
+            lambda b: _per_expert(b, lambda e, rows, slot, out: (b.renormalised_w[rows, slot] * out.norm(dim=-1)).sum()),
+            needs_expert_outputs=True,
+            doc="sum over T_e of g~_{t,e} ||f_e(x_t)|| (g renormalised over the top-k)",
+        ),
+    )
+}
+
+
+class LayerAccumulator:
+    """Running sums of the requested statistics for one MoE layer."""
+
+    def __init__(self, names: tuple[str, ...], num_experts: int):
+        unknown = set(names) - set(STATISTICS)
+        if unknown:
+            raise KeyError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
+        self.names = names
+        self.sums = {name: torch.zeros(num_experts, dtype=torch.float64) for name in names}
+
+    def update(self, batch: RoutedBatch) -> None:
+        for name in self.names:
+            self.sums[name] += STATISTICS[name].update(batch)

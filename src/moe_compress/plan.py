@@ -1,0 +1,148 @@
+"""The Plan: what to do to each MoE layer, separated from doing it.
+
+A plan is pure data. It is written to JSON so users can inspect it, edit it and apply it
+again to the same model (`--plan-out` / `--plan-in`), and it is validated against the
+router's needs before any tensor is touched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+
+from .errors import MoECompressError
+from .methods.budget import RoutingLimits
+
+PLAN_FORMAT = "moe-compress/plan@1"
+
+
+@dataclass
+class LayerPlan:
+    """Decision for one MoE layer: which routed experts (original indices) are kept."""
+
+    layer: int
+    num_experts: int
+    keep: list[int]
+    scores: list[float] | None = None
+
+    @property
+    def removed(self) -> list[int]:
+        kept = set(self.keep)
+        return [e for e in range(self.num_experts) if e not in kept]
+
+
+@dataclass
+class Plan:
+    model_type: str
+    top_k: int
+    layers: list[LayerPlan]
+    method: str = "manual"
+    ratio: float | None = None
+    budget: str | None = None
+    routing_groups: int = 1
+    groups_per_token: int = 1
+    min_per_group: int = 1
+    meta: dict = field(default_factory=dict)
+
+    # ---- queries ----------------------------------------------------------------------
+    @property
+    def limits(self) -> RoutingLimits:
+        return RoutingLimits(self.top_k, self.routing_groups, self.groups_per_token, self.min_per_group)
+
+    def is_uniform(self) -> bool:
+        return len({len(lp.keep) for lp in self.layers}) <= 1
+
+    def is_identity(self) -> bool:
+        return all(len(lp.keep) == lp.num_experts for lp in self.layers)
+
+    def kept_counts(self) -> dict[int, int]:
+        return {lp.layer: len(lp.keep) for lp in self.layers}
+
+    # ---- validation -------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise MoECompressError if applying this plan would leave a router that cannot work."""
+        seen = set()
+        min_units = self.limits.min_units()
+        for lp in self.layers:
+            where = f"plan layer {lp.layer}"
+            if lp.layer in seen:
+                raise MoECompressError(f"{where} appears twice; each MoE layer may have one entry.")
+            seen.add(lp.layer)
+            if len(set(lp.keep)) != len(lp.keep):
+                raise MoECompressError(f"{where}: kept experts contain duplicates: {lp.keep}.")
+            bad = [e for e in lp.keep if not 0 <= e < lp.num_experts]
+            if bad:
+                raise MoECompressError(f"{where}: expert indices {bad} are out of range 0..{lp.num_experts - 1}.")
+            if len(lp.keep) < self.top_k:
+                raise MoECompressError(
+                    f"{where} keeps {len(lp.keep)} experts, fewer than top_k={self.top_k}: every token routes to "
+                    f"{self.top_k} experts. Keep at least {self.top_k} experts per layer (lower the ratio)."
+                )
+            groups = self.routing_groups
+            if groups > 1:
+                size = lp.num_experts // groups
+                per_group = [sum(1 for e in lp.keep if e // size == g) for g in range(groups)]
+                if len(set(per_group)) != 1 or per_group[0] < min_units:
+                    raise MoECompressError(
+                        f"{where}: group-limited routing needs the same number of kept experts in each of its "
+                        f"{groups} groups, at least {min_units} each; this plan keeps {per_group}."
+                    )
+
+    def check_model(self, model_type: str, experts_per_layer: dict[int, int]) -> None:
+        """Raise if this plan was made for a different model than the one it is applied to."""
+        if model_type != self.model_type:
+            raise MoECompressError(f"plan was made for a {self.model_type!r} model, not {model_type!r}.")
+        for lp in self.layers:
+            if lp.layer not in experts_per_layer:
+                raise MoECompressError(
+                    f"plan names layer {lp.layer}, which is not an MoE layer of this model "
+                    f"(MoE layers: {sorted(experts_per_layer)})."
+                )
+            if experts_per_layer[lp.layer] != lp.num_experts:
+                raise MoECompressError(
+                    f"plan expects {lp.num_experts} experts in layer {lp.layer}; the model has {experts_per_layer[lp.layer]}."
+                )
+
+    # ---- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        if data.get("format") != PLAN_FORMAT:
+            raise MoECompressError(f"not a moe-compress plan (expected format {PLAN_FORMAT!r}, got {data.get('format')!r}).")
+        body = {k: v for k, v in data.items() if k != "format"}
+        try:
+            body["layers"] = [LayerPlan(**lp) for lp in body["layers"]]
+            return cls(**body)
+        except (KeyError, TypeError) as exc:
+            raise MoECompressError(f"plan is malformed: {exc}.") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise MoECompressError(f"plan file {path} does not exist.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MoECompressError(f"plan file {path} is not valid JSON: {exc}.") from None
+        plan = cls.from_dict(data)
+        plan.validate()
+        return plan
+
+    def table(self) -> Table:
+        table = Table(title=f"plan: {self.method}, ratio={self.ratio}, budget={self.budget}")
+        for column in ("layer", "experts", "kept", "removed"):
+            table.add_column(column, justify="right" if column != "removed" else "left")
+        for lp in self.layers:
+            removed = lp.removed
+            shown = ", ".join(map(str, removed[:16])) + (" ..." if len(removed) > 16 else "")
+            table.add_row(str(lp.layer), str(lp.num_experts), str(len(lp.keep)), shown or "-")
+        return table

@@ -1,0 +1,46 @@
+"""Expert pruning surgery: slice routed experts, router rows and correction biases.
+
+Pure tensor slicing: kept experts keep their weights bit for bit and their relative order,
+so the router's top-k among the kept experts picks what it picked before whenever the
+original choice survives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..arch.adapter import MoEAdapter
+from ..arch.registry import get_adapter
+from ..plan import Plan
+from .structure import experts_per_layer, sync_config_structure
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, value)
+
+
+@torch.no_grad()
+def prune_experts(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = None) -> PreTrainedModel:
+    """Apply `plan` in place: every MoE layer keeps only `plan.layers[..].keep`."""
+    adapter = adapter or get_adapter(model)
+    plan.validate()
+    plan.check_model(adapter.model_type, experts_per_layer(model, adapter))
+    layers = adapter.decoder_layers(model)
+    for lp in plan.layers:
+        if len(lp.keep) == lp.num_experts and lp.keep == sorted(lp.keep):
+            continue
+        block = adapter.moe_block(layers[lp.layer])
+        keep = torch.tensor(sorted(lp.keep), dtype=torch.long)
+        for tensor in adapter.expert_tensors(block):
+            value = tensor.value
+            _replace(tensor.module, tensor.name, value.index_select(tensor.axis, keep.to(value.device)).contiguous())
+        for holder in adapter.expert_count_holders(block):
+            holder.num_experts = len(keep)
+    sync_config_structure(model, adapter)
+    return model
