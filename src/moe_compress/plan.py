@@ -8,15 +8,31 @@ router's needs before any tensor is touched.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.table import Table
 
 from .errors import MoECompressError
-from .methods.budget import RoutingLimits
 
 PLAN_FORMAT = "moe-compress/plan@1"
+
+
+@dataclass(frozen=True)
+class RoutingLimits:
+    """What a layer must keep for its router to work: top_k experts, and for grouped routers
+    at least `min_per_group` in every one of `groups` groups."""
+
+    top_k: int
+    groups: int = 1
+    groups_per_token: int = 1
+    min_per_group: int = 1
+
+    def min_units(self) -> int:
+        """Fewest experts per group such that every token can still pick top_k experts."""
+        reachable = math.ceil(self.top_k / self.groups_per_token) if self.groups > 1 else self.top_k
+        return max(reachable, self.min_per_group)
 
 
 @dataclass

@@ -8,37 +8,21 @@ group. Without groups a unit is one expert, and the same code serves both cases.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ..errors import MoECompressError
+from ..plan import RoutingLimits
 
 Budget = Literal["layer", "global"]
-
-
-@dataclass(frozen=True)
-class RoutingLimits:
-    """What a layer must keep for its router to work: top_k experts, and for grouped routers
-    at least `min_per_group` in every one of `groups` groups."""
-
-    top_k: int
-    groups: int = 1
-    groups_per_token: int = 1
-    min_per_group: int = 1
-
-    def min_units(self) -> int:
-        """Fewest experts per group such that every token can still pick top_k experts."""
-        reachable = math.ceil(self.top_k / self.groups_per_token) if self.groups > 1 else self.top_k
-        return max(reachable, self.min_per_group)
 
 
 def _round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
 
 
-def _check_ratio(ratio: float) -> None:
+def check_ratio(ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
         raise MoECompressError(f"ratio must be in [0, 1): the fraction of routed experts to remove; got {ratio}.")
 
@@ -69,7 +53,7 @@ def select_experts(
             scores across layers (each layer's scores divided by their sum when `normalise`),
             each layer keeping at least max(top_k, min_keep) experts.
     """
-    _check_ratio(ratio)
+    check_ratio(ratio)
     if budget not in ("layer", "global"):
         raise MoECompressError(f"budget must be 'layer' or 'global'; got {budget!r}.")
     groups = limits.groups

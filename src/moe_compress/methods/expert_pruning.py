@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..arch.adapter import MoEAdapter
-from ..plan import LayerPlan, Plan
-from .budget import Budget, RoutingLimits, select_experts
+from ..plan import LayerPlan, Plan, RoutingLimits
+from .budget import Budget, select_experts
 from .criteria import CRITERIA, layer_scores
 
 

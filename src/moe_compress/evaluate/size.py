@@ -1,0 +1,76 @@
+"""What a model is made of: parameter counts by role, bytes, and parameters active per token."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..arch.adapter import MoEAdapter
+
+
+@dataclass
+class ModelSize:
+    attention: int = 0
+    routed_experts: int = 0
+    shared_experts: int = 0
+    router: int = 0
+    other: int = 0  # embeddings, norms, dense MLPs, output head
+    active_per_token: int = 0
+    bytes: int = 0
+    experts_per_layer: dict[int, int] = field(default_factory=dict)
+    top_k: int = 0
+    num_layers: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.routed_experts + self.shared_experts + self.router + self.other
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _unique_params(module: nn.Module, seen: set[int]) -> list[nn.Parameter]:
+    """Parameters of `module` not counted yet (tied weights count once)."""
+    fresh = []
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            fresh.append(p)
+    return fresh
+
+
+def model_size(model: PreTrainedModel, adapter: MoEAdapter) -> ModelSize:
+    size = ModelSize(top_k=adapter.top_k(model.config))
+    seen: set[int] = set()
+    layers = adapter.decoder_layers(model)
+    size.num_layers = len(layers)
+
+    def count(module: nn.Module | None) -> int:
+        return sum(p.numel() for p in _unique_params(module, seen)) if module is not None else 0
+
+    for index, layer in enumerate(layers):
+        size.attention += count(getattr(layer, "self_attn", None))
+        block = adapter.moe_block(layer)
+        if block is None:
+            continue
+        routed = count(adapter.experts(block))
+        experts = adapter.num_experts(block)
+        size.routed_experts += routed
+        size.experts_per_layer[index] = experts
+        size.active_per_token += round(routed * min(size.top_k, experts) / experts)
+        size.shared_experts += sum(count(m) for m in adapter.shared_experts(block))
+        size.router += count(adapter.router(block))
+    size.other = count(model)
+    size.active_per_token += size.attention + size.shared_experts + size.router + size.other
+    size.bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    return size
+
+
+def checkpoint_bytes(directory: str | Path) -> int:
+    """Bytes of the weight files of a saved checkpoint."""
+    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))

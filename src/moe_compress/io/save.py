@@ -1,0 +1,67 @@
+"""Save compressed models atomically, as stock checkpoints whenever the structure allows.
+
+Everything is written into a temporary sibling directory and renamed into place at the end,
+so a failure (disk full, interrupted run) never leaves a half-written checkpoint at `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import MoECompressError
+from ..plan import Plan
+from .remote_code import write_remote_code
+
+PLAN_FILE = "moe_compress_plan.json"
+SUMMARY_FILE = "moe_compress_summary.json"
+
+
+def needs_remote_code(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "moe_compress", None))
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> None:
+    """Fail before any work is done if `out` would have to be clobbered without permission."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise MoECompressError(f"output {out} exists and is not an empty directory; choose another --out or pass --overwrite.")
+
+
+def save_compressed(
+    model: PreTrainedModel,
+    out: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    plan: Plan | None = None,
+    summary: dict | None = None,
+    overwrite: bool = False,
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Write `model` (and tokenizer, plan, summary) to `out`; returns the directory."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if needs_remote_code(model):
+            write_remote_code(staging, model)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if plan is not None:
+            plan.save(staging / PLAN_FILE)
+        if summary is not None:
+            (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,17 @@
+"""The sequential observer and the statistics it accumulates."""
+
+from .cache import StatsCache, cache_key, model_fingerprint
+from .observer import observe_expert_statistics, run_sequential
+from .statistics import STATISTICS, LayerAccumulator, RoutedBatch, Statistic
+
+__all__ = [
+    "STATISTICS",
+    "LayerAccumulator",
+    "RoutedBatch",
+    "Statistic",
+    "StatsCache",
+    "cache_key",
+    "model_fingerprint",
+    "observe_expert_statistics",
+    "run_sequential",
+]

@@ -1,0 +1,83 @@
+"""Shared test helpers: token batches, routing capture, and fresh-process loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from tiny_models import VOCAB
+
+
+def token_batches(count: int = 3, batch: int = 2, seq_len: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (batch, seq_len), generator=generator) for _ in range(count)]
+
+
+def selected_experts(model, adapter, input_ids: torch.Tensor) -> dict[int, set[int]]:
+    """Which experts each MoE layer's router selects on `input_ids` (original indices)."""
+    chosen: dict[int, set[int]] = {}
+    handles = []
+    for index in adapter.moe_layer_indices(model):
+        router = adapter.router(adapter.moe_block(adapter.decoder_layers(model)[index]))
+
+        def hook(_module, _args, output, index=index):
+            chosen.setdefault(index, set()).update(output[2].reshape(-1).tolist())
+
+        handles.append(router.register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids)
+    for handle in handles:
+        handle.remove()
+    return chosen
+
+
+_LOADER = textwrap.dedent(
+    """
+    import json, sys, importlib.abc
+
+    class _NoMoECompress(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "moe_compress" or name.startswith("moe_compress."):
+                raise ImportError("moe_compress must not be needed to load a saved checkpoint")
+            return None
+
+    sys.meta_path.insert(0, _NoMoECompress())
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    results = {}
+    for job in json.loads(sys.argv[1]):
+        model = AutoModelForCausalLM.from_pretrained(job["path"], trust_remote_code=job["remote"]).eval()
+        saved = torch.load(job["path"] + "/expected.pt")
+        with torch.no_grad():
+            logits = model(saved["input_ids"]).logits
+        results[job["path"]] = {
+            "class": type(model).__name__,
+            "max_abs_diff": float((logits - saved["logits"]).abs().max()),
+            "equal": bool(torch.equal(logits, saved["logits"])),
+        }
+    print("RESULTS" + json.dumps(results))
+    """
+)
+
+
+def save_expected(directory: Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
+    torch.save({"input_ids": input_ids, "logits": logits}, directory / "expected.pt")
+
+
+def load_in_fresh_process(jobs: list[dict]) -> dict[str, dict]:
+    """Load each checkpoint in a new Python process that cannot import moe_compress."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", _LOADER, json.dumps(jobs)], capture_output=True, text=True, cwd="/", env=env, timeout=900
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"fresh-process load failed:\n{result.stderr[-4000:]}")
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS"))
+    return json.loads(line.removeprefix("RESULTS"))

@@ -1,0 +1,99 @@
+"""The sequential observer: same activations as the full model, statistics equal brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import token_batches
+from moe_compress import get_adapter
+from moe_compress.api import collect_statistics
+from moe_compress.observe import STATISTICS, observe_expert_statistics, run_sequential
+from tiny_models import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_by_layer_equals_full_forward(family):
+    model = tiny_model(family)
+    batches = token_batches()
+    hidden = run_sequential(model, get_adapter(model), batches)
+    with torch.no_grad():
+        for h, batch in zip(hidden, batches):
+            full = model.model(input_ids=batch).last_hidden_state
+            assert torch.equal(model.model.norm(h), full)
+
+
+def _brute_force(model, adapter, batches):
+    """Reference statistics from buffering every token's routing and every expert's output."""
+    records: dict[int, list] = {}
+    handles = []
+    for index in adapter.moe_layer_indices(model):
+        block = adapter.moe_block(adapter.decoder_layers(model)[index])
+        experts = adapter.experts(block)
+        router = adapter.router(block)
+
+        def hook(module, args, output, index=index, experts=experts):
+            logits, weights, chosen = output
+            x = args[0].reshape(-1, args[0].shape[-1])
+            outs = torch.stack([experts(x, torch.full((x.shape[0], 1), e), torch.ones(x.shape[0], 1)) for e in range(8)], 1)
+            records.setdefault(index, []).append((logits.reshape(x.shape[0], -1), weights, chosen, outs))
+
+        handles.append(router.register_forward_hook(hook))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    reference = {}
+    for index, parts in records.items():
+        sums = {name: torch.zeros(8, dtype=torch.float64) for name in STATISTICS}
+        for logits, weights, chosen, outs in parts:
+            probs = adapter.router_probs(logits).double()
+            for t in range(logits.shape[0]):
+                sums["tokens"] += 1
+                sums["prob_sum"] += probs[t]
+                total_w = float(weights[t].double().sum())
+                for slot in range(chosen.shape[1]):
+                    e, g = int(chosen[t, slot]), float(weights[t, slot])
+                    norm = float(outs[t, e].double().norm())
+                    sums["selected"][e] += 1
+                    sums["gate_sum"][e] += g
+                    sums["output_norm_sum"][e] += norm
+                    sums["reap_sum"][e] += g / total_w * norm
+        reference[index] = sums
+    return reference
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_statistics_equal_brute_force(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    batches = token_batches()
+    observed = observe_expert_statistics(model, adapter, batches, tuple(STATISTICS))
+    reference = _brute_force(model, adapter, batches)
+    assert observed.keys() == reference.keys()
+    for index in reference:
+        for name in STATISTICS:
+            torch.testing.assert_close(observed[index][name], reference[index][name], rtol=1e-5, atol=1e-6, msg=f"{name} layer {index}")
+
+
+def test_only_requested_statistics_are_collected():
+    model = tiny_model("mixtral")
+    stats = observe_expert_statistics(model, get_adapter(model), token_batches(), ("selected",))
+    assert set(stats[0]) == {"selected", "tokens"}
+
+
+def test_statistics_cache_hits_for_same_model_and_data_only(tmp_path):
+    model = tiny_model("mixtral")
+    batches = token_batches()
+    first, hit = collect_statistics(model, batches, ("reap_sum", "selected"), cache_dir=tmp_path)
+    assert not hit
+    second, hit = collect_statistics(model, batches, ("reap_sum", "selected"), cache_dir=tmp_path)
+    assert hit
+    assert all(torch.equal(first[i][n], second[i][n]) for i in first for n in first[i])
+    _, hit = collect_statistics(model, token_batches(seed=1), ("reap_sum", "selected"), cache_dir=tmp_path)
+    assert not hit, "different calibration data must not hit the cache"
+    _, hit = collect_statistics(tiny_model("mixtral", seed=1), batches, ("reap_sum", "selected"), cache_dir=tmp_path)
+    assert not hit, "a different model must not hit the cache"
+    _, hit = collect_statistics(model, batches, ("selected",), cache_dir=tmp_path)
+    assert not hit, "a different statistic set is a different key"
