@@ -95,7 +95,7 @@ def load_model(
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MoECompressError(f"cannot load model weights from {name_or_path}: {message}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model.to(device).eval(), tokenizer

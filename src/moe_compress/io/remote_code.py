@@ -28,6 +28,24 @@ def _stock_class_name(obj: object) -> str:
     return next(c.__name__ for c in type(obj).__mro__ if c.__module__.startswith("transformers."))
 
 
+def _stock_model_type(model: PreTrainedModel) -> str:
+    return next(c.model_type for c in type(model.config).__mro__ if c.__module__.startswith("transformers."))
+
+
+def write_stock_identity(directory: Path, model: PreTrainedModel) -> None:
+    """Make a saved config name its transformers family again.
+
+    A model loaded through the generated code whose structure became uniform again (a later
+    stage evened the expert counts) is saved as a plain stock checkpoint.
+    """
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_type"] = _stock_model_type(model)
+    config["architectures"] = [_stock_class_name(model)]
+    config.pop("auto_map", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def write_remote_code(directory: Path, model: PreTrainedModel) -> None:
     """Add the generated files to a saved checkpoint and point its config at them."""
     base_type = model.config.moe_compress["base_model_type"]

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
 from ..plan import Plan
-from .remote_code import write_remote_code
+from .remote_code import write_remote_code, write_stock_identity
 
 PLAN_FILE = "moe_compress_plan.json"
 SUMMARY_FILE = "moe_compress_summary.json"
@@ -50,6 +50,8 @@ def save_compressed(
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if needs_remote_code(model):
             write_remote_code(staging, model)
+        else:
+            write_stock_identity(staging, model)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if plan is not None:

@@ -1,0 +1,119 @@
+"""Expert pruning surgery on every family: identities that must hold exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import selected_experts, token_batches
+from moe_compress import LayerPlan, Plan, compress, get_adapter, prune_experts
+from moe_compress.methods.expert_pruning import routing_limits
+from moe_compress.surgery import experts_per_layer
+from tiny_models import FAMILIES, VOCAB, tiny_model
+
+#: Routers whose gate weights for the chosen experts depend on the logits of experts that
+#: were not chosen: plain softmax over all experts without renormalising the top-k (OLMoE,
+#: Qwen2-MoE with norm_topk_prob=False, DeepSeek-V2), or a correction bias added to softmax
+#: probabilities before top-k (Ernie 4.5). Removing any expert rescales their gates, so the
+#: "unused experts change nothing" identity cannot hold for them in a stock checkpoint.
+GATES_DEPEND_ON_ALL_EXPERTS = {"olmoe", "qwen2_moe", "deepseek_v2", "ernie4_5_moe"}
+
+
+def _plan_keeping(model, adapter, keep: dict[int, list[int]]) -> Plan:
+    limits = routing_limits(adapter, model.config)
+    return Plan(
+        adapter.model_type,
+        limits.top_k,
+        [LayerPlan(layer, adapter.num_experts(adapter.moe_block(adapter.decoder_layers(model)[layer])), experts) for layer, experts in keep.items()],
+        routing_groups=limits.groups,
+        groups_per_token=limits.groups_per_token,
+        min_per_group=limits.min_per_group,
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_ratio_zero_reproduces_logits_exactly(family, budget):
+    model = tiny_model(family)
+    inputs = torch.randint(3, VOCAB, (2, 12))
+    with torch.no_grad():
+        before = model(inputs).logits
+    result = compress(model, method="reap", ratio=0.0, budget=budget, calib=token_batches(), cache_dir=False)
+    assert result.plan.is_identity()
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, before)
+
+
+def _unused_expert_case(family: str):
+    # Group-limited routing is exercised by the budget and save/load tests; here one group
+    # lets any subset of experts be kept.
+    model = tiny_model(family, **({"n_group": 1, "topk_group": 1} if family == "deepseek_v3" else {}))
+    adapter = get_adapter(model)
+    inputs = torch.randint(3, VOCAB, (1, 3))
+    used = selected_experts(model, adapter, inputs)
+    keep = {layer: sorted(experts) for layer, experts in used.items()}  # top-2 routing uses >= 2 experts
+    assert any(len(k) < 8 for k in keep.values()), "the case must prune something"
+    with torch.no_grad():
+        before = model(inputs).logits
+    prune_experts(model, _plan_keeping(model, adapter, keep), adapter)
+    return model, adapter, inputs, before, keep
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - GATES_DEPEND_ON_ALL_EXPERTS))
+def test_pruning_unused_experts_reproduces_logits(family):
+    """Exact up to float rounding: the kept experts' gates are recomputed over fewer logits."""
+    model, _, inputs, before, _ = _unused_expert_case(family)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(GATES_DEPEND_ON_ALL_EXPERTS - {"ernie4_5_moe"}))
+def test_pruning_unused_experts_keeps_routing_where_gates_rescale(family):
+    """Softmax routers without renormalisation still choose the same experts after pruning."""
+    model, adapter, inputs, _, keep = _unused_expert_case(family)
+    after = selected_experts(model, adapter, inputs)
+    assert {layer: {keep[layer][i] for i in chosen} for layer, chosen in after.items()} == {
+        layer: set(experts) for layer, experts in keep.items()
+    }
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+def test_unused_experts_exact_with_renormalised_gates(family):
+    model = tiny_model(family, norm_topk_prob=True)
+    adapter = get_adapter(model)
+    inputs = torch.randint(3, VOCAB, (1, 3))
+    used = selected_experts(model, adapter, inputs)
+    with torch.no_grad():
+        before = model(inputs).logits
+    prune_experts(model, _plan_keeping(model, adapter, {layer: sorted(e) for layer, e in used.items()}), adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_model_has_the_planned_shapes(family):
+    model = tiny_model(family)
+    result = compress(model, method="frequency", ratio=0.5, budget="layer", calib=token_batches(), cache_dir=False)
+    adapter = get_adapter(model)
+    assert experts_per_layer(model, adapter) == result.plan.kept_counts()
+    assert adapter.config_num_experts(model.config) == 4 and not hasattr(model.config, "moe_compress")
+    for layer in result.plan.layers:
+        block = adapter.moe_block(adapter.decoder_layers(model)[layer.layer])
+        for tensor in adapter.expert_tensors(block):
+            assert tensor.value.shape[tensor.axis] == 4
+    assert result.summary["params_after"] < result.summary["params_before"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, VOCAB, (1, 8))).logits).all()
+
+
+def test_kept_experts_keep_their_weights_bit_for_bit():
+    model = tiny_model("mixtral")
+    adapter = get_adapter(model)
+    original = adapter.experts(adapter.moe_block(model.model.layers[1])).down_proj.detach().clone()
+    router = adapter.router(adapter.moe_block(model.model.layers[1])).weight.detach().clone()
+    keep = {0: list(range(8)), 1: [1, 4, 6], 2: list(range(8))}
+    prune_experts(model, _plan_keeping(model, adapter, keep), adapter)
+    block = adapter.moe_block(model.model.layers[1])
+    assert torch.equal(adapter.experts(block).down_proj, original[[1, 4, 6]])
+    assert torch.equal(adapter.router(block).weight, router[[1, 4, 6]])
+    assert model.config.moe_compress["experts_per_layer"] == {"0": 8, "1": 3, "2": 8}
