@@ -1,0 +1,162 @@
+"""The command line end to end on tiny checkpoints, and its errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moe_compress.cli import app
+from moe_compress.io import load_model
+from tiny_checkpoints import save_dense_checkpoint, save_tiny_checkpoint, write_calibration
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    return write_calibration(tmp_path_factory.mktemp("calib") / "calib.jsonl")
+
+
+def run(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, result.stdout + result.stderr
+
+
+def test_inspect_reports_structure_and_parameters(checkpoint):
+    result, text = run("inspect", checkpoint, "--json")
+    assert result.exit_code == 0, text
+    report = json.loads(result.stdout)
+    assert report["model_type"] == "mixtral" and report["top_k"] == 2
+    assert [row["experts"] for row in report["layers"]] == [8, 8, 8]
+    size = report["size"]
+    assert size["total"] == sum(size[k] for k in ("attention", "routed_experts", "shared_experts", "router", "other"))
+    model, _ = load_model(checkpoint)
+    assert size["total"] == sum(p.numel() for p in model.parameters())
+    result, text = run("inspect", checkpoint)
+    assert result.exit_code == 0 and "routed experts" in text and "active per token" in text
+
+
+def test_prune_saves_plan_and_checkpoint_and_reuses_statistics(checkpoint, calib, tmp_path):
+    args = ["prune", checkpoint, "--method", "reap", "--ratio", "0.25", "--budget", "global", "--calib", calib,
+            "--samples", "8", "--seq-len", "32", "--cache-dir", tmp_path / "cache"]
+    result, text = run(*args, "--out", tmp_path / "out", "--plan-out", tmp_path / "plan.json", "--eval", calib)
+    assert result.exit_code == 0, text
+    assert "parameters" in text and "perplexity" in text and "peak memory" in text
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert sum(len(layer["keep"]) for layer in plan["layers"]) == 18  # round(24 * 0.75)
+    summary = json.loads((tmp_path / "out" / "moe_compress_summary.json").read_text())
+    assert not summary["statistics_from_cache"] and summary["params_after"] < summary["params_before"]
+    result, text = run(*args, "--out", tmp_path / "out2")
+    assert result.exit_code == 0, text
+    assert "statistics from cache" in text
+    # The same plan applied again gives the same model.
+    result, text = run("prune", checkpoint, "--plan-in", tmp_path / "plan.json", "--out", tmp_path / "out3")
+    assert result.exit_code == 0, text
+    a, _ = load_model(tmp_path / "out")
+    b, _ = load_model(tmp_path / "out3")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_eval_reports_perplexity_json(checkpoint, calib, tmp_path):
+    result, text = run("eval", checkpoint, "--ppl", calib, "--seq-len", "32", "--json", tmp_path / "ppl.json")
+    assert result.exit_code == 0, text
+    ppl = json.loads((tmp_path / "ppl.json").read_text())["perplexity"][str(calib)]
+    assert ppl["perplexity"] > 1 and ppl["tokens"] == ppl["windows"] * 31
+
+
+def test_help_explains_every_option():
+    for command in ("inspect", "prune", "eval"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0
+    text = runner.invoke(app, ["prune", "--help"], terminal_width=200).stdout
+    for option in ("--method", "--ratio", "--budget", "--calib", "--samples", "--seq-len", "--seed", "--plan-in", "--plan-out", "--out"):
+        assert option in text
+
+
+def _corrupt(checkpoint, tmp_path):
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return broken
+
+
+def _unknown_type(checkpoint, tmp_path):
+    odd = shutil.copytree(checkpoint, tmp_path / "odd")
+    config = json.loads((odd / "config.json").read_text())
+    config["model_type"] = "frobnicator_moe"
+    (odd / "config.json").write_text(json.dumps(config))
+    return odd
+
+
+def _fewer_than_top_k_plan(checkpoint, tmp_path):
+    plan = {"format": "moe-compress/plan@1", "model_type": "mixtral", "top_k": 2,
+            "layers": [{"layer": 0, "num_experts": 8, "keep": [3]}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    return tmp_path / "plan.json"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "not found"),
+        ("dense", "'llama' is not supported"),
+        ("unknown", "frobnicator_moe"),
+        ("ratio-high", r"ratio must be in \[0, 1\)"),
+        ("ratio-negative", r"ratio must be in \[0, 1\)"),
+        ("plan-below-top-k", "fewer than top_k=2"),
+        ("corrupt", "corrupt or truncated"),
+        ("empty-calib", "contains no text"),
+        ("short-calib", "fewer than one sequence"),
+        ("bad-method", "unknown method"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_no_output(case, message, checkpoint, calib, tmp_path):
+    model, extra = checkpoint, ["--calib", calib, "--seq-len", "32"]
+    if case == "missing":
+        model = tmp_path / "no-such-model"
+    elif case == "dense":
+        model = save_dense_checkpoint(tmp_path / "dense")
+    elif case == "unknown":
+        model = _unknown_type(checkpoint, tmp_path)
+    elif case == "ratio-high":
+        extra += ["--ratio", "1.2"]
+    elif case == "ratio-negative":
+        extra += ["--ratio", "-0.1"]
+    elif case == "plan-below-top-k":
+        extra += ["--plan-in", _fewer_than_top_k_plan(checkpoint, tmp_path)]
+    elif case == "corrupt":
+        model = _corrupt(checkpoint, tmp_path)
+    elif case == "empty-calib":
+        (tmp_path / "empty.jsonl").write_text("")
+        extra = ["--calib", tmp_path / "empty.jsonl"]
+    elif case == "short-calib":
+        (tmp_path / "short.txt").write_text("just a few words")
+        extra = ["--calib", tmp_path / "short.txt"]
+    elif case == "bad-method":
+        extra += ["--method", "astrology"]
+    out = tmp_path / "out"
+    result, text = run("prune", model, "--out", out, "--no-cache", *extra)
+    assert result.exit_code == 2, text
+    assert "error:" in text and "Traceback" not in text
+    assert re.search(message, text), text
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*")), "no half-written output may remain"
+
+
+def test_existing_output_is_not_clobbered(checkpoint, calib, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result, text = run("prune", checkpoint, "--out", out, "--calib", calib, "--seq-len", "32")
+    assert result.exit_code == 2 and "--overwrite" in text
+    assert (out / "keep.txt").read_text() == "mine"
