@@ -202,8 +202,7 @@ def evaluate(
     from .io.load import load_model
 
     loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    sources = [f"bundled:{d}" for s in ppl for d in (bundled_domains() if s == "bundled" else [None])] if "bundled" in ppl else []
-    sources += [s for s in ppl if s != "bundled"]
+    sources = [source for s in ppl for source in ([f"bundled:{d}" for d in bundled_domains()] if s == "bundled" else [s])]
     results = {}
     table = Table(title=f"perplexity of {model}")
     for column in ("text", "perplexity", "nll/token", "tokens"):

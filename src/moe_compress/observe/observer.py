@@ -19,10 +19,7 @@ from torch import nn
 from ..arch.adapter import MoEAdapter
 from ..progress import track
 from .capture import capture_layer_inputs
-from .statistics import STATISTICS, LayerAccumulator, RoutedBatch
-
-LayerHook = Callable[[int, nn.Module], object]
-
+from .statistics import LayerAccumulator, RoutedBatch
 
 def _to(value, device: torch.device):
     if isinstance(value, torch.Tensor):
@@ -112,7 +109,3 @@ def observe_expert_statistics(
 
     run_sequential(model, adapter, batches, layer_context, device, description="calibrating")
     return {index: acc.sums for index, acc in accumulators.items()}
-
-
-def statistics_need_expert_outputs(names: tuple[str, ...]) -> bool:
-    return any(STATISTICS[n].needs_expert_outputs for n in names)

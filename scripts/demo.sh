@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up, then prune 25% of the bundled reference model's experts with REAP and report
+# size and per-domain perplexity before/after. Offline, CPU only, a few minutes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup_env.sh
+export HF_HUB_OFFLINE=1
+.venv/bin/moe-compress prune "${MODEL:-ref-mixtral}" --method reap --ratio 0.25 --budget layer \
+  --calib bundled --samples 64 --seq-len 256 --eval bundled --eval-windows 48 \
+  --out "runs/${MODEL:-ref-mixtral}-reap-0.25" --overwrite "$@"
