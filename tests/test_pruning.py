@@ -116,4 +116,5 @@ def test_kept_experts_keep_their_weights_bit_for_bit():
     block = adapter.moe_block(model.model.layers[1])
     assert torch.equal(adapter.experts(block).down_proj, original[[1, 4, 6]])
     assert torch.equal(adapter.router(block).weight, router[[1, 4, 6]])
-    assert model.config.moe_compress["experts_per_layer"] == {"0": 8, "1": 3, "2": 8}
+    assert {k: v["experts"] for k, v in model.config.moe_compress["layers"].items()} == {"0": 8, "1": 3, "2": 8}
+    assert {k: v["router"] for k, v in model.config.moe_compress["layers"].items()} == {"0": 8, "1": 3, "2": 8}

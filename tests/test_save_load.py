@@ -63,7 +63,8 @@ def test_non_uniform_plan_loads_with_remote_code(saved, family):
     path = root / f"{family}-non-uniform"
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == f"moe_compress_{family}"
-    assert config["moe_compress"]["experts_per_layer"] == {str(k): v for k, v in _non_uniform_plan(tiny_model(family)).kept_counts().items()}
+    counts = {k: v["experts"] for k, v in config["moe_compress"]["layers"].items()}
+    assert counts == {str(k): v for k, v in _non_uniform_plan(tiny_model(family)).kept_counts().items()}
     result = results[str(path)]
     assert result["class"] == "MoECompressForCausalLM"
     assert result["equal"], f"logits differ by {result['max_abs_diff']}"

@@ -12,11 +12,17 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from rich.table import Table
+from safetensors.torch import load_file, save_file
 
 from .errors import MoECompressError
 
 PLAN_FORMAT = "moe-compress/plan@1"
+
+
+def _vectors_path(plan_path: Path) -> Path:
+    return plan_path.with_name(plan_path.stem + ".novices.safetensors")
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,19 @@ class RoutingLimits:
 
 @dataclass
 class LayerPlan:
-    """Decision for one MoE layer: which routed experts (original indices) are kept."""
+    """Decision for one MoE layer: which routed experts (original indices) are kept.
+
+    With `novices`, the removed experts' router rows stay and each removed expert is replaced
+    by a vector (MoNE); otherwise router rows of removed experts are deleted too.
+    `clusters` optionally records the cluster id of each expert, for methods that cluster.
+    """
 
     layer: int
     num_experts: int
     keep: list[int]
     scores: list[float] | None = None
+    novices: bool = False
+    clusters: list[int] | None = None
 
     @property
     def removed(self) -> list[int]:
@@ -62,6 +75,9 @@ class Plan:
     groups_per_token: int = 1
     min_per_group: int = 1
     meta: dict = field(default_factory=dict)
+    #: Per layer, [removed experts, hidden] novice vectors (rows in ascending expert id).
+    #: Tensors are not JSON: `save` writes them beside the plan as safetensors.
+    novice_vectors: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     # ---- queries ----------------------------------------------------------------------
     @property
@@ -98,7 +114,7 @@ class Plan:
                     f"{self.top_k} experts. Keep at least {self.top_k} experts per layer (lower the ratio)."
                 )
             groups = self.routing_groups
-            if groups > 1:
+            if groups > 1 and not lp.novices:
                 size = lp.num_experts // groups
                 per_group = [sum(1 for e in lp.keep if e // size == g) for g in range(groups)]
                 if len(set(per_group)) != 1 or per_group[0] < min_units:
@@ -124,7 +140,9 @@ class Plan:
 
     # ---- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, **asdict(self)}
+        body = asdict(self)
+        body.pop("novice_vectors")
+        return {"format": PLAN_FORMAT, **body}
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
@@ -138,7 +156,10 @@ class Plan:
             raise MoECompressError(f"plan is malformed: {exc}.") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        if self.novice_vectors:
+            save_file({str(k): v.contiguous() for k, v in self.novice_vectors.items()}, str(_vectors_path(path)))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -150,6 +171,8 @@ class Plan:
         except json.JSONDecodeError as exc:
             raise MoECompressError(f"plan file {path} is not valid JSON: {exc}.") from None
         plan = cls.from_dict(data)
+        if _vectors_path(path).is_file():
+            plan.novice_vectors = {int(k): v for k, v in load_file(str(_vectors_path(path))).items()}
         plan.validate()
         return plan
 

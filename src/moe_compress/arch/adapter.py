@@ -113,21 +113,32 @@ class MoEAdapter:
         return torch.sigmoid(logits) if self.router_score == "sigmoid" else torch.softmax(logits, dim=-1)
 
     # ---- surgery support -------------------------------------------------------------
-    def expert_tensors(self, block: nn.Module) -> list[ExpertTensor]:
-        """Every tensor of the block that is indexed by routed expert, with its expert axis."""
+    def router_tensors(self, block: nn.Module) -> list[ExpertTensor]:
+        """Router tensors indexed by routed expert (weight, biases), with their expert axis."""
         found = []
-        router = self.router(block)
         for dotted, axis in self.router_expert_tensors:
             *path, name = dotted.split(".")
-            owner = router
+            owner = self.router(block)
             for part in path:
                 owner = getattr(owner, part, None)
             if owner is not None and isinstance(getattr(owner, name, None), torch.Tensor):
                 found.append(ExpertTensor(owner, name, axis))
-        experts = self.experts(block)
-        found += [ExpertTensor(experts, name, 0) for name, _ in experts.named_parameters(recurse=False)]
         return found
 
-    def expert_count_holders(self, block: nn.Module) -> list[nn.Module]:
-        """Modules that cache the expert count in a `num_experts` attribute used in forward."""
-        return [m for m in (self.router(block), self.experts(block)) if isinstance(getattr(m, "num_experts", None), int)]
+    def routed_expert_tensors(self, block: nn.Module) -> list[ExpertTensor]:
+        """The routed experts' fused weights (and biases); expert axis 0."""
+        experts = self.experts(block)
+        return [ExpertTensor(experts, name, 0) for name, _ in experts.named_parameters(recurse=False)]
+
+    def expert_tensors(self, block: nn.Module) -> list[ExpertTensor]:
+        """Every tensor of the block that is indexed by routed expert, with its expert axis."""
+        return self.router_tensors(block) + self.routed_expert_tensors(block)
+
+    def router_size(self, block: nn.Module) -> int:
+        """Number of router rows (equals num_experts unless pruned experts became novices)."""
+        return int(self.router(block).weight.shape[0])
+
+    def count_holders(self, block: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+        """(router-side, experts-side) modules caching an expert count in `num_experts`."""
+        has_count = lambda m: isinstance(getattr(m, "num_experts", None), int)  # noqa: E731
+        return [m for m in (self.router(block),) if has_count(m)], [m for m in (self.experts(block),) if has_count(m)]

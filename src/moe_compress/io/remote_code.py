@@ -12,8 +12,10 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 TEMPLATES = Path(__file__).parent / "templates"
+RUNTIME_SOURCE = Path(__file__).parent.parent / "runtime.py"
 CONFIG_MODULE = "configuration_moe_compress"
 MODEL_MODULE = "modeling_moe_compress"
+RUNTIME_MODULE = "moe_compress_runtime"
 
 
 def _render(template: str, values: dict[str, str]) -> str:
@@ -56,6 +58,7 @@ def write_remote_code(directory: Path, model: PreTrainedModel) -> None:
     }
     (directory / f"{CONFIG_MODULE}.py").write_text(_render("configuration_moe_compress.py.tmpl", values))
     (directory / f"{MODEL_MODULE}.py").write_text(_render("modeling_moe_compress.py.tmpl", values))
+    (directory / f"{RUNTIME_MODULE}.py").write_text(RUNTIME_SOURCE.read_text())
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["model_type"] = f"moe_compress_{base_type}"

@@ -1,8 +1,9 @@
 """Keep a model's config truthful about its MoE structure after surgery.
 
 Uniform results (every MoE layer keeps the same number of plain experts) only change config
-numbers, so they stay stock checkpoints. Anything else is described under the config key
-`moe_compress`, which the generated modelling file reads to rebuild the same shapes.
+numbers, so they stay stock checkpoints. Anything else (per-layer counts, novices) is
+described under the config key `moe_compress`, in the spec format `runtime.apply_structure`
+reads to rebuild the same shapes in a process without moe_compress.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
 
-STRUCTURE_VERSION = 1
+STRUCTURE_VERSION = 2
 
 
 def experts_per_layer(model: PreTrainedModel, adapter: MoEAdapter) -> dict[int, int]:
+    """Routed experts that hold weights, per MoE layer."""
     layers = adapter.decoder_layers(model)
     return {i: adapter.num_experts(adapter.moe_block(layers[i])) for i in adapter.moe_layer_indices(model)}
+
+
+def novice_ids(experts) -> list[int]:
+    """Router rows of an experts module that point to novices (empty for plain experts)."""
+    slot = getattr(experts, "expert_slot", None)
+    return [] if slot is None else (slot < 0).nonzero().flatten().tolist()
 
 
 def _relative_name(root, target) -> str:
@@ -26,31 +34,46 @@ def _relative_name(root, target) -> str:
     raise LookupError("module not found under root")
 
 
+def layer_structure(model: PreTrainedModel, adapter: MoEAdapter) -> dict[int, dict]:
+    layers = adapter.decoder_layers(model)
+    structure = {}
+    for index in adapter.moe_layer_indices(model):
+        block = adapter.moe_block(layers[index])
+        entry = {"router": adapter.router_size(block), "experts": adapter.num_experts(block)}
+        if novices := novice_ids(adapter.experts(block)):
+            entry["novices"] = novices
+        structure[index] = entry
+    return structure
+
+
 def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
-    """Write the current expert counts into the config (stock keys if uniform, else `moe_compress`)."""
+    """Write the current structure into the config (stock keys if uniform, else `moe_compress`)."""
     config = model.config
-    counts = experts_per_layer(model, adapter)
+    structure = layer_structure(model, adapter)
     previous = getattr(config, "moe_compress", None) or {}
     original = previous.get("original_num_experts", adapter.config_num_experts(config))
-    if len(set(counts.values())) <= 1:
-        if counts:
-            adapter.set_config_num_experts(config, next(iter(counts.values())))
+    shapes = {(s["router"], s["experts"]) for s in structure.values()}
+    if len(shapes) <= 1 and not any("novices" in s for s in structure.values()):
+        if shapes:
+            adapter.set_config_num_experts(config, next(iter(shapes))[1])
         if hasattr(config, "moe_compress"):
             del config.moe_compress
         return
     layers = adapter.decoder_layers(model)
-    index = next(iter(counts))
-    layer = layers[index]
+    layer = layers[next(iter(structure))]
     block = adapter.moe_block(layer)
+    router_holders, expert_holders = adapter.count_holders(block)
+    dotted = lambda tensors: [[f"{_relative_name(layer, t.module)}.{t.name}".lstrip("."), t.axis] for t in tensors]  # noqa: E731
     adapter.set_config_num_experts(config, original)
     config.moe_compress = {
         "version": STRUCTURE_VERSION,
         "base_model_type": adapter.model_type,
         "original_num_experts": original,
         "layers_path": _relative_name(model, layers),
-        "experts_per_layer": {str(i): n for i, n in counts.items()},
-        "expert_tensors": [
-            [f"{_relative_name(layer, t.module)}.{t.name}".lstrip("."), t.axis] for t in adapter.expert_tensors(block)
-        ],
-        "count_holders": [_relative_name(layer, m) for m in adapter.expert_count_holders(block)],
+        "experts_path": _relative_name(layer, adapter.experts(block)),
+        "layers": {str(i): s for i, s in structure.items()},
+        "router_tensors": dotted(adapter.router_tensors(block)),
+        "expert_tensors": dotted(adapter.routed_expert_tensors(block)),
+        "router_count_holders": [_relative_name(layer, m) for m in router_holders],
+        "expert_count_holders": [_relative_name(layer, m) for m in expert_holders],
     }
