@@ -38,10 +38,12 @@ def saved(tmp_path_factory):
         compress(uniform, method="reap", ratio=0.5, budget="layer", calib=token_batches(), out=root / f"{family}-uniform", cache_dir=False)
         non_uniform = tiny_model(family)
         compress(non_uniform, plan=_non_uniform_plan(non_uniform), out=root / f"{family}-non-uniform")
-        for name, model in (("uniform", uniform), ("non-uniform", non_uniform)):
+        novices = tiny_model(family)
+        compress(novices, method="mone", ratio=0.5, budget="global", calib=token_batches(), out=root / f"{family}-mone", cache_dir=False)
+        for name, model in (("uniform", uniform), ("non-uniform", non_uniform), ("mone", novices)):
             with torch.no_grad():
                 save_expected(root / f"{family}-{name}", inputs, model(inputs).logits)
-            jobs.append({"path": str(root / f"{family}-{name}"), "remote": name == "non-uniform"})
+            jobs.append({"path": str(root / f"{family}-{name}"), "remote": name != "uniform"})
     return root, load_in_fresh_process(jobs)
 
 
@@ -65,6 +67,24 @@ def test_non_uniform_plan_loads_with_remote_code(saved, family):
     assert config["model_type"] == f"moe_compress_{family}"
     counts = {k: v["experts"] for k, v in config["moe_compress"]["layers"].items()}
     assert counts == {str(k): v for k, v in _non_uniform_plan(tiny_model(family)).kept_counts().items()}
+    result = results[str(path)]
+    assert result["class"] == "MoECompressForCausalLM"
+    assert result["equal"], f"logits differ by {result['max_abs_diff']}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_novice_checkpoint_stores_one_vector_per_pruned_expert_and_reloads(saved, family):
+    root, results = saved
+    path = root / f"{family}-mone"
+    spec = json.loads((path / "config.json").read_text())["moe_compress"]
+    hidden = tiny_model(family).config.hidden_size
+    with safe_open(str(next(path.glob("*.safetensors"))), "pt") as handle:
+        vectors = {k: handle.get_slice(k).get_shape() for k in handle.keys() if k.endswith("novice_vectors")}
+    assert vectors, "novices must be saved"
+    for index, layer in spec["layers"].items():
+        assert layer["router"] == 8 and layer["experts"] + len(layer["novices"]) == 8
+        key = next(k for k in vectors if f"layers.{index}." in k)
+        assert vectors[key] == [len(layer["novices"]), hidden]
     result = results[str(path)]
     assert result["class"] == "MoECompressForCausalLM"
     assert result["equal"], f"logits differ by {result['max_abs_diff']}"

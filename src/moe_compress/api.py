@@ -21,9 +21,8 @@ from .errors import MoECompressError
 from .evaluate.size import checkpoint_bytes, model_size
 from .io.load import load_model
 from .io.save import check_output_dir, save_compressed
+from .methods import PlanRequest, get_method
 from .methods.budget import Budget
-from .methods.criteria import CRITERIA
-from .methods.expert_pruning import plan_expert_pruning
 from .observe.cache import StatsCache, cache_key, model_fingerprint
 from .observe.observer import observe_expert_statistics
 from .plan import Plan
@@ -88,13 +87,15 @@ def compress(
     out: str | Path | None = None,
     overwrite: bool = False,
     min_keep: int = 0,
+    options: dict | None = None,
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
 ) -> CompressionResult:
-    """Prune routed experts of `model` in place, and save the result to `out` if given.
+    """Compress the routed experts of `model` in place, and save the result to `out` if given.
 
-    Either `method` + `ratio` + `budget` decide what to prune from calibration statistics,
-    or `plan` (a Plan or a plan JSON file) says it directly and no calibration runs.
+    Either `method` (any name in `moe_compress.methods.METHODS`, with its `options`) +
+    `ratio` + `budget` decide from calibration statistics, or `plan` (a Plan or a plan JSON
+    file) says what to do directly and no calibration runs.
     """
     start = time.perf_counter()
     if out is not None:
@@ -106,11 +107,10 @@ def compress(
     before = model_size(model, adapter)
     from_cache = False
     if plan is None:
-        if method not in CRITERIA:
-            raise MoECompressError(f"unknown method {method!r}; available: {', '.join(sorted(CRITERIA))}.")
+        chosen = get_method(method)
         batches = _calibration_batches(calib, tokenizer)
-        stats, from_cache = collect_statistics(model, batches, CRITERIA[method].statistics, cache_dir, device)
-        plan = plan_expert_pruning(adapter, model.config, stats, method, ratio, budget, min_keep)
+        stats, from_cache = collect_statistics(model, batches, chosen.statistics, cache_dir, device)
+        plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep), options)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     prune_experts(model, plan, adapter)

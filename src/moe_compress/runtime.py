@@ -77,8 +77,9 @@ def attach_novices(experts: nn.Module, novice_ids: list[int], router_experts: in
         else:
             slot.append(kept)
             kept += 1
-    device = novice_vectors.device
-    experts.register_buffer("expert_slot", torch.tensor(slot, dtype=torch.long, device=device), persistent=False)
+    # Persistent: transformers builds models on the meta device before loading, which would
+    # lose the values of a buffer that is not in the checkpoint.
+    experts.register_buffer("expert_slot", torch.tensor(slot, dtype=torch.long, device=novice_vectors.device))
     experts.register_buffer("novice_vectors", novice_vectors)
     experts.__class__ = novice_experts_class(getattr(type(experts), "_novice_base", type(experts)))
 

@@ -1,4 +1,4 @@
-"""Expert pruning by a registered criterion: statistics in, Plan out."""
+"""Expert pruning by an importance criterion: statistics in, Plan out (one method per criterion)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from ..arch.adapter import MoEAdapter
 from ..plan import LayerPlan, Plan, RoutingLimits
 from .budget import Budget, select_experts
 from .criteria import CRITERIA, layer_scores
+from .registry import Method, PlanRequest, register
 
 
 def routing_limits(adapter: MoEAdapter, config) -> RoutingLimits:
@@ -44,3 +45,16 @@ def plan_expert_pruning(
     )
     plan.validate()
     return plan
+
+
+def _criterion_method(criterion: str) -> Method:
+    def plan(request: PlanRequest) -> Plan:
+        return plan_expert_pruning(
+            request.adapter, request.config, request.stats, criterion, request.ratio, request.budget, request.min_keep
+        )
+
+    return Method(criterion, CRITERIA[criterion].statistics, plan, CRITERIA[criterion].doc)
+
+
+for _name in CRITERIA:
+    register(_criterion_method(_name))

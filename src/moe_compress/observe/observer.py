@@ -104,7 +104,7 @@ def observe_expert_statistics(
         block = adapter.moe_block(layer)
         if block is None:
             return None
-        accumulators[index] = LayerAccumulator(names, adapter.num_experts(block))
+        accumulators[index] = LayerAccumulator(names)
         return _expert_statistics_hooks(adapter, block, accumulators[index])
 
     run_sequential(model, adapter, batches, layer_context, device, description="calibrating")

@@ -66,14 +66,23 @@ class RoutedBatch:
         yield from self._outputs
 
 
+def _add(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    return total + part
+
+
 @dataclass(frozen=True)
 class Statistic:
-    """A named running sum: `update(batch)` returns this batch's contribution, shape [E]."""
+    """A named accumulator: `update(batch)` returns this batch's part, `merge` folds it in.
+
+    Most statistics are running sums of shape [E] (merge = add); moments use Chan's parallel
+    update so that variances stay accurate however many batches are merged.
+    """
 
     name: str
     update: Callable[[RoutedBatch], torch.Tensor]
     needs_expert_outputs: bool = False
     doc: str = ""
+    merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _add
 
 
 def _per_expert(batch: RoutedBatch, value: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -81,6 +90,38 @@ def _per_expert(batch: RoutedBatch, value: Callable[[int, torch.Tensor, torch.Te
     for e, rows, slot, out in batch.routed():
         total[e] = value(e, rows, slot, out)
     return total
+
+
+def _batch_moments(batch: RoutedBatch) -> torch.Tensor:
+    """[E, 1 + 2H]: per expert, count of routed tokens, mean output, sum of squared deviations."""
+    hidden = batch.x.shape[-1]
+    moments = torch.zeros(batch.num_experts, 1 + 2 * hidden, dtype=torch.float64)
+    for e, _, _, out in batch.routed():
+        mean = out.mean(dim=0)
+        moments[e, 0] = out.shape[0]
+        moments[e, 1 : 1 + hidden] = mean
+        moments[e, 1 + hidden :] = ((out - mean) ** 2).sum(dim=0)
+    return moments
+
+
+def merge_moments(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Chan et al.'s pairwise combination of (count, mean, M2) per expert."""
+    hidden = (a.shape[1] - 1) // 2
+    n_a, n_b = a[:, :1], b[:, :1]
+    n = n_a + n_b
+    safe_n = n.clamp_min(1)
+    delta = b[:, 1 : 1 + hidden] - a[:, 1 : 1 + hidden]
+    mean = a[:, 1 : 1 + hidden] + delta * n_b / safe_n
+    m2 = a[:, 1 + hidden :] + b[:, 1 + hidden :] + delta**2 * n_a * n_b / safe_n
+    return torch.cat([n, mean, m2], dim=1)
+
+
+def split_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count [E], mean [E, H], population variance [E, H]) from accumulated moments."""
+    hidden = (moments.shape[1] - 1) // 2
+    count = moments[:, 0]
+    variance = moments[:, 1 + hidden :] / count.clamp_min(1).unsqueeze(1)
+    return count, moments[:, 1 : 1 + hidden], variance
 
 
 STATISTICS: dict[str, Statistic] = {
@@ -106,6 +147,13 @@ STATISTICS: dict[str, Statistic] = {
             needs_expert_outputs=True,
             doc="sum over T_e of g~_{t,e} ||f_e(x_t)|| (g renormalised over the top-k)",
         ),
+        Statistic(
+            "output_moments",
+            _batch_moments,
+            needs_expert_outputs=True,
+            doc="per expert: |T_e|, mean and M2 of f_e(x_t) over T_e (per dimension)",
+            merge=merge_moments,
+        ),
     )
 }
 
@@ -113,13 +161,14 @@ STATISTICS: dict[str, Statistic] = {
 class LayerAccumulator:
     """Running sums of the requested statistics for one MoE layer."""
 
-    def __init__(self, names: tuple[str, ...], num_experts: int):
+    def __init__(self, names: tuple[str, ...]):
         unknown = set(names) - set(STATISTICS)
         if unknown:
             raise KeyError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
         self.names = names
-        self.sums = {name: torch.zeros(num_experts, dtype=torch.float64) for name in names}
+        self.sums: dict[str, torch.Tensor] = {}
 
     def update(self, batch: RoutedBatch) -> None:
         for name in self.names:
-            self.sums[name] += STATISTICS[name].update(batch)
+            part = STATISTICS[name].update(batch)
+            self.sums[name] = part if name not in self.sums else STATISTICS[name].merge(self.sums[name], part)

@@ -1,0 +1,65 @@
+"""One registry of compression methods: each states the statistics it needs and plans from them.
+
+The observer collects the union of statistics the chosen method declares, in one pass, and
+the method turns them into a Plan. New methods join by calling `register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..arch.adapter import MoEAdapter
+from ..errors import MoECompressError
+from ..plan import Plan
+from .budget import Budget
+
+Stats = dict[int, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What every expert-pruning planner receives."""
+
+    adapter: MoEAdapter
+    config: Any
+    stats: Stats
+    ratio: float
+    budget: Budget = "layer"
+    min_keep: int = 0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    statistics: tuple[str, ...]
+    plan: Callable[..., Plan]  # plan(request, **options)
+    doc: str
+    options: dict[str, Any] = field(default_factory=dict)  # name -> default
+
+    def make_plan(self, request: PlanRequest, options: dict[str, Any] | None = None) -> Plan:
+        options = dict(options or {})
+        unknown = set(options) - set(self.options)
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise MoECompressError(f"method {self.name!r} has no option(s) {sorted(unknown)}; its options: {known}.")
+        plan = self.plan(request, **{**self.options, **options})
+        plan.validate()
+        return plan
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise MoECompressError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}.")
+    return METHODS[name]
