@@ -15,6 +15,9 @@ from moe_compress.methods.expert_pruning import routing_limits
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
 
+CPRUNE_FAMILIES = ("mixtral", "qwen2_moe", "gpt_oss")
+
+
 def _non_uniform_plan(model) -> Plan:
     """First MoE layer keeps 6 experts, the others 4; balanced across two routing groups."""
     adapter = get_adapter(model)
@@ -40,7 +43,13 @@ def saved(tmp_path_factory):
         compress(non_uniform, plan=_non_uniform_plan(non_uniform), out=root / f"{family}-non-uniform")
         novices = tiny_model(family)
         compress(novices, method="mone", ratio=0.5, budget="global", calib=token_batches(), out=root / f"{family}-mone", cache_dir=False)
-        for name, model in (("uniform", uniform), ("non-uniform", non_uniform), ("mone", novices)):
+        variants = [("uniform", uniform), ("non-uniform", non_uniform), ("mone", novices)]
+        if family in CPRUNE_FAMILIES:
+            clustered = tiny_model(family)
+            compress(clustered, method="cprune", ratio=0.5, budget="global", calib=token_batches(), out=root / f"{family}-cprune",
+                     cache_dir=False, options={"probe_tokens": 16})
+            variants.append(("cprune", clustered))
+        for name, model in variants:
             with torch.no_grad():
                 save_expected(root / f"{family}-{name}", inputs, model(inputs).logits)
             jobs.append({"path": str(root / f"{family}-{name}"), "remote": name != "uniform"})
@@ -87,6 +96,13 @@ def test_novice_checkpoint_stores_one_vector_per_pruned_expert_and_reloads(saved
         assert vectors[key] == [len(layer["novices"]), hidden]
     result = results[str(path)]
     assert result["class"] == "MoECompressForCausalLM"
+    assert result["equal"], f"logits differ by {result['max_abs_diff']}"
+
+
+@pytest.mark.parametrize("family", CPRUNE_FAMILIES)
+def test_cprune_checkpoint_reloads_exactly(saved, family):
+    root, results = saved
+    result = results[str(root / f"{family}-cprune")]
     assert result["equal"], f"logits differ by {result['max_abs_diff']}"
 
 

@@ -109,7 +109,7 @@ def compress(
     if plan is None:
         chosen = get_method(method)
         batches = _calibration_batches(calib, tokenizer)
-        stats, from_cache = collect_statistics(model, batches, chosen.statistics, cache_dir, device)
+        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device)
         plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep), options)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)

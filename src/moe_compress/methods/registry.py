@@ -34,19 +34,29 @@ class PlanRequest:
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method. `statistics` is a tuple of names, or a function of the options
+    for methods whose statistics are parameterised (e.g. C-Prune's probe size)."""
+
     name: str
-    statistics: tuple[str, ...]
+    statistics: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]]
     plan: Callable[..., Plan]  # plan(request, **options)
     doc: str
     options: dict[str, Any] = field(default_factory=dict)  # name -> default
 
-    def make_plan(self, request: PlanRequest, options: dict[str, Any] | None = None) -> Plan:
+    def resolved_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
         options = dict(options or {})
         unknown = set(options) - set(self.options)
         if unknown:
             known = ", ".join(sorted(self.options)) or "none"
             raise MoECompressError(f"method {self.name!r} has no option(s) {sorted(unknown)}; its options: {known}.")
-        plan = self.plan(request, **{**self.options, **options})
+        return {**self.options, **options}
+
+    def needs(self, options: dict[str, Any] | None = None) -> tuple[str, ...]:
+        """The statistics to observe for these options."""
+        return self.statistics(self.resolved_options(options)) if callable(self.statistics) else self.statistics
+
+    def make_plan(self, request: PlanRequest, options: dict[str, Any] | None = None) -> Plan:
+        plan = self.plan(request, **self.resolved_options(options))
         plan.validate()
         return plan
 

@@ -158,17 +158,47 @@ STATISTICS: dict[str, Statistic] = {
 }
 
 
+def signature_similarity(probe_tokens: int) -> Statistic:
+    """Per batch, the cosine similarity [1, E, E] of all experts' outputs on one shared probe.
+
+    Every expert (routed or not) runs on the batch's first `probe_tokens` tokens; its
+    signature is its flattened output there. Batches are stacked, not summed, so a method
+    can cluster each batch separately and vote (C-Prune).
+    """
+
+    def update(batch: RoutedBatch) -> torch.Tensor:
+        probe = batch.x[:probe_tokens]
+        signatures = torch.stack([expert_forward(batch.experts, e, probe).double().reshape(-1) for e in range(batch.num_experts)])
+        unit = signatures / signatures.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        return (unit @ unit.T)[None]
+
+    return Statistic(
+        f"signature_similarity@{probe_tokens}",
+        update,
+        doc=f"cosine similarity of expert outputs on a shared probe of {probe_tokens} tokens, per batch",
+        merge=lambda total, part: torch.cat([total, part]),
+    )
+
+
+def get_statistic(name: str) -> Statistic:
+    """A registered statistic, or a parameterised one such as 'signature_similarity@64'."""
+    if name in STATISTICS:
+        return STATISTICS[name]
+    family, _, parameter = name.partition("@")
+    if family == "signature_similarity" and parameter.isdigit() and int(parameter) > 0:
+        return signature_similarity(int(parameter))
+    raise KeyError(f"unknown statistic {name!r}; known: {sorted(STATISTICS)} and signature_similarity@<probe tokens>")
+
+
 class LayerAccumulator:
-    """Running sums of the requested statistics for one MoE layer."""
+    """Running sums (or other merges) of the requested statistics for one MoE layer."""
 
     def __init__(self, names: tuple[str, ...]):
-        unknown = set(names) - set(STATISTICS)
-        if unknown:
-            raise KeyError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
-        self.names = names
+        self.statistics = [get_statistic(name) for name in names]
         self.sums: dict[str, torch.Tensor] = {}
 
     def update(self, batch: RoutedBatch) -> None:
-        for name in self.names:
-            part = STATISTICS[name].update(batch)
-            self.sums[name] = part if name not in self.sums else STATISTICS[name].merge(self.sums[name], part)
+        for statistic in self.statistics:
+            part = statistic.update(batch)
+            name = statistic.name
+            self.sums[name] = part if name not in self.sums else statistic.merge(self.sums[name], part)
