@@ -160,3 +160,30 @@ def test_existing_output_is_not_clobbered(checkpoint, calib, tmp_path):
     result, text = run("prune", checkpoint, "--out", out, "--calib", calib, "--seq-len", "32")
     assert result.exit_code == 2 and "--overwrite" in text
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_prune_with_method_options(checkpoint, calib, tmp_path):
+    common = ["--calib", calib, "--samples", "8", "--seq-len", "32", "--no-cache"]
+    result, text = run("prune", checkpoint, "--method", "mone", "--ratio", "0.5", "--fusion", "weighted_sum", "--fusion-weight", "0.3",
+                       "--out", tmp_path / "mone", *common)
+    assert result.exit_code == 0, text
+    plan = json.loads((tmp_path / "mone" / "moe_compress_plan.json").read_text())
+    assert plan["method"] == "mone" and plan["meta"]["fusion"] == "weighted_sum" and all(layer["novices"] for layer in plan["layers"])
+    assert (tmp_path / "mone" / "moe_compress_runtime.py").is_file()
+    result, text = run("prune", checkpoint, "--method", "reap", "--fusion", "product", "--out", tmp_path / "bad", *common)
+    assert result.exit_code == 2 and "has no option" in text and not (tmp_path / "bad").exists()
+
+
+def test_analyze_writes_tables_and_heatmaps(checkpoint, calib, tmp_path):
+    result, text = run("analyze", checkpoint, "--calib", calib, "--samples", "8", "--seq-len", "32", "--probe-tokens", "16",
+                       "--clusters", "3", "--out", tmp_path / "analysis", "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, text
+    report = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert sorted(report["layers"]) == ["0", "1", "2"]
+    layer = report["layers"]["0"]
+    assert set(layer) == {"frequency", "gate_mass", "output_variance", "reap", "cluster"}
+    assert abs(sum(layer["frequency"]) - 2.0) < 1e-6, "top-2: frequencies sum to k"
+    assert len(set(layer["cluster"])) == 3
+    rows = (tmp_path / "analysis" / "analysis.csv").read_text().splitlines()
+    assert rows[0] == "layer,expert,frequency,gate_mass,output_variance,reap,cluster" and len(rows) == 1 + 3 * 8
+    assert len(list((tmp_path / "analysis").glob("heatmap_*.png"))) == 5

@@ -110,7 +110,7 @@ def inspect(
 def prune(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory to write the pruned checkpoint to (written atomically).")],
-    method: Annotated[str, typer.Option(help="Importance criterion: frequency, soft_count, gate_sum, ean or reap.")] = "reap",
+    method: Annotated[str, typer.Option(help="Method: frequency, soft_count, gate_sum, ean, reap, mone or cprune (see `moe-compress methods`).")] = "reap",
     ratio: Annotated[float, typer.Option(help="Fraction of routed experts to remove, in [0, 1).")] = 0.25,
     budget: Annotated[str, typer.Option(help="layer: every MoE layer loses the same share; global: layers compete for one total.")] = "layer",
     calib: Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")] = "bundled",
@@ -127,10 +127,18 @@ def prune(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the statistics cache.")] = False,
+    fusion: Annotated[str | None, typer.Option(help="mone: how access frequency and output variance combine: product, minmax_product or weighted_sum.")] = None,
+    fusion_weight: Annotated[float | None, typer.Option(help="mone: weight of access frequency in weighted_sum fusion, in [0, 1].")] = None,
+    no_novice: Annotated[bool, typer.Option("--no-novice", help="mone: keep router rows but give pruned experts zero vectors (ablation).")] = False,
+    clusters: Annotated[int | None, typer.Option(help="cprune: clusters per layer in stage 1 (default: as many as experts kept).")] = None,
+    linkage: Annotated[str | None, typer.Option(help="cprune: agglomerative linkage: average, complete, single or weighted.")] = None,
+    stage1_share: Annotated[float | None, typer.Option(help="cprune: share of the removal done per layer in stage 1; the rest is global (stage 2).")] = None,
+    probe_tokens: Annotated[int | None, typer.Option(help="cprune: tokens per batch in the shared probe that defines expert signatures.")] = None,
+    max_layer_loss: Annotated[float | None, typer.Option(help="cprune: most any layer may lose in stage 2, as a fraction of its experts.")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Prune routed experts by an importance criterion (or a saved plan) and save the result."""
+    """Prune or replace routed experts with a registered method (or a saved plan) and save the result."""
     from .api import compress
     from .data.batches import CalibrationSpec
     from .evaluate.perplexity import perplexity
@@ -145,9 +153,14 @@ def prune(
     eval_windows_tensor = _eval_windows(tokenizer, eval_ppl, seq_len, eval_windows) if eval_ppl else None
     before = perplexity(loaded, eval_windows_tensor) if eval_windows_tensor is not None else None
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
+    given = {
+        "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
+        "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
+    }
     result = compress(
         loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out, overwrite=overwrite,
-        min_keep=min_keep, cache_dir=False if no_cache else cache_dir, device=device,
+        min_keep=min_keep, options={k: v for k, v in given.items() if v is not None},
+        cache_dir=False if no_cache else cache_dir, device=device,
     )
     if plan_out is not None:
         result.plan.save(plan_out)
@@ -184,50 +197,229 @@ def _eval_windows(tokenizer, source: str, seq_len: int, max_windows: int):
     return chunks[:max_windows]
 
 
+def _checkpoint_bytes(name: str) -> int | None:
+    """Weight-file bytes of a local or bundled checkpoint; None for a Hub id (nothing on disk here)."""
+    from .evaluate.size import checkpoint_bytes
+    from .io.load import resolve_model
+
+    path = Path(resolve_model(name))
+    return checkpoint_bytes(path) if path.is_dir() else None
+
+
+def _evaluate_model(name: str, loaded, tokenizer, sources: list[str], selection, limit: int | None, seq_len: int, max_windows: int, batch_size: int) -> dict:
+    """Everything `eval` reports for one model except speed (timed separately, so --compare can interleave it)."""
+    from .arch import get_adapter
+    from .evaluate.harness import run_tasks
+    from .evaluate.perplexity import perplexity
+    from .evaluate.size import model_size
+    from .evaluate.speed import peak_rss_bytes
+
+    size = model_size(loaded, get_adapter(loaded))
+    report: dict = {
+        "model": name,
+        "perplexity": {s: perplexity(loaded, _eval_windows(tokenizer, s, seq_len, max_windows), batch_size).to_dict() for s in sources},
+        "tasks": {},
+        "params": {"total": size.total, "routed": size.routed_experts, "active_per_token": size.active_per_token},
+        "bytes_in_memory": size.bytes,
+        "checkpoint_bytes": _checkpoint_bytes(name),
+    }
+    if selection is not None:
+        report["tasks"] = {t: s.to_dict() for t, s in run_tasks(loaded, tokenizer, selection, limit, batch_size).items()}
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    return report
+
+
+def _comparison(mine: dict, theirs: dict, speed) -> dict:
+    """Deltas of `mine` against `theirs`: ratios for costs and perplexity, differences for accuracies."""
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    def delta(a, b):
+        return a - b if a is not None and b is not None else None
+
+    return {
+        "perplexity_ratio": {s: ratio(r["perplexity"], theirs["perplexity"].get(s, {}).get("perplexity")) for s, r in mine["perplexity"].items()},
+        "acc_delta": {t: delta(r["acc"], theirs["tasks"].get(t, {}).get("acc")) for t, r in mine["tasks"].items()},
+        "acc_norm_delta": {t: delta(r["acc_norm"], theirs["tasks"].get(t, {}).get("acc_norm")) for t, r in mine["tasks"].items()},
+        "params_ratio": {k: ratio(v, theirs["params"][k]) for k, v in mine["params"].items()},
+        "checkpoint_bytes_ratio": ratio(mine["checkpoint_bytes"], theirs["checkpoint_bytes"]),
+        "speed": {"prefill_ratio": speed.prefill_ratio, "decode_ratio": speed.decode_ratio} if speed is not None else None,
+    }
+
+
+def _eval_table(report: dict) -> Table:
+    """One row per measurement; with --compare, the original's column and the change."""
+    original = report.get("original")
+    comparison = report.get("comparison") or {}
+    table = Table(title=f"evaluation of {report['model']}" + (f" against {original['model']}" if original else ""))
+    table.add_column("measure")
+    table.add_column(report["model"], justify="right")
+    if original:
+        table.add_column(original["model"] + " (original)", justify="right")
+        table.add_column("change", justify="right")
+
+    def row(label: str, mine: str, theirs: str = "", change: str = "") -> None:
+        table.add_row(label, mine, *((theirs, change) if original else ()))
+
+    def pct(r: float | None) -> str:
+        return f"{100 * (r - 1):+.1f}%" if r is not None else "-"
+
+    def acc(score: dict | None, key: str) -> str:
+        if not score or score.get(key) is None:
+            return "-"
+        err = score.get(f"{key}_stderr")
+        return f"{score[key]:.3f}" + (f" ± {err:.3f}" if err is not None else "")
+
+    def points(d: float | None) -> str:
+        return f"{100 * d:+.1f} pts" if d is not None else "-"
+
+    theirs = original or {"perplexity": {}, "tasks": {}, "params": {}, "speed": None}
+    for source, r in report["perplexity"].items():
+        other = theirs["perplexity"].get(source)
+        row(f"ppl {source.removeprefix('bundled:')}", f"{r['perplexity']:.3f}", f"{other['perplexity']:.3f}" if other else "", pct(comparison.get("perplexity_ratio", {}).get(source)))
+    for task, score in report["tasks"].items():
+        other = theirs["tasks"].get(task)
+        for key in ("acc", "acc_norm"):
+            row(f"{key} {task}", acc(score, key), acc(other, key), points(comparison.get(f"{key}_delta", {}).get(task)))
+    if report["tasks"]:
+        counts = sorted({s["samples"] for s in report["tasks"].values() if s.get("samples") and not s.get("group")})
+        table.caption = f"accuracy ± stderr over {'/'.join(map(str, counts))} questions per task; chance is 1/choices (0.25 for moec)"
+    for key, label in (("total", "parameters"), ("routed", "routed-expert params"), ("active_per_token", "active params/token")):
+        row(label, _human(report["params"][key]), _human(theirs["params"][key]) if original else "", pct(comparison.get("params_ratio", {}).get(key)))
+    for key, label in (("checkpoint_bytes", "checkpoint bytes"), ("bytes_in_memory", "bytes in memory"), ("peak_rss_bytes", "peak RSS (process)")):
+        mine, other = report.get(key), theirs.get(key)
+        change = pct(comparison.get("checkpoint_bytes_ratio")) if key == "checkpoint_bytes" else ""
+        row(label, _bytes(mine) if mine is not None else "-", _bytes(other) if other is not None else "", change)
+    if report.get("speed"):
+        speed, other = report["speed"], theirs.get("speed") or {}
+        ratios = comparison.get("speed") or {}
+        for phase in ("prefill", "decode"):
+            key = f"{phase}_tokens_per_s"
+            ratio = ratios.get(f"{phase}_ratio")
+            row(f"{phase} tokens/s", f"{speed[key]:,.1f}", f"{other[key]:,.1f}" if other else "", f"×{ratio:.3f}" if ratio is not None else "")
+    return table
+
+
 @app.command("eval")
 @user_errors
 def evaluate(
     model: ModelArg,
-    ppl: Annotated[list[str], typer.Option(help="Text to measure perplexity on; repeatable. 'bundled' gives one result per bundled domain (test split).")],
-    seq_len: Annotated[int, typer.Option(help="Tokens per non-overlapping window.")] = 256,
-    max_windows: Annotated[int, typer.Option(help="At most this many windows per text source.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    ppl: Annotated[list[str] | None, typer.Option(help="Text to measure perplexity on; repeatable. 'bundled' gives one result per bundled domain (test split).")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated lm-evaluation-harness tasks or groups: 'moec' (our offline multiple-choice tasks on the bundled test split), its tasks, or any lm-eval task (those need the Hub).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score at most this many questions per task (the first ones).")] = None,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure prefill and decode throughput (tokens/s, greedy, KV cache).")] = True,
+    compare: Annotated[str | None, typer.Option(help="An original model (same forms as MODEL): evaluate it the same way, show the changes, and time both interleaved in this process.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per non-overlapping perplexity window.")] = 256,
+    max_windows: Annotated[int, typer.Option(help="At most this many perplexity windows per text source.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Windows (perplexity) or requests (tasks) per forward pass.")] = 8,
+    speed_batch: Annotated[int, typer.Option(help="Prompts per batch when timing.")] = 4,
+    speed_prompt_len: Annotated[int, typer.Option(help="Prompt tokens per prompt when timing prefill (cut to fit the model's positions).")] = 128,
+    speed_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt when timing decode.")] = 32,
+    speed_repeats: Annotated[int, typer.Option(help="Timed runs per model (after one warm-up); medians are reported.")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Measure perplexity on held-out text (fixed-length, non-overlapping windows)."""
+    """Evaluate a model: perplexity, multiple-choice accuracy (lm-eval), parameters, bytes, memory and speed.
+
+    With --compare ORIGINAL both models are evaluated the same way in one process and the table
+    shows the changes. JSON keys: model, seq_len, settings, perplexity, tasks, params (total,
+    routed, active_per_token), bytes_in_memory, checkpoint_bytes, peak_rss_bytes, speed; with
+    --compare also original (the same keys) and comparison.
+    """
     from .data.texts import bundled_domains
-    from .evaluate.perplexity import perplexity
-    from .io.load import load_model
+    from .evaluate.harness import parse_task_list, select_tasks
+    from .evaluate.speed import SpeedSettings, compare_speed, measure_speed, peak_rss_bytes, speed_prompts
+    from .io.load import load_config, load_model
+
+    for name, value in (("--seq-len", seq_len), ("--max-windows", max_windows), ("--batch-size", batch_size), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise MoECompressError(f"{name} must be a positive integer; got {value}.")
+    settings = SpeedSettings(speed_batch, speed_prompt_len, speed_new_tokens, speed_repeats)
+    settings.validate()
+    # Everything that can be wrong with the input fails here, before any model is loaded.
+    task_names = parse_task_list(tasks) if tasks is not None else []
+    selection = select_tasks(task_names) if task_names else None
+    if compare is not None:
+        load_config(compare)
+    sources = [source for s in (ppl or []) for source in ([f"bundled:{d}" for d in bundled_domains()] if s == "bundled" else [s])]
 
     loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    sources = [source for s in ppl for source in ([f"bundled:{d}" for d in bundled_domains()] if s == "bundled" else [s])]
-    results = {}
-    table = Table(title=f"perplexity of {model}")
-    for column in ("text", "perplexity", "nll/token", "tokens"):
-        table.add_column(column, justify="right" if column != "text" else "left")
-    for source in sources:
-        r = perplexity(loaded, _eval_windows(tokenizer, source, seq_len, max_windows), batch_size)
-        results[source] = r.to_dict()
-        table.add_row(source, f"{r.perplexity:.3f}", f"{r.nll:.4f}", f"{r.tokens:,}")
-    out_console.print(table)
+    report = {
+        "model": model,
+        "seq_len": seq_len,
+        "settings": {
+            "ppl": sources, "tasks": task_names, "limit": limit, "max_windows": max_windows, "batch_size": batch_size,
+            "dtype": dtype, "device": device, "speed": vars(settings) if speed else None,
+        },
+    }
+    report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
+    original = original_tokenizer = None
+    if compare is not None:
+        original, original_tokenizer = load_model(compare, dtype=dtype, device=device)
+        report["original"] = _evaluate_model(compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
+    comparison = None
+    report["speed"] = None
+    if speed:
+        positions = getattr(loaded.config, "max_position_embeddings", None)
+        prompts = speed_prompts(tokenizer, loaded.config.vocab_size, settings, positions)
+        if original is not None:
+            comparison = compare_speed(loaded, original, prompts, settings)
+            report["speed"], report["original"]["speed"] = comparison.model.to_dict(), comparison.original.to_dict()
+        else:
+            report["speed"] = measure_speed(loaded, prompts, settings).to_dict()
+            report["peak_rss_bytes"] = peak_rss_bytes()
+    elif original is not None:
+        report["original"]["speed"] = None
+    if original is not None:
+        report["comparison"] = _comparison(report, report["original"], comparison)
+    out_console.print(_eval_table(report))
     if json_out is not None:
-        json_out.write_text(json.dumps({"model": model, "seq_len": seq_len, "perplexity": results}, indent=2) + "\n")
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 @app.command()
 def methods() -> None:
-    """List the registered expert-importance criteria."""
-    from .methods.criteria import CRITERIA
+    """List the registered compression methods and their options."""
+    from .methods import METHODS
 
-    table = Table(title="expert pruning criteria")
+    table = Table(title="methods (prune --method NAME)")
     table.add_column("name")
-    table.add_column("score")
-    table.add_column("global budget compares")
-    for c in CRITERIA.values():
-        table.add_row(c.name, c.doc, "per-layer normalised scores" if c.normalise_globally else "raw scores")
+    table.add_column("what it does")
+    table.add_column("options (defaults)")
+    for m in METHODS.values():
+        table.add_row(m.name, m.doc, ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-")
     out_console.print(table)
+
+
+@app.command()
+@user_errors
+def analyze(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory for analysis.json, analysis.csv and one heatmap PNG per statistic.")],
+    calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
+    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    clusters: Annotated[int, typer.Option(help="Clusters per layer for the cluster-id column (0: half the experts).")] = 0,
+    probe_tokens: Annotated[int, typer.Option(help="Tokens per batch in the probe that defines expert signatures.")] = 64,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Write per-layer, per-expert statistics (frequency, gate mass, output variance, REAP, cluster) as JSON/CSV and heatmaps."""
+    from .api import collect_statistics
+    from .data.batches import CalibrationSpec, calibration_batches
+    from .io.load import load_model
+    from .report.analysis import analysis_statistics, expert_table, write_analysis
+
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    batches = calibration_batches(tokenizer, CalibrationSpec(calib, samples, seq_len, seed, batch_size))
+    stats, _ = collect_statistics(loaded, batches, analysis_statistics(probe_tokens), cache_dir, device)
+    written = write_analysis(expert_table(stats, probe_tokens, clusters), out, Path(str(model)).name)
+    out_console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
 
 
 def main() -> None:  # pragma: no cover - console entry point
