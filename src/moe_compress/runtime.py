@@ -6,14 +6,44 @@ the same functions for in-memory surgery: the model you compress and the model a
 reloads with `trust_remote_code=True` run identical code.
 
 A structure spec (stored under `config.moe_compress`) says, per MoE layer, how many rows its
-router keeps, how many routed experts keep their weights, and which router rows now point to
-*novices* -- a single learned vector added with the router's gate instead of an expert.
+router keeps, how many routed experts keep their weights, and whether the layer
+  * has *novices*: router rows that add a single vector (times the gate) instead of an expert;
+  * is *condensed*: no router, every token goes through the kept experts with constant weights
+    (plus the family's shared experts, which stay as they are);
+  * is *dropped*: the whole MoE sub-layer contributes nothing (attention stays).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    out = x @ weight if transposed else x @ weight.T
+    return out if bias is None else out + bias
+
+
+def expert_forward(experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """f_e(x) before gating for tokens `x` [N, H], read from the fused 3-D expert weights.
+
+    transformers 5 describes each family's expert layout with flags (transposed weights,
+    biases, gated or not, the family's own `_apply_gate`); reading them gives one expert
+    forward for every family.
+    """
+    transposed = getattr(experts, "is_transposed", False)
+    has_bias = getattr(experts, "has_bias", False)
+    if getattr(experts, "has_gate", True):
+        bias = experts.gate_up_proj_bias[expert] if has_bias else None
+        hidden = experts._apply_gate(_project(x, experts.gate_up_proj[expert], bias, transposed))
+    else:
+        bias = experts.up_proj_bias[expert] if has_bias else None
+        hidden = experts.act_fn(_project(x, experts.up_proj[expert], bias, transposed))
+    bias = experts.down_proj_bias[expert] if has_bias else None
+    out = _project(hidden, experts.down_proj[expert], bias, transposed)
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    return out
 
 
 def resolve(root: nn.Module, dotted: str) -> nn.Module:
@@ -84,11 +114,69 @@ def attach_novices(experts: nn.Module, novice_ids: list[int], router_experts: in
     experts.__class__ = novice_experts_class(getattr(type(experts), "_novice_base", type(experts)))
 
 
+class ConstantRouter(nn.Module):
+    """A condensed layer's router: every token goes to all kept experts with fixed weights."""
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__()
+        self.register_buffer("expert_weights", weights)
+
+    def forward(self, hidden_states: torch.Tensor):
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
+        count = self.expert_weights.numel()
+        index = torch.arange(count, device=hidden_states.device).expand(tokens, count)
+        weights = self.expert_weights.to(hidden_states.dtype).expand(tokens, count)
+        return torch.zeros(tokens, count, dtype=hidden_states.dtype, device=hidden_states.device), weights, index
+
+
+_CONDENSED_CLASSES: dict[type, type] = {}
+
+
+def condensed_experts_class(base: type) -> type:
+    """`base` experts that run every token through every kept expert: a small dense layer.
+
+    The constant router sends all tokens to all experts, so routing bookkeeping (sorting,
+    grouping, scattering) is skipped and each expert is one dense matmul chain.
+    """
+    if base not in _CONDENSED_CLASSES:
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for expert in range(top_k_index.shape[-1]):
+                out = out + top_k_weights[:, expert : expert + 1] * expert_forward(self, expert, hidden_states)
+            return out
+
+        _CONDENSED_CLASSES[base] = type(f"Condensed{base.__name__}", (base,), {"forward": forward, "_condensed_base": base})
+    return _CONDENSED_CLASSES[base]
+
+
+def condense(block: nn.Module, router_attr: str, experts_attr: str, weights: torch.Tensor) -> None:
+    """Replace the block's router by constant weights; its experts must hold only the kept ones."""
+    setattr(block, router_attr, ConstantRouter(weights))
+    experts = getattr(block, experts_attr)
+    experts.__class__ = condensed_experts_class(getattr(type(experts), "_condensed_base", type(experts)))
+
+
+class DroppedMoE(nn.Module):
+    """A dropped MoE sub-layer: adds nothing to the residual stream."""
+
+    def __init__(self, returns_tuple: bool = False):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.returns_tuple else zeros
+
+
 def apply_structure(model: nn.Module, spec: dict, hidden_size: int) -> None:
     """Reshape a freshly built stock model to the structure `spec` describes."""
     layers = resolve(model, spec["layers_path"])
     for index, layer_spec in spec["layers"].items():
         layer = layers[int(index)]
+        if layer_spec.get("dropped"):
+            setattr(layer, spec["moe_attr"], DroppedMoE(spec.get("moe_returns_tuple", False)))
+            continue
         _resize(layer, spec["router_tensors"], layer_spec["router"])
         _set_counts(layer, spec["router_count_holders"], layer_spec["router"])
         _resize(layer, spec["expert_tensors"], layer_spec["experts"])
@@ -99,3 +187,8 @@ def apply_structure(model: nn.Module, spec: dict, hidden_size: int) -> None:
             dtype = experts.down_proj.dtype
             vectors = torch.zeros(len(novices), hidden_size, dtype=dtype, device=experts.down_proj.device)
             attach_novices(experts, novices, layer_spec["router"], vectors)
+        if layer_spec.get("condensed"):
+            block = resolve(layer, spec["moe_attr"])
+            experts = resolve(layer, spec["experts_path"])
+            weights = torch.zeros(layer_spec["experts"], dtype=torch.float32, device=experts.down_proj.device)
+            condense(block, spec["router_attr"], spec["experts_attr"], weights)

@@ -57,6 +57,7 @@ class MoEAdapter:
     router_score: RouterScore = "softmax"
     group_keys: tuple[str, str] | None = None
     router_expert_tensors: tuple[tuple[str, int], ...] = (("weight", 0), ("bias", 0), ("e_score_correction_bias", 0))
+    moe_returns_tuple: bool = False  # the MoE block returns (hidden, router scores)
 
     # ---- structure -------------------------------------------------------------------
     def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
@@ -136,7 +137,9 @@ class MoEAdapter:
 
     def router_size(self, block: nn.Module) -> int:
         """Number of router rows (equals num_experts unless pruned experts became novices)."""
-        return int(self.router(block).weight.shape[0])
+        router = self.router(block)
+        weight = getattr(router, "weight", None)
+        return int(weight.shape[0] if weight is not None else router.expert_weights.numel())
 
     def count_holders(self, block: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
         """(router-side, experts-side) modules caching an expert count in `num_experts`."""

@@ -39,7 +39,7 @@ FAMILIES: tuple[MoEAdapter, ...] = (
         router_score="sigmoid",
         group_keys=("n_group", "topk_group"),
     ),
-    MoEAdapter("gpt_oss", num_experts_key="num_local_experts", router_attr="router"),
+    MoEAdapter("gpt_oss", num_experts_key="num_local_experts", router_attr="router", moe_returns_tuple=True),
     MoEAdapter(
         "ernie4_5_moe",
         num_experts_key="moe_num_experts",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
+from ..runtime import ConstantRouter, DroppedMoE
 
 STRUCTURE_VERSION = 2
 
@@ -37,13 +38,32 @@ def _relative_name(root, target) -> str:
 def layer_structure(model: PreTrainedModel, adapter: MoEAdapter) -> dict[int, dict]:
     layers = adapter.decoder_layers(model)
     structure = {}
-    for index in adapter.moe_layer_indices(model):
-        block = adapter.moe_block(layers[index])
+    for index, layer in enumerate(layers):
+        if isinstance(getattr(layer, adapter.moe_attr, None), DroppedMoE):
+            structure[index] = {"dropped": True}
+            continue
+        block = adapter.moe_block(layer)
+        if block is None:
+            continue
         entry = {"router": adapter.router_size(block), "experts": adapter.num_experts(block)}
         if novices := novice_ids(adapter.experts(block)):
             entry["novices"] = novices
+        if isinstance(adapter.router(block), ConstantRouter):
+            entry["condensed"] = True
         structure[index] = entry
     return structure
+
+
+def _reference_block(model: PreTrainedModel, adapter: MoEAdapter) -> int:
+    """An MoE layer whose router is a real router, to read tensor names from.
+
+    The config is written from the live model, so at least one MoE layer must still route;
+    a plan that drops or condenses every MoE layer is refused before surgery.
+    """
+    for index in adapter.moe_layer_indices(model):
+        if not isinstance(adapter.router(adapter.moe_block(adapter.decoder_layers(model)[index])), ConstantRouter):
+            return index
+    raise ValueError("no routed MoE layer left to describe")
 
 
 def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
@@ -52,15 +72,16 @@ def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
     structure = layer_structure(model, adapter)
     previous = getattr(config, "moe_compress", None) or {}
     original = previous.get("original_num_experts", adapter.config_num_experts(config))
-    shapes = {(s["router"], s["experts"]) for s in structure.values()}
-    if len(shapes) <= 1 and not any("novices" in s for s in structure.values()):
+    shapes = {(s.get("router"), s.get("experts")) for s in structure.values()}
+    if len(shapes) <= 1 and not any(set(s) - {"router", "experts"} for s in structure.values()):
         if shapes:
             adapter.set_config_num_experts(config, next(iter(shapes))[1])
         if hasattr(config, "moe_compress"):
             del config.moe_compress
         return
     layers = adapter.decoder_layers(model)
-    layer = layers[next(iter(structure))]
+    reference = _reference_block(model, adapter)
+    layer = layers[reference]
     block = adapter.moe_block(layer)
     router_holders, expert_holders = adapter.count_holders(block)
     dotted = lambda tensors: [[f"{_relative_name(layer, t.module)}.{t.name}".lstrip("."), t.axis] for t in tensors]  # noqa: E731
@@ -70,6 +91,10 @@ def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
         "base_model_type": adapter.model_type,
         "original_num_experts": original,
         "layers_path": _relative_name(model, layers),
+        "moe_attr": adapter.moe_attr,
+        "router_attr": adapter.router_attr,
+        "experts_attr": adapter.experts_attr,
+        "moe_returns_tuple": adapter.moe_returns_tuple,
         "experts_path": _relative_name(layer, adapter.experts(block)),
         "layers": {str(i): s for i, s in structure.items()},
         "router_tensors": dotted(adapter.router_tensors(block)),
