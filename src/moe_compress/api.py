@@ -23,10 +23,12 @@ from .io.load import load_model
 from .io.save import check_output_dir, save_compressed
 from .methods import PlanRequest, get_method
 from .methods.budget import Budget
+from .methods.structural import Mode, Unit, distance_needed, plan_drop
 from .observe.cache import StatsCache, cache_key, model_fingerprint
 from .observe.observer import observe_expert_statistics
+from .observe.similarity import observe_similarities
 from .plan import Plan
-from .surgery.experts import prune_experts
+from .surgery.experts import apply_plan
 
 Calibration = CalibrationSpec | str | list[torch.Tensor]
 
@@ -98,12 +100,7 @@ def compress(
     file) says what to do directly and no calibration runs.
     """
     start = time.perf_counter()
-    if out is not None:
-        check_output_dir(out, overwrite)
-    if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, device=device)
-        tokenizer = tokenizer or loaded_tokenizer
-    adapter = get_adapter(model)
+    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
     before = model_size(model, adapter)
     from_cache = False
     if plan is None:
@@ -113,7 +110,22 @@ def compress(
         plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep), options)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    prune_experts(model, plan, adapter)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)
+
+
+def _apply_and_report(
+    model: PreTrainedModel,
+    adapter,
+    plan: Plan,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out: str | Path | None,
+    overwrite: bool,
+    start: float,
+    before,
+    from_cache: bool,
+) -> CompressionResult:
+    """Apply `plan`, summarise what changed, and save if asked: the tail every stage shares."""
+    apply_plan(model, plan, adapter)
     after = model_size(model, adapter)
     summary = {
         "method": plan.method,
@@ -135,3 +147,40 @@ def compress(
         output_dir = save_compressed(model, out, tokenizer, plan, summary, overwrite=overwrite)
         summary["checkpoint_bytes"] = checkpoint_bytes(output_dir)
     return CompressionResult(model, plan, summary, output_dir)
+
+
+def _prepare(model, tokenizer, out, overwrite, device):
+    """Shared start of every stage: check the output first, load the model if given a name."""
+    if out is not None:
+        check_output_dir(out, overwrite)
+    if isinstance(model, (str, Path)):
+        model, loaded_tokenizer = load_model(model, device=device)
+        tokenizer = tokenizer or loaded_tokenizer
+    return model, tokenizer, get_adapter(model)
+
+
+def drop(
+    model: PreTrainedModel | str | Path,
+    unit: Unit = "moe",
+    n: int | None = None,
+    target_ratio: float | None = None,
+    mode: Mode = "discrete",
+    calib: Calibration = "bundled",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+) -> CompressionResult:
+    """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
+
+    Scores are residual-stream cosine similarities on calibration data (see
+    `methods.structural`); give `n` units or a `target_ratio` of parameters to remove.
+    """
+    start = time.perf_counter()
+    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    before = model_size(model, adapter)
+    batches = _calibration_batches(calib, tokenizer)
+    distance = distance_needed(model, adapter, unit, mode, n, target_ratio)
+    scores = observe_similarities(model, adapter, batches, max_distance=distance)
+    plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False)

@@ -47,6 +47,9 @@ class LayerPlan:
 
     With `novices`, the removed experts' router rows stay and each removed expert is replaced
     by a vector (MoNE); otherwise router rows of removed experts are deleted too.
+    With `condensed_weights`, the layer is condensed (CD-MoE): no router, every token goes
+    through the kept experts (sorted ids) scaled by these constants, plus shared experts.
+    With `drop`, the whole MoE sub-layer is removed (attention stays).
     `clusters` optionally records the cluster id of each expert, for methods that cluster.
     """
 
@@ -56,6 +59,8 @@ class LayerPlan:
     scores: list[float] | None = None
     novices: bool = False
     clusters: list[int] | None = None
+    condensed_weights: list[float] | None = None
+    drop: bool = False
 
     @property
     def removed(self) -> list[int]:
@@ -75,6 +80,9 @@ class Plan:
     groups_per_token: int = 1
     min_per_group: int = 1
     meta: dict = field(default_factory=dict)
+    #: Whole decoder blocks to remove (original indices); the result renumbers its layers.
+    dropped_blocks: list[int] = field(default_factory=list)
+    num_layers: int | None = None
     #: Per layer, [removed experts, hidden] novice vectors (rows in ascending expert id).
     #: Tensors are not JSON: `save` writes them beside the plan as safetensors.
     novice_vectors: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -88,7 +96,9 @@ class Plan:
         return len({len(lp.keep) for lp in self.layers}) <= 1
 
     def is_identity(self) -> bool:
-        return all(len(lp.keep) == lp.num_experts for lp in self.layers)
+        return not self.dropped_blocks and all(
+            len(lp.keep) == lp.num_experts and not lp.drop and lp.condensed_weights is None for lp in self.layers
+        )
 
     def kept_counts(self) -> dict[int, int]:
         return {lp.layer: len(lp.keep) for lp in self.layers}
@@ -108,6 +118,12 @@ class Plan:
             bad = [e for e in lp.keep if not 0 <= e < lp.num_experts]
             if bad:
                 raise MoECompressError(f"{where}: expert indices {bad} are out of range 0..{lp.num_experts - 1}.")
+            if lp.drop:
+                continue
+            if lp.condensed_weights is not None:
+                if len(lp.condensed_weights) != len(lp.keep) or lp.keep != sorted(lp.keep):
+                    raise MoECompressError(f"{where}: a condensed layer needs one weight per kept expert, experts in ascending order.")
+                continue
             if len(lp.keep) < self.top_k:
                 raise MoECompressError(
                     f"{where} keeps {len(lp.keep)} experts, fewer than top_k={self.top_k}: every token routes to "
@@ -122,11 +138,20 @@ class Plan:
                         f"{where}: group-limited routing needs the same number of kept experts in each of its "
                         f"{groups} groups, at least {min_units} each; this plan keeps {per_group}."
                     )
+        if len(set(self.dropped_blocks)) != len(self.dropped_blocks):
+            raise MoECompressError(f"plan drops a block twice: {self.dropped_blocks}.")
+        if self.num_layers is not None:
+            if any(not 0 <= b < self.num_layers for b in self.dropped_blocks):
+                raise MoECompressError(f"dropped blocks {self.dropped_blocks} must be in 0..{self.num_layers - 1}.")
+            if len(self.dropped_blocks) >= self.num_layers:
+                raise MoECompressError("a plan cannot drop every decoder block.")
 
-    def check_model(self, model_type: str, experts_per_layer: dict[int, int]) -> None:
+    def check_model(self, model_type: str, experts_per_layer: dict[int, int], num_layers: int | None = None) -> None:
         """Raise if this plan was made for a different model than the one it is applied to."""
         if model_type != self.model_type:
             raise MoECompressError(f"plan was made for a {self.model_type!r} model, not {model_type!r}.")
+        if self.num_layers is not None and num_layers is not None and num_layers != self.num_layers:
+            raise MoECompressError(f"plan was made for {self.num_layers} decoder layers; the model has {num_layers}.")
         for lp in self.layers:
             if lp.layer not in experts_per_layer:
                 raise MoECompressError(
@@ -183,5 +208,8 @@ class Plan:
         for lp in self.layers:
             removed = lp.removed
             shown = ", ".join(map(str, removed[:16])) + (" ..." if len(removed) > 16 else "")
-            table.add_row(str(lp.layer), str(lp.num_experts), str(len(lp.keep)), shown or "-")
+            kind = " (MoE dropped)" if lp.drop else " (condensed)" if lp.condensed_weights is not None else " (novices)" if lp.novices else ""
+            table.add_row(str(lp.layer), str(lp.num_experts), ("0" if lp.drop else str(len(lp.keep))) + kind, shown or "-")
+        if self.dropped_blocks:
+            table.add_row("blocks", "", "", "dropped: " + ", ".join(map(str, sorted(self.dropped_blocks))))
         return table

@@ -58,6 +58,7 @@ class MoEAdapter:
     group_keys: tuple[str, str] | None = None
     router_expert_tensors: tuple[tuple[str, int], ...] = (("weight", 0), ("bias", 0), ("e_score_correction_bias", 0))
     moe_returns_tuple: bool = False  # the MoE block returns (hidden, router scores)
+    pre_moe_norm_attr: str = "post_attention_layernorm"  # its input is the residual stream before the MoE
 
     # ---- structure -------------------------------------------------------------------
     def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:

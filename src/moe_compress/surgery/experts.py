@@ -13,8 +13,10 @@ from transformers import PreTrainedModel
 
 from ..arch.adapter import ExpertTensor, MoEAdapter
 from ..arch.registry import get_adapter
-from ..plan import Plan
-from ..runtime import attach_novices
+from ..errors import MoECompressError
+from ..plan import LayerPlan, Plan
+from ..runtime import DroppedMoE, attach_novices, condense
+from .blocks import drop_blocks
 from .structure import experts_per_layer, sync_config_structure
 
 
@@ -32,36 +34,56 @@ def _slice(tensors: list[ExpertTensor], keep: torch.Tensor) -> None:
         _replace(tensor.module, tensor.name, value.index_select(tensor.axis, keep.to(value.device)).contiguous())
 
 
-@torch.no_grad()
-def prune_experts(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = None) -> PreTrainedModel:
-    """Apply `plan` in place: every MoE layer keeps only `plan.layers[..].keep`.
-
-    Layers planned with novices keep all router rows and replace each removed expert by its
-    novice vector (zeros when the plan carries none: the "no novice" ablation).
-    """
-    adapter = adapter or get_adapter(model)
-    plan.validate()
-    plan.check_model(adapter.model_type, experts_per_layer(model, adapter))
-    layers = adapter.decoder_layers(model)
-    for lp in plan.layers:
-        if len(lp.keep) == lp.num_experts:
-            continue
-        block = adapter.moe_block(layers[lp.layer])
-        keep = torch.tensor(sorted(lp.keep), dtype=torch.long)
-        router_holders, expert_holders = adapter.count_holders(block)
-        _slice(adapter.routed_expert_tensors(block), keep)
-        for holder in expert_holders:
-            holder.num_experts = len(keep)
-        if lp.novices:
+def _apply_layer(model: PreTrainedModel, adapter: MoEAdapter, plan: Plan, lp: LayerPlan) -> None:
+    layer = adapter.decoder_layers(model)[lp.layer]
+    if lp.drop:
+        setattr(layer, adapter.moe_attr, DroppedMoE(adapter.moe_returns_tuple))
+        return
+    if len(lp.keep) == lp.num_experts and lp.condensed_weights is None:
+        return
+    block = adapter.moe_block(layer)
+    keep = torch.tensor(sorted(lp.keep), dtype=torch.long)
+    router_holders, expert_holders = adapter.count_holders(block)
+    _slice(adapter.routed_expert_tensors(block), keep)
+    for holder in expert_holders:
+        holder.num_experts = len(keep)
+    if lp.condensed_weights is not None:
+        reference = adapter.experts(block).down_proj
+        weights = torch.tensor(lp.condensed_weights, dtype=torch.float32, device=reference.device)
+        condense(block, adapter.router_attr, adapter.experts_attr, weights)
+    elif lp.novices:
             experts = adapter.experts(block)
             reference = experts.down_proj
             vectors = plan.novice_vectors.get(lp.layer)
             if vectors is None:
                 vectors = torch.zeros(len(lp.removed), model.config.hidden_size)
             attach_novices(experts, lp.removed, lp.num_experts, vectors.to(reference.device, reference.dtype).clone())
-        else:
-            _slice(adapter.router_tensors(block), keep)
-            for holder in router_holders:
-                holder.num_experts = len(keep)
+    else:
+        _slice(adapter.router_tensors(block), keep)
+        for holder in router_holders:
+            holder.num_experts = len(keep)
+
+
+@torch.no_grad()
+def apply_plan(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = None) -> PreTrainedModel:
+    """Apply `plan` in place, then record the resulting structure in the config.
+
+    Per MoE layer: keep experts (router rows deleted), or replace removed experts by novices
+    (router rows stay; zero vectors when the plan carries none: the "no novice" ablation),
+    or condense the layer, or drop its MoE sub-layer. Then whole blocks are dropped.
+    """
+    adapter = adapter or get_adapter(model)
+    plan.validate()
+    plan.check_model(adapter.model_type, experts_per_layer(model, adapter), len(adapter.decoder_layers(model)))
+    routed_left = set(experts_per_layer(model, adapter)) - {lp.layer for lp in plan.layers if lp.drop or lp.condensed_weights is not None}
+    if not routed_left - set(plan.dropped_blocks):
+        raise MoECompressError("this plan leaves no routed MoE layer; keep at least one MoE layer as it is (or prune it).")
+    for lp in plan.layers:
+        _apply_layer(model, adapter, plan, lp)
+    drop_blocks(model, adapter, sorted(plan.dropped_blocks))
     sync_config_structure(model, adapter)
     return model
+
+
+#: Expert pruning is the most common plan; the name reads better at call sites that only prune.
+prune_experts = apply_plan

@@ -1,0 +1,102 @@
+"""Layer drop and block drop: remove whole sub-layers or blocks that barely change the stream.
+
+Scores come from `observe.similarity` on the unmodified model (one pass). The most similar
+(least transforming) units are dropped first:
+  * layer drop: MoE sub-layers with the highest S_l (their attention stays);
+  * block drop, "discrete": the n blocks with the highest cos(h_i, h_{i+1});
+  * block drop, "consecutive": the run of n blocks starting at argmax_i cos(h_i, h_{i+n}).
+How many: `n` directly, or `target_ratio`, the fraction of all parameters to remove (units
+are added in score order until their parameters reach the target; for "consecutive" the
+smallest n whose best run reaches it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..arch.adapter import MoEAdapter
+from ..errors import MoECompressError
+from ..observe.similarity import Similarities
+from ..plan import LayerPlan, Plan
+
+Unit = Literal["moe", "block"]
+Mode = Literal["discrete", "consecutive"]
+
+
+def _params(module: nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def _count_for_ratio(sizes: list[int], order: list[int], total: int, target_ratio: float) -> int:
+    removed = 0
+    for n, unit in enumerate(order, 1):
+        removed += sizes[unit]
+        if removed >= target_ratio * total:
+            return n
+    return len(order)
+
+
+def distance_needed(model: PreTrainedModel, adapter: MoEAdapter, unit: Unit, mode: Mode, n: int | None, target_ratio: float | None) -> int:
+    """How far apart the block boundaries compared while observing must be.
+
+    A consecutive run sized by `target_ratio` is as long as the shortest run whose blocks
+    could reach the target (blocks taken smallest first).
+    """
+    if unit == "moe" or mode == "discrete":
+        return 1
+    if n is not None:
+        return n
+    layers = adapter.decoder_layers(model)
+    sizes, total = sorted(_params(layer) for layer in layers), _params(model)
+    return next((d for d in range(1, len(layers)) if sum(sizes[:d]) >= target_ratio * total), len(layers) - 1)
+
+
+def plan_drop(
+    model: PreTrainedModel,
+    adapter: MoEAdapter,
+    scores: Similarities,
+    unit: Unit = "moe",
+    n: int | None = None,
+    target_ratio: float | None = None,
+    mode: Mode = "discrete",
+) -> Plan:
+    if (n is None) == (target_ratio is None):
+        raise MoECompressError("give exactly one of --drop N or --target-ratio R.")
+    if target_ratio is not None and not 0.0 < target_ratio < 1.0:
+        raise MoECompressError(f"target ratio must be in (0, 1); got {target_ratio}.")
+    layers = adapter.decoder_layers(model)
+    total = _params(model)
+    plan = Plan(adapter.model_type, adapter.top_k(model.config), [], method=f"{unit}-drop", num_layers=len(layers))
+    if unit == "moe":
+        order = sorted(scores.moe, key=lambda layer: (-scores.moe[layer], layer))
+        sizes = {layer: _params(getattr(layers[layer], adapter.moe_attr)) for layer in order}
+        count = n if n is not None else _count_for_ratio(sizes, order, total, target_ratio)
+        if not 0 < count < len(order) + 1:
+            raise MoECompressError(f"can drop 1..{len(order)} MoE sub-layers; asked for {count}.")
+        chosen = sorted(order[:count])
+        plan.layers = [LayerPlan(layer, adapter.num_experts(adapter.moe_block(layers[layer])), [], drop=True) for layer in chosen]
+        plan.meta = {"scores": {str(k): v for k, v in scores.moe.items()}, "dropped_moe": chosen}
+        return plan
+    sizes = [_params(layer) for layer in layers]
+    if mode == "discrete":
+        similarity = scores.blocks[1]
+        order = sorted(range(len(similarity)), key=lambda i: (-similarity[i], i))
+        count = n if n is not None else _count_for_ratio(sizes, order, total, target_ratio)
+        if not 0 < count < len(layers):
+            raise MoECompressError(f"can drop 1..{len(layers) - 1} blocks; asked for {count}.")
+        plan.dropped_blocks = sorted(order[:count])
+    elif mode == "consecutive":
+        count = n if n is not None else max(scores.blocks)
+        if count not in scores.blocks:
+            raise MoECompressError(f"block similarities were observed up to distance {max(scores.blocks)}; asked for a run of {count}.")
+        similarity = scores.blocks[count]
+        start = max(range(len(similarity)), key=lambda i: (similarity[i], -i))
+        plan.dropped_blocks = list(range(start, start + count))
+    else:
+        raise MoECompressError(f"block drop mode must be 'discrete' or 'consecutive'; got {mode!r}.")
+    plan.method = f"block-drop-{mode}"
+    plan.meta = {"scores": {str(d): v for d, v in scores.blocks.items()}}
+    return plan
