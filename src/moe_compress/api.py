@@ -23,6 +23,7 @@ from .io.load import load_model
 from .io.save import check_output_dir, save_compressed
 from .methods import PlanRequest, get_method
 from .methods.budget import Budget
+from .methods.condense import plan_condense
 from .methods.structural import Mode, Unit, distance_needed, plan_drop
 from .observe.cache import StatsCache, cache_key, model_fingerprint
 from .observe.observer import observe_expert_statistics
@@ -184,3 +185,28 @@ def drop(
     scores = observe_similarities(model, adapter, batches, max_distance=distance)
     plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode)
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False)
+
+
+def condense(
+    model: PreTrainedModel | str | Path,
+    layers: int = 1,
+    max_experts: int | None = None,
+    fixed_size: bool = False,
+    calib: Calibration = CalibrationSpec(samples=16),
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    cache_dir: str | Path | None | bool = None,
+    device: str = "cpu",
+) -> CompressionResult:
+    """CD-MoE: condense `layers` MoE layers into shared experts + a few constant-weight experts.
+
+    See `methods.condense` for the search; its cost is in `result.plan.meta`.
+    """
+    start = time.perf_counter()
+    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    before = model_size(model, adapter)
+    batches = _calibration_batches(calib, tokenizer)
+    stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device)
+    plan = plan_condense(model, adapter, batches, stats, layers, max_experts, fixed_size)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)

@@ -308,7 +308,7 @@ def evaluate(
     ppl: Annotated[list[str] | None, typer.Option(help="Text to measure perplexity on; repeatable. 'bundled' gives one result per bundled domain (test split).")] = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated lm-evaluation-harness tasks or groups: 'moec' (our offline multiple-choice tasks on the bundled test split), its tasks, or any lm-eval task (those need the Hub).")] = None,
     limit: Annotated[int | None, typer.Option(help="Score at most this many questions per task (the first ones).")] = None,
-    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure prefill and decode throughput (tokens/s, greedy, KV cache).")] = True,
+    speed: Annotated[bool | None, typer.Option("--speed/--no-speed", help="Measure prefill and decode throughput (tokens/s, greedy, KV cache). Default: on with --compare, off otherwise.")] = None,
     compare: Annotated[str | None, typer.Option(help="An original model (same forms as MODEL): evaluate it the same way, show the changes, and time both interleaved in this process.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per non-overlapping perplexity window.")] = 256,
     max_windows: Annotated[int, typer.Option(help="At most this many perplexity windows per text source.")] = 256,
@@ -336,6 +336,7 @@ def evaluate(
     for name, value in (("--seq-len", seq_len), ("--max-windows", max_windows), ("--batch-size", batch_size), ("--limit", limit)):
         if value is not None and value < 1:
             raise MoECompressError(f"{name} must be a positive integer; got {value}.")
+    speed = compare is not None if speed is None else speed
     settings = SpeedSettings(speed_batch, speed_prompt_len, speed_new_tokens, speed_repeats)
     settings.validate()
     # Everything that can be wrong with the input fails here, before any model is loaded.
@@ -379,6 +380,119 @@ def evaluate(
         json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 
+@app.command("drop")
+@user_errors
+def drop_command(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to write the result to (written atomically).")],
+    unit: Annotated[str, typer.Option(help="moe: drop MoE sub-layers (attention stays); block: drop whole decoder layers.")] = "moe",
+    drop: Annotated[int | None, typer.Option("--drop", help="How many sub-layers or blocks to drop.")] = None,
+    target_ratio: Annotated[float | None, typer.Option(help="Instead of --drop: fraction of all parameters to remove, in (0, 1).")] = None,
+    mode: Annotated[str, typer.Option(help="block only: discrete (most similar single blocks) or consecutive (best run).")] = "discrete",
+    calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
+    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0,
+    plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Layer drop / block drop: remove the MoE sub-layers or blocks that change the residual stream least."""
+    from .api import drop as drop_layers
+    from .data.batches import CalibrationSpec
+    from .io.load import load_model
+    from .io.save import check_output_dir
+
+    check_output_dir(out, overwrite)
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    result = drop_layers(loaded, unit, drop, target_ratio, mode, CalibrationSpec(calib, samples, seq_len, seed), tokenizer, out, overwrite, device)
+    _report_stage(result, model, out, plan_out)
+
+
+@app.command("condense")
+@user_errors
+def condense_command(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to write the condensed model to (written atomically).")],
+    layers: Annotated[int, typer.Option(help="How many MoE layers to condense (at least one must keep routing).")] = 1,
+    max_experts: Annotated[int | None, typer.Option(help="Most routed experts a condensed layer keeps (default: top-k).")] = None,
+    fixed_size: Annotated[bool, typer.Option("--fixed-size", help="Keep exactly --max-experts experts instead of the best size found.")] = False,
+    calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
+    samples: Annotated[int, typer.Option(help="Calibration sequences (each search step re-runs them).")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0,
+    plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """CD-MoE: condense MoE layers into shared experts + a few constant-weight experts, chosen by output divergence."""
+    from .api import condense
+    from .data.batches import CalibrationSpec
+    from .io.load import load_model
+    from .io.save import check_output_dir
+
+    check_output_dir(out, overwrite)
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    spec = CalibrationSpec(calib, samples, seq_len, seed)
+    result = condense(loaded, layers, max_experts, fixed_size, spec, tokenizer, out, overwrite, cache_dir, device)
+    meta = result.plan.meta
+    out_console.print(f"search: {meta['evaluations']} candidate evaluations in {meta['search_seconds']}s; layer order {meta['order']}, JSD {[round(v, 5) for v in meta['order_jsd']]}")
+    _report_stage(result, model, out, plan_out)
+
+
+@app.command("finetune")
+@user_errors
+def finetune_command(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory for the fine-tuned model; checkpoints go to <out>.checkpoints/.")],
+    data: Annotated[str, typer.Option(help="Training text (same forms as --calib; 'bundled' uses its calib split).")] = "bundled",
+    eval_data: Annotated[str, typer.Option(help="Held-out text for the before/after perplexity ('bundled': valid split).")] = "bundled",
+    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 200,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 3e-4,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for batch sampling.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps (0: only the final model).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
+    device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: a GPU if present).")] = None,
+) -> None:
+    """Fine-tune only the condensed layers' shared and kept experts of a condensed model."""
+    from .finetune import finetune
+    from .io.load import load_model
+
+    loaded, tokenizer = load_model(model, dtype="float32")
+    report = finetune(loaded, tokenizer, data, steps, lr, batch_size, seq_len, seed, eval_data, out=out,
+                      checkpoint_every=checkpoint_every, overwrite=overwrite, device=device)
+    table = Table(title=f"fine-tuned {report['trainable_parameters']:,} parameters for {report['steps']} steps on {report['device']}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("training loss", f"{report['first_loss']:.4f}", f"{report['last_loss']:.4f}")
+    if report["perplexity_before"] is not None:
+        table.add_row(f"perplexity ({eval_data}, valid)", f"{report['perplexity_before']:.3f}", f"{report['perplexity_after']:.3f}")
+    out_console.print(table)
+    out_console.print(f"saved to {out} in {report['seconds']}s")
+
+
+def _report_stage(result, model: str, out: Path, plan_out: Path | None) -> None:
+    """Plan table and before/after size table shared by the structural commands."""
+    if plan_out is not None:
+        result.plan.save(plan_out)
+    out_console.print(result.plan.table())
+    s = result.summary
+    table = Table(title=f"{result.plan.method}: {model} -> {out}")
+    for column in ("", "before", "after", "change"):
+        table.add_column(column, justify="right" if column else "left")
+    for label, key in (("parameters", "params"), ("active params/token", "active_params")):
+        table.add_row(label, _human(s[f"{key}_before"]), _human(s[f"{key}_after"]), f"{100 * (s[f'{key}_after'] / s[f'{key}_before'] - 1):+.1f}%")
+    table.add_row("bytes in memory", _bytes(s["bytes_before"]), _bytes(s["bytes_after"]), f"{100 * (s['bytes_after'] / s['bytes_before'] - 1):+.1f}%")
+    out_console.print(table)
+    out_console.print(f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s; peak memory {_bytes(s['peak_rss_bytes'])}")
+
+
 @app.command()
 def methods() -> None:
     """List the registered compression methods and their options."""
@@ -420,6 +534,99 @@ def analyze(
     stats, _ = collect_statistics(loaded, batches, analysis_statistics(probe_tokens), cache_dir, device)
     written = write_analysis(expert_table(stats, probe_tokens, clusters), out, Path(str(model)).name)
     out_console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
+
+
+@app.command()
+@user_errors
+def slim(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to write the sparsified checkpoint to (written atomically; same shapes, zeros where weights were removed).")],
+    method: Annotated[str, typer.Option(help="wanda (|W|*||X||, per output row), sparsegpt (second-order with weight updates) or magnitude (|W|, no calibration).")] = "wanda",
+    sparsity: Annotated[float | None, typer.Option(help="Fraction of each output row's weights to zero, in [0, 1). Default 0.5 unless --nm is given.")] = None,
+    nm: Annotated[str | None, typer.Option("--nm", help="Semi-structured N:M pattern instead of --sparsity, e.g. 2:4 or 4:8 (at most N nonzeros in every M consecutive input weights).")] = None,
+    targets: Annotated[str, typer.Option(help="Comma-separated weights to sparsify: experts (routed experts), shared (shared experts), attention.")] = "experts",
+    calib: Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")] = "bundled",
+    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")] = "text",
+    blocksize: Annotated[int, typer.Option(help="sparsegpt: columns per lazy-update block (mask chosen per block).")] = 128,
+    damp: Annotated[float, typer.Option(help="sparsegpt: Hessian damping as a fraction of its mean diagonal.")] = 0.01,
+    propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Feed each layer the outputs of the already pruned layers (SparseGPT's sequential scheme) or of the original ones.")] = True,
+    eval_ppl: Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after (same forms as --calib; 'bundled' uses the test split).")] = None,
+    eval_windows: Annotated[int, typer.Option(help="At most this many windows of --seq-len tokens for --eval.")] = 64,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Zero weights inside the experts with Wanda, SparseGPT or magnitude pruning (unstructured or N:M) and save the result."""
+    from .data.batches import CalibrationSpec
+    from .evaluate.perplexity import perplexity
+    from .io.load import load_model
+    from .io.save import check_output_dir
+    from .slimming import make_spec
+    from .slimming import slim as slim_model
+    from .slimming.observe import check_targets
+
+    spec = make_spec(sparsity, nm)  # bad --sparsity / --nm fail before anything is loaded
+    chosen = check_targets(targets)
+    check_output_dir(out, overwrite)
+    calibration = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
+    calibration.validate()
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    windows = _eval_windows(tokenizer, eval_ppl, seq_len, eval_windows) if eval_ppl else None
+    before = perplexity(loaded, windows) if windows is not None else None
+    result = slim_model(
+        loaded, method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calibration, targets=chosen,
+        tokenizer=tokenizer, out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate, device=device,
+    )
+    s = result.summary
+    table = Table(title=f"{method} {s['sparsity']} on {', '.join(chosen)}: {model} -> {out}")
+    for column in ("target", "matrices", "zeros / weights", "sparsity reached", "no calibration tokens"):
+        table.add_column(column, justify="right")
+    for kind, row in s["reached"].items():
+        table.add_row(kind, str(row["matrices"]), f"{row['zeros']:,} / {row['weights']:,}", f"{100 * row['sparsity']:.2f}%", str(row["no_calibration_tokens"]))
+    out_console.print(table)
+    if before is not None:
+        after = perplexity(result.model, windows)
+        out_console.print(f"perplexity ({eval_ppl}): {before.perplexity:.3f} -> {after.perplexity:.3f} ({100 * (after.perplexity / before.perplexity - 1):+.1f}%)")
+    out_console.print(f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s; peak memory {_bytes(s['peak_rss_bytes'])}")
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to write the quantised checkpoint to (compressed-tensors pack-quantized; written atomically).")],
+    bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8 (weight-only; activations stay in the model dtype).")] = 4,
+    group_size: Annotated[int | None, typer.Option(help="Weights per scale along the input dimension; 0 = one scale per output row. Default: the largest of 128/64/32/16/8 dividing every quantised width.")] = None,
+    scope: Annotated[str, typer.Option(help="all: every decoder Linear (attention, routed and shared experts, dense MLPs; routers, embeddings, lm_head stay); experts: routed experts only.")] = "all",
+    asymmetric: Annotated[bool, typer.Option("--asymmetric", help="Per-group zero points (asymmetric ranges) instead of symmetric ones.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Quantise weights to 4 or 8 bits (round-to-nearest, per group) and save a compressed-tensors checkpoint.
+
+    Run it last, after prune/slim: it reads the full-precision model. The result loads with
+    transformers (compressed-tensors installed) and vLLM; non-uniform checkpoints keep their
+    generated remote code.
+    """
+    from .io.load import load_model
+    from .io.save import check_output_dir
+    from .slimming.quantize import quantize as quantize_model
+
+    if bits not in (4, 8):
+        raise MoECompressError(f"--bits must be 4 or 8; got {bits}.")
+    check_output_dir(out, overwrite)
+    loaded, tokenizer = load_model(model, dtype=dtype)
+    result = quantize_model(loaded, out, bits, group_size, scope, not asymmetric, tokenizer, overwrite)
+    s = result.summary
+    out_console.print(
+        f"{s['bits']}-bit (group {s['group_size'] or 'per channel'}, {'symmetric' if s['symmetric'] else 'asymmetric'}) "
+        f"{s['quantized_matrices']} matrices, {_human(s['quantized_params'])} weights; checkpoint "
+        f"{_bytes(s['checkpoint_bytes_before'])} -> {_bytes(s['checkpoint_bytes'])} in {out}"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

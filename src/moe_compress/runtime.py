@@ -115,16 +115,22 @@ def attach_novices(experts: nn.Module, novice_ids: list[int], router_experts: in
 
 
 class ConstantRouter(nn.Module):
-    """A condensed layer's router: every token goes to all kept experts with fixed weights."""
+    """A condensed layer's router: every token goes to the same experts with fixed weights.
 
-    def __init__(self, weights: torch.Tensor):
+    After surgery the experts module holds exactly those experts, so `expert_ids` is
+    0..K-1; while searching which experts to keep, ids index the full, unsliced module.
+    """
+
+    def __init__(self, weights: torch.Tensor, expert_ids: torch.Tensor | None = None):
         super().__init__()
+        ids = torch.arange(weights.numel(), device=weights.device) if expert_ids is None else expert_ids
         self.register_buffer("expert_weights", weights)
+        self.register_buffer("expert_ids", ids.to(device=weights.device, dtype=torch.long))
 
     def forward(self, hidden_states: torch.Tensor):
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
         count = self.expert_weights.numel()
-        index = torch.arange(count, device=hidden_states.device).expand(tokens, count)
+        index = self.expert_ids.expand(tokens, count)
         weights = self.expert_weights.to(hidden_states.dtype).expand(tokens, count)
         return torch.zeros(tokens, count, dtype=hidden_states.dtype, device=hidden_states.device), weights, index
 
@@ -142,17 +148,18 @@ def condensed_experts_class(base: type) -> type:
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
             out = torch.zeros_like(hidden_states)
-            for expert in range(top_k_index.shape[-1]):
-                out = out + top_k_weights[:, expert : expert + 1] * expert_forward(self, expert, hidden_states)
+            for slot in range(top_k_index.shape[-1]):
+                expert = int(top_k_index[0, slot]) if top_k_index.shape[0] else slot
+                out = out + top_k_weights[:, slot : slot + 1] * expert_forward(self, expert, hidden_states)
             return out
 
         _CONDENSED_CLASSES[base] = type(f"Condensed{base.__name__}", (base,), {"forward": forward, "_condensed_base": base})
     return _CONDENSED_CLASSES[base]
 
 
-def condense(block: nn.Module, router_attr: str, experts_attr: str, weights: torch.Tensor) -> None:
-    """Replace the block's router by constant weights; its experts must hold only the kept ones."""
-    setattr(block, router_attr, ConstantRouter(weights))
+def condense(block: nn.Module, router_attr: str, experts_attr: str, weights: torch.Tensor, expert_ids: torch.Tensor | None = None) -> None:
+    """Replace the block's router by constant weights for `expert_ids` (default: all experts it holds)."""
+    setattr(block, router_attr, ConstantRouter(weights, expert_ids))
     experts = getattr(block, experts_attr)
     experts.__class__ = condensed_experts_class(getattr(type(experts), "_condensed_base", type(experts)))
 

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
+from ..runtime import ConstantRouter
 
 
 @dataclass
@@ -60,7 +61,9 @@ def model_size(model: PreTrainedModel, adapter: MoEAdapter) -> ModelSize:
         experts = adapter.num_experts(block)
         size.routed_experts += routed
         size.experts_per_layer[index] = experts
-        size.active_per_token += round(routed * min(size.top_k, experts) / experts)
+        # A token uses top_k of the layer's experts; a condensed layer (constant router) uses all it kept.
+        used = experts if isinstance(adapter.router(block), ConstantRouter) else min(size.top_k, experts)
+        size.active_per_token += round(routed * used / experts) if experts else 0
         size.shared_experts += sum(count(m) for m in adapter.shared_experts(block))
         size.router += count(adapter.router(block))
     size.other = count(model)

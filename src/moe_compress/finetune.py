@@ -1,0 +1,119 @@
+"""Lightweight fine-tuning of condensed layers (CD-MoE's recovery step).
+
+Only the condensed layers' shared experts and kept routed experts train; everything else --
+attention, embeddings, other MoE layers, the constant expert weights -- is frozen. The loss
+is next-token cross-entropy on fixed-length windows of language-model text. Runs on a GPU
+when one is present (or `device` says so), else on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .arch.registry import get_adapter
+from .data.batches import token_stream, windows
+from .data.texts import load_texts
+from .errors import MoECompressError
+from .evaluate.perplexity import perplexity
+from .io.save import check_output_dir, save_compressed
+from .progress import track
+from .runtime import ConstantRouter
+
+
+def condensed_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:
+    """Parameters of condensed layers' kept and shared experts."""
+    adapter = get_adapter(model)
+    params = []
+    for layer in adapter.decoder_layers(model):
+        block = adapter.moe_block(layer)
+        if block is not None and isinstance(adapter.router(block), ConstantRouter):
+            for module in [adapter.experts(block), *adapter.shared_experts(block)]:
+                params += list(module.parameters())
+    return params
+
+
+def _windows(tokenizer: PreTrainedTokenizerBase, source: str, split: str, seq_len: int) -> torch.Tensor:
+    chunks = windows(token_stream(tokenizer, load_texts(source, split=split)), seq_len)
+    if len(chunks) == 0:
+        raise MoECompressError(f"{source!r} ({split}) has fewer tokens than one window of {seq_len}.")
+    return chunks
+
+
+def finetune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: str = "bundled",
+    steps: int = 200,
+    lr: float = 3e-4,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    seed: int = 0,
+    eval_data: str | None = "bundled",
+    eval_windows: int = 32,
+    out: str | Path | None = None,
+    checkpoint_every: int = 0,
+    overwrite: bool = False,
+    device: str | None = None,
+) -> dict:
+    """Train the condensed layers for `steps` steps; returns losses and before/after perplexity.
+
+    `data` is read from its "calib" split when bundled (the train split is not shipped),
+    `eval_data` from its "valid" split. Intermediate checkpoints go beside the output, to
+    `<out>.checkpoints/step-<n>`, so the final atomic save of `out` never touches them.
+    """
+    if steps < 1 or lr <= 0 or batch_size < 1:
+        raise MoECompressError("steps and batch size must be positive and the learning rate above 0.")
+    params = condensed_parameters(model)
+    if not params:
+        raise MoECompressError("this model has no condensed layers: nothing to fine-tune. Run `moe-compress condense` first.")
+    if out is not None:
+        check_output_dir(out, overwrite)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    train = _windows(tokenizer, data, "calib", seq_len)
+    held_out = _windows(tokenizer, eval_data, "valid", seq_len)[:eval_windows] if eval_data else None
+    before = perplexity(model, held_out).perplexity if held_out is not None else None
+
+    trainable = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    losses, start = [], time.perf_counter()
+    model.train()
+    for step in track(range(1, steps + 1), "fine-tuning condensed layers"):
+        batch = train[torch.randint(len(train), (batch_size,), generator=generator)].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+        if out is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            save_compressed(model, Path(f"{out}.checkpoints") / f"step-{step}", tokenizer, overwrite=True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    after = perplexity(model, held_out).perplexity if held_out is not None else None
+    report = {
+        "steps": steps,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "first_loss": sum(losses[:10]) / len(losses[:10]),  # mean of the first 10 steps
+        "last_loss": sum(losses[-10:]) / len(losses[-10:]),  # mean of the last 10 steps
+        "perplexity_before": before,
+        "perplexity_after": after,
+        "seconds": round(time.perf_counter() - start, 2),
+        "device": str(device),
+    }
+    if out is not None:
+        save_compressed(model, out, tokenizer, summary={"finetune": report}, overwrite=True)
+    return report
