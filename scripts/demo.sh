@@ -6,5 +6,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/moe-compress prune "${MODEL:-ref-mixtral}" --method reap --ratio 0.25 --budget layer \
-  --calib bundled --samples 64 --seq-len 256 --eval bundled --eval-windows 48 \
+  --calib bundled --samples 64 --seq-len 256 --eval bundled --eval-windows 24 \
   --out "runs/${MODEL:-ref-mixtral}-reap-0.25" --overwrite "$@"

@@ -47,6 +47,7 @@ def _brute_force(model, adapter, batches):
     reference = {}
     for index, parts in records.items():
         sums = {name: torch.zeros(8, dtype=torch.float64) for name in STATISTICS}
+        routed_outputs: dict[int, list[torch.Tensor]] = {e: [] for e in range(8)}
         for logits, weights, chosen, outs in parts:
             probs = adapter.router_probs(logits).double()
             for t in range(logits.shape[0]):
@@ -60,6 +61,14 @@ def _brute_force(model, adapter, batches):
                     sums["gate_sum"][e] += g
                     sums["output_norm_sum"][e] += norm
                     sums["reap_sum"][e] += g / total_w * norm
+                    routed_outputs[e].append(outs[t, e].double())
+        hidden = outs.shape[-1]
+        sums["output_moments"] = torch.zeros(8, 1 + 2 * hidden, dtype=torch.float64)
+        for e, rows in routed_outputs.items():
+            if rows:
+                stacked = torch.stack(rows)
+                mean = stacked.mean(0)
+                sums["output_moments"][e] = torch.cat([torch.tensor([len(rows)], dtype=torch.float64), mean, ((stacked - mean) ** 2).sum(0)])
         reference[index] = sums
     return reference
 

@@ -150,8 +150,8 @@ def prune(
         check_ratio(ratio)
     check_output_dir(out, overwrite)
     loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    eval_windows_tensor = _eval_windows(tokenizer, eval_ppl, seq_len, eval_windows) if eval_ppl else None
-    before = perplexity(loaded, eval_windows_tensor) if eval_windows_tensor is not None else None
+    eval_sets = {source: _eval_windows(tokenizer, source, seq_len, eval_windows) for source in _expand_sources([eval_ppl])} if eval_ppl else {}
+    before = {source: perplexity(loaded, windows) for source, windows in eval_sets.items()}
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     given = {
         "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
@@ -174,15 +174,21 @@ def prune(
     table.add_row("parameters", _human(s["params_before"]), _human(s["params_after"]), f"{100 * (s['params_after'] / s['params_before'] - 1):+.1f}%")
     table.add_row("active params/token", _human(s["active_params_before"]), _human(s["active_params_after"]), f"{100 * (s['active_params_after'] / s['active_params_before'] - 1):+.1f}%")
     table.add_row("bytes in memory", _bytes(s["bytes_before"]), _bytes(s["bytes_after"]), f"{100 * (s['bytes_after'] / s['bytes_before'] - 1):+.1f}%")
-    if before is not None:
-        after = perplexity(result.model, eval_windows_tensor)
-        s["perplexity_before"], s["perplexity_after"] = before.perplexity, after.perplexity
-        table.add_row(f"perplexity ({eval_ppl})", f"{before.perplexity:.3f}", f"{after.perplexity:.3f}", f"{100 * (after.perplexity / before.perplexity - 1):+.1f}%")
+    for source, windows in eval_sets.items():
+        after = perplexity(result.model, windows).perplexity
+        table.add_row(f"perplexity {source}", f"{before[source].perplexity:.3f}", f"{after:.3f}", f"{100 * (after / before[source].perplexity - 1):+.1f}%")
     out_console.print(table)
     cached = " (statistics from cache)" if s["statistics_from_cache"] else ""
     out_console.print(
         f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s{cached}; peak memory {_bytes(s['peak_rss_bytes'])}"
     )
+
+
+def _expand_sources(sources: list[str]) -> list[str]:
+    """'bundled' stands for one source per bundled domain, so results come per domain."""
+    from .data.texts import bundled_domains
+
+    return [one for source in sources for one in ([f"bundled:{d}" for d in bundled_domains()] if source == "bundled" else [source])]
 
 
 def _eval_windows(tokenizer, source: str, seq_len: int, max_windows: int):

@@ -36,7 +36,8 @@ class CalibrationSpec:
 def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
     separator = tokenizer.eos_token_id
     ids: list[int] = []
-    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    # verbose=False: documents longer than the model's context are fine here, we cut windows.
+    for encoded in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         ids += encoded
         if separator is not None:
             ids.append(separator)
