@@ -8,6 +8,7 @@ from .evaluate import model_size, perplexity
 from .finetune import finetune
 from .io import load_model, save_compressed
 from .plan import LayerPlan, Plan
+from .recipes import register_stage, run_recipe
 from .slimming import SlimResult, slim
 from .slimming.quantize import QuantizeResult, quantize
 from .surgery import apply_plan, prune_experts
@@ -31,6 +32,8 @@ __all__ = [
     "model_size",
     "perplexity",
     "prune_experts",
+    "register_stage",
+    "run_recipe",
     "quantize",
     "save_compressed",
     "slim",

@@ -499,6 +499,20 @@ def _report_stage(result, model: str, out: Path, plan_out: Path | None) -> None:
     out_console.print(f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s; peak memory {_bytes(s['peak_rss_bytes'])}")
 
 
+@app.command("run")
+@user_errors
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML: model, calibration, evaluate, stages (prune, drop, condense, finetune, ...), out.")],
+    out: Annotated[Path | None, typer.Option(help="Output directory (overrides the recipe's 'out').")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it exists.")] = False,
+) -> None:
+    """Run a recipe: compression stages in order on one model, with a report after every stage."""
+    from .recipes import report_markdown, run_recipe
+
+    report = run_recipe(recipe, out, overwrite)
+    out_console.print(report_markdown(report))
+
+
 @app.command()
 def methods() -> None:
     """List the registered compression methods and their options."""
