@@ -1,0 +1,196 @@
+"""Shared machinery for the benchmarks: evaluate compressed variants of a model uniformly.
+
+Every variant is built from a fresh copy of the original model and measured the same way:
+perplexity per bundled domain (test split, fixed windows), multiple-choice accuracy on the
+project's lm-eval tasks (group `moec`), parameters, in-memory bytes, compression time and the
+peak resident memory while compressing (the kernel's peak counter is reset before each
+variant). Results are appended to a JSON file as they come, so a long run can be resumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MOE_COMPRESS_QUIET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from moe_compress import get_adapter, load_model, model_size, perplexity  # noqa: E402
+from moe_compress.data import CalibrationSpec, bundled_domains, calibration_batches, load_texts, token_stream, windows  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class EvalSettings:
+    seq_len: int = 256
+    ppl_windows: int = 16  # per domain
+    mc_limit: int | None = None  # questions per multiple-choice task (None: all)
+    speed: bool = False
+
+
+@dataclass
+class Variant:
+    """A named way to compress: `build(model, tokenizer)` compresses the given copy in place."""
+
+    name: str
+    build: Callable
+    tags: dict = field(default_factory=dict)
+
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "src" / "moe_compress" / "evaluate" / "tasks"
+
+
+@torch.no_grad()
+def fast_multiple_choice(model, tokenizer, limit: int | None, batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """acc / acc_norm on our `moec` tasks, scored like lm-eval's multiple_choice, in big batches.
+
+    lm-eval's HFLM runs one request batch at a time through its generic machinery, which on
+    this 2-core machine takes ~10 minutes for the 960 requests of one evaluation; a benchmark
+    grid of ~100 variants needs the same scores in seconds. Scoring rule (as lm-eval): the
+    log-likelihood of each choice's tokens given the context (choice tokens = tokens of
+    context+choice after the context's), acc = argmax, acc_norm = argmax of ll / len(choice).
+    `bench/check_fast_mc.py` checks the two agree on the reference models.
+    """
+    results = {}
+    for path in sorted(TASKS_DIR.glob("moec_*.jsonl")):
+        items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
+        requests = []
+        for item in items:
+            context = tokenizer(item["context"], add_special_tokens=False)["input_ids"]
+            for choice in item["choices"]:
+                whole = tokenizer(item["context"] + choice, add_special_tokens=False)["input_ids"]
+                requests.append((whole, len(context)))
+        scores = []
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            for row, (tokens, _) in enumerate(chunk):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+            log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+            for row, (tokens, context_len) in enumerate(chunk):
+                targets = torch.tensor(tokens[context_len:])
+                positions = torch.arange(context_len - 1, len(tokens) - 1)
+                scores.append(float(log_probs[row, positions, targets].sum()))
+        correct = correct_norm = 0
+        for index, item in enumerate(items):
+            ll = scores[4 * index : 4 * index + 4]
+            normed = [value / len(choice) for value, choice in zip(ll, item["choices"])]
+            correct += int(max(range(4), key=ll.__getitem__) == item["label"])
+            correct_norm += int(max(range(4), key=normed.__getitem__) == item["label"])
+        results[path.stem] = {"acc": correct / len(items), "acc_norm": correct_norm / len(items)}
+    results["moec"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("acc", "acc_norm")}
+    return results
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _peak_rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Bench:
+    def __init__(self, model_name: str, settings: EvalSettings, out: Path):
+        self.model_name, self.settings, self.out = model_name, settings, out
+        self.original, self.tokenizer = load_model(model_name)
+        self.eval_sets = {
+            d: windows(token_stream(self.tokenizer, load_texts(f"bundled:{d}", split="test")), settings.seq_len)[: settings.ppl_windows]
+            for d in bundled_domains()
+        }
+        self.rows: list[dict] = json.loads(out.read_text())["rows"] if out.is_file() else []
+        self.done = {row["variant"] for row in self.rows}
+        self.speed_prompts = None
+
+    def calibration(self, source: str = "bundled", samples: int = 64, seq_len: int = 256, seed: int = 0) -> list[torch.Tensor]:
+        return calibration_batches(self.tokenizer, CalibrationSpec(source, samples, seq_len, seed))
+
+    def measure(self, model) -> dict:
+        size = model_size(model, get_adapter(model))
+        row = {
+            "params": size.total,
+            "routed_params": size.routed_experts,
+            "active_params": size.active_per_token,
+            "bytes": size.bytes,
+            "perplexity": {d: perplexity(model, data).perplexity for d, data in self.eval_sets.items()},
+        }
+        row["mc"] = fast_multiple_choice(model, self.tokenizer, self.settings.mc_limit)
+        if self.settings.speed:
+            from moe_compress.evaluate.speed import SpeedSettings, compare_speed, speed_prompts
+
+            settings = SpeedSettings(batch=4, prompt_len=128, new_tokens=16, repeats=5)
+            prompts = speed_prompts(self.tokenizer, model.config.vocab_size, settings)
+            comparison = compare_speed(model, self.original, prompts, settings)
+            row["speed"] = {"prefill_ratio": comparison.prefill_ratio, "decode_ratio": comparison.decode_ratio,
+                            "prefill_tokens_per_s": comparison.model.prefill_tokens_per_s,
+                            "decode_tokens_per_s": comparison.model.decode_tokens_per_s}
+        return row
+
+    def run(self, variant: Variant) -> dict | None:
+        if variant.name in self.done:
+            return None
+        model = copy.deepcopy(self.original) if variant.name != "original" else self.original
+        _reset_peak_rss()
+        start = time.perf_counter()
+        info = variant.build(model, self.tokenizer) or {}
+        seconds = time.perf_counter() - start
+        peak = _peak_rss()
+        row = {"variant": variant.name, **variant.tags, "compress_seconds": round(seconds, 2), "compress_peak_rss": peak,
+               **info, **self.measure(model)}
+        self.rows.append(row)
+        self.done.add(variant.name)
+        self.save()
+        print(f"{variant.name}: ppl {({k: round(v, 2) for k, v in row['perplexity'].items()})} mc {row['mc'].get('moec', {}).get('acc')}", flush=True)
+        return row
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps({"model": self.model_name, "settings": vars(self.settings), "rows": self.rows}, indent=1) + "\n")
+
+
+def mean_ppl(row: dict) -> float:
+    values = list(row["perplexity"].values())
+    return sum(values) / len(values)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fn(row) for _, fn in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def quality_size_plot(rows_by_model: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Mean perplexity over domains vs parameters, one marker per variant family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(rows_by_model), figsize=(6.5 * len(rows_by_model), 4.8), squeeze=False)
+    for ax, (model, rows) in zip(axes[0], rows_by_model.items()):
+        families = sorted({row.get("family", row["variant"]) for row in rows})
+        for family in families:
+            points = [(row["params"] / 1e6, mean_ppl(row)) for row in rows if row.get("family", row["variant"]) == family]
+            ax.scatter(*zip(*points), label=family, s=22)
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel("mean perplexity over domains (lower is better)")
+        ax.set_yscale("log")
+        ax.set_title(f"{title}: {model}")
+        ax.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
