@@ -307,6 +307,25 @@ def _eval_table(report: dict) -> Table:
     return table
 
 
+class _TorchThreads:
+    """torch's CPU thread count for the block, restored after (the CLI also runs inside other processes, e.g. tests)."""
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self.before)
+
+
 @app.command("eval")
 @user_errors
 def evaluate(
@@ -323,6 +342,7 @@ def evaluate(
     speed_prompt_len: Annotated[int, typer.Option(help="Prompt tokens per prompt when timing prefill (cut to fit the model's positions).")] = 128,
     speed_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt when timing decode.")] = 32,
     speed_repeats: Annotated[int, typer.Option(help="Timed runs per model (after one warm-up); medians are reported.")] = 5,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls that make timings meaningless.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -339,7 +359,7 @@ def evaluate(
     from .evaluate.speed import SpeedSettings, compare_speed, measure_speed, peak_rss_bytes, speed_prompts
     from .io.load import load_config, load_model
 
-    for name, value in (("--seq-len", seq_len), ("--max-windows", max_windows), ("--batch-size", batch_size), ("--limit", limit)):
+    for name, value in (("--seq-len", seq_len), ("--max-windows", max_windows), ("--batch-size", batch_size), ("--limit", limit), ("--threads", threads)):
         if value is not None and value < 1:
             raise MoECompressError(f"{name} must be a positive integer; got {value}.")
     speed = compare is not None if speed is None else speed
@@ -352,35 +372,36 @@ def evaluate(
         load_config(compare)
     sources = [source for s in (ppl or []) for source in ([f"bundled:{d}" for d in bundled_domains()] if s == "bundled" else [s])]
 
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    report = {
-        "model": model,
-        "seq_len": seq_len,
-        "settings": {
-            "ppl": sources, "tasks": task_names, "limit": limit, "max_windows": max_windows, "batch_size": batch_size,
-            "dtype": dtype, "device": device, "speed": vars(settings) if speed else None,
-        },
-    }
-    report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
-    original = original_tokenizer = None
-    if compare is not None:
-        original, original_tokenizer = load_model(compare, dtype=dtype, device=device)
-        report["original"] = _evaluate_model(compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
-    comparison = None
-    report["speed"] = None
-    if speed:
-        positions = getattr(loaded.config, "max_position_embeddings", None)
-        prompts = speed_prompts(tokenizer, loaded.config.vocab_size, settings, positions)
+    with _TorchThreads(threads):
+        loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+        report = {
+            "model": model,
+            "seq_len": seq_len,
+            "settings": {
+                "ppl": sources, "tasks": task_names, "limit": limit, "max_windows": max_windows, "batch_size": batch_size,
+                "dtype": dtype, "device": device, "threads": threads, "speed": vars(settings) if speed else None,
+            },
+        }
+        report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
+        original = original_tokenizer = None
+        if compare is not None:
+            original, original_tokenizer = load_model(compare, dtype=dtype, device=device)
+            report["original"] = _evaluate_model(compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
+        comparison = None
+        report["speed"] = None
+        if speed:
+            positions = getattr(loaded.config, "max_position_embeddings", None)
+            prompts = speed_prompts(tokenizer, loaded.config.vocab_size, settings, positions)
+            if original is not None:
+                comparison = compare_speed(loaded, original, prompts, settings)
+                report["speed"], report["original"]["speed"] = comparison.model.to_dict(), comparison.original.to_dict()
+            else:
+                report["speed"] = measure_speed(loaded, prompts, settings).to_dict()
+                report["peak_rss_bytes"] = peak_rss_bytes()
+        elif original is not None:
+            report["original"]["speed"] = None
         if original is not None:
-            comparison = compare_speed(loaded, original, prompts, settings)
-            report["speed"], report["original"]["speed"] = comparison.model.to_dict(), comparison.original.to_dict()
-        else:
-            report["speed"] = measure_speed(loaded, prompts, settings).to_dict()
-            report["peak_rss_bytes"] = peak_rss_bytes()
-    elif original is not None:
-        report["original"]["speed"] = None
-    if original is not None:
-        report["comparison"] = _comparison(report, report["original"], comparison)
+            report["comparison"] = _comparison(report, report["original"], comparison)
     out_console.print(_eval_table(report))
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")

@@ -8,7 +8,8 @@ and standard errors are what published numbers use, and any of its tasks (``hell
 Those YAML files name their data relative to their own directory, but ``datasets`` resolves
 ``data_files`` against the working directory. So for every task defined in an included
 directory with local ``data_files`` we hand lm-eval the config itself, with the paths made
-absolute; everything else goes to lm-eval by name. lm-eval's own 200+ task directories take
+absolute (our groups are expanded into those task configs and averaged here); everything else
+goes to lm-eval by name. lm-eval's own 200+ task directories take
 ~15 s to index, so they are only indexed when a requested name is not one of ours.
 """
 
@@ -54,6 +55,15 @@ def parse_task_list(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _absolute(files: Any, base: Path) -> Any:
+    """`data_files` (a path, a list of them, or split -> either) resolved against `base`."""
+    if isinstance(files, dict):
+        return {split: _absolute(f, base) for split, f in files.items()}
+    if isinstance(files, list):
+        return [_absolute(f, base) for f in files]
+    return str((base / str(files)).resolve())
+
+
 def _local_configs(directories: Sequence[Path]) -> tuple[dict[str, dict], dict[str, dict]]:
     """(tasks, groups) defined by plain YAML in `directories`, with relative data_files made absolute."""
     tasks: dict[str, dict] = {}
@@ -72,11 +82,7 @@ def _local_configs(directories: Sequence[Path]) -> tuple[dict[str, dict], dict[s
             files = (config.get("dataset_kwargs") or {}).get("data_files")
             if "task" not in config or files is None:
                 continue
-            config = deepcopy(config)
-            absolute = lambda f: str((path.parent / f).resolve())  # noqa: E731
-            config["dataset_kwargs"]["data_files"] = (
-                {split: absolute(f) for split, f in files.items()} if isinstance(files, dict) else absolute(files)
-            )
+            config["dataset_kwargs"]["data_files"] = _absolute(files, path.parent)
             tasks[config["task"]] = config
     return tasks, groups
 
@@ -105,10 +111,10 @@ def _group_score(name: str, members: list[TaskScore]) -> TaskScore:
     independent estimates is sqrt(sum of their variances) / count."""
 
     def mean(values: list[float | None]) -> float | None:
-        return None if any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
+        return None if not values or any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
 
     def stderr(values: list[float | None]) -> float | None:
-        return None if any(v is None for v in values) else math.sqrt(sum(v * v for v in values)) / len(values)  # type: ignore[operator]
+        return None if not values or any(v is None for v in values) else math.sqrt(sum(v * v for v in values)) / len(values)  # type: ignore[operator]
 
     return TaskScore(
         task=name,
@@ -137,10 +143,47 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+@dataclass
+class TaskSelection:
+    """Requested names resolved to lm-eval specs, checked before any model is loaded."""
+
+    names: list[str]
+    specs: list[str | dict]
+    expanded: dict[str, list[str]]  # our groups -> their tasks
+    manager: Any  # lm_eval.tasks.TaskManager
+
+
+def select_tasks(names: Sequence[str], include_path: Sequence[str | Path] = ()) -> TaskSelection:
+    """Resolve task/group names (ours first, then lm-eval's); an unknown name is a user error."""
+    if not names:
+        raise MoECompressError("no tasks given.")
+    with _quiet_lm_eval():
+        from lm_eval.tasks import TaskManager
+
+        directories = [TASKS_DIR, *(Path(p) for p in include_path)]
+        local_tasks, local_groups = _local_configs(directories)
+        specs, expanded = _expand(names, local_tasks, local_groups)
+        by_name = [s for s in specs if isinstance(s, str) and not Path(s).is_file()]
+        manager = TaskManager(include_path=[str(d) for d in directories], include_defaults=bool(by_name))
+    unknown = [name for name in by_name if name not in manager.all_tasks]
+    if unknown:
+        raise MoECompressError(
+            f"unknown task {unknown[0]!r}: not one of ours ({', '.join(sorted({*local_groups, *local_tasks}))}) "
+            "nor an lm-eval task, group or tag (`lm_eval ls tasks` lists them)."
+        )
+    try:  # builds the tasks once, so a dataset that cannot be had fails now, before any model loads
+        with _quiet_lm_eval():
+            manager.load(deepcopy(specs))
+    except (OSError, ValueError) as exc:  # ConnectionError (offline Hub) is an OSError
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MoECompressError(f"cannot load the data of task(s) {', '.join(names)}: {message}") from None
+    return TaskSelection(list(names), specs, expanded, manager)
+
+
 def run_tasks(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
-    tasks: Sequence[str],
+    tasks: Sequence[str] | TaskSelection,
     limit: int | None = None,
     batch_size: int = 8,
     include_path: Sequence[str | Path] = (),
@@ -149,33 +192,20 @@ def run_tasks(
     """Zero-shot acc / acc_norm of `model` on lm-eval tasks or groups (ours: ``moec`` and its tasks).
 
     `limit` scores only the first questions of each task; `include_path` adds directories of
-    task YAML files to ours.
+    task YAML files to ours (ignored when `tasks` is already a `TaskSelection`).
     """
     if tokenizer is None:
         raise MoECompressError("this checkpoint has no tokenizer, so multiple-choice tasks cannot be scored.")
     if limit is not None and limit < 1:
         raise MoECompressError(f"--limit must be a positive number of questions per task; got {limit}.")
-    if not tasks:
-        raise MoECompressError("no tasks given.")
+    selection = tasks if isinstance(tasks, TaskSelection) else select_tasks(tasks, include_path)
     with _quiet_lm_eval():
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
-        directories = [TASKS_DIR, *(Path(p) for p in include_path)]
-        local_tasks, local_groups = _local_configs(directories)
-        specs, expanded = _expand(tasks, local_tasks, local_groups)
-        by_name = [s for s in specs if isinstance(s, str) and not Path(s).is_file()]
-        manager = TaskManager(include_path=[str(d) for d in directories], include_defaults=bool(by_name))
-        unknown = [name for name in by_name if name not in manager.all_tasks]
-        if unknown:
-            raise MoECompressError(
-                f"unknown task {unknown[0]!r}: not one of ours ({', '.join(sorted({*local_groups, *local_tasks}))}) "
-                "nor an lm-eval task, group or tag (`lm_eval ls tasks` lists them)."
-            )
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = simple_evaluate(
-            model=lm, tasks=specs, limit=limit, task_manager=manager, log_samples=False,
+            model=lm, tasks=deepcopy(selection.specs), limit=limit, task_manager=selection.manager, log_samples=False,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
     if output is None:  # only non-zero ranks of a distributed run get None
@@ -193,9 +223,9 @@ def run_tasks(
             samples=int(samples) if samples is not None else None,
             group=bool(subtasks.get(name)),
         )
-    for name, members in expanded.items():
+    for name, members in selection.expanded.items():
         scores[name] = _group_score(name, [scores[m] for m in members if m in scores])
     # The order asked for: each of our groups right after its tasks, then whatever lm-eval added.
-    order = [s if isinstance(s, str) else s["task"] for s in specs]
-    order = [n for name in tasks for n in (*expanded.get(name, ()), name)] + order
+    order = [s if isinstance(s, str) else s["task"] for s in selection.specs]
+    order = [n for name in selection.names for n in (*selection.expanded.get(name, ()), name)] + order
     return {name: scores[name] for name in dict.fromkeys([*order, *scores]) if name in scores}

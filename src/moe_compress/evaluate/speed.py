@@ -5,11 +5,16 @@ compressed model alone says little. `compare_speed` therefore runs the compresse
 original in the same process, alternating them round by round (A B, B A, A B, ... so neither
 always goes first), and reports medians and the median of the per-round ratios: noise that hits
 both halves of a round cancels in its ratio.
+
+On CPU, more torch threads than free cores makes every step wait for a descheduled thread: on
+a busy 2-core machine ref-mixtral decoded at ~9 tokens/s with 2 threads (runs spread 4x) and
+~160 tokens/s with 1. `eval --threads` sets the count; the JSON records it.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import resource
 import statistics
 import time
@@ -34,12 +39,14 @@ class SpeedSettings:
     prompt_len: int = 128
     new_tokens: int = 32
     repeats: int = 5
-    warmup: int = 1
+    warmup: int = 1  # untimed runs before the calibration run
+    min_seconds: float = 0.2  # each timed measurement repeats its work until it lasts at least this long
 
     def validate(self) -> None:
         for name in ("batch", "prompt_len", "new_tokens", "repeats"):
             if getattr(self, name) < 1:
-                raise MoECompressError(f"speed setting {name} must be a positive integer; got {getattr(self, name)}.")
+                flag = "--speed-" + name.replace("_", "-")
+                raise MoECompressError(f"speed setting {name} ({flag}) must be a positive integer; got {getattr(self, name)}.")
 
 
 @dataclass
@@ -107,24 +114,45 @@ def _prefill_kwargs(model: PreTrainedModel) -> dict:
 
 
 @torch.inference_mode()
-def _one_run(model: PreTrainedModel, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) of one prompt batch: prefill builds the KV cache, decode
-    then generates `new_tokens` greedy tokens one step at a time from it."""
+def _one_run(model: PreTrainedModel, prompts: torch.Tensor, new_tokens: int, reps: tuple[int, int] = (1, 1)) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of the prompt batch.
+
+    Prefill builds the KV cache of the prompts; decode then generates `new_tokens` greedy tokens
+    one step at a time from it. Each is repeated `reps` times and timed in total, so that a
+    fast model is not timed on a few milliseconds, where scheduler noise dominates.
+    """
     device = next(model.parameters()).device
     prompts = prompts.to(device)
+    kwargs = _prefill_kwargs(model)
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=prompts, use_cache=True, **_prefill_kwargs(model))
+    for _ in range(reps[0]):
+        out = model(input_ids=prompts, use_cache=True, **kwargs)
     _sync(device)
     prefill_s = time.perf_counter() - start
-    cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+    decode_s = 0.0
+    for _ in range(reps[1]):
+        out = model(input_ids=prompts, use_cache=True, **kwargs)
         cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(device)
-    decode_s = time.perf_counter() - start
-    return prompts.numel() / prefill_s, prompts.shape[0] * new_tokens / max(decode_s, 1e-9)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+            cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode_s += time.perf_counter() - start
+    return reps[0] * prompts.numel() / max(prefill_s, 1e-9), reps[1] * prompts.shape[0] * new_tokens / max(decode_s, 1e-9)
+
+
+def _warm_up(model: PreTrainedModel, prompts: torch.Tensor, settings: SpeedSettings) -> tuple[int, int]:
+    """Run the warm-up, then one calibration run (first calls pay one-off costs), and return how
+    often prefill and decode must repeat so that each timed measurement lasts `min_seconds`."""
+    for _ in range(settings.warmup):
+        _one_run(model, prompts, settings.new_tokens)
+    prefill_rate, decode_rate = _one_run(model, prompts, settings.new_tokens)
+    prefill_s = prompts.numel() / prefill_rate
+    decode_s = prompts.shape[0] * settings.new_tokens / decode_rate
+    return tuple(min(1000, max(1, math.ceil(settings.min_seconds / t))) for t in (prefill_s, decode_s))  # type: ignore[return-value]
 
 
 def _result(runs: list[tuple[float, float]]) -> SpeedResult:
@@ -134,27 +162,26 @@ def _result(runs: list[tuple[float, float]]) -> SpeedResult:
 
 def measure_speed(model: PreTrainedModel, prompts: torch.Tensor, settings: SpeedSettings = SpeedSettings()) -> SpeedResult:
     """Median prefill and decode throughput of `model` over `settings.repeats` runs (after warm-up)."""
-    for _ in range(settings.warmup):
-        _one_run(model, prompts, settings.new_tokens)
-    return _result([_one_run(model, prompts, settings.new_tokens) for _ in track(range(settings.repeats), "speed")])
+    settings.validate()
+    reps = _warm_up(model, prompts, settings)
+    return _result([_one_run(model, prompts, settings.new_tokens, reps) for _ in track(range(settings.repeats), "speed")])
 
 
 def compare_speed(
     model: PreTrainedModel, original: PreTrainedModel, prompts: torch.Tensor, settings: SpeedSettings = SpeedSettings()
 ) -> SpeedComparison:
     """Throughput of `model` against `original`, interleaved in this process (see module docstring)."""
-    for _ in range(settings.warmup):
-        _one_run(model, prompts, settings.new_tokens)
-        _one_run(original, prompts, settings.new_tokens)
+    settings.validate()
+    my_reps, their_reps = _warm_up(model, prompts, settings), _warm_up(original, prompts, settings)
     mine: list[tuple[float, float]] = []
     theirs: list[tuple[float, float]] = []
     for round_ in track(range(settings.repeats), "speed (interleaved)"):
         if round_ % 2 == 0:
-            mine.append(_one_run(model, prompts, settings.new_tokens))
-            theirs.append(_one_run(original, prompts, settings.new_tokens))
+            mine.append(_one_run(model, prompts, settings.new_tokens, my_reps))
+            theirs.append(_one_run(original, prompts, settings.new_tokens, their_reps))
         else:
-            theirs.append(_one_run(original, prompts, settings.new_tokens))
-            mine.append(_one_run(model, prompts, settings.new_tokens))
+            theirs.append(_one_run(original, prompts, settings.new_tokens, their_reps))
+            mine.append(_one_run(model, prompts, settings.new_tokens, my_reps))
     prefill_ratio = statistics.median(a[0] / b[0] for a, b in zip(mine, theirs))
     decode_ratio = statistics.median(a[1] / b[1] for a, b in zip(mine, theirs))
     return SpeedComparison(_result(mine), _result(theirs), prefill_ratio, decode_ratio)
