@@ -354,7 +354,6 @@ def evaluate(
     routed, active_per_token), bytes_in_memory, checkpoint_bytes, peak_rss_bytes, speed; with
     --compare also original (the same keys) and comparison.
     """
-    from .data.texts import bundled_domains
     from .evaluate.harness import parse_task_list, select_tasks
     from .evaluate.speed import SpeedSettings, compare_speed, measure_speed, peak_rss_bytes, speed_prompts
     from .io.load import load_config, load_model
@@ -370,7 +369,7 @@ def evaluate(
     selection = select_tasks(task_names) if task_names else None
     if compare is not None:
         load_config(compare)
-    sources = [source for s in (ppl or []) for source in ([f"bundled:{d}" for d in bundled_domains()] if s == "bundled" else [s])]
+    sources = _expand_sources(ppl or [])
 
     with _TorchThreads(threads):
         loaded, tokenizer = load_model(model, dtype=dtype, device=device)

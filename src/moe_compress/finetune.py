@@ -97,7 +97,7 @@ def finetune(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if out is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
             save_compressed(model, Path(f"{out}.checkpoints") / f"step-{step}", tokenizer, overwrite=True)
     model.eval()
