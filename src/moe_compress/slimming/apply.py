@@ -1,0 +1,202 @@
+"""Expert slimming by weight sparsity: magnitude, Wanda and SparseGPT, unstructured or N:M.
+
+Masks are applied to the weights in place, so the model keeps its stock structure (same
+shapes, zeros where weights were removed) and saves as the checkpoint it was -- stock, or
+with its generated remote code if an earlier stage made it non-uniform.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..arch.registry import get_adapter
+from ..errors import MoECompressError
+from ..io.load import load_model
+from ..io.save import check_output_dir, save_compressed
+from .observe import InputStats, LayerCollector, WeightMatrix, check_targets, layer_collector, prune_layer_by_layer
+from .sparsegpt import sparsegpt_prune
+from .sparsity import SparsitySpec, apply_mask, magnitude_scores, make_spec, prune_mask, wanda_scores
+
+SLIM_METHODS: dict[str, str] = {
+    "magnitude": "|W|, per output row; needs no calibration data",
+    "wanda": "|W_ij| * ||X_j||_2 with X the inputs this weight saw (per expert: its routed tokens)",
+    "sparsegpt": "second-order (OBS) pruning with weight updates, Hessian X^T X of this weight's inputs",
+}
+
+
+@dataclass
+class SlimResult:
+    model: PreTrainedModel
+    summary: dict = field(default_factory=dict)
+    output_dir: Path | None = None
+
+
+def prune_matrix(
+    weight: torch.Tensor,
+    method: str,
+    spec: SparsitySpec,
+    stats: InputStats | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """The sparsified copy of one matrix [out, in].
+
+    A matrix whose inputs were never seen (an expert no calibration token was routed to)
+    has no statistics to go on: it falls back to magnitude pruning.
+    """
+    if method == "magnitude" or stats is None or stats.tokens == 0:
+        return apply_mask(weight, prune_mask(magnitude_scores(weight.float()), spec))
+    if method == "wanda":
+        return apply_mask(weight, prune_mask(wanda_scores(weight.float(), stats.sq_sum), spec))
+    if method == "sparsegpt":
+        assert stats.xtx is not None
+        return sparsegpt_prune(weight, stats.xtx, spec, blocksize, damp)
+    raise MoECompressError(f"unknown slimming method {method!r}; choose one of {', '.join(SLIM_METHODS)}.")
+
+
+def _check_method(method: str) -> None:
+    if method not in SLIM_METHODS:
+        raise MoECompressError(f"unknown slimming method {method!r}; choose one of {', '.join(SLIM_METHODS)}.")
+
+
+class _Tally:
+    """Per target kind: matrices, weights, zeros; and matrices that fell back to magnitude."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: {"matrices": 0, "weights": 0, "zeros": 0, "no_calibration_tokens": 0})
+
+    def add(self, matrix: WeightMatrix, stats: InputStats | None, calibrated: bool) -> None:
+        value = matrix.read()
+        entry = self.counts[matrix.kind]
+        entry["matrices"] += 1
+        entry["weights"] += value.numel()
+        entry["zeros"] += int((value == 0).sum())
+        entry["no_calibration_tokens"] += int(calibrated and (stats is None or stats.tokens == 0))
+
+    def to_dict(self) -> dict[str, dict]:
+        return {kind: {**c, "sparsity": c["zeros"] / max(c["weights"], 1)} for kind, c in sorted(self.counts.items())}
+
+
+def sparsify(
+    model: PreTrainedModel,
+    method: str,
+    spec: SparsitySpec,
+    targets: tuple[str, ...],
+    batches: list[torch.Tensor] | None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    propagate: bool = True,
+    device: str = "cpu",
+) -> dict[str, dict]:
+    """Sparsify the target matrices of `model` in place; returns the per-kind tally.
+
+    Wanda and SparseGPT calibrate layer by layer and prune each layer before the next is
+    observed (see `prune_layer_by_layer`); magnitude needs no data.
+    """
+    adapter = get_adapter(model)
+    tally = _Tally()
+    calibrated = method != "magnitude"
+
+    def prune(collector: LayerCollector) -> None:
+        for matrix in collector.matrices:
+            stats = collector.stats.get(matrix.name)
+            matrix.write(prune_matrix(matrix.read(), method, spec, stats, blocksize, damp))
+            tally.add(matrix, stats, calibrated)
+
+    layers = adapter.decoder_layers(model)
+    if not calibrated:
+        from ..progress import track
+
+        for index in track(range(len(layers)), "slimming layers"):
+            prune(layer_collector(adapter, layers[index], index, targets, None))
+    else:
+        if not batches:
+            raise MoECompressError(f"{method} needs calibration data; pass calib (or use method='magnitude').")
+        need = "hessian" if method == "sparsegpt" else "norms"
+        prune_layer_by_layer(
+            model, adapter, batches, lambda index, layer: layer_collector(adapter, layer, index, targets, need),
+            prune, device, propagate,
+        )
+    found = tally.to_dict()
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise MoECompressError(f"this {adapter.model_type} model has no {' or '.join(missing)} weights to sparsify; drop them from targets.")
+    return found
+
+
+def slim(
+    model: PreTrainedModel | str | Path,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    nm: tuple[int, int] | str | None = None,
+    calib=None,
+    targets: tuple[str, ...] | list[str] | str = ("experts",),
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    propagate: bool = True,
+    device: str = "cpu",
+) -> SlimResult:
+    """Zero weights inside the experts (and optionally shared experts / attention) of `model`.
+
+    Args:
+        model: an in-memory model, or a checkpoint directory / bundled name / Hub id.
+        method: 'magnitude', 'wanda' or 'sparsegpt'.
+        sparsity: fraction of each output row's weights to zero, in [0, 1) (default 0.5);
+            or `nm`: (N, M) or 'N:M', keep at most N of every M consecutive input weights.
+        calib: calibration data as for `compress` (CalibrationSpec, source string, or a
+            list of [batch, seq] token tensors); default: the bundled corpus. Unused by magnitude.
+        targets: any of 'experts' (routed, default), 'shared' (shared experts), 'attention'.
+        blocksize, damp: SparseGPT's lazy-update block and relative Hessian damping.
+        propagate: feed each layer the pruned previous layers' outputs (default, as in SparseGPT).
+        out: save the result there (atomically; stock checkpoint unless the model needs remote code).
+    """
+    from ..api import _calibration_batches, peak_rss_bytes
+    from ..evaluate.size import checkpoint_bytes
+
+    start = time.perf_counter()
+    _check_method(method)
+    spec = make_spec(sparsity, nm)
+    targets = check_targets(targets)
+    if blocksize < 1:
+        raise MoECompressError(f"blocksize must be a positive integer; got {blocksize}.")
+    if not 0.0 <= damp:
+        raise MoECompressError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal); got {damp}.")
+    if out is not None:
+        check_output_dir(out, overwrite)
+    if isinstance(model, (str, Path)):
+        model, loaded_tokenizer = load_model(model, device=device)
+        tokenizer = tokenizer or loaded_tokenizer
+    get_adapter(model)
+    if getattr(model.config, "quantization_config", None):
+        raise MoECompressError("this model is quantised; sparsify the full-precision model, then quantise.")
+    batches = None
+    if method != "magnitude":
+        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer)
+    found = sparsify(model, method, spec, targets, batches, blocksize, damp, propagate, device)
+    summary = {
+        "stage": "slim",
+        "method": method,
+        "pattern": "n:m" if spec.nm else "unstructured",
+        "sparsity": spec.describe(),
+        "target_fraction": spec.target_fraction,
+        "targets": list(targets),
+        "propagate": propagate,
+        "sparsegpt": {"blocksize": blocksize, "damp": damp} if method == "sparsegpt" else None,
+        "reached": found,
+        "seconds": round(time.perf_counter() - start, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    output_dir = None
+    if out is not None:
+        output_dir = save_compressed(model, out, tokenizer, None, summary, overwrite=overwrite)
+        summary["checkpoint_bytes"] = checkpoint_bytes(output_dir)
+    return SlimResult(model, summary, output_dir)

@@ -1,0 +1,271 @@
+"""Weight-only 4/8-bit quantisation, written in the compressed-tensors format.
+
+Why compressed-tensors and not llm-compressor: llm-compressor 0.14.0.1 (the newest release)
+requires transformers<=5.17.0 and compressed-tensors==0.19.0, so it cannot be installed next
+to our transformers 5.23. compressed-tensors 0.20.0 itself installs with our torch 2.13 and
+transformers 5.23, and its "pack-quantized" format is what llm-compressor writes for W4A16 /
+W8A16: vLLM serves it, and transformers loads it (the experts dequantised at load, other
+Linears decompressed on the first forward) as long as compressed-tensors is installed.
+
+How: the model is saved as usual (stock per-expert key layout, or with its generated remote
+code), then every targeted 2-D weight in the shards is replaced by compressed-tensors'
+packed int32 weights, per-group scales and shape, using its own qparam and packing
+functions, and `quantization_config` is added to config.json with its own `ModelCompressor`.
+Round-to-nearest min-max quantisation, no calibration data: enough for 8 bits, and at 4 bits
+the simple baseline that GPTQ/AWQ improve on (the design says not to write our own GPTQ).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..arch.adapter import MoEAdapter
+from ..arch.registry import get_adapter
+from ..errors import MoECompressError
+from ..io.load import load_model
+from ..io.save import SUMMARY_FILE, check_output_dir, save_compressed
+from ..progress import track
+
+QuantScope = Literal["all", "experts"]
+SCOPES: dict[str, str] = {
+    "all": "every Linear weight of the decoder layers (attention, routed and shared experts, dense MLPs); routers, embeddings and lm_head stay",
+    "experts": "the routed experts only",
+}
+_AUTO_GROUPS = (128, 64, 32, 16, 8)
+
+
+@dataclass
+class QuantizeResult:
+    output_dir: Path
+    summary: dict = field(default_factory=dict)
+
+
+def _parameter_roles(model: PreTrainedModel, adapter: MoEAdapter) -> dict[str, str]:
+    """In-memory parameter name -> role (experts, shared, attention, dense, router) for decoder weights."""
+    names = {id(module): name for name, module in model.named_modules()}
+    roles: dict[str, str] = {}
+
+    def mark(module: nn.Module, role: str, linear_only: bool = True) -> None:
+        base = names[id(module)]
+        if not linear_only:
+            for name, _ in module.named_parameters():
+                roles.setdefault(f"{base}.{name}", role)
+            return
+        for sub_name, sub in module.named_modules():
+            if isinstance(sub, nn.Linear):
+                roles.setdefault(f"{base}.{sub_name}.weight".replace("..", "."), role)
+
+    for layer in adapter.decoder_layers(model):
+        block = adapter.moe_block(layer)
+        if block is not None:
+            mark(adapter.router(block), "router", linear_only=False)
+            experts = adapter.experts(block)
+            for name in ("gate_up_proj", "up_proj", "down_proj"):
+                if isinstance(getattr(experts, name, None), torch.Tensor):
+                    roles[f"{names[id(experts)]}.{name}"] = "experts"
+            for attr in adapter.shared_expert_attrs:
+                module = getattr(block, attr, None)
+                if module is not None:
+                    # a bare Linear among them is a gate (Qwen2-MoE's shared_expert_gate)
+                    mark(module, "router" if isinstance(module, nn.Linear) else "shared")
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None:
+            mark(attention, "attention")
+        mark(layer, "dense")  # whatever Linear is left: dense MLPs of non-MoE layers
+    return roles
+
+
+def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Checkpoint key -> (role, shape), through transformers' own save-time key conversion.
+
+    Fused in-memory experts become per-expert keys for most families; running the conversion
+    on meta tensors gives the names and shapes without copying any weights.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = dict(model.named_parameters())
+    saved: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, role in roles.items():
+        if name not in params:
+            continue
+        converted = revert_weight_conversion(model, {name: params[name].detach().to("meta")})
+        for key, tensor in converted.items():
+            saved[key] = (role, tuple(tensor.shape))
+    return saved
+
+
+def _choose_group_size(group_size: int | None, columns: set[int]) -> int:
+    """The group size to use: as given (0 = one scale per output row), or the largest that divides every width."""
+    if group_size is None:
+        for size in _AUTO_GROUPS:
+            if all(c % size == 0 for c in columns):
+                return size
+        raise MoECompressError(
+            f"no group size of {', '.join(map(str, _AUTO_GROUPS))} divides every input width ({sorted(columns)}); pass group_size=0 (per channel)."
+        )
+    if group_size < 0:
+        raise MoECompressError(f"group_size must be positive, or 0 for one scale per output channel; got {group_size}.")
+    bad = sorted(c for c in columns if group_size and c % group_size)
+    if bad:
+        raise MoECompressError(f"group_size {group_size} does not divide the input width of every quantised weight ({bad}); choose a divisor or 0.")
+    return group_size
+
+
+def _scheme(bits: int, group_size: int, symmetric: bool):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(
+        num_bits=bits, type="int", symmetric=symmetric,
+        strategy="group" if group_size else "channel", group_size=group_size or None,
+    )
+    return QuantizationScheme(targets=["Linear"], weights=args)
+
+
+def compress_weight(weight: torch.Tensor, scheme) -> dict[str, torch.Tensor]:
+    """One 2-D weight -> compressed-tensors' pack-quantized tensors (weight_packed, weight_scale, weight_shape[, zero point]).
+
+    Round-to-nearest with min-max ranges per group (or per output row), using
+    compressed-tensors' own qparam calculation and packing so the bytes are exactly its format.
+    """
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = scheme.weights
+    value = weight.float()
+    if args.group_size:
+        grouped = value.unflatten(-1, (value.shape[-1] // args.group_size, args.group_size))
+        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    else:
+        low, high = value.amin(dim=-1, keepdim=True), value.amax(dim=-1, keepdim=True)
+    scale, zero_point = calculate_qparams(low, high, args)
+    state = {"weight": value, "weight_scale": scale.to(weight.dtype), "weight_zero_point": zero_point}
+    compressor = BaseCompressor.get_value_from_registry(CompressionFormat.pack_quantized.value)
+    return {k: v.contiguous() for k, v in compressor.compress(state, scheme).items()}
+
+
+def _rewrite_shards(directory: Path, targets: set[str], scheme) -> None:
+    """Replace each target `<module>.weight` in the shards by its compressed tensors; fix the index."""
+    from safetensors.torch import load_file, save_file
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard in track(sorted(directory.glob("*.safetensors")), "quantising shards"):
+        tensors = load_file(str(shard))
+        rewritten: dict[str, torch.Tensor] = {}
+        for key, tensor in tensors.items():
+            if key in targets:
+                module = key.removesuffix("weight")
+                rewritten.update({module + name: value for name, value in compress_weight(tensor, scheme).items()})
+            else:
+                rewritten[key] = tensor
+        save_file(rewritten, str(shard), metadata={"format": "pt"})
+        for key, tensor in rewritten.items():
+            weight_map[key] = shard.name
+            total += tensor.numel() * tensor.element_size()
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = dict(sorted(weight_map.items()))
+        data.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def quantize(
+    model: PreTrainedModel | str | Path,
+    out: str | Path,
+    bits: int = 4,
+    group_size: int | None = None,
+    scope: str = "all",
+    symmetric: bool = True,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    overwrite: bool = False,
+) -> QuantizeResult:
+    """Save `model` with its weights quantised to `bits` (4 or 8), weight-only, as a compressed-tensors checkpoint.
+
+    Args:
+        model: an in-memory model (left unchanged) or a checkpoint directory / bundled name.
+        out: the output directory (written atomically).
+        group_size: weights per scale along the input dimension; None picks the largest of
+            128, 64, 32, 16, 8 that divides every quantised width; 0 = one scale per output row.
+        scope: 'all' (every decoder Linear but routers) or 'experts' (routed experts only).
+        symmetric: symmetric ranges (zero point 0; what W4A16 kernels expect) or asymmetric.
+
+    The checkpoint loads with `AutoModelForCausalLM.from_pretrained` (plus
+    `trust_remote_code=True` for non-uniform models) wherever compressed-tensors is installed.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    from ..evaluate.size import checkpoint_bytes
+
+    if bits not in (4, 8):
+        raise MoECompressError(f"bits must be 4 or 8; got {bits}.")
+    if scope not in SCOPES:
+        raise MoECompressError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}.")
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    if isinstance(model, (str, Path)):
+        model, loaded_tokenizer = load_model(model)
+        tokenizer = tokenizer or loaded_tokenizer
+    if getattr(model.config, "quantization_config", None):
+        raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
+    adapter = get_adapter(model)
+    saved = _saved_keys(model, _parameter_roles(model, adapter))
+    chosen = {"experts"} if scope == "experts" else {"experts", "shared", "attention", "dense"}
+    fused = sorted(k for k, (role, shape) in saved.items() if role == "experts" and len(shape) != 2)
+    if fused:
+        raise MoECompressError(
+            f"{adapter.model_type} checkpoints store routed experts as fused 3-D tensors (e.g. {fused[0]}); "
+            "compressed-tensors quantises per-Linear 2-D weights only, so these experts cannot be written quantised."
+        )
+    targets = {k for k, (role, shape) in saved.items() if role in chosen and len(shape) == 2 and k.endswith(".weight")}
+    if not targets:
+        raise MoECompressError(f"no weights to quantise in scope {scope!r}.")
+    group = _choose_group_size(group_size, {saved[k][1][1] for k in targets})
+    scheme = _scheme(bits, group, symmetric)
+    ignore = sorted(k.removesuffix(".weight") for k, (_, shape) in saved.items() if k not in targets and len(shape) == 2 and k.endswith(".weight"))
+    ignore.append("lm_head")  # a Linear in memory even when tied to the embeddings
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme}, format="pack-quantized",
+        quantization_status=QuantizationStatus.COMPRESSED, ignore=sorted(set(ignore)),
+    )
+
+    work = out.parent / f".{out.name}.quantize-{uuid.uuid4().hex[:8]}"
+    try:
+        staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True)
+        bytes_before = checkpoint_bytes(staged)
+        _rewrite_shards(staged, targets, scheme)
+        ModelCompressor(quantization_config=config).update_config(str(staged))
+        summary = {
+            "stage": "quantize",
+            "library": "compressed-tensors",
+            "format": "pack-quantized",
+            "bits": bits,
+            "group_size": group,
+            "symmetric": symmetric,
+            "scope": scope,
+            "quantized_matrices": len(targets),
+            "quantized_params": sum(saved[k][1][0] * saved[k][1][1] for k in targets),
+            "checkpoint_bytes_before": bytes_before,
+            "checkpoint_bytes": checkpoint_bytes(staged),
+        }
+        (staged / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return QuantizeResult(out, summary)

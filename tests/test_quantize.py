@@ -1,0 +1,154 @@
+"""Weight-only quantisation to compressed-tensors checkpoints: reload, accuracy, composition, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from helpers import token_batches
+from moe_compress import MoECompressError, compress, get_adapter, load_model, quantize, slim
+from moe_compress.cli import app
+from test_save_load import _non_uniform_plan
+from tiny_checkpoints import save_tiny_checkpoint
+from tiny_models import VOCAB, tiny_model
+
+IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _rounded(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Symmetric round-to-nearest per group along the input (last) dimension, written independently of the library."""
+    grouped = weight.unflatten(-1, (-1, group))
+    scale = grouped.abs().amax(dim=-1, keepdim=True) / ((2**bits - 1) / 2)
+    scale = torch.where(scale == 0, torch.finfo(weight.dtype).eps, scale)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return (torch.clamp(torch.round(grouped / scale), low, high) * scale).flatten(-2)
+
+
+@torch.no_grad()
+def _round_in_memory(model, bits: int, group: int) -> None:
+    """What the checkpoint should hold: every decoder Linear and routed expert rounded; routers, gates, embeddings kept."""
+    adapter = get_adapter(model)
+    for layer in adapter.decoder_layers(model):
+        block = adapter.moe_block(layer)
+        skip = {id(adapter.router(block))} if block is not None else set()
+        skip |= {id(m) for m in (adapter.shared_experts(block) if block is not None else []) if isinstance(m, nn.Linear)}
+        for module in layer.modules():
+            if isinstance(module, nn.Linear) and id(module) not in skip:
+                module.weight.copy_(_rounded(module.weight, bits, group))
+        if block is not None:
+            experts = adapter.experts(block)
+            for name in ("gate_up_proj", "down_proj"):
+                getattr(experts, name).copy_(_rounded(getattr(experts, name), bits, group))
+
+
+def _calm(model):
+    """Smaller weights (std 0.05): a random model whose outputs do not amplify rounding noise chaotically."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.mul_(0.25)
+    return model
+
+
+@pytest.mark.parametrize("bits, tolerance", [(8, 0.05), (4, 0.3)])
+def test_quantized_checkpoint_reloads_with_rounded_weights_and_close_logits(bits, tolerance, tmp_path):
+    model = _calm(tiny_model("mixtral"))
+    with torch.no_grad():
+        original = model(IDS).logits
+    result = quantize(model, tmp_path / "q", bits=bits, group_size=16)
+    reloaded, _ = load_model(tmp_path / "q")
+    with torch.no_grad():
+        logits = reloaded(IDS).logits
+    assert torch.isfinite(logits).all()
+    relative = float((logits - original).norm() / original.norm())
+    print(f"\n{bits}-bit: relative logit error {relative:.4f}; checkpoint {result.summary['checkpoint_bytes_before']} -> {result.summary['checkpoint_bytes']} bytes")
+    assert relative < tolerance
+    _round_in_memory(model, bits, 16)  # the model itself was left untouched until now
+    with torch.no_grad():
+        assert torch.allclose(logits, model(IDS).logits, atol=1e-5)
+    assert result.summary["checkpoint_bytes"] < result.summary["checkpoint_bytes_before"] * (0.45 if bits == 4 else 0.6)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == bits
+    assert "lm_head" in config["ignore"] and "model.layers.0.block_sparse_moe.gate" in config["ignore"]
+
+
+def test_non_uniform_remote_code_model_quantizes_and_reloads(tmp_path):
+    model = tiny_model("qwen2_moe")
+    compress(model, plan=_non_uniform_plan(model), out=tmp_path / "pruned")
+    quantize(tmp_path / "pruned", tmp_path / "q", bits=8, group_size=8)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "auto_map" in config and "moe_compress" in config and "quantization_config" in config
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", trust_remote_code=True).eval()
+    _round_in_memory(model, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(IDS).logits, model(IDS).logits, atol=1e-5)
+
+
+def test_slim_then_quantize_keeps_the_zeros(tmp_path):
+    model = tiny_model("mixtral")
+    slim(model, "wanda", nm=(2, 4), calib=token_batches(2))
+    quantize(model, tmp_path / "q", bits=4, scope="experts")
+    reloaded, _ = load_model(tmp_path / "q")
+    for name in ("gate_up_proj", "down_proj"):
+        before = getattr(model.model.layers[1].mlp.experts, name)
+        after = getattr(reloaded.model.layers[1].mlp.experts, name)
+        assert bool((after[before == 0] == 0).all())  # pruned weights stay exactly zero (symmetric: 0 -> 0)
+    # scope "experts" leaves attention in full precision
+    assert torch.equal(reloaded.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("family, kwargs, message", [
+    ("mixtral", {"bits": 3}, "bits must be 4 or 8"),
+    ("mixtral", {"group_size": 5}, "does not divide"),
+    ("mixtral", {"scope": "router"}, "scope must be one of"),
+    ("gpt_oss", {}, "fused 3-D tensors"),
+])
+def test_bad_input_gives_clear_errors(family, kwargs, message, tmp_path):
+    with pytest.raises(MoECompressError, match=message):
+        quantize(tiny_model(family, num_layers=1), tmp_path / "q", **kwargs)
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q*"))
+
+
+def test_cli_quantize_and_refuse_to_quantize_twice(tmp_path):
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    runner = CliRunner()
+    result = runner.invoke(app, ["quantize", str(checkpoint), "--bits", "8", "--out", str(tmp_path / "q8")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "q8" / "tokenizer.json").exists()
+    again = runner.invoke(app, ["quantize", str(tmp_path / "q8"), "--out", str(tmp_path / "q8q")])
+    assert again.exit_code == 2 and "already quantised" in again.output
+    bad = runner.invoke(app, ["quantize", str(checkpoint), "--bits", "2", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and not (tmp_path / "bad").exists()
+    help_text = runner.invoke(app, ["quantize", "--help"], terminal_width=200).output
+    for option in ("--bits", "--group-size", "--scope", "--asymmetric", "--out", "--overwrite"):
+        assert option in help_text
+
+
+def test_recipe_prune_then_slim_then_quantize_composes(tmp_path):
+    from moe_compress import run_recipe
+    from tiny_checkpoints import write_calibration
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")
+    calib = write_calibration(tmp_path / "calib.jsonl", documents=60)
+    recipe = {
+        "model": str(checkpoint),
+        "calibration": {"source": str(calib), "samples": 8, "seq_len": 32},
+        "evaluate": {"ppl": str(calib), "windows": 4, "seq_len": 32},
+        "stages": [{"prune": {"method": "reap", "ratio": 0.25}}, {"slim": {"method": "sparsegpt", "nm": "2:4", "targets": ["experts", "shared"]}}],
+    }
+    report = run_recipe(recipe, out=tmp_path / "out")
+    assert report["rows"][-1]["sparsity_reached"] == {"experts": 0.5, "shared": 0.5}
+    quantize(tmp_path / "out", tmp_path / "q4", bits=4)
+    reloaded, _ = load_model(tmp_path / "q4")
+    experts = reloaded.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.shape[0] == 6  # the pruned structure survives
+    nonzeros = (experts.down_proj != 0).reshape(6, experts.down_proj.shape[1], -1, 4).sum(-1)
+    assert (nonzeros <= 2).all()  # and so does 2:4 through 4-bit rounding
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(IDS[:, :8] % len(reloaded.get_input_embeddings().weight)).logits).all()
