@@ -21,13 +21,14 @@ from ..progress import track
 from .capture import capture_layer_inputs
 from .statistics import LayerAccumulator, RoutedBatch
 
-def _to(value, device: torch.device):
+def to_device(value, device: torch.device):
+    """Move tensors (also inside tuples and dicts, as in layer kwargs) to `device`."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -58,7 +59,7 @@ def run_sequential(
             if context is not None:
                 stack.enter_context(context)
             for b, kwargs in enumerate(inputs.layer_kwargs[index]):
-                out = layer(hidden[b].to(device), **_to(kwargs, device))
+                out = layer(hidden[b].to(device), **to_device(kwargs, device))
                 hidden[b] = (out[0] if isinstance(out, tuple) else out).to("cpu")
         layer.to(home)
     return hidden

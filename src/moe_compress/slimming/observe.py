@@ -25,6 +25,7 @@ from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
 from ..observe.capture import capture_layer_inputs
 from ..progress import track
+from ..observe.observer import to_device
 
 TARGETS: tuple[str, ...] = ("experts", "shared", "attention")
 Need = Literal["norms", "hessian"]
@@ -199,16 +200,6 @@ def layer_collector(
     return collector
 
 
-def _to(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 @torch.no_grad()
 def prune_layer_by_layer(
     model: nn.Module,
@@ -239,7 +230,7 @@ def prune_layer_by_layer(
     def forward_all(index: int, layer: nn.Module, keep: bool = True) -> list[torch.Tensor]:
         outputs = []
         for b, kwargs in enumerate(inputs.layer_kwargs[index]):
-            out = layer(hidden[b].to(device), **_to(kwargs, device))
+            out = layer(hidden[b].to(device), **to_device(kwargs, device))
             if keep:
                 outputs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
         return outputs
