@@ -21,6 +21,7 @@ from ..progress import track
 from .capture import capture_layer_inputs
 from .statistics import LayerAccumulator, RoutedBatch
 
+
 def to_device(value, device: torch.device):
     """Move tensors (also inside tuples and dicts, as in layer kwargs) to `device`."""
     if isinstance(value, torch.Tensor):
