@@ -9,8 +9,11 @@ calibration set shared by every stage, what to measure after each stage, and the
     stages:
       - drop: {unit: block, n: 1}
       - prune: {method: reap, ratio: 0.25, budget: layer}
-      - quantize: {bits: 4}
-    out: runs/deepseek-trim-prune-q4
+      - slim: {method: sparsegpt, nm: [2, 4]}
+    out: runs/deepseek-trim-prune-24
+
+Quantisation writes a packed checkpoint rather than an in-memory model, so it runs on a
+recipe's output (`moe-compress quantize <out> --bits 4`), not as a stage yet.
 
 Each stage receives the previous stage's output model. Calibration batches are built once;
 statistics are cached on disk per (model, data, statistics), so re-running a recipe, or a
