@@ -60,3 +60,15 @@ def test_rerunning_a_recipe_reuses_cached_statistics(setup, tmp_path):
 def test_bad_recipes_are_refused(stages, message):
     with pytest.raises(MoECompressError, match=message):
         load_recipe({"model": "x", "stages": stages})
+
+
+def test_shipped_example_recipes_are_valid():
+    from pathlib import Path
+
+    from moe_compress.io import bundled_models
+
+    shipped = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert len(shipped) >= 3
+    for path in shipped:
+        recipe = load_recipe(path)
+        assert recipe["model"] in bundled_models(), path

@@ -9,7 +9,7 @@ calibration set shared by every stage, what to measure after each stage, and the
     stages:
       - drop: {unit: block, n: 1}
       - prune: {method: reap, ratio: 0.25, budget: layer}
-      - slim: {method: sparsegpt, nm: [2, 4]}
+      - slim: {method: sparsegpt, nm: "2:4"}
     out: runs/deepseek-trim-prune-24
 
 Quantisation writes a packed checkpoint rather than an in-memory model, so it runs on a
