@@ -233,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
                               f"min {100 * pooled_share[lo]:.1f} % (e{lo}), max {100 * pooled_share[hi]:.1f} % (e{hi}); "
                               f"top experts {top})\n\n"
                               + fmt_table(["domain"] + [f"e{e}" for e in range(n_exp)], rows))
+    rare = [f"layer {layer} e{e} ({100 * shares[i].mean(0)[e]:.1f} %)" for i, layer in enumerate(layers)
+            for e in range(n_exp) if shares[i].mean(0)[e] < 0.01]
+    rare_note = (f"\n\n**Load balance caveat:** experts with a domain-averaged share below 1 %: {', '.join(rare)}. The "
+                 "load-balancing loss did not fully prevent these from being starved in this short training run; "
+                 "compression methods will see them as (nearly) unused." if rare else "")
     hist = log["history"]
     last = hist[-1]
     picks = hist[:: max(1, len(hist) // 8)]
@@ -290,7 +295,7 @@ Share of the top-{c.num_experts_per_tok} selections that go to each expert (in %
 domain, on the same validation windows{"; selection includes the correction bias, as in inference" if c.model_type != "mixtral" else ""}.
 Uniform would be {100 / n_exp:.1f} % per expert. The Jensen-Shannon divergence between the three domain
 distributions (bits; 0 = identical routing) summarises how domain-specific a layer is.
-`routing_heatmap.png` shows the same numbers as log2(share / uniform); `eval_results.json` has them unrounded.
+`routing_heatmap.png` shows the same numbers as log2(share / uniform); `eval_results.json` has them unrounded.{rare_note}
 
 ![routing heatmap](routing_heatmap.png)
 
