@@ -59,6 +59,10 @@ def _bytes(n: float) -> str:
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
 DtypeOpt = Annotated[str, typer.Option(help="Weights dtype in memory: auto (as saved), float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="Device for computation (cpu, cuda, cuda:1). Layers visit it one at a time while calibrating.")]
+CalibOpt = Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
+TextFieldOpt = Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")]
 
 
 @app.command()
@@ -113,12 +117,12 @@ def prune(
     method: Annotated[str, typer.Option(help="Method: frequency, soft_count, gate_sum, ean, reap, mone or cprune (see `moe-compress methods`).")] = "reap",
     ratio: Annotated[float, typer.Option(help="Fraction of routed experts to remove, in [0, 1).")] = 0.25,
     budget: Annotated[str, typer.Option(help="layer: every MoE layer loses the same share; global: layers compete for one total.")] = "layer",
-    calib: Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")] = "bundled",
+    calib: CalibOpt = "bundled",
     samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
-    text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")] = "text",
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
+    text_field: TextFieldOpt = "text",
     min_keep: Annotated[int, typer.Option(help="Global budget only: fewest experts any layer may keep (never below top-k).")] = 0,
     plan_in: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of deciding from calibration.")] = None,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
@@ -418,7 +422,7 @@ def drop_command(
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
     samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 32,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0,
+    seed: SeedOpt = 0,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     dtype: DtypeOpt = "auto",
@@ -447,7 +451,7 @@ def condense_command(
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
     samples: Annotated[int, typer.Option(help="Calibration sequences (each search step re-runs them).")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0,
+    seed: SeedOpt = 0,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
@@ -555,8 +559,8 @@ def analyze(
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
     samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
     clusters: Annotated[int, typer.Option(help="Clusters per layer for the cluster-id column (0: half the experts).")] = 0,
     probe_tokens: Annotated[int, typer.Option(help="Tokens per batch in the probe that defines expert signatures.")] = 64,
     cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
@@ -585,12 +589,12 @@ def slim(
     sparsity: Annotated[float | None, typer.Option(help="Fraction of each output row's weights to zero, in [0, 1). Default 0.5 unless --nm is given.")] = None,
     nm: Annotated[str | None, typer.Option("--nm", help="Semi-structured N:M pattern instead of --sparsity, e.g. 2:4 or 4:8 (at most N nonzeros in every M consecutive input weights).")] = None,
     targets: Annotated[str, typer.Option(help="Comma-separated weights to sparsify: experts (routed experts), shared (shared experts), attention.")] = "experts",
-    calib: Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")] = "bundled",
+    calib: CalibOpt = "bundled",
     samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
-    text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")] = "text",
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
+    text_field: TextFieldOpt = "text",
     blocksize: Annotated[int, typer.Option(help="sparsegpt: columns per lazy-update block (mask chosen per block).")] = 128,
     damp: Annotated[float, typer.Option(help="sparsegpt: Hessian damping as a fraction of its mean diagonal.")] = 0.01,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Feed each layer the outputs of the already pruned layers (SparseGPT's sequential scheme) or of the original ones.")] = True,
