@@ -242,11 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     last = hist[-1]
     picks = hist[:: max(1, len(hist) // 8)]
     curve = ", ".join(f"{h['step']}: {h['loss']:.2f}" for h in picks + ([last] if picks[-1] is not last else []))
-    bal = ("transformers' Switch-style load-balancing loss (`output_router_logits=True`, `router_aux_loss_coef` "
-           f"{log['aux_coef']})" if c.model_type == "mixtral" else
-           f"a Switch-style loss on the sigmoid router scores (coefficient {log['aux_coef']}, computed from forward hooks "
-           f"on each `mlp.gate`, since transformers' DeepSeek-V3 forward returns none) plus DeepSeek-V3's aux-loss-free "
-           f"bias update of `e_score_correction_bias` (gamma {log['bias_gamma']} per step)")
+    bal = (f"a Switch-style loss computed per MoE layer and averaged (coefficient {log['aux_coef']}; router outputs "
+           "captured by forward hooks on each `mlp.gate`, see `balance_loss` in scripts/train_reference.py)")
+    if c.model_type != "mixtral":
+        bal += (f", on the sigmoid scores normalised over experts, plus DeepSeek-V3's aux-loss-free bias update of "
+                f"`e_score_correction_bias` (gamma {log['bias_gamma']} per step)")
     card = f"""# {args.model}
 
 A small Mixture-of-Experts causal language model trained from scratch as a **reference fixture** for

@@ -14,14 +14,13 @@ into non-overlapping ``--seq-len`` sequences. Sequence ``g`` of the run comes fr
 (a seeded permutation of that domain's sequences), so every batch is domain-balanced even though the
 dictionary is four times larger than the man pages.
 
-Load balancing:
-* ref-mixtral: transformers' own Switch-style loss (``output_router_logits=True``,
-  ``router_aux_loss_coef``).
-* ref-deepseek: transformers 5.23's DeepSeek-V3 forward returns no aux loss, so a Switch-style loss
-  ``E * sum_i f_i * P_i`` is computed from the router outputs captured by forward hooks on each
-  ``mlp.gate`` (f_i: share of top-k picks, P_i: mean of the sigmoid scores normalised over experts).
-  In addition the router's ``e_score_correction_bias`` buffer is trained with DeepSeek-V3's
-  aux-loss-free rule (after each step ``b_i += gamma * sign(mean_load - load_i)``), so the saved
+Load balancing: a Switch-style loss ``E * sum_i f_i * P_i`` computed *per MoE layer* and averaged
+(``balance_loss``) from the router outputs captured by forward hooks on each ``mlp.gate`` (f_i: share
+of the layer's top-k picks, P_i: mean router probability -- softmax for ref-mixtral, sigmoid scores
+normalised over experts for ref-deepseek). transformers' own Mixtral ``aux_loss`` is not used: it
+pools the router logits of all layers before counting, so it cannot see per-layer starvation.
+* ref-deepseek additionally uses DeepSeek-V3's aux-loss-free balancing:
+  the router's ``e_score_correction_bias`` buffer follows (after each step ``b_i += gamma * sign(mean_load - load_i)``), so the saved
   checkpoint carries a non-zero bias, as real DeepSeek-V3 checkpoints do (it is kept in fp32).
 
 Optimisation: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warmup + cosine decay to
@@ -178,13 +177,24 @@ class RouterTap:
         return torch.stack([c / c.sum() for c in counts])
 
 
-def sigmoid_balance_loss(tap: RouterTap, top_k: int) -> torch.Tensor:
-    """Switch-style loss for sigmoid routers, mean over layers: E * sum_i f_i * P_i (1.0 when uniform)."""
+def balance_loss(tap: RouterTap, scoring: str) -> torch.Tensor:
+    """Switch-style load-balancing loss computed per MoE layer, then averaged: E * sum_i f_i * P_i.
+
+    f_i is the share of the layer's top-k selections that went to expert i (no gradient), P_i the
+    mean router probability (softmax, or sigmoid scores normalised per token). 1.0 when uniform.
+    Why not transformers' own `aux_loss` for Mixtral: it concatenates the router logits of all
+    layers before counting, so it balances expert *index* i pooled over layers and cannot see
+    that one layer starves an expert while another overloads it (the first ref-mixtral had
+    five experts under 1 % load that way).
+    """
     losses = []
     for logits, idx in zip(tap.logits, tap.indices):
         n = logits.shape[-1]
-        scores = logits.float().sigmoid()
-        p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        if scoring == "softmax":
+            p = logits.float().softmax(-1).mean(0)
+        else:
+            scores = logits.float().sigmoid()
+            p = (scores / scores.sum(-1, keepdim=True)).mean(0)
         f = torch.bincount(idx.reshape(-1), minlength=n).float() / idx.numel()
         losses.append(n * (f.detach() * p).sum())
     return torch.stack(losses).mean()
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--bias-gamma", type=float, default=1e-3, help="DeepSeek correction-bias update speed")
-    ap.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss coefficient")
+    ap.add_argument("--aux-coef", type=float, default=0.01, help="per-layer load-balancing loss coefficient")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
@@ -286,14 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         x = batches.next(args.batch_size).to(device)
         tap.clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if is_deepseek:
-                lm_loss = model(input_ids=x, labels=x, use_cache=False).loss
-                aux = sigmoid_balance_loss(tap, config.num_experts_per_tok)
-                loss = lm_loss + args.aux_coef * aux
-            else:
-                res = model(input_ids=x, labels=x, use_cache=False, output_router_logits=True)
-                loss, aux = res.loss, res.aux_loss
-                lm_loss = loss - args.aux_coef * aux
+            lm_loss = model(input_ids=x, labels=x, use_cache=False).loss
+            aux = balance_loss(tap, "sigmoid" if is_deepseek else "softmax")
+            loss = lm_loss + args.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))

@@ -132,6 +132,7 @@ def test_cli_quantize_and_refuse_to_quantize_twice(tmp_path):
 
 def test_recipe_prune_then_slim_then_quantize_composes(tmp_path):
     from moe_compress import run_recipe
+    from moe_compress.evaluate.perplexity import perplexity
     from tiny_checkpoints import write_calibration
 
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")
@@ -140,15 +141,30 @@ def test_recipe_prune_then_slim_then_quantize_composes(tmp_path):
         "model": str(checkpoint),
         "calibration": {"source": str(calib), "samples": 8, "seq_len": 32},
         "evaluate": {"ppl": str(calib), "windows": 4, "seq_len": 32},
-        "stages": [{"prune": {"method": "reap", "ratio": 0.25}}, {"slim": {"method": "sparsegpt", "nm": "2:4", "targets": ["experts", "shared"]}}],
+        "stages": [{"prune": {"method": "reap", "ratio": 0.25}}, {"slim": {"method": "sparsegpt", "nm": "2:4", "targets": ["experts", "shared"]}},
+                   {"quantize": {"bits": 4}}],
     }
     report = run_recipe(recipe, out=tmp_path / "out")
-    assert report["rows"][-1]["sparsity_reached"] == {"experts": 0.5, "shared": 0.5}
-    quantize(tmp_path / "out", tmp_path / "q4", bits=4)
-    reloaded, _ = load_model(tmp_path / "q4")
+    assert report["rows"][2]["sparsity_reached"] == {"experts": 0.5, "shared": 0.5}
+    assert report["rows"][3]["bits"] == 4 and report["checkpoint_bytes"] == report["rows"][3]["checkpoint_bytes"]
+    assert sorted(p.name for p in (tmp_path / "out" / "plans").iterdir()) == ["01-prune.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    reloaded, tokenizer = load_model(tmp_path / "out")
     experts = reloaded.model.layers[1].mlp.experts
     assert experts.gate_up_proj.shape[0] == 6  # the pruned structure survives
     nonzeros = (experts.down_proj != 0).reshape(6, experts.down_proj.shape[1], -1, 4).sum(-1)
     assert (nonzeros <= 2).all()  # and so does 2:4 through 4-bit rounding
-    with torch.no_grad():
-        assert torch.isfinite(reloaded(IDS[:, :8] % len(reloaded.get_input_embeddings().weight)).logits).all()
+    # the report's last row measured exactly the saved checkpoint
+    from moe_compress.recipes import _eval_sets
+
+    data = _eval_sets(tokenizer, recipe["evaluate"])[str(calib)]
+    assert perplexity(reloaded, data).perplexity == pytest.approx(report["rows"][3]["perplexity"][str(calib)], rel=1e-6)
+
+
+def test_recipe_quantize_must_be_the_last_stage():
+    from moe_compress.recipes import load_recipe
+
+    with pytest.raises(MoECompressError, match="must be the last stage"):
+        load_recipe({"stages": [{"quantize": {"bits": 4}}, {"prune": {"ratio": 0.25}}]})

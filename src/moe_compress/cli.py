@@ -138,7 +138,7 @@ def prune(
     linkage: Annotated[str | None, typer.Option(help="cprune: agglomerative linkage: average, complete, single or weighted.")] = None,
     stage1_share: Annotated[float | None, typer.Option(help="cprune: share of the removal done per layer in stage 1; the rest is global (stage 2).")] = None,
     probe_tokens: Annotated[int | None, typer.Option(help="cprune: tokens per batch in the shared probe that defines expert signatures.")] = None,
-    max_layer_loss: Annotated[float | None, typer.Option(help="cprune: most any layer may lose in stage 2, as a fraction of its experts.")] = None,
+    max_layer_loss: Annotated[float | None, typer.Option(help="cprune: most any layer may lose in stage 2, as a fraction of its experts (default: twice the ratio, at most 0.75).")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -526,7 +526,7 @@ def _report_stage(result, model: str, out: Path, plan_out: Path | None) -> None:
 @app.command("run")
 @user_errors
 def run_command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML: model, calibration, evaluate, stages (prune, drop, condense, finetune, ...), out.")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML: model, calibration, evaluate, stages (prune, drop, condense, finetune, slim, and quantize as the last), out. Examples in recipes/.")],
     out: Annotated[Path | None, typer.Option(help="Output directory (overrides the recipe's 'out').")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it exists.")] = False,
 ) -> None:

@@ -10,23 +10,28 @@ calibration set shared by every stage, what to measure after each stage, and the
       - drop: {unit: block, n: 1}
       - prune: {method: reap, ratio: 0.25, budget: layer}
       - slim: {method: sparsegpt, nm: "2:4"}
-    out: runs/deepseek-trim-prune-24
+      - quantize: {bits: 4}
+    out: runs/deepseek-trim-prune-24-w4
 
-Quantisation writes a packed checkpoint rather than an in-memory model, so it runs on a
-recipe's output (`moe-compress quantize <out> --bits 4`), not as a stage yet.
+`quantize` must be the last stage: it writes the packed compressed-tensors checkpoint that
+becomes the recipe's output, and its report row measures that checkpoint as reloaded (what
+users will run), not an in-memory approximation.
 
 Each stage receives the previous stage's output model. Calibration batches are built once;
 statistics are cached on disk per (model, data, statistics), so re-running a recipe, or a
 recipe that shares a prefix with an earlier one, skips the calibration passes it already did.
 One plan per structural stage is written to `<out>/plans/`, the final model to `<out>`, and
 a report (quality, parameters, bytes and optionally tokens/s after every stage) to
-`<out>/report.json` and `report.md`. New stage kinds join with `register_stage`.
+`<out>/report.json` and `report.md`; all of it is assembled beside `<out>` and renamed into
+place at the end. New stage kinds join with `register_stage`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +48,7 @@ from .errors import MoECompressError
 from .evaluate.perplexity import perplexity
 from .evaluate.size import checkpoint_bytes, model_size
 from .io.load import load_model
-from .io.save import check_output_dir, save_compressed
+from .io.save import check_output_dir, publish, save_compressed
 from .plan import Plan
 
 
@@ -55,6 +60,7 @@ class StageContext:
     tokenizer: PreTrainedTokenizerBase | None
     batches: list[torch.Tensor]
     device: str = "cpu"
+    scratch: Path | None = None  # a private directory for stages that write checkpoints
 
 
 @dataclass
@@ -62,14 +68,18 @@ class StageOutcome:
     model: PreTrainedModel
     plan: Plan | None = None
     info: dict = field(default_factory=dict)
+    checkpoint: Path | None = None  # set by a final stage that already wrote the output checkpoint
 
 
 StageFunction = Callable[[StageContext, dict[str, Any]], StageOutcome]
 STAGES: dict[str, StageFunction] = {}
+FINAL_STAGES: set[str] = set()  # kinds that can only be the last stage
 
 
-def register_stage(name: str, function: StageFunction) -> None:
+def register_stage(name: str, function: StageFunction, final: bool = False) -> None:
     STAGES[name] = function
+    if final:
+        FINAL_STAGES.add(name)
 
 
 def _prune(ctx: StageContext, options: dict) -> StageOutcome:
@@ -128,6 +138,8 @@ def load_recipe(recipe: str | Path | dict) -> dict:
             raise MoECompressError(f"stage {position}: unknown kind {kind!r}; available: {', '.join(sorted(STAGES))}.")
         if options is not None and not isinstance(options, dict):
             raise MoECompressError(f"stage {position} ({kind}): options must be a mapping.")
+        if kind in FINAL_STAGES and position != len(data["stages"]):
+            raise MoECompressError(f"stage {position} ({kind}) writes the final checkpoint, so it must be the last stage.")
     unknown = set(data) - {"model", "calibration", "evaluate", "stages", "out", "device"}
     if unknown:
         raise MoECompressError(f"recipe has unknown top-level keys {sorted(unknown)}.")
@@ -174,22 +186,29 @@ def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwri
         speed_prompts = torch.cat(batches)[:4, :64]
     rows = [{"stage": "original", **_measure(model, eval_sets, speed_prompts)}]
     plans: list[tuple[str, Plan]] = []
-    for position, stage in enumerate(data["stages"], 1):
-        kind, options = next(iter(stage.items()))
-        start = time.perf_counter()
-        outcome = STAGES[kind](StageContext(model, tokenizer, batches, device), dict(options or {}))
-        model = outcome.model
-        if outcome.plan is not None:
-            plans.append((f"{position:02d}-{kind}", outcome.plan))
-        rows.append({"stage": f"{position}: {kind}", "options": options or {}, "seconds": round(time.perf_counter() - start, 2),
-                     **outcome.info, **_measure(model, eval_sets, speed_prompts)})
-    saved = save_compressed(model, out, tokenizer, plans[-1][1] if plans else None, overwrite=overwrite)
-    (saved / "plans").mkdir(exist_ok=True)
-    for name, plan in plans:
-        plan.save(saved / "plans" / f"{name}.json")
-    report = {"recipe": data, "rows": rows, "checkpoint_bytes": checkpoint_bytes(saved)}
-    (saved / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (saved / "report.md").write_text(report_markdown(report))
+    work = out.parent / f".{out.name}.recipe-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    try:
+        checkpoint = None
+        for position, stage in enumerate(data["stages"], 1):
+            kind, options = next(iter(stage.items()))
+            start = time.perf_counter()
+            outcome = STAGES[kind](StageContext(model, tokenizer, batches, device, work / f"stage-{position}"), dict(options or {}))
+            model, checkpoint = outcome.model, outcome.checkpoint
+            if outcome.plan is not None:
+                plans.append((f"{position:02d}-{kind}", outcome.plan))
+            rows.append({"stage": f"{position}: {kind}", "options": options or {}, "seconds": round(time.perf_counter() - start, 2),
+                         **_measure(model, eval_sets, speed_prompts), **outcome.info})
+        saved = checkpoint or save_compressed(model, work / "checkpoint", tokenizer, plans[-1][1] if plans else None, overwrite=True)
+        (saved / "plans").mkdir(exist_ok=True)
+        for name, plan in plans:
+            plan.save(saved / "plans" / f"{name}.json")
+        report = {"recipe": data, "rows": rows, "checkpoint_bytes": checkpoint_bytes(saved)}
+        (saved / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (saved / "report.md").write_text(report_markdown(report))
+        publish(saved, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 

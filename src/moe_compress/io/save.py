@@ -32,6 +32,21 @@ def check_output_dir(out: str | Path, overwrite: bool) -> None:
         raise MoECompressError(f"output {out} exists and is not an empty directory; choose another --out or pass --overwrite.")
 
 
+def publish(staged: Path, out: Path) -> Path:
+    """Move a finished directory into place, replacing `out` (callers checked permission first).
+
+    Everything is written beside `out` first and only renamed at the end, so an interrupted run
+    never leaves a half-written checkpoint under the name the user asked for.
+    """
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(out)
+    return out
+
+
 def save_compressed(
     model: PreTrainedModel,
     out: str | Path,
@@ -58,11 +73,7 @@ def save_compressed(
             plan.save(staging / PLAN_FILE)
         if summary is not None:
             (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        staging.rename(out)
+        publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ from ..arch.adapter import MoEAdapter
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.load import load_model
-from ..io.save import SUMMARY_FILE, check_output_dir, save_compressed
+from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed
 from ..progress import track
 
 QuantScope = Literal["all", "experts"]
@@ -260,12 +260,7 @@ def quantize(
             "checkpoint_bytes": checkpoint_bytes(staged),
         }
         (staged / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged.rename(out)
+        publish(staged, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(out, summary)

@@ -1,11 +1,14 @@
-"""The `slim` recipe stage: weight sparsity on the current model with the recipe's calibration set.
+"""The `slim` and `quantize` recipe stages.
 
     stages:
       - prune: {method: reap, ratio: 0.25}
       - slim: {method: sparsegpt, nm: "2:4", targets: [experts]}
+      - quantize: {bits: 4, group_size: 32}
 
-Quantisation is not a stage: it writes a packed checkpoint rather than an in-memory model,
-so it runs on a recipe's output (`moe-compress quantize OUT --bits 4`).
+`slim` applies weight sparsity to the current model with the recipe's calibration set.
+`quantize` is final: it writes the compressed-tensors checkpoint (which becomes the recipe's
+output) and hands the next measurement that checkpoint reloaded, so the report's last row is
+the quality of exactly what was saved.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 from ..errors import MoECompressError
 from ..recipes import StageContext, StageOutcome, register_stage
 from .apply import slim
+from .quantize import quantize
 
+_QUANTIZE_OPTIONS = {"bits", "group_size", "scope", "symmetric"}
 _OPTIONS = {"method", "sparsity", "nm", "targets", "blocksize", "damp", "propagate"}
 
 
@@ -29,4 +34,17 @@ def slim_stage(ctx: StageContext, options: dict) -> StageOutcome:
     return StageOutcome(result.model, None, {"sparsity_reached": reached})
 
 
+def quantize_stage(ctx: StageContext, options: dict) -> StageOutcome:
+    from ..io.load import load_model
+
+    unknown = set(options) - _QUANTIZE_OPTIONS
+    if unknown:
+        raise MoECompressError(f"quantize stage: unknown options {sorted(unknown)}; known: {', '.join(sorted(_QUANTIZE_OPTIONS))}.")
+    result = quantize(ctx.model, ctx.scratch / "checkpoint", tokenizer=ctx.tokenizer, overwrite=True, **options)
+    reloaded, _ = load_model(result.output_dir, device=ctx.device)
+    info = {key: result.summary[key] for key in ("bits", "group_size", "scope", "quantized_params", "checkpoint_bytes")}
+    return StageOutcome(reloaded, None, info, checkpoint=result.output_dir)
+
+
 register_stage("slim", slim_stage)
+register_stage("quantize", quantize_stage, final=True)
