@@ -39,7 +39,11 @@ class EvalSettings:
 
 @dataclass
 class Variant:
-    """A named way to compress: `build(model, tokenizer)` compresses the given copy in place."""
+    """A named way to compress: `build(model, tokenizer)` compresses the given copy in place.
+
+    It returns a dict of facts to record; a build whose result is a new model (a checkpoint
+    written and reloaded, as for quantisation) returns it under the key "model".
+    """
 
     name: str
     build: Callable
@@ -147,6 +151,7 @@ class Bench:
         _reset_peak_rss()
         start = time.perf_counter()
         info = variant.build(model, self.tokenizer) or {}
+        model = info.pop("model", model)
         seconds = time.perf_counter() - start
         peak = _peak_rss()
         row = {"variant": variant.name, **variant.tags, "compress_seconds": round(seconds, 2), "compress_peak_rss": peak,
@@ -191,6 +196,44 @@ def quality_size_plot(rows_by_model: dict[str, list[dict]], path: Path, title: s
         ax.set_yscale("log")
         ax.set_title(f"{title}: {model}")
         ax.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def overview_plot(path: Path) -> None:
+    """Every recorded variant of every bench (pruning, structural, slimming) on one quality-vs-bytes plot per model.
+
+    x is the effective size in MiB (sparse matrices counted as bitmask + non-zeros, quantised
+    checkpoints as stored), so pruning, dropping, sparsity and quantisation share one axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for result in sorted(RESULTS.glob("*_ref-*.json")):
+        data = json.loads(result.read_text())
+        bench_name = result.stem.split("_")[0]
+        if "rows" not in data:
+            continue
+        for row in data["rows"]:
+            family = "original" if row["variant"] == "original" else f"{bench_name}: {row.get('family', row['variant'])}"
+            size = row.get("effective_bytes", row.get("checkpoint_bytes", row["bytes"])) / 2**20
+            points.setdefault(data["model"], {}).setdefault(family, []).append((size, mean_ppl(row)))
+    if not points:
+        return
+    figure, axes = plt.subplots(1, len(points), figsize=(8 * len(points), 6), squeeze=False)
+    markers = {"pruning": "o", "structural": "s", "slimming": "^"}
+    for ax, (model, families) in zip(axes[0], sorted(points.items())):
+        for family, xy in sorted(families.items()):
+            ax.scatter(*zip(*xy), label=family, s=26, marker="*" if family == "original" else markers.get(family.split(":")[0], "o"))
+        ax.set_xlabel("effective size (MiB)")
+        ax.set_ylabel("mean test perplexity over domains (lower is better)")
+        ax.set_yscale("log")
+        ax.set_title(f"quality vs size: {model}")
+        ax.legend(fontsize=6, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -60,7 +60,8 @@ def _grid(full: bool) -> list[tuple[str, int, str, tuple, tuple, list]]:
     calibration domain). On a 2-core machine one evaluation takes about a minute, so the
     recorded results use the quick grid: every method at both ratios (layer-wise) and at 0.25
     (global) on mixed calibration, and the robustness set (MoNE, its baselines and C-Prune)
-    at 0.25 calibrated on each domain in turn and on 128 and 512 mixed sequences.
+    at 0.25 calibrated on each domain in turn and on 128 and 512 mixed sequences; and a severe
+    ratio (0.75, layer-wise) for three methods, to see how the multiple-choice tasks fall.
     """
     everything = list(METHODS_UNDER_TEST)
     robust = [m for m in METHODS_UNDER_TEST if m[0] in ROBUSTNESS]
@@ -70,7 +71,8 @@ def _grid(full: bool) -> list[tuple[str, int, str, tuple, tuple, list]]:
     per_domain = [(f"bundled:{d}", 32, d, (0.25, 0.5) if full else (0.25,), ("layer",), everything if full else robust)
                   for d in bundled_domains()]
     sample_counts = [("bundled", n, "all", (0.25,), ("layer",), robust) for n in (128, 512)]
-    return mixed + per_domain + sample_counts
+    severe = [("bundled", 32, "all", (0.75,), ("layer",), [m for m in METHODS_UNDER_TEST if m[0] in ("frequency", "reap", "mone")])]
+    return mixed + per_domain + sample_counts + severe
 
 
 def run(model_name: str, full: bool = False) -> None:

@@ -17,7 +17,7 @@ from common import RESULTS, Bench, EvalSettings, Variant, markdown_table, mean_p
 
 from moe_compress import compress, condense, drop, finetune, get_adapter, model_size
 
-SETTINGS = EvalSettings(seq_len=256, ppl_windows=6, mc_limit=24, speed=True)
+SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=None, speed=True)
 
 
 def _removed(bench: Bench, build) -> int:
@@ -37,19 +37,23 @@ def run(model_name: str, finetune_steps: int) -> None:
         "layer-drop-2": lambda m, t: drop(m, "moe", n=2, calib=batches),
         "block-drop-discrete-1": lambda m, t: drop(m, "block", n=1, calib=batches),
         "block-drop-consecutive-2": lambda m, t: drop(m, "block", n=2, mode="consecutive", calib=batches),
-        "cd-moe-2": lambda m, t: condense(m, layers=2, calib=batches[:1]),
+        **{f"cd-moe-{n}": (lambda m, t, n=n: condense(m, layers=n, calib=batches[:1])) for n in (1, 2, 3)},
     }
 
-    def with_finetune(model, tokenizer):
-        condense(model, layers=2, calib=batches[:1])
-        report = finetune(model, tokenizer, steps=finetune_steps, lr=3e-4, batch_size=4, seq_len=256, eval_data=None)
-        return {"finetune": report}
+    def with_finetune(layers: int):
+        def build(model, tokenizer):
+            condense(model, layers=layers, calib=batches[:1])
+            report = finetune(model, tokenizer, steps=finetune_steps, lr=3e-4, batch_size=4, seq_len=256, eval_data=None)
+            return {"finetune": report}
+
+        return build
 
     bench.run(Variant("original", lambda m, t: {}, {"family": "original"}))
     for name, build in structural.items():
         bench.run(Variant(name, lambda m, t, build=build: {"plan_meta": {k: v for k, v in build(m, t).plan.meta.items() if k in ("evaluations", "search_seconds", "order")}},
                           {"family": name.rsplit("-", 1)[0]}))
-    bench.run(Variant(f"cd-moe-2+finetune-{finetune_steps}", with_finetune, {"family": "cd-moe+finetune"}))
+    for layers in (2, 3):
+        bench.run(Variant(f"cd-moe-{layers}+finetune-{finetune_steps}", with_finetune(layers), {"family": "cd-moe+finetune"}))
     for name in structural:
         removed = _removed(bench, structural[name])
         ratio = min(0.95, removed / routed)
@@ -59,8 +63,8 @@ def run(model_name: str, finetune_steps: int) -> None:
 
 def report() -> None:
     lines = ["# Layer drop, block drop, CD-MoE vs REAP at matched parameter budgets", "",
-             "Command: `python bench/structural.py --model <name>`. Quality: test-split perplexity (6 x 256 tokens per domain), "
-             "MC accuracy (first 24 questions per `moec` task). Speed: same process, interleaved with the original "
+             "Command: `python bench/structural.py --model <name>`. Quality: test-split perplexity (16 x 256 tokens per domain), "
+             "MC accuracy (all 1000 `moec` questions, chance 0.25). Speed: same process, interleaved with the original "
              "(batch 4 x 128-token prompts, 16 new tokens), ratio > 1 is faster.", ""]
     for path in sorted(RESULTS.glob("structural_*.json")):
         data = json.loads(path.read_text())
@@ -79,7 +83,7 @@ def report() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", default=[])
-    parser.add_argument("--finetune-steps", type=int, default=60)
+    parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     for name in args.model:

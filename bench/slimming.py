@@ -1,0 +1,132 @@
+"""Expert slimming, quantisation and recipes on the reference models (issue #6).
+
+Variants, each on a fresh copy of the original model:
+  * weight sparsity on the routed experts: magnitude, Wanda and SparseGPT at 50 % unstructured
+    and 2:4 (plus Wanda and SparseGPT at 4:8), calibrated on 32 mixed sequences;
+  * weight-only round-to-nearest quantisation (compressed-tensors pack-quantized) at 4 and 8
+    bits of every decoder Linear, measured as the checkpoint reloads (what users run);
+  * every example recipe in recipes/ whose model is this one, run end to end, its output
+    checkpoint reloaded and measured the same way.
+Quality as bench/pruning.py (per-domain test perplexity, all `moec` questions); cost: parameters,
+bytes and tokens/s against the original, interleaved in one process.
+
+Bytes: "stored" is what the checkpoint holds (a sparse matrix is still stored dense here,
+since transformers has no sparse checkpoint format); "effective" counts sparsified matrices
+in compressed-tensors' sparse-bitmask layout (non-zero values + one bit per weight), the size a
+sparse format would give; for quantised checkpoints both are the checkpoint's bytes.
+
+    python bench/slimming.py --model ref-mixtral --model ref-deepseek   # -> bench/results/slimming_<model>.json, slimming.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+from common import RESULTS, Bench, EvalSettings, Variant, markdown_table, mean_ppl, overview_plot
+
+from moe_compress import load_model, quantize, run_recipe, slim
+from moe_compress.evaluate.size import checkpoint_bytes
+
+SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=None, speed=True)
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+SPARSITY = [("magnitude", "50%"), ("wanda", "50%"), ("sparsegpt", "50%"),
+            ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4"), ("wanda", "4:8"), ("sparsegpt", "4:8")]
+
+
+def _effective_bytes(model) -> int:
+    """Bytes if every matrix with zeros were stored as bitmask + non-zero values."""
+    total = 0
+    for parameter in model.parameters():
+        zeros = int((parameter == 0).sum()) if parameter.dim() >= 2 else 0
+        if zeros * 8 > parameter.numel():  # more than 1/8 zeros: the bitmask pays for itself
+            total += (parameter.numel() - zeros) * parameter.element_size() + parameter.numel() // 8
+        else:
+            total += parameter.numel() * parameter.element_size()
+    return total
+
+
+def _sparsity_variant(method: str, pattern: str, batches) -> Variant:
+    def build(model, tokenizer):
+        options = {"sparsity": 0.5} if pattern == "50%" else {"nm": pattern}
+        result = slim(model, method, calib=None if method == "magnitude" else batches, tokenizer=tokenizer, **options)
+        return {"sparsity_reached": {k: round(v["sparsity"], 4) for k, v in result.summary["reached"].items()},
+                "effective_bytes": _effective_bytes(model)}
+
+    return Variant(f"{method}-{pattern}", build, {"family": f"{method} {'unstructured' if pattern == '50%' else 'N:M'}", "kind": "slim"})
+
+
+def _reloaded(directory: Path) -> dict:
+    model, _ = load_model(directory)
+    size = checkpoint_bytes(directory)
+    return {"model": model, "checkpoint_bytes": size, "effective_bytes": size}
+
+
+def _quantize_variant(bits: int, scratch: Path) -> Variant:
+    def build(model, tokenizer):
+        result = quantize(model, scratch / f"w{bits}", bits=bits, tokenizer=tokenizer, overwrite=True)
+        return {**_reloaded(result.output_dir), "group_size": result.summary["group_size"]}
+
+    return Variant(f"quantize-w{bits}", build, {"family": "quantize", "kind": "quantize", "bits": bits})
+
+
+def _recipe_variant(path: Path, scratch: Path) -> Variant:
+    def build(model, tokenizer):
+        recipe = yaml.safe_load(path.read_text())
+        recipe["evaluate"] = {"ppl": None}  # measured below, like every other variant
+        run_recipe(recipe, out=scratch / path.stem, overwrite=True)
+        return _reloaded(scratch / path.stem)
+
+    return Variant(f"recipe:{path.stem}", build, {"family": "recipe", "kind": "recipe", "recipe": path.name})
+
+
+def run(model_name: str) -> None:
+    bench = Bench(model_name, SETTINGS, RESULTS / f"slimming_{model_name}.json")
+    batches = bench.calibration("bundled", samples=32)
+    bench.run(Variant("original", lambda m, t: {"effective_bytes": _effective_bytes(m)}, {"family": "original"}))
+    for method, pattern in SPARSITY:
+        bench.run(_sparsity_variant(method, pattern, batches))
+    with tempfile.TemporaryDirectory(prefix="moec-bench-") as scratch:
+        for bits in (8, 4):
+            bench.run(_quantize_variant(bits, Path(scratch)))
+        for path in sorted(RECIPES.glob("*.yaml")):
+            if yaml.safe_load(path.read_text()).get("model") == model_name:
+                bench.run(_recipe_variant(path, Path(scratch)))
+
+
+def report() -> None:
+    lines = ["# Expert slimming, quantisation and recipes", "",
+             "Command: `python bench/slimming.py --model ref-mixtral --model ref-deepseek`. Quality: test-split perplexity "
+             "(16 x 256 tokens per domain), MC accuracy over all 1000 `moec` questions (chance 0.25). Sparsity on routed experts, "
+             "32 calibration sequences. Stored bytes: the checkpoint as written (sparse matrices stay dense); effective: "
+             "sparse matrices as bitmask + non-zeros. Speed: same process, interleaved with the original "
+             "(batch 4 x 128-token prompts, 16 new tokens), ratio > 1 is faster.", ""]
+    for path in sorted(RESULTS.glob("slimming_*.json")):
+        data = json.loads(path.read_text())
+        rows = data["rows"]
+        domains = list(rows[0]["perplexity"])
+        columns = [("variant", lambda r: r["variant"]), ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),
+                   ("stored MiB", lambda r: f"{r.get('checkpoint_bytes', r['bytes']) / 2**20:.2f}"),
+                   ("effective MiB", lambda r: f"{r['effective_bytes'] / 2**20:.2f}")]
+        columns += [(f"ppl {d}", lambda r, d=d: f"{r['perplexity'][d]:.2f}") for d in domains]
+        columns += [("mean ppl", lambda r: f"{mean_ppl(r):.2f}"), ("MC acc", lambda r: f"{r['mc']['moec']['acc']:.3f}"),
+                    ("MC acc_norm", lambda r: f"{r['mc']['moec']['acc_norm']:.3f}"),
+                    ("prefill x", lambda r: f"{r['speed']['prefill_ratio']:.2f}" if "speed" in r else "-"),
+                    ("decode x", lambda r: f"{r['speed']['decode_ratio']:.2f}" if "speed" in r else "-"),
+                    ("compress s", lambda r: f"{r['compress_seconds']:.1f}")]
+        lines += [f"## {data['model']}", "", markdown_table(rows, columns)]
+    (RESULTS / "slimming.md").write_text("\n".join(lines) + "\n")
+    overview_plot(RESULTS / "quality_vs_size.png")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", default=[], help="bundled model name; repeatable")
+    parser.add_argument("--report", action="store_true", help="only rebuild the markdown from recorded results")
+    args = parser.parse_args()
+    for name in args.model:
+        run(name)
+    report()
