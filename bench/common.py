@@ -178,27 +178,40 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, Callable[[dict], s
     return "\n".join(lines) + "\n"
 
 
-def quality_size_plot(rows_by_model: dict[str, list[dict]], path: Path, title: str) -> None:
-    """Mean perplexity over domains vs parameters, one marker per variant family."""
+def _scatter_panels(points: dict[str, dict[str, list[tuple[float, float]]]], path: Path, xlabel: str, title: str) -> None:
+    """One log-perplexity scatter panel per model, one marker series per variant family.
+
+    Families named "<bench>: <family>" get a marker per bench, so kinds of compression stay apart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(rows_by_model), figsize=(6.5 * len(rows_by_model), 4.8), squeeze=False)
-    for ax, (model, rows) in zip(axes[0], rows_by_model.items()):
-        families = sorted({row.get("family", row["variant"]) for row in rows})
-        for family in families:
-            points = [(row["params"] / 1e6, mean_ppl(row)) for row in rows if row.get("family", row["variant"]) == family]
-            ax.scatter(*zip(*points), label=family, s=22)
-        ax.set_xlabel("parameters (M)")
-        ax.set_ylabel("mean perplexity over domains (lower is better)")
+    markers = {"pruning": "o", "structural": "s", "slimming": "^"}
+    figure, axes = plt.subplots(1, len(points), figsize=(8 * len(points), 6), squeeze=False)
+    for ax, (model, families) in zip(axes[0], sorted(points.items())):
+        for family, xy in sorted(families.items()):
+            marker = "*" if family == "original" else markers.get(family.split(":")[0], "o")
+            ax.scatter(*zip(*xy), label=family, s=26, marker=marker)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean test perplexity over domains (lower is better)")
         ax.set_yscale("log")
         ax.set_title(f"{title}: {model}")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=6, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def quality_size_plot(rows_by_model: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Mean perplexity over domains vs parameters, one marker per variant family."""
+    points: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for model, rows in rows_by_model.items():
+        for row in rows:
+            family = row.get("family", row["variant"])
+            points.setdefault(model, {}).setdefault(family, []).append((row["params"] / 1e6, mean_ppl(row)))
+    _scatter_panels(points, path, "parameters (M)", title)
 
 
 def overview_plot(path: Path) -> None:
@@ -207,33 +220,13 @@ def overview_plot(path: Path) -> None:
     x is the effective size in MiB (sparse matrices counted as bitmask + non-zeros, quantised
     checkpoints as stored), so pruning, dropping, sparsity and quantisation share one axis.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for result in sorted(RESULTS.glob("*_ref-*.json")):
         data = json.loads(result.read_text())
         bench_name = result.stem.split("_")[0]
-        if "rows" not in data:
-            continue
-        for row in data["rows"]:
+        for row in data.get("rows", []):
             family = "original" if row["variant"] == "original" else f"{bench_name}: {row.get('family', row['variant'])}"
             size = row.get("effective_bytes", row.get("checkpoint_bytes", row["bytes"])) / 2**20
             points.setdefault(data["model"], {}).setdefault(family, []).append((size, mean_ppl(row)))
-    if not points:
-        return
-    figure, axes = plt.subplots(1, len(points), figsize=(8 * len(points), 6), squeeze=False)
-    markers = {"pruning": "o", "structural": "s", "slimming": "^"}
-    for ax, (model, families) in zip(axes[0], sorted(points.items())):
-        for family, xy in sorted(families.items()):
-            ax.scatter(*zip(*xy), label=family, s=26, marker="*" if family == "original" else markers.get(family.split(":")[0], "o"))
-        ax.set_xlabel("effective size (MiB)")
-        ax.set_ylabel("mean test perplexity over domains (lower is better)")
-        ax.set_yscale("log")
-        ax.set_title(f"quality vs size: {model}")
-        ax.legend(fontsize=6, ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    if points:
+        _scatter_panels(points, path, "effective size (MiB)", "quality vs size")

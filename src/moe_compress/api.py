@@ -18,9 +18,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .arch.registry import get_adapter
 from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batches
 from .errors import MoECompressError
-from .evaluate.size import checkpoint_bytes, model_size
+from .evaluate.size import model_size
 from .io.load import load_model
-from .io.save import check_output_dir, save_compressed
+from .io.save import check_output_dir, save_with_summary
 from .methods import PlanRequest, get_method
 from .methods.budget import Budget
 from .methods.condense import plan_condense
@@ -143,10 +143,7 @@ def _apply_and_report(
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    output_dir = None
-    if out is not None:
-        output_dir = save_compressed(model, out, tokenizer, plan, summary, overwrite=overwrite)
-        summary["checkpoint_bytes"] = checkpoint_bytes(output_dir)
+    output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite)
     return CompressionResult(model, plan, summary, output_dir)
 
 

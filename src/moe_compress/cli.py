@@ -62,6 +62,8 @@ DeviceOpt = Annotated[str, typer.Option(help="Device for computation (cpu, cuda,
 CalibOpt = Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
+SamplesOpt = Annotated[int, typer.Option(help="Number of calibration sequences.")]
+SeqLenOpt = Annotated[int, typer.Option(help="Tokens per calibration sequence.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")]
 
 
@@ -118,8 +120,8 @@ def prune(
     ratio: Annotated[float, typer.Option(help="Fraction of routed experts to remove, in [0, 1).")] = 0.25,
     budget: Annotated[str, typer.Option(help="layer: every MoE layer loses the same share; global: layers compete for one total.")] = "layer",
     calib: CalibOpt = "bundled",
-    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
     text_field: TextFieldOpt = "text",
@@ -420,8 +422,8 @@ def drop_command(
     target_ratio: Annotated[float | None, typer.Option(help="Instead of --drop: fraction of all parameters to remove, in (0, 1).")] = None,
     mode: Annotated[str, typer.Option(help="block only: discrete (most similar single blocks) or consecutive (best run).")] = "discrete",
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
-    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 32,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    samples: SamplesOpt = 32,
+    seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
@@ -450,7 +452,7 @@ def condense_command(
     fixed_size: Annotated[bool, typer.Option("--fixed-size", help="Keep exactly --max-experts experts instead of the best size found.")] = False,
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
     samples: Annotated[int, typer.Option(help="Calibration sequences (each search step re-runs them).")] = 16,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
@@ -557,8 +559,8 @@ def analyze(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory for analysis.json, analysis.csv and one heatmap PNG per statistic.")],
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
-    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
     clusters: Annotated[int, typer.Option(help="Clusters per layer for the cluster-id column (0: half the experts).")] = 0,
@@ -590,8 +592,8 @@ def slim(
     nm: Annotated[str | None, typer.Option("--nm", help="Semi-structured N:M pattern instead of --sparsity, e.g. 2:4 or 4:8 (at most N nonzeros in every M consecutive input weights).")] = None,
     targets: Annotated[str, typer.Option(help="Comma-separated weights to sparsify: experts (routed experts), shared (shared experts), attention.")] = "experts",
     calib: CalibOpt = "bundled",
-    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
     text_field: TextFieldOpt = "text",

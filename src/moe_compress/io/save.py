@@ -78,3 +78,17 @@ def save_compressed(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def save_with_summary(
+    model: PreTrainedModel, out: str | Path | None, tokenizer: PreTrainedTokenizerBase | None, plan: Plan | None,
+    summary: dict, overwrite: bool,
+) -> Path | None:
+    """The common end of every compression call: save when `out` is given and add the checkpoint's size to `summary`."""
+    if out is None:
+        return None
+    from ..evaluate.size import checkpoint_bytes
+
+    output_dir = save_compressed(model, out, tokenizer, plan, summary, overwrite=overwrite)
+    summary["checkpoint_bytes"] = checkpoint_bytes(output_dir)
+    return output_dir

@@ -41,16 +41,28 @@ def run_sequential(
     layer_context: Callable[[int, nn.Module], object] | None = None,
     device: str | torch.device = "cpu",
     description: str = "observing layers",
+    after_layer: Callable[[int, nn.Module], bool] | None = None,
 ) -> list[torch.Tensor]:
     """Run `batches` through every decoder layer in turn; returns the last layer's outputs.
 
     `layer_context(index, layer)` may return a context manager that is entered while that
-    layer processes all batches (statistics hooks attach there).
+    layer processes all batches (statistics hooks attach there). `after_layer(index, layer)`
+    runs once the layer has seen every batch; it may change the layer (sparsity methods prune
+    it there) and returns True when the next layer should see the changed layer's outputs,
+    which are then recomputed.
     """
     device = torch.device(device)
     inputs = capture_layer_inputs(model, adapter, batches)
     hidden = inputs.hidden
     layers = adapter.decoder_layers(model)
+
+    def forward_all(index: int, layer: nn.Module) -> list[torch.Tensor]:
+        outputs = []
+        for b, kwargs in enumerate(inputs.layer_kwargs[index]):
+            out = layer(hidden[b].to(device), **to_device(kwargs, device))
+            outputs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
+        return outputs
+
     for index in track(range(len(layers)), description):
         layer = layers[index]
         home = next(layer.parameters()).device
@@ -59,9 +71,10 @@ def run_sequential(
             context = layer_context(index, layer) if layer_context else None
             if context is not None:
                 stack.enter_context(context)
-            for b, kwargs in enumerate(inputs.layer_kwargs[index]):
-                out = layer(hidden[b].to(device), **to_device(kwargs, device))
-                hidden[b] = (out[0] if isinstance(out, tuple) else out).to("cpu")
+            outputs = forward_all(index, layer)
+        if after_layer is not None and after_layer(index, layer):
+            outputs = forward_all(index, layer)
+        hidden = outputs
         layer.to(home)
     return hidden
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.load import load_model
-from ..io.save import check_output_dir, save_compressed
+from ..io.save import check_output_dir, save_with_summary
 from .observe import InputStats, LayerCollector, WeightMatrix, check_targets, layer_collector, prune_layer_by_layer
 from .sparsegpt import sparsegpt_prune
 from .sparsity import SparsitySpec, apply_mask, magnitude_scores, make_spec, prune_mask, wanda_scores
@@ -160,7 +160,6 @@ def slim(
         out: save the result there (atomically; stock checkpoint unless the model needs remote code).
     """
     from ..api import _calibration_batches, peak_rss_bytes
-    from ..evaluate.size import checkpoint_bytes
 
     start = time.perf_counter()
     _check_method(method)
@@ -195,8 +194,5 @@ def slim(
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    output_dir = None
-    if out is not None:
-        output_dir = save_compressed(model, out, tokenizer, None, summary, overwrite=overwrite)
-        summary["checkpoint_bytes"] = checkpoint_bytes(output_dir)
+    output_dir = save_with_summary(model, out, tokenizer, None, summary, overwrite)
     return SlimResult(model, summary, output_dir)

@@ -23,9 +23,7 @@ from torch import nn
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..observe.capture import capture_layer_inputs
-from ..progress import track
-from ..observe.observer import to_device
+from ..observe.observer import run_sequential
 
 TARGETS: tuple[str, ...] = ("experts", "shared", "attention")
 Need = Literal["norms", "hessian"]
@@ -213,41 +211,32 @@ def prune_layer_by_layer(
 ) -> None:
     """Calibrate, prune, and move on: one decoder layer at a time.
 
-    The same loop as `observe.observer.run_sequential` (captured layer inputs, one layer on
-    the device at a time), with one difference that the sparsity methods need: after layer l
-    is pruned its outputs are recomputed (`propagate=True`), so layer l+1 collects its
+    `observe.observer.run_sequential` (captured layer inputs, one layer on the device at a
+    time), pruning each layer once it has been observed; its outputs are then recomputed
+    (`propagate=True`), so layer l+1 collects its
     statistics from what the *pruned* model feeds it, as the SparseGPT paper does -- each
     layer then compensates for the error of the layers before it. `propagate=False` reuses the
     observation pass's outputs instead (statistics of the unpruned model; one pass per layer).
     Within a layer, all target matrices (attention, shared and routed experts) take their
     statistics from the same pass over the unpruned layer, then are pruned together.
     """
-    device = torch.device(device)
-    inputs = capture_layer_inputs(model, adapter, batches)
-    hidden = inputs.hidden
-    layers = adapter.decoder_layers(model)
+    collectors: dict[int, LayerCollector] = {}
 
-    def forward_all(index: int, layer: nn.Module, keep: bool = True) -> list[torch.Tensor]:
-        outputs = []
-        for b, kwargs in enumerate(inputs.layer_kwargs[index]):
-            out = layer(hidden[b].to(device), **to_device(kwargs, device))
-            if keep:
-                outputs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
-        return outputs
-
-    for index in track(range(len(layers)), description):
-        layer = layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
+    def collect(index: int, layer: nn.Module):
         collector = make_collector(index, layer)
         if collector is None or not collector.matrices:
-            hidden = forward_all(index, layer)
-        else:
-            with collector.collecting():
-                observed = forward_all(index, layer, keep=not propagate)
-            prune(collector)
-            hidden = forward_all(index, layer) if propagate else observed
-        layer.to(home)
+            return None
+        collectors[index] = collector
+        return collector.collecting()
+
+    def prune_collected(index: int, _layer: nn.Module) -> bool:
+        collector = collectors.pop(index, None)
+        if collector is None:
+            return False
+        prune(collector)
+        return propagate
+
+    run_sequential(model, adapter, batches, collect, device, description, after_layer=prune_collected)
 
 
 def check_targets(targets: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
