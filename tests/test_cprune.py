@@ -61,22 +61,36 @@ def test_duplicates_share_a_cluster_and_only_one_of_each_pair_survives(linkage_m
         assert all(layer.scores[e] + layer.scores[e + 4] == 4.0 for e in range(4)), layer.scores
 
 
-def test_global_stage_prunes_duplicates_before_unique_experts():
-    """Stage 2 alone (stage1_share=0): layer 0 has duplicates, layer 1 does not."""
+def _layer_zero_redundant():
+    """Layer 0 has duplicated experts, layer 1 does not."""
     model = _model_with_duplicates()
     adapter = get_adapter(model)
     with torch.no_grad():  # make layer 1's experts distinct again
         experts = adapter.experts(adapter.moe_block(model.model.layers[1]))
         experts.gate_up_proj[4:].normal_(0, 0.2)
         experts.down_proj[4:].normal_(0, 0.2)
+    return model
+
+
+def test_global_stage_prunes_duplicates_before_unique_experts():
+    """Stage 2 alone (stage1_share=0)."""
     result = compress(
-        model, method="cprune", ratio=0.25, budget="global", calib=token_batches(count=4), cache_dir=False,
+        _layer_zero_redundant(), method="cprune", ratio=0.25, budget="global", calib=token_batches(count=4), cache_dir=False,
         options={"stage1_share": 0.0, "probe_tokens": 16},
     )
     counts = result.plan.kept_counts()
     assert sum(counts.values()) == 12
     assert counts[0] < counts[1], f"the layer with duplicates must lose more: {counts}"
+    assert counts[0] >= 4 and result.plan.meta["max_layer_loss"] == 0.5  # default cap: twice the ratio
     assert "global_clusters" in result.plan.meta
+
+
+def test_global_stage_respects_the_per_layer_cap():
+    capped = compress(
+        _layer_zero_redundant(), method="cprune", ratio=0.25, budget="global", calib=token_batches(count=4), cache_dir=False,
+        options={"stage1_share": 0.0, "probe_tokens": 16, "max_layer_loss": 0.25},
+    )
+    assert capped.plan.kept_counts() == {0: 6, 1: 6}, "no layer may lose more than a quarter of its experts"
 
 
 def test_group_limited_routing_is_refused_clearly():
