@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 from common import RESULTS, Bench, EvalSettings, Variant, markdown_table, mean_ppl, overview_plot
 
-from moe_compress import load_model, quantize, run_recipe, slim
+from moe_compress import get_adapter, load_model, model_size, quantize, run_recipe, slim
 from moe_compress.evaluate.size import checkpoint_bytes
 
 SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=None, speed=True)
@@ -59,16 +59,17 @@ def _sparsity_variant(method: str, pattern: str, batches) -> Variant:
     return Variant(f"{method}-{pattern}", build, {"family": f"{method} {'unstructured' if pattern == '50%' else 'N:M'}", "kind": "slim"})
 
 
-def _reloaded(directory: Path) -> dict:
+def _reloaded(directory: Path, params: int) -> dict:
+    """The checkpoint as users load it; `params` is the logical count (before packing)."""
     model, _ = load_model(directory)
     size = checkpoint_bytes(directory)
-    return {"model": model, "checkpoint_bytes": size, "effective_bytes": size}
+    return {"model": model, "params": params, "checkpoint_bytes": size, "effective_bytes": size}
 
 
 def _quantize_variant(bits: int, scratch: Path) -> Variant:
     def build(model, tokenizer):
         result = quantize(model, scratch / f"w{bits}", bits=bits, tokenizer=tokenizer, overwrite=True)
-        return {**_reloaded(result.output_dir), "group_size": result.summary["group_size"]}
+        return {**_reloaded(result.output_dir, model_size(model, get_adapter(model)).total), "group_size": result.summary["group_size"]}
 
     return Variant(f"quantize-w{bits}", build, {"family": "quantize", "kind": "quantize", "bits": bits})
 
@@ -77,8 +78,8 @@ def _recipe_variant(path: Path, scratch: Path) -> Variant:
     def build(model, tokenizer):
         recipe = yaml.safe_load(path.read_text())
         recipe["evaluate"] = {"ppl": None}  # measured below, like every other variant
-        run_recipe(recipe, out=scratch / path.stem, overwrite=True)
-        return _reloaded(scratch / path.stem)
+        report = run_recipe(recipe, out=scratch / path.stem, overwrite=True)
+        return _reloaded(scratch / path.stem, report["rows"][-1]["params"] if "quantize" not in report["rows"][-1]["stage"] else report["rows"][-2]["params"])
 
     return Variant(f"recipe:{path.stem}", build, {"family": "recipe", "kind": "recipe", "recipe": path.name})
 
