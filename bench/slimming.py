@@ -65,7 +65,8 @@ def _reloaded(directory: Path, params: int) -> dict:
     """The checkpoint as users load it; `params` is the logical count (before packing)."""
     model, _ = load_model(directory)
     size = checkpoint_bytes(directory)
-    return {"model": model, "params": params, "checkpoint_bytes": size, "effective_bytes": size}
+    quantised = getattr(model.config, "quantization_config", None) is not None
+    return {"model": model, "params": params, "checkpoint_bytes": size, "effective_bytes": size if quantised else _effective_bytes(model)}
 
 
 def _quantize_variant(bits: int, scratch: Path) -> Variant:
