@@ -91,6 +91,8 @@ def report() -> None:
              "(batch 4 x 128-token prompts, 16 new tokens), ratio > 1 is faster.", ""]
     for path in sorted(RESULTS.glob("structural_*.json")):
         data = json.loads(path.read_text())
+        if "rows" not in data:  # the cached CD-MoE search plan
+            continue
         base = data["rows"][0]
         columns = [("variant", lambda r: r["variant"]), ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),
                    ("params kept", lambda r: f"{r['params'] / base['params']:.1%}"),
