@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1
-.venv/bin/moe-compress prune "${MODEL:-ref-mixtral}" --method reap --ratio 0.25 --budget layer \
+.venv/bin/moe-compress prune "${MODEL:-ref-mixtral}" --method reap --ratio 0.25 --budget global \
   --calib bundled --samples 64 --seq-len 256 --eval bundled --eval-windows 24 \
   --out "runs/${MODEL:-ref-mixtral}-reap-0.25" --overwrite "$@"
