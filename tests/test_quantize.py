@@ -147,6 +147,8 @@ def test_recipe_prune_then_slim_then_quantize_composes(tmp_path):
     report = run_recipe(recipe, out=tmp_path / "out")
     assert report["rows"][2]["sparsity_reached"] == {"experts": 0.5, "shared": 0.5}
     assert report["rows"][3]["bits"] == 4 and report["checkpoint_bytes"] == report["rows"][3]["checkpoint_bytes"]
+    assert report["rows"][3]["params"] == report["rows"][2]["params"]  # quantising removes no parameter
+    assert report["rows"][3]["bytes"] == report["checkpoint_bytes"] < report["rows"][2]["bytes"]
     assert sorted(p.name for p in (tmp_path / "out" / "plans").iterdir()) == ["01-prune.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
     config = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -197,8 +197,11 @@ def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwri
             model, checkpoint = outcome.model, outcome.checkpoint
             if outcome.plan is not None:
                 plans.append((f"{position:02d}-{kind}", outcome.plan))
-            rows.append({"stage": f"{position}: {kind}", "options": options or {}, "seconds": round(time.perf_counter() - start, 2),
-                         **_measure(model, eval_sets, speed_prompts), **outcome.info})
+            row = {"stage": f"{position}: {kind}", "options": options or {}, "seconds": round(time.perf_counter() - start, 2),
+                   **_measure(model, eval_sets, speed_prompts), **outcome.info}
+            if checkpoint is not None:  # packed weights: count the logical parameters, and the bytes as stored
+                row.update(params=rows[-1]["params"], active_params=rows[-1]["active_params"], bytes=checkpoint_bytes(checkpoint))
+            rows.append(row)
         saved = checkpoint or save_compressed(model, work / "checkpoint", tokenizer, plans[-1][1] if plans else None, overwrite=True)
         (saved / "plans").mkdir(exist_ok=True)
         for name, plan in plans:
