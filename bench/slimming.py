@@ -82,7 +82,7 @@ def _recipe_variant(path: Path, scratch: Path) -> Variant:
         recipe = yaml.safe_load(path.read_text())
         recipe["evaluate"] = {"ppl": None}  # measured below, like every other variant
         report = run_recipe(recipe, out=scratch / path.stem, overwrite=True)
-        return _reloaded(scratch / path.stem, report["rows"][-1]["params"] if "quantize" not in report["rows"][-1]["stage"] else report["rows"][-2]["params"])
+        return _reloaded(scratch / path.stem, report["rows"][-1]["params"])  # logical count, also for a quantize stage
 
     return Variant(f"recipe:{path.stem}", build, {"family": "recipe", "kind": "recipe", "recipe": path.name})
 

@@ -21,12 +21,6 @@ from moe_compress import Plan, apply_plan, compress, condense, drop, finetune, g
 SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=100, speed=True)
 
 
-def _removed(bench: Bench, build) -> int:
-    model = copy.deepcopy(bench.original)
-    build(model, bench.tokenizer)
-    return model_size(bench.original, get_adapter(bench.original)).total - model_size(model, get_adapter(model)).total
-
-
 def _first_condensed(search: Plan, n: int) -> Plan:
     """The CD-MoE plan for n layers from one search for more: the layer order is greedy, so
     condensing n layers takes the first n of it, and each layer's kept set does not depend on n."""
@@ -77,9 +71,9 @@ def run(model_name: str, finetune_steps: int) -> None:
         bench.run(Variant(name, build, {"family": name.rsplit("-", 1)[0]}))
     for n in (2, 3):
         bench.run(Variant(f"cd-moe-{n}+finetune-{finetune_steps}", with_finetune(n), {"family": "cd-moe+finetune"}))
+    params = {row["variant"]: row["params"] for row in bench.rows}  # recorded above (or by an earlier run)
     for name in structural:
-        removed = _removed(bench, structural[name])
-        ratio = min(0.95, removed / routed)
+        ratio = min(0.95, (params["original"] - params[name]) / routed)
         bench.run(Variant(f"reap-matching-{name}", lambda m, t, ratio=ratio: {"ratio": ratio, **compress(m, "reap", ratio, "layer", batches).summary},
                           {"family": "reap (matched)", "matches": name}))
 

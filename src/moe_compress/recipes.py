@@ -197,11 +197,9 @@ def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwri
             model, checkpoint = outcome.model, outcome.checkpoint
             if outcome.plan is not None:
                 plans.append((f"{position:02d}-{kind}", outcome.plan))
-            row = {"stage": f"{position}: {kind}", "options": options or {}, "seconds": round(time.perf_counter() - start, 2),
-                   **_measure(model, eval_sets, speed_prompts), **outcome.info}
-            if checkpoint is not None:  # packed weights: count the logical parameters, and the bytes as stored
-                row.update(params=rows[-1]["params"], active_params=rows[-1]["active_params"], bytes=checkpoint_bytes(checkpoint))
-            rows.append(row)
+            # a stage's own facts (e.g. a quantised model's logical size) override the generic measurement
+            rows.append({"stage": f"{position}: {kind}", "options": options or {}, "seconds": round(time.perf_counter() - start, 2),
+                         **_measure(model, eval_sets, speed_prompts), **outcome.info})
         saved = checkpoint or save_compressed(model, work / "checkpoint", tokenizer, plans[-1][1] if plans else None, overwrite=True)
         (saved / "plans").mkdir(exist_ok=True)
         for name, plan in plans:

@@ -73,6 +73,7 @@ def run_sequential(
                 stack.enter_context(context)
             outputs = forward_all(index, layer)
         if after_layer is not None and after_layer(index, layer):
+            del outputs  # stale: free them before the recomputation, so at most one set is held beside `hidden`
             outputs = forward_all(index, layer)
         hidden = outputs
         layer.to(home)

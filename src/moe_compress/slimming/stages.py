@@ -13,7 +13,9 @@ the quality of exactly what was saved.
 
 from __future__ import annotations
 
+from ..arch.registry import get_adapter
 from ..errors import MoECompressError
+from ..evaluate.size import model_size
 from ..recipes import StageContext, StageOutcome, register_stage
 from .apply import slim
 from .quantize import quantize
@@ -40,9 +42,13 @@ def quantize_stage(ctx: StageContext, options: dict) -> StageOutcome:
     unknown = set(options) - _QUANTIZE_OPTIONS
     if unknown:
         raise MoECompressError(f"quantize stage: unknown options {sorted(unknown)}; known: {', '.join(sorted(_QUANTIZE_OPTIONS))}.")
+    size = model_size(ctx.model, get_adapter(ctx.model))
     result = quantize(ctx.model, ctx.scratch / "checkpoint", tokenizer=ctx.tokenizer, overwrite=True, **options)
     reloaded, _ = load_model(result.output_dir, device=ctx.device)
     info = {key: result.summary[key] for key in ("bits", "group_size", "scope", "quantized_params", "checkpoint_bytes")}
+    # The reloaded model holds packed int32 weights, so counting it would misstate the model:
+    # report the logical parameter counts and the bytes as stored (these override the measurement).
+    info |= {"params": size.total, "active_params": size.active_per_token, "bytes": result.summary["checkpoint_bytes"]}
     return StageOutcome(reloaded, None, info, checkpoint=result.output_dir)
 
 
