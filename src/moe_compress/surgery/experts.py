@@ -34,8 +34,12 @@ def _slice(tensors: list[ExpertTensor], keep: torch.Tensor) -> None:
         _replace(tensor.module, tensor.name, value.index_select(tensor.axis, keep.to(value.device)).contiguous())
 
 
-def _apply_layer(model: PreTrainedModel, adapter: MoEAdapter, plan: Plan, lp: LayerPlan) -> None:
-    layer = adapter.decoder_layers(model)[lp.layer]
+def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: LayerPlan, hidden_size: int) -> None:
+    """Apply one MoE layer's decision to that decoder layer alone.
+
+    It needs nothing but the layer itself, so the streamed pipeline can apply a plan to one
+    materialised layer at a time, and the in-memory path runs the very same code.
+    """
     if lp.drop:
         setattr(layer, adapter.moe_attr, DroppedMoE(adapter.moe_returns_tuple))
         return
@@ -47,17 +51,15 @@ def _apply_layer(model: PreTrainedModel, adapter: MoEAdapter, plan: Plan, lp: La
     _slice(adapter.routed_expert_tensors(block), keep)
     for holder in expert_holders:
         holder.num_experts = len(keep)
+    reference = adapter.experts(block).down_proj
     if lp.condensed_weights is not None:
-        reference = adapter.experts(block).down_proj
         weights = torch.tensor(lp.condensed_weights, dtype=torch.float32, device=reference.device)
         condense(block, adapter.router_attr, adapter.experts_attr, weights)
     elif lp.novices:
-            experts = adapter.experts(block)
-            reference = experts.down_proj
-            vectors = plan.novice_vectors.get(lp.layer)
-            if vectors is None:
-                vectors = torch.zeros(len(lp.removed), model.config.hidden_size)
-            attach_novices(experts, lp.removed, lp.num_experts, vectors.to(reference.device, reference.dtype).clone())
+        vectors = plan.novice_vectors.get(lp.layer)
+        if vectors is None:
+            vectors = torch.zeros(len(lp.removed), hidden_size)
+        attach_novices(adapter.experts(block), lp.removed, lp.num_experts, vectors.to(reference.device, reference.dtype).clone())
     else:
         _slice(adapter.router_tensors(block), keep)
         for holder in router_holders:
@@ -78,8 +80,9 @@ def apply_plan(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = 
     routed_left = set(experts_per_layer(model, adapter)) - {lp.layer for lp in plan.layers if lp.drop or lp.condensed_weights is not None}
     if not routed_left - set(plan.dropped_blocks):
         raise MoECompressError("this plan leaves no routed MoE layer; keep at least one MoE layer as it is (or prune it).")
+    layers = adapter.decoder_layers(model)
     for lp in plan.layers:
-        _apply_layer(model, adapter, plan, lp)
+        apply_layer_plan(layers[lp.layer], adapter, plan, lp, model.config.hidden_size)
     drop_blocks(model, adapter, sorted(plan.dropped_blocks))
     sync_config_structure(model, adapter)
     return model
