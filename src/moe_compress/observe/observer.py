@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..arch.adapter import MoEAdapter
+from ..io.residency import InMemoryWeights, Weights, split_names
 from ..progress import track
 from .capture import capture_layer_inputs
 from .statistics import LayerAccumulator, RoutedBatch
@@ -42,17 +43,23 @@ def run_sequential(
     device: str | torch.device = "cpu",
     description: str = "observing layers",
     after_layer: Callable[[int, nn.Module], bool] | None = None,
+    weights: Weights | None = None,
 ) -> list[torch.Tensor]:
     """Run `batches` through every decoder layer in turn; returns the last layer's outputs.
 
     `layer_context(index, layer)` may return a context manager that is entered while that
     layer processes all batches (statistics hooks attach there). `after_layer(index, layer)`
-    runs once the layer has seen every batch; it may change the layer (sparsity methods prune
-    it there) and returns True when the next layer should see the changed layer's outputs,
-    which are then recomputed.
+    runs once the layer has seen every batch, while its weights are still loaded; it may
+    change the layer (sparsity methods prune it there) and returns True when the next layer
+    should see the changed layer's outputs, which are then recomputed. `weights` says where
+    the model's tensors live (default: in memory); a streamed model reads each layer from its
+    checkpoint for the duration of its turn.
     """
     device = torch.device(device)
-    inputs = capture_layer_inputs(model, adapter, batches)
+    weights = weights or InMemoryWeights(model)
+    stem, _, _ = split_names(model, adapter, model.state_dict(keep_vars=True))
+    with weights.loaded_names(stem, device):
+        inputs = capture_layer_inputs(model, adapter, batches)
     hidden = inputs.hidden
     layers = adapter.decoder_layers(model)
 
@@ -64,19 +71,16 @@ def run_sequential(
         return outputs
 
     for index in track(range(len(layers)), description):
-        layer = layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        with ExitStack() as stack:
+        with weights.loaded(layers[index], device) as layer, ExitStack() as stack:
             context = layer_context(index, layer) if layer_context else None
             if context is not None:
                 stack.enter_context(context)
             outputs = forward_all(index, layer)
-        if after_layer is not None and after_layer(index, layer):
-            del outputs  # stale: free them before the recomputation, so at most one set is held beside `hidden`
-            outputs = forward_all(index, layer)
+            stack.close()
+            if after_layer is not None and after_layer(index, layer):
+                del outputs  # stale: free them before the recomputation, so at most one set is held beside `hidden`
+                outputs = forward_all(index, layer)
         hidden = outputs
-        layer.to(home)
     return hidden
 
 
@@ -111,6 +115,7 @@ def observe_expert_statistics(
     batches: list[torch.Tensor],
     names: tuple[str, ...],
     device: str | torch.device = "cpu",
+    weights: Weights | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Per MoE layer, the requested running sums (see `statistics.STATISTICS`), each of shape [E]."""
     names = tuple(sorted(set(names) | {"tokens"}))
@@ -123,5 +128,5 @@ def observe_expert_statistics(
         accumulators[index] = LayerAccumulator(names)
         return _expert_statistics_hooks(adapter, block, accumulators[index])
 
-    run_sequential(model, adapter, batches, layer_context, device, description="calibrating")
+    run_sequential(model, adapter, batches, layer_context, device, description="calibrating", weights=weights)
     return {index: acc.sums for index, acc in accumulators.items()}
