@@ -191,6 +191,8 @@ def drop(
     out: str | Path | None = None,
     overwrite: bool = False,
     device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
 ) -> CompressionResult:
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
 
@@ -198,13 +200,13 @@ def drop(
     `methods.structural`); give `n` units or a `target_ratio` of parameters to remove.
     """
     start = time.perf_counter()
-    model, tokenizer, adapter, _ = _prepare(model, tokenizer, out, overwrite, device)
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype)
     before = model_size(model, adapter)
     batches = _calibration_batches(calib, tokenizer)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio)
-    scores = observe_similarities(model, adapter, batches, max_distance=distance)
+    scores = observe_similarities(model, adapter, batches, distance, weights, device)
     plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode)
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, InMemoryWeights(model))
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
 
 
 def condense(

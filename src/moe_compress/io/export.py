@@ -57,16 +57,20 @@ def model_groups(model: PreTrainedModel) -> Iterator[Group]:
         yield from carried_groups(origin.checkpoint, origin.carried, origin.plans, adapter, origin.num_layers)
 
 
+def _part_group(weights: StreamedWeights, names: list[str]) -> Group:
+    with weights.loaded_names(names):
+        state = weights.model.state_dict()
+        return {name: state[name] for name in names}, False
+
+
 def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | None) -> Iterator[Group]:
-    """The groups of the compressed model, each layer read from disk, compressed and released in turn,
-    then the carried tensors."""
+    """The groups of the compressed model, each layer read from disk, compressed by the plan and
+    released in turn, then the carried tensors."""
     from ..surgery.experts import apply_layer_plan
 
     model = weights.model
     stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
-    with weights.loaded_names(stem):
-        state = model.state_dict()
-        yield {name: state[name] for name in stem}, False
+    yield _part_group(weights, stem)
     layers = adapter.decoder_layers(model)
     prefix = layers_prefix(model, adapter)
     dropped = set(plan.dropped_blocks) if plan else set()
@@ -85,10 +89,21 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
             layers[index] = original
         yield group, False
         del group
-    with weights.loaded_names(head):
-        state = model.state_dict()
-        yield {name: state[name] for name in head}, False
+    yield _part_group(weights, head)
     yield from carried_groups(weights.checkpoint, weights.carried, [plan] if plan else [], adapter, len(layers))
+
+
+def walk_groups(weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tuple[int, nn.Module]]) -> Iterator[Group]:
+    """The groups of a model that a layer walk changes in place (slimming): each layer is written
+    during its visit, while the walk still holds it."""
+    model = weights.model
+    stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
+    prefix = layers_prefix(model, adapter)
+    yield _part_group(weights, stem)
+    for index, layer in walk:
+        yield {f"{prefix}.{index}.{name}": value for name, value in layer.state_dict().items()}, False
+    yield _part_group(weights, head)
+    yield from carried_groups(weights.checkpoint, weights.carried, [], adapter, len(adapter.decoder_layers(model)))
 
 
 @dataclass

@@ -10,7 +10,7 @@ only `layers[l]` while it works on layer l, the weights of other layers could li
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -34,7 +34,68 @@ def to_device(value, device: torch.device):
     return value
 
 
-@torch.no_grad()
+class LayerWalk:
+    """One pass of calibration batches through the decoder layers, one layer at a time.
+
+    Iterating yields `(index, layer)` once the layer has processed every batch (and, if
+    `after_layer` changed it, once its outputs were recomputed), while its weights are still
+    loaded: a streamed stage writes the layer out right there. `hidden` then holds the
+    layer's outputs, the next layer's inputs; after the walk, the last layer's outputs.
+
+    `layer_context(index, layer)` may return a context manager that is entered while that
+    layer processes all batches (statistics hooks attach there). `after_layer(index, layer)`
+    runs once the layer has seen every batch; it may change the layer (sparsity methods prune
+    it there) and returns True when the next layer should see the changed layer's outputs.
+    `weights` says where the model's tensors live (default: in memory); a streamed model
+    reads each layer from its checkpoint for the duration of its turn.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: MoEAdapter,
+        batches: list[torch.Tensor],
+        layer_context: Callable[[int, nn.Module], object] | None = None,
+        device: str | torch.device = "cpu",
+        description: str = "observing layers",
+        after_layer: Callable[[int, nn.Module], bool] | None = None,
+        weights: Weights | None = None,
+    ):
+        self.model, self.adapter, self.batches = model, adapter, batches
+        self.layer_context, self.after_layer = layer_context, after_layer
+        self.device, self.description = torch.device(device), description
+        self.weights = weights or InMemoryWeights(model)
+        self.hidden: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[tuple[int, nn.Module]]:
+        stem, _, _ = split_names(self.model, self.adapter, self.model.state_dict(keep_vars=True))
+        with self.weights.loaded_names(stem, self.device):
+            inputs = capture_layer_inputs(self.model, self.adapter, self.batches)
+        self.hidden = inputs.hidden
+        layers = self.adapter.decoder_layers(self.model)
+
+        def forward_all(index: int, layer: nn.Module) -> list[torch.Tensor]:
+            outputs = []
+            for b, kwargs in enumerate(inputs.layer_kwargs[index]):
+                out = layer(self.hidden[b].to(self.device), **to_device(kwargs, self.device))
+                outputs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
+            return outputs
+
+        for index in track(range(len(layers)), self.description):
+            with self.weights.loaded(layers[index], self.device) as layer:
+                with ExitStack() as stack:
+                    context = self.layer_context(index, layer) if self.layer_context else None
+                    if context is not None:
+                        stack.enter_context(context)
+                    outputs = forward_all(index, layer)
+                if self.after_layer is not None and self.after_layer(index, layer):
+                    del outputs  # stale: free them before the recomputation, so at most one set is held beside `hidden`
+                    outputs = forward_all(index, layer)
+                self.hidden = outputs
+                yield index, layer
+
+
 def run_sequential(
     model: nn.Module,
     adapter: MoEAdapter,
@@ -45,43 +106,11 @@ def run_sequential(
     after_layer: Callable[[int, nn.Module], bool] | None = None,
     weights: Weights | None = None,
 ) -> list[torch.Tensor]:
-    """Run `batches` through every decoder layer in turn; returns the last layer's outputs.
-
-    `layer_context(index, layer)` may return a context manager that is entered while that
-    layer processes all batches (statistics hooks attach there). `after_layer(index, layer)`
-    runs once the layer has seen every batch, while its weights are still loaded; it may
-    change the layer (sparsity methods prune it there) and returns True when the next layer
-    should see the changed layer's outputs, which are then recomputed. `weights` says where
-    the model's tensors live (default: in memory); a streamed model reads each layer from its
-    checkpoint for the duration of its turn.
-    """
-    device = torch.device(device)
-    weights = weights or InMemoryWeights(model)
-    stem, _, _ = split_names(model, adapter, model.state_dict(keep_vars=True))
-    with weights.loaded_names(stem, device):
-        inputs = capture_layer_inputs(model, adapter, batches)
-    hidden = inputs.hidden
-    layers = adapter.decoder_layers(model)
-
-    def forward_all(index: int, layer: nn.Module) -> list[torch.Tensor]:
-        outputs = []
-        for b, kwargs in enumerate(inputs.layer_kwargs[index]):
-            out = layer(hidden[b].to(device), **to_device(kwargs, device))
-            outputs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
-        return outputs
-
-    for index in track(range(len(layers)), description):
-        with weights.loaded(layers[index], device) as layer, ExitStack() as stack:
-            context = layer_context(index, layer) if layer_context else None
-            if context is not None:
-                stack.enter_context(context)
-            outputs = forward_all(index, layer)
-            stack.close()
-            if after_layer is not None and after_layer(index, layer):
-                del outputs  # stale: free them before the recomputation, so at most one set is held beside `hidden`
-                outputs = forward_all(index, layer)
-        hidden = outputs
-    return hidden
+    """Walk every decoder layer (see `LayerWalk`); returns the last layer's outputs."""
+    walk = LayerWalk(model, adapter, batches, layer_context, device, description, after_layer, weights)
+    for _ in walk:
+        pass
+    return walk.hidden
 
 
 @contextmanager
