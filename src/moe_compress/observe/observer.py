@@ -20,6 +20,7 @@ from ..arch.adapter import MoEAdapter
 from ..io.residency import InMemoryWeights, Weights, split_names
 from ..progress import track
 from .capture import capture_layer_inputs
+from .experts_forward import capturing, is_standard_experts, routing_arguments
 from .statistics import LayerAccumulator, RoutedBatch
 
 
@@ -115,27 +116,34 @@ def run_sequential(
 
 @contextmanager
 def _expert_statistics_hooks(adapter: MoEAdapter, block: nn.Module, accumulator: LayerAccumulator):
-    """Hooks that turn each MoE forward of `block` into a `RoutedBatch` for the accumulator."""
+    """Turn each MoE forward of `block` into a `RoutedBatch` for the accumulator.
+
+    A standard experts module hands over the expert outputs its forward computes anyway
+    (`experts_forward.capturing`); any other is observed from a pre-hook, and the
+    statistics that need outputs compute them.
+    """
     router, experts = adapter.router(block), adapter.experts(block)
     last_logits: list[torch.Tensor] = []
 
     def on_router(_module, _args, output):
         last_logits[:] = [output[0].reshape(-1, output[0].shape[-1])]
 
-    def on_experts(module, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
-        if len(values) < 3:  # gpt_oss names them router_indices / routing_weights
-            values += [v for k, v in kwargs.items() if k not in names]
-        x, top_idx, top_w = values[:3]
-        accumulator.update(RoutedBatch(x.reshape(-1, x.shape[-1]), last_logits[0], top_idx, top_w, adapter, module))
+    def record(x, top_idx, top_w, outputs=None):
+        accumulator.update(RoutedBatch(x, last_logits[0], top_idx, top_w, adapter, experts, outputs))
 
-    handles = [router.register_forward_hook(on_router), experts.register_forward_pre_hook(on_experts, with_kwargs=True)]
-    try:
+    def on_experts(_module, args, kwargs):
+        x, top_idx, top_w = routing_arguments(args, kwargs)
+        record(x.reshape(-1, x.shape[-1]), top_idx, top_w)
+
+    with ExitStack() as stack:
+        handle = router.register_forward_hook(on_router)
+        stack.callback(handle.remove)
+        if accumulator.needs_expert_outputs and is_standard_experts(experts):
+            stack.enter_context(capturing(experts, record))
+        else:
+            handle = experts.register_forward_pre_hook(on_experts, with_kwargs=True)
+            stack.callback(handle.remove)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def observe_expert_statistics(
