@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import distributed
 from .arch.registry import get_adapter
 from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batches
 from .errors import MoECompressError
 from .evaluate.size import model_size
-from .io.export import streamed_groups
+from .io.export import carried_keys, streamed_groups
 from .io.open import Streaming, open_model
 from .io.residency import InMemoryWeights, StreamedWeights, Weights
 from .io.save import check_output_dir, save_with_summary
@@ -42,7 +43,7 @@ class CompressionResult:
     """What a compression call produced. `model` is None after a streamed run: the result is `output_dir`."""
 
     model: PreTrainedModel | None
-    plan: Plan
+    plan: Plan | None  # None on ranks other than 0 of a distributed run
     summary: dict = field(default_factory=dict)
     output_dir: Path | None = None
 
@@ -73,6 +74,7 @@ def collect_statistics(
 
     Returns (statistics, whether they came from the cache). `cache_dir=False` disables caching.
     A streamed model is identified by its checkpoint's headers (its weights are not in memory).
+    Under torchrun the cache is used only if every rank finds the entry; rank 0 writes it.
     """
     adapter = get_adapter(model)
     names = tuple(sorted(set(names) | {"tokens"}))
@@ -81,10 +83,11 @@ def collect_statistics(
     if cache:
         fingerprint = weights.checkpoint.fingerprint() if isinstance(weights, StreamedWeights) else model_fingerprint(model)
     key = cache_key(fingerprint, batches_fingerprint(batches), names) if cache else ""
-    if cache and (cached := cache.load(key)) is not None:
+    cached = cache.load(key) if cache else None
+    if distributed.combine(torch.tensor([cached is not None], dtype=torch.int64), torch.minimum).item():
         return cached, True
     stats = observe_expert_statistics(model, adapter, batches, names, device, weights)
-    if cache:
+    if cache and distributed.is_main():
         cache.save(key, stats)
     return stats, False
 
@@ -122,10 +125,18 @@ def compress(
         chosen = get_method(method)
         batches = _calibration_batches(calib, tokenizer)
         stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights)
+        if not distributed.is_main():
+            return _other_rank_result()
         plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep), options)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, weights)
+
+
+def _other_rank_result() -> CompressionResult:
+    """What a rank other than 0 returns: it helped calibrate; rank 0 plans and writes (then all meet at a barrier)."""
+    distributed.barrier()
+    return CompressionResult(None, None, {"rank": distributed.rank()}, None)
 
 
 def _apply_and_report(
@@ -144,8 +155,12 @@ def _apply_and_report(
 
     Streamed, the plan is applied to a copy of the (meta) skeleton, which describes the
     output's structure and config, while the writer applies it to each layer read from disk.
+    Under torchrun only rank 0 gets past this point's first line; the others wait for it.
     """
+    if not distributed.is_main():
+        return _other_rank_result()
     groups = None
+    carried = carried_keys(model, weights)
     if weights.streamed:
         model = copy.deepcopy(model)
         groups = streamed_groups(weights, adapter, plan)
@@ -163,10 +178,14 @@ def _apply_and_report(
         "bytes_before": before.bytes,
         "bytes_after": after.bytes,
         "statistics_from_cache": from_cache,
+        "streamed": weights.streamed,
+        # checkpoint tensors transformers does not load (e.g. multi-token-prediction layers), carried into the output
+        "carried_tensors": len(carried),
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
     output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite, groups)
+    distributed.barrier()
     return CompressionResult(None if weights.streamed else model, plan, summary, output_dir)
 
 
@@ -205,6 +224,8 @@ def drop(
     batches = _calibration_batches(calib, tokenizer)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio)
     scores = observe_similarities(model, adapter, batches, distance, weights, device)
+    if not distributed.is_main():
+        return _other_rank_result()
     plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode)
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
 

@@ -92,14 +92,20 @@ def _byte_size(text: str | None) -> int | None:
 
 
 @contextmanager
-def _runtime(threads: int | None = None, max_activation_memory: str | None = None, offload_dir: Path | None = None) -> Iterator[None]:
-    """Torch threads and the activation memory budget for the duration of one command."""
+def _runtime(
+    threads: int | None = None, max_activation_memory: str | None = None, offload_dir: Path | None = None, device: str = "cpu"
+) -> Iterator[str]:
+    """Torch threads, the activation memory budget and (under torchrun) the process group for one command.
+
+    Yields the device to compute on: under torchrun with --device cuda, this rank's GPU.
+    """
+    from .distributed import init_from_environment
     from .observe.activations import activation_budget
 
     if threads is not None and threads < 1:
         raise MoECompressError(f"--threads must be a positive integer; got {threads}.")
     with _TorchThreads(threads), activation_budget(_byte_size(max_activation_memory), offload_dir):
-        yield
+        yield init_from_environment(device)
 
 
 @app.command()
@@ -198,7 +204,7 @@ def prune(
     if plan_in is None:
         check_ratio(ratio)
     check_output_dir(out, overwrite)
-    with _runtime(threads, max_activation_memory, offload_dir):
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
         loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype)
         eval_sets = {source: _eval_windows(tokenizer, source, seq_len, eval_windows) for source in _expand_sources([eval_ppl])} if eval_ppl else {}
         before = {source: perplexity(loaded, windows, weights=weights, device=device) for source, windows in eval_sets.items()}
@@ -212,6 +218,8 @@ def prune(
             overwrite=overwrite, min_keep=min_keep, options={k: v for k, v in given.items() if v is not None},
             cache_dir=False if no_cache else cache_dir, device=device,
         )
+        if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
+            return
         after = {source: _perplexity_after(result, windows, device) for source, windows in eval_sets.items()}
     if plan_out is not None:
         result.plan.save(plan_out)
@@ -512,7 +520,7 @@ def drop_command(
     from .io.save import check_output_dir
 
     check_output_dir(out, overwrite)
-    with _runtime(threads, max_activation_memory, offload_dir):
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
         loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype)
         result = drop_layers(
             weights if weights.streamed else loaded, unit, drop, target_ratio, mode, CalibrationSpec(calib, samples, seq_len, seed),
@@ -592,6 +600,8 @@ def finetune_command(
 
 def _report_stage(result, model: str, out: Path, plan_out: Path | None) -> None:
     """Plan table and before/after size table shared by the structural commands."""
+    if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return
     if plan_out is not None:
         result.plan.save(plan_out)
     out_console.print(result.plan.table())
@@ -660,7 +670,7 @@ def analyze(
     from .io.open import open_model
     from .report.analysis import analysis_statistics, expert_table, write_analysis
 
-    with _runtime(threads, max_activation_memory, offload_dir):
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
         loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype)
         batches = calibration_batches(tokenizer, CalibrationSpec(calib, samples, seq_len, seed, batch_size))
         stats, _ = collect_statistics(loaded, batches, analysis_statistics(probe_tokens), cache_dir, device, weights)
@@ -710,7 +720,7 @@ def slim(
     check_output_dir(out, overwrite)
     calibration = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     calibration.validate()
-    with _runtime(threads, max_activation_memory, offload_dir):
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
         loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype)
         windows = _eval_windows(tokenizer, eval_ppl, seq_len, eval_windows) if eval_ppl else None
         before = perplexity(loaded, windows, weights=weights, device=device) if windows is not None else None
@@ -719,6 +729,8 @@ def slim(
             targets=chosen, tokenizer=tokenizer, out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate,
             device=device,
         )
+        if result.output_dir is None:  # a rank other than 0 of a distributed run: rank 0 reports
+            return
         after = _perplexity_after(result, windows, device) if windows is not None else None
     s = result.summary
     table = Table(title=f"{method} {s['sparsity']} on {', '.join(chosen)}: {model} -> {out}")
@@ -769,4 +781,11 @@ def quantize(
 
 def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all
+        os.environ["MOE_COMPRESS_QUIET"] = "1"
+        out_console.quiet = True
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `torchrun ... -m moe_compress.cli prune ...`
+    main()

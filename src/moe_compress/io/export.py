@@ -132,6 +132,14 @@ def record_origin(model: PreTrainedModel, directory: str | Path) -> None:
     setattr(model, ORIGIN, Origin(checkpoint, carried, len(get_adapter(model).decoder_layers(model))))
 
 
+def carried_keys(model: PreTrainedModel, weights: StreamedWeights | None = None) -> list[str]:
+    """Checkpoint tensors transformers does not load that a save of `model` carries over."""
+    if weights is not None and weights.streamed:
+        return weights.carried
+    origin: Origin | None = getattr(model, ORIGIN, None)
+    return origin.carried if origin is not None else []
+
+
 def note_plan(model: PreTrainedModel, plan: Plan) -> None:
     """Record a plan applied to an in-memory model, for the tensors its save carries."""
     origin: Origin | None = getattr(model, ORIGIN, None)

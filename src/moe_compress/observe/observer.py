@@ -16,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from .. import distributed
 from ..arch.adapter import MoEAdapter
 from ..io.residency import InMemoryWeights, Weights, split_names
 from ..progress import track
@@ -166,7 +167,12 @@ def observe_expert_statistics(
     device: str | torch.device = "cpu",
     weights: Weights | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Per MoE layer, the requested running sums (see `statistics.STATISTICS`), each of shape [E]."""
+    """Per MoE layer, the requested running sums (see `statistics.STATISTICS`), each of shape [E].
+
+    Under torchrun each rank observes its share of `batches` and all ranks end with the
+    combined statistics (see `distributed`).
+    """
+    distributed.check_shareable(len(batches))
     names = tuple(sorted(set(names) | {"tokens"}))
     accumulators: dict[int, LayerAccumulator] = {}
 
@@ -177,5 +183,7 @@ def observe_expert_statistics(
         accumulators[index] = LayerAccumulator(names)
         return _expert_statistics_hooks(adapter, block, accumulators[index])
 
-    run_sequential(model, adapter, batches, layer_context, device, description="calibrating", weights=weights)
+    run_sequential(model, adapter, distributed.shard(batches), layer_context, device, description="calibrating", weights=weights)
+    for accumulator in accumulators.values():
+        accumulator.combine_ranks()
     return {index: acc.sums for index, acc in accumulators.items()}

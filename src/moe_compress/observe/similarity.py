@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..arch.adapter import MoEAdapter
 from ..io.residency import Weights
 from .observer import run_sequential
@@ -84,7 +85,10 @@ def observe_similarities(
             for handle in handles:
                 handle.remove()
 
-    run_sequential(model, adapter, batches, layer_context, device, description="scoring layers", weights=weights)
+    distributed.check_shareable(len(batches))
+    run_sequential(model, adapter, distributed.shard(batches), layer_context, device, description="scoring layers", weights=weights)
+    for sums in [*moe_sums.values(), *(entry for per_distance in block_sums.values() for entry in per_distance)]:
+        sums[:] = distributed.all_reduce_sum_(torch.tensor(sums, dtype=torch.float64)).tolist()
     return Similarities(
         moe={layer: total / count for layer, (total, count) in sorted(moe_sums.items())},
         blocks={d: [total / count for total, count in sums] for d, sums in block_sums.items()},

@@ -129,6 +129,7 @@ class Statistic:
     needs_expert_outputs: bool = False
     doc: str = ""
     merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _add
+    per_batch: bool = False  # one row per calibration batch, stacked in batch order (not folded)
 
 
 def _per_expert(batch: RoutedBatch, value: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -224,6 +225,7 @@ def signature_similarity(probe_tokens: int) -> Statistic:
         update,
         doc=f"cosine similarity of expert outputs on a shared probe of {probe_tokens} tokens, per batch",
         merge=lambda total, part: torch.cat([total, part]),
+        per_batch=True,
     )
 
 
@@ -247,6 +249,13 @@ class LayerAccumulator:
     @property
     def needs_expert_outputs(self) -> bool:
         return any(s.needs_expert_outputs for s in self.statistics)
+
+    def combine_ranks(self) -> None:
+        """Fold in the other ranks' parts of every statistic (exact merges; see `distributed.combine`)."""
+        from ..distributed import combine
+
+        for statistic in self.statistics:
+            self.sums[statistic.name] = combine(self.sums[statistic.name], statistic.merge, statistic.per_batch)
 
     def update(self, batch: RoutedBatch) -> None:
         for statistic in self.statistics:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import distributed
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import walk_groups
@@ -120,6 +121,8 @@ def sparsity_walk(
     calibrated = method != "magnitude"
 
     def prune(collector: LayerCollector) -> None:
+        for stats in collector.stats.values():
+            stats.combine_ranks()
         for matrix in collector.matrices:
             stats = collector.stats.get(matrix.name)
             matrix.write(prune_matrix(matrix.read(), method, spec, stats, blocksize, damp))
@@ -224,6 +227,11 @@ def slim(
         "sparsegpt": {"blocksize": blocksize, "damp": damp} if method == "sparsegpt" else None,
         "streamed": weights.streamed,
     }
+    if not distributed.is_main():  # a helper rank of a distributed run: prune alongside, rank 0 writes
+        for _ in walk:
+            pass
+        distributed.barrier()
+        return SlimResult(None, {"rank": distributed.rank()}, None)
     groups = None
     if weights.streamed:
         groups = walk_groups(weights, adapter, walk)  # each layer is pruned and written in one visit
@@ -239,6 +247,7 @@ def slim(
     else:
         groups = _then(groups, finish)
     output_dir = save_with_summary(model, out, tokenizer, None, summary, overwrite, groups)
+    distributed.barrier()
     return SlimResult(None if weights.streamed else model, summary, output_dir)
 
 

@@ -70,6 +70,16 @@ class InputStats:
         self.sq_sum = torch.zeros(columns, dtype=torch.float64, device=device)
         self.xtx = torch.zeros(columns, columns, dtype=torch.float32, device=device) if need == "hessian" else None
 
+    def combine_ranks(self) -> None:
+        """Sum these statistics over the ranks of a distributed run, so every rank prunes alike."""
+        from ..distributed import active, all_reduce_sum_
+
+        if active():
+            self.tokens = int(all_reduce_sum_(torch.tensor([self.tokens], dtype=torch.float64, device=self.sq_sum.device)).item())
+            all_reduce_sum_(self.sq_sum)
+            if self.xtx is not None:
+                all_reduce_sum_(self.xtx)
+
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.sq_sum.shape[0]).float()
@@ -238,7 +248,10 @@ def prune_layer_by_layer(
         prune(collector)
         return propagate
 
-    return LayerWalk(model, adapter, batches, collect, device, description, after_layer=prune_collected, weights=weights)
+    from ..distributed import check_shareable, shard
+
+    check_shareable(len(batches))
+    return LayerWalk(model, adapter, shard(batches), collect, device, description, after_layer=prune_collected, weights=weights)
 
 
 def check_targets(targets: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
