@@ -11,27 +11,34 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .arch.adapter import MoEAdapter
 from .arch.registry import get_adapter
-from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batches
+from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batches, check_seq_len
 from .errors import MoECompressError
 from .evaluate.size import model_size
-from .io.load import load_model
+from .finite import require_finite_statistics, require_finite_weights
+from .io.load import check_device, load_model
+from .io.publish import releases_outputs
 from .io.save import check_output_dir, save_with_summary
 from .methods import PlanRequest, get_method
 from .methods.budget import Budget
 from .methods.condense import plan_condense
 from .methods.structural import Mode, Unit, distance_needed, plan_drop
-from .observe.cache import StatsCache, cache_key, model_fingerprint
+from .observe.cache import StatsCache, cache_key, config_fingerprint, content_fingerprint
 from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
-from .plan import Plan
+from .plan import ModelIdentity, Plan
 from .surgery.experts import apply_plan
+from .surgery.structure import experts_per_layer
 
 Calibration = CalibrationSpec | str | list[torch.Tensor]
+UNITS = get_args(Unit)
+MODES = get_args(Mode)
 
 
 @dataclass
@@ -47,13 +54,42 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _calibration_batches(calib: Calibration, tokenizer: PreTrainedTokenizerBase | None) -> list[torch.Tensor]:
+def _calibration_batches(calib: Calibration, tokenizer: PreTrainedTokenizerBase | None, config: object = None) -> list[torch.Tensor]:
+    """Token batches from any calibration form; with `config`, windows must fit the model's positions."""
     if isinstance(calib, list):
         if not calib or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in calib):
             raise MoECompressError("calibration batches must be a non-empty list of [batch, seq_len] token-id tensors.")
+        if config is not None:
+            check_seq_len(max(b.shape[1] for b in calib), config, "calibration sequence length")
         return calib
     spec = calib if isinstance(calib, CalibrationSpec) else CalibrationSpec(source=str(calib))
+    spec.validate()
+    if config is not None:
+        check_seq_len(spec.seq_len, config)
     return calibration_batches(tokenizer, spec)
+
+
+def router_rows(model: PreTrainedModel, adapter: MoEAdapter) -> dict[int, int]:
+    """Router rows per MoE layer: the expert dimension of every statistic observed there."""
+    layers = adapter.decoder_layers(model)
+    return {i: adapter.router_size(adapter.moe_block(layers[i])) for i in adapter.moe_layer_indices(model)}
+
+
+def model_identity(model: PreTrainedModel, adapter: MoEAdapter, fingerprint: str | None = None) -> ModelIdentity:
+    """What a plan made for `model` records, and what a plan applied to it is checked against."""
+    groups, per_token = adapter.routing_groups(model.config)
+    return ModelIdentity(
+        model_type=adapter.model_type,
+        num_layers=len(adapter.decoder_layers(model)),
+        experts_per_layer=experts_per_layer(model, adapter),
+        top_k=adapter.top_k(model.config),
+        hidden_size=int(model.config.hidden_size),
+        routing_groups=groups,
+        groups_per_token=per_token,
+        fingerprint=fingerprint or content_fingerprint(model),
+        fingerprint_kind="content",
+        dtype=str(model.dtype).removeprefix("torch."),
+    )
 
 
 def collect_statistics(
@@ -62,23 +98,31 @@ def collect_statistics(
     names: tuple[str, ...],
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    fingerprint: str | None = None,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], bool]:
     """Observed statistics, from the disk cache when this model and data were seen before.
 
     Returns (statistics, whether they came from the cache). `cache_dir=False` disables caching.
+    The cache key covers every weight (`fingerprint`, computed when not given), the config
+    and the tokens; an entry that does not describe this model's MoE layers is recomputed.
     """
     adapter = get_adapter(model)
     names = tuple(sorted(set(names) | {"tokens"}))
     cache = None if cache_dir is False else StatsCache(cache_dir or None)
-    key = cache_key(model_fingerprint(model), batches_fingerprint(batches), names) if cache else ""
-    if cache and (cached := cache.load(key)) is not None:
-        return cached, True
+    expected = router_rows(model, adapter)
+    key = ""
+    if cache:
+        key = cache_key(fingerprint or content_fingerprint(model), batches_fingerprint(batches), names, config_fingerprint(model.config))
+        if (cached := cache.load(key, expected, names)) is not None:
+            return cached, True
     stats = observe_expert_statistics(model, adapter, batches, names, device)
+    require_finite_statistics(stats)
     if cache:
         cache.save(key, stats)
     return stats, False
 
 
+@releases_outputs
 def compress(
     model: PreTrainedModel | str | Path,
     method: str = "reap",
@@ -93,24 +137,31 @@ def compress(
     options: dict | None = None,
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> CompressionResult:
     """Compress the routed experts of `model` in place, and save the result to `out` if given.
 
     Either `method` (any name in `moe_compress.methods.METHODS`, with its `options`) +
     `ratio` + `budget` decide from calibration statistics, or `plan` (a Plan or a plan JSON
-    file) says what to do directly and no calibration runs.
+    file) says what to do directly and no calibration runs; such a plan must have been made
+    for this model (`Plan.check_identity`). `trust_remote_code` lets a checkpoint's own
+    Python code run when `model` is a path (see `io.load`).
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    plan_inputs = [plan] if isinstance(plan, str | Path) else []
+    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code, plan_inputs)
     before = model_size(model, adapter)
+    identity = model_identity(model, adapter)
     from_cache = False
     if plan is None:
         chosen = get_method(method)
-        batches = _calibration_batches(calib, tokenizer)
-        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device)
+        batches = _calibration_batches(calib, tokenizer, model.config)
+        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, identity.fingerprint)
         plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep), options)
-    elif not isinstance(plan, Plan):
-        plan = Plan.load(plan)
+        plan.identity = identity
+    else:
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        plan.check_identity(identity)
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)
 
 
@@ -147,16 +198,22 @@ def _apply_and_report(
     return CompressionResult(model, plan, summary, output_dir)
 
 
-def _prepare(model, tokenizer, out, overwrite, device):
-    """Shared start of every stage: check the output first, load the model if given a name."""
+def _prepare(model, tokenizer, out, overwrite, device, trust_remote_code=False, inputs=()):
+    """Shared start of every stage: check the device and the output first, load the model if
+    given a name, and refuse non-finite weights (`load_model` checks those it loads)."""
+    check_device(device)
     if out is not None:
-        check_output_dir(out, overwrite)
+        source = model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)
+        check_output_dir(out, overwrite, [source, *inputs])
     if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, device=device)
+        model, loaded_tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
         tokenizer = tokenizer or loaded_tokenizer
+    else:
+        require_finite_weights(model)
     return model, tokenizer, get_adapter(model)
 
 
+@releases_outputs
 def drop(
     model: PreTrainedModel | str | Path,
     unit: Unit = "moe",
@@ -168,6 +225,7 @@ def drop(
     out: str | Path | None = None,
     overwrite: bool = False,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> CompressionResult:
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
 
@@ -175,15 +233,22 @@ def drop(
     `methods.structural`); give `n` units or a `target_ratio` of parameters to remove.
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    if unit not in UNITS:
+        raise MoECompressError(f"unit must be one of {', '.join(UNITS)} (MoE sub-layers or whole blocks); got {unit!r}.")
+    if mode not in MODES:
+        raise MoECompressError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code)
     before = model_size(model, adapter)
-    batches = _calibration_batches(calib, tokenizer)
+    identity = model_identity(model, adapter)
+    batches = _calibration_batches(calib, tokenizer, model.config)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio)
     scores = observe_similarities(model, adapter, batches, max_distance=distance)
     plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode)
+    plan.identity = identity
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False)
 
 
+@releases_outputs
 def condense(
     model: PreTrainedModel | str | Path,
     layers: int = 1,
@@ -195,15 +260,18 @@ def condense(
     overwrite: bool = False,
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> CompressionResult:
     """CD-MoE: condense `layers` MoE layers into shared experts + a few constant-weight experts.
 
     See `methods.condense` for the search; its cost is in `result.plan.meta`.
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code)
     before = model_size(model, adapter)
-    batches = _calibration_batches(calib, tokenizer)
-    stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device)
+    identity = model_identity(model, adapter)
+    batches = _calibration_batches(calib, tokenizer, model.config)
+    stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device, identity.fingerprint)
     plan = plan_condense(model, adapter, batches, stats, layers, max_experts, fixed_size)
+    plan.identity = identity
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)

@@ -1,6 +1,6 @@
 """The sequential observer and the statistics it accumulates."""
 
-from .cache import StatsCache, cache_key, model_fingerprint
+from .cache import StatsCache, cache_key, checkpoint_fingerprint, config_fingerprint, content_fingerprint, model_fingerprint
 from .observer import observe_expert_statistics, run_sequential
 from .statistics import STATISTICS, LayerAccumulator, RoutedBatch, Statistic
 
@@ -11,6 +11,9 @@ __all__ = [
     "Statistic",
     "StatsCache",
     "cache_key",
+    "checkpoint_fingerprint",
+    "config_fingerprint",
+    "content_fingerprint",
     "model_fingerprint",
     "observe_expert_statistics",
     "run_sequential",

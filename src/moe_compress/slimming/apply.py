@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.load import load_model
+from ..io.publish import releases_outputs
 from ..io.save import check_output_dir, save_with_summary
 from .observe import InputStats, LayerCollector, WeightMatrix, check_targets, layer_collector, prune_layer_by_layer
 from .sparsegpt import sparsegpt_prune
@@ -130,6 +131,7 @@ def sparsify(
     return found
 
 
+@releases_outputs
 def slim(
     model: PreTrainedModel | str | Path,
     method: str = "wanda",
@@ -144,6 +146,7 @@ def slim(
     damp: float = 0.01,
     propagate: bool = True,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> SlimResult:
     """Zero weights inside the experts (and optionally shared experts / attention) of `model`.
 
@@ -170,16 +173,16 @@ def slim(
     if not 0.0 <= damp:
         raise MoECompressError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal); got {damp}.")
     if out is not None:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
     if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, device=device)
+        model, loaded_tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
         tokenizer = tokenizer or loaded_tokenizer
     get_adapter(model)
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is quantised; sparsify the full-precision model, then quantise.")
     batches = None
     if method != "magnitude":
-        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer)
+        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer, model.config)
     found = sparsify(model, method, spec, targets, batches, blocksize, damp, propagate, device)
     summary = {
         "stage": "slim",
