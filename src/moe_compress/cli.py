@@ -11,7 +11,6 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -34,18 +33,16 @@ class _OneLineUsageErrors(TyperGroup):
     `error:` line and exit 2, not click's usage box."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
+        no_arguments = not (sys.argv[1:] if args is None else args)  # shows the help, as no_args_is_help says
+        if not standalone_mode or no_arguments:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:
-            exc.show()
-            sys.exit(exc.exit_code)
-        except click.ClickException as exc:
+        except typer.TyperException as exc:  # typer's click: bad values, unknown options, missing arguments
             where = getattr(exc, "ctx", None)
             _error_line(exc.format_message().rstrip(".") + (f"; see `{where.command_path} --help`." if where else "."))
             sys.exit(2)
-        except click.exceptions.Abort:
+        except typer.Abort:
             _error_line("aborted.")
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)

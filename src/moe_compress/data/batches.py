@@ -78,13 +78,13 @@ def check_seq_len(seq_len: int, config: object, option: str = "--seq-len") -> No
         )
 
 
-def _groups(texts: Iterable[str]) -> Iterable[list[str]]:
+def _groups(texts: Iterable[str], group_chars: int) -> Iterable[list[str]]:
     group: list[str] = []
     size = 0
     for text in texts:
         group.append(text)
         size += len(text)
-        if size >= _GROUP_CHARS:
+        if size >= group_chars:
             yield group
             group, size = [], 0
     if group:
@@ -102,7 +102,9 @@ def token_stream(
     separator = tokenizer.eos_token_id
     ids: list[int] = []
     chars = 0
-    for group in _groups(texts):
+    # Small groups when little is needed, so that reading stops close to where it may.
+    group_chars = _GROUP_CHARS if stop_tokens is None else max(1, min(_GROUP_CHARS, CHARS_PER_TOKEN * stop_tokens))
+    for group in _groups(texts, group_chars):
         # verbose=False: documents longer than the model's context are fine here, we cut windows.
         for text, encoded in zip(group, tokenizer(group, add_special_tokens=False, verbose=False)["input_ids"]):
             ids += encoded
