@@ -21,7 +21,7 @@ from .arch.registry import get_adapter
 from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batches, check_seq_len
 from .errors import MoECompressError
 from .evaluate.size import model_size
-from .finite import require_finite_statistics, require_finite_weights
+from .finite import require_finite_numbers, require_finite_statistics, require_finite_weights
 from .io.load import check_device, load_model
 from .io.publish import releases_outputs
 from .io.save import check_output_dir, save_with_summary
@@ -148,6 +148,7 @@ def compress(
     Python code run when `model` is a path (see `io.load`).
     """
     start = time.perf_counter()
+    require_finite_numbers([("ratio", ratio), *((f"option {k!r}", v) for k, v in (options or {}).items())])
     plan_inputs = [plan] if isinstance(plan, str | Path) else []
     model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code, plan_inputs)
     before = model_size(model, adapter)
@@ -237,12 +238,15 @@ def drop(
         raise MoECompressError(f"unit must be one of {', '.join(UNITS)} (MoE sub-layers or whole blocks); got {unit!r}.")
     if mode not in MODES:
         raise MoECompressError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    require_finite_numbers([("target_ratio", target_ratio)])
     model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code)
     before = model_size(model, adapter)
     identity = model_identity(model, adapter)
     batches = _calibration_batches(calib, tokenizer, model.config)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio)
     scores = observe_similarities(model, adapter, batches, max_distance=distance)
+    require_finite_numbers([(f"similarity of MoE layer {k}", v) for k, v in scores.moe.items()])
+    require_finite_numbers([(f"similarity of blocks {i}..{i + d}", v) for d, row in scores.blocks.items() for i, v in enumerate(row)])
     plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode)
     plan.identity = identity
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False)

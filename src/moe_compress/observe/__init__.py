@@ -1,6 +1,6 @@
 """The sequential observer and the statistics it accumulates."""
 
-from .cache import StatsCache, cache_key, checkpoint_fingerprint, config_fingerprint, content_fingerprint, model_fingerprint
+from .cache import StatsCache, cache_key, checkpoint_fingerprint, config_fingerprint, content_fingerprint
 from .observer import observe_expert_statistics, run_sequential
 from .statistics import STATISTICS, LayerAccumulator, RoutedBatch, Statistic
 
@@ -14,7 +14,6 @@ __all__ = [
     "checkpoint_fingerprint",
     "config_fingerprint",
     "content_fingerprint",
-    "model_fingerprint",
     "observe_expert_statistics",
     "run_sequential",
 ]

@@ -60,10 +60,6 @@ def content_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-#: The earlier name: the in-memory model's fingerprint, now over every byte.
-model_fingerprint = content_fingerprint
-
-
 def checkpoint_fingerprint(directory: str | Path) -> str:
     """Hash of each safetensors shard's header bytes, size and mtime (cheap for any checkpoint size)."""
     digest = hashlib.blake2b(digest_size=16)
