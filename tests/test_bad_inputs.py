@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedModel
 from typer.testing import CliRunner
 
 from fs_faults import tmpfs
@@ -117,10 +116,18 @@ def _readonly_parent(c: Case) -> list:
 
 
 def _disk_full(c: Case) -> list:
-    def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]) if args else None)
+    """The checkpoint writer hits a full disk (a real full tmpfs is in test_stats_cache / _full_disk_out)."""
+    from moe_compress.io import save
 
-    c.monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    def full(directory, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    c.monkeypatch.setattr(save, "write_model", full)
+    return c.prune()
+
+
+def _full_disk_out(c: Case) -> list:
+    c.out = c.stack.enter_context(tmpfs(c.tmp / "small", size="64k")) / "out"
     return c.prune()
 
 
@@ -134,7 +141,7 @@ def _out_is_cwd(c: Case) -> list:
 CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     # checkpoints
     "pickle-checkpoint": (_pickle_checkpoint, r"pickle weights \(pytorch_model\.bin\).*reads safetensors only"),
-    "index-entry-outside": (_index_outside, r"names shard '\.\./x\.safetensors', outside the checkpoint directory"),
+    "index-entry-outside": (_index_outside, r"names shard '\.\./x\.safetensors',? outside the checkpoint directory"),
     "corrupt-tokenizer": (_corrupt_tokenizer, r"tokenizer of .* is corrupt"),
     "weights-do-not-fit-config": (_mismatched_weights, r"do not match the shapes its config\.json describes"),
     "corrupt-config": (_corrupt_config, r"config\.json is corrupt: not valid JSON"),
@@ -164,6 +171,7 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "out-is-the-working-directory": (_out_is_cwd, r"current directory or one of its parents"),
     "read-only-out-parent": (_readonly_parent, r"Read-only file system"),
     "disk-full": (_disk_full, r"No space left on device"),
+    "disk-full-tmpfs": (_full_disk_out, r"No space left on device"),
     # recipes
     "recipe-without-model": (lambda c: c.recipe(model=None), r"a recipe needs 'model'"),
     "recipe-field-wrong-type": (lambda c: c.recipe(calibration={"samples": "many"}), r"recipe field 'calibration': option 'samples' must be an integer"),

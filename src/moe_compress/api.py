@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batc
 from .errors import MoECompressError
 from .evaluate.size import model_size
 from .finite import require_finite_numbers, require_finite_statistics, require_finite_weights
-from .io.load import check_device, load_model
+from .io.export import streamed_groups
+from .io.load import check_device
+from .io.open import Streaming, open_model
 from .io.publish import releases_outputs
+from .io.residency import InMemoryWeights, StreamedWeights, Weights
 from .io.save import check_output_dir, save_with_summary
 from .methods import PlanRequest, get_method
 from .methods.budget import Budget
@@ -43,7 +47,9 @@ MODES = get_args(Mode)
 
 @dataclass
 class CompressionResult:
-    model: PreTrainedModel
+    """What a compression call produced. `model` is None after a streamed run: the result is `output_dir`."""
+
+    model: PreTrainedModel | None
     plan: Plan
     summary: dict = field(default_factory=dict)
     output_dir: Path | None = None
@@ -69,15 +75,24 @@ def _calibration_batches(calib: Calibration, tokenizer: PreTrainedTokenizerBase 
     return calibration_batches(tokenizer, spec)
 
 
+def weights_fingerprint(model: PreTrainedModel, weights: Weights | None = None) -> tuple[str, str]:
+    """(fingerprint, kind): every byte of an in-memory model ("content"); the checkpoint's
+    headers, sizes and mtimes for a streamed one, whose weights are not in memory ("checkpoint")."""
+    if isinstance(weights, StreamedWeights):
+        return weights.checkpoint.fingerprint(), "checkpoint"
+    return content_fingerprint(model), "content"
+
+
 def router_rows(model: PreTrainedModel, adapter: MoEAdapter) -> dict[int, int]:
     """Router rows per MoE layer: the expert dimension of every statistic observed there."""
     layers = adapter.decoder_layers(model)
     return {i: adapter.router_size(adapter.moe_block(layers[i])) for i in adapter.moe_layer_indices(model)}
 
 
-def model_identity(model: PreTrainedModel, adapter: MoEAdapter, fingerprint: str | None = None) -> ModelIdentity:
+def model_identity(model: PreTrainedModel, adapter: MoEAdapter, weights: Weights | None = None) -> ModelIdentity:
     """What a plan made for `model` records, and what a plan applied to it is checked against."""
     groups, per_token = adapter.routing_groups(model.config)
+    fingerprint, kind = weights_fingerprint(model, weights)
     return ModelIdentity(
         model_type=adapter.model_type,
         num_layers=len(adapter.decoder_layers(model)),
@@ -86,8 +101,8 @@ def model_identity(model: PreTrainedModel, adapter: MoEAdapter, fingerprint: str
         hidden_size=int(model.config.hidden_size),
         routing_groups=groups,
         groups_per_token=per_token,
-        fingerprint=fingerprint or content_fingerprint(model),
-        fingerprint_kind="content",
+        fingerprint=fingerprint,
+        fingerprint_kind=kind,
         dtype=str(model.dtype).removeprefix("torch."),
     )
 
@@ -98,13 +113,15 @@ def collect_statistics(
     names: tuple[str, ...],
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    weights: Weights | None = None,
     fingerprint: str | None = None,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], bool]:
     """Observed statistics, from the disk cache when this model and data were seen before.
 
     Returns (statistics, whether they came from the cache). `cache_dir=False` disables caching.
-    The cache key covers every weight (`fingerprint`, computed when not given), the config
-    and the tokens; an entry that does not describe this model's MoE layers is recomputed.
+    The cache key covers the weights (`fingerprint`, see `weights_fingerprint`; computed when
+    not given), the config and the tokens; an entry that does not describe this model's MoE
+    layers and expert counts is recomputed, never half-used.
     """
     adapter = get_adapter(model)
     names = tuple(sorted(set(names) | {"tokens"}))
@@ -112,10 +129,11 @@ def collect_statistics(
     expected = router_rows(model, adapter)
     key = ""
     if cache:
-        key = cache_key(fingerprint or content_fingerprint(model), batches_fingerprint(batches), names, config_fingerprint(model.config))
+        fingerprint = fingerprint or weights_fingerprint(model, weights)[0]
+        key = cache_key(fingerprint, batches_fingerprint(batches), names, config_fingerprint(model.config))
         if (cached := cache.load(key, expected, names)) is not None:
             return cached, True
-    stats = observe_expert_statistics(model, adapter, batches, names, device)
+    stats = observe_expert_statistics(model, adapter, batches, names, device, weights)
     require_finite_statistics(stats)
     if cache:
         cache.save(key, stats)
@@ -137,33 +155,37 @@ def compress(
     options: dict | None = None,
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
     trust_remote_code: bool = False,
 ) -> CompressionResult:
-    """Compress the routed experts of `model` in place, and save the result to `out` if given.
+    """Compress the routed experts of `model`, and save the result to `out` if given.
 
     Either `method` (any name in `moe_compress.methods.METHODS`, with its `options`) +
     `ratio` + `budget` decide from calibration statistics, or `plan` (a Plan or a plan JSON
     file) says what to do directly and no calibration runs; such a plan must have been made
-    for this model (`Plan.check_identity`). `trust_remote_code` lets a checkpoint's own
-    Python code run when `model` is a path (see `io.load`).
+    for this model (`Plan.check_identity`). An in-memory model is changed in place; a
+    checkpoint path is streamed layer by layer when `streaming` says so (see `open_model`),
+    and the result then exists only as the checkpoint written to `out`. `trust_remote_code`
+    lets a checkpoint's own Python code run (see `io.load`).
     """
     start = time.perf_counter()
     require_finite_numbers([("ratio", ratio), *((f"option {k!r}", v) for k, v in (options or {}).items())])
     plan_inputs = [plan] if isinstance(plan, str | Path) else []
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code, plan_inputs)
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code, plan_inputs)
     before = model_size(model, adapter)
-    identity = model_identity(model, adapter)
+    identity = model_identity(model, adapter, weights)
     from_cache = False
     if plan is None:
         chosen = get_method(method)
         batches = _calibration_batches(calib, tokenizer, model.config)
-        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, identity.fingerprint)
+        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.fingerprint)
         plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep), options)
         plan.identity = identity
     else:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         plan.check_identity(identity)
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, weights)
 
 
 def _apply_and_report(
@@ -176,8 +198,17 @@ def _apply_and_report(
     start: float,
     before,
     from_cache: bool,
+    weights: Weights,
 ) -> CompressionResult:
-    """Apply `plan`, summarise what changed, and save if asked: the tail every stage shares."""
+    """Apply `plan`, summarise what changed, and save if asked: the tail every stage shares.
+
+    Streamed, the plan is applied to a copy of the (meta) skeleton, which describes the
+    output's structure and config, while the writer applies it to each layer read from disk.
+    """
+    groups = None
+    if weights.streamed:
+        model = copy.deepcopy(model)
+        groups = streamed_groups(weights, adapter, plan)
     apply_plan(model, plan, adapter)
     after = model_size(model, adapter)
     summary = {
@@ -195,23 +226,24 @@ def _apply_and_report(
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite)
-    return CompressionResult(model, plan, summary, output_dir)
+    output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite, groups)
+    return CompressionResult(None if weights.streamed else model, plan, summary, output_dir)
 
 
-def _prepare(model, tokenizer, out, overwrite, device, trust_remote_code=False, inputs=()):
-    """Shared start of every stage: check the device and the output first, load the model if
-    given a name, and refuse non-finite weights (`load_model` checks those it loads)."""
+def _prepare(model, tokenizer, out, overwrite, device, streaming: Streaming = False, dtype: str = "auto", trust_remote_code: bool = False, inputs=()):
+    """Shared start of every stage: check the device and the output first, open the model if
+    given a name, and refuse non-finite weights of an in-memory model (`load_model` checks
+    those it loads)."""
     check_device(device)
     if out is not None:
         source = model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)
         check_output_dir(out, overwrite, [source, *inputs])
-    if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
-        tokenizer = tokenizer or loaded_tokenizer
-    else:
+    if not isinstance(model, str | Path):
         require_finite_weights(model)
-    return model, tokenizer, get_adapter(model)
+    model, loaded_tokenizer, weights = open_model(model, device, streaming, dtype, trust_remote_code)
+    if weights.streamed and out is None:
+        raise MoECompressError("a streamed run keeps no model in memory: give an output directory (out=...) to write the result to.")
+    return model, tokenizer or loaded_tokenizer, get_adapter(model), weights
 
 
 @releases_outputs
@@ -226,6 +258,8 @@ def drop(
     out: str | Path | None = None,
     overwrite: bool = False,
     device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
     trust_remote_code: bool = False,
 ) -> CompressionResult:
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
@@ -239,17 +273,17 @@ def drop(
     if mode not in MODES:
         raise MoECompressError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
     require_finite_numbers([("target_ratio", target_ratio)])
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code)
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
     before = model_size(model, adapter)
-    identity = model_identity(model, adapter)
+    identity = model_identity(model, adapter, weights)
     batches = _calibration_batches(calib, tokenizer, model.config)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio)
-    scores = observe_similarities(model, adapter, batches, max_distance=distance)
+    scores = observe_similarities(model, adapter, batches, distance, weights, device)
     require_finite_numbers([(f"similarity of MoE layer {k}", v) for k, v in scores.moe.items()])
     require_finite_numbers([(f"similarity of blocks {i}..{i + d}", v) for d, row in scores.blocks.items() for i, v in enumerate(row)])
     plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode)
     plan.identity = identity
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
 
 
 @releases_outputs
@@ -271,11 +305,11 @@ def condense(
     See `methods.condense` for the search; its cost is in `result.plan.meta`.
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code)
+    model, tokenizer, adapter, _ = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code=trust_remote_code)
     before = model_size(model, adapter)
     identity = model_identity(model, adapter)
     batches = _calibration_batches(calib, tokenizer, model.config)
-    stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device, identity.fingerprint)
+    stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device, fingerprint=identity.fingerprint)
     plan = plan_condense(model, adapter, batches, stats, layers, max_experts, fixed_size)
     plan.identity = identity
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, InMemoryWeights(model))

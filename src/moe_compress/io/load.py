@@ -21,10 +21,9 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
@@ -33,13 +32,14 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..finite import require_finite_weights
 from ..progress import progress_enabled
+from .export import record_origin
 from .remote_code import AUTO_MAP, expected_files, is_own_remote_code
+from .residency import StreamedWeights
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_MODELS = ASSETS / "models"
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 TRUST_HINT = "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust its author"
@@ -170,26 +170,13 @@ def remote_code_allowed(source: str, trust_remote_code: bool = False, shown_as: 
 
 
 def check_weight_files(directory: str | Path) -> None:
-    """Refuse pickle-only checkpoints and index entries outside the checkpoint, then open every
-    safetensors header: a truncated or corrupt file fails here, clearly."""
+    """Refuse pickle-only checkpoints, then read every safetensors header through `Checkpoint`
+    (which also refuses index entries outside the directory): a truncated or corrupt file fails
+    here, clearly."""
+    from .checkpoint import INDEX_FILE, Checkpoint
+
     directory = Path(directory)
-    shards = set(directory.glob("*.safetensors"))
-    index_path = directory / SAFETENSORS_INDEX
-    if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise MoECompressError(f"{index_path} is corrupt: its 'weight_map' must map tensor names to shard file names.")
-        for name in sorted(set(weight_map.values())):
-            pure = PurePosixPath(name)
-            if pure.is_absolute() or len(pure.parts) != 1 or name in (".", "..") or "\\" in name:
-                raise MoECompressError(
-                    f"{index_path} names shard {name!r}, outside the checkpoint directory; shards must be files beside "
-                    "the index. Refusing to read it."
-                )
-            if not (directory / name).is_file():
-                raise MoECompressError(f"{index_path} names shard {name}, which is missing from {directory}. Re-download the checkpoint.")
-            shards.add(directory / name)
-    if not shards:
+    if not (directory / INDEX_FILE).is_file() and not any(directory.glob("*.safetensors")):
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise MoECompressError(
@@ -197,19 +184,7 @@ def check_weight_files(directory: str | Path) -> None:
                 "loaded; moe-compress reads safetensors only. Convert them in a trusted environment "
                 "(load, then save_pretrained(..., safe_serialization=True))."
             )
-        raise MoECompressError(f"{directory} holds no weights (*.safetensors); it is a config without a model.")
-    for shard in sorted(shards):
-        try:
-            with safe_open(str(shard), framework="pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as exc:
-            raise MoECompressError(
-                f"checkpoint file {shard} is corrupt or truncated ({exc}). Re-download or re-save the checkpoint."
-            ) from None
-
-
-#: Kept for callers of the earlier name.
-check_safetensors = check_weight_files
+    Checkpoint(directory)
 
 
 @contextmanager
@@ -244,10 +219,17 @@ def _config(source: str, trusted: bool, shown_as: str) -> PretrainedConfig:
     return config
 
 
+def _open(name_or_path: str | Path, trust_remote_code: bool) -> tuple[str, bool, PretrainedConfig]:
+    """(source, whether its code may run, config): the start every loader shares."""
+    source = resolve_model(name_or_path)
+    trusted = remote_code_allowed(source, trust_remote_code, str(name_or_path))
+    return source, trusted, _config(source, trusted, str(name_or_path))
+
+
 def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> tuple[str, PretrainedConfig]:
     """(resolved source, config) of a supported MoE model; code in the checkpoint runs only if trusted."""
-    source = resolve_model(name_or_path)
-    return source, _config(source, remote_code_allowed(source, trust_remote_code, str(name_or_path)), str(name_or_path))
+    source, _, config = _open(name_or_path, trust_remote_code)
+    return source, config
 
 
 def _has_tokenizer_files(source: str) -> bool:
@@ -294,9 +276,7 @@ def load_model(
         raise MoECompressError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
     target = check_device(device)
     shown_as = str(name_or_path)
-    source = resolve_model(name_or_path)
-    trusted = remote_code_allowed(source, trust_remote_code, shown_as)
-    config = _config(source, trusted, shown_as)
+    source, trusted, config = _open(name_or_path, trust_remote_code)
     if Path(source).is_dir():
         check_weight_files(source)
     try:
@@ -312,5 +292,49 @@ def load_model(
         raise MoECompressError(f"cannot load model weights from {name_or_path}: {message}") from None
     _check_loading_info(info, shown_as)
     require_finite_weights(model, shown_as)
-    tokenizer = load_tokenizer(source, trusted, shown_as)
-    return model.to(target).eval(), tokenizer
+    if Path(source).is_dir():
+        record_origin(model, source)
+    return model.to(target).eval(), load_tokenizer(source, trusted, shown_as)
+
+
+def _streamed_dtype(config: PretrainedConfig, checkpoint, dtype: str) -> torch.dtype:
+    """The dtype a streamed model computes in: as asked, or (auto) the config's, else the checkpoint's."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    configured = getattr(config, "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    if isinstance(configured, torch.dtype):
+        return configured
+    stored = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    return next((stored[info.dtype] for info in checkpoint.tensors.values() if info.dtype in stored), torch.float32)
+
+
+def load_streamed(
+    name_or_path: str | Path, dtype: str = "auto", trust_remote_code: bool = False
+) -> tuple[StreamedWeights, PreTrainedTokenizerBase | None]:
+    """A model whose weights stay in its checkpoint until a stage needs one module of them.
+
+    The skeleton is built on the meta device (parameters only: buffers such as rotary
+    frequencies are computed as usual), so opening a 1 TB checkpoint costs its headers.
+    """
+    from accelerate import init_empty_weights
+
+    from .checkpoint import Checkpoint
+
+    if dtype not in DTYPES:
+        raise MoECompressError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    shown_as = str(name_or_path)
+    source, trusted, config = _open(name_or_path, trust_remote_code)
+    if not Path(source).is_dir():
+        raise MoECompressError(
+            f"{name_or_path!r} is not a local checkpoint: streaming reads local safetensors shards. Download it first "
+            "(e.g. `huggingface-cli download`) and pass the directory."
+        )
+    if getattr(config, "quantization_config", None):
+        raise MoECompressError(f"{name_or_path} is a quantised checkpoint; streaming reads full-precision checkpoints only.")
+    checkpoint = Checkpoint(source)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=_streamed_dtype(config, checkpoint, dtype), trust_remote_code=trusted)
+    model.eval()
+    return StreamedWeights(model, checkpoint), load_tokenizer(source, trusted, shown_as)

@@ -4,8 +4,8 @@ Calibration is the expensive step; a second method or ratio on the same model an
 not pay for it again. A cache must never answer for another model, so the key holds:
   * a fingerprint of every weight: `content_fingerprint` hashes every byte of every parameter
     and buffer of an in-memory model (the in-memory path holds only models that fit in RAM);
-    `checkpoint_fingerprint` hashes each safetensors shard's header (names, dtypes, shapes,
-    offsets), size and mtime, which is cheap for a checkpoint far larger than RAM that is read
+    `checkpoint_fingerprint` hashes each safetensors shard's tensor headers (names, dtypes,
+    shapes), size and mtime, which is cheap for a checkpoint far larger than RAM that is read
     lazily -- a changed tensor rewrites its shard, and with it the shard's mtime;
   * the model config as canonical JSON (routing settings such as top-k change statistics
     without touching a weight);
@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import socket
-import struct
 from pathlib import Path
 
 import torch
@@ -61,19 +60,10 @@ def content_fingerprint(model: nn.Module) -> str:
 
 
 def checkpoint_fingerprint(directory: str | Path) -> str:
-    """Hash of each safetensors shard's header bytes, size and mtime (cheap for any checkpoint size)."""
-    digest = hashlib.blake2b(digest_size=16)
-    shards = sorted(Path(directory).glob("*.safetensors"))
-    if not shards:
-        raise MoECompressError(f"{directory} holds no safetensors shards to fingerprint.")
-    for shard in shards:
-        stat = shard.stat()
-        with shard.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = handle.read(length)
-        digest.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}:".encode())
-        digest.update(header)
-    return digest.hexdigest()
+    """Identifies a checkpoint's weights from its safetensors headers, sizes and mtimes (see `Checkpoint.fingerprint`)."""
+    from ..io.checkpoint import Checkpoint
+
+    return Checkpoint(directory).fingerprint()
 
 
 def config_fingerprint(config: object) -> str:

@@ -57,7 +57,7 @@ def capture_layer_inputs(model: nn.Module, adapter: MoEAdapter, batches: list[to
             for i in range(len(originals)):
                 layers[i] = _LayerRecorder(i, sink, is_last=i == len(originals) - 1)
             try:
-                model(input_ids=batch, use_cache=False)
+                model(input_ids=batch.to(model.get_input_embeddings().weight.device), use_cache=False)
             except _StopForward:
                 pass
             hidden.append(sink[0][1].detach().to("cpu"))

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..observe.observer import run_sequential
+from ..io.residency import Weights
+from ..observe.observer import LayerWalk
 
 TARGETS: tuple[str, ...] = ("experts", "shared", "attention")
 Need = Literal["norms", "hessian"]
@@ -208,8 +209,9 @@ def prune_layer_by_layer(
     device: str | torch.device = "cpu",
     propagate: bool = True,
     description: str = "slimming layers",
-) -> None:
-    """Calibrate, prune, and move on: one decoder layer at a time.
+    weights: Weights | None = None,
+) -> LayerWalk:
+    """Calibrate, prune, and move on: one decoder layer at a time (iterate the returned walk).
 
     `observe.observer.run_sequential` (captured layer inputs, one layer on the device at a
     time), pruning each layer once it has been observed; its outputs are then recomputed
@@ -236,7 +238,7 @@ def prune_layer_by_layer(
         prune(collector)
         return propagate
 
-    run_sequential(model, adapter, batches, collect, device, description, after_layer=prune_collected)
+    return LayerWalk(model, adapter, batches, collect, device, description, after_layer=prune_collected, weights=weights)
 
 
 def check_targets(targets: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
