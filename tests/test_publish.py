@@ -173,3 +173,15 @@ def _dead_pid() -> int:
             return pid
         time.sleep(0.01)
     pytest.skip("could not obtain a dead pid")
+
+
+def test_an_aside_is_never_deleted_unless_its_replacement_is_a_checkpoint(tmp_path, capsys):
+    dead = _dead_pid()
+    aside = _checkpoint_dir(tmp_path / f".out.old-{dead}@{publishing.HOST}-0123abcd", "old")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's, made after the crash")
+    with pytest.raises(MoECompressError, match="not a checkpoint"):
+        check_output_dir(out, overwrite=True)
+    assert (aside / "config.json").read_text() == "old" and (out / "notes.txt").is_file()
+    assert "both are left as they are" in capsys.readouterr().err

@@ -66,13 +66,14 @@ def user_errors(command: Callable) -> Callable:
     Float options must be finite (a NaN ratio or learning rate would pass every range check);
     output locks are released when the command ends, however it ends.
     """
-    from .io.publish import release_all
+    from .io.publish import output_locks
 
     @wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            require_finite_numbers((f"--{name.replace('_', '-')}", value) for name, value in kwargs.items())
-            return command(*args, **kwargs)
+            with output_locks():
+                require_finite_numbers((f"--{name.replace('_', '-')}", value) for name, value in kwargs.items())
+                return command(*args, **kwargs)
         except MoECompressError as exc:
             _error_line(str(exc))
             raise typer.Exit(2) from None
@@ -81,8 +82,6 @@ def user_errors(command: Callable) -> Callable:
                 raise
             _error_line(f"{exc.strerror}: {exc.filename or ''}".rstrip(": ") + "; check the path, its permissions and free space.")
             raise typer.Exit(2) from None
-        finally:
-            release_all()
 
     return wrapper
 

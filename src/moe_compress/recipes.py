@@ -86,7 +86,8 @@ FINAL_STAGES: set[str] = set()  # kinds that can only be the last stage
 #: kind -> returns the function whose keyword parameters the stage's options are (for type checks)
 STAGE_OPTIONS: dict[str, Callable[[], Callable]] = {}
 #: parameters a stage fills from the recipe itself, never from its options
-_SET_BY_RECIPE = {"model", "calib", "tokenizer", "device", "out", "overwrite", "trust_remote_code", "plan", "options", "checkpoint_every"}
+_SET_BY_RECIPE = {"model", "calib", "tokenizer", "device", "out", "overwrite", "trust_remote_code", "plan", "options", "checkpoint_every",
+                  "streaming", "dtype"}
 
 
 def register_stage(name: str, function: StageFunction, final: bool = False, accepts: Callable[[], Callable] | None = None) -> None:

@@ -28,7 +28,8 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -160,6 +161,25 @@ def release_all() -> None:
 atexit.register(release_all)
 
 
+@contextmanager
+def output_locks(release_on_success: bool = True) -> Iterator[None]:
+    """Give back the output locks taken inside the block when it fails (and, by default, when it
+    ends); locks held before it are kept."""
+    held = set(_HELD)
+    try:
+        yield
+    except BaseException:
+        _release_since(held)
+        raise
+    if release_on_success:
+        _release_since(held)
+
+
+def _release_since(held: set[Path]) -> None:
+    for key in set(_HELD) - held:
+        release_output(key)
+
+
 def releases_outputs(function: Callable[P, R]) -> Callable[P, R]:
     """Decorate an API entry point: output locks it took are given back if it fails.
 
@@ -169,13 +189,8 @@ def releases_outputs(function: Callable[P, R]) -> Callable[P, R]:
 
     @wraps(function)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        held = set(_HELD)
-        try:
+        with output_locks(release_on_success=False):
             return function(*args, **kwargs)
-        except BaseException:
-            for key in set(_HELD) - held:
-                release_output(key)
-            raise
 
     return wrapper
 
@@ -202,8 +217,10 @@ def _clean_stale(out: Path) -> None:
         if not out.exists() and not out.is_symlink():
             entry.rename(out)
             warn(f"restored {out} from {entry.name}: an earlier run was interrupted while replacing it.")
-        else:
+        elif (out / "config.json").is_file():  # the replacement was published; only deleting the old one was cut short
             shutil.rmtree(entry, ignore_errors=True)
+        else:
+            warn(f"{entry} holds the checkpoint an interrupted run was replacing, and {out} is not a checkpoint; both are left as they are.")
 
 
 def _is_within(path: Path, root: Path) -> bool:
