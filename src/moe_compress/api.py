@@ -230,15 +230,23 @@ def _apply_and_report(
     return CompressionResult(None if weights.streamed else model, plan, summary, output_dir)
 
 
+def _source_of(model: PreTrainedModel | StreamedWeights | str | Path) -> str | Path | None:
+    """Where a model was read from: what an output may not overwrite."""
+    if isinstance(model, str | Path):
+        return model
+    if isinstance(model, StreamedWeights):
+        return model.checkpoint.directory
+    return getattr(model, "name_or_path", None)
+
+
 def _prepare(model, tokenizer, out, overwrite, device, streaming: Streaming = False, dtype: str = "auto", trust_remote_code: bool = False, inputs=()):
     """Shared start of every stage: check the device and the output first, open the model if
     given a name, and refuse non-finite weights of an in-memory model (`load_model` checks
     those it loads)."""
     check_device(device)
     if out is not None:
-        source = model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)
-        check_output_dir(out, overwrite, [source, *inputs])
-    if not isinstance(model, str | Path):
+        check_output_dir(out, overwrite, [_source_of(model), *inputs])
+    if isinstance(model, PreTrainedModel):
         require_finite_weights(model)
     model, loaded_tokenizer, weights = open_model(model, device, streaming, dtype, trust_remote_code)
     if weights.streamed and out is None:

@@ -40,7 +40,6 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_MODELS = ASSETS / "models"
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 TRUST_HINT = "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust its author"
 
@@ -170,20 +169,10 @@ def remote_code_allowed(source: str, trust_remote_code: bool = False, shown_as: 
 
 
 def check_weight_files(directory: str | Path) -> None:
-    """Refuse pickle-only checkpoints, then read every safetensors header through `Checkpoint`
-    (which also refuses index entries outside the directory): a truncated or corrupt file fails
-    here, clearly."""
-    from .checkpoint import INDEX_FILE, Checkpoint
+    """Read every safetensors header through `Checkpoint`, which refuses pickle-only checkpoints and
+    index entries outside the directory: a truncated or corrupt file fails here, clearly."""
+    from .checkpoint import Checkpoint
 
-    directory = Path(directory)
-    if not (directory / INDEX_FILE).is_file() and not any(directory.glob("*.safetensors")):
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise MoECompressError(
-                f"{directory} holds PyTorch pickle weights ({', '.join(pickles)}), which can run arbitrary code when "
-                "loaded; moe-compress reads safetensors only. Convert them in a trusted environment "
-                "(load, then save_pretrained(..., safe_serialization=True))."
-            )
     Checkpoint(directory)
 
 

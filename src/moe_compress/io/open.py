@@ -43,12 +43,18 @@ def should_stream(name_or_path: str | Path, streaming: Streaming, device: str | 
 
 
 def open_model(
-    model: PreTrainedModel | str | Path, device: str = "cpu", streaming: Streaming = "auto", dtype: str = "auto",
+    model: PreTrainedModel | StreamedWeights | str | Path, device: str = "cpu", streaming: Streaming = "auto", dtype: str = "auto",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, Weights]:
-    """(model or its meta skeleton, tokenizer or None, where its weights live); see `io.load` for `trust_remote_code`."""
+    """(model or its meta skeleton, tokenizer or None, where its weights live).
+
+    A name or path is opened as `streaming` says; an in-memory model or an already open
+    streamed model is used as it is. See `io.load` for `trust_remote_code`.
+    """
     if streaming not in (True, False, "auto"):
         raise MoECompressError(f"streaming must be true, false or 'auto'; got {streaming!r}.")
+    if isinstance(model, StreamedWeights):
+        return model.model, None, model
     if not isinstance(model, (str, Path)):
         if streaming is True:
             raise MoECompressError("streaming reads a checkpoint from disk: pass its path instead of an in-memory model.")

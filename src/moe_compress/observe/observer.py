@@ -20,6 +20,7 @@ from ..arch.adapter import MoEAdapter
 from ..io.residency import InMemoryWeights, Weights, split_names
 from ..progress import track
 from .capture import capture_layer_inputs
+from .activations import Activations, default_activations
 from .experts_forward import capturing, is_standard_experts, routing_arguments
 from .statistics import LayerAccumulator, RoutedBatch
 
@@ -40,8 +41,9 @@ class LayerWalk:
 
     Iterating yields `(index, layer)` once the layer has processed every batch (and, if
     `after_layer` changed it, once its outputs were recomputed), while its weights are still
-    loaded: a streamed stage writes the layer out right there. `hidden` then holds the
-    layer's outputs, the next layer's inputs; after the walk, the last layer's outputs.
+    loaded: a streamed stage writes the layer out right there. After the walk, `hidden`
+    holds the last layer's outputs. Between layers the activations live in RAM up to the
+    budget of `activations.activation_budget`, beyond it in files (`observe.activations`).
 
     `layer_context(index, layer)` may return a context manager that is entered while that
     layer processes all batches (statistics hooks attach there). `after_layer(index, layer)`
@@ -70,17 +72,25 @@ class LayerWalk:
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[tuple[int, nn.Module]]:
+        store = default_activations()
+        try:
+            yield from self._walk(store)
+        finally:
+            store.close()
+
+    def _walk(self, store: Activations) -> Iterator[tuple[int, nn.Module]]:
         stem, _, _ = split_names(self.model, self.adapter, self.model.state_dict(keep_vars=True))
         with self.weights.loaded_names(stem, self.device):
             inputs = capture_layer_inputs(self.model, self.adapter, self.batches)
-        self.hidden = inputs.hidden
+        current = [store.keep(h) for h in inputs.hidden]
+        inputs.hidden.clear()
         layers = self.adapter.decoder_layers(self.model)
 
-        def forward_all(index: int, layer: nn.Module) -> list[torch.Tensor]:
+        def forward_all(index: int, layer: nn.Module) -> list:
             outputs = []
             for b, kwargs in enumerate(inputs.layer_kwargs[index]):
-                out = layer(self.hidden[b].to(self.device), **to_device(kwargs, self.device))
-                outputs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
+                out = layer(store.get(current[b]).to(self.device), **to_device(kwargs, self.device))
+                outputs.append(store.keep(out[0] if isinstance(out, tuple) else out))
             return outputs
 
         for index in track(range(len(layers)), self.description):
@@ -91,9 +101,11 @@ class LayerWalk:
                         stack.enter_context(context)
                     outputs = forward_all(index, layer)
                 if self.after_layer is not None and self.after_layer(index, layer):
-                    del outputs  # stale: free them before the recomputation, so at most one set is held beside `hidden`
+                    store.release(outputs)  # stale: free them before the recomputation
                     outputs = forward_all(index, layer)
-                self.hidden = outputs
+                store.release(current)
+                current = outputs
+                self.hidden = [store.get(h) for h in current] if index == len(layers) - 1 else []
                 yield index, layer
 
 
