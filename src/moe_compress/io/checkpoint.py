@@ -21,6 +21,7 @@ from ..errors import MoECompressError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ def _shards(directory: Path) -> list[Path]:
         return [directory / SINGLE_FILE]
     found = sorted(directory.glob("*.safetensors"))
     if not found:
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:  # unpickling runs arbitrary code: never attempted
+            raise MoECompressError(
+                f"{directory} holds PyTorch pickle weights ({', '.join(pickles)}), which can run arbitrary code when "
+                "loaded; moe-compress reads safetensors only. Convert them in a trusted environment "
+                "(load, then save_pretrained(..., safe_serialization=True))."
+            )
         raise MoECompressError(f"{directory} holds no safetensors weights; moe-compress reads only safetensors checkpoints.")
     return found
 

@@ -43,12 +43,13 @@ def should_stream(name_or_path: str | Path, streaming: Streaming, device: str | 
 
 
 def open_model(
-    model: PreTrainedModel | StreamedWeights | str | Path, device: str = "cpu", streaming: Streaming = "auto", dtype: str = "auto"
+    model: PreTrainedModel | StreamedWeights | str | Path, device: str = "cpu", streaming: Streaming = "auto", dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, Weights]:
     """(model or its meta skeleton, tokenizer or None, where its weights live).
 
     A name or path is opened as `streaming` says; an in-memory model or an already open
-    streamed model is used as it is.
+    streamed model is used as it is. See `io.load` for `trust_remote_code`.
     """
     if streaming not in (True, False, "auto"):
         raise MoECompressError(f"streaming must be true, false or 'auto'; got {streaming!r}.")
@@ -59,9 +60,9 @@ def open_model(
             raise MoECompressError("streaming reads a checkpoint from disk: pass its path instead of an in-memory model.")
         return model, None, InMemoryWeights(model)
     if should_stream(model, streaming, device):
-        weights, tokenizer = load_streamed(model, dtype)
+        weights, tokenizer = load_streamed(model, dtype, trust_remote_code)
         return weights.model, tokenizer, weights
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     return loaded, tokenizer, InMemoryWeights(loaded)
 
 

@@ -1,52 +1,34 @@
 """Save compressed models atomically, as stock checkpoints whenever the structure allows.
 
-Everything is written into a temporary sibling directory and renamed into place at the end,
-so a failure (disk full, interrupted run) never leaves a half-written checkpoint at `out`.
+Everything is written into a staging directory beside `out` and published by rename at the
+end (`publish`: an existing output is moved aside, never deleted before its replacement is in
+place), so a failure (disk full, interrupted run) never leaves a half-written checkpoint at
+`out` and never loses the previous one.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import MoECompressError
 from ..plan import Plan
 from .export import Group, model_groups, write_groups
+from .publish import check_output_dir, publish, releases_outputs, staging_dir, write_error
 from .remote_code import write_remote_code, write_stock_identity
 
 PLAN_FILE = "moe_compress_plan.json"
 SUMMARY_FILE = "moe_compress_summary.json"
 
+__all__ = ["PLAN_FILE", "SUMMARY_FILE", "check_output_dir", "needs_remote_code", "publish", "save_compressed", "save_with_summary", "staging_dir"]
+
 
 def needs_remote_code(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "moe_compress", None))
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> None:
-    """Fail before any work is done if `out` would have to be clobbered without permission."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MoECompressError(f"output {out} exists and is not an empty directory; choose another --out or pass --overwrite.")
-
-
-def publish(staged: Path, out: Path) -> Path:
-    """Move a finished directory into place, replacing `out` (callers checked permission first).
-
-    Everything is written beside `out` first and only renamed at the end, so an interrupted run
-    never leaves a half-written checkpoint under the name the user asked for.
-    """
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged.rename(out)
-    return out
 
 
 #: Shards close at this size; a layer larger than that gets a shard of its own. Small shards
@@ -64,6 +46,7 @@ def write_model(directory: Path, model: PreTrainedModel, groups: Iterable[Group]
     write_groups(directory, model, groups, max_shard_bytes)
 
 
+@releases_outputs
 def save_compressed(
     model: PreTrainedModel,
     out: str | Path,
@@ -80,9 +63,8 @@ def save_compressed(
     the meta device, with `groups` producing its tensors layer by layer.
     """
     out = Path(out)
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    check_output_dir(out, overwrite, [getattr(model, "name_or_path", None)])
+    staging = staging_dir(out, "partial")
     try:
         write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes)
         if needs_remote_code(model):
@@ -95,10 +77,11 @@ def save_compressed(
             plan.save(staging / PLAN_FILE)
         if summary is not None:
             (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        publish(staging, out)
-    except BaseException:
+        publish(staging, out, overwrite)
+    except (OSError, SafetensorError) as exc:
+        raise write_error(out, exc) from None
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,6 +1,6 @@
 """The sequential observer and the statistics it accumulates."""
 
-from .cache import StatsCache, cache_key, model_fingerprint
+from .cache import StatsCache, cache_key, checkpoint_fingerprint, config_fingerprint, content_fingerprint
 from .observer import LayerWalk, observe_expert_statistics, run_sequential
 from .statistics import STATISTICS, LayerAccumulator, RoutedBatch, Statistic
 
@@ -12,7 +12,9 @@ __all__ = [
     "Statistic",
     "StatsCache",
     "cache_key",
-    "model_fingerprint",
+    "checkpoint_fingerprint",
+    "config_fingerprint",
+    "content_fingerprint",
     "observe_expert_statistics",
     "run_sequential",
 ]

@@ -22,6 +22,7 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import walk_groups
 from ..io.open import Streaming
+from ..io.publish import releases_outputs
 from ..io.residency import InMemoryWeights, Weights
 from ..io.save import save_with_summary
 from ..progress import track
@@ -166,6 +167,7 @@ def sparsify(
     return tally.to_dict()
 
 
+@releases_outputs
 def slim(
     model: PreTrainedModel | str | Path,
     method: str = "wanda",
@@ -182,6 +184,7 @@ def slim(
     device: str = "cpu",
     streaming: Streaming = "auto",
     dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> SlimResult:
     """Zero weights inside the experts (and optionally shared experts / attention) of `model`.
 
@@ -207,13 +210,13 @@ def slim(
         raise MoECompressError(f"blocksize must be a positive integer; got {blocksize}.")
     if not 0.0 <= damp:
         raise MoECompressError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal); got {damp}.")
-    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype)
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is quantised; sparsify the full-precision model, then quantise.")
     check_targets_present(model, adapter, targets)
     batches = None
     if method != "magnitude":
-        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer)
+        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer, model.config)
     tally = _Tally()
     walk = sparsity_walk(model, method, spec, targets, batches, tally, blocksize, damp, propagate, device, weights)
     summary = {

@@ -77,7 +77,7 @@ def apply_plan(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = 
     """
     adapter = adapter or get_adapter(model)
     plan.validate()
-    plan.check_model(adapter.model_type, experts_per_layer(model, adapter), len(adapter.decoder_layers(model)))
+    plan.check_model(adapter.model_type, experts_per_layer(model, adapter), len(adapter.decoder_layers(model)), adapter.top_k(model.config))
     routed_left = set(experts_per_layer(model, adapter)) - {lp.layer for lp in plan.layers if lp.drop or lp.condensed_weights is not None}
     if not routed_left - set(plan.dropped_blocks):
         raise MoECompressError("this plan leaves no routed MoE layer; keep at least one MoE layer as it is (or prune it).")
