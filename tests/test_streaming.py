@@ -255,3 +255,23 @@ def test_a_rank_that_dies_stops_the_others(checkpoints, tmp_path):
     result = _torchrun(script, {"DIE_ON_RANK": "1", "MOE_COMPRESS_DIST_TIMEOUT": "60"}, timeout=240)
     assert result.returncode != 0
     assert not (tmp_path / "out").exists()
+
+
+def test_symlinked_shards_are_read_and_nan_weights_refused_while_streaming(tmp_path):
+    """Hub cache snapshots link their shards to blobs elsewhere; a NaN in a streamed layer is named when it is read."""
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "blobs", max_shard_size="20KB")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for item in (tmp_path / "blobs").iterdir():
+        (snapshot / item.name).symlink_to(item)
+    weights, _ = load_streamed(snapshot)
+    stats, _ = collect_statistics(weights.model, token_batches(), ("selected",), cache_dir=False, weights=weights)
+    assert sorted(stats) == [0, 1, 2]
+
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[3, 0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    weights, _ = load_streamed(tmp_path / "nan")
+    with pytest.raises(MoECompressError, match="model.layers.1.mlp.experts.down_proj contains 1 NaN"):
+        collect_statistics(weights.model, token_batches(), ("selected",), cache_dir=False, weights=weights)

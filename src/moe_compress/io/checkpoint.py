@@ -52,12 +52,13 @@ def _shards(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise MoECompressError(f"{index} is not a valid safetensors index ({exc}); re-save the checkpoint.") from None
-        root = directory.resolve()
         shards = []
         for name in sorted(set(weight_map.values())):
-            path = (directory / str(name)).resolve()
-            if path.parent != root:
+            # A shard is a plain file name in this directory. It may be a symlink (Hugging Face cache
+            # snapshots link to blobs elsewhere): only the name is checked, not where it points.
+            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
                 raise MoECompressError(f"{index} names shard {name!r} outside the checkpoint directory; refusing to read it.")
+            path = directory / name
             if not path.is_file():
                 raise MoECompressError(f"{index} lists shard {name!r}, which is missing from {directory}; re-download the checkpoint.")
             shards.append(path)

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
+from ..finite import require_finite
 from .checkpoint import Checkpoint
 
 
@@ -190,6 +191,10 @@ class StreamedWeights:
         for alias, stored in self.aliases.items():
             if stored in wanted:
                 self._set(alias, self.model.get_parameter(stored))
+        state = self.model.state_dict(keep_vars=True)
+        for name in wanted:  # checked as read: NaN/Inf would spread through every statistic and plan
+            if name in state and state[name].device.type != "meta":
+                require_finite(state[name], f"checkpoint tensor {name}")
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         owner_name, _, attr = name.rpartition(".")
