@@ -2,9 +2,10 @@
 
 `ShardWriter` receives the output checkpoint in groups (the embeddings, one decoder layer,
 the head, ...), already under their checkpoint names, and writes shards of at most
-`max_shard_bytes` (a group larger than that gets a shard of its own). At most one shard's
-worth of tensors waits in memory, so saving costs one layer plus that bound, whatever the
-size of the model. The file format is safetensors, written by `write_safetensors`:
+`max_shard_bytes` (a group larger than that gets a shard of its own). A shard is written as
+soon as it holds `flush_bytes`, before the next group is produced, so at most that much waits
+in memory beside the layer being written: saving costs one layer, whatever the size of the
+model (a real model's layers, hundreds of MB and more, each end up in a shard of their own). The file format is safetensors, written by `write_safetensors`:
 `safetensors.torch.save_file` first copies every tensor into a bytes object, which at 20 GB
 per DeepSeek-V3 layer would double the peak; this writer streams each tensor's own memory
 to the file instead. Files are read back with the safetensors library like any other.
@@ -56,9 +57,10 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 class ShardWriter:
     """Collects groups of named tensors into shards of bounded size, then writes the index."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
+    def __init__(self, directory: Path, max_shard_bytes: int, flush_bytes: int = 2**28):
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
+        self.flush_bytes = min(flush_bytes, max_shard_bytes)
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
@@ -77,7 +79,7 @@ class ShardWriter:
             self._pending[name] = tensor
         self._pending_bytes += size
         self.total_bytes += size
-        if self._pending_bytes >= self.max_shard_bytes:
+        if self._pending_bytes >= self.flush_bytes:
             self._flush()
 
     def _flush(self) -> None:
