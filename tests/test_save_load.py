@@ -76,7 +76,7 @@ def test_non_uniform_plan_loads_with_remote_code(saved, family):
     counts = {k: v["experts"] for k, v in config["moe_compress"]["layers"].items()}
     assert counts == {str(k): v for k, v in _non_uniform_plan(tiny_model(family)).kept_counts().items()}
     result = results[str(path)]
-    assert result["class"] == "MoECompressForCausalLM"
+    assert result["class"].startswith("MoECompress")
     assert_reloads_exactly(result)
 
 
@@ -94,7 +94,7 @@ def test_novice_checkpoint_stores_one_vector_per_pruned_expert_and_reloads(saved
         key = next(k for k in vectors if f"layers.{index}." in k)
         assert vectors[key] == [len(layer["novices"]), hidden]
     result = results[str(path)]
-    assert result["class"] == "MoECompressForCausalLM"
+    assert result["class"].startswith("MoECompress")
     assert_reloads_exactly(result)
 
 

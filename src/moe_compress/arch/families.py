@@ -1,52 +1,35 @@
-"""The supported architecture families: each states only how it differs from the common path.
+"""The true exceptions: model types whose MoE differs from what discovery finds on its own.
 
-transformers 5 gives every family here the same MoE shape -- a router module returning
-``(logits, top_k_weights, top_k_index)`` and an experts module with fused 3-D weights -- so
-an adapter is a handful of names: where the MoE block, router and shared experts live, which
-config keys hold the expert count and top-k, and how the router turns logits into scores.
+Everything else -- where the layers, router, experts and shared experts are, which config keys
+hold the expert count and top-k, how the router scores -- is found by `discovery.py`, so a new
+transformers family that follows the common shapes needs no line here. Each entry says what
+differs.
 """
 
 from __future__ import annotations
 
-from .adapter import MoEAdapter
+#: Model types we refuse, with the reason (shown to the user, and in `moe-compress families`).
+REFUSED: dict[str, str] = {
+    "diffusion_gemma": "a block-diffusion model with two MoE stacks (encoder and decoder), not a causal language model",
+    "ernie4_5_vl_moe": "modality-isolated experts: text and vision experts share one expert count, and text "
+    "calibration cannot rank the vision experts",
+    "inkling2": "its decoder layers read the outputs of all earlier blocks (block attention residuals), which the "
+    "one-layer-at-a-time pipeline cannot carry",
+    "inkling2_text": "its decoder layers read the outputs of all earlier blocks (block attention residuals), which the "
+    "one-layer-at-a-time pipeline cannot carry",
+    "deepseek_v4": "its first MoE layers route tokens by a fixed token-to-expert table (hash routing), which removing "
+    "experts would break",
+    "zaya": "its router has an extra skip expert beside the routed ones and carries router states from layer to layer",
+    "qwen3_omni_moe": "thinker and talker are two MoE models in one checkpoint and no transformers Auto class loads "
+    "the pair; compress the thinker (qwen3_omni_moe_thinker)",
+    "openai_privacy_filter": "a token classifier, not a language model",
+}
 
-FAMILIES: tuple[MoEAdapter, ...] = (
-    MoEAdapter("mixtral", num_experts_key="num_local_experts"),
-    MoEAdapter(
-        "qwen2_moe",
-        num_experts_key="num_experts",
-        shared_expert_attrs=("shared_expert", "shared_expert_gate"),
-    ),
-    MoEAdapter("qwen3_moe", num_experts_key="num_experts"),
-    MoEAdapter("olmoe", num_experts_key="num_experts"),
-    MoEAdapter(
-        "deepseek_v2",
-        num_experts_key="n_routed_experts",
-        shared_expert_attrs=("shared_experts",),
-        group_keys=("n_group", "topk_group"),
-    ),
-    MoEAdapter(
-        "deepseek_v3",
-        num_experts_key="n_routed_experts",
-        shared_expert_attrs=("shared_experts",),
-        router_score="sigmoid",
-        group_keys=("n_group", "topk_group"),
-    ),
-    MoEAdapter(
-        "glm4_moe",
-        num_experts_key="n_routed_experts",
-        shared_expert_attrs=("shared_experts",),
-        router_score="sigmoid",
-        group_keys=("n_group", "topk_group"),
-    ),
-    MoEAdapter("gpt_oss", num_experts_key="num_local_experts", router_attr="router", moe_returns_tuple=True),
-    MoEAdapter(
-        "ernie4_5_moe",
-        num_experts_key="moe_num_experts",
-        top_k_key="moe_k",
-        shared_expert_attrs=("shared_experts",),
-        # Ernie keeps its correction bias as a [1, E] parameter in a sub-module of the router.
-        router_expert_tensors=(("weight", 0), ("moe_statics.e_score_correction_bias", 1)),
-    ),
-    MoEAdapter("granitemoe", num_experts_key="num_local_experts", moe_attr="block_sparse_moe", router_attr="router"),
-)
+#: Adapter fields discovery cannot read from code or config, per model type: (fields, what differs).
+OVERRIDES: dict[str, tuple[dict, str]] = {
+    "flex_olmo": ({"pre_moe_norm_attr": ""}, "post-norm layers: the MoE reads the residual stream itself"),
+}
+
+#: Config values a model type's default config lacks, so that its skeleton can be built for the
+#: families table (the defaults leave them None): (values, what is missing).
+PROBE_CONFIG: dict[str, tuple[dict, str]] = {}

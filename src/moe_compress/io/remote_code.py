@@ -11,6 +11,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from ..arch.catalog import auto_model_class
+
 TEMPLATES = Path(__file__).parent / "templates"
 RUNTIME_SOURCE = Path(__file__).parent.parent / "runtime.py"
 CONFIG_MODULE = "configuration_moe_compress"
@@ -67,4 +69,6 @@ def write_remote_code(directory: Path, model: PreTrainedModel) -> None:
         "AutoConfig": f"{CONFIG_MODULE}.MoECompressConfig",
         "AutoModelForCausalLM": f"{MODEL_MODULE}.MoECompressForCausalLM",
     }
+    # A vision-language wrapper also loads through the Auto class its stock checkpoints use.
+    config["auto_map"][auto_model_class(model.config).__name__] = f"{MODEL_MODULE}.MoECompressForCausalLM"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

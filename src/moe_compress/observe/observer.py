@@ -56,11 +56,16 @@ def run_sequential(
     hidden = inputs.hidden
     layers = adapter.decoder_layers(model)
 
+    # State a layer hands to the next one beside the hidden states (adapter.layer_state), per batch.
+    carried: list[dict] = [{} for _ in batches]
+    handed: list[dict] = [{} for _ in batches]
+
     def forward_all(index: int, layer: nn.Module) -> list[torch.Tensor]:
         outputs = []
         for b, kwargs in enumerate(inputs.layer_kwargs[index]):
-            out = layer(hidden[b].to(device), **to_device(kwargs, device))
+            out = layer(hidden[b].to(device), **to_device({**kwargs, **carried[b]}, device))
             outputs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
+            handed[b] = {name: out[i] for i, name in adapter.layer_state}
         return outputs
 
     for index in track(range(len(layers)), description):
@@ -76,6 +81,7 @@ def run_sequential(
             del outputs  # stale: free them before the recomputation, so at most one set is held beside `hidden`
             outputs = forward_all(index, layer)
         hidden = outputs
+        carried = [dict(state) for state in handed]
         layer.to(home)
     return hidden
 

@@ -1,0 +1,89 @@
+"""Which model types the installed transformers ships with its standard experts module.
+
+The list is read from transformers itself (the modelling files that use the
+`use_experts_implementation` decorator), so a new family that follows the common shapes shows
+up here -- and is supported -- without a line of moe-compress code.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.models.auto import modeling_auto
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+from ..errors import MoECompressError
+from .families import PROBE_CONFIG
+
+DECORATOR = "@use_experts_implementation"
+CAUSAL = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+IMAGE_TEXT = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+MULTIMODAL_KEYS = ("vision_config", "audio_config")
+
+
+@lru_cache(maxsize=1)
+def standard_moe_model_types() -> tuple[str, ...]:
+    """Model types whose modelling code uses the standard experts module and that load as a language model."""
+    models = Path(transformers.__file__).parent / "models"
+    modules = {path.parent.name for path in models.glob("*/modeling_*.py") if DECORATOR in path.read_text()}
+    return tuple(
+        sorted(t for t in CONFIG_MAPPING_NAMES if model_type_to_module_name(t) in modules and (t in CAUSAL or t in IMAGE_TEXT))
+    )
+
+
+def base_model_type(config: PretrainedConfig) -> str | None:
+    """The transformers family of a config; checkpoints saved with extra structure name theirs."""
+    extra = getattr(config, "moe_compress", None)
+    if isinstance(extra, dict) and extra.get("base_model_type"):
+        return extra["base_model_type"]
+    return getattr(config, "model_type", None)
+
+
+def is_multimodal(config: PretrainedConfig) -> bool:
+    return any(getattr(config, key, None) is not None for key in MULTIMODAL_KEYS)
+
+
+def auto_model_class(config: PretrainedConfig) -> type:
+    """The transformers Auto class that loads a checkpoint of this config whole.
+
+    A multimodal checkpoint loads as image-text-to-text, so its vision tower is kept (and saved
+    again); a text model as a causal LM. Checkpoints with generated code register it for
+    `AutoModelForCausalLM`.
+    """
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "auto_map", None) or model_type in CAUSAL and not (is_multimodal(config) and model_type in IMAGE_TEXT):
+        return transformers.AutoModelForCausalLM
+    if model_type in IMAGE_TEXT:
+        return transformers.AutoModelForImageTextToText
+    raise MoECompressError(f"model type {model_type!r} has no transformers class that runs it as a language model.")
+
+
+def stock_model_class(model_type: str) -> type:
+    """The transformers class of a model type (for building a skeleton from a config of that family)."""
+    name = IMAGE_TEXT.get(model_type) if model_type not in CAUSAL else CAUSAL[model_type]
+    if name is None:
+        raise MoECompressError(f"model type {model_type!r} has no transformers class that runs it as a language model.")
+    return getattr(transformers, name)
+
+
+def build_skeleton(config: PretrainedConfig) -> nn.Module:
+    """The model of `config` on the meta device: every module and shape, no weight memory."""
+    model_type = base_model_type(config)
+    with torch.device("meta"):
+        if model_type != getattr(config, "model_type", None):  # generated code: build the stock family
+            return stock_model_class(model_type)._from_config(config)
+        return auto_model_class(config).from_config(config)
+
+
+def probe_config(model_type: str) -> PretrainedConfig:
+    """The default config of a model type, completed where its defaults leave MoE fields unset."""
+    values, _ = PROBE_CONFIG.get(model_type, ({}, ""))
+    cls = CONFIG_MAPPING[model_type]
+    sub = {k: v for k, v in values.items() if isinstance(v, dict) and k in (getattr(cls, "sub_configs", None) or {})}
+    top = {k: v for k, v in values.items() if k not in sub}
+    return cls(**top, **{name: cls.sub_configs[name](**kwargs) for name, kwargs in sub.items()})
