@@ -2,23 +2,28 @@
 
 `run_battery(model_type, root)` runs each case, records a pass/fail line per case (an exception
 is recorded, not raised, so one broken path does not hide the others), and returns the jobs
-for the fresh-process reload, which the caller batches over all types in one process.
+for the fresh-process reload. The session fixture `battery` runs it for every supported type
+and batches all reloads in one process; `test_families.py` turns the records into tests.
 """
 
 from __future__ import annotations
 
+import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 
-from helpers import save_expected, selected_experts, token_batches
+from helpers import load_in_fresh_process, save_expected, selected_experts, token_batches
 from moe_compress import LayerPlan, MoECompressError, Plan, apply_plan, compress, get_adapter, prune_experts, quantize, save_compressed, slim
 from moe_compress.arch import auto_model_class
+from moe_compress.arch.adapter import TextOnlyCalibrationWarning
 from moe_compress.methods.expert_pruning import routing_limits
 from moe_compress.observe.observer import run_sequential
-from tiny_models import LAYERS, VOCAB, tiny_model
+from tiny_models import LAYERS, SUPPORTED, VOCAB, tiny_model
 
 
 @dataclass
@@ -27,6 +32,7 @@ class BatteryResult:
     outcomes: dict[str, str] = field(default_factory=dict)  # case -> "ok" or the failure
     jobs: list[dict] = field(default_factory=list)  # fresh-process reloads: path, remote, auto class
     quantize_refused: str | None = None
+    seconds: float = 0.0
 
 
 def _keep_plan(model, adapter, keep: dict[int, list[int]]) -> Plan:
@@ -176,10 +182,40 @@ CASES = {
 
 def run_battery(model_type: str, root: Path, cases: tuple[str, ...] = tuple(CASES)) -> BatteryResult:
     result = BatteryResult(model_type)
-    for case in cases:
-        try:
-            CASES[case](model_type, result, root)
-            result.outcomes[case] = "ok"
-        except Exception as error:  # recorded per case and asserted by the tests
-            result.outcomes[case] = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=-4)}"
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextOnlyCalibrationWarning)  # asserted on its own in test_families
+        for case in cases:
+            try:
+                CASES[case](model_type, result, root)
+                result.outcomes[case] = "ok"
+            except Exception as error:  # recorded per case and asserted by the tests
+                result.outcomes[case] = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=-4)}"
+    result.seconds = time.perf_counter() - start
     return result
+
+
+@dataclass
+class Battery:
+    results: dict[str, BatteryResult]
+    reloads: dict[str, dict]  # checkpoint path -> what the fresh process found
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def battery(tmp_path_factory) -> Battery:
+    """Every supported model type through every case; all reloads in one fresh process.
+
+    Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread
+    pool costs up to 20x; one thread keeps the battery to a few minutes.
+    """
+    root = tmp_path_factory.mktemp("battery")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        results = {model_type: run_battery(model_type, root) for model_type in SUPPORTED}
+        reloads = load_in_fresh_process([job for result in results.values() for job in result.jobs])
+    finally:
+        torch.set_num_threads(threads)
+    return Battery(results, reloads, time.perf_counter() - start)

@@ -8,6 +8,7 @@ the few facts that differ from the common shapes.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,10 +39,37 @@ class ExpertTensor:
         return getattr(self.module, self.name)
 
 
+class TextOnlyCalibrationWarning(UserWarning):
+    """Calibration of a vision-language model with text alone."""
+
+
+def warn_if_text_only(adapter: "MoEAdapter") -> None:
+    """Say that a multimodal model is being calibrated on text: experts that serve image tokens look unused."""
+    if adapter.multimodal:
+        warnings.warn(
+            f"{adapter.model_type} is a multimodal model and calibration here is text only: experts that mostly "
+            "serve image, video or audio tokens score low and may be removed; the vision/audio towers are kept as they are.",
+            TextOnlyCalibrationWarning,
+            stacklevel=3,
+        )
+
+
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
     """The config that holds the language model's MoE keys (the text config of a multimodal wrapper)."""
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config
+
+
+def config_value(config: PretrainedConfig, key: str, default=None):
+    """`config.<key>`; for a value that heterogeneous configs set per layer, the per-layer values as a list."""
+    try:
+        return getattr(config, key, default)
+    except RuntimeError as error:  # transformers refuses a global read of a value that differs per layer
+        if "per-layer" not in str(error):
+            raise
+        values = config.to_dict()
+        overrides = values.get("per_layer_config") or {}
+        return [overrides.get(str(i), {}).get(key, values[key]) for i in range(values["num_hidden_layers"])]
 
 
 def resolve(root: nn.Module, dotted: str) -> nn.Module | None:
@@ -144,17 +172,31 @@ class MoEAdapter:
 
     # ---- config ----------------------------------------------------------------------
     def top_k(self, config: PretrainedConfig) -> int:
-        return int(getattr(text_config(config), self.top_k_key))
+        value = config_value(text_config(config), self.top_k_key)
+        return int(max(value) if isinstance(value, (list, tuple)) else value)
 
     def config_num_experts(self, config: PretrainedConfig) -> int:
-        value = getattr(text_config(config), self.num_experts_key)
+        """The routed expert count the config states (the largest, where layers differ)."""
+        value = config_value(text_config(config), self.num_experts_key)
         return int(max(value) if isinstance(value, (list, tuple)) else value)
 
     def set_config_num_experts(self, config: PretrainedConfig, count: int) -> None:
+        """Every MoE layer of the config gets `count` experts, per-layer overrides included.
+
+        Heterogeneous configs (Gemma 4, Dots3) may give single layers their own expert count
+        under `per_layer_config`; those entries change with the global one.
+        """
         target = text_config(config)
-        value = getattr(target, self.num_experts_key)
-        # A per-layer list (HunYuan) stays a list; its entries all become `count`.
+        per_layer = target.to_dict().get("per_layer_config") if getattr(target, "is_heterogeneous", False) else None
+        overridden = per_layer and any(self.num_experts_key in values for values in per_layer.values())
+        if overridden:
+            target.per_layer_config = None
+        value = config_value(target, self.num_experts_key)
+        # A per-layer list stays a list; its entries all become `count`.
         setattr(target, self.num_experts_key, [count] * len(value) if isinstance(value, (list, tuple)) else count)
+        if overridden:
+            key = self.num_experts_key
+            target.per_layer_config = {i: {k: count if k == key else v for k, v in values.items()} for i, values in per_layer.items()}
 
     def routing_groups(self, config: PretrainedConfig) -> tuple[int, int]:
         """(number of expert groups, groups each token may use); (1, 1) when routing is not group-limited."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import textwrap
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..errors import MoECompressError
-from .adapter import MoEAdapter, resolve, text_config
+from .adapter import MoEAdapter, config_value, resolve, text_config
 
 #: Config keys that hold the routed expert count / top-k, most specific first. Aliases in a
 #: config class's `attribute_map` resolve to the key it stores.
@@ -122,10 +123,12 @@ def _canonical_key(config: PretrainedConfig, keys: tuple[str, ...], wanted: set[
     """The stored config key among `keys` whose value is one of `wanted` (else the first present)."""
     present = []
     for key in keys:
-        value = getattr(config, key, None)
+        value = config_value(config, key)
+        canonical = config.attribute_map.get(key, key)
+        if value is None and canonical in config.to_dict():  # a key the config class has, left unset
+            present.append(canonical)
         if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
             continue
-        canonical = config.attribute_map.get(key, key)
         values = set(value) if isinstance(value, (list, tuple)) else {value}
         if values & wanted:
             return canonical
@@ -226,7 +229,7 @@ def _router_facts(router: nn.Module, config: PretrainedConfig) -> dict:
         chosen = _config_value(config, SCORE_KEYS)
         if chosen is not None:
             facts["router_score"] = str(chosen[1])
-    if "norm_topk_prob" in source:
+    if re.search(r"config\.norm_topk_prob\b", source):
         facts["renormalize"] = "norm_topk_prob"
     else:
         topk, softmax = source.find("topk("), source.find("softmax(")

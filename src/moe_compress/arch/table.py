@@ -66,8 +66,10 @@ def describe_shared(adapter: MoEAdapter) -> str:
 
 
 def describe_outputs(model_type: str) -> str:
-    quantize = "quantize: compressed-tensors" if experts_stored_per_expert(model_type) else "quantize refused (experts fused 3-D on disk)"
-    return f"stock: uniform prune, block drop; remote code: non-uniform, MoNE, condensed; {quantize}"
+    """Outputs plain `from_pretrained` loads; everything else (non-uniform, novices, condensed) loads as remote code."""
+    if experts_stored_per_expert(model_type):
+        return "uniform prune, block drop, quantize"
+    return "uniform prune, block drop (quantize refused: experts fused 3-D on disk)"
 
 
 def describe_notes(adapter: MoEAdapter, config) -> str:
@@ -105,7 +107,7 @@ def family_rows() -> list[FamilyRow]:
 
 
 def markdown(rows: list[FamilyRow]) -> str:
-    lines = ["| model type | supported | router | shared experts | outputs | notes |", "|---|---|---|---|---|---|"]
+    lines = ["| model type | supported | router | shared experts | stock-loadable outputs | notes |", "|---|---|---|---|---|---|"]
     for row in rows:
         status = "yes" if row.supported else f"no: {row.reason}"
         cells = [f"`{row.model_type}`", status, row.router, row.shared_experts, row.outputs, row.notes]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch.adapter import MoEAdapter
+from ..arch.adapter import MoEAdapter, warn_if_text_only
 
 
 class _StopForward(Exception):
@@ -57,6 +57,7 @@ class LayerInputs:
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: MoEAdapter, batches: list[torch.Tensor]) -> LayerInputs:
+    warn_if_text_only(adapter)
     layers = adapter.decoder_layers(model)
     originals = list(layers)
     hidden: list[torch.Tensor] = []
