@@ -32,6 +32,8 @@ TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "num_
 GROUP_KEYS = ("n_group", "topk_group")
 #: Config keys that choose an elementwise score function where the router's code defers to the config.
 SCORE_KEYS = ("scoring_func", "expert_selection_fn", "score_func")
+#: Words in the path of a multimodal wrapper's encoder towers (never the language model).
+TOWERS = ("vision", "visual", "audio", "image")
 #: Preferred names of the norm in front of the MoE, when the layer's code does not tell.
 NORM_NAMES = ("pre_feedforward_layernorm", "pre_mlp_layernorm", "pre_ff_layernorm", "ffn_norm", "post_attention_layernorm", "norm")
 
@@ -58,9 +60,9 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"{type(model).__name__} has no layer with the standard transformers experts module "
             "(fused gate_up_proj/down_proj): it is not an MoE model this version can compress."
         )
-    if len(stacks) > 1:  # a multimodal wrapper whose tower is an MoE too (Dots3): its language model is the one
-        text = [(name, module) for name, module in stacks if "language_model" in name.split(".")]
-        stacks = text if len(text) == 1 else stacks
+    towers = [(name, module) for name, module in stacks if any(kind in name for kind in TOWERS)]
+    if len(stacks) - len(towers) == 1:  # a multimodal wrapper whose vision tower is an MoE too (Dots3)
+        stacks = [stack for stack in stacks if stack not in towers]
     if len(stacks) > 1:
         raise MoECompressError(
             f"{type(model).__name__} has {len(stacks)} stacks of MoE layers ({', '.join(n for n, _ in stacks)}); "
