@@ -157,3 +157,23 @@ def test_families_table_covers_every_type_and_the_readme_holds_it():
     assert all(row.router and row.outputs for row in rows if row.supported), "a default config that does not build"
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert markdown(rows) in readme, "README families table is stale: paste `moe-compress families --markdown`"
+
+
+@pytest.mark.parametrize(
+    "model_type, block, reason",
+    [
+        ("beam", 1, "depth-dependent setting of layer 2 .attn_residual_add_idx"),  # residuals scaled by depth
+        ("qwen3_next", 3, "removes every 'full_attention' layer"),  # a hybrid needs its attention layers
+    ],
+)
+def test_block_drop_refuses_what_a_stock_config_cannot_keep_and_leaves_the_model_as_it_was(model_type, block, reason):
+    from moe_compress import Plan, apply_plan
+
+    model = tiny_model(model_type, num_layers=4)
+    adapter = get_adapter(model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    plan = Plan(model_type, 2, [], num_layers=4, dropped_blocks=[block])
+    with pytest.raises(MoECompressError, match=reason):
+        apply_plan(model, plan, adapter)
+    assert len(adapter.decoder_layers(model)) == 4 and model.config.get_text_config().num_hidden_layers == 4
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())

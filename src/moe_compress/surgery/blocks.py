@@ -13,6 +13,7 @@ express is refused rather than saved wrong.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -72,16 +73,30 @@ def _check_layer_kinds(before: list, after: list) -> None:
 PRIMITIVES = (bool, int, float, str, type(None))
 
 
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
 def _settings(layer: nn.Module, adapter: MoEAdapter) -> dict[str, object]:
-    """The plain attributes (flags, sizes, indices) of a layer's modules, MoE block excluded."""
+    """The plain attributes (flags, sizes, indices) a layer's modules read when they run, MoE block excluded.
+
+    Attributes only used while building the module (MiniMax derives its decay buffers, which
+    the checkpoint stores, from its depth) do not change what the layer computes.
+    """
     block = adapter.moe_block(layer)
     skip = {id(m) for m in block.modules()} if block is not None and block is not layer else set()
     found = {}
     for name, module in layer.named_modules():
         if id(module) in skip:
             continue
+        source = _forward_source(type(module))
         for key, value in vars(module).items():
-            if not key.startswith("_") and key not in ("training", "layer_idx") and isinstance(value, PRIMITIVES):
+            if key.startswith("_") or key in ("training", "layer_idx") or not isinstance(value, PRIMITIVES):
+                continue
+            if f"self.{key}" in source:
                 found[f"{name}.{key}".lstrip(".")] = value
     return found
 
