@@ -107,7 +107,10 @@ def _reload_cases(model_type: str, result: BatteryResult, root: Path) -> None:
     compress(uniform, method="reap", ratio=0.5, budget="layer", calib=token_batches(), out=root / f"{model_type}-uniform", cache_dir=False)
     assert not hasattr(uniform.config, "moe_compress"), "a uniform prune must be a stock checkpoint"
     _saved(uniform, "uniform", result, root, False, inputs)
-    non_uniform = tiny_model(model_type)
+    for layers in range(LAYERS, LAYERS + 3):  # per-layer counts need two MoE layers; some tiny stacks have one
+        non_uniform = tiny_model(model_type, num_layers=layers)
+        if len(get_adapter(non_uniform).moe_layer_indices(non_uniform)) > 1:
+            break
     compress(non_uniform, plan=non_uniform_plan(non_uniform), out=root / f"{model_type}-global")
     _saved(non_uniform, "global", result, root, True, inputs)
     novices = tiny_model(model_type)

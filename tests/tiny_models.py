@@ -103,8 +103,8 @@ def _pick(values: list, n: int) -> list:
 
 
 def _fit(values: list, n: int) -> list:
-    """A per-layer list written for `LAYERS` layers, fitted to n (shortened, or its last kind repeated)."""
-    return _pick(values, n) if len(values) >= n else values + values[-1:] * (n - len(values))
+    """A per-layer list written for `LAYERS` layers, fitted to n layers (shortened, or repeated from its start)."""
+    return _pick(values, n) if len(values) >= n else [values[i % len(values)] for i in range(n)]
 
 
 def _shrunk_layer(values: dict) -> dict:

@@ -292,21 +292,24 @@ def discover(model: nn.Module, model_type: str, config: PretrainedConfig | None 
         block_path, _, experts_attr = experts_path.rpartition(".")
         block = resolve(layer, block_path)
         num_experts = int(experts.down_proj.shape[0])
-        router_attr, router, rows = _find_router(block, experts, num_experts, int(tconfig.hidden_size))
-        reference = (layer, block_path, experts_attr, block, experts, router_attr, router, rows, num_experts)
+        # Router rows per expert: more than the experts held when pruned experts became novices.
+        slots = getattr(experts, "expert_slot", None)
+        routed = int(slots.numel()) if isinstance(slots, torch.Tensor) else num_experts
+        router_attr, router, rows = _find_router(block, experts, routed, int(tconfig.hidden_size))
+        reference = (layer, block_path, experts_attr, block, experts, router_attr, router, rows, num_experts, routed)
         if not isinstance(router, ConstantRouter):
             break
     if reference is None:
         raise MoECompressError(f"model type {model_type!r}: no decoder layer holds routed experts.")
-    layer, moe_attr, experts_attr, block, experts, router_attr, router, rows, num_experts = reference
+    layer, moe_attr, experts_attr, block, experts, router_attr, router, rows, num_experts, routed_rows = reference
     if ids := _int_tensors(router):
         raise MoECompressError(
             f"model type {model_type!r} routes some tokens by a fixed table of expert ids ({router_attr}.{ids[0]}, "
             "hash routing): removing experts would break that table, so it cannot be pruned."
         )
-    routed = {num_experts, rows}
+    routed = {num_experts, routed_rows, rows}
     router_specs = tuple((name, _expert_axis(t.shape, routed, name)) for name, t in _tensors(router))
-    block_specs = tuple((name, _expert_axis(t.shape, {num_experts}, name)) for name, t in _tensors(block, recurse=False))
+    block_specs = tuple((name, _expert_axis(t.shape, {num_experts, routed_rows}, name)) for name, t in _tensors(block, recurse=False))
     fields: dict = dict(
         model_type=model_type,
         num_experts_key=_canonical_key(tconfig, EXPERT_COUNT_KEYS, routed) or "",

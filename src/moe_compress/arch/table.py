@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from torch import nn
 
 from ..errors import MoECompressError
 from .adapter import MoEAdapter, text_config
@@ -29,10 +29,18 @@ class FamilyRow:
     notes: str = ""
 
 
-def experts_stored_per_expert(model_type: str) -> bool:
-    """Whether the family's checkpoints keep one 2-D tensor per expert on disk (transformers fuses them on load)."""
-    rules = get_checkpoint_conversion_mapping(model_type) or []
-    return any("experts.*" in str(getattr(rule, "source_patterns", "")) for rule in rules)
+def experts_stored_per_expert(model: nn.Module, adapter: MoEAdapter) -> bool:
+    """Whether the family's checkpoints keep one 2-D tensor per expert (transformers fuses them on load).
+
+    Asked of transformers' own save-time key conversion, on a meta tensor: no weights needed.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    layers = adapter.decoder_layers(model)
+    experts = adapter.experts(adapter.moe_block(layers[adapter.moe_layer_indices(model)[0]]))
+    name = next(n for n, m in model.named_modules() if m is experts) + ".down_proj"
+    converted = revert_weight_conversion(model, {name: experts.down_proj.detach().to("meta")})
+    return all(tensor.dim() == 2 for tensor in converted.values())
 
 
 def describe_router(adapter: MoEAdapter, config) -> str:
@@ -65,9 +73,9 @@ def describe_shared(adapter: MoEAdapter) -> str:
     return ", ".join(a for a in adapter.shared_expert_attrs if a not in gated) + (" (sigmoid gate)" if gated else "")
 
 
-def describe_outputs(model_type: str) -> str:
+def describe_outputs(model: nn.Module, adapter: MoEAdapter) -> str:
     """Outputs plain `from_pretrained` loads; everything else (non-uniform, novices, condensed) loads as remote code."""
-    if experts_stored_per_expert(model_type):
+    if experts_stored_per_expert(model, adapter):
         return "uniform prune, block drop, quantize"
     return "uniform prune, block drop (quantize refused: experts fused 3-D on disk)"
 
@@ -91,13 +99,14 @@ def family_row(model_type: str) -> FamilyRow:
         return FamilyRow(model_type, False, REFUSED[model_type])
     try:
         config = probe_config(model_type)
-        adapter = get_adapter(build_skeleton(config))
+        skeleton = build_skeleton(config)
+        adapter = get_adapter(skeleton)
     except MoECompressError as refused:
         return FamilyRow(model_type, False, str(refused))
     except Exception as error:  # a default config transformers itself cannot build
         return FamilyRow(model_type, True, f"(default config does not build: {type(error).__name__})")
     return FamilyRow(
-        model_type, True, "", describe_router(adapter, config), describe_shared(adapter), describe_outputs(model_type),
+        model_type, True, "", describe_router(adapter, config), describe_shared(adapter), describe_outputs(skeleton, adapter),
         describe_notes(adapter, config),
     )
 
