@@ -41,34 +41,41 @@ def base_model_type(config: PretrainedConfig) -> str | None:
     extra = getattr(config, "moe_compress", None)
     if isinstance(extra, dict) and extra.get("base_model_type"):
         return extra["base_model_type"]
-    return getattr(config, "model_type", None)
+    model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str) and model_type.startswith("moe_compress_"):  # generated code, uniform again
+        return model_type.removeprefix("moe_compress_")
+    return model_type
 
 
 def is_multimodal(config: PretrainedConfig) -> bool:
     return any(getattr(config, key, None) is not None for key in MULTIMODAL_KEYS)
 
 
-def auto_model_class(config: PretrainedConfig) -> type:
-    """The transformers Auto class that loads a checkpoint of this config whole.
+def stock_classes(model_type: str | None, multimodal: bool) -> tuple[str, str] | None:
+    """(Auto class, transformers class) that load a checkpoint of this family whole; None if none does.
 
     A multimodal checkpoint loads as image-text-to-text, so its vision tower is kept (and saved
-    again); a text model as a causal LM. Checkpoints with generated code register it for
-    `AutoModelForCausalLM`.
+    again); a text model as a causal LM.
+    """
+    if model_type in CAUSAL and not (multimodal and model_type in IMAGE_TEXT):
+        return "AutoModelForCausalLM", CAUSAL[model_type]
+    if model_type in IMAGE_TEXT:
+        return "AutoModelForImageTextToText", IMAGE_TEXT[model_type]
+    return None
+
+
+def auto_model_class(config: PretrainedConfig) -> type:
+    """The transformers Auto class that loads a checkpoint of this config whole (see `stock_classes`).
+
+    Checkpoints with generated code register it for `AutoModelForCausalLM` (too).
     """
     model_type = getattr(config, "model_type", None)
-    if getattr(config, "auto_map", None) or model_type in CAUSAL and not (is_multimodal(config) and model_type in IMAGE_TEXT):
+    if getattr(config, "auto_map", None):
         return transformers.AutoModelForCausalLM
-    if model_type in IMAGE_TEXT:
-        return transformers.AutoModelForImageTextToText
-    raise MoECompressError(f"model type {model_type!r} has no transformers class that runs it as a language model.")
-
-
-def stock_model_class(model_type: str) -> type:
-    """The transformers class of a model type (for building a skeleton from a config of that family)."""
-    name = IMAGE_TEXT.get(model_type) if model_type not in CAUSAL else CAUSAL[model_type]
-    if name is None:
+    classes = stock_classes(model_type, is_multimodal(config))
+    if classes is None:
         raise MoECompressError(f"model type {model_type!r} has no transformers class that runs it as a language model.")
-    return getattr(transformers, name)
+    return getattr(transformers, classes[0])
 
 
 def build_skeleton(config: PretrainedConfig) -> nn.Module:
@@ -76,7 +83,10 @@ def build_skeleton(config: PretrainedConfig) -> nn.Module:
     model_type = base_model_type(config)
     with torch.device("meta"):
         if model_type != getattr(config, "model_type", None):  # generated code: build the stock family
-            return stock_model_class(model_type)._from_config(config)
+            classes = stock_classes(model_type, is_multimodal(config))
+            if classes is None:
+                raise MoECompressError(f"model type {model_type!r} has no transformers class that runs it as a language model.")
+            return getattr(transformers, classes[1])._from_config(config)
         return auto_model_class(config).from_config(config)
 
 

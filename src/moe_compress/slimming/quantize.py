@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,7 +31,8 @@ from ..arch.adapter import MoEAdapter
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.load import load_model
-from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed
+from ..io.publish import releases_outputs
+from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
 from ..progress import track
 
 QuantScope = Literal["all", "experts"]
@@ -180,6 +180,7 @@ def _rewrite_shards(directory: Path, targets: set[str], scheme) -> None:
         index.write_text(json.dumps(data, indent=2) + "\n")
 
 
+@releases_outputs
 def quantize(
     model: PreTrainedModel | str | Path,
     out: str | Path,
@@ -189,6 +190,7 @@ def quantize(
     symmetric: bool = True,
     tokenizer: PreTrainedTokenizerBase | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> QuantizeResult:
     """Save `model` with its weights quantised to `bits` (4 or 8), weight-only, as a compressed-tensors checkpoint.
 
@@ -213,9 +215,9 @@ def quantize(
     if scope not in SCOPES:
         raise MoECompressError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}.")
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
     if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model)
+        model, loaded_tokenizer = load_model(model, trust_remote_code=trust_remote_code)
         tokenizer = tokenizer or loaded_tokenizer
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
@@ -240,7 +242,7 @@ def quantize(
         quantization_status=QuantizationStatus.COMPRESSED, ignore=sorted(set(ignore)),
     )
 
-    work = out.parent / f".{out.name}.quantize-{uuid.uuid4().hex[:8]}"
+    work = staging_dir(out, "quantize")
     try:
         staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True)
         bytes_before = checkpoint_bytes(staged)
@@ -260,7 +262,7 @@ def quantize(
             "checkpoint_bytes": checkpoint_bytes(staged),
         }
         (staged / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        publish(staged, out)
+        publish(staged, out, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(out, summary)
