@@ -79,15 +79,19 @@ def auto_model_class(config: PretrainedConfig) -> type:
 
 
 def build_skeleton(config: PretrainedConfig) -> nn.Module:
-    """The model of `config` on the meta device: every module and shape, no weight memory."""
+    """The model of `config` on the meta device: every module and shape, no weight memory.
+
+    Always the stock transformers class of the family: a checkpoint's own code (ours or
+    anyone's) is never imported to learn its structure.
+    """
     model_type = base_model_type(config)
+    classes = stock_classes(model_type, is_multimodal(config))
+    if classes is None:
+        raise MoECompressError(f"model type {model_type!r} has no transformers class that runs it as a language model.")
     with torch.device("meta"):
-        if model_type != getattr(config, "model_type", None):  # generated code: build the stock family
-            classes = stock_classes(model_type, is_multimodal(config))
-            if classes is None:
-                raise MoECompressError(f"model type {model_type!r} has no transformers class that runs it as a language model.")
+        if getattr(config, "auto_map", None) or model_type != getattr(config, "model_type", None):
             return getattr(transformers, classes[1])._from_config(config)
-        return auto_model_class(config).from_config(config)
+        return getattr(transformers, classes[0]).from_config(config)
 
 
 def probe_config(model_type: str) -> PretrainedConfig:
