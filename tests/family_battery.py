@@ -23,7 +23,7 @@ from moe_compress.arch import auto_model_class
 from moe_compress.arch.adapter import TextOnlyCalibrationWarning
 from moe_compress.methods.expert_pruning import routing_limits
 from moe_compress.observe.observer import run_sequential
-from tiny_models import LAYERS, SUPPORTED, VOCAB, tiny_model
+from tiny_models import LAYERS, SUPPORTED, VOCAB, tiny_config, tiny_model
 
 
 @dataclass
@@ -54,7 +54,7 @@ def non_uniform_plan(model) -> Plan:
 
 def _one_group(model_type: str) -> dict:
     """Overrides that make group-limited routing use a single group (any kept subset is then valid)."""
-    config = tiny_model(model_type).config
+    config = tiny_config(model_type)
     adapter = get_adapter(config)
     if adapter.group_keys is None:
         return {}

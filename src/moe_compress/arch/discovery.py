@@ -17,6 +17,7 @@ import ast
 import inspect
 import re
 import textwrap
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -271,13 +272,25 @@ def _int_tensors(module: nn.Module) -> list[str]:
     return [name for name, t in _tensors(module) if not t.is_floating_point() and not t.is_complex()]
 
 
-def discover(model: nn.Module, model_type: str, config: PretrainedConfig | None = None, overrides: dict | None = None) -> MoEAdapter:
-    """The adapter for `model` (real or meta weights), found from its structure and config."""
+@dataclass
+class _Reference:
+    """The MoE layer discovery reads names and shapes from: the first one with a real router."""
+
+    layer: nn.Module
+    moe_attr: str
+    experts_attr: str
+    block: nn.Module
+    experts: nn.Module
+    router_attr: str
+    router: nn.Module
+    num_experts: int  # experts holding weights
+    routed: int  # router rows for routed experts (more than `num_experts` where experts became novices)
+    rows: int  # rows of the router weight (routed ones plus any extra, e.g. shared-expert rows)
+
+
+def _reference_layer(layers: nn.ModuleList, model_type: str, hidden: int) -> _Reference:
     from ..runtime import ConstantRouter, DroppedMoE
 
-    config = config if config is not None else model.config
-    tconfig = text_config(config)
-    layers_path, layers = find_decoder_layers(model)
     reference = None
     for layer in layers:
         found = _experts_in(layer)
@@ -292,58 +305,65 @@ def discover(model: nn.Module, model_type: str, config: PretrainedConfig | None 
         block_path, _, experts_attr = experts_path.rpartition(".")
         block = resolve(layer, block_path)
         num_experts = int(experts.down_proj.shape[0])
-        # Router rows per expert: more than the experts held when pruned experts became novices.
         slots = getattr(experts, "expert_slot", None)
         routed = int(slots.numel()) if isinstance(slots, torch.Tensor) else num_experts
-        router_attr, router, rows = _find_router(block, experts, routed, int(tconfig.hidden_size))
-        reference = (layer, block_path, experts_attr, block, experts, router_attr, router, rows, num_experts, routed)
+        router_attr, router, rows = _find_router(block, experts, routed, hidden)
+        reference = _Reference(layer, block_path, experts_attr, block, experts, router_attr, router, num_experts, routed, rows)
         if not isinstance(router, ConstantRouter):
             break
     if reference is None:
         raise MoECompressError(f"model type {model_type!r}: no decoder layer holds routed experts.")
-    layer, moe_attr, experts_attr, block, experts, router_attr, router, rows, num_experts, routed_rows = reference
-    if ids := _int_tensors(router):
+    return reference
+
+
+def discover(model: nn.Module, model_type: str, config: PretrainedConfig | None = None, overrides: dict | None = None) -> MoEAdapter:
+    """The adapter for `model` (real or meta weights), found from its structure and config."""
+    from ..runtime import ConstantRouter
+    from .catalog import is_multimodal
+
+    config = config if config is not None else model.config
+    tconfig = text_config(config)
+    layers_path, layers = find_decoder_layers(model)
+    ref = _reference_layer(layers, model_type, int(tconfig.hidden_size))
+    if ids := _int_tensors(ref.router):
         raise MoECompressError(
-            f"model type {model_type!r} routes some tokens by a fixed table of expert ids ({router_attr}.{ids[0]}, "
+            f"model type {model_type!r} routes some tokens by a fixed table of expert ids ({ref.router_attr}.{ids[0]}, "
             "hash routing): removing experts would break that table, so it cannot be pruned."
         )
-    routed = {num_experts, routed_rows, rows}
-    router_specs = tuple((name, _expert_axis(t.shape, routed, name)) for name, t in _tensors(router))
-    block_specs = tuple((name, _expert_axis(t.shape, {num_experts, routed_rows}, name)) for name, t in _tensors(block, recurse=False))
+    sizes = {ref.num_experts, ref.routed}
+    router_specs = tuple((name, _expert_axis(t.shape, sizes | {ref.rows}, name)) for name, t in _tensors(ref.router))
+    block_specs = tuple((name, _expert_axis(t.shape, sizes, name)) for name, t in _tensors(ref.block, recurse=False))
     fields: dict = dict(
         model_type=model_type,
-        num_experts_key=_canonical_key(tconfig, EXPERT_COUNT_KEYS, routed) or "",
-        top_k_key=_canonical_key(tconfig, TOP_K_KEYS, {getattr(router, "top_k", -1)}) or "",
-        moe_attr=moe_attr,
-        router_attr=router_attr,
-        experts_attr=experts_attr,
-        shared_expert_attrs=_shared_experts(block, {id(experts), id(router)}),
+        num_experts_key=_canonical_key(tconfig, EXPERT_COUNT_KEYS, sizes) or "",
+        top_k_key=_canonical_key(tconfig, TOP_K_KEYS, {getattr(ref.router, "top_k", -1)}) or "",
+        moe_attr=ref.moe_attr,
+        router_attr=ref.router_attr,
+        experts_attr=ref.experts_attr,
+        shared_expert_attrs=_shared_experts(ref.block, {id(ref.experts), id(ref.router)}),
         router_expert_tensors=tuple((n, a) for n, a in router_specs if a is not None),
         block_expert_tensors=tuple((n, a) for n, a in block_specs if a is not None),
-        moe_returns_tuple=bool(moe_attr) and _returns_tuple(type(block)),
-        pre_moe_norm_attr=_pre_moe_norm(layer, moe_attr),
+        moe_returns_tuple=bool(ref.moe_attr) and _returns_tuple(type(ref.block)),
+        pre_moe_norm_attr=_pre_moe_norm(ref.layer, ref.moe_attr),
         layers_path=layers_path,
         layer_state=_layer_state(resolve(model, layers_path.rpartition(".")[0])),
-        multimodal="language_model" in layers_path.split(".") or any(
-            getattr(config, key, None) is not None for key in ("vision_config", "audio_config")
-        ),
+        multimodal="language_model" in layers_path.split(".") or is_multimodal(config),
     )
-    if not isinstance(router, ConstantRouter):
-        fields.update(_router_facts(router, tconfig))
-        if any(getattr(router, key, None) is not None for key in ("num_group", "n_group")) and all(
-            getattr(tconfig, key, None) is not None for key in GROUP_KEYS
-        ):
+    if isinstance(ref.router, ConstantRouter):  # every MoE layer is condensed: the structure spec names the router
+        fields["router_attr"] = (getattr(config, "moe_compress", None) or {}).get("router_attr", ref.router_attr)
+    else:
+        fields.update(_router_facts(ref.router, tconfig))
+        grouped = any(getattr(ref.router, key, None) is not None for key in ("num_group", "n_group"))
+        if grouped and all(getattr(tconfig, key, None) is not None for key in GROUP_KEYS):
             fields["group_keys"] = GROUP_KEYS
-    else:  # every MoE layer is condensed: the structure spec names the router
-        spec = getattr(config, "moe_compress", None) or {}
-        fields["router_attr"] = spec.get("router_attr", router_attr)
+    biases = [name for name, _ in fields["router_expert_tensors"] + fields["block_expert_tensors"]]
     fields["gates_use_softmax_bias"] = fields.get("router_score", "softmax") == "softmax" and any(
-        "correction" in name or "expert_bias" in name for name, _ in fields["router_expert_tensors"] + fields["block_expert_tensors"]
+        "correction" in name or "expert_bias" in name for name in biases
     )
     fields.update(overrides or {})
-    missing = [key for key in ("num_experts_key", "top_k_key") if not fields[key]]
+    missing = [what for key, what in (("num_experts_key", "expert count"), ("top_k_key", "top-k")) if not fields[key]]
     if missing:
-        raise MoECompressError(f"model type {model_type!r}: cannot find the config key of the {' and '.join(missing)}.")
+        raise MoECompressError(f"model type {model_type!r}: no config key holds its {' or '.join(missing)}.")
     return MoEAdapter(**fields)
 
 
