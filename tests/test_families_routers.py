@@ -177,3 +177,14 @@ def test_block_drop_refuses_what_a_stock_config_cannot_keep_and_leaves_the_model
         apply_plan(model, plan, adapter)
     assert len(adapter.decoder_layers(model)) == 4 and model.config.get_text_config().num_hidden_layers == 4
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_groups_scored_by_their_two_best_experts_keep_two_each_whatever_the_score():
+    """Mistral 4 scores groups like DeepSeek-V3 (sum of the best two) but with softmax scores."""
+    from moe_compress.methods.expert_pruning import routing_limits
+
+    for model_type in ("deepseek_v3", "mistral4"):
+        config = tiny_config(model_type)
+        assert routing_limits(get_adapter(config), config).min_per_group == 2
+    config = tiny_config("deepseek_v2", n_group=2, topk_group=1, topk_method="group_limited_greedy")
+    assert routing_limits(get_adapter(config), config).min_per_group == 1  # DeepSeek-V2 takes a group's best expert
