@@ -17,6 +17,7 @@ Stages therefore run the same code for a 12 M-parameter test model and a 1 T-par
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -98,6 +99,25 @@ def split_names(model: PreTrainedModel, adapter: MoEAdapter, names: Iterable[str
     return stem, layers, head
 
 
+@contextmanager
+def _sequential_loading() -> Iterator[None]:
+    """transformers' loader without its reader threads.
+
+    Each reader thread allocates from its own malloc arena, and memory freed into those
+    arenas stays resident: measured on a 1.2 GB Qwen3-MoE layer, 1.1 GB remained after the
+    layer was released. Reading sequentially returns it (and pread is disk-bound anyway).
+    """
+    previous = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HF_DEACTIVATE_ASYNC_LOAD"]
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = previous
+
+
 class InMemoryWeights:
     """Weights already in memory; a module visits the compute device while it is used."""
 
@@ -161,9 +181,7 @@ class StreamedWeights:
 
     def materialize(self, names: list[str], device: str | torch.device = "cpu") -> None:
         """Read the tensors behind state `names` into the skeleton, on `device`, in the skeleton's dtypes."""
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
-        from transformers.utils import logging as hf_logging
 
         wanted = list(dict.fromkeys(self.aliases.get(name, name) for name in names))
         keys = [key for name in wanted for key in self.targets.get(name, [])]
@@ -172,6 +190,24 @@ class StreamedWeights:
         config = LoadStateDictConfig(
             weight_mapping=self.conversions, device_map={"": str(device)}, dtype=self.model.dtype, dtype_plan=self.dtype_plan
         )
+        with _sequential_loading():
+            # One target at a time: a fused expert tensor is assembled from its per-expert parts
+            # (the parts, then the stack: twice its size) before the next one is read.
+            for name in wanted:
+                if name in self.targets:
+                    self._load(self.targets[name], config)
+        for alias, stored in self.aliases.items():
+            if stored in wanted:
+                self._set(alias, self.model.get_parameter(stored))
+        state = self.model.state_dict(keep_vars=True)
+        for name in wanted:  # checked as read: NaN/Inf would spread through every statistic and plan
+            if name in state and state[name].device.type != "meta":
+                require_finite(state[name], f"checkpoint tensor {name}")
+
+    def _load(self, keys: list[str], config) -> None:
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.utils import logging as hf_logging
+
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
@@ -188,13 +224,6 @@ class StreamedWeights:
         if info.conversion_errors:
             name, error = next(iter(info.conversion_errors.items()))
             raise MoECompressError(f"cannot convert checkpoint tensor(s) for {name}: {str(error).splitlines()[0]}")
-        for alias, stored in self.aliases.items():
-            if stored in wanted:
-                self._set(alias, self.model.get_parameter(stored))
-        state = self.model.state_dict(keep_vars=True)
-        for name in wanted:  # checked as read: NaN/Inf would spread through every statistic and plan
-            if name in state and state[name].device.type != "meta":
-                require_finite(state[name], f"checkpoint tensor {name}")
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         owner_name, _, attr = name.rpartition(".")
