@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -142,6 +143,17 @@ class InMemoryWeights:
             module.to(home)
 
 
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class PreQuantized:
+    """A pre-quantised checkpoint's stored `quantization_config` and the quantizer that dequantises it on load."""
+
+    config: dict
+    quantizer: object
+
+
 class StreamedWeights:
     """A skeleton model whose tensors are read from a checkpoint module by module.
 
@@ -152,12 +164,14 @@ class StreamedWeights:
 
     streamed = True
 
-    def __init__(self, model: PreTrainedModel, checkpoint: Checkpoint):
+    def __init__(self, model: PreTrainedModel, checkpoint: Checkpoint, quantization: PreQuantized | None = None):
         from transformers.conversion_mapping import get_model_conversion_mapping
 
         self.model = model
         self.checkpoint = checkpoint
-        self.conversions = get_model_conversion_mapping(model)
+        self.quantization = quantization
+        quantizer = quantization.quantizer if quantization else None
+        self.conversions = get_model_conversion_mapping(model, None, quantizer)
         self.targets, self.carried = checkpoint_targets(model, checkpoint, self.conversions)
         expected = model.state_dict(keep_vars=True)
         self._names = module_names(model)
@@ -188,7 +202,8 @@ class StreamedWeights:
         if not keys:
             return
         config = LoadStateDictConfig(
-            weight_mapping=self.conversions, device_map={"": str(device)}, dtype=self.model.dtype, dtype_plan=self.dtype_plan
+            weight_mapping=self.conversions, device_map={"": str(device)}, dtype=self.model.dtype, dtype_plan=self.dtype_plan,
+            hf_quantizer=self.quantization.quantizer if self.quantization else None,
         )
         with _sequential_loading():
             # One target at a time: a fused expert tensor is assembled from its per-expert parts
@@ -210,11 +225,18 @@ class StreamedWeights:
 
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
+        # The loader records the conversions it used on the model, and saving reverses them; those of a
+        # dequantising quantizer cannot be reversed, so the skeleton keeps the ones it had.
+        recorded = self.model.__dict__.get("_weight_conversions", _UNSET)
         try:
             info, _ = convert_and_load_state_dict_in_model(self.model, self.checkpoint.lazy(keys), config)
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
+            if recorded is _UNSET:
+                self.model.__dict__.pop("_weight_conversions", None)
+            else:
+                self.model._weight_conversions = recorded
         if info.mismatched_keys:
             name, found, expected = sorted(info.mismatched_keys)[0]
             raise MoECompressError(
