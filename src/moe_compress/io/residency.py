@@ -233,10 +233,11 @@ class StreamedWeights:
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
-            if recorded is _UNSET:
-                self.model.__dict__.pop("_weight_conversions", None)
-            else:
-                self.model._weight_conversions = recorded
+            if self.quantization is not None:
+                if recorded is _UNSET:
+                    self.model.__dict__.pop("_weight_conversions", None)
+                else:
+                    self.model._weight_conversions = recorded
         if info.mismatched_keys:
             name, found, expected = sorted(info.mismatched_keys)[0]
             raise MoECompressError(
