@@ -49,11 +49,12 @@ _LOADER = textwrap.dedent(
 
     sys.meta_path.insert(0, _NoMoECompress())
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     results = {}
     for job in json.loads(sys.argv[1]):
-        model = AutoModelForCausalLM.from_pretrained(job["path"], trust_remote_code=job["remote"]).eval()
+        auto = getattr(transformers, job.get("auto", "AutoModelForCausalLM"))
+        model = auto.from_pretrained(job["path"], trust_remote_code=job["remote"]).eval()
         saved = torch.load(job["path"] + "/expected.pt")
         with torch.no_grad():
             logits = model(saved["input_ids"]).logits
@@ -88,7 +89,11 @@ def assert_reloads_exactly(result: dict) -> None:
 
 
 def load_in_fresh_process(jobs: list[dict]) -> dict[str, dict]:
-    """Load each checkpoint in a new Python process that cannot import moe_compress."""
+    """Load each checkpoint in a new Python process that cannot import moe_compress.
+
+    A job names the checkpoint `path`, whether it needs `remote` code, and optionally the
+    transformers `auto` class that loads it (default AutoModelForCausalLM).
+    """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "-c", _LOADER, json.dumps(jobs)], capture_output=True, text=True, cwd="/", env=env, timeout=900

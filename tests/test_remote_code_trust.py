@@ -114,7 +114,7 @@ def test_our_generated_code_loads_without_the_flag(own):
     config = json.loads((own / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP
     model, _ = load_model(own)
-    assert type(model).__name__ == "MoECompressForCausalLM"
+    assert type(model).__name__.startswith("MoECompress")
     load_config(own)
 
 

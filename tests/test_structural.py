@@ -115,7 +115,7 @@ def test_block_dropped_checkpoint_loads_in_plain_transformers(structural_checkpo
 def test_dropped_and_condensed_layers_reload_exactly(structural_checkpoints, name):
     root, results = structural_checkpoints
     result = results[str(root / name)]
-    assert result["class"] == "MoECompressForCausalLM"
+    assert result["class"].startswith("MoECompress")
     assert_reloads_exactly(result)
 
 

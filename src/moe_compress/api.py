@@ -99,7 +99,7 @@ def model_identity(model: PreTrainedModel, adapter: MoEAdapter, weights: Weights
         num_layers=len(adapter.decoder_layers(model)),
         experts_per_layer=experts_per_layer(model, adapter),
         top_k=adapter.top_k(model.config),
-        hidden_size=int(model.config.hidden_size),
+        hidden_size=int(model.config.get_text_config().hidden_size),
         routing_groups=groups,
         groups_per_token=per_token,
         fingerprint=fingerprint,

@@ -736,6 +736,27 @@ def run_command(
 
 
 @app.command()
+def families(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as markdown (the README's families section).")] = False,
+) -> None:
+    """List the MoE model types of the installed transformers: supported or not and why, router, shared experts,
+    and which outputs load with plain from_pretrained (the others load with trust_remote_code)."""
+    from .arch.table import family_rows
+    from .arch.table import markdown as to_markdown
+
+    rows = family_rows()
+    if markdown:
+        print(to_markdown(rows), end="")
+        return
+    table = Table(title=f"{sum(r.supported for r in rows)} of {len(rows)} MoE model types supported")
+    for column in ("model type", "supported", "router", "shared experts", "stock-loadable outputs", "notes"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.model_type, "yes" if row.supported else f"no: {row.reason}", row.router, row.shared_experts, row.outputs, row.notes)
+    out_console.print(table)
+
+
+@app.command()
 def methods() -> None:
     """List the registered compression methods and their options."""
     from .methods import METHODS

@@ -52,16 +52,21 @@ def resolve(root: nn.Module, dotted: str) -> nn.Module:
     return root
 
 
-def _resize(layer: nn.Module, tensors: list, count: int) -> None:
-    """Give each (dotted name, axis) tensor `count` slices along its axis (values loaded later)."""
+def _resize(layer: nn.Module, tensors: list, count: int, original: int) -> None:
+    """Give each (dotted name, axis) tensor `count` expert slices along its axis (values loaded later).
+
+    A freshly built layer has `original` experts; rows beyond them (a router's shared-expert
+    rows) are not experts and are kept.
+    """
     for dotted, axis in tensors:
         owner_path, _, name = dotted.rpartition(".")
         owner = resolve(layer, owner_path)
         old = getattr(owner, name)
-        if old.shape[axis] == count:
+        size = count + max(old.shape[axis] - original, 0)
+        if old.shape[axis] == size:
             continue
         shape = list(old.shape)
-        shape[axis] = count
+        shape[axis] = size
         new = torch.zeros(shape, dtype=old.dtype, device=old.device)
         setattr(owner, name, nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new)
 
@@ -186,9 +191,10 @@ def apply_structure(model: nn.Module, spec: dict, hidden_size: int) -> None:
         if layer_spec.get("dropped"):
             setattr(layer, spec["moe_attr"], DroppedMoE(spec.get("moe_returns_tuple", False)))
             continue
-        _resize(layer, spec["router_tensors"], layer_spec["router"])
+        original = spec["original_num_experts"]
+        _resize(layer, spec["router_tensors"], layer_spec["router"], original)
         _set_counts(layer, spec["router_count_holders"], layer_spec["router"])
-        _resize(layer, spec["expert_tensors"], layer_spec["experts"])
+        _resize(layer, spec["expert_tensors"], layer_spec["experts"], original)
         _set_counts(layer, spec["expert_count_holders"], layer_spec["experts"])
         novices = layer_spec.get("novices") or []
         if novices:

@@ -83,7 +83,7 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
         try:
             weights.materialize(weights.state_names(work))
             if index in decisions:
-                apply_layer_plan(work, adapter, plan, decisions[index], model.config.hidden_size)
+                apply_layer_plan(work, adapter, plan, decisions[index], model.config.get_text_config().hidden_size)
             group = {f"{prefix}.{new_index}.{name}": value for name, value in work.state_dict().items()}
         finally:
             layers[index] = original

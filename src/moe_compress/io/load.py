@@ -24,10 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from ..arch.catalog import auto_model_class
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..finite import require_finite_weights
@@ -136,7 +137,8 @@ def _python_files(source: str, config: dict) -> dict[str, bytes]:
     if Path(source).is_dir():
         return {p.name: p.read_bytes() for p in Path(source).glob("*.py") if p.is_file()}
     extra = config.get("moe_compress")
-    expected = expected_files(extra.get("base_model_type", "")) if isinstance(extra, dict) else None
+    multimodal = any(config.get(key) is not None for key in ("vision_config", "audio_config"))
+    expected = expected_files(extra.get("base_model_type", ""), multimodal) if isinstance(extra, dict) else None
     found = {name: _checkpoint_file(source, name) for name in expected or {}}
     return {name: path.read_bytes() for name, path in found.items() if path is not None}
 
@@ -160,7 +162,7 @@ def remote_code_allowed(source: str, trust_remote_code: bool = False, shown_as: 
     if trust_remote_code:
         return True
     modules = ", ".join(sorted({ref.rsplit(".", 1)[0] for ref in refs}))
-    ours = config.get("auto_map") == AUTO_MAP
+    ours = AUTO_MAP.items() <= (config.get("auto_map") or {}).items()
     origin = " (it claims to be a moe-compress output, but its code differs from what this version writes)" if ours else ""
     raise MoECompressError(
         f"{shown_as} ships Python code that would run on loading (auto_map: {modules}){origin}; it was not run. "
@@ -270,7 +272,7 @@ def load_model(
         check_weight_files(source)
     try:
         with transformers_quiet():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = auto_model_class(config).from_pretrained(
                 source, config=config, dtype=DTYPES[dtype], trust_remote_code=trusted,
                 use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True,
             )
@@ -323,7 +325,7 @@ def load_streamed(
     quantization = _dequantizer(config, shown_as)
     checkpoint = Checkpoint(source)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=_streamed_dtype(config, checkpoint, dtype), trust_remote_code=trusted)
+        model = auto_model_class(config).from_config(config, dtype=_streamed_dtype(config, checkpoint, dtype), trust_remote_code=trusted)
     model.eval()
     return StreamedWeights(model, checkpoint, quantization), load_tokenizer(source, trusted, shown_as)
 

@@ -18,16 +18,23 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from ..arch.catalog import MULTIMODAL_KEYS, auto_model_class, stock_classes
+
 TEMPLATES = Path(__file__).parent / "templates"
 RUNTIME_SOURCE = Path(__file__).parent.parent / "runtime.py"
 CONFIG_MODULE = "configuration_moe_compress"
 MODEL_MODULE = "modeling_moe_compress"
 RUNTIME_MODULE = "moe_compress_runtime"
-#: The only `auto_map` our checkpoints carry.
+#: The `auto_map` our checkpoints carry; a vision-language family adds its own Auto class (`own_auto_map`).
 AUTO_MAP = {
     "AutoConfig": f"{CONFIG_MODULE}.MoECompressConfig",
     "AutoModelForCausalLM": f"{MODEL_MODULE}.MoECompressForCausalLM",
 }
+
+
+def own_auto_map(auto_class: str) -> dict[str, str]:
+    """Our `auto_map` for a family whose stock checkpoints load through `auto_class`."""
+    return {**AUTO_MAP, auto_class: f"{MODEL_MODULE}.MoECompressForCausalLM"}
 GENERATED_FILES = (f"{CONFIG_MODULE}.py", f"{MODEL_MODULE}.py", f"{RUNTIME_MODULE}.py")
 
 
@@ -57,19 +64,23 @@ def generated_files(base_type: str, config_class: str, model_class: str) -> dict
     }
 
 
-def expected_files(base_type: str) -> dict[str, str] | None:
-    """What this moe-compress writes for a checkpoint of `base_type` (None: not a transformers causal LM).
+def expected_files(base_type: str, multimodal: bool = False) -> dict[str, str] | None:
+    """What this moe-compress writes for a checkpoint of `base_type` (None: not a transformers language model).
 
-    The class names come from transformers' own registry, never from the checkpoint.
+    The class names come from transformers' own registry, never from the checkpoint; a
+    multimodal checkpoint (one with a vision or audio config) is the image-text-to-text class.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config_class = CONFIG_MAPPING_NAMES.get(base_type)
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(base_type)
-    if not isinstance(config_class, str) or not isinstance(model_class, str):
+    classes = stock_classes(base_type, multimodal)
+    if not isinstance(config_class, str) or classes is None:
         return None
-    return generated_files(base_type, config_class, model_class)
+    return generated_files(base_type, config_class, classes[1])
+
+
+def _multimodal(config: dict) -> bool:
+    return any(config.get(key) is not None for key in MULTIMODAL_KEYS)
 
 
 def is_own_remote_code(config: dict, python_files: dict[str, bytes]) -> bool:
@@ -78,13 +89,14 @@ def is_own_remote_code(config: dict, python_files: dict[str, bytes]) -> bool:
     `config` is the parsed config.json; `python_files` maps every `.py` file name that sits
     beside it to its bytes. Nothing here imports or executes the checkpoint's files.
     """
-    if config.get("auto_map") != AUTO_MAP:
-        return False
     extra = config.get("moe_compress")
     base_type = extra.get("base_model_type") if isinstance(extra, dict) else None
     if not isinstance(base_type, str) or config.get("model_type") != f"moe_compress_{base_type}":
         return False
-    expected = expected_files(base_type)
+    classes = stock_classes(base_type, _multimodal(config))
+    if classes is None or config.get("auto_map") != own_auto_map(classes[0]):
+        return False
+    expected = expected_files(base_type, _multimodal(config))
     if expected is None or set(python_files) != set(expected):
         return False
     return all(python_files[name] == text.encode() for name, text in expected.items())
@@ -117,5 +129,5 @@ def write_remote_code(directory: Path, model: PreTrainedModel) -> None:
     config = json.loads(config_path.read_text())
     config["model_type"] = f"moe_compress_{base_type}"
     config["architectures"] = ["MoECompressForCausalLM"]
-    config["auto_map"] = dict(AUTO_MAP)
+    config["auto_map"] = own_auto_map(auto_model_class(model.config).__name__)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

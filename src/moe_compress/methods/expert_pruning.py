@@ -14,8 +14,8 @@ from .registry import Method, PlanRequest, register
 def routing_limits(adapter: MoEAdapter, config) -> RoutingLimits:
     """What each layer's router needs to keep working after pruning."""
     groups, per_token = adapter.routing_groups(config)
-    # DeepSeek-V3/GLM score a group by the sum of its two best experts.
-    min_per_group = 2 if groups > 1 and adapter.router_score == "sigmoid" else 1
+    # DeepSeek-V3/GLM (and Mistral 4's softmax router) score a group by the sum of its two best experts.
+    min_per_group = adapter.group_score_experts if groups > 1 else 1
     return RoutingLimits(adapter.top_k(config), groups, per_token, min_per_group)
 
 

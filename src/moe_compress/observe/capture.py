@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch.adapter import MoEAdapter
+from ..arch.adapter import MoEAdapter, warn_if_text_only
 
 
 class _StopForward(Exception):
@@ -22,19 +22,29 @@ class _StopForward(Exception):
 
 
 class _LayerRecorder(nn.Module):
-    def __init__(self, index: int, sink: list, is_last: bool):
+    def __init__(self, index: int, sink: list, is_last: bool, layer: nn.Module, state: tuple[str, ...] = ()):
         super().__init__()
-        self.index, self.sink, self.is_last = index, sink, is_last
+        self.index, self.sink, self.is_last, self.state = index, sink, is_last, state
+        self._layer = [layer]  # not a submodule: the recorder stands in for it
+
+    def __getattr__(self, name: str):
+        # Hybrid models read what kind a layer is (NemotronH's `block_type`) before calling it.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"][0], name)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if args:
+        if any(arg is not None for arg in args):  # Gemma 4 passes its (unused) per-layer input positionally
             raise RuntimeError("decoder layers called with extra positional arguments are not supported")
         if self.index == 0:
             self.sink.append(("hidden", hidden_states))
         self.sink.append(("kwargs", {k: v for k, v in kwargs.items() if k != "past_key_values"}))
         if self.is_last:
             raise _StopForward
-        return hidden_states
+        # Layers that hand state to the next one return it beside the hidden states (see
+        # MoEAdapter.layer_state); the recorder passes the incoming state through.
+        return (hidden_states, *(kwargs.get(name) for name in self.state)) if self.state else hidden_states
 
 
 @dataclass
@@ -47,6 +57,7 @@ class LayerInputs:
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: MoEAdapter, batches: list[torch.Tensor]) -> LayerInputs:
+    warn_if_text_only(adapter)
     layers = adapter.decoder_layers(model)
     originals = list(layers)
     hidden: list[torch.Tensor] = []
@@ -55,7 +66,8 @@ def capture_layer_inputs(model: nn.Module, adapter: MoEAdapter, batches: list[to
         for batch in batches:
             sink: list = []
             for i in range(len(originals)):
-                layers[i] = _LayerRecorder(i, sink, is_last=i == len(originals) - 1)
+                state = tuple(name for _, name in adapter.layer_state)
+                layers[i] = _LayerRecorder(i, sink, is_last=i == len(originals) - 1, layer=originals[i], state=state)
             try:
                 model(input_ids=batch.to(model.get_input_embeddings().weight.device), use_cache=False)
             except _StopForward:

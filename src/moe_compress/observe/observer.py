@@ -86,12 +86,17 @@ class LayerWalk:
         current = [store.keep(h) for h in inputs.hidden]
         inputs.hidden.clear()
         layers = self.adapter.decoder_layers(self.model)
+        # State a layer hands to the next one beside the hidden states (adapter.layer_state, e.g.
+        # GLM-5's sparse-attention indices), per batch: what enters the current layer, what leaves it.
+        carried: list[dict] = [{} for _ in current]
+        handed: list[dict] = [{} for _ in current]
 
         def forward_all(index: int, layer: nn.Module) -> list:
             outputs = []
             for b, kwargs in enumerate(inputs.layer_kwargs[index]):
-                out = layer(store.get(current[b]).to(self.device), **to_device(kwargs, self.device))
+                out = layer(store.get(current[b]).to(self.device), **to_device({**kwargs, **carried[b]}, self.device))
                 outputs.append(store.keep(out[0] if isinstance(out, tuple) else out))
+                handed[b] = {name: out[i] for i, name in self.adapter.layer_state}
             return outputs
 
         for index in track(range(len(layers)), self.description):
@@ -106,6 +111,7 @@ class LayerWalk:
                     outputs = forward_all(index, layer)
                 store.release(current)
                 current = outputs
+                carried = [dict(state) for state in handed]
                 self.hidden = [store.get(h) for h in current] if index == len(layers) - 1 else []
                 yield index, layer
 

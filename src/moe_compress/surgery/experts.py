@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..arch.adapter import ExpertTensor, MoEAdapter
+from ..arch.adapter import ExpertTensor, MoEAdapter, text_config
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import note_plan
@@ -29,10 +29,13 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(module, name, value)
 
 
-def _slice(tensors: list[ExpertTensor], keep: torch.Tensor) -> None:
+def _slice(tensors: list[ExpertTensor], keep: torch.Tensor, routed: int) -> None:
+    """Keep slices `keep` of each tensor; rows past the `routed` experts (shared-expert rows of
+    a router, say) are not experts and stay, after the kept ones."""
     for tensor in tensors:
         value = tensor.value
-        _replace(tensor.module, tensor.name, value.index_select(tensor.axis, keep.to(value.device)).contiguous())
+        rows = torch.cat([keep, torch.arange(routed, value.shape[tensor.axis], dtype=keep.dtype)])
+        _replace(tensor.module, tensor.name, value.index_select(tensor.axis, rows.to(value.device)).contiguous())
 
 
 def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: LayerPlan, hidden_size: int) -> None:
@@ -42,6 +45,11 @@ def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: Laye
     materialised layer at a time, and the in-memory path runs the very same code.
     """
     if lp.drop:
+        if not adapter.moe_attr:
+            raise MoECompressError(
+                f"{adapter.model_type} runs its experts inside the decoder layer, beside the dense MLP: "
+                "its MoE sub-layer cannot be dropped on its own; drop whole blocks instead."
+            )
         setattr(layer, adapter.moe_attr, DroppedMoE(adapter.moe_returns_tuple))
         return
     if len(lp.keep) == lp.num_experts and lp.condensed_weights is None:
@@ -49,7 +57,8 @@ def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: Laye
     block = adapter.moe_block(layer)
     keep = torch.tensor(sorted(lp.keep), dtype=torch.long)
     router_holders, expert_holders = adapter.count_holders(block)
-    _slice(adapter.routed_expert_tensors(block), keep)
+    routed = adapter.num_experts(block)
+    _slice(adapter.routed_expert_tensors(block), keep, routed)
     for holder in expert_holders:
         holder.num_experts = len(keep)
     reference = adapter.experts(block).down_proj
@@ -62,7 +71,7 @@ def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: Laye
             vectors = torch.zeros(len(lp.removed), hidden_size)
         attach_novices(adapter.experts(block), lp.removed, lp.num_experts, vectors.to(reference.device, reference.dtype).clone())
     else:
-        _slice(adapter.router_tensors(block), keep)
+        _slice(adapter.router_tensors(block), keep, routed)
         for holder in router_holders:
             holder.num_experts = len(keep)
 
@@ -83,7 +92,7 @@ def apply_plan(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = 
         raise MoECompressError("this plan leaves no routed MoE layer; keep at least one MoE layer as it is (or prune it).")
     layers = adapter.decoder_layers(model)
     for lp in plan.layers:
-        apply_layer_plan(layers[lp.layer], adapter, plan, lp, model.config.hidden_size)
+        apply_layer_plan(layers[lp.layer], adapter, plan, lp, text_config(model.config).hidden_size)
     drop_blocks(model, adapter, sorted(plan.dropped_blocks))
     sync_config_structure(model, adapter)
     note_plan(model, plan)

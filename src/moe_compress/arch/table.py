@@ -1,0 +1,124 @@
+"""The families table: every MoE model type of the installed transformers, as discovery sees it.
+
+Each row comes from building that type's default config on the meta device and running the
+same discovery the pipeline uses, so the table (printed by `moe-compress families`, and the
+README's copy of it from `moe-compress families --markdown`) cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import MoECompressError
+from .adapter import MoEAdapter, text_config
+from .catalog import build_skeleton, probe_config, standard_moe_model_types
+from .families import REFUSED
+from .registry import get_adapter
+
+
+@dataclass(frozen=True)
+class FamilyRow:
+    model_type: str
+    supported: bool
+    reason: str = ""  # why not, when refused
+    router: str = ""
+    shared_experts: str = ""
+    outputs: str = ""
+    notes: str = ""
+
+
+def experts_stored_per_expert(model: nn.Module, adapter: MoEAdapter) -> bool:
+    """Whether the family's checkpoints keep one 2-D tensor per expert (transformers fuses them on load).
+
+    Asked of transformers' own save-time key conversion, on a meta tensor: no weights needed.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    layers = adapter.decoder_layers(model)
+    experts = adapter.experts(adapter.moe_block(layers[adapter.moe_layer_indices(model)[0]]))
+    name = next(n for n, m in model.named_modules() if m is experts) + ".down_proj"
+    converted = revert_weight_conversion(model, {name: experts.down_proj.detach().to("meta")})
+    return all(tensor.dim() == 2 for tensor in converted.values())
+
+
+def describe_router(adapter: MoEAdapter, config) -> str:
+    parts = [adapter.router_score]
+    if isinstance(adapter.renormalize, str):
+        parts.append(f"renormalised if {adapter.renormalize}")
+    elif adapter.renormalize:
+        parts.append("renormalised")
+    names = [name for name, _ in adapter.router_expert_tensors + adapter.block_expert_tensors]
+    if any("correction" in n or "expert_bias" in n for n in names):
+        parts.append("correction bias" + (" on softmax" if adapter.gates_use_softmax_bias else ""))
+    if "bias" in names:
+        parts.append("logit bias")
+    if any("scale" in n for n in names):
+        parts.append("per-expert scale")
+    groups, _ = adapter.routing_groups(config)
+    if adapter.group_keys is not None:
+        parts.append(f"group-limited ({groups} groups)" if groups > 1 else "group-limited when n_group > 1")
+    if adapter.router_output == "probs":
+        parts.append("returns probabilities")
+    return ", ".join(parts)
+
+
+def describe_shared(adapter: MoEAdapter) -> str:
+    if not adapter.shared_expert_attrs:
+        return "none"
+    if not adapter.moe_attr:
+        return "dense MLP beside the experts: " + ", ".join(adapter.shared_expert_attrs)
+    gated = [a for a in adapter.shared_expert_attrs if a.endswith("gate")]
+    return ", ".join(a for a in adapter.shared_expert_attrs if a not in gated) + (" (sigmoid gate)" if gated else "")
+
+
+def describe_outputs(model: nn.Module, adapter: MoEAdapter) -> str:
+    """Outputs plain `from_pretrained` loads; everything else (non-uniform, novices, condensed) loads as remote code."""
+    if experts_stored_per_expert(model, adapter):
+        return "uniform prune, block drop, quantize"
+    return "uniform prune, block drop (quantize refused: experts fused 3-D on disk)"
+
+
+def describe_notes(adapter: MoEAdapter, config) -> str:
+    notes = []
+    kinds = getattr(text_config(config), "layer_types", None)
+    if isinstance(kinds, list) and len(set(kinds)) > 1 and any("linear" in str(k) or "mamba" in str(k) for k in kinds):
+        notes.append("hybrid: " + " / ".join(sorted(set(map(str, kinds)))))
+    if adapter.multimodal:
+        notes.append("multimodal wrapper: calibration is text-only")
+    if adapter.layer_state:
+        notes.append("layers hand " + ", ".join(name for _, name in adapter.layer_state) + " to the next")
+    if not adapter.moe_attr:
+        notes.append("experts inside the decoder layer (no MoE-only drop)")
+    return "; ".join(notes)
+
+
+def family_row(model_type: str) -> FamilyRow:
+    if model_type in REFUSED:
+        return FamilyRow(model_type, False, REFUSED[model_type])
+    try:
+        config = probe_config(model_type)
+        skeleton = build_skeleton(config)
+        adapter = get_adapter(skeleton)
+    except MoECompressError as refused:
+        return FamilyRow(model_type, False, str(refused))
+    except Exception as error:  # a default config transformers itself cannot build
+        return FamilyRow(model_type, True, f"(default config does not build: {type(error).__name__})")
+    return FamilyRow(
+        model_type, True, "", describe_router(adapter, config), describe_shared(adapter), describe_outputs(skeleton, adapter),
+        describe_notes(adapter, config),
+    )
+
+
+def family_rows() -> list[FamilyRow]:
+    return [family_row(t) for t in sorted(set(standard_moe_model_types()) | set(REFUSED))]
+
+
+def markdown(rows: list[FamilyRow]) -> str:
+    lines = ["| model type | supported | router | shared experts | stock-loadable outputs | notes |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        status = "yes" if row.supported else f"no: {row.reason}"
+        cells = [f"`{row.model_type}`", status, row.router, row.shared_experts, row.outputs, row.notes]
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
