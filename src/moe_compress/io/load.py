@@ -288,6 +288,22 @@ def load_model(
     return model.to(target).eval(), load_tokenizer(source, trusted, shown_as)
 
 
+def meta_skeleton(auto_class, config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """The model with every parameter on the meta device: its structure, no weights.
+
+    Built under `torch.device("meta")` so nothing is allocated (accelerate's
+    `init_empty_weights` creates each parameter on the CPU first: 30 GB for one of
+    DeepSeek-V3's fused expert tensors). Buffers that are computed rather than stored (rotary
+    frequencies) are then rebuilt by transformers' own loading steps, as `from_pretrained`
+    does; stored buffers stay on meta until their layer is read.
+    """
+    with torch.device("meta"):
+        model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model._move_missing_keys_from_meta_to_device(set(), None, None, None)
+    model._initialize_missing_keys(False)
+    return model.eval()
+
+
 def _streamed_dtype(config: PretrainedConfig, checkpoint, dtype: str) -> torch.dtype:
     """The dtype a streamed model computes in: as asked, or (auto) the config's, else the checkpoint's."""
     if dtype != "auto":
@@ -309,8 +325,6 @@ def load_streamed(
     The skeleton is built on the meta device (parameters only: buffers such as rotary
     frequencies are computed as usual), so opening a 1 TB checkpoint costs its headers.
     """
-    from accelerate import init_empty_weights
-
     from .checkpoint import Checkpoint
 
     if dtype not in DTYPES:
@@ -324,9 +338,7 @@ def load_streamed(
         )
     quantization = _dequantizer(config, shown_as)
     checkpoint = Checkpoint(source)
-    with init_empty_weights(include_buffers=False):
-        model = auto_model_class(config).from_config(config, dtype=_streamed_dtype(config, checkpoint, dtype), trust_remote_code=trusted)
-    model.eval()
+    model = meta_skeleton(auto_model_class(config), config, _streamed_dtype(config, checkpoint, dtype), trusted)
     return StreamedWeights(model, checkpoint, quantization), load_tokenizer(source, trusted, shown_as)
 
 
