@@ -24,7 +24,8 @@ from .io.save import check_output_dir, save_with_summary
 from .methods import PlanRequest, get_method
 from .methods.budget import Budget
 from .methods.condense import plan_condense
-from .methods.structural import Mode, Unit, distance_needed, plan_drop
+from .methods.condense_state import SearchState, default_state_path, state_key
+from .methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop
 from .observe.cache import StatsCache, cache_key, model_fingerprint
 from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
@@ -168,42 +169,65 @@ def drop(
     out: str | Path | None = None,
     overwrite: bool = False,
     device: str = "cpu",
+    consecutive_score: ConsecutiveScore = "span",
 ) -> CompressionResult:
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
 
     Scores are residual-stream cosine similarities on calibration data (see
     `methods.structural`); give `n` units or a `target_ratio` of parameters to remove.
+    `consecutive_score="framework"` scores a consecutive run of n blocks as the unified
+    framework's code does, by cos(h_i, h_{i+n+1}).
     """
     start = time.perf_counter()
     model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
     before = model_size(model, adapter)
     batches = _calibration_batches(calib, tokenizer)
-    distance = distance_needed(model, adapter, unit, mode, n, target_ratio)
+    distance = distance_needed(model, adapter, unit, mode, n, target_ratio, consecutive_score)
     scores = observe_similarities(model, adapter, batches, max_distance=distance)
-    plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode)
+    plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode, consecutive_score)
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False)
 
 
 def condense(
     model: PreTrainedModel | str | Path,
     layers: int = 1,
-    max_experts: int | None = None,
-    fixed_size: bool = False,
-    calib: Calibration = CalibrationSpec(samples=16),
+    experts: int | None = None,
+    objective: str = "layer_output",
+    choose_size: bool = False,
+    position_stride: int = 1,
+    calib: Calibration = CalibrationSpec(samples=32),
     tokenizer: PreTrainedTokenizerBase | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    state_file: str | Path | None | bool = None,
+    fresh: bool = False,
 ) -> CompressionResult:
-    """CD-MoE: condense `layers` MoE layers into shared experts + a few constant-weight experts.
+    """CD-MoE: condense `layers` MoE layers into shared experts + `experts` constant-weight experts each.
 
-    See `methods.condense` for the search; its cost is in `result.plan.meta`.
+    Defaults follow the authors' code (see `methods.condense`): K = the model's top-k (6 for
+    DeepSeekMoE-16B, as they use), K = 0 for shared experts only, JSD of the layer output for
+    the expert step and of the final normed hidden state for the layer step. Calibration: 32
+    sequences of 256 tokens (the authors use 100 C4 texts of up to 256 tokens; 32 keeps the
+    search within minutes on a CPU). The search saves its progress to `state_file` (default: under
+    the cache directory, keyed by model, data and settings; False: none) and resumes from it;
+    `fresh` discards a saved state first. Its cost is in `result.plan.meta`.
     """
     start = time.perf_counter()
     model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
     before = model_size(model, adapter)
     batches = _calibration_batches(calib, tokenizer)
     stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device)
-    plan = plan_condense(model, adapter, batches, stats, layers, max_experts, fixed_size)
+    experts = adapter.top_k(model.config) if experts is None else experts
+    settings = {"experts": experts, "objective": objective, "choose_size": choose_size, "position_stride": position_stride}
+    key = state_key(model_fingerprint(model), batches_fingerprint(batches), settings)
+    path = None if state_file is False or (state_file is None and cache_dir is False) else (
+        Path(state_file) if state_file else default_state_path(key, cache_dir or None)
+    )
+    if fresh and path is not None and path.is_file():
+        path.unlink()
+    state = SearchState.open(key, path)
+    plan = plan_condense(model, adapter, batches, stats, layers, experts, objective, choose_size, position_stride, state)
+    plan.meta["state_file"] = str(path) if path else None
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)

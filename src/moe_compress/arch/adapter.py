@@ -45,6 +45,8 @@ class MoEAdapter:
         group_keys: config keys (number of groups, groups per token) of group-limited routing.
         router_expert_tensors: (dotted name, axis) of router tensors indexed by expert; names
             that a model does not have are skipped, so optional biases can be listed.
+        topk_renormalised: whether the router divides the selected experts' probabilities by
+            their sum (True / False), or None when the config's `norm_topk_prob` says so.
     """
 
     model_type: str
@@ -59,6 +61,7 @@ class MoEAdapter:
     router_expert_tensors: tuple[tuple[str, int], ...] = (("weight", 0), ("bias", 0), ("e_score_correction_bias", 0))
     moe_returns_tuple: bool = False  # the MoE block returns (hidden, router scores)
     pre_moe_norm_attr: str = "post_attention_layernorm"  # its input is the residual stream before the MoE
+    topk_renormalised: bool | None = None
 
     # ---- structure -------------------------------------------------------------------
     def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
@@ -109,6 +112,12 @@ class MoEAdapter:
         return int(n_group), int(topk_group or n_group)
 
     # ---- routing ---------------------------------------------------------------------
+    def renormalises_topk(self, config: PretrainedConfig) -> bool:
+        """Whether the gates the model applies are its top-k probabilities renormalised to sum to 1."""
+        if self.topk_renormalised is not None:
+            return self.topk_renormalised
+        return bool(getattr(config, "norm_topk_prob", False))
+
     def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The full router distribution p_t over all experts, before top-k (float32)."""
         logits = logits.float()

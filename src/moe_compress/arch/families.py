@@ -11,7 +11,9 @@ from __future__ import annotations
 from .adapter import MoEAdapter
 
 FAMILIES: tuple[MoEAdapter, ...] = (
-    MoEAdapter("mixtral", num_experts_key="num_local_experts"),
+    # Mixtral, GPT-OSS and Granite take the softmax over the top-k (= renormalised probabilities),
+    # Ernie divides by the top-k sum; DeepSeek-V2 never renormalises (its config flag is unused).
+    MoEAdapter("mixtral", num_experts_key="num_local_experts", topk_renormalised=True),
     MoEAdapter(
         "qwen2_moe",
         num_experts_key="num_experts",
@@ -24,6 +26,7 @@ FAMILIES: tuple[MoEAdapter, ...] = (
         num_experts_key="n_routed_experts",
         shared_expert_attrs=("shared_experts",),
         group_keys=("n_group", "topk_group"),
+        topk_renormalised=False,
     ),
     MoEAdapter(
         "deepseek_v3",
@@ -39,7 +42,7 @@ FAMILIES: tuple[MoEAdapter, ...] = (
         router_score="sigmoid",
         group_keys=("n_group", "topk_group"),
     ),
-    MoEAdapter("gpt_oss", num_experts_key="num_local_experts", router_attr="router", moe_returns_tuple=True),
+    MoEAdapter("gpt_oss", num_experts_key="num_local_experts", router_attr="router", moe_returns_tuple=True, topk_renormalised=True),
     MoEAdapter(
         "ernie4_5_moe",
         num_experts_key="moe_num_experts",
@@ -47,6 +50,7 @@ FAMILIES: tuple[MoEAdapter, ...] = (
         shared_expert_attrs=("shared_experts",),
         # Ernie keeps its correction bias as a [1, E] parameter in a sub-module of the router.
         router_expert_tensors=(("weight", 0), ("moe_statics.e_score_correction_bias", 1)),
+        topk_renormalised=True,
     ),
-    MoEAdapter("granitemoe", num_experts_key="num_local_experts", moe_attr="block_sparse_moe", router_attr="router"),
+    MoEAdapter("granitemoe", num_experts_key="num_local_experts", moe_attr="block_sparse_moe", router_attr="router", topk_renormalised=True),
 )

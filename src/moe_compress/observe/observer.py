@@ -85,6 +85,11 @@ def _expert_statistics_hooks(adapter: MoEAdapter, block: nn.Module, accumulator:
     """Hooks that turn each MoE forward of `block` into a `RoutedBatch` for the accumulator."""
     router, experts = adapter.router(block), adapter.experts(block)
     last_logits: list[torch.Tensor] = []
+    sequence_length: list[int | None] = [None]
+
+    def on_block(_module, args, kwargs):
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        sequence_length[0] = hidden.shape[-2] if hidden.dim() == 3 else None
 
     def on_router(_module, _args, output):
         last_logits[:] = [output[0].reshape(-1, output[0].shape[-1])]
@@ -95,9 +100,13 @@ def _expert_statistics_hooks(adapter: MoEAdapter, block: nn.Module, accumulator:
         if len(values) < 3:  # gpt_oss names them router_indices / routing_weights
             values += [v for k, v in kwargs.items() if k not in names]
         x, top_idx, top_w = values[:3]
-        accumulator.update(RoutedBatch(x.reshape(-1, x.shape[-1]), last_logits[0], top_idx, top_w, adapter, module))
+        accumulator.update(RoutedBatch(x.reshape(-1, x.shape[-1]), last_logits[0], top_idx, top_w, adapter, module, sequence_length[0]))
 
-    handles = [router.register_forward_hook(on_router), experts.register_forward_pre_hook(on_experts, with_kwargs=True)]
+    handles = [
+        block.register_forward_pre_hook(on_block, with_kwargs=True),
+        router.register_forward_hook(on_router),
+        experts.register_forward_pre_hook(on_experts, with_kwargs=True),
+    ]
     try:
         yield
     finally:

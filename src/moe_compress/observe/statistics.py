@@ -29,6 +29,7 @@ class RoutedBatch:
     top_w: torch.Tensor  # [N, k] gate weights actually applied
     adapter: MoEAdapter
     experts: nn.Module
+    sequence_length: int | None = None  # tokens per calibration sequence (rows of x are sequence-major)
     _outputs: list = field(default_factory=list, repr=False)
 
     @property
@@ -39,6 +40,13 @@ class RoutedBatch:
     def probs(self) -> torch.Tensor:
         """Full router distribution p_t before top-k, [N, E]."""
         return self.adapter.router_probs(self.logits).double()
+
+    @cached_property
+    def distribution(self) -> torch.Tensor:
+        """p_t as a distribution over experts: softmax as it is, sigmoid scores divided by their sum."""
+        if self.adapter.router_score == "softmax":
+            return self.probs
+        return self.probs / self.probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
     @cached_property
     def renormalised_w(self) -> torch.Tensor:
@@ -134,6 +142,11 @@ STATISTICS: dict[str, Statistic] = {
             doc="|T_e|, tokens routed to e",
         ),
         Statistic("prob_sum", lambda b: b.probs.sum(0), doc="sum_t p_{t,e}"),
+        Statistic(
+            "router_dist_sum",
+            lambda b: b.distribution.sum(0),
+            doc="sum_t p_{t,e} / sum_e' p_{t,e'} (equals prob_sum for softmax routers)",
+        ),
         Statistic("gate_sum", lambda b: b.dense_gates.sum(0), doc="sum_t g_{t,e}"),
         Statistic(
             "output_norm_sum",
@@ -148,6 +161,18 @@ STATISTICS: dict[str, Statistic] = {
             doc="sum over T_e of g~_{t,e} ||f_e(x_t)|| (g renormalised over the top-k)",
         ),
         Statistic(
+            "reap_prob_sum",
+            lambda b: _per_expert(b, lambda e, rows, slot, out: (b.probs[rows, e] * out.norm(dim=-1)).sum()),
+            needs_expert_outputs=True,
+            doc="sum over T_e of p_{t,e} ||f_e(x_t)|| (router probability, not renormalised)",
+        ),
+        Statistic(
+            "pooled_expert_outputs",
+            lambda b: pooled_expert_outputs(b),
+            doc="per calibration sequence, every expert's output on the sequence-mean MoE input [E, sequences, H] (float16)",
+            merge=lambda total, part: torch.cat([total, part], dim=1),
+        ),
+        Statistic(
             "output_moments",
             _batch_moments,
             needs_expert_outputs=True,
@@ -156,6 +181,21 @@ STATISTICS: dict[str, Statistic] = {
         ),
     )
 }
+
+
+def pooled_expert_outputs(batch: RoutedBatch) -> torch.Tensor:
+    """C-Prune's expert signatures for one batch: [E, sequences, H].
+
+    The authors' code (`PreTrainedMoEPruner.forward` / `generate_and_save_expert_output`) mean-pools
+    each sequence's MoE input over its tokens, runs every expert on that one vector, and clusters
+    the outputs after casting them to float16; the float16 rounding is kept here so that near-equal
+    distances break the same way.
+    """
+    if batch.sequence_length is None:
+        raise ValueError("pooled_expert_outputs needs the calibration batches' sequence length")
+    pooled = batch.x.float().view(-1, batch.sequence_length, batch.x.shape[-1]).mean(dim=1).to(batch.x.dtype)
+    outputs = [expert_forward(batch.experts, e, pooled) for e in range(batch.num_experts)]
+    return torch.stack(outputs).to(torch.float16)
 
 
 def signature_similarity(probe_tokens: int) -> Statistic:
