@@ -441,7 +441,7 @@ def drop_command(
     mode: Annotated[str, typer.Option(help="block only: discrete (most similar single blocks) or consecutive (best run).")] = "discrete",
     consecutive_score: Annotated[str, typer.Option(help="consecutive only: span scores a run of n blocks by cos(h_i, h_i+n); framework by cos(h_i, h_i+n+1), as the unified framework's code.")] = "span",
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
-    samples: SamplesOpt = 32,
+    samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,

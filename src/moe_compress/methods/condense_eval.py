@@ -40,25 +40,13 @@ def first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def js_per_token(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """JSD(p || q) per row in nats, from log-probabilities [..., D]; float64.
-
-    JSD = 1/2 sum(p log p + q log q) - sum(m log m) with m = (p + q) / 2: no stacked copies and
-    no logsumexp (the search runs it thousands of times). float64, because for nearly equal p and
-    q the terms cancel to ~1e-5 of their size.
-    """
-    log_p, log_q = log_p.double(), log_q.double()
-    p, q = log_p.exp(), log_q.exp()
-    m = 0.5 * (p + q)
-    per_token = 0.5 * ((p * log_p).sum(-1) + (q * log_q).sum(-1)) - torch.xlogy(m, m).sum(-1)
-    return per_token.clamp_min(0.0)
-
-
 class JSDTarget:
     """A fixed reference distribution p [..., D], with its share of the JSD computed once.
 
-    `per_token(log_q)` accepts candidates stacked in front ([C, ..., D]) and broadcasts p over
-    them, so scoring C candidates costs no copies of p and no repeated p log p.
+    JSD(p || q) = 1/2 sum(p log p + q log q) - sum(m log m), m = (p + q) / 2, in nats, float64:
+    no logsumexp and no stacked copies (the search scores thousands of candidates), and float64
+    because for nearly equal p and q the terms cancel to ~1e-5 of their size. `per_token(log_q)`
+    accepts candidates stacked in front ([C, ..., D]) and broadcasts p over them.
     """
 
     def __init__(self, log_p: torch.Tensor):
@@ -75,7 +63,7 @@ class JSDTarget:
 
 def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of JSD(p || q), from log-probabilities [..., D]."""
-    return js_per_token(log_p.reshape(-1, log_p.shape[-1]), log_q.reshape(-1, log_q.shape[-1])).mean()
+    return JSDTarget(log_p.reshape(-1, log_p.shape[-1])).per_token(log_q.reshape(-1, log_q.shape[-1])).mean()
 
 
 def hidden_log_probs(hidden: torch.Tensor) -> torch.Tensor:
