@@ -224,7 +224,7 @@ def authors_cprune(stats, meta: dict, budget: str) -> dict[int, set]:
     """Both C-Prune stages on the same pooled signatures, with our plan's stage rates."""
     clusters, global_clusters, batch = meta["clusters"], meta["global_clusters"], meta["batch"]
     rate1 = meta["stage1_rate"]
-    outputs = {layer: s["pooled_expert_outputs"].numpy() for layer, s in stats.items()}
+    outputs = {layer: s["pooled_expert_outputs"].transpose(0, 1).numpy() for layer, s in stats.items()}
     num = next(iter(outputs.values())).shape[0]
     pruned = {}
     for layer, out in outputs.items():

@@ -150,7 +150,7 @@ def test_reference_keep_rule_on_a_hand_made_layer():
 
 
 def _pooled_stats(signatures: np.ndarray, layers: int = 1) -> dict:
-    pooled = torch.tensor(signatures, dtype=torch.float16)[:, None, :]  # one calibration sequence
+    pooled = torch.tensor(signatures, dtype=torch.float16)[None]  # one calibration sequence: [1, E, H]
     return {layer: {"pooled_expert_outputs": pooled, "tokens": torch.ones(len(signatures), dtype=torch.float64)} for layer in range(layers)}
 
 
@@ -190,7 +190,7 @@ def test_pooled_signatures_are_expert_outputs_on_sequence_means():
     batches = token_batches(count=2, batch=2, seq_len=8)
     stats, _ = collect_statistics(model, batches, ("pooled_expert_outputs",), cache_dir=False)
     pooled = stats[0]["pooled_expert_outputs"]
-    assert pooled.shape == (8, 4, model.config.hidden_size) and pooled.dtype == torch.float16
+    assert pooled.shape == (4, 8, model.config.hidden_size) and pooled.dtype == torch.float16
     captured = []
     block = model.model.layers[0].mlp
     handle = block.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
@@ -199,5 +199,5 @@ def test_pooled_signatures_are_expert_outputs_on_sequence_means():
             model(batch)
     handle.remove()
     means = torch.cat([x.mean(dim=1) for x in captured])  # [4 sequences, H]
-    expected = torch.stack([expert_forward(block.experts, e, means) for e in range(8)]).to(torch.float16)
+    expected = torch.stack([expert_forward(block.experts, e, means) for e in range(8)], dim=1).to(torch.float16)
     torch.testing.assert_close(pooled, expected, rtol=2e-3, atol=2e-3)

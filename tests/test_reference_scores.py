@@ -23,11 +23,8 @@ def _routed_batch(adapter, logits, top_idx, top_w, norms):
     """A RoutedBatch whose expert outputs are given: expert e's output on token t has norm norms[t][e]."""
     top_idx, top_w = torch.tensor(top_idx), torch.tensor(top_w, dtype=torch.float64)
     batch = RoutedBatch(torch.zeros(len(top_idx), 2), torch.tensor(logits), top_idx, top_w, adapter, experts=None)
-    for e in range(len(logits[0])):
-        rows, slot = torch.where(top_idx == e)
-        if rows.numel():
-            out = torch.stack([torch.tensor([norms[t][e], 0.0], dtype=torch.float64) for t in rows.tolist()])
-            batch._outputs.append((e, rows, slot, out))
+    pairs = zip(batch.pair_token.tolist(), batch.pair_expert.tolist())  # the (token, expert) pairs in the batch's order
+    batch.pair_outputs = torch.tensor([[norms[t][e], 0.0] for t, e in pairs], dtype=torch.float64)
     return batch
 
 

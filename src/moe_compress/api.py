@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from dataclasses import dataclass, field
@@ -15,11 +16,14 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import distributed
 from .arch.registry import get_adapter
 from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batches
 from .errors import MoECompressError
 from .evaluate.size import model_size
-from .io.load import load_model
+from .io.export import carried_keys, streamed_groups
+from .io.open import Streaming, open_model
+from .io.residency import InMemoryWeights, StreamedWeights, Weights
 from .io.save import check_output_dir, save_with_summary
 from .methods import PlanRequest, get_method
 from .methods.budget import Budget
@@ -37,8 +41,10 @@ Calibration = CalibrationSpec | str | list[torch.Tensor]
 
 @dataclass
 class CompressionResult:
-    model: PreTrainedModel
-    plan: Plan
+    """What a compression call produced. `model` is None after a streamed run: the result is `output_dir`."""
+
+    model: PreTrainedModel | None
+    plan: Plan | None  # None on ranks other than 0 of a distributed run
     summary: dict = field(default_factory=dict)
     output_dir: Path | None = None
 
@@ -63,19 +69,26 @@ def collect_statistics(
     names: tuple[str, ...],
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    weights: Weights | None = None,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], bool]:
     """Observed statistics, from the disk cache when this model and data were seen before.
 
     Returns (statistics, whether they came from the cache). `cache_dir=False` disables caching.
+    A streamed model is identified by its checkpoint's headers (its weights are not in memory).
+    Under torchrun the cache is used only if every rank finds the entry; rank 0 writes it.
     """
     adapter = get_adapter(model)
     names = tuple(sorted(set(names) | {"tokens"}))
     cache = None if cache_dir is False else StatsCache(cache_dir or None)
-    key = cache_key(model_fingerprint(model), batches_fingerprint(batches), names) if cache else ""
-    if cache and (cached := cache.load(key)) is not None:
-        return cached, True
-    stats = observe_expert_statistics(model, adapter, batches, names, device)
+    fingerprint = ""
     if cache:
+        fingerprint = weights.checkpoint.fingerprint() if isinstance(weights, StreamedWeights) else model_fingerprint(model)
+    key = cache_key(fingerprint, batches_fingerprint(batches), names) if cache else ""
+    cached = cache.load(key) if cache else None
+    if distributed.combine(torch.tensor([cached is not None], dtype=torch.int64), torch.minimum).item():
+        return cached, True
+    stats = observe_expert_statistics(model, adapter, batches, names, device, weights)
+    if cache and distributed.is_main():
         cache.save(key, stats)
     return stats, False
 
@@ -94,27 +107,39 @@ def compress(
     options: dict | None = None,
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
 ) -> CompressionResult:
-    """Compress the routed experts of `model` in place, and save the result to `out` if given.
+    """Compress the routed experts of `model`, and save the result to `out` if given.
 
     Either `method` (any name in `moe_compress.methods.METHODS`, with its `options`) +
     `ratio` + `budget` decide from calibration statistics, or `plan` (a Plan or a plan JSON
-    file) says what to do directly and no calibration runs. The default calibration, 128 bundled
-    sequences of 256 tokens, is what a CPU affords; the papers use more (REAP 1 024 x 2 048
-    tokens, the unified framework 128 x 2 048, C-Prune 1 000 x 128, MoNE 100 x 4 096).
+    file) says what to do directly and no calibration runs. An in-memory model is changed in
+    place; a checkpoint path is streamed layer by layer when `streaming` says so (see
+    `open_model`), and the result then exists only as the checkpoint written to `out`. The default
+    calibration, 128 bundled sequences of 256 tokens, is what a CPU affords; the papers use more (REAP
+    1 024 x 2 048 tokens, the unified framework 128 x 2 048, C-Prune 1 000 x 128, MoNE 100 x 4 096).
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype)
     before = model_size(model, adapter)
     from_cache = False
     if plan is None:
         chosen = get_method(method)
         batches = _calibration_batches(calib, tokenizer)
-        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device)
+        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights)
+        if not distributed.is_main():
+            return _other_rank_result()
         plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep), options)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, weights)
+
+
+def _other_rank_result() -> CompressionResult:
+    """What a rank other than 0 returns: it helped calibrate; rank 0 plans and writes (then all meet at a barrier)."""
+    distributed.barrier()
+    return CompressionResult(None, None, {"rank": distributed.rank()}, None)
 
 
 def _apply_and_report(
@@ -127,8 +152,21 @@ def _apply_and_report(
     start: float,
     before,
     from_cache: bool,
+    weights: Weights,
 ) -> CompressionResult:
-    """Apply `plan`, summarise what changed, and save if asked: the tail every stage shares."""
+    """Apply `plan`, summarise what changed, and save if asked: the tail every stage shares.
+
+    Streamed, the plan is applied to a copy of the (meta) skeleton, which describes the
+    output's structure and config, while the writer applies it to each layer read from disk.
+    Under torchrun only rank 0 gets past this point's first line; the others wait for it.
+    """
+    if not distributed.is_main():
+        return _other_rank_result()
+    groups = None
+    carried = carried_keys(model, weights)
+    if weights.streamed:
+        model = copy.deepcopy(model)
+        groups = streamed_groups(weights, adapter, plan)
     apply_plan(model, plan, adapter)
     after = model_size(model, adapter)
     summary = {
@@ -143,21 +181,25 @@ def _apply_and_report(
         "bytes_before": before.bytes,
         "bytes_after": after.bytes,
         "statistics_from_cache": from_cache,
+        "streamed": weights.streamed,
+        # checkpoint tensors transformers does not load (e.g. multi-token-prediction layers), carried into the output
+        "carried_tensors": len(carried),
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite)
-    return CompressionResult(model, plan, summary, output_dir)
+    output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite, groups)
+    distributed.barrier()
+    return CompressionResult(None if weights.streamed else model, plan, summary, output_dir)
 
 
-def _prepare(model, tokenizer, out, overwrite, device):
-    """Shared start of every stage: check the output first, load the model if given a name."""
+def _prepare(model, tokenizer, out, overwrite, device, streaming: Streaming = False, dtype: str = "auto"):
+    """Shared start of every stage: check the output first, open the model if given a name."""
     if out is not None:
         check_output_dir(out, overwrite)
-    if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, device=device)
-        tokenizer = tokenizer or loaded_tokenizer
-    return model, tokenizer, get_adapter(model)
+    model, loaded_tokenizer, weights = open_model(model, device, streaming, dtype)
+    if weights.streamed and out is None:
+        raise MoECompressError("a streamed run keeps no model in memory: give an output directory (out=...) to write the result to.")
+    return model, tokenizer or loaded_tokenizer, get_adapter(model), weights
 
 
 def drop(
@@ -171,6 +213,8 @@ def drop(
     out: str | Path | None = None,
     overwrite: bool = False,
     device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
     consecutive_score: ConsecutiveScore = "span",
 ) -> CompressionResult:
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
@@ -181,13 +225,15 @@ def drop(
     framework's code does, by cos(h_i, h_{i+n+1}).
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype)
     before = model_size(model, adapter)
     batches = _calibration_batches(calib, tokenizer)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio, consecutive_score)
-    scores = observe_similarities(model, adapter, batches, max_distance=distance)
+    scores = observe_similarities(model, adapter, batches, distance, weights, device)
+    if not distributed.is_main():
+        return _other_rank_result()
     plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode, consecutive_score)
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
 
 
 def condense(
@@ -217,7 +263,7 @@ def condense(
     `fresh` discards a saved state first. Its cost is in `result.plan.meta`.
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    model, tokenizer, adapter, _ = _prepare(model, tokenizer, out, overwrite, device)
     before = model_size(model, adapter)
     batches = _calibration_batches(calib, tokenizer)
     stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device)
@@ -232,4 +278,4 @@ def condense(
     state = SearchState.open(key, path)
     plan = plan_condense(model, adapter, batches, stats, layers, experts, objective, choose_size, position_stride, state)
     plan.meta["state_file"] = str(path) if path else None
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, InMemoryWeights(model))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
@@ -65,6 +67,45 @@ BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 SamplesOpt = Annotated[int, typer.Option(help="Number of calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per calibration sequence.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")]
+StreamingOpt = Annotated[str, typer.Option(help="auto: read the model layer by layer from its checkpoint when its weights exceed half the free memory (RAM, or GPU memory with --device cuda), else load it whole; on: always stream; off: always load whole. Streaming gives the same results with one layer in memory.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.")]
+MaxActivationOpt = Annotated[str | None, typer.Option(help="Keep at most this much calibration activation memory in RAM (e.g. 4GiB, 500MB; a plain number means GiB); the rest goes to files in --offload-dir. Default: no limit.")]
+OffloadDirOpt = Annotated[Path | None, typer.Option(help="Directory for activations beyond --max-activation-memory (default: the system temp dir).")]
+
+
+def _streaming(value: str) -> bool | str:
+    choices = {"auto": "auto", "on": True, "off": False}
+    if value not in choices:
+        raise MoECompressError(f"--streaming must be auto, on or off; got {value!r}.")
+    return choices[value]
+
+
+def _byte_size(text: str | None) -> int | None:
+    """'4GiB', '500MB', '2.5' (GiB) -> bytes; None stays None."""
+    if text is None:
+        return None
+    units = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in units:
+        raise MoECompressError(f"cannot read {text!r} as a size: use a number with a unit, e.g. 4GiB or 500MB (a plain number means GiB).")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+@contextmanager
+def _runtime(
+    threads: int | None = None, max_activation_memory: str | None = None, offload_dir: Path | None = None, device: str = "cpu"
+) -> Iterator[str]:
+    """Torch threads, the activation memory budget and (under torchrun) the process group for one command.
+
+    Yields the device to compute on: under torchrun with --device cuda, this rank's GPU.
+    """
+    from .distributed import init_from_environment
+    from .observe.activations import activation_budget
+
+    if threads is not None and threads < 1:
+        raise MoECompressError(f"--threads must be a positive integer; got {threads}.")
+    with _TorchThreads(threads), activation_budget(_byte_size(max_activation_memory), offload_dir):
+        yield init_from_environment(device)
 
 
 @app.command()
@@ -74,12 +115,16 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the structure as JSON instead of tables.")] = False,
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Print a model's MoE structure: layers, experts per layer, top-k, shared experts, parameters and bytes."""
+    """Print a model's MoE structure: layers, experts per layer, top-k, shared experts, parameters and bytes.
+
+    A local checkpoint is read from its config and shard headers alone (no weights are loaded).
+    """
     from .arch import get_adapter
     from .evaluate.size import model_size
-    from .io.load import load_model
+    from .io.load import resolve_model
+    from .io.open import open_model
 
-    loaded, _ = load_model(model, dtype=dtype)
+    loaded, _, _ = open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype)
     adapter = get_adapter(loaded)
     size = model_size(loaded, adapter)
     layers = adapter.decoder_layers(loaded)
@@ -159,33 +204,41 @@ def prune(
     max_layer_loss: Annotated[float | None, typer.Option(help="cprune-cosine: most any layer may lose in stage 2, as a fraction of its experts (default: twice the ratio, at most 0.75).")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    streaming: StreamingOpt = "auto",
+    threads: ThreadsOpt = None,
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Prune or replace routed experts with a registered method (or a saved plan) and save the result."""
     from .api import compress
     from .data.batches import CalibrationSpec
     from .evaluate.perplexity import perplexity
-    from .io.load import load_model
+    from .io.open import open_model
     from .io.save import check_output_dir
     from .methods.budget import check_ratio
 
     if plan_in is None:
         check_ratio(ratio)
     check_output_dir(out, overwrite)
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    eval_sets = {source: _eval_windows(tokenizer, source, seq_len, eval_windows) for source in _expand_sources([eval_ppl])} if eval_ppl else {}
-    before = {source: perplexity(loaded, windows) for source, windows in eval_sets.items()}
-    spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
-    given = {
-        "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
-        "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
-        "renormalize": _renormalize_option(renormalize), "global_scores": global_scores, "global_clusters": global_clusters,
-        "batch": cluster_batch, "stage1_rate": stage1_rate, "stage2_rate": stage2_rate,
-    }
-    result = compress(
-        loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out, overwrite=overwrite,
-        min_keep=min_keep, options={k: v for k, v in given.items() if v is not None},
-        cache_dir=False if no_cache else cache_dir, device=device,
-    )
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
+        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype)
+        eval_sets = {source: _eval_windows(tokenizer, source, seq_len, eval_windows) for source in _expand_sources([eval_ppl])} if eval_ppl else {}
+        before = {source: perplexity(loaded, windows, weights=weights, device=device) for source, windows in eval_sets.items()}
+        spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
+        given = {
+            "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
+            "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
+            "renormalize": _renormalize_option(renormalize), "global_scores": global_scores, "global_clusters": global_clusters,
+            "batch": cluster_batch, "stage1_rate": stage1_rate, "stage2_rate": stage2_rate,
+        }
+        result = compress(
+            weights if weights.streamed else loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out,
+            overwrite=overwrite, min_keep=min_keep, options={k: v for k, v in given.items() if v is not None},
+            cache_dir=False if no_cache else cache_dir, device=device,
+        )
+        if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
+            return
+        after = {source: _perplexity_after(result, windows, device) for source, windows in eval_sets.items()}
     if plan_out is not None:
         result.plan.save(plan_out)
     out_console.print(result.plan.table())
@@ -198,14 +251,24 @@ def prune(
     table.add_row("parameters", _human(s["params_before"]), _human(s["params_after"]), f"{100 * (s['params_after'] / s['params_before'] - 1):+.1f}%")
     table.add_row("active params/token", _human(s["active_params_before"]), _human(s["active_params_after"]), f"{100 * (s['active_params_after'] / s['active_params_before'] - 1):+.1f}%")
     table.add_row("bytes in memory", _bytes(s["bytes_before"]), _bytes(s["bytes_after"]), f"{100 * (s['bytes_after'] / s['bytes_before'] - 1):+.1f}%")
-    for source, windows in eval_sets.items():
-        after = perplexity(result.model, windows).perplexity
-        table.add_row(f"perplexity {source}", f"{before[source].perplexity:.3f}", f"{after:.3f}", f"{100 * (after / before[source].perplexity - 1):+.1f}%")
+    for source in eval_sets:
+        table.add_row(f"perplexity {source}", f"{before[source].perplexity:.3f}", f"{after[source]:.3f}", f"{100 * (after[source] / before[source].perplexity - 1):+.1f}%")
     out_console.print(table)
     cached = " (statistics from cache)" if s["statistics_from_cache"] else ""
     out_console.print(
         f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s{cached}; peak memory {_bytes(s['peak_rss_bytes'])}"
     )
+
+
+def _perplexity_after(result, windows, device: str) -> float:
+    """Perplexity of a compression result: the model in memory, or the checkpoint a streamed run wrote."""
+    from .evaluate.perplexity import perplexity
+    from .io.load import load_streamed
+
+    if result.model is not None:
+        return perplexity(result.model, windows).perplexity
+    weights, _ = load_streamed(result.output_dir)
+    return perplexity(weights.model, windows, weights=weights, device=device).perplexity
 
 
 def _expand_sources(sources: list[str]) -> list[str]:
@@ -236,7 +299,10 @@ def _checkpoint_bytes(name: str) -> int | None:
     return checkpoint_bytes(path) if path.is_dir() else None
 
 
-def _evaluate_model(name: str, loaded, tokenizer, sources: list[str], selection, limit: int | None, seq_len: int, max_windows: int, batch_size: int) -> dict:
+def _evaluate_model(
+    name: str, loaded, tokenizer, sources: list[str], selection, limit: int | None, seq_len: int, max_windows: int, batch_size: int,
+    weights=None, device: str = "cpu",
+) -> dict:
     """Everything `eval` reports for one model except speed (timed separately, so --compare can interleave it)."""
     from .arch import get_adapter
     from .evaluate.harness import run_tasks
@@ -247,14 +313,17 @@ def _evaluate_model(name: str, loaded, tokenizer, sources: list[str], selection,
     size = model_size(loaded, get_adapter(loaded))
     report: dict = {
         "model": name,
-        "perplexity": {s: perplexity(loaded, _eval_windows(tokenizer, s, seq_len, max_windows), batch_size).to_dict() for s in sources},
+        "perplexity": {
+            s: perplexity(loaded, _eval_windows(tokenizer, s, seq_len, max_windows), batch_size, weights, device).to_dict() for s in sources
+        },
         "tasks": {},
         "params": {"total": size.total, "routed": size.routed_experts, "active_per_token": size.active_per_token},
         "bytes_in_memory": size.bytes,
         "checkpoint_bytes": _checkpoint_bytes(name),
     }
     if selection is not None:
-        report["tasks"] = {t: s.to_dict() for t, s in run_tasks(loaded, tokenizer, selection, limit, batch_size).items()}
+        scores = run_tasks(loaded, tokenizer, selection, limit, batch_size, weights=weights, device=device)
+        report["tasks"] = {t: s.to_dict() for t, s in scores.items()}
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
 
@@ -366,10 +435,13 @@ def evaluate(
     speed_prompt_len: Annotated[int, typer.Option(help="Prompt tokens per prompt when timing prefill (cut to fit the model's positions).")] = 128,
     speed_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt when timing decode.")] = 32,
     speed_repeats: Annotated[int, typer.Option(help="Timed runs per model (after one warm-up); medians are reported.")] = 5,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls that make timings meaningless.")] = None,
+    threads: ThreadsOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    streaming: StreamingOpt = "auto",
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Evaluate a model: perplexity, multiple-choice accuracy (lm-eval), parameters, bytes, memory and speed.
 
@@ -380,7 +452,8 @@ def evaluate(
     """
     from .evaluate.harness import parse_task_list, select_tasks
     from .evaluate.speed import SpeedSettings, compare_speed, measure_speed, peak_rss_bytes, speed_prompts
-    from .io.load import load_config, load_model
+    from .io.load import load_config
+    from .io.open import open_model
 
     for name, value in (("--seq-len", seq_len), ("--max-windows", max_windows), ("--batch-size", batch_size), ("--limit", limit), ("--threads", threads)):
         if value is not None and value < 1:
@@ -395,8 +468,11 @@ def evaluate(
         load_config(compare)
     sources = _expand_sources(ppl or [])
 
-    with _TorchThreads(threads):
-        loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    mode = _streaming(streaming)
+    with _runtime(threads, max_activation_memory, offload_dir):
+        loaded, tokenizer, weights = open_model(model, device, mode, dtype)
+        if speed and weights.streamed:
+            raise MoECompressError("speed is measured on a model held in memory; pass --no-speed to evaluate a streamed model.")
         report = {
             "model": model,
             "seq_len": seq_len,
@@ -405,11 +481,14 @@ def evaluate(
                 "dtype": dtype, "device": device, "threads": threads, "speed": vars(settings) if speed else None,
             },
         }
-        report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
+        report["settings"]["streamed"] = weights.streamed
+        report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, weights, device)
         original = original_tokenizer = None
         if compare is not None:
-            original, original_tokenizer = load_model(compare, dtype=dtype, device=device)
-            report["original"] = _evaluate_model(compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
+            original, original_tokenizer, original_weights = open_model(compare, device, mode, dtype)
+            report["original"] = _evaluate_model(
+                compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, original_weights, device
+            )
         comparison = None
         report["speed"] = None
         if speed:
@@ -448,17 +527,24 @@ def drop_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    streaming: StreamingOpt = "auto",
+    threads: ThreadsOpt = None,
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Layer drop / block drop: remove the MoE sub-layers or blocks that change the residual stream least."""
     from .api import drop as drop_layers
     from .data.batches import CalibrationSpec
-    from .io.load import load_model
+    from .io.open import open_model
     from .io.save import check_output_dir
 
     check_output_dir(out, overwrite)
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    result = drop_layers(loaded, unit, drop, target_ratio, mode, CalibrationSpec(calib, samples, seq_len, seed), tokenizer, out, overwrite, device,
-                         consecutive_score)
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
+        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype)
+        result = drop_layers(
+            weights if weights.streamed else loaded, unit, drop, target_ratio, mode, CalibrationSpec(calib, samples, seq_len, seed),
+            tokenizer, out, overwrite, device, consecutive_score=consecutive_score,
+        )
     _report_stage(result, model, out, plan_out)
 
 
@@ -483,6 +569,7 @@ def condense_command(
     cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
 ) -> None:
     """CD-MoE: condense MoE layers into shared experts + a few constant-weight experts, chosen by output divergence."""
     from .api import condense
@@ -491,10 +578,11 @@ def condense_command(
     from .io.save import check_output_dir
 
     check_output_dir(out, overwrite)
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    spec = CalibrationSpec(calib, samples, seq_len, seed)
-    result = condense(loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir, device,
-                      state_file, fresh)
+    with _runtime(threads):
+        loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+        spec = CalibrationSpec(calib, samples, seq_len, seed)
+        result = condense(loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir,
+                          device, state_file, fresh)
     meta = result.plan.meta
     resumed = " (resumed from a saved state)" if meta["resumed"] else ""
     out_console.print(f"search: {meta['evaluations']} candidate evaluations in {meta['search_seconds']}s{resumed}; layer order {meta['order']}, JSD {[round(v, 5) for v in meta['order_jsd']]}")
@@ -537,6 +625,8 @@ def finetune_command(
 
 def _report_stage(result, model: str, out: Path, plan_out: Path | None) -> None:
     """Plan table and before/after size table shared by the structural commands."""
+    if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return
     if plan_out is not None:
         result.plan.save(plan_out)
     out_console.print(result.plan.table())
@@ -594,16 +684,21 @@ def analyze(
     cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    streaming: StreamingOpt = "auto",
+    threads: ThreadsOpt = None,
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Write per-layer, per-expert statistics (frequency, gate mass, output variance, REAP, cluster) as JSON/CSV and heatmaps."""
     from .api import collect_statistics
     from .data.batches import CalibrationSpec, calibration_batches
-    from .io.load import load_model
+    from .io.open import open_model
     from .report.analysis import analysis_statistics, expert_table, write_analysis
 
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    batches = calibration_batches(tokenizer, CalibrationSpec(calib, samples, seq_len, seed, batch_size))
-    stats, _ = collect_statistics(loaded, batches, analysis_statistics(probe_tokens), cache_dir, device)
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
+        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype)
+        batches = calibration_batches(tokenizer, CalibrationSpec(calib, samples, seq_len, seed, batch_size))
+        stats, _ = collect_statistics(loaded, batches, analysis_statistics(probe_tokens), cache_dir, device, weights)
     written = write_analysis(expert_table(stats, probe_tokens, clusters), out, Path(str(model)).name)
     out_console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
 
@@ -631,11 +726,15 @@ def slim(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    streaming: StreamingOpt = "auto",
+    threads: ThreadsOpt = None,
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Zero weights inside the experts with Wanda, SparseGPT or magnitude pruning (unstructured or N:M) and save the result."""
     from .data.batches import CalibrationSpec
     from .evaluate.perplexity import perplexity
-    from .io.load import load_model
+    from .io.open import open_model
     from .io.save import check_output_dir
     from .slimming import make_spec
     from .slimming import slim as slim_model
@@ -646,13 +745,18 @@ def slim(
     check_output_dir(out, overwrite)
     calibration = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     calibration.validate()
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    windows = _eval_windows(tokenizer, eval_ppl, seq_len, eval_windows) if eval_ppl else None
-    before = perplexity(loaded, windows) if windows is not None else None
-    result = slim_model(
-        loaded, method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calibration, targets=chosen,
-        tokenizer=tokenizer, out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate, device=device,
-    )
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
+        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype)
+        windows = _eval_windows(tokenizer, eval_ppl, seq_len, eval_windows) if eval_ppl else None
+        before = perplexity(loaded, windows, weights=weights, device=device) if windows is not None else None
+        result = slim_model(
+            weights if weights.streamed else loaded, method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calibration,
+            targets=chosen, tokenizer=tokenizer, out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate,
+            device=device,
+        )
+        if result.output_dir is None:  # a rank other than 0 of a distributed run: rank 0 reports
+            return
+        after = _perplexity_after(result, windows, device) if windows is not None else None
     s = result.summary
     table = Table(title=f"{method} {s['sparsity']} on {', '.join(chosen)}: {model} -> {out}")
     for column in ("target", "matrices", "zeros / weights", "sparsity reached", "no calibration tokens"):
@@ -661,8 +765,7 @@ def slim(
         table.add_row(kind, str(row["matrices"]), f"{row['zeros']:,} / {row['weights']:,}", f"{100 * row['sparsity']:.2f}%", str(row["no_calibration_tokens"]))
     out_console.print(table)
     if before is not None:
-        after = perplexity(result.model, windows)
-        out_console.print(f"perplexity ({eval_ppl}): {before.perplexity:.3f} -> {after.perplexity:.3f} ({100 * (after.perplexity / before.perplexity - 1):+.1f}%)")
+        out_console.print(f"perplexity ({eval_ppl}): {before.perplexity:.3f} -> {after:.3f} ({100 * (after / before.perplexity - 1):+.1f}%)")
     out_console.print(f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s; peak memory {_bytes(s['peak_rss_bytes'])}")
 
 
@@ -703,4 +806,11 @@ def quantize(
 
 def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all
+        os.environ["MOE_COMPRESS_QUIET"] = "1"
+        out_console.quiet = True
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `torchrun ... -m moe_compress.cli prune ...`
+    main()

@@ -17,6 +17,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
+from .export import record_origin
+from .residency import StreamedWeights
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_MODELS = ASSETS / "models"
@@ -94,8 +96,53 @@ def load_model(
     except (OSError, ValueError, RuntimeError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MoECompressError(f"cannot load model weights from {name_or_path}: {message}") from None
+    if Path(source).is_dir():
+        record_origin(model, source)
+    return model.to(device).eval(), _load_tokenizer(source)
+
+
+def _load_tokenizer(source: str) -> PreTrainedTokenizerBase | None:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=True)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model.to(device).eval(), tokenizer
+        return None
+
+
+def _streamed_dtype(config: PretrainedConfig, checkpoint, dtype: str) -> torch.dtype:
+    """The dtype a streamed model computes in: as asked, or (auto) the config's, else the checkpoint's."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    configured = getattr(config, "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    if isinstance(configured, torch.dtype):
+        return configured
+    stored = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    return next((stored[info.dtype] for info in checkpoint.tensors.values() if info.dtype in stored), torch.float32)
+
+
+def load_streamed(name_or_path: str | Path, dtype: str = "auto") -> tuple[StreamedWeights, PreTrainedTokenizerBase | None]:
+    """A model whose weights stay in its checkpoint until a stage needs one module of them.
+
+    The skeleton is built on the meta device (parameters only: buffers such as rotary
+    frequencies are computed as usual), so opening a 1 TB checkpoint costs its headers.
+    """
+    from accelerate import init_empty_weights
+
+    from .checkpoint import Checkpoint
+
+    if dtype not in DTYPES:
+        raise MoECompressError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    source, config = load_config(name_or_path)
+    if not Path(source).is_dir():
+        raise MoECompressError(
+            f"{name_or_path!r} is not a local checkpoint: streaming reads local safetensors shards. Download it first "
+            "(e.g. `huggingface-cli download`) and pass the directory."
+        )
+    if getattr(config, "quantization_config", None):
+        raise MoECompressError(f"{name_or_path} is a quantised checkpoint; streaming reads full-precision checkpoints only.")
+    checkpoint = Checkpoint(source)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=_streamed_dtype(config, checkpoint, dtype), trust_remote_code=True)
+    model.eval()
+    return StreamedWeights(model, checkpoint), _load_tokenizer(source)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
 from ..plan import Plan
+from .export import Group, model_groups, write_groups
 from .remote_code import write_remote_code, write_stock_identity
 
 PLAN_FILE = "moe_compress_plan.json"
@@ -47,6 +49,21 @@ def publish(staged: Path, out: Path) -> Path:
     return out
 
 
+#: Shards close at this size; a layer larger than that gets a shard of its own. Small shards
+#: bound what waits in memory while a streamed save writes (see `io.writer`).
+DEFAULT_MAX_SHARD_BYTES = 2**30
+
+
+def write_model(directory: Path, model: PreTrainedModel, groups: Iterable[Group], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Config, generation config and weights of `model` (weights from `groups`), as save_pretrained lays them out."""
+    model.config.dtype = str(model.dtype).removeprefix("torch.")
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    write_groups(directory, model, groups, max_shard_bytes)
+
+
 def save_compressed(
     model: PreTrainedModel,
     out: str | Path,
@@ -54,15 +71,20 @@ def save_compressed(
     plan: Plan | None = None,
     summary: dict | None = None,
     overwrite: bool = False,
-    max_shard_size: str = "2GB",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    groups: Iterable[Group] | None = None,
 ) -> Path:
-    """Write `model` (and tokenizer, plan, summary) to `out`; returns the directory."""
+    """Write `model` (and tokenizer, plan, summary) to `out`; returns the directory.
+
+    `model` is the compressed model in memory, or -- for a streamed run -- its skeleton on
+    the meta device, with `groups` producing its tensors layer by layer.
+    """
     out = Path(out)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes)
         if needs_remote_code(model):
             write_remote_code(staging, model)
         else:
@@ -82,13 +104,13 @@ def save_compressed(
 
 def save_with_summary(
     model: PreTrainedModel, out: str | Path | None, tokenizer: PreTrainedTokenizerBase | None, plan: Plan | None,
-    summary: dict, overwrite: bool,
+    summary: dict, overwrite: bool, groups: Iterable[Group] | None = None,
 ) -> Path | None:
     """The common end of every compression call: save when `out` is given and add the checkpoint's size to `summary`."""
     if out is None:
         return None
     from ..evaluate.size import checkpoint_bytes
 
-    output_dir = save_compressed(model, out, tokenizer, plan, summary, overwrite=overwrite)
+    output_dir = save_compressed(model, out, tokenizer, plan, summary, overwrite=overwrite, groups=groups)
     summary["checkpoint_bytes"] = checkpoint_bytes(output_dir)
     return output_dir

@@ -86,6 +86,11 @@ def batched_votes(outputs: torch.Tensor, clusters: int, rate: float, experts: in
     return votes
 
 
+def signatures(layer_stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[E, sequences, H] from the statistic's [sequences, E, H]."""
+    return layer_stats["pooled_expert_outputs"].transpose(0, 1)
+
+
 def _least_voted(votes: np.ndarray, count: int) -> list[int]:
     return removal_order(torch.from_numpy(votes))[:count].tolist()
 
@@ -111,7 +116,7 @@ def plan_cprune(
     if limits.groups > 1:
         raise MoECompressError("cprune does not support group-limited routing (n_group > 1): use reap, mone or another criterion.")
     stats = request.stats
-    experts = {layer: s["pooled_expert_outputs"].shape[0] for layer, s in stats.items()}
+    experts = {layer: s["pooled_expert_outputs"].shape[1] for layer, s in stats.items()}
     if len(set(experts.values())) != 1:
         raise MoECompressError(f"cprune needs the same number of experts in every MoE layer; this model has {experts}.")
     per_layer = next(iter(experts.values()))
@@ -128,7 +133,7 @@ def plan_cprune(
     pruned: dict[int, list[int]] = {}
     votes1: dict[int, np.ndarray] = {}
     for layer, s in sorted(stats.items()):
-        votes1[layer] = batched_votes(s["pooled_expert_outputs"], clusters, rate1, per_layer, batch, small)
+        votes1[layer] = batched_votes(signatures(s), clusters, rate1, per_layer, batch, small)
         pruned[layer] = _least_voted(votes1[layer], removed_count(per_layer, rate1))
     stage1 = removed_count(per_layer, rate1)
     meta = {"clusters": clusters, "global_clusters": global_clusters, "batch": batch, "small": small, "stage1_rate": rate1}
@@ -140,7 +145,7 @@ def plan_cprune(
             rate2 = count2 / len(survivors)
         else:
             rate2, count2 = stage2_rate, removed_count(len(survivors), stage2_rate)
-        outputs = torch.cat([stats[layer]["pooled_expert_outputs"][[e for l, e in survivors if l == layer]] for layer in sorted(stats)])
+        outputs = torch.cat([signatures(stats[layer])[[e for l, e in survivors if l == layer]] for layer in sorted(stats)])
         votes2 = batched_votes(outputs, global_clusters, rate2, per_layer, batch, small)
         cap = int(stage1 // rate1 * 0.9) if rate1 > 0 else per_layer
         chosen: dict[int, list[int]] = {layer: [] for layer in stats}

@@ -1,12 +1,13 @@
 """The sequential observer and the statistics it accumulates."""
 
 from .cache import StatsCache, cache_key, model_fingerprint
-from .observer import observe_expert_statistics, run_sequential
+from .observer import LayerWalk, observe_expert_statistics, run_sequential
 from .statistics import STATISTICS, LayerAccumulator, RoutedBatch, Statistic
 
 __all__ = [
     "STATISTICS",
     "LayerAccumulator",
+    "LayerWalk",
     "RoutedBatch",
     "Statistic",
     "StatsCache",

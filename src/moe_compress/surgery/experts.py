@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from ..arch.adapter import ExpertTensor, MoEAdapter
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
+from ..io.export import note_plan
 from ..plan import LayerPlan, Plan
 from ..runtime import DroppedMoE, attach_novices, condense
 from .blocks import drop_blocks
@@ -85,6 +86,7 @@ def apply_plan(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = 
         apply_layer_plan(layers[lp.layer], adapter, plan, lp, model.config.hidden_size)
     drop_blocks(model, adapter, sorted(plan.dropped_blocks))
     sync_config_structure(model, adapter)
+    note_plan(model, plan)
     return model
 
 
