@@ -337,7 +337,8 @@ def run(model_name: str, samples: int, cd_samples: int, cd_seq_len: int) -> dict
     model, tokenizer = load_model(model_name)
     adapter = get_adapter(model)
     batches = calibration_batches(tokenizer, CalibrationSpec("bundled", samples, 256, 0))
-    names = ("reap_sum", "reap_prob_sum", "selected", "gate_sum", "output_moments", "router_dist_sum", "pooled_expert_outputs", "tokens")
+    names = ("reap_sum", "reap_prob_sum", "selected", "gate_sum", "output_moments", "output_moments_per_batch", "router_dist_sum",
+             "pooled_expert_outputs", "tokens")
     stats, _ = collect_statistics(model, batches, names, cache_dir=False)
     records = capture(model, adapter, batches)
     request = lambda ratio, budget="layer": PlanRequest(adapter, model.config, stats, ratio, budget)  # noqa: E731
@@ -357,10 +358,11 @@ def run(model_name: str, samples: int, cd_samples: int, cd_seq_len: int) -> dict
         add("reap", ratio, "layer", "authors' code as written", ours, authors_reap(norms, adapter, records, ratio, renorm_literal, "softmax"))
         add("reap", ratio, "layer", "authors' rule, the model's router scores and renormalisation", ours,
             authors_reap(norms, adapter, records, ratio, renorm_model, "model"))
-        add("mone", ratio, "layer", "authors' code (layer scope)", pruned_sets(get_method("mone").make_plan(request(ratio))),
-            authors_threshold(mone_scores, ratio, "layer"))
-        add("mone", ratio, "global", "authors' code (model scope)", pruned_sets(get_method("mone").make_plan(request(ratio, "global"))),
-            authors_threshold(mone_scores, ratio, "model"))
+        for budget, scope in (("layer", "layer"), ("global", "model")):
+            theirs = authors_threshold(mone_scores, ratio, scope)
+            add("mone", ratio, budget, f"authors' code ({scope} scope)", pruned_sets(get_method("mone").make_plan(request(ratio, budget))), theirs)
+            add("mone variance=exact", ratio, budget, f"authors' code ({scope} scope)",
+                pruned_sets(get_method("mone").make_plan(request(ratio, budget), {"variance": "exact"})), theirs)
         for budget in ("layer", "global"):
             plan = get_method("cprune").make_plan(request(ratio, budget), {"clusters": clusters, "global_clusters": global_clusters})
             add("cprune", ratio, budget, f"authors' code ({clusters}/{global_clusters} clusters)", pruned_sets(plan),
@@ -389,12 +391,28 @@ def run(model_name: str, samples: int, cd_samples: int, cd_seq_len: int) -> dict
     return result
 
 
+def summary(results: list[dict]) -> list[str]:
+    lines = ["## Summary: layers identical, over every ratio and budget", "", "| method | compared with | " +
+             " | ".join(r["model"] for r in results) + " | all |", "|---|---|" + "---|" * (len(results) + 1)]
+    comparisons = sorted({(row["method"], row["compared_with"].split(" (")[0]) for r in results for row in r["rows"]})
+    for method, compared in comparisons:
+        cells, total = [], [0, 0]
+        for result in results:
+            rows = [row for row in result["rows"] if row["method"] == method and row["compared_with"].split(" (")[0] == compared]
+            same, layers = sum(row["identical"] for row in rows), sum(row["layers"] for row in rows)
+            cells.append(f"{same}/{layers} ({same / layers:.0%})" if layers else "-")
+            total = [total[0] + same, total[1] + layers]
+        lines.append(f"| {method} | {compared} | " + " | ".join(cells) + f" | {total[0] / total[1]:.0%} |")
+    return lines + [""]
+
+
 def report(results: list[dict]) -> str:
     lines = ["# Fidelity: our reference modes against the authors' arithmetic", "",
              "Command: `python bench/fidelity.py --model ref-mixtral --model ref-deepseek`. Each row decides the pruned "
              "experts twice on the same calibration capture (bundled calib split, seeded windows of 256 tokens): with our "
              "reference mode and with a re-implementation of the authors' code (see the docstring of bench/fidelity.py). "
              "Agreement: per MoE layer, the Jaccard index of the two pruned sets; 'identical' counts layers with index 1.", ""]
+    lines += summary(results)
     for result in results:
         lines += [f"## {result['model']} ({result['samples']} calibration sequences)", "",
                   "| method | ratio | budget | compared with | layers identical | mean Jaccard |", "|---|---|---|---|---|---|"]

@@ -3,7 +3,7 @@
 For each reference model: every registered expert-pruning method (frequency, soft_count,
 gate_sum, ean, reap, mone, MoNE without novices, cprune) at ratios 0.25 and 0.5, and our
 variants of the reference modes (REAP without renormalisation, MoNE with layer-normalised global
-scores, cprune-cosine) on the mixed calibration,
+scores or the exact variance, cprune-cosine) on the mixed calibration,
   * layer-wise budget, calibrated on each domain in turn (pydoc, dictionary, manpages);
   * global budget, calibrated on all domains together;
 plus the robustness check of issue #4: quality at ratio 0.25 (layer-wise) of MoNE, MoNE without
@@ -39,6 +39,7 @@ METHODS_UNDER_TEST = [
 VARIANTS = [
     ("reap-no-renorm", "reap", {"renormalize": False}),
     ("mone-layer-normalised", "mone", {"global_scores": "layer_normalised"}),
+    ("mone-exact-variance", "mone", {"variance": "exact"}),
     ("cprune-cosine", "cprune-cosine", {"probe_tokens": 32}),
 ]
 #: C-Prune's reference clusters each layer into 12 groups; ref-mixtral has only 8 experts per layer.

@@ -165,7 +165,7 @@ def test_existing_output_is_not_clobbered(checkpoint, calib, tmp_path):
 def test_prune_with_method_options(checkpoint, calib, tmp_path):
     common = ["--calib", calib, "--samples", "8", "--seq-len", "32", "--no-cache"]
     result, text = run("prune", checkpoint, "--method", "mone", "--ratio", "0.5", "--fusion", "weighted_sum", "--fusion-weight", "0.3",
-                       "--out", tmp_path / "mone", *common)
+                       "--batch-size", "4", "--out", tmp_path / "mone", *common)
     assert result.exit_code == 0, text
     plan = json.loads((tmp_path / "mone" / "moe_compress_plan.json").read_text())
     assert plan["method"] == "mone" and plan["meta"]["fusion"] == "weighted_sum" and all(layer["novices"] for layer in plan["layers"])
@@ -182,6 +182,8 @@ def test_reference_mode_options_reach_the_methods(checkpoint, calib, tmp_path):
     assert plan["meta"] == {"renormalize": False, "renormalised": False}
     result, text = run("prune", checkpoint, "--method", "reap", "--renormalize", "sometimes", "--out", tmp_path / "bad", *common)
     assert result.exit_code == 2 and "--renormalize must be" in text
+    result, text = run("prune", checkpoint, "--method", "mone", "--out", tmp_path / "one-batch", *common)
+    assert result.exit_code == 2 and "variance=exact" in text and not (tmp_path / "one-batch").exists()
     result, text = run("prune", checkpoint, "--method", "cprune", "--ratio", "0.25", "--clusters", "3", "--out", tmp_path / "c", *common)
     assert result.exit_code == 0, text
     assert json.loads((tmp_path / "c" / "moe_compress_plan.json").read_text())["meta"]["clusters"] == 3

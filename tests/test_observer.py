@@ -9,6 +9,7 @@ from helpers import token_batches
 from moe_compress import get_adapter
 from moe_compress.api import collect_statistics
 from moe_compress.observe import STATISTICS, observe_expert_statistics, run_sequential
+from moe_compress.observe.statistics import merge_moments
 from tiny_models import FAMILIES, tiny_model
 
 
@@ -23,8 +24,22 @@ def test_layer_by_layer_equals_full_forward(family):
             assert torch.equal(model.model.norm(h), full)
 
 
-#: Statistics with one value per expert (the pooled signatures are checked in test_cprune.py).
-PER_EXPERT = tuple(name for name in STATISTICS if name != "pooled_expert_outputs")
+#: Statistics with one value per expert (the pooled signatures are checked in test_cprune.py, the
+#: per-batch moments below).
+PER_EXPERT = tuple(name for name, s in STATISTICS.items() if name != "pooled_expert_outputs" and not s.per_batch)
+
+
+def test_per_batch_moments_merge_to_the_moments():
+    model = tiny_model("qwen2_moe")
+    batches = token_batches(count=3)
+    stats, _ = collect_statistics(model, batches, ("output_moments", "output_moments_per_batch"), cache_dir=False)
+    for layer_stats in stats.values():
+        per_batch = layer_stats["output_moments_per_batch"]
+        assert per_batch.shape[0] == len(batches)
+        merged = per_batch[0]
+        for moments in per_batch[1:]:
+            merged = merge_moments(merged, moments)
+        torch.testing.assert_close(merged, layer_stats["output_moments"], rtol=1e-9, atol=1e-9)
 
 
 def _brute_force(model, adapter, batches):

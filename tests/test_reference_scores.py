@@ -12,7 +12,7 @@ from helpers import token_batches
 from moe_compress import MoECompressError, compress
 from moe_compress.arch.registry import get_adapter
 from moe_compress.methods import PlanRequest, get_method
-from moe_compress.methods.mone import remove_boundary_ties
+from moe_compress.methods.mone import remove_boundary_ties, running_variation
 from moe_compress.observe.statistics import STATISTICS, RoutedBatch
 from tiny_models import tiny_model
 
@@ -125,8 +125,9 @@ def test_mone_global_scope_compares_raw_scores_by_default():
         "output_moments": torch.cat([torch.full((4, 1), 2.0), torch.zeros(4, 1), torch.full((4, 1), 2.0)], dim=1).double(),
     } for layer, s in request_scores.items()}
     mone = get_method("mone")
-    raw = mone.make_plan(PlanRequest(get_adapter(model), model.config, stats, 0.25, "global"))
-    shares = mone.make_plan(PlanRequest(get_adapter(model), model.config, stats, 0.25, "global"), {"global_scores": "layer_normalised"})
+    raw = mone.make_plan(PlanRequest(get_adapter(model), model.config, stats, 0.25, "global"), {"variance": "exact"})
+    shares = mone.make_plan(PlanRequest(get_adapter(model), model.config, stats, 0.25, "global"),
+                            {"global_scores": "layer_normalised", "variance": "exact"})
     assert raw.kept_counts() == {0: 2, 1: 4}, "raw scores: the layer with the larger outputs keeps all"
     assert shares.kept_counts() == {0: 3, 1: 3}, "layer shares: both layers lose their least share"
 
@@ -140,3 +141,16 @@ def test_mone_threshold_removes_experts_tied_with_the_boundary():
     global_scores = {0: torch.tensor([3.0, 2.0, 1.0]), 1: torch.tensor([5.0, 1.0, 0.5])}
     # one boundary for the model: the best removed score is 1.0 (layer 0), so layer 1's expert 1 (1.0) goes too
     assert remove_boundary_ties(both, global_scores, per_layer=False, floor=1) == {0: [0, 1], 1: [0]}
+
+
+def test_mone_running_variance_replays_the_authors_estimate():
+    # Expert 0 sees [1, 3], then [5], then [3]; expert 1 only [0, 4] in the second batch (H = 1).
+    # Authors: call 1 sets mean 2 and adds no fluctuation; call 2: mean 3, fluc = (5 - 3)^2 / 3 = 4/3;
+    # call 3: mean 3, fluc = 4/3 * (3 - 1) / (3 + 1 - 1) + 0 = 8/9. Expert 1's only call adds nothing.
+    per_batch = torch.tensor([
+        [[2.0, 2.0, 2.0], [0.0, 0.0, 0.0]],
+        [[1.0, 5.0, 0.0], [2.0, 2.0, 8.0]],
+        [[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]],
+    ], dtype=torch.float64)
+    torch.testing.assert_close(running_variation(per_batch), torch.tensor([math.sqrt(8 / 9), 0.0], dtype=torch.float64))
+    # the exact population std of [1, 3, 5, 3] would be sqrt(2)

@@ -193,6 +193,7 @@ def prune(
     no_novice: Annotated[bool, typer.Option("--no-novice", help="mone: keep router rows but give pruned experts zero vectors (ablation).")] = False,
     renormalize: Annotated[str | None, typer.Option(help="reap: renormalise the top-k gates as the model does (model, the authors' rule), always (true) or never (false).")] = None,
     global_scores: Annotated[str | None, typer.Option(help="mone, global budget: compare raw fused scores across layers (raw, the authors' model scope) or each layer's share (layer_normalised).")] = None,
+    variance: Annotated[str | None, typer.Option(help="mone: output variance as the authors' running estimate (running) or the population variance (exact).")] = None,
     clusters: Annotated[int | None, typer.Option(help="cprune: clusters per layer in stage 1 (reference 12); cprune-cosine: default as many as experts kept.")] = None,
     global_clusters: Annotated[int | None, typer.Option(help="cprune: clusters across layers in stage 2 (reference 6).")] = None,
     cluster_batch: Annotated[int | None, typer.Option(help="cprune: calibration sequences clustered together, each batch voting once (reference 32).")] = None,
@@ -229,7 +230,7 @@ def prune(
             "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
             "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
             "renormalize": _renormalize_option(renormalize), "global_scores": global_scores, "global_clusters": global_clusters,
-            "batch": cluster_batch, "stage1_rate": stage1_rate, "stage2_rate": stage2_rate,
+            "batch": cluster_batch, "stage1_rate": stage1_rate, "stage2_rate": stage2_rate, "variance": variance,
         }
         result = compress(
             weights if weights.streamed else loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out,

@@ -209,6 +209,14 @@ STATISTICS: dict[str, Statistic] = {
             doc="sum over T_e of g~_{t,e} ||f_e(x_t)|| (g renormalised over the top-k)",
         ),
         Statistic(
+            "output_moments_per_batch",
+            lambda b: _batch_moments(b)[None],
+            needs_expert_outputs=True,
+            doc="output_moments of each calibration batch on its own, stacked in batch order [batches, E, 1 + 2H]",
+            merge=lambda total, part: torch.cat([total, part]),
+            per_batch=True,
+        ),
+        Statistic(
             "reap_prob_sum",
             lambda b: b.per_expert(b.probs[b.pair_token, b.pair_expert] * b.output_norms),
             needs_expert_outputs=True,
