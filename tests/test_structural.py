@@ -17,6 +17,7 @@ from moe_compress.api import collect_statistics
 from moe_compress.methods.condense_eval import (
     CachedLayers, LayerProbe, condensed, hidden_log_probs, js_divergence, mean_selected_gate,
 )
+from moe_compress.methods.condense import CondenseSearch
 from moe_compress.methods.structural import plan_drop
 from moe_compress.observe.similarity import Similarities, _cos_sum, observe_similarities
 from tiny_checkpoints import save_tiny_checkpoint, write_calibration
@@ -322,3 +323,29 @@ def test_finetune_defaults_are_the_cd_moe_authors():
         1e-5, 0.01, 8, 256, "linear"
     )
     assert [SCHEDULES["linear"](f) for f in (0.0, 0.25, 1.0)] == [1.0, 0.75, 0.0]
+
+
+class _Silent:
+    def advance(self, *_args) -> None:
+        pass
+
+
+def test_early_stop_rules_out_only_candidates_that_cannot_win():
+    """The expert step's bound: returned divergences are exact, the ones skipped could not have won."""
+    model = tiny_model("deepseek_v3", num_layers=3, n_group=1, topk_group=1)
+    adapter = get_adapter(model)
+    with torch.no_grad():  # expert 5 of layer 1 becomes a terrible choice: its bound rules it out after one batch
+        adapter.experts(adapter.moe_block(model.model.layers[1])).down_proj[5] *= 50
+    batches = token_batches(count=4)
+    stats, _ = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir=False)
+    search = CondenseSearch(model, adapter, batches, stats, "layer_output", 1)
+    probe = LayerProbe(search.cache, 1)
+    for order in ([], [3]):
+        candidates = [e for e in range(8) if e not in order]
+        fast = search.expert_candidates(probe, order, candidates, _Silent(), "")
+        tokens = sum(search._tokens(h) for h in probe.reference)
+        full = [sum(search._batch_sums(probe, b, order, [c])[0] for b in range(len(batches))) / tokens for c in candidates]
+        assert min(zip(fast, candidates)) == min(zip(full, candidates))
+        for quick, exact in zip(fast, full):
+            assert quick == float("inf") and exact > min(full) or quick == pytest.approx(exact, rel=1e-12)
+        assert fast[candidates.index(5)] == float("inf"), "the terrible candidate is ruled out early"

@@ -26,9 +26,12 @@ next-token objective on every k-th position only.
 
 Cost. The expert step with the reference objective needs only the layer's cached inputs: its
 attention runs once, and each candidate costs its experts' forward on the MoE input plus
-elementwise work (`condense_eval.LayerProbe`). The layer step runs layers l..L from cached
-inputs. Progress is shown with the layer, step, candidate and best divergence so far, and the
-state after every greedy step is saved (`condense_state`), so an interrupted search resumes.
+elementwise work (`condense_eval.LayerProbe`); candidates are scored stacked. The layer step
+runs layers l..L from cached inputs, candidates after the first chosen layer from its condensed
+outputs. Both stop a candidate early, exactly, once its partial divergence over the batches seen
+exceeds a complete divergence (a mean of non-negative terms cannot come back down). Progress
+shows the layer, step, candidates done, the best divergence of the step and an ETA; the state
+after every greedy step is saved (`condense_state`), so an interrupted search resumes.
 """
 
 from __future__ import annotations
@@ -87,39 +90,65 @@ class CondenseSearch:
     def probe(self, layer: int) -> LayerProbe:
         return LayerProbe(self.cache, layer)
 
+    def _batch_sums(self, probe: LayerProbe, b: int, order: list[int], chunk: list[int]) -> list[float]:
+        """Summed per-token JSD on calibration batch b of `order` + [c] for each c in `chunk` (stacked)."""
+        weights = self.weights[probe.index]
+        x = probe.moe_inputs[b]
+        prefix = torch.zeros(x.reshape(-1, x.shape[-1]).shape, dtype=x.dtype, device=x.device)
+        for expert in order:  # the condensed experts module's running sum, slot by slot
+            prefix = prefix + probe.expert_output(b, expert, weights[expert])
+        outputs = [probe.moe_output(b, prefix + probe.expert_output(b, c, weights[c])) for c in chunk]
+        stacked = probe.layer_outputs(b, outputs)
+        if self.objective == "layer_output":
+            # hidden_states[l + 1] as the authors read it: for the last layer transformers returns it after the final norm.
+            seen = (lambda h: final_normed(self.model, h)) if probe.index == len(self.cache.decoder) - 1 else (lambda h: h)
+            target = JSDTarget(hidden_log_probs(seen(probe.reference[b])))
+            per_token = target.per_token(hidden_log_probs(seen(stacked)).unflatten(0, (len(chunk), -1))).flatten(1)
+        else:  # later layers see the candidates stacked; the vocabulary is scored one candidate at a time
+            final = self.cache.run_batch(probe.index + 1, stacked, b, times=len(chunk))
+            per_token = torch.stack(
+                [self.final_target[b].per_token(next_token_log_probs(self.model, h, self.stride)).flatten() for h in final.chunk(len(chunk))]
+            )
+        return per_token.sum(dim=1).tolist()  # per_token: [candidates, tokens]
+
+    def _tokens(self, hidden: torch.Tensor) -> int:
+        """Positions scored in one calibration batch."""
+        positions = hidden.shape[-2] if self.objective == "layer_output" else -(-hidden.shape[-2] // self.stride)
+        return hidden.shape[0] * positions
+
     @torch.no_grad()
     def expert_candidates(self, probe: LayerProbe, order: list[int], candidates: list[int], progress, status: str) -> list[float]:
-        """Divergence of `order` + [c] for each candidate c, the probed layer condensed alone."""
-        weights = self.weights[probe.index]
-        totals, count = [0.0] * len(candidates), 0
-        # hidden_states[l + 1] as the authors read it: for the last layer transformers returns it after the final norm.
-        last = probe.index == len(self.cache.decoder) - 1
-        seen = (lambda h: final_normed(self.model, h)) if last else (lambda h: h)
-        for b, x in enumerate(probe.moe_inputs):
-            if self.objective == "layer_output":
-                target = JSDTarget(hidden_log_probs(seen(probe.reference[b])))
-            prefix = torch.zeros(x.reshape(-1, x.shape[-1]).shape, dtype=x.dtype, device=x.device)
-            for expert in order:  # the condensed experts module's running sum, slot by slot
-                prefix = prefix + probe.expert_output(b, expert, weights[expert])
-            limit = self._stack_limit(x)
-            for start in range(0, len(candidates), limit):
-                chunk = candidates[start : start + limit]
-                outputs = [probe.moe_output(b, prefix + probe.expert_output(b, c, weights[c])) for c in chunk]
-                stacked = probe.layer_outputs(b, outputs)
-                if self.objective == "layer_output":
-                    per_token = target.per_token(hidden_log_probs(seen(stacked)).unflatten(0, (len(chunk), -1))).flatten(1)
-                else:  # later layers see the candidates stacked; the vocabulary is scored one candidate at a time
-                    final = self.cache.run_batch(probe.index + 1, stacked, b, times=len(chunk))
-                    per_token = torch.stack(
-                        [self.final_target[b].per_token(next_token_log_probs(self.model, h, self.stride)).flatten() for h in final.chunk(len(chunk))]
-                    )
-                for i, value in enumerate(per_token.sum(dim=1).tolist()):  # per_token: [candidates, tokens]
-                    totals[start + i] += value
-                if b == len(probe.moe_inputs) - 1:
-                    self.evaluations += len(chunk)
-                    progress.advance(status, len(chunk))
-            count += per_token.shape[1]
-        return [total / count for total in totals]
+        """Divergence of `order` + [c] for each candidate c (inf for those ruled out early), the probed layer alone.
+
+        Early stop, exact: a divergence is a mean of non-negative terms, so a candidate's partial sum
+        over the batches seen so far bounds its total from below. After the first batch the leading
+        candidate is scored on every batch; any candidate whose lower bound then exceeds a complete
+        total cannot win and is not scored further (equal bounds stay, so ties resolve as before).
+        """
+        batches, evaluate = len(probe.moe_inputs), lambda b, chunk: self._batch_sums(probe, b, order, chunk)
+        total_tokens = sum(self._tokens(x) for x in probe.reference)
+        sums, seen = {c: 0.0 for c in candidates}, {c: 0 for c in candidates}
+        best = float("inf")  # the lowest complete divergence so far
+
+        def score(b: int, alive: list[int]) -> None:
+            limit = self._stack_limit(probe.moe_inputs[b])
+            for start in range(0, len(alive), limit):
+                chunk = alive[start : start + limit]
+                for c, value in zip(chunk, evaluate(b, chunk)):
+                    sums[c], seen[c] = sums[c] + value, seen[c] + 1
+
+        for b in range(batches):
+            alive = [c for c in candidates if seen[c] == b and sums[c] / total_tokens <= best]
+            score(b, alive)
+            if b == 0 and batches > 1 and alive:  # complete the leader: its total is the bound
+                leader = min(alive, key=lambda c: (sums[c], c))
+                for rest in range(1, batches):
+                    score(rest, [leader])
+            best = min([best] + [sums[c] / total_tokens for c in candidates if seen[c] == batches])
+            resolved = [c for c in alive if seen[c] == batches or sums[c] / total_tokens > best]
+            self.evaluations += len(resolved)
+            progress.advance(f"{status} (this step {best:.3g})", len(resolved))
+        return [sums[c] / total_tokens if seen[c] == batches else float("inf") for c in candidates]
 
     # ---- layer step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -135,16 +164,22 @@ class CondenseSearch:
         return inputs
 
     @torch.no_grad()
-    def group_divergence(self, start: int, hidden: list[torch.Tensor], sets: dict[int, list[int]]) -> float:
-        """Divergence of the final output with every layer in `sets` condensed, running from layer `start` on `hidden`."""
-        with all_condensed(self.adapter, self.cache.decoder, sets, self.weights):
-            final = self.cache.run(start, hidden)
-        total, count = 0.0, 0
-        for target, output in zip(self.final_target, final):
-            per_token = target.per_token(self._final_distribution(output))
-            total, count = total + float(per_token.sum()), count + per_token.numel()
+    def group_divergence(self, start: int, hidden: list[torch.Tensor], sets: dict[int, list[int]], bound: float = float("inf")) -> float:
+        """Divergence of the final output with every layer in `sets` condensed, running from layer `start` on `hidden`.
+
+        Batch by batch; once the partial mean alone exceeds `bound` (a complete divergence of another
+        candidate) the candidate cannot win and inf is returned.
+        """
+        total_tokens = sum(self._tokens(h) for h in self.cache.final)
+        total = 0.0
         self.evaluations += 1
-        return total / count
+        with all_condensed(self.adapter, self.cache.decoder, sets, self.weights):
+            for b, h in enumerate(hidden):
+                output = self.cache.run_batch(start, h, b)
+                total += float(self.final_target[b].per_token(self._final_distribution(output)).sum())
+                if total / total_tokens > bound:
+                    return float("inf")
+        return total / total_tokens
 
 
 def _check(layers: int, moe_layers: list[int], experts: int, smallest: int, objective: str, choose_size: bool, stride: int) -> None:
@@ -203,7 +238,7 @@ def plan_condense(
             probe = search.probe(layer) if len(order) < experts else None
             while len(order) < experts:
                 candidates = [e for e in range(sizes[layer]) if e not in order]
-                status = f"layer {layer}: expert {len(order) + 1}/{experts}, best so far {min(curve, default=float('nan')):.3g}"
+                status = f"layer {layer}: expert {len(order) + 1}/{experts}"
                 divergences = search.expert_candidates(probe, order, candidates, progress, status)
                 best, expert = min(zip(divergences, candidates))
                 order.append(expert)
@@ -218,7 +253,8 @@ def plan_condense(
                 if layer in state.layer_order:
                     continue
                 hidden = reached.get(layer, search.cache.inputs(layer))
-                scored.append((search.group_divergence(layer, hidden, {**sets, layer: chosen[layer]}), layer))
+                bound = min(scored)[0] if scored else float("inf")
+                scored.append((search.group_divergence(layer, hidden, {**sets, layer: chosen[layer]}, bound), layer))
                 best = min(scored)[0]
                 progress.advance(f"layer order {len(state.layer_order) + 1}/{layers}: best {best:.3g} (layer {min(scored)[1]})")
             divergence, layer = min(scored)
