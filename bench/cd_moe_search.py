@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import subprocess
 import time
 import types
@@ -53,7 +54,7 @@ def timed_new(model, batches, **options) -> dict:
     start = time.perf_counter()
     plan = condense(copy.deepcopy(model), layers=3, calib=batches, cache_dir=False, **options).plan
     return {"seconds": round(time.perf_counter() - start, 1), "evaluations": plan.meta["evaluations"], "kept": kept(plan),
-            "order": plan.meta["order"], "candidate_sets": plan.meta["candidate_sets"]}
+            "order": plan.meta["order"], "candidate_sets": plan.meta["candidate_sets"], "load_average": os.getloadavg()[0]}
 
 
 def timed_old(model, batches, plan_condense) -> dict:
@@ -63,7 +64,7 @@ def timed_old(model, batches, plan_condense) -> dict:
     stats, _ = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir=False)
     plan = plan_condense(model, adapter, batches, stats, 3)
     return {"seconds": round(time.perf_counter() - start, 1), "evaluations": plan.meta["evaluations"], "kept": kept(plan),
-            "order": plan.meta["order"], "candidate_sets": plan.meta["candidate_sets"]}
+            "order": plan.meta["order"], "candidate_sets": plan.meta["candidate_sets"], "load_average": os.getloadavg()[0]}
 
 
 def run(model_name: str, repeats: int) -> dict:
@@ -97,13 +98,15 @@ def report(result: dict) -> str:
     lines = [
         "# CD-MoE search: before and after", "",
         f"Command: `python bench/cd_moe_search.py --model {result['model']}`. Model {result['model']}, 3 layers condensed, "
-        f"calibration {result['calibration']}. A 2-core machine shared with other jobs (load average 6-8 while measuring): "
-        "absolute seconds are noisy, the interleaved ratio is the robust figure.", "",
+        f"calibration {result['calibration']}. A 2-core machine shared with other jobs (the load average at the end of each "
+        "search is given): absolute seconds are noisy, the interleaved ratio is the robust figure.", "",
         "| search | objective | evaluations | seconds | layer order | kept sets |", "|---|---|---|---|---|---|",
         f"| before (recorded, old code) | next token, best size <= top-k | {old['evaluations']} | {old['seconds']} | {old['order']} | {old['kept']} |",
-        f"| after, default | authors' (layer output / final hidden state), K = top-k | {new['evaluations']} | {new['seconds']} | "
+        f"| after, default | authors' (layer output / final hidden state), K = top-k | {new['evaluations']} | {new['seconds']} "
+        f"(load {new['load_average']:.1f}) | "
         f"{new['order']} | {new['kept']} |",
-        f"| after, old objective | next token, best size <= top-k | {same['evaluations']} | {same['seconds']} | {same['order']} | {same['kept']} |",
+        f"| after, old objective | next token, best size <= top-k | {same['evaluations']} | {same['seconds']} (load {same['load_average']:.1f}) | "
+        f"{same['order']} | {same['kept']} |",
         "",
         f"Old objective on the new code: per-layer candidate sets {'identical to' if same['candidate_sets'] == old['candidate_sets'] else 'different from'} "
         f"the recorded old search, layer order {'identical' if same['order'] == old['order'] else 'different'}.",
@@ -119,7 +122,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="ref-deepseek")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the recorded JSON")
     args = parser.parse_args()
-    data = run(args.model, args.repeats)
-    (RESULTS / "cd_moe_search.json").write_text(json.dumps(data, indent=1) + "\n")
-    (RESULTS / "cd_moe_search.md").write_text(report(data))
+    if not args.report:
+        (RESULTS / "cd_moe_search.json").write_text(json.dumps(run(args.model, args.repeats), indent=1) + "\n")
+    (RESULTS / "cd_moe_search.md").write_text(report(json.loads((RESULTS / "cd_moe_search.json").read_text())))

@@ -172,8 +172,8 @@ class LayerProbe:
 
     Recorded per calibration batch: the attention output, the MoE block's input x and the outputs
     of its shared experts (and gates). A candidate set K then costs only its experts' outputs:
-    `experts_output` sums w_e f_e(x) exactly as the condensed experts module does (same order,
-    dtype and shapes), `moe_output` runs the block's own code with the experts module and shared
+    summing `expert_output` (w_e f_e(x)) slot by slot is what the condensed experts module does
+    (same order, dtype and shapes), `moe_output` runs the block's own code with the experts module and shared
     modules replaced by those tensors, and `layer_outputs` runs the layer's own code around it.
     Each result is bit-identical to running the condensed layer.
     """
