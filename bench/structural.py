@@ -109,7 +109,8 @@ def report() -> None:
     lines = ["# Layer drop, block drop, CD-MoE vs REAP at matched parameter budgets", "",
              "Command: `python bench/structural.py --model <name>`. Quality: test-split perplexity (16 x 256 tokens per domain), "
              "MC accuracy (first 100 questions of each of the 4 `moec` tasks, chance 0.25). Speed: same process, interleaved with the original "
-             "(batch 4 x 128-token prompts, 16 new tokens), ratio > 1 is faster.", ""]
+             "(batch 4 x 128-token prompts, 16 new tokens), ratio > 1 is faster. The CD-MoE search's time before and after "
+             "issue 15 is in cd_moe_search.md; cd-moe-* rows use the authors' objectives, cd-moe-next-token-* the earlier search.", ""]
     for path in sorted(RESULTS.glob("structural_*.json")):
         data = json.loads(path.read_text())
         if "rows" not in data:  # a cached CD-MoE search plan
