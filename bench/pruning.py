@@ -1,7 +1,9 @@
 """Expert-pruning methods on the reference models (issues #3 and #4).
 
 For each reference model: every registered expert-pruning method (frequency, soft_count,
-gate_sum, ean, reap, mone, MoNE without novices, cprune) at ratios 0.25 and 0.5,
+gate_sum, ean, reap, mone, MoNE without novices, cprune) at ratios 0.25 and 0.5, and our
+variants of the reference modes (REAP without renormalisation, MoNE with layer-normalised global
+scores or the exact variance, cprune-cosine) on the mixed calibration,
   * layer-wise budget, calibrated on each domain in turn (pydoc, dictionary, manpages);
   * global budget, calibrated on all domains together;
 plus the robustness check of issue #4: quality at ratio 0.25 (layer-wise) of MoNE, MoNE without
@@ -31,13 +33,22 @@ from moe_compress.methods import METHODS, PlanRequest
 METHODS_UNDER_TEST = [
     ("frequency", "frequency", {}), ("soft_count", "soft_count", {}), ("gate_sum", "gate_sum", {}), ("ean", "ean", {}),
     ("reap", "reap", {}), ("mone", "mone", {}), ("mone-no-novice", "mone", {"novices": False}),
-    ("cprune", "cprune", {"probe_tokens": 32}),
+    ("cprune", "cprune", {}),
 ]
+#: Our variants of the reference modes (issue 13), measured beside them on the mixed calibration.
+VARIANTS = [
+    ("reap-no-renorm", "reap", {"renormalize": False}),
+    ("mone-layer-normalised", "mone", {"global_scores": "layer_normalised"}),
+    ("mone-exact-variance", "mone", {"variance": "exact"}),
+    ("cprune-cosine", "cprune-cosine", {"probe_tokens": 32}),
+]
+#: C-Prune's reference clusters each layer into 12 groups; ref-mixtral has only 8 experts per layer.
+MODEL_OPTIONS = {("ref-mixtral", "cprune"): {"clusters": 4, "global_clusters": 2}}
 SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=None)
 
 
-def union_statistics(methods) -> tuple[str, ...]:
-    return tuple(sorted({s for _, name, options in methods for s in METHODS[name].needs(options)}))
+def union_statistics(methods, model_name: str = "") -> tuple[str, ...]:
+    return tuple(sorted({s for _, name, options in methods for s in METHODS[name].needs({**options, **MODEL_OPTIONS.get((model_name, name), {})})}))
 
 
 def _variant(bench: Bench, stats, label: str, method: str, options: dict, ratio: float, budget: str, tags: dict) -> Variant:
@@ -65,9 +76,9 @@ def _grid(full: bool) -> list[tuple[str, int, str, tuple, tuple, list]]:
     """
     everything = list(METHODS_UNDER_TEST)
     robust = [m for m in METHODS_UNDER_TEST if m[0] in ROBUSTNESS]
-    mixed = [("bundled", 32, "all", (0.25, 0.5), ("layer",) + (("global",) if full else ()), everything)]
+    mixed = [("bundled", 32, "all", (0.25, 0.5), ("layer",) + (("global",) if full else ()), everything + VARIANTS)]
     if not full:
-        mixed.append(("bundled", 32, "all", (0.25,), ("global",), everything))
+        mixed.append(("bundled", 32, "all", (0.25,), ("global",), everything + VARIANTS))
     per_domain = [(f"bundled:{d}", 32, d, (0.25, 0.5) if full else (0.25,), ("layer",), everything if full else robust)
                   for d in bundled_domains()]
     sample_counts = [("bundled", n, "all", (0.25,), ("layer",), robust) for n in (128, 512)]
@@ -84,9 +95,10 @@ def run(model_name: str, full: bool = False) -> None:
             continue
         batches = bench.calibration(source, samples=samples)
         start = time.perf_counter()
-        stats, _ = collect_statistics(bench.original, batches, union_statistics(methods))
+        stats, _ = collect_statistics(bench.original, batches, union_statistics(methods, model_name))
         calibration_seconds = round(time.perf_counter() - start, 2)
         for label, method, options in methods:
+            options = {**options, **MODEL_OPTIONS.get((model_name, method), {})}
             for ratio in ratios:
                 for budget in budgets:
                     tags = {"family": label, "method": label, "ratio": ratio, "budget": budget, "calibration": calib_name,

@@ -5,6 +5,16 @@ routed experts that removes the same number of parameters, so quality is compare
 size. Speed is measured against the original in the same process, interleaved (ratio > 1:
 faster). Quality as in bench/pruning.py.
 
+Reference modes and our variants (issue 13):
+  * cd-moe-{n}: the authors' search (layer-output / final-hidden-state JSD, K = top-k), and
+    cd-moe-s-{n}: shared experts only (K = 0, "CD-MoE-S"), each from one search for 3 layers
+    (the greedy layer order makes n = 1, 2 its prefixes);
+  * cd-moe-next-token-{n}: moe-compress's earlier search (next-token JSD, best size <= top-k),
+    from the search recorded before issue 13;
+  * +finetune: the CD-MoE authors' settings (lr 1e-5, linear decay, weight decay 0.01, batch 8);
+    +finetune-cosine: moe-compress's earlier recipe (lr 3e-4, cosine, no weight decay, batch 4);
+  * block-drop-consecutive-2 scores cos(h_i, h_i+2); -framework the framework's cos(h_i, h_i+3).
+
     python bench/structural.py --model ref-mixtral    # -> bench/results/structural_<model>.{json,md}
 """
 
@@ -19,6 +29,8 @@ from common import RESULTS, Bench, EvalSettings, Variant, markdown_table, mean_p
 from moe_compress import Plan, apply_plan, compress, condense, drop, finetune, get_adapter, model_size
 
 SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=100, speed=True)
+FINETUNES = {"finetune": dict(lr=1e-5, schedule="linear", weight_decay=0.01, batch_size=8),
+             "finetune-cosine": dict(lr=3e-4, schedule="cosine", weight_decay=0.0, batch_size=4)}
 
 
 def _first_condensed(search: Plan, n: int) -> Plan:
@@ -31,22 +43,34 @@ def _first_condensed(search: Plan, n: int) -> Plan:
     return plan
 
 
+def _search(bench: Bench, batches, name: str, **options) -> Plan:
+    """One CD-MoE search for 3 layers, cached beside the results so reruns reuse it."""
+    path = RESULTS / f"structural_{bench.model_name}_{name}.json"
+    if path.is_file():
+        return Plan.load(path)
+    plan = condense(copy.deepcopy(bench.original), layers=3, calib=batches, cache_dir=False, **options).plan
+    plan.save(path)
+    return plan
+
+
 def run(model_name: str, finetune_steps: int) -> None:
     bench = Bench(model_name, SETTINGS, RESULTS / f"structural_{model_name}.json")
     batches = bench.calibration("bundled", samples=16)
     routed = model_size(bench.original, get_adapter(bench.original)).routed_experts
-    search_file = RESULTS / f"structural_{model_name}_cd-moe-search.json"  # one search serves n = 1, 2, 3, and reruns
-    if search_file.is_file():
-        search = Plan.load(search_file)
-    else:
-        search = condense(copy.deepcopy(bench.original), layers=3, calib=batches[:1]).plan
-        search.save(search_file)
-    search_cost = {k: search.meta[k] for k in ("evaluations", "search_seconds")}
+    searches = {
+        "cd-moe": _search(bench, batches[:1], "cd-moe-search-reference"),
+        "cd-moe-next-token": Plan.load(RESULTS / f"structural_{model_name}_cd-moe-search.json"),  # recorded before issue 13
+    }
+    adapter = get_adapter(bench.original)
+    first_moe = adapter.decoder_layers(bench.original)[adapter.moe_layer_indices(bench.original)[0]]
+    if adapter.shared_experts(adapter.moe_block(first_moe)):  # CD-MoE-S needs shared experts to keep
+        searches["cd-moe-s"] = _search(bench, batches[:1], "cd-moe-search-shared-only", experts=0)
 
-    def condensed(n: int):
+    def condensed(search: Plan, n: int):
         def build(model, _tokenizer):
             apply_plan(model, _first_condensed(search, n), get_adapter(model))
-            return {"plan_meta": {**search_cost, "order": search.meta["order"][:n]}}
+            return {"plan_meta": {"evaluations": search.meta["evaluations"], "search_seconds": search.meta["search_seconds"],
+                                  "order": search.meta["order"][:n]}}
 
         return build
 
@@ -55,22 +79,25 @@ def run(model_name: str, finetune_steps: int) -> None:
         "layer-drop-2": lambda m, t: {"plan_meta": drop(m, "moe", n=2, calib=batches).plan.meta},
         "block-drop-discrete-1": lambda m, t: {"plan_meta": drop(m, "block", n=1, calib=batches).plan.meta},
         "block-drop-consecutive-2": lambda m, t: {"plan_meta": drop(m, "block", n=2, mode="consecutive", calib=batches).plan.meta},
-        **{f"cd-moe-{n}": condensed(n) for n in (1, 2, 3)},
+        "block-drop-consecutive-2-framework": lambda m, t: {"plan_meta": drop(
+            m, "block", n=2, mode="consecutive", calib=batches, consecutive_score="framework").plan.meta},
+        **{f"{name}-{n}": condensed(search, n) for name, search in searches.items() for n in (1, 2, 3)},
     }
 
-    def with_finetune(n: int):
+    def with_finetune(search: Plan, n: int, settings: dict):
         def build(model, tokenizer):
-            info = condensed(n)(model, tokenizer)
-            report = finetune(model, tokenizer, steps=finetune_steps, lr=3e-4, batch_size=4, seq_len=256, eval_data=None)
-            return {**info, "finetune": report}
+            info = condensed(search, n)(model, tokenizer)
+            return {**info, "finetune": finetune(model, tokenizer, steps=finetune_steps, seq_len=256, eval_data=None, **settings)}
 
         return build
 
     bench.run(Variant("original", lambda m, t: {}, {"family": "original"}))
     for name, build in structural.items():
         bench.run(Variant(name, build, {"family": name.rsplit("-", 1)[0]}))
-    for n in (2, 3):
-        bench.run(Variant(f"cd-moe-{n}+finetune-{finetune_steps}", with_finetune(n), {"family": "cd-moe+finetune"}))
+    for recipe, settings in FINETUNES.items():
+        for n in (2, 3):
+            bench.run(Variant(f"cd-moe-{n}+{recipe}-{finetune_steps}", with_finetune(searches["cd-moe"], n, settings),
+                              {"family": f"cd-moe+{recipe}"}))
     params = {row["variant"]: row["params"] for row in bench.rows}  # recorded above (or by an earlier run)
     for name in structural:
         ratio = min(0.95, (params["original"] - params[name]) / routed)
@@ -82,10 +109,11 @@ def report() -> None:
     lines = ["# Layer drop, block drop, CD-MoE vs REAP at matched parameter budgets", "",
              "Command: `python bench/structural.py --model <name>`. Quality: test-split perplexity (16 x 256 tokens per domain), "
              "MC accuracy (first 100 questions of each of the 4 `moec` tasks, chance 0.25). Speed: same process, interleaved with the original "
-             "(batch 4 x 128-token prompts, 16 new tokens), ratio > 1 is faster.", ""]
+             "(batch 4 x 128-token prompts, 16 new tokens), ratio > 1 is faster. The CD-MoE search's time before and after "
+             "issue 15 is in cd_moe_search.md; cd-moe-* rows use the authors' objectives, cd-moe-next-token-* the earlier search.", ""]
     for path in sorted(RESULTS.glob("structural_*.json")):
         data = json.loads(path.read_text())
-        if "rows" not in data:  # the cached CD-MoE search plan
+        if "rows" not in data:  # a cached CD-MoE search plan
             continue
         base = data["rows"][0]
         columns = [("variant", lambda r: r["variant"]), ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),

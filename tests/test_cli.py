@@ -165,13 +165,36 @@ def test_existing_output_is_not_clobbered(checkpoint, calib, tmp_path):
 def test_prune_with_method_options(checkpoint, calib, tmp_path):
     common = ["--calib", calib, "--samples", "8", "--seq-len", "32", "--no-cache"]
     result, text = run("prune", checkpoint, "--method", "mone", "--ratio", "0.5", "--fusion", "weighted_sum", "--fusion-weight", "0.3",
-                       "--out", tmp_path / "mone", *common)
+                       "--batch-size", "4", "--out", tmp_path / "mone", *common)
     assert result.exit_code == 0, text
     plan = json.loads((tmp_path / "mone" / "moe_compress_plan.json").read_text())
     assert plan["method"] == "mone" and plan["meta"]["fusion"] == "weighted_sum" and all(layer["novices"] for layer in plan["layers"])
     assert (tmp_path / "mone" / "moe_compress_runtime.py").is_file()
     result, text = run("prune", checkpoint, "--method", "reap", "--fusion", "product", "--out", tmp_path / "bad", *common)
     assert result.exit_code == 2 and "has no option" in text and not (tmp_path / "bad").exists()
+
+
+def test_reference_mode_options_reach_the_methods(checkpoint, calib, tmp_path):
+    common = ["--calib", calib, "--samples", "8", "--seq-len", "32", "--no-cache"]
+    result, text = run("prune", checkpoint, "--method", "reap", "--ratio", "0.25", "--renormalize", "false", "--out", tmp_path / "r", *common)
+    assert result.exit_code == 0, text
+    plan = json.loads((tmp_path / "r" / "moe_compress_plan.json").read_text())
+    assert plan["meta"] == {"renormalize": False, "renormalised": False}
+    result, text = run("prune", checkpoint, "--method", "reap", "--renormalize", "sometimes", "--out", tmp_path / "bad", *common)
+    assert result.exit_code == 2 and "--renormalize must be" in text
+    result, text = run("prune", checkpoint, "--method", "mone", "--out", tmp_path / "one-batch", *common)
+    assert result.exit_code == 2 and "variance=exact" in text and not (tmp_path / "one-batch").exists()
+    result, text = run("prune", checkpoint, "--method", "cprune", "--ratio", "0.25", "--clusters", "3", "--out", tmp_path / "c", *common)
+    assert result.exit_code == 0, text
+    assert json.loads((tmp_path / "c" / "moe_compress_plan.json").read_text())["meta"]["clusters"] == 3
+    result, text = run("condense", checkpoint, "--layers", "1", "--experts", "0", "--calib", calib, "--samples", "2", "--seq-len", "16",
+                       "--state-file", tmp_path / "state.json", "--out", tmp_path / "cd")
+    assert result.exit_code == 0, text
+    plan = json.loads((tmp_path / "cd" / "moe_compress_plan.json").read_text())
+    assert plan["meta"]["experts"] == 0 and plan["layers"][0]["keep"] == [] and (tmp_path / "state.json").is_file()
+    result, text = run("condense", checkpoint, "--layers", "1", "--experts", "0", "--calib", calib, "--samples", "2", "--seq-len", "16",
+                       "--state-file", tmp_path / "state.json", "--out", tmp_path / "cd2")
+    assert result.exit_code == 0 and "resumed from a saved state" in text
 
 
 def test_analyze_writes_tables_and_heatmaps(checkpoint, calib, tmp_path):

@@ -1,6 +1,10 @@
-"""C-Prune: clustering finds duplicated experts and prunes duplicates before unique ones."""
+"""C-Prune: the reference mode's clustering and keep rule on hand-made cases; the cosine variant
+finds duplicated experts and prunes duplicates before unique ones."""
 
 from __future__ import annotations
+
+import math
+import warnings
 
 import numpy as np
 import pytest
@@ -8,7 +12,11 @@ import torch
 
 from helpers import token_batches
 from moe_compress import MoECompressError, compress, get_adapter
-from moe_compress.methods.cprune import cluster_affinity, representatives
+from moe_compress.api import collect_statistics
+from moe_compress.methods import PlanRequest, get_method
+from moe_compress.methods.cprune import cluster_votes, keep_coefficient, ward_clusters
+from moe_compress.runtime import expert_forward
+from moe_compress.methods.cprune_cosine import cluster_affinity, representatives
 from tiny_models import tiny_model
 
 
@@ -49,7 +57,7 @@ def _model_with_duplicates():
 def test_duplicates_share_a_cluster_and_only_one_of_each_pair_survives(linkage_method):
     model = _model_with_duplicates()
     result = compress(
-        model, method="cprune", ratio=0.5, budget="layer", calib=token_batches(count=4), cache_dir=False,
+        model, method="cprune-cosine", ratio=0.5, budget="layer", calib=token_batches(count=4), cache_dir=False,
         options={"linkage_method": linkage_method, "probe_tokens": 16},
     )
     for layer in result.plan.layers:
@@ -75,7 +83,7 @@ def _layer_zero_redundant():
 def test_global_stage_prunes_duplicates_before_unique_experts():
     """Stage 2 alone (stage1_share=0)."""
     result = compress(
-        _layer_zero_redundant(), method="cprune", ratio=0.25, budget="global", calib=token_batches(count=4), cache_dir=False,
+        _layer_zero_redundant(), method="cprune-cosine", ratio=0.25, budget="global", calib=token_batches(count=4), cache_dir=False,
         options={"stage1_share": 0.0, "probe_tokens": 16},
     )
     counts = result.plan.kept_counts()
@@ -87,17 +95,109 @@ def test_global_stage_prunes_duplicates_before_unique_experts():
 
 def test_global_stage_respects_the_per_layer_cap():
     capped = compress(
-        _layer_zero_redundant(), method="cprune", ratio=0.25, budget="global", calib=token_batches(count=4), cache_dir=False,
+        _layer_zero_redundant(), method="cprune-cosine", ratio=0.25, budget="global", calib=token_batches(count=4), cache_dir=False,
         options={"stage1_share": 0.0, "probe_tokens": 16, "max_layer_loss": 0.25},
     )
     assert capped.plan.kept_counts() == {0: 6, 1: 6}, "no layer may lose more than a quarter of its experts"
 
 
-def test_group_limited_routing_is_refused_clearly():
+@pytest.mark.parametrize("method", ["cprune", "cprune-cosine"])
+def test_group_limited_routing_is_refused_clearly(method):
     with pytest.raises(MoECompressError, match="group-limited"):
-        compress(tiny_model("deepseek_v3"), method="cprune", ratio=0.5, calib=token_batches(), cache_dir=False)
+        compress(tiny_model("deepseek_v3"), method=method, ratio=0.5, calib=token_batches(), cache_dir=False)
 
 
-def test_unknown_option_is_refused():
+@pytest.mark.parametrize("method", ["cprune", "cprune-cosine"])
+def test_unknown_option_is_refused(method):
     with pytest.raises(MoECompressError, match="no option"):
-        compress(tiny_model("mixtral"), method="cprune", ratio=0.5, calib=token_batches(), cache_dir=False, options={"k": 3})
+        compress(tiny_model("mixtral"), method=method, ratio=0.5, calib=token_batches(), cache_dir=False, options={"k": 3})
+
+
+# ---- reference mode ------------------------------------------------------------------------
+
+# Seven experts, signatures in 2-D: A = {0, 1, 2, 3} around the origin, B = {4, 5}, C = {6}.
+SIGNATURES = np.array([[-1.0, 0.0], [1.2, 0.0], [0.0, 0.5], [0.0, -2.5], [10.0, 0.0], [10.5, 0.0], [0.0, 12.0]])
+
+
+def test_keep_coefficient_as_the_authors_wrote_it():
+    # p = 1/2: exp(0) - exp(0) / (exp(0) + exp(0)) = 1 - 1/2, then 0.6 * 0.5 + 0.5
+    assert keep_coefficient(16, 32) == pytest.approx(0.8)
+    # p = 1: exp(-.5) - exp(.5) / (exp(.5) + exp(-.5)) = 0.60653 - 0.73106
+    assert keep_coefficient(8, 8) == pytest.approx(0.5 + 0.6 * (0.6065306597 - 0.7310585786))
+
+
+def test_ward_clustering_on_rows_of_the_distance_matrix():
+    labels, to_centre = ward_clusters(SIGNATURES, 3)
+    groups = sorted(sorted(np.flatnonzero(labels == label).tolist()) for label in set(labels))
+    assert groups == [[0, 1, 2, 3], [4, 5], [6]]
+    # A's centre is (0.05, -0.5): distances 1.163, 1.254, 1.001, 2.001
+    assert to_centre[:4] == pytest.approx([1.16297, 1.25399, 1.00125, 2.00062], abs=1e-5)
+    # the authors hand the square distance matrix to scipy's linkage, which treats its rows as observations
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist, squareform
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = fcluster(linkage(squareform(pdist(SIGNATURES)), method="ward"), t=3, criterion="maxclust")
+    assert (theirs == labels).all()
+
+
+def test_reference_keep_rule_on_a_hand_made_layer():
+    # rate 0.25, E = 7: A (4 >= 3 members) keeps int(c(4/7) * 0.75 * 4) = int(2.21) = 2 nearest: 2 and 0;
+    # B and C are smaller than 3 and kept whole.
+    votes = cluster_votes(SIGNATURES, 3, rate=0.25, experts=7, small=3)
+    assert votes.tolist() == [1, 0, 1, 0, 1, 1, 1]
+
+
+def _pooled_stats(signatures: np.ndarray, layers: int = 1) -> dict:
+    pooled = torch.tensor(signatures, dtype=torch.float16)[None]  # one calibration sequence: [1, E, H]
+    return {layer: {"pooled_expert_outputs": pooled, "tokens": torch.ones(len(signatures), dtype=torch.float64)} for layer in range(layers)}
+
+
+def test_reference_plan_prunes_the_least_voted_lower_index_first():
+    model = tiny_model("mixtral", num_local_experts=7, num_experts_per_tok=2)
+    request = PlanRequest(get_adapter(model), model.config, _pooled_stats(SIGNATURES), 0.25)
+    plan = get_method("cprune").make_plan(request, {"clusters": 3})
+    # floor(0.25 * 7) = 1 removed: experts 1 and 3 have no vote; the lower index goes
+    assert plan.layers[0].keep == [0, 2, 3, 4, 5, 6] and plan.layers[0].scores == [1, 0, 1, 0, 1, 1, 1]
+
+
+def test_reference_global_stage_reaches_the_ratio_within_the_authors_cap():
+    model = tiny_model("mixtral", num_layers=2, num_local_experts=7, num_experts_per_tok=2)
+    request = PlanRequest(get_adapter(model), model.config, _pooled_stats(SIGNATURES, layers=2), 0.25, "global")
+    plan = get_method("cprune").make_plan(request, {"clusters": 3, "global_clusters": 2})
+    meta = plan.meta
+    assert meta["stage1_rate"] == pytest.approx(1 - math.sqrt(0.75))  # 0.134 -> floor(0.94) = 0 per layer in stage 1
+    # the authors' cap: int(n1 // r1 * 0.9) with n1 = 0 forbids any stage-2 removal
+    assert meta["stage2_cap"] == 0 and all(len(layer.keep) == 7 for layer in plan.layers)
+    plan = get_method("cprune").make_plan(request, {"clusters": 3, "global_clusters": 2, "stage1_rate": 0.3})
+    # stage 1: floor(2.1) = 2 per layer; stage 2 removes floor(0.25 * 14) - 4 = -1 -> nothing more
+    assert [len(layer.keep) for layer in plan.layers] == [5, 5]
+    request = PlanRequest(get_adapter(model), model.config, _pooled_stats(SIGNATURES, layers=2), 0.5, "global")
+    plan = get_method("cprune").make_plan(request, {"clusters": 3, "global_clusters": 2, "stage1_rate": 0.3})
+    # stage 2: floor(0.5 * 14) - 4 = 3 of the 10 survivors; cap int(2 // 0.3 * 0.9) = int(5.4) = 5 per layer
+    assert plan.meta["stage2_count"] == 3 and plan.meta["stage2_cap"] == 5
+    assert sum(len(layer.keep) for layer in plan.layers) == 7
+
+
+def test_reference_refuses_fewer_experts_than_clusters():
+    with pytest.raises(MoECompressError, match="only 8 experts"):
+        compress(tiny_model("mixtral"), method="cprune", ratio=0.5, calib=token_batches(), cache_dir=False)
+
+
+def test_pooled_signatures_are_expert_outputs_on_sequence_means():
+    model = tiny_model("mixtral", num_layers=1)
+    batches = token_batches(count=2, batch=2, seq_len=8)
+    stats, _ = collect_statistics(model, batches, ("pooled_expert_outputs",), cache_dir=False)
+    pooled = stats[0]["pooled_expert_outputs"]
+    assert pooled.shape == (4, 8, model.config.hidden_size) and pooled.dtype == torch.float16
+    captured = []
+    block = model.model.layers[0].mlp
+    handle = block.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    means = torch.cat([x.mean(dim=1) for x in captured])  # [4 sequences, H]
+    expected = torch.stack([expert_forward(block.experts, e, means) for e in range(8)], dim=1).to(torch.float16)
+    torch.testing.assert_close(pooled, expected, rtol=2e-3, atol=2e-3)

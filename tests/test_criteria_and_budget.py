@@ -15,7 +15,7 @@ HAND_STATS = {
     0: {
         "tokens": torch.full((4,), 4.0, dtype=torch.float64),
         "selected": torch.tensor([3.0, 1.0, 0.0, 4.0], dtype=torch.float64),
-        "prob_sum": torch.tensor([1.6, 0.8, 0.4, 1.2], dtype=torch.float64),
+        "router_dist_sum": torch.tensor([1.6, 0.8, 0.4, 1.2], dtype=torch.float64),
         "gate_sum": torch.tensor([1.5, 0.3, 0.0, 2.2], dtype=torch.float64),
         "output_norm_sum": torch.tensor([6.0, 1.0, 0.0, 10.0], dtype=torch.float64),
         "reap_sum": torch.tensor([1.2, 0.25, 0.0, 3.0], dtype=torch.float64),
@@ -47,6 +47,36 @@ def test_layer_budget_keeps_the_best_per_layer():
     scores = {0: torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4]), 5: torch.arange(8.0)}
     kept = select_experts(scores, 0.25, "layer", TOP2)
     assert kept == {0: [1, 2, 3, 4, 6, 7], 5: [2, 3, 4, 5, 6, 7]}
+
+
+@pytest.mark.parametrize(
+    "experts, ratio, removed",
+    [
+        (8, 0.1, 0),  # 0.8 -> 0, as REAP's int(8 * 0.1): nothing is removed
+        (10, 0.25, 2),  # 2.5 -> 2 (rounding would remove 3)
+        (32, 0.1, 3),  # 3.2 -> 3
+        (100, 0.29, 29),  # 0.29 * 100 = 28.999999999999996 in floats: still 29
+        (12, 0.5, 6),
+    ],
+)
+def test_removed_count_is_truncated_as_the_references_do(experts, ratio, removed):
+    kept = select_experts({0: torch.arange(float(experts))}, ratio, "layer", TOP2)[0]
+    assert len(kept) == experts - removed and kept == list(range(removed, experts))
+
+
+def test_global_removed_count_is_truncated():
+    # 2 layers x 10 experts at 0.25: floor(5.0) = 5 removed; at 0.33: floor(6.6) = 6.
+    scores = {0: torch.arange(10.0), 1: torch.arange(10.0) + 0.5}
+    assert sum(map(len, select_experts(scores, 0.25, "global", TOP2).values())) == 15
+    assert sum(map(len, select_experts(scores, 0.33, "global", TOP2).values())) == 14
+
+
+def test_ties_remove_the_lower_index_first():
+    assert select_experts({0: torch.tensor([0.0, 0.0, 1.0, 1.0])}, 0.5, "layer", TOP2) == {0: [2, 3]}
+    assert select_experts({0: torch.tensor([1.0, 0.0, 0.0, 1.0])}, 0.25, "layer", TOP2) == {0: [0, 2, 3]}
+    # global: equal scores in two layers go from the lower layer first
+    kept = select_experts({0: torch.tensor([0.0, 1.0, 1.0]), 1: torch.tensor([0.0, 1.0, 1.0])}, 0.2, "global", TOP2)
+    assert kept == {0: [1, 2], 1: [0, 1, 2]}
 
 
 def test_ratio_zero_keeps_everything():
@@ -82,6 +112,8 @@ def test_group_limited_budget_keeps_groups_equal():
     limits = RoutingLimits(top_k=2, groups=2, groups_per_token=1, min_per_group=2)
     scores = {0: torch.tensor([0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.4])}
     assert select_experts(scores, 0.5, "layer", limits) == {0: [0, 1, 6, 7]}
+    # llm-compressor's rule: floor(8 * 0.3) = 2 removed, round(2 / 2) = 1 per group
+    assert select_experts(scores, 0.3, "layer", limits) == {0: [0, 1, 2, 5, 6, 7]}
     kept = select_experts({0: torch.rand(8), 1: torch.rand(8) * 5}, 0.25, "global", limits)
     for experts in kept.values():
         assert sum(e < 4 for e in experts) == sum(e >= 4 for e in experts)

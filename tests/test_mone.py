@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers import token_batches
-from moe_compress import LayerPlan, Plan, compress, get_adapter, prune_experts
+from moe_compress import LayerPlan, MoECompressError, Plan, compress, get_adapter, load_model, prune_experts
+from moe_compress.io.save import save_compressed
 from moe_compress.api import collect_statistics
 from moe_compress.methods.mone import access_and_variance, redundancy
 from moe_compress.observe.statistics import merge_moments, split_moments
@@ -117,3 +118,23 @@ def test_mone_memory_per_pruned_expert_is_one_vector():
     after = sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers() if n.endswith("novice_vectors"))
     assert before - after == removed * (expert_params - model.config.hidden_size)
     assert math.isclose(result.plan.ratio, 0.5)
+
+
+def test_novice_layer_may_keep_fewer_real_experts_than_top_k(tmp_path):
+    """The router keeps every row, so one real expert with seven novices is a working top-2 layer."""
+    model = tiny_model("mixtral")
+    stats, _ = collect_statistics(model, token_batches(), ("gate_sum", "output_moments"), cache_dir=False)
+    plan = Plan("mixtral", 2, [LayerPlan(i, 8, [5], novices=True) for i in stats])
+    for index, layer_stats in stats.items():
+        plan.novice_vectors[index] = split_moments(layer_stats["output_moments"])[1][[e for e in range(8) if e != 5]].float()
+    prune_experts(model, plan)
+    inputs = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        logits = model(inputs).logits
+    assert torch.isfinite(logits).all() and get_adapter(model).num_experts(model.model.layers[0].mlp) == 1
+    save_compressed(model, tmp_path / "one-real", plan=plan)
+    reloaded, _ = load_model(tmp_path / "one-real")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(inputs).logits, logits, rtol=0, atol=1e-5)
+    with pytest.raises(MoECompressError, match="keeps no expert"):
+        Plan("mixtral", 2, [LayerPlan(0, 8, [], novices=True)]).validate()

@@ -9,6 +9,7 @@ from helpers import token_batches
 from moe_compress import get_adapter
 from moe_compress.api import collect_statistics
 from moe_compress.observe import STATISTICS, observe_expert_statistics, run_sequential
+from moe_compress.observe.statistics import merge_moments
 from tiny_models import FAMILIES, tiny_model
 
 
@@ -21,6 +22,24 @@ def test_layer_by_layer_equals_full_forward(family):
         for h, batch in zip(hidden, batches):
             full = model.model(input_ids=batch).last_hidden_state
             assert torch.equal(model.model.norm(h), full)
+
+
+#: Statistics with one value per expert (the pooled signatures are checked in test_cprune.py, the
+#: per-batch moments below).
+PER_EXPERT = tuple(name for name, s in STATISTICS.items() if name != "pooled_expert_outputs" and not s.per_batch)
+
+
+def test_per_batch_moments_merge_to_the_moments():
+    model = tiny_model("qwen2_moe")
+    batches = token_batches(count=3)
+    stats, _ = collect_statistics(model, batches, ("output_moments", "output_moments_per_batch"), cache_dir=False)
+    for layer_stats in stats.values():
+        per_batch = layer_stats["output_moments_per_batch"]
+        assert per_batch.shape[0] == len(batches)
+        merged = per_batch[0]
+        for moments in per_batch[1:]:
+            merged = merge_moments(merged, moments)
+        torch.testing.assert_close(merged, layer_stats["output_moments"], rtol=1e-9, atol=1e-9)
 
 
 def _brute_force(model, adapter, batches):
@@ -46,13 +65,14 @@ def _brute_force(model, adapter, batches):
         handle.remove()
     reference = {}
     for index, parts in records.items():
-        sums = {name: torch.zeros(8, dtype=torch.float64) for name in STATISTICS}
+        sums = {name: torch.zeros(8, dtype=torch.float64) for name in PER_EXPERT}
         routed_outputs: dict[int, list[torch.Tensor]] = {e: [] for e in range(8)}
         for logits, weights, chosen, outs in parts:
             probs = adapter.router_probs(logits).double()
             for t in range(logits.shape[0]):
                 sums["tokens"] += 1
                 sums["prob_sum"] += probs[t]
+                sums["router_dist_sum"] += probs[t] / probs[t].sum() if adapter.router_score == "sigmoid" else probs[t]
                 total_w = float(weights[t].double().sum())
                 for slot in range(chosen.shape[1]):
                     e, g = int(chosen[t, slot]), float(weights[t, slot])
@@ -61,6 +81,7 @@ def _brute_force(model, adapter, batches):
                     sums["gate_sum"][e] += g
                     sums["output_norm_sum"][e] += norm
                     sums["reap_sum"][e] += g / total_w * norm
+                    sums["reap_prob_sum"][e] += float(probs[t, e]) * norm
                     routed_outputs[e].append(outs[t, e].double())
         hidden = outs.shape[-1]
         sums["output_moments"] = torch.zeros(8, 1 + 2 * hidden, dtype=torch.float64)
@@ -78,11 +99,11 @@ def test_statistics_equal_brute_force(family):
     model = tiny_model(family)
     adapter = get_adapter(model)
     batches = token_batches()
-    observed = observe_expert_statistics(model, adapter, batches, tuple(STATISTICS))
+    observed = observe_expert_statistics(model, adapter, batches, PER_EXPERT)
     reference = _brute_force(model, adapter, batches)
     assert observed.keys() == reference.keys()
     for index in reference:
-        for name in STATISTICS:
+        for name in PER_EXPERT:
             torch.testing.assert_close(observed[index][name], reference[index][name], rtol=1e-5, atol=1e-6, msg=f"{name} layer {index}")
 
 

@@ -47,6 +47,7 @@ def test_stages_run_in_order_and_report(setup, tmp_path):
 def test_rerunning_a_recipe_reuses_cached_statistics(setup, tmp_path):
     checkpoint, calib = setup
     recipe = _recipe(checkpoint, calib, [{"prune": {"method": "mone", "ratio": 0.5}}])
+    recipe["calibration"]["batch_size"] = 4  # MoNE's running variance needs more than one calibration batch
     first = run_recipe(recipe, out=tmp_path / "a")
     second = run_recipe(recipe, out=tmp_path / "b")
     assert first["rows"][1]["statistics_from_cache"] is False and second["rows"][1]["statistics_from_cache"] is True

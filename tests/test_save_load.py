@@ -51,7 +51,7 @@ def saved(tmp_path_factory):
         if family in CPRUNE_FAMILIES:
             clustered = tiny_model(family)
             compress(clustered, method="cprune", ratio=0.5, budget="global", calib=token_batches(), out=root / f"{family}-cprune",
-                     cache_dir=False, options={"probe_tokens": 16})
+                     cache_dir=False, options={"clusters": 3, "global_clusters": 2})
             variants.append(("cprune", clustered))
         for name, model in variants:
             save_expected(root / f"{family}-{name}", inputs, model)

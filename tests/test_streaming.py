@@ -213,7 +213,7 @@ _DISTRIBUTED = textwrap.dedent(
     stats, _ = collect_statistics(weights.model, batches, {stats!r}, cache_dir=False, weights=weights)
     if distributed.is_main():
         save_file({{f"{{i}}/{{n}}": v.contiguous() for i, s in stats.items() for n, v in s.items()}}, {stats_out!r})
-    mc.compress({source!r}, "cprune", 0.5, "global", batches, out={out!r}, cache_dir=False, streaming=True,
+    mc.compress({source!r}, "cprune-cosine", 0.5, "global", batches, out={out!r}, cache_dir=False, streaming=True,
                 options={{"probe_tokens": 8}})
     """
 )
@@ -241,7 +241,7 @@ def test_two_processes_calibrate_like_one(checkpoints, tmp_path):
     for layer, named in single.items():
         for name, value in named.items():
             torch.testing.assert_close(shared[f"{layer}/{name}"], value, rtol=1e-9, atol=1e-12)
-    one = mc.compress(source, "cprune", 0.5, "global", token_batches(count=5), out=tmp_path / "one", cache_dir=False,
+    one = mc.compress(source, "cprune-cosine", 0.5, "global", token_batches(count=5), out=tmp_path / "one", cache_dir=False,
                       streaming=True, options={"probe_tokens": 8})
     two = json.loads((tmp_path / "two" / "moe_compress_plan.json").read_text())["layers"]
     assert [(lp["keep"], lp["clusters"]) for lp in two] == [(lp.keep, lp.clusters) for lp in one.plan.layers]

@@ -229,16 +229,26 @@ def inspect(
     out_console.print(params)
 
 
+def _renormalize_option(value: str | None) -> str | bool | None:
+    """--renormalize model|true|false as the REAP method's option value."""
+    if value is None:
+        return None
+    choices = {"model": "model", "true": True, "false": False}
+    if value.lower() not in choices:
+        raise MoECompressError(f"--renormalize must be model, true or false; got {value!r}.")
+    return choices[value.lower()]
+
+
 @app.command()
 @user_errors
 def prune(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory to write the pruned checkpoint to (written atomically).")],
-    method: Annotated[str, typer.Option(help="Method: frequency, soft_count, gate_sum, ean, reap, mone or cprune (see `moe-compress methods`).")] = "reap",
+    method: Annotated[str, typer.Option(help="Method: frequency, soft_count, gate_sum, ean, reap, mone, cprune or cprune-cosine (see `moe-compress methods`).")] = "reap",
     ratio: Annotated[float, typer.Option(help="Fraction of routed experts to remove, in [0, 1).")] = 0.25,
     budget: Annotated[str, typer.Option(help="layer: every MoE layer loses the same share; global: layers compete for one total.")] = "layer",
     calib: CalibOpt = "bundled",
-    samples: SamplesOpt = 64,
+    samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
@@ -254,11 +264,18 @@ def prune(
     fusion: Annotated[str | None, typer.Option(help="mone: how access frequency and output variance combine: product, minmax_product or weighted_sum.")] = None,
     fusion_weight: Annotated[float | None, typer.Option(help="mone: weight of access frequency in weighted_sum fusion, in [0, 1].")] = None,
     no_novice: Annotated[bool, typer.Option("--no-novice", help="mone: keep router rows but give pruned experts zero vectors (ablation).")] = False,
-    clusters: Annotated[int | None, typer.Option(help="cprune: clusters per layer in stage 1 (default: as many as experts kept).")] = None,
-    linkage: Annotated[str | None, typer.Option(help="cprune: agglomerative linkage: average, complete, single or weighted.")] = None,
-    stage1_share: Annotated[float | None, typer.Option(help="cprune: share of the removal done per layer in stage 1; the rest is global (stage 2).")] = None,
-    probe_tokens: Annotated[int | None, typer.Option(help="cprune: tokens per batch in the shared probe that defines expert signatures.")] = None,
-    max_layer_loss: Annotated[float | None, typer.Option(help="cprune: most any layer may lose in stage 2, as a fraction of its experts (default: twice the ratio, at most 0.75).")] = None,
+    renormalize: Annotated[str | None, typer.Option(help="reap: renormalise the top-k gates as the model does (model, the authors' rule), always (true) or never (false).")] = None,
+    global_scores: Annotated[str | None, typer.Option(help="mone, global budget: compare raw fused scores across layers (raw, the authors' model scope) or each layer's share (layer_normalised).")] = None,
+    variance: Annotated[str | None, typer.Option(help="mone: output variance as the authors' running estimate (running) or the population variance (exact).")] = None,
+    clusters: Annotated[int | None, typer.Option(help="cprune: clusters per layer in stage 1 (reference 12); cprune-cosine: default as many as experts kept.")] = None,
+    global_clusters: Annotated[int | None, typer.Option(help="cprune: clusters across layers in stage 2 (reference 6).")] = None,
+    cluster_batch: Annotated[int | None, typer.Option(help="cprune: calibration sequences clustered together, each batch voting once (reference 32).")] = None,
+    stage1_rate: Annotated[float | None, typer.Option(help="cprune: stage-1 prune rate (default: the ratio per layer, or 1 - sqrt(1 - ratio) with a global budget).")] = None,
+    stage2_rate: Annotated[float | None, typer.Option(help="cprune: stage-2 prune rate of the survivors (default: whatever reaches the ratio).")] = None,
+    linkage: Annotated[str | None, typer.Option(help="cprune-cosine: agglomerative linkage: average, complete, single or weighted.")] = None,
+    stage1_share: Annotated[float | None, typer.Option(help="cprune-cosine: share of the removal done per layer in stage 1; the rest is global (stage 2).")] = None,
+    probe_tokens: Annotated[int | None, typer.Option(help="cprune-cosine: tokens per batch in the shared probe that defines expert signatures.")] = None,
+    max_layer_loss: Annotated[float | None, typer.Option(help="cprune-cosine: most any layer may lose in stage 2, as a fraction of its experts (default: twice the ratio, at most 0.75).")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
@@ -292,6 +309,8 @@ def prune(
         given = {
             "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
             "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
+            "renormalize": _renormalize_option(renormalize), "global_scores": global_scores, "global_clusters": global_clusters,
+            "batch": cluster_batch, "stage1_rate": stage1_rate, "stage2_rate": stage2_rate, "variance": variance,
         }
         result = compress(
             weights if weights.streamed else loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out,
@@ -582,8 +601,9 @@ def drop_command(
     drop: Annotated[int | None, typer.Option("--drop", help="How many sub-layers or blocks to drop.")] = None,
     target_ratio: Annotated[float | None, typer.Option(help="Instead of --drop: fraction of all parameters to remove, in (0, 1).")] = None,
     mode: Annotated[str, typer.Option(help="block only: discrete (most similar single blocks) or consecutive (best run).")] = "discrete",
+    consecutive_score: Annotated[str, typer.Option(help="consecutive only: span scores a run of n blocks by cos(h_i, h_i+n); framework by cos(h_i, h_i+n+1), as the unified framework's code.")] = "span",
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
-    samples: SamplesOpt = 32,
+    samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
@@ -613,7 +633,10 @@ def drop_command(
     check_output_dir(out, overwrite, [model])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
         loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
-        result = drop_layers(weights if weights.streamed else loaded, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device)
+        result = drop_layers(
+            weights if weights.streamed else loaded, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device,
+            consecutive_score=consecutive_score,
+        )
     _report_stage(result, model, out, plan_out)
 
 
@@ -623,10 +646,14 @@ def condense_command(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory to write the condensed model to (written atomically).")],
     layers: Annotated[int, typer.Option(help="How many MoE layers to condense (at least one must keep routing).")] = 1,
-    max_experts: Annotated[int | None, typer.Option(help="Most routed experts a condensed layer keeps (default: top-k).")] = None,
-    fixed_size: Annotated[bool, typer.Option("--fixed-size", help="Keep exactly --max-experts experts instead of the best size found.")] = False,
+    experts: Annotated[int | None, typer.Option(help="Routed experts each condensed layer keeps, K (default: top-k, as the authors' 6 for DeepSeekMoE-16B); 0 keeps shared experts only (CD-MoE-S).")] = None,
+    objective: Annotated[str, typer.Option(help="layer_output: the authors' JSD of the layer output, then of the final hidden state; next_token: JSD of the next-token distribution for both (moe-compress's earlier search).")] = "layer_output",
+    choose_size: Annotated[bool, typer.Option("--choose-size", help="Keep the prefix of 1..K experts with the lowest divergence instead of exactly K.")] = False,
+    position_stride: Annotated[int, typer.Option(help="next_token objective: score every k-th position only.")] = 1,
+    state_file: Annotated[Path | None, typer.Option(help="Where the search saves its progress and resumes from (default: under the cache directory, keyed by model, data and settings).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Discard a saved search state and search again.")] = False,
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
-    samples: Annotated[int, typer.Option(help="Calibration sequences (each search step re-runs them).")] = 16,
+    samples: Annotated[int, typer.Option(help="Calibration sequences (the authors use 100).")] = 32,
     seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
@@ -643,7 +670,9 @@ def condense_command(
     from .io.load import check_device, load_model
     from .io.save import check_output_dir
 
-    _require_positive(layers=layers, max_experts=max_experts)
+    _require_positive(layers=layers, position_stride=position_stride)
+    if experts is not None and experts < 0:
+        raise MoECompressError(f"--experts must be 0 (shared experts only) or more; got {experts}.")
     spec = CalibrationSpec(calib, samples, seq_len, seed)
     spec.validate()
     _writable_file(plan_out, "--plan-out")
@@ -652,9 +681,13 @@ def condense_command(
     check_output_dir(out, overwrite, [model])
     with _runtime(threads):
         loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        result = condense(loaded, layers, max_experts, fixed_size, spec, tokenizer, out, overwrite, cache_dir, device)
+        result = condense(
+            loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir, device,
+            state_file=state_file, fresh=fresh,
+        )
     meta = result.plan.meta
-    out_console.print(f"search: {meta['evaluations']} candidate evaluations in {meta['search_seconds']}s; layer order {meta['order']}, JSD {[round(v, 5) for v in meta['order_jsd']]}")
+    resumed = " (resumed from a saved state)" if meta["resumed"] else ""
+    out_console.print(f"search: {meta['evaluations']} candidate evaluations in {meta['search_seconds']}s{resumed}; layer order {meta['order']}, JSD {[round(v, 5) for v in meta['order_jsd']]}")
     _report_stage(result, model, out, plan_out)
 
 
@@ -666,7 +699,7 @@ def finetune_command(
     data: Annotated[str, typer.Option(help="Training text (same forms as --calib; 'bundled' uses its calib split).")] = "bundled",
     eval_data: Annotated[str, typer.Option(help="Held-out text for the before/after perplexity ('bundled': valid split).")] = "bundled",
     steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 200,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 3e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (the CD-MoE authors' 1e-5, decayed linearly).")] = 1e-5,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for batch sampling.")] = 0,

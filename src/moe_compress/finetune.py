@@ -4,6 +4,14 @@ Only the condensed layers' shared experts and kept routed experts train; everyth
 attention, embeddings, other MoE layers, the constant expert weights -- is frozen. The loss
 is next-token cross-entropy on fixed-length windows of language-model text. Runs on a GPU
 when one is present (or `device` says so), else on the CPU.
+
+Defaults are the CD-MoE authors' (`finetune/finetune.py`): AdamW at a peak learning rate of
+1e-5 with torch's default weight decay (0.01), decayed linearly to zero (their warm-up ratio
+never reaches the custom schedule, so there is none), batches of 8 sequences of 256 tokens,
+gradients clipped at 1.0 (the Trainer's default). They train one epoch over 10 000 C4 texts
+(1 250 steps); 200 steps is the CPU-sized default here. `schedule="cosine"`, lr 3e-4 and no
+weight decay is moe-compress's earlier recipe (the cd-moe+finetune rows recorded in
+bench/results/structural.md before issue 13 used it); the structural bench runs both.
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ def condensed_layers(model: PreTrainedModel, adapter: MoEAdapter | None = None) 
     return found
 
 
+#: Learning-rate multiplier as a function of the fraction of training done.
+SCHEDULES = {"linear": lambda done: 1.0 - done, "cosine": lambda done: 0.5 * (1 + math.cos(math.pi * done))}
+
+
 def condensed_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:
     """Parameters of condensed layers' kept and shared experts."""
     adapter = get_adapter(model)
@@ -76,7 +88,7 @@ def finetune(
     tokenizer: PreTrainedTokenizerBase,
     data: str = "bundled",
     steps: int = 200,
-    lr: float = 3e-4,
+    lr: float = 1e-5,
     batch_size: int = 8,
     seq_len: int = 256,
     seed: int = 0,
@@ -86,6 +98,8 @@ def finetune(
     checkpoint_every: int = 0,
     overwrite: bool = False,
     device: str | None = None,
+    weight_decay: float = 0.01,
+    schedule: str = "linear",
 ) -> dict:
     """Train the condensed layers for `steps` steps; returns losses and before/after perplexity.
 
@@ -100,6 +114,8 @@ def finetune(
             f"and the learning rate a positive number; got steps={steps}, batch_size={batch_size}, seq_len={seq_len}, "
             f"eval_windows={eval_windows}, checkpoint_every={checkpoint_every}, lr={lr}."
         )
+    if schedule not in SCHEDULES:
+        raise MoECompressError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
     check_seq_len(seq_len, model.config)
     params = condensed_parameters(model)
     if not params:
@@ -117,8 +133,8 @@ def finetune(
     trainable = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: SCHEDULES[schedule](step / steps))
     generator = torch.Generator().manual_seed(seed)
     losses, start = [], time.perf_counter()
     model.train()
@@ -130,7 +146,7 @@ def finetune(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        schedule.step()
+        scheduler.step()
         losses.append(float(loss.detach()))
         if out is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
             save_compressed(model, Path(f"{out}.checkpoints") / f"step-{step}", tokenizer, overwrite=True)

@@ -245,7 +245,9 @@ class Plan:
                 if len(lp.condensed_weights) != len(lp.keep) or lp.keep != sorted(lp.keep):
                     raise MoECompressError(f"{where}: a condensed layer needs one weight per kept expert, experts in ascending order.")
                 continue
-            if len(lp.keep) < self.top_k:
+            if lp.novices and not lp.keep:
+                raise MoECompressError(f"{where} keeps no expert; with novices at least one real expert must stay.")
+            if len(lp.keep) < self.top_k and not lp.novices:  # novices keep every router row: top_k stays reachable
                 raise MoECompressError(
                     f"{where} keeps {len(lp.keep)} experts, fewer than top_k={self.top_k}: every token routes to "
                     f"{self.top_k} experts. Keep at least {self.top_k} experts per layer (lower the ratio)."

@@ -164,10 +164,34 @@ def condensed_experts_class(base: type) -> type:
     return _CONDENSED_CLASSES[base]
 
 
+class NoRoutedExperts(nn.Module):
+    """The experts module of a condensed layer that keeps no routed expert (CD-MoE-S): adds zeros.
+
+    It holds no weights, so a checkpoint has nothing to store for it (the family's per-expert key
+    layout cannot express zero experts). Empty `gate_up_proj` / `down_proj` attributes -- plain
+    tensors, neither parameters nor buffers -- let structural code count its 0 experts.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = torch.zeros(0)
+        self.down_proj = torch.zeros(0)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
 def condense(block: nn.Module, router_attr: str, experts_attr: str, weights: torch.Tensor, expert_ids: torch.Tensor | None = None) -> None:
-    """Replace the block's router by constant weights for `expert_ids` (default: all experts it holds)."""
+    """Replace the block's router by constant weights for `expert_ids` (default: all experts it holds).
+
+    A block left with no routed expert gets a weightless `NoRoutedExperts`; while searching
+    (`expert_ids` given) the experts module is only re-classed, so it can be restored.
+    """
     setattr(block, router_attr, ConstantRouter(weights, expert_ids))
     experts = getattr(block, experts_attr)
+    if expert_ids is None and weights.numel() == 0:
+        setattr(block, experts_attr, NoRoutedExperts())
+        return
     experts.__class__ = condensed_experts_class(getattr(type(experts), "_condensed_base", type(experts)))
 
 

@@ -1,8 +1,25 @@
 """Turning per-expert scores into kept sets under a layer-wise or a global budget.
 
+Counts. Every reference implementation that takes a ratio truncates the number of experts it
+removes: REAP (`int(num_experts * compression_ratio)`), llm-compressor's REAP modifier
+(`int(num_experts * sparsity)`), C-Prune (`int(prune_rate * num_experts)`), and MoNE's global
+threshold (`ceil(total * preserve / E)` kept, i.e. the removed count truncated). So a layer
+removes floor(E * ratio) experts and a global budget removes floor(sum_l E_l * ratio); when
+E * ratio is not an integer the model keeps one expert more than rounding would. (The float
+product is nudged by 1e-9 before truncating, so 0.29 x 100 removes 29 experts, not 28.)
+
+Ties. Experts are removed in ascending score order; equal scores are removed lower expert
+index first (and, under a global budget, lower layer first). That is C-Prune's reference rule
+(Python's stable sort of votes). REAP, llm-compressor and the unified framework call
+`torch.topk(..., largest=False)`, whose order among equal values is implementation-defined
+(on CPU it returned [6, 5, 4, 7] for eight zeros): no rule reproduces it in general, so ours
+is the stable one. Ties are rare for continuous scores; experts that received no token
+(score 0) are the common case.
+
 Group-limited routers (DeepSeek-V3, GLM) choose groups of experts before experts, so every
 group must keep the same number of experts: selection works in *units* of one expert per
-group. Without groups a unit is one expert, and the same code serves both cases.
+group, and each group removes round(floor(E * ratio) / G) experts, as llm-compressor does.
+Without groups a unit is one expert, and the same code serves both cases.
 """
 
 from __future__ import annotations
@@ -17,9 +34,13 @@ from ..plan import RoutingLimits
 
 Budget = Literal["layer", "global"]
 
+#: Guard against float products such as 0.29 * 100 = 28.999999999999996 before truncating.
+_EPSILON = 1e-9
 
-def _round_half_up(value: float) -> int:
-    return int(math.floor(value + 0.5))
+
+def removed_count(total: int, ratio: float) -> int:
+    """Experts removed from `total` at `ratio`: truncated, as every reference implementation does."""
+    return int(math.floor(total * ratio + _EPSILON))
 
 
 def check_ratio(ratio: float) -> None:
@@ -27,15 +48,25 @@ def check_ratio(ratio: float) -> None:
         raise MoECompressError(f"ratio must be in [0, 1): the fraction of routed experts to remove; got {ratio}.")
 
 
+def removal_order(scores: torch.Tensor) -> torch.Tensor:
+    """Expert ids in the order they are removed: ascending score, lower index first on ties."""
+    return torch.argsort(scores, stable=True)
+
+
 def _group_order(scores: torch.Tensor, groups: int) -> torch.Tensor:
-    """[groups, per_group] expert ids, each group's members sorted by descending score."""
+    """[groups, per_group] expert ids, each group's members in removal order (first removed first)."""
     ids = torch.arange(scores.numel()).view(groups, -1)
-    order = torch.argsort(scores.view(groups, -1), dim=1, descending=True, stable=True)
-    return ids.gather(1, order)
+    return ids.gather(1, torch.argsort(scores.view(groups, -1), dim=1, stable=True))
 
 
 def _keep_units(scores: torch.Tensor, groups: int, units: int) -> list[int]:
-    return sorted(_group_order(scores, groups)[:, :units].reshape(-1).tolist())
+    order = _group_order(scores, groups)
+    return sorted(order[:, order.shape[1] - units :].reshape(-1).tolist())
+
+
+def _units_removed_per_layer(experts: int, groups: int, ratio: float) -> int:
+    removed = removed_count(experts, ratio)
+    return removed if groups == 1 else round(removed / groups)
 
 
 def select_experts(
@@ -48,10 +79,11 @@ def select_experts(
 ) -> dict[int, list[int]]:
     """Kept expert ids per layer.
 
-    layer:  every layer keeps round(E(1-ratio)) experts (per group: round(E/G (1-ratio))).
-    global: the model keeps round(sum_l E_l (1-ratio)) experts in total, chosen by comparing
+    layer:  every layer removes floor(E * ratio) experts (per group: round(floor(E * ratio) / G)).
+    global: the model removes floor(sum_l E_l * ratio) experts in total, chosen by comparing
             scores across layers (each layer's scores divided by their sum when `normalise`),
-            each layer keeping at least max(top_k, min_keep) experts.
+            each layer keeping at least max(top_k, min_keep) experts. The floor is ours: the
+            unified framework and MoNE compare raw scores with no floor, which can empty a layer.
     """
     check_ratio(ratio)
     if budget not in ("layer", "global"):
@@ -65,7 +97,7 @@ def select_experts(
     if budget == "layer":
         kept = {}
         for layer, s in scores.items():
-            units = _round_half_up(s.numel() // groups * (1.0 - ratio))
+            units = s.numel() // groups - _units_removed_per_layer(s.numel(), groups, ratio)
             if units < floor_units:
                 raise MoECompressError(
                     f"ratio {ratio} leaves layer {layer} with {units * groups} experts, fewer than its router needs "
@@ -74,24 +106,23 @@ def select_experts(
             kept[layer] = _keep_units(s, groups, units)
         return kept
 
-    total_units = _round_half_up(sum(s.numel() // groups for s in scores.values()) * (1.0 - ratio))
+    total = sum(s.numel() // groups for s in scores.values())
+    total_units = total - _units_removed_per_layer(total * groups, groups, ratio)
     if total_units < floor_units * len(scores):
         raise MoECompressError(
             f"ratio {ratio} leaves {total_units * groups} experts in total, fewer than the {floor_units * groups} per layer "
             f"that {len(scores)} MoE layers need. Use a smaller --ratio."
         )
-    # Score of a layer's j-th unit: mean over groups of each group's j-th best expert.
-    unit_scores: dict[int, torch.Tensor] = {}
-    for layer, s in scores.items():
+    # Score of a layer's j-th unit (in removal order): mean over groups of each group's j-th expert.
+    candidates = []
+    for layer, s in sorted(scores.items()):
         if normalise:
             s = s / s.sum().clamp_min(1e-30)
-        sorted_scores = s[_group_order(s, groups)]
-        unit_scores[layer] = sorted_scores.mean(dim=0)
-    candidates = [
-        (-float(u[j]), layer, j) for layer, u in unit_scores.items() for j in range(floor_units, u.numel())
-    ]
+        unit_scores = s[_group_order(s, groups)].mean(dim=0)
+        removable = unit_scores.numel() - floor_units
+        candidates += [(float(unit_scores[j]), layer, j) for j in range(removable)]
     candidates.sort()
-    units = {layer: floor_units for layer in scores}
-    for _, layer, _ in candidates[: total_units - floor_units * len(scores)]:
-        units[layer] += 1
-    return {layer: _keep_units(s, groups, units[layer]) for layer, s in scores.items()}
+    removed = {layer: 0 for layer in scores}
+    for _, layer, _ in candidates[: total - total_units]:
+        removed[layer] += 1
+    return {layer: _keep_units(s, groups, s.numel() // groups - removed[layer]) for layer, s in scores.items()}

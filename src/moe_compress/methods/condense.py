@@ -1,121 +1,208 @@
-"""CD-MoE: condense MoE layers into small dense layers, chosen by output divergence.
+"""CD-MoE: condense MoE layers into small dense layers, chosen by greedy divergence searches.
 
 A condensed layer has no router: every token goes through the shared experts plus a fixed set
 K_l of routed experts, each scaled by w_e, its mean gate weight when selected on calibration
-data; the other routed experts are deleted.
+data; the other routed experts are deleted. K = 0 leaves the shared experts alone ("CD-MoE-S").
 
-Search (all divergences are the Jensen-Shannon divergence between the original and the
-modified model's next-token distributions, averaged over calibration tokens):
-  1. per layer, with only that layer condensed, grow K_l greedily from the empty set up to
-     `max_experts` (default top_k), each step adding the expert that keeps the divergence
-     lowest; K_l is the best set seen of size 1..max_experts, or exactly `max_experts`
-     experts with `fixed_size`. (The divergence of the empty set, shared experts alone, is
-     reported but not chosen: a layer with zero routed experts cannot be written in the
-     family's per-expert checkpoint layout -- drop its MoE sub-layer instead.)
-  2. order layers greedily: repeatedly add the layer whose condensing (together with the
-     layers already chosen) keeps the divergence lowest; condense the first n.
-Cost control: every decoder layer's input is cached once for all calibration batches, and
-the original log-probabilities are computed once; each candidate re-runs only the layers
-from the first modified one to the output. The number of candidate evaluations and the
-search time are reported in the plan's meta.
+Reference (duterscmy/CD-MoE; `greedy_search/greedy_search_expert.py`, `greedy_search_layer.py`,
+`get_weight/get_weight.py`), the default here (objective="layer_output"):
+  1. expert step, every MoE layer on its own: with only that layer condensed, grow its expert
+     list greedily, each step adding the expert whose condensed layer output stays closest to
+     the original output -- JSD of the softmax over the hidden dimension of the decoder layer's
+     output (`get_layer_output`, hidden_states[layer + 1], which for the last layer transformers
+     returns after the final norm, so there the normed state) -- until it has K experts (`num_route_expert`,
+     6 for DeepSeekMoE-16B, i.e. its top-k; here K defaults to the model's top-k). Smaller K are
+     prefixes of the same order (the authors slice `[:prune_num_expert]`), and K = 0 skips it.
+  2. layer step: greedily add the MoE layer whose condensing (with the layers already chosen,
+     each on its first K experts) keeps the final normed hidden state (hidden_states[-1],
+     softmax over the hidden dimension) closest to the original; condense the first n.
+Ties go to the lower expert / layer index, as in the authors' loops. The calibration is 100 C4
+texts of up to 256 tokens there; see `api.condense` for ours.
 
-Families without shared experts still work (the condensed layer is then just the weighted
-kept experts); the method is meant for families with shared experts (DeepSeek, Qwen2-MoE,
-GLM, Ernie), where the shared experts carry most of the layer.
+Options: objective="next_token" measures both steps on the next-token distribution instead
+(moe-compress's earlier search), and choose_size=True keeps the prefix of size 1..K with the
+lowest divergence instead of exactly K (also the earlier behaviour); position_stride scores the
+next-token objective on every k-th position only.
+
+Cost. The expert step with the reference objective needs only the layer's cached inputs: its
+attention runs once, and each candidate costs its experts' forward on the MoE input plus
+elementwise work (`condense_eval.LayerProbe`); candidates are scored stacked. The layer step
+runs layers l..L from cached inputs, candidates after the first chosen layer from its condensed
+outputs. Both stop a candidate early, exactly, once its partial divergence over the batches seen
+exceeds a complete divergence (a mean of non-negative terms cannot come back down). Progress
+shows the layer, step, candidates done, the best divergence of the step and an ETA; the state
+after every greedy step is saved (`condense_state`), so an interrupted search resumes.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..observe.capture import capture_layer_inputs
 from ..plan import LayerPlan, Plan
-from ..progress import track
-from ..runtime import condense
+from ..progress import status_bar
+from .condense_eval import (
+    STACK_BYTES,
+    CachedLayers,
+    JSDTarget,
+    LayerProbe,
+    all_condensed,
+    final_normed,
+    hidden_log_probs,
+    mean_selected_gate,
+    next_token_log_probs,
+)
+from .condense_state import SearchState
 
+Objective = Literal["layer_output", "next_token"]
+OBJECTIVES = ("layer_output", "next_token")
 Stats = dict[int, dict[str, torch.Tensor]]
 
 
-def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of JSD(p || q) in nats, from log-probabilities [..., V].
+class CondenseSearch:
+    """The two greedy searches over one model and one calibration set."""
 
-    JSD = 1/2 sum(p log p + q log q) - sum(m log m) with m = (p + q) / 2: no stacked copies and no
-    logsumexp, which made this the search's main cost (it runs hundreds of times on [tokens, vocab]
-    tensors). float64, because for nearly equal p and q the terms cancel to ~1e-5 of their size.
-    """
-    log_p, log_q = log_p.double().reshape(-1, log_p.shape[-1]), log_q.double().reshape(-1, log_q.shape[-1])
-    p, q = log_p.exp(), log_q.exp()
-    m = 0.5 * (p + q)
-    per_token = 0.5 * ((p * log_p).sum(-1) + (q * log_q).sum(-1)) - torch.xlogy(m, m).sum(-1)
-    return per_token.clamp_min(0.0).mean()
-
-
-def final_log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities from the last decoder layer's output."""
-    logits = model.get_output_embeddings()(model.get_decoder().norm(hidden)).float()
-    return F.log_softmax(logits / getattr(model.config, "logits_scaling", 1.0), dim=-1)
-
-
-class DivergenceEvaluator:
-    """Divergence of a temporarily modified model from the original, re-running only what changed."""
-
-    @torch.no_grad()
-    def __init__(self, model: PreTrainedModel, adapter: MoEAdapter, batches: list[torch.Tensor]):
-        self.model, self.adapter = model, adapter
-        captured = capture_layer_inputs(model, adapter, batches)
-        self.kwargs = captured.layer_kwargs
-        self.inputs: list[list[torch.Tensor]] = []
-        hidden = captured.hidden
-        for index, layer in enumerate(adapter.decoder_layers(model)):
-            self.inputs.append(hidden)
-            hidden = [_first(layer(h, **kw)) for h, kw in zip(hidden, self.kwargs[index])]
-        self.reference = [final_log_probs(model, h) for h in hidden]
+    def __init__(self, model: PreTrainedModel, adapter: MoEAdapter, batches: list[torch.Tensor], stats: Stats,
+                 objective: Objective, position_stride: int):
+        self.model, self.adapter, self.objective, self.stride = model, adapter, objective, position_stride
+        self.cache = CachedLayers(model, adapter, batches)
+        self.weights = {layer: mean_selected_gate(s) for layer, s in stats.items()}
+        with torch.no_grad():
+            self.final_target = [JSDTarget(self._final_distribution(h)) for h in self.cache.final]
         self.evaluations = 0
 
+    def _final_distribution(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.objective == "layer_output":
+            return hidden_log_probs(final_normed(self.model, hidden))
+        return next_token_log_probs(self.model, hidden, self.stride)
+
+    @staticmethod
+    def _stack_limit(batch: torch.Tensor) -> int:
+        """How many candidates one stacked call may hold (their hidden states as float64)."""
+        return max(1, STACK_BYTES // max(1, batch.numel() * 8))
+
+    # ---- expert step --------------------------------------------------------------------
+    def probe(self, layer: int) -> LayerProbe:
+        return LayerProbe(self.cache, layer)
+
+    def _batch_sums(self, probe: LayerProbe, b: int, order: list[int], chunk: list[int]) -> list[float]:
+        """Summed per-token JSD on calibration batch b of `order` + [c] for each c in `chunk` (stacked)."""
+        weights = self.weights[probe.index]
+        x = probe.moe_inputs[b]
+        prefix = torch.zeros(x.reshape(-1, x.shape[-1]).shape, dtype=x.dtype, device=x.device)
+        for expert in order:  # the condensed experts module's running sum, slot by slot
+            prefix = prefix + probe.expert_output(b, expert, weights[expert])
+        outputs = [probe.moe_output(b, prefix + probe.expert_output(b, c, weights[c])) for c in chunk]
+        stacked = probe.layer_outputs(b, outputs)
+        if self.objective == "layer_output":
+            # hidden_states[l + 1] as the authors read it: for the last layer transformers returns it after the final norm.
+            seen = (lambda h: final_normed(self.model, h)) if probe.index == len(self.cache.decoder) - 1 else (lambda h: h)
+            target = JSDTarget(hidden_log_probs(seen(probe.reference[b])))
+            per_token = target.per_token(hidden_log_probs(seen(stacked)).unflatten(0, (len(chunk), -1))).flatten(1)
+        else:  # later layers see the candidates stacked; the vocabulary is scored one candidate at a time
+            final = self.cache.run_batch(probe.index + 1, stacked, b, times=len(chunk))
+            per_token = torch.stack(
+                [self.final_target[b].per_token(next_token_log_probs(self.model, h, self.stride)).flatten() for h in final.chunk(len(chunk))]
+            )
+        return per_token.sum(dim=1).tolist()  # per_token: [candidates, tokens]
+
+    def _tokens(self, hidden: torch.Tensor) -> int:
+        """Positions scored in one calibration batch."""
+        positions = hidden.shape[-2] if self.objective == "layer_output" else -(-hidden.shape[-2] // self.stride)
+        return hidden.shape[0] * positions
+
     @torch.no_grad()
-    def divergence(self, start: int) -> float:
-        """JSD of the model as it is now, running from decoder layer `start` on cached inputs."""
+    def expert_candidates(self, probe: LayerProbe, order: list[int], candidates: list[int], progress, status: str) -> list[float]:
+        """Divergence of `order` + [c] for each candidate c (inf for those ruled out early), the probed layer alone.
+
+        Early stop, exact: a divergence is a mean of non-negative terms, so a candidate's partial sum
+        over the batches seen so far bounds its total from below. After the first batch the leading
+        candidate is scored on every batch; any candidate whose lower bound then exceeds a complete
+        total cannot win and is not scored further (equal bounds stay, so ties resolve as before).
+        """
+        batches, evaluate = len(probe.moe_inputs), lambda b, chunk: self._batch_sums(probe, b, order, chunk)
+        total_tokens = sum(self._tokens(x) for x in probe.reference)
+        sums, seen = {c: 0.0 for c in candidates}, {c: 0 for c in candidates}
+        best = float("inf")  # the lowest complete divergence so far
+
+        def score(b: int, alive: list[int]) -> None:
+            limit = self._stack_limit(probe.moe_inputs[b])
+            for start in range(0, len(alive), limit):
+                chunk = alive[start : start + limit]
+                for c, value in zip(chunk, evaluate(b, chunk)):
+                    sums[c], seen[c] = sums[c] + value, seen[c] + 1
+
+        for b in range(batches):
+            alive = [c for c in candidates if seen[c] == b and sums[c] / total_tokens <= best]
+            score(b, alive)
+            if b == 0 and batches > 1 and alive:  # complete the leader: its total is the bound
+                leader = min(alive, key=lambda c: (sums[c], c))
+                for rest in range(1, batches):
+                    score(rest, [leader])
+            best = min([best] + [sums[c] / total_tokens for c in candidates if seen[c] == batches])
+            resolved = [c for c in alive if seen[c] == batches or sums[c] / total_tokens > best]
+            self.evaluations += len(resolved)
+            progress.advance(f"{status} (this step {best:.3g})", len(resolved))
+        return [sums[c] / total_tokens if seen[c] == batches else float("inf") for c in candidates]
+
+    # ---- layer step ---------------------------------------------------------------------
+    @torch.no_grad()
+    def condensed_inputs(self, sets: dict[int, list[int]]) -> dict[int, list[torch.Tensor]]:
+        """Inputs of layers min(sets)..L-1 with `sets` condensed, so that later candidates start there."""
+        if not sets:
+            return {}
+        inputs, hidden = {}, self.cache.inputs(min(sets))
+        with all_condensed(self.adapter, self.cache.decoder, sets, self.weights):
+            for index in range(min(sets), len(self.cache.decoder)):
+                inputs[index] = hidden
+                hidden = self.cache.run(index, hidden, index + 1)
+        return inputs
+
+    @torch.no_grad()
+    def group_divergence(self, start: int, hidden: list[torch.Tensor], sets: dict[int, list[int]], bound: float = float("inf")) -> float:
+        """Divergence of the final output with every layer in `sets` condensed, running from layer `start` on `hidden`.
+
+        Batch by batch; once the partial mean alone exceeds `bound` (a complete divergence of another
+        candidate) the candidate cannot win and inf is returned.
+        """
+        total_tokens = sum(self._tokens(h) for h in self.cache.final)
+        total = 0.0
         self.evaluations += 1
-        layers = self.adapter.decoder_layers(self.model)
-        total, count = 0.0, 0
-        for b, hidden in enumerate(self.inputs[start]):
-            for index in range(start, len(layers)):
-                hidden = _first(layers[index](hidden, **self.kwargs[index][b]))
-            tokens = hidden.shape[0] * hidden.shape[1]
-            total += float(js_divergence(self.reference[b], final_log_probs(self.model, hidden))) * tokens
-            count += tokens
-        return total / count
+        with all_condensed(self.adapter, self.cache.decoder, sets, self.weights):
+            for b, h in enumerate(hidden):
+                output = self.cache.run_batch(start, h, b)
+                total += float(self.final_target[b].per_token(self._final_distribution(output)).sum())
+                if total / total_tokens > bound:
+                    return float("inf")
+        return total / total_tokens
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
+def _check(layers: int, moe_layers: list[int], experts: int, smallest: int, objective: str, choose_size: bool, stride: int) -> None:
+    if not 0 < layers <= len(moe_layers) - 1:
+        raise MoECompressError(
+            f"can condense 1..{len(moe_layers) - 1} of the {len(moe_layers)} MoE layers (one must keep routing); asked for {layers}."
+        )
+    if not 0 <= experts <= smallest:
+        raise MoECompressError(f"a condensed layer keeps 0..{smallest} routed experts; asked for {experts}.")
+    if objective not in OBJECTIVES:
+        raise MoECompressError(f"condense objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+    if choose_size and experts == 0:
+        raise MoECompressError("choosing the best size needs at least one expert to choose from: pass experts >= 1.")
+    if stride < 1:
+        raise MoECompressError(f"position stride must be >= 1; got {stride}.")
 
 
-@contextmanager
-def condensed(adapter: MoEAdapter, block: nn.Module, experts: list[int], weights: torch.Tensor):
-    """Temporarily condense `block` onto `experts` (ids of its unsliced experts module)."""
-    router, module = adapter.router(block), adapter.experts(block)
-    original_class = type(module)
-    device = module.down_proj.device
-    condense(block, adapter.router_attr, adapter.experts_attr, weights[experts].float().to(device), torch.tensor(experts, device=device))
-    try:
-        yield
-    finally:
-        setattr(block, adapter.router_attr, router)
-        module.__class__ = original_class
-
-
-def mean_selected_gate(layer_stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """w_e: the mean gate weight of e over the tokens that selected it (0 if none did)."""
-    return layer_stats["gate_sum"] / layer_stats["selected"].clamp_min(1)
+def kept_set(order: list[int], divergences: list[float], experts: int, choose_size: bool) -> list[int]:
+    """The first `experts` of the greedy order, or with choose_size the prefix with the lowest divergence."""
+    if not choose_size:
+        return sorted(order[:experts])
+    size = min(range(1, experts + 1), key=lambda s: (divergences[s - 1], s))
+    return sorted(order[:size])
 
 
 def plan_condense(
@@ -124,75 +211,76 @@ def plan_condense(
     batches: list[torch.Tensor],
     stats: Stats,
     layers: int,
-    max_experts: int | None = None,
-    fixed_size: bool = False,
+    experts: int | None = None,
+    objective: Objective = "layer_output",
+    choose_size: bool = False,
+    position_stride: int = 1,
+    state: SearchState | None = None,
 ) -> Plan:
     start_time = time.perf_counter()
     moe_layers = sorted(stats)
-    if not 0 < layers <= len(moe_layers) - 1:
-        raise MoECompressError(
-            f"can condense 1..{len(moe_layers) - 1} of the {len(moe_layers)} MoE layers (one must keep routing); asked for {layers}."
-        )
-    top_k = adapter.top_k(model.config)
-    size_limit = top_k if max_experts is None else max_experts
-    if size_limit < 1:
-        raise MoECompressError(f"max experts per condensed layer must be >= 1; got {size_limit}.")
-    evaluator = DivergenceEvaluator(model, adapter, batches)
     decoder = adapter.decoder_layers(model)
-    chosen: dict[int, list[int]] = {}
-    curves: dict[int, list[float]] = {}
-    for layer in track(moe_layers, "condense: per-layer search"):
-        block = adapter.moe_block(decoder[layer])
-        weights = mean_selected_gate(stats[layer])
-        kept: list[int] = []
-        with condensed(adapter, block, [], weights):
-            history = [([], evaluator.divergence(layer))]
-        for _ in range(min(size_limit, adapter.num_experts(block))):
-            candidates = []
-            for expert in range(adapter.num_experts(block)):
-                if expert not in kept:
-                    with condensed(adapter, block, kept + [expert], weights):
-                        candidates.append((evaluator.divergence(layer), expert))
-            best_divergence, best_expert = min(candidates)
-            kept = kept + [best_expert]
-            history.append((kept, best_divergence))
-        best = history[-1] if fixed_size else min(history[1:], key=lambda item: item[1])
-        chosen[layer] = sorted(best[0])
-        curves[layer] = [d for _, d in history]
+    sizes = {layer: adapter.num_experts(adapter.moe_block(decoder[layer])) for layer in moe_layers}
+    top_k = adapter.top_k(model.config)
+    experts = top_k if experts is None else experts
+    _check(layers, moe_layers, experts, min(sizes.values()), objective, choose_size, position_stride)
+    state = state or SearchState({})
+    search = CondenseSearch(model, adapter, batches, stats, objective, position_stride)
 
-    order, order_divergence = [], []
-    for _ in track(range(layers), "condense: layer order"):
-        candidates = []
+    expert_work = sum(sizes[layer] - step for layer in moe_layers for step in range(experts))
+    layer_work = sum(len(moe_layers) - step for step in range(layers))
+    done = sum(sizes[layer] - step for layer in moe_layers for step in range(len(state.expert_orders.get(layer, []))))
+    done += sum(len(moe_layers) - step for step in range(len(state.layer_order)))
+    with status_bar("condense: searching", expert_work + layer_work, done) as progress:
         for layer in moe_layers:
-            if layer in order:
-                continue
-            group = order + [layer]
-            with _all_condensed(adapter, decoder, {g: chosen[g] for g in group}, stats):
-                candidates.append((evaluator.divergence(min(group)), layer))
-        divergence, layer = min(candidates)
-        order.append(layer)
-        order_divergence.append(divergence)
+            order = state.expert_orders.setdefault(layer, [])
+            curve = state.expert_divergences.setdefault(layer, [])
+            probe = search.probe(layer) if len(order) < experts else None
+            while len(order) < experts:
+                candidates = [e for e in range(sizes[layer]) if e not in order]
+                status = f"layer {layer}: expert {len(order) + 1}/{experts}"
+                divergences = search.expert_candidates(probe, order, candidates, progress, status)
+                best, expert = min(zip(divergences, candidates))
+                order.append(expert)
+                curve.append(best)
+                state.save()
+        chosen = {layer: kept_set(state.expert_orders[layer], state.expert_divergences[layer], experts, choose_size) for layer in moe_layers}
+        while len(state.layer_order) < layers:
+            sets = {g: chosen[g] for g in state.layer_order}
+            reached = search.condensed_inputs(sets)  # shared by every candidate after the first chosen layer
+            scored = []
+            for layer in moe_layers:
+                if layer in state.layer_order:
+                    continue
+                hidden = reached.get(layer, search.cache.inputs(layer))
+                bound = min(scored)[0] if scored else float("inf")
+                scored.append((search.group_divergence(layer, hidden, {**sets, layer: chosen[layer]}, bound), layer))
+                best = min(scored)[0]
+                progress.advance(f"layer order {len(state.layer_order) + 1}/{layers}: best {best:.3g} (layer {min(scored)[1]})")
+            divergence, layer = min(scored)
+            state.layer_order.append(layer)
+            state.layer_divergences.append(divergence)
+            state.save()
 
-    plan_layers = []
-    for layer in sorted(order):
-        weights = mean_selected_gate(stats[layer])
-        experts = adapter.num_experts(adapter.moe_block(decoder[layer]))
-        plan_layers.append(LayerPlan(layer, experts, chosen[layer], curves[layer], condensed_weights=[float(weights[e]) for e in chosen[layer]]))
+    order = state.layer_order[:layers]
+    plan_layers = [
+        LayerPlan(layer, sizes[layer], chosen[layer], state.expert_divergences[layer],
+                  condensed_weights=[float(search.weights[layer][e]) for e in chosen[layer]])
+        for layer in sorted(order)
+    ]
     plan = Plan(adapter.model_type, top_k, plan_layers, method="cd-moe", num_layers=len(decoder))
     plan.meta = {
+        "objective": objective,
+        "experts": experts,
+        "choose_size": choose_size,
+        "position_stride": position_stride,
         "order": order,
-        "order_jsd": order_divergence,
-        "per_layer_jsd_by_size": {str(k): v for k, v in curves.items()},
+        "order_jsd": state.layer_divergences[:layers],
+        "expert_orders": {str(k): v for k, v in state.expert_orders.items()},
+        "per_layer_jsd_by_size": {str(k): v for k, v in state.expert_divergences.items()},
         "candidate_sets": {str(k): v for k, v in chosen.items()},
-        "evaluations": evaluator.evaluations,
+        "evaluations": search.evaluations,
         "search_seconds": round(time.perf_counter() - start_time, 2),
+        "resumed": state.resumed,
     }
     return plan
-
-
-@contextmanager
-def _all_condensed(adapter: MoEAdapter, decoder, sets: dict[int, list[int]], stats: Stats):
-    with ExitStack() as stack:
-        for layer, experts in sets.items():
-            stack.enter_context(condensed(adapter, adapter.moe_block(decoder[layer]), experts, mean_selected_gate(stats[layer])))
-        yield

@@ -1,29 +1,36 @@
-"""C-Prune: cluster-driven expert pruning, for fine-grained MoE layers with many experts.
+"""C-Prune (reference mode): cluster-driven expert pruning as the authors' code does it.
 
-Stage 1, per layer (removes `stage1_share` of the experts to prune). For every calibration
-batch, all experts run on one shared probe (the batch's first `probe_tokens` MoE inputs);
-an expert's signature is its output there, affinity is the cosine of signatures, and
-agglomerative clustering (scipy, `linkage`) groups functionally similar experts. Inside
-each cluster the members nearest its centre (highest mean affinity to the other members) are
-kept -- one per cluster by default, round-robin across clusters when `clusters` is smaller
-than the number to keep -- and each kept member gets a vote. Experts with the fewest votes
-over all batches are pruned (ties: lower gate mass goes first). A layer thus drops
-redundancy rather than rarely used but unique experts.
+Source: Fighoture/MoE_unsupervised_pruning, `pruning_mask.py` (`PreTrainedMoEPruner`) and
+`utils/uns_utils.py` (`cluster_for_prune`), run by `scripts/pruning_mask.sh`.
 
-Stage 2, global (removes the rest). Survivors of all layers are clustered together by the
-direction of their mean output (a vector in the residual stream, so comparable across
-layers) with the same linkage, into as many clusters as experts will remain. Importance is
-the expert's share of its layer's REAP mass, comparable across layers. Members that are not
-the most important of their global cluster are pruned first, least important first; then,
-if more must go, the rest by importance. Homogeneous layers, whose experts fall into shared
-clusters, therefore lose more. A layer never drops below top_k (or `min_keep`) experts, nor
-loses more than `max_layer_loss` of its original experts. Its default is twice the overall
-ratio, at most 0.75: with a fixed 0.75 cap, global 25 % on the 8-expert reference model cut
-single layers to two experts and multiplied perplexity by up to 8x, while the mean-output
-clustering saw those layers as "homogeneous".
+Signatures. Each calibration sequence's MoE input is mean-pooled over its tokens; every expert
+runs on that one vector (statistic `pooled_expert_outputs`, rounded to float16 as the authors
+do before clustering). Sequences are taken in batches of `batch` (32); in each batch an expert's
+signature is its outputs on the batch's sequences, flattened.
 
-With budget="layer", stage 2 is skipped and stage 1 removes the full ratio in every layer.
-Choices where the paper is loose are the ones above; every knob is an option.
+Stage 1, per layer, at rate r1. For every batch: Euclidean distances between signatures; Ward
+linkage over each expert's row of that distance matrix (the authors pass the square matrix to
+scipy's `linkage`, which treats rows as observations); `fcluster(maxclust=clusters)` (12).
+Within each cluster, clusters of fewer than `small` (3) members vote for all of them; larger
+ones vote for their first int(c * (1 - r1) * size) members by distance to the cluster's mean
+signature, with c = 0.5 + 0.6 * (exp(0.5 - p) - exp(p - 0.5) / (exp(p - 0.5) + exp(0.5 - p))),
+p = size / E (the expression exactly as written, precedence included; `dynamic_coef_compute`).
+The floor(r1 * E) experts with the fewest votes are pruned (equal votes: lower index first).
+
+Stage 2, global, at rate r2 (budget="global" only). The survivors of every layer, layer after
+layer, are clustered the same way together (`global_clusters`, 6), with the same keep rule
+(p still relative to E); the floor(r2 * survivors) least-voted are pruned. A layer may lose at
+most int((n1 // r1) * 0.9) experts in stage 2, n1 being its stage-1 count (the authors' cap,
+truncating the layer's stage-2 list in vote order), and never drops below top_k (ours).
+
+Rates. budget="layer": r1 = ratio, no stage 2. budget="global": r1 = 1 - sqrt(1 - ratio) (equal
+per-stage rates, as the authors' script uses 0.1 / 0.1), and stage 2 removes what is left of
+floor(ratio * all experts), r2 being that count over the survivors. `stage1_rate` /
+`stage2_rate` set them directly.
+
+Choices here that the paper leaves open are the code's; `cprune-cosine` is moe-compress's earlier
+variant. The method is meant for fine-grained MoE: with fewer experts than clusters every expert
+is its own cluster, all votes tie, and the lowest indices would be pruned -- so that is refused.
 """
 
 from __future__ import annotations
@@ -33,149 +40,144 @@ import math
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import squareform
+from scipy.spatial.distance import pdist, squareform
 
 from ..errors import MoECompressError
-from ..observe.statistics import split_moments
 from ..plan import LayerPlan, Plan
+from .budget import removal_order, removed_count
 from .expert_pruning import routing_limits
 from .registry import Method, PlanRequest, register
 
-LINKAGES = ("average", "complete", "single", "weighted")
+
+def keep_coefficient(size: int, experts: int) -> float:
+    """The authors' dynamic coefficient for a cluster of `size` members in a layer of `experts`."""
+    p = size / experts
+    return 0.6 * (math.exp(0.5 - p) - math.exp(p - 0.5) / (math.exp(p - 0.5) + math.exp(0.5 - p))) + 0.5
 
 
-def cluster_affinity(affinity: np.ndarray, clusters: int, method: str = "average") -> np.ndarray:
-    """Cluster labels 0..k-1 from a cosine-affinity matrix by agglomerative clustering."""
-    if method not in LINKAGES:
-        raise MoECompressError(f"unknown linkage {method!r}; choose one of {', '.join(LINKAGES)}.")
-    n = affinity.shape[0]
-    if clusters >= n:
-        return np.arange(n)
-    distance = np.clip(1.0 - (affinity + affinity.T) / 2, 0.0, 2.0)
-    np.fill_diagonal(distance, 0.0)
-    labels = fcluster(linkage(squareform(distance, checks=False), method=method), t=clusters, criterion="maxclust")
-    return labels - 1
+def ward_clusters(signatures: np.ndarray, clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels 1..k, distance of each signature to its cluster's mean signature) for [n, d] signatures."""
+    distances = squareform(pdist(signatures))
+    labels = fcluster(linkage(pdist(distances), method="ward"), t=clusters, criterion="maxclust")
+    centres = {label: signatures[labels == label].mean(axis=0) for label in np.unique(labels)}
+    to_centre = np.array([np.linalg.norm(signatures[i] - centres[label]) for i, label in enumerate(labels)])
+    return labels, to_centre
 
 
-def representatives(affinity: np.ndarray, labels: np.ndarray, keep: int) -> list[int]:
-    """`keep` members nearest their cluster centres: the best of each cluster first, round-robin."""
-    ranked = []
+def cluster_votes(signatures: np.ndarray, clusters: int, rate: float, experts: int, small: int) -> np.ndarray:
+    """Votes of one batch: [n] 0/1, for the members each cluster keeps."""
+    labels, to_centre = ward_clusters(signatures, clusters)
+    votes = np.zeros(len(labels))
     for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        closeness = affinity[np.ix_(members, members)].mean(axis=1)
-        ranked.append(list(members[np.argsort(-closeness, kind="stable")]))
-    chosen: list[int] = []
-    while len(chosen) < keep:
-        for members in ranked:
-            if members and len(chosen) < keep:
-                chosen.append(int(members.pop(0)))
-    return chosen
-
-
-def stage_one_votes(similarities: torch.Tensor, keep: int, clusters: int, method: str) -> np.ndarray:
-    """Votes per expert over calibration batches, each batch clustered on its own probe."""
-    votes = np.zeros(similarities.shape[-1])
-    for batch_affinity in similarities.numpy():
-        labels = cluster_affinity(batch_affinity, clusters, method)
-        votes[representatives(batch_affinity, labels, keep)] += 1
+        members = np.flatnonzero(labels == label)  # ascending index, so sorting is stable by index
+        if len(members) >= small:
+            ranked = members[np.argsort(to_centre[members], kind="stable")]
+            members = ranked[: int(keep_coefficient(len(members), experts) * (1 - rate) * len(members))]
+        votes[members] += 1
     return votes
 
 
-def _prune_order(importance: dict[tuple[int, int], float], labels: dict[tuple[int, int], int]) -> list[tuple[int, int]]:
-    """Stage-2 order: non-leaders of their global cluster first, each group least important first."""
-    leaders = {}
-    for key, label in labels.items():
-        if label not in leaders or importance[key] > importance[leaders[label]]:
-            leaders[label] = key
-    leader_set = set(leaders.values())
-    return sorted(importance, key=lambda k: (k in leader_set, importance[k], k))
+def batched_votes(outputs: torch.Tensor, clusters: int, rate: float, experts: int, batch: int, small: int) -> np.ndarray:
+    """Votes over batches of `batch` sequences; outputs [n, sequences, H] (float16)."""
+    votes = np.zeros(outputs.shape[0])
+    for start in range(0, outputs.shape[1], batch):
+        chunk = outputs[:, start : start + batch].double().reshape(outputs.shape[0], -1).numpy()
+        votes += cluster_votes(chunk, clusters, rate, experts, small)
+    return votes
+
+
+def signatures(layer_stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[E, sequences, H] from the statistic's [sequences, E, H]."""
+    return layer_stats["pooled_expert_outputs"].transpose(0, 1)
+
+
+def _least_voted(votes: np.ndarray, count: int) -> list[int]:
+    return removal_order(torch.from_numpy(votes))[:count].tolist()
+
+
+def stage_rates(ratio: float, budget: str, stage1_rate: float | None) -> float:
+    if stage1_rate is not None:
+        if not 0.0 < stage1_rate < 1.0:
+            raise MoECompressError(f"cprune: stage1_rate must be in (0, 1); got {stage1_rate}.")
+        return stage1_rate
+    return ratio if budget == "layer" else 1.0 - math.sqrt(1.0 - ratio)
 
 
 def plan_cprune(
     request: PlanRequest,
-    clusters: int = 0,
-    linkage_method: str = "average",
-    stage1_share: float = 0.5,
-    probe_tokens: int = 64,
-    max_layer_loss: float | None = None,
+    clusters: int = 12,
+    global_clusters: int = 6,
+    batch: int = 32,
+    small: int = 3,
+    stage1_rate: float | None = None,
+    stage2_rate: float | None = None,
 ) -> Plan:
     limits = routing_limits(request.adapter, request.config)
     if limits.groups > 1:
-        raise MoECompressError(
-            "c-prune does not support group-limited routing (n_group > 1) yet: use reap, mone or another criterion."
-        )
-    if max_layer_loss is None:
-        max_layer_loss = min(0.75, 2 * request.ratio) if request.ratio > 0 else 0.75
-    if not 0.0 <= stage1_share <= 1.0 or not 0.0 < max_layer_loss <= 1.0:
-        raise MoECompressError("c-prune needs stage1_share in [0, 1] and max_layer_loss in (0, 1].")
+        raise MoECompressError("cprune does not support group-limited routing (n_group > 1): use reap, mone or another criterion.")
     stats = request.stats
+    experts = {layer: s["pooled_expert_outputs"].shape[1] for layer, s in stats.items()}
+    if len(set(experts.values())) != 1:
+        raise MoECompressError(f"cprune needs the same number of experts in every MoE layer; this model has {experts}.")
+    per_layer = next(iter(experts.values()))
+    if clusters >= per_layer:
+        raise MoECompressError(
+            f"cprune clusters each layer into {clusters} groups, but layers have only {per_layer} experts: every expert would be "
+            f"its own cluster and the votes could not rank them. Pass --clusters below {per_layer}, or use another method."
+        )
+    if batch < 1 or small < 1 or global_clusters < 1:
+        raise MoECompressError("cprune: batch, small and global_clusters must be positive.")
+    rate1 = stage_rates(request.ratio, request.budget, stage1_rate) if request.ratio > 0 else 0.0
     floor = max(limits.top_k, request.min_keep)
-    totals = {layer: s["tokens"].numel() for layer, s in stats.items()}
-    target = {layer: max(floor, round(e * (1 - request.ratio))) for layer, e in totals.items()}
-    share = 1.0 if request.budget == "layer" else stage1_share
-    similarity_name = f"signature_similarity@{probe_tokens}"
 
-    kept, layer_labels, votes_out = {}, {}, {}
-    for layer, s in stats.items():
-        experts = totals[layer]
-        keep1 = max(target[layer], experts - math.floor((experts - target[layer]) * share + 0.5))
-        k = clusters if clusters > 0 else keep1
-        votes = stage_one_votes(s[similarity_name], keep1, min(k, experts), linkage_method)
-        gate_mass = (s["gate_sum"] / s["tokens"]).numpy()
-        order = sorted(range(experts), key=lambda e: (-votes[e], -gate_mass[e], e))
-        kept[layer] = sorted(order[:keep1])
-        mean_affinity = s[similarity_name].mean(0).numpy()
-        layer_labels[layer] = cluster_affinity(mean_affinity, min(k, experts), linkage_method).tolist()
-        votes_out[layer] = votes.tolist()
+    pruned: dict[int, list[int]] = {}
+    votes1: dict[int, np.ndarray] = {}
+    for layer, s in sorted(stats.items()):
+        votes1[layer] = batched_votes(signatures(s), clusters, rate1, per_layer, batch, small)
+        pruned[layer] = _least_voted(votes1[layer], removed_count(per_layer, rate1))
+    stage1 = removed_count(per_layer, rate1)
+    meta = {"clusters": clusters, "global_clusters": global_clusters, "batch": batch, "small": small, "stage1_rate": rate1}
 
-    global_labels: dict[int, list[int]] = {layer: [-1] * totals[layer] for layer in stats}
-    if request.budget == "global":
-        survivors = [(layer, e) for layer in sorted(kept) for e in kept[layer]]
-        remaining = round(sum(totals.values()) * (1 - request.ratio))
-        directions, importance = [], {}
-        for layer, e in survivors:
-            _, mean, _ = split_moments(stats[layer]["output_moments"])
-            directions.append((mean[e] / mean[e].norm().clamp_min(1e-30)).numpy())
-            reap = stats[layer]["reap_sum"] / stats[layer]["selected"].clamp_min(1)
-            importance[(layer, e)] = float(reap[e] / reap.sum().clamp_min(1e-30))
-        directions = np.stack(directions)
-        labels = cluster_affinity(directions @ directions.T, max(1, remaining), linkage_method)
-        label_of = {key: int(label) for key, label in zip(survivors, labels)}
-        for (layer, e), label in label_of.items():
-            global_labels[layer][e] = label
-        count = {layer: len(kept[layer]) for layer in kept}
-        for layer, e in _prune_order(importance, label_of):
-            if sum(count.values()) <= remaining:
-                break
-            lost = totals[layer] - count[layer]
-            if count[layer] - 1 < floor or lost + 1 > max_layer_loss * totals[layer]:
-                continue
-            kept[layer].remove(e)
-            count[layer] -= 1
+    if request.budget == "global" and request.ratio > 0:
+        survivors = [(layer, e) for layer in sorted(stats) for e in range(per_layer) if e not in pruned[layer]]
+        if stage2_rate is None:
+            count2 = max(0, removed_count(per_layer * len(stats), request.ratio) - stage1 * len(stats))
+            rate2 = count2 / len(survivors)
+        else:
+            rate2, count2 = stage2_rate, removed_count(len(survivors), stage2_rate)
+        outputs = torch.cat([signatures(stats[layer])[[e for l, e in survivors if l == layer]] for layer in sorted(stats)])
+        votes2 = batched_votes(outputs, global_clusters, rate2, per_layer, batch, small)
+        cap = int(stage1 // rate1 * 0.9) if rate1 > 0 else per_layer
+        chosen: dict[int, list[int]] = {layer: [] for layer in stats}
+        for index in _least_voted(votes2, count2):
+            layer, expert = survivors[index]
+            chosen[layer].append(expert)
+        for layer, extra in chosen.items():
+            if stage1 + len(extra) > cap:
+                extra = extra[:cap]
+            pruned[layer] += extra[: max(0, per_layer - floor - len(pruned[layer]))]
+        meta |= {"stage2_rate": rate2, "stage2_count": count2, "stage2_cap": cap, "stage2_votes": votes2.tolist()}
 
-    layers = [
-        LayerPlan(layer, totals[layer], sorted(kept[layer]), votes_out[layer], clusters=layer_labels[layer])
-        for layer in sorted(stats)
-    ]
+    layers = []
+    for layer in sorted(stats):
+        keep = sorted(set(range(per_layer)) - set(pruned[layer]))
+        if len(keep) < floor:
+            raise MoECompressError(
+                f"cprune at ratio {request.ratio} leaves layer {layer} with {len(keep)} experts, fewer than top_k={limits.top_k}. "
+                "Use a smaller --ratio."
+            )
+        layers.append(LayerPlan(layer, per_layer, keep, votes1[layer].tolist()))
     plan = Plan(request.adapter.model_type, limits.top_k, layers, method="cprune", ratio=request.ratio, budget=request.budget)
-    plan.meta = {
-        "clusters": clusters,
-        "linkage": linkage_method,
-        "stage1_share": share,
-        "probe_tokens": probe_tokens,
-        "max_layer_loss": max_layer_loss,
-        "scores": "stage-1 votes",
-        "global_clusters": {str(k): v for k, v in global_labels.items()},
-    }
+    plan.meta = {**meta, "scores": "stage-1 votes"}
     return plan
 
 
 register(
     Method(
         "cprune",
-        lambda options: ("gate_sum", "selected", "reap_sum", "output_moments", f"signature_similarity@{options['probe_tokens']}"),
+        ("pooled_expert_outputs",),
         plan_cprune,
-        "cluster experts by output signatures, keep cluster centres, then prune redundant clusters globally (C-Prune)",
-        options={"clusters": 0, "linkage_method": "average", "stage1_share": 0.5, "probe_tokens": 64, "max_layer_loss": None},
+        "C-Prune as the authors' code: pooled-input signatures, Ward clustering, votes per layer then across layers",
+        options={"clusters": 12, "global_clusters": 6, "batch": 32, "small": 3, "stage1_rate": None, "stage2_rate": None},
     )
 )

@@ -5,8 +5,20 @@ Formulas (DESIGN.md, "Expert pruning criteria"), for one MoE layer over T calibr
     soft_count  mean_t p_{t,e}            (full router distribution, before top-k)
     gate_sum    mean_t g_{t,e}            (gate weight actually applied, 0 if not selected)
     ean         sum_{t in T_e} ||f_e(x_t)||
-    reap        mean_{t in T_e} g~_{t,e} ||f_e(x_t)||   (g~ renormalised over the top-k)
+    reap        mean_{t in T_e} g_{t,e} ||f_e(x_t)||
 Higher is more important; the lowest-scored experts are pruned.
+
+soft_count is the unified framework's expert drop for Mixtral and Qwen (`MixtralExpertDropWrapper`:
+mean softmax of the router logits), gate_sum its DeepSeek variant (`DeepseekExpertDropWrapper`:
+mean scattered top-k weight). Their global budget compares these means across layers as they
+are, which is sound because a softmax distribution sums to 1 in every layer. A sigmoid router's
+scores do not (ref-deepseek: one layer's sigmoid mass is several times another's, so a global
+budget emptied that layer down to 7 of 32 experts); `router_dist_sum` therefore normalises each
+token's sigmoid scores to sum to 1, which leaves softmax routers exactly as they were.
+
+REAP's g: the REAP authors' observer (`reap/pruning_metrics.py`) uses the router probabilities
+of the selected experts, renormalised over the token's top-k only when the model itself does
+(`model.config.norm_topk_prob`). `reap_scores(renormalise=...)` picks the matching running sum.
 """
 
 from __future__ import annotations
@@ -40,17 +52,25 @@ def _mean_over_routed(total: torch.Tensor, selected: torch.Tensor) -> torch.Tens
     return torch.where(selected > 0, total / selected.clamp_min(1), torch.zeros_like(total))
 
 
+def reap_scores(stats: Stats, renormalise: bool) -> torch.Tensor:
+    """REAP saliency with the top-k gates renormalised (g / sum of the token's top-k) or as probabilities."""
+    return _mean_over_routed(stats["reap_sum" if renormalise else "reap_prob_sum"], stats["selected"])
+
+
 CRITERIA: dict[str, Criterion] = {
     c.name: c
     for c in (
         Criterion("frequency", ("selected",), lambda s: s["selected"] / s["tokens"], False, "share of tokens routed to the expert"),
-        Criterion("soft_count", ("prob_sum",), lambda s: s["prob_sum"] / s["tokens"], False, "mean router probability before top-k"),
-        Criterion("gate_sum", ("gate_sum",), lambda s: s["gate_sum"] / s["tokens"], False, "mean applied gate weight"),
+        Criterion(
+            "soft_count", ("router_dist_sum",), lambda s: s["router_dist_sum"] / s["tokens"], False,
+            "mean router probability before top-k (unified framework's expert drop)",
+        ),
+        Criterion("gate_sum", ("gate_sum",), lambda s: s["gate_sum"] / s["tokens"], False, "mean applied gate weight (unified framework, DeepSeek)"),
         Criterion("ean", ("output_norm_sum",), lambda s: s["output_norm_sum"], True, "summed output norm over routed tokens"),
         Criterion(
             "reap",
             ("reap_sum", "selected"),
-            lambda s: _mean_over_routed(s["reap_sum"], s["selected"]),
+            lambda s: reap_scores(s, renormalise=True),
             True,
             "mean router-weighted output norm over routed tokens (REAP)",
         ),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..arch.adapter import MoEAdapter
+from ..errors import MoECompressError
 from ..plan import LayerPlan, Plan, RoutingLimits
 from .budget import Budget, select_experts
-from .criteria import CRITERIA, layer_scores
+from .criteria import CRITERIA, layer_scores, reap_scores
 from .registry import Method, PlanRequest, register
 
 
@@ -19,6 +20,35 @@ def routing_limits(adapter: MoEAdapter, config) -> RoutingLimits:
     return RoutingLimits(adapter.top_k(config), groups, per_token, min_per_group)
 
 
+def plan_from_scores(
+    adapter: MoEAdapter,
+    config,
+    scores: dict[int, torch.Tensor],
+    method: str,
+    ratio: float,
+    budget: Budget = "layer",
+    min_keep: int = 0,
+    normalise: bool = False,
+) -> Plan:
+    """A plan that keeps the best-scored experts of every layer under the budget."""
+    limits = routing_limits(adapter, config)
+    kept = select_experts(scores, ratio, budget, limits, normalise, min_keep)
+    layers = [LayerPlan(layer, s.numel(), kept[layer], [float(v) for v in s]) for layer, s in sorted(scores.items())]
+    plan = Plan(
+        model_type=adapter.model_type,
+        top_k=limits.top_k,
+        layers=layers,
+        method=method,
+        ratio=ratio,
+        budget=budget,
+        routing_groups=limits.groups,
+        groups_per_token=limits.groups_per_token,
+        min_per_group=limits.min_per_group,
+    )
+    plan.validate()
+    return plan
+
+
 def plan_expert_pruning(
     adapter: MoEAdapter,
     config,
@@ -28,23 +58,8 @@ def plan_expert_pruning(
     budget: Budget = "layer",
     min_keep: int = 0,
 ) -> Plan:
-    limits = routing_limits(adapter, config)
     scores = layer_scores(criterion, stats)
-    kept = select_experts(scores, ratio, budget, limits, CRITERIA[criterion].normalise_globally, min_keep)
-    layers = [LayerPlan(layer, s.numel(), kept[layer], [float(v) for v in s]) for layer, s in sorted(scores.items())]
-    plan = Plan(
-        model_type=adapter.model_type,
-        top_k=limits.top_k,
-        layers=layers,
-        method=criterion,
-        ratio=ratio,
-        budget=budget,
-        routing_groups=limits.groups,
-        groups_per_token=limits.groups_per_token,
-        min_per_group=limits.min_per_group,
-    )
-    plan.validate()
-    return plan
+    return plan_from_scores(adapter, config, scores, criterion, ratio, budget, min_keep, CRITERIA[criterion].normalise_globally)
 
 
 def _criterion_method(criterion: str) -> Method:
@@ -56,5 +71,36 @@ def _criterion_method(criterion: str) -> Method:
     return Method(criterion, CRITERIA[criterion].statistics, plan, CRITERIA[criterion].doc)
 
 
+def _reap_statistics(options: dict) -> tuple[str, ...]:
+    choice = options["renormalize"]
+    sums = {"model": ("reap_sum", "reap_prob_sum"), True: ("reap_sum",), False: ("reap_prob_sum",)}
+    if choice not in sums:
+        raise MoECompressError(f"reap: renormalize must be 'model', true or false; got {choice!r}.")
+    return (*sums[choice], "selected")
+
+
+def plan_reap(request: PlanRequest, renormalize: bool | str = "model") -> Plan:
+    """REAP, with g renormalised over the top-k as the model does ('model'), always (True) or never (False).
+
+    'model' is the authors' rule (renormalise iff `norm_topk_prob`), read through the adapter so that
+    families whose routers always renormalise (Mixtral, GPT-OSS, Granite, Ernie) count as renormalising.
+    True reproduces what moe-compress did before: renormalised gates for every family. False uses the
+    router probabilities of the selected experts for every family.
+    """
+    _reap_statistics({"renormalize": renormalize})
+    renormalise = request.adapter.renormalizes_top_k(request.config) if renormalize == "model" else bool(renormalize)
+    scores = {layer: reap_scores(s, renormalise).double() for layer, s in request.stats.items()}
+    plan = plan_from_scores(request.adapter, request.config, scores, "reap", request.ratio, request.budget, request.min_keep, normalise=True)
+    plan.meta = {"renormalize": renormalize, "renormalised": renormalise}
+    return plan
+
+
 for _name in CRITERIA:
-    register(_criterion_method(_name))
+    if _name != "reap":
+        register(_criterion_method(_name))
+register(
+    Method(
+        "reap", _reap_statistics, plan_reap, CRITERIA["reap"].doc + "; top-k gates renormalised as the model does",
+        options={"renormalize": "model"},
+    )
+)

@@ -9,14 +9,34 @@ Redundancy r_e fuses the two (lower = more redundant = pruned first):
     product          r = a * v                              (default, as in the paper)
     minmax_product   r = mm(a) * mm(v)                      (mm: min-max scaling within the layer)
     weighted_sum     r = w * mm(a) + (1 - w) * mm(v)        (w = fusion_weight)
+The authors' "fusion" metric (zxgx/mode-pd, `expert_prune_by_mone`) is (w v)((1 - w) a), a
+constant multiple of the product, so it ranks experts exactly as `product` does.
+
 Each pruned expert's weights are deleted and it becomes a *novice*: its router row stays (the
 router keeps all E logits and its top-k), and a token routed to it gets g_{t,e} * n_e with
 n_e = mean_{t in T_e} f_e(x_t). Memory per pruned expert falls from 3*H*I numbers to H.
-`novices=False` keeps the router rows with zero vectors: the ablation the paper compares to.
+`novices=False` keeps the router rows with zero vectors: the ablation the paper compares to
+(the authors' `--zero_out_novice`).
 
-Choice where the paper is silent: with a global budget, r_e is divided by its layer's sum
-before layers are compared (a and v both shrink or grow with depth). Group-limited routers
-need no group balance here, because their router rows all stay.
+Budgets. The authors offer two ranking scopes (`--expert_ranking_scope`): `layer` (the scripts
+behind the paper's tables) and `model`, which ranks the raw fused scores of all layers together
+against one threshold. A global budget here does the latter by default (`global_scores="raw"`);
+`global_scores="layer_normalised"` divides each layer's scores by their sum first (moe-compress's
+earlier behaviour: a and v both drift with depth, so raw scores let the layers with the largest
+outputs keep the most experts). As in the authors' code, experts whose score equals the boundary
+(the best removed score) are removed with it -- their threshold keeps only scores strictly above
+it. Because the router keeps every row, a layer may keep fewer real experts than top_k (the
+authors' code has no floor at all); one real expert always stays. Group-limited routers need no
+group balance either, since their router rows all stay.
+
+Variance. The authors keep a running estimate per expert, updated at every forward of the expert
+(one per calibration batch): mean <- mean n/(n+m) + sum(out)/(n+m), then, unless n = 0,
+fluc <- fluc (n-1)/(n+m-1) + sum((out - mean)^2)/(n+m) -- so an expert's first batch adds no
+variation, and the result depends on the batch order. `variance="running"` (default) replays
+exactly that recursion from per-batch moments (statistic `output_moments_per_batch`, merged back
+into batch order across ranks); `variance="exact"` uses the population variance over all routed
+tokens (Chan's merge; moe-compress's behaviour before issue 13). On the bundled models the two
+rank experts the same within layers and differ at near-ties across layers (bench/fidelity.py).
 """
 
 from __future__ import annotations
@@ -24,12 +44,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoECompressError
-from ..observe.statistics import split_moments
+from ..observe.statistics import merge_moments, split_moments
 from ..plan import LayerPlan, Plan, RoutingLimits
 from .budget import select_experts
 from .registry import Method, PlanRequest, register
 
 FUSIONS = ("product", "minmax_product", "weighted_sum")
+GLOBAL_SCORES = ("raw", "layer_normalised")
+VARIANCES = ("running", "exact")
 
 
 def _minmax(values: torch.Tensor) -> torch.Tensor:
@@ -44,6 +66,26 @@ def access_and_variance(layer_stats: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return access, variance.sqrt().norm(dim=1), mean
 
 
+def running_variation(per_batch: torch.Tensor) -> torch.Tensor:
+    """v_e from the authors' running estimate, replayed over per-batch moments [batches, E, 1 + 2H]."""
+    hidden = (per_batch.shape[-1] - 1) // 2
+    experts = per_batch.shape[1]
+    count = torch.zeros(experts, 1, dtype=torch.float64)
+    mean = torch.zeros(experts, hidden, dtype=torch.float64)
+    fluc = torch.zeros(experts, hidden, dtype=torch.float64)
+    for moments in per_batch.double():
+        m, batch_mean, batch_m2 = moments[:, :1], moments[:, 1 : 1 + hidden], moments[:, 1 + hidden :]
+        seen = m > 0  # an expert without tokens in this batch is not called: nothing changes
+        total = (count + m).clamp_min(1)
+        new_mean = torch.where(seen, mean * count / total + batch_mean * m / total, mean)
+        # sum over the batch of (out - new_mean)^2 = M2_batch + m (mean_batch - new_mean)^2
+        squares = batch_m2 + m * (batch_mean - new_mean) ** 2
+        update = fluc * (count - 1) / (count + m - 1).clamp_min(1) + squares / total
+        fluc = torch.where(seen & (count > 0), update, fluc)
+        mean, count = new_mean, count + m
+    return fluc.sqrt().norm(dim=1)
+
+
 def redundancy(access: torch.Tensor, variance: torch.Tensor, fusion: str = "product", weight: float = 0.5) -> torch.Tensor:
     if fusion == "product":
         return access * variance
@@ -56,17 +98,73 @@ def redundancy(access: torch.Tensor, variance: torch.Tensor, fusion: str = "prod
     raise MoECompressError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}.")
 
 
-def plan_mone(request: PlanRequest, fusion: str = "product", fusion_weight: float = 0.5, novices: bool = True) -> Plan:
+def remove_boundary_ties(kept: dict[int, list[int]], compared: dict[int, torch.Tensor], per_layer: bool, floor: int) -> dict[int, list[int]]:
+    """The authors' threshold rule: keep only experts scoring strictly above the best removed score.
+
+    The boundary is per layer for a layer budget and one value for the whole model for a global
+    one, as in their code; a layer that would fall below `floor` keeps its selection unchanged.
+    """
+
+    def best_removed(layer: int) -> float | None:
+        removed = [e for e in range(compared[layer].numel()) if e not in set(kept[layer])]
+        return float(compared[layer][removed].max()) if removed else None
+
+    boundaries = {layer: best_removed(layer) for layer in kept}
+    if not per_layer:
+        found = [b for b in boundaries.values() if b is not None]
+        boundaries = {layer: max(found) if found else None for layer in kept}
+    result = {}
+    for layer, experts in kept.items():
+        boundary = boundaries[layer]
+        strict = experts if boundary is None else [e for e in experts if float(compared[layer][e]) > boundary]
+        result[layer] = strict if len(strict) >= floor else experts
+    return result
+
+
+def _statistics(options: dict) -> tuple[str, ...]:
+    if options["variance"] not in VARIANCES:
+        raise MoECompressError(f"mone: variance must be one of {', '.join(VARIANCES)}; got {options['variance']!r}.")
+    return ("gate_sum", "output_moments_per_batch" if options["variance"] == "running" else "output_moments")
+
+
+def _layer_scores(layer_stats: dict[str, torch.Tensor], variance: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a_e, v_e, novice vectors) with the chosen variance estimate."""
+    if variance == "exact":
+        return access_and_variance(layer_stats)
+    per_batch = layer_stats["output_moments_per_batch"]
+    if per_batch.shape[0] < 2:
+        raise MoECompressError(
+            "mone's running variance (the authors' estimate) adds nothing for an expert's first calibration batch, so one "
+            "batch gives every expert zero variance: calibrate on more batches (--samples above --batch-size) or pass variance=exact."
+        )
+    merged = per_batch[0]
+    for moments in per_batch[1:]:
+        merged = merge_moments(merged, moments)
+    return layer_stats["gate_sum"] / layer_stats["tokens"], running_variation(per_batch), split_moments(merged)[1]
+
+
+def plan_mone(
+    request: PlanRequest, fusion: str = "product", fusion_weight: float = 0.5, novices: bool = True, global_scores: str = "raw",
+    variance: str = "running",
+) -> Plan:
+    if global_scores not in GLOBAL_SCORES:
+        raise MoECompressError(f"mone: global_scores must be one of {', '.join(GLOBAL_SCORES)}; got {global_scores!r}.")
+    _statistics({"variance": variance})
     scores, vectors = {}, {}
     for layer, layer_stats in request.stats.items():
-        access, variance, mean = access_and_variance(layer_stats)
-        scores[layer] = redundancy(access, variance, fusion, fusion_weight)
+        access, variation, mean = _layer_scores(layer_stats, variance)
+        scores[layer] = redundancy(access, variation, fusion, fusion_weight)
         vectors[layer] = mean
-    limits = RoutingLimits(request.adapter.top_k(request.config))
-    kept = select_experts(scores, request.ratio, request.budget, limits, normalise=True, min_keep=request.min_keep)
+    # Novices keep every router row, so a layer may keep fewer real experts than top_k; one must stay.
+    floor = max(1, request.min_keep)
+    normalise = request.budget == "global" and global_scores == "layer_normalised"
+    kept = select_experts(scores, request.ratio, request.budget, RoutingLimits(1), normalise=normalise, min_keep=floor)
+    compared = {layer: s / s.sum().clamp_min(1e-30) for layer, s in scores.items()} if normalise else scores
+    kept = remove_boundary_ties(kept, compared, request.budget == "layer", floor)
     layers = [LayerPlan(layer, s.numel(), kept[layer], [float(v) for v in s], novices=True) for layer, s in sorted(scores.items())]
-    plan = Plan(request.adapter.model_type, limits.top_k, layers, method="mone", ratio=request.ratio, budget=request.budget)
-    plan.meta = {"fusion": fusion, "fusion_weight": fusion_weight, "novices": novices}
+    plan = Plan(request.adapter.model_type, request.adapter.top_k(request.config), layers, method="mone", ratio=request.ratio,
+                budget=request.budget)
+    plan.meta = {"fusion": fusion, "fusion_weight": fusion_weight, "novices": novices, "global_scores": global_scores, "variance": variance}
     for lp in layers:
         removed = torch.tensor(lp.removed, dtype=torch.long)
         if novices and len(removed):
@@ -77,9 +175,9 @@ def plan_mone(request: PlanRequest, fusion: str = "product", fusion_weight: floa
 register(
     Method(
         "mone",
-        ("gate_sum", "output_moments"),
+        _statistics,
         plan_mone,
         "replace low-access, low-variance experts by their mean output (MoNE)",
-        options={"fusion": "product", "fusion_weight": 0.5, "novices": True},
+        options={"fusion": "product", "fusion_weight": 0.5, "novices": True, "global_scores": "raw", "variance": "running"},
     )
 )

@@ -8,6 +8,16 @@ Scores come from `observe.similarity` on the unmodified model (one pass). The mo
 How many: `n` directly, or `target_ratio`, the fraction of all parameters to remove (units
 are added in score order until their parameters reach the target; for "consecutive" the
 smallest n whose best run reaches it).
+
+Reference (DaizeDong/Unified-MoE-Compression, `prune/layer_drop.py`, `prune/block_drop.py`):
+layer drop scores cos(h, h + MoE(norm(h))) over all tokens (`layer_drop_norm=True`, the
+default) and drops the n highest; discrete block drop uses `similarities[:, 0]` = cos(h_i,
+h_{i+1}) -- both exactly as here. Their consecutive mode reads `similarities[:, drop_n]`, which
+is cos(h_i, h_{i+n+1}), yet drops the n blocks i..i+n-1. We score cos(h_i, h_{i+n}) by default
+("span"): removing blocks i..i+n-1 feeds h_i to block i+n in place of h_{i+n}, so that is the
+change the score must measure; the framework's own scripts run the discrete mode, whose
+gap-1 score follows the same rule; and with the n+1 gap the last block can never be part of a
+run. `consecutive_score="framework"` reproduces their n+1 gap.
 """
 
 from __future__ import annotations
@@ -24,6 +34,13 @@ from ..plan import LayerPlan, Plan
 
 Unit = Literal["moe", "block"]
 Mode = Literal["discrete", "consecutive"]
+ConsecutiveScore = Literal["span", "framework"]
+
+
+def _gap_offset(consecutive_score: str) -> int:
+    if consecutive_score not in ("span", "framework"):
+        raise MoECompressError(f"consecutive block-drop score must be 'span' or 'framework'; got {consecutive_score!r}.")
+    return 0 if consecutive_score == "span" else 1
 
 
 def _params(module: nn.Module | None) -> int:
@@ -39,19 +56,23 @@ def _count_for_ratio(sizes: list[int], order: list[int], total: int, target_rati
     return len(order)
 
 
-def distance_needed(model: PreTrainedModel, adapter: MoEAdapter, unit: Unit, mode: Mode, n: int | None, target_ratio: float | None) -> int:
+def distance_needed(
+    model: PreTrainedModel, adapter: MoEAdapter, unit: Unit, mode: Mode, n: int | None, target_ratio: float | None,
+    consecutive_score: ConsecutiveScore = "span",
+) -> int:
     """How far apart the block boundaries compared while observing must be.
 
     A consecutive run sized by `target_ratio` is as long as the shortest run whose blocks
-    could reach the target (blocks taken smallest first).
+    could reach the target (blocks taken smallest first); the framework's score looks one further.
     """
     if unit == "moe" or mode == "discrete":
         return 1
+    offset = _gap_offset(consecutive_score)
     if n is not None:
-        return n
+        return n + offset
     layers = adapter.decoder_layers(model)
     sizes, total = sorted(_params(layer) for layer in layers), _params(model)
-    return next((d for d in range(1, len(layers)) if sum(sizes[:d]) >= target_ratio * total), len(layers) - 1)
+    return next((d for d in range(1, len(layers)) if sum(sizes[:d]) >= target_ratio * total), len(layers) - 1) + offset
 
 
 def plan_drop(
@@ -62,6 +83,7 @@ def plan_drop(
     n: int | None = None,
     target_ratio: float | None = None,
     mode: Mode = "discrete",
+    consecutive_score: ConsecutiveScore = "span",
 ) -> Plan:
     if (n is None) == (target_ratio is None):
         raise MoECompressError("give exactly one of --drop N or --target-ratio R.")
@@ -89,14 +111,19 @@ def plan_drop(
             raise MoECompressError(f"can drop 1..{len(layers) - 1} blocks; asked for {count}.")
         plan.dropped_blocks = sorted(order[:count])
     elif mode == "consecutive":
-        count = n if n is not None else max(scores.blocks)
-        if count not in scores.blocks:
+        offset = _gap_offset(consecutive_score)
+        count = n if n is not None else max(scores.blocks) - offset
+        if count + offset not in scores.blocks:
             raise MoECompressError(f"block similarities were observed up to distance {max(scores.blocks)}; asked for a run of {count}.")
-        similarity = scores.blocks[count]
+        if not 0 < count < len(layers):
+            raise MoECompressError(f"can drop runs of 1..{len(layers) - 1} blocks; asked for {count}.")
+        similarity = scores.blocks[count + offset]
         start = max(range(len(similarity)), key=lambda i: (similarity[i], -i))
         plan.dropped_blocks = list(range(start, start + count))
     else:
         raise MoECompressError(f"block drop mode must be 'discrete' or 'consecutive'; got {mode!r}.")
     plan.method = f"block-drop-{mode}"
     plan.meta = {"scores": {str(d): v for d, v in scores.blocks.items()}}
+    if mode == "consecutive":
+        plan.meta["consecutive_score"] = consecutive_score
     return plan

@@ -143,21 +143,26 @@ def _expert_statistics_hooks(adapter: MoEAdapter, block: nn.Module, accumulator:
     """
     router, experts = adapter.router(block), adapter.experts(block)
     last_logits: list[torch.Tensor] = []
+    sequence_length: list[int | None] = [None]  # tokens per calibration sequence, for per-sequence statistics
+
+    def on_block(_module, args, kwargs):
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        sequence_length[0] = hidden.shape[-2] if hidden.dim() == 3 else None
 
     def on_router(_module, _args, output):
         last_logits[:] = [output[0].reshape(-1, output[0].shape[-1])]
 
     def record(captured: ExpertPass) -> None:
-        batch = RoutedBatch(captured.x, last_logits[0], captured.top_idx, captured.top_w, adapter, experts, captured.outputs)
+        batch = RoutedBatch(captured.x, last_logits[0], captured.top_idx, captured.top_w, adapter, experts, captured.outputs, sequence_length[0])
         accumulator.update(batch)
 
     def on_experts(_module, args, kwargs):
         x, top_idx, top_w = routing_arguments(args, kwargs)
-        accumulator.update(RoutedBatch(x.reshape(-1, x.shape[-1]), last_logits[0], top_idx, top_w, adapter, experts))
+        accumulator.update(RoutedBatch(x.reshape(-1, x.shape[-1]), last_logits[0], top_idx, top_w, adapter, experts, None, sequence_length[0]))
 
     with ExitStack() as stack:
-        handle = router.register_forward_hook(on_router)
-        stack.callback(handle.remove)
+        for handle in (block.register_forward_pre_hook(on_block, with_kwargs=True), router.register_forward_hook(on_router)):
+            stack.callback(handle.remove)
         if accumulator.needs_expert_outputs and is_standard_experts(experts):
             stack.enter_context(capturing(experts, record))
         else:

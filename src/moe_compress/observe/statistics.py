@@ -36,6 +36,7 @@ class RoutedBatch:
     adapter: MoEAdapter
     experts: nn.Module
     pair_outputs: torch.Tensor | None = field(default=None, repr=False)  # [N*k, H] f_e(x_t), in `order`
+    sequence_length: int | None = None  # tokens per calibration sequence (rows of x are sequence-major)
 
     @property
     def num_experts(self) -> int:
@@ -89,6 +90,13 @@ class RoutedBatch:
     def probs(self) -> torch.Tensor:
         """Full router distribution p_t before top-k, [N, E]."""
         return self.adapter.router_probs(self.logits).double()
+
+    @cached_property
+    def distribution(self) -> torch.Tensor:
+        """p_t as a distribution over experts: softmax as it is, sigmoid scores divided by their sum."""
+        if self.adapter.router_score == "softmax":
+            return self.probs
+        return self.probs / self.probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
     @cached_property
     def renormalised_w(self) -> torch.Tensor:
@@ -182,6 +190,11 @@ STATISTICS: dict[str, Statistic] = {
         Statistic("tokens", lambda b: torch.full((b.num_experts,), float(b.x.shape[0]), dtype=torch.float64), doc="T, tokens seen"),
         Statistic("selected", lambda b: b.counts.double().cpu(), doc="|T_e|, tokens routed to e"),
         Statistic("prob_sum", lambda b: b.probs.sum(0).cpu(), doc="sum_t p_{t,e}"),
+        Statistic(
+            "router_dist_sum",
+            lambda b: b.distribution.sum(0).cpu(),
+            doc="sum_t p_{t,e} / sum_e' p_{t,e'} (equals prob_sum for softmax routers)",
+        ),
         Statistic("gate_sum", lambda b: b.dense_gates.sum(0).cpu(), doc="sum_t g_{t,e}"),
         Statistic(
             "output_norm_sum",
@@ -196,6 +209,26 @@ STATISTICS: dict[str, Statistic] = {
             doc="sum over T_e of g~_{t,e} ||f_e(x_t)|| (g renormalised over the top-k)",
         ),
         Statistic(
+            "output_moments_per_batch",
+            lambda b: _batch_moments(b)[None],
+            needs_expert_outputs=True,
+            doc="output_moments of each calibration batch on its own, stacked in batch order [batches, E, 1 + 2H]",
+            merge=lambda total, part: torch.cat([total, part]),
+            per_batch=True,
+        ),
+        Statistic(
+            "reap_prob_sum",
+            lambda b: b.per_expert(b.probs[b.pair_token, b.pair_expert] * b.output_norms),
+            needs_expert_outputs=True,
+            doc="sum over T_e of p_{t,e} ||f_e(x_t)|| (router probability, not renormalised)",
+        ),
+        Statistic(
+            "pooled_expert_outputs",
+            lambda b: pooled_expert_outputs(b),
+            doc="per calibration sequence, every expert's output on the sequence-mean MoE input [sequences, E, H] (float16)",
+            merge=lambda total, part: torch.cat([total, part]),
+        ),
+        Statistic(
             "output_moments",
             _batch_moments,
             needs_expert_outputs=True,
@@ -204,6 +237,22 @@ STATISTICS: dict[str, Statistic] = {
         ),
     )
 }
+
+
+def pooled_expert_outputs(batch: RoutedBatch) -> torch.Tensor:
+    """C-Prune's expert signatures for one batch: [sequences, E, H].
+
+    The authors' code (`PreTrainedMoEPruner.forward` / `generate_and_save_expert_output`) mean-pools
+    each sequence's MoE input over its tokens, runs every expert on that one vector, and clusters
+    the outputs after casting them to float16; the float16 rounding is kept here so that near-equal
+    distances break the same way. Sequences concatenate in calibration order (merged across ranks
+    in rank order, which regroups C-Prune's clustering batches in a distributed run).
+    """
+    if batch.sequence_length is None:
+        raise ValueError("pooled_expert_outputs needs the calibration batches' sequence length")
+    pooled = batch.x.float().view(-1, batch.sequence_length, batch.x.shape[-1]).mean(dim=1).to(batch.x.dtype)
+    outputs = [expert_forward(batch.experts, e, pooled) for e in range(batch.num_experts)]
+    return torch.stack(outputs, dim=1).to(torch.float16).cpu()
 
 
 def signature_similarity(probe_tokens: int) -> Statistic:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..methods.cprune import cluster_affinity
+from ..methods.cprune_cosine import cluster_affinity
 from ..methods.criteria import CRITERIA
 from ..methods.mone import access_and_variance
 
