@@ -108,7 +108,7 @@ def compress(
         chosen = get_method(method)
         batches = _calibration_batches(calib, tokenizer)
         stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device)
-        plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep), options)
+        plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model), options)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)

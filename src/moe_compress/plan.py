@@ -25,6 +25,13 @@ def _vectors_path(plan_path: Path) -> Path:
     return plan_path.with_name(plan_path.stem + ".novices.safetensors")
 
 
+def _permutations_path(plan_path: Path) -> Path:
+    return plan_path.with_name(plan_path.stem + ".permutations.safetensors")
+
+
+MERGE_ROUTERS = ("weighted", "centroid")
+
+
 @dataclass(frozen=True)
 class RoutingLimits:
     """What a layer must keep for its router to work: top_k experts, and for grouped routers
@@ -51,6 +58,9 @@ class LayerPlan:
     through the kept experts (sorted ids) scaled by these constants, plus shared experts.
     With `drop`, the whole MoE sub-layer is removed (attention stays).
     `clusters` optionally records the cluster id of each expert, for methods that cluster.
+    With `merges`, kept expert i (in ascending id order) becomes the weighted average of the
+    original experts `merges[i]` (itself first) with `merge_weights[i]`; its router row is
+    the same weighted average of theirs (`merge_router="weighted"`) or its own ("centroid").
     """
 
     layer: int
@@ -61,6 +71,9 @@ class LayerPlan:
     clusters: list[int] | None = None
     condensed_weights: list[float] | None = None
     drop: bool = False
+    merges: list[list[int]] | None = None
+    merge_weights: list[list[float]] | None = None
+    merge_router: str = "weighted"
 
     @property
     def removed(self) -> list[int]:
@@ -86,6 +99,10 @@ class Plan:
     #: Per layer, [removed experts, hidden] novice vectors (rows in ascending expert id).
     #: Tensors are not JSON: `save` writes them beside the plan as safetensors.
     novice_vectors: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: Per layer, [aligned members, intermediate] neuron permutations (int64), one row per merge
+    #: member after the first, in plan order: the aligned member's neuron j is its original
+    #: neuron perm[j]. Saved beside the plan as safetensors, like the novice vectors.
+    merge_permutations: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     # ---- queries ----------------------------------------------------------------------
     @property
@@ -124,6 +141,8 @@ class Plan:
                 if len(lp.condensed_weights) != len(lp.keep) or lp.keep != sorted(lp.keep):
                     raise MoECompressError(f"{where}: a condensed layer needs one weight per kept expert, experts in ascending order.")
                 continue
+            if lp.merges is not None:
+                self._validate_merges(lp, where)
             if len(lp.keep) < self.top_k:
                 raise MoECompressError(
                     f"{where} keeps {len(lp.keep)} experts, fewer than top_k={self.top_k}: every token routes to "
@@ -146,6 +165,38 @@ class Plan:
             if len(self.dropped_blocks) >= self.num_layers:
                 raise MoECompressError("a plan cannot drop every decoder block.")
 
+    def _validate_merges(self, lp: LayerPlan, where: str) -> None:
+        """Merge groups: one per kept expert (itself first), disjoint, weighted, within one routing group."""
+        if lp.novices:
+            raise MoECompressError(f"{where}: a layer cannot both merge experts and keep novices.")
+        if lp.merge_router not in MERGE_ROUTERS:
+            raise MoECompressError(f"{where}: merge_router must be one of {', '.join(MERGE_ROUTERS)}; got {lp.merge_router!r}.")
+        kept = sorted(lp.keep)
+        weights = lp.merge_weights
+        if len(lp.merges) != len(kept) or [group[:1] for group in lp.merges] != [[e] for e in kept]:
+            raise MoECompressError(f"{where}: merges need one group per kept expert, in ascending order, each starting with that expert.")
+        if weights is None or [len(w) for w in weights] != [len(g) for g in lp.merges]:
+            raise MoECompressError(f"{where}: merge_weights need one weight per merged expert.")
+        if any(not math.isfinite(v) or v < 0 for w in weights for v in w) or any(sum(w) <= 0 for w in weights):
+            raise MoECompressError(f"{where}: merge weights must be finite, non-negative and not all zero in a group.")
+        members = [e for group in lp.merges for e in group]
+        bad = [e for e in members if not 0 <= e < lp.num_experts]
+        if bad or len(set(members)) != len(members):
+            raise MoECompressError(f"{where}: merged experts must be distinct ids in 0..{lp.num_experts - 1}; got {lp.merges}.")
+        if self.routing_groups > 1:
+            size = lp.num_experts // self.routing_groups
+            if any(e // size != group[0] // size for group in lp.merges for e in group):
+                raise MoECompressError(f"{where}: group-limited routing: experts may only merge within their routing group of {size}.")
+        permutations = self.merge_permutations.get(lp.layer)
+        if permutations is not None:
+            aligned = sum(len(group) - 1 for group in lp.merges)
+            valid = permutations.dim() == 2 and permutations.shape[0] == aligned
+            if valid and aligned:
+                ordered = torch.sort(permutations.long(), dim=1).values
+                valid = torch.equal(ordered, torch.arange(permutations.shape[1]).expand_as(ordered))
+            if not valid:
+                raise MoECompressError(f"{where}: merge permutations must be {aligned} rows, each a permutation of the expert's neurons.")
+
     def check_model(self, model_type: str, experts_per_layer: dict[int, int], num_layers: int | None = None) -> None:
         """Raise if this plan was made for a different model than the one it is applied to."""
         if model_type != self.model_type:
@@ -167,6 +218,7 @@ class Plan:
     def to_dict(self) -> dict:
         body = asdict(self)
         body.pop("novice_vectors")
+        body.pop("merge_permutations")
         return {"format": PLAN_FORMAT, **body}
 
     @classmethod
@@ -185,6 +237,8 @@ class Plan:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         if self.novice_vectors:
             save_file({str(k): v.contiguous() for k, v in self.novice_vectors.items()}, str(_vectors_path(path)))
+        if self.merge_permutations:
+            save_file({str(k): v.contiguous() for k, v in self.merge_permutations.items()}, str(_permutations_path(path)))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -198,6 +252,8 @@ class Plan:
         plan = cls.from_dict(data)
         if _vectors_path(path).is_file():
             plan.novice_vectors = {int(k): v for k, v in load_file(str(_vectors_path(path))).items()}
+        if _permutations_path(path).is_file():
+            plan.merge_permutations = {int(k): v.long() for k, v in load_file(str(_permutations_path(path))).items()}
         plan.validate()
         return plan
 
@@ -209,6 +265,7 @@ class Plan:
             removed = lp.removed
             shown = ", ".join(map(str, removed[:16])) + (" ..." if len(removed) > 16 else "")
             kind = " (MoE dropped)" if lp.drop else " (condensed)" if lp.condensed_weights is not None else " (novices)" if lp.novices else ""
+            kind = " (merged)" if lp.merges is not None and any(len(g) > 1 for g in lp.merges) else kind
             table.add_row(str(lp.layer), str(lp.num_experts), ("0" if lp.drop else str(len(lp.keep))) + kind, shown or "-")
         if self.dropped_blocks:
             table.add_row("blocks", "", "", "dropped: " + ", ".join(map(str, sorted(self.dropped_blocks))))

@@ -92,6 +92,24 @@ def _per_expert(batch: RoutedBatch, value: Callable[[int, torch.Tensor, torch.Te
     return total
 
 
+def _max_output_abs(batch: RoutedBatch) -> torch.Tensor:
+    """Per expert, the largest |f_e(x_t)| over its routed tokens and output channels (0 if none)."""
+    return _per_expert(batch, lambda e, rows, slot, out: out.abs().max())
+
+
+def _dense_output_sum(batch: RoutedBatch, gated: bool) -> torch.Tensor:
+    """[E, H]: sum over *all* tokens of f_e(x_t), or of p_{t,e} f_e(x_t) when `gated`.
+
+    Every expert runs on every token (routed or not), one expert at a time, so the working
+    memory is one [N, H] output, never [E, N, H].
+    """
+    total = torch.zeros(batch.num_experts, batch.x.shape[-1], dtype=torch.float64)
+    for e in range(batch.num_experts):
+        out = expert_forward(batch.experts, e, batch.x).double()
+        total[e] = (batch.probs[:, e : e + 1] * out).sum(0) if gated else out.sum(0)
+    return total
+
+
 def _batch_moments(batch: RoutedBatch) -> torch.Tensor:
     """[E, 1 + 2H]: per expert, count of routed tokens, mean output, sum of squared deviations."""
     hidden = batch.x.shape[-1]
@@ -148,6 +166,28 @@ STATISTICS: dict[str, Statistic] = {
             doc="sum over T_e of g~_{t,e} ||f_e(x_t)|| (g renormalised over the top-k)",
         ),
         Statistic(
+            "max_output_abs",
+            _max_output_abs,
+            needs_expert_outputs=True,
+            doc="max over T_e and output channels of |f_e(x_t)| (super-expert detection)",
+            merge=torch.maximum,
+        ),
+        Statistic(
+            "logit_gram",
+            lambda b: b.logits.double().T @ b.logits.double(),
+            doc="sum_t z_t z_t^T [E, E]: router-logit columns' inner products (cosine similarity of experts' logits)",
+        ),
+        Statistic(
+            "output_sum_all",
+            lambda b: _dense_output_sum(b, gated=False),
+            doc="sum over all tokens of f_e(x_t) [E, H] (every expert runs on every token)",
+        ),
+        Statistic(
+            "gated_output_sum_all",
+            lambda b: _dense_output_sum(b, gated=True),
+            doc="sum over all tokens of p_{t,e} f_e(x_t) [E, H] (router-probability-weighted, every expert on every token)",
+        ),
+        Statistic(
             "output_moments",
             _batch_moments,
             needs_expert_outputs=True,
@@ -180,6 +220,25 @@ def signature_similarity(probe_tokens: int) -> Statistic:
     )
 
 
+def input_sample(tokens: int) -> Statistic:
+    """Per batch, the MoE inputs x of `tokens` evenly spaced tokens [n, H] (float32), concatenated.
+
+    A bounded sample (tokens x batches rows per layer), not a buffer of every token: methods
+    that must evaluate chosen experts on real inputs after planning (REAM's neuron alignment)
+    read it.
+    """
+    def update(batch: RoutedBatch) -> torch.Tensor:
+        rows = torch.linspace(0, batch.x.shape[0] - 1, min(tokens, batch.x.shape[0])).round().long()
+        return batch.x[rows.to(batch.x.device)].detach().float().cpu()
+
+    return Statistic(
+        f"input_sample@{tokens}",
+        update,
+        doc=f"MoE inputs of {tokens} evenly spaced tokens of each batch, concatenated",
+        merge=lambda total, part: torch.cat([total, part]),
+    )
+
+
 def get_statistic(name: str) -> Statistic:
     """A registered statistic, or a parameterised one such as 'signature_similarity@64'."""
     if name in STATISTICS:
@@ -187,7 +246,9 @@ def get_statistic(name: str) -> Statistic:
     family, _, parameter = name.partition("@")
     if family == "signature_similarity" and parameter.isdigit() and int(parameter) > 0:
         return signature_similarity(int(parameter))
-    raise KeyError(f"unknown statistic {name!r}; known: {sorted(STATISTICS)} and signature_similarity@<probe tokens>")
+    if family == "input_sample" and parameter.isdigit() and int(parameter) > 0:
+        return input_sample(int(parameter))
+    raise KeyError(f"unknown statistic {name!r}; known: {sorted(STATISTICS)}, signature_similarity@<probe tokens> and input_sample@<tokens>")
 
 
 class LayerAccumulator:
