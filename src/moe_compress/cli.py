@@ -116,7 +116,7 @@ def inspect(
 def prune(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory to write the pruned checkpoint to (written atomically).")],
-    method: Annotated[str, typer.Option(help="Method: frequency, soft_count, gate_sum, ean, reap, mone or cprune (see `moe-compress methods`).")] = "reap",
+    method: Annotated[str, typer.Option(help="Method: frequency, soft_count, gate_sum, ean, reap, mone, cprune, or merging: hc-smoe, m-smoe, ream (see `moe-compress methods`).")] = "reap",
     ratio: Annotated[float, typer.Option(help="Fraction of routed experts to remove, in [0, 1).")] = 0.25,
     budget: Annotated[str, typer.Option(help="layer: every MoE layer loses the same share; global: layers compete for one total.")] = "layer",
     calib: CalibOpt = "bundled",
@@ -141,10 +141,13 @@ def prune(
     stage1_share: Annotated[float | None, typer.Option(help="cprune: share of the removal done per layer in stage 1; the rest is global (stage 2).")] = None,
     probe_tokens: Annotated[int | None, typer.Option(help="cprune: tokens per batch in the shared probe that defines expert signatures.")] = None,
     max_layer_loss: Annotated[float | None, typer.Option(help="cprune: most any layer may lose in stage 2, as a fraction of its experts (default: twice the ratio, at most 0.75).")] = None,
+    align: Annotated[str | None, typer.Option(help="hc-smoe, m-smoe, ream: align merged experts' neurons first: none, weights, activations or activations+weights (ream's default).")] = None,
+    group_size: Annotated[int | None, typer.Option(help="ream: most experts per merge group (pseudo-pruning, default 16); 0 sends every expert to its most similar centroid.")] = None,
+    protect_super_experts: Annotated[bool | None, typer.Option("--protect-super-experts/--no-protect-super-experts", help="Never remove or merge super experts (extreme down-projection outliers, see `moe-compress methods`). Default: on.")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Prune or replace routed experts with a registered method (or a saved plan) and save the result."""
+    """Prune, replace or merge routed experts with a registered method (or a saved plan) and save the result."""
     from .api import compress
     from .data.batches import CalibrationSpec
     from .evaluate.perplexity import perplexity
@@ -162,6 +165,7 @@ def prune(
     given = {
         "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
         "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
+        "align": align, "group_size": group_size, "protect_super_experts": protect_super_experts,
     }
     result = compress(
         loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out, overwrite=overwrite,
@@ -549,7 +553,10 @@ def methods() -> None:
     table.add_column("what it does")
     table.add_column("options (defaults)")
     for m in METHODS.values():
-        table.add_row(m.name, m.doc, ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-")
+        options = {**m.options, "protect_super_experts": m.protect_default}
+        table.add_row(m.name, m.doc, ", ".join(f"{k}={v}" for k, v in options.items()))
+    table.caption = ("protect_super_experts: never remove or merge experts whose down-projection output has extreme outliers "
+                     "(above the 99.5th percentile and a tenth of the maximum, first 75% of layers; Su et al. 2025)")
     out_console.print(table)
 
 
