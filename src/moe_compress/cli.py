@@ -245,6 +245,17 @@ def _evaluate_model(name: str, loaded, tokenizer, sources: list[str], selection,
     return report
 
 
+def _fidelity(loaded, original, tokenizer, sources: list[str], seq_len: int, max_windows: int, batch_size: int) -> dict:
+    """Per source, KL(original || compressed) and top-1 agreement on the perplexity windows (teacher-forced)."""
+    from .evaluate.fidelity import fidelity
+
+    if loaded.config.vocab_size != original.config.vocab_size:
+        raise MoECompressError(
+            f"--compare: vocabularies differ ({loaded.config.vocab_size} vs {original.config.vocab_size} tokens), so next-token distributions cannot be compared."
+        )
+    return {s: fidelity(loaded, original, _eval_windows(tokenizer, s, seq_len, max_windows), batch_size).to_dict() for s in sources}
+
+
 def _comparison(mine: dict, theirs: dict, speed) -> dict:
     """Deltas of `mine` against `theirs`: ratios for costs and perplexity, differences for accuracies."""
 
@@ -294,6 +305,10 @@ def _eval_table(report: dict) -> Table:
     for source, r in report["perplexity"].items():
         other = theirs["perplexity"].get(source)
         row(f"ppl {source.removeprefix('bundled:')}", f"{r['perplexity']:.3f}", f"{other['perplexity']:.3f}" if other else "", pct(comparison.get("perplexity_ratio", {}).get(source)))
+    for source, f in (report.get("fidelity") or {}).items():
+        name = source.removeprefix("bundled:")
+        row(f"KL to original {name}", f"{f['kl']:.4f}", "0", "")
+        row(f"top-1 agreement {name}", f"{f['top1_agreement']:.3f}", "1", "")
     for task, score in report["tasks"].items():
         other = theirs["tasks"].get(task)
         for key in ("acc", "acc_norm"):
@@ -362,7 +377,8 @@ def evaluate(
     With --compare ORIGINAL both models are evaluated the same way in one process and the table
     shows the changes. JSON keys: model, seq_len, settings, perplexity, tasks, params (total,
     routed, active_per_token), bytes_in_memory, checkpoint_bytes, peak_rss_bytes, speed; with
-    --compare also original (the same keys) and comparison.
+    --compare also original (the same keys), comparison, and fidelity: per --ppl source the
+    mean KL(original || this model) per token and the top-1 agreement, teacher-forced.
     """
     from .evaluate.harness import parse_task_list, select_tasks
     from .evaluate.speed import SpeedSettings, compare_speed, measure_speed, peak_rss_bytes, speed_prompts
@@ -396,6 +412,7 @@ def evaluate(
         if compare is not None:
             original, original_tokenizer = load_model(compare, dtype=dtype, device=device)
             report["original"] = _evaluate_model(compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
+            report["fidelity"] = _fidelity(loaded, original, tokenizer, sources, seq_len, max_windows, batch_size)
         comparison = None
         report["speed"] = None
         if speed:
@@ -656,29 +673,45 @@ def quantize(
     group_size: Annotated[int | None, typer.Option(help="Weights per scale along the input dimension; 0 = one scale per output row. Default: the largest of 128/64/32/16/8 dividing every quantised width.")] = None,
     scope: Annotated[str, typer.Option(help="all: every decoder Linear (attention, routed and shared experts, dense MLPs; routers, embeddings, lm_head stay); experts: routed experts only.")] = "all",
     asymmetric: Annotated[bool, typer.Option("--asymmetric", help="Per-group zero points (asymmetric ranges) instead of symmetric ones.")] = False,
+    method: Annotated[str, typer.Option(help="rtn: round-to-nearest, no data (fast); autoround: AutoRound's rounding tuned per decoder block on calibration text.")] = "rtn",
+    iters: Annotated[int, typer.Option(help="autoround: tuning steps per decoder block.")] = 200,
+    calib: CalibOpt = "bundled",
+    samples: Annotated[int, typer.Option(help="autoround: number of calibration sequences.")] = 64,
+    seq_len: SeqLenOpt = 256,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
 ) -> None:
-    """Quantise weights to 4 or 8 bits (round-to-nearest, per group) and save a compressed-tensors checkpoint.
+    """Quantise weights to 4 or 8 bits (round-to-nearest or AutoRound, per group) and save a compressed-tensors checkpoint.
 
     Run it last, after prune/slim: it reads the full-precision model. The result loads with
     transformers (compressed-tensors installed) and vLLM; non-uniform checkpoints keep their
     generated remote code.
     """
+    from .data.batches import CalibrationSpec
     from .io.load import load_model
     from .io.save import check_output_dir
+    from .slimming.quantize import METHODS
     from .slimming.quantize import quantize as quantize_model
 
     if bits not in (4, 8):
         raise MoECompressError(f"--bits must be 4 or 8; got {bits}.")
+    if method not in METHODS:
+        raise MoECompressError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
+    spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size)
+    if method == "autoround":
+        spec.validate()
     check_output_dir(out, overwrite)
-    loaded, tokenizer = load_model(model, dtype=dtype)
-    result = quantize_model(loaded, out, bits, group_size, scope, not asymmetric, tokenizer, overwrite)
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    result = quantize_model(loaded, out, bits, group_size, scope, not asymmetric, tokenizer, overwrite, method=method, calib=spec,
+                            iters=iters, device=device)
     s = result.summary
     out_console.print(
-        f"{s['bits']}-bit (group {s['group_size'] or 'per channel'}, {'symmetric' if s['symmetric'] else 'asymmetric'}) "
+        f"{s['method']} {s['bits']}-bit (group {s['group_size'] or 'per channel'}, {'symmetric' if s['symmetric'] else 'asymmetric'}) "
         f"{s['quantized_matrices']} matrices, {_human(s['quantized_params'])} weights; checkpoint "
-        f"{_bytes(s['checkpoint_bytes_before'])} -> {_bytes(s['checkpoint_bytes'])} in {out}"
+        f"{_bytes(s['checkpoint_bytes_before'])} -> {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s"
     )
 
 
