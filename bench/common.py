@@ -248,6 +248,8 @@ def overview_plot(path: Path) -> None:
         data = json.loads(result.read_text())
         bench_name = result.stem.split("_")[0]
         for row in data.get("rows", []):
+            if "perplexity" not in row:  # a run that failed (e.g. a peer's output that did not load)
+                continue
             group = row.get("plot_group", bench_name)
             family = "original" if row["variant"] == "original" else f"{group}: {row.get('family', row['variant'])}"
             size = row.get("effective_bytes", row.get("checkpoint_bytes", row["bytes"])) / 2**20

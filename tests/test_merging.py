@@ -262,3 +262,25 @@ def test_merging_methods_keep_the_budget_and_every_expert_once(method):
     with torch.no_grad():
         assert torch.isfinite(result.model(IDS).logits).all()
     assert result.summary["experts_per_layer"] == {"1": 4, "2": 4}
+
+
+def test_merging_composes_with_pruning_in_a_recipe(tmp_path):
+    from moe_compress import load_model, run_recipe
+    from tiny_checkpoints import save_tiny_checkpoint, write_calibration
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")
+    calib = write_calibration(tmp_path / "calib.jsonl", documents=60)
+    report = run_recipe({
+        "model": str(checkpoint),
+        "calibration": {"source": str(calib), "samples": 8, "seq_len": 32},
+        "evaluate": {"ppl": str(calib), "windows": 2, "seq_len": 32},
+        "stages": [{"prune": {"method": "ream", "ratio": 0.25, "group_size": 0}}, {"prune": {"method": "reap", "ratio": 0.34}}],
+    }, out=tmp_path / "out")
+    assert [row["params"] for row in report["rows"]] == sorted((row["params"] for row in report["rows"]), reverse=True)
+    plans = sorted(p.name for p in (tmp_path / "out" / "plans").iterdir() if p.suffix == ".json")
+    assert plans == ["01-prune.json", "02-prune.json"]
+    merged = Plan.load(tmp_path / "out" / "plans" / "01-prune.json")
+    assert merged.method == "ream" and (tmp_path / "out" / "plans" / "01-prune.permutations.safetensors").is_file()
+    assert Plan.load(tmp_path / "out" / "plans" / "02-prune.json").layers[0].num_experts == 6
+    reloaded, _ = load_model(tmp_path / "out")
+    assert reloaded.config.num_experts == 4 and reloaded.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 4
