@@ -38,6 +38,7 @@ class EvalSettings:
     ppl_windows: int = 16  # per domain
     mc_limit: int | None = None  # questions per multiple-choice task (None: all)
     speed: bool = False
+    mc: bool = True  # False: skip the multiple-choice tasks (rows then hold mc=None)
 
 
 @dataclass
@@ -136,7 +137,7 @@ class Bench:
             "perplexity": {d: perplexity(model, data).perplexity for d, data in self.eval_sets.items()},
             "fidelity": {d: fidelity(model, self.original, data).to_dict() for d, data in self.eval_sets.items()},
         }
-        row["mc"] = fast_multiple_choice(model, self.tokenizer, self.settings.mc_limit)
+        row["mc"] = fast_multiple_choice(model, self.tokenizer, self.settings.mc_limit) if self.settings.mc else None
         if self.settings.speed:
             from moe_compress.evaluate.speed import SpeedSettings, compare_speed, speed_prompts
 
@@ -165,7 +166,7 @@ class Bench:
         self.rows.append(row)
         self.done.add(variant.name)
         self.save()
-        print(f"{variant.name}: ppl {({k: round(v, 2) for k, v in row['perplexity'].items()})} mc {row['mc'].get('moec', {}).get('acc')}", flush=True)
+        print(f"{variant.name}: ppl {({k: round(v, 2) for k, v in row['perplexity'].items()})} mc {(row['mc'] or {}).get('moec', {}).get('acc')}", flush=True)
         return row
 
     def save(self) -> None:
@@ -190,6 +191,11 @@ def fidelity_columns() -> list[tuple[str, Callable[[dict], str]]]:
         return lambda r: "-" if mean_fidelity(r, key) is None else f"{mean_fidelity(r, key):.{digits}f}"
 
     return [("KL", show("kl", 4)), ("top-1 agree", show("top1_agreement", 3))]
+
+
+def mc_column(key: str = "acc") -> tuple[str, Callable[[dict], str]]:
+    """The `moec` accuracy column; '-' for rows measured without the multiple-choice tasks."""
+    return (f"MC {key}", lambda r: f"{r['mc']['moec'][key]:.3f}" if r.get("mc") else "-")
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> str:

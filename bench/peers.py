@@ -12,8 +12,7 @@ Both get the same model and the same calibration tokens (bundled corpus, 32 x 25
 saved to a .pt file), at 25 % and 50 % of routed experts removed, layer-wise (llm-compressor's
 only budget). Every output is then loaded here (transformers 5.23) and measured like the
 other benches: held-out perplexity per domain, KL divergence to the original's next-token
-distribution and top-1 agreement on the same windows, multiple-choice accuracy (first 100
-questions of each `moec` task). Besides our REAP (same budget), the table has our best merging
+distribution and top-1 agreement on the same windows. Besides our REAP (same budget), the table has our best merging
 variant of bench/pruning.py (REAM with MC-SMoE-style grouping) and REAP under a global budget.
 
     python bench/peers.py --model ref-mixtral --model ref-deepseek   # -> bench/results/peers_<model>.json, peers.md
@@ -34,14 +33,14 @@ from pathlib import Path
 import torch
 from common import RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mean_ppl, overview_plot
 
-from moe_compress import get_adapter, load_model, model_size
+from moe_compress import get_adapter, model_size
 from moe_compress.io.load import resolve_model
 
 PEER = "llmcompressor==0.14.0.1"
 PEER_TORCH = "torch==2.13.0"  # llm-compressor allows torch 2.10-2.14; the CPU wheel, as ours
 DEFAULT_VENV = Path.home() / ".cache" / "moe_compress" / "venvs" / "llmcompressor-0.14.0.1"
 RATIOS = (0.25, 0.5)
-SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=100)
+SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc=False)
 OURS = {  # label -> (method, budget, options)
     "moe-compress reap": ("reap", "layer", {}),
     "moe-compress reap (global)": ("reap", "global", {}),
@@ -117,16 +116,70 @@ def _run(command: list[str], log: Path, ours: bool) -> dict:
     return json.loads(line.removeprefix("RESULT"))
 
 
+#: Mixtral's per-expert checkpoint names (transformers' conversion merges experts.*.w1/w3/w2 into
+#: the fused tensors); llm-compressor 0.14 writes its linearised experts as gate/up/down_proj.
+_MIXTRAL_EXPERT_NAMES = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
+
+
+def load_strictly(directory: Path):
+    """(model, problems): the checkpoint through plain `from_pretrained`, and every key it could not place."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    problems = [f"missing {k}" for k in info["missing_keys"]] + [f"unexpected {k}" for k in info["unexpected_keys"]]
+    return model.eval(), problems
+
+
+def repaired_copy(directory: Path) -> Path | None:
+    """A copy of a Mixtral checkpoint with experts renamed to Mixtral's own keys, or None if that is not the problem."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("model_type") != "mixtral":
+        return None
+    fixed = directory.with_name(directory.name + "-renamed")
+    shutil.copytree(directory, fixed, dirs_exist_ok=True)
+    for shard in fixed.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        renamed = {}
+        for key, value in tensors.items():
+            for old, new in _MIXTRAL_EXPERT_NAMES.items():
+                if ".experts." in key:
+                    key = key.replace(old, new)
+            renamed[key] = value
+        save_file(renamed, str(shard), metadata={"format": "pt"})
+    index = fixed / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k.replace(".gate_proj.", ".w1.").replace(".up_proj.", ".w3.").replace(".down_proj.", ".w2.") if ".experts." in k else k: v
+                              for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
+    return fixed
+
+
 def _measured(directory: Path, run: dict) -> Variant:
-    """A variant whose 'compression' is loading the checkpoint a tool wrote (its own cost is in `run`)."""
+    """A variant whose 'compression' is loading the checkpoint a tool wrote (its own cost is in `run`).
+
+    `loads` is strict: every checkpoint key placed, none missing. A peer checkpoint that does not
+    load as written is measured after the one repair we know (Mixtral expert key names), and
+    says so, so its pruning decision can still be compared.
+    """
 
     def build(_model, _tokenizer):
-        try:
-            model, _ = load_model(directory)
-        except Exception as exc:  # the peer's output may not load here; that is a result too
-            raise RuntimeError(f"{directory} does not load in transformers 5.23: {exc}") from exc
-        return {"model": model, "loads": True, "tool_seconds": run["seconds"], "tool_peak_rss": run["peak_rss_bytes"],
-                "experts_per_layer": model_size(model, get_adapter(model)).experts_per_layer}
+        model, problems = load_strictly(directory)
+        facts = {"loads": not problems, "tool_seconds": run["seconds"], "tool_peak_rss": run["peak_rss_bytes"]}
+        if problems:
+            facts["load_problems"] = problems[:6] + ([f"... {len(problems) - 6} more"] if len(problems) > 6 else [])
+            fixed = repaired_copy(directory)
+            if fixed is None:
+                raise RuntimeError(f"{directory.name} does not load: {problems[:3]}")
+            model, still = load_strictly(fixed)
+            if still:
+                raise RuntimeError(f"{directory.name} does not load, even with Mixtral's expert names: {still[:3]}")
+            facts["measured_after"] = "renaming experts.*.gate_proj/up_proj/down_proj to Mixtral's w1/w3/w2"
+        return {"model": model, **facts, "experts_per_layer": model_size(model, get_adapter(model)).experts_per_layer}
 
     return Variant(directory.name, build)
 
@@ -176,17 +229,17 @@ def report() -> None:
              "with transformers 5.17 and torch 2.13 CPU). Same model, same 32 x 256 calibration tokens. Time and peak RSS: the tool's "
              "whole process (load, calibrate, prune, save), one run each on a shared 2-core machine. Quality: test-split perplexity "
              "(16 x 256 tokens per domain), KL(original || compressed) per token and top-1 agreement on the same windows (mean over "
-             "domains), MC accuracy on the first 100 questions of each `moec` task (chance 0.25). 'loads': the output loads with "
-             "plain transformers 5.23 `from_pretrained`.", ""]
+             "domains). 'loads': the output loads with "
+             "plain transformers 5.23 `from_pretrained`, every checkpoint key placed.", ""]
     for path in sorted(RESULTS.glob("peers_*.json")):
         data = json.loads(path.read_text())
         rows = [r for r in data["rows"] if r["variant"] != "original"]
-        ok = [r for r in rows if r.get("loads")]
+        ok = [r for r in rows if "perplexity" in r]
         columns = [("tool / method", lambda r: r["variant"].split("|")[0]), ("ratio", lambda r: str(r["ratio"])),
-                   ("loads", lambda r: "yes" if r.get("loads") else f"no ({r.get('error', '')[:60]})"),
+                   ("loads", lambda r: "yes" if r.get("loads") else "no (measured after renaming its expert keys)" if "measured_after" in r
+                    else f"no ({r.get('error', '')[:60]})"),
                    ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}" if "params" in r else "-"),
                    ("mean ppl", lambda r: f"{mean_ppl(r):.2f}" if "perplexity" in r else "-"), *fidelity_columns(),
-                   ("MC acc", lambda r: f"{r['mc']['moec']['acc']:.3f}" if "mc" in r else "-"),
                    ("wall s", lambda r: f"{r['tool_seconds']:.1f}"),
                    ("peak RSS (MiB)", lambda r: f"{r['tool_peak_rss'] / 2**20:.0f}" if "tool_peak_rss" in r else "-")]
         original = next(r for r in data["rows"] if r["variant"] == "original")

@@ -28,8 +28,8 @@ import argparse
 import time
 from pathlib import Path
 
-from common import (RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mean_ppl, overview_plot, peak_rss,
-                    quality_size_plot, reset_peak_rss)
+from common import (RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mc_column, mean_ppl, overview_plot,
+                    peak_rss, quality_size_plot, reset_peak_rss)
 
 from moe_compress import apply_plan, get_adapter
 from moe_compress.api import collect_statistics
@@ -161,7 +161,7 @@ def report() -> None:
              "windows (nats), top-1: share of positions where both models' most likely next token agrees, both averaged over domains. "
              "MC: all 1000 questions of the `moec` tasks (chance 0.25), scored like lm-eval (see bench/common.py). "
              "compress s = the method's own uncached calibration pass (calib s) + planning + surgery; '-' marks rows recorded before "
-             "the time column counted calibration (their statistics came from the cache).", ""]
+             "the time column counted calibration (their statistics came from the cache). MC '-': measured with --no-mc.", ""]
     for path in sorted(RESULTS.glob("pruning_*.json")):
         data = json.loads(path.read_text())
         rows = data["rows"]
@@ -172,7 +172,7 @@ def report() -> None:
                    ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}")]
         columns += [(f"ppl {d}", lambda r, d=d: f"{r['perplexity'][d]:.2f}") for d in domains]
         columns += [("mean ppl", lambda r: f"{mean_ppl(r):.2f}"), *fidelity_columns()]
-        columns += [("MC acc", lambda r: f"{r['mc']['moec']['acc']:.3f}"), ("MC acc_norm", lambda r: f"{r['mc']['moec']['acc_norm']:.3f}"),
+        columns += [mc_column("acc"), mc_column("acc_norm"),
                     ("calib s", lambda r: f"{r['calibration_seconds']:.1f}" if "plan_apply_seconds" in r else "-"),
                     ("compress s", _timed), ("peak RSS (MiB)", lambda r: f"{r['compress_peak_rss'] / 2**20:.0f}")]
         lines += [f"## {data['model']}", "", markdown_table(rows, columns)]
@@ -181,7 +181,7 @@ def report() -> None:
             lines += ["### Merging vs REAP (mixed calibration, 32 sequences; best first within each ratio)", "",
                       markdown_table(summary, [("budget", lambda r: r["budget"]), ("ratio", lambda r: str(r["ratio"])),
                                                ("method", lambda r: r["method"]), ("mean ppl", lambda r: f"{mean_ppl(r):.2f}"),
-                                               *fidelity_columns(), ("MC acc", lambda r: f"{r['mc']['moec']['acc']:.3f}"),
+                                               *fidelity_columns(), mc_column(),
                                                ("compress s", _timed)])]
         # Robustness: spread of mean perplexity across calibration domains and sample counts.
         spread_rows = []
@@ -211,9 +211,11 @@ if __name__ == "__main__":
     parser.add_argument("--methods", help="comma-separated method labels to run (default: all of METHODS_UNDER_TEST)")
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated calibration sets to run: {', '.join(SETS)}")
     parser.add_argument("--rerun", action="store_true", help="measure the selected rows again even if recorded")
+    parser.add_argument("--no-mc", action="store_true", help="skip the multiple-choice tasks (their rows show '-'); for quick runs")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes (a scratch directory for smoke runs; the report reads bench/results)")
     args = parser.parse_args()
     only = set(args.methods.split(",")) if args.methods else None
+    SETTINGS.mc = not args.no_mc
     unknown = (only or set()) - {label for label, _, _ in METHODS_UNDER_TEST}
     if unknown:
         parser.error(f"unknown method labels {sorted(unknown)}")

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from common import RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mean_ppl, overview_plot
+from common import RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mc_column, mean_ppl, overview_plot
 
 from moe_compress import get_adapter, load_model, model_size, quantize, run_recipe, slim
 from moe_compress.evaluate.size import checkpoint_bytes
@@ -137,8 +137,8 @@ def report() -> None:
                    ("stored MiB", lambda r: f"{r.get('checkpoint_bytes', r['bytes']) / 2**20:.2f}"),
                    ("effective MiB", lambda r: f"{r['effective_bytes'] / 2**20:.2f}")]
         columns += [(f"ppl {d}", lambda r, d=d: f"{r['perplexity'][d]:.2f}") for d in domains]
-        columns += [("mean ppl", lambda r: f"{mean_ppl(r):.2f}"), *fidelity_columns(), ("MC acc", lambda r: f"{r['mc']['moec']['acc']:.3f}"),
-                    ("MC acc_norm", lambda r: f"{r['mc']['moec']['acc_norm']:.3f}"),
+        columns += [("mean ppl", lambda r: f"{mean_ppl(r):.2f}"), *fidelity_columns(), mc_column(),
+                    mc_column("acc_norm"),
                     ("prefill x", lambda r: f"{r['speed']['prefill_ratio']:.2f}" if "speed" in r else "-"),
                     ("decode x", lambda r: f"{r['speed']['decode_ratio']:.2f}" if "speed" in r else "-"),
                     ("compress s", lambda r: f"{r['compress_seconds']:.1f}")]
@@ -153,7 +153,9 @@ if __name__ == "__main__":
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown from recorded results")
     parser.add_argument("--variants", help="comma-separated variant names to run (default: all)")
     parser.add_argument("--rerun", action="store_true", help="measure the selected variants again even if recorded")
+    parser.add_argument("--no-mc", action="store_true", help="skip the multiple-choice tasks (their rows show '-'); for quick runs")
     args = parser.parse_args()
+    SETTINGS.mc = not args.no_mc
     for name in args.model:
         run(name, set(args.variants.split(",")) if args.variants else None, args.rerun)
     report()

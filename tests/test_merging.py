@@ -117,6 +117,15 @@ def test_neuron_alignment_recovers_a_permuted_copy_exactly(family, alignment):
     assert not torch.equal(adapter.experts(naive_block).down_proj[0], before["down_proj"])
 
 
+def test_permutations_for_other_experts_are_refused():
+    model = tiny_model("mixtral")
+    kept = [0, 2, 3, 4, 5, 6, 7]
+    plan = _plan(model, {0: LayerPlan(0, 8, kept, merges=[[0, 1]] + [[e] for e in kept[1:]], merge_weights=[[1.0, 1.0]] + [[1.0]] * 6)})
+    plan.merge_permutations = {0: torch.arange(5)[None]}  # the tiny experts have 16 neurons
+    with pytest.raises(MoECompressError, match="permutations have 5 neurons; its experts have 16"):
+        apply_plan(model, plan)
+
+
 @pytest.fixture(scope="module")
 def merged_checkpoints(tmp_path_factory):
     """Each merging method, uniform (stock) and global (remote code), saved and reloaded in one fresh process."""

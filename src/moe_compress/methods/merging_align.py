@@ -79,7 +79,7 @@ def align_groups(
     if alignment not in ALIGNMENTS or alignment == "none":
         raise MoECompressError(f"alignment must be one of {', '.join(ALIGNMENTS[1:])} here; got {alignment!r}.")
     pairs = [(group[0], member) for group in groups for member in group[1:]]
-    intermediate = experts.down_proj.shape[1 if getattr(experts, "is_transposed", False) else 2]
+    intermediate = NeuronAligner(experts).intermediate
     if not pairs:
         return torch.zeros(0, intermediate, dtype=torch.long)
     involved = sorted({e for pair in pairs for e in pair})

@@ -56,8 +56,8 @@ class NeuronAligner:
     def __init__(self, experts: nn.Module):
         self.transposed = bool(getattr(experts, "is_transposed", False))
         self.gated = bool(getattr(experts, "has_gate", True)) and hasattr(experts, "gate_up_proj")
-        intermediate = experts.down_proj.shape[1 if self.transposed else 2]
-        self.layout = _gate_layout(experts, intermediate) if self.gated else "single"
+        self.intermediate = int(experts.down_proj.shape[1 if self.transposed else 2])
+        self.layout = _gate_layout(experts, self.intermediate) if self.gated else "single"
 
     def permute(self, name: str, value: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """`value` is one expert's slice of tensor `name`; returns it with neurons reordered by `perm`."""
@@ -93,6 +93,10 @@ def merged_tensors(
     """
     assert lp.merges is not None and lp.merge_weights is not None
     aligner = NeuronAligner(adapter.experts(block)) if permutations is not None and permutations.numel() else None
+    if aligner is not None and permutations.shape[1] != aligner.intermediate:
+        raise MoECompressError(
+            f"layer {lp.layer}: the plan's neuron permutations have {permutations.shape[1]} neurons; its experts have {aligner.intermediate}."
+        )
     perms: list[list[torch.Tensor | None]] = []
     row = 0
     for group in lp.merges:
