@@ -16,6 +16,7 @@ from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
 from ..plan import Plan
 from .budget import Budget
+from .super_experts import find_super_experts, keep_super_experts
 
 Stats = dict[int, dict[str, torch.Tensor]]
 
@@ -72,8 +73,6 @@ class Method:
         return tuple(dict.fromkeys([*names, *(("max_output_abs",) if guard else ())]))
 
     def make_plan(self, request: PlanRequest, options: dict[str, Any] | None = None) -> Plan:
-        from .super_experts import find_super_experts, keep_super_experts
-
         resolved = self.resolved_options(options)
         guard = resolved.pop(PROTECT)
         protected = find_super_experts(request.stats, request.config.num_hidden_layers) if guard else {}
