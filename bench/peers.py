@@ -12,8 +12,9 @@ Both get the same model and the same calibration tokens (bundled corpus, 32 x 25
 saved to a .pt file), at 25 % and 50 % of routed experts removed, layer-wise (llm-compressor's
 only budget). Every output is then loaded here (transformers 5.23) and measured like the
 other benches: held-out perplexity per domain, KL divergence to the original's next-token
-distribution and top-1 agreement on the same windows. Besides our REAP (same budget), the table has our best merging
-variant of bench/pruning.py (REAM with MC-SMoE-style grouping) and REAP under a global budget.
+distribution and top-1 agreement on the same windows. Besides our REAP (same budget), the table
+has REAP under a global budget and the best merging variant of bench/pruning.py at 25 %
+(neuron-aligned HC-SMoE, global budget).
 
     python bench/peers.py --model ref-mixtral --model ref-deepseek   # -> bench/results/peers_<model>.json, peers.md
 """
@@ -44,7 +45,7 @@ SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc=False)
 OURS = {  # label -> (method, budget, options)
     "moe-compress reap": ("reap", "layer", {}),
     "moe-compress reap (global)": ("reap", "global", {}),
-    "moe-compress ream-nearest": ("ream", "layer", {"group_size": 0}),
+    "moe-compress hc-smoe-aligned (global)": ("hc-smoe", "global", {"align": "activations+weights"}),
 }
 
 # Each runner prints one line "RESULT{json}" with its wall time and peak RSS (Linux: KiB).
