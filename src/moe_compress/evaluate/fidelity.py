@@ -79,7 +79,8 @@ def fidelity(
     """KL divergence and top-1 agreement of `model` against `original` on token windows [n, seq_len]."""
     total_kl, agree, tokens = 0.0, 0, 0
     streamed = any(w is not None and w.streamed for w in (weights, original_weights))
-    for chunk in track(_chunks(list(windows.split(batch_size)), model.config.vocab_size, streamed, chunk_bytes), "fidelity"):
+    vocab = model.config.vocab_size if streamed else 0
+    for chunk in track(_chunks(list(windows.split(batch_size)), vocab, streamed, chunk_bytes), "fidelity"):
         references = _log_probs(original, chunk, original_weights, device)
         for mine, reference in zip(_log_probs(model, chunk, weights, device), references):
             total_kl += float(F.kl_div(mine, reference, log_target=True, reduction="sum"))

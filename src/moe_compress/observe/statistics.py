@@ -144,7 +144,7 @@ def _max_output_abs(batch: RoutedBatch) -> torch.Tensor:
     """Per expert, the largest |f_e(x_t)| over its routed tokens and output channels (0 if none)."""
     peaks = batch.outputs.abs().amax(dim=-1).double() if batch.outputs.numel() else batch.outputs.new_zeros(0, dtype=torch.float64)
     total = peaks.new_zeros(batch.num_experts)
-    return total.index_reduce_(0, batch.pair_expert, peaks, "amax").cpu()
+    return total.scatter_reduce_(0, batch.pair_expert, peaks, reduce="amax").cpu()
 
 
 def _dense_output_sum(batch: RoutedBatch, gated: bool) -> torch.Tensor:
