@@ -138,10 +138,10 @@ def test_bad_input_gives_a_clear_error_and_no_output(case, message, checkpoint, 
         model = _corrupt(checkpoint, tmp_path)
     elif case == "empty-calib":
         (tmp_path / "empty.jsonl").write_text("")
-        extra = ["--calib", tmp_path / "empty.jsonl"]
+        extra = ["--calib", tmp_path / "empty.jsonl", "--seq-len", "32"]
     elif case == "short-calib":
         (tmp_path / "short.txt").write_text("just a few words")
-        extra = ["--calib", tmp_path / "short.txt"]
+        extra = ["--calib", tmp_path / "short.txt", "--seq-len", "32"]
     elif case == "bad-method":
         extra += ["--method", "astrology"]
     out = tmp_path / "out"

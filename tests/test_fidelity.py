@@ -6,6 +6,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 from typer.testing import CliRunner
@@ -61,3 +62,17 @@ def test_eval_compare_reports_fidelity_per_source(tmp_path):
     assert "KL to original" in result.stdout and "top-1 agreement" in result.stdout
     fidelity_report = json.loads(out.read_text())["fidelity"][str(calib)]
     assert fidelity_report["kl"] > 0 and 0 <= fidelity_report["top1_agreement"] <= 1 and fidelity_report["tokens"] == 3 * 31
+
+
+def test_streamed_fidelity_equals_in_memory(tmp_path):
+    from moe_compress.io.load import load_model, load_streamed
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "original")
+    pruned = tiny_model("qwen3_moe")
+    compress(pruned, method="reap", ratio=0.5, calib=token_batches(), out=tmp_path / "pruned", cache_dir=False)
+    windows = torch.cat(token_batches(count=3, batch=2, seq_len=10))
+    in_memory = fidelity(load_model(tmp_path / "pruned")[0], load_model(tmp_path / "original")[0], windows, batch_size=2)
+    mine, theirs = load_streamed(tmp_path / "pruned")[0], load_streamed(tmp_path / "original")[0]
+    streamed = fidelity(mine.model, theirs.model, windows, batch_size=2, weights=mine, original_weights=theirs, chunk_bytes=3 * 20 * VOCAB * 4)
+    assert streamed.tokens == in_memory.tokens == 6 * 9
+    assert streamed.kl == pytest.approx(in_memory.kl, rel=1e-5) and streamed.top1_agreement == in_memory.top1_agreement

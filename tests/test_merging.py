@@ -293,3 +293,22 @@ def test_merging_composes_with_pruning_in_a_recipe(tmp_path):
     assert Plan.load(tmp_path / "out" / "plans" / "02-prune.json").layers[0].num_experts == 6
     reloaded, _ = load_model(tmp_path / "out")
     assert reloaded.config.num_experts == 4 and reloaded.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("method", MERGING)
+def test_streamed_merge_writes_the_same_bytes(tmp_path, family, method):
+    """Merging (alignment reads expert weights layer by layer) gives the same checkpoint streamed as in memory."""
+    import moe_compress as mc
+    from test_streaming import _plan_without_fingerprint, _same_files
+
+    tiny_model(family).save_pretrained(tmp_path / "source")
+    plans = {}
+    for streaming in (True, False):
+        result = mc.compress(tmp_path / "source", method, 0.25, "layer", token_batches(), out=tmp_path / str(streaming), cache_dir=False,
+                             streaming=streaming)
+        plans[streaming] = result.plan
+    assert _plan_without_fingerprint(plans[True].to_dict()) == _plan_without_fingerprint(plans[False].to_dict())
+    assert plans[True].merge_permutations.keys() == plans[False].merge_permutations.keys()
+    assert all(torch.equal(plans[True].merge_permutations[k], plans[False].merge_permutations[k]) for k in plans[True].merge_permutations)
+    _same_files(tmp_path / "True", tmp_path / "False")

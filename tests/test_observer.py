@@ -113,3 +113,23 @@ def test_statistics_cache_hits_for_same_model_and_data_only(tmp_path):
     assert not hit, "a different model must not hit the cache"
     _, hit = collect_statistics(model, batches, ("selected",), cache_dir=tmp_path)
     assert not hit, "a different statistic set is a different key"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_observing_leaves_every_layer_output_unchanged(family):
+    """The capturing experts forward computes what the model's own experts forward computes, bit for bit."""
+    from moe_compress.observe.observer import _expert_statistics_hooks
+    from moe_compress.observe.statistics import LayerAccumulator
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    batches = token_batches()
+    plain = run_sequential(model, adapter, batches)
+    names = ("reap_sum", "selected", "output_moments", "tokens")
+
+    def observe(_index, layer):
+        block = adapter.moe_block(layer)
+        return None if block is None else _expert_statistics_hooks(adapter, block, LayerAccumulator(names))
+
+    observed = run_sequential(model, adapter, batches, observe)
+    assert all(torch.equal(a, b) for a, b in zip(plain, observed))

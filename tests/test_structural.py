@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_reloads_exactly, load_in_fresh_process, save_expected, token_batches
-from moe_compress import LayerPlan, Plan, apply_plan, condense, drop, finetune, get_adapter, load_model
+from moe_compress import CalibrationSpec, LayerPlan, Plan, apply_plan, condense, drop, finetune, get_adapter, load_model
 from moe_compress.api import collect_statistics
 from moe_compress.methods.condense import js_divergence, mean_selected_gate
 from moe_compress.observe.similarity import _cos_sum, observe_similarities
@@ -170,7 +170,7 @@ def test_finetuning_reduces_calibration_loss(tmp_path):
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")
     calib = write_calibration(tmp_path / "calib.jsonl", documents=60)
     model, tokenizer = load_model(checkpoint)
-    condense(model, layers=1, calib=str(calib), tokenizer=tokenizer, cache_dir=False)
+    condense(model, layers=1, calib=CalibrationSpec(str(calib), samples=16, seq_len=64), tokenizer=tokenizer, cache_dir=False)
     report = finetune(model, tokenizer, data=str(calib), steps=25, lr=1e-2, batch_size=4, seq_len=32, eval_data=str(calib),
                       eval_windows=8, out=tmp_path / "tuned", checkpoint_every=10)
     assert report["last_loss"] < report["first_loss"]

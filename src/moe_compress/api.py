@@ -7,37 +7,51 @@
 
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import distributed
+from .arch.adapter import MoEAdapter
 from .arch.registry import get_adapter
-from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batches
+from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batches, check_seq_len
 from .errors import MoECompressError
 from .evaluate.size import model_size
-from .io.load import load_model
+from .finite import require_finite_numbers, require_finite_statistics, require_finite_weights
+from .io.export import carried_keys, streamed_groups
+from .io.load import check_device
+from .io.open import Streaming, open_model
+from .io.publish import releases_outputs
+from .io.residency import InMemoryWeights, StreamedWeights, Weights
 from .io.save import check_output_dir, save_with_summary
 from .methods import PlanRequest, get_method
 from .methods.budget import Budget
 from .methods.condense import plan_condense
 from .methods.structural import Mode, Unit, distance_needed, plan_drop
-from .observe.cache import StatsCache, cache_key, model_fingerprint
+from .observe.cache import StatsCache, cache_key, config_fingerprint, content_fingerprint
 from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
-from .plan import Plan
+from .plan import ModelIdentity, Plan
 from .surgery.experts import apply_plan
+from .surgery.structure import experts_per_layer
 
 Calibration = CalibrationSpec | str | list[torch.Tensor]
+UNITS = get_args(Unit)
+MODES = get_args(Mode)
 
 
 @dataclass
 class CompressionResult:
-    model: PreTrainedModel
-    plan: Plan
+    """What a compression call produced. `model` is None after a streamed run: the result is `output_dir`."""
+
+    model: PreTrainedModel | None
+    plan: Plan | None  # None on ranks other than 0 of a distributed run
     summary: dict = field(default_factory=dict)
     output_dir: Path | None = None
 
@@ -47,13 +61,51 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _calibration_batches(calib: Calibration, tokenizer: PreTrainedTokenizerBase | None) -> list[torch.Tensor]:
+def _calibration_batches(calib: Calibration, tokenizer: PreTrainedTokenizerBase | None, config: object = None) -> list[torch.Tensor]:
+    """Token batches from any calibration form; with `config`, windows must fit the model's positions."""
     if isinstance(calib, list):
         if not calib or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in calib):
             raise MoECompressError("calibration batches must be a non-empty list of [batch, seq_len] token-id tensors.")
+        if config is not None:
+            check_seq_len(max(b.shape[1] for b in calib), config, "calibration sequence length")
         return calib
     spec = calib if isinstance(calib, CalibrationSpec) else CalibrationSpec(source=str(calib))
+    spec.validate()
+    if config is not None:
+        check_seq_len(spec.seq_len, config)
     return calibration_batches(tokenizer, spec)
+
+
+def weights_fingerprint(model: PreTrainedModel, weights: Weights | None = None) -> tuple[str, str]:
+    """(fingerprint, kind): every byte of an in-memory model ("content"); the checkpoint's
+    headers, sizes and mtimes for a streamed one, whose weights are not in memory ("checkpoint")."""
+    if isinstance(weights, StreamedWeights):
+        return weights.checkpoint.fingerprint(), "checkpoint"
+    return content_fingerprint(model), "content"
+
+
+def router_rows(model: PreTrainedModel, adapter: MoEAdapter) -> dict[int, int]:
+    """Router rows per MoE layer: the expert dimension of every statistic observed there."""
+    layers = adapter.decoder_layers(model)
+    return {i: adapter.router_size(adapter.moe_block(layers[i])) for i in adapter.moe_layer_indices(model)}
+
+
+def model_identity(model: PreTrainedModel, adapter: MoEAdapter, weights: Weights | None = None) -> ModelIdentity:
+    """What a plan made for `model` records, and what a plan applied to it is checked against."""
+    groups, per_token = adapter.routing_groups(model.config)
+    fingerprint, kind = weights_fingerprint(model, weights)
+    return ModelIdentity(
+        model_type=adapter.model_type,
+        num_layers=len(adapter.decoder_layers(model)),
+        experts_per_layer=experts_per_layer(model, adapter),
+        top_k=adapter.top_k(model.config),
+        hidden_size=int(model.config.hidden_size),
+        routing_groups=groups,
+        groups_per_token=per_token,
+        fingerprint=fingerprint,
+        fingerprint_kind=kind,
+        dtype=str(model.dtype).removeprefix("torch."),
+    )
 
 
 def collect_statistics(
@@ -62,23 +114,36 @@ def collect_statistics(
     names: tuple[str, ...],
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    weights: Weights | None = None,
+    fingerprint: str | None = None,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], bool]:
     """Observed statistics, from the disk cache when this model and data were seen before.
 
     Returns (statistics, whether they came from the cache). `cache_dir=False` disables caching.
+    The cache key covers the weights (`fingerprint`, see `weights_fingerprint`; computed when
+    not given), the config and the tokens; an entry that does not describe this model's MoE
+    layers and expert counts is recomputed, never half-used.
+    Under torchrun the cache is used only if every rank finds the entry; rank 0 writes it.
     """
     adapter = get_adapter(model)
     names = tuple(sorted(set(names) | {"tokens"}))
     cache = None if cache_dir is False else StatsCache(cache_dir or None)
-    key = cache_key(model_fingerprint(model), batches_fingerprint(batches), names) if cache else ""
-    if cache and (cached := cache.load(key)) is not None:
-        return cached, True
-    stats = observe_expert_statistics(model, adapter, batches, names, device)
+    expected = router_rows(model, adapter)
+    key = ""
     if cache:
+        fingerprint = fingerprint or weights_fingerprint(model, weights)[0]
+        key = cache_key(fingerprint, batches_fingerprint(batches), names, config_fingerprint(model.config))
+    cached = cache.load(key, expected, names) if cache else None
+    if distributed.combine(torch.tensor([cached is not None], dtype=torch.int64), torch.minimum).item():
+        return cached, True
+    stats = observe_expert_statistics(model, adapter, batches, names, device, weights)
+    require_finite_statistics(stats)
+    if cache and distributed.is_main():
         cache.save(key, stats)
     return stats, False
 
 
+@releases_outputs
 def compress(
     model: PreTrainedModel | str | Path,
     method: str = "reap",
@@ -93,25 +158,45 @@ def compress(
     options: dict | None = None,
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> CompressionResult:
-    """Compress the routed experts of `model` in place, and save the result to `out` if given.
+    """Compress the routed experts of `model`, and save the result to `out` if given.
 
     Either `method` (any name in `moe_compress.methods.METHODS`, with its `options`) +
     `ratio` + `budget` decide from calibration statistics, or `plan` (a Plan or a plan JSON
-    file) says what to do directly and no calibration runs.
+    file) says what to do directly and no calibration runs; such a plan must have been made
+    for this model (`Plan.check_identity`). An in-memory model is changed in place; a
+    checkpoint path is streamed layer by layer when `streaming` says so (see `open_model`),
+    and the result then exists only as the checkpoint written to `out`. `trust_remote_code`
+    lets a checkpoint's own Python code run (see `io.load`).
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    require_finite_numbers([("ratio", ratio), *((f"option {k!r}", v) for k, v in (options or {}).items())])
+    plan_inputs = [plan] if isinstance(plan, str | Path) else []
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code, plan_inputs)
     before = model_size(model, adapter)
+    identity = model_identity(model, adapter, weights)
     from_cache = False
     if plan is None:
         chosen = get_method(method)
-        batches = _calibration_batches(calib, tokenizer)
-        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device)
-        plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model), options)
-    elif not isinstance(plan, Plan):
-        plan = Plan.load(plan)
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)
+        batches = _calibration_batches(calib, tokenizer, model.config)
+        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.fingerprint)
+        if not distributed.is_main():
+            return _other_rank_result()
+        plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model, weights=weights), options)
+        plan.identity = identity
+    else:
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        plan.check_identity(identity)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, weights)
+
+
+def _other_rank_result() -> CompressionResult:
+    """What a rank other than 0 returns: it helped calibrate; rank 0 plans and writes (then all meet at a barrier)."""
+    distributed.barrier()
+    return CompressionResult(None, None, {"rank": distributed.rank()}, None)
 
 
 def _apply_and_report(
@@ -124,8 +209,21 @@ def _apply_and_report(
     start: float,
     before,
     from_cache: bool,
+    weights: Weights,
 ) -> CompressionResult:
-    """Apply `plan`, summarise what changed, and save if asked: the tail every stage shares."""
+    """Apply `plan`, summarise what changed, and save if asked: the tail every stage shares.
+
+    Streamed, the plan is applied to a copy of the (meta) skeleton, which describes the
+    output's structure and config, while the writer applies it to each layer read from disk.
+    Under torchrun only rank 0 gets past this point's first line; the others wait for it.
+    """
+    if not distributed.is_main():
+        return _other_rank_result()
+    groups = None
+    carried = carried_keys(model, weights)
+    if weights.streamed:
+        model = copy.deepcopy(model)
+        groups = streamed_groups(weights, adapter, plan)
     apply_plan(model, plan, adapter)
     after = model_size(model, adapter)
     summary = {
@@ -140,23 +238,42 @@ def _apply_and_report(
         "bytes_before": before.bytes,
         "bytes_after": after.bytes,
         "statistics_from_cache": from_cache,
+        "streamed": weights.streamed,
+        # checkpoint tensors transformers does not load (e.g. multi-token-prediction layers), carried into the output
+        "carried_tensors": len(carried),
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite)
-    return CompressionResult(model, plan, summary, output_dir)
+    output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite, groups)
+    distributed.barrier()
+    return CompressionResult(None if weights.streamed else model, plan, summary, output_dir)
 
 
-def _prepare(model, tokenizer, out, overwrite, device):
-    """Shared start of every stage: check the output first, load the model if given a name."""
+def _source_of(model: PreTrainedModel | StreamedWeights | str | Path) -> str | Path | None:
+    """Where a model was read from: what an output may not overwrite."""
+    if isinstance(model, str | Path):
+        return model
+    if isinstance(model, StreamedWeights):
+        return model.checkpoint.directory
+    return getattr(model, "name_or_path", None)
+
+
+def _prepare(model, tokenizer, out, overwrite, device, streaming: Streaming = False, dtype: str = "auto", trust_remote_code: bool = False, inputs=()):
+    """Shared start of every stage: check the device and the output first, open the model if
+    given a name, and refuse non-finite weights of an in-memory model (`load_model` checks
+    those it loads)."""
+    check_device(device)
     if out is not None:
-        check_output_dir(out, overwrite)
-    if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, device=device)
-        tokenizer = tokenizer or loaded_tokenizer
-    return model, tokenizer, get_adapter(model)
+        check_output_dir(out, overwrite, [_source_of(model), *inputs])
+    if isinstance(model, PreTrainedModel):
+        require_finite_weights(model)
+    model, loaded_tokenizer, weights = open_model(model, device, streaming, dtype, trust_remote_code)
+    if weights.streamed and out is None:
+        raise MoECompressError("a streamed run keeps no model in memory: give an output directory (out=...) to write the result to.")
+    return model, tokenizer or loaded_tokenizer, get_adapter(model), weights
 
 
+@releases_outputs
 def drop(
     model: PreTrainedModel | str | Path,
     unit: Unit = "moe",
@@ -168,6 +285,9 @@ def drop(
     out: str | Path | None = None,
     overwrite: bool = False,
     device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> CompressionResult:
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
 
@@ -175,15 +295,27 @@ def drop(
     `methods.structural`); give `n` units or a `target_ratio` of parameters to remove.
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    if unit not in UNITS:
+        raise MoECompressError(f"unit must be one of {', '.join(UNITS)} (MoE sub-layers or whole blocks); got {unit!r}.")
+    if mode not in MODES:
+        raise MoECompressError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    require_finite_numbers([("target_ratio", target_ratio)])
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
     before = model_size(model, adapter)
-    batches = _calibration_batches(calib, tokenizer)
+    identity = model_identity(model, adapter, weights)
+    batches = _calibration_batches(calib, tokenizer, model.config)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio)
-    scores = observe_similarities(model, adapter, batches, max_distance=distance)
+    scores = observe_similarities(model, adapter, batches, distance, weights, device)
+    require_finite_numbers([(f"similarity of MoE layer {k}", v) for k, v in scores.moe.items()])
+    require_finite_numbers([(f"similarity of blocks {i}..{i + d}", v) for d, row in scores.blocks.items() for i, v in enumerate(row)])
+    if not distributed.is_main():
+        return _other_rank_result()
     plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode)
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False)
+    plan.identity = identity
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
 
 
+@releases_outputs
 def condense(
     model: PreTrainedModel | str | Path,
     layers: int = 1,
@@ -195,15 +327,18 @@ def condense(
     overwrite: bool = False,
     cache_dir: str | Path | None | bool = None,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> CompressionResult:
     """CD-MoE: condense `layers` MoE layers into shared experts + a few constant-weight experts.
 
     See `methods.condense` for the search; its cost is in `result.plan.meta`.
     """
     start = time.perf_counter()
-    model, tokenizer, adapter = _prepare(model, tokenizer, out, overwrite, device)
+    model, tokenizer, adapter, _ = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code=trust_remote_code)
     before = model_size(model, adapter)
-    batches = _calibration_batches(calib, tokenizer)
-    stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device)
+    identity = model_identity(model, adapter)
+    batches = _calibration_batches(calib, tokenizer, model.config)
+    stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device, fingerprint=identity.fingerprint)
     plan = plan_condense(model, adapter, batches, stats, layers, max_experts, fixed_size)
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache)
+    plan.identity = identity
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, InMemoryWeights(model))

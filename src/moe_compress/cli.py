@@ -2,42 +2,115 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .errors import MoECompressError
+from .finite import require_finite_numbers
+
+console = Console(stderr=True, soft_wrap=True)  # one error line stays one line when piped
+out_console = Console()
+
+
+def _error_line(message: str) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}")
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """A bad option value or a missing argument is a user error like any other: one
+    `error:` line and exit 2, not click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        no_arguments = not (sys.argv[1:] if args is None else args)  # shows the help, as no_args_is_help says
+        if not standalone_mode or no_arguments:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # typer's click: bad values, unknown options, missing arguments
+            where = getattr(exc, "ctx", None)
+            _error_line(exc.format_message().rstrip(".") + (f"; see `{where.command_path} --help`." if where else "."))
+            sys.exit(2)
+        except typer.Abort:
+            _error_line("aborted.")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 app = typer.Typer(
     help="Compress Mixture-of-Experts language models and save checkpoints that load anywhere.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=_OneLineUsageErrors,
 )
-console = Console(stderr=True, soft_wrap=True)  # one error line stays one line when piped
-out_console = Console()
+
+#: OS errors that are about the user's paths or machine, not bugs: one line, exit 2.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOENT}
 
 
 def user_errors(command: Callable) -> Callable:
-    """Print user errors as one clear line and exit 2, instead of a traceback."""
+    """Print user errors as one clear line and exit 2, instead of a traceback.
+
+    Float options must be finite (a NaN ratio or learning rate would pass every range check);
+    output locks are released when the command ends, however it ends.
+    """
+    from .io.publish import output_locks
 
     @wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with output_locks():
+                require_finite_numbers((f"--{name.replace('_', '-')}", value) for name, value in kwargs.items())
+                return command(*args, **kwargs)
         except MoECompressError as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            _error_line(str(exc))
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in _USER_OS_ERRORS:
+                raise
+            _error_line(f"{exc.strerror}: {exc.filename or ''}".rstrip(": ") + "; check the path, its permissions and free space.")
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _require_positive(**options: int | None) -> None:
+    """Each given option (None: not given) must be an integer >= 1."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise MoECompressError(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
+
+
+def _writable_file(path: Path | None, option: str) -> None:
+    """Fail before any work if `path` cannot be written later (a directory, a missing or read-only parent)."""
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise MoECompressError(f"{option} {path} is a directory; give a file name.")
+    if not parent.is_dir():
+        raise MoECompressError(f"{option} {path}: directory {parent} does not exist; create it or choose another path.")
+    if not os.access(parent, os.W_OK):
+        raise MoECompressError(f"{option} {path}: directory {parent} is not writable; choose another path.")
+
+
+def _cache_dir_option(path: Path | None) -> None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise MoECompressError(f"--cache-dir {path} is a file, not a directory; pass a directory (it is created if missing).")
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -65,6 +138,46 @@ BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 SamplesOpt = Annotated[int, typer.Option(help="Number of calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per calibration sequence.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside the checkpoint (its auto_map). Off by default: only for checkpoints whose authors you trust. moe-compress's own outputs load without it.")]
+StreamingOpt = Annotated[str, typer.Option(help="auto: read the model layer by layer from its checkpoint when its weights exceed half the free memory (RAM, or GPU memory with --device cuda), else load it whole; on: always stream; off: always load whole. Streaming gives the same results with one layer in memory.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.")]
+MaxActivationOpt = Annotated[str | None, typer.Option(help="Keep at most this much calibration activation memory in RAM (e.g. 4GiB, 500MB; a plain number means GiB); the rest goes to files in --offload-dir. Default: no limit.")]
+OffloadDirOpt = Annotated[Path | None, typer.Option(help="Directory for activations beyond --max-activation-memory (default: the system temp dir).")]
+
+
+def _streaming(value: str) -> bool | str:
+    choices = {"auto": "auto", "on": True, "off": False}
+    if value not in choices:
+        raise MoECompressError(f"--streaming must be auto, on or off; got {value!r}.")
+    return choices[value]
+
+
+def _byte_size(text: str | None) -> int | None:
+    """'4GiB', '500MB', '2.5' (GiB) -> bytes; None stays None."""
+    if text is None:
+        return None
+    units = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in units:
+        raise MoECompressError(f"cannot read {text!r} as a size: use a number with a unit, e.g. 4GiB or 500MB (a plain number means GiB).")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+@contextmanager
+def _runtime(
+    threads: int | None = None, max_activation_memory: str | None = None, offload_dir: Path | None = None, device: str = "cpu"
+) -> Iterator[str]:
+    """Torch threads, the activation memory budget and (under torchrun) the process group for one command.
+
+    Yields the device to compute on: under torchrun with --device cuda, this rank's GPU.
+    """
+    from .distributed import init_from_environment
+    from .observe.activations import activation_budget
+
+    if threads is not None and threads < 1:
+        raise MoECompressError(f"--threads must be a positive integer; got {threads}.")
+    with _TorchThreads(threads), activation_budget(_byte_size(max_activation_memory), offload_dir):
+        yield init_from_environment(device)
 
 
 @app.command()
@@ -73,13 +186,18 @@ def inspect(
     model: ModelArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print the structure as JSON instead of tables.")] = False,
     dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Print a model's MoE structure: layers, experts per layer, top-k, shared experts, parameters and bytes."""
+    """Print a model's MoE structure: layers, experts per layer, top-k, shared experts, parameters and bytes.
+
+    A local checkpoint is read from its config and shard headers alone (no weights are loaded).
+    """
     from .arch import get_adapter
     from .evaluate.size import model_size
-    from .io.load import load_model
+    from .io.load import resolve_model
+    from .io.open import open_model
 
-    loaded, _ = load_model(model, dtype=dtype)
+    loaded, _, _ = open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code)
     adapter = get_adapter(loaded)
     size = model_size(loaded, adapter)
     layers = adapter.decoder_layers(loaded)
@@ -146,32 +264,47 @@ def prune(
     protect_super_experts: Annotated[bool | None, typer.Option("--protect-super-experts/--no-protect-super-experts", help="Never remove or merge super experts (extreme down-projection outliers, see `moe-compress methods`). Default: on.")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    streaming: StreamingOpt = "auto",
+    threads: ThreadsOpt = None,
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Prune, replace or merge routed experts with a registered method (or a saved plan) and save the result."""
     from .api import compress
     from .data.batches import CalibrationSpec
     from .evaluate.perplexity import perplexity
-    from .io.load import load_model
+    from .io.load import check_device
+    from .io.open import open_model
     from .io.save import check_output_dir
     from .methods.budget import check_ratio
 
     if plan_in is None:
         check_ratio(ratio)
-    check_output_dir(out, overwrite)
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    eval_sets = {source: _eval_windows(tokenizer, source, seq_len, eval_windows) for source in _expand_sources([eval_ppl])} if eval_ppl else {}
-    before = {source: perplexity(loaded, windows) for source, windows in eval_sets.items()}
+    _require_positive(eval_windows=eval_windows, clusters=clusters, probe_tokens=probe_tokens)
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
-    given = {
-        "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
-        "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
-        "align": align, "group_size": group_size, "protect_super_experts": protect_super_experts,
-    }
-    result = compress(
-        loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out, overwrite=overwrite,
-        min_keep=min_keep, options={k: v for k, v in given.items() if v is not None},
-        cache_dir=False if no_cache else cache_dir, device=device,
-    )
+    spec.validate()
+    _writable_file(plan_out, "--plan-out")
+    _cache_dir_option(cache_dir)
+    check_device(device)
+    check_output_dir(out, overwrite, [model, plan_in])
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
+        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        eval_sets = {source: _eval_windows(tokenizer, source, seq_len, eval_windows, loaded.config) for source in _expand_sources([eval_ppl])} if eval_ppl else {}
+        before = {source: perplexity(loaded, windows, weights=weights, device=device) for source, windows in eval_sets.items()}
+        given = {
+            "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
+            "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
+            "align": align, "group_size": group_size, "protect_super_experts": protect_super_experts,
+        }
+        result = compress(
+            weights if weights.streamed else loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out,
+            overwrite=overwrite, min_keep=min_keep, options={k: v for k, v in given.items() if v is not None},
+            cache_dir=False if no_cache else cache_dir, device=device,
+        )
+        if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
+            return
+        after = {source: _perplexity_after(result, windows, device) for source, windows in eval_sets.items()}
     if plan_out is not None:
         result.plan.save(plan_out)
     out_console.print(result.plan.table())
@@ -184,14 +317,24 @@ def prune(
     table.add_row("parameters", _human(s["params_before"]), _human(s["params_after"]), f"{100 * (s['params_after'] / s['params_before'] - 1):+.1f}%")
     table.add_row("active params/token", _human(s["active_params_before"]), _human(s["active_params_after"]), f"{100 * (s['active_params_after'] / s['active_params_before'] - 1):+.1f}%")
     table.add_row("bytes in memory", _bytes(s["bytes_before"]), _bytes(s["bytes_after"]), f"{100 * (s['bytes_after'] / s['bytes_before'] - 1):+.1f}%")
-    for source, windows in eval_sets.items():
-        after = perplexity(result.model, windows).perplexity
-        table.add_row(f"perplexity {source}", f"{before[source].perplexity:.3f}", f"{after:.3f}", f"{100 * (after / before[source].perplexity - 1):+.1f}%")
+    for source in eval_sets:
+        table.add_row(f"perplexity {source}", f"{before[source].perplexity:.3f}", f"{after[source]:.3f}", f"{100 * (after[source] / before[source].perplexity - 1):+.1f}%")
     out_console.print(table)
     cached = " (statistics from cache)" if s["statistics_from_cache"] else ""
     out_console.print(
         f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s{cached}; peak memory {_bytes(s['peak_rss_bytes'])}"
     )
+
+
+def _perplexity_after(result, windows, device: str) -> float:
+    """Perplexity of a compression result: the model in memory, or the checkpoint a streamed run wrote."""
+    from .evaluate.perplexity import perplexity
+    from .io.load import load_streamed
+
+    if result.model is not None:
+        return perplexity(result.model, windows).perplexity
+    weights, _ = load_streamed(result.output_dir)
+    return perplexity(weights.model, windows, weights=weights, device=device).perplexity
 
 
 def _expand_sources(sources: list[str]) -> list[str]:
@@ -201,16 +344,16 @@ def _expand_sources(sources: list[str]) -> list[str]:
     return [one for source in sources for one in ([f"bundled:{d}" for d in bundled_domains()] if source == "bundled" else [source])]
 
 
-def _eval_windows(tokenizer, source: str, seq_len: int, max_windows: int):
-    from .data.batches import token_stream, windows
-    from .data.texts import load_texts
+def _eval_windows(tokenizer, source: str, seq_len: int, max_windows: int, config):
+    from .data.batches import check_seq_len, read_windows
 
     if tokenizer is None:
         raise MoECompressError("this checkpoint has no tokenizer, so text cannot be evaluated.")
-    chunks = windows(token_stream(tokenizer, load_texts(source, split="test")), seq_len)
+    check_seq_len(seq_len, config)
+    chunks = read_windows(tokenizer, source, seq_len, max_windows)
     if len(chunks) == 0:
         raise MoECompressError(f"evaluation text {source!r} is shorter than one window of {seq_len} tokens.")
-    return chunks[:max_windows]
+    return chunks
 
 
 def _checkpoint_bytes(name: str) -> int | None:
@@ -222,7 +365,10 @@ def _checkpoint_bytes(name: str) -> int | None:
     return checkpoint_bytes(path) if path.is_dir() else None
 
 
-def _evaluate_model(name: str, loaded, tokenizer, sources: list[str], selection, limit: int | None, seq_len: int, max_windows: int, batch_size: int) -> dict:
+def _evaluate_model(
+    name: str, loaded, tokenizer, sources: list[str], selection, limit: int | None, seq_len: int, max_windows: int, batch_size: int,
+    weights=None, device: str = "cpu",
+) -> dict:
     """Everything `eval` reports for one model except speed (timed separately, so --compare can interleave it)."""
     from .arch import get_adapter
     from .evaluate.harness import run_tasks
@@ -233,19 +379,23 @@ def _evaluate_model(name: str, loaded, tokenizer, sources: list[str], selection,
     size = model_size(loaded, get_adapter(loaded))
     report: dict = {
         "model": name,
-        "perplexity": {s: perplexity(loaded, _eval_windows(tokenizer, s, seq_len, max_windows), batch_size).to_dict() for s in sources},
+        "perplexity": {
+            s: perplexity(loaded, _eval_windows(tokenizer, s, seq_len, max_windows, loaded.config), batch_size, weights, device).to_dict()
+            for s in sources
+        },
         "tasks": {},
         "params": {"total": size.total, "routed": size.routed_experts, "active_per_token": size.active_per_token},
         "bytes_in_memory": size.bytes,
         "checkpoint_bytes": _checkpoint_bytes(name),
     }
     if selection is not None:
-        report["tasks"] = {t: s.to_dict() for t, s in run_tasks(loaded, tokenizer, selection, limit, batch_size).items()}
+        scores = run_tasks(loaded, tokenizer, selection, limit, batch_size, weights=weights, device=device)
+        report["tasks"] = {t: s.to_dict() for t, s in scores.items()}
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
 
 
-def _fidelity(loaded, original, tokenizer, sources: list[str], seq_len: int, max_windows: int, batch_size: int) -> dict:
+def _fidelity(loaded, original, tokenizer, sources: list[str], seq_len: int, max_windows: int, batch_size: int, weights: tuple, device: str) -> dict:
     """Per source, KL(original || compressed) and top-1 agreement on the perplexity windows (teacher-forced)."""
     from .evaluate.fidelity import fidelity
 
@@ -253,7 +403,11 @@ def _fidelity(loaded, original, tokenizer, sources: list[str], seq_len: int, max
         raise MoECompressError(
             f"--compare: vocabularies differ ({loaded.config.vocab_size} vs {original.config.vocab_size} tokens), so next-token distributions cannot be compared."
         )
-    return {s: fidelity(loaded, original, _eval_windows(tokenizer, s, seq_len, max_windows), batch_size).to_dict() for s in sources}
+    mine, theirs = weights
+    return {
+        s: fidelity(loaded, original, _eval_windows(tokenizer, s, seq_len, max_windows, loaded.config), batch_size, mine, theirs, device).to_dict()
+        for s in sources
+    }
 
 
 def _comparison(mine: dict, theirs: dict, speed) -> dict:
@@ -367,10 +521,14 @@ def evaluate(
     speed_prompt_len: Annotated[int, typer.Option(help="Prompt tokens per prompt when timing prefill (cut to fit the model's positions).")] = 128,
     speed_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt when timing decode.")] = 32,
     speed_repeats: Annotated[int, typer.Option(help="Timed runs per model (after one warm-up); medians are reported.")] = 5,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls that make timings meaningless.")] = None,
+    threads: ThreadsOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    streaming: StreamingOpt = "auto",
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Evaluate a model: perplexity, multiple-choice accuracy (lm-eval), parameters, bytes, memory and speed.
 
@@ -382,11 +540,12 @@ def evaluate(
     """
     from .evaluate.harness import parse_task_list, select_tasks
     from .evaluate.speed import SpeedSettings, compare_speed, measure_speed, peak_rss_bytes, speed_prompts
-    from .io.load import load_config, load_model
+    from .io.load import check_device, load_config
+    from .io.open import open_model
 
-    for name, value in (("--seq-len", seq_len), ("--max-windows", max_windows), ("--batch-size", batch_size), ("--limit", limit), ("--threads", threads)):
-        if value is not None and value < 1:
-            raise MoECompressError(f"{name} must be a positive integer; got {value}.")
+    _require_positive(seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, limit=limit, threads=threads)
+    _writable_file(json_out, "--json")
+    check_device(device)
     speed = compare is not None if speed is None else speed
     settings = SpeedSettings(speed_batch, speed_prompt_len, speed_new_tokens, speed_repeats)
     settings.validate()
@@ -394,11 +553,14 @@ def evaluate(
     task_names = parse_task_list(tasks) if tasks is not None else []
     selection = select_tasks(task_names) if task_names else None
     if compare is not None:
-        load_config(compare)
+        load_config(compare, trust_remote_code)
     sources = _expand_sources(ppl or [])
 
-    with _TorchThreads(threads):
-        loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    mode = _streaming(streaming)
+    with _runtime(threads, max_activation_memory, offload_dir):
+        loaded, tokenizer, weights = open_model(model, device, mode, dtype, trust_remote_code)
+        if speed and weights.streamed:
+            raise MoECompressError("speed is measured on a model held in memory; pass --no-speed to evaluate a streamed model.")
         report = {
             "model": model,
             "seq_len": seq_len,
@@ -407,12 +569,15 @@ def evaluate(
                 "dtype": dtype, "device": device, "threads": threads, "speed": vars(settings) if speed else None,
             },
         }
-        report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
+        report["settings"]["streamed"] = weights.streamed
+        report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, weights, device)
         original = original_tokenizer = None
         if compare is not None:
-            original, original_tokenizer = load_model(compare, dtype=dtype, device=device)
-            report["original"] = _evaluate_model(compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size)
-            report["fidelity"] = _fidelity(loaded, original, tokenizer, sources, seq_len, max_windows, batch_size)
+            original, original_tokenizer, original_weights = open_model(compare, device, mode, dtype, trust_remote_code)
+            report["original"] = _evaluate_model(
+                compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, original_weights, device
+            )
+            report["fidelity"] = _fidelity(loaded, original, tokenizer, sources, seq_len, max_windows, batch_size, (weights, original_weights), device)
         comparison = None
         report["speed"] = None
         if speed:
@@ -450,16 +615,30 @@ def drop_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    streaming: StreamingOpt = "auto",
+    threads: ThreadsOpt = None,
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Layer drop / block drop: remove the MoE sub-layers or blocks that change the residual stream least."""
+    from .api import MODES, UNITS
     from .api import drop as drop_layers
     from .data.batches import CalibrationSpec
-    from .io.load import load_model
+    from .io.load import check_device
+    from .io.open import open_model
     from .io.save import check_output_dir
 
-    check_output_dir(out, overwrite)
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    result = drop_layers(loaded, unit, drop, target_ratio, mode, CalibrationSpec(calib, samples, seq_len, seed), tokenizer, out, overwrite, device)
+    if unit not in UNITS or mode not in MODES:
+        raise MoECompressError(f"--unit must be one of {', '.join(UNITS)} and --mode one of {', '.join(MODES)}; got --unit {unit} --mode {mode}.")
+    spec = CalibrationSpec(calib, samples, seq_len, seed)
+    spec.validate()
+    _writable_file(plan_out, "--plan-out")
+    check_device(device)
+    check_output_dir(out, overwrite, [model])
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
+        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        result = drop_layers(weights if weights.streamed else loaded, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device)
     _report_stage(result, model, out, plan_out)
 
 
@@ -480,17 +659,25 @@ def condense_command(
     cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """CD-MoE: condense MoE layers into shared experts + a few constant-weight experts, chosen by output divergence."""
     from .api import condense
     from .data.batches import CalibrationSpec
-    from .io.load import load_model
+    from .io.load import check_device, load_model
     from .io.save import check_output_dir
 
-    check_output_dir(out, overwrite)
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    _require_positive(layers=layers, max_experts=max_experts)
     spec = CalibrationSpec(calib, samples, seq_len, seed)
-    result = condense(loaded, layers, max_experts, fixed_size, spec, tokenizer, out, overwrite, cache_dir, device)
+    spec.validate()
+    _writable_file(plan_out, "--plan-out")
+    _cache_dir_option(cache_dir)
+    check_device(device)
+    check_output_dir(out, overwrite, [model])
+    with _runtime(threads):
+        loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        result = condense(loaded, layers, max_experts, fixed_size, spec, tokenizer, out, overwrite, cache_dir, device)
     meta = result.plan.meta
     out_console.print(f"search: {meta['evaluations']} candidate evaluations in {meta['search_seconds']}s; layer order {meta['order']}, JSD {[round(v, 5) for v in meta['order_jsd']]}")
     _report_stage(result, model, out, plan_out)
@@ -511,12 +698,20 @@ def finetune_command(
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps (0: only the final model).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: a GPU if present).")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Fine-tune only the condensed layers' shared and kept experts of a condensed model."""
     from .finetune import finetune
-    from .io.load import load_model
+    from .io.load import check_device, load_model
+    from .io.save import check_output_dir
 
-    loaded, tokenizer = load_model(model, dtype="float32")
+    _require_positive(steps=steps, batch_size=batch_size, seq_len=seq_len)
+    if lr <= 0:
+        raise MoECompressError(f"--lr must be a positive number; got {lr}.")
+    if device is not None:
+        check_device(device)
+    check_output_dir(out, overwrite, [model])
+    loaded, tokenizer = load_model(model, dtype="float32", trust_remote_code=trust_remote_code)
     report = finetune(loaded, tokenizer, data, steps, lr, batch_size, seq_len, seed, eval_data, out=out,
                       checkpoint_every=checkpoint_every, overwrite=overwrite, device=device)
     table = Table(title=f"fine-tuned {report['trainable_parameters']:,} parameters for {report['steps']} steps on {report['device']}")
@@ -532,6 +727,8 @@ def finetune_command(
 
 def _report_stage(result, model: str, out: Path, plan_out: Path | None) -> None:
     """Plan table and before/after size table shared by the structural commands."""
+    if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return
     if plan_out is not None:
         result.plan.save(plan_out)
     out_console.print(result.plan.table())
@@ -553,7 +750,10 @@ def run_command(
     out: Annotated[Path | None, typer.Option(help="Output directory (overrides the recipe's 'out').")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it exists.")] = False,
 ) -> None:
-    """Run a recipe: compression stages in order on one model, with a report after every stage."""
+    """Run a recipe: compression stages in order on one model, with a report after every stage.
+
+    A recipe lets its model's own Python code run only with a top-level `trust_remote_code: true`.
+    """
     from .recipes import report_markdown, run_recipe
 
     report = run_recipe(recipe, out, overwrite)
@@ -587,22 +787,34 @@ def analyze(
     seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
-    clusters: Annotated[int, typer.Option(help="Clusters per layer for the cluster-id column (0: half the experts).")] = 0,
+    clusters: Annotated[int | None, typer.Option(help="Clusters per layer for the cluster-id column (default: half the experts).")] = None,
     probe_tokens: Annotated[int, typer.Option(help="Tokens per batch in the probe that defines expert signatures.")] = 64,
     cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    streaming: StreamingOpt = "auto",
+    threads: ThreadsOpt = None,
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Write per-layer, per-expert statistics (frequency, gate mass, output variance, REAP, cluster) as JSON/CSV and heatmaps."""
-    from .api import collect_statistics
-    from .data.batches import CalibrationSpec, calibration_batches
-    from .io.load import load_model
+    from .api import _calibration_batches, collect_statistics
+    from .data.batches import CalibrationSpec
+    from .io.load import check_device
+    from .io.open import open_model
     from .report.analysis import analysis_statistics, expert_table, write_analysis
 
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    batches = calibration_batches(tokenizer, CalibrationSpec(calib, samples, seq_len, seed, batch_size))
-    stats, _ = collect_statistics(loaded, batches, analysis_statistics(probe_tokens), cache_dir, device)
-    written = write_analysis(expert_table(stats, probe_tokens, clusters), out, Path(str(model)).name)
+    _require_positive(clusters=clusters, probe_tokens=probe_tokens)
+    spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size)
+    spec.validate()
+    _cache_dir_option(cache_dir)
+    check_device(device)
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
+        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        batches = _calibration_batches(spec, tokenizer, loaded.config)
+        stats, _ = collect_statistics(loaded, batches, analysis_statistics(probe_tokens), cache_dir, device, weights)
+    written = write_analysis(expert_table(stats, probe_tokens, clusters or 0), out, Path(str(model)).name)
     out_console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
 
 
@@ -629,11 +841,17 @@ def slim(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    streaming: StreamingOpt = "auto",
+    threads: ThreadsOpt = None,
+    max_activation_memory: MaxActivationOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Zero weights inside the experts with Wanda, SparseGPT or magnitude pruning (unstructured or N:M) and save the result."""
     from .data.batches import CalibrationSpec
     from .evaluate.perplexity import perplexity
-    from .io.load import load_model
+    from .io.load import check_device
+    from .io.open import open_model
     from .io.save import check_output_dir
     from .slimming import make_spec
     from .slimming import slim as slim_model
@@ -641,16 +859,23 @@ def slim(
 
     spec = make_spec(sparsity, nm)  # bad --sparsity / --nm fail before anything is loaded
     chosen = check_targets(targets)
-    check_output_dir(out, overwrite)
+    _require_positive(eval_windows=eval_windows, blocksize=blocksize)
     calibration = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     calibration.validate()
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    windows = _eval_windows(tokenizer, eval_ppl, seq_len, eval_windows) if eval_ppl else None
-    before = perplexity(loaded, windows) if windows is not None else None
-    result = slim_model(
-        loaded, method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calibration, targets=chosen,
-        tokenizer=tokenizer, out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate, device=device,
-    )
+    check_device(device)
+    check_output_dir(out, overwrite, [model])
+    with _runtime(threads, max_activation_memory, offload_dir, device) as device:
+        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        windows = _eval_windows(tokenizer, eval_ppl, seq_len, eval_windows, loaded.config) if eval_ppl else None
+        before = perplexity(loaded, windows, weights=weights, device=device) if windows is not None else None
+        result = slim_model(
+            weights if weights.streamed else loaded, method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calibration,
+            targets=chosen, tokenizer=tokenizer, out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate,
+            device=device,
+        )
+        if result.output_dir is None:  # a rank other than 0 of a distributed run: rank 0 reports
+            return
+        after = _perplexity_after(result, windows, device) if windows is not None else None
     s = result.summary
     table = Table(title=f"{method} {s['sparsity']} on {', '.join(chosen)}: {model} -> {out}")
     for column in ("target", "matrices", "zeros / weights", "sparsity reached", "no calibration tokens"):
@@ -659,8 +884,7 @@ def slim(
         table.add_row(kind, str(row["matrices"]), f"{row['zeros']:,} / {row['weights']:,}", f"{100 * row['sparsity']:.2f}%", str(row["no_calibration_tokens"]))
     out_console.print(table)
     if before is not None:
-        after = perplexity(result.model, windows)
-        out_console.print(f"perplexity ({eval_ppl}): {before.perplexity:.3f} -> {after.perplexity:.3f} ({100 * (after.perplexity / before.perplexity - 1):+.1f}%)")
+        out_console.print(f"perplexity ({eval_ppl}): {before.perplexity:.3f} -> {after:.3f} ({100 * (after / before.perplexity - 1):+.1f}%)")
     out_console.print(f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s; peak memory {_bytes(s['peak_rss_bytes'])}")
 
 
@@ -683,6 +907,7 @@ def quantize(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Quantise weights to 4 or 8 bits (round-to-nearest or AutoRound, per group) and save a compressed-tensors checkpoint.
 
@@ -703,8 +928,8 @@ def quantize(
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size)
     if method == "autoround":
         spec.validate()
-    check_output_dir(out, overwrite)
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    check_output_dir(out, overwrite, [model])
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     result = quantize_model(loaded, out, bits, group_size, scope, not asymmetric, tokenizer, overwrite, method=method, calib=spec,
                             iters=iters, device=device)
     s = result.summary
@@ -717,4 +942,11 @@ def quantize(
 
 def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all
+        os.environ["MOE_COMPRESS_QUIET"] = "1"
+        out_console.quiet = True
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `torchrun ... -m moe_compress.cli prune ...`
+    main()

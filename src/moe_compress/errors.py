@@ -1,10 +1,23 @@
-"""User-facing errors.
+"""User-facing errors and warnings.
 
 Everything that a user can cause (a bad path, a model we do not support, an impossible ratio)
 raises `MoECompressError` with a message that names the problem and the fix. The CLI prints
 these without a traceback; anything else is a bug and keeps its traceback.
+
+Warnings are for what a run can survive (an unusable statistics cache, a plan too old to be
+checked against a fingerprint): one line on stderr, and the run goes on.
 """
+
+from __future__ import annotations
+
+import sys
 
 
 class MoECompressError(Exception):
     """An error caused by the user's input, with a message that says how to fix it."""
+
+
+def warn(message: str) -> None:
+    """One `warning:` line on stderr (not Python's warnings module: its two-line format with a
+    source location means nothing to a CLI user)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -16,35 +16,61 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .arch.adapter import MoEAdapter
 from .arch.registry import get_adapter
-from .data.batches import token_stream, windows
-from .data.texts import load_texts
+from .data.batches import check_seq_len, read_windows
 from .errors import MoECompressError
 from .evaluate.perplexity import perplexity
+from .finite import require_finite_numbers
+from .io.load import check_device
+from .io.publish import releases_outputs
 from .io.save import check_output_dir, save_compressed
 from .progress import track
-from .runtime import ConstantRouter
+
+
+def _is_constant_router(router: torch.nn.Module) -> bool:
+    """A condensed layer's router, recognised by what it is, not by our in-memory class.
+
+    A reloaded checkpoint builds its routers from its own copy of the runtime module (loaded by
+    transformers as remote code), a different Python class with the same name and buffers.
+    """
+    buffers = dict(router.named_buffers(recurse=False))
+    return type(router).__name__ == "ConstantRouter" and {"expert_weights", "expert_ids"} <= set(buffers)
+
+
+def condensed_layers(model: PreTrainedModel, adapter: MoEAdapter | None = None) -> list[int]:
+    """Decoder layers whose MoE block is condensed: by its router, or as the config's structure says."""
+    adapter = adapter or get_adapter(model)
+    spec = getattr(model.config, "moe_compress", None) or {}
+    recorded = {int(i) for i, layer in (spec.get("layers") or {}).items() if layer.get("condensed")}
+    found = []
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        block = adapter.moe_block(layer)
+        if block is not None and (index in recorded or _is_constant_router(adapter.router(block))):
+            found.append(index)
+    return found
 
 
 def condensed_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:
     """Parameters of condensed layers' kept and shared experts."""
     adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
     params = []
-    for layer in adapter.decoder_layers(model):
-        block = adapter.moe_block(layer)
-        if block is not None and isinstance(adapter.router(block), ConstantRouter):
-            for module in [adapter.experts(block), *adapter.shared_experts(block)]:
-                params += list(module.parameters())
+    for index in condensed_layers(model, adapter):
+        block = adapter.moe_block(layers[index])
+        for module in [adapter.experts(block), *adapter.shared_experts(block)]:
+            params += list(module.parameters())
     return params
 
 
-def _windows(tokenizer: PreTrainedTokenizerBase, source: str, split: str, seq_len: int) -> torch.Tensor:
-    chunks = windows(token_stream(tokenizer, load_texts(source, split=split)), seq_len)
+def _windows(tokenizer: PreTrainedTokenizerBase, source: str, split: str, seq_len: int, count: int | None = None) -> torch.Tensor:
+    chunks = read_windows(tokenizer, source, seq_len, count, split)
     if len(chunks) == 0:
         raise MoECompressError(f"{source!r} ({split}) has fewer tokens than one window of {seq_len}.")
     return chunks
 
 
+@releases_outputs
 def finetune(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -67,17 +93,25 @@ def finetune(
     `eval_data` from its "valid" split. Intermediate checkpoints go beside the output, to
     `<out>.checkpoints/step-<n>`, so the final atomic save of `out` never touches them.
     """
-    if steps < 1 or lr <= 0 or batch_size < 1:
-        raise MoECompressError("steps and batch size must be positive and the learning rate above 0.")
+    require_finite_numbers([("the learning rate (--lr)", lr)])
+    if steps < 1 or lr <= 0 or batch_size < 1 or seq_len < 1 or eval_windows < 1 or checkpoint_every < 0:
+        raise MoECompressError(
+            "steps, batch size, sequence length and evaluation windows must be positive, checkpoint_every at least 0, "
+            f"and the learning rate a positive number; got steps={steps}, batch_size={batch_size}, seq_len={seq_len}, "
+            f"eval_windows={eval_windows}, checkpoint_every={checkpoint_every}, lr={lr}."
+        )
+    check_seq_len(seq_len, model.config)
     params = condensed_parameters(model)
     if not params:
         raise MoECompressError("this model has no condensed layers: nothing to fine-tune. Run `moe-compress condense` first.")
+    if tokenizer is None:
+        raise MoECompressError("this checkpoint has no tokenizer, so training text cannot be tokenised. Save one beside the model.")
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if out is not None:
-        check_output_dir(out, overwrite)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_output_dir(out, overwrite, [getattr(model, "name_or_path", None)])
     model.to(device)
     train = _windows(tokenizer, data, "calib", seq_len)
-    held_out = _windows(tokenizer, eval_data, "valid", seq_len)[:eval_windows] if eval_data else None
+    held_out = _windows(tokenizer, eval_data, "valid", seq_len, eval_windows) if eval_data else None
     before = perplexity(model, held_out).perplexity if held_out is not None else None
 
     trainable = {id(p) for p in params}
@@ -115,5 +149,5 @@ def finetune(
         "device": str(device),
     }
     if out is not None:
-        save_compressed(model, out, tokenizer, summary={"finetune": report}, overwrite=True)
+        save_compressed(model, out, tokenizer, summary={"finetune": report}, overwrite=overwrite)
     return report

@@ -3,20 +3,29 @@
 A plan is pure data. It is written to JSON so users can inspect it, edit it and apply it
 again to the same model (`--plan-out` / `--plan-in`), and it is validated against the
 router's needs before any tensor is touched.
+
+Because a plan file can be edited, nothing in it is trusted: every field is type-checked on
+load (`keep: 1.5` is refused, not truncated), every number must be finite, and a plan records
+the identity of the model it was made for (`ModelIdentity`: model type, decoder layers, experts
+per MoE layer, top-k, hidden size, a weights fingerprint). Applying it checks that identity
+against the model at hand, and the routing limits (top-k, groups) are the model's, never the
+plan's own fields.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from .errors import MoECompressError
+from .errors import MoECompressError, warn
+from .finite import require_finite
 
 PLAN_FORMAT = "moe-compress/plan@1"
 
@@ -30,6 +39,19 @@ def _permutations_path(plan_path: Path) -> Path:
 
 
 MERGE_ROUTERS = ("weighted", "centroid")
+
+
+def _load_layer_tensors(path: Path, what: str) -> dict[int, torch.Tensor]:
+    """Tensors saved beside a plan, keyed by layer number ({} when the file does not exist)."""
+    if not path.is_file():
+        return {}
+    try:
+        loaded = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise MoECompressError(f"{what} {path} are corrupt ({exc}); re-save the plan.") from None
+    if not all(k.isdigit() for k in loaded):
+        raise MoECompressError(f"{what} {path} must be keyed by layer number; got {sorted(loaded)}.")
+    return {int(k): v for k, v in loaded.items()}
 
 
 @dataclass(frozen=True)
@@ -46,6 +68,119 @@ class RoutingLimits:
         """Fewest experts per group such that every token can still pick top_k experts."""
         reachable = math.ceil(self.top_k / self.groups_per_token) if self.groups > 1 else self.top_k
         return max(reachable, self.min_per_group)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What identifies the model a plan was made for.
+
+    `fingerprint` is a hash of the weights: "content" (every byte of every tensor of an
+    in-memory model, `observe.cache.content_fingerprint`) or "checkpoint" (the safetensors
+    headers, sizes and mtimes of a checkpoint read lazily, `observe.cache.checkpoint_fingerprint`);
+    two fingerprints are compared only when they are of the same kind.
+    """
+
+    model_type: str
+    num_layers: int
+    experts_per_layer: dict[int, int]
+    top_k: int
+    hidden_size: int
+    routing_groups: int = 1
+    groups_per_token: int = 1
+    fingerprint: str | None = None
+    fingerprint_kind: str = "content"
+    dtype: str | None = None
+
+    def to_dict(self) -> dict:
+        body = asdict(self)
+        body["experts_per_layer"] = {str(k): v for k, v in self.experts_per_layer.items()}
+        return body
+
+    @classmethod
+    def from_dict(cls, data: object) -> ModelIdentity:
+        where = "plan field 'identity'"
+        _check_fields(data, _IDENTITY_FIELDS, where)
+        experts = data["experts_per_layer"]
+        if not isinstance(experts, dict) or not all(str(k).isdigit() and _is_int(v, 1) for k, v in experts.items()):
+            raise MoECompressError(f"{where}: 'experts_per_layer' must map layer numbers to positive expert counts; got {experts!r}.")
+        return cls(**{**data, "experts_per_layer": {int(k): v for k, v in experts.items()}})
+
+
+# ---- type checks of plan files ---------------------------------------------------------------
+def _is_int(value: object, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _list_of(check):
+    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+#: field -> (test, what it must be, required)
+_FieldSpec = tuple[Any, str, bool]
+_LAYER_FIELDS: dict[str, _FieldSpec] = {
+    "layer": (lambda v: _is_int(v, 0), "a layer index (integer >= 0)", True),
+    "num_experts": (lambda v: _is_int(v, 1), "a positive integer", True),
+    "keep": (_list_of(lambda v: _is_int(v, 0)), "a list of expert indices (integers >= 0)", True),
+    "scores": (_optional(_list_of(_is_number)), "null or a list of finite numbers", False),
+    "novices": (lambda v: isinstance(v, bool), "true or false", False),
+    "clusters": (_optional(_list_of(lambda v: _is_int(v, 0))), "null or a list of integers >= 0", False),
+    "condensed_weights": (_optional(_list_of(_is_number)), "null or a list of finite numbers", False),
+    "drop": (lambda v: isinstance(v, bool), "true or false", False),
+    "merges": (_optional(_list_of(_list_of(lambda v: _is_int(v, 0)))), "null or a list of lists of expert indices", False),
+    "merge_weights": (_optional(_list_of(_list_of(_is_number))), "null or a list of lists of finite numbers", False),
+    "merge_router": (lambda v: v in MERGE_ROUTERS, f"one of {', '.join(MERGE_ROUTERS)}", False),
+}
+_PLAN_FIELDS: dict[str, _FieldSpec] = {
+    "model_type": (lambda v: isinstance(v, str) and bool(v), "a model type name", True),
+    "top_k": (lambda v: _is_int(v, 1), "a positive integer", True),
+    "layers": (_list_of(lambda v: isinstance(v, dict)), "a list of layer objects", True),
+    "method": (lambda v: isinstance(v, str), "a string", False),
+    "ratio": (_optional(_is_number), "null or a finite number", False),
+    "budget": (_optional(lambda v: isinstance(v, str)), "null or a string", False),
+    "routing_groups": (lambda v: _is_int(v, 1), "a positive integer", False),
+    "groups_per_token": (lambda v: _is_int(v, 1), "a positive integer", False),
+    "min_per_group": (lambda v: _is_int(v, 0), "an integer >= 0", False),
+    "meta": (lambda v: isinstance(v, dict), "an object", False),
+    "dropped_blocks": (_list_of(lambda v: _is_int(v, 0)), "a list of block indices (integers >= 0)", False),
+    "num_layers": (_optional(lambda v: _is_int(v, 1)), "null or a positive integer", False),
+    "identity": (lambda v: v is None or isinstance(v, dict), "null or an object", False),
+}
+_IDENTITY_FIELDS: dict[str, _FieldSpec] = {
+    "model_type": (lambda v: isinstance(v, str) and bool(v), "a model type name", True),
+    "num_layers": (lambda v: _is_int(v, 1), "a positive integer", True),
+    "experts_per_layer": (lambda v: isinstance(v, dict), "an object", True),
+    "top_k": (lambda v: _is_int(v, 1), "a positive integer", True),
+    "hidden_size": (lambda v: _is_int(v, 1), "a positive integer", True),
+    "routing_groups": (lambda v: _is_int(v, 1), "a positive integer", False),
+    "groups_per_token": (lambda v: _is_int(v, 1), "a positive integer", False),
+    "fingerprint": (_optional(lambda v: isinstance(v, str)), "null or a string", False),
+    "fingerprint_kind": (lambda v: v in ("content", "checkpoint"), "'content' or 'checkpoint'", False),
+    "dtype": (_optional(lambda v: isinstance(v, str)), "null or a string", False),
+}
+
+
+def _check_fields(data: object, spec: dict[str, _FieldSpec], where: str) -> None:
+    """Raise naming the first field of `data` that is missing, unknown or of the wrong type."""
+    if not isinstance(data, dict):
+        raise MoECompressError(f"{where} must be a JSON object; got {data!r}.")
+    unknown = sorted(set(data) - set(spec))
+    if unknown:
+        raise MoECompressError(f"{where} has unknown field(s) {unknown}; known: {', '.join(spec)}.")
+    for name, (test, expected, required) in spec.items():
+        if name not in data:
+            if required:
+                raise MoECompressError(f"{where} lacks the required field {name!r} ({expected}).")
+            continue
+        if not test(data[name]):
+            raise MoECompressError(f"{where}: field {name!r} must be {expected}; got {json.dumps(data[name])[:80]}.")
 
 
 @dataclass
@@ -103,6 +238,8 @@ class Plan:
     #: member after the first, in plan order: the aligned member's neuron j is its original
     #: neuron perm[j]. Saved beside the plan as safetensors, like the novice vectors.
     merge_permutations: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: The model this plan was made for (None in plans written before identities existed).
+    identity: ModelIdentity | None = None
 
     # ---- queries ----------------------------------------------------------------------
     @property
@@ -157,6 +294,11 @@ class Plan:
                         f"{where}: group-limited routing needs the same number of kept experts in each of its "
                         f"{groups} groups, at least {min_units} each; this plan keeps {per_group}."
                     )
+        self._validate_numbers()
+        merging = {lp.layer for lp in self.layers if lp.merges is not None and not lp.drop and lp.condensed_weights is None}
+        stray = sorted(set(self.merge_permutations) - merging)
+        if stray:
+            raise MoECompressError(f"plan carries merge permutations for layer(s) {stray}, which merge no experts.")
         if len(set(self.dropped_blocks)) != len(self.dropped_blocks):
             raise MoECompressError(f"plan drops a block twice: {self.dropped_blocks}.")
         if self.num_layers is not None:
@@ -197,12 +339,46 @@ class Plan:
             if not valid:
                 raise MoECompressError(f"{where}: merge permutations must be {aligned} rows, each a permutation of the expert's neurons.")
 
-    def check_model(self, model_type: str, experts_per_layer: dict[int, int], num_layers: int | None = None) -> None:
-        """Raise if this plan was made for a different model than the one it is applied to."""
+    def _validate_numbers(self) -> None:
+        """Every number finite; novice vectors one row per removed expert, for novice layers only."""
+        if self.ratio is not None and not math.isfinite(self.ratio):
+            raise MoECompressError(f"plan ratio must be a finite number; got {self.ratio}.")
+        by_layer = {lp.layer: lp for lp in self.layers}
+        for lp in self.layers:
+            for name in ("scores", "condensed_weights"):
+                values = getattr(lp, name)
+                if values is not None and not all(math.isfinite(v) for v in values):
+                    raise MoECompressError(f"plan layer {lp.layer}: {name} contain NaN or Inf; recompute the plan.")
+        for layer, vectors in self.novice_vectors.items():
+            lp = by_layer.get(layer)
+            if lp is None or not lp.novices:
+                raise MoECompressError(f"plan carries novice vectors for layer {layer}, which has no novices.")
+            if vectors.dim() != 2 or vectors.shape[0] != len(lp.removed):
+                raise MoECompressError(
+                    f"plan novice vectors of layer {layer} have shape {list(vectors.shape)}; expected "
+                    f"[{len(lp.removed)} removed experts, hidden size]."
+                )
+            require_finite(vectors, f"plan novice vectors of layer {layer}")
+
+    def check_model(
+        self, model_type: str, experts_per_layer: dict[int, int], num_layers: int | None = None, top_k: int | None = None
+    ) -> None:
+        """Raise if this plan was made for a different model than the one it is applied to.
+
+        `top_k` is the model's own (from its config): a plan edited to claim a smaller top-k
+        must not let a layer keep fewer experts than the router picks.
+        """
         if model_type != self.model_type:
             raise MoECompressError(f"plan was made for a {self.model_type!r} model, not {model_type!r}.")
+        if top_k is not None and top_k != self.top_k:
+            raise MoECompressError(
+                f"plan says top_k={self.top_k}, but the model routes every token to {top_k} experts; "
+                "the plan was edited or made for another model. Recompute it for this model."
+            )
         if self.num_layers is not None and num_layers is not None and num_layers != self.num_layers:
             raise MoECompressError(f"plan was made for {self.num_layers} decoder layers; the model has {num_layers}.")
+        if num_layers is not None and any(not 0 <= b < num_layers for b in self.dropped_blocks):
+            raise MoECompressError(f"plan drops blocks {self.dropped_blocks}; the model's blocks are 0..{num_layers - 1}.")
         for lp in self.layers:
             if lp.layer not in experts_per_layer:
                 raise MoECompressError(
@@ -214,23 +390,68 @@ class Plan:
                     f"plan expects {lp.num_experts} experts in layer {lp.layer}; the model has {experts_per_layer[lp.layer]}."
                 )
 
+    def check_identity(self, model: ModelIdentity) -> None:
+        """Raise unless this plan was made for `model` (see `ModelIdentity`); warn when it cannot tell.
+
+        A plan without an identity (written by an older moe-compress) is checked against the
+        layer and expert counts only.
+        """
+        self.check_model(model.model_type, model.experts_per_layer, model.num_layers, model.top_k)
+        if (self.routing_groups, self.groups_per_token) != (model.routing_groups, model.groups_per_token):
+            raise MoECompressError(
+                f"plan assumes {self.routing_groups} routing group(s), {self.groups_per_token} per token; the model has "
+                f"{model.routing_groups} and {model.groups_per_token}. Recompute the plan for this model."
+            )
+        for layer, vectors in self.novice_vectors.items():
+            if vectors.shape[1] != model.hidden_size:
+                raise MoECompressError(f"plan novice vectors of layer {layer} have width {vectors.shape[1]}; the model's hidden size is {model.hidden_size}.")
+        made_for = self.identity
+        if made_for is None:
+            warn("this plan records no model identity (an older moe-compress wrote it): it was checked against layer and expert counts, not against a weights fingerprint.")
+            return
+        structure = ("model_type", "num_layers", "experts_per_layer", "top_k", "hidden_size")
+        for name in structure:
+            if getattr(made_for, name) != getattr(model, name):
+                raise MoECompressError(
+                    f"plan was made for a model with {name} {getattr(made_for, name)}; this model has {getattr(model, name)}. "
+                    "Apply a plan only to the model it was made for."
+                )
+        if made_for.fingerprint and model.fingerprint and made_for.fingerprint_kind == model.fingerprint_kind:
+            if made_for.fingerprint != model.fingerprint:
+                dtype = f" (it was made on {made_for.dtype} weights, these are {model.dtype}: load with --dtype {made_for.dtype})" if made_for.dtype != model.dtype else ""
+                raise MoECompressError(
+                    f"plan was made for other weights of this architecture (fingerprint {made_for.fingerprint}, this model "
+                    f"{model.fingerprint}){dtype}. Recompute the plan for these weights."
+                )
+
     # ---- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
-        body = asdict(self)
-        body.pop("novice_vectors")
-        body.pop("merge_permutations")
-        return {"format": PLAN_FORMAT, **body}
+        body: dict[str, Any] = {"format": PLAN_FORMAT}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "layers":
+                value = [asdict(lp) for lp in value]
+            elif f.name == "identity":
+                value = value.to_dict() if value is not None else None
+            elif f.name in ("novice_vectors", "merge_permutations"):
+                continue
+            body[f.name] = value
+        return body
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
-        if data.get("format") != PLAN_FORMAT:
-            raise MoECompressError(f"not a moe-compress plan (expected format {PLAN_FORMAT!r}, got {data.get('format')!r}).")
+        """Build a plan from its JSON form, refusing any field of the wrong type by name."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise MoECompressError(f"not a moe-compress plan (expected format {PLAN_FORMAT!r}, got {found!r}).")
         body = {k: v for k, v in data.items() if k != "format"}
-        try:
-            body["layers"] = [LayerPlan(**lp) for lp in body["layers"]]
-            return cls(**body)
-        except (KeyError, TypeError) as exc:
-            raise MoECompressError(f"plan is malformed: {exc}.") from None
+        _check_fields(body, _PLAN_FIELDS, "plan")
+        for position, layer in enumerate(body["layers"]):
+            _check_fields(layer, _LAYER_FIELDS, f"plan layer entry {position}")
+        body["layers"] = [LayerPlan(**lp) for lp in body["layers"]]
+        if body.get("identity") is not None:
+            body["identity"] = ModelIdentity.from_dict(body["identity"])
+        return cls(**body)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -247,13 +468,14 @@ class Plan:
             raise MoECompressError(f"plan file {path} does not exist.")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MoECompressError(f"plan file {path} is not valid JSON: {exc}.") from None
-        plan = cls.from_dict(data)
-        if _vectors_path(path).is_file():
-            plan.novice_vectors = {int(k): v for k, v in load_file(str(_vectors_path(path))).items()}
-        if _permutations_path(path).is_file():
-            plan.merge_permutations = {int(k): v.long() for k, v in load_file(str(_permutations_path(path))).items()}
+        try:
+            plan = cls.from_dict(data)
+        except MoECompressError as exc:
+            raise MoECompressError(f"plan file {path}: {exc}") from None
+        plan.novice_vectors = _load_layer_tensors(_vectors_path(path), "novice vectors")
+        plan.merge_permutations = {k: v.long() for k, v in _load_layer_tensors(_permutations_path(path), "merge permutations").items()}
         plan.validate()
         return plan
 

@@ -13,6 +13,11 @@ calibration set shared by every stage, what to measure after each stage, and the
       - quantize: {bits: 4}
     out: runs/deepseek-trim-prune-24-w4
 
+`model` is required. `trust_remote_code: true` lets a checkpoint that ships its own Python
+code run it (as `--trust-remote-code` does for the other commands). Every field and stage
+option is type-checked when the recipe is loaded -- stage options against the parameters of
+the function the stage calls -- so a typo fails before any model is loaded.
+
 `quantize` must be the last stage: it writes the packed compressed-tensors checkpoint that
 becomes the recipe's output, and its report row measures that checkpoint as reloaded (what
 users will run), not an in-memory approximation.
@@ -28,10 +33,13 @@ place at the end. New stage kinds join with `register_stage`.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import shutil
 import time
-import uuid
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +50,14 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch.registry import get_adapter
-from .data.batches import CalibrationSpec, calibration_batches, token_stream, windows
-from .data.texts import bundled_domains, load_texts
+from .data.batches import CalibrationSpec, calibration_batches, check_seq_len, read_windows
+from .data.texts import bundled_domains
 from .errors import MoECompressError
 from .evaluate.perplexity import perplexity
 from .evaluate.size import checkpoint_bytes, model_size
 from .io.load import load_model
-from .io.save import check_output_dir, publish, save_compressed
+from .io.publish import releases_outputs
+from .io.save import check_output_dir, publish, save_compressed, staging_dir
 from .plan import Plan
 
 
@@ -74,12 +83,21 @@ class StageOutcome:
 StageFunction = Callable[[StageContext, dict[str, Any]], StageOutcome]
 STAGES: dict[str, StageFunction] = {}
 FINAL_STAGES: set[str] = set()  # kinds that can only be the last stage
+#: kind -> returns the function whose keyword parameters the stage's options are (for type checks)
+STAGE_OPTIONS: dict[str, Callable[[], Callable]] = {}
+#: parameters a stage fills from the recipe itself, never from its options
+_SET_BY_RECIPE = {"model", "calib", "tokenizer", "device", "out", "overwrite", "trust_remote_code", "plan", "options", "checkpoint_every",
+                  "streaming", "dtype"}
 
 
-def register_stage(name: str, function: StageFunction, final: bool = False) -> None:
+def register_stage(name: str, function: StageFunction, final: bool = False, accepts: Callable[[], Callable] | None = None) -> None:
+    """Add a stage kind. `accepts()` returns the function its options are passed to (imported
+    lazily), so that `load_recipe` checks their names and types before anything runs."""
     STAGES[name] = function
     if final:
         FINAL_STAGES.add(name)
+    if accepts is not None:
+        STAGE_OPTIONS[name] = accepts
 
 
 def _prune(ctx: StageContext, options: dict) -> StageOutcome:
@@ -113,8 +131,128 @@ def _finetune(ctx: StageContext, options: dict) -> StageOutcome:
     return StageOutcome(ctx.model, None, report)
 
 
-for _name, _function in (("prune", _prune), ("drop", _drop), ("condense", _condense), ("finetune", _finetune)):
-    register_stage(_name, _function)
+def _prune_options() -> Callable:
+    from .api import compress
+
+    return compress
+
+
+def _drop_options() -> Callable:
+    from .api import drop
+
+    return drop
+
+
+def _condense_options() -> Callable:
+    from .api import condense
+
+    return condense
+
+
+def _finetune_options() -> Callable:
+    from .finetune import finetune
+
+    return finetune
+
+
+for _name, _function, _accepts in (
+    ("prune", _prune, _prune_options), ("drop", _drop, _drop_options),
+    ("condense", _condense, _condense_options), ("finetune", _finetune, _finetune_options),
+):
+    register_stage(_name, _function, accepts=_accepts)
+
+
+# ---- type checks -------------------------------------------------------------------------
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a YAML value can stand for a parameter of this annotation (paths are strings)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list):
+        element = args[0] if args else Any
+        return isinstance(value, list | tuple) and all(_fits(v, element) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation in (str, Path):
+        return isinstance(value, str)
+    return False  # models, tokenizers, tensors: nothing a recipe can give
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{value!r} ({type(value).__name__})"
+
+
+def _check_options(where: str, options: dict, hints: dict[str, Any], known: list[str]) -> None:
+    for name, value in options.items():
+        if name not in known:
+            raise MoECompressError(f"{where}: unknown option {name!r}; known: {', '.join(sorted(known))}.")
+        if not _fits(value, hints.get(name, Any)):
+            raise MoECompressError(f"{where}: option {name!r} must be {_type_name(hints[name])}; got {_describe(value)}.")
+
+
+_NAMES = {int: "an integer", float: "a finite number", str: "a string", Path: "a string", bool: "true or false", type(None): "null"}
+
+
+def _type_name(annotation: Any) -> str:
+    """What a value of this annotation is, in words a recipe author reads."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_type_name(a) for a in args))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    return _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _check_stage(position: int, kind: str, options: dict) -> None:
+    """Stage options: known names, and values of the types the stage's function takes."""
+    accepts = STAGE_OPTIONS.get(kind)
+    where = f"stage {position} ({kind})"
+    if accepts is None:
+        return
+    function = accepts()
+    hints = typing.get_type_hints(function)
+    known = [p for p in inspect.signature(function).parameters if p not in _SET_BY_RECIPE]
+    if kind == "prune":  # the method's own options ride along; their defaults give their types
+        from .methods import get_method
+
+        method = options.get("method", "reap")
+        if not isinstance(method, str):
+            raise MoECompressError(f"{where}: option 'method' must be a string; got {_describe(method)}.")
+        defaults = get_method(method).resolved_options({})  # its options and the guard every method takes
+        hints = {**hints, **{k: Any if v is None else float if isinstance(v, float) else type(v) for k, v in defaults.items()}}
+        known = ["method", "ratio", "budget", "min_keep", *defaults]
+    _check_options(where, options, hints, known)
+
+
+_CALIBRATION = typing.get_type_hints(CalibrationSpec)
+_EVALUATE = {"ppl": str | list[str] | bool | None, "windows": int, "seq_len": int, "speed": bool}
+_TOP_LEVEL = {"model", "calibration", "evaluate", "stages", "out", "device", "trust_remote_code"}
+
+
+def _check_section(data: dict, key: str, hints: dict[str, Any]) -> None:
+    section = data.get(key)
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise MoECompressError(f"recipe field {key!r} must be a mapping; got {_describe(section)}.")
+    _check_options(f"recipe field {key!r}", section, hints, list(hints))
+    for name in ("samples", "seq_len", "batch_size", "windows"):
+        if isinstance(section.get(name), int) and section[name] < 1:
+            raise MoECompressError(f"recipe field {key!r}: {name} must be a positive integer; got {section[name]}.")
 
 
 def load_recipe(recipe: str | Path | dict) -> dict:
@@ -126,10 +264,18 @@ def load_recipe(recipe: str | Path | dict) -> dict:
             raise MoECompressError(f"recipe {path} does not exist.")
         try:
             data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise MoECompressError(f"recipe {path} is not valid YAML: {exc}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise MoECompressError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
         raise MoECompressError("a recipe needs a non-empty 'stages' list (see `moe-compress run --help`).")
+    unknown = set(data) - _TOP_LEVEL
+    if unknown:
+        raise MoECompressError(f"recipe has unknown top-level keys {sorted(unknown)}; known: {', '.join(sorted(_TOP_LEVEL))}.")
+    for key, kind in (("out", str), ("device", str), ("trust_remote_code", bool)):
+        if key in data and not isinstance(data[key], kind):
+            raise MoECompressError(f"recipe field {key!r} must be a {kind.__name__}; got {_describe(data[key])}.")
+    _check_section(data, "calibration", _CALIBRATION)
+    _check_section(data, "evaluate", _EVALUATE)
     for position, stage in enumerate(data["stages"], 1):
         if not isinstance(stage, dict) or len(stage) != 1:
             raise MoECompressError(f"stage {position} must be a mapping with one key, the stage kind, e.g. '- prune: {{ratio: 0.25}}'.")
@@ -140,18 +286,20 @@ def load_recipe(recipe: str | Path | dict) -> dict:
             raise MoECompressError(f"stage {position} ({kind}): options must be a mapping.")
         if kind in FINAL_STAGES and position != len(data["stages"]):
             raise MoECompressError(f"stage {position} ({kind}) writes the final checkpoint, so it must be the last stage.")
-    unknown = set(data) - {"model", "calibration", "evaluate", "stages", "out", "device"}
-    if unknown:
-        raise MoECompressError(f"recipe has unknown top-level keys {sorted(unknown)}.")
+        _check_stage(position, kind, options or {})
+    if not isinstance(data.get("model"), str) or not data["model"]:
+        raise MoECompressError("a recipe needs 'model': a checkpoint directory, bundled model name or Hub id, e.g. 'model: ref-mixtral'.")
     return data
 
 
-def _eval_sets(tokenizer, spec: dict) -> dict[str, torch.Tensor]:
+def _eval_sets(tokenizer, spec: dict, config: object = None) -> dict[str, torch.Tensor]:
     sources = spec.get("ppl", "bundled")
     sources = [sources] if isinstance(sources, str) else list(sources)
     expanded = [one for s in sources for one in ([f"bundled:{d}" for d in bundled_domains()] if s == "bundled" else [s])]
-    seq_len, count = int(spec.get("seq_len", 256)), int(spec.get("windows", 24))
-    return {source: windows(token_stream(tokenizer, load_texts(source, split="test")), seq_len)[:count] for source in expanded}
+    seq_len, count = spec.get("seq_len", 256), spec.get("windows", 24)
+    if config is not None:
+        check_seq_len(seq_len, config, "evaluate.seq_len")
+    return {source: read_windows(tokenizer, source, seq_len, count) for source in expanded}
 
 
 def _measure(model: PreTrainedModel, eval_sets: dict[str, torch.Tensor], speed_prompts: torch.Tensor | None) -> dict:
@@ -170,23 +318,26 @@ def _measure(model: PreTrainedModel, eval_sets: dict[str, torch.Tensor], speed_p
     return row
 
 
+@releases_outputs
 def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwrite: bool = False) -> dict:
     """Run every stage in order; returns the report (also written under `out`)."""
     data = load_recipe(recipe)
     out = Path(out or data.get("out") or "runs/recipe")
-    check_output_dir(out, overwrite)
-    device = data.get("device", "cpu")
-    model, tokenizer = load_model(data.get("model", "ref-mixtral"), device=device)
     calibration = CalibrationSpec(**(data.get("calibration") or {}))
+    calibration.validate()
+    check_output_dir(out, overwrite, [data["model"], *([recipe] if isinstance(recipe, str | Path) else [])])
+    device = data.get("device", "cpu")
+    model, tokenizer = load_model(data["model"], device=device, trust_remote_code=data.get("trust_remote_code", False))
+    check_seq_len(calibration.seq_len, model.config, "calibration.seq_len")
     batches = calibration_batches(tokenizer, calibration)
     evaluation = data.get("evaluate") or {}
-    eval_sets = _eval_sets(tokenizer, evaluation) if evaluation.get("ppl", "bundled") else {}
+    eval_sets = _eval_sets(tokenizer, evaluation, model.config) if evaluation.get("ppl", "bundled") else {}
     speed_prompts = None
     if evaluation.get("speed"):
         speed_prompts = torch.cat(batches)[:4, :64]
     rows = [{"stage": "original", **_measure(model, eval_sets, speed_prompts)}]
     plans: list[tuple[str, Plan]] = []
-    work = out.parent / f".{out.name}.recipe-{uuid.uuid4().hex[:8]}"
+    work = staging_dir(out, "recipe")
     work.mkdir(parents=True)
     try:
         checkpoint = None
@@ -207,7 +358,7 @@ def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwri
         report = {"recipe": data, "rows": rows, "checkpoint_bytes": checkpoint_bytes(saved)}
         (saved / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (saved / "report.md").write_text(report_markdown(report))
-        publish(saved, out)
+        publish(saved, out, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report

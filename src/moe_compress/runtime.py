@@ -109,7 +109,9 @@ def attach_novices(experts: nn.Module, novice_ids: list[int], router_experts: in
             kept += 1
     # Persistent: transformers builds models on the meta device before loading, which would
     # lose the values of a buffer that is not in the checkpoint.
-    experts.register_buffer("expert_slot", torch.tensor(slot, dtype=torch.long, device=novice_vectors.device))
+    # On a meta skeleton (a streamed run describing its output) the slot map stays real: it is structure.
+    device = novice_vectors.device if novice_vectors.device.type != "meta" else "cpu"
+    experts.register_buffer("expert_slot", torch.tensor(slot, dtype=torch.long, device=device))
     experts.register_buffer("novice_vectors", novice_vectors)
     experts.__class__ = novice_experts_class(getattr(type(experts), "_novice_base", type(experts)))
 

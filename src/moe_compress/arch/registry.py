@@ -23,6 +23,8 @@ def get_adapter(model_or_config: PreTrainedModel | PretrainedConfig) -> MoEAdapt
     extra = getattr(config, "moe_compress", None)
     if isinstance(extra, dict) and extra.get("base_model_type"):
         model_type = extra["base_model_type"]
+    elif isinstance(model_type, str) and model_type.startswith("moe_compress_"):  # generated code, uniform again
+        model_type = model_type.removeprefix("moe_compress_")
     if model_type not in ADAPTERS:
         raise MoECompressError(
             f"model type {model_type!r} is not supported. Supported MoE model types: "

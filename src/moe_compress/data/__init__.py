@@ -1,6 +1,17 @@
 """Calibration and evaluation text: reading documents and cutting token batches."""
 
-from .batches import CalibrationSpec, batches_fingerprint, calibration_batches, token_stream, windows
-from .texts import bundled_domains, load_texts
+from .batches import CalibrationSpec, batches_fingerprint, calibration_batches, check_seq_len, read_windows, token_stream, windows
+from .texts import bundled_domains, iter_documents, load_texts
 
-__all__ = ["CalibrationSpec", "batches_fingerprint", "bundled_domains", "calibration_batches", "load_texts", "token_stream", "windows"]
+__all__ = [
+    "CalibrationSpec",
+    "batches_fingerprint",
+    "bundled_domains",
+    "calibration_batches",
+    "check_seq_len",
+    "iter_documents",
+    "load_texts",
+    "read_windows",
+    "token_stream",
+    "windows",
+]

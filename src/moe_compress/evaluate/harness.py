@@ -28,6 +28,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
+from ..io.residency import Weights
 from .mc_tasks import TASKS_DIR
 
 
@@ -188,11 +189,14 @@ def run_tasks(
     batch_size: int = 8,
     include_path: Sequence[str | Path] = (),
     seed: int = 0,
+    weights: Weights | None = None,
+    device: str = "cpu",
 ) -> dict[str, TaskScore]:
     """Zero-shot acc / acc_norm of `model` on lm-eval tasks or groups (ours: ``moec`` and its tasks).
 
     `limit` scores only the first questions of each task; `include_path` adds directories of
-    task YAML files to ours (ignored when `tasks` is already a `TaskSelection`).
+    task YAML files to ours (ignored when `tasks` is already a `TaskSelection`). A streamed
+    model (`weights`) is scored in one layer-streamed pass (`StreamedLM`).
     """
     if tokenizer is None:
         raise MoECompressError("this checkpoint has no tokenizer, so multiple-choice tasks cannot be scored.")
@@ -203,7 +207,12 @@ def run_tasks(
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        if weights is not None and weights.streamed:
+            from .streamed_lm import StreamedLM
+
+            lm = StreamedLM(model, weights, tokenizer, batch_size, device)
+        else:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = simple_evaluate(
             model=lm, tasks=deepcopy(selection.specs), limit=limit, task_manager=selection.manager, log_samples=False,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from ..io.residency import Weights
 from ..progress import track
+from .streamed import streamed_logits
 
 
 @dataclass(frozen=True)
@@ -30,15 +32,28 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8) -> PerplexityResult:
-    """Perplexity of `model` on token windows of shape [n, seq_len]."""
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    for batch in track(list(windows.split(batch_size)), "perplexity"):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        total_nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-        total_tokens += targets.numel()
-    mean = total_nll / max(total_tokens, 1)
-    return PerplexityResult(math.exp(mean), mean, total_tokens, int(windows.shape[0]))
+def perplexity(
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, weights: Weights | None = None, device: str = "cpu"
+) -> PerplexityResult:
+    """Perplexity of `model` on token windows of shape [n, seq_len].
+
+    With streamed `weights`, the windows go through the model layer by layer (see
+    `evaluate.streamed`); the numbers are the same as in memory.
+    """
+    batches = list(windows.split(batch_size))
+    totals = [0.0, 0]
+
+    def add(_index: int, logits: torch.Tensor, batch: torch.Tensor) -> None:
+        targets = batch[:, 1:].to(logits.device)
+        logits = logits[:, :-1].float()
+        totals[0] += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        totals[1] += targets.numel()
+
+    if weights is not None and weights.streamed:
+        streamed_logits(model, weights, batches, lambda i, logits: add(i, logits, batches[i]), device, "perplexity (layers)")
+    else:
+        model_device = next(model.parameters()).device
+        for index, batch in enumerate(track(batches, "perplexity")):
+            add(index, model(input_ids=batch.to(model_device), use_cache=False).logits, batch)
+    mean = totals[0] / max(totals[1], 1)
+    return PerplexityResult(math.exp(mean), mean, totals[1], int(windows.shape[0]))

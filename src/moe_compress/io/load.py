@@ -3,25 +3,45 @@
 A model is a local checkpoint directory, one of the bundled reference models (`ref-mixtral`,
 `ref-deepseek`), or a Hugging Face Hub id (downloaded through transformers; offline, that
 fails with a message that says so).
+
+Safe by default: a checkpoint is data, not a program.
+  * Code shipped inside it (an `auto_map` in config.json or tokenizer_config.json) runs only
+    with `trust_remote_code=True` (`--trust-remote-code`). The check reads the JSON files
+    before transformers sees the checkpoint, so refused code is never imported. The
+    generated code of moe-compress's own outputs is recognised byte for byte
+    (`remote_code.is_own_remote_code`) and loads without the flag.
+  * Weights are read from safetensors only; pickle files (`pytorch_model.bin`) can execute
+    code when unpickled and are refused. Shards named by an index must lie inside the
+    checkpoint directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
+from ..finite import require_finite_weights
+from ..progress import progress_enabled
+from .export import record_origin
+from .remote_code import AUTO_MAP, expected_files, is_own_remote_code
+from .residency import StreamedWeights
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_MODELS = ASSETS / "models"
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+TRUST_HINT = "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust its author"
 
 
 def bundled_models() -> list[str]:
@@ -57,45 +77,253 @@ def resolve_model(name_or_path: str | Path) -> str:
     return str(name_or_path)
 
 
-def check_safetensors(directory: str | Path) -> None:
-    """Open every safetensors shard's header; a truncated or corrupt file fails here, clearly."""
-    for shard in sorted(Path(directory).glob("*.safetensors")):
-        try:
-            with safe_open(str(shard), framework="pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as exc:
-            raise MoECompressError(
-                f"checkpoint file {shard} is corrupt or truncated ({exc}). Re-download or re-save the checkpoint."
-            ) from None
-
-
-def load_config(name_or_path: str | Path) -> tuple[str, PretrainedConfig]:
-    source = resolve_model(name_or_path)
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a clear error when it does not exist on this machine."""
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MoECompressError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MoECompressError(f"--device {device} asked for a GPU, but this machine has no usable CUDA GPU; use --device cpu.")
+        if chosen.index is not None and chosen.index >= count:
+            raise MoECompressError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}).")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise MoECompressError(f"--device {device}: MPS is not available on this machine; use --device cpu.")
+    elif chosen.type not in ("cpu", "cuda", "mps"):
+        raise MoECompressError(f"--device {device}: moe-compress runs on cpu, cuda or mps.")
+    return chosen
+
+
+# ---- files of a checkpoint, read as data ---------------------------------------------------
+def _checkpoint_file(source: str, name: str) -> Path | None:
+    """A file of the checkpoint on local disk (downloaded first for a Hub id), or None if it has none."""
+    if Path(source).is_dir():
+        path = Path(source) / name
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(source, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MoECompressError(f"{path} is corrupt: not valid JSON ({exc}). Re-download or re-save the checkpoint.") from None
+    if not isinstance(data, dict):
+        raise MoECompressError(f"{path} is corrupt: it must hold a JSON object.")
+    return data
+
+
+def _code_references(auto_map: object) -> list[str]:
+    """Module references ('module.Class', 'repo--module.Class') of an `auto_map` value."""
+    if not isinstance(auto_map, dict):
+        return []
+    refs = []
+    for value in auto_map.values():
+        refs += [v for v in (value if isinstance(value, list | tuple) else [value]) if isinstance(v, str)]
+    return refs
+
+
+def _python_files(source: str, config: dict) -> dict[str, bytes]:
+    """The checkpoint's Python files: every `.py` beside a local config, or ours as served by the Hub."""
+    if Path(source).is_dir():
+        return {p.name: p.read_bytes() for p in Path(source).glob("*.py") if p.is_file()}
+    extra = config.get("moe_compress")
+    expected = expected_files(extra.get("base_model_type", "")) if isinstance(extra, dict) else None
+    found = {name: _checkpoint_file(source, name) for name in expected or {}}
+    return {name: path.read_bytes() for name, path in found.items() if path is not None}
+
+
+def remote_code_allowed(source: str, trust_remote_code: bool = False, shown_as: str | None = None) -> bool:
+    """Whether transformers may run the checkpoint's own code (`trust_remote_code` to pass on).
+
+    No `auto_map`: False (stock classes only). Our own generated code: True. Anything else:
+    True if the user trusts it, otherwise refused here, before any of it is imported.
+    """
+    shown_as = shown_as or source
+    config_path = _checkpoint_file(source, "config.json")
+    config = _read_json(config_path) if config_path else {}
+    tokenizer_path = _checkpoint_file(source, "tokenizer_config.json")
+    tokenizer_config = _read_json(tokenizer_path) if tokenizer_path else {}
+    refs = _code_references(config.get("auto_map")) + _code_references(tokenizer_config.get("auto_map"))
+    if not refs:
+        return False
+    if not _code_references(tokenizer_config.get("auto_map")) and is_own_remote_code(config, _python_files(source, config)):
+        return True
+    if trust_remote_code:
+        return True
+    modules = ", ".join(sorted({ref.rsplit(".", 1)[0] for ref in refs}))
+    ours = config.get("auto_map") == AUTO_MAP
+    origin = " (it claims to be a moe-compress output, but its code differs from what this version writes)" if ours else ""
+    raise MoECompressError(
+        f"{shown_as} ships Python code that would run on loading (auto_map: {modules}){origin}; it was not run. "
+        f"To allow it, {TRUST_HINT}."
+    )
+
+
+def check_weight_files(directory: str | Path) -> None:
+    """Read every safetensors header through `Checkpoint`, which refuses pickle-only checkpoints and
+    index entries outside the directory: a truncated or corrupt file fails here, clearly."""
+    from .checkpoint import Checkpoint
+
+    Checkpoint(directory)
+
+
+@contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """transformers logs multi-line load reports as warnings; we turn what matters into our own
+    errors. Its progress bars follow ours (off with MOE_COMPRESS_QUIET=1)."""
+    before = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    if not progress_enabled():
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(before)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+# ---- loading -----------------------------------------------------------------------------
+def _config(source: str, trusted: bool, shown_as: str) -> PretrainedConfig:
+    try:
+        with transformers_quiet():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trusted)
     except (OSError, ValueError, KeyError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MoECompressError(f"cannot read the config of {name_or_path}: {message}") from None
+        raise MoECompressError(f"cannot read the config of {shown_as}: {_first_line(exc)}") from None
     get_adapter(config)
+    return config
+
+
+def _open(name_or_path: str | Path, trust_remote_code: bool) -> tuple[str, bool, PretrainedConfig]:
+    """(source, whether its code may run, config): the start every loader shares."""
+    source = resolve_model(name_or_path)
+    trusted = remote_code_allowed(source, trust_remote_code, str(name_or_path))
+    return source, trusted, _config(source, trusted, str(name_or_path))
+
+
+def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> tuple[str, PretrainedConfig]:
+    """(resolved source, config) of a supported MoE model; code in the checkpoint runs only if trusted."""
+    source, _, config = _open(name_or_path, trust_remote_code)
     return source, config
 
 
+def _has_tokenizer_files(source: str) -> bool:
+    return not Path(source).is_dir() or any((Path(source) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(source: str, trusted: bool, shown_as: str) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's tokenizer; None when it ships none, an error when its files are broken."""
+    if not _has_tokenizer_files(source):
+        return None
+    try:
+        with transformers_quiet():
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=trusted)
+    except Exception as exc:  # tokenizers raises bare Exceptions for corrupt files
+        if not Path(source).is_dir() and isinstance(exc, OSError | ValueError | TypeError):
+            return None  # a Hub repo without a tokenizer
+        raise MoECompressError(
+            f"the tokenizer of {shown_as} is corrupt or unreadable ({_first_line(exc)}). Re-download or re-save its tokenizer files."
+        ) from None
+
+
+def _check_loading_info(info: dict, shown_as: str) -> None:
+    """Refuse weights that do not fit the config (transformers would initialise them randomly)."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, saved, expected = mismatched[0]
+        raise MoECompressError(
+            f"{shown_as}: {len(mismatched)} weight(s) do not match the shapes its config.json describes, e.g. {key} is "
+            f"{list(saved)} in the checkpoint but {list(expected)} in the model. The config and the weights belong to different models."
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise MoECompressError(
+            f"{shown_as}: {len(missing)} weight(s) the config needs are missing from the checkpoint, e.g. {missing[0]}. "
+            "Re-download or re-save the checkpoint."
+        )
+
+
 def load_model(
-    name_or_path: str | Path, dtype: str = "auto", device: str = "cpu"
+    name_or_path: str | Path, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Model (eval mode) and its tokenizer (None if the checkpoint has none)."""
     if dtype not in DTYPES:
         raise MoECompressError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
-    source, config = load_config(name_or_path)
+    target = check_device(device)
+    shown_as = str(name_or_path)
+    source, trusted, config = _open(name_or_path, trust_remote_code)
     if Path(source).is_dir():
-        check_safetensors(source)
+        check_weight_files(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=DTYPES[dtype], trust_remote_code=True)
+        with transformers_quiet():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source, config=config, dtype=DTYPES[dtype], trust_remote_code=trusted,
+                use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True,
+            )
     except (OSError, ValueError, RuntimeError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = _first_line(exc)
+        if "above report" in message:  # transformers points at a log we silenced; say what it means
+            message = "its weights could not be converted to this model's layout (the checkpoint does not match its config.json)"
         raise MoECompressError(f"cannot load model weights from {name_or_path}: {message}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model.to(device).eval(), tokenizer
+    _check_loading_info(info, shown_as)
+    require_finite_weights(model, shown_as)
+    if Path(source).is_dir():
+        record_origin(model, source)
+    return model.to(target).eval(), load_tokenizer(source, trusted, shown_as)
+
+
+def _streamed_dtype(config: PretrainedConfig, checkpoint, dtype: str) -> torch.dtype:
+    """The dtype a streamed model computes in: as asked, or (auto) the config's, else the checkpoint's."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    configured = getattr(config, "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    if isinstance(configured, torch.dtype):
+        return configured
+    stored = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    return next((stored[info.dtype] for info in checkpoint.tensors.values() if info.dtype in stored), torch.float32)
+
+
+def load_streamed(
+    name_or_path: str | Path, dtype: str = "auto", trust_remote_code: bool = False
+) -> tuple[StreamedWeights, PreTrainedTokenizerBase | None]:
+    """A model whose weights stay in its checkpoint until a stage needs one module of them.
+
+    The skeleton is built on the meta device (parameters only: buffers such as rotary
+    frequencies are computed as usual), so opening a 1 TB checkpoint costs its headers.
+    """
+    from accelerate import init_empty_weights
+
+    from .checkpoint import Checkpoint
+
+    if dtype not in DTYPES:
+        raise MoECompressError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    shown_as = str(name_or_path)
+    source, trusted, config = _open(name_or_path, trust_remote_code)
+    if not Path(source).is_dir():
+        raise MoECompressError(
+            f"{name_or_path!r} is not a local checkpoint: streaming reads local safetensors shards. Download it first "
+            "(e.g. `huggingface-cli download`) and pass the directory."
+        )
+    if getattr(config, "quantization_config", None):
+        raise MoECompressError(f"{name_or_path} is a quantised checkpoint; streaming reads full-precision checkpoints only.")
+    checkpoint = Checkpoint(source)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=_streamed_dtype(config, checkpoint, dtype), trust_remote_code=trusted)
+    model.eval()
+    return StreamedWeights(model, checkpoint), load_tokenizer(source, trusted, shown_as)

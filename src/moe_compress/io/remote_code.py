@@ -1,7 +1,14 @@
-"""Write the generated modelling files that let non-stock checkpoints load anywhere.
+"""Write the generated modelling files that let non-stock checkpoints load anywhere, and
+recognise them again.
 
 The files depend on torch and transformers only, so `from_pretrained(path,
 trust_remote_code=True)` works in a process that has never heard of moe_compress.
+
+Recognising our own files is what lets moe-compress reload its outputs without
+`--trust-remote-code` while refusing everyone else's code. A checkpoint counts as ours only
+when its `auto_map` names exactly our two classes and every `.py` file beside its config is
+byte for byte what this installed moe-compress would write for the checkpoint's base model
+type. A hash recorded in the checkpoint would not do: whoever edits the code can edit the hash.
 """
 
 from __future__ import annotations
@@ -16,6 +23,12 @@ RUNTIME_SOURCE = Path(__file__).parent.parent / "runtime.py"
 CONFIG_MODULE = "configuration_moe_compress"
 MODEL_MODULE = "modeling_moe_compress"
 RUNTIME_MODULE = "moe_compress_runtime"
+#: The only `auto_map` our checkpoints carry.
+AUTO_MAP = {
+    "AutoConfig": f"{CONFIG_MODULE}.MoECompressConfig",
+    "AutoModelForCausalLM": f"{MODEL_MODULE}.MoECompressForCausalLM",
+}
+GENERATED_FILES = (f"{CONFIG_MODULE}.py", f"{MODEL_MODULE}.py", f"{RUNTIME_MODULE}.py")
 
 
 def _render(template: str, values: dict[str, str]) -> str:
@@ -34,12 +47,58 @@ def _stock_model_type(model: PreTrainedModel) -> str:
     return next(c.model_type for c in type(model.config).__mro__ if c.__module__.startswith("transformers."))
 
 
+def generated_files(base_type: str, config_class: str, model_class: str) -> dict[str, str]:
+    """File name -> text of the generated modelling code for one base family."""
+    values = {"BASE_MODEL_TYPE": base_type, "BASE_CONFIG_CLASS": config_class, "BASE_MODEL_CLASS": model_class}
+    return {
+        f"{CONFIG_MODULE}.py": _render("configuration_moe_compress.py.tmpl", values),
+        f"{MODEL_MODULE}.py": _render("modeling_moe_compress.py.tmpl", values),
+        f"{RUNTIME_MODULE}.py": RUNTIME_SOURCE.read_text(),
+    }
+
+
+def expected_files(base_type: str) -> dict[str, str] | None:
+    """What this moe-compress writes for a checkpoint of `base_type` (None: not a transformers causal LM).
+
+    The class names come from transformers' own registry, never from the checkpoint.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_class = CONFIG_MAPPING_NAMES.get(base_type)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(base_type)
+    if not isinstance(config_class, str) or not isinstance(model_class, str):
+        return None
+    return generated_files(base_type, config_class, model_class)
+
+
+def is_own_remote_code(config: dict, python_files: dict[str, bytes]) -> bool:
+    """Whether a checkpoint's code is exactly what this moe-compress generates.
+
+    `config` is the parsed config.json; `python_files` maps every `.py` file name that sits
+    beside it to its bytes. Nothing here imports or executes the checkpoint's files.
+    """
+    if config.get("auto_map") != AUTO_MAP:
+        return False
+    extra = config.get("moe_compress")
+    base_type = extra.get("base_model_type") if isinstance(extra, dict) else None
+    if not isinstance(base_type, str) or config.get("model_type") != f"moe_compress_{base_type}":
+        return False
+    expected = expected_files(base_type)
+    if expected is None or set(python_files) != set(expected):
+        return False
+    return all(python_files[name] == text.encode() for name, text in expected.items())
+
+
 def write_stock_identity(directory: Path, model: PreTrainedModel) -> None:
     """Make a saved config name its transformers family again.
 
     A model loaded through the generated code whose structure became uniform again (a later
-    stage evened the expert counts) is saved as a plain stock checkpoint.
+    stage evened the expert counts) is saved as a plain stock checkpoint; the copies of our
+    generated files that `save_pretrained` made for it are removed, since nothing points to them.
     """
+    for name in GENERATED_FILES:
+        (directory / name).unlink(missing_ok=True)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["model_type"] = _stock_model_type(model)
@@ -51,20 +110,12 @@ def write_stock_identity(directory: Path, model: PreTrainedModel) -> None:
 def write_remote_code(directory: Path, model: PreTrainedModel) -> None:
     """Add the generated files to a saved checkpoint and point its config at them."""
     base_type = model.config.moe_compress["base_model_type"]
-    values = {
-        "BASE_MODEL_TYPE": base_type,
-        "BASE_CONFIG_CLASS": _stock_class_name(model.config),
-        "BASE_MODEL_CLASS": _stock_class_name(model),
-    }
-    (directory / f"{CONFIG_MODULE}.py").write_text(_render("configuration_moe_compress.py.tmpl", values))
-    (directory / f"{MODEL_MODULE}.py").write_text(_render("modeling_moe_compress.py.tmpl", values))
-    (directory / f"{RUNTIME_MODULE}.py").write_text(RUNTIME_SOURCE.read_text())
+    files = generated_files(base_type, _stock_class_name(model.config), _stock_class_name(model))
+    for name, text in files.items():
+        (directory / name).write_text(text)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["model_type"] = f"moe_compress_{base_type}"
     config["architectures"] = ["MoECompressForCausalLM"]
-    config["auto_map"] = {
-        "AutoConfig": f"{CONFIG_MODULE}.MoECompressConfig",
-        "AutoModelForCausalLM": f"{MODEL_MODULE}.MoECompressForCausalLM",
-    }
+    config["auto_map"] = dict(AUTO_MAP)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -32,6 +32,8 @@ matching): `align` is an option, off by default.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
@@ -134,7 +136,8 @@ def neuron_permutations(request: PlanRequest, plan: Plan, alignment: str) -> dic
     result = {}
     for lp in plan.layers:
         experts = adapter.experts(adapter.moe_block(layers[lp.layer]))
-        result[lp.layer] = align_groups(experts, lp.merges, alignment, request.stats[lp.layer].get(sample))
+        with request.weights.loaded(experts) if request.weights is not None else nullcontext(experts) as resident:
+            result[lp.layer] = align_groups(resident, lp.merges, alignment, request.stats[lp.layer].get(sample))
     return result
 
 

@@ -1,17 +1,20 @@
 """The sequential observer and the statistics it accumulates."""
 
-from .cache import StatsCache, cache_key, model_fingerprint
-from .observer import observe_expert_statistics, run_sequential
+from .cache import StatsCache, cache_key, checkpoint_fingerprint, config_fingerprint, content_fingerprint
+from .observer import LayerWalk, observe_expert_statistics, run_sequential
 from .statistics import STATISTICS, LayerAccumulator, RoutedBatch, Statistic
 
 __all__ = [
     "STATISTICS",
     "LayerAccumulator",
+    "LayerWalk",
     "RoutedBatch",
     "Statistic",
     "StatsCache",
     "cache_key",
-    "model_fingerprint",
+    "checkpoint_fingerprint",
+    "config_fingerprint",
+    "content_fingerprint",
     "observe_expert_statistics",
     "run_sequential",
 ]

@@ -1,9 +1,19 @@
-"""Disk cache of observed statistics, keyed by (model, calibration data, statistic set).
+"""Disk cache of observed statistics, keyed by (weights, config, calibration data, statistic set).
 
 Calibration is the expensive step; a second method or ratio on the same model and data must
-not pay for it again. The model key samples every parameter (name, shape, dtype and a strided
-subset of values), so a different or modified model never hits a stale entry, without
-hashing gigabytes of weights.
+not pay for it again. A cache must never answer for another model, so the key holds:
+  * a fingerprint of every weight: `content_fingerprint` hashes every byte of every parameter
+    and buffer of an in-memory model (the in-memory path holds only models that fit in RAM);
+    `checkpoint_fingerprint` hashes each safetensors shard's tensor headers (names, dtypes,
+    shapes), size and mtime, which is cheap for a checkpoint far larger than RAM that is read
+    lazily -- a changed tensor rewrites its shard, and with it the shard's mtime;
+  * the model config as canonical JSON (routing settings such as top-k change statistics
+    without touching a weight);
+  * the calibration tokens and the statistic names.
+An entry is also checked against the model's MoE layers and expert counts before it is used
+(one missing a layer is recomputed, never half-used). Writers use unique temporary names and
+publish by rename. A cache directory that cannot be used (a file, read-only, full) costs a
+warning, never the run.
 """
 
 from __future__ import annotations
@@ -11,14 +21,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import socket
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-CACHE_VERSION = "1"
-_SAMPLES_PER_TENSOR = 4096
+from ..errors import MoECompressError, warn
+
+CACHE_VERSION = "2"
+_CHUNK = 1 << 24  # bytes hashed per step, so a large tensor is never copied whole
 
 
 def default_cache_dir() -> Path:
@@ -26,23 +41,58 @@ def default_cache_dir() -> Path:
 
 
 @torch.no_grad()
-def model_fingerprint(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+def content_fingerprint(model: nn.Module) -> str:
+    """Hash of every byte of every parameter and buffer (with names, shapes and dtypes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise MoECompressError(
+                f"{name} has no values (meta device); fingerprint a lazily read checkpoint with checkpoint_fingerprint."
+            )
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
         flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(flat[::step].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        step = max(1, _CHUNK // max(1, flat.element_size()))
+        for start in range(0, flat.numel(), step):
+            digest.update(flat[start : start + step].cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
-def cache_key(model_fp: str, data_fp: str, names: tuple[str, ...]) -> str:
-    text = json.dumps([CACHE_VERSION, model_fp, data_fp, sorted(names)])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+def checkpoint_fingerprint(directory: str | Path) -> str:
+    """Identifies a checkpoint's weights from its safetensors headers, sizes and mtimes (see `Checkpoint.fingerprint`)."""
+    from ..io.checkpoint import Checkpoint
+
+    return Checkpoint(directory).fingerprint()
+
+
+def config_fingerprint(config: object) -> str:
+    """Hash of the model config as canonical JSON (private `_...` keys and the writer's version left out)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # type: ignore[call-overload]
+    data = {k: v for k, v in data.items() if not k.startswith("_") and k != "transformers_version"}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def cache_key(model_fp: str, data_fp: str, names: tuple[str, ...], config_fp: str = "") -> str:
+    text = json.dumps([CACHE_VERSION, model_fp, config_fp, data_fp, sorted(names)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+Stats = dict[int, dict[str, torch.Tensor]]
+
+
+def _layout(stats: Stats) -> dict[str, list]:
+    """Per layer, the sorted statistic names (what an entry must hold)."""
+    return {str(layer): sorted(named) for layer, named in sorted(stats.items())}
 
 
 class StatsCache:
-    """Statistics per MoE layer stored as one safetensors file per key."""
+    """Statistics per MoE layer stored as one safetensors file per key.
+
+    `experts` (MoE layer -> router rows) describes the model the statistics are for; an entry
+    whose layers, statistic names or expert dimensions differ is treated as a miss.
+    """
 
     def __init__(self, directory: str | Path | None = None):
         self.directory = Path(directory) if directory else default_cache_dir()
@@ -50,23 +100,54 @@ class StatsCache:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
-    def load(self, key: str) -> dict[int, dict[str, torch.Tensor]] | None:
+    def load(self, key: str, experts: dict[int, int] | None = None, names: tuple[str, ...] | None = None) -> Stats | None:
         path = self._path(key)
-        if not path.is_file():
-            return None
         try:
-            flat = load_file(str(path))
-        except Exception:  # a damaged cache entry is recomputed, never fatal
+            if not path.is_file():
+                return None
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                flat = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as exc:  # a damaged or unreadable entry is recomputed, never fatal
+            warn(f"statistics cache entry {path} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); recomputing.")
             return None
-        stats: dict[int, dict[str, torch.Tensor]] = {}
+        stats: Stats = {}
         for flat_key, value in flat.items():
-            layer, name = flat_key.split("/", 1)
+            layer, _, name = flat_key.partition("/")
+            if not layer.isdigit() or not name:
+                return None
             stats.setdefault(int(layer), {})[name] = value
-        return stats
+        return stats if self._usable(stats, metadata, key, experts, names) else None
 
-    def save(self, key: str, stats: dict[int, dict[str, torch.Tensor]]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def _usable(stats: Stats, metadata: dict, key: str, experts: dict[int, int] | None, names: tuple[str, ...] | None) -> bool:
+        if metadata.get("key") != key or metadata.get("layout") != json.dumps(_layout(stats)):
+            return False
+        if experts is not None:
+            if set(stats) != set(experts):
+                return False
+            for layer, named in stats.items():
+                if names is not None and set(named) != set(names):
+                    return False
+                # every statistic has the expert dimension first, or [batch, E, E] when stacked per batch
+                if any(experts[layer] not in tuple(value.shape[:2]) for value in named.values()):
+                    return False
+        return all(torch.isfinite(v).all() for named in stats.values() for v in named.values() if v.is_floating_point())
+
+    def save(self, key: str, stats: Stats) -> bool:
+        """Store an entry; False (with a warning) when the cache directory cannot be written."""
         flat = {f"{layer}/{name}": value.contiguous() for layer, named in stats.items() for name, value in named.items()}
-        partial = self._path(key).with_suffix(".partial")
-        save_file(flat, str(partial))
-        partial.replace(self._path(key))
+        partial = self.directory / f".{key}.{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}.partial"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file(flat, str(partial), metadata={"key": key, "layout": json.dumps(_layout(stats))})
+            partial.replace(self._path(key))
+        except Exception as exc:  # OSError, or safetensors' wrapper of one (disk full)
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            warn(f"statistics cache {self.directory} is unusable ({reason}); continuing without caching.")
+            return False
+        return True

@@ -57,7 +57,7 @@ def capture_layer_inputs(model: nn.Module, adapter: MoEAdapter, batches: list[to
             for i in range(len(originals)):
                 layers[i] = _LayerRecorder(i, sink, is_last=i == len(originals) - 1)
             try:
-                model(input_ids=batch, use_cache=False)
+                model(input_ids=batch.to(model.get_input_embeddings().weight.device), use_cache=False)
             except _StopForward:
                 pass
             hidden.append(sink[0][1].detach().to("cpu"))
@@ -67,3 +67,35 @@ def capture_layer_inputs(model: nn.Module, adapter: MoEAdapter, batches: list[to
         for i, layer in enumerate(originals):
             layers[i] = layer
     return LayerInputs(hidden, layer_kwargs)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: the last one returns the precomputed output of the whole stack."""
+
+    def __init__(self, output: torch.Tensor | None):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return hidden_states if self.output is None else self.output.to(hidden_states.device, hidden_states.dtype)
+
+
+@torch.no_grad()
+def logits_from_final_hidden(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for `input_ids`, given what its last decoder layer outputs for them.
+
+    The model's own forward runs with every decoder layer replaced by a stand-in (the last
+    returns `final_hidden`), so whatever the family does after its layers -- final norm,
+    logit scaling, soft-capping -- is applied by transformers itself, not re-implemented here.
+    Needs the embeddings and the head loaded; the decoder layers are not touched.
+    """
+    layers = adapter.decoder_layers(model)
+    originals = list(layers)
+    try:
+        for i in range(len(originals)):
+            layers[i] = _Replay(final_hidden if i == len(originals) - 1 else None)
+        device = model.get_input_embeddings().weight.device
+        return model(input_ids=input_ids.to(device), use_cache=False).logits
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer

@@ -10,15 +10,19 @@ only `layers[l]` while it works on layer l, the weights of other layers could li
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
+from .. import distributed
 from ..arch.adapter import MoEAdapter
+from ..io.residency import InMemoryWeights, Weights, split_names
 from ..progress import track
 from .capture import capture_layer_inputs
+from .activations import Activations, default_activations
+from .experts_forward import capturing, is_standard_experts, routing_arguments
 from .statistics import LayerAccumulator, RoutedBatch
 
 
@@ -33,7 +37,79 @@ def to_device(value, device: torch.device):
     return value
 
 
-@torch.no_grad()
+class LayerWalk:
+    """One pass of calibration batches through the decoder layers, one layer at a time.
+
+    Iterating yields `(index, layer)` once the layer has processed every batch (and, if
+    `after_layer` changed it, once its outputs were recomputed), while its weights are still
+    loaded: a streamed stage writes the layer out right there. After the walk, `hidden`
+    holds the last layer's outputs. Between layers the activations live in RAM up to the
+    budget of `activations.activation_budget`, beyond it in files (`observe.activations`).
+
+    `layer_context(index, layer)` may return a context manager that is entered while that
+    layer processes all batches (statistics hooks attach there). `after_layer(index, layer)`
+    runs once the layer has seen every batch; it may change the layer (sparsity methods prune
+    it there) and returns True when the next layer should see the changed layer's outputs.
+    `weights` says where the model's tensors live (default: in memory); a streamed model
+    reads each layer from its checkpoint for the duration of its turn.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: MoEAdapter,
+        batches: list[torch.Tensor],
+        layer_context: Callable[[int, nn.Module], object] | None = None,
+        device: str | torch.device = "cpu",
+        description: str = "observing layers",
+        after_layer: Callable[[int, nn.Module], bool] | None = None,
+        weights: Weights | None = None,
+    ):
+        self.model, self.adapter, self.batches = model, adapter, batches
+        self.layer_context, self.after_layer = layer_context, after_layer
+        self.device, self.description = torch.device(device), description
+        self.weights = weights or InMemoryWeights(model)
+        self.hidden: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[tuple[int, nn.Module]]:
+        store = default_activations()
+        try:
+            yield from self._walk(store)
+        finally:
+            store.close()
+
+    def _walk(self, store: Activations) -> Iterator[tuple[int, nn.Module]]:
+        stem, _, _ = split_names(self.model, self.adapter, self.model.state_dict(keep_vars=True))
+        with self.weights.loaded_names(stem, self.device):
+            inputs = capture_layer_inputs(self.model, self.adapter, self.batches)
+        current = [store.keep(h) for h in inputs.hidden]
+        inputs.hidden.clear()
+        layers = self.adapter.decoder_layers(self.model)
+
+        def forward_all(index: int, layer: nn.Module) -> list:
+            outputs = []
+            for b, kwargs in enumerate(inputs.layer_kwargs[index]):
+                out = layer(store.get(current[b]).to(self.device), **to_device(kwargs, self.device))
+                outputs.append(store.keep(out[0] if isinstance(out, tuple) else out))
+            return outputs
+
+        for index in track(range(len(layers)), self.description):
+            with self.weights.loaded(layers[index], self.device) as layer:
+                with ExitStack() as stack:
+                    context = self.layer_context(index, layer) if self.layer_context else None
+                    if context is not None:
+                        stack.enter_context(context)
+                    outputs = forward_all(index, layer)
+                if self.after_layer is not None and self.after_layer(index, layer):
+                    store.release(outputs)  # stale: free them before the recomputation
+                    outputs = forward_all(index, layer)
+                store.release(current)
+                current = outputs
+                self.hidden = [store.get(h) for h in current] if index == len(layers) - 1 else []
+                yield index, layer
+
+
 def run_sequential(
     model: nn.Module,
     adapter: MoEAdapter,
@@ -42,67 +118,45 @@ def run_sequential(
     device: str | torch.device = "cpu",
     description: str = "observing layers",
     after_layer: Callable[[int, nn.Module], bool] | None = None,
+    weights: Weights | None = None,
 ) -> list[torch.Tensor]:
-    """Run `batches` through every decoder layer in turn; returns the last layer's outputs.
-
-    `layer_context(index, layer)` may return a context manager that is entered while that
-    layer processes all batches (statistics hooks attach there). `after_layer(index, layer)`
-    runs once the layer has seen every batch; it may change the layer (sparsity methods prune
-    it there) and returns True when the next layer should see the changed layer's outputs,
-    which are then recomputed.
-    """
-    device = torch.device(device)
-    inputs = capture_layer_inputs(model, adapter, batches)
-    hidden = inputs.hidden
-    layers = adapter.decoder_layers(model)
-
-    def forward_all(index: int, layer: nn.Module) -> list[torch.Tensor]:
-        outputs = []
-        for b, kwargs in enumerate(inputs.layer_kwargs[index]):
-            out = layer(hidden[b].to(device), **to_device(kwargs, device))
-            outputs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
-        return outputs
-
-    for index in track(range(len(layers)), description):
-        layer = layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        with ExitStack() as stack:
-            context = layer_context(index, layer) if layer_context else None
-            if context is not None:
-                stack.enter_context(context)
-            outputs = forward_all(index, layer)
-        if after_layer is not None and after_layer(index, layer):
-            del outputs  # stale: free them before the recomputation, so at most one set is held beside `hidden`
-            outputs = forward_all(index, layer)
-        hidden = outputs
-        layer.to(home)
-    return hidden
+    """Walk every decoder layer (see `LayerWalk`); returns the last layer's outputs."""
+    walk = LayerWalk(model, adapter, batches, layer_context, device, description, after_layer, weights)
+    for _ in walk:
+        pass
+    return walk.hidden
 
 
 @contextmanager
 def _expert_statistics_hooks(adapter: MoEAdapter, block: nn.Module, accumulator: LayerAccumulator):
-    """Hooks that turn each MoE forward of `block` into a `RoutedBatch` for the accumulator."""
+    """Turn each MoE forward of `block` into a `RoutedBatch` for the accumulator.
+
+    A standard experts module hands over the expert outputs its forward computes anyway
+    (`experts_forward.capturing`); any other is observed from a pre-hook, and the
+    statistics that need outputs compute them.
+    """
     router, experts = adapter.router(block), adapter.experts(block)
     last_logits: list[torch.Tensor] = []
 
     def on_router(_module, _args, output):
         last_logits[:] = [output[0].reshape(-1, output[0].shape[-1])]
 
-    def on_experts(module, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
-        if len(values) < 3:  # gpt_oss names them router_indices / routing_weights
-            values += [v for k, v in kwargs.items() if k not in names]
-        x, top_idx, top_w = values[:3]
-        accumulator.update(RoutedBatch(x.reshape(-1, x.shape[-1]), last_logits[0], top_idx, top_w, adapter, module))
+    def record(x, top_idx, top_w, outputs=None):
+        accumulator.update(RoutedBatch(x, last_logits[0], top_idx, top_w, adapter, experts, outputs))
 
-    handles = [router.register_forward_hook(on_router), experts.register_forward_pre_hook(on_experts, with_kwargs=True)]
-    try:
+    def on_experts(_module, args, kwargs):
+        x, top_idx, top_w = routing_arguments(args, kwargs)
+        record(x.reshape(-1, x.shape[-1]), top_idx, top_w)
+
+    with ExitStack() as stack:
+        handle = router.register_forward_hook(on_router)
+        stack.callback(handle.remove)
+        if accumulator.needs_expert_outputs and is_standard_experts(experts):
+            stack.enter_context(capturing(experts, record))
+        else:
+            handle = experts.register_forward_pre_hook(on_experts, with_kwargs=True)
+            stack.callback(handle.remove)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def observe_expert_statistics(
@@ -111,8 +165,14 @@ def observe_expert_statistics(
     batches: list[torch.Tensor],
     names: tuple[str, ...],
     device: str | torch.device = "cpu",
+    weights: Weights | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Per MoE layer, the requested running sums (see `statistics.STATISTICS`), each of shape [E]."""
+    """Per MoE layer, the requested running sums (see `statistics.STATISTICS`), each of shape [E].
+
+    Under torchrun each rank observes its share of `batches` and all ranks end with the
+    combined statistics (see `distributed`).
+    """
+    distributed.check_shareable(len(batches))
     names = tuple(sorted(set(names) | {"tokens"}))
     accumulators: dict[int, LayerAccumulator] = {}
 
@@ -123,5 +183,7 @@ def observe_expert_statistics(
         accumulators[index] = LayerAccumulator(names)
         return _expert_statistics_hooks(adapter, block, accumulators[index])
 
-    run_sequential(model, adapter, batches, layer_context, device, description="calibrating")
+    run_sequential(model, adapter, distributed.shard(batches), layer_context, device, description="calibrating", weights=weights)
+    for accumulator in accumulators.values():
+        accumulator.combine_ranks()
     return {index: acc.sums for index, acc in accumulators.items()}

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..arch.adapter import MoEAdapter
+from ..io.residency import Weights
 from .observer import run_sequential
 
 
@@ -36,7 +38,9 @@ def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def observe_similarities(model: nn.Module, adapter: MoEAdapter, batches: list[torch.Tensor], max_distance: int = 1) -> Similarities:
+def observe_similarities(
+    model: nn.Module, adapter: MoEAdapter, batches: list[torch.Tensor], max_distance: int = 1, weights: Weights | None = None, device: str = "cpu"
+) -> Similarities:
     num_layers = len(adapter.decoder_layers(model))
     moe_sums: dict[int, list[float]] = {}
     block_sums = {d: [[0.0, 0] for _ in range(num_layers + 1 - d)] for d in range(1, max_distance + 1)}
@@ -81,7 +85,10 @@ def observe_similarities(model: nn.Module, adapter: MoEAdapter, batches: list[to
             for handle in handles:
                 handle.remove()
 
-    run_sequential(model, adapter, batches, layer_context, description="scoring layers")
+    distributed.check_shareable(len(batches))
+    run_sequential(model, adapter, distributed.shard(batches), layer_context, device, description="scoring layers", weights=weights)
+    for sums in [*moe_sums.values(), *(entry for per_distance in block_sums.values() for entry in per_distance)]:
+        sums[:] = distributed.all_reduce_sum_(torch.tensor(sums, dtype=torch.float64)).tolist()
     return Similarities(
         moe={layer: total / count for layer, (total, count) in sorted(moe_sums.items())},
         blocks={d: [total / count for total, count in sums] for d, sums in block_sums.items()},

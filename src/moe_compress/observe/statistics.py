@@ -21,7 +21,13 @@ from ..arch.expert_math import expert_forward
 
 @dataclass
 class RoutedBatch:
-    """One MoE forward: the tokens, the router's logits and the routing it chose."""
+    """One MoE forward: the tokens, the router's logits, the routing it chose, and the expert outputs.
+
+    Expert outputs are held per (token, slot) pair, sorted by expert -- the layout a grouped
+    expert kernel computes them in -- so statistics reduce them with one segment sum instead
+    of a Python loop over experts. The observer passes the outputs its own forward computed
+    (`pair_outputs`); otherwise they are computed here, once, on first use.
+    """
 
     x: torch.Tensor  # [N, H] tokens entering the experts
     logits: torch.Tensor  # [N, E] router logits
@@ -29,11 +35,55 @@ class RoutedBatch:
     top_w: torch.Tensor  # [N, k] gate weights actually applied
     adapter: MoEAdapter
     experts: nn.Module
-    _outputs: list = field(default_factory=list, repr=False)
+    pair_outputs: torch.Tensor | None = field(default=None, repr=False)  # [N*k, H] f_e(x_t), in `order`
 
     @property
     def num_experts(self) -> int:
         return self.logits.shape[-1]
+
+    @cached_property
+    def order(self) -> torch.Tensor:
+        """Permutation of the flattened (token, slot) pairs that sorts them by expert (stable)."""
+        return torch.sort(self.top_idx.reshape(-1), stable=True).indices
+
+    @cached_property
+    def pair_expert(self) -> torch.Tensor:
+        return self.top_idx.reshape(-1)[self.order].long()
+
+    @cached_property
+    def pair_token(self) -> torch.Tensor:
+        return self.order // self.top_idx.shape[-1]
+
+    @cached_property
+    def pair_slot(self) -> torch.Tensor:
+        return self.order % self.top_idx.shape[-1]
+
+    @cached_property
+    def counts(self) -> torch.Tensor:
+        """|T_e| in this batch, [E]."""
+        return torch.bincount(self.pair_expert, minlength=self.num_experts)
+
+    @cached_property
+    def outputs(self) -> torch.Tensor:
+        """f_e(x_t) for every routed pair, [N*k, H] in `order`, float32 or wider."""
+        if self.pair_outputs is None:
+            parts, start = [], 0
+            for e, count in enumerate(self.counts.tolist()):
+                if count:
+                    parts.append(expert_forward(self.experts, e, self.x[self.pair_token[start : start + count]]))
+                start += count
+            self.pair_outputs = torch.cat(parts) if parts else self.x.new_zeros(0, self.x.shape[-1])
+        return self.pair_outputs if self.pair_outputs.dtype == torch.float64 else self.pair_outputs.float()
+
+    @cached_property
+    def output_norms(self) -> torch.Tensor:
+        """||f_e(x_t)|| per routed pair, float64."""
+        return self.outputs.norm(dim=-1).double()
+
+    def per_expert(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of per-pair `values` ([N*k] or [N*k, D]) over each expert's pairs -> [E] or [E, D], float64 on CPU."""
+        total = values.new_zeros((self.num_experts, *values.shape[1:]), dtype=torch.float64)
+        return total.index_add_(0, self.pair_expert, values.double()).cpu()
 
     @cached_property
     def probs(self) -> torch.Tensor:
@@ -49,21 +99,17 @@ class RoutedBatch:
     @cached_property
     def dense_gates(self) -> torch.Tensor:
         """g_{t,e}: the applied gate weight, 0 where e was not selected, [N, E]."""
-        gates = torch.zeros(self.x.shape[0], self.num_experts, dtype=torch.float64)
+        gates = torch.zeros(self.x.shape[0], self.num_experts, dtype=torch.float64, device=self.top_w.device)
         return gates.scatter_add_(1, self.top_idx.long(), self.top_w.double())
 
     def routed(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """For each expert with routed tokens: (e, token rows, top-k slot, f_e(x) on those rows).
-
-        Outputs are computed once per batch and shared by every statistic that needs them.
-        """
-        if not self._outputs:
-            for e in range(self.num_experts):
-                rows, slot = torch.where(self.top_idx == e)
-                if rows.numel():
-                    out = expert_forward(self.experts, e, self.x[rows]).double()
-                    self._outputs.append((e, rows, slot, out))
-        yield from self._outputs
+        """For each expert with routed tokens: (e, token rows, top-k slot, f_e(x) on those rows, float64)."""
+        start = 0
+        for e, count in enumerate(self.counts.tolist()):
+            if count:
+                end = start + count
+                yield e, self.pair_token[start:end], self.pair_slot[start:end], self.outputs[start:end].double()
+            start += count
 
 
 def _add(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
@@ -83,9 +129,11 @@ class Statistic:
     needs_expert_outputs: bool = False
     doc: str = ""
     merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _add
+    per_batch: bool = False  # one row per calibration batch, stacked in batch order (not folded)
 
 
 def _per_expert(batch: RoutedBatch, value: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[E] from a function of one expert's routed pairs (for statistics that need a loop)."""
     total = torch.zeros(batch.num_experts, dtype=torch.float64)
     for e, rows, slot, out in batch.routed():
         total[e] = value(e, rows, slot, out)
@@ -94,7 +142,9 @@ def _per_expert(batch: RoutedBatch, value: Callable[[int, torch.Tensor, torch.Te
 
 def _max_output_abs(batch: RoutedBatch) -> torch.Tensor:
     """Per expert, the largest |f_e(x_t)| over its routed tokens and output channels (0 if none)."""
-    return _per_expert(batch, lambda e, rows, slot, out: out.abs().max())
+    peaks = batch.outputs.abs().amax(dim=-1).double() if batch.outputs.numel() else batch.outputs.new_zeros(0, dtype=torch.float64)
+    total = peaks.new_zeros(batch.num_experts)
+    return total.scatter_reduce_(0, batch.pair_expert, peaks, reduce="amax").cpu()
 
 
 def _dense_output_sum(batch: RoutedBatch, gated: bool) -> torch.Tensor:
@@ -106,20 +156,24 @@ def _dense_output_sum(batch: RoutedBatch, gated: bool) -> torch.Tensor:
     total = torch.zeros(batch.num_experts, batch.x.shape[-1], dtype=torch.float64)
     for e in range(batch.num_experts):
         out = expert_forward(batch.experts, e, batch.x).double()
-        total[e] = (batch.probs[:, e : e + 1] * out).sum(0) if gated else out.sum(0)
+        total[e] = ((batch.probs[:, e : e + 1] * out).sum(0) if gated else out.sum(0)).cpu()
     return total
 
 
 def _batch_moments(batch: RoutedBatch) -> torch.Tensor:
-    """[E, 1 + 2H]: per expert, count of routed tokens, mean output, sum of squared deviations."""
-    hidden = batch.x.shape[-1]
-    moments = torch.zeros(batch.num_experts, 1 + 2 * hidden, dtype=torch.float64)
-    for e, _, _, out in batch.routed():
-        mean = out.mean(dim=0)
-        moments[e, 0] = out.shape[0]
-        moments[e, 1 : 1 + hidden] = mean
-        moments[e, 1 + hidden :] = ((out - mean) ** 2).sum(dim=0)
-    return moments
+    """[E, 1 + 2H]: per expert, count of routed tokens, mean output, sum of squared deviations.
+
+    Two passes (mean, then squared deviations from it) in the outputs' float32, so there is no
+    cancellation; batches are then merged in float64 (Chan). float64 segment sums over every
+    routed output cost as much as a fifth of the layer's forward.
+    """
+    outputs, experts = batch.outputs, batch.pair_expert
+    counts = batch.counts.to(outputs.dtype)
+    sums = outputs.new_zeros(batch.num_experts, outputs.shape[1]).index_add_(0, experts, outputs)
+    mean = sums / counts.clamp_min(1).unsqueeze(1)
+    deviation = outputs - mean[experts]
+    m2 = outputs.new_zeros(sums.shape).index_add_(0, experts, deviation * deviation)
+    return torch.cat([counts.unsqueeze(1), mean, m2], dim=1).double().cpu()
 
 
 def merge_moments(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -146,22 +200,18 @@ STATISTICS: dict[str, Statistic] = {
     s.name: s
     for s in (
         Statistic("tokens", lambda b: torch.full((b.num_experts,), float(b.x.shape[0]), dtype=torch.float64), doc="T, tokens seen"),
-        Statistic(
-            "selected",
-            lambda b: torch.bincount(b.top_idx.reshape(-1).long(), minlength=b.num_experts).double(),
-            doc="|T_e|, tokens routed to e",
-        ),
-        Statistic("prob_sum", lambda b: b.probs.sum(0), doc="sum_t p_{t,e}"),
-        Statistic("gate_sum", lambda b: b.dense_gates.sum(0), doc="sum_t g_{t,e}"),
+        Statistic("selected", lambda b: b.counts.double().cpu(), doc="|T_e|, tokens routed to e"),
+        Statistic("prob_sum", lambda b: b.probs.sum(0).cpu(), doc="sum_t p_{t,e}"),
+        Statistic("gate_sum", lambda b: b.dense_gates.sum(0).cpu(), doc="sum_t g_{t,e}"),
         Statistic(
             "output_norm_sum",
-            lambda b: _per_expert(b, lambda e, rows, slot, out: out.norm(dim=-1).sum()),
+            lambda b: b.per_expert(b.output_norms),
             needs_expert_outputs=True,
             doc="sum over T_e of ||f_e(x_t)||",
         ),
         Statistic(
             "reap_sum",
-            lambda b: _per_expert(b, lambda e, rows, slot, out: (b.renormalised_w[rows, slot] * out.norm(dim=-1)).sum()),
+            lambda b: b.per_expert(b.renormalised_w[b.pair_token, b.pair_slot] * b.output_norms),
             needs_expert_outputs=True,
             doc="sum over T_e of g~_{t,e} ||f_e(x_t)|| (g renormalised over the top-k)",
         ),
@@ -174,7 +224,7 @@ STATISTICS: dict[str, Statistic] = {
         ),
         Statistic(
             "logit_gram",
-            lambda b: b.logits.double().T @ b.logits.double(),
+            lambda b: (b.logits.double().T @ b.logits.double()).cpu(),
             doc="sum_t z_t z_t^T [E, E]: router-logit columns' inner products (cosine similarity of experts' logits)",
         ),
         Statistic(
@@ -210,13 +260,14 @@ def signature_similarity(probe_tokens: int) -> Statistic:
         probe = batch.x[:probe_tokens]
         signatures = torch.stack([expert_forward(batch.experts, e, probe).double().reshape(-1) for e in range(batch.num_experts)])
         unit = signatures / signatures.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        return (unit @ unit.T)[None]
+        return (unit @ unit.T)[None].cpu()
 
     return Statistic(
         f"signature_similarity@{probe_tokens}",
         update,
         doc=f"cosine similarity of expert outputs on a shared probe of {probe_tokens} tokens, per batch",
         merge=lambda total, part: torch.cat([total, part]),
+        per_batch=True,
     )
 
 
@@ -225,8 +276,10 @@ def input_sample(tokens: int) -> Statistic:
 
     A bounded sample (tokens x batches rows per layer), not a buffer of every token: methods
     that must evaluate chosen experts on real inputs after planning (REAM's neuron alignment)
-    read it.
+    read it. Only the set of sampled tokens matters to them, not its order, so ranks of a
+    distributed run concatenate their samples in rank order.
     """
+
     def update(batch: RoutedBatch) -> torch.Tensor:
         rows = torch.linspace(0, batch.x.shape[0] - 1, min(tokens, batch.x.shape[0])).round().long()
         return batch.x[rows.to(batch.x.device)].detach().float().cpu()
@@ -257,6 +310,17 @@ class LayerAccumulator:
     def __init__(self, names: tuple[str, ...]):
         self.statistics = [get_statistic(name) for name in names]
         self.sums: dict[str, torch.Tensor] = {}
+
+    @property
+    def needs_expert_outputs(self) -> bool:
+        return any(s.needs_expert_outputs for s in self.statistics)
+
+    def combine_ranks(self) -> None:
+        """Fold in the other ranks' parts of every statistic (exact merges; see `distributed.combine`)."""
+        from ..distributed import combine
+
+        for statistic in self.statistics:
+            self.sums[statistic.name] = combine(self.sums[statistic.name], statistic.merge, statistic.per_batch)
 
     def update(self, batch: RoutedBatch) -> None:
         for statistic in self.statistics:

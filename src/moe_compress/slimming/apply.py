@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import distributed
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
-from ..io.load import load_model
-from ..io.save import check_output_dir, save_with_summary
+from ..io.export import walk_groups
+from ..io.open import Streaming
+from ..io.publish import releases_outputs
+from ..io.residency import InMemoryWeights, Weights
+from ..io.save import save_with_summary
+from ..progress import track
 from .observe import InputStats, LayerCollector, WeightMatrix, check_targets, layer_collector, prune_layer_by_layer
 from .sparsegpt import sparsegpt_prune
 from .sparsity import SparsitySpec, apply_mask, magnitude_scores, make_spec, prune_mask, wanda_scores
@@ -83,6 +90,64 @@ class _Tally:
         return {kind: {**c, "sparsity": c["zeros"] / max(c["weights"], 1)} for kind, c in sorted(self.counts.items())}
 
 
+def check_targets_present(model: PreTrainedModel, adapter, targets: tuple[str, ...]) -> None:
+    """Fail before any calibration if the model has none of a target's weights (works on a meta skeleton)."""
+    found = {m.kind for index, layer in enumerate(adapter.decoder_layers(model)) for m in layer_collector(adapter, layer, index, targets, None).matrices}
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise MoECompressError(f"this {adapter.model_type} model has no {' or '.join(missing)} weights to sparsify; drop them from targets.")
+
+
+def sparsity_walk(
+    model: PreTrainedModel,
+    method: str,
+    spec: SparsitySpec,
+    targets: tuple[str, ...],
+    batches: list[torch.Tensor] | None,
+    tally: _Tally,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    propagate: bool = True,
+    device: str = "cpu",
+    weights: Weights | None = None,
+) -> Iterable[tuple[int, nn.Module]]:
+    """Sparsify the target matrices layer by layer; iterating yields each layer once it is pruned.
+
+    Wanda and SparseGPT calibrate layer by layer and prune each layer before the next is
+    observed (see `prune_layer_by_layer`); magnitude needs no data. The layer is yielded while
+    its weights are loaded, so a streamed run writes it out before reading the next one.
+    """
+    adapter = get_adapter(model)
+    weights = weights or InMemoryWeights(model)
+    calibrated = method != "magnitude"
+
+    def prune(collector: LayerCollector) -> None:
+        for stats in collector.stats.values():
+            stats.combine_ranks()
+        for matrix in collector.matrices:
+            stats = collector.stats.get(matrix.name)
+            matrix.write(prune_matrix(matrix.read(), method, spec, stats, blocksize, damp))
+            tally.add(matrix, stats, calibrated)
+
+    if calibrated:
+        if not batches:
+            raise MoECompressError(f"{method} needs calibration data; pass calib (or use method='magnitude').")
+        need = "hessian" if method == "sparsegpt" else "norms"
+        return prune_layer_by_layer(
+            model, adapter, batches, lambda index, layer: layer_collector(adapter, layer, index, targets, need),
+            prune, device, propagate, weights=weights,
+        )
+
+    def magnitude_walk() -> Iterator[tuple[int, nn.Module]]:
+        layers = adapter.decoder_layers(model)
+        for index in track(range(len(layers)), "slimming layers"):
+            with weights.loaded(layers[index], device) as layer:
+                prune(layer_collector(adapter, layer, index, targets, None))
+                yield index, layer
+
+    return magnitude_walk()
+
+
 def sparsify(
     model: PreTrainedModel,
     method: str,
@@ -94,42 +159,15 @@ def sparsify(
     propagate: bool = True,
     device: str = "cpu",
 ) -> dict[str, dict]:
-    """Sparsify the target matrices of `model` in place; returns the per-kind tally.
-
-    Wanda and SparseGPT calibrate layer by layer and prune each layer before the next is
-    observed (see `prune_layer_by_layer`); magnitude needs no data.
-    """
-    adapter = get_adapter(model)
+    """Sparsify the target matrices of an in-memory `model` in place; returns the per-kind tally."""
+    check_targets_present(model, get_adapter(model), targets)
     tally = _Tally()
-    calibrated = method != "magnitude"
-
-    def prune(collector: LayerCollector) -> None:
-        for matrix in collector.matrices:
-            stats = collector.stats.get(matrix.name)
-            matrix.write(prune_matrix(matrix.read(), method, spec, stats, blocksize, damp))
-            tally.add(matrix, stats, calibrated)
-
-    layers = adapter.decoder_layers(model)
-    if not calibrated:
-        from ..progress import track
-
-        for index in track(range(len(layers)), "slimming layers"):
-            prune(layer_collector(adapter, layers[index], index, targets, None))
-    else:
-        if not batches:
-            raise MoECompressError(f"{method} needs calibration data; pass calib (or use method='magnitude').")
-        need = "hessian" if method == "sparsegpt" else "norms"
-        prune_layer_by_layer(
-            model, adapter, batches, lambda index, layer: layer_collector(adapter, layer, index, targets, need),
-            prune, device, propagate,
-        )
-    found = tally.to_dict()
-    missing = [t for t in targets if t not in found]
-    if missing:
-        raise MoECompressError(f"this {adapter.model_type} model has no {' or '.join(missing)} weights to sparsify; drop them from targets.")
-    return found
+    for _ in sparsity_walk(model, method, spec, targets, batches, tally, blocksize, damp, propagate, device):
+        pass
+    return tally.to_dict()
 
 
+@releases_outputs
 def slim(
     model: PreTrainedModel | str | Path,
     method: str = "wanda",
@@ -144,6 +182,9 @@ def slim(
     damp: float = 0.01,
     propagate: bool = True,
     device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> SlimResult:
     """Zero weights inside the experts (and optionally shared experts / attention) of `model`.
 
@@ -159,7 +200,7 @@ def slim(
         propagate: feed each layer the pruned previous layers' outputs (default, as in SparseGPT).
         out: save the result there (atomically; stock checkpoint unless the model needs remote code).
     """
-    from ..api import _calibration_batches, peak_rss_bytes
+    from ..api import _calibration_batches, _prepare, peak_rss_bytes
 
     start = time.perf_counter()
     _check_method(method)
@@ -169,18 +210,15 @@ def slim(
         raise MoECompressError(f"blocksize must be a positive integer; got {blocksize}.")
     if not 0.0 <= damp:
         raise MoECompressError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal); got {damp}.")
-    if out is not None:
-        check_output_dir(out, overwrite)
-    if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, device=device)
-        tokenizer = tokenizer or loaded_tokenizer
-    get_adapter(model)
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is quantised; sparsify the full-precision model, then quantise.")
+    check_targets_present(model, adapter, targets)
     batches = None
     if method != "magnitude":
-        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer)
-    found = sparsify(model, method, spec, targets, batches, blocksize, damp, propagate, device)
+        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer, model.config)
+    tally = _Tally()
+    walk = sparsity_walk(model, method, spec, targets, batches, tally, blocksize, damp, propagate, device, weights)
     summary = {
         "stage": "slim",
         "method": method,
@@ -190,9 +228,33 @@ def slim(
         "targets": list(targets),
         "propagate": propagate,
         "sparsegpt": {"blocksize": blocksize, "damp": damp} if method == "sparsegpt" else None,
-        "reached": found,
-        "seconds": round(time.perf_counter() - start, 3),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "streamed": weights.streamed,
     }
-    output_dir = save_with_summary(model, out, tokenizer, None, summary, overwrite)
-    return SlimResult(model, summary, output_dir)
+    if not distributed.is_main():  # a helper rank of a distributed run: prune alongside, rank 0 writes
+        for _ in walk:
+            pass
+        distributed.barrier()
+        return SlimResult(None, {"rank": distributed.rank()}, None)
+    groups = None
+    if weights.streamed:
+        groups = walk_groups(weights, adapter, walk)  # each layer is pruned and written in one visit
+    else:
+        for _ in walk:
+            pass
+
+    def finish() -> None:  # once every layer was pruned: before the summary file is written
+        summary.update(reached=tally.to_dict(), seconds=round(time.perf_counter() - start, 3), peak_rss_bytes=peak_rss_bytes())
+
+    if groups is None:
+        finish()
+    else:
+        groups = _then(groups, finish)
+    output_dir = save_with_summary(model, out, tokenizer, None, summary, overwrite, groups)
+    distributed.barrier()
+    return SlimResult(None if weights.streamed else model, summary, output_dir)
+
+
+def _then(items: Iterable, action) -> Iterator:
+    """Yield `items`, then run `action` (once they are all consumed)."""
+    yield from items
+    action()

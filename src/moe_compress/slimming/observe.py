@@ -23,7 +23,8 @@ from torch import nn
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..observe.observer import run_sequential
+from ..io.residency import Weights
+from ..observe.observer import LayerWalk
 
 TARGETS: tuple[str, ...] = ("experts", "shared", "attention")
 Need = Literal["norms", "hessian"]
@@ -68,6 +69,16 @@ class InputStats:
         self.tokens = 0
         self.sq_sum = torch.zeros(columns, dtype=torch.float64, device=device)
         self.xtx = torch.zeros(columns, columns, dtype=torch.float32, device=device) if need == "hessian" else None
+
+    def combine_ranks(self) -> None:
+        """Sum these statistics over the ranks of a distributed run, so every rank prunes alike."""
+        from ..distributed import active, all_reduce_sum_
+
+        if active():
+            self.tokens = int(all_reduce_sum_(torch.tensor([self.tokens], dtype=torch.float64, device=self.sq_sum.device)).item())
+            all_reduce_sum_(self.sq_sum)
+            if self.xtx is not None:
+                all_reduce_sum_(self.xtx)
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -208,8 +219,9 @@ def prune_layer_by_layer(
     device: str | torch.device = "cpu",
     propagate: bool = True,
     description: str = "slimming layers",
-) -> None:
-    """Calibrate, prune, and move on: one decoder layer at a time.
+    weights: Weights | None = None,
+) -> LayerWalk:
+    """Calibrate, prune, and move on: one decoder layer at a time (iterate the returned walk).
 
     `observe.observer.run_sequential` (captured layer inputs, one layer on the device at a
     time), pruning each layer once it has been observed; its outputs are then recomputed
@@ -236,7 +248,10 @@ def prune_layer_by_layer(
         prune(collector)
         return propagate
 
-    run_sequential(model, adapter, batches, collect, device, description, after_layer=prune_collected)
+    from ..distributed import check_shareable, shard
+
+    check_shareable(len(batches))
+    return LayerWalk(model, adapter, shard(batches), collect, device, description, after_layer=prune_collected, weights=weights)
 
 
 def check_targets(targets: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,7 +39,8 @@ from ..arch.adapter import MoEAdapter
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.load import load_model
-from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed
+from ..io.publish import releases_outputs
+from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
 from ..progress import track
 
 QuantScope = Literal["all", "experts"]
@@ -253,6 +253,7 @@ METHODS: dict[str, str] = {
 }
 
 
+@releases_outputs
 def quantize(
     model: PreTrainedModel | str | Path,
     out: str | Path,
@@ -266,6 +267,7 @@ def quantize(
     calib=None,
     iters: int = 200,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> QuantizeResult:
     """Save `model` with its weights quantised to `bits` (4 or 8), weight-only, as a compressed-tensors checkpoint.
 
@@ -297,9 +299,9 @@ def quantize(
     if method not in METHODS:
         raise MoECompressError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
     if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, device=device)
+        model, loaded_tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
         tokenizer = tokenizer or loaded_tokenizer
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
@@ -331,7 +333,7 @@ def quantize(
         in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)
         rounded = _saved_rounding(model, in_memory)
 
-    work = out.parent / f".{out.name}.quantize-{uuid.uuid4().hex[:8]}"
+    work = staging_dir(out, "quantize")
     try:
         staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True)
         bytes_before = checkpoint_bytes(staged)
@@ -357,7 +359,7 @@ def quantize(
             "seconds": round(time.perf_counter() - start, 2),
         }
         (staged / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        publish(staged, out)
+        publish(staged, out, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(out, summary)

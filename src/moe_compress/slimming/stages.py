@@ -53,5 +53,5 @@ def quantize_stage(ctx: StageContext, options: dict) -> StageOutcome:
     return StageOutcome(reloaded, None, info, checkpoint=result.output_dir)
 
 
-register_stage("slim", slim_stage)
-register_stage("quantize", quantize_stage, final=True)
+register_stage("slim", slim_stage, accepts=lambda: slim)
+register_stage("quantize", quantize_stage, final=True, accepts=lambda: quantize)

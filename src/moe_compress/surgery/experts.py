@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from ..arch.adapter import ExpertTensor, MoEAdapter
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
+from ..io.export import note_plan
 from ..plan import LayerPlan, Plan
 from ..runtime import DroppedMoE, attach_novices, condense
 from .blocks import drop_blocks
@@ -82,7 +83,7 @@ def apply_plan(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = 
     """
     adapter = adapter or get_adapter(model)
     plan.validate()
-    plan.check_model(adapter.model_type, experts_per_layer(model, adapter), len(adapter.decoder_layers(model)))
+    plan.check_model(adapter.model_type, experts_per_layer(model, adapter), len(adapter.decoder_layers(model)), adapter.top_k(model.config))
     routed_left = set(experts_per_layer(model, adapter)) - {lp.layer for lp in plan.layers if lp.drop or lp.condensed_weights is not None}
     if not routed_left - set(plan.dropped_blocks):
         raise MoECompressError("this plan leaves no routed MoE layer; keep at least one MoE layer as it is (or prune it).")
@@ -91,6 +92,7 @@ def apply_plan(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = 
         apply_layer_plan(layers[lp.layer], adapter, plan, lp, model.config.hidden_size)
     drop_blocks(model, adapter, sorted(plan.dropped_blocks))
     sync_config_structure(model, adapter)
+    note_plan(model, plan)
     return model
 
 

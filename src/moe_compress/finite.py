@@ -1,0 +1,64 @@
+"""Refuse NaN and Inf wherever numbers enter a compression run.
+
+A single NaN in a weight, a statistic or an option spreads silently: scores become NaN,
+every comparison is False, and the run "succeeds" with an arbitrary plan and a broken
+checkpoint. Each check names what is not finite (the tensor and its layer, the statistic, the
+option), so the user can find it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import MoECompressError
+
+
+def _bad_count(tensor: torch.Tensor) -> int:
+    """How many values of `tensor` are NaN or infinite (0 for integer and meta tensors)."""
+    if tensor.is_meta or not (tensor.is_floating_point() or tensor.is_complex()):
+        return 0
+    return int((~torch.isfinite(tensor.detach())).sum())
+
+
+def require_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise if `tensor` holds NaN or Inf; `what` names it in the message."""
+    bad = _bad_count(tensor)
+    if bad:
+        raise MoECompressError(
+            f"{what} contains {bad} NaN/Inf value(s) of {tensor.numel()}; fix or re-create it before compressing."
+        )
+
+
+@torch.no_grad()
+def require_finite_weights(model: nn.Module, source: str = "the model") -> None:
+    """Every parameter and buffer of `model` finite, checked one tensor at a time."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        bad = _bad_count(tensor)
+        if bad:
+            raise MoECompressError(
+                f"weight {name} of {source} contains {bad} NaN/Inf value(s); compressing it would spread them. "
+                "Repair or re-download the checkpoint."
+            )
+
+
+def require_finite_statistics(stats: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+    """Observed statistics must be finite before any method ranks experts by them."""
+    for layer, named in stats.items():
+        for name, value in named.items():
+            bad = _bad_count(value)
+            if bad:
+                raise MoECompressError(
+                    f"statistic {name!r} of MoE layer {layer} has {bad} NaN/Inf value(s): the model overflows on the "
+                    "calibration data. Use a wider --dtype (float32) or check the weights."
+                )
+
+
+def require_finite_numbers(values: Iterable[tuple[str, object]]) -> None:
+    """Each (name, value) pair whose value is a float must be finite; `name` is shown as given."""
+    for name, value in values:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MoECompressError(f"{name} must be a finite number; got {value}.")

@@ -1,0 +1,223 @@
+"""What the output checkpoint holds, produced group by group from an in-memory or a streamed model.
+
+A compressed checkpoint is written in groups: the stem (embeddings and whatever precedes
+the decoder layers), each decoder layer, the head (final norm and output embeddings), and
+the *carried* tensors -- checkpoint tensors transformers does not load (DeepSeek-V3's and
+GLM's multi-token-prediction layers), which are copied, renumbered after dropped blocks and
+pruned with the plan where they hold experts. Both sources go through the same writer:
+
+* `memory_groups`: the model is in memory and already compressed;
+* `streamed_groups`: each layer is read from the checkpoint, compressed by
+  `apply_layer_plan`, handed to the writer and dropped before the next one is read.
+
+A streamed and an in-memory run therefore write the same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..arch.adapter import MoEAdapter
+from ..plan import Plan
+from .checkpoint import Checkpoint
+from .residency import StreamedWeights, layers_prefix, split_names
+from .writer import ShardWriter
+
+#: (tensors, whether they already carry checkpoint names) -- in-memory names are converted on write.
+Group = tuple[dict[str, torch.Tensor], bool]
+Transform = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def memory_groups(model: PreTrainedModel, adapter: MoEAdapter) -> Iterator[Group]:
+    """The groups of a model held in memory (already compressed)."""
+    state = model.state_dict()
+    stem, layers, head = split_names(model, adapter, state)
+    yield {name: state[name] for name in stem}, False
+    for index in sorted(layers):
+        yield {name: state[name] for name in layers[index]}, False
+    yield {name: state[name] for name in head}, False
+
+
+def model_groups(model: PreTrainedModel) -> Iterator[Group]:
+    """Every group of an in-memory model, and the tensors it carries from the checkpoint it was loaded from."""
+    from ..arch.registry import get_adapter
+
+    adapter = get_adapter(model)
+    yield from memory_groups(model, adapter)
+    origin: Origin | None = getattr(model, ORIGIN, None)
+    if origin is not None and origin.carried:
+        yield from carried_groups(origin.checkpoint, origin.carried, origin.plans, adapter, origin.num_layers)
+
+
+def _part_group(weights: StreamedWeights, names: list[str]) -> Group:
+    with weights.loaded_names(names):
+        state = weights.model.state_dict()
+        return {name: state[name] for name in names}, False
+
+
+def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | None) -> Iterator[Group]:
+    """The groups of the compressed model, each layer read from disk, compressed by the plan and
+    released in turn, then the carried tensors."""
+    from ..surgery.experts import apply_layer_plan
+
+    model = weights.model
+    stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
+    yield _part_group(weights, stem)
+    layers = adapter.decoder_layers(model)
+    prefix = layers_prefix(model, adapter)
+    dropped = set(plan.dropped_blocks) if plan else set()
+    decisions = {lp.layer: lp for lp in plan.layers} if plan else {}
+    kept = [i for i in range(len(layers)) if i not in dropped]
+    for new_index, index in enumerate(kept):
+        original = layers[index]
+        work = copy.deepcopy(original)  # meta: costs nothing; the skeleton keeps its original layer
+        layers[index] = work
+        try:
+            weights.materialize(weights.state_names(work))
+            if index in decisions:
+                apply_layer_plan(work, adapter, plan, decisions[index], model.config.hidden_size)
+            group = {f"{prefix}.{new_index}.{name}": value for name, value in work.state_dict().items()}
+        finally:
+            layers[index] = original
+        yield group, False
+        del group
+    yield _part_group(weights, head)
+    yield from carried_groups(weights.checkpoint, weights.carried, [plan] if plan else [], adapter, len(layers))
+
+
+def walk_groups(weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tuple[int, nn.Module]]) -> Iterator[Group]:
+    """The groups of a model that a layer walk changes in place (slimming): each layer is written
+    during its visit, while the walk still holds it."""
+    model = weights.model
+    stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
+    prefix = layers_prefix(model, adapter)
+    yield _part_group(weights, stem)
+    for index, layer in walk:
+        yield {f"{prefix}.{index}.{name}": value for name, value in layer.state_dict().items()}, False
+    yield _part_group(weights, head)
+    yield from carried_groups(weights.checkpoint, weights.carried, [], adapter, len(adapter.decoder_layers(model)))
+
+
+@dataclass
+class Origin:
+    """The checkpoint an in-memory model was loaded from, with what its save must carry over.
+
+    `plans` are the plans applied since loading, in order: carried tensors go through each.
+    """
+
+    checkpoint: Checkpoint
+    carried: list[str]
+    num_layers: int
+    plans: list[Plan] = field(default_factory=list)
+
+
+ORIGIN = "_moe_compress_origin"
+
+
+def record_origin(model: PreTrainedModel, directory: str | Path) -> None:
+    """Remember which of `directory`'s tensors `model` did not load, so a save carries them."""
+    from ..arch.registry import get_adapter
+    from .residency import checkpoint_targets
+
+    checkpoint = Checkpoint(directory)
+    _, carried = checkpoint_targets(model, checkpoint)
+    setattr(model, ORIGIN, Origin(checkpoint, carried, len(get_adapter(model).decoder_layers(model))))
+
+
+def carried_keys(model: PreTrainedModel, weights: StreamedWeights | None = None) -> list[str]:
+    """Checkpoint tensors transformers does not load that a save of `model` carries over."""
+    if weights is not None and weights.streamed:
+        return weights.carried
+    origin: Origin | None = getattr(model, ORIGIN, None)
+    return origin.carried if origin is not None else []
+
+
+def note_plan(model: PreTrainedModel, plan: Plan) -> None:
+    """Record a plan applied to an in-memory model, for the tensors its save carries."""
+    origin: Origin | None = getattr(model, ORIGIN, None)
+    if origin is not None:
+        origin.plans.append(plan)
+
+
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def carried_groups(checkpoint: Checkpoint, keys: list[str], plans: list[Plan], adapter: MoEAdapter, num_layers: int) -> Iterator[Group]:
+    """Checkpoint tensors transformers does not load, carried into the output.
+
+    Trailing layers (index >= the model's decoder layers: multi-token-prediction blocks) are
+    renumbered past dropped blocks. Where a plan removes the same experts from every layer
+    (a stock output), an MoE block among them keeps the experts the model's last MoE layer
+    keeps, router rows and correction bias sliced alike, so the checkpoint stays consistent
+    with the config's single expert count; anything else is copied unchanged.
+    """
+    for key in keys:
+        tensor = checkpoint.read(key)
+        layer = _LAYER.search(key)
+        layers_before = num_layers
+        for plan in plans:
+            if layer is None or int(layer.group(2)) < layers_before:
+                break
+            index = int(layer.group(2)) - len(plan.dropped_blocks)
+            key = key[: layer.start(2)] + str(index) + key[layer.end(2) :]
+            layer = _LAYER.search(key)
+            keep = _uniform_keep(plan)
+            if keep is not None:
+                key, tensor = _slice_experts(key, tensor, keep, adapter)
+            if key is None:
+                break
+            layers_before -= len(plan.dropped_blocks)
+        if key is not None:
+            yield {key: tensor}, True
+
+
+def _uniform_keep(plan: Plan) -> list[int] | None:
+    """The last MoE layer's kept experts, when the plan removes experts the same way in every layer."""
+    removing = [lp for lp in plan.layers if len(lp.keep) < lp.num_experts]
+    if not removing or not plan.is_uniform() or any(lp.novices or lp.drop or lp.condensed_weights is not None for lp in plan.layers):
+        return None
+    return sorted(max(plan.layers, key=lambda lp: lp.layer).keep)
+
+
+def _slice_experts(key: str, tensor: torch.Tensor, keep: list[int], adapter: MoEAdapter) -> tuple[str | None, torch.Tensor]:
+    expert = _EXPERT.search(key)
+    if expert is not None:
+        old = int(expert.group(1))
+        if old not in keep:
+            return None, tensor
+        return key[: expert.start(1)] + str(keep.index(old)) + key[expert.end(1) :], tensor
+    router = f".{adapter.moe_attr}.{adapter.router_attr}."
+    for dotted, axis in adapter.router_expert_tensors:
+        if key.endswith(router + dotted):
+            return key, tensor.index_select(axis, torch.tensor(keep)).contiguous()
+    return key, tensor
+
+
+def write_groups(
+    directory: Path,
+    output_model: PreTrainedModel,
+    groups: Iterable[Group],
+    max_shard_bytes: int,
+    transform: Transform | None = None,
+) -> list[Path]:
+    """Write every group as safetensors shards under `directory` (in the family's checkpoint key layout)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tied = set(getattr(output_model, "all_tied_weights_keys", {}) or {})
+    writer = ShardWriter(directory, max_shard_bytes)
+    for tensors, in_checkpoint_names in groups:
+        if not in_checkpoint_names:
+            tensors = revert_weight_conversion(output_model, {k: v for k, v in tensors.items() if k not in tied})
+        if transform is not None:
+            tensors = transform(tensors)
+        writer.add(tensors)
+    return writer.finish()

@@ -1,0 +1,69 @@
+"""Open a model for a stage: in memory when it fits comfortably, streamed from its checkpoint when not.
+
+`streaming="auto"` streams when the checkpoint's weights exceed half of the memory that is
+available for them -- RAM, or the GPU's free memory when computing on a GPU (an in-memory
+model is moved to the device whole). Streaming computes the same numbers (a test compares
+every statistic and every written byte); it only reads each layer from disk when it is used,
+so it is slower on models that would have fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import MoECompressError
+from .checkpoint import Checkpoint
+from .load import load_model, load_streamed, resolve_model
+from .residency import InMemoryWeights, StreamedWeights, Weights
+
+Streaming = bool | Literal["auto"]
+
+
+def available_bytes(device: str | torch.device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def should_stream(name_or_path: str | Path, streaming: Streaming, device: str | torch.device) -> bool:
+    if streaming != "auto":
+        return bool(streaming)
+    source = Path(resolve_model(name_or_path))
+    if not source.is_dir():
+        return False  # a Hub id: from_pretrained downloads and loads it
+    return Checkpoint(source).total_bytes() > available_bytes(device) // 2
+
+
+def open_model(
+    model: PreTrainedModel | StreamedWeights | str | Path, device: str = "cpu", streaming: Streaming = "auto", dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, Weights]:
+    """(model or its meta skeleton, tokenizer or None, where its weights live).
+
+    A name or path is opened as `streaming` says; an in-memory model or an already open
+    streamed model is used as it is. See `io.load` for `trust_remote_code`.
+    """
+    if streaming not in (True, False, "auto"):
+        raise MoECompressError(f"streaming must be true, false or 'auto'; got {streaming!r}.")
+    if isinstance(model, StreamedWeights):
+        return model.model, None, model
+    if not isinstance(model, (str, Path)):
+        if streaming is True:
+            raise MoECompressError("streaming reads a checkpoint from disk: pass its path instead of an in-memory model.")
+        return model, None, InMemoryWeights(model)
+    if should_stream(model, streaming, device):
+        weights, tokenizer = load_streamed(model, dtype, trust_remote_code)
+        return weights.model, tokenizer, weights
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return loaded, tokenizer, InMemoryWeights(loaded)
+
+
+__all__ = ["StreamedWeights", "Streaming", "available_bytes", "open_model", "should_stream"]

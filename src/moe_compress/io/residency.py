@@ -1,0 +1,243 @@
+"""Where a model's weights live while a stage works on it: all in memory, or streamed from disk.
+
+Every stage walks the model one decoder layer at a time and asks for a module's weights only
+while it needs them (`with weights.loaded(layer, device): ...`). The two residencies answer
+that request differently:
+
+* `InMemoryWeights` -- the whole model is in memory (small models): a module visits the
+  compute device and goes home afterwards.
+* `StreamedWeights` -- the model is a skeleton on the meta device; a module's tensors are
+  read from the checkpoint's shards, converted by transformers' own key-conversion rules
+  (per-expert keys on disk -> fused 3-D tensors in memory) in the compute dtype onto the
+  compute device, and dropped again afterwards. Peak memory is one module, whatever the
+  size of the checkpoint.
+
+Stages therefore run the same code for a 12 M-parameter test model and a 1 T-parameter one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..arch.adapter import MoEAdapter
+from ..errors import MoECompressError
+from ..finite import require_finite
+from .checkpoint import Checkpoint
+
+
+def _like(reference: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` as a Parameter if `reference` is one (buffers stay plain tensors)."""
+    return nn.Parameter(value, requires_grad=reference.requires_grad) if isinstance(reference, nn.Parameter) else value
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its dotted name in `model` (the root is '')."""
+    return {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+
+
+def state_names(model: nn.Module, module: nn.Module, names: dict[int, str] | None = None) -> list[str]:
+    """Full state-dict names of `module`'s parameters and persistent buffers."""
+    prefix = (names or module_names(model))[id(module)]
+    prefix = f"{prefix}." if prefix else ""
+    return [prefix + name for name in module.state_dict(keep_vars=True)]
+
+
+def checkpoint_targets(model: PreTrainedModel, checkpoint: Checkpoint, conversions: list | None = None) -> tuple[dict[str, list[str]], list[str]]:
+    """({state name: checkpoint keys it is built from}, checkpoint keys the model does not load).
+
+    Names come from transformers' own conversion rules for the model, the ones
+    `from_pretrained` applies (e.g. per-expert keys on disk -> one fused tensor in memory).
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model) if conversions is None else conversions
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    expected = model.state_dict(keep_vars=True)
+    targets: dict[str, list[str]] = {}
+    carried: list[str] = []
+    for key in checkpoint.keys():
+        target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+        if target in expected:
+            targets.setdefault(target, []).append(key)
+        else:
+            carried.append(key)
+    return targets, carried
+
+
+def layers_prefix(model: PreTrainedModel, adapter: MoEAdapter) -> str:
+    return module_names(model)[id(adapter.decoder_layers(model))]
+
+
+def head_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The modules after the decoder layers: the final norm and the output embeddings."""
+    modules = [getattr(model.get_decoder(), "norm", None), model.get_output_embeddings()]
+    return [m for m in modules if m is not None]
+
+
+def split_names(model: PreTrainedModel, adapter: MoEAdapter, names: Iterable[str]) -> tuple[list[str], dict[int, list[str]], list[str]]:
+    """State names split into (stem, {layer index: names}, head), each in state-dict order."""
+    prefix = layers_prefix(model, adapter) + "."
+    all_names = module_names(model)
+    head_prefixes = tuple(f"{all_names[id(m)]}." for m in head_modules(model))
+    stem, layers, head = [], {}, []
+    for name in names:
+        if name.startswith(prefix):
+            layers.setdefault(int(name[len(prefix) :].split(".", 1)[0]), []).append(name)
+        elif name.startswith(head_prefixes):
+            head.append(name)
+        else:
+            stem.append(name)
+    return stem, layers, head
+
+
+class InMemoryWeights:
+    """Weights already in memory; a module visits the compute device while it is used."""
+
+    streamed = False
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+
+    @contextmanager
+    def loaded_names(self, names: list[str], device: str | torch.device = "cpu") -> Iterator[None]:
+        """Nothing to read: the tensors are in memory already (and stay where they are)."""
+        yield
+
+    @contextmanager
+    def loaded(self, module: nn.Module, device: str | torch.device = "cpu") -> Iterator[nn.Module]:
+        first = next(module.parameters(), None)
+        home = first.device if first is not None else torch.device("cpu")
+        module.to(device)
+        try:
+            yield module
+        finally:
+            module.to(home)
+
+
+class StreamedWeights:
+    """A skeleton model whose tensors are read from a checkpoint module by module.
+
+    `targets` maps every in-memory state name to the checkpoint keys it is built from (one
+    key, or one per expert for fused experts); checkpoint keys that map to no state name
+    (multi-token-prediction layers, for instance) are `carried`: the writer copies them.
+    """
+
+    streamed = True
+
+    def __init__(self, model: PreTrainedModel, checkpoint: Checkpoint):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.model = model
+        self.checkpoint = checkpoint
+        self.conversions = get_model_conversion_mapping(model)
+        self.targets, self.carried = checkpoint_targets(model, checkpoint, self.conversions)
+        expected = model.state_dict(keep_vars=True)
+        self._names = module_names(model)
+        # Tied weights (lm_head = embed_tokens) are one tensor, stored under the name transformers keeps.
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        self.aliases = {alias: stored for alias, stored in tied.items() if alias not in self.targets and stored in self.targets}
+        for alias, stored in self.aliases.items():
+            self._set(alias, model.get_parameter(stored))
+        # Parameters transformers keeps in float32 whatever the model's dtype (DeepSeek's correction bias).
+        self.dtype_plan = model._get_dtype_plan(model.dtype)
+        state = model.state_dict(keep_vars=True)
+        for pattern, dtype in self.dtype_plan.items():
+            for name, value in state.items():
+                if re.search(pattern, name) and value.dtype != dtype:
+                    self._set(name, _like(value, value.to(device="meta", dtype=dtype)))
+
+    def state_names(self, module: nn.Module) -> list[str]:
+        if id(module) not in self._names:  # a module swapped in since (e.g. a working copy of a layer)
+            self._names = module_names(self.model)
+        return state_names(self.model, module, self._names)
+
+    def materialize(self, names: list[str], device: str | torch.device = "cpu") -> None:
+        """Read the tensors behind state `names` into the skeleton, on `device`, in the skeleton's dtypes."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        wanted = list(dict.fromkeys(self.aliases.get(name, name) for name in names))
+        keys = [key for name in wanted for key in self.targets.get(name, [])]
+        if not keys:
+            return
+        config = LoadStateDictConfig(
+            weight_mapping=self.conversions, device_map={"": str(device)}, dtype=self.model.dtype, dtype_plan=self.dtype_plan
+        )
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            info, _ = convert_and_load_state_dict_in_model(self.model, self.checkpoint.lazy(keys), config)
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
+        if info.mismatched_keys:
+            name, found, expected = sorted(info.mismatched_keys)[0]
+            raise MoECompressError(
+                f"checkpoint tensor for {name} has shape {tuple(found)}, but the config says {tuple(expected)}: "
+                "the checkpoint and its config.json disagree. Re-download or re-save the checkpoint."
+            )
+        if info.conversion_errors:
+            name, error = next(iter(info.conversion_errors.items()))
+            raise MoECompressError(f"cannot convert checkpoint tensor(s) for {name}: {str(error).splitlines()[0]}")
+        for alias, stored in self.aliases.items():
+            if stored in wanted:
+                self._set(alias, self.model.get_parameter(stored))
+        state = self.model.state_dict(keep_vars=True)
+        for name in wanted:  # checked as read: NaN/Inf would spread through every statistic and plan
+            if name in state and state[name].device.type != "meta":
+                require_finite(state[name], f"checkpoint tensor {name}")
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        owner_name, _, attr = name.rpartition(".")
+        owner = self.model.get_submodule(owner_name)
+        (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = value
+
+    def release(self, names: list[str]) -> None:
+        """Drop the tensors behind state `names`: they return to the meta device (a tied pair stays tied)."""
+        for name in dict.fromkeys(self.aliases.get(name, name) for name in names):
+            owner_name, _, attr = name.rpartition(".")
+            value = getattr(self.model.get_submodule(owner_name), attr)
+            if value.device.type == "meta":
+                continue
+            empty = _like(value, torch.empty_like(value, device="meta"))
+            self._set(name, empty)
+            for alias in (a for a, stored in self.aliases.items() if stored == name):
+                self._set(alias, empty)
+
+    def missing(self, names: list[str]) -> list[str]:
+        """Names among `names` that are still on the meta device (not in the checkpoint)."""
+        state = self.model.state_dict(keep_vars=True)
+        return [name for name in names if state[name].device.type == "meta"]
+
+    @contextmanager
+    def loaded_names(self, names: list[str], device: str | torch.device = "cpu") -> Iterator[None]:
+        """The tensors behind state `names`, materialised for the duration of the block."""
+        self.materialize(names, device)
+        try:
+            absent = self.missing(names)
+            if absent:
+                raise MoECompressError(
+                    f"the checkpoint has no tensor for {absent[0]}"
+                    + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else "")
+                    + ": a shard is missing or the checkpoint does not match its config."
+                )
+            yield
+        finally:
+            self.release(names)
+
+    @contextmanager
+    def loaded(self, module: nn.Module, device: str | torch.device = "cpu") -> Iterator[nn.Module]:
+        with self.loaded_names(self.state_names(module), device):
+            yield module
+
+
+Weights = InMemoryWeights | StreamedWeights

@@ -1,0 +1,201 @@
+"""Every bad input a user can give: exit code 2, one line naming the problem and the fix, no output.
+
+One table, one assertion routine. Each case builds its bad input under `tmp_path` and returns
+the command line; the output directory it names, `tmp_path / "out"`, must never appear.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import shutil
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fs_faults import tmpfs
+from moe_compress.cli import app
+from tiny_checkpoints import save_tiny_checkpoint, write_calibration
+
+runner = CliRunner()
+
+
+@dataclass
+class Case:
+    tmp: Path
+    checkpoint: Path
+    calib: Path
+    monkeypatch: pytest.MonkeyPatch
+    stack: ExitStack
+    out: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.out = self.out or self.tmp / "out"
+
+    def prune(self, *extra, model=None, calib=None) -> list:
+        return ["prune", model or self.checkpoint, "--out", self.out, "--seq-len", "32", "--samples", "4",
+                "--calib", calib or self.calib, "--no-cache", *extra]
+
+    def copy(self, name: str = "model") -> Path:
+        return shutil.copytree(self.checkpoint, self.tmp / name)
+
+    def text(self, name: str, content: str | bytes) -> Path:
+        path = self.tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def recipe(self, **fields) -> list:
+        body = {"model": str(self.checkpoint), "calibration": {"source": str(self.calib), "samples": 4, "seq_len": 32},
+                "evaluate": {"ppl": False}, "stages": [{"prune": {"ratio": 0.25}}], **fields}
+        body = {k: v for k, v in body.items() if v is not None}
+        return ["run", self.text("recipe.yaml", json.dumps(body)), "--out", self.out]
+
+
+def _pickle_checkpoint(c: Case) -> list:
+    directory = c.copy()
+    model_file = directory / "model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(model_file)), directory / "pytorch_model.bin")
+    model_file.unlink()
+    return c.prune(model=directory)
+
+
+def _index_outside(c: Case) -> list:
+    directory = c.copy()
+    (directory / "model.safetensors").rename(directory / "model-00001-of-00001.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model-00001-of-00001.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    weight_map = {k: "model-00001-of-00001.safetensors" for k in keys}
+    weight_map[keys[0]] = "../x.safetensors"
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(directory / "model-00001-of-00001.safetensors", c.tmp / "x.safetensors")
+    return c.prune(model=directory)
+
+
+def _corrupt_tokenizer(c: Case) -> list:
+    directory = c.copy()
+    (directory / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": 12')
+    return c.prune(model=directory)
+
+
+def _mismatched_weights(c: Case) -> list:
+    directory = c.copy()
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] = 24
+    (directory / "config.json").write_text(json.dumps(config))
+    return c.prune(model=directory)
+
+
+def _corrupt_config(c: Case) -> list:
+    directory = c.copy()
+    (directory / "config.json").write_text('{"model_type": "mixtral", ')
+    return ["inspect", directory]
+
+
+def _plan_wrong_type(c: Case) -> list:
+    plan = {"format": "moe-compress/plan@1", "model_type": "mixtral", "top_k": 2, "layers": [{"layer": 0, "num_experts": 8, "keep": 1.5}]}
+    return c.prune("--plan-in", c.text("plan.json", json.dumps(plan)))
+
+
+def _device_cuda(c: Case) -> list:
+    return c.prune("--device", "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}")
+
+
+def _readonly_parent(c: Case) -> list:
+    c.out = c.stack.enter_context(tmpfs(c.tmp / "ro", readonly=True)) / "out"
+    return c.prune()
+
+
+def _disk_full(c: Case) -> list:
+    """The checkpoint writer hits a full disk (a real full tmpfs is in test_stats_cache / _full_disk_out)."""
+    from moe_compress.io import save
+
+    def full(directory, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    c.monkeypatch.setattr(save, "write_model", full)
+    return c.prune()
+
+
+def _full_disk_out(c: Case) -> list:
+    c.out = c.stack.enter_context(tmpfs(c.tmp / "small", size="64k")) / "out"
+    return c.prune()
+
+
+def _out_is_cwd(c: Case) -> list:
+    c.monkeypatch.chdir(c.tmp)
+    (c.tmp / "out").mkdir(exist_ok=True)
+    c.monkeypatch.chdir(c.tmp / "out")
+    return ["prune", c.checkpoint, "--out", ".", "--overwrite", "--seq-len", "32"]
+
+
+CASES: dict[str, tuple[Callable[[Case], list], str]] = {
+    # checkpoints
+    "pickle-checkpoint": (_pickle_checkpoint, r"pickle weights \(pytorch_model\.bin\).*reads safetensors only"),
+    "index-entry-outside": (_index_outside, r"names shard '\.\./x\.safetensors',? outside the checkpoint directory"),
+    "corrupt-tokenizer": (_corrupt_tokenizer, r"tokenizer of .* is corrupt"),
+    "weights-do-not-fit-config": (_mismatched_weights, r"do not match the shapes its config\.json describes"),
+    "corrupt-config": (_corrupt_config, r"config\.json is corrupt: not valid JSON"),
+    # calibration text
+    "jsonl-number-line": (lambda c: c.prune(calib=c.text("n.jsonl", '{"text": "ok"}\n42\n')), r"n\.jsonl:2 is a JSON int, not an object"),
+    "jsonl-bare-string": (lambda c: c.prune(calib=c.text("s.jsonl", '"just a string"\n')), r"s\.jsonl:1 is a JSON str, not an object"),
+    "jsonl-text-null": (lambda c: c.prune(calib=c.text("z.jsonl", '{"text": null}\n')), r"z\.jsonl:1: field 'text' is null, not a string"),
+    "corrupt-parquet": (lambda c: c.prune(calib=c.text("bad.parquet", b"PAR1 garbage")), r"bad\.parquet is not a readable parquet file"),
+    "samples-1e9": (lambda c: c.prune("--samples", "1e9"), r"Invalid value for '--samples'.*see `.* --help`"),
+    "samples-beyond-the-text": (lambda c: c.prune("--samples", "1000000000"), r"fewer than the 1000000000 requested \(--samples\)"),
+    "seq-len-beyond-positions": (lambda c: c.prune("--seq-len", "4096"), r"--seq-len 4096 is longer than the model's 128 positions"),
+    # options
+    "device-without-gpu": (_device_cuda, r"--device cuda.*(no usable CUDA GPU|CUDA GPU\(s\))"),
+    "probe-tokens-zero": (lambda c: c.prune("--method", "cprune", "--probe-tokens", "0"), r"--probe-tokens must be a positive integer; got 0"),
+    "eval-windows-zero": (lambda c: c.prune("--eval", c.calib, "--eval-windows", "0"), r"--eval-windows must be a positive integer; got 0"),
+    "clusters-zero": (lambda c: c.prune("--method", "cprune", "--clusters", "0"), r"--clusters must be a positive integer; got 0"),
+    "analyze-clusters-zero": (lambda c: ["analyze", c.checkpoint, "--out", c.out, "--clusters", "0", "--seq-len", "32"], r"--clusters must be a positive integer"),
+    "ratio-nan": (lambda c: c.prune("--ratio", "nan"), r"--ratio must be a finite number; got nan"),
+    "lr-nan": (lambda c: ["finetune", c.checkpoint, "--out", c.out, "--lr", "nan"], r"--lr must be a finite number; got nan"),
+    "drop-unit-bogus": (lambda c: ["drop", c.checkpoint, "--out", c.out, "--unit", "bogus", "--drop", "1"], r"--unit must be one of moe, block"),
+    "cache-dir-is-a-file": (lambda c: c.prune("--cache-dir", c.text("cachefile", "x")), r"--cache-dir .*cachefile is a file"),
+    "json-in-missing-dir": (lambda c: ["eval", c.checkpoint, "--ppl", c.calib, "--seq-len", "32", "--json", c.tmp / "nowhere" / "r.json"], r"--json .*directory .*nowhere does not exist"),
+    "json-is-a-directory": (lambda c: ["eval", c.checkpoint, "--ppl", c.calib, "--seq-len", "32", "--json", c.tmp], r"--json .* is a directory"),
+    "plan-out-in-missing-dir": (lambda c: c.prune("--plan-out", c.tmp / "nowhere" / "plan.json"), r"--plan-out .*nowhere does not exist"),
+    "plan-field-wrong-type": (_plan_wrong_type, r"field 'keep' must be a list of expert indices"),
+    # outputs
+    "out-is-the-working-directory": (_out_is_cwd, r"current directory or one of its parents"),
+    "read-only-out-parent": (_readonly_parent, r"Read-only file system"),
+    "disk-full": (_disk_full, r"No space left on device"),
+    "disk-full-tmpfs": (_full_disk_out, r"No space left on device"),
+    # recipes
+    "recipe-without-model": (lambda c: c.recipe(model=None), r"a recipe needs 'model'"),
+    "recipe-field-wrong-type": (lambda c: c.recipe(calibration={"samples": "many"}), r"recipe field 'calibration': option 'samples' must be an integer"),
+    "recipe-stage-option-wrong-type": (lambda c: c.recipe(stages=[{"prune": {"ratio": "high"}}]), r"stage 1 \(prune\): option 'ratio' must be a finite number"),
+    "recipe-stage-option-unknown": (lambda c: c.recipe(stages=[{"drop": {"units": "block"}}]), r"stage 1 \(drop\): unknown option 'units'"),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    return save_tiny_checkpoint(root / "tiny"), write_calibration(root / "calib.jsonl", documents=40)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, inputs, tmp_path, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    build, message = CASES[name]
+    with ExitStack() as stack:
+        case = Case(tmp_path, *inputs, monkeypatch, stack)
+        result = runner.invoke(app, [str(a) for a in build(case)])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
+        assert "Traceback" not in result.output
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert re.search(message, lines[0]) and "above" not in lines[0], lines[0]
+        assert not case.out.exists() or name == "out-is-the-working-directory" and not any(case.out.iterdir())

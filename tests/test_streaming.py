@@ -1,0 +1,277 @@
+"""The streamed pipeline (one layer in memory at a time) computes and writes exactly what the in-memory one does."""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import moe_compress as mc
+from helpers import token_batches
+from moe_compress import get_adapter
+from moe_compress.api import collect_statistics
+from moe_compress.errors import MoECompressError
+from moe_compress.evaluate.perplexity import perplexity
+from moe_compress.io.load import load_model, load_streamed
+from moe_compress.observe.activations import activation_budget
+from tiny_models import FAMILIES, VOCAB, tiny_model
+
+STATS = ("reap_sum", "selected", "gate_sum", "output_moments", "prob_sum")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One tiny checkpoint per family, saved as transformers saves it."""
+    root = tmp_path_factory.mktemp("sources")
+    for family in FAMILIES:
+        tiny_model(family).save_pretrained(root / family)
+    return root
+
+
+def _plan_without_fingerprint(plan: dict) -> dict:
+    """A plan identifies its model by a checkpoint fingerprint when streamed, by a content hash in memory."""
+    identity = {k: v for k, v in (plan.get("identity") or {}).items() if k not in ("fingerprint", "fingerprint_kind")}
+    return {**plan, "identity": identity}
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name == "moe_compress_plan.json":
+            plans = [_plan_without_fingerprint(json.loads((d / name).read_text())) for d in (a, b)]
+            assert plans[0] == plans[1]
+        elif name != "moe_compress_summary.json":  # times and memory differ
+            assert filecmp.cmp(a / name, b / name, shallow=False), f"{name} differs"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_statistics_equal_in_memory(checkpoints, family):
+    weights, _ = load_streamed(checkpoints / family)
+    model, _ = load_model(checkpoints / family)
+    streamed, _ = collect_statistics(weights.model, token_batches(), STATS, cache_dir=False, weights=weights)
+    in_memory, _ = collect_statistics(model, token_batches(), STATS, cache_dir=False)
+    assert streamed.keys() == in_memory.keys()
+    assert all(torch.equal(streamed[i][n], in_memory[i][n]) for i in in_memory for n in in_memory[i])
+    assert all(p.device.type == "meta" for p in weights.model.parameters()), "every layer is released after its visit"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,budget", [("reap", "layer"), ("reap", "global"), ("mone", "global")])
+def test_streamed_prune_writes_the_same_bytes(checkpoints, tmp_path, family, method, budget):
+    results = {}
+    for streaming in (True, False):
+        out = tmp_path / str(streaming)
+        results[streaming] = mc.compress(
+            checkpoints / family, method, 0.5, budget, token_batches(), out=out, cache_dir=False, streaming=streaming
+        )
+    assert results[True].model is None and results[False].model is not None
+    assert _plan_without_fingerprint(results[True].plan.to_dict()) == _plan_without_fingerprint(results[False].plan.to_dict())
+    _same_files(tmp_path / "True", tmp_path / "False")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_streamed_drop_and_slim_write_the_same_bytes(checkpoints, tmp_path, family):
+    source = checkpoints / family
+    runs = {
+        "block": lambda out, s: mc.drop(source, unit="block", n=1, calib=token_batches(), out=out, streaming=s),
+        "moe": lambda out, s: mc.drop(source, unit="moe", n=1, calib=token_batches(), out=out, streaming=s),
+        "wanda": lambda out, s: mc.slim(source, "wanda", 0.5, calib=token_batches(), out=out, streaming=s),
+        "sparsegpt": lambda out, s: mc.slim(source, "sparsegpt", nm="2:4", calib=token_batches(), out=out, streaming=s),
+    }
+    for name, run in runs.items():
+        run(tmp_path / f"{name}-on", True)
+        run(tmp_path / f"{name}-off", False)
+        _same_files(tmp_path / f"{name}-on", tmp_path / f"{name}-off")
+
+
+def test_activations_offloaded_to_files_give_the_same_statistics(checkpoints, tmp_path):
+    weights, _ = load_streamed(checkpoints / "deepseek_v3")
+    expected, _ = collect_statistics(weights.model, token_batches(), STATS, cache_dir=False, weights=weights)
+    with activation_budget(0, tmp_path):  # every batch's activations go to a file
+        offloaded, _ = collect_statistics(weights.model, token_batches(), STATS, cache_dir=False, weights=weights)
+    assert all(torch.equal(expected[i][n], offloaded[i][n]) for i in expected for n in expected[i])
+    assert not list(tmp_path.iterdir()), "offload files are removed after the run"
+
+
+def test_a_full_offload_dir_is_a_clear_error(checkpoints, tmp_path, monkeypatch):
+    import moe_compress.observe.activations as activations
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(activations, "open", full_disk, raising=False)
+    weights, _ = load_streamed(checkpoints / "mixtral")
+    with activation_budget(0, tmp_path), pytest.raises(MoECompressError, match="offload dir .* is full"):
+        collect_statistics(weights.model, token_batches(), STATS, cache_dir=False, weights=weights)
+
+
+def test_streamed_perplexity_equals_in_memory(checkpoints):
+    weights, _ = load_streamed(checkpoints / "qwen3_moe")
+    model, _ = load_model(checkpoints / "qwen3_moe")
+    windows = torch.cat(token_batches(count=2, batch=3))
+    assert perplexity(weights.model, windows, 2, weights=weights) == perplexity(model, windows, 2)
+
+
+def test_streamed_task_scores_equal_hflm(checkpoints):
+    """lm-eval log-likelihoods from one layer-streamed pass equal HFLM's on the in-memory model."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from moe_compress.evaluate.streamed_lm import StreamedLM
+    from tiny_checkpoints import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    source = checkpoints.parent / "with-tokenizer"
+    tiny_model("mixtral", vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=0, eos_token_id=0).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    pairs = [("The quick brown fox", " jumps over"), ("A router scores", " every expert"), ("grep searches", " files for lines")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    model, _ = load_model(source)
+    weights, _ = load_streamed(source)
+    expected = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2).loglikelihood(requests)
+    found = StreamedLM(weights.model, weights, tokenizer, batch_size=2).loglikelihood(requests)
+    for (a, greedy_a), (b, greedy_b) in zip(expected, found):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+
+
+def test_multi_token_prediction_tensors_are_carried_and_pruned(tmp_path):
+    """Tensors transformers does not load (DeepSeek-V3's MTP layer) are kept, renumbered after block drops,
+    and pruned with the plan where they hold experts."""
+    model = tiny_model("deepseek_v3", num_layers=3)
+    model.save_pretrained(tmp_path / "src")
+    shard = tmp_path / "src" / "model.safetensors"
+    with safe_open(str(shard), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    mtp = {k.replace("layers.2.", "layers.3."): v.clone() for k, v in tensors.items() if k.startswith("model.layers.2.")}
+    mtp["model.layers.3.eh_proj.weight"] = torch.randn(32, 64)
+    save_file({**tensors, **mtp}, str(shard), metadata={"format": "pt"})
+
+    pruned = mc.compress(tmp_path / "src", "reap", 0.5, "layer", token_batches(), out=tmp_path / "pruned", cache_dir=False, streaming=True)
+    keep = sorted(max(pruned.plan.layers, key=lambda lp: lp.layer).keep)
+    with safe_open(str(tmp_path / "pruned" / "model.safetensors"), "pt") as handle:
+        out = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith("model.layers.3.")}
+    assert torch.equal(out["model.layers.3.eh_proj.weight"], mtp["model.layers.3.eh_proj.weight"])
+    assert torch.equal(out["model.layers.3.mlp.gate.weight"], mtp["model.layers.3.mlp.gate.weight"][keep])
+    for new, old in enumerate(keep):
+        assert torch.equal(out[f"model.layers.3.mlp.experts.{new}.up_proj.weight"], mtp[f"model.layers.3.mlp.experts.{old}.up_proj.weight"])
+    assert not any(f"experts.{len(keep)}." in k for k in out), "pruned MTP experts are gone"
+
+    dropped = mc.drop(tmp_path / "src", unit="block", n=1, calib=token_batches(), out=tmp_path / "dropped", streaming=True)
+    assert len(dropped.plan.dropped_blocks) == 1
+    with safe_open(str(tmp_path / "dropped" / "model.safetensors"), "pt") as handle:
+        assert torch.equal(handle.get_tensor("model.layers.2.eh_proj.weight"), mtp["model.layers.3.eh_proj.weight"])
+        assert not any(k.startswith("model.layers.3.") for k in handle.keys())
+    summary = json.loads((tmp_path / "pruned" / "moe_compress_summary.json").read_text())
+    assert summary["carried_tensors"] == len(mtp)
+
+
+def test_missing_shard_and_wrong_shape_are_clear_errors(tmp_path):
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    next((tmp_path / "sharded").glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(MoECompressError, match="missing from"):
+        load_streamed(tmp_path / "sharded")
+
+    model.save_pretrained(tmp_path / "wrong")
+    config = json.loads((tmp_path / "wrong" / "config.json").read_text())
+    config["hidden_size"] = 64
+    (tmp_path / "wrong" / "config.json").write_text(json.dumps(config))
+    weights, _ = load_streamed(tmp_path / "wrong")
+    with pytest.raises(MoECompressError, match="has shape .* but the config says"):
+        collect_statistics(weights.model, token_batches(), ("selected",), cache_dir=False, weights=weights)
+
+
+_DISTRIBUTED = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import save_file
+    sys.path.insert(0, {tests!r})
+    import moe_compress as mc
+    from moe_compress import distributed
+    from moe_compress.api import collect_statistics
+    from moe_compress.io.load import load_streamed
+    from helpers import token_batches
+
+    distributed.init_from_environment()
+    if os.environ.get("DIE_ON_RANK") == str(distributed.rank()):
+        os._exit(3)
+    weights, _ = load_streamed({source!r})
+    batches = token_batches(count=5)
+    stats, _ = collect_statistics(weights.model, batches, {stats!r}, cache_dir=False, weights=weights)
+    if distributed.is_main():
+        save_file({{f"{{i}}/{{n}}": v.contiguous() for i, s in stats.items() for n, v in s.items()}}, {stats_out!r})
+    mc.compress({source!r}, "cprune", 0.5, "global", batches, out={out!r}, cache_dir=False, streaming=True,
+                options={{"probe_tokens": 8}})
+    """
+)
+
+
+def _torchrun(script: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_two_processes_calibrate_like_one(checkpoints, tmp_path):
+    """torchrun --nproc-per-node 2 (gloo): statistics equal to one process to 1e-9, same plan, same bytes."""
+    from safetensors.torch import load_file
+
+    source = checkpoints / "qwen2_moe"
+    stats = (*STATS, "signature_similarity@8")
+    script = tmp_path / "run.py"
+    script.write_text(_DISTRIBUTED.format(tests=str(Path(__file__).parent), source=str(source), stats=stats,
+                                          stats_out=str(tmp_path / "stats.safetensors"), out=str(tmp_path / "two")))
+    result = _torchrun(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights, _ = load_streamed(source)
+    single, _ = collect_statistics(weights.model, token_batches(count=5), stats, cache_dir=False, weights=weights)
+    shared = load_file(str(tmp_path / "stats.safetensors"))
+    for layer, named in single.items():
+        for name, value in named.items():
+            torch.testing.assert_close(shared[f"{layer}/{name}"], value, rtol=1e-9, atol=1e-12)
+    one = mc.compress(source, "cprune", 0.5, "global", token_batches(count=5), out=tmp_path / "one", cache_dir=False,
+                      streaming=True, options={"probe_tokens": 8})
+    two = json.loads((tmp_path / "two" / "moe_compress_plan.json").read_text())["layers"]
+    assert [(lp["keep"], lp["clusters"]) for lp in two] == [(lp.keep, lp.clusters) for lp in one.plan.layers]
+    assert filecmp.cmp(tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors", shallow=False)
+
+
+def test_a_rank_that_dies_stops_the_others(checkpoints, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_DISTRIBUTED.format(tests=str(Path(__file__).parent), source=str(checkpoints / "mixtral"), stats=STATS,
+                                          stats_out=str(tmp_path / "stats.safetensors"), out=str(tmp_path / "out")))
+    result = _torchrun(script, {"DIE_ON_RANK": "1", "MOE_COMPRESS_DIST_TIMEOUT": "60"}, timeout=240)
+    assert result.returncode != 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlinked_shards_are_read_and_nan_weights_refused_while_streaming(tmp_path):
+    """Hub cache snapshots link their shards to blobs elsewhere; a NaN in a streamed layer is named when it is read."""
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "blobs", max_shard_size="20KB")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for item in (tmp_path / "blobs").iterdir():
+        (snapshot / item.name).symlink_to(item)
+    weights, _ = load_streamed(snapshot)
+    stats, _ = collect_statistics(weights.model, token_batches(), ("selected",), cache_dir=False, weights=weights)
+    assert sorted(stats) == [0, 1, 2]
+
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[3, 0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    weights, _ = load_streamed(tmp_path / "nan")
+    with pytest.raises(MoECompressError, match="model.layers.1.mlp.experts.down_proj contains 1 NaN"):
+        collect_statistics(weights.model, token_batches(), ("selected",), cache_dir=False, weights=weights)
