@@ -1,10 +1,12 @@
 """Shared machinery for the benchmarks: evaluate compressed variants of a model uniformly.
 
 Every variant is built from a fresh copy of the original model and measured the same way:
-perplexity per bundled domain (test split, fixed windows), multiple-choice accuracy on the
-project's lm-eval tasks (group `moec`), parameters, in-memory bytes, compression time and the
-peak resident memory while compressing (the kernel's peak counter is reset before each
-variant). Results are appended to a JSON file as they come, so a long run can be resumed.
+perplexity per bundled domain (test split, fixed windows), fidelity to the original on the same
+windows (mean KL divergence of the next-token distributions, top-1 agreement), multiple-choice
+accuracy on the project's lm-eval tasks (group `moec`), parameters, in-memory bytes,
+compression time and the peak resident memory while compressing (the kernel's peak counter is
+reset before each variant). Results are appended to a JSON file as they come, so a long run
+can be resumed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ os.environ.setdefault("MOE_COMPRESS_QUIET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from moe_compress import get_adapter, load_model, model_size, perplexity  # noqa: E402
+from moe_compress.evaluate.fidelity import fidelity  # noqa: E402
 from moe_compress.data import CalibrationSpec, bundled_domains, calibration_batches, load_texts, token_stream, windows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,6 +38,7 @@ class EvalSettings:
     ppl_windows: int = 16  # per domain
     mc_limit: int | None = None  # questions per multiple-choice task (None: all)
     speed: bool = False
+    mc: bool = True  # False: skip the multiple-choice tasks (rows then hold mc=None)
 
 
 @dataclass
@@ -96,12 +100,12 @@ def fast_multiple_choice(model, tokenizer, limit: int | None, batch_size: int = 
     return results
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
@@ -131,8 +135,9 @@ class Bench:
             "active_params": size.active_per_token,
             "bytes": size.bytes,
             "perplexity": {d: perplexity(model, data).perplexity for d, data in self.eval_sets.items()},
+            "fidelity": {d: fidelity(model, self.original, data).to_dict() for d, data in self.eval_sets.items()},
         }
-        row["mc"] = fast_multiple_choice(model, self.tokenizer, self.settings.mc_limit)
+        row["mc"] = fast_multiple_choice(model, self.tokenizer, self.settings.mc_limit) if self.settings.mc else None
         if self.settings.speed:
             from moe_compress.evaluate.speed import SpeedSettings, compare_speed, speed_prompts
 
@@ -148,12 +153,12 @@ class Bench:
         if variant.name in self.done:
             return None
         model = copy.deepcopy(self.original) if variant.name != "original" else self.original
-        _reset_peak_rss()
+        reset_peak_rss()
         start = time.perf_counter()
         info = variant.build(model, self.tokenizer) or {}
         model = info.pop("model", model)
         seconds = time.perf_counter() - start
-        peak = _peak_rss()
+        peak = peak_rss()
         # a build's own facts win over the generic measurement (e.g. the logical parameter count
         # of a quantised model, whose reloaded packed weights count eight int4 values as one int32)
         row = {"variant": variant.name, **variant.tags, "compress_seconds": round(seconds, 2), "compress_peak_rss": peak,
@@ -161,7 +166,7 @@ class Bench:
         self.rows.append(row)
         self.done.add(variant.name)
         self.save()
-        print(f"{variant.name}: ppl {({k: round(v, 2) for k, v in row['perplexity'].items()})} mc {row['mc'].get('moec', {}).get('acc')}", flush=True)
+        print(f"{variant.name}: ppl {({k: round(v, 2) for k, v in row['perplexity'].items()})} mc {(row['mc'] or {}).get('moec', {}).get('acc')}", flush=True)
         return row
 
     def save(self) -> None:
@@ -172,6 +177,25 @@ class Bench:
 def mean_ppl(row: dict) -> float:
     values = list(row["perplexity"].values())
     return sum(values) / len(values)
+
+
+def mean_fidelity(row: dict, key: str) -> float | None:
+    """Mean over domains of a fidelity measure ('kl' or 'top1_agreement'); None for rows recorded before it existed."""
+    values = [f[key] for f in (row.get("fidelity") or {}).values()]
+    return sum(values) / len(values) if values else None
+
+
+def fidelity_columns() -> list[tuple[str, Callable[[dict], str]]]:
+    """Table columns for the mean KL to the original and the top-1 agreement."""
+    def show(key: str, digits: int) -> Callable[[dict], str]:
+        return lambda r: "-" if mean_fidelity(r, key) is None else f"{mean_fidelity(r, key):.{digits}f}"
+
+    return [("KL", show("kl", 4)), ("top-1 agree", show("top1_agreement", 3))]
+
+
+def mc_column(key: str = "acc") -> tuple[str, Callable[[dict], str]]:
+    """The `moec` accuracy column; '-' for rows measured without the multiple-choice tasks."""
+    return (f"MC {key}", lambda r: f"{r['mc']['moec'][key]:.3f}" if r.get("mc") else "-")
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> str:
@@ -190,7 +214,7 @@ def _scatter_panels(points: dict[str, dict[str, list[tuple[float, float]]]], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"pruning": "o", "structural": "s", "slimming": "^"}
+    markers = {"pruning": "o", "merging": "P", "structural": "s", "slimming": "^", "autoround": "v", "peers": "D"}
     figure, axes = plt.subplots(1, len(points), figsize=(8 * len(points), 6), squeeze=False)
     for ax, (model, families) in zip(axes[0], sorted(points.items())):
         for family, xy in sorted(families.items()):
@@ -217,17 +241,23 @@ def quality_size_plot(rows_by_model: dict[str, list[dict]], path: Path, title: s
 
 
 def overview_plot(path: Path) -> None:
-    """Every recorded variant of every bench (pruning, structural, slimming) on one quality-vs-bytes plot per model.
+    """Every recorded variant of every bench (pruning and merging, structural, slimming and AutoRound,
+    peers) on one quality-vs-bytes plot per model.
 
     x is the effective size in MiB (sparse matrices counted as bitmask + non-zeros, quantised
-    checkpoints as stored), so pruning, dropping, sparsity and quantisation share one axis.
+    checkpoints as stored), so pruning, merging, dropping, sparsity and quantisation share one
+    axis. A row's `plot_group` tag (e.g. "merging", "autoround") overrides its bench's name in
+    the legend and picks its marker.
     """
     points: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for result in sorted(RESULTS.glob("*_ref-*.json")):
         data = json.loads(result.read_text())
         bench_name = result.stem.split("_")[0]
         for row in data.get("rows", []):
-            family = "original" if row["variant"] == "original" else f"{bench_name}: {row.get('family', row['variant'])}"
+            if "perplexity" not in row:  # a run that failed (e.g. a peer's output that did not load)
+                continue
+            group = row.get("plot_group", bench_name)
+            family = "original" if row["variant"] == "original" else f"{group}: {row.get('family', row['variant'])}"
             size = row.get("effective_bytes", row.get("checkpoint_bytes", row["bytes"])) / 2**20
             points.setdefault(data["model"], {}).setdefault(family, []).append((size, mean_ppl(row)))
     if points:

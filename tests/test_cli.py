@@ -179,7 +179,7 @@ def test_reference_mode_options_reach_the_methods(checkpoint, calib, tmp_path):
     result, text = run("prune", checkpoint, "--method", "reap", "--ratio", "0.25", "--renormalize", "false", "--out", tmp_path / "r", *common)
     assert result.exit_code == 0, text
     plan = json.loads((tmp_path / "r" / "moe_compress_plan.json").read_text())
-    assert plan["meta"] == {"renormalize": False, "renormalised": False}
+    assert plan["meta"]["renormalize"] is False and plan["meta"]["renormalised"] is False
     result, text = run("prune", checkpoint, "--method", "reap", "--renormalize", "sometimes", "--out", tmp_path / "bad", *common)
     assert result.exit_code == 2 and "--renormalize must be" in text
     result, text = run("prune", checkpoint, "--method", "mone", "--out", tmp_path / "one-batch", *common)

@@ -56,15 +56,15 @@ def test_saved_checkpoints_reload_exactly_without_moe_compress(battery, model_ty
         assert_reloads_exactly(result)
 
 
-def test_quantize_refuses_exactly_the_families_with_fused_experts_on_disk(battery):  # noqa: F811
-    """compressed-tensors writes 2-D Linear weights: families whose checkpoints fuse experts into 3-D tensors are refused."""
-    refused = {t for t, result in battery.results.items() if result.quantize_refused}
+def test_quantize_stores_rounded_values_exactly_for_the_families_with_fused_experts_on_disk(battery):  # noqa: F811
+    """compressed-tensors packs 2-D Linear weights: families whose checkpoints fuse experts into 3-D tensors keep them rounded, unpacked."""
+    rounded = {t for t, result in battery.results.items() if result.experts_storage.startswith("rounded values")}
     fused = set()
     for model_type in SUPPORTED:
         skeleton = build_skeleton(tiny_config(model_type))
         if not experts_stored_per_expert(skeleton, get_adapter(skeleton)):
             fused.add(model_type)
-    assert refused == fused
+    assert rounded == fused and rounded
 
 
 def test_the_requested_families_are_supported():

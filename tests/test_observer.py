@@ -66,6 +66,10 @@ def _brute_force(model, adapter, batches):
     reference = {}
     for index, parts in records.items():
         sums = {name: torch.zeros(8, dtype=torch.float64) for name in PER_EXPERT}
+        hidden = parts[0][3].shape[-1]
+        sums["logit_gram"] = torch.zeros(8, 8, dtype=torch.float64)
+        sums["output_sum_all"] = torch.zeros(8, hidden, dtype=torch.float64)
+        sums["gated_output_sum_all"] = torch.zeros(8, hidden, dtype=torch.float64)
         routed_outputs: dict[int, list[torch.Tensor]] = {e: [] for e in range(8)}
         for logits, weights, chosen, outs in parts:
             probs = adapter.router_probs(logits).double()
@@ -73,6 +77,9 @@ def _brute_force(model, adapter, batches):
                 sums["tokens"] += 1
                 sums["prob_sum"] += probs[t]
                 sums["router_dist_sum"] += probs[t] / probs[t].sum() if adapter.router_score == "sigmoid" else probs[t]
+                sums["logit_gram"] += torch.outer(logits[t].double(), logits[t].double())
+                sums["output_sum_all"] += outs[t].double()
+                sums["gated_output_sum_all"] += probs[t][:, None] * outs[t].double()
                 total_w = float(weights[t].double().sum())
                 for slot in range(chosen.shape[1]):
                     e, g = int(chosen[t, slot]), float(weights[t, slot])
@@ -82,8 +89,8 @@ def _brute_force(model, adapter, batches):
                     sums["output_norm_sum"][e] += norm
                     sums["reap_sum"][e] += g / total_w * norm
                     sums["reap_prob_sum"][e] += float(probs[t, e]) * norm
+                    sums["max_output_abs"][e] = max(float(sums["max_output_abs"][e]), float(outs[t, e].abs().max()))
                     routed_outputs[e].append(outs[t, e].double())
-        hidden = outs.shape[-1]
         sums["output_moments"] = torch.zeros(8, 1 + 2 * hidden, dtype=torch.float64)
         for e, rows in routed_outputs.items():
             if rows:

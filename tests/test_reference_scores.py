@@ -18,6 +18,9 @@ from tiny_models import tiny_model
 
 ADAPTERS = {name: get_adapter(tiny_model(name)) for name in ("mixtral", "qwen2_moe", "deepseek_v3")}
 
+#: Hand-made statistics carry no activation maxima: the super-expert guard is switched off.
+NO_GUARD = {"protect_super_experts": False}
+
 
 def _routed_batch(adapter, logits, top_idx, top_w, norms):
     """A RoutedBatch whose expert outputs are given: expert e's output on token t has norm norms[t][e]."""
@@ -53,7 +56,7 @@ def _reap_plan(adapter, config, renormalize, ratio=1 / 3):
         "reap_sum": torch.tensor([1.25, 1.5 + 1 / 3, 2.0], dtype=torch.float64),
         "reap_prob_sum": torch.tensor([1.0, 1.5, 1.8], dtype=torch.float64),
     }}
-    return get_method("reap").make_plan(PlanRequest(adapter, config, stats, ratio), {"renormalize": renormalize})
+    return get_method("reap").make_plan(PlanRequest(adapter, config, stats, ratio), {**NO_GUARD, "renormalize": renormalize})
 
 
 @pytest.mark.parametrize("norm_topk_prob, renormalised", [(True, True), (False, False)])
@@ -76,9 +79,9 @@ def test_reap_switch_overrides_the_model_and_changes_the_ranking():
         "reap_prob_sum": torch.tensor([0.3, 0.45, 1.0], dtype=torch.float64),  # probabilities: expert 0 is removed
     }}
     request = PlanRequest(ADAPTERS["qwen2_moe"], model.config, stats, 1 / 3)
-    assert get_method("reap").make_plan(request, {"renormalize": True}).layers[0].keep == [0, 2]
-    assert get_method("reap").make_plan(request, {"renormalize": False}).layers[0].keep == [1, 2]
-    assert get_method("reap").make_plan(request, {}).layers[0].keep == [1, 2]  # the model does not renormalise
+    assert get_method("reap").make_plan(request, {**NO_GUARD, "renormalize": True}).layers[0].keep == [0, 2]
+    assert get_method("reap").make_plan(request, {**NO_GUARD, "renormalize": False}).layers[0].keep == [1, 2]
+    assert get_method("reap").make_plan(request, NO_GUARD).layers[0].keep == [1, 2]  # the model does not renormalise
 
 
 def test_families_that_always_renormalise_say_so():
@@ -125,9 +128,9 @@ def test_mone_global_scope_compares_raw_scores_by_default():
         "output_moments": torch.cat([torch.full((4, 1), 2.0), torch.zeros(4, 1), torch.full((4, 1), 2.0)], dim=1).double(),
     } for layer, s in request_scores.items()}
     mone = get_method("mone")
-    raw = mone.make_plan(PlanRequest(get_adapter(model), model.config, stats, 0.25, "global"), {"variance": "exact"})
+    raw = mone.make_plan(PlanRequest(get_adapter(model), model.config, stats, 0.25, "global"), {**NO_GUARD, "variance": "exact"})
     shares = mone.make_plan(PlanRequest(get_adapter(model), model.config, stats, 0.25, "global"),
-                            {"global_scores": "layer_normalised", "variance": "exact"})
+                            {**NO_GUARD, "global_scores": "layer_normalised", "variance": "exact"})
     assert raw.kept_counts() == {0: 2, 1: 4}, "raw scores: the layer with the larger outputs keeps all"
     assert shares.kept_counts() == {0: 3, 1: 3}, "layer shares: both layers lose their least share"
 

@@ -188,7 +188,7 @@ def compress(
         stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.fingerprint)
         if not distributed.is_main():
             return _other_rank_result()
-        plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep), options)
+        plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model, weights=weights), options)
         plan.identity = identity
     else:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)

@@ -244,7 +244,7 @@ def _renormalize_option(value: str | None) -> str | bool | None:
 def prune(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory to write the pruned checkpoint to (written atomically).")],
-    method: Annotated[str, typer.Option(help="Method: frequency, soft_count, gate_sum, ean, reap, mone, cprune or cprune-cosine (see `moe-compress methods`).")] = "reap",
+    method: Annotated[str, typer.Option(help="Method: frequency, soft_count, gate_sum, ean, reap, mone, cprune, cprune-cosine, or merging: hc-smoe, m-smoe, ream (see `moe-compress methods`).")] = "reap",
     ratio: Annotated[float, typer.Option(help="Fraction of routed experts to remove, in [0, 1).")] = 0.25,
     budget: Annotated[str, typer.Option(help="layer: every MoE layer loses the same share; global: layers compete for one total.")] = "layer",
     calib: CalibOpt = "bundled",
@@ -276,6 +276,9 @@ def prune(
     stage1_share: Annotated[float | None, typer.Option(help="cprune-cosine: share of the removal done per layer in stage 1; the rest is global (stage 2).")] = None,
     probe_tokens: Annotated[int | None, typer.Option(help="cprune-cosine: tokens per batch in the shared probe that defines expert signatures.")] = None,
     max_layer_loss: Annotated[float | None, typer.Option(help="cprune-cosine: most any layer may lose in stage 2, as a fraction of its experts (default: twice the ratio, at most 0.75).")] = None,
+    align: Annotated[str | None, typer.Option(help="hc-smoe, m-smoe, ream: align merged experts' neurons first: none, weights, activations or activations+weights (ream's default).")] = None,
+    group_size: Annotated[int | None, typer.Option(help="ream: most experts per merge group (pseudo-pruning, default 16); 0 sends every expert to its most similar centroid.")] = None,
+    protect_super_experts: Annotated[bool | None, typer.Option("--protect-super-experts/--no-protect-super-experts", help="Never remove or merge super experts (extreme down-projection outliers, see `moe-compress methods`). Default: on.")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
@@ -284,7 +287,7 @@ def prune(
     max_activation_memory: MaxActivationOpt = None,
     offload_dir: OffloadDirOpt = None,
 ) -> None:
-    """Prune or replace routed experts with a registered method (or a saved plan) and save the result."""
+    """Prune, replace or merge routed experts with a registered method (or a saved plan) and save the result."""
     from .api import compress
     from .data.batches import CalibrationSpec
     from .evaluate.perplexity import perplexity
@@ -311,6 +314,7 @@ def prune(
             "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
             "renormalize": _renormalize_option(renormalize), "global_scores": global_scores, "global_clusters": global_clusters,
             "batch": cluster_batch, "stage1_rate": stage1_rate, "stage2_rate": stage2_rate, "variance": variance,
+            "align": align, "group_size": group_size, "protect_super_experts": protect_super_experts,
         }
         result = compress(
             weights if weights.streamed else loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out,
@@ -410,6 +414,21 @@ def _evaluate_model(
     return report
 
 
+def _fidelity(loaded, original, tokenizer, sources: list[str], seq_len: int, max_windows: int, batch_size: int, weights: tuple, device: str) -> dict:
+    """Per source, KL(original || compressed) and top-1 agreement on the perplexity windows (teacher-forced)."""
+    from .evaluate.fidelity import fidelity
+
+    if loaded.config.vocab_size != original.config.vocab_size:
+        raise MoECompressError(
+            f"--compare: vocabularies differ ({loaded.config.vocab_size} vs {original.config.vocab_size} tokens), so next-token distributions cannot be compared."
+        )
+    mine, theirs = weights
+    return {
+        s: fidelity(loaded, original, _eval_windows(tokenizer, s, seq_len, max_windows, loaded.config), batch_size, mine, theirs, device).to_dict()
+        for s in sources
+    }
+
+
 def _comparison(mine: dict, theirs: dict, speed) -> dict:
     """Deltas of `mine` against `theirs`: ratios for costs and perplexity, differences for accuracies."""
 
@@ -459,6 +478,10 @@ def _eval_table(report: dict) -> Table:
     for source, r in report["perplexity"].items():
         other = theirs["perplexity"].get(source)
         row(f"ppl {source.removeprefix('bundled:')}", f"{r['perplexity']:.3f}", f"{other['perplexity']:.3f}" if other else "", pct(comparison.get("perplexity_ratio", {}).get(source)))
+    for source, f in (report.get("fidelity") or {}).items():
+        name = source.removeprefix("bundled:")
+        row(f"KL to original {name}", f"{f['kl']:.4f}", "0", "")
+        row(f"top-1 agreement {name}", f"{f['top1_agreement']:.3f}", "1", "")
     for task, score in report["tasks"].items():
         other = theirs["tasks"].get(task)
         for key in ("acc", "acc_norm"):
@@ -531,7 +554,8 @@ def evaluate(
     With --compare ORIGINAL both models are evaluated the same way in one process and the table
     shows the changes. JSON keys: model, seq_len, settings, perplexity, tasks, params (total,
     routed, active_per_token), bytes_in_memory, checkpoint_bytes, peak_rss_bytes, speed; with
-    --compare also original (the same keys) and comparison.
+    --compare also original (the same keys), comparison, and fidelity: per --ppl source the
+    mean KL(original || this model) per token and the top-1 agreement, teacher-forced.
     """
     from .evaluate.harness import parse_task_list, select_tasks
     from .evaluate.speed import SpeedSettings, compare_speed, measure_speed, peak_rss_bytes, speed_prompts
@@ -572,6 +596,7 @@ def evaluate(
             report["original"] = _evaluate_model(
                 compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, original_weights, device
             )
+            report["fidelity"] = _fidelity(loaded, original, tokenizer, sources, seq_len, max_windows, batch_size, (weights, original_weights), device)
         comparison = None
         report["speed"] = None
         if speed:
@@ -799,7 +824,10 @@ def methods() -> None:
     table.add_column("what it does")
     table.add_column("options (defaults)")
     for m in METHODS.values():
-        table.add_row(m.name, m.doc, ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-")
+        options = {**m.options, "protect_super_experts": m.protect_default}
+        table.add_row(m.name, m.doc, ", ".join(f"{k}={v}" for k, v in options.items()))
+    table.caption = ("protect_super_experts: never remove or merge experts whose down-projection output has extreme outliers "
+                     "(above the 99.5th percentile and a tenth of the maximum, first 75% of layers; Su et al. 2025)")
     out_console.print(table)
 
 
@@ -923,30 +951,46 @@ def quantize(
     group_size: Annotated[int | None, typer.Option(help="Weights per scale along the input dimension; 0 = one scale per output row. Default: the largest of 128/64/32/16/8 dividing every quantised width.")] = None,
     scope: Annotated[str, typer.Option(help="all: every decoder Linear (attention, routed and shared experts, dense MLPs; routers, embeddings, lm_head stay); experts: routed experts only.")] = "all",
     asymmetric: Annotated[bool, typer.Option("--asymmetric", help="Per-group zero points (asymmetric ranges) instead of symmetric ones.")] = False,
+    method: Annotated[str, typer.Option(help="rtn: round-to-nearest, no data (fast); autoround: AutoRound's rounding tuned per decoder block on calibration text.")] = "rtn",
+    iters: Annotated[int, typer.Option(help="autoround: tuning steps per decoder block.")] = 200,
+    calib: CalibOpt = "bundled",
+    samples: Annotated[int, typer.Option(help="autoround: number of calibration sequences.")] = 64,
+    seq_len: SeqLenOpt = 256,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Quantise weights to 4 or 8 bits (round-to-nearest, per group) and save a compressed-tensors checkpoint.
+    """Quantise weights to 4 or 8 bits (round-to-nearest or AutoRound, per group) and save a compressed-tensors checkpoint.
 
     Run it last, after prune/slim: it reads the full-precision model. The result loads with
     transformers (compressed-tensors installed) and vLLM; non-uniform checkpoints keep their
     generated remote code.
     """
+    from .data.batches import CalibrationSpec
     from .io.load import load_model
     from .io.save import check_output_dir
+    from .slimming.quantize import METHODS
     from .slimming.quantize import quantize as quantize_model
 
     if bits not in (4, 8):
         raise MoECompressError(f"--bits must be 4 or 8; got {bits}.")
+    if method not in METHODS:
+        raise MoECompressError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
+    spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size)
+    if method == "autoround":
+        spec.validate()
     check_output_dir(out, overwrite, [model])
-    loaded, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    result = quantize_model(loaded, out, bits, group_size, scope, not asymmetric, tokenizer, overwrite)
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    result = quantize_model(loaded, out, bits, group_size, scope, not asymmetric, tokenizer, overwrite, method=method, calib=spec,
+                            iters=iters, device=device)
     s = result.summary
     out_console.print(
-        f"{s['bits']}-bit (group {s['group_size'] or 'per channel'}, {'symmetric' if s['symmetric'] else 'asymmetric'}) "
+        f"{s['method']} {s['bits']}-bit (group {s['group_size'] or 'per channel'}, {'symmetric' if s['symmetric'] else 'asymmetric'}) "
         f"{s['quantized_matrices']} matrices, {_human(s['quantized_params'])} weights; checkpoint "
-        f"{_bytes(s['checkpoint_bytes_before'])} -> {_bytes(s['checkpoint_bytes'])} in {out}"
+        f"{_bytes(s['checkpoint_bytes_before'])} -> {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s"
     )
 
 

@@ -34,6 +34,26 @@ def _vectors_path(plan_path: Path) -> Path:
     return plan_path.with_name(plan_path.stem + ".novices.safetensors")
 
 
+def _permutations_path(plan_path: Path) -> Path:
+    return plan_path.with_name(plan_path.stem + ".permutations.safetensors")
+
+
+MERGE_ROUTERS = ("weighted", "centroid")
+
+
+def _load_layer_tensors(path: Path, what: str) -> dict[int, torch.Tensor]:
+    """Tensors saved beside a plan, keyed by layer number ({} when the file does not exist)."""
+    if not path.is_file():
+        return {}
+    try:
+        loaded = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise MoECompressError(f"{what} {path} are corrupt ({exc}); re-save the plan.") from None
+    if not all(k.isdigit() for k in loaded):
+        raise MoECompressError(f"{what} {path} must be keyed by layer number; got {sorted(loaded)}.")
+    return {int(k): v for k, v in loaded.items()}
+
+
 @dataclass(frozen=True)
 class RoutingLimits:
     """What a layer must keep for its router to work: top_k experts, and for grouped routers
@@ -114,6 +134,9 @@ _LAYER_FIELDS: dict[str, _FieldSpec] = {
     "clusters": (_optional(_list_of(lambda v: _is_int(v, 0))), "null or a list of integers >= 0", False),
     "condensed_weights": (_optional(_list_of(_is_number)), "null or a list of finite numbers", False),
     "drop": (lambda v: isinstance(v, bool), "true or false", False),
+    "merges": (_optional(_list_of(_list_of(lambda v: _is_int(v, 0)))), "null or a list of lists of expert indices", False),
+    "merge_weights": (_optional(_list_of(_list_of(_is_number))), "null or a list of lists of finite numbers", False),
+    "merge_router": (lambda v: v in MERGE_ROUTERS, f"one of {', '.join(MERGE_ROUTERS)}", False),
 }
 _PLAN_FIELDS: dict[str, _FieldSpec] = {
     "model_type": (lambda v: isinstance(v, str) and bool(v), "a model type name", True),
@@ -170,6 +193,9 @@ class LayerPlan:
     through the kept experts (sorted ids) scaled by these constants, plus shared experts.
     With `drop`, the whole MoE sub-layer is removed (attention stays).
     `clusters` optionally records the cluster id of each expert, for methods that cluster.
+    With `merges`, kept expert i (in ascending id order) becomes the weighted average of the
+    original experts `merges[i]` (itself first) with `merge_weights[i]`; its router row is
+    the same weighted average of theirs (`merge_router="weighted"`) or its own ("centroid").
     """
 
     layer: int
@@ -180,6 +206,9 @@ class LayerPlan:
     clusters: list[int] | None = None
     condensed_weights: list[float] | None = None
     drop: bool = False
+    merges: list[list[int]] | None = None
+    merge_weights: list[list[float]] | None = None
+    merge_router: str = "weighted"
 
     @property
     def removed(self) -> list[int]:
@@ -205,6 +234,10 @@ class Plan:
     #: Per layer, [removed experts, hidden] novice vectors (rows in ascending expert id).
     #: Tensors are not JSON: `save` writes them beside the plan as safetensors.
     novice_vectors: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: Per layer, [aligned members, intermediate] neuron permutations (int64), one row per merge
+    #: member after the first, in plan order: the aligned member's neuron j is its original
+    #: neuron perm[j]. Saved beside the plan as safetensors, like the novice vectors.
+    merge_permutations: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     #: The model this plan was made for (None in plans written before identities existed).
     identity: ModelIdentity | None = None
 
@@ -247,6 +280,8 @@ class Plan:
                 continue
             if lp.novices and not lp.keep:
                 raise MoECompressError(f"{where} keeps no expert; with novices at least one real expert must stay.")
+            if lp.merges is not None:
+                self._validate_merges(lp, where)
             if len(lp.keep) < self.top_k and not lp.novices:  # novices keep every router row: top_k stays reachable
                 raise MoECompressError(
                     f"{where} keeps {len(lp.keep)} experts, fewer than top_k={self.top_k}: every token routes to "
@@ -262,6 +297,10 @@ class Plan:
                         f"{groups} groups, at least {min_units} each; this plan keeps {per_group}."
                     )
         self._validate_numbers()
+        merging = {lp.layer for lp in self.layers if lp.merges is not None and not lp.drop and lp.condensed_weights is None}
+        stray = sorted(set(self.merge_permutations) - merging)
+        if stray:
+            raise MoECompressError(f"plan carries merge permutations for layer(s) {stray}, which merge no experts.")
         if len(set(self.dropped_blocks)) != len(self.dropped_blocks):
             raise MoECompressError(f"plan drops a block twice: {self.dropped_blocks}.")
         if self.num_layers is not None:
@@ -269,6 +308,38 @@ class Plan:
                 raise MoECompressError(f"dropped blocks {self.dropped_blocks} must be in 0..{self.num_layers - 1}.")
             if len(self.dropped_blocks) >= self.num_layers:
                 raise MoECompressError("a plan cannot drop every decoder block.")
+
+    def _validate_merges(self, lp: LayerPlan, where: str) -> None:
+        """Merge groups: one per kept expert (itself first), disjoint, weighted, within one routing group."""
+        if lp.novices:
+            raise MoECompressError(f"{where}: a layer cannot both merge experts and keep novices.")
+        if lp.merge_router not in MERGE_ROUTERS:
+            raise MoECompressError(f"{where}: merge_router must be one of {', '.join(MERGE_ROUTERS)}; got {lp.merge_router!r}.")
+        kept = sorted(lp.keep)
+        weights = lp.merge_weights
+        if len(lp.merges) != len(kept) or [group[:1] for group in lp.merges] != [[e] for e in kept]:
+            raise MoECompressError(f"{where}: merges need one group per kept expert, in ascending order, each starting with that expert.")
+        if weights is None or [len(w) for w in weights] != [len(g) for g in lp.merges]:
+            raise MoECompressError(f"{where}: merge_weights need one weight per merged expert.")
+        if any(not math.isfinite(v) or v < 0 for w in weights for v in w) or any(sum(w) <= 0 for w in weights):
+            raise MoECompressError(f"{where}: merge weights must be finite, non-negative and not all zero in a group.")
+        members = [e for group in lp.merges for e in group]
+        bad = [e for e in members if not 0 <= e < lp.num_experts]
+        if bad or len(set(members)) != len(members):
+            raise MoECompressError(f"{where}: merged experts must be distinct ids in 0..{lp.num_experts - 1}; got {lp.merges}.")
+        if self.routing_groups > 1:
+            size = lp.num_experts // self.routing_groups
+            if any(e // size != group[0] // size for group in lp.merges for e in group):
+                raise MoECompressError(f"{where}: group-limited routing: experts may only merge within their routing group of {size}.")
+        permutations = self.merge_permutations.get(lp.layer)
+        if permutations is not None:
+            aligned = sum(len(group) - 1 for group in lp.merges)
+            valid = permutations.dim() == 2 and permutations.shape[0] == aligned
+            if valid and aligned:
+                ordered = torch.sort(permutations.long(), dim=1).values
+                valid = torch.equal(ordered, torch.arange(permutations.shape[1]).expand_as(ordered))
+            if not valid:
+                raise MoECompressError(f"{where}: merge permutations must be {aligned} rows, each a permutation of the expert's neurons.")
 
     def _validate_numbers(self) -> None:
         """Every number finite; novice vectors one row per removed expert, for novice layers only."""
@@ -364,7 +435,7 @@ class Plan:
                 value = [asdict(lp) for lp in value]
             elif f.name == "identity":
                 value = value.to_dict() if value is not None else None
-            elif f.name == "novice_vectors":
+            elif f.name in ("novice_vectors", "merge_permutations"):
                 continue
             body[f.name] = value
         return body
@@ -389,6 +460,8 @@ class Plan:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         if self.novice_vectors:
             save_file({str(k): v.contiguous() for k, v in self.novice_vectors.items()}, str(_vectors_path(path)))
+        if self.merge_permutations:
+            save_file({str(k): v.contiguous() for k, v in self.merge_permutations.items()}, str(_permutations_path(path)))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -403,15 +476,8 @@ class Plan:
             plan = cls.from_dict(data)
         except MoECompressError as exc:
             raise MoECompressError(f"plan file {path}: {exc}") from None
-        vectors = _vectors_path(path)
-        if vectors.is_file():
-            try:
-                loaded = load_file(str(vectors))
-            except Exception as exc:  # safetensors raises its own error type for corrupt files
-                raise MoECompressError(f"novice vectors {vectors} are corrupt ({exc}); re-save the plan.") from None
-            if not all(k.isdigit() for k in loaded):
-                raise MoECompressError(f"novice vectors {vectors} must be keyed by layer number; got {sorted(loaded)}.")
-            plan.novice_vectors = {int(k): v for k, v in loaded.items()}
+        plan.novice_vectors = _load_layer_tensors(_vectors_path(path), "novice vectors")
+        plan.merge_permutations = {k: v.long() for k, v in _load_layer_tensors(_permutations_path(path), "merge permutations").items()}
         plan.validate()
         return plan
 
@@ -423,6 +489,7 @@ class Plan:
             removed = lp.removed
             shown = ", ".join(map(str, removed[:16])) + (" ..." if len(removed) > 16 else "")
             kind = " (MoE dropped)" if lp.drop else " (condensed)" if lp.condensed_weights is not None else " (novices)" if lp.novices else ""
+            kind = " (merged)" if lp.merges is not None and any(len(g) > 1 for g in lp.merges) else kind
             table.add_row(str(lp.layer), str(lp.num_experts), ("0" if lp.drop else str(len(lp.keep))) + kind, shown or "-")
         if self.dropped_blocks:
             table.add_row("blocks", "", "", "dropped: " + ", ".join(map(str, sorted(self.dropped_blocks))))

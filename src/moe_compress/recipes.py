@@ -232,7 +232,7 @@ def _check_stage(position: int, kind: str, options: dict) -> None:
         method = options.get("method", "reap")
         if not isinstance(method, str):
             raise MoECompressError(f"{where}: option 'method' must be a string; got {_describe(method)}.")
-        defaults = get_method(method).options
+        defaults = get_method(method).resolved_options({})  # its options and the guard every method takes
         hints = {**hints, **{k: Any if v is None else float if isinstance(v, float) else type(v) for k, v in defaults.items()}}
         known = ["method", "ratio", "budget", "min_keep", *defaults]
     _check_options(where, options, hints, known)

@@ -77,7 +77,7 @@ def describe_outputs(model: nn.Module, adapter: MoEAdapter) -> str:
     """Outputs plain `from_pretrained` loads; everything else (non-uniform, novices, condensed) loads as remote code."""
     if experts_stored_per_expert(model, adapter):
         return "uniform prune, block drop, quantize"
-    return "uniform prune, block drop (quantize refused: experts fused 3-D on disk)"
+    return "uniform prune, block drop, quantize (experts fused 3-D on disk: stored as rounded values)"
 
 
 def describe_notes(adapter: MoEAdapter, config) -> str:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoECompressError
-from ..observe.statistics import merge_moments, split_moments
+from ..observe.statistics import output_moments, split_moments
 from ..plan import LayerPlan, Plan, RoutingLimits
 from .budget import select_experts
 from .registry import Method, PlanRequest, register
@@ -137,10 +137,7 @@ def _layer_scores(layer_stats: dict[str, torch.Tensor], variance: str) -> tuple[
             "mone's running variance (the authors' estimate) adds nothing for an expert's first calibration batch, so one "
             "batch gives every expert zero variance: calibrate on more batches (--samples above --batch-size) or pass variance=exact."
         )
-    merged = per_batch[0]
-    for moments in per_batch[1:]:
-        merged = merge_moments(merged, moments)
-    return layer_stats["gate_sum"] / layer_stats["tokens"], running_variation(per_batch), split_moments(merged)[1]
+    return layer_stats["gate_sum"] / layer_stats["tokens"], running_variation(per_batch), split_moments(output_moments(layer_stats))[1]
 
 
 def plan_mone(

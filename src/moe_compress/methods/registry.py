@@ -7,15 +7,16 @@ the method turns them into a Plan. New methods join by calling `register`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from ..arch.adapter import MoEAdapter
+from ..arch.adapter import MoEAdapter, text_config
 from ..errors import MoECompressError
 from ..plan import Plan
 from .budget import Budget
+from .super_experts import find_super_experts, keep_super_experts
 
 Stats = dict[int, dict[str, torch.Tensor]]
 
@@ -30,6 +31,17 @@ class PlanRequest:
     ratio: float
     budget: Budget = "layer"
     min_keep: int = 0
+    #: The model itself, for methods that read expert weights while planning (REAM's neuron
+    #: alignment); a method reads one decoder layer at a time from it, through `weights`
+    #: (`io.residency`: in memory, or streamed from the checkpoint) when given.
+    model: Any = None
+    weights: Any = None
+    #: Super experts per MoE layer that the plan must keep as they are (see `super_experts`).
+    protected: dict[int, list[int]] = field(default_factory=dict)
+
+
+#: Every method accepts this option: keep super experts (extreme activation outliers) intact.
+PROTECT = "protect_super_experts"
 
 
 @dataclass(frozen=True)
@@ -42,21 +54,36 @@ class Method:
     plan: Callable[..., Plan]  # plan(request, **options)
     doc: str
     options: dict[str, Any] = field(default_factory=dict)  # name -> default
+    #: Plans with `request.protected` itself (merging); otherwise removed super experts are swapped back in.
+    protects: bool = False
+    #: Default of the super-expert guard for this method (measured in bench/pruning.py).
+    protect_default: bool = True
 
     def resolved_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
         options = dict(options or {})
-        unknown = set(options) - set(self.options)
+        unknown = set(options) - set(self.options) - {PROTECT}
         if unknown:
-            known = ", ".join(sorted(self.options)) or "none"
+            known = ", ".join(sorted([*self.options, PROTECT]))
             raise MoECompressError(f"method {self.name!r} has no option(s) {sorted(unknown)}; its options: {known}.")
-        return {**self.options, **options}
+        return {PROTECT: self.protect_default, **self.options, **options}
 
     def needs(self, options: dict[str, Any] | None = None) -> tuple[str, ...]:
         """The statistics to observe for these options."""
-        return self.statistics(self.resolved_options(options)) if callable(self.statistics) else self.statistics
+        resolved = self.resolved_options(options)
+        guard = resolved.pop(PROTECT)
+        names = self.statistics(resolved) if callable(self.statistics) else self.statistics
+        return tuple(dict.fromkeys([*names, *(("max_output_abs",) if guard else ())]))
 
     def make_plan(self, request: PlanRequest, options: dict[str, Any] | None = None) -> Plan:
-        plan = self.plan(request, **self.resolved_options(options))
+        resolved = self.resolved_options(options)
+        guard = resolved.pop(PROTECT)
+        protected = find_super_experts(request.stats, text_config(request.config).num_hidden_layers) if guard else {}
+        plan = self.plan(replace(request, protected=protected), **resolved)
+        swaps = [] if self.protects else keep_super_experts(plan, protected, request.stats)
+        plan.meta[PROTECT] = guard
+        if guard:
+            plan.meta["super_experts"] = {str(layer): experts for layer, experts in protected.items()}
+            plan.meta["super_expert_swaps"] = swaps
         plan.validate()
         return plan
 

@@ -148,6 +148,26 @@ def _per_expert(batch: RoutedBatch, value: Callable[[int, torch.Tensor, torch.Te
     return total
 
 
+def _max_output_abs(batch: RoutedBatch) -> torch.Tensor:
+    """Per expert, the largest |f_e(x_t)| over its routed tokens and output channels (0 if none)."""
+    peaks = batch.outputs.abs().amax(dim=-1).double() if batch.outputs.numel() else batch.outputs.new_zeros(0, dtype=torch.float64)
+    total = peaks.new_zeros(batch.num_experts)
+    return total.scatter_reduce_(0, batch.pair_expert, peaks, reduce="amax").cpu()
+
+
+def _dense_output_sum(batch: RoutedBatch, gated: bool) -> torch.Tensor:
+    """[E, H]: sum over *all* tokens of f_e(x_t), or of p_{t,e} f_e(x_t) when `gated`.
+
+    Every expert runs on every token (routed or not), one expert at a time, so the working
+    memory is one [N, H] output, never [E, N, H].
+    """
+    total = torch.zeros(batch.num_experts, batch.x.shape[-1], dtype=torch.float64)
+    for e in range(batch.num_experts):
+        out = expert_forward(batch.experts, e, batch.x).double()
+        total[e] = ((batch.probs[:, e : e + 1] * out).sum(0) if gated else out.sum(0)).cpu()
+    return total
+
+
 def _batch_moments(batch: RoutedBatch) -> torch.Tensor:
     """[E, 1 + 2H]: per expert, count of routed tokens, mean output, sum of squared deviations.
 
@@ -182,6 +202,21 @@ def split_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     count = moments[:, 0]
     variance = moments[:, 1 + hidden :] / count.clamp_min(1).unsqueeze(1)
     return count, moments[:, 1 : 1 + hidden], variance
+
+
+def output_moments(layer_stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A layer's whole-calibration output moments, from `output_moments` or merged from its per-batch ones.
+
+    MoNE's running variance collects only the per-batch statistic; its novice vectors (and the
+    super-expert repair of a MoNE plan) still need the means over the whole calibration.
+    """
+    if "output_moments" in layer_stats:
+        return layer_stats["output_moments"]
+    per_batch = layer_stats["output_moments_per_batch"]
+    merged = per_batch[0]
+    for moments in per_batch[1:]:
+        merged = merge_moments(merged, moments)
+    return merged
 
 
 STATISTICS: dict[str, Statistic] = {
@@ -227,6 +262,28 @@ STATISTICS: dict[str, Statistic] = {
             lambda b: pooled_expert_outputs(b),
             doc="per calibration sequence, every expert's output on the sequence-mean MoE input [sequences, E, H] (float16)",
             merge=lambda total, part: torch.cat([total, part]),
+        ),
+        Statistic(
+            "max_output_abs",
+            _max_output_abs,
+            needs_expert_outputs=True,
+            doc="max over T_e and output channels of |f_e(x_t)| (super-expert detection)",
+            merge=torch.maximum,
+        ),
+        Statistic(
+            "logit_gram",
+            lambda b: (b.logits.double().T @ b.logits.double()).cpu(),
+            doc="sum_t z_t z_t^T [E, E]: router-logit columns' inner products (cosine similarity of experts' logits)",
+        ),
+        Statistic(
+            "output_sum_all",
+            lambda b: _dense_output_sum(b, gated=False),
+            doc="sum over all tokens of f_e(x_t) [E, H] (every expert runs on every token)",
+        ),
+        Statistic(
+            "gated_output_sum_all",
+            lambda b: _dense_output_sum(b, gated=True),
+            doc="sum over all tokens of p_{t,e} f_e(x_t) [E, H] (router-probability-weighted, every expert on every token)",
         ),
         Statistic(
             "output_moments",
@@ -278,6 +335,27 @@ def signature_similarity(probe_tokens: int) -> Statistic:
     )
 
 
+def input_sample(tokens: int) -> Statistic:
+    """Per batch, the MoE inputs x of `tokens` evenly spaced tokens [n, H] (float32), concatenated.
+
+    A bounded sample (tokens x batches rows per layer), not a buffer of every token: methods
+    that must evaluate chosen experts on real inputs after planning (REAM's neuron alignment)
+    read it. Only the set of sampled tokens matters to them, not its order, so ranks of a
+    distributed run concatenate their samples in rank order.
+    """
+
+    def update(batch: RoutedBatch) -> torch.Tensor:
+        rows = torch.linspace(0, batch.x.shape[0] - 1, min(tokens, batch.x.shape[0])).round().long()
+        return batch.x[rows.to(batch.x.device)].detach().float().cpu()
+
+    return Statistic(
+        f"input_sample@{tokens}",
+        update,
+        doc=f"MoE inputs of {tokens} evenly spaced tokens of each batch, concatenated",
+        merge=lambda total, part: torch.cat([total, part]),
+    )
+
+
 def get_statistic(name: str) -> Statistic:
     """A registered statistic, or a parameterised one such as 'signature_similarity@64'."""
     if name in STATISTICS:
@@ -285,7 +363,9 @@ def get_statistic(name: str) -> Statistic:
     family, _, parameter = name.partition("@")
     if family == "signature_similarity" and parameter.isdigit() and int(parameter) > 0:
         return signature_similarity(int(parameter))
-    raise KeyError(f"unknown statistic {name!r}; known: {sorted(STATISTICS)} and signature_similarity@<probe tokens>")
+    if family == "input_sample" and parameter.isdigit() and int(parameter) > 0:
+        return input_sample(int(parameter))
+    raise KeyError(f"unknown statistic {name!r}; known: {sorted(STATISTICS)}, signature_similarity@<probe tokens> and input_sample@<tokens>")
 
 
 class LayerAccumulator:

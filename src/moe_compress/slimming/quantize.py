@@ -11,8 +11,16 @@ How: the model is saved as usual (stock per-expert key layout, or with its gener
 code), then every targeted 2-D weight in the shards is replaced by compressed-tensors'
 packed int32 weights, per-group scales and shape, using its own qparam and packing
 functions, and `quantization_config` is added to config.json with its own `ModelCompressor`.
-Round-to-nearest min-max quantisation, no calibration data: enough for 8 bits, and at 4 bits
-the simple baseline that GPTQ/AWQ improve on (the design says not to write our own GPTQ).
+Two ways to choose the integers (`method`):
+  * "rtn": round-to-nearest with min-max ranges per group, no calibration data: enough for 8
+    bits, and at 4 bits the simple baseline;
+  * "autoround": AutoRound's calibrated rounding (`slimming.autoround`), from the pinned
+    `auto-round` library (the design says not to write our own GPTQ).
+
+gpt_oss and granitemoe store routed experts as fused 3-D tensors on disk as well; no loader
+(transformers, compressed-tensors) reads packed 3-D tensors, so their experts are rounded the
+same way but stored as the rounded values in the model dtype (the summary says so:
+`experts_storage`); everything else is packed.
 """
 
 from __future__ import annotations
@@ -84,8 +92,23 @@ def _parameter_roles(model: PreTrainedModel, adapter: MoEAdapter) -> dict[str, s
     return roles
 
 
-def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Checkpoint key -> (role, shape), through transformers' own save-time key conversion.
+@dataclass(frozen=True)
+class SavedTensor:
+    """A checkpoint tensor: its role, stored shape, the in-memory parameter it comes from, and
+    whether that parameter is a fused expert tensor stored [E, in, out] (gpt_oss)."""
+
+    role: str
+    shape: tuple[int, ...]
+    param: str
+    transposed: bool = False
+
+    @property
+    def input_width(self) -> int:
+        return self.shape[-2] if self.transposed else self.shape[-1]
+
+
+def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> dict[str, SavedTensor]:
+    """Checkpoint key -> what it holds, through transformers' own save-time key conversion.
 
     Fused in-memory experts become per-expert keys for most families; running the conversion
     on meta tensors gives the names and shapes without copying any weights.
@@ -93,13 +116,15 @@ def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> dict[str, tupl
     from transformers.core_model_loading import revert_weight_conversion
 
     params = dict(model.named_parameters())
-    saved: dict[str, tuple[str, tuple[int, ...]]] = {}
+    transposed = {f"{m}.{n}" for m, module in model.named_modules() if getattr(module, "is_transposed", False)
+                  for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    saved: dict[str, SavedTensor] = {}
     for name, role in roles.items():
         if name not in params:
             continue
         converted = revert_weight_conversion(model, {name: params[name].detach().to("meta")})
         for key, tensor in converted.items():
-            saved[key] = (role, tuple(tensor.shape))
+            saved[key] = SavedTensor(role, tuple(tensor.shape), name, name in transposed and tensor.dim() == 3)
     return saved
 
 
@@ -130,14 +155,9 @@ def _scheme(bits: int, group_size: int, symmetric: bool):
     return QuantizationScheme(targets=["Linear"], weights=args)
 
 
-def compress_weight(weight: torch.Tensor, scheme) -> dict[str, torch.Tensor]:
-    """One 2-D weight -> compressed-tensors' pack-quantized tensors (weight_packed, weight_scale, weight_shape[, zero point]).
-
-    Round-to-nearest with min-max ranges per group (or per output row), using
-    compressed-tensors' own qparam calculation and packing so the bytes are exactly its format.
-    """
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.config import CompressionFormat
+def rtn_parameters(weight: torch.Tensor, scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scales and zero points of one 2-D weight: min-max per group (or output row),
+    computed by compressed-tensors' own `calculate_qparams`."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
     args = scheme.weights
@@ -147,14 +167,58 @@ def compress_weight(weight: torch.Tensor, scheme) -> dict[str, torch.Tensor]:
         low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
     else:
         low, high = value.amin(dim=-1, keepdim=True), value.amax(dim=-1, keepdim=True)
-    scale, zero_point = calculate_qparams(low, high, args)
-    state = {"weight": value, "weight_scale": scale.to(weight.dtype), "weight_zero_point": zero_point}
+    return calculate_qparams(low, high, args)
+
+
+def compress_weight(weight: torch.Tensor, scheme, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One 2-D weight -> compressed-tensors' pack-quantized tensors (weight_packed, weight_scale, weight_shape[, zero point]).
+
+    With `scale` (and `zero_point`) given -- calibrated rounding, whose rounded values `weight`
+    already lies on that grid -- packing reproduces those integers; without, round-to-nearest.
+    compressed-tensors' own packing, so the bytes are exactly its format.
+    """
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.config import CompressionFormat
+
+    if scale is None:
+        scale, zero_point = rtn_parameters(weight, scheme)
+    if zero_point is None:
+        zero_point = torch.zeros_like(scale, dtype=torch.int8)
+    state = {"weight": weight.float(), "weight_scale": scale.to(weight.dtype), "weight_zero_point": zero_point}
     compressor = BaseCompressor.get_value_from_registry(CompressionFormat.pack_quantized.value)
     return {k: v.contiguous() for k, v in compressor.compress(state, scheme).items()}
 
 
-def _rewrite_shards(directory: Path, targets: set[str], scheme) -> None:
-    """Replace each target `<module>.weight` in the shards by its compressed tensors; fix the index."""
+def round_to_nearest(weight: torch.Tensor, scheme) -> torch.Tensor:
+    """The values one 2-D weight takes after round-to-nearest (quantised, then dequantised)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    scale, zero_point = rtn_parameters(weight, scheme)
+    return fake_quantize(weight.float(), scale, zero_point, scheme.weights).to(weight.dtype)
+
+
+def _rounded_fused(tensor: torch.Tensor, transposed: bool, scheme) -> torch.Tensor:
+    """Round-to-nearest of every expert of a fused [E, out, in] (or [E, in, out]) tensor."""
+    experts = [round_to_nearest(t.T if transposed else t, scheme) for t in tensor]
+    return torch.stack([t.T if transposed else t for t in experts])
+
+
+def _saved_rounding(model: PreTrainedModel, rounded: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Calibrated rounding of in-memory tensors -> (values, scale, zero point) per checkpoint key,
+    split by the same conversion that splits the weights themselves."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    saved = {}
+    for name, entry in rounded.items():
+        parts = [revert_weight_conversion(model, {name: t}) for t in (entry.value, entry.scale, entry.zero_point) if t is not None]
+        for key in parts[0]:
+            saved[key] = (parts[0][key], parts[1][key], parts[2][key] if len(parts) > 2 else None)
+    return saved
+
+
+def _rewrite_shards(directory: Path, targets: set[str], fused: dict[str, bool], scheme, rounded: dict) -> None:
+    """Replace each target `<module>.weight` in the shards by its compressed tensors, each fused
+    expert tensor by its rounded values; fix the index."""
     from safetensors.torch import load_file, save_file
 
     weight_map: dict[str, str] = {}
@@ -165,7 +229,10 @@ def _rewrite_shards(directory: Path, targets: set[str], scheme) -> None:
         for key, tensor in tensors.items():
             if key in targets:
                 module = key.removesuffix("weight")
-                rewritten.update({module + name: value for name, value in compress_weight(tensor, scheme).items()})
+                value, scale, zero_point = rounded.get(key, (tensor, None, None))
+                rewritten.update({module + name: v for name, v in compress_weight(value, scheme, scale, zero_point).items()})
+            elif key in fused:
+                rewritten[key] = rounded[key][0].to(tensor.dtype) if key in rounded else _rounded_fused(tensor, fused[key], scheme)
             else:
                 rewritten[key] = tensor
         save_file(rewritten, str(shard), metadata={"format": "pt"})
@@ -180,6 +247,12 @@ def _rewrite_shards(directory: Path, targets: set[str], scheme) -> None:
         index.write_text(json.dumps(data, indent=2) + "\n")
 
 
+METHODS: dict[str, str] = {
+    "rtn": "round-to-nearest per group (min-max), no calibration data",
+    "autoround": "AutoRound (auto-round): rounding and clipping tuned per decoder block on calibration data",
+}
+
+
 @releases_outputs
 def quantize(
     model: PreTrainedModel | str | Path,
@@ -190,6 +263,10 @@ def quantize(
     symmetric: bool = True,
     tokenizer: PreTrainedTokenizerBase | None = None,
     overwrite: bool = False,
+    method: str = "rtn",
+    calib=None,
+    iters: int = 200,
+    device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> QuantizeResult:
     """Save `model` with its weights quantised to `bits` (4 or 8), weight-only, as a compressed-tensors checkpoint.
@@ -201,65 +278,85 @@ def quantize(
             128, 64, 32, 16, 8 that divides every quantised width; 0 = one scale per output row.
         scope: 'all' (every decoder Linear but routers) or 'experts' (routed experts only).
         symmetric: symmetric ranges (zero point 0; what W4A16 kernels expect) or asymmetric.
+        method: 'rtn' (round-to-nearest) or 'autoround' (calibrated; needs `calib`, as for
+            `compress`: default the bundled corpus, and the tokenizer; `iters` tuning steps per block).
 
     The checkpoint loads with `AutoModelForCausalLM.from_pretrained` (plus
     `trust_remote_code=True` for non-uniform models) wherever compressed-tensors is installed.
     """
+    import time
+
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     from ..evaluate.size import checkpoint_bytes
 
+    start = time.perf_counter()
     if bits not in (4, 8):
         raise MoECompressError(f"bits must be 4 or 8; got {bits}.")
     if scope not in SCOPES:
         raise MoECompressError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}.")
+    if method not in METHODS:
+        raise MoECompressError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
     out = Path(out)
     check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
     if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, trust_remote_code=trust_remote_code)
+        model, loaded_tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
         tokenizer = tokenizer or loaded_tokenizer
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
     adapter = get_adapter(model)
-    saved = _saved_keys(model, _parameter_roles(model, adapter))
+    roles = _parameter_roles(model, adapter)
+    saved = _saved_keys(model, roles)
     chosen = {"experts"} if scope == "experts" else {"experts", "shared", "attention", "dense"}
-    fused = sorted(k for k, (role, shape) in saved.items() if role == "experts" and len(shape) != 2)
-    if fused:
-        raise MoECompressError(
-            f"{adapter.model_type} checkpoints store routed experts as fused 3-D tensors (e.g. {fused[0]}); "
-            "compressed-tensors quantises per-Linear 2-D weights only, so these experts cannot be written quantised."
-        )
-    targets = {k for k, (role, shape) in saved.items() if role in chosen and len(shape) == 2 and k.endswith(".weight")}
-    if not targets:
+    fused = {k: t.transposed for k, t in saved.items() if t.role == "experts" and len(t.shape) == 3}
+    targets = {k for k, t in saved.items() if t.role in chosen and len(t.shape) == 2 and k.endswith(".weight")}
+    if not targets and not fused:
         raise MoECompressError(f"no weights to quantise in scope {scope!r}.")
-    group = _choose_group_size(group_size, {saved[k][1][1] for k in targets})
+    group = _choose_group_size(group_size, {saved[k].input_width for k in targets | set(fused)})
     scheme = _scheme(bits, group, symmetric)
-    ignore = sorted(k.removesuffix(".weight") for k, (_, shape) in saved.items() if k not in targets and len(shape) == 2 and k.endswith(".weight"))
+    ignore = sorted(k.removesuffix(".weight") for k, t in saved.items() if k not in targets and len(t.shape) == 2 and k.endswith(".weight"))
     ignore.append("lm_head")  # a Linear in memory even when tied to the embeddings
     config = QuantizationConfig(
         config_groups={"group_0": scheme}, format="pack-quantized",
         quantization_status=QuantizationStatus.COMPRESSED, ignore=sorted(set(ignore)),
     )
+    rounded, calibration = {}, None
+    if method == "autoround":
+        from ..api import _calibration_batches
+        from .autoround import autoround
+
+        if not group:
+            raise MoECompressError("--method autoround needs a group size (AutoRound tunes per group); pass --group-size.")
+        params = {saved[k].param: saved[k].role for k in targets | set(fused)}
+        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer)
+        in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)
+        rounded = _saved_rounding(model, in_memory)
 
     work = staging_dir(out, "quantize")
     try:
         staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True)
         bytes_before = checkpoint_bytes(staged)
-        _rewrite_shards(staged, targets, scheme)
+        _rewrite_shards(staged, targets, fused, scheme, rounded)
         ModelCompressor(quantization_config=config).update_config(str(staged))
         summary = {
             "stage": "quantize",
             "library": "compressed-tensors",
             "format": "pack-quantized",
+            "method": method,
             "bits": bits,
             "group_size": group,
             "symmetric": symmetric,
             "scope": scope,
-            "quantized_matrices": len(targets),
-            "quantized_params": sum(saved[k][1][0] * saved[k][1][1] for k in targets),
+            "quantized_matrices": len(targets) + sum(saved[k].shape[0] for k in fused),
+            "quantized_params": sum(saved[k].shape[-2] * saved[k].shape[-1] for k in targets)
+            + sum(torch.Size(saved[k].shape).numel() for k in fused),
+            "experts_storage": "rounded values in the model dtype (fused 3-D experts: no loader reads packed 3-D tensors)" if fused else "packed",
+            "calibrated_keys": len(rounded),
+            "autoround": calibration,
             "checkpoint_bytes_before": bytes_before,
             "checkpoint_bytes": checkpoint_bytes(staged),
+            "seconds": round(time.perf_counter() - start, 2),
         }
         (staged / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         publish(staged, out, overwrite)

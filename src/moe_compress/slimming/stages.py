@@ -3,7 +3,7 @@
     stages:
       - prune: {method: reap, ratio: 0.25}
       - slim: {method: sparsegpt, nm: "2:4", targets: [experts]}
-      - quantize: {bits: 4, group_size: 32}
+      - quantize: {bits: 4, group_size: 32}          # method: rtn (default) or autoround (uses the recipe's calibration set)
 
 `slim` applies weight sparsity to the current model with the recipe's calibration set.
 `quantize` is final: it writes the compressed-tensors checkpoint (which becomes the recipe's
@@ -20,7 +20,7 @@ from ..recipes import StageContext, StageOutcome, register_stage
 from .apply import slim
 from .quantize import quantize
 
-_QUANTIZE_OPTIONS = {"bits", "group_size", "scope", "symmetric"}
+_QUANTIZE_OPTIONS = {"bits", "group_size", "scope", "symmetric", "method", "iters"}
 _OPTIONS = {"method", "sparsity", "nm", "targets", "blocksize", "damp", "propagate"}
 
 
@@ -43,9 +43,10 @@ def quantize_stage(ctx: StageContext, options: dict) -> StageOutcome:
     if unknown:
         raise MoECompressError(f"quantize stage: unknown options {sorted(unknown)}; known: {', '.join(sorted(_QUANTIZE_OPTIONS))}.")
     size = model_size(ctx.model, get_adapter(ctx.model))
-    result = quantize(ctx.model, ctx.scratch / "checkpoint", tokenizer=ctx.tokenizer, overwrite=True, **options)
+    result = quantize(ctx.model, ctx.scratch / "checkpoint", tokenizer=ctx.tokenizer, overwrite=True, calib=ctx.batches, device=ctx.device,
+                      **options)
     reloaded, _ = load_model(result.output_dir, device=ctx.device)
-    info = {key: result.summary[key] for key in ("bits", "group_size", "scope", "quantized_params", "checkpoint_bytes")}
+    info = {key: result.summary[key] for key in ("method", "bits", "group_size", "scope", "quantized_params", "checkpoint_bytes")}
     # The reloaded model holds packed int32 weights, so counting it would misstate the model:
     # report the logical parameter counts and the bytes as stored (these override the measurement).
     info |= {"params": size.total, "active_params": size.active_per_token, "bytes": result.summary["checkpoint_bytes"]}

@@ -18,6 +18,7 @@ from ..io.export import note_plan
 from ..plan import LayerPlan, Plan
 from ..runtime import DroppedMoE, attach_novices, condense
 from .blocks import drop_blocks
+from .merge import merged_tensors
 from .structure import experts_per_layer, sync_config_structure
 
 
@@ -58,7 +59,11 @@ def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: Laye
     keep = torch.tensor(sorted(lp.keep), dtype=torch.long)
     router_holders, expert_holders = adapter.count_holders(block)
     routed = adapter.num_experts(block)
-    _slice(adapter.routed_expert_tensors(block), keep, routed)
+    if lp.merges is not None:  # experts, router rows and biases, all computed from this layer's weights
+        for tensor, value in list(merged_tensors(adapter, block, lp, plan.merge_permutations.get(lp.layer), routed)):
+            _replace(tensor.module, tensor.name, value)
+    else:
+        _slice(adapter.routed_expert_tensors(block), keep, routed)
     for holder in expert_holders:
         holder.num_experts = len(keep)
     reference = adapter.experts(block).down_proj
@@ -71,7 +76,8 @@ def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: Laye
             vectors = torch.zeros(len(lp.removed), hidden_size)
         attach_novices(adapter.experts(block), lp.removed, lp.num_experts, vectors.to(reference.device, reference.dtype).clone())
     else:
-        _slice(adapter.router_tensors(block), keep, routed)
+        if lp.merges is None:
+            _slice(adapter.router_tensors(block), keep, routed)
         for holder in router_holders:
             holder.num_experts = len(keep)
 

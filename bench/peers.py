@@ -1,0 +1,275 @@
+"""moe-compress against llm-compressor's REAP expert pruning, side by side (issue #14).
+
+llm-compressor (vllm-project) ships `REAPPruningModifier` since 0.13. It pins transformers
+<= 5.17 and compressed-tensors 0.19, so it cannot live in our environment: this script creates
+its own virtual environment (`--venv`, default ~/.cache/moe_compress/venvs/llmcompressor-0.14.0.1)
+with llmcompressor==0.14.0.1 and torch 2.13.0 (the CPU wheel, as ours), and runs it there in a
+subprocess. Our side runs in a subprocess of our own environment too, so both tools are timed
+and measured the same way: wall time from process start (loading included) to the saved
+checkpoint, and the process's peak RSS.
+
+Both get the same model and the same calibration tokens (bundled corpus, 32 x 256, seed 0,
+saved to a .pt file), at 25 % and 50 % of routed experts removed, layer-wise (llm-compressor's
+only budget). Every output is then loaded here (transformers 5.23) and measured like the
+other benches: held-out perplexity per domain, KL divergence to the original's next-token
+distribution and top-1 agreement on the same windows. Besides our REAP (same budget), the table
+has REAP under a global budget and the best merging variant of bench/pruning.py at 25 %
+(neuron-aligned HC-SMoE, global budget).
+
+    python bench/peers.py --model ref-mixtral --model ref-deepseek   # -> bench/results/peers_<model>.json, peers.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mean_ppl, overview_plot
+
+from moe_compress import get_adapter, model_size
+from moe_compress.io.load import resolve_model
+
+PEER = "llmcompressor==0.14.0.1"
+PEER_TORCH = "torch==2.13.0"  # llm-compressor allows torch 2.10-2.14; the CPU wheel, as ours
+DEFAULT_VENV = Path.home() / ".cache" / "moe_compress" / "venvs" / "llmcompressor-0.14.0.1"
+RATIOS = (0.25, 0.5)
+SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc=False)
+OURS = {  # label -> (method, budget, options)
+    "moe-compress reap": ("reap", "layer", {}),
+    "moe-compress reap (global)": ("reap", "global", {}),
+    "moe-compress hc-smoe-aligned (global)": ("hc-smoe", "global", {"align": "activations+weights"}),
+}
+
+# Each runner prints one line "RESULT{json}" with its wall time and peak RSS (Linux: KiB).
+_REPORT = """
+import json, resource, time
+def report(**facts):
+    facts["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    facts["seconds"] = round(time.perf_counter() - START, 2)
+    print("RESULT" + json.dumps(facts), flush=True)
+"""
+
+PEER_RUNNER = "import time\nSTART = time.perf_counter()\n" + _REPORT + textwrap.dedent(
+    """
+    import sys, torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
+
+    model_dir, tokens_file, ratio, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    tokens = torch.load(tokens_file)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+    oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=REAPPruningModifier(sparsity=ratio),
+            num_calibration_samples=tokens.shape[0], max_seq_length=tokens.shape[1], moe_calibrate_all_experts=False)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    report(tool="llm-compressor", version=__import__("llmcompressor").__version__)
+    """
+)
+
+OURS_RUNNER = "import time\nSTART = time.perf_counter()\n" + _REPORT + textwrap.dedent(
+    """
+    import json, sys, torch
+    import moe_compress as mc
+
+    model_dir, tokens_file, ratio, out, method, budget, options = sys.argv[1:8]
+    tokens = torch.load(tokens_file)
+    batches = list(tokens.split(8))
+    mc.compress(model_dir, method=method, ratio=float(ratio), budget=budget, calib=batches, out=out, cache_dir=False,
+                options=json.loads(options))
+    report(tool="moe-compress", version=mc.__version__)
+    """
+)
+
+
+def ensure_venv(venv: Path) -> Path:
+    """The peer's virtual environment, created on first use; returns its python."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"creating {venv} with {PEER} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PEER_TORCH, PEER], check=True)
+    return python
+
+
+def _run(command: list[str], log: Path, ours: bool) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MOE_COMPRESS_QUIET": "1"}
+    if not ours:
+        env.pop("PYTHONPATH", None)  # the peer's environment sees nothing of ours
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    log.write_text(done.stdout + "\n" + done.stderr)
+    if done.returncode != 0:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}",
+                "seconds": round(time.perf_counter() - started, 2)}
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line.removeprefix("RESULT"))
+
+
+#: Mixtral's per-expert checkpoint names (transformers' conversion merges experts.*.w1/w3/w2 into
+#: the fused tensors); llm-compressor 0.14 writes its linearised experts as gate/up/down_proj.
+_MIXTRAL_EXPERT_NAMES = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
+
+
+def load_strictly(directory: Path):
+    """(model, problems): the checkpoint through plain `from_pretrained`, and every key it could not place."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    problems = [f"missing {k}" for k in info["missing_keys"]] + [f"unexpected {k}" for k in info["unexpected_keys"]]
+    return model.eval(), problems
+
+
+def repaired_copy(directory: Path) -> Path | None:
+    """A copy of a Mixtral checkpoint with experts renamed to Mixtral's own keys, or None if that is not the problem."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("model_type") != "mixtral":
+        return None
+    fixed = directory.with_name(directory.name + "-renamed")
+    shutil.copytree(directory, fixed, dirs_exist_ok=True)
+    for shard in fixed.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        renamed = {}
+        for key, value in tensors.items():
+            for old, new in _MIXTRAL_EXPERT_NAMES.items():
+                if ".experts." in key:
+                    key = key.replace(old, new)
+            renamed[key] = value
+        save_file(renamed, str(shard), metadata={"format": "pt"})
+    index = fixed / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k.replace(".gate_proj.", ".w1.").replace(".up_proj.", ".w3.").replace(".down_proj.", ".w2.") if ".experts." in k else k: v
+                              for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
+    return fixed
+
+
+def _measured(directory: Path, run: dict) -> Variant:
+    """A variant whose 'compression' is loading the checkpoint a tool wrote (its own cost is in `run`).
+
+    `loads` is strict: every checkpoint key placed, none missing. A peer checkpoint that does not
+    load as written is measured after the one repair we know (Mixtral expert key names), and
+    says so, so its pruning decision can still be compared.
+    """
+
+    def build(_model, _tokenizer):
+        model, problems = load_strictly(directory)
+        facts = {"loads": not problems, "tool_seconds": run["seconds"], "tool_peak_rss": run["peak_rss_bytes"]}
+        if problems:
+            facts["load_problems"] = problems[:6] + ([f"... {len(problems) - 6} more"] if len(problems) > 6 else [])
+            fixed = repaired_copy(directory)
+            if fixed is None:
+                raise RuntimeError(f"{directory.name} does not load: {problems[:3]}")
+            model, still = load_strictly(fixed)
+            if still:
+                raise RuntimeError(f"{directory.name} does not load, even with Mixtral's expert names: {still[:3]}")
+            facts["measured_after"] = "renaming experts.*.gate_proj/up_proj/down_proj to Mixtral's w1/w3/w2"
+        return {"model": model, **facts, "experts_per_layer": model_size(model, get_adapter(model)).experts_per_layer}
+
+    return Variant(directory.name, build)
+
+
+def run(model_name: str, venv: Path) -> None:
+    bench = Bench(model_name, SETTINGS, RESULTS / f"peers_{model_name}.json")
+    bench.run(Variant("original", lambda m, t: {}, {"family": "original"}))
+    model_dir = str(resolve_model(model_name))
+    peer_python = ensure_venv(venv)
+    with tempfile.TemporaryDirectory(prefix="moec-peers-") as scratch:
+        scratch = Path(scratch)
+        tokens = torch.cat(bench.calibration("bundled", samples=32))
+        torch.save(tokens, scratch / "tokens.pt")
+        (scratch / "peer.py").write_text(PEER_RUNNER)
+        (scratch / "ours.py").write_text(OURS_RUNNER)
+        for ratio in RATIOS:
+            common = [model_dir, str(scratch / "tokens.pt"), str(ratio)]
+            jobs = {f"llm-compressor reap|{ratio}": lambda out: [str(peer_python), str(scratch / "peer.py"), *common, str(out)]}
+            for label, (method, budget, options) in OURS.items():
+                jobs[f"{label}|{ratio}"] = lambda out, m=method, b=budget, o=options: [
+                    sys.executable, str(scratch / "ours.py"), *common, str(out), m, b, json.dumps(o)]
+            for name, command in jobs.items():
+                if name in bench.done:
+                    continue
+                out = scratch / "".join(c if c.isalnum() or c == "." else "_" for c in name)
+                result = _run(command(out), scratch / f"{out.name}.log", ours=not name.startswith("llm-compressor"))
+                tool, label = name.split("|")[0], name
+                tags = {"family": tool, "tool": tool.split(" ")[0], "ratio": ratio, "plot_group": "peers"}
+                if "error" in result:
+                    bench.rows.append({"variant": label, **tags, "loads": False, "error": result["error"], "tool_seconds": result["seconds"]})
+                    bench.save()
+                    print(f"{label}: FAILED {result['error']}", flush=True)
+                    continue
+                variant = _measured(out, result)
+                variant.name, variant.tags = label, tags
+                try:
+                    bench.run(variant)
+                except RuntimeError as exc:
+                    bench.rows.append({"variant": label, **tags, "loads": False, "error": str(exc)[:300], "tool_seconds": result["seconds"],
+                                       "tool_peak_rss": result["peak_rss_bytes"]})
+                    bench.save()
+
+
+def report() -> None:
+    lines = ["# moe-compress vs llm-compressor's REAP", "",
+             f"Command: `python bench/peers.py --model ref-mixtral --model ref-deepseek` (the peer, {PEER}, runs in its own venv "
+             "with transformers 5.17 and torch 2.13 CPU). Same model, same 32 x 256 calibration tokens. Time and peak RSS: the tool's "
+             "whole process (load, calibrate, prune, save), one run each on a shared 2-core machine. Quality: test-split perplexity "
+             "(16 x 256 tokens per domain), KL(original || compressed) per token and top-1 agreement on the same windows (mean over "
+             "domains). 'loads': the output loads with "
+             "plain transformers 5.23 `from_pretrained`, every checkpoint key placed.", ""]
+    for path in sorted(RESULTS.glob("peers_*.json")):
+        data = json.loads(path.read_text())
+        rows = [r for r in data["rows"] if r["variant"] != "original"]
+        ok = [r for r in rows if "perplexity" in r]
+        columns = [("tool / method", lambda r: r["variant"].split("|")[0]), ("ratio", lambda r: str(r["ratio"])),
+                   ("loads", lambda r: "yes" if r.get("loads") else "no (measured after renaming its expert keys)" if "measured_after" in r
+                    else f"no ({r.get('error', '')[:60]})"),
+                   ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}" if "params" in r else "-"),
+                   ("mean ppl", lambda r: f"{mean_ppl(r):.2f}" if "perplexity" in r else "-"), *fidelity_columns(),
+                   ("wall s", lambda r: f"{r['tool_seconds']:.1f}"),
+                   ("peak RSS (MiB)", lambda r: f"{r['tool_peak_rss'] / 2**20:.0f}" if "tool_peak_rss" in r else "-")]
+        original = next(r for r in data["rows"] if r["variant"] == "original")
+        lines += [f"## {data['model']}", "", f"Original: mean perplexity {mean_ppl(original):.2f}.", "",
+                  markdown_table(sorted(rows, key=lambda r: (r["ratio"], mean_ppl(r) if "perplexity" in r else float("inf"))), columns)]
+        for ratio in RATIOS:
+            peer = [r for r in ok if r["ratio"] == ratio and r["tool"] == "llm-compressor"]
+            ours = [r for r in ok if r["ratio"] == ratio and r["tool"] == "moe-compress"]
+            if peer and ours:
+                best = min(ours, key=mean_ppl)
+                reap = next((r for r in ours if r["variant"].startswith("moe-compress reap|")), None)
+                verdict = "beats" if mean_ppl(best) < mean_ppl(peer[0]) else "does not beat"
+                line = (f"* {ratio:.0%}: our best ({best['variant'].split('|')[0]}, mean ppl {mean_ppl(best):.2f}) {verdict} "
+                        f"llm-compressor's REAP ({mean_ppl(peer[0]):.2f})")
+                if reap is not None:
+                    line += (f"; our REAP took {reap['tool_seconds']:.1f} s and {reap['tool_peak_rss'] / 2**20:.0f} MiB against "
+                             f"{peer[0]['tool_seconds']:.1f} s and {peer[0]['tool_peak_rss'] / 2**20:.0f} MiB")
+                lines.append(line + ".")
+        lines.append("")
+    (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
+    overview_plot(RESULTS / "quality_vs_size.png")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", default=[], help="bundled model name; repeatable")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="where the peer's virtual environment lives (created if missing)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the markdown and the plot")
+    args = parser.parse_args()
+    for name in args.model:
+        run(name, args.venv)
+    report()

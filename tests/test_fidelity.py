@@ -1,0 +1,78 @@
+"""Fidelity metrics: KL divergence to the original's next-token distribution and top-1 agreement."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from helpers import token_batches
+from moe_compress import compress
+from moe_compress.cli import app
+from moe_compress.evaluate.fidelity import fidelity
+from tiny_checkpoints import save_tiny_checkpoint, write_calibration
+from tiny_models import VOCAB, tiny_model
+
+
+def test_a_model_against_itself_has_zero_kl_and_full_agreement():
+    model = tiny_model("deepseek_v3")
+    windows = torch.cat(token_batches(count=2, batch=3, seq_len=12))
+    result = fidelity(model, model, windows, batch_size=4)
+    assert result.kl == 0.0 and result.top1_agreement == 1.0 and result.tokens == 6 * 11
+
+
+class _FixedLogits(nn.Module):
+    """Returns the same logits at every position, whatever the input."""
+
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.row = nn.Parameter(torch.tensor(logits), requires_grad=False)
+
+    def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.row.expand(*input_ids.shape, -1))
+
+
+def test_kl_and_agreement_match_hand_computed_values():
+    original, compressed = _FixedLogits([0.0, 0.0, math.log(2.0)]), _FixedLogits([0.0, math.log(3.0), 0.0])
+    p, q = [0.25, 0.25, 0.5], [0.2, 0.6, 0.2]
+    expected = sum(a * math.log(a / b) for a, b in zip(p, q))
+    result = fidelity(compressed, original, torch.zeros(2, 5, dtype=torch.long))
+    assert result.tokens == 8 and math.isclose(result.kl, expected, rel_tol=1e-6)
+    assert result.top1_agreement == 0.0  # argmax 2 vs argmax 1 everywhere
+    agreeing = fidelity(_FixedLogits([0.0, 0.0, 3.0]), original, torch.zeros(1, 3, dtype=torch.long))
+    assert agreeing.top1_agreement == 1.0 and agreeing.kl > 0
+
+
+def test_eval_compare_reports_fidelity_per_source(tmp_path):
+    original = save_tiny_checkpoint(tmp_path / "tiny")
+    calib = write_calibration(tmp_path / "text.jsonl")
+    from moe_compress import load_model
+
+    model, tokenizer = load_model(original)
+    compress(model, method="reap", ratio=0.5, calib=[torch.randint(3, VOCAB, (2, 16))], tokenizer=tokenizer, out=tmp_path / "pruned", cache_dir=False)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "pruned"), "--ppl", str(calib), "--seq-len", "32", "--max-windows", "3",
+                                      "--compare", str(original), "--no-speed", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "KL to original" in result.stdout and "top-1 agreement" in result.stdout
+    fidelity_report = json.loads(out.read_text())["fidelity"][str(calib)]
+    assert fidelity_report["kl"] > 0 and 0 <= fidelity_report["top1_agreement"] <= 1 and fidelity_report["tokens"] == 3 * 31
+
+
+def test_streamed_fidelity_equals_in_memory(tmp_path):
+    from moe_compress.io.load import load_model, load_streamed
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "original")
+    pruned = tiny_model("qwen3_moe")
+    compress(pruned, method="reap", ratio=0.5, calib=token_batches(), out=tmp_path / "pruned", cache_dir=False)
+    windows = torch.cat(token_batches(count=3, batch=2, seq_len=10))
+    in_memory = fidelity(load_model(tmp_path / "pruned")[0], load_model(tmp_path / "original")[0], windows, batch_size=2)
+    mine, theirs = load_streamed(tmp_path / "pruned")[0], load_streamed(tmp_path / "original")[0]
+    streamed = fidelity(mine.model, theirs.model, windows, batch_size=2, weights=mine, original_weights=theirs, chunk_bytes=3 * 20 * VOCAB * 4)
+    assert streamed.tokens == in_memory.tokens == 6 * 9
+    assert streamed.kl == pytest.approx(in_memory.kl, rel=1e-5) and streamed.top1_agreement == in_memory.top1_agreement
