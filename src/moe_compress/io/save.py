@@ -18,17 +18,28 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..plan import Plan
 from .export import Group, model_groups, write_groups
+from .model_card import PLAN_FILE, SUMMARY_FILE, provenance, write_model_card
 from .publish import check_output_dir, publish, releases_outputs, staging_dir, write_error
 from .remote_code import write_remote_code, write_stock_identity
 
-PLAN_FILE = "moe_compress_plan.json"
-SUMMARY_FILE = "moe_compress_summary.json"
+#: Tokenizer-config keys that describe how this process loaded the tokenizer, not the tokenizer:
+#: saved as they are, `local_files_only: true` would follow the checkpoint to its users.
+_LOADING_KEYS = ("local_files_only", "is_local")
 
 __all__ = ["PLAN_FILE", "SUMMARY_FILE", "check_output_dir", "needs_remote_code", "publish", "save_compressed", "save_with_summary", "staging_dir"]
 
 
 def needs_remote_code(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "moe_compress", None))
+
+
+def _drop_loading_keys(path: Path) -> None:
+    """Remove `_LOADING_KEYS` from a saved tokenizer config."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if any(key in config for key in _LOADING_KEYS):
+        path.write_text(json.dumps({k: v for k, v in config.items() if k not in _LOADING_KEYS}, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 #: Shards close at this size; a layer larger than that gets a shard of its own. Small shards
@@ -73,10 +84,12 @@ def save_compressed(
             write_stock_identity(staging, model)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+            _drop_loading_keys(staging / "tokenizer_config.json")
         if plan is not None:
             plan.save(staging / PLAN_FILE)
         if summary is not None:
             (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        write_model_card(staging, provenance(getattr(model, "name_or_path", None) or None))
         publish(staging, out, overwrite)
     except (OSError, SafetensorError) as exc:
         raise write_error(out, exc) from None

@@ -42,6 +42,10 @@ class Method:
     plan: Callable[..., Plan]  # plan(request, **options)
     doc: str
     options: dict[str, Any] = field(default_factory=dict)  # name -> default
+    #: "pruning" or "merging": how `moe-compress methods` groups it, and whether its statistics join
+    #: the superset one cached calibration pass collects (`api.superset_statistics`): merging
+    #: statistics may run every expert on every token, which pruning methods must not pay for.
+    family: str = "pruning"
 
     def resolved_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
         options = dict(options or {})

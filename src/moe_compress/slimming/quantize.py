@@ -32,6 +32,7 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.load import load_model
 from ..io.publish import releases_outputs
+from ..io.model_card import write_model_card
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
 from ..progress import track
 
@@ -262,6 +263,7 @@ def quantize(
             "checkpoint_bytes": checkpoint_bytes(staged),
         }
         (staged / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_model_card(staged)  # again: the card now describes the quantised checkpoint
         publish(staged, out, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
