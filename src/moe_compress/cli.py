@@ -167,6 +167,21 @@ _human = human_count
 _bytes = human_bytes
 
 
+def _open_model(model, *args, **kwargs):
+    """`io.open.open_model` with a progress line: loading a large model whole takes minutes."""
+
+    with progress.step(f"loading {model}"):
+        return open_model(model, *args, **kwargs)
+
+
+def _load_model(model, **kwargs):
+    """`io.load.load_model` with a progress line."""
+    from .io.load import load_model
+
+    with progress.step(f"loading {model}"):
+        return load_model(model, **kwargs)
+
+
 _print_table = progress.show_table
 _say = progress.say
 
@@ -250,9 +265,8 @@ def inspect(
     from .arch import get_adapter
     from .evaluate.size import model_size
     from .io.load import resolve_model
-    from .io.open import open_model
 
-    loaded, _, _ = open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code)
+    loaded, _, _ = _open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code)
     adapter = get_adapter(loaded)
     size = model_size(loaded, adapter)
     layers = adapter.decoder_layers(loaded)
@@ -328,7 +342,6 @@ def prune(
     from .api import compress
     from .data.batches import CalibrationSpec
     from .io.load import check_device
-    from .io.open import open_model
     from .io.save import check_output_dir
     from .methods.budget import check_ratio
     from .preflight import Structure, check_prune
@@ -354,7 +367,7 @@ def prune(
         return
     check_output_dir(out, overwrite, [model, plan_in])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         if plan_in is None:  # everything the model's structure decides fails now, before calibration and evaluation
             check_prune(Structure.of(loaded), method, options, ratio, budget, min_keep)
         eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
@@ -620,7 +633,6 @@ def evaluate(
     from .evaluate.protocol import expand_sources
     from .evaluate.speed import SpeedSettings, compare_speed, measure_speed, peak_rss_bytes, speed_prompts
     from .io.load import check_device, load_config
-    from .io.open import open_model
 
     _require_positive(seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, limit=limit, threads=threads)
     _writable_file(json_out, "--json")
@@ -641,7 +653,7 @@ def evaluate(
 
     mode = _streaming(streaming)
     with _runtime(threads, max_activation_memory, offload_dir):
-        loaded, tokenizer, weights = open_model(model, device, mode, dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, mode, dtype, trust_remote_code)
         if speed and weights.streamed:
             raise MoECompressError("speed is measured on a model held in memory; pass --no-speed to evaluate a streamed model.")
         report = {
@@ -657,7 +669,7 @@ def evaluate(
         report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, weights, device)
         original = original_tokenizer = None
         if compare is not None:
-            original, original_tokenizer, original_weights = open_model(compare, device, mode, dtype, trust_remote_code)
+            original, original_tokenizer, original_weights = _open_model(compare, device, mode, dtype, trust_remote_code)
             report["original"] = _evaluate_model(
                 compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, original_weights, device
             )
@@ -712,7 +724,6 @@ def drop_command(
     from .api import drop as drop_layers
     from .data.batches import CalibrationSpec
     from .io.load import check_device
-    from .io.open import open_model
     from .io.save import check_output_dir
     from .preflight import Structure, check_drop
 
@@ -729,7 +740,7 @@ def drop_command(
         return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         check_drop(Structure.of(loaded), unit, drop, target_ratio)
         result = drop_layers(weights if weights.streamed else loaded, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device)
     if result.plan is not None:  # None: a rank other than 0 of a distributed run; rank 0 reports
@@ -760,7 +771,7 @@ def condense_command(
     """CD-MoE: condense MoE layers into shared experts + a few constant-weight experts, chosen by output divergence."""
     from .api import condense
     from .data.batches import CalibrationSpec
-    from .io.load import check_device, load_model
+    from .io.load import check_device
     from .io.save import check_output_dir
     from .preflight import Structure, check_condense
 
@@ -777,7 +788,7 @@ def condense_command(
         return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads):
-        loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        loaded, tokenizer = _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         check_condense(Structure.of(loaded), layers, max_experts)
         result = condense(loaded, layers, max_experts, fixed_size, spec, tokenizer, out, overwrite, cache_dir, device)
     meta = result.plan.meta
@@ -804,7 +815,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune only the condensed layers' shared and kept experts of a condensed model."""
     from .finetune import finetune
-    from .io.load import check_device, load_model
+    from .io.load import check_device
     from .io.save import check_output_dir
 
     _require_positive(steps=steps, batch_size=batch_size, seq_len=seq_len)
@@ -813,7 +824,7 @@ def finetune_command(
     if device is not None:
         check_device(device)
     check_output_dir(out, overwrite, [model])
-    loaded, tokenizer = load_model(model, dtype="float32", trust_remote_code=trust_remote_code)
+    loaded, tokenizer = _load_model(model, dtype="float32", trust_remote_code=trust_remote_code)
     report = finetune(loaded, tokenizer, data, steps, lr, batch_size, seq_len, seed, eval_data, out=out,
                       checkpoint_every=checkpoint_every, overwrite=overwrite, device=device)
     table = Table(title=f"fine-tuned {report['trainable_parameters']:,} parameters for {report['steps']} steps on {report['device']}")
@@ -922,7 +933,6 @@ def analyze(
     from .arch import get_adapter
     from .data.batches import CalibrationSpec
     from .io.load import check_device
-    from .io.open import open_model
     from .methods import PlanRequest, get_method
     from .methods.budget import check_ratio
     from .plan import Plan
@@ -943,7 +953,7 @@ def analyze(
     given = Plan.load(plan) if plan is not None else None
     names = analysis_statistics(probe_tokens) + (get_method(method).needs() if method else ())
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         adapter = get_adapter(loaded)
         if given is not None:
             given.check_identity(model_identity(loaded, adapter, weights))
@@ -1002,7 +1012,6 @@ def slim(
     """Zero weights inside the experts with Wanda, SparseGPT or magnitude pruning (unstructured or N:M) and save the result."""
     from .data.batches import CalibrationSpec
     from .io.load import check_device
-    from .io.open import open_model
     from .io.save import check_output_dir
     from .preflight import Structure, check_slim
     from .slimming import SLIM_METHODS, make_spec
@@ -1025,7 +1034,7 @@ def slim(
         return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         check_slim(Structure.of(loaded), chosen)  # e.g. shared experts asked of a model without any: now, not after evaluating
         eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
         before = _perplexities(loaded, eval_sets, weights, device, "before")
@@ -1071,7 +1080,7 @@ def quantize(
     transformers (compressed-tensors installed) and vLLM; non-uniform checkpoints keep their
     generated remote code.
     """
-    from .io.load import load_model, resolve_model
+    from .io.load import resolve_model
     from .io.save import check_output_dir
     from .slimming.quantize import SCOPES
     from .slimming.quantize import quantize as quantize_model
@@ -1090,7 +1099,7 @@ def quantize(
         return
     check_output_dir(out, overwrite, [model])
     with progress.step(f"loading {model}"):
-        loaded, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        loaded, tokenizer = _load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     result = quantize_model(loaded, out, bits, group_size, scope, not asymmetric, tokenizer, overwrite)
     s = result.summary
     _say(

@@ -159,7 +159,7 @@ class _Task:
             self.display.progress.advance(self.row)
             return
         now = time.perf_counter()
-        if now - self.last_report >= HEARTBEAT_S:
+        if now - self.last_report >= HEARTBEAT_S and self.done != self.total:  # the last step gets its "done" line
             self.last_report = now
             messages.print(f"{self.description}: {self._count()}, {_duration(now - self.start)} elapsed{self._eta(now)}", markup=False, highlight=False)
 
@@ -167,7 +167,7 @@ class _Task:
         return f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
 
     def _eta(self, now: float) -> str:
-        if not self.total or not self.done or self.done >= self.total:
+        if not self.total or not self.done:
             return ""
         return f", about {_duration((now - self.start) / self.done * (self.total - self.done))} left"
 

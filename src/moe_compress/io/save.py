@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..plan import Plan
+from ..progress import step
 from .export import Group, model_groups, write_groups
 from .model_card import PLAN_FILE, SUMMARY_FILE, provenance, write_model_card
 from .publish import check_output_dir, publish, releases_outputs, staging_dir, write_error
@@ -68,7 +69,8 @@ def save_compressed(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     groups: Iterable[Group] | None = None,
 ) -> Path:
-    """Write `model` (and tokenizer, plan, summary) to `out`; returns the directory.
+    """Write `model` (and tokenizer, plan, summary) to `out`, with a model card (`io.model_card`)
+    saying what it is and how to load it; returns the directory.
 
     `model` is the compressed model in memory, or -- for a streamed run -- its skeleton on
     the meta device, with `groups` producing its tensors layer by layer.
@@ -77,7 +79,8 @@ def save_compressed(
     check_output_dir(out, overwrite, [getattr(model, "name_or_path", None)])
     staging = staging_dir(out, "partial")
     try:
-        write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes)
+        with step(f"writing {out}"):
+            write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes)
         if needs_remote_code(model):
             write_remote_code(staging, model)
         else:
