@@ -24,7 +24,7 @@ from .data.batches import CalibrationSpec, batches_fingerprint, calibration_batc
 from .errors import MoECompressError
 from .evaluate.size import model_size
 from .finite import require_finite_numbers, require_finite_statistics, require_finite_weights
-from .io.export import carried_keys, streamed_groups
+from .io.export import carried_keys, keeps_stored_format, raw_groups, streamed_groups
 from .io.load import check_device
 from .io.open import Streaming, open_model
 from .io.publish import releases_outputs
@@ -247,8 +247,18 @@ def _apply_and_report(
     carried = carried_keys(model, weights)
     if weights.streamed:
         model = copy.deepcopy(model)
-        groups = streamed_groups(weights, adapter, plan)
     apply_plan(model, plan, adapter)
+    stored_format = "as loaded"
+    if weights.streamed:
+        groups = streamed_groups(weights, adapter, plan)
+        if weights.quantization is not None:
+            method = weights.quantization.config.get("quant_method")
+            if keeps_stored_format(plan, model):
+                groups = raw_groups(weights, adapter, plan)
+                model.config.quantization_config = weights.quantization.config
+                stored_format = f"{method}, as stored (experts sliced with their scales)"
+            else:
+                stored_format = f"{model.dtype} (dequantised: a {method} checkpoint keeps its format only under plans that keep or remove whole experts and blocks into a stock checkpoint)"
     after = model_size(model, adapter)
     summary = {
         "method": plan.method,
@@ -265,6 +275,7 @@ def _apply_and_report(
         "streamed": weights.streamed,
         # checkpoint tensors transformers does not load (e.g. multi-token-prediction layers), carried into the output
         "carried_tensors": len(carried),
+        "weights_format": stored_format,
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }

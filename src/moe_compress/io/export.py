@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from ..arch.adapter import MoEAdapter
 from ..plan import Plan
 from .checkpoint import Checkpoint
-from .residency import StreamedWeights, layers_prefix, split_names
+from .residency import StreamedWeights, layers_prefix, module_names, split_names
 from .writer import ShardWriter
 
 #: (tensors, whether they already carry checkpoint names) -- in-memory names are converted on write.
@@ -91,6 +91,70 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
         del group
     yield _part_group(weights, head)
     yield from carried_groups(weights.checkpoint, weights.carried, [plan] if plan else [], adapter, len(layers))
+
+
+def keeps_stored_format(plan: Plan | None, output_model: PreTrainedModel) -> bool:
+    """Whether a pre-quantised checkpoint can be written in its own format under `plan`: only when the
+    plan keeps or removes whole experts and blocks and the output is a stock checkpoint. Anything
+    that creates new weights (novices, merges, condensed layers) or needs generated code is
+    written dequantised."""
+    if getattr(output_model.config, "moe_compress", None):
+        return False
+    return plan is None or all(
+        not lp.novices and not lp.drop and lp.condensed_weights is None and not getattr(lp, "merged", None) for lp in plan.layers
+    )
+
+
+def raw_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | None) -> Iterator[Group]:
+    """The output of a keep/remove plan built from the checkpoint's stored tensors, never dequantised.
+
+    Each in-memory tensor's checkpoint keys (transformers' own mapping: per-expert keys and
+    their FP8 block scales, or fused MXFP4 blocks and scales) are copied as stored: keys of a
+    dropped block are left out and later blocks renumbered; a removed expert's keys are left out
+    and the kept ones renumbered (or, for tensors stored fused, sliced along their expert axis);
+    router rows and correction biases are sliced. The result loads wherever the original does.
+    """
+    model = weights.model
+    stem, per_layer, head = split_names(model, adapter, model.state_dict(keep_vars=True))
+    names = module_names(model)
+    layers = adapter.decoder_layers(model)
+    dropped = set(plan.dropped_blocks) if plan else set()
+    decisions = {lp.layer: lp for lp in plan.layers if len(lp.keep) < lp.num_experts} if plan else {}
+
+    def stored(names_: list[str]) -> dict[str, torch.Tensor]:
+        return {key: weights.checkpoint.read(key) for name in names_ for key in weights.targets.get(name, [])}
+
+    yield stored(stem), True
+    for new_index, index in enumerate(i for i in range(len(layers)) if i not in dropped):
+        lp, group = decisions.get(index), {}
+        sliced: dict[str, int] = {}
+        if lp is not None:
+            block = adapter.moe_block(layers[index])
+            for tensor in adapter.expert_tensors(block):
+                sliced[f"{names[id(tensor.module)]}.{tensor.name}"] = tensor.axis
+        keep = torch.tensor(sorted(lp.keep)) if lp is not None else None
+        for name in per_layer[index]:
+            for key in weights.targets.get(name, []):
+                new_key = _renumber(key, _LAYER, index, new_index)
+                if name not in sliced:
+                    group[new_key] = weights.checkpoint.read(key)
+                    continue
+                expert = _EXPERT.search(key)
+                if expert is None:  # stored with all experts in one tensor (routers, fused MXFP4 experts)
+                    group[new_key] = weights.checkpoint.read(key).index_select(sliced[name], keep).contiguous()
+                elif int(expert.group(1)) in lp.keep:
+                    group[_renumber(new_key, _EXPERT, int(expert.group(1)), sorted(lp.keep).index(int(expert.group(1))))] = (
+                        weights.checkpoint.read(key)
+                    )
+        yield group, True
+    yield stored(head), True
+    yield from carried_groups(weights.checkpoint, weights.carried, [plan] if plan else [], adapter, len(layers))
+
+
+def _renumber(key: str, pattern: re.Pattern, old: int, new: int) -> str:
+    found = pattern.search(key)
+    assert found is not None and int(found.group(found.lastindex)) == old
+    return key[: found.start(found.lastindex)] + str(new) + key[found.end(found.lastindex) :]
 
 
 def walk_groups(weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tuple[int, nn.Module]]) -> Iterator[Group]:

@@ -34,7 +34,7 @@ from ..finite import require_finite_weights
 from ..progress import progress_enabled
 from .export import record_origin
 from .remote_code import AUTO_MAP, expected_files, is_own_remote_code
-from .residency import StreamedWeights
+from .residency import PreQuantized, StreamedWeights
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_MODELS = ASSETS / "models"
@@ -322,10 +322,41 @@ def load_streamed(
             f"{name_or_path!r} is not a local checkpoint: streaming reads local safetensors shards. Download it first "
             "(e.g. `huggingface-cli download`) and pass the directory."
         )
-    if getattr(config, "quantization_config", None):
-        raise MoECompressError(f"{name_or_path} is a quantised checkpoint; streaming reads full-precision checkpoints only.")
+    quantization = _dequantizer(config, shown_as)
     checkpoint = Checkpoint(source)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=_streamed_dtype(config, checkpoint, dtype), trust_remote_code=trusted)
     model.eval()
-    return StreamedWeights(model, checkpoint), load_tokenizer(source, trusted, shown_as)
+    return StreamedWeights(model, checkpoint, quantization), load_tokenizer(source, trusted, shown_as)
+
+
+#: Pre-quantised formats read by dequantising each layer as it is loaded (transformers' own ops).
+DEQUANTISABLE = {"fp8": "FineGrainedFP8Config", "mxfp4": "Mxfp4Config"}
+
+
+def _dequantizer(config: PretrainedConfig, shown_as: str) -> PreQuantized | None:
+    """For a pre-quantised checkpoint: its quantisation config and a quantizer that dequantises on load.
+
+    The skeleton is then built as the plain model (the config loses `quantization_config`);
+    the quantizer's conversions turn each stored weight and its scales into the compute dtype
+    when a layer is materialised, and the original config is kept for writing the output in
+    the same format (see `io.export.raw_groups`).
+    """
+    import transformers
+    from transformers.quantizers import AutoHfQuantizer
+
+    stored = getattr(config, "quantization_config", None)
+    if not stored:
+        return None
+    stored = stored if isinstance(stored, dict) else stored.to_dict()
+    method = stored.get("quant_method")
+    if method not in DEQUANTISABLE:
+        raise MoECompressError(
+            f"{shown_as} is quantised with {method!r}; moe-compress reads full-precision checkpoints and "
+            f"{', '.join(sorted(DEQUANTISABLE))} ones. Use the full-precision checkpoint."
+        )
+    config_class = getattr(transformers, DEQUANTISABLE[method])
+    settings = {k: v for k, v in stored.items() if k in config_class.__init__.__code__.co_varnames and k != "dequantize"}
+    quantizer = AutoHfQuantizer.from_config(config_class(**settings, dequantize=True), pre_quantized=True)
+    del config.quantization_config
+    return PreQuantized(stored, quantizer)

@@ -2,13 +2,14 @@
 
 `streaming="auto"` streams when the checkpoint's weights exceed half of the memory that is
 available for them -- RAM, or the GPU's free memory when computing on a GPU (an in-memory
-model is moved to the device whole). Streaming computes the same numbers (a test compares
+model is moved to the device whole) -- and always for a pre-quantised (FP8, MXFP4) checkpoint. Streaming computes the same numbers (a test compares
 every statistic and every written byte); it only reads each layer from disk when it is used,
 so it is slower on models that would have fit.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +40,16 @@ def should_stream(name_or_path: str | Path, streaming: Streaming, device: str | 
     source = Path(resolve_model(name_or_path))
     if not source.is_dir():
         return False  # a Hub id: from_pretrained downloads and loads it
+    if _pre_quantised(source):
+        return True  # dequantised layer by layer; written back in its own format where the plan allows
     return Checkpoint(source).total_bytes() > available_bytes(device) // 2
+
+
+def _pre_quantised(source: Path) -> bool:
+    try:
+        return bool(json.loads((source / "config.json").read_text()).get("quantization_config"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def open_model(

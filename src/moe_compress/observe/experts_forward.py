@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -48,9 +49,13 @@ def is_standard_experts(experts: nn.Module) -> bool:
     )
 
 
-def grouped_outputs(experts: nn.Module, x: torch.Tensor, order: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-    """f_e(x_t) for pairs sorted by expert: `x` [N, H] tokens, `order` the sorting permutation of the
-    flattened [N, k] routing, `expert_ids` the sorted expert of each pair. Returns [N*k, H]."""
+def grouped_outputs(
+    experts: nn.Module, x: torch.Tensor, order: torch.Tensor, expert_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """f_e(x_t) for pairs sorted by expert, and each pair's down-projection input act(gate) * up.
+
+    `x` [N, H] tokens, `order` the sorting permutation of the flattened [N, k] routing,
+    `expert_ids` the sorted expert of each pair. Returns ([N*k, H], [N*k, I])."""
     from transformers.integrations.moe import _grouped_linear
 
     top_k = order.numel() // x.shape[0]
@@ -62,24 +67,48 @@ def grouped_outputs(experts: nn.Module, x: torch.Tensor, order: torch.Tensor, ex
     hidden = experts._apply_gate(hidden) if experts.has_gate else experts.act_fn(hidden)
     bias = experts.down_proj_bias[expert_ids] if experts.has_bias else None
     out = _grouped_linear(hidden, experts.down_proj, offsets, bias=bias, is_transposed=experts.is_transposed)
-    return experts.post_expert_norm(out) if experts.has_post_expert_norm else out
+    return (experts.post_expert_norm(out) if experts.has_post_expert_norm else out), hidden
 
 
 def experts_count(experts: nn.Module) -> int:
     return int(experts.down_proj.shape[0])
 
 
+@dataclass
+class ExpertPass:
+    """One experts call as the capturing forward saw it; pairs are (token, slot) sorted by expert."""
+
+    x: torch.Tensor  # [N, H] tokens
+    top_idx: torch.Tensor  # [N, k]
+    top_w: torch.Tensor  # [N, k]
+    order: torch.Tensor  # [N*k] sorting permutation of the flattened routing
+    expert_ids: torch.Tensor  # [N*k] expert of each sorted pair
+    outputs: torch.Tensor  # [N*k, H] f_e(x_t)
+    hidden: torch.Tensor  # [N*k, I] down-projection inputs act(gate) * up
+    num_experts: int
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Routed pairs per expert, [E]."""
+        return torch.bincount(self.expert_ids, minlength=self.num_experts)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[N*k, H] the token of each sorted pair (the up-projection inputs)."""
+        return self.x[self.order // self.top_idx.shape[-1]]
+
+
 @contextmanager
-def capturing(experts: nn.Module, record: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]):
-    """While active, `experts` computes with `grouped_outputs` and calls
-    `record(x [N, H], top_idx [N, k], top_w [N, k], outputs [N*k, H] sorted by expert)` on every call."""
+def capturing(experts: nn.Module, record: Callable[[ExpertPass], None]):
+    """While active, `experts` computes with `grouped_outputs` and calls `record(ExpertPass)` on every call."""
 
     def forward(*args, **kwargs):
         hidden_states, top_idx, top_w = routing_arguments(args, kwargs)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         order = torch.sort(top_idx.reshape(-1), stable=True).indices
-        outputs = grouped_outputs(experts, x, order, top_idx.reshape(-1)[order].long())
-        record(x, top_idx, top_w, outputs)
+        expert_ids = top_idx.reshape(-1)[order].long()
+        outputs, hidden = grouped_outputs(experts, x, order, expert_ids)
+        record(ExpertPass(x, top_idx, top_w, order, expert_ids, outputs, hidden, experts_count(experts)))
         weighted = outputs * top_w.reshape(-1)[order].unsqueeze(-1)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)

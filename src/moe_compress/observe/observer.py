@@ -22,7 +22,7 @@ from ..io.residency import InMemoryWeights, Weights, split_names
 from ..progress import track
 from .capture import capture_layer_inputs
 from .activations import Activations, default_activations
-from .experts_forward import capturing, is_standard_experts, routing_arguments
+from .experts_forward import ExpertPass, capturing, is_standard_experts, routing_arguments
 from .statistics import LayerAccumulator, RoutedBatch
 
 
@@ -141,12 +141,13 @@ def _expert_statistics_hooks(adapter: MoEAdapter, block: nn.Module, accumulator:
     def on_router(_module, _args, output):
         last_logits[:] = [output[0].reshape(-1, output[0].shape[-1])]
 
-    def record(x, top_idx, top_w, outputs=None):
-        accumulator.update(RoutedBatch(x, last_logits[0], top_idx, top_w, adapter, experts, outputs))
+    def record(captured: ExpertPass) -> None:
+        batch = RoutedBatch(captured.x, last_logits[0], captured.top_idx, captured.top_w, adapter, experts, captured.outputs)
+        accumulator.update(batch)
 
     def on_experts(_module, args, kwargs):
         x, top_idx, top_w = routing_arguments(args, kwargs)
-        record(x.reshape(-1, x.shape[-1]), top_idx, top_w)
+        accumulator.update(RoutedBatch(x.reshape(-1, x.shape[-1]), last_logits[0], top_idx, top_w, adapter, experts))
 
     with ExitStack() as stack:
         handle = router.register_forward_hook(on_router)

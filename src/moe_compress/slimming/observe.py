@@ -24,6 +24,7 @@ from torch import nn
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
 from ..io.residency import Weights
+from ..observe.experts_forward import ExpertPass, capturing, is_standard_experts
 from ..observe.observer import LayerWalk
 
 TARGETS: tuple[str, ...] = ("experts", "shared", "attention")
@@ -86,7 +87,7 @@ class InputStats:
         if not x.shape[0]:
             return
         self.tokens += x.shape[0]
-        self.sq_sum += x.double().pow(2).sum(dim=0)
+        self.sq_sum += x.pow(2).sum(dim=0).double()  # float32 within a batch, float64 across batches
         if self.xtx is not None:
             self.xtx.addmm_(x.T, x)
 
@@ -133,6 +134,17 @@ class LayerCollector:
         finally:
             for handle in handles:
                 handle.remove()  # type: ignore[attr-defined]
+
+
+class _ContextHandle:
+    """A context manager entered now and exited by `remove()`, like a hook handle."""
+
+    def __init__(self, context) -> None:
+        self.context = context
+        context.__enter__()
+
+    def remove(self) -> None:
+        self.context.__exit__(None, None, None)
 
 
 def _linears(module: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
@@ -190,7 +202,17 @@ def layer_collector(
                 down_stats = collector.stats[down.name] = InputStats(down.read().shape[1], need, device)
                 pairs.append((up_stats, down_stats))
 
+        def on_pass(captured: ExpertPass) -> None:
+            """Per expert, the tokens routed to it and its down-projection inputs: segments of the pass."""
+            tokens, start = captured.tokens, 0
+            for e, count in enumerate(captured.counts.tolist()):
+                if count:
+                    pairs[e][0].add(tokens[start : start + count])
+                    pairs[e][1].add(captured.hidden[start : start + count])
+                start += count
+
         def on_experts(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            """Other experts modules (our novice classes): route and recompute the down inputs here."""
             x, top_index = _routing_arguments(args, kwargs)
             x = x.reshape(-1, x.shape[-1])
             top_index = top_index.reshape(x.shape[0], -1).long()
@@ -204,7 +226,9 @@ def layer_collector(
                     up_stats.add(tokens)
                     down_stats.add(expert_hidden(module, e, tokens))
 
-        if need is not None:
+        if need is not None and is_standard_experts(experts):  # the forward hands over what it computes
+            collector._hooks.append(lambda: _ContextHandle(capturing(experts, on_pass)))
+        elif need is not None:
             collector._hooks.append(lambda: experts.register_forward_pre_hook(on_experts, with_kwargs=True))
     return collector
 

@@ -76,7 +76,7 @@ def lowest_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Boolean mask marking the `count` lowest scores of every row."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if count > 0:
-        mask.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, True)
+        mask.scatter_(1, torch.topk(scores, count, dim=1, largest=False, sorted=False).indices, True)
     return mask
 
 
@@ -87,7 +87,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if full:
         grouped = scores[:, :full].reshape(rows, full // m, m)
-        drop = torch.topk(grouped, m - n, dim=2, largest=False).indices
+        drop = torch.topk(grouped, m - n, dim=2, largest=False, sorted=False).indices
         mask[:, :full] = torch.zeros_like(grouped, dtype=torch.bool).scatter_(2, drop, True).reshape(rows, full)
     tail = cols - full
     if tail > n:
