@@ -169,6 +169,7 @@ _bytes = human_bytes
 
 def _open_model(model, *args, **kwargs):
     """`io.open.open_model` with a progress line: loading a large model whole takes minutes."""
+    from .io.open import open_model
 
     with progress.step(f"loading {model}"):
         return open_model(model, *args, **kwargs)
