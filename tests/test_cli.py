@@ -49,7 +49,7 @@ def test_inspect_reports_structure_and_parameters(checkpoint):
 def test_prune_saves_plan_and_checkpoint_and_reuses_statistics(checkpoint, calib, tmp_path):
     args = ["prune", checkpoint, "--method", "reap", "--ratio", "0.25", "--budget", "global", "--calib", calib,
             "--samples", "8", "--seq-len", "32", "--cache-dir", tmp_path / "cache"]
-    result, text = run(*args, "--out", tmp_path / "out", "--plan-out", tmp_path / "plan.json", "--eval", calib)
+    result, text = run(*args, "--out", tmp_path / "out", "--plan-out", tmp_path / "plan.json", "--eval", calib, "--eval-seq-len", "32")
     assert result.exit_code == 0, text
     assert "parameters" in text and "perplexity" in text and "peak memory" in text
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -209,4 +209,5 @@ def test_analyze_writes_tables_and_heatmaps(checkpoint, calib, tmp_path):
     assert len(set(layer["cluster"])) == 3
     rows = (tmp_path / "analysis" / "analysis.csv").read_text().splitlines()
     assert rows[0] == "layer,expert,frequency,gate_mass,output_variance,reap,cluster" and len(rows) == 1 + 3 * 8
-    assert len(list((tmp_path / "analysis").glob("heatmap_*.png"))) == 5
+    assert len(list((tmp_path / "analysis").glob("heatmap_*.png"))) == 4
+    assert len(list((tmp_path / "analysis").glob("similarity_layer*.png"))) == 1

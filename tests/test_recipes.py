@@ -44,8 +44,9 @@ def test_stages_run_in_order_and_report(setup, tmp_path):
     assert "| 2: prune |" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_rerunning_a_recipe_reuses_cached_statistics(setup, tmp_path):
+def test_rerunning_a_recipe_reuses_cached_statistics(setup, tmp_path, monkeypatch):
     checkpoint, calib = setup
+    monkeypatch.setenv("MOE_COMPRESS_CACHE", str(tmp_path))  # other tests calibrate the same tiny model on the same text
     recipe = _recipe(checkpoint, calib, [{"prune": {"method": "mone", "ratio": 0.5}}])
     recipe["calibration"]["batch_size"] = 4  # MoNE's running variance needs more than one calibration batch
     first = run_recipe(recipe, out=tmp_path / "a")

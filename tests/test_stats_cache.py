@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -18,6 +19,13 @@ from moe_compress.observe.cache import StatsCache
 from tiny_models import tiny_model
 
 NAMES = ("reap_sum", "selected")
+
+
+def _entry(cache_dir):
+    """(key, everything the one entry in `cache_dir` holds): the key is the file name's first part."""
+    entry = next(cache_dir.glob("*.safetensors"))
+    key = entry.name.split(".")[0]
+    return key, StatsCache(cache_dir).load(key)
 
 
 def _collect(model, cache_dir, batches=None):
@@ -46,9 +54,8 @@ def test_a_changed_weight_the_old_sampling_skipped_misses(tmp_path):
 def test_an_entry_missing_a_layer_is_recomputed_not_half_used(tmp_path, monkeypatch):
     model = tiny_model("mixtral")
     full, _ = _collect(model, tmp_path)
-    entry = next(tmp_path.glob("*.safetensors"))
-    key = entry.stem
-    StatsCache(tmp_path).save(key, {layer: named for layer, named in full.items() if layer != 1})  # a consistent, partial entry
+    key, held = _entry(tmp_path)
+    StatsCache(tmp_path).save(key, {layer: named for layer, named in held.items() if layer != 1})  # a consistent, partial entry
     stats, from_cache = _collect(model, tmp_path)
     assert not from_cache and sorted(stats) == [0, 1, 2]
     assert all(torch.equal(stats[layer][name], full[layer][name]) for layer in full for name in full[layer])
@@ -56,9 +63,9 @@ def test_an_entry_missing_a_layer_is_recomputed_not_half_used(tmp_path, monkeypa
 
 def test_a_poisoned_entry_is_recomputed(tmp_path):
     model = tiny_model("mixtral")
-    full, _ = _collect(model, tmp_path)
-    key = next(tmp_path.glob("*.safetensors")).stem
-    StatsCache(tmp_path).save(key, {layer: {n: torch.full_like(v, float("nan")) for n, v in named.items()} for layer, named in full.items()})
+    _collect(model, tmp_path)
+    key, held = _entry(tmp_path)
+    StatsCache(tmp_path).save(key, {layer: {n: torch.full_like(v, float("nan")) for n, v in named.items()} for layer, named in held.items()})
     stats, from_cache = _collect(model, tmp_path)
     assert not from_cache and torch.isfinite(stats[0]["reap_sum"]).all()
 
@@ -70,8 +77,9 @@ def test_writers_use_unique_temporary_names(tmp_path, monkeypatch):
     stats = {0: {"tokens": torch.ones(8, dtype=torch.float64)}}
     StatsCache(tmp_path).save("k", stats)
     StatsCache(tmp_path).save("k", stats)
-    assert len(set(written)) == 2 and all(f".k.{__import__('os').getpid()}@" in p for p in written)
-    assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]
+    pid = __import__("os").getpid()
+    assert len(set(written)) == 2 and all(re.search(rf"/\.k\.[0-9a-f]+\.safetensors\.{pid}@", p) for p in written), written
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name] and next(tmp_path.iterdir()).name.startswith("k.")
 
 
 @pytest.mark.parametrize("fault", ["a-file", "read-only", "full"])

@@ -1,42 +1,56 @@
-"""moe-compress: compress Mixture-of-Experts language models and save checkpoints that load anywhere."""
+"""moe-compress: compress Mixture-of-Experts language models and save checkpoints that load anywhere.
 
-from .api import CompressionResult, collect_statistics, compress, condense, drop
-from .arch import get_adapter, supported_model_types
-from .data import CalibrationSpec
-from .errors import MoECompressError
-from .evaluate import model_size, perplexity
-from .finetune import finetune
-from .io import load_model, save_compressed
-from .plan import LayerPlan, Plan
-from .recipes import register_stage, run_recipe
-from .slimming import SlimResult, slim
-from .slimming.quantize import QuantizeResult, quantize
-from .surgery import apply_plan, prune_experts
+The public names below are imported on first use (see `_lazy`), not when the package is:
+`import moe_compress` and `moe-compress --help` then cost no torch or transformers import.
+"""
 
-__all__ = [
-    "CalibrationSpec",
-    "CompressionResult",
-    "LayerPlan",
-    "MoECompressError",
-    "Plan",
-    "QuantizeResult",
-    "SlimResult",
-    "apply_plan",
-    "collect_statistics",
-    "compress",
-    "condense",
-    "drop",
-    "finetune",
-    "get_adapter",
-    "load_model",
-    "model_size",
-    "perplexity",
-    "prune_experts",
-    "register_stage",
-    "run_recipe",
-    "quantize",
-    "save_compressed",
-    "slim",
-    "supported_model_types",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_package
+
 __version__ = "0.1.0"
+
+#: public name -> module (relative to this package) that defines it
+_EXPORTS = {
+    "CompressionResult": ".api",
+    "collect_statistics": ".api",
+    "compress": ".api",
+    "condense": ".api",
+    "drop": ".api",
+    "get_adapter": ".arch",
+    "supported_model_types": ".arch",
+    "CalibrationSpec": ".data",
+    "MoECompressError": ".errors",
+    "model_size": ".evaluate",
+    "perplexity": ".evaluate",
+    "finetune": ".finetune",
+    "load_model": ".io",
+    "save_compressed": ".io",
+    "LayerPlan": ".plan",
+    "Plan": ".plan",
+    "register_stage": ".recipes",
+    "run_recipe": ".recipes",
+    "SlimResult": ".slimming",
+    "slim": ".slimming",
+    "QuantizeResult": ".slimming.quantize",
+    "quantize": ".slimming.quantize",
+    "apply_plan": ".surgery",
+    "prune_experts": ".surgery",
+}
+__all__ = lazy_package(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .api import CompressionResult, collect_statistics, compress, condense, drop
+    from .arch import get_adapter, supported_model_types
+    from .data import CalibrationSpec
+    from .errors import MoECompressError
+    from .evaluate import model_size, perplexity
+    from .finetune import finetune
+    from .io import load_model, save_compressed
+    from .plan import LayerPlan, Plan
+    from .recipes import register_stage, run_recipe
+    from .slimming import SlimResult, slim
+    from .slimming.quantize import QuantizeResult, quantize
+    from .surgery import apply_plan, prune_experts

@@ -109,6 +109,25 @@ def model_identity(model: PreTrainedModel, adapter: MoEAdapter, weights: Weights
     )
 
 
+def superset_statistics(names: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """`names` plus every statistic a registered pruning method needs with its default options.
+
+    What one cached calibration pass collects, so that the next method on the same model and
+    data reads the cache instead of calibrating again. Its cost over the statistics one method
+    needs is small: the expert outputs the observer captures anyway feed most of them (REAP,
+    EAN, MoNE's moments), and C-Prune's signatures run every expert on a probe of 64 tokens per
+    batch. Merging methods (family "merging") are left out: their statistics may run every
+    expert on every token.
+    """
+    from .methods import METHODS
+
+    union = {*names, "tokens"}
+    for method in METHODS.values():
+        if method.family == "pruning":
+            union.update(method.needs())
+    return tuple(sorted(union))
+
+
 def collect_statistics(
     model: PreTrainedModel,
     batches: list[torch.Tensor],
@@ -117,13 +136,17 @@ def collect_statistics(
     device: str = "cpu",
     weights: Weights | None = None,
     fingerprint: str | None = None,
+    superset: bool = True,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], bool]:
-    """Observed statistics, from the disk cache when this model and data were seen before.
+    """Observed statistics `names`, from the disk cache when this model and data were seen before.
 
     Returns (statistics, whether they came from the cache). `cache_dir=False` disables caching.
     The cache key covers the weights (`fingerprint`, see `weights_fingerprint`; computed when
-    not given), the config and the tokens; an entry that does not describe this model's MoE
-    layers and expert counts is recomputed, never half-used.
+    not given), the config and the tokens; any cached entry holding every statistic asked for
+    answers. On a miss with caching on, one pass collects `superset_statistics(names)` (unless
+    `superset=False`) and caches all of it, so the other pruning methods find theirs there; only
+    `names` (and "tokens") are returned. An entry that does not describe this model's MoE layers
+    and expert counts is recomputed, never half-used.
     Under torchrun the cache is used only if every rank finds the entry; rank 0 writes it.
     """
     adapter = get_adapter(model)
@@ -133,15 +156,16 @@ def collect_statistics(
     key = ""
     if cache:
         fingerprint = fingerprint or weights_fingerprint(model, weights)[0]
-        key = cache_key(fingerprint, batches_fingerprint(batches), names, config_fingerprint(model.config))
+        key = cache_key(fingerprint, batches_fingerprint(batches), config_fingerprint(model.config))
     cached = cache.load(key, expected, names) if cache else None
     if distributed.combine(torch.tensor([cached is not None], dtype=torch.int64), torch.minimum).item():
         return cached, True
-    stats = observe_expert_statistics(model, adapter, batches, names, device, weights)
+    observed = superset_statistics(names) if cache and superset else names
+    stats = observe_expert_statistics(model, adapter, batches, observed, device, weights)
     require_finite_statistics(stats)
     if cache and distributed.is_main():
         cache.save(key, stats)
-    return stats, False
+    return {layer: {name: named[name] for name in names} for layer, named in stats.items()}, False
 
 
 @releases_outputs

@@ -1,4 +1,8 @@
-"""The `moe-compress` command line: thin wrappers over the Python API."""
+"""The `moe-compress` command line: thin wrappers over the Python API.
+
+Top-level imports stay light (typer, rich): `moe-compress --help` must not import torch.
+Each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -14,32 +18,58 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from . import __version__, progress
 from .errors import MoECompressError
-from .finite import require_finite_numbers
+from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
+from .report.format import human_bytes, human_count, percent_change
 
-console = Console(stderr=True, soft_wrap=True)  # one error line stays one line when piped
-out_console = Console()
+console = progress.messages  # stderr: progress, notes, warnings, errors; one error line stays one line when piped
+out_console = progress.results  # stdout: results; never wrapped when not a terminal
+
+#: Flags that set the verbosity; accepted before or after the command name.
+_VERBOSITY_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose"}
 
 
 def _error_line(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}")
 
 
+def _verbosity_from(args: list[str]) -> tuple[list[str], progress.Verbosity | None]:
+    """Take the verbosity flags out of `args` wherever they are (`moe-compress prune ... --quiet`
+    reads as naturally as `moe-compress --quiet prune ...`); the last one given wins."""
+    level = None
+    rest = []
+    for position, arg in enumerate(args):
+        if arg == "--":  # everything after it is an argument, never a flag
+            rest += args[position:]
+            break
+        if arg in _VERBOSITY_FLAGS:
+            level = _VERBOSITY_FLAGS[arg]
+        else:
+            rest.append(arg)
+    return rest, level
+
+
 class _OneLineUsageErrors(TyperGroup):
     """A bad option value or a missing argument is a user error like any other: one
-    `error:` line and exit 2, not click's usage box."""
+    `error:` line and exit 2, not click's usage box. Also sets the verbosity for the command,
+    silences library noise unless verbose, and records the command line for model cards."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        no_arguments = not (sys.argv[1:] if args is None else args)  # shows the help, as no_args_is_help says
+        from .invocation import recording
+
+        args, level = _verbosity_from(list(sys.argv[1:] if args is None else args))
+        no_arguments = not args  # shows the help, as no_args_is_help says
         if not standalone_mode or no_arguments:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        previous = progress.set_verbosity(level) if level else None
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with progress.libraries_quiet(), recording(["moe-compress", *args]):
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:  # typer's click: bad values, unknown options, missing arguments
             where = getattr(exc, "ctx", None)
             _error_line(exc.format_message().rstrip(".") + (f"; see `{where.command_path} --help`." if where else "."))
@@ -47,6 +77,9 @@ class _OneLineUsageErrors(TyperGroup):
         except typer.Abort:
             _error_line("aborted.")
             sys.exit(1)
+        finally:
+            if level:
+                progress.set_verbosity(previous)
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -58,6 +91,22 @@ app = typer.Typer(
     cls=_OneLineUsageErrors,
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        out_console.print(f"moe-compress {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but results, warnings and errors (no progress). Also accepted after the command.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the libraries' own logs, progress bars and warnings (silenced by default). Also accepted after the command.")] = False,
+) -> None:
+    """Compress Mixture-of-Experts language models and save checkpoints that load anywhere."""
+
+
 #: OS errors that are about the user's paths or machine, not bugs: one line, exit 2.
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOENT}
 
@@ -68,10 +117,11 @@ def user_errors(command: Callable) -> Callable:
     Float options must be finite (a NaN ratio or learning rate would pass every range check);
     output locks are released when the command ends, however it ends.
     """
-    from .io.publish import output_locks
-
     @wraps(command)
     def wrapper(*args, **kwargs):
+        from .finite import require_finite_numbers
+        from .io.publish import output_locks
+
         try:
             with output_locks():
                 require_finite_numbers((f"--{name.replace('_', '-')}", value) for name, value in kwargs.items())
@@ -113,20 +163,36 @@ def _cache_dir_option(path: Path | None) -> None:
         raise MoECompressError(f"--cache-dir {path} is a file, not a directory; pass a directory (it is created if missing).")
 
 
-def _human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}{unit}"
-        n /= 1000
-    return f"{n:.3g}P{unit}"
+_human = human_count
+_bytes = human_bytes
 
 
-def _bytes(n: float) -> str:
-    for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024:
-            return f"{n:.4g} {suffix}"
-        n /= 1024
-    return f"{n:.4g} PiB"
+def _open_model(model, *args, **kwargs):
+    """`io.open.open_model` with a progress line: loading a large model whole takes minutes."""
+    from .io.open import open_model
+
+    with progress.step(f"loading {model}"):
+        return open_model(model, *args, **kwargs)
+
+
+def _load_model(model, **kwargs):
+    """`io.load.load_model` with a progress line."""
+    from .io.load import load_model
+
+    with progress.step(f"loading {model}"):
+        return load_model(model, **kwargs)
+
+
+_print_table = progress.show_table
+_say = progress.say
+
+
+def _notes(*lines: str) -> None:
+    """Lines that qualify the results just printed (the protocol in force, what was cached):
+    part of the result, so printed to stdout, and never wrapped into a table caption."""
+    for line in lines:
+        if line:
+            _say(line)
 
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
@@ -143,6 +209,11 @@ StreamingOpt = Annotated[str, typer.Option(help="auto: read the model layer by l
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.")]
 MaxActivationOpt = Annotated[str | None, typer.Option(help="Keep at most this much calibration activation memory in RAM (e.g. 4GiB, 500MB; a plain number means GiB); the rest goes to files in --offload-dir. Default: no limit.")]
 OffloadDirOpt = Annotated[Path | None, typer.Option(help="Directory for activations beyond --max-activation-memory (default: the system temp dir).")]
+CacheDirOpt = Annotated[Path | None, typer.Option(help="Where calibration statistics are cached. Default: $MOE_COMPRESS_CACHE/stats if that variable is set, else ~/.cache/moe_compress/stats.")]
+EvalWindowsOpt = Annotated[int, typer.Option("--eval-windows", help="Perplexity windows per text source for --eval (the evaluation protocol; see `moe-compress eval --help`).")]
+EvalSeqLenOpt = Annotated[int, typer.Option("--eval-seq-len", help="Tokens per perplexity window for --eval (independent of the calibration --seq-len).")]
+EvalOpt = Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after (same forms as --calib; 'bundled': each bundled domain's test split), with the evaluation protocol of --eval-windows / --eval-seq-len.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Check every input, print what would be done (the plan itself with --plan-in) and exit: no calibration, nothing written.")]
 
 
 def _streaming(value: str) -> bool | str:
@@ -195,9 +266,8 @@ def inspect(
     from .arch import get_adapter
     from .evaluate.size import model_size
     from .io.load import resolve_model
-    from .io.open import open_model
 
-    loaded, _, _ = open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code)
+    loaded, _, _ = _open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code)
     adapter = get_adapter(loaded)
     size = model_size(loaded, adapter)
     layers = adapter.decoder_layers(loaded)
@@ -215,7 +285,7 @@ def inspect(
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(str(row["layer"]), row["kind"], str(row["experts"] or "-"), str(row["shared_modules"] or "-"))
-    out_console.print(table)
+    _print_table(table)
     params = Table(title="parameters")
     params.add_column("part")
     params.add_column("count", justify="right")
@@ -226,7 +296,7 @@ def inspect(
     params.add_row("total", f"{size.total:,}", "100%")
     params.add_row("active per token", f"{size.active_per_token:,}", f"{100 * size.active_per_token / size.total:.1f}%")
     params.add_row("bytes in memory", _bytes(size.bytes), "")
-    out_console.print(params)
+    _print_table(params)
 
 
 def _renormalize_option(value: str | None) -> str | bool | None:
@@ -256,10 +326,11 @@ def prune(
     min_keep: Annotated[int, typer.Option(help="Global budget only: fewest experts any layer may keep (never below top-k).")] = 0,
     plan_in: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of deciding from calibration.")] = None,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
-    eval_ppl: Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after pruning (same forms as --calib; 'bundled' uses the test split).")] = None,
-    eval_windows: Annotated[int, typer.Option(help="At most this many windows of --seq-len tokens for --eval.")] = 64,
+    eval_ppl: EvalOpt = None,
+    eval_windows: EvalWindowsOpt = DEFAULT_PROTOCOL.windows,
+    eval_seq_len: EvalSeqLenOpt = DEFAULT_PROTOCOL.seq_len,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
-    cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
+    cache_dir: CacheDirOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the statistics cache.")] = False,
     fusion: Annotated[str | None, typer.Option(help="mone: how access frequency and output variance combine: product, minmax_product or weighted_sum.")] = None,
     fusion_weight: Annotated[float | None, typer.Option(help="mone: weight of access frequency in weighted_sum fusion, in [0, 1].")] = None,
@@ -286,93 +357,129 @@ def prune(
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
     offload_dir: OffloadDirOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Prune, replace or merge routed experts with a registered method (or a saved plan) and save the result."""
     from .api import compress
     from .data.batches import CalibrationSpec
-    from .evaluate.perplexity import perplexity
     from .io.load import check_device
-    from .io.open import open_model
     from .io.save import check_output_dir
     from .methods.budget import check_ratio
+    from .preflight import Structure, check_prune
 
+    given = {
+        "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
+        "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
+        "renormalize": _renormalize_option(renormalize), "global_scores": global_scores, "global_clusters": global_clusters,
+        "batch": cluster_batch, "stage1_rate": stage1_rate, "stage2_rate": stage2_rate, "variance": variance,
+        "align": align, "group_size": group_size, "protect_super_experts": protect_super_experts,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
     if plan_in is None:
         check_ratio(ratio)
-    _require_positive(eval_windows=eval_windows, clusters=clusters, probe_tokens=probe_tokens)
+    _require_positive(clusters=clusters, probe_tokens=probe_tokens, global_clusters=global_clusters, cluster_batch=cluster_batch)
+    protocol = _protocol(eval_windows, eval_seq_len)
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     spec.validate()
     _writable_file(plan_out, "--plan-out")
     _cache_dir_option(cache_dir)
     check_device(device)
+    if dry_run:
+        from .dry_run import dry_run_prune
+
+        dry_run_prune(model, out, overwrite, plan_in, method, options, ratio, budget, min_keep, spec, eval_ppl, protocol, dtype, trust_remote_code)
+        return
     check_output_dir(out, overwrite, [model, plan_in])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
-        eval_sets = {source: _eval_windows(tokenizer, source, seq_len, eval_windows, loaded.config) for source in _expand_sources([eval_ppl])} if eval_ppl else {}
-        before = {source: perplexity(loaded, windows, weights=weights, device=device) for source, windows in eval_sets.items()}
-        given = {
-            "fusion": fusion, "fusion_weight": fusion_weight, "novices": False if no_novice else None, "clusters": clusters,
-            "linkage_method": linkage, "stage1_share": stage1_share, "probe_tokens": probe_tokens, "max_layer_loss": max_layer_loss,
-            "renormalize": _renormalize_option(renormalize), "global_scores": global_scores, "global_clusters": global_clusters,
-            "batch": cluster_batch, "stage1_rate": stage1_rate, "stage2_rate": stage2_rate, "variance": variance,
-            "align": align, "group_size": group_size, "protect_super_experts": protect_super_experts,
-        }
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        if plan_in is None:  # everything the model's structure decides fails now, before calibration and evaluation
+            check_prune(Structure.of(loaded), method, options, ratio, budget, min_keep)
+        eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
+        before = _perplexities(loaded, eval_sets, weights, device, "before")
         result = compress(
             weights if weights.streamed else loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out,
-            overwrite=overwrite, min_keep=min_keep, options={k: v for k, v in given.items() if v is not None},
-            cache_dir=False if no_cache else cache_dir, device=device,
+            overwrite=overwrite, min_keep=min_keep, options=options, cache_dir=False if no_cache else cache_dir, device=device,
         )
         if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
             return
-        after = {source: _perplexity_after(result, windows, device) for source, windows in eval_sets.items()}
-    if plan_out is not None:
-        result.plan.save(plan_out)
-    out_console.print(result.plan.table())
-    s = result.summary
-    table = Table(title=f"pruned {model} -> {out}")
-    table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
-    table.add_row("parameters", _human(s["params_before"]), _human(s["params_after"]), f"{100 * (s['params_after'] / s['params_before'] - 1):+.1f}%")
-    table.add_row("active params/token", _human(s["active_params_before"]), _human(s["active_params_after"]), f"{100 * (s['active_params_after'] / s['active_params_before'] - 1):+.1f}%")
-    table.add_row("bytes in memory", _bytes(s["bytes_before"]), _bytes(s["bytes_after"]), f"{100 * (s['bytes_after'] / s['bytes_before'] - 1):+.1f}%")
-    for source in eval_sets:
-        table.add_row(f"perplexity {source}", f"{before[source].perplexity:.3f}", f"{after[source]:.3f}", f"{100 * (after[source] / before[source].perplexity - 1):+.1f}%")
-    out_console.print(table)
-    cached = " (statistics from cache)" if s["statistics_from_cache"] else ""
-    out_console.print(
-        f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s{cached}; peak memory {_bytes(s['peak_rss_bytes'])}"
-    )
+        after = _perplexities_after(result, eval_sets, device)
+    _report_compression(result, "pruned", model, out, plan_out, protocol, before, after)
 
 
-def _perplexity_after(result, windows, device: str) -> float:
-    """Perplexity of a compression result: the model in memory, or the checkpoint a streamed run wrote."""
+def _protocol(windows: int, seq_len: int, options: tuple[str, str] = ("--eval-windows", "--eval-seq-len")) -> EvalProtocol:
+    protocol = EvalProtocol(windows, seq_len)
+    protocol.validate(options)
+    return protocol
+
+
+def _eval_sets(protocol: EvalProtocol, sources: str | list[str] | None, tokenizer, config, option: str = "--eval-seq-len") -> dict:
+    """Source -> its protocol windows ('bundled' expands to one source per domain)."""
+    from .evaluate.protocol import expand_sources
+
+    return {source: protocol.windows_of(tokenizer, source, config, option) for source in expand_sources(sources)} if sources else {}
+
+
+def _perplexities(model, eval_sets: dict, weights=None, device: str = "cpu", when: str = "") -> dict[str, float]:
     from .evaluate.perplexity import perplexity
+
+    label = f" ({when})" if when else ""
+    return {source: perplexity(model, windows, weights=weights, device=device, description=f"perplexity {source}{label}").perplexity
+            for source, windows in eval_sets.items()}
+
+
+def _perplexities_after(result, eval_sets: dict, device: str) -> dict[str, float]:
+    """Perplexities of a compression result: the model in memory, or the checkpoint a streamed run wrote."""
     from .io.load import load_streamed
 
+    if not eval_sets:
+        return {}
     if result.model is not None:
-        return perplexity(result.model, windows).perplexity
+        return _perplexities(result.model, eval_sets, when="after")
     weights, _ = load_streamed(result.output_dir)
-    return perplexity(weights.model, windows, weights=weights, device=device).perplexity
+    return _perplexities(weights.model, eval_sets, weights, device, "after")
 
 
-def _expand_sources(sources: list[str]) -> list[str]:
-    """'bundled' stands for one source per bundled domain, so results come per domain."""
-    from .data.texts import bundled_domains
+def _size_table(title: str, summary: dict, before: dict[str, float], after: dict[str, float]) -> Table:
+    """Parameters, active parameters and bytes before/after, and perplexity per source when measured."""
+    table = Table(title=title)
+    for column in ("", "before", "after", "change"):
+        table.add_column(column, justify="right" if column else "left")
+    for label, key, show in (("parameters", "params", _human), ("active params/token", "active_params", _human), ("bytes in memory", "bytes", _bytes)):
+        if f"{key}_before" in summary:
+            first, last = summary[f"{key}_before"], summary[f"{key}_after"]
+            table.add_row(label, show(first), show(last), percent_change(last, first))
+    for source, value in after.items():
+        table.add_row(f"perplexity {source}", f"{before[source]:.3f}", f"{value:.3f}", percent_change(value, before[source]))
+    return table
 
-    return [one for source in sources for one in ([f"bundled:{d}" for d in bundled_domains()] if source == "bundled" else [source])]
+
+def _report_compression(result, verb: str, model: str, out: Path, plan_out: Path | None, protocol: EvalProtocol | None,
+                        before: dict[str, float], after: dict[str, float]) -> None:
+    """What every structural command prints after it saved: the plan, the size (and quality)
+    table, the protocol in force, the checkpoint line, and what was written and how to load it."""
+    if plan_out is not None:
+        result.plan.save(plan_out)
+    s = result.summary
+    if result.plan is not None:
+        _print_table(result.plan.table())
+    _print_table(_size_table(f"{verb} {model} -> {out}", s, before, after))
+    cached = " (statistics from cache)" if s.get("statistics_from_cache") else ""
+    _notes(protocol.describe() if after and protocol else "",
+           f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s{cached}; peak memory {_bytes(s['peak_rss_bytes'])}")
+    _saved(out, protocol, before, after)
 
 
-def _eval_windows(tokenizer, source: str, seq_len: int, max_windows: int, config):
-    from .data.batches import check_seq_len, read_windows
+def _saved(out: Path, protocol: EvalProtocol | None = None, before: dict[str, float] | None = None, after: dict[str, float] | None = None) -> None:
+    """After every save: record measured quality in the output, then say what was written and how to load it."""
+    from .io.model_card import loading_info, record_evaluation
 
-    if tokenizer is None:
-        raise MoECompressError("this checkpoint has no tokenizer, so text cannot be evaluated.")
-    check_seq_len(seq_len, config)
-    chunks = read_windows(tokenizer, source, seq_len, max_windows)
-    if len(chunks) == 0:
-        raise MoECompressError(f"evaluation text {source!r} is shorter than one window of {seq_len} tokens.")
-    return chunks
+    if after and protocol is not None and before:
+        record_evaluation(out, protocol.describe(), {source: (before[source], value) for source, value in after.items()})
+    info = loading_info(out)
+    _say(f"saved {out}: {info.describe()}; model card {out / 'README.md'}")
+    _say("load it with:")
+    for line in info.snippet(str(out)).splitlines():
+        _say("    " + line)
 
 
 def _checkpoint_bytes(name: str) -> int | None:
@@ -399,7 +506,8 @@ def _evaluate_model(
     report: dict = {
         "model": name,
         "perplexity": {
-            s: perplexity(loaded, _eval_windows(tokenizer, s, seq_len, max_windows, loaded.config), batch_size, weights, device).to_dict()
+            s: perplexity(loaded, EvalProtocol(max_windows, seq_len).windows_of(tokenizer, s, loaded.config, "--seq-len"), batch_size, weights,
+                          device, description=f"perplexity {s} ({name})").to_dict()
             for s in sources
         },
         "tasks": {},
@@ -408,7 +516,8 @@ def _evaluate_model(
         "checkpoint_bytes": _checkpoint_bytes(name),
     }
     if selection is not None:
-        scores = run_tasks(loaded, tokenizer, selection, limit, batch_size, weights=weights, device=device)
+        with progress.step(f"lm-eval tasks {', '.join(selection.names)} ({name})"), progress.libraries_silenced():
+            scores = run_tasks(loaded, tokenizer, selection, limit, batch_size, weights=weights, device=device)
         report["tasks"] = {t: s.to_dict() for t, s in scores.items()}
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report
@@ -424,7 +533,8 @@ def _fidelity(loaded, original, tokenizer, sources: list[str], seq_len: int, max
         )
     mine, theirs = weights
     return {
-        s: fidelity(loaded, original, _eval_windows(tokenizer, s, seq_len, max_windows, loaded.config), batch_size, mine, theirs, device).to_dict()
+        s: fidelity(loaded, original, EvalProtocol(max_windows, seq_len).windows_of(tokenizer, s, loaded.config, "--seq-len"), batch_size, mine,
+                    theirs, device).to_dict()
         for s in sources
     }
 
@@ -448,8 +558,9 @@ def _comparison(mine: dict, theirs: dict, speed) -> dict:
     }
 
 
-def _eval_table(report: dict) -> Table:
-    """One row per measurement; with --compare, the original's column and the change."""
+def _eval_table(report: dict) -> tuple[Table, list[str]]:
+    """One row per measurement; with --compare, the original's column and the change. Also the
+    lines that qualify it (printed under it, not as a caption: a caption wraps to the table's width)."""
     original = report.get("original")
     comparison = report.get("comparison") or {}
     table = Table(title=f"evaluation of {report['model']}" + (f" against {original['model']}" if original else ""))
@@ -463,7 +574,7 @@ def _eval_table(report: dict) -> Table:
         table.add_row(label, mine, *((theirs, change) if original else ()))
 
     def pct(r: float | None) -> str:
-        return f"{100 * (r - 1):+.1f}%" if r is not None else "-"
+        return percent_change(r, 1.0) if r is not None else "-"
 
     def acc(score: dict | None, key: str) -> str:
         if not score or score.get(key) is None:
@@ -486,9 +597,10 @@ def _eval_table(report: dict) -> Table:
         other = theirs["tasks"].get(task)
         for key in ("acc", "acc_norm"):
             row(f"{key} {task}", acc(score, key), acc(other, key), points(comparison.get(f"{key}_delta", {}).get(task)))
+    notes = []
     if report["tasks"]:
         counts = sorted({s["samples"] for s in report["tasks"].values() if s.get("samples") and not s.get("group")})
-        table.caption = f"accuracy ± stderr over {'/'.join(map(str, counts))} questions per task; chance is 1/choices (0.25 for moec)"
+        notes.append(f"accuracy ± stderr over {'/'.join(map(str, counts))} questions per task; chance is 1/choices (0.25 for moec)")
     for key, label in (("total", "parameters"), ("routed", "routed-expert params"), ("active_per_token", "active params/token")):
         row(label, _human(report["params"][key]), _human(theirs["params"][key]) if original else "", pct(comparison.get("params_ratio", {}).get(key)))
     for key, label in (("checkpoint_bytes", "checkpoint bytes"), ("bytes_in_memory", "bytes in memory"), ("peak_rss_bytes", "peak RSS (process)")):
@@ -502,7 +614,7 @@ def _eval_table(report: dict) -> Table:
             key = f"{phase}_tokens_per_s"
             ratio = ratios.get(f"{phase}_ratio")
             row(f"{phase} tokens/s", f"{speed[key]:,.1f}", f"{other[key]:,.1f}" if other else "", f"×{ratio:.3f}" if ratio is not None else "")
-    return table
+    return table, notes
 
 
 class _TorchThreads:
@@ -533,8 +645,8 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="Score at most this many questions per task (the first ones).")] = None,
     speed: Annotated[bool | None, typer.Option("--speed/--no-speed", help="Measure prefill and decode throughput (tokens/s, greedy, KV cache). Default: on with --compare, off otherwise.")] = None,
     compare: Annotated[str | None, typer.Option(help="An original model (same forms as MODEL): evaluate it the same way, show the changes, and time both interleaved in this process.")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per non-overlapping perplexity window.")] = 256,
-    max_windows: Annotated[int, typer.Option(help="At most this many perplexity windows per text source.")] = 256,
+    seq_len: Annotated[int, typer.Option("--seq-len", "--eval-seq-len", help="Tokens per perplexity window (windows do not overlap: the stride is the window).")] = DEFAULT_PROTOCOL.seq_len,
+    max_windows: Annotated[int, typer.Option("--max-windows", "--eval-windows", help="Perplexity windows per text source (the first ones of its test split; fewer if the text is shorter).")] = DEFAULT_PROTOCOL.windows,
     batch_size: Annotated[int, typer.Option(help="Windows (perplexity) or requests (tasks) per forward pass.")] = 8,
     speed_batch: Annotated[int, typer.Option(help="Prompts per batch when timing.")] = 4,
     speed_prompt_len: Annotated[int, typer.Option(help="Prompt tokens per prompt when timing prefill (cut to fit the model's positions).")] = 128,
@@ -551,6 +663,11 @@ def evaluate(
 ) -> None:
     """Evaluate a model: perplexity, multiple-choice accuracy (lm-eval), parameters, bytes, memory and speed.
 
+    Perplexity follows one evaluation protocol everywhere (prune/slim --eval, recipes, the demo):
+    by default the first 128 windows of 256 tokens of each source's test split, without overlap
+    (32,768 tokens per source); --max-windows and --seq-len change it, and the protocol in force
+    is printed under the results.
+
     With --compare ORIGINAL both models are evaluated the same way in one process and the table
     shows the changes. JSON keys: model, seq_len, settings, perplexity, tasks, params (total,
     routed, active_per_token), bytes_in_memory, checkpoint_bytes, peak_rss_bytes, speed; with
@@ -558,9 +675,9 @@ def evaluate(
     mean KL(original || this model) per token and the top-1 agreement, teacher-forced.
     """
     from .evaluate.harness import parse_task_list, select_tasks
+    from .evaluate.protocol import expand_sources
     from .evaluate.speed import SpeedSettings, compare_speed, measure_speed, peak_rss_bytes, speed_prompts
     from .io.load import check_device, load_config
-    from .io.open import open_model
 
     _require_positive(seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, limit=limit, threads=threads)
     _writable_file(json_out, "--json")
@@ -570,14 +687,18 @@ def evaluate(
     settings.validate()
     # Everything that can be wrong with the input fails here, before any model is loaded.
     task_names = parse_task_list(tasks) if tasks is not None else []
-    selection = select_tasks(task_names) if task_names else None
+    selection = None
+    if task_names:
+        with progress.step("loading lm-eval tasks"), progress.libraries_silenced():
+            selection = select_tasks(task_names)
     if compare is not None:
         load_config(compare, trust_remote_code)
-    sources = _expand_sources(ppl or [])
+    protocol = _protocol(max_windows, seq_len, ("--max-windows", "--seq-len"))
+    sources = expand_sources(ppl or [])
 
     mode = _streaming(streaming)
     with _runtime(threads, max_activation_memory, offload_dir):
-        loaded, tokenizer, weights = open_model(model, device, mode, dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, mode, dtype, trust_remote_code)
         if speed and weights.streamed:
             raise MoECompressError("speed is measured on a model held in memory; pass --no-speed to evaluate a streamed model.")
         report = {
@@ -589,10 +710,11 @@ def evaluate(
             },
         }
         report["settings"]["streamed"] = weights.streamed
+        report["settings"]["protocol"] = protocol.to_dict() if sources else None
         report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, weights, device)
         original = original_tokenizer = None
         if compare is not None:
-            original, original_tokenizer, original_weights = open_model(compare, device, mode, dtype, trust_remote_code)
+            original, original_tokenizer, original_weights = _open_model(compare, device, mode, dtype, trust_remote_code)
             report["original"] = _evaluate_model(
                 compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, original_weights, device
             )
@@ -612,7 +734,9 @@ def evaluate(
             report["original"]["speed"] = None
         if original is not None:
             report["comparison"] = _comparison(report, report["original"], comparison)
-    out_console.print(_eval_table(report))
+    table, notes = _eval_table(report)
+    _print_table(table)
+    _notes(*notes, protocol.describe() if sources else "")
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
 
@@ -640,14 +764,15 @@ def drop_command(
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
     offload_dir: OffloadDirOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Layer drop / block drop: remove the MoE sub-layers or blocks that change the residual stream least."""
     from .api import MODES, UNITS
     from .api import drop as drop_layers
     from .data.batches import CalibrationSpec
     from .io.load import check_device
-    from .io.open import open_model
     from .io.save import check_output_dir
+    from .preflight import Structure, check_drop
 
     if unit not in UNITS or mode not in MODES:
         raise MoECompressError(f"--unit must be one of {', '.join(UNITS)} and --mode one of {', '.join(MODES)}; got --unit {unit} --mode {mode}.")
@@ -655,14 +780,21 @@ def drop_command(
     spec.validate()
     _writable_file(plan_out, "--plan-out")
     check_device(device)
+    if dry_run:
+        from .dry_run import dry_run_drop
+
+        dry_run_drop(model, out, overwrite, unit, drop, target_ratio, mode, spec, dtype, trust_remote_code)
+        return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        check_drop(Structure.of(loaded), unit, drop, target_ratio)
         result = drop_layers(
             weights if weights.streamed else loaded, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device,
             consecutive_score=consecutive_score,
         )
-    _report_stage(result, model, out, plan_out)
+    if result.plan is not None:  # None: a rank other than 0 of a distributed run; rank 0 reports
+        _report_compression(result, "dropped", model, out, plan_out, None, {}, {})
 
 
 @app.command("condense")
@@ -683,17 +815,19 @@ def condense_command(
     seed: SeedOpt = 0,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
-    cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
+    cache_dir: CacheDirOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
     threads: ThreadsOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """CD-MoE: condense MoE layers into shared experts + a few constant-weight experts, chosen by output divergence."""
     from .api import condense
     from .data.batches import CalibrationSpec
-    from .io.load import check_device, load_model
+    from .io.load import check_device
     from .io.save import check_output_dir
+    from .preflight import Structure, check_condense
 
     _require_positive(layers=layers, position_stride=position_stride)
     if experts is not None and experts < 0:
@@ -703,17 +837,23 @@ def condense_command(
     _writable_file(plan_out, "--plan-out")
     _cache_dir_option(cache_dir)
     check_device(device)
+    if dry_run:
+        from .dry_run import dry_run_condense
+
+        dry_run_condense(model, out, overwrite, layers, experts, choose_size, spec, dtype, trust_remote_code)
+        return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads):
-        loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        loaded, tokenizer = _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        check_condense(Structure.of(loaded), layers, experts)
         result = condense(
             loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir, device,
             state_file=state_file, fresh=fresh,
         )
     meta = result.plan.meta
     resumed = " (resumed from a saved state)" if meta["resumed"] else ""
-    out_console.print(f"search: {meta['evaluations']} candidate evaluations in {meta['search_seconds']}s{resumed}; layer order {meta['order']}, JSD {[round(v, 5) for v in meta['order_jsd']]}")
-    _report_stage(result, model, out, plan_out)
+    _say(f"search: {meta['evaluations']} candidate evaluations in {meta['search_seconds']}s{resumed}; layer order {meta['order']}, JSD {[round(v, 5) for v in meta['order_jsd']]}")
+    _report_compression(result, "condensed", model, out, plan_out, None, {}, {})
 
 
 @app.command("finetune")
@@ -735,7 +875,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune only the condensed layers' shared and kept experts of a condensed model."""
     from .finetune import finetune
-    from .io.load import check_device, load_model
+    from .io.load import check_device
     from .io.save import check_output_dir
 
     _require_positive(steps=steps, batch_size=batch_size, seq_len=seq_len)
@@ -744,7 +884,7 @@ def finetune_command(
     if device is not None:
         check_device(device)
     check_output_dir(out, overwrite, [model])
-    loaded, tokenizer = load_model(model, dtype="float32", trust_remote_code=trust_remote_code)
+    loaded, tokenizer = _load_model(model, dtype="float32", trust_remote_code=trust_remote_code)
     report = finetune(loaded, tokenizer, data, steps, lr, batch_size, seq_len, seed, eval_data, out=out,
                       checkpoint_every=checkpoint_every, overwrite=overwrite, device=device)
     table = Table(title=f"fine-tuned {report['trainable_parameters']:,} parameters for {report['steps']} steps on {report['device']}")
@@ -754,26 +894,9 @@ def finetune_command(
     table.add_row("training loss", f"{report['first_loss']:.4f}", f"{report['last_loss']:.4f}")
     if report["perplexity_before"] is not None:
         table.add_row(f"perplexity ({eval_data}, valid)", f"{report['perplexity_before']:.3f}", f"{report['perplexity_after']:.3f}")
-    out_console.print(table)
-    out_console.print(f"saved to {out} in {report['seconds']}s")
-
-
-def _report_stage(result, model: str, out: Path, plan_out: Path | None) -> None:
-    """Plan table and before/after size table shared by the structural commands."""
-    if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
-        return
-    if plan_out is not None:
-        result.plan.save(plan_out)
-    out_console.print(result.plan.table())
-    s = result.summary
-    table = Table(title=f"{result.plan.method}: {model} -> {out}")
-    for column in ("", "before", "after", "change"):
-        table.add_column(column, justify="right" if column else "left")
-    for label, key in (("parameters", "params"), ("active params/token", "active_params")):
-        table.add_row(label, _human(s[f"{key}_before"]), _human(s[f"{key}_after"]), f"{100 * (s[f'{key}_after'] / s[f'{key}_before'] - 1):+.1f}%")
-    table.add_row("bytes in memory", _bytes(s["bytes_before"]), _bytes(s["bytes_after"]), f"{100 * (s['bytes_after'] / s['bytes_before'] - 1):+.1f}%")
-    out_console.print(table)
-    out_console.print(f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s; peak memory {_bytes(s['peak_rss_bytes'])}")
+    _print_table(table)
+    _say(f"time {report['seconds']}s")
+    _saved(out)
 
 
 @app.command("run")
@@ -782,15 +905,22 @@ def run_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML: model, calibration, evaluate, stages (prune, drop, condense, finetune, slim, and quantize as the last), out. Examples in recipes/.")],
     out: Annotated[Path | None, typer.Option(help="Output directory (overrides the recipe's 'out').")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it exists.")] = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Run a recipe: compression stages in order on one model, with a report after every stage.
 
+    Every stage's options are checked against the model's structure before calibration starts.
     A recipe lets its model's own Python code run only with a top-level `trust_remote_code: true`.
     """
-    from .recipes import report_markdown, run_recipe
+    from .recipes import describe_recipe, report_markdown, run_recipe
 
+    if dry_run:
+        for line in describe_recipe(recipe, out, overwrite):
+            _say(line)
+        return
     report = run_recipe(recipe, out, overwrite)
-    out_console.print(report_markdown(report))
+    _say(report_markdown(report).rstrip())
+    _saved(Path(report["out"]))
 
 
 @app.command()
@@ -816,34 +946,61 @@ def families(
 
 @app.command()
 def methods() -> None:
-    """List the registered compression methods and their options."""
+    """List every method and stage -- expert pruning and merging, drop, condense, fine-tuning,
+    slimming, quantisation -- with its options and their defaults (also the recipe stage options)."""
     from .methods import METHODS
+    from .recipes import STAGE_OPTIONS, STAGES, stage_options
+    from .slimming import SLIM_METHODS
+    from .slimming.quantize import SCOPES
 
-    table = Table(title="methods (prune --method NAME)")
-    table.add_column("name")
-    table.add_column("what it does")
-    table.add_column("options (defaults)")
-    for m in METHODS.values():
-        options = {**m.options, "protect_super_experts": m.protect_default}
-        table.add_row(m.name, m.doc, ", ".join(f"{k}={v}" for k, v in options.items()))
+    def shown(options: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
+
+    table = Table(title="expert methods: moe-compress prune --method NAME (recipe stage: prune)")
+    for column in ("family", "name", "what it does", "options (defaults)"):
+        table.add_column(column)
+    for m in sorted(METHODS.values(), key=lambda m: (m.family, m.name)):
+        table.add_row(m.family, m.name, m.doc, shown({**m.options, "protect_super_experts": m.protect_default}))
     table.caption = ("protect_super_experts: never remove or merge experts whose down-projection output has extreme outliers "
                      "(above the 99.5th percentile and a tenth of the maximum, first 75% of layers; Su et al. 2025)")
-    out_console.print(table)
+    _print_table(table)
+    stages = Table(title="stages: moe-compress COMMAND, or a recipe stage of the same name")
+    for column in ("stage", "what it does", "options (defaults)"):
+        stages.add_column(column)
+    extra = {
+        "slim": "; methods: " + "; ".join(f"{name}: {doc}" for name, doc in SLIM_METHODS.items()),
+        "quantize": "; scope: " + "; ".join(f"{name}: {doc}" for name, doc in SCOPES.items()),
+    }
+    for kind in sorted(STAGES):
+        if kind != "prune":  # its methods are the table above
+            stages.add_row(kind, _first_line(STAGE_OPTIONS[kind]()) + extra.get(kind, ""), shown(stage_options(kind)))
+    _print_table(stages)
+
+
+def _first_line(function: Callable) -> str:
+    return (function.__doc__ or "-").strip().splitlines()[0].replace("`", "").rstrip(".")
 
 
 @app.command()
 @user_errors
 def analyze(
     model: ModelArg,
-    out: Annotated[Path, typer.Option(help="Directory for analysis.json, analysis.csv and one heatmap PNG per statistic.")],
+    out: Annotated[Path, typer.Option(help="Directory for analysis.json, analysis.csv, one heatmap PNG per statistic and the similarity plot(s).")],
     calib: Annotated[str, typer.Option(help="Calibration text (same forms as prune --calib).")] = "bundled",
     samples: SamplesOpt = 64,
     seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
-    clusters: Annotated[int | None, typer.Option(help="Clusters per layer for the cluster-id column (default: half the experts).")] = None,
+    clusters: Annotated[int | None, typer.Option(help="Clusters per layer for the cluster-id column and the similarity plot (default: half the experts).")] = None,
     probe_tokens: Annotated[int, typer.Option(help="Tokens per batch in the probe that defines expert signatures.")] = 64,
-    cache_dir: Annotated[Path | None, typer.Option(help="Where calibration statistics are cached (default ~/.cache/moe_compress).")] = None,
+    normalize: Annotated[str, typer.Option(help="Heatmap colours: none (the statistic's own units, comparable across layers) or layer (each layer divided by its largest value, to compare shapes).")] = "none",
+    plan: Annotated[Path | None, typer.Option(help="Mark the experts this plan JSON removes (crossed out in the heatmaps, red in the similarity plot).")] = None,
+    method: Annotated[str | None, typer.Option(help="Instead of --plan: mark the experts this method would remove at --ratio / --budget, planned from the same statistics (written to plan.json, for prune --plan-in).")] = None,
+    ratio: Annotated[float, typer.Option(help="With --method: fraction of routed experts to remove, in [0, 1).")] = 0.25,
+    budget: Annotated[str, typer.Option(help="With --method: layer or global.")] = "layer",
+    similarity_layer: Annotated[list[int] | None, typer.Option(help="MoE layer whose expert-similarity matrix to plot; repeatable (default: the most redundant layer).")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Also write report.html: every plot and table on one self-contained page.")] = False,
+    cache_dir: CacheDirOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
@@ -852,24 +1009,56 @@ def analyze(
     max_activation_memory: MaxActivationOpt = None,
     offload_dir: OffloadDirOpt = None,
 ) -> None:
-    """Write per-layer, per-expert statistics (frequency, gate mass, output variance, REAP, cluster) as JSON/CSV and heatmaps."""
-    from .api import _calibration_batches, collect_statistics
+    """Show where the redundancy is: per-layer, per-expert statistics (frequency, gate mass, output
+    variance, REAP, cluster) as JSON/CSV, heatmaps and expert-similarity plots, optionally with
+    the experts a plan would remove marked, and --report for one HTML page with all of it."""
+    from .api import _calibration_batches, collect_statistics, model_identity
+    from .arch import get_adapter
     from .data.batches import CalibrationSpec
     from .io.load import check_device
-    from .io.open import open_model
-    from .report.analysis import analysis_statistics, expert_table, write_analysis
+    from .methods import PlanRequest, get_method
+    from .methods.budget import check_ratio
+    from .plan import Plan
+    from .report.analysis import Analysis, analysis_statistics, expert_table, removed_by, write_analysis
 
     _require_positive(clusters=clusters, probe_tokens=probe_tokens)
+    if normalize not in ("none", "layer"):
+        raise MoECompressError(f"--normalize must be none or layer; got {normalize!r}.")
+    if plan is not None and method is not None:
+        raise MoECompressError("give --plan or --method, not both.")
+    if method is not None:
+        get_method(method)
+        check_ratio(ratio)
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size)
     spec.validate()
     _cache_dir_option(cache_dir)
     check_device(device)
+    given = Plan.load(plan) if plan is not None else None
+    names = analysis_statistics(probe_tokens) + (get_method(method).needs() if method else ())
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        adapter = get_adapter(loaded)
+        if given is not None:
+            given.check_identity(model_identity(loaded, adapter, weights))
+        layers = adapter.moe_layer_indices(loaded)
+        unknown = [layer for layer in similarity_layer or [] if layer not in layers]
+        if unknown:
+            raise MoECompressError(f"--similarity-layer {unknown[0]} is not a MoE layer of this model; its MoE layers: {', '.join(map(str, layers))}.")
         batches = _calibration_batches(spec, tokenizer, loaded.config)
-        stats, _ = collect_statistics(loaded, batches, analysis_statistics(probe_tokens), cache_dir, device, weights)
-    written = write_analysis(expert_table(stats, probe_tokens, clusters or 0), out, Path(str(model)).name)
-    out_console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
+        stats, _ = collect_statistics(loaded, batches, names, cache_dir, device, weights)
+        if method is not None:
+            given = get_method(method).make_plan(PlanRequest(adapter, loaded.config, stats, ratio, budget))
+            given.identity = model_identity(loaded, adapter, weights)
+    columns, similarity = expert_table(stats, probe_tokens, clusters or 0)
+    settings = {"calibration": f"{spec.samples} x {spec.seq_len} tokens of {spec.source} (seed {spec.seed})", "probe tokens": probe_tokens,
+                "clusters per layer": clusters or "half the experts"}
+    experts = {layer: len(values["frequency"]) for layer, values in columns.items()}
+    analysis = Analysis(Path(str(model)).name, columns, similarity, removed_by(given, experts) if given else {}, given, settings)
+    written = write_analysis(analysis, out, normalize, similarity_layer, report)
+    if method is not None:  # the plan the plots show, ready for `prune --plan-in`
+        given.save(out / "plan.json")
+        written.append(out / "plan.json")
+    _say(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
 
 
 @app.command()
@@ -890,8 +1079,9 @@ def slim(
     blocksize: Annotated[int, typer.Option(help="sparsegpt: columns per lazy-update block (mask chosen per block).")] = 128,
     damp: Annotated[float, typer.Option(help="sparsegpt: Hessian damping as a fraction of its mean diagonal.")] = 0.01,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Feed each layer the outputs of the already pruned layers (SparseGPT's sequential scheme) or of the original ones.")] = True,
-    eval_ppl: Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after (same forms as --calib; 'bundled' uses the test split).")] = None,
-    eval_windows: Annotated[int, typer.Option(help="At most this many windows of --seq-len tokens for --eval.")] = 64,
+    eval_ppl: EvalOpt = None,
+    eval_windows: EvalWindowsOpt = DEFAULT_PROTOCOL.windows,
+    eval_seq_len: EvalSeqLenOpt = DEFAULT_PROTOCOL.seq_len,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -900,28 +1090,37 @@ def slim(
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
     offload_dir: OffloadDirOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Zero weights inside the experts with Wanda, SparseGPT or magnitude pruning (unstructured or N:M) and save the result."""
     from .data.batches import CalibrationSpec
-    from .evaluate.perplexity import perplexity
     from .io.load import check_device
-    from .io.open import open_model
     from .io.save import check_output_dir
-    from .slimming import make_spec
+    from .preflight import Structure, check_slim
+    from .slimming import SLIM_METHODS, make_spec
     from .slimming import slim as slim_model
     from .slimming.observe import check_targets
 
+    if method not in SLIM_METHODS:
+        raise MoECompressError(f"unknown slimming method {method!r}; choose one of {', '.join(SLIM_METHODS)}.")
     spec = make_spec(sparsity, nm)  # bad --sparsity / --nm fail before anything is loaded
     chosen = check_targets(targets)
-    _require_positive(eval_windows=eval_windows, blocksize=blocksize)
+    _require_positive(blocksize=blocksize)
+    protocol = _protocol(eval_windows, eval_seq_len)
     calibration = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     calibration.validate()
     check_device(device)
+    if dry_run:
+        from .dry_run import dry_run_slim
+
+        dry_run_slim(model, out, overwrite, method, spec, chosen, calibration, eval_ppl, protocol, dtype, trust_remote_code)
+        return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
-        windows = _eval_windows(tokenizer, eval_ppl, seq_len, eval_windows, loaded.config) if eval_ppl else None
-        before = perplexity(loaded, windows, weights=weights, device=device) if windows is not None else None
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        check_slim(Structure.of(loaded), chosen)  # e.g. shared experts asked of a model without any: now, not after evaluating
+        eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
+        before = _perplexities(loaded, eval_sets, weights, device, "before")
         result = slim_model(
             weights if weights.streamed else loaded, method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calibration,
             targets=chosen, tokenizer=tokenizer, out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate,
@@ -929,17 +1128,19 @@ def slim(
         )
         if result.output_dir is None:  # a rank other than 0 of a distributed run: rank 0 reports
             return
-        after = _perplexity_after(result, windows, device) if windows is not None else None
+        after = _perplexities_after(result, eval_sets, device)
     s = result.summary
     table = Table(title=f"{method} {s['sparsity']} on {', '.join(chosen)}: {model} -> {out}")
     for column in ("target", "matrices", "zeros / weights", "sparsity reached", "no calibration tokens"):
         table.add_column(column, justify="right")
     for kind, row in s["reached"].items():
         table.add_row(kind, str(row["matrices"]), f"{row['zeros']:,} / {row['weights']:,}", f"{100 * row['sparsity']:.2f}%", str(row["no_calibration_tokens"]))
-    out_console.print(table)
-    if before is not None:
-        out_console.print(f"perplexity ({eval_ppl}): {before.perplexity:.3f} -> {after:.3f} ({100 * (after / before.perplexity - 1):+.1f}%)")
-    out_console.print(f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s; peak memory {_bytes(s['peak_rss_bytes'])}")
+    _print_table(table)
+    if after:
+        _print_table(_size_table(f"perplexity: {model} -> {out}", {}, before, after))
+    _notes(protocol.describe() if after else "",
+           f"checkpoint: {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s; peak memory {_bytes(s['peak_rss_bytes'])}")
+    _saved(out, protocol, before, after)
 
 
 @app.command()
@@ -962,6 +1163,7 @@ def quantize(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Quantise weights to 4 or 8 bits (round-to-nearest or AutoRound, per group) and save a compressed-tensors checkpoint.
 
@@ -970,28 +1172,41 @@ def quantize(
     generated remote code.
     """
     from .data.batches import CalibrationSpec
-    from .io.load import load_model
+    from .io.load import resolve_model
     from .io.save import check_output_dir
-    from .slimming.quantize import METHODS
+    from .slimming.quantize import METHODS, SCOPES
     from .slimming.quantize import quantize as quantize_model
 
     if bits not in (4, 8):
         raise MoECompressError(f"--bits must be 4 or 8; got {bits}.")
+    if scope not in SCOPES:
+        raise MoECompressError(f"--scope must be one of {', '.join(SCOPES)}; got {scope!r}.")
     if method not in METHODS:
         raise MoECompressError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
+    if group_size is not None and group_size < 0:
+        raise MoECompressError(f"--group-size must be >= 0 (0: one scale per output row); got {group_size}.")
+    _require_positive(iters=iters)
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size)
     if method == "autoround":
         spec.validate()
+    resolve_model(model)  # a missing directory fails now, with its own message
+    if dry_run:
+        from .dry_run import dry_run_quantize
+
+        dry_run_quantize(model, out, overwrite, bits, group_size, scope, not asymmetric, dtype, trust_remote_code, method, spec)
+        return
     check_output_dir(out, overwrite, [model])
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    with progress.step(f"loading {model}"):
+        loaded, tokenizer = _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     result = quantize_model(loaded, out, bits, group_size, scope, not asymmetric, tokenizer, overwrite, method=method, calib=spec,
                             iters=iters, device=device)
     s = result.summary
-    out_console.print(
+    _say(
         f"{s['method']} {s['bits']}-bit (group {s['group_size'] or 'per channel'}, {'symmetric' if s['symmetric'] else 'asymmetric'}) "
         f"{s['quantized_matrices']} matrices, {_human(s['quantized_params'])} weights; checkpoint "
         f"{_bytes(s['checkpoint_bytes_before'])} -> {_bytes(s['checkpoint_bytes'])} in {out}; time {s['seconds']:.1f}s"
     )
+    _saved(out)
 
 
 def main() -> None:  # pragma: no cover - console entry point

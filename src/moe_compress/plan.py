@@ -482,7 +482,8 @@ class Plan:
         return plan
 
     def table(self) -> Table:
-        table = Table(title=f"plan: {self.method}, ratio={self.ratio}, budget={self.budget}")
+        settings = [f"ratio={self.ratio}"] * (self.ratio is not None) + [f"budget={self.budget}"] * bool(self.budget)
+        table = Table(title=", ".join([f"plan: {self.method}", *settings]))
         for column in ("layer", "experts", "kept", "removed"):
             table.add_column(column, justify="right" if column != "removed" else "left")
         for lp in self.layers:

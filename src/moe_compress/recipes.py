@@ -5,7 +5,7 @@ calibration set shared by every stage, what to measure after each stage, and the
 
     model: ref-deepseek
     calibration: {source: bundled, samples: 64, seq_len: 256, seed: 0}
-    evaluate: {ppl: bundled, windows: 24, speed: false}
+    evaluate: {ppl: bundled, speed: false}     # windows / seq_len: the evaluation protocol's by default
     stages:
       - drop: {unit: block, n: 1}
       - prune: {method: reap, ratio: 0.25, budget: layer}
@@ -13,10 +13,16 @@ calibration set shared by every stage, what to measure after each stage, and the
       - quantize: {bits: 4}
     out: runs/deepseek-trim-prune-24-w4
 
-`model` is required. `trust_remote_code: true` lets a checkpoint that ships its own Python
+`model` is required. `evaluate` measures perplexity with the evaluation protocol every command
+uses (`evaluate.protocol.DEFAULT_PROTOCOL`: 128 windows of 256 tokens per source); `windows`
+and `seq_len` override it. `trust_remote_code: true` lets a checkpoint that ships its own Python
 code run it (as `--trust-remote-code` does for the other commands). Every field and stage
 option is type-checked when the recipe is loaded -- stage options against the parameters of
-the function the stage calls -- so a typo fails before any model is loaded.
+the function the stage calls -- so a typo fails before any model is loaded. Then, before calibration, every stage's options are
+checked against the model's structure (`preflight`): a drop of more layers than it has, a ratio
+that leaves fewer experts than top-k, sparsifying shared experts it does not have, fine-tuning
+with no condensed layer -- each fails in seconds, not after the stages before it ran.
+`moe-compress run --dry-run` does all of that on the model's skeleton and prints the stages.
 
 `quantize` must be the last stage: it writes the packed compressed-tensors checkpoint that
 becomes the recipe's output, and its report row measures that checkpoint as reloaded (what
@@ -50,15 +56,17 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch.registry import get_adapter
-from .data.batches import CalibrationSpec, calibration_batches, check_seq_len, read_windows
-from .data.texts import bundled_domains
+from .data.batches import CalibrationSpec, calibration_batches, check_seq_len
 from .errors import MoECompressError
 from .evaluate.perplexity import perplexity
+from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol, expand_sources
 from .evaluate.size import checkpoint_bytes, model_size
 from .io.load import load_model
-from .io.publish import releases_outputs
+from .io.model_card import write_model_card
+from .io.publish import releases_outputs, validate_output_dir
 from .io.save import check_output_dir, publish, save_compressed, staging_dir
 from .plan import Plan
+from .preflight import Structure, check_condense, check_drop, check_finetune, check_prune, check_slim
 
 
 @dataclass
@@ -238,8 +246,25 @@ def _check_stage(position: int, kind: str, options: dict) -> None:
     _check_options(where, options, hints, known)
 
 
+def stage_options(kind: str) -> dict[str, Any]:
+    """A stage kind's options and their defaults (what a recipe may set; `moe-compress methods` lists them)."""
+    accepts = STAGE_OPTIONS.get(kind)
+    if accepts is None:
+        return {}
+    parameters = inspect.signature(accepts()).parameters
+    return {name: p.default for name, p in parameters.items() if name not in _SET_BY_RECIPE and p.default is not inspect.Parameter.empty}
+
+
+def _builtin_stages() -> None:
+    """Register the stages defined outside this module (`slim`, `quantize`): importing
+    `moe_compress` no longer imports everything, so a recipe must not depend on that."""
+    from .slimming import stages  # noqa: F401  (registration)
+
+
 _CALIBRATION = typing.get_type_hints(CalibrationSpec)
 _EVALUATE = {"ppl": str | list[str] | bool | None, "windows": int, "seq_len": int, "speed": bool}
+#: what `evaluate` means when a recipe does not say (the evaluation protocol every command uses)
+EVALUATE_DEFAULTS = {"ppl": "bundled", "windows": DEFAULT_PROTOCOL.windows, "seq_len": DEFAULT_PROTOCOL.seq_len, "speed": False}
 _TOP_LEVEL = {"model", "calibration", "evaluate", "stages", "out", "device", "trust_remote_code"}
 
 
@@ -256,6 +281,8 @@ def _check_section(data: dict, key: str, hints: dict[str, Any]) -> None:
 
 
 def load_recipe(recipe: str | Path | dict) -> dict:
+    """Read and type-check a recipe (see the module docstring); nothing is loaded or run."""
+    _builtin_stages()
     if isinstance(recipe, dict):
         data = recipe
     else:
@@ -292,24 +319,29 @@ def load_recipe(recipe: str | Path | dict) -> dict:
     return data
 
 
-def _eval_sets(tokenizer, spec: dict, config: object = None) -> dict[str, torch.Tensor]:
-    sources = spec.get("ppl", "bundled")
-    sources = [sources] if isinstance(sources, str) else list(sources)
-    expanded = [one for s in sources for one in ([f"bundled:{d}" for d in bundled_domains()] if s == "bundled" else [s])]
-    seq_len, count = spec.get("seq_len", 256), spec.get("windows", 24)
-    if config is not None:
-        check_seq_len(seq_len, config, "evaluate.seq_len")
-    return {source: read_windows(tokenizer, source, seq_len, count) for source in expanded}
+def _protocol(evaluation: dict) -> EvalProtocol:
+    settings = {**EVALUATE_DEFAULTS, **evaluation}
+    return EvalProtocol(settings["windows"], settings["seq_len"])
 
 
-def _measure(model: PreTrainedModel, eval_sets: dict[str, torch.Tensor], speed_prompts: torch.Tensor | None) -> dict:
+def _eval_sources(evaluation: dict) -> list[str]:
+    sources = {**EVALUATE_DEFAULTS, **evaluation}["ppl"]
+    return expand_sources(sources) if sources else []
+
+
+def _eval_sets(tokenizer, evaluation: dict, config: object = None) -> dict[str, torch.Tensor]:
+    protocol = _protocol(evaluation)
+    return {source: protocol.windows_of(tokenizer, source, config, "evaluate.seq_len") for source in _eval_sources(evaluation)}
+
+
+def _measure(model: PreTrainedModel, eval_sets: dict[str, torch.Tensor], speed_prompts: torch.Tensor | None, stage: str = "") -> dict:
     adapter = get_adapter(model)
     size = model_size(model, adapter)
     row = {
         "params": size.total,
         "active_params": size.active_per_token,
         "bytes": size.bytes,
-        "perplexity": {source: perplexity(model, data).perplexity for source, data in eval_sets.items()},
+        "perplexity": {source: perplexity(model, data, description=f"perplexity {source} ({stage})").perplexity for source, data in eval_sets.items()},
     }
     if speed_prompts is not None:
         from .evaluate.speed import measure_speed
@@ -318,24 +350,133 @@ def _measure(model: PreTrainedModel, eval_sets: dict[str, torch.Tensor], speed_p
     return row
 
 
+# ---- checks against the model's structure, before calibration ----------------------------
+def _prune_check(structure: Structure, options: dict, earlier: list[str]) -> None:
+    settings = {**stage_options("prune"), **options}
+    method_options = {k: v for k, v in options.items() if k not in ("method", "ratio", "budget", "min_keep")}
+    check_prune(structure, settings["method"], method_options, settings["ratio"], settings["budget"], settings["min_keep"])
+
+
+def _drop_check(structure: Structure, options: dict, earlier: list[str]) -> None:
+    from .api import MODES, UNITS
+
+    settings = {**stage_options("drop"), **options}
+    if settings["unit"] not in UNITS or settings["mode"] not in MODES:
+        raise MoECompressError(f"unit must be one of {', '.join(UNITS)} and mode one of {', '.join(MODES)}; got {settings['unit']!r}, {settings['mode']!r}.")
+    check_drop(structure, settings["unit"], settings["n"], settings["target_ratio"])
+
+
+def _condense_check(structure: Structure, options: dict, earlier: list[str]) -> None:
+    settings = {**stage_options("condense"), **options}
+    check_condense(structure, settings["layers"], settings["experts"])
+
+
+def _finetune_check(structure: Structure, options: dict, earlier: list[str]) -> None:
+    check_finetune(structure, "condense" in earlier)
+
+
+def _slim_check(structure: Structure, options: dict, earlier: list[str]) -> None:
+    from .slimming import SLIM_METHODS, make_spec
+
+    settings = {**stage_options("slim"), **options}
+    if settings["method"] not in SLIM_METHODS:
+        raise MoECompressError(f"unknown slimming method {settings['method']!r}; choose one of {', '.join(SLIM_METHODS)}.")
+    make_spec(settings["sparsity"], settings["nm"])
+    check_slim(structure, settings["targets"])
+
+
+def _quantize_check(structure: Structure, options: dict, earlier: list[str]) -> None:
+    from .slimming.quantize import SCOPES
+
+    settings = {**stage_options("quantize"), **options}
+    if settings["bits"] not in (4, 8):
+        raise MoECompressError(f"bits must be 4 or 8; got {settings['bits']}.")
+    if settings["scope"] not in SCOPES:
+        raise MoECompressError(f"scope must be one of {', '.join(SCOPES)}; got {settings['scope']!r}.")
+
+
+#: kind -> check(structure of the input model, stage options, kinds of the stages before it).
+#: The checks see the input model, so they test what must hold whatever the earlier stages do.
+STAGE_CHECKS: dict[str, Callable[[Structure, dict, list[str]], None]] = {
+    "prune": _prune_check, "drop": _drop_check, "condense": _condense_check, "finetune": _finetune_check,
+    "slim": _slim_check, "quantize": _quantize_check,
+}
+
+
+def check_stages(data: dict, structure: Structure) -> None:
+    """Every stage's options against the model's structure; the first problem is raised, naming its stage."""
+    earlier: list[str] = []
+    for position, stage in enumerate(data["stages"], 1):
+        kind, options = next(iter(stage.items()))
+        check = STAGE_CHECKS.get(kind)
+        if check is not None:
+            try:
+                check(structure, dict(options or {}), earlier)
+            except MoECompressError as exc:
+                raise MoECompressError(f"stage {position} ({kind}): {exc}") from None
+        earlier.append(kind)
+
+
+def _output_of(recipe: str | Path | dict, data: dict, out: str | Path | None) -> Path:
+    return Path(out or data.get("out") or "runs/recipe")
+
+
+def _inputs(recipe: str | Path | dict, data: dict) -> list:
+    return [data["model"], *([recipe] if isinstance(recipe, str | Path) else [])]
+
+
+def describe_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwrite: bool = False) -> list[str]:
+    """A dry run: check the recipe, the output and every stage against the model's skeleton (no
+    weights read, nothing calibrated or written), and say what a run would do."""
+    from .preflight import skeleton
+
+    data = load_recipe(recipe)
+    target = _output_of(recipe, data, out)
+    calibration = CalibrationSpec(**(data.get("calibration") or {}))
+    calibration.validate()
+    validate_output_dir(target, overwrite, _inputs(recipe, data))
+    structure = skeleton(data["model"], trust_remote_code=data.get("trust_remote_code", False))
+    check_stages(data, structure)
+    evaluation = data.get("evaluate") or {}
+    sources = _eval_sources(evaluation)
+    experts = sorted(set(structure.experts.values()))
+    lines = [
+        f"dry run: recipe {recipe if not isinstance(recipe, dict) else '(dict)'} on {data['model']} "
+        f"({structure.adapter.model_type}, {len(structure.adapter.decoder_layers(structure.model))} layers, "
+        f"{len(structure.experts)} MoE layers of {'/'.join(map(str, experts))} experts, top-{structure.top_k}) -> {target}",
+        f"calibration, built once for every stage: {calibration.samples} sequences x {calibration.seq_len} tokens from "
+        f"{calibration.source} (seed {calibration.seed})",
+        f"measured before and after every stage: {', '.join(sources) or 'no perplexity'}"
+        + (f"; {_protocol(evaluation).describe()}" if sources else "") + ("; speed" if evaluation.get("speed") else ""),
+        "stages:",
+    ]
+    for position, stage in enumerate(data["stages"], 1):
+        kind, options = next(iter(stage.items()))
+        shown = ", ".join(f"{k}={v}" for k, v in (options or {}).items()) or "defaults"
+        lines.append(f"  {position}. {kind}: {shown}")
+    lines.append("every stage was checked against the model's structure; nothing was calibrated or written.")
+    return lines
+
+
 @releases_outputs
 def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwrite: bool = False) -> dict:
     """Run every stage in order; returns the report (also written under `out`)."""
     data = load_recipe(recipe)
-    out = Path(out or data.get("out") or "runs/recipe")
+    out = _output_of(recipe, data, out)
     calibration = CalibrationSpec(**(data.get("calibration") or {}))
     calibration.validate()
-    check_output_dir(out, overwrite, [data["model"], *([recipe] if isinstance(recipe, str | Path) else [])])
+    check_output_dir(out, overwrite, _inputs(recipe, data))
     device = data.get("device", "cpu")
     model, tokenizer = load_model(data["model"], device=device, trust_remote_code=data.get("trust_remote_code", False))
+    check_stages(data, Structure.of(model, tokenizer))
     check_seq_len(calibration.seq_len, model.config, "calibration.seq_len")
-    batches = calibration_batches(tokenizer, calibration)
     evaluation = data.get("evaluate") or {}
-    eval_sets = _eval_sets(tokenizer, evaluation, model.config) if evaluation.get("ppl", "bundled") else {}
+    eval_sets = _eval_sets(tokenizer, evaluation, model.config)
+    batches = calibration_batches(tokenizer, calibration)
     speed_prompts = None
     if evaluation.get("speed"):
         speed_prompts = torch.cat(batches)[:4, :64]
-    rows = [{"stage": "original", **_measure(model, eval_sets, speed_prompts)}]
+    rows = [{"stage": "original", **_measure(model, eval_sets, speed_prompts, "original")}]
     plans: list[tuple[str, Plan]] = []
     work = staging_dir(out, "recipe")
     work.mkdir(parents=True)
@@ -350,15 +491,18 @@ def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwri
                 plans.append((f"{position:02d}-{kind}", outcome.plan))
             # a stage's own facts (e.g. a quantised model's logical size) override the generic measurement
             rows.append({"stage": f"{position}: {kind}", "options": options or {}, "seconds": round(time.perf_counter() - start, 2),
-                         **_measure(model, eval_sets, speed_prompts), **outcome.info})
+                         **_measure(model, eval_sets, speed_prompts, f"after stage {position}, {kind}"), **outcome.info})
         saved = checkpoint or save_compressed(model, work / "checkpoint", tokenizer, plans[-1][1] if plans else None, overwrite=True)
         (saved / "plans").mkdir(exist_ok=True)
         for name, plan in plans:
             plan.save(saved / "plans" / f"{name}.json")
-        report = {"recipe": data, "rows": rows, "checkpoint_bytes": checkpoint_bytes(saved)}
+        protocol = _protocol(evaluation).describe() if eval_sets else None
+        report = {"recipe": data, "rows": rows, "checkpoint_bytes": checkpoint_bytes(saved), "protocol": protocol}
         (saved / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (saved / "report.md").write_text(report_markdown(report))
+        write_model_card(saved)  # again, now with the report
         publish(saved, out, overwrite)
+        report["out"] = str(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
@@ -376,4 +520,7 @@ def report_markdown(report: dict) -> str:
         if has_speed:
             cells += [f"{row['speed']['prefill_tokens_per_s']:.0f}", f"{row['speed']['decode_tokens_per_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nCheckpoint: {report['checkpoint_bytes'] / 2**20:.2f} MiB.\n"
+    notes = [f"Checkpoint: {report['checkpoint_bytes'] / 2**20:.2f} MiB."]
+    if report.get("protocol"):
+        notes.append(report["protocol"][0].upper() + report["protocol"][1:] + ".")
+    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"

@@ -1,11 +1,18 @@
-"""Measuring what compression lost and gained: perplexity, multiple-choice accuracy, size, speed."""
+"""Measuring what compression lost and gained: perplexity, multiple-choice accuracy, size, speed.
 
-from .harness import TaskScore, run_tasks, select_tasks
-from .perplexity import PerplexityResult, perplexity
-from .size import ModelSize, checkpoint_bytes, model_size
-from .speed import SpeedComparison, SpeedResult, SpeedSettings, compare_speed, measure_speed, peak_rss_bytes
+Names are imported on first use (`moe_compress._lazy`): the CLI reads `protocol` for its
+--help without importing torch or lm-eval.
+"""
 
-__all__ = [
-    "ModelSize", "PerplexityResult", "SpeedComparison", "SpeedResult", "SpeedSettings", "TaskScore", "checkpoint_bytes",
-    "compare_speed", "measure_speed", "model_size", "peak_rss_bytes", "perplexity", "run_tasks", "select_tasks",
-]
+from __future__ import annotations
+
+from .._lazy import lazy_package
+
+_EXPORTS = {
+    "TaskScore": ".harness", "run_tasks": ".harness", "select_tasks": ".harness",
+    "PerplexityResult": ".perplexity", "perplexity": ".perplexity",
+    "ModelSize": ".size", "checkpoint_bytes": ".size", "model_size": ".size",
+    "SpeedComparison": ".speed", "SpeedResult": ".speed", "SpeedSettings": ".speed", "compare_speed": ".speed",
+    "measure_speed": ".speed", "peak_rss_bytes": ".speed",
+}
+__all__ = lazy_package(__name__, _EXPORTS)

@@ -130,14 +130,26 @@ def _group_score(name: str, members: list[TaskScore]) -> TaskScore:
 
 @contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval logs warnings that do not apply to an in-memory model (e.g. 'pretrained is not a str')."""
+    """lm-eval logs warnings that do not apply to an in-memory model (e.g. 'pretrained is not a str').
+
+    It also describes the environment in its results, which we drop: `git describe` in the
+    working directory (printing "fatal: not a git repository" outside one) and torch's
+    collect_env (which runs pip and nvidia-smi). Both are skipped for the call.
+    """
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    from lm_eval import evaluator
+
+    saved = {name: getattr(evaluator, name) for name in ("get_git_commit_hash", "add_env_info")}
+    evaluator.get_git_commit_hash = lambda: None
+    evaluator.add_env_info = lambda storage: None
     try:
         yield
     finally:
         logger.setLevel(level)
+        for name, value in saved.items():
+            setattr(evaluator, name, value)
 
 
 def _number(value: Any) -> float | None:

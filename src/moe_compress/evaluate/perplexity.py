@@ -33,12 +33,14 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(
-    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, weights: Weights | None = None, device: str = "cpu"
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, weights: Weights | None = None, device: str = "cpu",
+    description: str = "perplexity",
 ) -> PerplexityResult:
     """Perplexity of `model` on token windows of shape [n, seq_len].
 
     With streamed `weights`, the windows go through the model layer by layer (see
-    `evaluate.streamed`); the numbers are the same as in memory.
+    `evaluate.streamed`); the numbers are the same as in memory. `description` names the
+    progress bar (e.g. the text source being measured).
     """
     batches = list(windows.split(batch_size))
     totals = [0.0, 0]
@@ -50,10 +52,10 @@ def perplexity(
         totals[1] += targets.numel()
 
     if weights is not None and weights.streamed:
-        streamed_logits(model, weights, batches, lambda i, logits: add(i, logits, batches[i]), device, "perplexity (layers)")
+        streamed_logits(model, weights, batches, lambda i, logits: add(i, logits, batches[i]), device, f"{description}, layer by layer")
     else:
         model_device = next(model.parameters()).device
-        for index, batch in enumerate(track(batches, "perplexity")):
+        for index, batch in enumerate(track(batches, description)):
             add(index, model(input_ids=batch.to(model_device), use_cache=False).logits, batch)
     mean = totals[0] / max(totals[1], 1)
     return PerplexityResult(math.exp(mean), mean, totals[1], int(windows.shape[0]))

@@ -64,7 +64,9 @@ def resolve_model(name_or_path: str | Path) -> str:
         raise MoECompressError(f"{path} is a file; pass the checkpoint directory that contains config.json.")
     if str(name_or_path) in bundled_models():
         return str(BUNDLED_MODELS / str(name_or_path))
-    looks_like_hub_id = str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/"))
+    text = str(name_or_path)
+    # 'org/name' is a Hub id; 'slim24/' (a trailing slash) or 'runs/x' (where runs/ exists) is a path that is missing.
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith("/") and not Path(text.split("/")[0]).is_dir()
     if not looks_like_hub_id:
         raise MoECompressError(
             f"model {str(name_or_path)!r} not found: no such directory, and not a bundled model "

@@ -276,6 +276,15 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         )
 
 
+def validate_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """The refusals of `check_output_dir`, without creating, locking or cleaning anything (`--dry-run`)."""
+    out = Path(out)
+    _refuse_unsafe_target(out, inputs)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise MoECompressError(f"cannot create output {out}: {out.parent} is a file, not a directory.")
+    _refuse_existing(out, overwrite)
+
+
 def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
     """Fail before any work is done if writing `out` would be unsafe; then hold its lock.
 
@@ -296,12 +305,26 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Pa
     _refuse_existing(out, overwrite)
 
 
+def make_readable(directory: Path) -> None:
+    """Let everyone read (and enter) what a run wrote: a checkpoint is made to be shared, served by
+    another user's inference server, or copied by a colleague -- a restrictive umask (077 makes
+    files 0600) must not make it unreadable. Write permission stays as the umask left it."""
+    for root, _, files in os.walk(directory):  # every directory is a `root` once
+        os.chmod(root, os.stat(root).st_mode | 0o555)
+        for name in files:
+            path = Path(root, name)
+            if not path.is_symlink():
+                os.chmod(path, path.stat().st_mode | 0o444)
+
+
 def publish(staged: Path, out: Path, overwrite: bool = True) -> Path:
     """Move a finished directory into place, replacing `out` only if allowed and replaceable.
 
-    The old output is renamed aside first and deleted only after the new one is in place.
+    The old output is renamed aside first and deleted only after the new one is in place;
+    everything in it is made readable by all first (`make_readable`).
     """
     out = Path(out)
+    make_readable(staged)
     _refuse_unsafe_target(out)
     lock_output(out)
     try:

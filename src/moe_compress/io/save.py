@@ -17,18 +17,30 @@ from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..plan import Plan
+from ..progress import step
 from .export import Group, model_groups, write_groups
+from .model_card import PLAN_FILE, SUMMARY_FILE, provenance, write_model_card
 from .publish import check_output_dir, publish, releases_outputs, staging_dir, write_error
 from .remote_code import write_remote_code, write_stock_identity
 
-PLAN_FILE = "moe_compress_plan.json"
-SUMMARY_FILE = "moe_compress_summary.json"
+#: Tokenizer-config keys that describe how this process loaded the tokenizer, not the tokenizer:
+#: saved as they are, `local_files_only: true` would follow the checkpoint to its users.
+_LOADING_KEYS = ("local_files_only", "is_local")
 
 __all__ = ["PLAN_FILE", "SUMMARY_FILE", "check_output_dir", "needs_remote_code", "publish", "save_compressed", "save_with_summary", "staging_dir"]
 
 
 def needs_remote_code(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "moe_compress", None))
+
+
+def _drop_loading_keys(path: Path) -> None:
+    """Remove `_LOADING_KEYS` from a saved tokenizer config."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if any(key in config for key in _LOADING_KEYS):
+        path.write_text(json.dumps({k: v for k, v in config.items() if k not in _LOADING_KEYS}, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 #: Shards close at this size; a layer larger than that gets a shard of its own. Small shards
@@ -57,7 +69,8 @@ def save_compressed(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     groups: Iterable[Group] | None = None,
 ) -> Path:
-    """Write `model` (and tokenizer, plan, summary) to `out`; returns the directory.
+    """Write `model` (and tokenizer, plan, summary) to `out`, with a model card (`io.model_card`)
+    saying what it is and how to load it; returns the directory.
 
     `model` is the compressed model in memory, or -- for a streamed run -- its skeleton on
     the meta device, with `groups` producing its tensors layer by layer.
@@ -66,17 +79,20 @@ def save_compressed(
     check_output_dir(out, overwrite, [getattr(model, "name_or_path", None)])
     staging = staging_dir(out, "partial")
     try:
-        write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes)
+        with step(f"writing {out}"):
+            write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes)
         if needs_remote_code(model):
             write_remote_code(staging, model)
         else:
             write_stock_identity(staging, model)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+            _drop_loading_keys(staging / "tokenizer_config.json")
         if plan is not None:
             plan.save(staging / PLAN_FILE)
         if summary is not None:
             (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        write_model_card(staging, provenance(getattr(model, "name_or_path", None) or None))
         publish(staging, out, overwrite)
     except (OSError, SafetensorError) as exc:
         raise write_error(out, exc) from None

@@ -223,6 +223,7 @@ register(
         "merge clusters of experts with similar mean outputs (hierarchical clustering), frequency-weighted (HC-SMoE)",
         options={"align": "none"},
         protects=True,
+        family="merging",
     )
 )
 register(
@@ -233,5 +234,6 @@ register(
         "merge each expert into the most-used expert with the most similar router logits, frequency-weighted (M-SMoE)",
         options={"align": "none"},
         protects=True,
+        family="merging",
     )
 )

@@ -99,5 +99,6 @@ register(
         "merge experts into the highest-REAP centroids after aligning their neurons; router rows from the centroids (REAM)",
         options={"group_size": 16, "use_gate": True, "align": "activations+weights"},
         protects=True,
+        family="merging",
     )
 )

@@ -9,11 +9,16 @@ not pay for it again. A cache must never answer for another model, so the key ho
     lazily -- a changed tensor rewrites its shard, and with it the shard's mtime;
   * the model config as canonical JSON (routing settings such as top-k change statistics
     without touching a weight);
-  * the calibration tokens and the statistic names.
+  * the calibration tokens.
+Under that key live one or more entries, each holding a set of statistics (its file name adds a
+hash of the set). A request is answered by any entry whose set contains every statistic asked
+for, reading only those: one calibration pass that collected a superset (`api.collect_statistics`
+collects what every registered pruning method needs) serves every method after it. A new entry
+replaces the entries its set contains.
 An entry is also checked against the model's MoE layers and expert counts before it is used
-(one missing a layer is recomputed, never half-used). Writers use unique temporary names and
-publish by rename. A cache directory that cannot be used (a file, read-only, full) costs a
-warning, never the run.
+(one missing a layer or a statistic is recomputed, never half-used). Writers use unique
+temporary names and publish by rename. A cache directory that cannot be used (a file,
+read-only, full) costs a warning, never the run.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -32,7 +38,7 @@ from torch import nn
 
 from ..errors import MoECompressError, warn
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"  # 3: entries keyed without the statistic names, found by what they hold
 _CHUNK = 1 << 24  # bytes hashed per step, so a large tensor is never copied whole
 
 
@@ -74,9 +80,14 @@ def config_fingerprint(config: object) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def cache_key(model_fp: str, data_fp: str, names: tuple[str, ...], config_fp: str = "") -> str:
-    text = json.dumps([CACHE_VERSION, model_fp, config_fp, data_fp, sorted(names)])
+def cache_key(model_fp: str, data_fp: str, config_fp: str = "") -> str:
+    """The key of (weights, config, calibration data); entries under it differ by the statistics they hold."""
+    text = json.dumps([CACHE_VERSION, model_fp, config_fp, data_fp])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _names_hash(names: Iterable[str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(set(names))).encode()).hexdigest()[:12]
 
 
 Stats = dict[int, dict[str, torch.Tensor]]
@@ -88,60 +99,78 @@ def _layout(stats: Stats) -> dict[str, list]:
 
 
 class StatsCache:
-    """Statistics per MoE layer stored as one safetensors file per key.
+    """Statistics per MoE layer stored as safetensors files, `<key>.<hash of the statistic set>.safetensors`.
 
     `experts` (MoE layer -> router rows) describes the model the statistics are for; an entry
-    whose layers, statistic names or expert dimensions differ is treated as a miss.
+    whose layers or expert dimensions differ, or that lacks a statistic asked for, is a miss.
     """
 
     def __init__(self, directory: str | Path | None = None):
         self.directory = Path(directory) if directory else default_cache_dir()
 
-    def _path(self, key: str) -> Path:
-        return self.directory / f"{key}.safetensors"
+    def _path(self, key: str, names: Iterable[str]) -> Path:
+        return self.directory / f"{key}.{_names_hash(names)}.safetensors"
+
+    def entries(self, key: str) -> list[Path]:
+        """The entry files under `key`, smallest first (the cheapest to read that may answer)."""
+        try:
+            found = [p for p in self.directory.glob(f"{key}.*.safetensors") if p.is_file()]
+        except OSError:
+            return []
+        return sorted(found, key=lambda p: (p.stat().st_size, p.name))
 
     def load(self, key: str, experts: dict[int, int] | None = None, names: tuple[str, ...] | None = None) -> Stats | None:
-        path = self._path(key)
+        """The statistics `names` (all of an entry's when None) from the first entry under `key` that holds them."""
+        for path in self.entries(key):
+            stats = self._read(path, key, experts, names)
+            if stats is not None:
+                return stats
+        return None
+
+    def _read(self, path: Path, key: str, experts: dict[int, int] | None, names: tuple[str, ...] | None) -> Stats | None:
         try:
-            if not path.is_file():
-                return None
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                flat = {name: handle.get_tensor(name) for name in handle.keys()}
+                layout = json.loads(metadata.get("layout", "null"))
+                if metadata.get("key") != key or not self._covers(layout, experts, names):
+                    return None
+                stats: Stats = {
+                    int(layer): {name: handle.get_tensor(f"{layer}/{name}") for name in (names or held)} for layer, held in layout.items()
+                }
         except Exception as exc:  # a damaged or unreadable entry is recomputed, never fatal
             warn(f"statistics cache entry {path} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); recomputing.")
             return None
-        stats: Stats = {}
-        for flat_key, value in flat.items():
-            layer, _, name = flat_key.partition("/")
-            if not layer.isdigit() or not name:
-                return None
-            stats.setdefault(int(layer), {})[name] = value
-        return stats if self._usable(stats, metadata, key, experts, names) else None
+        return stats if self._usable(stats, experts) else None
 
     @staticmethod
-    def _usable(stats: Stats, metadata: dict, key: str, experts: dict[int, int] | None, names: tuple[str, ...] | None) -> bool:
-        if metadata.get("key") != key or metadata.get("layout") != json.dumps(_layout(stats)):
+    def _covers(layout: object, experts: dict[int, int] | None, names: tuple[str, ...] | None) -> bool:
+        """Whether an entry's layout (layer -> statistic names) has these layers and every statistic asked for."""
+        if not isinstance(layout, dict) or not all(str(layer).isdigit() and isinstance(held, list) for layer, held in layout.items()):
             return False
+        if experts is not None and {int(layer) for layer in layout} != set(experts):
+            return False
+        return names is None or all(set(names) <= set(held) for held in layout.values())
+
+    @staticmethod
+    def _usable(stats: Stats, experts: dict[int, int] | None) -> bool:
         if experts is not None:
-            if set(stats) != set(experts):
-                return False
             for layer, named in stats.items():
-                if names is not None and set(named) != set(names):
-                    return False
                 # every statistic has the expert dimension first, or [batch, E, E] when stacked per batch
                 if any(experts[layer] not in tuple(value.shape[:2]) for value in named.values()):
                     return False
         return all(torch.isfinite(v).all() for named in stats.values() for v in named.values() if v.is_floating_point())
 
     def save(self, key: str, stats: Stats) -> bool:
-        """Store an entry; False (with a warning) when the cache directory cannot be written."""
+        """Store an entry, replacing the entries under `key` whose statistics it holds too; False
+        (with a warning) when the cache directory cannot be written."""
+        names = {name for named in stats.values() for name in named}
         flat = {f"{layer}/{name}": value.contiguous() for layer, named in stats.items() for name, value in named.items()}
-        partial = self.directory / f".{key}.{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}.partial"
+        target = self._path(key, names)
+        partial = self.directory / f".{target.name}.{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}.partial"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             save_file(flat, str(partial), metadata={"key": key, "layout": json.dumps(_layout(stats))})
-            partial.replace(self._path(key))
+            partial.replace(target)
         except Exception as exc:  # OSError, or safetensors' wrapper of one (disk full)
             try:
                 partial.unlink(missing_ok=True)
@@ -150,4 +179,17 @@ class StatsCache:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             warn(f"statistics cache {self.directory} is unusable ({reason}); continuing without caching.")
             return False
+        for older in self.entries(key):
+            if older != target and self._held(older) <= names:
+                older.unlink(missing_ok=True)
         return True
+
+    @staticmethod
+    def _held(path: Path) -> set[str]:
+        """The statistic names an entry holds (empty when it cannot be read: then it is replaced too)."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                layout = json.loads((handle.metadata() or {}).get("layout", "{}"))
+            return {name for held in layout.values() for name in held}
+        except Exception:
+            return set()

@@ -1,5 +1,6 @@
-"""Reports: per-expert analysis tables and heatmaps."""
+"""Reports: number formatting (`format`), the per-expert analysis (`analysis`), its plots
+(`plots`) and the single-page HTML report (`html`).
 
-from .analysis import expert_table, write_analysis
-
-__all__ = ["expert_table", "write_analysis"]
+Submodules are imported where they are used: `format` is what the CLI needs at start-up, and
+it imports nothing heavy.
+"""

@@ -1,20 +1,27 @@
 """Per-layer, per-expert statistics for users to see where redundancy is before they prune.
 
-`analyze` reuses the observer (one pass, cached like any method's statistics) and writes a
-JSON and a CSV table plus one heatmap (layers x experts) per statistic.
+`analyze` reuses the observer (one pass, cached like any method's statistics) and builds an
+`Analysis`: per MoE layer and expert, the access frequency, gate mass, output variance, REAP
+score and a cluster id; the expert-similarity matrix of the layers to be plotted; and, when a
+plan is given (a plan file, or a method and ratio applied to these very statistics), which
+experts it would remove. `write_analysis` writes it as JSON and CSV, with the plots of
+`report.plots` and, on request, the single HTML page of `report.html`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..methods.cprune_cosine import cluster_affinity
 from ..methods.criteria import CRITERIA
 from ..methods.mone import access_and_variance
+from ..plan import Plan
 
 ANALYSIS_STATISTICS = ("selected", "gate_sum", "reap_sum", "output_moments")
 COLUMNS = ("frequency", "gate_mass", "output_variance", "reap", "cluster")
@@ -24,17 +31,44 @@ def analysis_statistics(probe_tokens: int) -> tuple[str, ...]:
     return (*ANALYSIS_STATISTICS, f"signature_similarity@{probe_tokens}")
 
 
-def expert_table(stats: dict[int, dict[str, torch.Tensor]], probe_tokens: int, clusters: int = 0) -> dict[int, dict[str, list]]:
-    """{layer: {column: [value per expert]}} with the columns in COLUMNS.
+@dataclass
+class Analysis:
+    """What `analyze` found, ready to be written, plotted and reported."""
+
+    model: str
+    columns: dict[int, dict[str, list]]  # layer -> column -> value per expert
+    similarity: dict[int, np.ndarray]  # layer -> [E, E] batch-averaged cosine similarity of expert signatures
+    removed: dict[int, list[int]] = field(default_factory=dict)  # layer -> experts the plan removes
+    plan: Plan | None = None
+    settings: dict = field(default_factory=dict)  # calibration, probe, clusters: how it was measured
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.columns)
+
+    def most_redundant_layer(self) -> int:
+        """The layer whose experts are most alike (highest mean off-diagonal similarity): where
+        pruning or merging has the most to take."""
+
+        def mean_off_diagonal(matrix: np.ndarray) -> float:
+            n = matrix.shape[0]
+            return float((matrix.sum() - np.trace(matrix)) / max(n * (n - 1), 1))
+
+        return max(self.layers, key=lambda layer: (mean_off_diagonal(self.similarity[layer]), -layer))
+
+
+def expert_table(stats: dict[int, dict[str, torch.Tensor]], probe_tokens: int, clusters: int = 0) -> tuple[dict[int, dict[str, list]], dict[int, np.ndarray]]:
+    """({layer: {column: [value per expert]}} with the columns in COLUMNS, {layer: similarity matrix}).
 
     Clusters come from agglomerative clustering of the batch-averaged signature affinity,
     into `clusters` groups (default: half the layer's experts).
     """
-    table = {}
+    table, similarity = {}, {}
     for layer, s in sorted(stats.items()):
         access, variance, _ = access_and_variance(s)
         affinity = s[f"signature_similarity@{probe_tokens}"].mean(0).numpy()
         count = clusters if clusters > 0 else max(1, affinity.shape[0] // 2)
+        similarity[layer] = affinity
         table[layer] = {
             "frequency": CRITERIA["frequency"].score(s).tolist(),
             "gate_mass": access.tolist(),
@@ -42,42 +76,55 @@ def expert_table(stats: dict[int, dict[str, torch.Tensor]], probe_tokens: int, c
             "reap": CRITERIA["reap"].score(s).tolist(),
             "cluster": cluster_affinity(affinity, min(count, affinity.shape[0])).tolist(),
         }
-    return table
+    return table, similarity
 
 
-def write_analysis(table: dict[int, dict[str, list]], out: Path, title: str) -> list[Path]:
-    """Write analysis.json, analysis.csv and heatmap_<column>.png into `out`; returns the paths."""
-    import matplotlib
+def removed_by(plan: Plan, experts: dict[int, int]) -> dict[int, list[int]]:
+    """Experts a plan removes per MoE layer (`experts`: layer -> count); a dropped MoE sub-layer or
+    decoder block loses all of them."""
+    removed = {lp.layer: (list(range(lp.num_experts)) if lp.drop else lp.removed) for lp in plan.layers}
+    for block in plan.dropped_blocks:
+        if block in experts:
+            removed[block] = list(range(experts[block]))
+    return {layer: ids for layer, ids in sorted(removed.items()) if ids}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def write_tables(analysis: Analysis, out: Path) -> list[Path]:
+    """analysis.json and analysis.csv (with a `removed` column when a plan was given)."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "analysis.json", out / "analysis.csv"]
-    written[0].write_text(json.dumps({"model": title, "layers": {str(k): v for k, v in table.items()}}, indent=1) + "\n")
+    body = {
+        "model": analysis.model,
+        "settings": analysis.settings,
+        "layers": {str(k): v for k, v in analysis.columns.items()},
+        "removed": {str(k): v for k, v in analysis.removed.items()} if analysis.plan is not None else None,
+        "plan": {"method": analysis.plan.method, "ratio": analysis.plan.ratio, "budget": analysis.plan.budget} if analysis.plan else None,
+    }
+    written[0].write_text(json.dumps(body, indent=1) + "\n")
     with written[1].open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(("layer", "expert", *COLUMNS))
-        for layer, columns in table.items():
+        extra = ("removed",) if analysis.plan is not None else ()
+        writer.writerow(("layer", "expert", *COLUMNS, *extra))
+        for layer, columns in analysis.columns.items():
+            gone = set(analysis.removed.get(layer, ()))
             for expert in range(len(columns["frequency"])):
-                writer.writerow((layer, expert, *(columns[c][expert] for c in COLUMNS)))
-    layers = list(table)
-    width = max(len(table[layer]["frequency"]) for layer in layers)
-    for column in COLUMNS:
-        grid = torch.full((len(layers), width), float("nan"))
-        for row, layer in enumerate(layers):
-            values = torch.tensor(table[layer][column], dtype=torch.float32)
-            grid[row, : values.numel()] = values
-        figure, axes = plt.subplots(figsize=(min(16, 2 + width * 0.35), 1.5 + len(layers) * 0.4))
-        image = axes.imshow(grid.numpy(), aspect="auto", cmap="tab20" if column == "cluster" else "viridis", interpolation="nearest")
-        axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-        axes.set_xlabel("expert")
-        axes.set_ylabel("MoE layer")
-        axes.set_title(f"{title}: {column.replace('_', ' ')}")
-        figure.colorbar(image, ax=axes)
-        figure.tight_layout()
-        path = out / f"heatmap_{column}.png"
-        figure.savefig(path, dpi=90)
-        plt.close(figure)
-        written.append(path)
+                marks = (int(expert in gone),) if analysis.plan is not None else ()
+                writer.writerow((layer, expert, *(columns[c][expert] for c in COLUMNS), *marks))
+    return written
+
+
+def write_analysis(analysis: Analysis, out: Path, normalize: str = "none", similarity_layers: list[int] | None = None, report: bool = False) -> list[Path]:
+    """Tables, one heatmap per statistic, the similarity plot of each chosen layer and, with
+    `report`, report.html; returns the paths written."""
+    from .plots import heatmap, similarity_plot
+
+    written = write_tables(analysis, out)
+    figures = [heatmap(analysis, column, out, normalize) for column in COLUMNS if column != "cluster"]
+    for layer in similarity_layers or [analysis.most_redundant_layer()]:
+        figures.append(similarity_plot(analysis, layer, out))
+    written += figures
+    if report:
+        from .html import write_report
+
+        written.append(write_report(analysis, figures, out, normalize))
     return written

@@ -40,6 +40,7 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.load import load_model
 from ..io.publish import releases_outputs
+from ..io.model_card import write_model_card
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
 from ..progress import track
 
@@ -359,6 +360,7 @@ def quantize(
             "seconds": round(time.perf_counter() - start, 2),
         }
         (staged / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_model_card(staged)  # again: the card now describes the quantised checkpoint
         publish(staged, out, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,290 @@
+"""Say what a saved checkpoint is: how to load it, and a model card (`README.md`) beside it.
+
+Every save writes the card, so every command's output explains itself to whoever finds it:
+the source model, what was done (method, budget, what each layer kept), the size before and
+after, the quality when it was measured, how to load it -- a stock checkpoint, or one that
+needs `trust_remote_code=True` (model and tokenizer are told apart), or compressed-tensors --
+and the command line that made it, with the moe-compress version.
+
+The card is rendered from the files in the directory (config, tokenizer config, plan, summary,
+recipe report) plus a small YAML front matter that records where the checkpoint came from; so
+it can be rendered again after something is added (`record_evaluation`, or the quantize stage
+rewriting the weights), and a chain of runs (prune, then slim, then quantize) keeps the
+commands of every step. Nothing in it depends on timings or on how the weights were read, so
+the same run streamed and in memory writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .. import __version__
+from ..invocation import command_line
+from ..report.format import human_bytes, human_count, percent_change
+
+CARD_FILE = "README.md"
+PLAN_FILE = "moe_compress_plan.json"
+SUMMARY_FILE = "moe_compress_summary.json"
+REPORT_FILE = "report.json"
+_FRONT = "---\n"
+
+
+@dataclass(frozen=True)
+class LoadingInfo:
+    """What loading a saved checkpoint needs."""
+
+    remote_code: bool  # the model's classes come from files in the checkpoint (auto_map)
+    tokenizer_remote_code: bool
+    has_tokenizer: bool
+    quantization: str | None  # e.g. "compressed-tensors": a library that must be installed
+
+    def describe(self) -> str:
+        """One line: stock or remote code, for model and tokenizer."""
+        model = "needs trust_remote_code=True (generated modelling code in the checkpoint)" if self.remote_code else "stock transformers checkpoint (no trust_remote_code)"
+        if not self.has_tokenizer:
+            tokenizer = "no tokenizer saved"
+        else:
+            tokenizer = (
+                "tokenizer needs trust_remote_code=True" if self.tokenizer_remote_code
+                else "tokenizer is stock (pass trust_remote_code=True to it too: AutoTokenizer reads the model's config)" if self.remote_code
+                else "tokenizer is stock"
+            )
+        needs = f"; needs {self.quantization} installed" if self.quantization else ""
+        return f"{model}; {tokenizer}{needs}"
+
+    def snippet(self, path: str) -> str:
+        """Python that loads it, with exactly the flags it needs."""
+        where = json.dumps(path)
+        model_flag = ", trust_remote_code=True" if self.remote_code else ""
+        lines = ["from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if self.has_tokenizer else "")]
+        lines.append(f"model = AutoModelForCausalLM.from_pretrained({where}{model_flag})")
+        if self.has_tokenizer:
+            # AutoTokenizer reads config.json too, and asks before importing the config class it names.
+            tokenizer_flag = ", trust_remote_code=True" if self.tokenizer_remote_code or self.remote_code else ""
+            lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where}{tokenizer_flag})")
+        return "\n".join(lines)
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def loading_info(directory: str | Path) -> LoadingInfo:
+    directory = Path(directory)
+    config = _json(directory / "config.json")
+    tokenizer = _json(directory / "tokenizer_config.json")
+    quantization = config.get("quantization_config") or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    return LoadingInfo(
+        remote_code=bool(config.get("auto_map")),
+        tokenizer_remote_code=bool(tokenizer.get("auto_map")),
+        has_tokenizer=(directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file(),
+        quantization="compressed-tensors" if method == "compressed-tensors" else method,
+    )
+
+
+# ---- provenance (front matter) ---------------------------------------------------------
+def _source_name(source: str | Path | None) -> str | None:
+    """A bundled model by its name, anything else as given."""
+    if source is None:
+        return None
+    from .load import BUNDLED_MODELS
+
+    path = Path(str(source))
+    try:
+        if path.resolve().parent == BUNDLED_MODELS.resolve():
+            return path.name
+    except OSError:
+        pass
+    return str(source)
+
+
+def _front_matter(card: Path) -> dict:
+    try:
+        text = card.read_text()
+    except OSError:
+        return {}
+    if not text.startswith(_FRONT):
+        return {}
+    end = text.find("\n" + _FRONT, len(_FRONT) - 1)
+    try:
+        data = yaml.safe_load(text[len(_FRONT) : end + 1]) if end > 0 else None
+    except yaml.YAMLError:
+        return {}
+    made = data.get("moe_compress") if isinstance(data, dict) else None
+    return made if isinstance(made, dict) else {}
+
+
+def provenance(source: str | Path | None) -> dict:
+    """Where a checkpoint saved now comes from: the source, this command, and the steps that
+    made the source if it is itself a moe-compress output."""
+    earlier = _front_matter(Path(str(source)) / CARD_FILE) if source is not None else {}
+    history = [*(earlier.get("history") or []), *([earlier["command"]] if earlier.get("command") else [])]
+    return {"version": __version__, "source": _source_name(source), "command": command_line() or "Python API", "history": history}
+
+
+# ---- the card ---------------------------------------------------------------------------
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts)
+
+
+def plan_lines(plan: dict) -> list[str]:
+    """What a plan does, in a few bullet lines (the full plan is in moe_compress_plan.json)."""
+    method = [f"method `{plan.get('method', 'manual')}`"]
+    if plan.get("ratio") is not None:
+        method.append(f"ratio {plan['ratio']}")
+    if plan.get("budget"):
+        method.append(f"{plan['budget']} budget")
+    lines = [", ".join(method)]
+    layers = plan.get("layers") or []
+    dropped = [lp["layer"] for lp in layers if lp.get("drop")]
+    condensed = [lp for lp in layers if lp.get("condensed_weights") is not None]
+    novices = [lp for lp in layers if lp.get("novices")]
+    pruned = [lp for lp in layers if not lp.get("drop") and lp.get("condensed_weights") is None]
+    if dropped:
+        lines.append(f"MoE sub-layers dropped (attention kept): {_ranges(sorted(dropped))}")
+    if plan.get("dropped_blocks"):
+        lines.append(f"decoder blocks dropped: {_ranges(sorted(plan['dropped_blocks']))}")
+    for lp in condensed:
+        lines.append(f"layer {lp['layer']} condensed: no router, shared experts plus experts {lp['keep'] or 'none'} with constant weights")
+    by_count: dict[tuple[int, int], list[int]] = {}
+    for lp in pruned:
+        if len(lp["keep"]) != lp["num_experts"]:
+            by_count.setdefault((len(lp["keep"]), lp["num_experts"]), []).append(lp["layer"])
+    for (kept, total), where in sorted(by_count.items(), key=lambda item: item[1][0]):
+        lines.append(f"{kept} of {total} routed experts kept in layer{'s' if len(where) > 1 else ''} {_ranges(where)}")
+    if novices:
+        count = sum(lp["num_experts"] - len(lp["keep"]) for lp in novices)
+        lines.append(f"{count} removed experts replaced by novice vectors (their router rows stay)")
+    return lines
+
+
+def _stage_lines(summary: dict) -> list[str]:
+    """What a slimming, quantisation or fine-tuning step did, from its summary."""
+    stage = summary.get("stage")
+    if stage == "slim":
+        reached = ", ".join(f"{kind} {100 * row['sparsity']:.2f}%" for kind, row in (summary.get("reached") or {}).items())
+        return [f"weight sparsity: `{summary.get('method')}` {summary.get('sparsity')} on {', '.join(summary.get('targets') or [])}"
+                + (f" (reached: {reached})" if reached else "")]
+    if stage == "quantize":
+        group = summary.get("group_size") or "per output channel"
+        symmetric = "symmetric" if summary.get("symmetric") else "asymmetric"
+        return [f"weights quantised to {summary.get('bits')} bits (round-to-nearest, group {group}, {symmetric}, scope {summary.get('scope')}), "
+                f"{summary.get('library')} `{summary.get('format')}` format"]
+    if "finetune" in summary:
+        report = summary["finetune"]
+        return [f"condensed layers fine-tuned: {report.get('steps')} steps, {report.get('trainable_parameters', 0):,} trainable parameters, "
+                f"training loss {report.get('first_loss', float('nan')):.4f} -> {report.get('last_loss', float('nan')):.4f}"]
+    return []
+
+
+def _size_table(summary: dict, weights_bytes: int) -> list[str]:
+    rows = ["| | before | after | change |", "|---|---:|---:|---:|"]
+    for label, key in (("parameters", "params"), ("active parameters per token", "active_params")):
+        before, after = summary.get(f"{key}_before"), summary.get(f"{key}_after")
+        if before and after:
+            rows.append(f"| {label} | {human_count(before)} | {human_count(after)} | {percent_change(after, before)} |")
+    if summary.get("bytes_before") and summary.get("bytes_after"):
+        rows.append(f"| bytes in memory | {human_bytes(summary['bytes_before'])} | {human_bytes(summary['bytes_after'])} | "
+                    f"{percent_change(summary['bytes_after'], summary['bytes_before'])} |")
+    before_ckpt = summary.get("checkpoint_bytes_before")
+    rows.append(f"| checkpoint (weight files) | {human_bytes(before_ckpt) if before_ckpt else '-'} | {human_bytes(weights_bytes)} | "
+                f"{percent_change(weights_bytes, before_ckpt) if before_ckpt else '-'} |")
+    return rows
+
+
+def _quality_lines(summary: dict, report: dict) -> list[str]:
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        lines = [evaluation.get("protocol_line", ""), "", "| text | before | after | change |", "|---|---:|---:|---:|"]
+        for source, row in evaluation.get("perplexity", {}).items():
+            lines.append(f"| perplexity {source} | {row['before']:.3f} | {row['after']:.3f} | {percent_change(row['after'], row['before'])} |")
+        return lines
+    if report.get("rows"):
+        from ..recipes import report_markdown
+
+        return ["Measured after every stage of the recipe:", "", report_markdown(report).rstrip()]
+    return ["Not measured in this run: `moe-compress eval <this directory> --ppl bundled --compare <source>` measures it."]
+
+
+def render(directory: Path, made: dict) -> str:
+    """The card's Markdown for the checkpoint in `directory`."""
+    config = _json(directory / "config.json")
+    summary = _json(directory / SUMMARY_FILE)
+    plan = _json(directory / PLAN_FILE)
+    report = _json(directory / REPORT_FILE)
+    info = loading_info(directory)
+    from ..evaluate.size import checkpoint_bytes
+
+    model_type = (config.get("moe_compress") or {}).get("base_model_type") or config.get("model_type", "unknown")
+    front = {"library_name": "transformers", "tags": ["moe-compress", "mixture-of-experts", model_type], "moe_compress": made}
+    work = [*plan_lines(plan)] if plan else []
+    work += _stage_lines(summary)
+    if report.get("recipe"):
+        stages = ", ".join(next(iter(stage)) for stage in report["recipe"].get("stages", []))
+        work.insert(0, f"recipe with stages: {stages} (plans in `plans/`, report in `report.md`)")
+    source = made.get("source") or "an in-memory model"
+    out = [_FRONT + yaml.safe_dump(front, sort_keys=False, width=1 << 20) + _FRONT]
+    out.append(f"# {Path(source).name or source}, compressed with moe-compress\n")
+    out.append(f"A `{model_type}` Mixture-of-Experts model compressed from `{source}` with moe-compress {made.get('version')}.\n")
+    out.append("## What was done\n")
+    out += [f"- {line}" for line in work] or ["- saved unchanged"]
+    out.append("")
+    out.append("## Size\n")
+    out += _size_table(summary, checkpoint_bytes(directory))
+    out.append("")
+    out.append("## Quality\n")
+    out += _quality_lines(summary, report)
+    out.append("")
+    out.append("## How to load\n")
+    out.append(info.describe()[0].upper() + info.describe()[1:] + ".\n")
+    out.append("```python\n" + info.snippet(".") + "\n```\n")
+    out.append('Replace "." by the path of this directory.\n')
+    out.append("## How it was made\n")
+    steps = [*made.get("history", []), made.get("command")]
+    out.append("```bash\n" + "\n".join(str(s) for s in steps if s) + "\n```\n")
+    out.append(f"moe-compress {made.get('version')}; transformers {config.get('transformers_version', 'unknown')}.")
+    return "\n".join(out) + "\n"
+
+
+def write_model_card(directory: str | Path, made: dict | None = None) -> Path:
+    """Write (or rewrite) `directory/README.md`; `made` defaults to what the existing card records."""
+    directory = Path(directory)
+    card = directory / CARD_FILE
+    made = made if made is not None else _front_matter(card) or provenance(None)
+    partial = directory / f".{CARD_FILE}.{os.getpid()}.partial"
+    partial.write_text(render(directory, made))
+    partial.replace(card)
+    return card
+
+
+def record_evaluation(directory: str | Path, protocol_line: str, perplexity: dict[str, tuple[float, float]]) -> None:
+    """Add before/after perplexities to a saved checkpoint's summary, and render its card again."""
+    directory = Path(directory)
+    summary_path = directory / SUMMARY_FILE
+    summary = _json(summary_path)
+    summary["evaluation"] = {
+        "protocol_line": protocol_line,
+        "perplexity": {source: {"before": before, "after": after} for source, (before, after) in perplexity.items()},
+    }
+    partial = directory / f".{SUMMARY_FILE}.{os.getpid()}.partial"
+    partial.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    partial.replace(summary_path)
+    write_model_card(directory)

@@ -1,0 +1,128 @@
+"""Checks that need only a model's structure, run before any calibration or evaluation starts.
+
+A request that cannot succeed must fail in seconds, not after a calibration pass: a ratio
+that leaves a layer fewer experts than its router picks, a drop of more layers than the model
+has, condensing every MoE layer, sparsifying shared experts of a model that has none. Each
+check reads only the model's structure -- layer and expert counts, top-k, which weights exist
+-- so it works on a skeleton built on the meta device as well as on a loaded model, and gives
+the same one-line error the run itself would give later.
+
+`skeleton` builds that structure from the config (and, for a local checkpoint, its shard
+headers) without reading a weight: what `--dry-run` inspects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .arch.adapter import MoEAdapter
+from .arch.registry import get_adapter
+from .errors import MoECompressError
+from .io.residency import StreamedWeights
+from .plan import RoutingLimits
+from .surgery.structure import experts_per_layer
+
+
+@dataclass
+class Structure:
+    """A model (or its meta skeleton) and its adapter: what the checks read."""
+
+    model: PreTrainedModel
+    adapter: MoEAdapter
+    tokenizer: PreTrainedTokenizerBase | None = None
+    weights: StreamedWeights | None = None  # where a skeleton's weights are (None: in memory, or a Hub id's config only)
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, weights: StreamedWeights | None = None) -> Structure:
+        return cls(model, get_adapter(model), tokenizer, weights)
+
+    @property
+    def experts(self) -> dict[int, int]:
+        return experts_per_layer(self.model, self.adapter)
+
+    @property
+    def top_k(self) -> int:
+        return self.adapter.top_k(self.model.config)
+
+
+def skeleton(model: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> Structure:
+    """The model's structure without its weights: a local checkpoint opens lazily (config, shard
+    headers, tokenizer); a Hub id is built from its config alone."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .io.load import load_config, load_streamed, resolve_model
+
+    if Path(resolve_model(model)).is_dir():
+        weights, tokenizer = load_streamed(model, dtype, trust_remote_code)
+        return Structure.of(weights.model, tokenizer, weights)
+    _, config = load_config(model, trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        built = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return Structure.of(built.eval())
+
+
+def check_prune(structure: Structure, method: str, options: dict[str, Any], ratio: float, budget: str, min_keep: int = 0) -> dict[int, int] | None:
+    """Method, its options, ratio and budget; and that the ratio leaves every layer at least
+    top-k experts (a condition every method shares). Returns the experts each layer keeps
+    under a layer budget (a global budget decides per layer from the statistics: None)."""
+    from .methods import get_method
+    from .methods.budget import select_experts
+
+    get_method(method).resolved_options(options)
+    if min_keep < 0:
+        raise MoECompressError(f"--min-keep must be >= 0; got {min_keep}.")
+    placeholder = {layer: torch.zeros(count, dtype=torch.float64) for layer, count in structure.experts.items()}
+    kept = select_experts(placeholder, ratio, budget, RoutingLimits(structure.top_k), min_keep=min_keep)  # type: ignore[arg-type]
+    return {layer: len(ids) for layer, ids in kept.items()} if budget == "layer" else None
+
+
+def check_drop(structure: Structure, unit: str, n: int | None, target_ratio: float | None) -> None:
+    """Exactly one of n / target_ratio, and n within what the model has."""
+    if (n is None) == (target_ratio is None):
+        raise MoECompressError("give exactly one of --drop N or --target-ratio R.")
+    if target_ratio is not None and not 0.0 < target_ratio < 1.0:
+        raise MoECompressError(f"target ratio must be in (0, 1); got {target_ratio}.")
+    if n is None:
+        return
+    if unit == "moe":
+        count = len(structure.experts)
+        if not 0 < n <= count:
+            raise MoECompressError(f"can drop 1..{count} MoE sub-layers; asked for {n}.")
+    else:
+        blocks = len(structure.adapter.decoder_layers(structure.model))
+        if not 0 < n < blocks:
+            raise MoECompressError(f"can drop 1..{blocks - 1} blocks; asked for {n}.")
+
+
+def check_condense(structure: Structure, layers: int, experts: int | None = None) -> None:
+    """At least one MoE layer must keep routing; a condensed layer keeps 0 (shared experts only) to E experts."""
+    count = len(structure.experts)
+    if not 0 < layers <= count - 1:
+        raise MoECompressError(f"can condense 1..{count - 1} of the {count} MoE layers (one must keep routing); asked for {layers}.")
+    fewest = min(structure.experts.values(), default=0)
+    if experts is not None and not 0 <= experts <= fewest:
+        raise MoECompressError(f"experts per condensed layer (K) must be 0..{fewest}, the routed experts of its layers; got {experts}.")
+
+
+def check_finetune(structure: Structure, condensed_before: bool) -> None:
+    """Fine-tuning trains condensed layers: the model has some, or an earlier stage makes them."""
+    spec = getattr(structure.model.config, "moe_compress", None) or {}
+    has_condensed = any(layer.get("condensed") for layer in (spec.get("layers") or {}).values())
+    if not (condensed_before or has_condensed):
+        raise MoECompressError("this model has no condensed layers: nothing to fine-tune. Add a condense stage before finetune.")
+
+
+def check_slim(structure: Structure, targets: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """Targets are known names and the model has weights of each."""
+    from .slimming.apply import check_targets_present
+    from .slimming.observe import check_targets
+
+    chosen = check_targets(targets)
+    check_targets_present(structure.model, structure.adapter, chosen)
+    return chosen
