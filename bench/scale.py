@@ -147,6 +147,9 @@ def cgroup_peak(group: Path) -> int:
     return int((group / "memory.max_usage_in_bytes").read_text())
 
 
+COMMANDS = ("prune", "slim", "quantize")
+
+
 def commands(source: Path, out: Path, streaming: str) -> dict[str, list[str]]:
     cli = [sys.executable, "-m", "moe_compress.cli"]
     common = ["--out", str(out), "--overwrite", "--streaming", streaming]
@@ -208,14 +211,16 @@ def markdown(report: dict) -> str:
     lines = [
         "# Scale: streamed compression of checkpoints larger than memory",
         "",
-        f"Command: `{report['command']}`. Machine: {report['machine']}. Calibration: 16 x 256 tokens (bundled), 2 threads, no cache.",
+        "Commands: " + "; ".join(f"`{c}`" for c in report["commands"]) + f". Machine: {report['machine']}. Calibration: 16 x 256 tokens (bundled), 2 threads, no cache.",
         "Synthetic bf16 checkpoints from real configs (fewer layers, 32 k vocabulary); see `bench/scale.py`.",
         "`target` = 2 x largest decoder layer + calibration activations + 1 GiB (the design's bound for streamed runs).",
         "",
         "| family | checkpoint GiB | layers | largest layer GiB | command | mode | wall s | peak RSS GiB | target GiB | within target |",
         "|---|---:|---:|---:|---|---|---:|---:|---:|---|",
     ]
-    for row in report["rows"]:
+    order = {name: i for i, name in enumerate(COMMANDS)}
+    rows = sorted(report["rows"], key=lambda r: (r["family"], r["size_gb"], order[r["command"].split()[0]], r["mode"] != "streamed"))
+    for row in rows:
         target = row["target_bytes"]
         ok = "-" if row["peak_rss_bytes"] is None or row["mode"] != "streamed" else ("yes" if row["peak_rss_bytes"] <= target else "NO")
         status = "" if row["exit_code"] == 0 else f" (exit {row['exit_code']}: {row['error']})"
@@ -250,12 +255,20 @@ def main() -> None:
     parser.add_argument("--in-memory-max-gb", type=float, default=4.5, help="largest checkpoint also run in memory")
     parser.add_argument("--headline", default="qwen3_moe:8", help="family:size run inside a cgroup of half its size ('' to skip)")
     parser.add_argument("--cost-repeats", type=int, default=3)
+    parser.add_argument("--commands", default=",".join(COMMANDS), help=f"which commands to time: {', '.join(COMMANDS)}")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already recorded in scale.json (rows measured again are replaced); for runs split in parts")
     args = parser.parse_args()
     families = args.family or sorted(FAMILIES)
     sizes = [int(s) for s in args.sizes.split(",")]
-    report = {"command": "python bench/scale.py " + " ".join(sys.argv[1:]), "machine": f"{os.cpu_count()} CPUs, "
-              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU", "rows": [], "notes": []}
+    chosen = args.commands.split(",")
     out_path = RESULTS / "scale.json"
+    command_line = "python bench/scale.py " + " ".join(sys.argv[1:])
+    report = {"commands": [], "machine": f"{os.cpu_count()} CPUs, "
+              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU", "rows": [], "notes": []}
+    if args.append and out_path.is_file():
+        report = {**report, **json.loads(out_path.read_text())}
+    report["commands"] = [*report.get("commands", []), command_line]
     activation_bytes = 16 * 256 * 2048 * 2 * 2  # two generations of hidden states, bf16
     for family in families:
         for size in sizes:
@@ -268,12 +281,16 @@ def main() -> None:
             modes = ["streamed"] + (["in-memory"] if total / 1e9 <= args.in_memory_max_gb else [])
             for mode in modes:
                 for name, command in commands(source, args.workdir / "out", "on" if mode == "streamed" else "off").items():
+                    if name.split()[0] not in chosen:
+                        continue
                     run = timed(command)
                     shutil.rmtree(args.workdir / "out", ignore_errors=True)
-                    report["rows"].append({"family": family, "size_gb": size, "layers": layers, "checkpoint_bytes": total,
-                                           "layer_bytes": largest, "target_bytes": target, "command": name, "mode": mode, **run})
+                    key = {"family": family, "size_gb": size, "command": name, "mode": mode}
+                    report["rows"] = [row for row in report["rows"] if {k: row[k] for k in key} != key]
+                    report["rows"].append({**key, "layers": layers, "checkpoint_bytes": total,
+                                           "layer_bytes": largest, "target_bytes": target, **run})
                     print(json.dumps(report["rows"][-1]), flush=True)
-            if f"{family}:{size}" == args.headline:
+            if f"{family}:{size}" == args.headline and "prune" in chosen:
                 limit = total // 2
                 group = make_cgroup(limit)
                 try:
@@ -284,7 +301,7 @@ def main() -> None:
                 finally:
                     shutil.rmtree(args.workdir / "out", ignore_errors=True)
                     group.rmdir()
-            if size == 4 and family == families[0]:
+            if size == 4 and family == families[0] and "prune" in chosen:
                 report["observer_cost"] = {"checkpoint": f"{family} {total / 2**30:.1f} GiB", **observer_cost(source, args.cost_repeats)}
             RESULTS.mkdir(exist_ok=True)
             out_path.write_text(json.dumps(report, indent=2) + "\n")
