@@ -8,8 +8,7 @@ smallest size wanted), bf16 random weights, written by the product's own shard w
 the family's per-expert key layout, with the bundled tokenizer.
 
 For each size, every command runs in a fresh process under `/usr/bin/time -v` (wall time and
-peak RSS): `prune --method reap`, `slim --method wanda`, `quantize` (when the installed
-quantiser streams), streamed (`--streaming on`) and, up to `--in-memory-max-gb`, in memory
+peak RSS): `prune --method reap`, `slim --method wanda`, `quantize --bits 4` (round-to-nearest), streamed (`--streaming on`) and, up to `--in-memory-max-gb`, in memory
 (`--streaming off`; larger ones would need ~2.4x the checkpoint in RAM on a shared 24 GB
 machine). The headline run compresses a checkpoint about twice the memory it is allowed:
 the command runs inside a cgroup (v1 memory controller, created by this script under
@@ -156,6 +155,7 @@ def commands(source: Path, out: Path, streaming: str) -> dict[str, list[str]]:
     return {
         "prune reap": [*cli, "prune", str(source), "--method", "reap", "--ratio", "0.25", *CALIBRATION, *common],
         "slim wanda": [*cli, "slim", str(source), "--method", "wanda", "--sparsity", "0.5", *CALIBRATION[:-1], *common],
+        "quantize rtn": [*cli, "quantize", str(source), "--bits", "4", "--threads", "2", *common],
     }
 
 

@@ -143,7 +143,7 @@ def test_cli_quantize_and_refuse_to_quantize_twice(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "q8" / "tokenizer.json").exists()
     again = runner.invoke(app, ["quantize", str(tmp_path / "q8"), "--out", str(tmp_path / "q8q")])
-    assert again.exit_code == 2 and "already quantised" in again.output
+    assert again.exit_code == 2 and "quantised with 'compressed-tensors'" in again.output and "full-precision" in again.output
     bad = runner.invoke(app, ["quantize", str(checkpoint), "--bits", "2", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and not (tmp_path / "bad").exists()
     help_text = runner.invoke(app, ["quantize", "--help"], terminal_width=200).output

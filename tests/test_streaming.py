@@ -275,3 +275,16 @@ def test_symlinked_shards_are_read_and_nan_weights_refused_while_streaming(tmp_p
     weights, _ = load_streamed(tmp_path / "nan")
     with pytest.raises(MoECompressError, match="model.layers.1.mlp.experts.down_proj contains 1 NaN"):
         collect_statistics(weights.model, token_batches(), ("selected",), cache_dir=False, weights=weights)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_streamed_quantize_writes_the_same_bytes(checkpoints, tmp_path, family):
+    """Round-to-nearest quantises each layer as it is read: the same packed tensors (gpt_oss: fused experts rounded) as in memory."""
+    summaries = {}
+    for streaming in (True, False):
+        summaries[streaming] = mc.quantize(checkpoints / family, tmp_path / str(streaming), bits=4, group_size=8, streaming=streaming).summary
+    _same_files(tmp_path / "True", tmp_path / "False")
+    assert summaries[True]["streamed"] and not summaries[False]["streamed"]
+    assert summaries[True]["checkpoint_bytes_before"] == summaries[False]["checkpoint_bytes_before"] > summaries[True]["checkpoint_bytes"]
+    with safe_open(str(next((tmp_path / "True").glob("*.safetensors"))), "pt") as stored:
+        assert any(key.endswith("weight_packed") for key in stored.keys())

@@ -1163,13 +1163,16 @@ def quantize(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    streaming: StreamingOpt = "auto",
+    threads: ThreadsOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Quantise weights to 4 or 8 bits (round-to-nearest or AutoRound, per group) and save a compressed-tensors checkpoint.
 
-    Run it last, after prune/slim: it reads the full-precision model. The result loads with
-    transformers (compressed-tensors installed) and vLLM; non-uniform checkpoints keep their
-    generated remote code.
+    Run it last, after prune/slim: it reads the full-precision model. Round-to-nearest streams
+    a large checkpoint (one decoder layer read, quantised and written at a time); AutoRound
+    holds the model in memory. The result loads with transformers (compressed-tensors
+    installed) and vLLM; non-uniform checkpoints keep their generated remote code.
     """
     from .data.batches import CalibrationSpec
     from .io.load import resolve_model
@@ -1196,10 +1199,11 @@ def quantize(
         dry_run_quantize(model, out, overwrite, bits, group_size, scope, not asymmetric, dtype, trust_remote_code, method, spec)
         return
     check_output_dir(out, overwrite, [model])
-    with progress.step(f"loading {model}"):
-        loaded, tokenizer = _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    result = quantize_model(loaded, out, bits, group_size, scope, not asymmetric, tokenizer, overwrite, method=method, calib=spec,
-                            iters=iters, device=device)
+    with _runtime(threads):
+        result = quantize_model(
+            model, out, bits, group_size, scope, not asymmetric, None, overwrite, method=method, calib=spec, iters=iters, device=device,
+            trust_remote_code=trust_remote_code, streaming=_streaming(streaming), dtype=dtype,
+        )
     s = result.summary
     _say(
         f"{s['method']} {s['bits']}-bit (group {s['group_size'] or 'per channel'}, {'symmetric' if s['symmetric'] else 'asymmetric'}) "

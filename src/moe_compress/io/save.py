@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..plan import Plan
 from ..progress import step
-from .export import Group, model_groups, write_groups
+from .export import Group, Transform, model_groups, write_groups
 from .model_card import PLAN_FILE, SUMMARY_FILE, provenance, write_model_card
 from .publish import check_output_dir, publish, releases_outputs, staging_dir, write_error
 from .remote_code import write_remote_code, write_stock_identity
@@ -48,14 +48,18 @@ def _drop_loading_keys(path: Path) -> None:
 DEFAULT_MAX_SHARD_BYTES = 2**30
 
 
-def write_model(directory: Path, model: PreTrainedModel, groups: Iterable[Group], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Config, generation config and weights of `model` (weights from `groups`), as save_pretrained lays them out."""
+def write_model(
+    directory: Path, model: PreTrainedModel, groups: Iterable[Group], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    transform: Transform | None = None,
+) -> None:
+    """Config, generation config and weights of `model` (weights from `groups`, each passed through
+    `transform` in checkpoint names), as save_pretrained lays them out."""
     model.config.dtype = str(model.dtype).removeprefix("torch.")
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(directory)
     if model.can_generate():
         model.generation_config.save_pretrained(directory)
-    write_groups(directory, model, groups, max_shard_bytes)
+    write_groups(directory, model, groups, max_shard_bytes, transform)
 
 
 @releases_outputs
@@ -68,19 +72,21 @@ def save_compressed(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     groups: Iterable[Group] | None = None,
+    transform: Transform | None = None,
 ) -> Path:
     """Write `model` (and tokenizer, plan, summary) to `out`, with a model card (`io.model_card`)
     saying what it is and how to load it; returns the directory.
 
     `model` is the compressed model in memory, or -- for a streamed run -- its skeleton on
-    the meta device, with `groups` producing its tensors layer by layer.
+    the meta device, with `groups` producing its tensors layer by layer. `transform` rewrites
+    each group's checkpoint tensors on their way to disk (quantisation packs them there).
     """
     out = Path(out)
     check_output_dir(out, overwrite, [getattr(model, "name_or_path", None)])
     staging = staging_dir(out, "partial")
     try:
         with step(f"writing {out}"):
-            write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes)
+            write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes, transform)
         if needs_remote_code(model):
             write_remote_code(staging, model)
         else:

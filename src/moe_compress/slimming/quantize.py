@@ -38,11 +38,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..arch.adapter import MoEAdapter
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
-from ..io.load import load_model
+from ..io.export import streamed_groups
+from ..io.open import Streaming, open_model
 from ..io.publish import releases_outputs
 from ..io.model_card import write_model_card
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
-from ..progress import track
 
 QuantScope = Literal["all", "experts"]
 SCOPES: dict[str, str] = {
@@ -217,35 +217,31 @@ def _saved_rounding(model: PreTrainedModel, rounded: dict) -> dict[str, tuple[to
     return saved
 
 
-def _rewrite_shards(directory: Path, targets: set[str], fused: dict[str, bool], scheme, rounded: dict) -> None:
-    """Replace each target `<module>.weight` in the shards by its compressed tensors, each fused
-    expert tensor by its rounded values; fix the index."""
-    from safetensors.torch import load_file, save_file
+class QuantizingTransform:
+    """Rewrites each group of checkpoint tensors on its way to disk: every target `<module>.weight`
+    becomes its compressed tensors, every fused expert tensor its rounded values; the rest passes.
 
-    weight_map: dict[str, str] = {}
-    total = 0
-    for shard in track(sorted(directory.glob("*.safetensors")), "quantising shards"):
-        tensors = load_file(str(shard))
+    The same transform serves the in-memory and the streamed save, so both write the same bytes.
+    It counts the bytes it was handed: the size the checkpoint would have had unquantised.
+    """
+
+    def __init__(self, targets: set[str], fused: dict[str, bool], scheme, rounded: dict):
+        self.targets, self.fused, self.scheme, self.rounded = targets, fused, scheme, rounded
+        self.bytes_before = 0
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         rewritten: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
-            if key in targets:
+            self.bytes_before += tensor.numel() * tensor.element_size()
+            if key in self.targets:
                 module = key.removesuffix("weight")
-                value, scale, zero_point = rounded.get(key, (tensor, None, None))
-                rewritten.update({module + name: v for name, v in compress_weight(value, scheme, scale, zero_point).items()})
-            elif key in fused:
-                rewritten[key] = rounded[key][0].to(tensor.dtype) if key in rounded else _rounded_fused(tensor, fused[key], scheme)
+                value, scale, zero_point = self.rounded.get(key, (tensor, None, None))
+                rewritten.update({module + name: v for name, v in compress_weight(value, self.scheme, scale, zero_point).items()})
+            elif key in self.fused:
+                rewritten[key] = self.rounded[key][0].to(tensor.dtype) if key in self.rounded else _rounded_fused(tensor, self.fused[key], self.scheme)
             else:
                 rewritten[key] = tensor
-        save_file(rewritten, str(shard), metadata={"format": "pt"})
-        for key, tensor in rewritten.items():
-            weight_map[key] = shard.name
-            total += tensor.numel() * tensor.element_size()
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"] = dict(sorted(weight_map.items()))
-        data.setdefault("metadata", {})["total_size"] = total
-        index.write_text(json.dumps(data, indent=2) + "\n")
+        return rewritten
 
 
 METHODS: dict[str, str] = {
@@ -269,11 +265,16 @@ def quantize(
     iters: int = 200,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
 ) -> QuantizeResult:
     """Save `model` with its weights quantised to `bits` (4 or 8), weight-only, as a compressed-tensors checkpoint.
 
     Args:
         model: an in-memory model (left unchanged) or a checkpoint directory / bundled name.
+            A checkpoint is streamed as `streaming` says (see `io.open.open_model`):
+            round-to-nearest then reads, quantises and writes one decoder layer at a time;
+            AutoRound tunes blocks on an in-memory model.
         out: the output directory (written atomically).
         group_size: weights per scale along the input dimension; None picks the largest of
             128, 64, 32, 16, 8 that divides every quantised width; 0 = one scale per output row.
@@ -301,9 +302,10 @@ def quantize(
         raise MoECompressError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
     out = Path(out)
     check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
-    if isinstance(model, (str, Path)):
-        model, loaded_tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
-        tokenizer = tokenizer or loaded_tokenizer
+    if method == "autoround" and streaming is True:
+        raise MoECompressError("--method autoround tunes each block on a model held in memory; use --streaming off or auto (or --method rtn).")
+    model, loaded_tokenizer, weights = open_model(model, device, False if method == "autoround" else streaming, dtype, trust_remote_code)
+    tokenizer = tokenizer or loaded_tokenizer
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
     adapter = get_adapter(model)
@@ -334,11 +336,11 @@ def quantize(
         in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)
         rounded = _saved_rounding(model, in_memory)
 
+    transform = QuantizingTransform(targets, fused, scheme, rounded)
+    groups = streamed_groups(weights, adapter, None) if weights.streamed else None
     work = staging_dir(out, "quantize")
     try:
-        staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True)
-        bytes_before = checkpoint_bytes(staged)
-        _rewrite_shards(staged, targets, fused, scheme, rounded)
+        staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True, groups=groups, transform=transform)
         ModelCompressor(quantization_config=config).update_config(str(staged))
         summary = {
             "stage": "quantize",
@@ -355,7 +357,8 @@ def quantize(
             "experts_storage": "rounded values in the model dtype (fused 3-D experts: no loader reads packed 3-D tensors)" if fused else "packed",
             "calibrated_keys": len(rounded),
             "autoround": calibration,
-            "checkpoint_bytes_before": bytes_before,
+            "checkpoint_bytes_before": transform.bytes_before,
+            "streamed": weights.streamed,
             "checkpoint_bytes": checkpoint_bytes(staged),
             "seconds": round(time.perf_counter() - start, 2),
         }
