@@ -288,3 +288,14 @@ def test_streamed_quantize_writes_the_same_bytes(checkpoints, tmp_path, family):
     assert summaries[True]["checkpoint_bytes_before"] == summaries[False]["checkpoint_bytes_before"] > summaries[True]["checkpoint_bytes"]
     with safe_open(str(next((tmp_path / "True").glob("*.safetensors"))), "pt") as stored:
         assert any(key.endswith("weight_packed") for key in stored.keys())
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_pruning_a_mone_output_again_is_refused_before_calibration(checkpoints, tmp_path, streaming):
+    first = tmp_path / "mone"
+    mc.compress(checkpoints / "qwen3_moe", "mone", 0.5, "layer", token_batches(), out=first, cache_dir=False, streaming=False)
+    with pytest.raises(MoECompressError, match="novice experts .* cannot be pruned or merged again"):
+        mc.compress(first, "reap", 0.25, "layer", [], out=tmp_path / "again", cache_dir=False, streaming=streaming, trust_remote_code=True)
+    assert not (tmp_path / "again").exists()
+    quantized = mc.quantize(first, tmp_path / "q", bits=8, group_size=0, streaming=streaming, trust_remote_code=True)
+    assert quantized.summary["streamed"] is streaming

@@ -39,6 +39,7 @@ from .observe.cache import StatsCache, cache_key, config_fingerprint, content_fi
 from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
 from .plan import ModelIdentity, Plan
+from .preflight import check_prunable
 from .surgery.experts import apply_plan
 from .surgery.structure import experts_per_layer
 
@@ -207,6 +208,7 @@ def compress(
     identity = model_identity(model, adapter, weights)
     from_cache = False
     if plan is None:
+        check_prunable(model, adapter)
         chosen = get_method(method)
         batches = _calibration_batches(calib, tokenizer, model.config)
         stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.fingerprint)

@@ -67,6 +67,20 @@ def skeleton(model: str | Path, dtype: str = "auto", trust_remote_code: bool = F
     return Structure.of(built.eval())
 
 
+def check_prunable(model, adapter) -> None:
+    """Routed experts can be ranked only where every router row is a real expert: a MoNE output
+    (router rows that point to novice vectors) or a condensed layer is refused before calibrating."""
+    from .surgery.structure import layer_structure
+
+    for layer, entry in layer_structure(model, adapter).items():
+        if entry.get("novices") or entry.get("condensed"):
+            kind = "novice experts (a MoNE output)" if entry.get("novices") else "a condensed router (a CD-MoE output)"
+            raise MoECompressError(
+                f"MoE layer {layer} has {kind}: its experts cannot be pruned or merged again. "
+                "Prune the original model with the combined ratio, or slim / quantize this one."
+            )
+
+
 def check_prune(structure: Structure, method: str, options: dict[str, Any], ratio: float, budget: str, min_keep: int = 0) -> dict[int, int] | None:
     """Method, its options, ratio and budget; and that the ratio leaves every layer at least
     top-k experts (a condition every method shares). Returns the experts each layer keeps
@@ -75,6 +89,7 @@ def check_prune(structure: Structure, method: str, options: dict[str, Any], rati
     from .methods.budget import select_experts
 
     get_method(method).resolved_options(options)
+    check_prunable(structure.model, structure.adapter)
     if min_keep < 0:
         raise MoECompressError(f"--min-keep must be >= 0; got {min_keep}.")
     placeholder = {layer: torch.zeros(count, dtype=torch.float64) for layer, count in structure.experts.items()}
