@@ -349,3 +349,17 @@ def test_early_stop_rules_out_only_candidates_that_cannot_win():
         for quick, exact in zip(fast, full):
             assert quick == float("inf") and exact > min(full) or quick == pytest.approx(exact, rel=1e-12)
         assert fast[candidates.index(5)] == float("inf"), "the terrible candidate is ruled out early"
+
+
+def test_condense_refuses_before_loading_what_memory_cannot_hold(tmp_path, monkeypatch):
+    """CD-MoE does not stream: a model plus cached layer inputs larger than the free memory is refused up front."""
+    from typer.testing import CliRunner
+
+    import moe_compress.io.open as io_open
+    from moe_compress.cli import app
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    monkeypatch.setattr(io_open, "available_bytes", lambda device: 1000)
+    result = CliRunner().invoke(app, ["condense", str(checkpoint), "--layers", "1", "--samples", "4", "--seq-len", "16", "--out", str(tmp_path / "cd")])
+    assert result.exit_code == 2 and "holds the whole model in memory" in result.output and "cached layer inputs" in result.output
+    assert not (tmp_path / "cd").exists()

@@ -25,8 +25,8 @@ from .errors import MoECompressError
 from .evaluate.size import model_size
 from .finite import require_finite_numbers, require_finite_statistics, require_finite_weights
 from .io.export import carried_keys, keeps_stored_format, raw_groups, streamed_groups
-from .io.load import check_device
-from .io.open import Streaming, open_model
+from .io.load import check_device, resolve_model
+from .io.open import Streaming, available_bytes, open_model
 from .io.publish import releases_outputs
 from .io.residency import InMemoryWeights, StreamedWeights, Weights
 from .io.save import check_output_dir, save_with_summary
@@ -39,7 +39,7 @@ from .observe.cache import StatsCache, cache_key, config_fingerprint, content_fi
 from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
 from .plan import ModelIdentity, Plan
-from .preflight import check_prunable
+from .preflight import check_condense_memory, check_prunable
 from .surgery.experts import apply_plan
 from .surgery.structure import experts_per_layer
 
@@ -387,6 +387,8 @@ def condense(
     `fresh` discards a saved state first. Its cost is in `result.plan.meta`.
     """
     start = time.perf_counter()
+    if isinstance(model, str | Path) and Path(resolve_model(model)).is_dir() and isinstance(calib, CalibrationSpec):
+        check_condense_memory(Path(resolve_model(model)), calib.samples, calib.seq_len, available_bytes("cpu"))
     model, tokenizer, adapter, _ = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code=trust_remote_code)
     before = model_size(model, adapter)
     identity = model_identity(model, adapter)

@@ -822,12 +822,20 @@ def condense_command(
     threads: ThreadsOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
-    """CD-MoE: condense MoE layers into shared experts + a few constant-weight experts, chosen by output divergence."""
+    """CD-MoE: condense MoE layers into shared experts + a few constant-weight experts, chosen by output divergence.
+
+    Memory: unlike prune, drop, slim and quantize, condense does not stream. Its search reruns
+    every later layer for each candidate, so it holds the whole model plus every decoder
+    layer's input for the calibration tokens (layers x samples x seq-len x hidden, in the model
+    dtype); it refuses to start when that exceeds the available memory.
+    """
     from .api import condense
     from .data.batches import CalibrationSpec
     from .io.load import check_device
     from .io.save import check_output_dir
-    from .preflight import Structure, check_condense
+    from .io.load import resolve_model
+    from .io.open import available_bytes
+    from .preflight import Structure, check_condense, check_condense_memory
 
     _require_positive(layers=layers, position_stride=position_stride)
     if experts is not None and experts < 0:
@@ -843,6 +851,8 @@ def condense_command(
         dry_run_condense(model, out, overwrite, layers, experts, choose_size, spec, dtype, trust_remote_code)
         return
     check_output_dir(out, overwrite, [model])
+    if Path(resolve_model(model)).is_dir():
+        check_condense_memory(Path(resolve_model(model)), samples, seq_len, available_bytes("cpu"))
     with _runtime(threads):
         loaded, tokenizer = _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         check_condense(Structure.of(loaded), layers, experts)

@@ -125,6 +125,37 @@ def check_condense(structure: Structure, layers: int, experts: int | None = None
         raise MoECompressError(f"experts per condensed layer (K) must be 0..{fewest}, the routed experts of its layers; got {experts}.")
 
 
+def condense_memory_bytes(source: Path, samples: int, seq_len: int) -> tuple[int, int]:
+    """(checkpoint bytes, bytes of the cached layer inputs) the CD-MoE search holds in memory.
+
+    The search reruns every later layer for each candidate, so it keeps the whole model and
+    every decoder layer's input for the calibration tokens (`CachedLayers`), in the model dtype.
+    """
+    import json
+
+    from .arch.adapter import text_config
+    from .io.checkpoint import Checkpoint
+    from transformers import AutoConfig
+
+    config = text_config(AutoConfig.for_model(**json.loads((source / "config.json").read_text())))
+    element = 4 if str(getattr(config, "dtype", None) or "").endswith("float32") else 2
+    cached = config.num_hidden_layers * samples * seq_len * config.hidden_size * element
+    return Checkpoint(source).total_bytes(), cached
+
+
+def check_condense_memory(source: Path, samples: int, seq_len: int, available: int) -> None:
+    """CD-MoE holds the model in memory: refuse, before loading it, what cannot fit."""
+    weights, cached = condense_memory_bytes(source, samples, seq_len)
+    if weights + cached > available:
+        gib = 2**30
+        raise MoECompressError(
+            f"condense holds the whole model in memory (its search reruns every later layer for each candidate): about "
+            f"{(weights + cached) / gib:.1f} GiB ({weights / gib:.1f} GiB of weights + {cached / gib:.1f} GiB of cached layer inputs), "
+            f"and {available / gib:.1f} GiB are available. Use a machine with more memory or fewer --samples, or compress with "
+            "prune / drop, which stream."
+        )
+
+
 def check_finetune(structure: Structure, condensed_before: bool) -> None:
     """Fine-tuning trains condensed layers: the model has some, or an earlier stage makes them."""
     spec = getattr(structure.model.config, "moe_compress", None) or {}
