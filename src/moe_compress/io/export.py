@@ -284,4 +284,7 @@ def write_groups(
         if transform is not None:
             tensors = transform(tensors)
         writer.add(tensors)
+        # Let go of this layer before the next one is read: the loop variable would keep it
+        # (and the layer its views point into) alive through the next layer's materialisation.
+        del tensors
     return writer.finish()
