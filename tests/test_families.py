@@ -94,3 +94,19 @@ def test_refused_types_fail_with_their_model_type_and_reason(model_type):
 
     with pytest.raises(MoECompressError, match=re.escape(f"'{model_type}' is not supported: {REFUSED[model_type]}")):
         get_adapter(probe_config(model_type))
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_layer_drop_scores_every_family_or_says_why_not(model_type):
+    """Scoring MoE sub-layers and blocks for dropping runs on every family (post-norm, hybrid and
+    hyper-connection layers included): a plan, or a clear refusal -- never an error from inside."""
+    from helpers import token_batches
+    from moe_compress import MoECompressError, drop
+
+    for unit in ("moe", "block"):
+        try:
+            plan = drop(tiny_model(model_type), unit=unit, n=1, calib=token_batches(1)).plan
+        except MoECompressError:  # e.g. the tiny model's only MoE layer, or experts inside the decoder layer
+            continue
+        dropped = plan.dropped_blocks if unit == "block" else [lp.layer for lp in plan.layers if lp.drop]
+        assert len(dropped) == 1, (unit, dropped)

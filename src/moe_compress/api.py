@@ -34,7 +34,7 @@ from .methods import PlanRequest, get_method
 from .methods.budget import Budget
 from .methods.condense import plan_condense
 from .methods.condense_state import SearchState, default_state_path, state_key
-from .methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop
+from .methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop, require_separate_moe
 from .observe.cache import StatsCache, cache_key, config_fingerprint, content_fingerprint
 from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
@@ -345,10 +345,17 @@ def drop(
     require_finite_numbers([("target_ratio", target_ratio)])
     model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
     before = model_size(model, adapter)
+    if unit == "moe":
+        require_separate_moe(adapter)
     identity = model_identity(model, adapter, weights)
     batches = _calibration_batches(calib, tokenizer, model.config)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio, consecutive_score)
     scores = observe_similarities(model, adapter, batches, distance, weights, device)
+    if unit == "moe" and len(scores.moe) < len(adapter.moe_layer_indices(model)):
+        raise MoECompressError(
+            f"{adapter.model_type} carries several residual streams (hyper-connections): a MoE sub-layer's input and its "
+            "layer's output cannot be compared, so MoE sub-layers cannot be scored for dropping; drop whole blocks (unit='block')."
+        )
     require_finite_numbers([(f"similarity of MoE layer {k}", v) for k, v in scores.moe.items()])
     require_finite_numbers([(f"similarity of blocks {i}..{i + d}", v) for d, row in scores.blocks.items() for i, v in enumerate(row)])
     if not distributed.is_main():

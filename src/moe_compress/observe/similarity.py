@@ -56,13 +56,13 @@ def observe_similarities(
             if index == 0:
                 history[position["batch"]].append(args[0].detach().cpu())
 
-        def before_norm(_module, args):
-            residual[:] = [args[0].detach()]
+        def before_norm(_module, args, kwargs):
+            residual[:] = [(args[0] if args else next(iter(kwargs.values()))).detach()]
 
         def after_layer(_module, _args, output):
             out = (output[0] if isinstance(output, tuple) else output).detach()
             b = position["batch"]
-            if index in moe_layers:
+            if index in moe_layers and residual[0].shape == out.shape:  # hyper-connections: several streams out, one in
                 total, count = _cos_sum(residual[0], out)
                 entry = moe_sums.setdefault(index, [0.0, 0])
                 entry[0], entry[1] = entry[0] + total, entry[1] + count
@@ -76,9 +76,11 @@ def observe_similarities(
             position["batch"] += 1
 
         handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True), layer.register_forward_hook(after_layer)]
-        norm = getattr(layer, adapter.pre_moe_norm_attr, None)
         if index in moe_layers:
-            handles.append(norm.register_forward_pre_hook(before_norm))
+            # The residual stream entering the MoE is the input of its pre-norm; layers without one
+            # (post-norm: FlexOlmo; hyper-connections: Qwen4) hand the stream to the MoE block itself.
+            entry = getattr(layer, adapter.pre_moe_norm_attr) if adapter.pre_moe_norm_attr else adapter.moe_block(layer)
+            handles.append(entry.register_forward_pre_hook(before_norm, with_kwargs=True))
         try:
             yield
         finally:

@@ -16,6 +16,7 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import note_plan
 from ..plan import LayerPlan, Plan
+from ..methods.structural import require_separate_moe
 from ..runtime import DroppedMoE, attach_novices, condense
 from .blocks import drop_blocks
 from .merge import merged_tensors
@@ -46,11 +47,7 @@ def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: Laye
     materialised layer at a time, and the in-memory path runs the very same code.
     """
     if lp.drop:
-        if not adapter.moe_attr:
-            raise MoECompressError(
-                f"{adapter.model_type} runs its experts inside the decoder layer, beside the dense MLP: "
-                "its MoE sub-layer cannot be dropped on its own; drop whole blocks instead."
-            )
+        require_separate_moe(adapter)
         setattr(layer, adapter.moe_attr, DroppedMoE(adapter.moe_returns_tuple))
         return
     if len(lp.keep) == lp.num_experts and lp.condensed_weights is None:
