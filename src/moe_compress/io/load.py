@@ -327,8 +327,10 @@ def load_streamed(
     The skeleton is built on the meta device (parameters only: buffers such as rotary
     frequencies are computed as usual), so opening a 1 TB checkpoint costs its headers.
     """
+    from .allocator import pin_mmap_threshold
     from .checkpoint import Checkpoint
 
+    pin_mmap_threshold()  # a streamed run frees a layer per step: give the memory back (see io.allocator)
     if dtype not in DTYPES:
         raise MoECompressError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
     shown_as = str(name_or_path)

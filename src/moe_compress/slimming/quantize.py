@@ -187,7 +187,8 @@ def compress_weight(weight: torch.Tensor, scheme, scale: torch.Tensor | None = N
         zero_point = torch.zeros_like(scale, dtype=torch.int8)
     state = {"weight": weight.float(), "weight_scale": scale.to(weight.dtype), "weight_zero_point": zero_point}
     compressor = BaseCompressor.get_value_from_registry(CompressionFormat.pack_quantized.value)
-    return {k: v.contiguous() for k, v in compressor.compress(state, scheme).items()}
+    # clone, not contiguous(): a contiguous view would keep its whole intermediate buffer alive
+    return {k: v.clone() for k, v in compressor.compress(state, scheme).items()}
 
 
 def round_to_nearest(weight: torch.Tensor, scheme) -> torch.Tensor:
