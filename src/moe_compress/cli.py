@@ -1187,17 +1187,10 @@ def quantize(
     from .data.batches import CalibrationSpec
     from .io.load import resolve_model
     from .io.save import check_output_dir
-    from .slimming.quantize import METHODS, SCOPES
+    from .slimming.quantize import check_quantize_options
     from .slimming.quantize import quantize as quantize_model
 
-    if bits not in (4, 8):
-        raise MoECompressError(f"--bits must be 4 or 8; got {bits}.")
-    if scope not in SCOPES:
-        raise MoECompressError(f"--scope must be one of {', '.join(SCOPES)}; got {scope!r}.")
-    if method not in METHODS:
-        raise MoECompressError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
-    if group_size is not None and group_size < 0:
-        raise MoECompressError(f"--group-size must be >= 0 (0: one scale per output row); got {group_size}.")
+    check_quantize_options(bits, scope, method, group_size)
     _require_positive(iters=iters)
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size)
     if method == "autoround":

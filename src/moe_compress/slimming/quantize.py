@@ -251,6 +251,18 @@ METHODS: dict[str, str] = {
 }
 
 
+def check_quantize_options(bits: int, scope: str, method: str, group_size: int | None) -> None:
+    """The options every quantisation takes, checked before any model is read."""
+    if bits not in (4, 8):
+        raise MoECompressError(f"--bits must be 4 or 8; got {bits}.")
+    if scope not in SCOPES:
+        raise MoECompressError(f"--scope must be one of {', '.join(SCOPES)}; got {scope!r}.")
+    if method not in METHODS:
+        raise MoECompressError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
+    if group_size is not None and group_size < 0:
+        raise MoECompressError(f"--group-size must be >= 0 (0: one scale per output row); got {group_size}.")
+
+
 @releases_outputs
 def quantize(
     model: PreTrainedModel | str | Path,
@@ -295,12 +307,7 @@ def quantize(
     from ..evaluate.size import checkpoint_bytes
 
     start = time.perf_counter()
-    if bits not in (4, 8):
-        raise MoECompressError(f"bits must be 4 or 8; got {bits}.")
-    if scope not in SCOPES:
-        raise MoECompressError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}.")
-    if method not in METHODS:
-        raise MoECompressError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
+    check_quantize_options(bits, scope, method, group_size)
     out = Path(out)
     check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
     if method == "autoround" and streaming is True:
