@@ -211,3 +211,15 @@ def test_analyze_writes_tables_and_heatmaps(checkpoint, calib, tmp_path):
     assert rows[0] == "layer,expert,frequency,gate_mass,output_variance,reap,cluster" and len(rows) == 1 + 3 * 8
     assert len(list((tmp_path / "analysis").glob("heatmap_*.png"))) == 4
     assert len(list((tmp_path / "analysis").glob("similarity_layer*.png"))) == 1
+
+
+def test_every_subpackage_imports_first_in_a_fresh_process():
+    """A circular import shows only when its module is the first one loaded (as `moe-compress slim` loads preflight)."""
+    import subprocess
+    import sys
+
+    modules = ["moe_compress.preflight", "moe_compress.recipes", "moe_compress.surgery", "moe_compress.methods",
+               "moe_compress.slimming", "moe_compress.api", "moe_compress.io.export", "moe_compress.dry_run"]
+    runs = [subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True) for m in modules]
+    failed = {m: run.communicate()[1].strip().splitlines()[-1:] for m, run in zip(modules, runs) if run.wait() != 0}
+    assert not failed, failed

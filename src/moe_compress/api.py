@@ -34,7 +34,7 @@ from .methods import PlanRequest, get_method
 from .methods.budget import Budget
 from .methods.condense import plan_condense
 from .methods.condense_state import SearchState, default_state_path, state_key
-from .methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop, require_separate_moe
+from .methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop
 from .observe.cache import StatsCache, cache_key, config_fingerprint, content_fingerprint
 from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
@@ -346,7 +346,7 @@ def drop(
     model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
     before = model_size(model, adapter)
     if unit == "moe":
-        require_separate_moe(adapter)
+        adapter.require_separate_moe()
     identity = model_identity(model, adapter, weights)
     batches = _calibration_batches(calib, tokenizer, model.config)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio, consecutive_score)

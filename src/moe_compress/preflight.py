@@ -106,9 +106,7 @@ def check_drop(structure: Structure, unit: str, n: int | None, target_ratio: flo
     if n is None:
         return
     if unit == "moe":
-        from .methods.structural import require_separate_moe
-
-        require_separate_moe(structure.adapter)
+        structure.adapter.require_separate_moe()
         count = len(structure.experts)
         if not 0 < n < count:
             raise MoECompressError(f"can drop 1..{count - 1} of the {count} MoE sub-layers (one must keep routing); asked for {n}.")

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..errors import MoECompressError
+
 #: How router outputs become the probabilities p_t: "softmax" over experts, or an elementwise
 #: function (any `transformers.activations.ACT2FN` name, "sigmoid" for DeepSeek-V3-style routers).
 RouterScore = str
@@ -224,6 +226,14 @@ class MoEAdapter:
         if self.gates_use_softmax_bias:
             return False
         return self.router_score != "softmax" or self.renormalizes_top_k(config)
+
+    def require_separate_moe(self) -> None:
+        """MoE sub-layers can be dropped only where the MoE is a module of its own in the decoder layer."""
+        if not self.moe_attr:
+            raise MoECompressError(
+                f"{self.model_type} runs its experts inside the decoder layer, beside the dense MLP: "
+                "its MoE sub-layer cannot be dropped on its own; drop whole blocks instead."
+            )
 
     # ---- routing ---------------------------------------------------------------------
     def router_probs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -75,15 +75,6 @@ def distance_needed(
     return next((d for d in range(1, len(layers)) if sum(sizes[:d]) >= target_ratio * total), len(layers) - 1) + offset
 
 
-def require_separate_moe(adapter: MoEAdapter) -> None:
-    """MoE sub-layers can be dropped only where the MoE is a module of its own in the decoder layer."""
-    if not adapter.moe_attr:
-        raise MoECompressError(
-            f"{adapter.model_type} runs its experts inside the decoder layer, beside the dense MLP: "
-            "its MoE sub-layer cannot be dropped on its own; drop whole blocks instead."
-        )
-
-
 def plan_drop(
     model: PreTrainedModel,
     adapter: MoEAdapter,
@@ -102,7 +93,7 @@ def plan_drop(
     total = _params(model)
     plan = Plan(adapter.model_type, adapter.top_k(model.config), [], method=f"{unit}-drop", num_layers=len(layers))
     if unit == "moe":
-        require_separate_moe(adapter)
+        adapter.require_separate_moe()
         order = sorted(scores.moe, key=lambda layer: (-scores.moe[layer], layer))
         sizes = {layer: _params(getattr(layers[layer], adapter.moe_attr)) for layer in order}
         count = n if n is not None else _count_for_ratio(sizes, order, total, target_ratio)

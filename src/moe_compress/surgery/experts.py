@@ -16,7 +16,6 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import note_plan
 from ..plan import LayerPlan, Plan
-from ..methods.structural import require_separate_moe
 from ..runtime import DroppedMoE, attach_novices, condense
 from .blocks import drop_blocks
 from .merge import merged_tensors
@@ -47,7 +46,7 @@ def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: Laye
     materialised layer at a time, and the in-memory path runs the very same code.
     """
     if lp.drop:
-        require_separate_moe(adapter)
+        adapter.require_separate_moe()
         setattr(layer, adapter.moe_attr, DroppedMoE(adapter.moe_returns_tuple))
         return
     if len(lp.keep) == lp.num_experts and lp.condensed_weights is None:
