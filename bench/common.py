@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from moe_compress import get_adapter, load_model, model_size, perplexity  # noqa: E402
 from moe_compress.evaluate.fidelity import fidelity  # noqa: E402
+from moe_compress.evaluate.protocol import DEFAULT_PROTOCOL  # noqa: E402
 from moe_compress.data import CalibrationSpec, bundled_domains, calibration_batches, load_texts, token_stream, windows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -34,8 +35,12 @@ RESULTS = Path(__file__).parent / "results"
 
 @dataclass
 class EvalSettings:
-    seq_len: int = 256
-    ppl_windows: int = 16  # per domain
+    """How every variant is measured. Perplexity windows follow the product's evaluation
+    protocol (`moe_compress.evaluate.protocol.DEFAULT_PROTOCOL`: 128 windows of 256 tokens per
+    domain), so a bench table and an `eval` or `prune --eval` line are comparable."""
+
+    seq_len: int = DEFAULT_PROTOCOL.seq_len
+    ppl_windows: int = DEFAULT_PROTOCOL.windows  # per domain
     mc_limit: int | None = None  # questions per multiple-choice task (None: all)
     speed: bool = False
     mc: bool = True  # False: skip the multiple-choice tasks (rows then hold mc=None)
@@ -120,7 +125,10 @@ class Bench:
             d: windows(token_stream(self.tokenizer, load_texts(f"bundled:{d}", split="test")), settings.seq_len)[: settings.ppl_windows]
             for d in bundled_domains()
         }
-        self.rows: list[dict] = json.loads(out.read_text())["rows"] if out.is_file() else []
+        recorded = json.loads(out.read_text()) if out.is_file() else {}
+        # Rows measured under other settings (an older evaluation protocol) are not mixed in: measured again.
+        same = {k: recorded.get("settings", {}).get(k) for k in ("seq_len", "ppl_windows")} == {"seq_len": settings.seq_len, "ppl_windows": settings.ppl_windows}
+        self.rows: list[dict] = recorded.get("rows", []) if same else []
         self.done = {row["variant"] for row in self.rows}
         self.speed_prompts = None
 

@@ -50,6 +50,8 @@ from moe_compress.methods.condense_eval import condensed, mean_selected_gate
 from moe_compress.runtime import expert_forward
 
 RATIOS = (0.1, 0.25, 0.5)
+#: The authors' code has no super-expert guard: compared with it, ours is switched off.
+AS_AUTHORS = {"protect_super_experts": False}
 CPRUNE_CLUSTERS = {"ref-mixtral": (4, 2), "ref-deepseek": (12, 6)}  # 8 experts cannot form 12 clusters
 
 
@@ -354,23 +356,23 @@ def run(model_name: str, samples: int, cd_samples: int, cd_seq_len: int) -> dict
     clusters, global_clusters = CPRUNE_CLUSTERS[model_name]
     norms, mone_scores = expert_norms(model, adapter, records), authors_mone_scores(model, adapter, records)
     for ratio in RATIOS:
-        ours = pruned_sets(get_method("reap").make_plan(request(ratio)))
+        ours = pruned_sets(get_method("reap").make_plan(request(ratio), AS_AUTHORS))
         add("reap", ratio, "layer", "authors' code as written", ours, authors_reap(norms, adapter, records, ratio, renorm_literal, "softmax"))
         add("reap", ratio, "layer", "authors' rule, the model's router scores and renormalisation", ours,
             authors_reap(norms, adapter, records, ratio, renorm_model, "model"))
         for budget, scope in (("layer", "layer"), ("global", "model")):
             theirs = authors_threshold(mone_scores, ratio, scope)
-            add("mone", ratio, budget, f"authors' code ({scope} scope)", pruned_sets(get_method("mone").make_plan(request(ratio, budget))), theirs)
+            add("mone", ratio, budget, f"authors' code ({scope} scope)", pruned_sets(get_method("mone").make_plan(request(ratio, budget), AS_AUTHORS)), theirs)
             add("mone variance=exact", ratio, budget, f"authors' code ({scope} scope)",
-                pruned_sets(get_method("mone").make_plan(request(ratio, budget), {"variance": "exact"})), theirs)
+                pruned_sets(get_method("mone").make_plan(request(ratio, budget), {**AS_AUTHORS, "variance": "exact"})), theirs)
         for budget in ("layer", "global"):
-            plan = get_method("cprune").make_plan(request(ratio, budget), {"clusters": clusters, "global_clusters": global_clusters})
+            plan = get_method("cprune").make_plan(request(ratio, budget), {**AS_AUTHORS, "clusters": clusters, "global_clusters": global_clusters})
             add("cprune", ratio, budget, f"authors' code ({clusters}/{global_clusters} clusters)", pruned_sets(plan),
                 authors_cprune(stats, plan.meta, budget))
             for criterion in ("soft_count", "gate_sum"):
                 if criterion == "soft_count" and adapter.router_score != "softmax":
                     continue  # the framework's soft_count wrapper exists for softmax routers only
-                add(criterion, ratio, budget, "unified framework's code", pruned_sets(get_method(criterion).make_plan(request(ratio, budget))),
+                add(criterion, ratio, budget, "unified framework's code", pruned_sets(get_method(criterion).make_plan(request(ratio, budget), AS_AUTHORS)),
                     authors_unified(records, adapter, ratio, budget, criterion))
 
     cd_batches = [b[:, :cd_seq_len] for b in calibration_batches(tokenizer, CalibrationSpec("bundled", cd_samples, 256, 1, batch_size=cd_samples))]

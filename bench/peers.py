@@ -41,7 +41,7 @@ PEER = "llmcompressor==0.14.0.1"
 PEER_TORCH = "torch==2.13.0"  # llm-compressor allows torch 2.10-2.14; the CPU wheel, as ours
 DEFAULT_VENV = Path.home() / ".cache" / "moe_compress" / "venvs" / "llmcompressor-0.14.0.1"
 RATIOS = (0.25, 0.5)
-SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc=False)
+SETTINGS = EvalSettings(mc=False)
 OURS = {  # label -> (method, budget, options)
     "moe-compress reap": ("reap", "layer", {}),
     "moe-compress reap (global)": ("reap", "global", {}),
@@ -229,7 +229,7 @@ def report() -> None:
              f"Command: `python bench/peers.py --model ref-mixtral --model ref-deepseek` (the peer, {PEER}, runs in its own venv "
              "with transformers 5.17 and torch 2.13 CPU). Same model, same 32 x 256 calibration tokens. Time and peak RSS: the tool's "
              "whole process (load, calibrate, prune, save), one run each on a shared 2-core machine. Quality: test-split perplexity "
-             "(16 x 256 tokens per domain), KL(original || compressed) per token and top-1 agreement on the same windows (mean over "
+             f"({SETTINGS.ppl_windows} x {SETTINGS.seq_len} tokens per domain), KL(original || compressed) per token and top-1 agreement on the same windows (mean over "
              "domains). 'loads': the output loads with "
              "plain transformers 5.23 `from_pretrained`, every checkpoint key placed.", ""]
     for path in sorted(RESULTS.glob("peers_*.json")):

@@ -14,8 +14,8 @@ novices, C-Prune, frequency, soft_count and reap calibrated on each domain in tu
 Each method's statistics come from its own uncached observer pass over the calibration set
 (shared by that method's ratios and budgets), and its time column is what a user pays:
 calibration + planning + surgery (`calibration s` is the first part); its peak RSS covers the
-calibration pass too. Quality: perplexity per domain on the test split (16 windows of 256
-tokens per domain), fidelity to the original on the same windows (mean KL divergence of the
+calibration pass too. Quality: perplexity per domain on the test split (the evaluation
+protocol: 128 windows of 256 tokens per domain), fidelity to the original on the same windows (mean KL divergence of the
 next-token distributions, top-1 agreement) and multiple-choice accuracy over all 1000
 questions of the `moec` tasks.
 
@@ -59,7 +59,7 @@ VARIANTS = [
 MODEL_OPTIONS = {("ref-mixtral", "cprune"): {"clusters": 4, "global_clusters": 2}}
 MERGING_METHODS = ("hc-smoe", "m-smoe", "ream")
 MERGING = ("hc-smoe", "hc-smoe-aligned", "m-smoe", "ream", "ream-nearest", "reap-no-guard", "ream-no-guard")
-SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=None)
+SETTINGS = EvalSettings(mc_limit=None)
 
 
 class MethodStatistics:
@@ -169,7 +169,7 @@ def report() -> None:
              "Command: `python bench/pruning.py --model ref-mixtral` (and `--model ref-deepseek`), then `python bench/pruning.py --report`; "
              "merging rows and their REAP reference: `python bench/pruning.py --model ref-mixtral --model ref-deepseek --methods "
              + ",".join(("reap", *MERGING)) + " --sets mixed --rerun`.",
-             "Perplexity: test split, 16 windows x 256 tokens per domain. KL: mean KL(original || compressed) per token over the same "
+             "Perplexity: test split, windows x tokens per domain as recorded under each model. KL: mean KL(original || compressed) per token over the same "
              "windows (nats), top-1: share of positions where both models' most likely next token agrees, both averaged over domains. "
              "MC: all 1000 questions of the `moec` tasks (chance 0.25), scored like lm-eval (see bench/common.py). "
              "compress s = the method's own uncached calibration pass (calib s) + planning + surgery; '-' marks rows recorded before "
@@ -187,7 +187,9 @@ def report() -> None:
         columns += [mc_column("acc"), mc_column("acc_norm"),
                     ("calib s", lambda r: f"{r['calibration_seconds']:.1f}" if "plan_apply_seconds" in r else "-"),
                     ("compress s", _timed), ("peak RSS (MiB)", lambda r: f"{r['compress_peak_rss'] / 2**20:.0f}")]
-        lines += [f"## {data['model']}", "", markdown_table(rows, columns)]
+        recorded = data.get("settings", {})
+        lines += [f"## {data['model']}", "", f"Protocol: {recorded.get('ppl_windows')} windows x {recorded.get('seq_len')} tokens per domain.", "",
+                  markdown_table(rows, columns)]
         summary = _merging_summary(rows)
         if summary:
             lines += ["### Merging vs REAP (mixed calibration, 32 sequences; best first within each ratio)", "",

@@ -33,7 +33,7 @@ from common import RESULTS, Bench, EvalSettings, Variant, fidelity_columns, mark
 from moe_compress import get_adapter, load_model, model_size, quantize, run_recipe, slim
 from moe_compress.evaluate.size import checkpoint_bytes
 
-SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=100, speed=True)
+SETTINGS = EvalSettings(mc_limit=100, speed=True)
 AUTOROUND_ITERS = 20  # AutoRound's default is 200: one block takes ~10 s per step on this shared 2-core machine
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SPARSITY = [("magnitude", "50%"), ("wanda", "50%"), ("sparsegpt", "50%"), ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4")]

@@ -28,7 +28,7 @@ from common import RESULTS, Bench, EvalSettings, Variant, markdown_table, mean_p
 
 from moe_compress import Plan, apply_plan, compress, condense, drop, finetune, get_adapter, model_size
 
-SETTINGS = EvalSettings(seq_len=256, ppl_windows=16, mc_limit=100, speed=True)
+SETTINGS = EvalSettings(mc_limit=100, speed=True)
 FINETUNES = {"finetune": dict(lr=1e-5, schedule="linear", weight_decay=0.01, batch_size=8),
              "finetune-cosine": dict(lr=3e-4, schedule="cosine", weight_decay=0.0, batch_size=4)}
 
