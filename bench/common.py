@@ -212,39 +212,80 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, Callable[[dict], s
     return "\n".join(lines) + "\n"
 
 
-def _scatter_panels(points: dict[str, dict[str, list[tuple[float, float]]]], path: Path, xlabel: str, title: str) -> None:
-    """One log-perplexity scatter panel per model, one marker series per variant family.
+#: Panels of the quality-vs-size plots: the headline variants, and the robustness variants
+#: (the same methods calibrated on one domain, or on more sequences) apart, so they do not hide them.
+PANELS = ("main", "robustness")
 
-    Families named "<bench>: <family>" get a marker per bench, so kinds of compression stay apart.
+
+def panel_of(row: dict) -> str:
+    """The robustness set of bench/pruning.py: calibrated on one domain or on other than 32 sequences."""
+    calibration, samples = row.get("calibration"), row.get("samples")
+    return "robustness" if calibration not in (None, "all") or samples not in (None, 32) else "main"
+
+
+def pareto_front(xy: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both size and perplexity, by increasing size."""
+    front, best = [], float("inf")
+    for x, y in sorted(xy):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def _scatter_panels(points: dict[str, dict[str, dict[str, list[tuple[float, float]]]]], path: Path, xlabel: str, title: str) -> None:
+    """Per model, a panel of the headline variants (with their Pareto front) and one of the robustness variants.
+
+    `points[model][panel][family]`. Families named "<bench>: <name>" share a marker per bench
+    (pruning circles, merging plus signs, structural squares, slimming triangles, ...) and take
+    distinct colours within it; the legend sits beside each panel, outside the data.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"pruning": "o", "merging": "P", "structural": "s", "slimming": "^", "autoround": "v", "peers": "D"}
-    figure, axes = plt.subplots(1, len(points), figsize=(8 * len(points), 6), squeeze=False)
-    for ax, (model, families) in zip(axes[0], sorted(points.items())):
-        for family, xy in sorted(families.items()):
-            marker = "*" if family == "original" else markers.get(family.split(":")[0], "o")
-            ax.scatter(*zip(*xy), label=family, s=26, marker=marker)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("mean test perplexity over domains (lower is better)")
-        ax.set_yscale("log")
-        ax.set_title(f"{title}: {model}")
-        ax.legend(fontsize=6, ncol=2)
+    markers = {"pruning": "o", "merging": "P", "structural": "s", "slimming": "^", "autoround": "v", "peers": "D", "original": "*"}
+    palette = plt.get_cmap("tab20").colors
+    panels = [panel for panel in PANELS if any(panel in by_panel for by_panel in points.values())]
+    figure, axes = plt.subplots(len(panels), len(points), figsize=(12 * len(points), 6.5 * len(panels)), squeeze=False)
+    for column, (model, by_panel) in enumerate(sorted(points.items())):
+        for row_index, panel in enumerate(panels):
+            ax = axes[row_index][column]
+            families = dict(by_panel.get(panel, {}))
+            if "original" in by_panel.get("main", {}):  # the reference point in every panel
+                families["original"] = by_panel["main"]["original"]
+            shade: dict[str, int] = {}
+            everything = []
+            for family, xy in sorted(families.items()):
+                group = "original" if family == "original" else family.split(":")[0]
+                color = "black" if group == "original" else palette[shade.setdefault(group, 0) % len(palette)]
+                shade[group] = shade.get(group, 0) + 1
+                ax.scatter(*zip(*xy), label=family, s=70 if group == "original" else 30, marker=markers.get(group, "o"), color=color,
+                           edgecolors="none")
+                everything += xy
+            if panel == "main" and everything:
+                front = pareto_front(everything)
+                ax.step(*zip(*front), where="post", color="grey", linestyle="--", linewidth=1, label="Pareto front (smaller and better)")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("mean test perplexity over domains (log; lower is better)")
+            ax.set_yscale("log")
+            what = "headline variants" if panel == "main" else "robustness: calibrated on one domain or on 128/512 sequences"
+            ax.set_title(f"{title}: {model} -- {what}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.25)
+            ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
     plt.close(figure)
 
 
 def quality_size_plot(rows_by_model: dict[str, list[dict]], path: Path, title: str) -> None:
-    """Mean perplexity over domains vs parameters, one marker per variant family."""
-    points: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    """Mean perplexity over domains vs parameters, one marker series per variant family."""
+    points: dict = {}
     for model, rows in rows_by_model.items():
         for row in rows:
             family = row.get("family", row["variant"])
-            points.setdefault(model, {}).setdefault(family, []).append((row["params"] / 1e6, mean_ppl(row)))
+            points.setdefault(model, {}).setdefault(panel_of(row), {}).setdefault(family, []).append((row["params"] / 1e6, mean_ppl(row)))
     _scatter_panels(points, path, "parameters (M)", title)
 
 
@@ -267,6 +308,6 @@ def overview_plot(path: Path) -> None:
             group = row.get("plot_group", bench_name)
             family = "original" if row["variant"] == "original" else f"{group}: {row.get('family', row['variant'])}"
             size = row.get("effective_bytes", row.get("checkpoint_bytes", row["bytes"])) / 2**20
-            points.setdefault(data["model"], {}).setdefault(family, []).append((size, mean_ppl(row)))
+            points.setdefault(data["model"], {}).setdefault(panel_of(row), {}).setdefault(family, []).append((size, mean_ppl(row)))
     if points:
         _scatter_panels(points, path, "effective size (MiB)", "quality vs size")
