@@ -258,7 +258,7 @@ def _scatter_panels(points: dict[str, dict[str, dict[str, list[tuple[float, floa
             shade: dict[str, int] = {}
             everything = []
             for family, xy in sorted(families.items()):
-                group = "original" if family == "original" else family.split(":")[0]
+                group = "original" if family == "original" else family.split(":")[0] if ":" in family else ""
                 color = "black" if group == "original" else palette[shade.setdefault(group, 0) % len(palette)]
                 shade[group] = shade.get(group, 0) + 1
                 ax.scatter(*zip(*xy), label=family, s=70 if group == "original" else 30, marker=markers.get(group, "o"), color=color,
