@@ -250,18 +250,21 @@ def _scatter_panels(points: dict[str, dict[str, dict[str, list[tuple[float, floa
     panels = [panel for panel in PANELS if any(panel in by_panel for by_panel in points.values())]
     figure, axes = plt.subplots(len(panels), len(points), figsize=(12 * len(points), 6.5 * len(panels)), squeeze=False)
     for column, (model, by_panel) in enumerate(sorted(points.items())):
+        colors: dict[str, object] = {}  # one colour per family in every panel of a model
+        shade: dict[str, int] = {}
+        for family in sorted({f for families in by_panel.values() for f in families}):
+            group = "original" if family == "original" else family.split(":")[0] if ":" in family else ""
+            colors[family] = "black" if group == "original" else palette[shade.get(group, 0) % len(palette)]
+            shade[group] = shade.get(group, 0) + 1
         for row_index, panel in enumerate(panels):
             ax = axes[row_index][column]
             families = dict(by_panel.get(panel, {}))
             if "original" in by_panel.get("main", {}):  # the reference point in every panel
                 families["original"] = by_panel["main"]["original"]
-            shade: dict[str, int] = {}
             everything = []
             for family, xy in sorted(families.items()):
                 group = "original" if family == "original" else family.split(":")[0] if ":" in family else ""
-                color = "black" if group == "original" else palette[shade.setdefault(group, 0) % len(palette)]
-                shade[group] = shade.get(group, 0) + 1
-                ax.scatter(*zip(*xy), label=family, s=70 if group == "original" else 30, marker=markers.get(group, "o"), color=color,
+                ax.scatter(*zip(*xy), label=family, s=70 if group == "original" else 30, marker=markers.get(group, "o"), color=colors[family],
                            edgecolors="none")
                 everything += xy
             if panel == "main" and everything:
