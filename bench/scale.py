@@ -301,7 +301,7 @@ def main() -> None:
                 finally:
                     shutil.rmtree(args.workdir / "out", ignore_errors=True)
                     group.rmdir()
-            if size == 4 and family == families[0] and "prune" in chosen:
+            if size == 4 and family == families[0] and "prune" in chosen and not (args.append and report.get("observer_cost")):
                 report["observer_cost"] = {"checkpoint": f"{family} {total / 2**30:.1f} GiB", **observer_cost(source, args.cost_repeats)}
             RESULTS.mkdir(exist_ok=True)
             out_path.write_text(json.dumps(report, indent=2) + "\n")
