@@ -299,3 +299,28 @@ def test_pruning_a_mone_output_again_is_refused_before_calibration(checkpoints, 
     assert not (tmp_path / "again").exists()
     quantized = mc.quantize(first, tmp_path / "q", bits=8, group_size=0, streaming=streaming, trust_remote_code=True)
     assert quantized.summary["streamed"] is streaming
+
+
+@pytest.fixture(scope="module")
+def every_family(tmp_path_factory):
+    from tiny_models import SUPPORTED
+
+    root = tmp_path_factory.mktemp("every-family")
+    for model_type in SUPPORTED:
+        tiny_model(model_type).save_pretrained(root / model_type)
+    return root
+
+
+def _supported():
+    from tiny_models import SUPPORTED
+
+    return SUPPORTED
+
+
+@pytest.mark.parametrize("model_type", _supported())
+def test_every_supported_family_streams_to_the_same_bytes(every_family, tmp_path, model_type):
+    """A global REAP budget (non-uniform: generated code) streamed and in memory, for every supported model type."""
+    for streaming in (True, False):
+        mc.compress(every_family / model_type, "reap", 0.25, "global", token_batches(1), out=tmp_path / str(streaming), cache_dir=False,
+                    streaming=streaming)
+    _same_files(tmp_path / "True", tmp_path / "False")
