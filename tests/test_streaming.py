@@ -24,18 +24,21 @@ from moe_compress.errors import MoECompressError
 from moe_compress.evaluate.perplexity import perplexity
 from moe_compress.io.load import load_model, load_streamed
 from moe_compress.observe.activations import activation_budget
-from tiny_models import FAMILIES, VOCAB, tiny_model
+from tiny_models import FAMILIES, SUPPORTED, VOCAB, tiny_model
 
 STATS = ("reap_sum", "selected", "gate_sum", "output_moments", "prob_sum")
 
 
+def _saved_tiny_models(root: Path, model_types) -> Path:
+    """One tiny checkpoint per model type under `root`, saved as transformers saves it."""
+    for model_type in model_types:
+        tiny_model(model_type).save_pretrained(root / model_type)
+    return root
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """One tiny checkpoint per family, saved as transformers saves it."""
-    root = tmp_path_factory.mktemp("sources")
-    for family in FAMILIES:
-        tiny_model(family).save_pretrained(root / family)
-    return root
+    return _saved_tiny_models(tmp_path_factory.mktemp("sources"), FAMILIES)
 
 
 def _plan_without_fingerprint(plan: dict) -> dict:
@@ -303,21 +306,10 @@ def test_pruning_a_mone_output_again_is_refused_before_calibration(checkpoints, 
 
 @pytest.fixture(scope="module")
 def every_family(tmp_path_factory):
-    from tiny_models import SUPPORTED
-
-    root = tmp_path_factory.mktemp("every-family")
-    for model_type in SUPPORTED:
-        tiny_model(model_type).save_pretrained(root / model_type)
-    return root
+    return _saved_tiny_models(tmp_path_factory.mktemp("every-family"), SUPPORTED)
 
 
-def _supported():
-    from tiny_models import SUPPORTED
-
-    return SUPPORTED
-
-
-@pytest.mark.parametrize("model_type", _supported())
+@pytest.mark.parametrize("model_type", SUPPORTED)
 def test_every_supported_family_streams_to_the_same_bytes(every_family, tmp_path, model_type):
     """A global REAP budget (non-uniform: generated code) streamed and in memory, for every supported model type."""
     for streaming in (True, False):
