@@ -56,7 +56,7 @@ def observe_similarities(
             if index == 0:
                 history[position["batch"]].append(args[0].detach().cpu())
 
-        def before_norm(_module, args, kwargs):
+        def entering_moe(_module, args, kwargs):
             residual[:] = [(args[0] if args else next(iter(kwargs.values()))).detach()]
 
         def after_layer(_module, _args, output):
@@ -80,7 +80,7 @@ def observe_similarities(
             # The residual stream entering the MoE is the input of its pre-norm; layers without one
             # (post-norm: FlexOlmo; hyper-connections: Qwen4) hand the stream to the MoE block itself.
             entry = getattr(layer, adapter.pre_moe_norm_attr) if adapter.pre_moe_norm_attr else adapter.moe_block(layer)
-            handles.append(entry.register_forward_pre_hook(before_norm, with_kwargs=True))
+            handles.append(entry.register_forward_pre_hook(entering_moe, with_kwargs=True))
         try:
             yield
         finally:

@@ -40,6 +40,7 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import streamed_groups
 from ..io.open import Streaming, open_model
+from ..progress import step
 from ..io.publish import releases_outputs
 from ..io.model_card import write_model_card
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
@@ -138,8 +139,6 @@ def _choose_group_size(group_size: int | None, columns: set[int]) -> int:
         raise MoECompressError(
             f"no group size of {', '.join(map(str, _AUTO_GROUPS))} divides every input width ({sorted(columns)}); pass group_size=0 (per channel)."
         )
-    if group_size < 0:
-        raise MoECompressError(f"group_size must be positive, or 0 for one scale per output channel; got {group_size}.")
     bad = sorted(c for c in columns if group_size and c % group_size)
     if bad:
         raise MoECompressError(f"group_size {group_size} does not divide the input width of every quantised weight ({bad}); choose a divisor or 0.")
@@ -312,7 +311,8 @@ def quantize(
     check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
     if method == "autoround" and streaming is True:
         raise MoECompressError("--method autoround tunes each block on a model held in memory; use --streaming off or auto (or --method rtn).")
-    model, loaded_tokenizer, weights = open_model(model, device, False if method == "autoround" else streaming, dtype, trust_remote_code)
+    with step(f"loading {model}" if isinstance(model, str | Path) else "opening the model"):
+        model, loaded_tokenizer, weights = open_model(model, device, False if method == "autoround" else streaming, dtype, trust_remote_code)
     tokenizer = tokenizer or loaded_tokenizer
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
