@@ -11,26 +11,33 @@ can be resumed.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
+import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MOE_COMPRESS_QUIET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from moe_compress import get_adapter, load_model, model_size, perplexity  # noqa: E402
-from moe_compress.evaluate.fidelity import fidelity  # noqa: E402
+from moe_compress import get_adapter, load_model, model_size  # noqa: E402
+from moe_compress.evaluate.fidelity import FidelityTotals  # noqa: E402
 from moe_compress.evaluate.protocol import DEFAULT_PROTOCOL  # noqa: E402
 from moe_compress.data import CalibrationSpec, bundled_domains, calibration_batches, load_texts, token_stream, windows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+EVAL_BATCH = 8  # windows per forward pass, as `perplexity` and `fidelity` batch them
 
 
 @dataclass
@@ -82,18 +89,22 @@ def fast_multiple_choice(model, tokenizer, limit: int | None, batch_size: int = 
             for choice in item["choices"]:
                 whole = tokenizer(item["context"] + choice, add_special_tokens=False)["input_ids"]
                 requests.append((whole, len(context)))
-        scores = []
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start : start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
+        scores = [0.0] * len(requests)
+        by_length = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))  # little padding per batch
+        for start in range(0, len(by_length), batch_size):
+            chunk = by_length[start : start + batch_size]
+            width = max(len(requests[i][0]) for i in chunk)
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, (tokens, _) in enumerate(chunk):
-                ids[row, : len(tokens)] = torch.tensor(tokens)
-            log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-            for row, (tokens, context_len) in enumerate(chunk):
+            for row, i in enumerate(chunk):
+                ids[row, : len(requests[i][0])] = torch.tensor(requests[i][0])
+            # only the positions that predict a choice token need the vocabulary projection
+            first = min(requests[i][1] for i in chunk) - 1
+            log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False, logits_to_keep=width - first).logits.float(), dim=-1)
+            for row, i in enumerate(chunk):
+                tokens, context_len = requests[i]
                 targets = torch.tensor(tokens[context_len:])
-                positions = torch.arange(context_len - 1, len(tokens) - 1)
-                scores.append(float(log_probs[row, positions, targets].sum()))
+                positions = torch.arange(context_len - 1, len(tokens) - 1) - first
+                scores[i] = float(log_probs[row, positions, targets].sum())
         correct = correct_norm = 0
         for index, item in enumerate(items):
             ll = scores[4 * index : 4 * index + 4]
@@ -117,6 +128,33 @@ def peak_rss() -> int:
     return 0
 
 
+class ReferenceLogProbs:
+    """The original model's next-token log-probabilities of every evaluation window, on disk.
+
+    Fidelity compares each variant with the original on the same windows; computing the
+    original's side once and reading it back batch by batch saves a forward pass of the
+    original per variant. The files are read with plain reads (never kept in memory or
+    mapped), so they do not count in any variant's peak RSS.
+    """
+
+    def __init__(self, model, eval_sets: dict[str, torch.Tensor], batch_size: int):
+        self.directory = Path(tempfile.mkdtemp(prefix="moec-bench-reference-"))
+        atexit.register(shutil.rmtree, self.directory, True)
+        self.batch_size = batch_size
+        with torch.no_grad():
+            for domain, data in eval_sets.items():
+                with open(self.directory / domain, "wb") as handle:
+                    for batch in data.split(batch_size):
+                        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                        handle.write(F.log_softmax(logits, dim=-1).numpy().tobytes())
+
+    def read(self, domain: str, index: int, shape: torch.Size) -> torch.Tensor:
+        """Batch `index` of `domain`, of the given [b, s, V] shape (batches are equal but the last)."""
+        count = math.prod(shape)
+        offset = index * self.batch_size * shape[1] * shape[2] * 4
+        return torch.from_numpy(np.fromfile(self.directory / domain, dtype=np.float32, count=count, offset=offset).reshape(shape))
+
+
 class Bench:
     def __init__(self, model_name: str, settings: EvalSettings, out: Path):
         self.model_name, self.settings, self.out = model_name, settings, out
@@ -131,6 +169,7 @@ class Bench:
         self.rows: list[dict] = recorded.get("rows", []) if same else []
         self.done = {row["variant"] for row in self.rows}
         self.speed_prompts = None
+        self.reference = ReferenceLogProbs(self.original, self.eval_sets, EVAL_BATCH)
 
     def calibration(self, source: str = "bundled", samples: int = 64, seq_len: int = 256, seed: int = 0) -> list[torch.Tensor]:
         return calibration_batches(self.tokenizer, CalibrationSpec(source, samples, seq_len, seed))
@@ -142,8 +181,7 @@ class Bench:
             "routed_params": size.routed_experts,
             "active_params": size.active_per_token,
             "bytes": size.bytes,
-            "perplexity": {d: perplexity(model, data).perplexity for d, data in self.eval_sets.items()},
-            "fidelity": {d: fidelity(model, self.original, data).to_dict() for d, data in self.eval_sets.items()},
+            **self._quality(model),
         }
         row["mc"] = fast_multiple_choice(model, self.tokenizer, self.settings.mc_limit) if self.settings.mc else None
         if self.settings.speed:
@@ -156,6 +194,26 @@ class Bench:
                             "prefill_tokens_per_s": comparison.model.prefill_tokens_per_s,
                             "decode_tokens_per_s": comparison.model.decode_tokens_per_s}
         return row
+
+    @torch.no_grad()
+    def _quality(self, model) -> dict:
+        """Perplexity per domain and fidelity to the original, from one forward pass per window.
+
+        The arithmetic is `moe_compress.perplexity`'s and `moe_compress.fidelity`'s (same batches,
+        same float32 sums), with the original's side read from `self.reference`.
+        """
+        perplexities, fidelities = {}, {}
+        for domain, data in self.eval_sets.items():
+            nll, count, totals = 0.0, 0, FidelityTotals()
+            for index, batch in enumerate(data.split(EVAL_BATCH)):
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                targets = batch[:, 1:]
+                nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+                count += targets.numel()
+                totals.add(F.log_softmax(logits, dim=-1), self.reference.read(domain, index, logits.shape))
+            perplexities[domain] = math.exp(nll / count)
+            fidelities[domain] = totals.result().to_dict()
+        return {"perplexity": perplexities, "fidelity": fidelities}
 
     def run(self, variant: Variant) -> dict | None:
         if variant.name in self.done:

@@ -65,6 +65,26 @@ def _chunks(batches: list[torch.Tensor], vocab: int, streamed: bool, chunk_bytes
     return chunks + ([current] if current else [])
 
 
+class FidelityTotals:
+    """Running sums of KL and argmax agreement over batches of next-token log-probabilities.
+
+    Kept apart from `fidelity` so a caller that already holds both sides' log-probabilities
+    (a benchmark reading the original's from disk) adds them without a second forward pass.
+    """
+
+    def __init__(self) -> None:
+        self.kl, self.agree, self.tokens = 0.0, 0, 0
+
+    def add(self, mine: torch.Tensor, reference: torch.Tensor) -> None:
+        """Both [b, s, V] log-probabilities of the same positions."""
+        self.kl += float(F.kl_div(mine, reference, log_target=True, reduction="sum"))
+        self.agree += int((mine.argmax(-1) == reference.argmax(-1)).sum())
+        self.tokens += reference.shape[0] * reference.shape[1]
+
+    def result(self) -> FidelityResult:
+        return FidelityResult(self.kl / max(self.tokens, 1), self.agree / max(self.tokens, 1), self.tokens)
+
+
 @torch.no_grad()
 def fidelity(
     model: PreTrainedModel,
@@ -77,13 +97,11 @@ def fidelity(
     chunk_bytes: int = 2**30,
 ) -> FidelityResult:
     """KL divergence and top-1 agreement of `model` against `original` on token windows [n, seq_len]."""
-    total_kl, agree, tokens = 0.0, 0, 0
+    totals = FidelityTotals()
     streamed = any(w is not None and w.streamed for w in (weights, original_weights))
     vocab = model.config.vocab_size if streamed else 0
     for chunk in track(_chunks(list(windows.split(batch_size)), vocab, streamed, chunk_bytes), "fidelity"):
         references = _log_probs(original, chunk, original_weights, device)
         for mine, reference in zip(_log_probs(model, chunk, weights, device), references):
-            total_kl += float(F.kl_div(mine, reference, log_target=True, reduction="sum"))
-            agree += int((mine.argmax(-1) == reference.argmax(-1)).sum())
-            tokens += reference.shape[0] * reference.shape[1]
-    return FidelityResult(total_kl / max(tokens, 1), agree / max(tokens, 1), tokens)
+            totals.add(mine, reference)
+    return totals.result()
