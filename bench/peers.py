@@ -17,6 +17,7 @@ has REAP under a global budget and the best merging variant of bench/pruning.py 
 (neuron-aligned HC-SMoE, global budget).
 
     python bench/peers.py --model ref-mixtral --model ref-deepseek   # -> bench/results/peers_<model>.json, peers.md
+    python bench/peers.py --model ref-mixtral --timing 3             # both REAPs in turn, 3 pairs -> peer_timing.json
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ from pathlib import Path
 import torch
 from common import RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mean_ppl, overview_plot
 
+from transformers import AutoTokenizer
+
 from moe_compress import get_adapter, model_size
+from moe_compress.data import CalibrationSpec, calibration_batches
 from moe_compress.io.load import resolve_model
 
 PEER = "llmcompressor==0.14.0.1"
@@ -185,6 +189,11 @@ def _measured(directory: Path, run: dict) -> Variant:
     return Variant(directory.name, build)
 
 
+def _calibration_tokens(tokenizer) -> torch.Tensor:
+    """The calibration both tools get: 32 x 256 tokens of the bundled corpus, seed 0."""
+    return torch.cat(calibration_batches(tokenizer, CalibrationSpec("bundled", 32, 256, 0)))
+
+
 def run(model_name: str, venv: Path) -> None:
     bench = Bench(model_name, SETTINGS, RESULTS / f"peers_{model_name}.json")
     bench.run(Variant("original", lambda m, t: {}, {"family": "original"}))
@@ -192,7 +201,7 @@ def run(model_name: str, venv: Path) -> None:
     peer_python = ensure_venv(venv)
     with tempfile.TemporaryDirectory(prefix="moec-peers-") as scratch:
         scratch = Path(scratch)
-        tokens = torch.cat(bench.calibration("bundled", samples=32))
+        tokens = _calibration_tokens(bench.tokenizer)
         torch.save(tokens, scratch / "tokens.pt")
         (scratch / "peer.py").write_text(PEER_RUNNER)
         (scratch / "ours.py").write_text(OURS_RUNNER)
@@ -222,6 +231,42 @@ def run(model_name: str, venv: Path) -> None:
                     bench.rows.append({"variant": label, **tags, "loads": False, "error": str(exc)[:300], "tool_seconds": result["seconds"],
                                        "tool_peak_rss": result["peak_rss_bytes"]})
                     bench.save()
+
+
+TIMING = RESULTS / "peer_timing.json"
+
+
+def timing(model_name: str, venv: Path, pairs: int) -> None:
+    """Wall time of both tools' REAP at 25 %, run in turn (peer, ours, peer, ours, ...) `pairs` times.
+
+    One run each (the table) is at the mercy of a shared machine's drift; alternating the two and
+    taking the ratio pair by pair cancels most of it. Each run is a whole process from start to
+    saved checkpoint, as in the table.
+    """
+    peer_python = ensure_venv(venv)
+    model_dir = str(resolve_model(model_name))
+    bench_tokens = _calibration_tokens(AutoTokenizer.from_pretrained(model_dir))
+    runs: dict[str, list[float]] = {"llm-compressor": [], "moe-compress": []}
+    with tempfile.TemporaryDirectory(prefix="moec-peer-timing-") as scratch:
+        scratch = Path(scratch)
+        torch.save(bench_tokens, scratch / "tokens.pt")
+        (scratch / "peer.py").write_text(PEER_RUNNER)
+        (scratch / "ours.py").write_text(OURS_RUNNER)
+        common = [model_dir, str(scratch / "tokens.pt"), "0.25"]
+        commands = {"llm-compressor": lambda out: [str(peer_python), str(scratch / "peer.py"), *common, str(out)],
+                    "moe-compress": lambda out: [sys.executable, str(scratch / "ours.py"), *common, str(out), "reap", "layer", "{}"]}
+        for index in range(pairs):
+            for tool, command in commands.items():
+                result = _run(command(scratch / f"{tool}-{index}"), scratch / f"{tool}-{index}.log", ours=tool == "moe-compress")
+                if "error" in result:
+                    raise RuntimeError(f"{tool}: {result['error']}")
+                runs[tool].append(result["seconds"])
+                print(f"timing {model_name} {tool} run {index + 1}: {result['seconds']:.1f} s", flush=True)
+    ratios = [ours / peer for ours, peer in zip(runs["moe-compress"], runs["llm-compressor"])]
+    recorded = json.loads(TIMING.read_text()) if TIMING.is_file() else {}
+    recorded[model_name] = {"ratio": 0.25, "budget": "layer", "seconds": runs, "ours_over_peer": ratios,
+                            "median_ours_over_peer": sorted(ratios)[len(ratios) // 2]}
+    TIMING.write_text(json.dumps(recorded, indent=1) + "\n")
 
 
 def report() -> None:
@@ -260,6 +305,16 @@ def report() -> None:
                              f"{peer[0]['tool_seconds']:.1f} s and {peer[0]['tool_peak_rss'] / 2**20:.0f} MiB")
                 lines.append(line + ".")
         lines.append("")
+    if TIMING.is_file():
+        lines += ["## Wall time, interleaved", "",
+                  "Command: `python bench/peers.py --model <name> --timing 3`: REAP at 25 %, layer-wise, both tools in turn (peer, ours, "
+                  "peer, ours, ...), each a whole process from start to saved checkpoint; the ratio is taken pair by pair.", "",
+                  "| model | llm-compressor s (runs) | moe-compress s (runs) | ours / peer, pair by pair | median ratio |", "|---|---|---|---|---|"]
+        for model, data in json.loads(TIMING.read_text()).items():
+            lines.append(f"| {model} | {', '.join(f'{x:.1f}' for x in data['seconds']['llm-compressor'])} | "
+                         f"{', '.join(f'{x:.1f}' for x in data['seconds']['moe-compress'])} | "
+                         f"{', '.join(f'{x:.2f}' for x in data['ours_over_peer'])} | {data['median_ours_over_peer']:.2f} |")
+        lines.append("")
     (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
     overview_plot(RESULTS / "quality_vs_size.png")
 
@@ -269,7 +324,9 @@ if __name__ == "__main__":
     parser.add_argument("--model", action="append", default=[], help="bundled model name; repeatable")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="where the peer's virtual environment lives (created if missing)")
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown and the plot")
+    parser.add_argument("--timing", type=int, default=0, metavar="PAIRS",
+                        help="instead of the quality table, time both tools' REAP in turn PAIRS times (peer, ours, ...)")
     args = parser.parse_args()
     for name in args.model:
-        run(name, args.venv)
+        timing(name, args.venv, args.timing) if args.timing else run(name, args.venv)
     report()

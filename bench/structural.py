@@ -1,8 +1,8 @@
 """Layer drop, block drop and CD-MoE (with and without fine-tuning) against REAP (issue #5).
 
-Each structural variant removes some parameters; REAP expert pruning is run at the ratio of
-routed experts that removes the same number of parameters, so quality is compared at matched
-size. Speed is measured against the original in the same process, interleaved (ratio > 1:
+Each structural variant removes some parameters; layer-wise REAP expert pruning is run at the
+whole numbers of experts per layer on both sides of that size, and its quality interpolated to
+the variant's exact parameter count, so quality is compared at matched size (`matched_reap`). Speed is measured against the original in the same process, interleaved (ratio > 1:
 faster). Quality as in bench/pruning.py.
 
 Reference modes and our variants (issue 13):
@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+from collections.abc import Callable
 
-from common import RESULTS, Bench, EvalSettings, Variant, markdown_table, mean_ppl
+from common import RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mean_fidelity, mean_ppl
 
 from moe_compress import Plan, apply_plan, compress, condense, drop, finetune, get_adapter, model_size
 
@@ -99,40 +101,88 @@ def run(model_name: str, finetune_steps: int) -> None:
             bench.run(Variant(f"cd-moe-{n}+{recipe}-{finetune_steps}", with_finetune(searches["cd-moe"], n, settings),
                               {"family": f"cd-moe+{recipe}"}))
     params = {row["variant"]: row["params"] for row in bench.rows}  # recorded above (or by an earlier run)
-    for name in structural:
-        ratio = min(0.95, (params["original"] - params[name]) / routed)
-        bench.run(Variant(f"reap-matching-{name}", lambda m, t, ratio=ratio: {"ratio": ratio, **compress(m, "reap", ratio, "layer", batches).summary},
-                          {"family": "reap (matched)", "matches": name}))
+    experts = adapter.num_experts(adapter.moe_block(first_moe))
+    for ratio in sorted({r for name in structural for r in _bracket((params["original"] - params[name]) / routed, experts)}):
+        bench.run(Variant(f"reap-layer-{ratio:.4f}", lambda m, t, ratio=ratio: {"ratio": ratio, **compress(m, "reap", ratio, "layer", batches).summary},
+                          {"family": "reap (bracket)", "ratio": ratio}))
+
+
+def _bracket(removed_share: float, experts: int) -> tuple[float, ...]:
+    """The layer-wise REAP ratios that remove the nearest whole numbers of experts per layer on
+    both sides of `removed_share` of the routed parameters (one ratio when it falls on a step).
+
+    REAP with a layer budget removes k of E experts per layer, so its sizes come in steps of
+    1/E of the routed parameters; a structural variant rarely lands on a step, and comparing it
+    with the single nearest step favours whichever side the rounding went. The report
+    interpolates between the two steps at the variant's exact size.
+    """
+    below, above = math.floor(removed_share * experts + 1e-9), math.ceil(removed_share * experts - 1e-9)
+    return tuple(sorted({min(k, experts - 1) / experts for k in (below, above)}))
+
+
+def matched_reap(rows: list[dict], target: dict) -> dict | None:
+    """REAP's quality at `target`'s exact parameter count: linear in parameters between the two
+    bracketing REAP rows (or the one row when it is an exact match); None when no row brackets it."""
+    reap = sorted((r for r in rows if r.get("family") == "reap (bracket)"), key=lambda r: r["params"])
+    above = [r for r in reap if r["params"] >= target["params"]]
+    below = [r for r in reap if r["params"] <= target["params"]]
+    if not above or not below:
+        return None
+    low, high = below[-1], above[0]
+    weight = 0.0 if high["params"] == low["params"] else (target["params"] - low["params"]) / (high["params"] - low["params"])
+
+    def between(value: Callable[[dict], float | None]) -> float | None:
+        ends = value(low), value(high)
+        return None if None in ends else ends[0] + weight * (ends[1] - ends[0])
+
+    return {"below": low["variant"], "above": high["variant"], "mean_ppl": between(mean_ppl),
+            "kl": between(lambda r: mean_fidelity(r, "kl")), "mc": between(lambda r: r["mc"]["moec"]["acc"] if r.get("mc") else None)}
 
 
 def report() -> None:
     lines = ["# Layer drop, block drop, CD-MoE vs REAP at matched parameter budgets", "",
-             "Command: `python bench/structural.py --model <name>`. Quality: test-split perplexity (16 x 256 tokens per domain), "
-             "MC accuracy (first 100 questions of each of the 4 `moec` tasks, chance 0.25). Speed: same process, interleaved with the original "
-             "(batch 4 x 128-token prompts, 16 new tokens), ratio > 1 is faster. The CD-MoE search's time before and after "
-             "issue 15 is in cd_moe_search.md; cd-moe-* rows use the authors' objectives, cd-moe-next-token-* the earlier search.", ""]
+             "Command: `python bench/structural.py --model <name>` (per model), then `python bench/structural.py --report`. Quality: "
+             "test-split perplexity and fidelity to the original (mean KL, top-1 agreement) under the evaluation protocol (windows x tokens "
+             "per domain as recorded under each model), MC accuracy (first 100 questions of each of the 4 `moec` tasks, chance 0.25; '-' "
+             "measured with --no-mc). Speed: same process, interleaved with the original (batch 4 x 128-token prompts, 16 new tokens), "
+             "ratio > 1 is faster. REAP at the same size: layer-wise REAP removes whole experts per layer, so its sizes come in steps; it is "
+             "run at the steps on both sides of each variant's size (the `reap-layer-*` rows) and its quality interpolated linearly in "
+             "parameters to the variant's exact size. The CD-MoE search's time before and after issue 15 is in cd_moe_search.md; cd-moe-* "
+             "rows use the authors' objectives, cd-moe-next-token-* the earlier search.", ""]
     for path in sorted(RESULTS.glob("structural_*.json")):
         data = json.loads(path.read_text())
         if "rows" not in data:  # a cached CD-MoE search plan
             continue
-        base = data["rows"][0]
+        rows, base = data["rows"], data["rows"][0]
+        matched = {r["variant"]: matched_reap(rows, r) for r in rows if r.get("family") not in ("original", "reap (bracket)")}
+
+        def reap_at_size(key: str, digits: int) -> Callable[[dict], str]:
+            return lambda r: "-" if (matched.get(r["variant"]) or {}).get(key) is None else f"{matched[r['variant']][key]:.{digits}f}"
+
         columns = [("variant", lambda r: r["variant"]), ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),
                    ("params kept", lambda r: f"{r['params'] / base['params']:.1%}"),
-                   ("mean ppl", lambda r: f"{mean_ppl(r):.2f}"), ("MC acc", lambda r: f"{r['mc']['moec']['acc']:.3f}"),
-                   ("MC kept", lambda r: f"{r['mc']['moec']['acc'] / base['mc']['moec']['acc']:.1%}"),
+                   ("mean ppl", lambda r: f"{mean_ppl(r):.2f}"), *fidelity_columns(),
+                   ("REAP same size: mean ppl", reap_at_size("mean_ppl", 2)), ("REAP same size: KL", reap_at_size("kl", 4)),
+                   ("REAP same size: MC acc", reap_at_size("mc", 3)),
+                   ("MC acc", lambda r: f"{r['mc']['moec']['acc']:.3f}" if r.get("mc") else "-"),
+                   ("MC kept", lambda r: f"{r['mc']['moec']['acc'] / base['mc']['moec']['acc']:.1%}" if r.get("mc") and base.get("mc") else "-"),
                    ("prefill x", lambda r: f"{r['speed']['prefill_ratio']:.2f}" if "speed" in r else "-"),
                    ("decode x", lambda r: f"{r['speed']['decode_ratio']:.2f}" if "speed" in r else "-"),
                    ("compress s", lambda r: f"{r['compress_seconds']:.1f}")]
-        lines += [f"## {data['model']}", "", markdown_table(data["rows"], columns)]
+        recorded = data.get("settings", {})
+        lines += [f"## {data['model']}", "", f"Protocol: {recorded.get('ppl_windows')} windows x {recorded.get('seq_len')} tokens per domain.", "",
+                  markdown_table(rows, columns)]
     (RESULTS / "structural.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", default=[])
-    parser.add_argument("--finetune-steps", type=int, default=100)
-    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--model", action="append", default=[], help="bundled model name; repeatable")
+    parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each CD-MoE fine-tuning variant")
+    parser.add_argument("--report", action="store_true", help="only rebuild the markdown from what is recorded")
+    parser.add_argument("--no-mc", action="store_true", help="skip the multiple-choice tasks (their rows show '-')")
     args = parser.parse_args()
+    SETTINGS.mc = not args.no_mc
     for name in args.model:
         run(name, args.finetune_steps)
     report()
