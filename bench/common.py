@@ -128,6 +128,12 @@ def peak_rss() -> int:
     return 0
 
 
+def same_protocol(recorded: dict, settings: EvalSettings | None = None) -> bool:
+    """Whether a results file was measured with the given perplexity windows (default: the protocol's)."""
+    settings = settings or EvalSettings()
+    return {k: recorded.get("settings", {}).get(k) for k in ("seq_len", "ppl_windows")} == {"seq_len": settings.seq_len, "ppl_windows": settings.ppl_windows}
+
+
 class ReferenceLogProbs:
     """The original model's next-token log-probabilities of every evaluation window, on disk.
 
@@ -165,8 +171,7 @@ class Bench:
         }
         recorded = json.loads(out.read_text()) if out.is_file() else {}
         # Rows measured under other settings (an older evaluation protocol) are not mixed in: measured again.
-        same = {k: recorded.get("settings", {}).get(k) for k in ("seq_len", "ppl_windows")} == {"seq_len": settings.seq_len, "ppl_windows": settings.ppl_windows}
-        self.rows: list[dict] = recorded.get("rows", []) if same else []
+        self.rows: list[dict] = recorded.get("rows", []) if same_protocol(recorded, settings) else []
         self.done = {row["variant"] for row in self.rows}
         self.speed_prompts = None
         self.reference = ReferenceLogProbs(self.original, self.eval_sets, EVAL_BATCH)
@@ -357,11 +362,15 @@ def overview_plot(path: Path) -> None:
     x is the effective size in MiB (sparse matrices counted as bitmask + non-zeros, quantised
     checkpoints as stored), so pruning, merging, dropping, sparsity and quantisation share one
     axis. A row's `plot_group` tag (e.g. "merging", "autoround") overrides its bench's name in
-    the legend and picks its marker.
+    the legend and picks its marker. Only results measured under the current evaluation protocol
+    are drawn: perplexities over other windows are not comparable.
     """
     points: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for result in sorted(RESULTS.glob("*_ref-*.json")):
         data = json.loads(result.read_text())
+        if "rows" in data and not same_protocol(data):  # perplexities under other windows do not share an axis
+            print(f"overview plot: {result.name} left out (measured under an older evaluation protocol)")
+            continue
         bench_name = result.stem.split("_")[0]
         for row in data.get("rows", []):
             if "perplexity" not in row:  # a run that failed (e.g. a peer's output that did not load)
