@@ -107,10 +107,14 @@ def test_eval_compare_against_itself(checkpoint, tmp_path):
     args = ["eval", checkpoint, "--ppl", calib, "--seq-len", "32", "--max-windows", "2", "--tasks", "moec_definition",
             "--limit", "4", "--compare", checkpoint, "--speed-repeats", "1", "--speed-batch", "1", "--speed-prompt-len", "16",
             "--speed-new-tokens", "4", "--threads", "1", "--json", out]
-    threads_before = torch.get_num_threads()
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.stdout + result.stderr
-    assert torch.get_num_threads() == threads_before, "--threads must not leak out of the command"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the command's --threads 1, so a leak shows
+    try:
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.stdout + result.stderr
+        assert torch.get_num_threads() == 2, "--threads must not leak out of the command"
+    finally:
+        torch.set_num_threads(previous)
     assert "decode tokens/s" in result.stdout and "acc moec_definition" in result.stdout
     report = json.loads(out.read_text())
     per_model = {"model", "perplexity", "tasks", "params", "bytes_in_memory", "checkpoint_bytes", "peak_rss_bytes", "speed"}

@@ -30,8 +30,12 @@ REQUESTED = (
     "mistral_large4", "qwen3_vl_moe", "glm4v_moe", "nemotron_h", "jamba", "granitemoehybrid", "qwen3_omni_moe_thinker",
 )
 RELOADED = {"uniform": False, "global": True, "mone": True, "block": False}  # case -> needs remote code
+#: The battery is one session fixture that runs every case of every type: its tests share one
+#: pytest-xdist worker, or each worker would build the whole battery again.
+ON_BATTERY_WORKER = pytest.mark.xdist_group("family-battery")
 
 
+@ON_BATTERY_WORKER
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("model_type", SUPPORTED)
 def test_battery(battery, model_type, case):  # noqa: F811
@@ -39,6 +43,7 @@ def test_battery(battery, model_type, case):  # noqa: F811
     assert outcome == "ok", outcome
 
 
+@ON_BATTERY_WORKER
 @pytest.mark.parametrize("model_type", SUPPORTED)
 def test_saved_checkpoints_reload_exactly_without_moe_compress(battery, model_type):  # noqa: F811
     """Uniform prune and block drop: stock class; non-uniform and MoNE: the generated class; identical tensors and logits."""
@@ -56,6 +61,7 @@ def test_saved_checkpoints_reload_exactly_without_moe_compress(battery, model_ty
         assert_reloads_exactly(result)
 
 
+@ON_BATTERY_WORKER
 def test_quantize_stores_rounded_values_exactly_for_the_families_with_fused_experts_on_disk(battery):  # noqa: F811
     """compressed-tensors packs 2-D Linear weights: families whose checkpoints fuse experts into 3-D tensors keep them rounded, unpacked."""
     rounded = {t for t, result in battery.results.items() if result.experts_storage.startswith("rounded values")}
