@@ -9,9 +9,9 @@ Reference modes and our variants (issue 13):
   * cd-moe-{n}: the authors' search (layer-output / final-hidden-state JSD, K = top-k), and
     cd-moe-s-{n}: shared experts only (K = 0, "CD-MoE-S"), each from one search for 3 layers
     (the greedy layer order makes n = 1, 2 its prefixes);
-  * cd-moe-next-token-{n}: moe-compress's earlier search (next-token JSD, best size <= top-k),
+  * cd-moe-next-token-3: moe-compress's earlier search (next-token JSD, best size <= top-k),
     from the search recorded before issue 13;
-  * +finetune: the CD-MoE authors' settings (lr 1e-5, linear decay, weight decay 0.01, batch 8);
+  * cd-moe-3+finetune: the CD-MoE authors' settings (lr 1e-5, linear decay, weight decay 0.01, batch 8);
     +finetune-cosine: moe-compress's earlier recipe (lr 3e-4, cosine, no weight decay, batch 4);
   * block-drop-consecutive-2 scores cos(h_i, h_i+2); -framework the framework's cos(h_i, h_i+3).
 
@@ -83,7 +83,8 @@ def run(model_name: str, finetune_steps: int) -> None:
         "block-drop-consecutive-2": lambda m, t: {"plan_meta": drop(m, "block", n=2, mode="consecutive", calib=batches).plan.meta},
         "block-drop-consecutive-2-framework": lambda m, t: {"plan_meta": drop(
             m, "block", n=2, mode="consecutive", calib=batches, consecutive_score="framework").plan.meta},
-        **{f"{name}-{n}": condensed(search, n) for name, search in searches.items() for n in (1, 2, 3)},
+        # the earlier next-token search is recorded at its full size only: its prefixes say little more
+        **{f"{name}-{n}": condensed(search, n) for name, search in searches.items() for n in ((3,) if name == "cd-moe-next-token" else (1, 2, 3))},
     }
 
     def with_finetune(search: Plan, n: int, settings: dict):
@@ -97,7 +98,7 @@ def run(model_name: str, finetune_steps: int) -> None:
     for name, build in structural.items():
         bench.run(Variant(name, build, {"family": name.rsplit("-", 1)[0]}))
     for recipe, settings in FINETUNES.items():
-        for n in (2, 3):
+        for n in (3,):  # where condensing costs most, so fine-tuning has the most to recover
             bench.run(Variant(f"cd-moe-{n}+{recipe}-{finetune_steps}", with_finetune(searches["cd-moe"], n, settings),
                               {"family": f"cd-moe+{recipe}"}))
     params = {row["variant"]: row["params"] for row in bench.rows}  # recorded above (or by an earlier run)
