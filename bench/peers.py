@@ -127,10 +127,15 @@ _MIXTRAL_EXPERT_NAMES = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj
 
 
 def load_strictly(directory: Path):
-    """(model, problems): the checkpoint through plain `from_pretrained`, and every key it could not place."""
+    """(model, problems): the checkpoint through plain `from_pretrained`, and every key it could not place.
+
+    A non-uniform output (a global budget) carries the modelling code moe-compress generated for
+    it (`auto_map`); transformers runs it only with `trust_remote_code=True`, as its users would.
+    """
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    remote = "auto_map" in json.loads((directory / "config.json").read_text())
+    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, trust_remote_code=remote)
     problems = [f"missing {k}" for k in info["missing_keys"]] + [f"unexpected {k}" for k in info["unexpected_keys"]]
     return model.eval(), problems
 
@@ -276,7 +281,8 @@ def report() -> None:
              "whole process (load, calibrate, prune, save), one run each on a shared 2-core machine. Quality: test-split perplexity "
              f"({SETTINGS.ppl_windows} x {SETTINGS.seq_len} tokens per domain), KL(original || compressed) per token and top-1 agreement on the same windows (mean over "
              "domains). 'loads': the output loads with "
-             "plain transformers 5.23 `from_pretrained`, every checkpoint key placed.", ""]
+             "plain transformers 5.23 `from_pretrained`, every checkpoint key placed (non-uniform outputs of a global budget with "
+             "`trust_remote_code=True`: they carry moe-compress's generated modelling code).", ""]
     for path in sorted(RESULTS.glob("peers_*.json")):
         data = json.loads(path.read_text())
         rows = [r for r in data["rows"] if r["variant"] != "original"]
