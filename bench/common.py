@@ -325,15 +325,18 @@ def _scatter_panels(points: dict[str, dict[str, dict[str, list[tuple[float, floa
             if "original" in by_panel.get("main", {}):  # the reference point in every panel
                 families["original"] = by_panel["main"]["original"]
             everything = []
-            for family, xy in sorted(families.items()):
+            xs = [x for xy in families.values() for x, _ in xy]
+            step = 0.004 * (max(xs) - min(xs)) if xs else 0.0  # variants of one size share an x: spread families sideways
+            for index, (family, xy) in enumerate(sorted(families.items())):
                 group = "original" if family == "original" else family.split(":")[0] if ":" in family else ""
-                ax.scatter(*zip(*xy), label=family, s=70 if group == "original" else 30, marker=markers.get(group, "o"), color=colors[family],
-                           edgecolors="none")
+                offset = 0.0 if group == "original" else (index - len(families) / 2) * step
+                ax.scatter([x + offset for x, _ in xy], [y for _, y in xy], label=family, s=70 if group == "original" else 30,
+                           marker=markers.get(group, "o"), color=colors[family], edgecolors="none")
                 everything += xy
             if panel == "main" and everything:
                 front = pareto_front(everything)
                 ax.step(*zip(*front), where="post", color="grey", linestyle="--", linewidth=1, label="Pareto front (smaller and better)")
-            ax.set_xlabel(xlabel)
+            ax.set_xlabel(f"{xlabel}; families at one size are spread slightly sideways to stay visible")
             ax.set_ylabel("mean test perplexity over domains (log; lower is better)")
             ax.set_yscale("log")
             what = "headline variants" if panel == "main" else "robustness: calibrated on one domain or on 128/512 sequences"
@@ -350,7 +353,7 @@ def quality_size_plot(rows_by_model: dict[str, list[dict]], path: Path, title: s
     points: dict = {}
     for model, rows in rows_by_model.items():
         for row in rows:
-            family = row.get("family", row["variant"])
+            family = "original" if row["variant"] == "original" else f"{row.get('plot_group', 'pruning')}: {row.get('family', row['variant'])}"
             points.setdefault(model, {}).setdefault(panel_of(row), {}).setdefault(family, []).append((row["params"] / 1e6, mean_ppl(row)))
     _scatter_panels(points, path, "parameters (M)", title)
 
