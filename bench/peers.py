@@ -135,45 +135,71 @@ def load_strictly(directory: Path):
     from transformers import AutoModelForCausalLM
 
     remote = "auto_map" in json.loads((directory / "config.json").read_text())
-    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, trust_remote_code=remote)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, trust_remote_code=remote)
+    except (RuntimeError, ValueError) as exc:  # e.g. tensor shapes that contradict the config
+        return None, [f"refused: {str(exc).strip().splitlines()[0][:200]}"]
     problems = [f"missing {k}" for k in info["missing_keys"]] + [f"unexpected {k}" for k in info["unexpected_keys"]]
     return model.eval(), problems
 
 
-def repaired_copy(directory: Path) -> Path | None:
-    """A copy of a Mixtral checkpoint with experts renamed to Mixtral's own keys, or None if that is not the problem."""
+def repaired_copy(directory: Path) -> tuple[Path, str] | None:
+    """A copy of a checkpoint with the repairs we know applied, and what they were; None if none applies.
+
+    * Mixtral experts saved under the linearised names (gate/up/down_proj) get Mixtral's own keys.
+    * A config that still states the original expert count while the router has fewer rows (the
+      peer prunes DeepSeek-V3's experts, router rows and correction bias but leaves
+      `n_routed_experts`) gets the router's count.
+    """
     import shutil
 
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     config = json.loads((directory / "config.json").read_text())
-    if config.get("model_type") != "mixtral":
-        return None
-    fixed = directory.with_name(directory.name + "-renamed")
+    fixed = directory.with_name(directory.name + "-repaired")
     shutil.copytree(directory, fixed, dirs_exist_ok=True)
-    for shard in fixed.glob("*.safetensors"):
-        tensors = load_file(str(shard))
-        renamed = {}
-        for key, value in tensors.items():
-            for old, new in _MIXTRAL_EXPERT_NAMES.items():
-                if ".experts." in key:
-                    key = key.replace(old, new)
-            renamed[key] = value
-        save_file(renamed, str(shard), metadata={"format": "pt"})
-    index = fixed / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {k.replace(".gate_proj.", ".w1.").replace(".up_proj.", ".w3.").replace(".down_proj.", ".w2.") if ".experts." in k else k: v
-                              for k, v in data["weight_map"].items()}
-        index.write_text(json.dumps(data))
-    return fixed
+    repairs = []
+    if config.get("model_type") == "mixtral":
+        for shard in fixed.glob("*.safetensors"):
+            tensors = load_file(str(shard))
+            save_file({_mixtral_name(key): value for key, value in tensors.items()}, str(shard), metadata={"format": "pt"})
+        index = fixed / "model.safetensors.index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            data["weight_map"] = {_mixtral_name(k): v for k, v in data["weight_map"].items()}
+            index.write_text(json.dumps(data))
+        repairs.append("renaming experts.*.gate_proj/up_proj/down_proj to Mixtral's w1/w3/w2")
+    count_key = next((k for k in ("n_routed_experts", "num_local_experts", "num_experts") if k in config), None)
+    if count_key is not None:
+        rows = set()
+        for shard in fixed.glob("*.safetensors"):
+            with safe_open(str(shard), "pt") as handle:
+                rows |= {handle.get_slice(k).get_shape()[0] for k in handle.keys() if k.endswith("mlp.gate.weight")}
+        if len(rows) == 1 and rows != {config[count_key]}:
+            (count,) = rows
+            repairs.append(f"setting {count_key} from {config[count_key]} to the router's {count} rows")
+            config[count_key] = count
+            (fixed / "config.json").write_text(json.dumps(config, indent=2))
+    if not repairs:
+        shutil.rmtree(fixed)
+        return None
+    return fixed, "; ".join(repairs)
+
+
+def _mixtral_name(key: str) -> str:
+    if ".experts." not in key:
+        return key
+    for old, new in _MIXTRAL_EXPERT_NAMES.items():
+        key = key.replace(old, new)
+    return key
 
 
 def _measured(directory: Path, run: dict) -> Variant:
     """A variant whose 'compression' is loading the checkpoint a tool wrote (its own cost is in `run`).
 
     `loads` is strict: every checkpoint key placed, none missing. A peer checkpoint that does not
-    load as written is measured after the one repair we know (Mixtral expert key names), and
+    load as written is measured after the repairs we know (`repaired_copy`), and
     says so, so its pruning decision can still be compared.
     """
 
@@ -182,13 +208,13 @@ def _measured(directory: Path, run: dict) -> Variant:
         facts = {"loads": not problems, "tool_seconds": run["seconds"], "tool_peak_rss": run["peak_rss_bytes"]}
         if problems:
             facts["load_problems"] = problems[:6] + ([f"... {len(problems) - 6} more"] if len(problems) > 6 else [])
-            fixed = repaired_copy(directory)
-            if fixed is None:
+            repaired = repaired_copy(directory)
+            if repaired is None:
                 raise RuntimeError(f"{directory.name} does not load: {problems[:3]}")
-            model, still = load_strictly(fixed)
+            model, still = load_strictly(repaired[0])
             if still:
-                raise RuntimeError(f"{directory.name} does not load, even with Mixtral's expert names: {still[:3]}")
-            facts["measured_after"] = "renaming experts.*.gate_proj/up_proj/down_proj to Mixtral's w1/w3/w2"
+                raise RuntimeError(f"{directory.name} does not load, even after {repaired[1]}: {still[:3]}")
+            facts["measured_after"] = repaired[1]
         return {"model": model, **facts, "experts_per_layer": model_size(model, get_adapter(model)).experts_per_layer}
 
     return Variant(directory.name, build)
@@ -288,7 +314,7 @@ def report() -> None:
         rows = [r for r in data["rows"] if r["variant"] != "original"]
         ok = [r for r in rows if "perplexity" in r]
         columns = [("tool / method", lambda r: r["variant"].split("|")[0]), ("ratio", lambda r: str(r["ratio"])),
-                   ("loads", lambda r: "yes" if r.get("loads") else "no (measured after renaming its expert keys)" if "measured_after" in r
+                   ("loads", lambda r: "yes" if r.get("loads") else f"no (measured after {r['measured_after']})" if "measured_after" in r
                     else f"no ({r.get('error', '')[:60]})"),
                    ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}" if "params" in r else "-"),
                    ("mean ppl", lambda r: f"{mean_ppl(r):.2f}" if "perplexity" in r else "-"), *fidelity_columns(),
