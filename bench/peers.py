@@ -13,8 +13,9 @@ saved to a .pt file), at 25 % and 50 % of routed experts removed, layer-wise (ll
 only budget). Every output is then loaded here (transformers 5.23) and measured like the
 other benches: held-out perplexity per domain, KL divergence to the original's next-token
 distribution and top-1 agreement on the same windows. Besides our REAP (same budget), the table
-has REAP under a global budget and the best merging variant of bench/pruning.py at 25 %
-(neuron-aligned HC-SMoE, global budget).
+has REAP under a global budget, MoNE under a global budget (the best pruning method of
+bench/pruning.py on ref-deepseek) and its best merging variant at 25 % (neuron-aligned HC-SMoE,
+global budget).
 
     python bench/peers.py --model ref-mixtral --model ref-deepseek   # -> bench/results/peers_<model>.json, peers.md
     python bench/peers.py --model ref-mixtral --timing 3             # both REAPs in turn, 3 pairs -> peer_timing.json
@@ -50,6 +51,7 @@ OURS = {  # label -> (method, budget, options)
     "moe-compress reap": ("reap", "layer", {}),
     "moe-compress reap (global)": ("reap", "global", {}),
     "moe-compress hc-smoe-aligned (global)": ("hc-smoe", "global", {"align": "activations+weights"}),
+    "moe-compress mone (global)": ("mone", "global", {}),
 }
 
 # Each runner prints one line "RESULT{json}" with its wall time and peak RSS (Linux: KiB).
