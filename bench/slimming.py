@@ -132,7 +132,7 @@ def report() -> None:
              f"{AUTOROUND_ITERS} steps per block), the same format and size as quantize-w*.", ""]
     for path in sorted(RESULTS.glob("slimming_*.json")):
         data = json.loads(path.read_text())
-        rows = data["rows"]
+        rows = sorted(data["rows"], key=lambda r: r["variant"] != "original")  # the reference first
         domains = list(rows[0]["perplexity"])
         columns = [("variant", lambda r: r["variant"]), ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),
                    ("stored MiB", lambda r: f"{r.get('checkpoint_bytes', r['bytes']) / 2**20:.2f}"),
