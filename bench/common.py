@@ -326,7 +326,8 @@ def _scatter_panels(points: dict[str, dict[str, dict[str, list[tuple[float, floa
                 families["original"] = by_panel["main"]["original"]
             everything = []
             xs = [x for xy in families.values() for x, _ in xy]
-            step = 0.004 * (max(xs) - min(xs)) if xs else 0.0  # variants of one size share an x: spread families sideways
+            # variants of one size share an x: spread the families sideways over 2 % of the axis at most
+            step = 0.02 * (max(xs) - min(xs)) / len(families) if xs else 0.0
             for index, (family, xy) in enumerate(sorted(families.items())):
                 group = "original" if family == "original" else family.split(":")[0] if ":" in family else ""
                 offset = 0.0 if group == "original" else (index - len(families) / 2) * step
@@ -359,8 +360,9 @@ def quality_size_plot(rows_by_model: dict[str, list[dict]], path: Path, title: s
 
 
 def overview_plot(path: Path) -> None:
-    """Every recorded variant of every bench (pruning and merging, structural, slimming and AutoRound,
-    peers) on one quality-vs-bytes plot per model.
+    """Every recorded variant of every bench (pruning and merging, structural, slimming and AutoRound)
+    on one quality-vs-bytes plot per model. The peers bench is left out: its rows of ours repeat
+    the pruning bench's, and the peer's checkpoint size reflects the float32 its runner loads in.
 
     x is the effective size in MiB (sparse matrices counted as bitmask + non-zeros, quantised
     checkpoints as stored), so pruning, merging, dropping, sparsity and quantisation share one
@@ -375,6 +377,8 @@ def overview_plot(path: Path) -> None:
             print(f"overview plot: {result.name} left out (measured under an older evaluation protocol)")
             continue
         bench_name = result.stem.split("_")[0]
+        if bench_name == "peers":  # the same methods as pruning's rows; its sizes follow each tool's saved dtype
+            continue
         for row in data.get("rows", []):
             if "perplexity" not in row:  # a run that failed (e.g. a peer's output that did not load)
                 continue
