@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import json
 import math
 import os
@@ -33,6 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from moe_compress import get_adapter, load_model, model_size  # noqa: E402
 from moe_compress.evaluate.fidelity import FidelityTotals  # noqa: E402
+from moe_compress.evaluate.perplexity import next_token_nll  # noqa: E402
 from moe_compress.evaluate.protocol import DEFAULT_PROTOCOL  # noqa: E402
 from moe_compress.data import CalibrationSpec, bundled_domains, calibration_batches, load_texts, token_stream, windows  # noqa: E402
 
@@ -174,7 +176,11 @@ class Bench:
         self.rows: list[dict] = recorded.get("rows", []) if same_protocol(recorded, settings) else []
         self.done = {row["variant"] for row in self.rows}
         self.speed_prompts = None
-        self.reference = ReferenceLogProbs(self.original, self.eval_sets, EVAL_BATCH)
+
+    @functools.cached_property
+    def reference(self) -> ReferenceLogProbs:
+        """Built on the first measurement: a resumed run whose rows are all recorded never pays for it."""
+        return ReferenceLogProbs(self.original, self.eval_sets, EVAL_BATCH)
 
     def calibration(self, source: str = "bundled", samples: int = 64, seq_len: int = 256, seed: int = 0) -> list[torch.Tensor]:
         return calibration_batches(self.tokenizer, CalibrationSpec(source, samples, seq_len, seed))
@@ -211,11 +217,11 @@ class Bench:
         for domain, data in self.eval_sets.items():
             nll, count, totals = 0.0, 0, FidelityTotals()
             for index, batch in enumerate(data.split(EVAL_BATCH)):
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                targets = batch[:, 1:]
-                nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-                count += targets.numel()
-                totals.add(F.log_softmax(logits, dim=-1), self.reference.read(domain, index, logits.shape))
+                logits = model(input_ids=batch, use_cache=False).logits
+                batch_nll, predictions = next_token_nll(logits, batch)
+                nll, count = nll + batch_nll, count + predictions
+                log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                totals.add(log_probs, self.reference.read(domain, index, log_probs.shape))
             perplexities[domain] = math.exp(nll / count)
             fidelities[domain] = totals.result().to_dict()
         return {"perplexity": perplexities, "fidelity": fidelities}

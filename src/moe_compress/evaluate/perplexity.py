@@ -31,6 +31,17 @@ class PerplexityResult:
         return asdict(self)
 
 
+def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+    """(summed negative log-likelihood, predictions) of windows `batch` [b, s] under their logits [b, s, V].
+
+    Shared with callers that hold the logits already (a benchmark computing fidelity from the
+    same forward pass), so every perplexity in the project is the same float32 sum.
+    """
+    targets = batch[:, 1:].to(logits.device)
+    logits = logits[:, :-1].float()
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")), targets.numel()
+
+
 @torch.no_grad()
 def perplexity(
     model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, weights: Weights | None = None, device: str = "cpu",
@@ -46,10 +57,9 @@ def perplexity(
     totals = [0.0, 0]
 
     def add(_index: int, logits: torch.Tensor, batch: torch.Tensor) -> None:
-        targets = batch[:, 1:].to(logits.device)
-        logits = logits[:, :-1].float()
-        totals[0] += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-        totals[1] += targets.numel()
+        nll, predictions = next_token_nll(logits, batch)
+        totals[0] += nll
+        totals[1] += predictions
 
     if weights is not None and weights.streamed:
         streamed_logits(model, weights, batches, lambda i, logits: add(i, logits, batches[i]), device, f"{description}, layer by layer")
