@@ -227,6 +227,26 @@ def _calibration_tokens(tokenizer) -> torch.Tensor:
     return torch.cat(calibration_batches(tokenizer, CalibrationSpec("bundled", 32, 256, 0)))
 
 
+class Runners:
+    """Both tools' runner scripts and the calibration tokens in a scratch directory, and the
+    command lines that run them on one model, shared by the quality table and the timing."""
+
+    def __init__(self, scratch: Path, model_dir: str, tokens: torch.Tensor, peer_python: Path):
+        self.scratch, self.model_dir, self.peer_python = scratch, model_dir, peer_python
+        torch.save(tokens, scratch / "tokens.pt")
+        (scratch / "peer.py").write_text(PEER_RUNNER)
+        (scratch / "ours.py").write_text(OURS_RUNNER)
+
+    def _common(self, ratio: float) -> list[str]:
+        return [self.model_dir, str(self.scratch / "tokens.pt"), str(ratio)]
+
+    def peer(self, ratio: float, out: Path) -> list[str]:
+        return [str(self.peer_python), str(self.scratch / "peer.py"), *self._common(ratio), str(out)]
+
+    def ours(self, ratio: float, out: Path, method: str, budget: str, options: dict) -> list[str]:
+        return [sys.executable, str(self.scratch / "ours.py"), *self._common(ratio), str(out), method, budget, json.dumps(options)]
+
+
 def run(model_name: str, venv: Path) -> None:
     bench = Bench(model_name, SETTINGS, RESULTS / f"peers_{model_name}.json")
     bench.run(Variant("original", lambda m, t: {}, {"family": "original"}))
@@ -234,16 +254,11 @@ def run(model_name: str, venv: Path) -> None:
     peer_python = ensure_venv(venv)
     with tempfile.TemporaryDirectory(prefix="moec-peers-") as scratch:
         scratch = Path(scratch)
-        tokens = _calibration_tokens(bench.tokenizer)
-        torch.save(tokens, scratch / "tokens.pt")
-        (scratch / "peer.py").write_text(PEER_RUNNER)
-        (scratch / "ours.py").write_text(OURS_RUNNER)
+        runners = Runners(scratch, model_dir, _calibration_tokens(bench.tokenizer), peer_python)
         for ratio in RATIOS:
-            common = [model_dir, str(scratch / "tokens.pt"), str(ratio)]
-            jobs = {f"llm-compressor reap|{ratio}": lambda out: [str(peer_python), str(scratch / "peer.py"), *common, str(out)]}
+            jobs = {f"llm-compressor reap|{ratio}": lambda out, r=ratio: runners.peer(r, out)}
             for label, (method, budget, options) in OURS.items():
-                jobs[f"{label}|{ratio}"] = lambda out, m=method, b=budget, o=options: [
-                    sys.executable, str(scratch / "ours.py"), *common, str(out), m, b, json.dumps(o)]
+                jobs[f"{label}|{ratio}"] = lambda out, r=ratio, m=method, b=budget, o=options: runners.ours(r, out, m, b, o)
             for name, command in jobs.items():
                 if name in bench.done:
                     continue
@@ -278,16 +293,12 @@ def timing(model_name: str, venv: Path, pairs: int) -> None:
     """
     peer_python = ensure_venv(venv)
     model_dir = str(resolve_model(model_name))
-    bench_tokens = _calibration_tokens(AutoTokenizer.from_pretrained(model_dir))
     runs: dict[str, list[float]] = {"llm-compressor": [], "moe-compress": []}
     with tempfile.TemporaryDirectory(prefix="moec-peer-timing-") as scratch:
         scratch = Path(scratch)
-        torch.save(bench_tokens, scratch / "tokens.pt")
-        (scratch / "peer.py").write_text(PEER_RUNNER)
-        (scratch / "ours.py").write_text(OURS_RUNNER)
-        common = [model_dir, str(scratch / "tokens.pt"), "0.25"]
-        commands = {"llm-compressor": lambda out: [str(peer_python), str(scratch / "peer.py"), *common, str(out)],
-                    "moe-compress": lambda out: [sys.executable, str(scratch / "ours.py"), *common, str(out), "reap", "layer", "{}"]}
+        runners = Runners(scratch, model_dir, _calibration_tokens(AutoTokenizer.from_pretrained(model_dir)), peer_python)
+        commands = {"llm-compressor": lambda out: runners.peer(0.25, out),
+                    "moe-compress": lambda out: runners.ours(0.25, out, "reap", "layer", {})}
         for index in range(pairs):
             for tool, command in commands.items():
                 result = _run(command(scratch / f"{tool}-{index}"), scratch / f"{tool}-{index}.log", ours=tool == "moe-compress")
@@ -361,6 +372,8 @@ if __name__ == "__main__":
     parser.add_argument("--timing", type=int, default=0, metavar="PAIRS",
                         help="instead of the quality table, time both tools' REAP in turn PAIRS times (peer, ours, ...)")
     args = parser.parse_args()
+    if args.timing < 0:
+        parser.error(f"--timing takes a number of pairs (1 or more, 0 for the quality table); got {args.timing}")
     for name in args.model:
         timing(name, args.venv, args.timing) if args.timing else run(name, args.venv)
     report()
