@@ -40,10 +40,10 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import streamed_groups
 from ..io.open import Streaming, open_model
-from ..progress import step
 from ..io.publish import releases_outputs
 from ..io.model_card import write_model_card
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
+from ..progress import step
 
 QuantScope = Literal["all", "experts"]
 SCOPES: dict[str, str] = {
