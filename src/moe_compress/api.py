@@ -40,7 +40,7 @@ from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
 from .plan import ModelIdentity, Plan
 from .preflight import check_condense_memory, check_prunable
-from .surgery.experts import apply_plan
+from .surgery.experts import apply_layer_plan, apply_plan
 from .surgery.structure import experts_per_layer
 
 Calibration = CalibrationSpec | str | list[torch.Tensor]
@@ -255,7 +255,7 @@ def _apply_and_report(
     apply_plan(model, plan, adapter)
     stored_format = "as loaded"
     if weights.streamed:
-        groups = streamed_groups(weights, adapter, plan)
+        groups = streamed_groups(weights, adapter, plan, apply_layer_plan)
         if weights.quantization is not None:
             method = weights.quantization.config.get("quant_method")
             if keeps_stored_format(plan, model):

@@ -1029,7 +1029,8 @@ def analyze(
     from .methods import PlanRequest, get_method
     from .methods.budget import check_ratio
     from .plan import Plan
-    from .report.analysis import Analysis, analysis_statistics, expert_table, removed_by, write_analysis
+    from .report.analysis import Analysis, analysis_statistics, expert_table, removed_by
+    from .report.outputs import write_analysis
 
     _require_positive(clusters=clusters, probe_tokens=probe_tokens)
     if normalize not in ("none", "layer"):

@@ -100,7 +100,10 @@ _SET_BY_RECIPE = {"model", "calib", "tokenizer", "device", "out", "overwrite", "
 
 def register_stage(name: str, function: StageFunction, final: bool = False, accepts: Callable[[], Callable] | None = None) -> None:
     """Add a stage kind. `accepts()` returns the function its options are passed to (imported
-    lazily), so that `load_recipe` checks their names and types before anything runs."""
+    lazily), so that `load_recipe` checks their names and types before anything runs. A name
+    already taken is an error: a recipe naming it would silently run another stage."""
+    if name in STAGES:
+        raise ValueError(f"a stage named {name!r} is already registered; choose another name.")
     STAGES[name] = function
     if final:
         FINAL_STAGES.add(name)

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import MoECompressError
+from .layout import find_decoder_layers
 
 #: How router outputs become the probabilities p_t: "softmax" over experts, or an elementwise
 #: function (any `transformers.activations.ACT2FN` name, "sigmoid" for DeepSeek-V3-style routers).
@@ -143,9 +144,7 @@ class MoEAdapter:
         layers = resolve(model, self.layers_path) if self.layers_path else None
         if isinstance(layers, nn.ModuleList):
             return layers
-        from .discovery import find_decoder_layers  # a model wrapped differently than the one discovered
-
-        return find_decoder_layers(model)[1]
+        return find_decoder_layers(model)[1]  # a model wrapped differently than the one discovered
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's MoE block, or None for a dense layer (dense first layers, mlp_only_layers)."""

@@ -25,6 +25,7 @@ from transformers import PretrainedConfig
 
 from ..errors import MoECompressError
 from .adapter import MoEAdapter, config_value, resolve, text_config
+from .layout import experts_in, find_decoder_layers
 
 #: Config keys that hold the routed expert count / top-k, most specific first. Aliases in a
 #: config class's `attribute_map` resolve to the key it stores.
@@ -33,43 +34,8 @@ TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "num_
 GROUP_KEYS = ("n_group", "topk_group")
 #: Config keys that choose an elementwise score function where the router's code defers to the config.
 SCORE_KEYS = ("scoring_func", "expert_selection_fn", "score_func")
-#: Words in the path of a multimodal wrapper's encoder towers (never the language model).
-TOWERS = ("vision", "visual", "audio", "image")
 #: Preferred names of the norm in front of the MoE, when the layer's code does not tell.
 NORM_NAMES = ("pre_feedforward_layernorm", "pre_mlp_layernorm", "pre_ff_layernorm", "ffn_norm", "post_attention_layernorm", "norm")
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    """The transformers standard experts module: decorated flags and a fused 3-D `down_proj`."""
-    down = getattr(module, "down_proj", None)
-    return isinstance(down, torch.Tensor) and down.dim() == 3 and hasattr(module, "has_gate") and hasattr(module, "is_transposed")
-
-
-def _experts_in(layer: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in layer.named_modules() if is_experts_module(m)]
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(dotted path, list) of the model's decoder layers: the layer list holding the experts."""
-    stacks = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and any(_experts_in(child) for child in module)
-    ]
-    if not stacks:
-        raise MoECompressError(
-            f"{type(model).__name__} has no layer with the standard transformers experts module "
-            "(fused gate_up_proj/down_proj): it is not an MoE model this version can compress."
-        )
-    towers = [(name, module) for name, module in stacks if any(kind in name for kind in TOWERS)]
-    if len(stacks) - len(towers) == 1:  # a multimodal wrapper whose vision tower is an MoE too (Dots3)
-        stacks = [stack for stack in stacks if stack not in towers]
-    if len(stacks) > 1:
-        raise MoECompressError(
-            f"{type(model).__name__} has {len(stacks)} stacks of MoE layers ({', '.join(n for n, _ in stacks)}); "
-            "only models with one decoder stack are supported."
-        )
-    return stacks[0]
 
 
 def _class_source(cls: type) -> str:
@@ -293,7 +259,7 @@ def _reference_layer(layers: nn.ModuleList, model_type: str, hidden: int) -> _Re
 
     reference = None
     for layer in layers:
-        found = _experts_in(layer)
+        found = experts_in(layer)
         if len(found) > 1:
             raise MoECompressError(
                 f"model type {model_type!r} has {len(found)} routed-expert modules per decoder layer "

@@ -8,7 +8,7 @@ pruned with the plan where they hold experts. Both sources go through the same w
 
 * `memory_groups`: the model is in memory and already compressed;
 * `streamed_groups`: each layer is read from the checkpoint, compressed by
-  `apply_layer_plan`, handed to the writer and dropped before the next one is read.
+  the plan's layer surgery (`surgery.experts.apply_layer_plan`, passed in), handed to the writer and dropped before the next one is read.
 
 A streamed and an in-memory run therefore write the same bytes.
 """
@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
-from ..plan import Plan
+from ..plan import LayerPlan, Plan
 from .checkpoint import Checkpoint
 from .residency import StreamedWeights, layers_prefix, module_names, split_names
 from .writer import ShardWriter
@@ -34,6 +34,8 @@ from .writer import ShardWriter
 #: (tensors, whether they already carry checkpoint names) -- in-memory names are converted on write.
 Group = tuple[dict[str, torch.Tensor], bool]
 Transform = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+#: apply_layer_plan(layer, adapter, plan, layer_plan, hidden_size): one layer's surgery, in place.
+LayerSurgery = Callable[[nn.Module, MoEAdapter, Plan, LayerPlan, int], None]
 
 
 def memory_groups(model: PreTrainedModel, adapter: MoEAdapter) -> Iterator[Group]:
@@ -63,11 +65,15 @@ def _part_group(weights: StreamedWeights, names: list[str]) -> Group:
         return {name: state[name] for name in names}, False
 
 
-def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | None) -> Iterator[Group]:
+def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | None, apply_layer: LayerSurgery | None = None) -> Iterator[Group]:
     """The groups of the compressed model, each layer read from disk, compressed by the plan and
-    released in turn, then the carried tensors."""
-    from ..surgery.experts import apply_layer_plan
+    released in turn, then the carried tensors.
 
+    `apply_layer` does the plan's surgery on one layer; the caller passes it (the writer knows
+    no surgery, so the sink does not import the stages that feed it). A plan needs one.
+    """
+    if plan is not None and apply_layer is None:
+        raise ValueError("streamed_groups needs apply_layer to apply a plan")
     model = weights.model
     stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
     yield _part_group(weights, stem)
@@ -83,7 +89,7 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
         try:
             weights.materialize(weights.state_names(work))
             if index in decisions:
-                apply_layer_plan(work, adapter, plan, decisions[index], model.config.get_text_config().hidden_size)
+                apply_layer(work, adapter, plan, decisions[index], model.config.get_text_config().hidden_size)
             group = {f"{prefix}.{new_index}.{name}": value for name, value in work.state_dict().items()}
         finally:
             layers[index] = original

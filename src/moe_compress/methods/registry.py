@@ -96,6 +96,10 @@ METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Add a method; a name already taken is an error (a silent overwrite would change what a
+    saved plan or recipe naming it means)."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered; choose another name.")
     METHODS[method.name] = method
     return method
 

@@ -1,5 +1,5 @@
 """Reports: number formatting (`format`), the per-expert analysis (`analysis`), its plots
-(`plots`) and the single-page HTML report (`html`).
+(`plots`), the single-page HTML report (`html`), and what `analyze` writes of them (`outputs`).
 
 Submodules are imported where they are used: `format` is what the CLI needs at start-up, and
 it imports nothing heavy.

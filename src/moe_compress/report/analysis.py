@@ -111,20 +111,3 @@ def write_tables(analysis: Analysis, out: Path) -> list[Path]:
                 marks = (int(expert in gone),) if analysis.plan is not None else ()
                 writer.writerow((layer, expert, *(columns[c][expert] for c in COLUMNS), *marks))
     return written
-
-
-def write_analysis(analysis: Analysis, out: Path, normalize: str = "none", similarity_layers: list[int] | None = None, report: bool = False) -> list[Path]:
-    """Tables, one heatmap per statistic, the similarity plot of each chosen layer and, with
-    `report`, report.html; returns the paths written."""
-    from .plots import heatmap, similarity_plot
-
-    written = write_tables(analysis, out)
-    figures = [heatmap(analysis, column, out, normalize) for column in COLUMNS if column != "cluster"]
-    for layer in similarity_layers or [analysis.most_redundant_layer()]:
-        figures.append(similarity_plot(analysis, layer, out))
-    written += figures
-    if report:
-        from .html import write_report
-
-        written.append(write_report(analysis, figures, out, normalize))
-    return written
