@@ -939,8 +939,8 @@ def families(
 ) -> None:
     """List the MoE model types of the installed transformers: supported or not and why, router, shared experts,
     and which outputs load with plain from_pretrained (the others load with trust_remote_code)."""
-    from .arch.table import family_rows
-    from .arch.table import markdown as to_markdown
+    from .arch.family_table import family_rows
+    from .arch.family_table import markdown as to_markdown
 
     rows = family_rows()
     if markdown:

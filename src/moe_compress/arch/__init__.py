@@ -1,17 +1,36 @@
-"""Architecture adapters: where each family keeps its routers, experts and shared experts."""
+"""Architecture adapters: where each family keeps its routers, experts and shared experts.
 
-from .adapter import ExpertTensor, MoEAdapter
-from .catalog import auto_model_class, standard_moe_model_types
-from .expert_math import expert_forward
-from .registry import get_adapter, refusal, supported_model_types
+The names below are imported on first use (PEP 562), so that a torch-free module of this
+package (`family_table`, read by `moe-compress families`) does not pull in torch through it.
+"""
 
-__all__ = [
-    "ExpertTensor",
-    "MoEAdapter",
-    "auto_model_class",
-    "expert_forward",
-    "get_adapter",
-    "refusal",
-    "standard_moe_model_types",
-    "supported_model_types",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "ExpertTensor": ".adapter",
+    "MoEAdapter": ".adapter",
+    "auto_model_class": ".catalog",
+    "standard_moe_model_types": ".catalog",
+    "expert_forward": ".expert_math",
+    "get_adapter": ".registry",
+    "refusal": ".registry",
+    "supported_model_types": ".registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+if TYPE_CHECKING:
+    from .adapter import ExpertTensor, MoEAdapter
+    from .catalog import auto_model_class, standard_moe_model_types
+    from .expert_math import expert_forward
+    from .registry import get_adapter, refusal, supported_model_types

@@ -1,4 +1,4 @@
-"""The families table: every MoE model type of the installed transformers, as discovery sees it.
+"""Building the families table: every MoE model type of the installed transformers, as discovery sees it.
 
 Each row comes from building that type's default config on the meta device and running the
 same discovery the pipeline uses, so the table (printed by `moe-compress families`, and the
@@ -7,26 +7,14 @@ README's copy of it from `moe-compress families --markdown`) cannot drift from t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from ..errors import MoECompressError
 from .adapter import MoEAdapter, text_config
 from .catalog import build_skeleton, probe_config, standard_moe_model_types
 from .families import REFUSED
+from .family_table import FamilyRow
 from .registry import get_adapter
-
-
-@dataclass(frozen=True)
-class FamilyRow:
-    model_type: str
-    supported: bool
-    reason: str = ""  # why not, when refused
-    router: str = ""
-    shared_experts: str = ""
-    outputs: str = ""
-    notes: str = ""
 
 
 def experts_stored_per_expert(model: nn.Module, adapter: MoEAdapter) -> bool:
@@ -111,14 +99,6 @@ def family_row(model_type: str) -> FamilyRow:
     )
 
 
-def family_rows() -> list[FamilyRow]:
+def compute_family_rows() -> list[FamilyRow]:
+    """Build every row now (`family_table.family_rows` remembers them)."""
     return [family_row(t) for t in sorted(set(standard_moe_model_types()) | set(REFUSED))]
-
-
-def markdown(rows: list[FamilyRow]) -> str:
-    lines = ["| model type | supported | router | shared experts | stock-loadable outputs | notes |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        status = "yes" if row.supported else f"no: {row.reason}"
-        cells = [f"`{row.model_type}`", status, row.router, row.shared_experts, row.outputs, row.notes]
-        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"

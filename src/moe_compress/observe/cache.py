@@ -37,13 +37,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import MoECompressError, warn
+from ..paths import cache_root
 
 CACHE_VERSION = "3"  # 3: entries keyed without the statistic names, found by what they hold
 _CHUNK = 1 << 24  # bytes hashed per step, so a large tensor is never copied whole
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MOE_COMPRESS_CACHE", Path.home() / ".cache" / "moe_compress")) / "stats"
+    return cache_root() / "stats"
 
 
 @torch.no_grad()
