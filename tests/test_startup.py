@@ -1,4 +1,5 @@
-"""Commands that only read tables answer without importing torch: `families` from its cache."""
+"""Commands that only print what the code says about itself answer without importing torch:
+`families` and `methods` read back the table they built once (`remembered`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import sys
 
 import pytest
 
+from moe_compress import remembered
 from moe_compress.arch import family_table, table
 from moe_compress.arch.family_table import FamilyRow, family_rows
 
 FAKE = [FamilyRow("fake_moe", True, router="softmax", outputs="uniform prune"), FamilyRow("other", False, "a reason")]
+LIGHT = "\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
 
 
 @pytest.fixture
@@ -24,39 +27,46 @@ def built(monkeypatch, tmp_path):
     return calls
 
 
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`moe-compress ARGS` in a fresh process that then asserts torch and transformers were never imported."""
+    probe = (f"import sys\nfrom moe_compress.cli import main\nsys.argv = ['moe-compress', *{list(args)!r}]\n"
+             "try:\n    main()\nexcept SystemExit as end:\n    assert not end.code, end.code\n" + LIGHT)
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MOE_COMPRESS_CACHE": str(tmp_path), "COLUMNS": "200"})
+
+
 def test_the_families_table_is_built_once_and_read_back_without_torch(built, tmp_path):
     assert family_rows() == FAKE and family_rows() == FAKE
     assert len(built) == 1
-    probe = (
-        "import sys\nfrom moe_compress.cli import main\nsys.argv = ['moe-compress', 'families', '--markdown']\n"
-        "try:\n    main()\nexcept SystemExit as end:\n    assert not end.code, end.code\n"
-        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
-    )
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "MOE_COMPRESS_CACHE": str(tmp_path)})
+    run = _cli(tmp_path, "families", "--markdown")
     assert run.returncode == 0, run.stderr
     assert run.stdout == family_table.markdown(FAKE)
 
 
+def test_methods_reads_back_what_its_first_call_built_without_torch(tmp_path):
+    first = _cli(tmp_path, "methods")
+    assert first.returncode != 0 and "heavy import" in first.stderr  # the first call imports every method
+    again = _cli(tmp_path, "methods")
+    assert again.returncode == 0, again.stderr
+    assert "reap" in again.stdout and "quantize" in again.stdout
+
+
 def test_an_edited_or_foreign_entry_is_rebuilt(built, monkeypatch):
     family_rows()
-    (entry,) = (family_table.cache_root() / "families").glob("*.json")
+    (entry,) = (remembered.cache_root() / "families").glob("*.json")
     data = json.loads(entry.read_text())
     data["rows"][1]["supported"] = True  # the digest still describes the rows as built
     entry.write_text(json.dumps(data))
     assert family_rows() == FAKE and len(built) == 2
-    monkeypatch.setattr(family_table, "table_key", lambda: {**data["key"], "transformers": "0.0.0"})
+    monkeypatch.setattr(remembered, "code_key", lambda: {**data["key"], "transformers": "0.0.0"})
     assert family_rows() == FAKE and len(built) == 3
 
 
-def test_the_key_follows_the_architecture_code(monkeypatch, tmp_path):
-    before = family_table.table_key()
-    code = tmp_path / "arch"
-    code.mkdir()
-    for path in family_table._SOURCES.glob("*.py"):
-        (code / path.name).write_bytes(path.read_bytes())
-    (tmp_path / "errors.py").write_bytes((family_table._SOURCES.parent / "errors.py").read_bytes())
-    monkeypatch.setattr(family_table, "_SOURCES", code)
-    assert family_table.table_key() == before
-    (code / "families.py").write_text((code / "families.py").read_text() + "\n# an edited refusal\n")
-    assert family_table.table_key()["code"] != before["code"]
+def test_the_key_follows_the_code(monkeypatch, tmp_path):
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "arch" / "families.py").write_text("REFUSED = {}\n")
+    monkeypatch.setattr(remembered, "PACKAGE", tmp_path)
+    before = remembered.code_key()
+    assert remembered.code_key() == before
+    (tmp_path / "arch" / "families.py").write_text("REFUSED = {'x': 'an edited refusal'}\n")
+    assert remembered.code_key()["code"] != before["code"]

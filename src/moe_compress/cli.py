@@ -954,10 +954,9 @@ def families(
     out_console.print(table)
 
 
-@app.command()
-def methods() -> None:
-    """List every method and stage -- expert pruning and merging, drop, condense, fine-tuning,
-    slimming, quantisation -- with its options and their defaults (also the recipe stage options)."""
+def _method_rows() -> list[dict]:
+    """What `methods` prints, as data: building it imports every method (and torch), so it is
+    kept (`remembered`) and read back by later calls."""
     from .methods import METHODS
     from .recipes import STAGE_OPTIONS, STAGES, stage_options
     from .slimming import SLIM_METHODS
@@ -966,24 +965,38 @@ def methods() -> None:
     def shown(options: dict) -> str:
         return ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
 
-    table = Table(title="expert methods: moe-compress prune --method NAME (recipe stage: prune)")
-    for column in ("family", "name", "what it does", "options (defaults)"):
-        table.add_column(column)
-    for m in sorted(METHODS.values(), key=lambda m: (m.family, m.name)):
-        table.add_row(m.family, m.name, m.doc, shown({**m.options, "protect_super_experts": m.protect_default}))
-    table.caption = ("protect_super_experts: never remove or merge experts whose down-projection output has extreme outliers "
-                     "(above the 99.5th percentile and a tenth of the maximum, first 75% of layers; Su et al. 2025)")
-    _print_table(table)
-    stages = Table(title="stages: moe-compress COMMAND, or a recipe stage of the same name")
-    for column in ("stage", "what it does", "options (defaults)"):
-        stages.add_column(column)
+    rows = [
+        {"table": "methods", "cells": [m.family, m.name, m.doc, shown({**m.options, "protect_super_experts": m.protect_default})]}
+        for m in sorted(METHODS.values(), key=lambda m: (m.family, m.name))
+    ]
     extra = {
         "slim": "; methods: " + "; ".join(f"{name}: {doc}" for name, doc in SLIM_METHODS.items()),
         "quantize": "; scope: " + "; ".join(f"{name}: {doc}" for name, doc in SCOPES.items()),
     }
     for kind in sorted(STAGES):
-        if kind != "prune":  # its methods are the table above
-            stages.add_row(kind, _first_line(STAGE_OPTIONS[kind]()) + extra.get(kind, ""), shown(stage_options(kind)))
+        if kind != "prune":  # its methods are the first table
+            rows.append({"table": "stages", "cells": [kind, _first_line(STAGE_OPTIONS[kind]()) + extra.get(kind, ""), shown(stage_options(kind))]})
+    return rows
+
+
+@app.command()
+def methods() -> None:
+    """List every method and stage -- expert pruning and merging, drop, condense, fine-tuning,
+    slimming, quantisation -- with its options and their defaults (also the recipe stage options)."""
+    from .remembered import remembered
+
+    rows = remembered("methods", _method_rows)
+    table = Table(title="expert methods: moe-compress prune --method NAME (recipe stage: prune)")
+    for column in ("family", "name", "what it does", "options (defaults)"):
+        table.add_column(column)
+    table.caption = ("protect_super_experts: never remove or merge experts whose down-projection output has extreme outliers "
+                     "(above the 99.5th percentile and a tenth of the maximum, first 75% of layers; Su et al. 2025)")
+    stages = Table(title="stages: moe-compress COMMAND, or a recipe stage of the same name")
+    for column in ("stage", "what it does", "options (defaults)"):
+        stages.add_column(column)
+    for row in rows:
+        (table if row["table"] == "methods" else stages).add_row(*row["cells"])
+    _print_table(table)
     _print_table(stages)
 
 
