@@ -85,6 +85,33 @@ def test_non_uniform_plan_loads_with_remote_code(saved, family):
 
 
 @pytest.mark.parametrize("family", SAVED_FAMILIES)
+def test_non_uniform_counts_are_stated_in_transformers_per_layer_config(saved, family):
+    """The stock config class reads the per-layer expert counts from the standard schema."""
+    from transformers import AutoConfig
+
+    config = json.loads((saved[0] / f"{family}-non-uniform" / "config.json").read_text())
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "architectures", "moe_compress")}
+    stock = AutoConfig.for_model(family, **fields)
+    key = get_adapter(tiny_model(family)).num_experts_key
+    assert stock.is_heterogeneous and stock.per_layer_attributes == {key}
+    kept = _non_uniform_plan(tiny_model(family)).kept_counts()
+    assert {i: getattr(stock.per_layer_config[i], key) for i in kept} == kept
+    assert len(str(max(int(i) for i in config["per_layer_config"]))) == len(next(iter(config["per_layer_config"])))  # zero-padded as transformers writes
+
+
+def test_per_layer_config_that_disagrees_with_the_structure_is_refused(saved, tmp_path):
+    import shutil
+
+    edited = shutil.copytree(saved[0] / "mixtral-non-uniform", tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    first = next(iter(config["per_layer_config"]))
+    config["per_layer_config"][first]["num_local_experts"] += 1
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="per_layer_config states .* but its moe_compress structure describes"):
+        AutoModelForCausalLM.from_pretrained(edited, trust_remote_code=True)
+
+
+@pytest.mark.parametrize("family", SAVED_FAMILIES)
 def test_novice_checkpoint_stores_one_vector_per_pruned_expert_and_reloads(saved, family):
     root, results = saved
     path = root / f"{family}-mone"

@@ -159,6 +159,18 @@ def test_dropped_and_condensed_layers_reload_exactly(structural_checkpoints, nam
     assert_reloads_exactly(result)
 
 
+@pytest.mark.parametrize("name", ["qwen2_moe-moe", "gpt_oss-moe", "mixtral-condensed"])
+def test_dropped_moe_sub_layers_are_skips_in_the_standard_per_layer_config(structural_checkpoints, name):
+    """A dropped MoE sub-layer is `skip: ["mlp"]` in transformers' schema; a condensed layer has no standard form."""
+    import json
+
+    config = json.loads((structural_checkpoints[0] / name / "config.json").read_text())
+    layers = config["moe_compress"]["layers"]
+    stated = {int(i): v for i, v in config.get("per_layer_config", {}).items()}
+    assert stated == {int(i): {"skip": ["mlp"]} for i, spec in layers.items() if spec.get("dropped")}
+    assert any(spec.get("dropped") for spec in layers.values()) == name.endswith("-moe")
+
+
 def test_block_drop_renumbers_the_config():
     model = tiny_model("qwen3_moe", num_layers=4)  # mlp_only_layers=[1]
     apply_plan(model, Plan("qwen3_moe", 2, [], dropped_blocks=[0], num_layers=4))

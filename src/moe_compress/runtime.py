@@ -11,6 +11,11 @@ router keeps, how many routed experts keep their weights, and whether the layer
   * is *condensed*: no router, every token goes through the kept experts with constant weights
     (plus the family's shared experts, which stay as they are);
   * is *dropped*: the whole MoE sub-layer contributes nothing (attention stays).
+
+What transformers' standard per-layer schema (`per_layer_config`) can say of that -- a plain
+layer's expert count, a dropped feed-forward sub-layer -- is also written there for loaders
+that read it (`standard_per_layer_config`); the generated config reads it back and checks it
+against the spec, and the model is built from the spec (`take_standard_structure`).
 """
 
 from __future__ import annotations
@@ -231,3 +236,49 @@ def apply_structure(model: nn.Module, spec: dict, hidden_size: int) -> None:
             experts = resolve(layer, spec["experts_path"])
             weights = torch.zeros(layer_spec["experts"], dtype=torch.float32, device=experts.down_proj.device)
             condense(block, spec["router_attr"], spec["experts_attr"], weights)
+
+
+#: The skip type transformers' heterogeneous modelling gives a decoder layer's feed-forward sub-layer.
+MLP_SKIP = "mlp"
+
+
+def standard_per_layer_config(spec: dict) -> dict[int, dict]:
+    """The part of `spec` transformers' `per_layer_config` schema can state, layer index -> overrides.
+
+    A plain MoE layer whose routed expert count differs from the original's states it under the
+    family's own config key; a dropped MoE sub-layer is `skip: ["mlp"]`. Novices and condensed
+    layers have no standard form: `config.moe_compress` alone describes them.
+    """
+    key, original = spec["num_experts_key"], spec["original_num_experts"]
+    overrides = {}
+    for index, layer in spec["layers"].items():
+        if layer.get("dropped"):
+            overrides[int(index)] = {"skip": [MLP_SKIP]}
+        elif not layer.get("novices") and not layer.get("condensed") and layer["experts"] != original:
+            overrides[int(index)] = {key: layer["experts"]}
+    return overrides
+
+
+def take_standard_structure(config, spec: dict) -> None:
+    """Check the standard per-layer structure `config` (the text config) declares against `spec`, then
+    take it off the config: the stock layers are built at the original count and `apply_structure`
+    reshapes them. A mismatch means the file was edited by hand: refuse rather than guess.
+
+    Other per-layer overrides (a family's own, e.g. Gemma 4's) stay as they are.
+    """
+    ours = {spec["num_experts_key"], "skip"}
+    declared = config.to_dict().get("per_layer_config") or {} if getattr(config, "is_heterogeneous", False) else {}
+    declared = {int(index): values for index, values in declared.items()}
+    stated = {index: {k: v for k, v in values.items() if k in ours} for index, values in declared.items()}
+    stated = {index: values for index, values in stated.items() if values}
+    expected = standard_per_layer_config(spec)
+    if stated != expected:
+        raise ValueError(
+            f"config.json's per_layer_config states {stated} but its moe_compress structure describes {expected}; "
+            "the checkpoint's config was edited and no longer matches its weights."
+        )
+    if not stated:
+        return
+    rest = {index: {k: v for k, v in values.items() if k not in ours} for index, values in declared.items()}
+    config.per_layer_config = None
+    config.per_layer_config = {index: values for index, values in rest.items() if values} or None

@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from ..arch.catalog import MULTIMODAL_KEYS, auto_model_class, stock_classes
+from ..runtime import standard_per_layer_config
 
 TEMPLATES = Path(__file__).parent / "templates"
 RUNTIME_SOURCE = Path(__file__).parent.parent / "runtime.py"
@@ -130,4 +131,21 @@ def write_remote_code(directory: Path, model: PreTrainedModel) -> None:
     config["model_type"] = f"moe_compress_{base_type}"
     config["architectures"] = ["MoECompressForCausalLM"]
     config["auto_map"] = own_auto_map(auto_model_class(model.config).__name__)
+    _declare_per_layer_structure(config, config["moe_compress"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _declare_per_layer_structure(config: dict, spec: dict) -> None:
+    """State what transformers' standard `per_layer_config` can say of the structure (per-layer expert
+    counts, dropped MoE sub-layers) in the text config, beside any overrides the family has itself.
+
+    Loaders that read that schema (vLLM's heterogeneous loader, transformers' modelling once it
+    reads it) see the real shapes; keys are zero-padded as transformers writes them.
+    """
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    overrides = {int(index): dict(values) for index, values in (text.get("per_layer_config") or {}).items()}
+    for index, values in standard_per_layer_config(spec).items():
+        overrides.setdefault(index, {}).update(values)
+    if overrides:
+        digits = len(str(max(overrides)))
+        text["per_layer_config"] = {str(index).zfill(digits): overrides[index] for index in sorted(overrides)}

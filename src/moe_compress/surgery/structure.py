@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from ..arch.adapter import MoEAdapter
 from ..runtime import ConstantRouter, DroppedMoE
 
-STRUCTURE_VERSION = 2
+STRUCTURE_VERSION = 3  # 3: names the expert-count key, for the standard per_layer_config
 
 
 def experts_per_layer(model: PreTrainedModel, adapter: MoEAdapter) -> dict[int, int]:
@@ -90,6 +90,7 @@ def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
         "version": STRUCTURE_VERSION,
         "base_model_type": adapter.model_type,
         "original_num_experts": original,
+        "num_experts_key": adapter.num_experts_key,
         "layers_path": _relative_name(model, layers),
         "moe_attr": adapter.moe_attr,
         "router_attr": adapter.router_attr,
