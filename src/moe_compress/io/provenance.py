@@ -105,7 +105,7 @@ def read_provenance(directory: str | Path) -> dict | None:
     history, source_provenance) when it verifies; None when there is none, and None with a
     warning when there is one that does not verify."""
     path = Path(directory) / PROVENANCE_FILE
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
