@@ -7,31 +7,46 @@ needs `trust_remote_code=True` (model and tokenizer are told apart), or compress
 and the command line that made it, with the moe-compress version.
 
 The card is rendered from the files in the directory (config, tokenizer config, plan, summary,
-recipe report) plus a small YAML front matter that records where the checkpoint came from; so
-it can be rendered again after something is added (`record_evaluation`, or the quantize stage
-rewriting the weights), and a chain of runs (prune, then slim, then quantize) keeps the
-commands of every step. Nothing in it depends on timings or on how the weights were read, so
-the same run streamed and in memory writes the same bytes.
+recipe report) and from the provenance record saved beside it (`io.provenance`: source, command,
+earlier steps, sealed with the checkpoint it describes); so it can be rendered again after
+something is added (`record_evaluation`, or the quantize stage rewriting the config), and a chain
+of runs (prune, then slim, then quantize) keeps the commands of every step. A source's earlier
+steps come from its own provenance record when that verifies, never from its card: a card is
+text whoever published the model wrote. A source that looks made by moe-compress without a
+record that verifies (an output of a version before records were kept, say) gets no earlier
+steps, and the card says so.
+
+Every string that comes from a file or from the source (its name and path, `model_type`, plan
+and summary fields, commands) is escaped for Markdown and HTML (`report.markdown`), and the
+YAML front matter is written through `huggingface_hub.ModelCard`. Nothing in the card depends on
+time, timings or how the weights were read, so the same run streamed and in memory writes the
+same bytes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard import metadata_load
 
 from .. import __version__
+from ..errors import warn
 from ..invocation import command_line
 from ..report.format import human_bytes, human_count, percent_change
+from ..report.markdown import code, fence, text
+from .provenance import API, PROVENANCE_FILE, read_provenance, write_provenance
 
 CARD_FILE = "README.md"
 PLAN_FILE = "moe_compress_plan.json"
 SUMMARY_FILE = "moe_compress_summary.json"
 REPORT_FILE = "report.json"
-_FRONT = "---\n"
+TAG = "moe-compress"  # every card is tagged so on the Hub
 
 
 @dataclass(frozen=True)
@@ -92,7 +107,7 @@ def loading_info(directory: str | Path) -> LoadingInfo:
     )
 
 
-# ---- provenance (front matter) ---------------------------------------------------------
+# ---- provenance ---------------------------------------------------------------------------
 def _source_name(source: str | Path | None) -> str | None:
     """A bundled model by its name, anything else as given."""
     if source is None:
@@ -108,28 +123,41 @@ def _source_name(source: str | Path | None) -> str | None:
     return str(source)
 
 
-def _front_matter(card: Path) -> dict:
+def _card_claims_moe_compress(card: Path) -> bool:
+    """Whether a card's front matter says moe-compress made the checkpoint (every card it writes is
+    tagged so; before provenance files, the front matter held a `moe_compress` record)."""
     try:
-        text = card.read_text()
-    except OSError:
-        return {}
-    if not text.startswith(_FRONT):
-        return {}
-    end = text.find("\n" + _FRONT, len(_FRONT) - 1)
-    try:
-        data = yaml.safe_load(text[len(_FRONT) : end + 1]) if end > 0 else None
-    except yaml.YAMLError:
-        return {}
-    made = data.get("moe_compress") if isinstance(data, dict) else None
-    return made if isinstance(made, dict) else {}
+        data = metadata_load(card) if card.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    tags = data.get("tags") if isinstance(data, dict) else None
+    return isinstance(data, dict) and ("moe_compress" in data or isinstance(tags, list) and TAG in tags)
+
+
+def _earlier_steps(source: str | Path | None) -> tuple[list[str], str]:
+    """The commands that made `source` and how they are known (`provenance.SOURCE_KINDS`): from its
+    provenance file when that verifies, never from its card, which whoever published it wrote."""
+    directory = Path(str(source)) if source is not None else None
+    if directory is None or not directory.is_dir():
+        return [], "none"
+    made = read_provenance(directory)
+    if made is not None:
+        return [*made["history"], made["command"]], "verified"
+    if (directory / PROVENANCE_FILE).exists():
+        return [], "unverified"  # read_provenance said why
+    if _card_claims_moe_compress(directory / CARD_FILE):
+        warn(f"{directory / CARD_FILE} says moe-compress made {directory}, but there is no {PROVENANCE_FILE} to check that against "
+             "(an older moe-compress wrote it, or someone else did); the steps that made it are not listed in the new model card.")
+        return [], "unverified"
+    return [], "none"
 
 
 def provenance(source: str | Path | None) -> dict:
     """Where a checkpoint saved now comes from: the source, this command, and the steps that
-    made the source if it is itself a moe-compress output."""
-    earlier = _front_matter(Path(str(source)) / CARD_FILE) if source is not None else {}
-    history = [*(earlier.get("history") or []), *([earlier["command"]] if earlier.get("command") else [])]
-    return {"version": __version__, "source": _source_name(source), "command": command_line() or "Python API", "history": history}
+    made the source if it is itself a moe-compress output (`_earlier_steps`)."""
+    history, known = _earlier_steps(source)
+    return {"version": __version__, "source": _source_name(source), "command": command_line() or API, "history": history,
+            "source_provenance": known}
 
 
 # ---- the card ---------------------------------------------------------------------------
@@ -147,11 +175,11 @@ def _ranges(layers: list[int]) -> str:
 
 def plan_lines(plan: dict) -> list[str]:
     """What a plan does, in a few bullet lines (the full plan is in moe_compress_plan.json)."""
-    method = [f"method `{plan.get('method', 'manual')}`"]
+    method = [f"method {code(plan.get('method', 'manual'))}"]
     if plan.get("ratio") is not None:
-        method.append(f"ratio {plan['ratio']}")
+        method.append(f"ratio {text(plan['ratio'])}")
     if plan.get("budget"):
-        method.append(f"{plan['budget']} budget")
+        method.append(f"{text(plan['budget'])} budget")
     lines = [", ".join(method)]
     layers = plan.get("layers") or []
     dropped = [lp["layer"] for lp in layers if lp.get("drop")]
@@ -163,7 +191,7 @@ def plan_lines(plan: dict) -> list[str]:
     if plan.get("dropped_blocks"):
         lines.append(f"decoder blocks dropped: {_ranges(sorted(plan['dropped_blocks']))}")
     for lp in condensed:
-        lines.append(f"layer {lp['layer']} condensed: no router, shared experts plus experts {lp['keep'] or 'none'} with constant weights")
+        lines.append(f"layer {lp['layer']} condensed: no router, shared experts plus experts {text(lp['keep'] or 'none')} with constant weights")
     by_count: dict[tuple[int, int], list[int]] = {}
     for lp in pruned:
         if len(lp["keep"]) != lp["num_experts"]:
@@ -180,17 +208,18 @@ def _stage_lines(summary: dict) -> list[str]:
     """What a slimming, quantisation or fine-tuning step did, from its summary."""
     stage = summary.get("stage")
     if stage == "slim":
-        reached = ", ".join(f"{kind} {100 * row['sparsity']:.2f}%" for kind, row in (summary.get("reached") or {}).items())
-        return [f"weight sparsity: `{summary.get('method')}` {summary.get('sparsity')} on {', '.join(summary.get('targets') or [])}"
+        reached = ", ".join(f"{text(kind)} {100 * row['sparsity']:.2f}%" for kind, row in (summary.get("reached") or {}).items())
+        targets = ", ".join(text(target) for target in summary.get("targets") or [])
+        return [f"weight sparsity: {code(summary.get('method'))} {text(summary.get('sparsity'))} on {targets}"
                 + (f" (reached: {reached})" if reached else "")]
     if stage == "quantize":
-        group = summary.get("group_size") or "per output channel"
+        group = text(summary.get("group_size") or "per output channel")
         symmetric = "symmetric" if summary.get("symmetric") else "asymmetric"
-        return [f"weights quantised to {summary.get('bits')} bits (round-to-nearest, group {group}, {symmetric}, scope {summary.get('scope')}), "
-                f"{summary.get('library')} `{summary.get('format')}` format"]
+        return [f"weights quantised to {text(summary.get('bits'))} bits (round-to-nearest, group {group}, {symmetric}, "
+                f"scope {text(summary.get('scope'))}), {text(summary.get('library'))} {code(summary.get('format'))} format"]
     if "finetune" in summary:
         report = summary["finetune"]
-        return [f"condensed layers fine-tuned: {report.get('steps')} steps, {report.get('trainable_parameters', 0):,} trainable parameters, "
+        return [f"condensed layers fine-tuned: {text(report.get('steps'))} steps, {report.get('trainable_parameters', 0):,} trainable parameters, "
                 f"training loss {report.get('first_loss', float('nan')):.4f} -> {report.get('last_loss', float('nan')):.4f}"]
     return []
 
@@ -213,9 +242,9 @@ def _size_table(summary: dict, weights_bytes: int) -> list[str]:
 def _quality_lines(summary: dict, report: dict) -> list[str]:
     evaluation = summary.get("evaluation")
     if evaluation:
-        lines = [evaluation.get("protocol_line", ""), "", "| text | before | after | change |", "|---|---:|---:|---:|"]
+        lines = [text(evaluation.get("protocol_line", "")), "", "| text | before | after | change |", "|---|---:|---:|---:|"]
         for source, row in evaluation.get("perplexity", {}).items():
-            lines.append(f"| perplexity {source} | {row['before']:.3f} | {row['after']:.3f} | {percent_change(row['after'], row['before'])} |")
+            lines.append(f"| perplexity {text(source)} | {row['before']:.3f} | {row['after']:.3f} | {percent_change(row['after'], row['before'])} |")
         return lines
     if report.get("rows"):
         from ..recipes import report_markdown
@@ -224,8 +253,25 @@ def _quality_lines(summary: dict, report: dict) -> list[str]:
     return ["Not measured in this run: `moe-compress eval <this directory> --ppl bundled --compare <source>` measures it."]
 
 
+def _tag(model_type: str) -> list[str]:
+    """The model type as a Hub tag, when it is a plain name (a tag is a search key, not text)."""
+    return [model_type] if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", model_type) else []
+
+
+def _provenance_lines(made: dict, config: dict) -> list[str]:
+    """The commands that made the checkpoint, and what is known about the steps before them."""
+    lines = [fence("\n".join([*made["history"], made["command"]]), "bash"), ""]
+    if made["source_provenance"] == "unverified":
+        lines += ["Its source looks like an earlier moe-compress output, but has no provenance record that matches its weights "
+                  f"({PROVENANCE_FILE}: written before moe-compress kept one, copied from another checkpoint, or edited), "
+                  "so the steps that made the source are not listed.", ""]
+    lines.append(f"moe-compress {text(made['version'])}; transformers {text(config.get('transformers_version', 'unknown'))}.")
+    return lines
+
+
 def render(directory: Path, made: dict) -> str:
-    """The card's Markdown for the checkpoint in `directory`."""
+    """The card's Markdown for the checkpoint in `directory`: the front matter through
+    `huggingface_hub.ModelCard`, every string from a file or the source escaped (`report.markdown`)."""
     config = _json(directory / "config.json")
     summary = _json(directory / SUMMARY_FILE)
     plan = _json(directory / PLAN_FILE)
@@ -233,17 +279,17 @@ def render(directory: Path, made: dict) -> str:
     info = loading_info(directory)
     from ..evaluate.size import checkpoint_bytes
 
-    model_type = (config.get("moe_compress") or {}).get("base_model_type") or config.get("model_type", "unknown")
-    front = {"library_name": "transformers", "tags": ["moe-compress", "mixture-of-experts", model_type], "moe_compress": made}
+    model_type = str((config.get("moe_compress") or {}).get("base_model_type") or config.get("model_type", "unknown"))
+    front = ModelCardData(library_name="transformers", tags=[TAG, "mixture-of-experts", *_tag(model_type)])
     work = [*plan_lines(plan)] if plan else []
     work += _stage_lines(summary)
     if report.get("recipe"):
-        stages = ", ".join(next(iter(stage)) for stage in report["recipe"].get("stages", []))
+        stages = ", ".join(text(next(iter(stage))) for stage in report["recipe"].get("stages", []))
         work.insert(0, f"recipe with stages: {stages} (plans in `plans/`, report in `report.md`)")
-    source = made.get("source") or "an in-memory model"
-    out = [_FRONT + yaml.safe_dump(front, sort_keys=False, width=1 << 20) + _FRONT]
-    out.append(f"# {Path(source).name or source}, compressed with moe-compress\n")
-    out.append(f"A `{model_type}` Mixture-of-Experts model compressed from `{source}` with moe-compress {made.get('version')}.\n")
+    source = made["source"] or "an in-memory model"
+    out = [""]
+    out.append(f"# {text(Path(source).name or source)}, compressed with moe-compress\n")
+    out.append(f"A {code(model_type)} Mixture-of-Experts model compressed from {code(source)} with moe-compress {text(made['version'])}.\n")
     out.append("## What was done\n")
     out += [f"- {line}" for line in work] or ["- saved unchanged"]
     out.append("")
@@ -254,21 +300,24 @@ def render(directory: Path, made: dict) -> str:
     out += _quality_lines(summary, report)
     out.append("")
     out.append("## How to load\n")
-    out.append(info.describe()[0].upper() + info.describe()[1:] + ".\n")
-    out.append("```python\n" + info.snippet(".") + "\n```\n")
+    shown = replace(info, quantization=text(info.quantization) if info.quantization else None).describe()
+    out.append(shown[0].upper() + shown[1:] + ".\n")
+    out.append(fence(info.snippet("."), "python") + "\n")
     out.append('Replace "." by the path of this directory.\n')
     out.append("## How it was made\n")
-    steps = [*made.get("history", []), made.get("command")]
-    out.append("```bash\n" + "\n".join(str(s) for s in steps if s) + "\n```\n")
-    out.append(f"moe-compress {made.get('version')}; transformers {config.get('transformers_version', 'unknown')}.")
-    return "\n".join(out) + "\n"
+    out += _provenance_lines(made, config)
+    # ModelCard parses the front matter back as the Hub will; from_template is not used: it runs the body through Jinja.
+    return str(ModelCard(f"---\n{front.to_yaml()}\n---\n" + "\n".join(out) + "\n"))
 
 
 def write_model_card(directory: str | Path, made: dict | None = None) -> Path:
-    """Write (or rewrite) `directory/README.md`; `made` defaults to what the existing card records."""
+    """Write (or rewrite) `directory/README.md` and the provenance record beside it, sealed with the
+    checkpoint as it is now (`io.provenance`); `made` defaults to the record already there when it
+    verifies, else to an in-memory source (the warning says why)."""
     directory = Path(directory)
     card = directory / CARD_FILE
-    made = made if made is not None else _front_matter(card) or provenance(None)
+    made = made if made is not None else read_provenance(directory) or provenance(None)
+    write_provenance(directory, made)
     partial = directory / f".{CARD_FILE}.{os.getpid()}.partial"
     partial.write_text(render(directory, made))
     partial.replace(card)

@@ -42,6 +42,7 @@ from ..io.export import streamed_groups
 from ..io.open import Streaming, open_model
 from ..io.publish import releases_outputs
 from ..io.model_card import write_model_card
+from ..io.provenance import read_provenance
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
 from ..progress import step
 
@@ -349,6 +350,7 @@ def quantize(
     work = staging_dir(out, "quantize")
     try:
         staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True, groups=groups, transform=transform)
+        made = read_provenance(staged)  # sealed with the config as saved: read it before the quantisation section is added
         ModelCompressor(quantization_config=config).update_config(str(staged))
         summary = {
             "stage": "quantize",
@@ -371,7 +373,7 @@ def quantize(
             "seconds": round(time.perf_counter() - start, 2),
         }
         (staged / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        write_model_card(staged)  # again: the card now describes the quantised checkpoint
+        write_model_card(staged, made)  # again: the card (and the provenance's seal) now describe the quantised checkpoint
         publish(staged, out, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
