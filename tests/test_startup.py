@@ -12,7 +12,8 @@ import pytest
 
 from moe_compress import remembered
 from moe_compress.arch import family_table, table
-from moe_compress.arch.family_table import FamilyRow, family_rows
+from moe_compress.arch.family_table import FamilyRow
+from moe_compress.listings import family_rows
 
 FAKE = [FamilyRow("fake_moe", True, router="softmax", outputs="uniform prune"), FamilyRow("other", False, "a reason")]
 LIGHT = "\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"

@@ -939,8 +939,8 @@ def families(
 ) -> None:
     """List the MoE model types of the installed transformers: supported or not and why, router, shared experts,
     and which outputs load with plain from_pretrained (the others load with trust_remote_code)."""
-    from .arch.family_table import family_rows
     from .arch.family_table import markdown as to_markdown
+    from .listings import family_rows
 
     rows = family_rows()
     if markdown:
@@ -954,38 +954,13 @@ def families(
     out_console.print(table)
 
 
-def _method_rows() -> list[dict]:
-    """What `methods` prints, as data: building it imports every method (and torch), so it is
-    kept (`remembered`) and read back by later calls."""
-    from .methods import METHODS
-    from .recipes import STAGE_OPTIONS, STAGES, stage_options
-    from .slimming import SLIM_METHODS
-    from .slimming.quantize import SCOPES
-
-    def shown(options: dict) -> str:
-        return ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
-
-    rows = [
-        {"table": "methods", "cells": [m.family, m.name, m.doc, shown({**m.options, "protect_super_experts": m.protect_default})]}
-        for m in sorted(METHODS.values(), key=lambda m: (m.family, m.name))
-    ]
-    extra = {
-        "slim": "; methods: " + "; ".join(f"{name}: {doc}" for name, doc in SLIM_METHODS.items()),
-        "quantize": "; scope: " + "; ".join(f"{name}: {doc}" for name, doc in SCOPES.items()),
-    }
-    for kind in sorted(STAGES):
-        if kind != "prune":  # its methods are the first table
-            rows.append({"table": "stages", "cells": [kind, _first_line(STAGE_OPTIONS[kind]()) + extra.get(kind, ""), shown(stage_options(kind))]})
-    return rows
-
-
 @app.command()
 def methods() -> None:
     """List every method and stage -- expert pruning and merging, drop, condense, fine-tuning,
     slimming, quantisation -- with its options and their defaults (also the recipe stage options)."""
-    from .remembered import remembered
+    from .listings import method_rows
 
-    rows = remembered("methods", _method_rows)
+    rows = method_rows()
     table = Table(title="expert methods: moe-compress prune --method NAME (recipe stage: prune)")
     for column in ("family", "name", "what it does", "options (defaults)"):
         table.add_column(column)
@@ -998,10 +973,6 @@ def methods() -> None:
         (table if row["table"] == "methods" else stages).add_row(*row["cells"])
     _print_table(table)
     _print_table(stages)
-
-
-def _first_line(function: Callable) -> str:
-    return (function.__doc__ or "-").strip().splitlines()[0].replace("`", "").rstrip(".")
 
 
 @app.command()

@@ -1,15 +1,12 @@
-"""The families table as data: one row per MoE model type of the installed transformers.
+"""The families table's rows as data, and their markdown (the README's copy).
 
-Building it (`table.compute_family_rows`) imports the modelling code of every MoE family and
-builds each on the meta device -- tens of seconds -- so the rows are kept (`remembered`) and
-`moe-compress families` reads them back without importing torch or transformers.
+Torch-free on purpose: `moe-compress families` prints rows read back from the cache
+(`listings.family_rows`) with nothing heavier imported; `table` builds them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-from ..remembered import remembered
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -21,17 +18,6 @@ class FamilyRow:
     shared_experts: str = ""
     outputs: str = ""
     notes: str = ""
-
-
-def _build() -> list[dict]:
-    from .table import compute_family_rows
-
-    return [asdict(row) for row in compute_family_rows()]
-
-
-def family_rows(refresh: bool = False) -> list[FamilyRow]:
-    """Every MoE model type of the installed transformers, as discovery sees it (built once, then read back)."""
-    return [FamilyRow(**row) for row in remembered("families", _build, refresh)]
 
 
 def markdown(rows: list[FamilyRow]) -> str:

@@ -100,5 +100,5 @@ def family_row(model_type: str) -> FamilyRow:
 
 
 def compute_family_rows() -> list[FamilyRow]:
-    """Build every row now (`family_table.family_rows` remembers them)."""
+    """Build every row now (`listings.family_rows` keeps them)."""
     return [family_row(t) for t in sorted(set(standard_moe_model_types()) | set(REFUSED))]

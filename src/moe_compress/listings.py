@@ -1,0 +1,58 @@
+"""What `moe-compress families` and `moe-compress methods` print, as data, built once and kept.
+
+Building either imports much (every MoE family's modelling code; every method, and torch with
+them) only to read what the code says about itself, so the rows are kept (`remembered`, keyed
+by the code and the transformers installed) and read back by later calls without importing
+torch or transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+from .arch.family_table import FamilyRow
+from .remembered import remembered
+
+
+def _build_family_rows() -> list[dict]:
+    from .arch.table import compute_family_rows
+
+    return [asdict(row) for row in compute_family_rows()]
+
+
+def family_rows(refresh: bool = False) -> list[FamilyRow]:
+    """Every MoE model type of the installed transformers, as discovery sees it."""
+    return [FamilyRow(**row) for row in remembered("families", _build_family_rows, refresh)]
+
+
+def _first_line(function: Callable) -> str:
+    return (function.__doc__ or "-").strip().splitlines()[0].replace("`", "").rstrip(".")
+
+
+def _build_method_rows() -> list[dict]:
+    from .methods import METHODS
+    from .recipes import STAGE_OPTIONS, STAGES, stage_options
+    from .slimming import SLIM_METHODS
+    from .slimming.quantize import SCOPES
+
+    def shown(options: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
+
+    rows = [
+        {"table": "methods", "cells": [m.family, m.name, m.doc, shown({**m.options, "protect_super_experts": m.protect_default})]}
+        for m in sorted(METHODS.values(), key=lambda m: (m.family, m.name))
+    ]
+    extra = {
+        "slim": "; methods: " + "; ".join(f"{name}: {doc}" for name, doc in SLIM_METHODS.items()),
+        "quantize": "; scope: " + "; ".join(f"{name}: {doc}" for name, doc in SCOPES.items()),
+    }
+    for kind in sorted(STAGES):
+        if kind != "prune":  # its methods are the first table
+            rows.append({"table": "stages", "cells": [kind, _first_line(STAGE_OPTIONS[kind]()) + extra.get(kind, ""), shown(stage_options(kind))]})
+    return rows
+
+
+def method_rows() -> list[dict]:
+    """Every method and stage with its options: {"table": "methods" | "stages", "cells": [...]}."""
+    return remembered("methods", _build_method_rows)
