@@ -7,7 +7,9 @@ when the next one starts (the parent reaps it), as after `kill -9` of the CLI:
 
   save VERSION KILL_AT  save version 0 (the checkpoint) or 1 (its weights negated) to OUT with
                         overwrite; the child SIGKILLs itself just before its KILL_AT-th file-system
-                        operation (0: never). Answers {"killed": bool, "steps": operations done}.
+                        operation (0: never). Answers {"killed": bool, "steps": operations done,
+                        "publish": operations done when the finished checkpoint began to be moved
+                        into place (the replacement of an existing output)}.
   next                  what the next run does first: check OUT with overwrite (restoring and
                         cleaning what a killed writer left), then give it back. Answers
                         {"error": message or null}.
@@ -29,8 +31,8 @@ from collections.abc import Callable
 import torch
 
 from moe_compress.io.load import load_model
+from moe_compress.io import save as saving
 from moe_compress.io.publish import check_output_dir, release_all
-from moe_compress.io.save import save_compressed
 
 STEPS = frozenset({
     "open", "os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "os.chmod", "os.truncate",
@@ -84,9 +86,15 @@ def main(checkpoint: str, out: str) -> None:
     versions = [model, negated]
 
     def save(version: int, kill_at: int) -> dict:
-        seen = _kill_at(kill_at)
-        save_compressed(versions[version], out, tokenizer, overwrite=True)
-        return {"killed": False, "steps": seen[0]}
+        seen, published, real_publish = _kill_at(kill_at), [], saving.publish
+
+        def publish(*args):
+            published.append(seen[0])
+            return real_publish(*args)
+
+        saving.publish = publish
+        saving.save_compressed(versions[version], out, tokenizer, overwrite=True)
+        return {"killed": False, "steps": seen[0], "publish": published[0]}
 
     def next_run() -> dict:
         try:

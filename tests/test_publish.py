@@ -282,12 +282,12 @@ def _hard_link(path: Path) -> None:
 
 
 @pytest.mark.parametrize("plant, what", [
-    (lambda path: path.symlink_to(path.parent / "p.txt"), "a symbolic link"),
-    (lambda path: path.symlink_to(path.parent / "missing.txt"), "a symbolic link"),  # used to create missing.txt
-    (_hard_link, "a file moe-compress did not write"),
-    (lambda path: path.write_text("my notes"), "a file moe-compress did not write"),
-    (lambda path: path.mkdir(), "a directory"),
-    (_fifo, "not a regular file"),
+    pytest.param(lambda path: path.symlink_to(path.parent / "p.txt"), "a symbolic link", id="symlink"),
+    pytest.param(lambda path: path.symlink_to(path.parent / "missing.txt"), "a symbolic link", id="dangling-symlink"),  # used to create missing.txt
+    pytest.param(_hard_link, "a file moe-compress did not write", id="hard-link"),
+    pytest.param(lambda path: path.write_text("my notes"), "a file moe-compress did not write", id="user-file"),
+    pytest.param(lambda path: path.mkdir(), "a directory", id="directory"),
+    pytest.param(_fifo, "not a regular file", id="fifo"),
 ])
 def test_whatever_is_planted_at_the_lock_path_is_refused_untouched(plant, what, tmp_path):
     (tmp_path / "p.txt").write_text("precious")
@@ -300,7 +300,7 @@ def test_whatever_is_planted_at_the_lock_path_is_refused_untouched(plant, what, 
     assert (tmp_path / "p.txt").read_text() == "precious" and os.path.lexists(lock)
 
 
-@pytest.mark.parametrize("left", ["", "{pid}@{host}"])
+@pytest.mark.parametrize("left", ["", "{pid}@{host}"], ids=["empty", "dead-pid"])
 def test_a_lock_file_left_by_a_dead_writer_is_replaced_and_removed_on_release(left, tmp_path):
     lock = tmp_path / ".out.lock"
     found = left.format(pid=_dead_pid(), host=publishing.HOST)
@@ -315,10 +315,12 @@ def test_a_lock_file_left_by_a_dead_writer_is_replaced_and_removed_on_release(le
 
 # ---- SIGKILL anywhere in a save or a replacement ----------------------------------------------
 def test_a_writer_killed_anywhere_leaves_the_old_output_or_the_new_one(tmp_path, checkpoint_for_cli):
-    """20 real writer processes, each SIGKILLed before a random (seeded) file-system operation of a
-    save into a fresh output or of an --overwrite replacement (tests/kill_driver.py). After the next
-    run's first step the output is the old one intact (or still absent) or the new one complete, and
-    nothing else is left beside it: no staging, aside or lock file."""
+    """20 real writer processes, each SIGKILLed before a random (seeded) file-system operation:
+    10 anywhere in a save into a fresh output, 10 in the replacement of an existing output with
+    --overwrite (from the moment the finished checkpoint is moved into place), by
+    tests/kill_driver.py. After the next run's first step the output is the old one intact (or
+    still absent) or the new one complete, and nothing else is left beside it: no staging, aside
+    or lock file."""
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out"
@@ -333,10 +335,11 @@ def test_a_writer_killed_anywhere_leaves_the_old_output_or_the_new_one(tmp_path,
             assert answer is not None and "crash" not in answer, (answer, (tmp_path / "driver.log").read_text())
             return answer
 
-        steps = {"fresh": ask("save 0 0")["steps"]}
+        fresh = ask("save 0 0")
         versions = [_snapshot(out)]
-        steps["replace"] = ask("save 1 0")["steps"]
+        replace = ask("save 1 0")
         versions.append(_snapshot(out))
+        steps = {"fresh": (1, fresh["steps"]), "replace": (replace["publish"] + 1, replace["steps"])}
         assert versions[0] != versions[1] and "config.json" in versions[0] and sorted(os.listdir(work)) == ["out"]
         current = 1
         rng = random.Random(20)
@@ -351,14 +354,15 @@ def test_a_writer_killed_anywhere_leaves_the_old_output_or_the_new_one(tmp_path,
                     current = rng.randrange(2)
                     assert not ask(f"save {current} 0")["killed"]
                 old, new = versions[current], 1 - current
-            kill_at = rng.randint(1, steps[mode])
+            kill_at = rng.randint(*steps[mode])
             assert ask(f"save {new} {kill_at}") == {"killed": True}, (mode, kill_at)
             assert ask("next") == {"error": None}
             after = _snapshot(out) if out.exists() else None
-            assert after in (old, versions[new]), f"trial {trial} ({mode}, killed before step {kill_at}): neither the old output nor the new one"
+            outcome = "old" if after == old else "new" if after == versions[new] else "neither the old output nor the new one"
+            assert outcome in ("old", "new"), f"trial {trial} ({mode}, killed before step {kill_at}): {outcome}"
             assert sorted(os.listdir(work)) == (["out"] if after is not None else []), f"debris after trial {trial}"
             current = None if after is None else versions.index(after)
-            outcomes.append((mode, kill_at, "old" if after == old else "new"))
+            outcomes.append((mode, kill_at, outcome))
         assert {outcome for _, _, outcome in outcomes} == {"old", "new"}, outcomes
     finally:
         driver.stdin.close()
