@@ -90,6 +90,23 @@ def test_replacement_keeps_the_old_until_the_new_is_in_place(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no aside, staging or lock file is left behind"
 
 
+def test_a_failed_replacement_puts_the_old_checkpoint_back_and_leaves_nothing(tmp_path, monkeypatch):
+    out = _checkpoint_dir(tmp_path / "out", "old")
+    staged = _checkpoint_dir(tmp_path / "staged", "new")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if Path(self) == staged:
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(MoECompressError, match="No space left on device"):
+        publish(staged, out, overwrite=True)
+    assert (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "staged"], "no aside or lock file is left behind"
+
+
 def test_a_kill_between_the_two_renames_leaves_the_old_checkpoint(tmp_path):
     """The writer is SIGKILLed right after moving the old output aside; the next run restores it."""
     out = _checkpoint_dir(tmp_path / "out", "old")

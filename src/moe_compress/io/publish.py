@@ -473,12 +473,16 @@ def publish(staged: Path, out: Path, overwrite: bool = True) -> Path:
                     raise MoECompressError(f"output {out} is no longer a checkpoint directory; refusing to replace it. Choose another --out.")
             aside = staging_dir(out, ASIDE)
             held = aside / out.name
-            out.rename(held)
             try:
-                staged.rename(out)
+                out.rename(held)
+                try:
+                    staged.rename(out)
+                except BaseException:
+                    held.rename(out)
+                    raise
             except BaseException:
-                held.rename(out)
-                discard_staging(aside)
+                if not os.path.lexists(held):  # the old output is back in place (or never left it)
+                    discard_staging(aside)
                 raise
             discard_staging(aside)
         else:
