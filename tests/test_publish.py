@@ -104,6 +104,7 @@ def test_a_failed_replacement_puts_the_old_checkpoint_back_and_leaves_nothing(tm
     with pytest.raises(MoECompressError, match="No space left on device"):
         publish(staged, out, overwrite=True)
     assert (out / "config.json").read_text() == "old"
+    release_all()  # what the failing command's entry point does (`releases_outputs`)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "staged"], "no aside or lock file is left behind"
 
 
