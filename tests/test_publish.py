@@ -190,10 +190,11 @@ def test_a_look_alike_user_directory_survives_cleanup(tmp_path):
     lying = _marked(tmp_path / f".out.partial-{dead}@{host}-4567cdef", dead + 1, host, "partial")  # marker names another pid
     other_kind = _marked(tmp_path / f".out.recipe-{dead}@{host}-89abcdef", dead, host, "partial")
     other_name = _marked(tmp_path / f".out.quantize-{dead}@{host}-01234567", dead, host, "quantize", output="elsewhere")
+    valid_elsewhere = _marked(tmp_path / "elsewhere", dead, host, "partial") / MARKER
     linked = tmp_path / f".out.partial-{dead}@{host}-fedcba98"
     linked.mkdir()
     (linked / "notes").write_text("mine")
-    (linked / MARKER).symlink_to(_left_by_dead_writer(tmp_path / "x", "partial") / MARKER)
+    (linked / MARKER).symlink_to(valid_elsewhere)  # a marker must be a file of the directory, not a link
     old_look_alike = _checkpoint_dir(tmp_path / f".out.old-{dead}@{host}-76543210", "someone's")
     empty = tmp_path / f".out.partial-{dead}@{host}-aaaabbbb"  # a writer killed before its marker: nothing to lose
     empty.mkdir()
@@ -206,15 +207,22 @@ def test_a_look_alike_user_directory_survives_cleanup(tmp_path):
     assert not empty.exists()
 
 
-def test_an_interrupted_cleanup_leaves_a_marked_or_empty_directory(tmp_path, monkeypatch):
-    """`discard_staging` removes the marker last, so a kill part-way never leaves an unmarked remnant."""
+def test_discarding_a_staging_directory_removes_its_marker_last(tmp_path, monkeypatch):
+    """So a kill part-way leaves a directory still marked (or empty), never an unmarked remnant."""
     work = staging_dir(tmp_path / "out", "partial")
     _checkpoint_dir(work / "out", "new")
-    removed = []
+    (work / "stage-1").mkdir()
+    left_with_the_marker = []
     real_unlink = Path.unlink
-    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (removed.append(self.name), real_unlink(self, missing_ok)))
+
+    def unlink(self, missing_ok=False):
+        if self.name == MARKER:
+            left_with_the_marker.append(sorted(os.listdir(self.parent)))
+        return real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
     discard_staging(work)
-    assert removed == [MARKER] and not work.exists()
+    assert left_with_the_marker == [[MARKER]] and not work.exists()
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path, checkpoint_for_cli):
