@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -131,6 +132,11 @@ def _full_disk_out(c: Case) -> list:
     return c.prune()
 
 
+def _planted_lock(c: Case, plant: Callable[[Path], object]) -> list:
+    plant(c.tmp / ".out.lock")
+    return c.prune()
+
+
 def _out_is_cwd(c: Case) -> list:
     c.monkeypatch.chdir(c.tmp)
     (c.tmp / "out").mkdir(exist_ok=True)
@@ -177,6 +183,12 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "recipe-field-wrong-type": (lambda c: c.recipe(calibration={"samples": "many"}), r"recipe field 'calibration': option 'samples' must be an integer"),
     "recipe-stage-option-wrong-type": (lambda c: c.recipe(stages=[{"prune": {"ratio": "high"}}]), r"stage 1 \(prune\): option 'ratio' must be a finite number"),
     "recipe-stage-option-unknown": (lambda c: c.recipe(stages=[{"drop": {"units": "block"}}]), r"stage 1 \(drop\): unknown option 'units'"),
+    # issue 20 item 1: whatever is planted at the output's lock path is refused, never written into
+    "lock-path-is-a-symlink": (lambda c: _planted_lock(c, lambda lock: lock.symlink_to(c.text("p.txt", "precious"))),
+                               r"\.out\.lock is a symbolic link, where moe-compress keeps the lock of .*out; it was left untouched\. Move it away"),
+    "lock-path-is-a-fifo": (lambda c: _planted_lock(c, os.mkfifo), r"\.out\.lock is not a regular file, where moe-compress keeps the lock"),
+    "lock-path-is-a-user-file": (lambda c: _planted_lock(c, lambda lock: lock.write_text("my notes")),
+                                 r"\.out\.lock is a file moe-compress did not write, where moe-compress keeps the lock"),
 }
 
 

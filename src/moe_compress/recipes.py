@@ -42,7 +42,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import shutil
 import time
 import types
 import typing
@@ -63,7 +62,7 @@ from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol, expand_sources
 from .evaluate.size import checkpoint_bytes, model_size
 from .io.load import load_model
 from .io.model_card import write_model_card
-from .io.publish import releases_outputs, validate_output_dir
+from .io.publish import discard_staging, releases_outputs, validate_output_dir
 from .io.save import check_output_dir, publish, save_compressed, staging_dir
 from .plan import Plan
 from .preflight import Structure, check_condense, check_drop, check_finetune, check_prune, check_slim
@@ -482,7 +481,6 @@ def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwri
     rows = [{"stage": "original", **_measure(model, eval_sets, speed_prompts, "original")}]
     plans: list[tuple[str, Plan]] = []
     work = staging_dir(out, "recipe")
-    work.mkdir(parents=True)
     try:
         checkpoint = None
         for position, stage in enumerate(data["stages"], 1):
@@ -507,7 +505,7 @@ def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwri
         publish(saved, out, overwrite)
         report["out"] = str(out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        discard_staging(work)
     return report
 
 

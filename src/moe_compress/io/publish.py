@@ -12,10 +12,13 @@ Rules, each from a way users lost data:
     directory, and the next run against the same output puts it back.
   * One writer per output: an exclusive `flock` on `.<name>.lock` beside the output, held from
     the first check until the output is published (or the process ends). A second run fails
-    at once instead of replacing the first one's result.
-  * Staging and aside directories carry the writer's pid and host in their names, so stale
-    ones (their process is dead) are recognised and cleaned by the next run; nothing else in
-    the parent directory is ever touched.
+    at once instead of replacing the first one's result. The lock file is opened without
+    following symlinks and written only by the process that created it: a link or file
+    planted at its name (`ln -s ~/thesis.tex .out.lock`) is refused, never written into.
+  * Staging and aside directories carry the writer's pid and host in their names and, first
+    thing inside, a marker file saying the same, so stale ones (their process is dead) are
+    recognised and cleaned by the next run. A directory without our marker is never removed,
+    whatever its name; nothing else in the parent directory is ever touched.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
+import json
 import os
 import re
 import secrets
 import shutil
 import socket
+import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import wraps
@@ -43,12 +49,85 @@ HOST = socket.gethostname()
 #: .<output name>.<kind>-<pid>@<host>-<token>
 _STAGED = re.compile(r"^\.(?P<name>.+)\.(?P<kind>[a-z]+)-(?P<pid>\d+)@(?P<host>.+)-(?P<token>[0-9a-f]{8})$")
 ASIDE = "old"  # the kind of a replaced output waiting to be deleted
+#: The file inside each staging or aside directory that proves this tool made it, and for whom.
+MARKER = ".moe_compress_staging.json"
+#: What one of our lock files holds: its writer, or nothing in the instant after its creation.
+_HOLDER = re.compile(rb"^(\d+@\S+)?$")
+_LOCK_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def staging_dir(out: str | Path, kind: str) -> Path:
-    """A fresh sibling path of `out` for this process to stage into (not created)."""
+    """Create a fresh sibling directory of `out` for this process to work in, marked as ours.
+
+    The marker (pid, host, kind, output) is written before anything else goes in: cleanup
+    removes only marked directories of dead writers, never a user's directory that merely
+    has such a name. Stage a checkpoint in a subdirectory (the marker must not be published
+    with it) and end with `discard_staging`.
+    """
     out = Path(out)
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}@{HOST}-{secrets.token_hex(4)}"
+    path = out.parent / f".{out.name}.{kind}-{os.getpid()}@{HOST}-{secrets.token_hex(4)}"
+    marker = {"pid": os.getpid(), "host": HOST, "kind": kind, "output": out.name, "created": time.time()}
+    try:
+        path.mkdir()
+        fd = os.open(path / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, json.dumps(marker).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        discard_staging(path)
+        raise write_error(out, exc) from None
+    return path
+
+
+def discard_staging(path: Path) -> None:
+    """Remove a staging directory: its contents, then its marker, then itself.
+
+    In that order a run killed part-way leaves a directory that is still marked (or empty),
+    which the next run recognises and removes; never an unmarked remnant it must leave alone.
+    """
+    try:
+        entries = list(path.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    try:
+        if os.listdir(path) == [MARKER]:
+            (path / MARKER).unlink()
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _is_ours(entry: Path, staged: re.Match) -> bool:
+    """Whether `entry` is a directory whose marker names the writer its name names."""
+    marker = entry / MARKER
+    try:
+        if not stat.S_ISDIR(os.lstat(entry).st_mode) or not stat.S_ISREG((found := os.lstat(marker)).st_mode) or found.st_size > 4096:
+            return False
+        written = json.loads(marker.read_bytes())
+    except (OSError, ValueError):
+        return False
+    expected = {"pid": int(staged["pid"]), "host": staged["host"], "kind": staged["kind"], "output": staged["name"]}
+    return isinstance(written, dict) and all(written.get(key) == value for key, value in expected.items())
+
+
+def _holds_nothing(entry: Path) -> bool:
+    """An empty directory, or one holding only an empty marker: what a run killed between creating
+    a staging directory and writing its marker leaves. Removing it loses nothing."""
+    try:
+        if not stat.S_ISDIR(os.lstat(entry).st_mode):
+            return False
+        names = os.listdir(entry)
+        return not names or names == [MARKER] and stat.S_ISREG((marker := os.lstat(entry / MARKER)).st_mode) and marker.st_size == 0
+    except OSError:
+        return False
 
 
 def _lock_path(out: Path) -> Path:
@@ -85,7 +164,12 @@ def write_error(path: Path, exc: Exception, action: str = "write") -> MoECompres
 
 
 class _OutputLock:
-    """An exclusive flock on the lock file beside an output, for this process."""
+    """An exclusive flock on a lock file beside an output, created by this process.
+
+    The file is never opened through a symlink, and written (our pid) only when this process
+    created it. One left by a dead writer is unlinked and created anew; anything else at its
+    name -- a symlink, a directory, a file we did not write -- is refused, untouched.
+    """
 
     def __init__(self, out: Path):
         self.out = out
@@ -95,35 +179,81 @@ class _OutputLock:
     def acquire(self) -> None:
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd, created = os.open(self.path, _LOCK_FLAGS | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                fd, created = self._open_existing(), False
             except OSError as exc:
                 raise write_error(self.out.parent, exc, "create the output in") from None
+            if fd is None:
+                continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+                if self._take(fd, created):
+                    self.fd = fd
+                    return
+            except BaseException:
                 os.close(fd)
-                raise MoECompressError(
-                    f"another moe-compress run (pid {holder}) is writing {self.out}; wait for it to finish or choose another --out."
-                ) from None
-            # The previous holder may have removed the file between our open and our lock:
-            # then we hold a lock on a deleted file and must take the new one.
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+                raise
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}@{HOST}".encode())
-        self.fd = fd
+
+    def _open_existing(self) -> int | None:
+        """The existing lock file, opened without following a symlink (None: it just went away)."""
+        try:
+            fd = os.open(self.path, _LOCK_FLAGS)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise self._in_the_way() from None
+            raise write_error(self.out.parent, exc, "create the output in") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._in_the_way()
+        return fd
+
+    def _take(self, fd: int, created: bool) -> bool:
+        """Lock `fd`; True once it is the lock file at our path, created by us and holding our pid."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            written = os.read(fd, 200).strip()
+            holder = written.decode() if written and _HOLDER.match(written) else "unknown"
+            raise MoECompressError(
+                f"another moe-compress run (pid {holder}) is writing {self.out}; wait for it to finish or choose another --out."
+            ) from None
+        # The previous holder may have removed (or someone replaced) the file between our open
+        # and our lock: then we hold a lock on a file no longer at our path and must start again.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            return False
+        if created:
+            os.write(fd, f"{os.getpid()}@{HOST}".encode())
+            return True
+        if os.fstat(fd).st_size > 200 or not _HOLDER.match(os.read(fd, 201).strip()):
+            raise self._in_the_way()
+        self.path.unlink()  # a dead writer's (we hold its lock): replace it with one of our own
+        return False
+
+    def _in_the_way(self) -> MoECompressError:
+        try:
+            mode = os.lstat(self.path).st_mode
+        except OSError:
+            mode = 0
+        what = ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a file moe-compress did not write" if stat.S_ISREG(mode) else "not a regular file")
+        return MoECompressError(
+            f"{self.path} is {what}, where moe-compress keeps the lock of {self.out}; it was left untouched. "
+            "Move it away or choose another --out."
+        )
 
     def release(self) -> None:
         if self.fd is None:
             return
-        try:
-            self.path.unlink(missing_ok=True)  # while still locked: no one else can be holding it
+        try:  # while still locked: no one else can be holding it
+            if os.path.samestat(os.fstat(self.fd), os.lstat(self.path)):
+                self.path.unlink()
         except OSError:
             pass
         os.close(self.fd)
@@ -216,18 +346,25 @@ def _clean_stale(out: Path) -> None:
         match = _STAGED.match(entry.name)
         if not match or match["name"] != out.name or _process_alive(int(match["pid"]), match["host"]):
             continue
-        if match["kind"] == ASIDE:
+        if not _is_ours(entry, match):
+            if _holds_nothing(entry):
+                discard_staging(entry)
+        elif match["kind"] == ASIDE:
             asides.append(entry)
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            discard_staging(entry)
     for entry in asides:
-        if not out.exists() and not out.is_symlink():
-            entry.rename(out)
+        held = entry / out.name
+        if not os.path.lexists(held):  # killed before the old output was moved in: nothing to restore
+            discard_staging(entry)
+        elif not out.exists() and not out.is_symlink():
+            held.rename(out)
+            discard_staging(entry)
             warn(f"restored {out} from {entry.name}: an earlier run was interrupted while replacing it.")
         elif (out / "config.json").is_file():  # the replacement was published; only deleting the old one was cut short
-            shutil.rmtree(entry, ignore_errors=True)
+            discard_staging(entry)
         else:
-            warn(f"{entry} holds the checkpoint an interrupted run was replacing, and {out} is not a checkpoint; both are left as they are.")
+            warn(f"{held} holds the checkpoint an interrupted run was replacing, and {out} is not a checkpoint; both are left as they are.")
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -335,13 +472,19 @@ def publish(staged: Path, out: Path, overwrite: bool = True) -> Path:
                 if not _replaceable(out):
                     raise MoECompressError(f"output {out} is no longer a checkpoint directory; refusing to replace it. Choose another --out.")
             aside = staging_dir(out, ASIDE)
-            out.rename(aside)
+            held = aside / out.name
             try:
-                staged.rename(out)
+                out.rename(held)
+                try:
+                    staged.rename(out)
+                except BaseException:
+                    held.rename(out)
+                    raise
             except BaseException:
-                aside.rename(out)
+                if not os.path.lexists(held):  # the old output is back in place (or never left it)
+                    discard_staging(aside)
                 raise
-            shutil.rmtree(aside, ignore_errors=True)
+            discard_staging(aside)
         else:
             staged.rename(out)
     except OSError as exc:

@@ -9,7 +9,6 @@ place), so a failure (disk full, interrupted run) never leaves a half-written ch
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ..plan import Plan
 from ..progress import step
 from .export import Group, Transform, model_groups, write_groups
 from .model_card import PLAN_FILE, SUMMARY_FILE, provenance, write_model_card
-from .publish import check_output_dir, publish, releases_outputs, staging_dir, write_error
+from .publish import check_output_dir, discard_staging, publish, releases_outputs, staging_dir, write_error
 from .remote_code import write_remote_code, write_stock_identity
 
 #: Tokenizer-config keys that describe how this process loaded the tokenizer, not the tokenizer:
@@ -83,7 +82,8 @@ def save_compressed(
     """
     out = Path(out)
     check_output_dir(out, overwrite, [getattr(model, "name_or_path", None)])
-    staging = staging_dir(out, "partial")
+    work = staging_dir(out, "partial")
+    staging = work / out.name
     try:
         with step(f"writing {out}"):
             write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes, transform)
@@ -103,7 +103,7 @@ def save_compressed(
     except (OSError, SafetensorError) as exc:
         raise write_error(out, exc) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(work)
     return out
 
 

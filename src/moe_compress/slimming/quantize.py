@@ -26,7 +26,6 @@ same way but stored as the rounded values in the model dtype (the summary says s
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,7 +39,7 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import streamed_groups
 from ..io.open import Streaming, open_model
-from ..io.publish import releases_outputs
+from ..io.publish import discard_staging, releases_outputs
 from ..io.model_card import write_model_card
 from ..io.provenance import read_provenance
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
@@ -376,5 +375,5 @@ def quantize(
         write_model_card(staged, made)  # again: the card (and the provenance's seal) now describe the quantised checkpoint
         publish(staged, out, overwrite)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        discard_staging(work)
     return QuantizeResult(out, summary)
