@@ -28,10 +28,11 @@ def built(monkeypatch, tmp_path):
     return calls
 
 
-def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    """`moe-compress ARGS` in a fresh process that then asserts torch and transformers were never imported."""
+def _cli(tmp_path, *args: str, exit_code: int = 0) -> subprocess.CompletedProcess:
+    """`moe-compress ARGS` in a fresh process that checks its exit code, then that torch and
+    transformers were never imported."""
     probe = (f"import sys\nfrom moe_compress.cli import main\nsys.argv = ['moe-compress', *{list(args)!r}]\n"
-             "try:\n    main()\nexcept SystemExit as end:\n    assert not end.code, end.code\n" + LIGHT)
+             f"try:\n    main()\nexcept SystemExit as end:\n    assert (end.code or 0) == {exit_code}, end.code\n" + LIGHT)
     return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MOE_COMPRESS_CACHE": str(tmp_path), "COLUMNS": "200"})
 
@@ -71,3 +72,10 @@ def test_the_key_follows_the_code(monkeypatch, tmp_path):
     assert remembered.code_key() == before
     (tmp_path / "arch" / "families.py").write_text("REFUSED = {'x': 'an edited refusal'}\n")
     assert remembered.code_key()["code"] != before["code"]
+
+
+def test_a_model_that_cannot_be_found_is_answered_without_torch(tmp_path):
+    run = _cli(tmp_path, "prune", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"), exit_code=2)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.startswith("error: model") and "not found" in run.stderr
+    assert not (tmp_path / "out").exists()

@@ -115,14 +115,19 @@ def user_errors(command: Callable) -> Callable:
     """Print user errors as one clear line and exit 2, instead of a traceback.
 
     Float options must be finite (a NaN ratio or learning rate would pass every range check);
-    output locks are released when the command ends, however it ends.
+    output locks are released when the command ends, however it ends. A model that cannot be
+    found is answered first, before torch and transformers are imported.
     """
     @wraps(command)
     def wrapper(*args, **kwargs):
-        from .finite import require_finite_numbers
-        from .io.publish import output_locks
-
         try:
+            if isinstance(kwargs.get("model"), str):
+                from .io.locate import resolve_model
+
+                resolve_model(kwargs["model"])
+            from .finite import require_finite_numbers
+            from .io.publish import output_locks
+
             with output_locks():
                 require_finite_numbers((f"--{name.replace('_', '-')}", value) for name, value in kwargs.items())
                 return command(*args, **kwargs)

@@ -18,7 +18,6 @@ Safe by default: a checkpoint is data, not a program.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,50 +33,13 @@ from ..errors import MoECompressError
 from ..finite import require_finite_weights
 from ..progress import progress_enabled
 from .export import record_origin
+from .locate import ASSETS, BUNDLED_MODELS, bundled_models, offline, resolve_model  # noqa: F401 (re-exported)
 from .remote_code import AUTO_MAP, expected_files, is_own_remote_code
 from .residency import PreQuantized, StreamedWeights
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUNDLED_MODELS = ASSETS / "models"
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 TRUST_HINT = "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust its author"
-
-
-def bundled_models() -> list[str]:
-    return sorted(p.name for p in BUNDLED_MODELS.iterdir() if (p / "config.json").is_file()) if BUNDLED_MODELS.is_dir() else []
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def resolve_model(name_or_path: str | Path) -> str:
-    """A local directory for bundled names and existing paths; otherwise the Hub id itself."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise MoECompressError(f"{path} is a directory but holds no config.json: it is not a model checkpoint.")
-        return str(path)
-    if path.exists():
-        raise MoECompressError(f"{path} is a file; pass the checkpoint directory that contains config.json.")
-    if str(name_or_path) in bundled_models():
-        return str(BUNDLED_MODELS / str(name_or_path))
-    text = str(name_or_path)
-    # 'org/name' is a Hub id; 'slim24/' (a trailing slash) or 'runs/x' (where runs/ exists) is a path that is missing.
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith("/") and not Path(text.split("/")[0]).is_dir()
-    if not looks_like_hub_id:
-        raise MoECompressError(
-            f"model {str(name_or_path)!r} not found: no such directory, and not a bundled model "
-            f"({', '.join(bundled_models()) or 'none installed'}) or a Hub id like 'org/name'."
-        )
-    if _offline():
-        raise MoECompressError(
-            f"{name_or_path!r} looks like a Hugging Face Hub id, but HF_HUB_OFFLINE is set, so it cannot be downloaded. "
-            "Download it first (e.g. `huggingface-cli download`) and pass the local directory."
-        )
-    return str(name_or_path)
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -112,7 +112,7 @@ def _source_name(source: str | Path | None) -> str | None:
     """A bundled model by its name, anything else as given."""
     if source is None:
         return None
-    from .load import BUNDLED_MODELS
+    from .locate import BUNDLED_MODELS
 
     path = Path(str(source))
     try:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from ..errors import MoECompressError, warn
-from .load import BUNDLED_MODELS
+from .locate import BUNDLED_MODELS
 
 P = ParamSpec("P")
 R = TypeVar("R")
