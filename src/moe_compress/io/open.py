@@ -1,7 +1,8 @@
 """Open a model for a stage: in memory when it fits comfortably, streamed from its checkpoint when not.
 
 `streaming="auto"` streams when the checkpoint's weights exceed half of the memory that is
-available for them -- RAM, or the GPU's free memory when computing on a GPU (an in-memory
+available for them -- RAM (no more than the container's cgroup limit leaves, see
+`io.memory_limit`), or the GPU's free memory when computing on a GPU (an in-memory
 model is moved to the device whole) -- and always for a pre-quantised (FP8, MXFP4) checkpoint. Streaming computes the same numbers (a test compares
 every statistic and every written byte); it only reads each layer from disk when it is used,
 so it is slower on models that would have fit.
@@ -19,19 +20,23 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..errors import MoECompressError
 from .checkpoint import Checkpoint
 from .load import load_model, load_streamed, resolve_model
+from .memory_limit import cgroup_available_bytes
 from .residency import InMemoryWeights, StreamedWeights, Weights
 
 Streaming = bool | Literal["auto"]
 
 
 def available_bytes(device: str | torch.device) -> int:
+    """Free memory on `device`: for the CPU, the host's available RAM or what the cgroup limit leaves, whichever is less."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    host = int(psutil.virtual_memory().available)
+    limited = cgroup_available_bytes()
+    return host if limited is None else min(host, limited)
 
 
 def should_stream(name_or_path: str | Path, streaming: Streaming, device: str | torch.device) -> bool:
