@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
 from .checkpoint import Checkpoint
+from .export import origin_checkpoint
 from .load import load_model, load_streamed, resolve_model
 from .memory_limit import cgroup_available_bytes
 from .residency import InMemoryWeights, StreamedWeights, Weights
@@ -58,17 +59,17 @@ def _pre_quantised(source: Path) -> bool:
 
 
 def open_model(
-    model: PreTrainedModel | StreamedWeights | str | Path, device: str = "cpu", streaming: Streaming = "auto", dtype: str = "auto",
+    model: PreTrainedModel | Weights | str | Path, device: str = "cpu", streaming: Streaming = "auto", dtype: str = "auto",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, Weights]:
     """(model or its meta skeleton, tokenizer or None, where its weights live).
 
     A name or path is opened as `streaming` says; an in-memory model or an already open
-    streamed model is used as it is. See `io.load` for `trust_remote_code`.
+    model (`Weights`, e.g. the CLI's, opened before its "before" measurements) is used as it is. See `io.load` for `trust_remote_code`.
     """
     if streaming not in (True, False, "auto"):
         raise MoECompressError(f"streaming must be true, false or 'auto'; got {streaming!r}.")
-    if isinstance(model, StreamedWeights):
+    if isinstance(model, StreamedWeights | InMemoryWeights):
         return model.model, None, model
     if not isinstance(model, (str, Path)):
         if streaming is True:
@@ -78,7 +79,7 @@ def open_model(
         weights, tokenizer = load_streamed(model, dtype, trust_remote_code)
         return weights.model, tokenizer, weights
     loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return loaded, tokenizer, InMemoryWeights(loaded)
+    return loaded, tokenizer, InMemoryWeights(loaded, origin_checkpoint(loaded))
 
 
 __all__ = ["StreamedWeights", "Streaming", "available_bytes", "open_model", "should_stream"]
