@@ -85,8 +85,8 @@ def test_an_old_plan_without_identity_is_refused_unless_told_to_ignore_it(made, 
     result = compress(tiny_model("mixtral"), plan=tmp_path / "old.json", ignore_plan_identity=True)
     assert result.plan.kept_counts() == {0: 6, 1: 6, 2: 6}
     warning = capsys.readouterr().err.strip().splitlines()
-    assert warning == ["warning: this plan records no model identity (an older moe-compress wrote it, or it was built in code): it was checked against the "
-                       "model's layers and experts, not its weights (--ignore-plan-identity (API: ignore_plan_identity=True))."]
+    assert warning == ["warning: this plan records no model identity (an older moe-compress wrote it, or it was built in code): applied with "
+                       "--ignore-plan-identity, checked against the model's layers and experts, not its weights."]
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_a_zeroed_fingerprint_of_the_older_single_kind_is_refused_streamed(sourc
     plan = _edited_identity(residency_plans[False], tmp_path, _legacy("0" * 32))
     with pytest.raises(MoECompressError, match=r"plan was made for other weights .*fingerprint 0{32}"):
         _run(source, tmp_path, False, plan=plan)
-    with pytest.raises(MoECompressError, match=r"records only a content fingerprint, which this run cannot compute \(it needs a model loaded in memory"):
+    with pytest.raises(MoECompressError, match=r"records only a content fingerprint, which this run cannot compute \(that needs the model loaded in memory: --streaming off\)"):
         _run(source, tmp_path, True, plan=plan)
 
 
@@ -240,7 +240,7 @@ def test_a_null_or_switched_fingerprint_is_refused_unless_ignored_with_a_warning
     result = _run(source, tmp_path, streaming, plan=plan, ignore_plan_identity=True)
     assert result.plan.kept_counts() == {0: 6, 1: 6, 2: 6}
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and message in warnings[0] and "(--ignore-plan-identity" in warnings[0], warnings
+    assert len(warnings) == 1 and message in warnings[0] and "--ignore-plan-identity" in warnings[0], warnings
 
 
 def test_a_model_handed_over_in_memory_cannot_check_a_streamed_plan(source, residency_plans, capsys):
@@ -248,7 +248,7 @@ def test_a_model_handed_over_in_memory_cannot_check_a_streamed_plan(source, resi
     from moe_compress.io.load import load_model
 
     model, _ = load_model(source)
-    with pytest.raises(MoECompressError, match=r"records only a checkpoint fingerprint, which this run cannot compute \(it needs a model opened from its checkpoint directory\)"):
+    with pytest.raises(MoECompressError, match=r"records only a checkpoint fingerprint, which this run cannot compute \(that needs the model opened from its checkpoint directory\)"):
         compress(model, plan=residency_plans[True])
     result = compress(model, plan=residency_plans[True], ignore_plan_identity=True)
     assert result.plan.kept_counts() == {0: 6, 1: 6, 2: 6}
@@ -268,6 +268,6 @@ def test_the_cli_takes_ignore_plan_identity_and_warns(source, residency_plans, t
     assert refused.exit_code == 2 and "records no weights fingerprint" in refused.stderr and not (tmp_path / "refused").exists()
     applied = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "applied"), "--ignore-plan-identity"])
     assert applied.exit_code == 0, applied.output
-    assert "warning: this plan records no weights fingerprint: it was checked against the model's layers and experts" in applied.stderr
+    assert "warning: this plan records no weights fingerprint: applied with --ignore-plan-identity, checked against the model's layers and experts" in applied.stderr
     for name in ("prune", "analyze"):
         assert "--ignore-plan-identity" in CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "300"}).output

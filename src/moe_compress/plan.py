@@ -30,7 +30,7 @@ from .finite import require_finite
 PLAN_FORMAT = "moe-compress/plan@1"
 FINGERPRINT_KINDS = ("content", "checkpoint")
 #: How a run computes each kind of fingerprint (said when a plan's kind cannot be compared).
-_COMPUTED_BY = {"content": "a model loaded in memory (--streaming off)", "checkpoint": "a model opened from its checkpoint directory"}
+_COMPUTED_BY = {"content": "the model loaded in memory: --streaming off", "checkpoint": "the model opened from its checkpoint directory"}
 
 
 def _vectors_path(plan_path: Path) -> Path:
@@ -218,7 +218,7 @@ def _unchecked(why: str, ignore: bool) -> None:
             f"this plan {why}, so nothing shows it was made for these weights. Recompute the plan for this model, "
             f"or pass {IGNORE_OPTION} to apply it unchecked."
         )
-    warn(f"this plan {why}: it was checked against the model's layers and experts, not its weights ({IGNORE_OPTION}).")
+    warn(f"this plan {why}: applied with --ignore-plan-identity, checked against the model's layers and experts, not its weights.")
 
 
 @dataclass
@@ -465,7 +465,7 @@ class Plan:
         if not shared:
             recorded = made_for.fingerprints
             why = "records no weights fingerprint" if not recorded else (
-                f"records only a {' and a '.join(recorded)} fingerprint, which this run cannot compute (it needs "
+                f"records only a {' and a '.join(recorded)} fingerprint, which this run cannot compute (that needs "
                 f"{' or '.join(_COMPUTED_BY[k] for k in recorded)})"
             )
             _unchecked(why, ignore_fingerprint)
@@ -480,7 +480,7 @@ class Plan:
             )
             if not ignore_fingerprint:
                 raise MoECompressError(f"{message}. Recompute the plan for these weights, or pass {IGNORE_OPTION} to apply it anyway.")
-            warn(f"{message}; applied anyway ({IGNORE_OPTION}).")
+            warn(f"{message}; applied anyway, as --ignore-plan-identity asks.")
 
     # ---- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
