@@ -111,7 +111,7 @@ def _reload_cases(model_type: str, result: BatteryResult, root: Path) -> None:
         non_uniform = tiny_model(model_type, num_layers=layers)
         if len(get_adapter(non_uniform).moe_layer_indices(non_uniform)) > 1:
             break
-    compress(non_uniform, plan=non_uniform_plan(non_uniform), out=root / f"{model_type}-global")
+    compress(non_uniform, plan=non_uniform_plan(non_uniform), out=root / f"{model_type}-global", ignore_plan_identity=True)
     _saved(non_uniform, "global", result, root, True, inputs)
     novices = tiny_model(model_type)
     compress(novices, method="mone", ratio=0.5, budget="global", calib=token_batches(), out=root / f"{model_type}-mone", cache_dir=False)

@@ -144,6 +144,33 @@ def _out_is_cwd(c: Case) -> list:
     return ["prune", c.checkpoint, "--out", ".", "--overwrite", "--seq-len", "32"]
 
 
+def _plan_with_identity(c: Case, edit: Callable[[dict], dict], *extra, command: str = "prune") -> list:
+    """A REAP plan made in memory for the checkpoint (recording both fingerprint kinds), its identity edited."""
+    from moe_compress import compress
+
+    plan = compress(str(c.checkpoint), ratio=0.25, calib=[torch.randint(3, 96, (2, 16))], streaming=False, cache_dir=False).plan
+    body = plan.to_dict()
+    body["identity"] = edit(body["identity"])
+    path = c.text("plan.json", json.dumps(body))
+    if command == "analyze":
+        return ["analyze", c.checkpoint, "--out", c.out, "--plan", path, "--samples", "4", "--seq-len", "32", "--calib", c.calib]
+    return c.prune("--plan-in", path, *extra)
+
+
+def _zeroed_fingerprints(identity: dict) -> dict:
+    return {**identity, "fingerprints": {kind: "0" * len(value) for kind, value in identity["fingerprints"].items()}}
+
+
+def _null_fingerprint(identity: dict) -> dict:
+    """The older single-fingerprint form, with none."""
+    return {**{k: v for k, v in identity.items() if k != "fingerprints"}, "fingerprint": None, "fingerprint_kind": "content"}
+
+
+def _switched_kind(identity: dict) -> dict:
+    """The older single-fingerprint form: the content hash, labelled as the checkpoint's."""
+    return {**{k: v for k, v in identity.items() if k != "fingerprints"}, "fingerprint": identity["fingerprints"]["content"], "fingerprint_kind": "checkpoint"}
+
+
 CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     # checkpoints
     "pickle-checkpoint": (_pickle_checkpoint, r"pickle weights \(pytorch_model\.bin\).*reads safetensors only"),
@@ -189,6 +216,13 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "lock-path-is-a-fifo": (lambda c: _planted_lock(c, os.mkfifo), r"\.out\.lock is not a regular file, where moe-compress keeps the lock"),
     "lock-path-is-a-user-file": (lambda c: _planted_lock(c, lambda lock: lock.write_text("my notes")),
                                  r"\.out\.lock is a file moe-compress did not write, where moe-compress keeps the lock"),
+    # issue 20 item 3: plans whose weights fingerprint does not match or cannot be compared
+    "plan-fingerprint-zeroed": (lambda c: _plan_with_identity(c, _zeroed_fingerprints), r"other weights of this architecture \(content fingerprint 0{32}"),
+    "plan-fingerprint-zeroed-streamed": (lambda c: _plan_with_identity(c, _zeroed_fingerprints, "--streaming", "on"), r"other weights of this architecture \(checkpoint fingerprint 0{16}"),
+    "plan-fingerprint-zeroed-dry-run": (lambda c: _plan_with_identity(c, _zeroed_fingerprints, "--dry-run"), r"other weights of this architecture \(checkpoint fingerprint 0{16}"),
+    "plan-fingerprint-null": (lambda c: _plan_with_identity(c, _null_fingerprint, "--streaming", "on"), r"this plan records no weights fingerprint, .* --ignore-plan-identity"),
+    "plan-fingerprint-kind-switched": (lambda c: _plan_with_identity(c, _switched_kind, "--streaming", "on"), r"other weights of this architecture \(checkpoint fingerprint [0-9a-f]{32}, this model [0-9a-f]{16}\)"),
+    "analyze-plan-without-fingerprint": (lambda c: _plan_with_identity(c, _null_fingerprint, command="analyze"), r"this plan records no weights fingerprint"),
 }
 
 

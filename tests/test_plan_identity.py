@@ -45,7 +45,7 @@ def test_a_plan_records_its_model(made):
     assert identity["experts_per_layer"] == {"0": 8, "1": 8, "2": 8} and identity["hidden_size"] == 32
     from moe_compress.observe.cache import content_fingerprint
 
-    assert identity["fingerprint"] == content_fingerprint(model) and identity["fingerprint_kind"] == "content"
+    assert identity["fingerprints"] == {"content": content_fingerprint(model)}, "a model handed over in memory has no checkpoint to name"
 
 
 def test_the_same_plan_applies_to_the_same_model(made):
@@ -75,13 +75,18 @@ def test_a_plan_for_other_weights_is_refused(made):
         compress(tiny_model("mixtral").to(torch.bfloat16), plan=made / "reap.json")
 
 
-def test_an_old_plan_without_identity_loads_with_a_warning(made, tmp_path, capsys):
+def test_an_old_plan_without_identity_is_refused_unless_told_to_ignore_it(made, tmp_path, capsys):
+    """Deleting the identity must not be a way round the weights check."""
     data = json.loads((made / "reap.json").read_text())
     del data["identity"]
     (tmp_path / "old.json").write_text(json.dumps(data))
-    result = compress(tiny_model("mixtral"), plan=tmp_path / "old.json")
+    with pytest.raises(MoECompressError, match=r"this plan records no model identity .* pass --ignore-plan-identity"):
+        compress(tiny_model("mixtral"), plan=tmp_path / "old.json")
+    result = compress(tiny_model("mixtral"), plan=tmp_path / "old.json", ignore_plan_identity=True)
     assert result.plan.kept_counts() == {0: 6, 1: 6, 2: 6}
-    assert "records no model identity" in capsys.readouterr().err
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert warning == ["warning: this plan records no model identity (an older moe-compress wrote it, or it was built in code): applied with "
+                       "--ignore-plan-identity, checked against the model's layers and experts, not its weights."]
 
 
 @pytest.mark.parametrize(
@@ -129,3 +134,140 @@ def test_nan_condensed_weights_are_refused():
     plan = Plan("mixtral", 2, [LayerPlan(0, 8, [0, 1], condensed_weights=[0.5, float("nan")])])
     with pytest.raises(MoECompressError, match="condensed_weights contain NaN"):
         plan.validate()
+
+
+# ---- issue 20 item 3: fingerprints of both kinds, compared in memory and streamed --------------
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """The tiny Mixtral of `made`, saved as a checkpoint."""
+    directory = tmp_path_factory.mktemp("source") / "mixtral"
+    tiny_model("mixtral").save_pretrained(directory)
+    return directory
+
+
+def _run(source, tmp_path, streaming, plan=None, **kwargs):
+    out = tmp_path / f"out-{streaming}-{len(list(tmp_path.iterdir()))}"
+    return compress(source, ratio=0.25, calib=token_batches(), plan=plan, out=out, streaming=streaming, cache_dir=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def residency_plans(source, tmp_path_factory):
+    """{streamed: the plan a REAP run on `source` saved}, made in memory (False) and streamed (True)."""
+    root = tmp_path_factory.mktemp("residency")
+    return {streaming: _run(source, root, streaming).output_dir / "moe_compress_plan.json" for streaming in (False, True)}
+
+
+def _identity(path):
+    return json.loads(path.read_text())["identity"]
+
+
+def test_a_run_records_every_fingerprint_it_can_compute_cheaply(source, residency_plans, made):
+    from moe_compress.observe.cache import checkpoint_fingerprint, content_fingerprint
+
+    in_memory, streamed = (_identity(residency_plans[s])["fingerprints"] for s in (False, True))
+    assert in_memory == {"content": content_fingerprint(tiny_model("mixtral")), "checkpoint": checkpoint_fingerprint(source)}
+    assert streamed == {"checkpoint": checkpoint_fingerprint(source)}, "a streamed run never holds every byte to hash"
+
+
+@pytest.mark.parametrize("made_streamed", [False, True])
+def test_a_plan_replays_in_the_other_residency_when_the_checkpoint_is_unchanged(source, residency_plans, tmp_path, capsys, made_streamed):
+    plan = residency_plans[made_streamed]
+    made = json.loads(plan.read_text())
+    result = _run(source, tmp_path, not made_streamed, plan=plan)
+    assert result.summary["streamed"] is (not made_streamed)
+    assert [lp.keep for lp in result.plan.layers] == [lp["keep"] for lp in made["layers"]]
+    assert "warning" not in capsys.readouterr().err
+
+
+def _edited_identity(plan, tmp_path, edit) -> object:
+    data = json.loads(plan.read_text())
+    data["identity"] = edit(dict(data["identity"]))
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _zeroed(identity):
+    return {**identity, "fingerprints": {kind: "0" * len(value) for kind, value in identity["fingerprints"].items()}}
+
+
+def _legacy(fingerprint, kind="content"):
+    """The identity as plans wrote it before both kinds were recorded: one fingerprint, one kind."""
+    def edit(identity):
+        identity.pop("fingerprints", None)
+        return {**identity, "fingerprint": fingerprint, "fingerprint_kind": kind}
+    return edit
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_zeroed_fingerprint_is_refused_in_memory_and_streamed(source, residency_plans, tmp_path, streaming):
+    plan = _edited_identity(residency_plans[False], tmp_path, _zeroed)
+    with pytest.raises(MoECompressError, match=r"plan was made for other weights of this architecture \((content|checkpoint) fingerprint 0{16}"):
+        _run(source, tmp_path, streaming, plan=plan)
+    assert not any(tmp_path.glob("out-*/*")), "nothing written"
+
+
+def test_a_zeroed_fingerprint_of_the_older_single_kind_is_refused_streamed(source, residency_plans, tmp_path):
+    """An older plan's zeroed content fingerprint cannot be compared by a streamed run: refused, not skipped."""
+    plan = _edited_identity(residency_plans[False], tmp_path, _legacy("0" * 32))
+    with pytest.raises(MoECompressError, match=r"plan was made for other weights .*fingerprint 0{32}"):
+        _run(source, tmp_path, False, plan=plan)
+    with pytest.raises(MoECompressError, match=r"records only a content fingerprint, which this run cannot compute \(that needs the model loaded in memory: --streaming off\)"):
+        _run(source, tmp_path, True, plan=plan)
+
+
+def _swapped(identity):
+    prints = identity["fingerprints"]
+    return {**identity, "fingerprints": {"content": prints["checkpoint"], "checkpoint": prints["content"]}}
+
+
+UNCHECKABLE = {
+    "null": (_legacy(None), "this plan records no weights fingerprint"),
+    "none-recorded": (lambda identity: {**identity, "fingerprints": {}}, "this plan records no weights fingerprint"),
+    "kind-switched": (lambda identity: _legacy(identity["fingerprints"]["content"], "checkpoint")(identity), "other weights of this architecture"),
+    "kinds-swapped": (_swapped, "other weights of this architecture"),
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("case", list(UNCHECKABLE))
+def test_a_null_or_switched_fingerprint_is_refused_unless_ignored_with_a_warning(source, residency_plans, tmp_path, capsys, case, streaming):
+    edit, message = UNCHECKABLE[case]
+    plan = _edited_identity(residency_plans[False], tmp_path, edit)
+    with pytest.raises(MoECompressError, match=rf"{message}.*--ignore-plan-identity"):
+        _run(source, tmp_path, streaming, plan=plan)
+    capsys.readouterr()
+    result = _run(source, tmp_path, streaming, plan=plan, ignore_plan_identity=True)
+    assert result.plan.kept_counts() == {0: 6, 1: 6, 2: 6}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and message in warnings[0] and "--ignore-plan-identity" in warnings[0], warnings
+
+
+def test_a_model_handed_over_in_memory_cannot_check_a_streamed_plan(source, residency_plans, capsys):
+    """It may differ from any file, so it has no checkpoint fingerprint: refused, or applied with a warning."""
+    from moe_compress.io.load import load_model
+
+    model, _ = load_model(source)
+    with pytest.raises(MoECompressError, match=r"records only a checkpoint fingerprint, which this run cannot compute \(that needs the model opened from its checkpoint directory\)"):
+        compress(model, plan=residency_plans[True])
+    result = compress(model, plan=residency_plans[True], ignore_plan_identity=True)
+    assert result.plan.kept_counts() == {0: 6, 1: 6, 2: 6}
+    assert "warning: this plan records only a checkpoint fingerprint" in capsys.readouterr().err
+
+
+def test_the_cli_takes_ignore_plan_identity_and_warns(source, residency_plans, tmp_path):
+    from typer.testing import CliRunner
+
+    from moe_compress.cli import app
+
+    plan = _edited_identity(residency_plans[False], tmp_path, _legacy(None))
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": "a b c d e f g " * 20}) + "\n" for _ in range(8)))
+    command = ["prune", str(source), "--plan-in", str(plan), "--streaming", "on", "--no-cache", "--calib", str(calib), "--seq-len", "16"]
+    refused = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2 and "records no weights fingerprint" in refused.stderr and not (tmp_path / "refused").exists()
+    applied = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "applied"), "--ignore-plan-identity"])
+    assert applied.exit_code == 0, applied.output
+    assert "warning: this plan records no weights fingerprint: applied with --ignore-plan-identity, checked against the model's layers and experts" in applied.stderr
+    for name in ("prune", "analyze"):
+        assert "--ignore-plan-identity" in CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "300"}).output

@@ -44,7 +44,7 @@ def saved(tmp_path_factory):
         uniform = tiny_model(family)
         compress(uniform, method="reap", ratio=0.5, budget="layer", calib=token_batches(), out=root / f"{family}-uniform", cache_dir=False)
         non_uniform = tiny_model(family)
-        compress(non_uniform, plan=_non_uniform_plan(non_uniform), out=root / f"{family}-non-uniform")
+        compress(non_uniform, plan=_non_uniform_plan(non_uniform), out=root / f"{family}-non-uniform", ignore_plan_identity=True)
         novices = tiny_model(family)
         compress(novices, method="mone", ratio=0.5, budget="global", calib=token_batches(), out=root / f"{family}-mone", cache_dir=False)
         variants = [("uniform", uniform), ("non-uniform", non_uniform), ("mone", novices)]

@@ -42,8 +42,8 @@ def checkpoints(tmp_path_factory):
 
 
 def _plan_without_fingerprint(plan: dict) -> dict:
-    """A plan identifies its model by a checkpoint fingerprint when streamed, by a content hash in memory."""
-    identity = {k: v for k, v in (plan.get("identity") or {}).items() if k not in ("fingerprint", "fingerprint_kind")}
+    """A plan identifies its model by a checkpoint fingerprint when streamed, also by a content hash in memory."""
+    identity = {k: v for k, v in (plan.get("identity") or {}).items() if k != "fingerprints"}
     return {**plan, "identity": identity}
 
 

@@ -93,9 +93,18 @@ def router_rows(model: PreTrainedModel, adapter: MoEAdapter) -> dict[int, int]:
 
 
 def model_identity(model: PreTrainedModel, adapter: MoEAdapter, weights: Weights | None = None) -> ModelIdentity:
-    """What a plan made for `model` records, and what a plan applied to it is checked against."""
+    """What a plan made for `model` records, and what a plan applied to it is checked against.
+
+    Besides the run's own fingerprint (`weights_fingerprint`), weights that this run read
+    unchanged from a checkpoint are also fingerprinted by its headers (cheap), so a plan made
+    in memory can be checked by a streamed run and the other way round.
+    """
     groups, per_token = adapter.routing_groups(model.config)
     fingerprint, kind = weights_fingerprint(model, weights)
+    fingerprints = {kind: fingerprint}
+    source = weights.checkpoint if weights is not None else None
+    if source is not None and "checkpoint" not in fingerprints:
+        fingerprints["checkpoint"] = source.fingerprint()
     return ModelIdentity(
         model_type=adapter.model_type,
         num_layers=len(adapter.decoder_layers(model)),
@@ -104,8 +113,7 @@ def model_identity(model: PreTrainedModel, adapter: MoEAdapter, weights: Weights
         hidden_size=int(model.config.get_text_config().hidden_size),
         routing_groups=groups,
         groups_per_token=per_token,
-        fingerprint=fingerprint,
-        fingerprint_kind=kind,
+        fingerprints=fingerprints,
         dtype=str(model.dtype).removeprefix("torch."),
     )
 
@@ -171,13 +179,14 @@ def collect_statistics(
 
 @releases_outputs
 def compress(
-    model: PreTrainedModel | str | Path,
+    model: PreTrainedModel | Weights | str | Path,
     method: str = "reap",
     ratio: float = 0.25,
     budget: Budget = "layer",
     calib: Calibration = CalibrationSpec(samples=128),
     tokenizer: PreTrainedTokenizerBase | None = None,
     plan: Plan | str | Path | None = None,
+    ignore_plan_identity: bool = False,
     out: str | Path | None = None,
     overwrite: bool = False,
     min_keep: int = 0,
@@ -193,7 +202,8 @@ def compress(
     Either `method` (any name in `moe_compress.methods.METHODS`, with its `options`) +
     `ratio` + `budget` decide from calibration statistics, or `plan` (a Plan or a plan JSON
     file) says what to do directly and no calibration runs; such a plan must have been made
-    for this model (`Plan.check_identity`). An in-memory model is changed in place; a
+    for this model (`Plan.check_identity`), and one whose weights fingerprint does not match or
+    cannot be compared is refused unless `ignore_plan_identity` (then it costs a warning). An in-memory model is changed in place; a
     checkpoint path is streamed layer by layer when `streaming` says so (see `open_model`),
     and the result then exists only as the checkpoint written to `out`. `trust_remote_code`
     lets a checkpoint's own Python code run (see `io.load`). The default calibration, 128
@@ -211,14 +221,14 @@ def compress(
         check_prunable(model, adapter)
         chosen = get_method(method)
         batches = _calibration_batches(calib, tokenizer, model.config)
-        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.fingerprint)
+        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.own_fingerprint)
         if not distributed.is_main():
             return _other_rank_result()
         plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model, weights=weights), options)
         plan.identity = identity
     else:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        plan.check_identity(identity)
+        plan.check_identity(identity, ignore_plan_identity)
     return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, weights)
 
 
@@ -252,6 +262,8 @@ def _apply_and_report(
     carried = carried_keys(model, weights)
     if weights.streamed:
         model = copy.deepcopy(model)
+    else:
+        weights.checkpoint = None  # changed in place below: no longer the checkpoint's content
     apply_plan(model, plan, adapter)
     stored_format = "as loaded"
     if weights.streamed:
@@ -289,12 +301,12 @@ def _apply_and_report(
     return CompressionResult(None if weights.streamed else model, plan, summary, output_dir)
 
 
-def _source_of(model: PreTrainedModel | StreamedWeights | str | Path) -> str | Path | None:
+def _source_of(model: PreTrainedModel | Weights | str | Path) -> str | Path | None:
     """Where a model was read from: what an output may not overwrite."""
     if isinstance(model, str | Path):
         return model
-    if isinstance(model, StreamedWeights):
-        return model.checkpoint.directory
+    if isinstance(model, StreamedWeights | InMemoryWeights):
+        return model.checkpoint.directory if model.checkpoint is not None else getattr(model.model, "name_or_path", None)
     return getattr(model, "name_or_path", None)
 
 
@@ -315,7 +327,7 @@ def _prepare(model, tokenizer, out, overwrite, device, streaming: Streaming = Fa
 
 @releases_outputs
 def drop(
-    model: PreTrainedModel | str | Path,
+    model: PreTrainedModel | Weights | str | Path,
     unit: Unit = "moe",
     n: int | None = None,
     target_ratio: float | None = None,
@@ -396,14 +408,14 @@ def condense(
     start = time.perf_counter()
     if isinstance(model, str | Path) and Path(resolve_model(model)).is_dir() and isinstance(calib, CalibrationSpec):
         check_condense_memory(Path(resolve_model(model)), calib.samples, calib.seq_len, available_bytes("cpu"))
-    model, tokenizer, adapter, _ = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code=trust_remote_code)
+    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code=trust_remote_code)
     before = model_size(model, adapter)
-    identity = model_identity(model, adapter)
+    identity = model_identity(model, adapter, weights)
     batches = _calibration_batches(calib, tokenizer, model.config)
-    stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device, fingerprint=identity.fingerprint)
+    stats, from_cache = collect_statistics(model, batches, ("gate_sum", "selected"), cache_dir, device, fingerprint=identity.own_fingerprint)
     experts = adapter.top_k(model.config) if experts is None else experts
     settings = {"experts": experts, "objective": objective, "choose_size": choose_size, "position_stride": position_stride}
-    key = state_key(identity.fingerprint, batches_fingerprint(batches), settings)
+    key = state_key(identity.own_fingerprint, batches_fingerprint(batches), settings)
     path = None if state_file is False or (state_file is None and cache_dir is False) else (
         Path(state_file) if state_file else default_state_path(key, cache_dir or None)
     )

@@ -218,6 +218,12 @@ CacheDirOpt = Annotated[Path | None, typer.Option(help="Where calibration statis
 EvalWindowsOpt = Annotated[int, typer.Option("--eval-windows", help="Perplexity windows per text source for --eval (the evaluation protocol; see `moe-compress eval --help`).")]
 EvalSeqLenOpt = Annotated[int, typer.Option("--eval-seq-len", help="Tokens per perplexity window for --eval (independent of the calibration --seq-len).")]
 EvalOpt = Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after (same forms as --calib; 'bundled': each bundled domain's test split), with the evaluation protocol of --eval-windows / --eval-seq-len.")]
+IgnorePlanIdentityOpt = Annotated[bool, typer.Option(
+    "--ignore-plan-identity",
+    help="Apply the plan even when its weights fingerprint does not match this model's or cannot be compared with it "
+         "(a plan without one, or one made streamed applied to a model in memory that was not read from its checkpoint), "
+         "with a warning; e.g. a plan made on a base model for its fine-tune. Layer, expert and routing counts are always checked.",
+)]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Check every input, print what would be done (the plan itself with --plan-in) and exit: no calibration, nothing written.")]
 
 
@@ -330,6 +336,7 @@ def prune(
     text_field: TextFieldOpt = "text",
     min_keep: Annotated[int, typer.Option(help="Global budget only: fewest experts any layer may keep (never below top-k).")] = 0,
     plan_in: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of deciding from calibration.")] = None,
+    ignore_plan_identity: IgnorePlanIdentityOpt = False,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
     eval_ppl: EvalOpt = None,
     eval_windows: EvalWindowsOpt = DEFAULT_PROTOCOL.windows,
@@ -392,7 +399,8 @@ def prune(
     if dry_run:
         from .dry_run import dry_run_prune
 
-        dry_run_prune(model, out, overwrite, plan_in, method, options, ratio, budget, min_keep, spec, eval_ppl, protocol, dtype, trust_remote_code)
+        dry_run_prune(model, out, overwrite, plan_in, method, options, ratio, budget, min_keep, spec, eval_ppl, protocol, dtype, trust_remote_code,
+                      ignore_plan_identity)
         return
     check_output_dir(out, overwrite, [model, plan_in])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
@@ -402,7 +410,7 @@ def prune(
         eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
         before = _perplexities(loaded, eval_sets, weights, device, "before")
         result = compress(
-            weights if weights.streamed else loaded, method, ratio, budget, spec, tokenizer, plan=plan_in, out=out,
+            weights, method, ratio, budget, spec, tokenizer, plan=plan_in, ignore_plan_identity=ignore_plan_identity, out=out,
             overwrite=overwrite, min_keep=min_keep, options=options, cache_dir=False if no_cache else cache_dir, device=device,
         )
         if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
@@ -795,7 +803,7 @@ def drop_command(
         loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         check_drop(Structure.of(loaded), unit, drop, target_ratio)
         result = drop_layers(
-            weights if weights.streamed else loaded, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device,
+            weights, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device,
             consecutive_score=consecutive_score,
         )
     if result.plan is not None:  # None: a rank other than 0 of a distributed run; rank 0 reports
@@ -994,6 +1002,7 @@ def analyze(
     probe_tokens: Annotated[int, typer.Option(help="Tokens per batch in the probe that defines expert signatures.")] = 64,
     normalize: Annotated[str, typer.Option(help="Heatmap colours: none (the statistic's own units, comparable across layers) or layer (each layer divided by its largest value, to compare shapes).")] = "none",
     plan: Annotated[Path | None, typer.Option(help="Mark the experts this plan JSON removes (crossed out in the heatmaps, red in the similarity plot).")] = None,
+    ignore_plan_identity: IgnorePlanIdentityOpt = False,
     method: Annotated[str | None, typer.Option(help="Instead of --plan: mark the experts this method would remove at --ratio / --budget, planned from the same statistics (written to plan.json, for prune --plan-in).")] = None,
     ratio: Annotated[float, typer.Option(help="With --method: fraction of routed experts to remove, in [0, 1).")] = 0.25,
     budget: Annotated[str, typer.Option(help="With --method: layer or global.")] = "layer",
@@ -1039,7 +1048,7 @@ def analyze(
         loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         adapter = get_adapter(loaded)
         if given is not None:
-            given.check_identity(model_identity(loaded, adapter, weights))
+            given.check_identity(model_identity(loaded, adapter, weights), ignore_plan_identity)
         layers = adapter.moe_layer_indices(loaded)
         unknown = [layer for layer in similarity_layer or [] if layer not in layers]
         if unknown:

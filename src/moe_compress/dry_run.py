@@ -59,7 +59,7 @@ def _size_table(before, after) -> Table:
     return table
 
 
-def _plan_in(structure: Structure, plan_path: Path) -> None:
+def _plan_in(structure: Structure, plan_path: Path, ignore_plan_identity: bool) -> None:
     """Print a plan checked against the model, and the size it would give (applied to a copy of the skeleton)."""
     from .api import model_identity
     from .plan import Plan
@@ -67,7 +67,7 @@ def _plan_in(structure: Structure, plan_path: Path) -> None:
 
     plan = Plan.load(plan_path)
     if structure.weights is not None:
-        plan.check_identity(model_identity(structure.model, structure.adapter, structure.weights))
+        plan.check_identity(model_identity(structure.model, structure.adapter, structure.weights), ignore_plan_identity)
     else:
         plan.check_model(structure.adapter.model_type, structure.experts, len(structure.adapter.decoder_layers(structure.model)), structure.top_k)
     show_table(plan.table())
@@ -80,10 +80,11 @@ def _plan_in(structure: Structure, plan_path: Path) -> None:
 def dry_run_prune(
     model: str, out: Path, overwrite: bool, plan_in: Path | None, method: str, options: dict[str, Any], ratio: float, budget: str,
     min_keep: int, spec: CalibrationSpec, eval_ppl: str | None, protocol: EvalProtocol, dtype: str, trust_remote_code: bool,
+    ignore_plan_identity: bool = False,
 ) -> None:
     structure = _open(model, out, overwrite, [plan_in], dtype, trust_remote_code, "prune")
     if plan_in is not None:
-        _plan_in(structure, plan_in)
+        _plan_in(structure, plan_in, ignore_plan_identity)
     else:
         kept = check_prune(structure, method, options, ratio, budget, min_keep)
         _calibration(spec, f"score experts with {method} (statistics are reused from the cache when this model and data were seen)")

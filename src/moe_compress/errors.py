@@ -4,8 +4,8 @@ Everything that a user can cause (a bad path, a model we do not support, an impo
 raises `MoECompressError` with a message that names the problem and the fix. The CLI prints
 these without a traceback; anything else is a bug and keeps its traceback.
 
-Warnings are for what a run can survive (an unusable statistics cache, a plan too old to be
-checked against a fingerprint): one line on stderr, and the run goes on.
+Warnings are for what a run can survive (an unusable statistics cache, a plan applied
+unchecked with --ignore-plan-identity): one line on stderr, and the run goes on.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ from .errors import MoECompressError, warn
 from .finite import require_finite
 
 PLAN_FORMAT = "moe-compress/plan@1"
+FINGERPRINT_KINDS = ("content", "checkpoint")
+#: How a run computes each kind of fingerprint (said when a plan's kind cannot be compared).
+_COMPUTED_BY = {"content": "the model loaded in memory: --streaming off", "checkpoint": "the model opened from its checkpoint directory"}
 
 
 def _vectors_path(plan_path: Path) -> Path:
@@ -74,10 +77,16 @@ class RoutingLimits:
 class ModelIdentity:
     """What identifies the model a plan was made for.
 
-    `fingerprint` is a hash of the weights: "content" (every byte of every tensor of an
-    in-memory model, `observe.cache.content_fingerprint`) or "checkpoint" (the safetensors
-    headers, sizes and mtimes of a checkpoint read lazily, `observe.cache.checkpoint_fingerprint`);
-    two fingerprints are compared only when they are of the same kind.
+    `fingerprints` hashes the weights, by kind: "content" (every byte of every tensor of an
+    in-memory model, `observe.cache.content_fingerprint`) and "checkpoint" (the safetensors
+    headers, sizes and mtimes of the checkpoint the weights were read from, unchanged,
+    `observe.cache.checkpoint_fingerprint`). A run records every kind it can compute cheaply:
+    a model loaded whole from a checkpoint both, a streamed one (whose bytes are never all in
+    memory) the checkpoint's, a model handed over in memory its content's. Two fingerprints
+    are compared only when they are of the same kind, so both kinds let a plan made in
+    memory be applied streamed and the other way round. Plans written before the two kinds
+    were recorded together hold one `fingerprint` of one `fingerprint_kind`; `from_dict`
+    reads them as a one-entry `fingerprints`.
     """
 
     model_type: str
@@ -87,9 +96,13 @@ class ModelIdentity:
     hidden_size: int
     routing_groups: int = 1
     groups_per_token: int = 1
-    fingerprint: str | None = None
-    fingerprint_kind: str = "content"
+    fingerprints: dict[str, str] = field(default_factory=dict)
     dtype: str | None = None
+
+    @property
+    def own_fingerprint(self) -> str | None:
+        """The one fingerprint caches are keyed by: the content hash of weights in memory, else the checkpoint's."""
+        return self.fingerprints.get("content") or self.fingerprints.get("checkpoint")
 
     def to_dict(self) -> dict:
         body = asdict(self)
@@ -103,7 +116,13 @@ class ModelIdentity:
         experts = data["experts_per_layer"]
         if not isinstance(experts, dict) or not all(str(k).isdigit() and _is_int(v, 1) for k, v in experts.items()):
             raise MoECompressError(f"{where}: 'experts_per_layer' must map layer numbers to positive expert counts; got {experts!r}.")
-        return cls(**{**data, "experts_per_layer": {int(k): v for k, v in experts.items()}})
+        body = {k: v for k, v in data.items() if k not in _LEGACY_FINGERPRINT}
+        if _LEGACY_FINGERPRINT & set(data):
+            if "fingerprints" in data:
+                raise MoECompressError(f"{where} has both 'fingerprints' and the older 'fingerprint'/'fingerprint_kind'; keep 'fingerprints' only.")
+            legacy = data.get("fingerprint")
+            body["fingerprints"] = {data.get("fingerprint_kind", "content"): legacy} if legacy else {}
+        return cls(**{**body, "experts_per_layer": {int(k): v for k, v in experts.items()}})
 
 
 # ---- type checks of plan files ---------------------------------------------------------------
@@ -161,10 +180,16 @@ _IDENTITY_FIELDS: dict[str, _FieldSpec] = {
     "hidden_size": (lambda v: _is_int(v, 1), "a positive integer", True),
     "routing_groups": (lambda v: _is_int(v, 1), "a positive integer", False),
     "groups_per_token": (lambda v: _is_int(v, 1), "a positive integer", False),
+    "fingerprints": (
+        lambda v: isinstance(v, dict) and all(k in FINGERPRINT_KINDS and isinstance(x, str) and x for k, x in v.items()),
+        "an object mapping 'content' and/or 'checkpoint' to fingerprint strings", False,
+    ),
+    # the single fingerprint of plans written before both kinds were recorded (read as `fingerprints`)
     "fingerprint": (_optional(lambda v: isinstance(v, str)), "null or a string", False),
-    "fingerprint_kind": (lambda v: v in ("content", "checkpoint"), "'content' or 'checkpoint'", False),
+    "fingerprint_kind": (lambda v: v in FINGERPRINT_KINDS, "'content' or 'checkpoint'", False),
     "dtype": (_optional(lambda v: isinstance(v, str)), "null or a string", False),
 }
+_LEGACY_FINGERPRINT = {"fingerprint", "fingerprint_kind"}
 
 
 def _check_fields(data: object, spec: dict[str, _FieldSpec], where: str) -> None:
@@ -181,6 +206,19 @@ def _check_fields(data: object, spec: dict[str, _FieldSpec], where: str) -> None
             continue
         if not test(data[name]):
             raise MoECompressError(f"{where}: field {name!r} must be {expected}; got {json.dumps(data[name])[:80]}.")
+
+
+IGNORE_OPTION = "--ignore-plan-identity (API: ignore_plan_identity=True)"
+
+
+def _unchecked(why: str, ignore: bool) -> None:
+    """Refuse a plan whose weights cannot be compared with the model's, or with `ignore` warn and go on."""
+    if not ignore:
+        raise MoECompressError(
+            f"this plan {why}, so nothing shows it was made for these weights. Recompute the plan for this model, "
+            f"or pass {IGNORE_OPTION} to apply it unchecked."
+        )
+    warn(f"this plan {why}: applied with --ignore-plan-identity, checked against the model's layers and experts, not its weights.")
 
 
 @dataclass
@@ -392,11 +430,16 @@ class Plan:
                     f"plan expects {lp.num_experts} experts in layer {lp.layer}; the model has {experts_per_layer[lp.layer]}."
                 )
 
-    def check_identity(self, model: ModelIdentity) -> None:
-        """Raise unless this plan was made for `model` (see `ModelIdentity`); warn when it cannot tell.
+    def check_identity(self, model: ModelIdentity, ignore_fingerprint: bool = False) -> None:
+        """Raise unless this plan was made for `model` (see `ModelIdentity`).
 
-        A plan without an identity (written by an older moe-compress) is checked against the
-        layer and expert counts only.
+        The structure (model type, layers, experts, top-k, hidden size, routing groups) must
+        always match. The weights must match by every fingerprint kind both record; a plan
+        that records none this run can compare (no identity, no fingerprint, or only a kind
+        this run cannot compute) is refused as well, since an unchecked plan applied to other
+        weights writes a wrong model without a word. `ignore_fingerprint` (--ignore-plan-identity)
+        turns both weights refusals into a warning: for a plan meant for other weights of the
+        same architecture, e.g. one made on a base model and applied to its fine-tune.
         """
         self.check_model(model.model_type, model.experts_per_layer, model.num_layers, model.top_k)
         if (self.routing_groups, self.groups_per_token) != (model.routing_groups, model.groups_per_token):
@@ -409,7 +452,7 @@ class Plan:
                 raise MoECompressError(f"plan novice vectors of layer {layer} have width {vectors.shape[1]}; the model's hidden size is {model.hidden_size}.")
         made_for = self.identity
         if made_for is None:
-            warn("this plan records no model identity (an older moe-compress wrote it): it was checked against layer and expert counts, not against a weights fingerprint.")
+            _unchecked("records no model identity (an older moe-compress wrote it, or it was built in code)", ignore_fingerprint)
             return
         structure = ("model_type", "num_layers", "experts_per_layer", "top_k", "hidden_size")
         for name in structure:
@@ -418,13 +461,26 @@ class Plan:
                     f"plan was made for a model with {name} {getattr(made_for, name)}; this model has {getattr(model, name)}. "
                     "Apply a plan only to the model it was made for."
                 )
-        if made_for.fingerprint and model.fingerprint and made_for.fingerprint_kind == model.fingerprint_kind:
-            if made_for.fingerprint != model.fingerprint:
-                dtype = f" (it was made on {made_for.dtype} weights, these are {model.dtype}: load with --dtype {made_for.dtype})" if made_for.dtype != model.dtype else ""
-                raise MoECompressError(
-                    f"plan was made for other weights of this architecture (fingerprint {made_for.fingerprint}, this model "
-                    f"{model.fingerprint}){dtype}. Recompute the plan for these weights."
-                )
+        shared = [kind for kind in FINGERPRINT_KINDS if kind in made_for.fingerprints and kind in model.fingerprints]
+        if not shared:
+            recorded = made_for.fingerprints
+            why = "records no weights fingerprint" if not recorded else (
+                f"records only a {' and a '.join(recorded)} fingerprint, which this run cannot compute (that needs "
+                f"{' or '.join(_COMPUTED_BY[k] for k in recorded)})"
+            )
+            _unchecked(why, ignore_fingerprint)
+            return
+        differing = [kind for kind in shared if made_for.fingerprints[kind] != model.fingerprints[kind]]
+        if differing:
+            kind = differing[0]
+            dtype = f" (it was made on {made_for.dtype} weights, these are {model.dtype}: load with --dtype {made_for.dtype})" if made_for.dtype != model.dtype else ""
+            message = (
+                f"plan was made for other weights of this architecture ({kind} fingerprint {made_for.fingerprints[kind]}, this model "
+                f"{model.fingerprints[kind]}){dtype}"
+            )
+            if not ignore_fingerprint:
+                raise MoECompressError(f"{message}. Recompute the plan for these weights, or pass {IGNORE_OPTION} to apply it anyway.")
+            warn(f"{message}; applied anyway, as --ignore-plan-identity asks.")
 
     # ---- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -202,6 +202,15 @@ def record_origin(model: PreTrainedModel, directory: str | Path) -> None:
     setattr(model, ORIGIN, Origin(checkpoint, carried, len(get_adapter(model).decoder_layers(model))))
 
 
+def origin_checkpoint(model: PreTrainedModel) -> Checkpoint | None:
+    """The checkpoint `model` was loaded from (None if it was not loaded by `io.load.load_model`).
+
+    Only as long as nothing has changed the model since is it still the checkpoint's content.
+    """
+    origin: Origin | None = getattr(model, ORIGIN, None)
+    return origin.checkpoint if origin is not None else None
+
+
 def carried_keys(model: PreTrainedModel, weights: StreamedWeights | None = None) -> list[str]:
     """Checkpoint tensors transformers does not load that a save of `model` carries over."""
     if weights is not None and weights.streamed:

@@ -1,7 +1,8 @@
 """Open a model for a stage: in memory when it fits comfortably, streamed from its checkpoint when not.
 
 `streaming="auto"` streams when the checkpoint's weights exceed half of the memory that is
-available for them -- RAM, or the GPU's free memory when computing on a GPU (an in-memory
+available for them -- RAM (no more than the container's cgroup limit leaves, see
+`io.memory_limit`), or the GPU's free memory when computing on a GPU (an in-memory
 model is moved to the device whole) -- and always for a pre-quantised (FP8, MXFP4) checkpoint. Streaming computes the same numbers (a test compares
 every statistic and every written byte); it only reads each layer from disk when it is used,
 so it is slower on models that would have fit.
@@ -18,20 +19,25 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
 from .checkpoint import Checkpoint
+from .export import origin_checkpoint
 from .load import load_model, load_streamed, resolve_model
+from .memory_limit import cgroup_available_bytes
 from .residency import InMemoryWeights, StreamedWeights, Weights
 
 Streaming = bool | Literal["auto"]
 
 
 def available_bytes(device: str | torch.device) -> int:
+    """Free memory on `device`: for the CPU, the host's available RAM or what the cgroup limit leaves, whichever is less."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    host = int(psutil.virtual_memory().available)
+    limited = cgroup_available_bytes()
+    return host if limited is None else min(host, limited)
 
 
 def should_stream(name_or_path: str | Path, streaming: Streaming, device: str | torch.device) -> bool:
@@ -53,17 +59,17 @@ def _pre_quantised(source: Path) -> bool:
 
 
 def open_model(
-    model: PreTrainedModel | StreamedWeights | str | Path, device: str = "cpu", streaming: Streaming = "auto", dtype: str = "auto",
+    model: PreTrainedModel | Weights | str | Path, device: str = "cpu", streaming: Streaming = "auto", dtype: str = "auto",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, Weights]:
     """(model or its meta skeleton, tokenizer or None, where its weights live).
 
     A name or path is opened as `streaming` says; an in-memory model or an already open
-    streamed model is used as it is. See `io.load` for `trust_remote_code`.
+    model (`Weights`, e.g. the CLI's, opened before its "before" measurements) is used as it is. See `io.load` for `trust_remote_code`.
     """
     if streaming not in (True, False, "auto"):
         raise MoECompressError(f"streaming must be true, false or 'auto'; got {streaming!r}.")
-    if isinstance(model, StreamedWeights):
+    if isinstance(model, StreamedWeights | InMemoryWeights):
         return model.model, None, model
     if not isinstance(model, (str, Path)):
         if streaming is True:
@@ -73,7 +79,7 @@ def open_model(
         weights, tokenizer = load_streamed(model, dtype, trust_remote_code)
         return weights.model, tokenizer, weights
     loaded, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return loaded, tokenizer, InMemoryWeights(loaded)
+    return loaded, tokenizer, InMemoryWeights(loaded, origin_checkpoint(loaded))
 
 
 __all__ = ["StreamedWeights", "Streaming", "available_bytes", "open_model", "should_stream"]

@@ -120,12 +120,18 @@ def _sequential_loading() -> Iterator[None]:
 
 
 class InMemoryWeights:
-    """Weights already in memory; a module visits the compute device while it is used."""
+    """Weights already in memory; a module visits the compute device while it is used.
+
+    `checkpoint` is the checkpoint this run read them from and has not changed since (None for
+    a model handed over in memory, which may differ from any file): a plan's identity can then
+    name them by the checkpoint's fingerprint too (`api.model_identity`).
+    """
 
     streamed = False
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, checkpoint: Checkpoint | None = None):
         self.model = model
+        self.checkpoint = checkpoint
 
     @contextmanager
     def loaded_names(self, names: list[str], device: str | torch.device = "cpu") -> Iterator[None]:
