@@ -2,8 +2,9 @@
 
 The battery (`family_battery.py`) runs each supported type's tiny model -- built from its real
 config class -- through ratio 0, pruning unused experts, uniform / non-uniform / MoNE saves,
-block drop, slim and quantize, and reloads every checkpoint in one fresh process that cannot
-import moe_compress. The tests below turn its records into one failure per broken path.
+block drop, slim and quantize, its defaults build (every feature of the class on, only sizes
+shrunk) through the layer walk and a uniform prune, and reloads every checkpoint in one fresh
+process that cannot import moe_compress. The tests below turn its records into one failure per broken path.
 """
 
 from __future__ import annotations

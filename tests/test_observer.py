@@ -173,7 +173,9 @@ def test_a_positional_layer_input_without_a_name_is_refused_before_calibration(t
     layer = get_adapter(model).decoder_layers(model)[0]
     original = layer.forward
     layer.forward = lambda hidden_states, *args, **kwargs: original(hidden_states, *args, **kwargs)
-    message = r"^Gemma4TextDecoderLayer is called with 1 extra positional argument\(s\) that its forward does not name, .* not supported\.$"
-    with pytest.raises(MoECompressError, match=message):
+    with pytest.raises(MoECompressError) as refused:
         compress(model, "reap", 0.5, "layer", token_batches(), out=tmp_path / "out", cache_dir=False)
+    message = str(refused.value)
+    assert message.startswith("Gemma4TextDecoderLayer is called with 1 extra positional argument(s) that its forward does not name, ")
+    assert message.endswith("not supported (`moe-compress families` lists the supported types).") and "\n" not in message
     assert not (tmp_path / "out").exists()

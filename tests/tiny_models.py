@@ -48,8 +48,8 @@ SIZES: dict[str, object] = {
     "text_hidden_size": 32, "out_hidden_size": 32, "adapter_out_dim": 32, "adapter_in_dim": 32, "thinker_hidden_size": 32,
     "tie_word_embeddings": False, "projector_hidden_size": 32,
 }
-#: Optional features (off when None or 0) that SIZES sets whatever the class's default: a
-#: defaults build keeps each off where its class has it off, and gives it this size where on.
+#: Optional features (off when None or 0) that SIZES sets whatever the class's default (keys of
+#: SIZES): a defaults build keeps each off where its class has it off, and gives it this size where on.
 OPTIONAL: dict[str, object] = {
     "hidden_size_per_layer_input": 8, "moe_latent_size": 16, "sliding_window": 4, "sliding_window_size": 4, "q_lora_rank": 16,
     "first_k_dense_replace": 1, "moe_num_shared_experts": 1, "n_shared_experts": 1, "num_shared_experts": 1,
@@ -127,21 +127,17 @@ def _fit(values: list, n: int) -> list:
 
 
 def _size(key: str, default, from_defaults: bool):
-    """The tiny value of size key `key` (in SIZES or OPTIONAL) whose class default is `default`."""
+    """The tiny value of `key` (in SIZES) whose class default is `default`."""
     if not from_defaults:
         return SIZES[key]
     if key in SWITCHES or key in OPTIONAL and default in (None, 0):
         return default
-    return OPTIONAL.get(key, SIZES.get(key))
-
-
-def _is_size(key: str) -> bool:
-    return key in SIZES or key in OPTIONAL
+    return OPTIONAL.get(key, SIZES[key])
 
 
 def _shrunk_layer(values: dict, from_defaults: bool) -> dict:
     """One layer's values of a heterogeneous config, shrunk like the whole config."""
-    shrunk = {key: _size(key, value, from_defaults) if _is_size(key) else value for key, value in values.items()}
+    shrunk = {key: _size(key, value, from_defaults) if key in SIZES else value for key, value in values.items()}
     if "kv_lora_rank" in values and "num_key_value_heads" in values:
         shrunk["num_key_value_heads"] = SIZES["num_attention_heads"]
     if {"head_dim", "qk_nope_head_dim", "qk_rope_head_dim"} <= set(values):  # a full-head sliding layer
@@ -161,7 +157,7 @@ def _shrunk(cls: type, layers: int, overrides: dict, from_defaults: bool) -> dic
     kwargs: dict = {}
     for key, value in defaults.items():
         number = value is None or isinstance(value, int) and not isinstance(value, bool)
-        if _is_size(key) and (number or isinstance(value, bool)):
+        if key in SIZES and (number or isinstance(value, bool)):
             kwargs[key] = _size(key, value, from_defaults)
         elif key in EXPERT_KEYS and number:
             kwargs[key] = EXPERTS
@@ -176,7 +172,8 @@ def _shrunk(cls: type, layers: int, overrides: dict, from_defaults: bool) -> dic
         elif key == "eos_token_id" and isinstance(value, list):
             kwargs[key] = SPECIAL_TOKENS[key]
         elif key == "per_layer_config" and isinstance(value, dict):  # heterogeneous layers: shrink each
-            kwargs[key] = {str(new): _shrunk_layer(value[old], from_defaults) for new, i in enumerate(chosen) for old in value if int(old) == i} or None
+            layers_of = {str(new): value[old] for new, i in enumerate(chosen) for old in value if int(old) == i}
+            kwargs[key] = {new: _shrunk_layer(values, from_defaults) for new, values in layers_of.items()} or None
     if "kv_lora_rank" in defaults:  # multi-head latent attention: as many key/value heads as query heads
         kwargs["num_key_value_heads"] = SIZES["num_attention_heads"]
     for groups in ("n_group", "num_expert_group"):

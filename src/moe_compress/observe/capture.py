@@ -2,9 +2,10 @@
 
 Every decoder layer is temporarily replaced by a recorder that stores its arguments (rotary
 embeddings, the family's attention mask for that layer's type, position ids, Gemma 4's
-per-layer input) and passes the hidden states straight through. One cheap pass of the model then yields the embedding
-output and every layer's keyword arguments for each calibration batch -- whatever the
-family computes in its model-level forward, we reuse rather than re-implement.
+per-layer input) and passes the hidden states straight through. One cheap pass of the model
+then yields the embedding output and every layer's keyword arguments for each calibration
+batch -- whatever the family computes in its model-level forward (Gemma 4's per-layer inputs
+from the stem's per-layer embedding table included), we reuse rather than re-implement.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def named_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> dict:
     if len(named) < len(args):
         raise MoECompressError(
             f"{type(layer).__name__} is called with {len(args)} extra positional argument(s) that its forward does not name, "
-            "so moe-compress cannot replay them layer by layer: this model type is not supported."
+            "so moe-compress cannot replay them layer by layer: this model type is not supported (`moe-compress families` lists the supported types)."
         )
     return {**dict(zip(named, args)), **kwargs}
 
