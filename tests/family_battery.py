@@ -151,9 +151,8 @@ def _quantize(model_type: str, result: BatteryResult, root: Path) -> None:
     result.experts_storage = outcome.summary["experts_storage"]
 
 
-def _sequential(model_type: str, result: BatteryResult, root: Path) -> None:
+def _walk_reproduces_the_model(model) -> None:
     """The layer-by-layer observer reproduces the model's own last-layer output (hybrid layers, layer state)."""
-    model = tiny_model(model_type)
     adapter = get_adapter(model)
     batches = token_batches(count=2)
     seen: list[torch.Tensor] = []
@@ -168,6 +167,21 @@ def _sequential(model_type: str, result: BatteryResult, root: Path) -> None:
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5)
 
 
+def _sequential(model_type: str, result: BatteryResult, root: Path) -> None:
+    _walk_reproduces_the_model(tiny_model(model_type))
+
+
+def _defaults(model_type: str, result: BatteryResult, root: Path) -> None:
+    """The config class's own features, only sizes shrunk (Gemma 4's per-layer inputs, tied embeddings,
+    no dense first layer...): the walk reproduces the model, and a uniform prune saves a stock checkpoint."""
+    model = tiny_model(model_type, from_defaults=True)
+    _walk_reproduces_the_model(model)
+    inputs = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    compress(model, method="reap", ratio=0.5, budget="layer", calib=token_batches(), out=root / f"{model_type}-defaults", cache_dir=False)
+    assert not hasattr(model.config, "moe_compress"), "a uniform prune must be a stock checkpoint"
+    _saved(model, "defaults", result, root, False, inputs)
+
+
 CASES = {
     "sequential": _sequential,
     "ratio_zero": _ratio_zero,
@@ -176,6 +190,7 @@ CASES = {
     "block_drop": _block_drop,
     "slim": _slim,
     "quantize": _quantize,
+    "defaults": _defaults,
 }
 
 

@@ -2,8 +2,9 @@
 
 The battery (`family_battery.py`) runs each supported type's tiny model -- built from its real
 config class -- through ratio 0, pruning unused experts, uniform / non-uniform / MoNE saves,
-block drop, slim and quantize, and reloads every checkpoint in one fresh process that cannot
-import moe_compress. The tests below turn its records into one failure per broken path.
+block drop, slim and quantize, its defaults build (every feature of the class on, only sizes
+shrunk) through the layer walk and a uniform prune, and reloads every checkpoint in one fresh
+process that cannot import moe_compress. The tests below turn its records into one failure per broken path.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ REQUESTED = (
     "qwen3_5_moe", "gemma4", "qwen3_next", "glm4_moe_lite", "glm_moe_dsa", "deepseek_v32", "minimax_m2", "kimi_linear",
     "mistral_large4", "qwen3_vl_moe", "glm4v_moe", "nemotron_h", "jamba", "granitemoehybrid", "qwen3_omni_moe_thinker",
 )
-RELOADED = {"uniform": False, "global": True, "mone": True, "block": False}  # case -> needs remote code
+RELOADED = {"uniform": False, "global": True, "mone": True, "block": False, "defaults": False}  # case -> needs remote code
 #: The battery is one session fixture that runs every case of every type: its tests share one
 #: pytest-xdist worker, or each worker would build the whole battery again.
 ON_BATTERY_WORKER = pytest.mark.xdist_group("family-battery")
@@ -46,7 +47,8 @@ def test_battery(battery, model_type, case):  # noqa: F811
 @ON_BATTERY_WORKER
 @pytest.mark.parametrize("model_type", SUPPORTED)
 def test_saved_checkpoints_reload_exactly_without_moe_compress(battery, model_type):  # noqa: F811
-    """Uniform prune and block drop: stock class; non-uniform and MoNE: the generated class; identical tensors and logits."""
+    """Uniform prune (also of the defaults build) and block drop: stock class; non-uniform and MoNE: the generated class;
+    identical tensors and logits."""
     jobs = {job["case"]: job for job in battery.results[model_type].jobs}
     assert set(jobs) == set(RELOADED), f"cases that saved nothing: {set(RELOADED) - set(jobs)}"
     for case, remote in RELOADED.items():

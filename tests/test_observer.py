@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import token_batches
-from moe_compress import get_adapter
+from moe_compress import MoECompressError, compress, get_adapter
 from moe_compress.api import collect_statistics
 from moe_compress.observe import STATISTICS, observe_expert_statistics, run_sequential
 from moe_compress.observe.statistics import merge_moments
@@ -156,3 +156,26 @@ def test_observing_leaves_every_layer_output_unchanged(family):
 
     observed = run_sequential(model, adapter, batches, observe)
     assert all(torch.equal(a, b) for a, b in zip(plain, observed))
+
+
+def test_layer_inputs_passed_positionally_are_carried_by_name():
+    """Gemma 4's stack hands each layer its per-layer input positionally (issue 20 item 10): the walk carries it."""
+    model = tiny_model("gemma4_text", hidden_size_per_layer_input=8)
+    batches = token_batches(2)
+    hidden = run_sequential(model, get_adapter(model), batches)
+    with torch.no_grad():
+        for h, batch in zip(hidden, batches):
+            assert torch.equal(model.model.norm(h), model.model(input_ids=batch).last_hidden_state)
+
+
+def test_a_positional_layer_input_without_a_name_is_refused_before_calibration(tmp_path):
+    model = tiny_model("gemma4_text", hidden_size_per_layer_input=8)
+    layer = get_adapter(model).decoder_layers(model)[0]
+    original = layer.forward
+    layer.forward = lambda hidden_states, *args, **kwargs: original(hidden_states, *args, **kwargs)
+    with pytest.raises(MoECompressError) as refused:
+        compress(model, "reap", 0.5, "layer", token_batches(), out=tmp_path / "out", cache_dir=False)
+    message = str(refused.value)
+    assert message.startswith("Gemma4TextDecoderLayer is called with 1 extra positional argument(s) that its forward does not name, ")
+    assert message.endswith("not supported (`moe-compress families` lists the supported types).") and "\n" not in message
+    assert not (tmp_path / "out").exists()

@@ -83,6 +83,23 @@ def test_streamed_prune_writes_the_same_bytes(checkpoints, tmp_path, family, met
     _same_files(tmp_path / "True", tmp_path / "False")
 
 
+@pytest.mark.parametrize("model_type", ["gemma4_text", "gemma4"])
+def test_gemma4_with_per_layer_inputs_prunes_and_streams_to_the_same_bytes(tmp_path, model_type):
+    """Its stack hands each layer a per-layer input positionally, computed from the per-layer embedding
+    table of the stem (issue 20 item 10): carried in memory and streamed alike, by pruning and by evaluation."""
+    model = tiny_model(model_type, hidden_size_per_layer_input=8)
+    text = model.config.get_text_config()
+    assert text.enable_moe_block and text.hidden_size_per_layer_input == 8
+    model.save_pretrained(tmp_path / "source")
+    weights, _ = load_streamed(tmp_path / "source")
+    windows = torch.cat(token_batches(count=2, batch=3))
+    assert perplexity(weights.model, windows, 2, weights=weights) == perplexity(model, windows, 2)
+    for streaming in (True, False):
+        mc.compress(tmp_path / "source", "reap", 0.25, "global", token_batches(1), out=tmp_path / str(streaming), cache_dir=False,
+                    streaming=streaming)
+    _same_files(tmp_path / "True", tmp_path / "False")
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_streamed_drop_and_slim_write_the_same_bytes(checkpoints, tmp_path, family):
     source = checkpoints / family

@@ -2,7 +2,10 @@
 
 Every supported model type gets one: its config class's defaults, shrunk programmatically
 (sizes, expert count, top-k, layer count; per-layer lists keep every distinct layer kind), with
-per-type overrides only where a config class needs them. They are small enough to run a
+per-type overrides only where a config class needs them. The trimmed build (the default) also
+switches off costly optional features and sets structural features tests rely on; the
+defaults build (`from_defaults=True`) keeps every feature as the class has it, only smaller, so
+that a default the trimmed build switches off cannot hide a crash. They are small enough to run a
 forward pass in milliseconds but keep the structural features that make each family differ:
 dense first layers, sparse steps, hybrid mamba / linear-attention layers, shared experts (with
 and without a gate), sigmoid / group-limited routers with correction biases, expert biases,
@@ -45,6 +48,14 @@ SIZES: dict[str, object] = {
     "text_hidden_size": 32, "out_hidden_size": 32, "adapter_out_dim": 32, "adapter_in_dim": 32, "thinker_hidden_size": 32,
     "tie_word_embeddings": False, "projector_hidden_size": 32,
 }
+#: Optional features (off when None or 0) that SIZES sets whatever the class's default (keys of
+#: SIZES): a defaults build keeps each off where its class has it off, and gives it this size where on.
+OPTIONAL: dict[str, object] = {
+    "hidden_size_per_layer_input": 8, "moe_latent_size": 16, "sliding_window": 4, "sliding_window_size": 4, "q_lora_rank": 16,
+    "first_k_dense_replace": 1, "moe_num_shared_experts": 1, "n_shared_experts": 1, "num_shared_experts": 1,
+}
+#: Switches a defaults build leaves as the class has them (only `enable_moe_block` stays on: without it Gemma 4 has no experts).
+SWITCHES = ("tie_word_embeddings",)
 #: Extra sizes of vision / audio towers (which keep their own architecture, one layer deep).
 TOWER_SIZES: dict[str, object] = {
     "depth": 1, "num_heads": 4, "embed_dim": 32, "num_hidden_layers": 1, "n_layers": 1, "encoder_layers": 1, "d_model": 32,
@@ -84,6 +95,14 @@ OVERRIDES: dict[str, dict] = {
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2),
 }
 OVERRIDES["qwen4_exp"] = OVERRIDES["qwen4_exp_text"]
+#: Per-type overrides of a defaults build, and only of three kinds: values the class's validation
+#: needs at tiny sizes, layer patterns a 3-layer stack must keep (an attention layer, a sparse
+#: one), and defaults that build no model at any size (dots1's shared experts, None).
+DEFAULTS_OVERRIDES: dict[str, dict] = {
+    **{t: OVERRIDES[t] for t in ("deepseek_ocr2", "dots3_note_text", "glm4v_moe", "glm5_next", "granitemoehybrid", "jamba", "lfm2_moe",
+                                 "mistral4", "qwen4_exp", "qwen4_exp_text")},
+    "dots3_note": OVERRIDES["dots3_note_text"], "dots1": dict(n_shared_experts=1),
+}
 
 #: The families the other test suites (observer, MoNE, ...) run on: one per router shape.
 FAMILIES = sorted(["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "ernie4_5_moe", "granitemoe"])
@@ -107,9 +126,18 @@ def _fit(values: list, n: int) -> list:
     return _pick(values, n) if len(values) >= n else [values[i % len(values)] for i in range(n)]
 
 
-def _shrunk_layer(values: dict) -> dict:
+def _size(key: str, default, from_defaults: bool):
+    """The tiny value of `key` (in SIZES) whose class default is `default`."""
+    if not from_defaults:
+        return SIZES[key]
+    if key in SWITCHES or key in OPTIONAL and default in (None, 0):
+        return default
+    return OPTIONAL.get(key, SIZES[key])
+
+
+def _shrunk_layer(values: dict, from_defaults: bool) -> dict:
     """One layer's values of a heterogeneous config, shrunk like the whole config."""
-    shrunk = {key: SIZES.get(key, value) for key, value in values.items()}
+    shrunk = {key: _size(key, value, from_defaults) if key in SIZES else value for key, value in values.items()}
     if "kv_lora_rank" in values and "num_key_value_heads" in values:
         shrunk["num_key_value_heads"] = SIZES["num_attention_heads"]
     if {"head_dim", "qk_nope_head_dim", "qk_rope_head_dim"} <= set(values):  # a full-head sliding layer
@@ -117,7 +145,7 @@ def _shrunk_layer(values: dict) -> dict:
     return shrunk
 
 
-def _shrunk(cls: type, layers: int, overrides: dict) -> dict:
+def _shrunk(cls: type, layers: int, overrides: dict, from_defaults: bool) -> dict:
     """Keyword arguments that shrink `cls`'s default config (its keys only) to a tiny one."""
     defaults = cls().to_dict()
     old_layers = next((defaults[k] for k in LAYER_KEYS if isinstance(defaults.get(k), int)), None)
@@ -130,7 +158,7 @@ def _shrunk(cls: type, layers: int, overrides: dict) -> dict:
     for key, value in defaults.items():
         number = value is None or isinstance(value, int) and not isinstance(value, bool)
         if key in SIZES and (number or isinstance(value, bool)):
-            kwargs[key] = SIZES[key]
+            kwargs[key] = _size(key, value, from_defaults)
         elif key in EXPERT_KEYS and number:
             kwargs[key] = EXPERTS
         elif key in TOP_K_KEYS and number:
@@ -144,7 +172,8 @@ def _shrunk(cls: type, layers: int, overrides: dict) -> dict:
         elif key == "eos_token_id" and isinstance(value, list):
             kwargs[key] = SPECIAL_TOKENS[key]
         elif key == "per_layer_config" and isinstance(value, dict):  # heterogeneous layers: shrink each
-            kwargs[key] = {str(new): _shrunk_layer(value[old]) for new, i in enumerate(chosen) for old in value if int(old) == i} or None
+            layers_of = {str(new): value[old] for new, i in enumerate(chosen) for old in value if int(old) == i}
+            kwargs[key] = {new: _shrunk_layer(values, from_defaults) for new, values in layers_of.items()} or None
     if "kv_lora_rank" in defaults:  # multi-head latent attention: as many key/value heads as query heads
         kwargs["num_key_value_heads"] = SIZES["num_attention_heads"]
     for groups in ("n_group", "num_expert_group"):
@@ -153,27 +182,31 @@ def _shrunk(cls: type, layers: int, overrides: dict) -> dict:
     return {**kwargs, **overrides}
 
 
-def _shrunk_tree(cls: type, layers: int, text: dict) -> dict:
+def _shrunk_tree(cls: type, layers: int, text: dict, from_defaults: bool) -> dict:
     """`_shrunk` for a config and, recursively, its sub-configs (towers get one small layer)."""
     names = getattr(cls, "sub_configs", None) or {}
     towers = {name: text.pop(name) for name in list(text) if name in names}  # overrides of a vision / audio tower
-    kwargs = _shrunk(cls, layers, {} if "text_config" in names else text)
+    kwargs = _shrunk(cls, layers, {} if "text_config" in names else text, from_defaults)
     defaults = cls()
     for name in names:
         sub = getattr(defaults, name, None)
         if isinstance(sub, PretrainedConfig):
             is_text = name == "text_config"
-            kwargs[name] = {**_shrunk_tree(type(sub), layers if is_text else 1, text if is_text else {}), "model_type": sub.model_type}
+            kwargs[name] = {**_shrunk_tree(type(sub), layers if is_text else 1, text if is_text else {}, from_defaults), "model_type": sub.model_type}
             if not is_text:
                 kwargs[name].update({k: v for k, v in TOWER_SIZES.items() if k in sub.to_dict()}, **towers.get(name, {}))
     return kwargs
 
 
-def tiny_config(model_type: str, num_layers: int = LAYERS, **overrides) -> PretrainedConfig:
-    """The tiny config of `model_type` with `num_layers` decoder layers; `overrides` go to the text config."""
+def tiny_config(model_type: str, num_layers: int = LAYERS, from_defaults: bool = False, **overrides) -> PretrainedConfig:
+    """The tiny config of `model_type` with `num_layers` decoder layers; `overrides` go to the text config.
+
+    `from_defaults=True`: the class's own features, only sizes shrunk (see the module docstring).
+    """
     cls = CONFIG_MAPPING[model_type]
-    text = {k: _fit(v, num_layers) if isinstance(v, list) and len(v) == LAYERS else v for k, v in OVERRIDES.get(model_type, {}).items()}
-    return cls(**_shrunk_tree(cls, num_layers, {**text, **overrides}))
+    table = DEFAULTS_OVERRIDES if from_defaults else OVERRIDES
+    text = {k: _fit(v, num_layers) if isinstance(v, list) and len(v) == LAYERS else v for k, v in table.get(model_type, {}).items()}
+    return cls(**_shrunk_tree(cls, num_layers, {**text, **overrides}, from_defaults))
 
 
 def _randomise(model: PreTrainedModel) -> None:
@@ -197,10 +230,10 @@ def _randomise(model: PreTrainedModel) -> None:
                 buffer.normal_(0.0, 0.05)
 
 
-def tiny_model(model_type: str, num_layers: int = LAYERS, seed: int = 0, **overrides) -> PreTrainedModel:
+def tiny_model(model_type: str, num_layers: int = LAYERS, seed: int = 0, from_defaults: bool = False, **overrides) -> PreTrainedModel:
     """A randomly initialised tiny model in eval mode, float32, with non-trivial router weights."""
     torch.manual_seed(seed)
-    config = tiny_config(model_type, num_layers, **overrides)
+    config = tiny_config(model_type, num_layers, from_defaults, **overrides)
     model = auto_model_class(config).from_config(config)
     _randomise(model)
     return model.eval()

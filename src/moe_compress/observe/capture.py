@@ -1,24 +1,46 @@
 """Capture what each decoder layer receives, without running the decoder layers.
 
 Every decoder layer is temporarily replaced by a recorder that stores its arguments (rotary
-embeddings, the family's attention mask for that layer's type, position ids) and passes the
-hidden states straight through. One cheap pass of the model then yields the embedding
-output and every layer's keyword arguments for each calibration batch -- whatever the
-family computes in its model-level forward, we reuse rather than re-implement.
+embeddings, the family's attention mask for that layer's type, position ids, Gemma 4's
+per-layer input) and passes the hidden states straight through. One cheap pass of the model
+then yields the embedding output and every layer's keyword arguments for each calibration
+batch -- whatever the family computes in its model-level forward (Gemma 4's per-layer inputs
+from the stem's per-layer embedding table included), we reuse rather than re-implement.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..arch.adapter import MoEAdapter, warn_if_text_only
+from ..errors import MoECompressError
 
 
 class _StopForward(Exception):
     """Raised by the last recorder: nothing after the decoder layers is needed."""
+
+
+def named_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The arguments after the hidden states, positional ones under the names `layer.forward` gives them.
+
+    Decoder stacks may hand a layer more than the hidden states positionally (Gemma 4 its
+    per-layer input, a slice of a tensor the stack computes from the token ids). Replaying
+    them by name keeps every walk's call `layer(hidden, **kwargs)` whatever the family.
+    """
+    if not args:
+        return kwargs
+    parameters = list(inspect.signature(layer.forward).parameters.values())[1:]
+    named = [p.name for p in parameters[: len(args)] if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    if len(named) < len(args):
+        raise MoECompressError(
+            f"{type(layer).__name__} is called with {len(args)} extra positional argument(s) that its forward does not name, "
+            "so moe-compress cannot replay them layer by layer: this model type is not supported (`moe-compress families` lists the supported types)."
+        )
+    return {**dict(zip(named, args)), **kwargs}
 
 
 class _LayerRecorder(nn.Module):
@@ -35,10 +57,9 @@ class _LayerRecorder(nn.Module):
             return getattr(self.__dict__["_layer"][0], name)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if any(arg is not None for arg in args):  # Gemma 4 passes its (unused) per-layer input positionally
-            raise RuntimeError("decoder layers called with extra positional arguments are not supported")
         if self.index == 0:
             self.sink.append(("hidden", hidden_states))
+        kwargs = named_arguments(self._layer[0], args, kwargs)
         self.sink.append(("kwargs", {k: v for k, v in kwargs.items() if k != "past_key_values"}))
         if self.is_last:
             raise _StopForward
