@@ -177,6 +177,11 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "recipe-field-wrong-type": (lambda c: c.recipe(calibration={"samples": "many"}), r"recipe field 'calibration': option 'samples' must be an integer"),
     "recipe-stage-option-wrong-type": (lambda c: c.recipe(stages=[{"prune": {"ratio": "high"}}]), r"stage 1 \(prune\): option 'ratio' must be a finite number"),
     "recipe-stage-option-unknown": (lambda c: c.recipe(stages=[{"drop": {"units": "block"}}]), r"stage 1 \(drop\): unknown option 'units'"),
+    # issue 23: --uniform rounds a global plan to a stock checkpoint
+    "uniform-without-global-budget": (lambda c: c.prune("--uniform"), r"--uniform rounds a global budget's plan .* add --budget global"),
+    "uniform-mone": (lambda c: c.prune("--uniform", "--budget", "global", "--method", "mone"), r"--uniform gives a stock checkpoint, which mone cannot"),
+    "uniform-plan-in": (lambda c: c.prune("--uniform", "--budget", "global", "--plan-in", c.text("p.json", "{}")), r"--uniform rounds the plan a method makes"),
+    "recipe-uniform-layer-budget": (lambda c: c.recipe(stages=[{"prune": {"uniform": True}}]), r"--uniform rounds a global budget's plan"),
 }
 
 
