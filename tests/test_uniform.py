@@ -146,3 +146,9 @@ def test_recipe_prune_stage_takes_uniform(files, tmp_path):
     _run("run", tmp_path / "recipe.yaml", "--out", tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "auto_map" not in config and config["num_local_experts"] == 5  # 24 - floor(0.4 * 24) = 15 kept, 5 in each of 3 layers
+
+
+def test_dry_run_says_every_layer_keeps_the_same_count(files, tmp_path):
+    checkpoint, _ = files
+    text = _run("prune", checkpoint, "--out", tmp_path / "x", "--budget", "global", "--uniform", "--dry-run")
+    assert "every MoE layer would keep the same count" in text and not (tmp_path / "x").exists()

@@ -396,7 +396,7 @@ def prune(
     if dry_run:
         from .dry_run import dry_run_prune
 
-        dry_run_prune(model, out, overwrite, plan_in, method, options, ratio, budget, min_keep, spec, eval_ppl, protocol, dtype, trust_remote_code)
+        dry_run_prune(model, out, overwrite, plan_in, method, options, ratio, budget, min_keep, spec, eval_ppl, protocol, dtype, trust_remote_code, uniform)
         return
     check_output_dir(out, overwrite, [model, plan_in])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
