@@ -223,6 +223,11 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "plan-fingerprint-null": (lambda c: _plan_with_identity(c, _null_fingerprint, "--streaming", "on"), r"this plan records no weights fingerprint, .* --ignore-plan-identity"),
     "plan-fingerprint-kind-switched": (lambda c: _plan_with_identity(c, _switched_kind, "--streaming", "on"), r"other weights of this architecture \(checkpoint fingerprint [0-9a-f]{32}, this model [0-9a-f]{16}\)"),
     "analyze-plan-without-fingerprint": (lambda c: _plan_with_identity(c, _null_fingerprint, command="analyze"), r"this plan records no weights fingerprint"),
+    # issue 23: --uniform rounds a global plan to a stock checkpoint
+    "uniform-without-global-budget": (lambda c: c.prune("--uniform"), r"--uniform rounds a global budget's plan .* add --budget global"),
+    "uniform-mone": (lambda c: c.prune("--uniform", "--budget", "global", "--method", "mone"), r"--uniform gives a stock checkpoint, which mone cannot"),
+    "uniform-plan-in": (lambda c: c.prune("--uniform", "--budget", "global", "--plan-in", c.text("p.json", "{}")), r"--uniform rounds the plan a method makes"),
+    "recipe-uniform-layer-budget": (lambda c: c.recipe(stages=[{"prune": {"uniform": True}}]), r"--uniform rounds a global budget's plan"),
 }
 
 

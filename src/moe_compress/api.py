@@ -35,6 +35,7 @@ from .methods.budget import Budget
 from .methods.condense import plan_condense
 from .methods.condense_state import SearchState, default_state_path, state_key
 from .methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop
+from .methods.uniform import check_uniform, plan_outcome, uniform_plan
 from .observe.cache import StatsCache, cache_key, config_fingerprint, content_fingerprint
 from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
@@ -56,6 +57,8 @@ class CompressionResult:
     plan: Plan | None  # None on ranks other than 0 of a distributed run
     summary: dict = field(default_factory=dict)
     output_dir: Path | None = None
+    #: With `uniform=True`: the global plan that `plan` was rounded from (never applied).
+    global_plan: Plan | None = None
 
 
 def peak_rss_bytes() -> int:
@@ -196,6 +199,7 @@ def compress(
     streaming: Streaming = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    uniform: bool = False,
 ) -> CompressionResult:
     """Compress the routed experts of `model`, and save the result to `out` if given.
 
@@ -209,14 +213,20 @@ def compress(
     lets a checkpoint's own Python code run (see `io.load`). The default calibration, 128
     bundled sequences of 256 tokens, is what a CPU affords; the papers use more (REAP
     1 024 x 2 048 tokens, the unified framework 128 x 2 048, C-Prune 1 000 x 128, MoNE 100 x 4 096).
+    `uniform=True` (with `budget="global"`) rounds the global plan to the same count in every MoE
+    layer, a stock checkpoint (see `methods.uniform`); `summary["uniform"]` then holds what both
+    plans keep and their sizes, and `result.global_plan` the global plan.
     """
     start = time.perf_counter()
     require_finite_numbers([("ratio", ratio), *((f"option {k!r}", v) for k, v in (options or {}).items())])
+    if uniform:
+        check_uniform(method, budget, plan is not None)
     plan_inputs = [plan] if isinstance(plan, str | Path) else []
     model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code, plan_inputs)
     before = model_size(model, adapter)
     identity = model_identity(model, adapter, weights)
     from_cache = False
+    global_plan = None
     if plan is None:
         check_prunable(model, adapter)
         chosen = get_method(method)
@@ -224,12 +234,16 @@ def compress(
         stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.own_fingerprint)
         if not distributed.is_main():
             return _other_rank_result()
-        plan = chosen.make_plan(PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model, weights=weights), options)
+        request = PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model, weights=weights)
+        plan = chosen.make_plan(request, options)
+        if uniform:
+            global_plan, plan = plan, uniform_plan(chosen, request, options, plan)
+            global_plan.identity = identity
         plan.identity = identity
     else:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         plan.check_identity(identity, ignore_plan_identity)
-    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, weights)
+    return _apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, weights, global_plan)
 
 
 def _other_rank_result() -> CompressionResult:
@@ -249,17 +263,20 @@ def _apply_and_report(
     before,
     from_cache: bool,
     weights: Weights,
+    global_plan: Plan | None = None,
 ) -> CompressionResult:
     """Apply `plan`, summarise what changed, and save if asked: the tail every stage shares.
 
     Streamed, the plan is applied to a copy of the (meta) skeleton, which describes the
     output's structure and config, while the writer applies it to each layer read from disk.
+    A `global_plan` that `plan` was rounded from is summarised beside it, never applied.
     Under torchrun only rank 0 gets past this point's first line; the others wait for it.
     """
     if not distributed.is_main():
         return _other_rank_result()
     groups = None
     carried = carried_keys(model, weights)
+    outcomes = {"global": plan_outcome(model, adapter, global_plan), "uniform": plan_outcome(model, adapter, plan)} if global_plan else None
     if weights.streamed:
         model = copy.deepcopy(model)
     else:
@@ -296,9 +313,11 @@ def _apply_and_report(
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if outcomes:
+        summary["uniform"] = outcomes
     output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite, groups)
     distributed.barrier()
-    return CompressionResult(None if weights.streamed else model, plan, summary, output_dir)
+    return CompressionResult(None if weights.streamed else model, plan, summary, output_dir, global_plan)
 
 
 def _source_of(model: PreTrainedModel | Weights | str | Path) -> str | Path | None:

@@ -6,6 +6,7 @@ Each command imports what it needs when it runs.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -335,6 +336,11 @@ def prune(
     batch_size: BatchOpt = 8,
     text_field: TextFieldOpt = "text",
     min_keep: Annotated[int, typer.Option(help="Global budget only: fewest experts any layer may keep (never below top-k).")] = 0,
+    uniform: Annotated[bool, typer.Option("--uniform", help=(
+        "Global budget only: round the global plan to the same count in every MoE layer (its total shared equally; which experts "
+        "by the same scores), a stock checkpoint serving engines load. The summary and card show both plans; with --eval both are "
+        "measured (perplexity, KL against the original; in memory this holds a copy of the original, streamed only the saved one is)."
+    ))] = False,
     plan_in: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of deciding from calibration.")] = None,
     ignore_plan_identity: IgnorePlanIdentityOpt = False,
     plan_out: Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")] = None,
@@ -377,6 +383,7 @@ def prune(
     from .io.load import check_device
     from .io.save import check_output_dir
     from .methods.budget import check_ratio
+    from .methods.uniform import check_uniform
     from .preflight import Structure, check_prune
 
     given = {
@@ -389,6 +396,8 @@ def prune(
     options = {k: v for k, v in given.items() if v is not None}
     if plan_in is None:
         check_ratio(ratio)
+    if uniform:
+        check_uniform(method, budget, plan_in is not None)
     _require_positive(clusters=clusters, probe_tokens=probe_tokens, global_clusters=global_clusters, cluster_batch=cluster_batch)
     protocol = _protocol(eval_windows, eval_seq_len)
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
@@ -400,7 +409,7 @@ def prune(
         from .dry_run import dry_run_prune
 
         dry_run_prune(model, out, overwrite, plan_in, method, options, ratio, budget, min_keep, spec, eval_ppl, protocol, dtype, trust_remote_code,
-                      ignore_plan_identity)
+                      ignore_plan_identity, uniform)
         return
     check_output_dir(out, overwrite, [model, plan_in])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
@@ -409,14 +418,69 @@ def prune(
             check_prune(Structure.of(loaded), method, options, ratio, budget, min_keep)
         eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
         before = _perplexities(loaded, eval_sets, weights, device, "before")
+        # --uniform --eval measures the global plan too, against the original: an in-memory run is changed in place
+        original = loaded if weights.streamed or not (uniform and eval_sets) else copy.deepcopy(loaded)
         result = compress(
             weights, method, ratio, budget, spec, tokenizer, plan=plan_in, ignore_plan_identity=ignore_plan_identity, out=out,
             overwrite=overwrite, min_keep=min_keep, options=options, cache_dir=False if no_cache else cache_dir, device=device,
+            uniform=uniform,
         )
         if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
             return
         after = _perplexities_after(result, eval_sets, device)
+        if uniform and eval_sets:
+            _measure_uniform(result, original, weights if weights.streamed else None, eval_sets, after, device)
     _report_compression(result, "pruned", model, out, plan_out, protocol, before, after)
+    if uniform:
+        _report_uniform(result.summary["uniform"], model, out)
+
+
+def _measure_uniform(result, original, original_weights, eval_sets: dict, after: dict[str, float], device: str) -> None:
+    """Perplexity and fidelity against the original of the saved uniform model and of the global plan it was
+    rounded from, into `result.summary["uniform"]`. The global plan is applied to a copy of the original in
+    memory; a streamed run holds no model to apply it to, so there only the saved model is measured."""
+    from .arch import get_adapter
+    from .evaluate.fidelity import fidelity
+    from .io.load import load_streamed
+    from .surgery.experts import apply_plan
+
+    def quality(model, weights, perplexities: dict[str, float]) -> dict:
+        measured = {s: fidelity(model, original, windows, weights=weights, original_weights=original_weights, device=device)
+                    for s, windows in eval_sets.items()}
+        return {"perplexity": perplexities, "kl": {s: f.kl for s, f in measured.items()},
+                "top1_agreement": {s: f.top1_agreement for s, f in measured.items()}}
+
+    plans = result.summary["uniform"]
+    if result.model is not None:
+        plans["uniform"] |= quality(result.model, None, after)
+        shaped = copy.deepcopy(original)
+        apply_plan(shaped, result.global_plan, get_adapter(shaped))
+        plans["global"] |= quality(shaped, None, _perplexities(shaped, eval_sets, when="global plan"))
+    else:
+        saved, _ = load_streamed(result.output_dir)
+        plans["uniform"] |= quality(saved.model, saved, after)
+        plans["global"]["note"] = "The global plan's quality is not measured in a streamed run (no model is held in memory to apply it to)."
+
+
+def _report_uniform(plans: dict, model: str, out: Path) -> None:
+    """--uniform: both plans side by side (kept counts, size, quality when measured), the measured quality recorded in the output."""
+    from .io.model_card import kept_range, record_uniform
+
+    sources = list(plans["uniform"].get("perplexity") or {})
+    if sources:
+        record_uniform(out, plans)
+    table = Table(title="global plan -> uniform (stock) checkpoint")
+    for column in ("plan", "experts kept per MoE layer", "parameters", *(f"{what} {s}" for s in sources for what in ("perplexity", "KL"))):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for name in ("global", "uniform"):
+        row = plans[name]
+        cells = [f"{row[key][s]:.4f}" if row.get(key) else "-" for s in sources for key in ("perplexity", "kl")]
+        table.add_row(name, kept_range(row), _human(row["params_after"]), *cells)
+    _print_table(table)
+    if not sources:
+        _notes(f"quality of both plans not measured: add --eval bundled to measure both (perplexity, KL against the original), "
+               f"or `moe-compress eval {out} --ppl bundled --compare {model}` the saved one")
+    _notes(plans["global"].get("note", ""))
 
 
 def _protocol(windows: int, seq_len: int, options: tuple[str, str] = ("--eval-windows", "--eval-seq-len")) -> EvalProtocol:

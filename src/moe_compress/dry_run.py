@@ -81,18 +81,21 @@ def dry_run_prune(
     model: str, out: Path, overwrite: bool, plan_in: Path | None, method: str, options: dict[str, Any], ratio: float, budget: str,
     min_keep: int, spec: CalibrationSpec, eval_ppl: str | None, protocol: EvalProtocol, dtype: str, trust_remote_code: bool,
     ignore_plan_identity: bool = False,
+    uniform: bool = False,
 ) -> None:
     structure = _open(model, out, overwrite, [plan_in], dtype, trust_remote_code, "prune")
     if plan_in is not None:
         _plan_in(structure, plan_in, ignore_plan_identity)
     else:
-        kept = check_prune(structure, method, options, ratio, budget, min_keep)
+        kept = check_prune(structure, method, options, ratio, budget, min_keep, uniform)
         _calibration(spec, f"score experts with {method} (statistics are reused from the cache when this model and data were seen)")
         shown = ", ".join(f"{k}={v}" for k, v in options.items())
         _say(f"would remove {ratio:.0%} of the routed experts with {method}{f' ({shown})' if shown else ''}, {budget} budget")
         if kept is not None:
             counts = sorted(set(kept.values()))
             _say(f"every MoE layer would keep {'/'.join(map(str, counts))} of {'/'.join(map(str, sorted(set(structure.experts.values()))))} experts")
+        elif uniform:
+            _say("every MoE layer would keep the same count: the global plan's total (decided from the statistics) shared equally")
         else:
             _say(f"layers would keep different counts, decided from the statistics (each at least {max(structure.top_k, min_keep)})")
     _evaluation(eval_ppl, protocol)

@@ -81,14 +81,19 @@ def check_prunable(model, adapter) -> None:
             )
 
 
-def check_prune(structure: Structure, method: str, options: dict[str, Any], ratio: float, budget: str, min_keep: int = 0) -> dict[int, int] | None:
-    """Method, its options, ratio and budget; and that the ratio leaves every layer at least
-    top-k experts (a condition every method shares). Returns the experts each layer keeps
+def check_prune(
+    structure: Structure, method: str, options: dict[str, Any], ratio: float, budget: str, min_keep: int = 0, uniform: bool = False
+) -> dict[int, int] | None:
+    """Method, its options, ratio and budget (and `uniform` with them); and that the ratio leaves every
+    layer at least top-k experts (a condition every method shares). Returns the experts each layer keeps
     under a layer budget (a global budget decides per layer from the statistics: None)."""
     from .methods import get_method
     from .methods.budget import select_experts
+    from .methods.uniform import check_uniform
 
     get_method(method).resolved_options(options)
+    if uniform:
+        check_uniform(method, budget)
     check_prunable(structure.model, structure.adapter)
     if min_keep < 0:
         raise MoECompressError(f"--min-keep must be >= 0; got {min_keep}.")

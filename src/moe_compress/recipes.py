@@ -110,14 +110,21 @@ def register_stage(name: str, function: StageFunction, final: bool = False, acce
         STAGE_OPTIONS[name] = accepts
 
 
+#: The prune stage's own settings; every other option is the method's.
+_PRUNE_SETTINGS = ("method", "ratio", "budget", "min_keep", "uniform")
+
+
 def _prune(ctx: StageContext, options: dict) -> StageOutcome:
     from .api import compress
 
     options = dict(options)
     method, ratio, budget = options.pop("method", "reap"), options.pop("ratio", 0.25), options.pop("budget", "layer")
-    min_keep = options.pop("min_keep", 0)
-    result = compress(ctx.model, method, ratio, budget, ctx.batches, ctx.tokenizer, min_keep=min_keep, options=options, device=ctx.device)
-    return StageOutcome(result.model, result.plan, {"statistics_from_cache": result.summary["statistics_from_cache"]})
+    min_keep, uniform = options.pop("min_keep", 0), options.pop("uniform", False)
+    result = compress(ctx.model, method, ratio, budget, ctx.batches, ctx.tokenizer, min_keep=min_keep, options=options, device=ctx.device, uniform=uniform)
+    details = {"statistics_from_cache": result.summary["statistics_from_cache"]}
+    if uniform:
+        details["uniform"] = result.summary["uniform"]
+    return StageOutcome(result.model, result.plan, details)
 
 
 def _drop(ctx: StageContext, options: dict) -> StageOutcome:
@@ -244,7 +251,7 @@ def _check_stage(position: int, kind: str, options: dict) -> None:
             raise MoECompressError(f"{where}: option 'method' must be a string; got {_describe(method)}.")
         defaults = get_method(method).resolved_options({})  # its options and the guard every method takes
         hints = {**hints, **{k: Any if v is None else float if isinstance(v, float) else type(v) for k, v in defaults.items()}}
-        known = ["method", "ratio", "budget", "min_keep", *defaults]
+        known = [*_PRUNE_SETTINGS, *defaults]
     _check_options(where, options, hints, known)
 
 
@@ -355,8 +362,8 @@ def _measure(model: PreTrainedModel, eval_sets: dict[str, torch.Tensor], speed_p
 # ---- checks against the model's structure, before calibration ----------------------------
 def _prune_check(structure: Structure, options: dict, earlier: list[str]) -> None:
     settings = {**stage_options("prune"), **options}
-    method_options = {k: v for k, v in options.items() if k not in ("method", "ratio", "budget", "min_keep")}
-    check_prune(structure, settings["method"], method_options, settings["ratio"], settings["budget"], settings["min_keep"])
+    method_options = {k: v for k, v in options.items() if k not in _PRUNE_SETTINGS}
+    check_prune(structure, settings["method"], method_options, settings["ratio"], settings["budget"], settings["min_keep"], settings["uniform"])
 
 
 def _drop_check(structure: Structure, options: dict, earlier: list[str]) -> None:

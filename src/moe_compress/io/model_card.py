@@ -269,6 +269,31 @@ def _provenance_lines(made: dict, config: dict) -> list[str]:
     return lines
 
 
+def kept_range(outcome: dict) -> str:
+    """A plan's experts kept per MoE layer in a few words: '5 each, 20 in all' or '3-7, 20 in all'."""
+    counts = list(outcome["kept_per_layer"].values())
+    each = f"{min(counts)} each" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    return f"{each}, {sum(counts)} in all"
+
+
+def uniform_lines(summary: dict) -> list[str]:
+    """`--uniform`: the global plan beside the uniform one it was rounded to, so the card shows what serveability cost."""
+    plans = summary.get("uniform")
+    if not plans:
+        return []
+    sources = list(plans["uniform"].get("perplexity") or {})
+    head = "| plan | experts kept per MoE layer | parameters |" + "".join(f" perplexity {text(s)} | KL {text(s)} |" for s in sources)
+    lines = ["", "A global budget's plan rounded to the same expert count in every MoE layer (this checkpoint), "
+             "beside the global plan (not saved), KL(original || plan) in nats per token:", "", head, "|---|---|---:|" + "---:|---:|" * len(sources)]
+    for name, label in (("global", "global budget"), ("uniform", "uniform (saved)")):
+        row = plans[name]
+        cells = [(f"{row['perplexity'][s]:.3f}", f"{row['kl'][s]:.4f}") if row.get("perplexity") else ("-", "-") for s in sources]
+        lines.append(f"| {label} | {kept_range(row)} | {human_count(row['params_after'])} |" + "".join(f" {p} | {k} |" for p, k in cells))
+    if plans["global"].get("note"):
+        lines += ["", text(plans["global"]["note"])]
+    return lines
+
+
 def render(directory: Path, made: dict) -> str:
     """The card's Markdown for the checkpoint in `directory`: the front matter through
     `huggingface_hub.ModelCard`, every string from a file or the source escaped (`report.markdown`)."""
@@ -298,6 +323,7 @@ def render(directory: Path, made: dict) -> str:
     out.append("")
     out.append("## Quality\n")
     out += _quality_lines(summary, report)
+    out += uniform_lines(summary)
     out.append("")
     out.append("## How to load\n")
     shown = replace(info, quantization=text(info.quantization) if info.quantization else None).describe()
@@ -333,7 +359,17 @@ def record_evaluation(directory: str | Path, protocol_line: str, perplexity: dic
         "protocol_line": protocol_line,
         "perplexity": {source: {"before": before, "after": after} for source, (before, after) in perplexity.items()},
     }
+    _write_summary(directory, summary)
+
+
+def record_uniform(directory: str | Path, plans: dict) -> None:
+    """Replace a saved checkpoint's `uniform` summary (both plans, with their measured quality), and render its card again."""
+    directory = Path(directory)
+    _write_summary(directory, _json(directory / SUMMARY_FILE) | {"uniform": plans})
+
+
+def _write_summary(directory: Path, summary: dict) -> None:
     partial = directory / f".{SUMMARY_FILE}.{os.getpid()}.partial"
     partial.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    partial.replace(summary_path)
+    partial.replace(directory / SUMMARY_FILE)
     write_model_card(directory)
