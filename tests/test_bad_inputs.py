@@ -189,6 +189,9 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "lock-path-is-a-fifo": (lambda c: _planted_lock(c, os.mkfifo), r"\.out\.lock is not a regular file, where moe-compress keeps the lock"),
     "lock-path-is-a-user-file": (lambda c: _planted_lock(c, lambda lock: lock.write_text("my notes")),
                                  r"\.out\.lock is a file moe-compress did not write, where moe-compress keeps the lock"),
+    # issue 22 foundations: byte sizes are read by fit.memory.parse_bytes, shared with the CLI
+    "max-activation-memory-junk": (lambda c: c.prune("--max-activation-memory", "lots"), r"cannot read --max-activation-memory 'lots' as a size: use a number with a unit"),
+    "max-activation-memory-negative": (lambda c: c.prune("--max-activation-memory", "-1GB"), r"--max-activation-memory must be >= 0 bytes; got '-1GB'"),
 }
 
 
