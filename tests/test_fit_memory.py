@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from moe_compress import MoECompressError
+from moe_compress.cli import _byte_size
 from moe_compress.fit.memory import CacheKind, cache_breakdown, kv_cache_bytes, main, parse_bytes
 from moe_compress.io.load import BUNDLED_MODELS
 from tiny_models import tiny_model
@@ -37,6 +38,11 @@ def test_parse_bytes_refuses(value, message):
 
 def test_parse_bytes_zero_where_allowed():
     assert parse_bytes("0", allow_zero=True) == 0
+
+
+def test_cli_sizes_read_as_before():
+    """--max-activation-memory keeps its meaning (a plain number is GiB, 0 is a budget) through parse_bytes."""
+    assert [_byte_size(v, "--max-activation-memory") for v in (None, "2.5", "4GiB", "500MB", "0")] == [None, int(2.5 * 2**30), 4 * 2**30, 500 * 10**6, 0]
 
 
 def _filled_cache_bytes(cache) -> int:
@@ -107,6 +113,13 @@ def test_missing_dtype_and_bad_context_are_refused():
         kv_cache_bytes(config, 100)
     with pytest.raises(MoECompressError, match=r"context and batch must be more than 0; got context 0, batch 1"):
         kv_cache_bytes(config, 0, dtype_bytes=2)
+
+
+def test_entry_point_refuses_in_one_line(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["ref-mixtral", "--context", "0"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == "error: context and batch must be more than 0; got context 0, batch 1.\n"
 
 
 def test_entry_point_prints_weights_and_cache(capsys):

@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         source, config = load_config(args.model)
         weights = Checkpoint(source).total_bytes()
         kinds = cache_breakdown(config, args.context, args.batch)
-    except MoECompressError as exc:
-        sys.exit(f"error: {exc}")
+    except MoECompressError as exc:  # one line and exit 2, as the CLI answers bad input
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"weights: {weights} bytes ({human_bytes(weights)})")
     for kind in kinds:
         print(f"{kind.kind}: {kind.layers} layers x {kind.per_layer} bytes = {kind.bytes} bytes")
