@@ -14,19 +14,21 @@ per sequence, and that depends on the attention layout alone, so it is computed 
   latent, kv_lora_rank + qk_rope_head_dim values per token, whatever the head count. vLLM caches
   that, and so does transformers 5.23: every MLA attention in it calls
   `past_key_values.update(kv_nope, k_rot)` on the single-head latents *before* `expand_kv`, so
-  there is one layout, not an engine / transformers choice. DSA models (DeepSeek-V3.2,
-  GLM-5, layer kind "indexed_attention") add their indexer's key cache, index_head_dim values per token (`update_indexer`);
+  there is one layout, not an engine / transformers choice. DSA models (DeepSeek-V3.2, GLM-5,
+  layer kind "indexed_attention") add their indexer's keys, index_head_dim values per token;
 * recurrent layers hold a fixed state whatever the context (`LinearAttentionLayer`: a conv
   state of conv_dim x kernel values and a recurrent state), read from each family's mixer:
-  qwen3_next gated delta net (conv_dim = 2 key_dim + value_dim, state num_v_heads x k_dim x v_dim),
-  jamba Mamba-1 (conv expand*hidden x d_conv, state expand*hidden x d_state), nemotron_h and
-  granitemoehybrid Mamba-2 (conv_dim = inner + 2 n_groups d_state, state heads x head_dim x d_state),
-  lfm2_moe short convolutions ("conv" layers: hidden_size x conv_L_cache, no recurrent state);
+  qwen3_next and qwen3_5_moe gated delta nets (conv_dim = 2 key_dim + value_dim, state
+  num_v_heads x k_dim x v_dim); jamba Mamba-1 (conv expand*hidden x d_conv, state expand*hidden
+  x d_state); nemotron_h and granitemoehybrid Mamba-2 (conv_dim = inner + 2 n_groups d_state,
+  state heads x head_dim x d_state); lfm2_moe short convolutions ("conv" layers: hidden_size x
+  conv_L_cache, no recurrent state);
 * layers without attention (nemotron_h "moe" / "mlp"): nothing.
 
 Everything is counted at one element size: the config's dtype unless one is given (engines
 often keep the cache in the model dtype; pass dtype_bytes for an fp8 cache). A layer kind
-this table does not know is refused with the model type named, never guessed.
+this table does not know, or a model type not in `CHECKED`, is refused with the model type named,
+never guessed.
 """
 
 from __future__ import annotations
@@ -42,9 +44,20 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2,
                 "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1}
-_RECURRENT = {"qwen3_next": "linear_attention", "jamba": "linear_attention", "nemotron_h": "linear_attention",
-              "granitemoehybrid": "linear_attention", "lfm2_moe": "conv"}  # the layer_types word each family uses for its recurrent layers
+_RECURRENT = {"qwen3_next": "linear_attention", "qwen3_5_moe_text": "linear_attention", "jamba": "linear_attention",
+              "nemotron_h": "linear_attention", "granitemoehybrid": "linear_attention", "lfm2_moe": "conv"}  # their recurrent layers' word
 _NO_CACHE = {"moe", "mlp"}  # nemotron_h layers that hold no attention at all
+#: (Text) model types whose cache these formulas were checked against transformers' own, byte for byte
+#: (tests/test_fit_memory.py runs every supported family). Others -- per-family quirks such as
+#: MiMo-V2-Flash's doubled sliding KV heads or Kimi-Linear's KDA state -- are refused, not guessed.
+CHECKED = frozenset({
+    "afmoe", "aria_text", "axk1", "axk2", "beam", "cohere2_moe", "deepseek_ocr2_text", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+    "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm4v_moe_text",
+    "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3",
+    "jamba", "kolibri1", "laguna", "lfm2_moe", "mellum", "minimax_m2", "minimax_m3_vl_text", "mistral4", "mistral_large4_text",
+    "mixtral", "muse_spark_text", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
+    "qwen3_omni_moe_text", "qwen3_vl_moe_text", "solar_open",
+})
 
 
 def parse_bytes(value: str | int, what: str = "size", allow_zero: bool = False, bare_unit: int = 2**30) -> int:
@@ -112,12 +125,12 @@ def _attention_token_values(config: Any) -> tuple[str, int]:
     heads = int(config.num_attention_heads)
     kv_heads = int(_get(config, "num_key_value_heads", heads))
     head_dim = int(_get(config, "head_dim", config.hidden_size // heads))
-    return "attention", 2 * kv_heads * head_dim
+    return "full_attention", 2 * kv_heads * head_dim
 
 
 def _recurrent_values(config: Any, model_type: str) -> int:
     """Values of one recurrent layer's fixed state (conv state + recurrent state), per sequence."""
-    if model_type == "qwen3_next":  # Qwen3NextGatedDeltaNet
+    if model_type in ("qwen3_next", "qwen3_5_moe_text"):  # Qwen3NextGatedDeltaNet, Qwen3_5MoeGatedDeltaNet
         key_dim = config.linear_key_head_dim * config.linear_num_key_heads
         value_dim = config.linear_value_head_dim * config.linear_num_value_heads
         conv = (2 * key_dim + value_dim) * config.linear_conv_kernel_dim
@@ -144,15 +157,18 @@ def cache_breakdown(config: Any, context: int, batch: int = 1, dtype_bytes: int 
     getter = getattr(config, "get_text_config", None)
     config = getter() if callable(getter) else config
     model_type = str(_get(config, "model_type", "unknown"))
+    if model_type not in CHECKED:
+        raise MoECompressError(f"{model_type}: fit does not know this model's KV cache layout yet, so a memory budget with a context cannot be computed; fit without --context.")
     element = dtype_bytes or element_bytes(config)
     window = int(_get(config, "sliding_window", 0)) or context
     per_kind: dict[str, list[int]] = {}
     for kind in _layer_kinds(config):
         if kind in ("full_attention", "sliding_attention", "indexed_attention"):
             name, values = _attention_token_values(config)
-            tokens = min(context, window) if kind == "sliding_attention" else context
-            name = "sliding_attention" if kind == "sliding_attention" else ("mla" if name == "mla" else "full_attention")
-            size = values * tokens
+            if kind == "sliding_attention":
+                name, size = kind, values * min(context, window)
+            else:
+                size = values * context
         elif kind == _RECURRENT.get(model_type):
             name, size = "recurrent", _recurrent_values(config, model_type)
         elif kind in _NO_CACHE and model_type == "nemotron_h":
