@@ -106,6 +106,7 @@ def solve(layers: Sequence[Sequence[Option]], budget: int, fixed: int = 0, resol
                 choices.append(j)
                 room -= width
                 break
+    assert len(choices) == len(layers), "the walk back lost the optimum"
     found = _allocation(layers, choices, fixed)
     assert found.bytes <= budget, f"solver exceeded the budget: {found.bytes} > {budget}"
     return found
