@@ -13,6 +13,8 @@ from moe_compress.fit.sizes import candidate_bytes, checkpoint_sizes, packed_wei
 from moe_compress.io.load import BUNDLED_MODELS
 from moe_compress.methods.expert_pruning import routing_limits
 from moe_compress.preflight import skeleton
+from tiny_checkpoints import save_tiny_checkpoint
+from tiny_models import FAMILIES
 
 MODELS = ["ref-mixtral", "ref-deepseek"]
 
@@ -59,18 +61,41 @@ def test_packed_weight_bytes_by_hand():
     assert packed_weight_bytes((10, 33), 3, 0, 4) == 10 * 4 * 4 + 10 * 4 + 16  # 99 bits a row -> 4 words; one scale a row
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_prune_saves_the_predicted_bytes(name, tmp_path):
-    """A non-uniform prune (alternate layers keep half / all but two experts): tensor bytes exactly as predicted."""
-    found = checkpoint_sizes(name)
-    structure = skeleton(name)
+def _prune_alternately(model, found, out: Path) -> int:
+    """Prune with a plan -- even MoE layers keep every other expert, odd ones all but the last of each
+    routing group (so group-limited routers keep their groups balanced) -- and return the predicted bytes."""
+    structure = skeleton(model)
     limits = routing_limits(structure.adapter, structure.model.config)
-    keeps = {index: list(range(0, layer.experts, 2)) if n % 2 else list(range(layer.experts - 2)) for n, (index, layer) in enumerate(sorted(found.layers.items()))}
+    keeps = {}
+    for n, (index, layer) in enumerate(sorted(found.layers.items())):
+        size = layer.experts // limits.groups
+        keeps[index] = [e for e in range(layer.experts) if (e % size != size - 1 if n % 2 else e % 2 == 0)]
     plan = Plan(structure.adapter.model_type, limits.top_k, [LayerPlan(i, found.layers[i].experts, k) for i, k in keeps.items()],
                 routing_groups=limits.groups, groups_per_token=limits.groups_per_token, min_per_group=limits.min_per_group)
-    compress(name, plan=plan, out=tmp_path / "pruned")
-    predicted = found.fixed + sum(candidate_bytes(found.layers[i], len(k), 16) for i, k in keeps.items())
+    compress(model, plan=plan, out=out)
+    return found.fixed + sum(candidate_bytes(found.layers[i], len(k), 16) for i, k in keeps.items())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prune_saves_the_predicted_bytes(name, tmp_path):
+    """A non-uniform prune: tensor bytes exactly as predicted."""
+    found = checkpoint_sizes(name)
+    predicted = _prune_alternately(name, found, tmp_path / "pruned")
     assert _tensor_bytes(tmp_path / "pruned") == predicted < found.total
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_router_shape(family, tmp_path):
+    """One tiny checkpoint per router shape (shared-expert gates, correction biases, Ernie's [1, E]
+    statistics, gpt_oss's fused 3-D experts that quantize stores unpacked): unchanged, pruned and
+    4-bit sizes exactly as predicted."""
+    source = save_tiny_checkpoint(tmp_path / "source", family)
+    found = checkpoint_sizes(source)
+    assert found.total == _tensor_bytes(source)
+    predicted = _prune_alternately(source, found, tmp_path / "pruned")
+    assert _tensor_bytes(tmp_path / "pruned") == predicted < found.total
+    quantize(source, tmp_path / "q", bits=4, scope="experts")
+    assert _tensor_bytes(tmp_path / "q") == found.fixed + sum(candidate_bytes(layer, layer.experts, 4) for layer in found.layers.values())
 
 
 @pytest.mark.parametrize("name, bits, symmetric", [("ref-mixtral", 4, True), ("ref-deepseek", 4, True), ("ref-mixtral", 8, False), ("ref-deepseek", 8, False)])

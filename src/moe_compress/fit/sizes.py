@@ -8,8 +8,8 @@ tensor to the checkpoint keys it is read from. So a 1 T-parameter checkpoint cos
 
 Counting rules, each the one the writer follows (checked against saved outputs in the tests):
 * as stored ("16 bits"): a tensor's header bytes (numel x element size);
-* pruning keeps `keep` of E identical experts, and of the router every tensor with one row
-  per expert (weight rows, DeepSeek's correction bias); the rest of the router stays;
+* pruning keeps `keep` of E identical experts, and of the router every tensor with an axis of
+  one entry per expert (weight rows, DeepSeek's correction bias); the rest of the router stays;
 * 4 / 8 bits: `slimming.quantize` replaces each routed expert's 2-D `.weight` by
   compressed-tensors' pack-quantized tensors (see `packed_weight_bytes`); fused 3-D expert
   tensors (gpt_oss, granitemoe) keep their size (stored as rounded values), biases stay.
@@ -97,7 +97,11 @@ def _quantized_bytes(checkpoint: Checkpoint, keys: list[str], bits: int, group_s
 
 
 def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric: bool = True, trust_remote_code: bool = False) -> CheckpointSizes:
-    """The sizes of a local checkpoint (a directory or bundled name), from its config and shard headers."""
+    """The sizes of a local checkpoint (a directory or bundled name), from its config and shard headers.
+
+    `group_size` and `symmetric` are the quantizer's (`quantize --scope experts`): None picks its
+    default group, the largest of 128/64/32/16/8 dividing every routed expert's input width.
+    """
     from ..io.residency import split_names
     from ..preflight import skeleton
     from ..slimming.quantize import choose_group_size
@@ -126,7 +130,7 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
         per_bits |= {bits: _quantized_bytes(checkpoint, experts, bits, group, symmetric) for bits in BITS[1:]}
         if any(size % count for size in per_bits.values()):
             raise MoECompressError(f"the routed experts of layer {index} differ in size; fit needs {count} experts of one shape.")
-        rows = [k for k in router if checkpoint.tensors[k].shape[:1] == (count,)]
+        rows = [k for k in router if count in checkpoint.tensors[k].shape]  # [E, hidden], [E], Ernie's [1, E] statistics
         per_expert = sum(checkpoint.nbytes(k) for k in rows)
         fixed = sum(checkpoint.nbytes(k) for k in router if k not in rows)
         layers[index] = LayerSizes(index, count, {bits: size // count for bits, size in per_bits.items()}, per_expert // count, fixed)
