@@ -10,7 +10,6 @@ import copy
 import errno
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -235,15 +234,11 @@ def _streaming(value: str) -> bool | str:
     return choices[value]
 
 
-def _byte_size(text: str | None) -> int | None:
-    """'4GiB', '500MB', '2.5' (GiB) -> bytes; None stays None."""
-    if text is None:
-        return None
-    units = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in units:
-        raise MoECompressError(f"cannot read {text!r} as a size: use a number with a unit, e.g. 4GiB or 500MB (a plain number means GiB).")
-    return int(float(match.group(1)) * units[match.group(2).lower()])
+def _byte_size(text: str | None, option: str) -> int | None:
+    """'4GiB', '500MB', '2.5' (GiB) -> bytes (see `fit.memory.parse_bytes`); None stays None."""
+    from .fit.memory import parse_bytes
+
+    return None if text is None else parse_bytes(text, option, allow_zero=True)
 
 
 @contextmanager
@@ -259,7 +254,7 @@ def _runtime(
 
     if threads is not None and threads < 1:
         raise MoECompressError(f"--threads must be a positive integer; got {threads}.")
-    with _TorchThreads(threads), activation_budget(_byte_size(max_activation_memory), offload_dir):
+    with _TorchThreads(threads), activation_budget(_byte_size(max_activation_memory, "--max-activation-memory"), offload_dir):
         yield init_from_environment(device)
 
 

@@ -130,7 +130,7 @@ def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> dict[str, Save
     return saved
 
 
-def _choose_group_size(group_size: int | None, columns: set[int]) -> int:
+def choose_group_size(group_size: int | None, columns: set[int]) -> int:
     """The group size to use: as given (0 = one scale per output row), or the largest that divides every width."""
     if group_size is None:
         for size in _AUTO_GROUPS:
@@ -324,7 +324,7 @@ def quantize(
     targets = {k for k, t in saved.items() if t.role in chosen and len(t.shape) == 2 and k.endswith(".weight")}
     if not targets and not fused:
         raise MoECompressError(f"no weights to quantise in scope {scope!r}.")
-    group = _choose_group_size(group_size, {saved[k].input_width for k in targets | set(fused)})
+    group = choose_group_size(group_size, {saved[k].input_width for k in targets | set(fused)})
     scheme = _scheme(bits, group, symmetric)
     ignore = sorted(k.removesuffix(".weight") for k, t in saved.items() if k not in targets and len(t.shape) == 2 and k.endswith(".weight"))
     ignore.append("lm_head")  # a Linear in memory even when tied to the embeddings

@@ -1,0 +1,137 @@
+"""What each part of a checkpoint weighs, and what each per-layer choice would weigh, without its weights.
+
+The fit solver needs, per MoE layer, the bytes of every candidate (experts kept x bit width)
+and the fixed rest. All of it comes from the shard headers (names, dtypes, shapes) and the
+model's meta skeleton, whose adapter says which tensors are a layer's routed experts and
+router; transformers' own key conversion (`StreamedWeights.targets`) ties each in-memory
+tensor to the checkpoint keys it is read from. So a 1 T-parameter checkpoint costs seconds.
+
+Counting rules, each the one the writer follows (checked against saved outputs in the tests):
+* as stored ("16 bits"): a tensor's header bytes (numel x element size);
+* pruning keeps `keep` of E identical experts, and of the router every tensor with an axis of
+  one entry per expert (weight rows, DeepSeek's correction bias); the rest of the router stays;
+* 4 / 8 bits: `slimming.quantize` replaces each routed expert's 2-D `.weight` by
+  compressed-tensors' pack-quantized tensors (see `packed_weight_bytes`); fused 3-D expert
+  tensors (gpt_oss, granitemoe) keep their size (stored as rounded values), biases stay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import MoECompressError
+from ..io.checkpoint import Checkpoint
+
+#: Bit widths a candidate may take; 16 means as stored (the checkpoint's own dtype).
+BITS = (16, 8, 4)
+
+
+def packed_weight_bytes(shape: tuple[int, ...], bits: int, group_size: int, scale_bytes: int, symmetric: bool = True) -> int:
+    """Bytes of one [out, in] weight in compressed-tensors' pack-quantized format.
+
+    From `PackedQuantizationCompressor.compress` / `pack_to_int32` (compressed-tensors 0.20):
+    * weight_packed: int32, out x ceil(in x bits / 32) (dense packing, no padding bits);
+    * weight_scale: out x (in / group_size) in the weight's dtype (one per row when group_size is 0);
+    * weight_shape: int64 [2] = 16 bytes;
+    * weight_zero_point (asymmetric only): packed along the rows, int32 ceil(out x bits / 32) x groups.
+    """
+    out, columns = shape
+    groups = columns // group_size if group_size else 1
+    size = out * math.ceil(columns * bits / 32) * 4 + out * groups * scale_bytes + 2 * 8
+    if not symmetric:
+        size += math.ceil(out * bits / 32) * groups * 4
+    return size
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    """One MoE layer: its routed experts and router, as the solver's candidates need them."""
+
+    layer: int  # decoder layer index
+    experts: int  # routed experts it has now
+    expert_bytes: dict[int, int]  # bits -> bytes of one routed expert (16: as stored)
+    router_per_expert: int  # router bytes that go with each kept expert (its row, its bias)
+    router_fixed: int  # router bytes that stay whatever is kept
+
+    @property
+    def router_bytes(self) -> int:
+        return self.router_fixed + self.experts * self.router_per_expert
+
+
+@dataclass(frozen=True)
+class CheckpointSizes:
+    """A checkpoint's bytes, split into what the candidates change and the fixed rest."""
+
+    total: int  # every tensor's header bytes
+    group_size: int  # the quantizer's default group size for the routed experts
+    layers: dict[int, LayerSizes] = field(default_factory=dict)  # MoE layers by decoder index
+    blocks: dict[int, int] = field(default_factory=dict)  # every decoder layer's bytes (for block drop)
+
+    @property
+    def fixed(self) -> int:
+        """Embeddings, attention, norms, shared experts, dense layers, head, carried (MTP) layers."""
+        return self.total - sum(layer.experts * layer.expert_bytes[16] + layer.router_bytes for layer in self.layers.values())
+
+
+def candidate_bytes(layer: LayerSizes, keep: int, bits: int) -> int:
+    """Bytes of `layer`'s routed experts and router when it keeps `keep` experts at `bits` bits."""
+    if not 0 <= keep <= layer.experts:
+        raise MoECompressError(f"MoE layer {layer.layer} has {layer.experts} routed experts; cannot keep {keep}.")
+    if bits not in layer.expert_bytes:
+        raise MoECompressError(f"bit width must be one of {', '.join(map(str, BITS))}; got {bits}.")
+    return keep * (layer.expert_bytes[bits] + layer.router_per_expert) + layer.router_fixed
+
+
+def _quantized_bytes(checkpoint: Checkpoint, keys: list[str], bits: int, group_size: int, symmetric: bool) -> int:
+    """Bytes of routed-expert keys after `slimming.quantize`: 2-D weights packed, everything else as stored."""
+    total = 0
+    for key in keys:
+        info = checkpoint.tensors[key]
+        if len(info.shape) == 2 and key.endswith(".weight"):
+            total += packed_weight_bytes(info.shape, bits, group_size, checkpoint.nbytes(key) // info.numel, symmetric)
+        else:
+            total += checkpoint.nbytes(key)
+    return total
+
+
+def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric: bool = True, trust_remote_code: bool = False) -> CheckpointSizes:
+    """The sizes of a local checkpoint (a directory or bundled name), from its config and shard headers.
+
+    `group_size` and `symmetric` are the quantizer's (`quantize --scope experts`): None picks its
+    default group, the largest of 128/64/32/16/8 dividing every routed expert's input width.
+    """
+    from ..io.residency import split_names
+    from ..preflight import skeleton
+    from ..slimming.quantize import choose_group_size
+
+    structure = skeleton(model, "auto", trust_remote_code)
+    weights = structure.weights
+    if weights is None:
+        raise MoECompressError(f"{model!r} is not a local checkpoint: its sizes are read from the shard headers. Download it first and pass the directory.")
+    checkpoint, adapter, skeleton_model = weights.checkpoint, structure.adapter, structure.model
+
+    def keys(module) -> list[str]:
+        return [key for name in weights.state_names(module) for key in weights.targets.get(name, [])]
+
+    _, per_layer, _ = split_names(skeleton_model, adapter, weights.targets)
+    blocks = {index: sum(checkpoint.nbytes(k) for name in names for k in weights.targets[name]) for index, names in per_layer.items()}
+    found: dict[int, tuple[int, list[str], list[str]]] = {}
+    for index, layer in enumerate(adapter.decoder_layers(skeleton_model)):
+        block = adapter.moe_block(layer)
+        if block is not None:
+            found[index] = (adapter.num_experts(block), keys(adapter.experts(block)), keys(adapter.router(block)))
+    widths = {checkpoint.tensors[k].shape[-1] for _, experts, _ in found.values() for k in experts if len(checkpoint.tensors[k].shape) == 2}
+    group = choose_group_size(group_size, widths) if widths else 0
+    layers = {}
+    for index, (count, experts, router) in found.items():
+        per_bits = {16: sum(checkpoint.nbytes(k) for k in experts)}
+        per_bits |= {bits: _quantized_bytes(checkpoint, experts, bits, group, symmetric) for bits in BITS[1:]}
+        if any(size % count for size in per_bits.values()):
+            raise MoECompressError(f"the routed experts of layer {index} differ in size; fit needs {count} experts of one shape.")
+        rows = [k for k in router if count in checkpoint.tensors[k].shape]  # [E, hidden], [E], Ernie's [1, E] statistics
+        per_expert = sum(checkpoint.nbytes(k) for k in rows)
+        fixed = sum(checkpoint.nbytes(k) for k in router if k not in rows)
+        layers[index] = LayerSizes(index, count, {bits: size // count for bits, size in per_bits.items()}, per_expert // count, fixed)
+    return CheckpointSizes(checkpoint.total_bytes(), group, layers, blocks)
