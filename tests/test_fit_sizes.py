@@ -72,7 +72,7 @@ def _prune_alternately(model, found, out: Path) -> int:
         keeps[index] = [e for e in range(layer.experts) if (e % size != size - 1 if n % 2 else e % 2 == 0)]
     plan = Plan(structure.adapter.model_type, limits.top_k, [LayerPlan(i, found.layers[i].experts, k) for i, k in keeps.items()],
                 routing_groups=limits.groups, groups_per_token=limits.groups_per_token, min_per_group=limits.min_per_group)
-    compress(model, plan=plan, out=out)
+    compress(model, plan=plan, out=out, ignore_plan_identity=True)  # a plan built in code carries no identity
     return found.fixed + sum(candidate_bytes(found.layers[i], len(k), 16) for i, k in keeps.items())
 
 
