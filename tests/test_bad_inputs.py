@@ -177,6 +177,12 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "recipe-field-wrong-type": (lambda c: c.recipe(calibration={"samples": "many"}), r"recipe field 'calibration': option 'samples' must be an integer"),
     "recipe-stage-option-wrong-type": (lambda c: c.recipe(stages=[{"prune": {"ratio": "high"}}]), r"stage 1 \(prune\): option 'ratio' must be a finite number"),
     "recipe-stage-option-unknown": (lambda c: c.recipe(stages=[{"drop": {"units": "block"}}]), r"stage 1 \(drop\): unknown option 'units'"),
+    # issue 20 item 7: the remaining earlier cases
+    "seed-beyond-torch": (lambda c: c.prune("--seed", str(10**20)), r"seed must be an integer from 0 to 2\*\*64 - 1; got 100000000000000000000"),
+    "finetune-seed-beyond-torch": (lambda c: ["finetune", c.checkpoint, "--out", c.out, "--seed", str(2**64)], r"seed must be an integer from 0 to 2\*\*64 - 1"),
+    "recipe-seed-beyond-torch": (lambda c: c.recipe(calibration={"source": str(c.calib), "samples": 4, "seq_len": 32, "seed": 10**20}), r"seed must be an integer from 0"),
+    "analyze-out-is-a-file": (lambda c: ["analyze", c.checkpoint, "--out", c.text("afile", "x"), "--seq-len", "32", "--calib", c.calib], r"--out .*afile is a file, not a directory"),
+    "recipe-is-a-directory": (lambda c: ["run", c.tmp, "--out", c.out], r"recipe .* is a directory; pass the recipe's YAML file"),
 }
 
 

@@ -158,9 +158,10 @@ def _writable_file(path: Path | None, option: str) -> None:
         raise MoECompressError(f"{option} {path}: directory {parent} is not writable; choose another path.")
 
 
-def _cache_dir_option(path: Path | None) -> None:
+def _directory_option(path: Path | None, option: str = "--cache-dir") -> None:
+    """A directory option (created if missing) must not name an existing file."""
     if path is not None and path.exists() and not path.is_dir():
-        raise MoECompressError(f"--cache-dir {path} is a file, not a directory; pass a directory (it is created if missing).")
+        raise MoECompressError(f"{option} {path} is a file, not a directory; pass a directory (it is created if missing).")
 
 
 _human = human_count
@@ -382,7 +383,7 @@ def prune(
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     spec.validate()
     _writable_file(plan_out, "--plan-out")
-    _cache_dir_option(cache_dir)
+    _directory_option(cache_dir)
     check_device(device)
     if dry_run:
         from .dry_run import dry_run_prune
@@ -843,7 +844,7 @@ def condense_command(
     spec = CalibrationSpec(calib, samples, seq_len, seed)
     spec.validate()
     _writable_file(plan_out, "--plan-out")
-    _cache_dir_option(cache_dir)
+    _directory_option(cache_dir)
     check_device(device)
     if dry_run:
         from .dry_run import dry_run_condense
@@ -884,11 +885,13 @@ def finetune_command(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Fine-tune only the condensed layers' shared and kept experts of a condensed model."""
+    from .data.batches import check_seed
     from .finetune import finetune
     from .io.load import check_device
     from .io.save import check_output_dir
 
     _require_positive(steps=steps, batch_size=batch_size, seq_len=seq_len)
+    check_seed(seed)
     if lr <= 0:
         raise MoECompressError(f"--lr must be a positive number; got {lr}.")
     if device is not None:
@@ -1041,7 +1044,8 @@ def analyze(
         check_ratio(ratio)
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size)
     spec.validate()
-    _cache_dir_option(cache_dir)
+    _directory_option(out, "--out")
+    _directory_option(cache_dir)
     check_device(device)
     given = Plan.load(plan) if plan is not None else None
     names = analysis_statistics(probe_tokens) + (get_method(method).needs() if method else ())
