@@ -182,6 +182,9 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "finetune-seed-beyond-torch": (lambda c: ["finetune", c.checkpoint, "--out", c.out, "--seed", str(2**64)], r"seed must be an integer from 0 to 2\*\*64 - 1"),
     "recipe-seed-beyond-torch": (lambda c: c.recipe(calibration={"source": str(c.calib), "samples": 4, "seq_len": 32, "seed": 10**20}), r"seed must be an integer from 0"),
     "analyze-out-is-a-file": (lambda c: ["analyze", c.checkpoint, "--out", c.text("afile", "x"), "--seq-len", "32", "--calib", c.calib], r"--out .*afile is a file, not a directory"),
+    "condense-shared-only-without-shared-experts": (lambda c: ["condense", c.checkpoint, "--out", c.out, "--experts", "0", "--calib", c.calib, "--seq-len", "32"],
+                                                    r"MoE layer 0 has none.*a layer drop; use `moe-compress drop --unit moe`"),
+    "recipe-condense-shared-only-without-shared-experts": (lambda c: c.recipe(stages=[{"condense": {"experts": 0}}]), r"a layer drop; use `moe-compress drop --unit moe`"),
     "recipe-is-a-directory": (lambda c: ["run", c.tmp, "--out", c.out], r"recipe .* is a directory; pass the recipe's YAML file"),
 }
 

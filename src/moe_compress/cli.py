@@ -836,7 +836,7 @@ def condense_command(
     from .io.save import check_output_dir
     from .io.load import resolve_model
     from .io.open import available_bytes
-    from .preflight import Structure, check_condense, check_condense_memory
+    from .preflight import check_condense, check_condense_memory, skeleton
 
     _require_positive(layers=layers, position_stride=position_stride)
     if experts is not None and experts < 0:
@@ -851,12 +851,12 @@ def condense_command(
 
         dry_run_condense(model, out, overwrite, layers, experts, choose_size, spec, dtype, trust_remote_code)
         return
+    check_condense(skeleton(model, dtype, trust_remote_code), layers, experts)  # from the config and shard headers: no weight read yet
     check_output_dir(out, overwrite, [model])
     if Path(resolve_model(model)).is_dir():
         check_condense_memory(Path(resolve_model(model)), samples, seq_len, available_bytes("cpu"))
     with _runtime(threads):
         loaded, tokenizer = _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        check_condense(Structure.of(loaded), layers, experts)
         result = condense(
             loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir, device,
             state_file=state_file, fresh=fresh,
