@@ -138,6 +138,15 @@ def _out_is_cwd(c: Case) -> list:
     return ["prune", c.checkpoint, "--out", ".", "--overwrite", "--seq-len", "32"]
 
 
+def _config_class_without_model(c: Case) -> list:
+    """Its own config class (trusted), but no model class for it in auto_map or in transformers."""
+    directory = c.copy("own_config_only")
+    (directory / "own_config.py").write_text("from transformers import MixtralConfig\n\n\nclass OwnConfig(MixtralConfig):\n    model_type = 'mixtral'\n")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "own_config.OwnConfig"}}))
+    return ["inspect", directory, "--trust-remote-code"]
+
+
 CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     # checkpoints
     "pickle-checkpoint": (_pickle_checkpoint, r"pickle weights \(pytorch_model\.bin\).*reads safetensors only"),
@@ -185,6 +194,8 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "condense-shared-only-without-shared-experts": (lambda c: ["condense", c.checkpoint, "--out", c.out, "--experts", "0", "--calib", c.calib, "--seq-len", "32"],
                                                     r"MoE layer 0 has none.*a layer drop; use `moe-compress drop --unit moe`"),
     "recipe-condense-shared-only-without-shared-experts": (lambda c: c.recipe(stages=[{"condense": {"experts": 0}}]), r"a layer drop; use `moe-compress drop --unit moe`"),
+    "trusted-config-class-without-model": (_config_class_without_model,
+                                           r"model type 'mixtral': the checkpoint's own config class OwnConfig .*Add an \"AutoModelForCausalLM\" entry to auto_map"),
     "recipe-is-a-directory": (lambda c: ["run", c.tmp, "--out", c.out], r"recipe .* is a directory; pass the recipe's YAML file"),
 }
 
