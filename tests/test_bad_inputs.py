@@ -147,6 +147,14 @@ def _config_class_without_model(c: Case) -> list:
     return ["inspect", directory, "--trust-remote-code"]
 
 
+def _config_says(c: Case, family: str, **changes) -> Path:
+    """A tiny `family` checkpoint whose config.json has `changes` (a None value deletes the key)."""
+    directory = c.copy() if family == "mixtral" else save_tiny_checkpoint(c.tmp / family, family)
+    config = {**json.loads((directory / "config.json").read_text()), **changes}
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return directory
+
+
 CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     # checkpoints
     "pickle-checkpoint": (_pickle_checkpoint, r"pickle weights \(pytorch_model\.bin\).*reads safetensors only"),
@@ -196,6 +204,10 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "recipe-condense-shared-only-without-shared-experts": (lambda c: c.recipe(stages=[{"condense": {"experts": 0}}]), r"a layer drop; use `moe-compress drop --unit moe`"),
     "trusted-config-class-without-model": (_config_class_without_model,
                                            r"model type 'mixtral': the checkpoint's own config class OwnConfig .*Add an \"AutoModelForCausalLM\" entry to auto_map"),
+    "config-without-top-k": (lambda c: ["inspect", _config_says(c, "deepseek_v2", num_experts_per_tok=None)],
+                             r"the deepseek_v2 config states no top-k: its config\.json has no 'num_experts_per_tok' and DeepseekV2Config has no default; add"),
+    "config-expert-count-not-the-weights": (lambda c: ["inspect", _config_says(c, "mixtral", num_local_experts=4)],
+                                            r"checkpoint tensor for model\.layers\.0\.mlp\.gate\.weight has shape \(8, 32\), but the config says \(4, 32\)"),
     "recipe-is-a-directory": (lambda c: ["run", c.tmp, "--out", c.out], r"recipe .* is a directory; pass the recipe's YAML file"),
 }
 
