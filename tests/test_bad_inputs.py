@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from fs_faults import tmpfs
 from moe_compress.cli import app
-from tiny_checkpoints import save_tiny_checkpoint, write_calibration
+from tiny_checkpoints import hub_cache_snapshot, save_tiny_checkpoint, write_calibration
 
 runner = CliRunner()
 
@@ -155,6 +155,16 @@ def _config_says(c: Case, family: str, **changes) -> Path:
     return directory
 
 
+def _damaged_hub_snapshot(c: Case) -> list:
+    """A Hub cache snapshot whose weights blob has one bit flipped since it was named by its sha256."""
+    snapshot = hub_cache_snapshot(c.checkpoint, c.tmp / "models--org--tiny")
+    blob = (snapshot / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    return c.prune("--verify-checksums", model=snapshot)
+
+
 CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     # checkpoints
     "pickle-checkpoint": (_pickle_checkpoint, r"pickle weights \(pytorch_model\.bin\).*reads safetensors only"),
@@ -208,6 +218,8 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
                              r"the deepseek_v2 config states no top-k: its config\.json has no 'num_experts_per_tok' and DeepseekV2Config has no default; add"),
     "config-expert-count-not-the-weights": (lambda c: ["inspect", _config_says(c, "mixtral", num_local_experts=4)],
                                             r"checkpoint tensor for model\.layers\.0\.mlp\.gate\.weight has shape \(8, 32\), but the config says \(4, 32\)"),
+    "verify-checksums-damaged-weights": (_damaged_hub_snapshot, r"model\.safetensors of .* does not match the sha256 its Hugging Face cache records .*it is damaged"),
+    "verify-checksums-no-recorded-hashes": (lambda c: c.prune("--verify-checksums"), r"--verify-checksums: .* records no hash of model\.safetensors: only a Hugging Face cache snapshot does"),
     "recipe-is-a-directory": (lambda c: ["run", c.tmp, "--out", c.out], r"recipe .* is a directory; pass the recipe's YAML file"),
 }
 

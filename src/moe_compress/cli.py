@@ -168,18 +168,29 @@ _human = human_count
 _bytes = human_bytes
 
 
-def _open_model(model, *args, **kwargs):
-    """`io.open.open_model` with a progress line: loading a large model whole takes minutes."""
+def _verify(model: str, enabled: bool) -> None:
+    """--verify-checksums: every file of the checkpoint against the hash its Hub cache records, before anything reads it."""
+    if enabled:
+        from .io.load import resolve_model
+        from .io.verify import verify_checksums
+
+        verify_checksums(resolve_model(model), model)
+
+
+def _open_model(model, *args, verify: bool = False, **kwargs):
+    """`io.open.open_model` with a progress line (loading a large model whole takes minutes), after `_verify`."""
     from .io.open import open_model
 
+    _verify(model, verify)
     with progress.step(f"loading {model}"):
         return open_model(model, *args, **kwargs)
 
 
-def _load_model(model, **kwargs):
-    """`io.load.load_model` with a progress line."""
+def _load_model(model, verify: bool = False, **kwargs):
+    """`io.load.load_model` with a progress line, after `_verify`."""
     from .io.load import load_model
 
+    _verify(model, verify)
     with progress.step(f"loading {model}"):
         return load_model(model, **kwargs)
 
@@ -205,6 +216,7 @@ BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 SamplesOpt = Annotated[int, typer.Option(help="Number of calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per calibration sequence.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")]
+VerifyOpt = Annotated[bool, typer.Option("--verify-checksums", help="Before loading, hash every file of the checkpoint and compare it with the sha256 (git sha1 for small files) its Hugging Face cache snapshot records: its blob's name. A damaged file is refused, naming it. Only a Hub cache snapshot records hashes: a plain directory (save_pretrained or moe-compress outputs, files copied out of the cache) or a Hub id is refused with this option. Without it, only the safetensors headers and finite weights are checked.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside the checkpoint (its auto_map). Off by default: only for checkpoints whose authors you trust. moe-compress's own outputs load without it.")]
 StreamingOpt = Annotated[str, typer.Option(help="auto: read the model layer by layer from its checkpoint when its weights exceed half the free memory (RAM, or GPU memory with --device cuda), else load it whole; on: always stream; off: always load whole. Streaming gives the same results with one layer in memory.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.")]
@@ -259,6 +271,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the structure as JSON instead of tables.")] = False,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
 ) -> None:
     """Print a model's MoE structure: layers, experts per layer, top-k, shared experts, parameters and bytes.
 
@@ -268,7 +281,7 @@ def inspect(
     from .evaluate.size import model_size
     from .io.load import resolve_model
 
-    loaded, _, _ = _open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code)
+    loaded, _, _ = _open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code, verify=verify_checksums)
     adapter = get_adapter(loaded)
     size = model_size(loaded, adapter)
     layers = adapter.decoder_layers(loaded)
@@ -354,6 +367,7 @@ def prune(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
@@ -392,7 +406,7 @@ def prune(
         return
     check_output_dir(out, overwrite, [model, plan_in])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code, verify=verify_checksums)
         if plan_in is None:  # everything the model's structure decides fails now, before calibration and evaluation
             check_prune(Structure.of(loaded), method, options, ratio, budget, min_keep)
         eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
@@ -658,6 +672,7 @@ def evaluate(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     max_activation_memory: MaxActivationOpt = None,
     offload_dir: OffloadDirOpt = None,
@@ -699,7 +714,7 @@ def evaluate(
 
     mode = _streaming(streaming)
     with _runtime(threads, max_activation_memory, offload_dir):
-        loaded, tokenizer, weights = _open_model(model, device, mode, dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, mode, dtype, trust_remote_code, verify=verify_checksums)
         if speed and weights.streamed:
             raise MoECompressError("speed is measured on a model held in memory; pass --no-speed to evaluate a streamed model.")
         report = {
@@ -715,7 +730,7 @@ def evaluate(
         report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, weights, device)
         original = original_tokenizer = None
         if compare is not None:
-            original, original_tokenizer, original_weights = _open_model(compare, device, mode, dtype, trust_remote_code)
+            original, original_tokenizer, original_weights = _open_model(compare, device, mode, dtype, trust_remote_code, verify=verify_checksums)
             report["original"] = _evaluate_model(
                 compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, original_weights, device
             )
@@ -761,6 +776,7 @@ def drop_command(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
@@ -788,7 +804,7 @@ def drop_command(
         return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code, verify=verify_checksums)
         check_drop(Structure.of(loaded), unit, drop, target_ratio)
         result = drop_layers(
             weights if weights.streamed else loaded, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device,
@@ -820,6 +836,7 @@ def condense_command(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     threads: ThreadsOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
@@ -856,7 +873,7 @@ def condense_command(
     if Path(resolve_model(model)).is_dir():
         check_condense_memory(Path(resolve_model(model)), samples, seq_len, available_bytes("cpu"))
     with _runtime(threads):
-        loaded, tokenizer = _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        loaded, tokenizer = _load_model(model, verify_checksums, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         result = condense(
             loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir, device,
             state_file=state_file, fresh=fresh,
@@ -883,6 +900,7 @@ def finetune_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: a GPU if present).")] = None,
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
 ) -> None:
     """Fine-tune only the condensed layers' shared and kept experts of a condensed model."""
     from .data.batches import check_seed
@@ -897,7 +915,7 @@ def finetune_command(
     if device is not None:
         check_device(device)
     check_output_dir(out, overwrite, [model])
-    loaded, tokenizer = _load_model(model, dtype="float32", trust_remote_code=trust_remote_code)
+    loaded, tokenizer = _load_model(model, verify_checksums, dtype="float32", trust_remote_code=trust_remote_code)
     report = finetune(loaded, tokenizer, data, steps, lr, batch_size, seq_len, seed, eval_data, out=out,
                       checkpoint_every=checkpoint_every, overwrite=overwrite, device=device)
     table = Table(title=f"fine-tuned {report['trainable_parameters']:,} parameters for {report['steps']} steps on {report['device']}")
@@ -1017,6 +1035,7 @@ def analyze(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
@@ -1050,7 +1069,7 @@ def analyze(
     given = Plan.load(plan) if plan is not None else None
     names = analysis_statistics(probe_tokens) + (get_method(method).needs() if method else ())
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code, verify=verify_checksums)
         adapter = get_adapter(loaded)
         if given is not None:
             given.check_identity(model_identity(loaded, adapter, weights))
@@ -1100,6 +1119,7 @@ def slim(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
@@ -1131,7 +1151,7 @@ def slim(
         return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code, verify=verify_checksums)
         check_slim(Structure.of(loaded), chosen)  # e.g. shared experts asked of a model without any: now, not after evaluating
         eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
         before = _perplexities(loaded, eval_sets, weights, device, "before")
@@ -1177,6 +1197,7 @@ def quantize(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     dry_run: DryRunOpt = False,
@@ -1206,6 +1227,7 @@ def quantize(
         dry_run_quantize(model, out, overwrite, bits, group_size, scope, not asymmetric, dtype, trust_remote_code, method, spec)
         return
     check_output_dir(out, overwrite, [model])
+    _verify(model, verify_checksums)
     with _runtime(threads):
         result = quantize_model(
             model, out, bits, group_size, scope, not asymmetric, None, overwrite, method=method, calib=spec, iters=iters, device=device,
