@@ -177,20 +177,18 @@ def _verify(model: str, enabled: bool) -> None:
         verify_checksums(resolve_model(model), model)
 
 
-def _open_model(model, *args, verify: bool = False, **kwargs):
-    """`io.open.open_model` with a progress line (loading a large model whole takes minutes), after `_verify`."""
+def _open_model(model, *args, **kwargs):
+    """`io.open.open_model` with a progress line: loading a large model whole takes minutes."""
     from .io.open import open_model
 
-    _verify(model, verify)
     with progress.step(f"loading {model}"):
         return open_model(model, *args, **kwargs)
 
 
-def _load_model(model, verify: bool = False, **kwargs):
-    """`io.load.load_model` with a progress line, after `_verify`."""
+def _load_model(model, **kwargs):
+    """`io.load.load_model` with a progress line."""
     from .io.load import load_model
 
-    _verify(model, verify)
     with progress.step(f"loading {model}"):
         return load_model(model, **kwargs)
 
@@ -281,7 +279,8 @@ def inspect(
     from .evaluate.size import model_size
     from .io.load import resolve_model
 
-    loaded, _, _ = _open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code, verify=verify_checksums)
+    _verify(model, verify_checksums)
+    loaded, _, _ = _open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code)
     adapter = get_adapter(loaded)
     size = model_size(loaded, adapter)
     layers = adapter.decoder_layers(loaded)
@@ -399,6 +398,7 @@ def prune(
     _writable_file(plan_out, "--plan-out")
     _directory_option(cache_dir)
     check_device(device)
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_prune
 
@@ -406,7 +406,7 @@ def prune(
         return
     check_output_dir(out, overwrite, [model, plan_in])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code, verify=verify_checksums)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         if plan_in is None:  # everything the model's structure decides fails now, before calibration and evaluation
             check_prune(Structure.of(loaded), method, options, ratio, budget, min_keep)
         eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
@@ -711,10 +711,12 @@ def evaluate(
         load_config(compare, trust_remote_code)
     protocol = _protocol(max_windows, seq_len, ("--max-windows", "--seq-len"))
     sources = expand_sources(ppl or [])
+    for checked in (model, compare) if compare is not None else (model,):
+        _verify(checked, verify_checksums)
 
     mode = _streaming(streaming)
     with _runtime(threads, max_activation_memory, offload_dir):
-        loaded, tokenizer, weights = _open_model(model, device, mode, dtype, trust_remote_code, verify=verify_checksums)
+        loaded, tokenizer, weights = _open_model(model, device, mode, dtype, trust_remote_code)
         if speed and weights.streamed:
             raise MoECompressError("speed is measured on a model held in memory; pass --no-speed to evaluate a streamed model.")
         report = {
@@ -730,7 +732,7 @@ def evaluate(
         report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, weights, device)
         original = original_tokenizer = None
         if compare is not None:
-            original, original_tokenizer, original_weights = _open_model(compare, device, mode, dtype, trust_remote_code, verify=verify_checksums)
+            original, original_tokenizer, original_weights = _open_model(compare, device, mode, dtype, trust_remote_code)
             report["original"] = _evaluate_model(
                 compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, original_weights, device
             )
@@ -797,6 +799,7 @@ def drop_command(
     spec.validate()
     _writable_file(plan_out, "--plan-out")
     check_device(device)
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_drop
 
@@ -804,7 +807,7 @@ def drop_command(
         return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code, verify=verify_checksums)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         check_drop(Structure.of(loaded), unit, drop, target_ratio)
         result = drop_layers(
             weights if weights.streamed else loaded, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device,
@@ -863,6 +866,7 @@ def condense_command(
     _writable_file(plan_out, "--plan-out")
     _directory_option(cache_dir)
     check_device(device)
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_condense
 
@@ -873,7 +877,7 @@ def condense_command(
     if Path(resolve_model(model)).is_dir():
         check_condense_memory(Path(resolve_model(model)), samples, seq_len, available_bytes("cpu"))
     with _runtime(threads):
-        loaded, tokenizer = _load_model(model, verify_checksums, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        loaded, tokenizer = _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         result = condense(
             loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir, device,
             state_file=state_file, fresh=fresh,
@@ -914,8 +918,9 @@ def finetune_command(
         raise MoECompressError(f"--lr must be a positive number; got {lr}.")
     if device is not None:
         check_device(device)
+    _verify(model, verify_checksums)
     check_output_dir(out, overwrite, [model])
-    loaded, tokenizer = _load_model(model, verify_checksums, dtype="float32", trust_remote_code=trust_remote_code)
+    loaded, tokenizer = _load_model(model, dtype="float32", trust_remote_code=trust_remote_code)
     report = finetune(loaded, tokenizer, data, steps, lr, batch_size, seq_len, seed, eval_data, out=out,
                       checkpoint_every=checkpoint_every, overwrite=overwrite, device=device)
     table = Table(title=f"fine-tuned {report['trainable_parameters']:,} parameters for {report['steps']} steps on {report['device']}")
@@ -1067,9 +1072,10 @@ def analyze(
     _directory_option(cache_dir)
     check_device(device)
     given = Plan.load(plan) if plan is not None else None
+    _verify(model, verify_checksums)
     names = analysis_statistics(probe_tokens) + (get_method(method).needs() if method else ())
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code, verify=verify_checksums)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         adapter = get_adapter(loaded)
         if given is not None:
             given.check_identity(model_identity(loaded, adapter, weights))
@@ -1144,6 +1150,7 @@ def slim(
     calibration = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     calibration.validate()
     check_device(device)
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_slim
 
@@ -1151,7 +1158,7 @@ def slim(
         return
     check_output_dir(out, overwrite, [model])
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
-        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code, verify=verify_checksums)
+        loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
         check_slim(Structure.of(loaded), chosen)  # e.g. shared experts asked of a model without any: now, not after evaluating
         eval_sets = _eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
         before = _perplexities(loaded, eval_sets, weights, device, "before")
@@ -1221,13 +1228,13 @@ def quantize(
     if method == "autoround":
         spec.validate()
     resolve_model(model)  # a missing directory fails now, with its own message
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_quantize
 
         dry_run_quantize(model, out, overwrite, bits, group_size, scope, not asymmetric, dtype, trust_remote_code, method, spec)
         return
     check_output_dir(out, overwrite, [model])
-    _verify(model, verify_checksums)
     with _runtime(threads):
         result = quantize_model(
             model, out, bits, group_size, scope, not asymmetric, None, overwrite, method=method, calib=spec, iters=iters, device=device,
