@@ -61,4 +61,5 @@ def test_without_the_option_a_flipped_weight_bit_loads(checkpoint, tmp_path):
     snapshot = hub_cache_snapshot(checkpoint, tmp_path / "models--org--tiny")
     _flip_last_byte((snapshot / "model.safetensors").resolve())
     assert runner.invoke(app, ["inspect", str(snapshot)]).exit_code == 0
-    assert runner.invoke(app, ["inspect", str(snapshot), "--verify-checksums"]).exit_code == 2
+    verified = runner.invoke(app, ["inspect", str(snapshot), "--verify-checksums"])
+    assert verified.exit_code == 2 and verified.stderr.startswith("error: model.safetensors of ") and "does not match the sha256" in verified.stderr
