@@ -29,8 +29,8 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from ..arch.catalog import auto_model_class
 from ..arch.adapter import text_config
+from ..arch.catalog import auto_model_class
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError, warn
 from ..finite import require_finite_weights
@@ -223,8 +223,8 @@ def _check_top_k(source: str, config: PretrainedConfig, shown_as: str) -> None:
     path = _checkpoint_file(source, "config.json")
     stored = _read_json(path) if path else {}
     target = text_config(config)
-    if target is not config and isinstance(stored.get("text_config"), dict):
-        stored = stored["text_config"]
+    if target is not config:  # a multimodal wrapper: the MoE keys are in its text config
+        stored = stored.get("text_config") if isinstance(stored.get("text_config"), dict) else {}
     aliases = type(target).attribute_map
     names = {adapter.top_k_key, aliases.get(adapter.top_k_key)} | {alias for alias, key in aliases.items() if key == adapter.top_k_key}
     if stored and not names & set(stored):

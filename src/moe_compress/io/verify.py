@@ -24,7 +24,7 @@ from ..progress import track
 
 _CHUNK = 1 << 24  # bytes hashed per read: a shard of any size streams through a fixed buffer
 _BLOB_NAMES = {"sha256": re.compile(r"[0-9a-f]{64}"), "git-sha1": re.compile(r"[0-9a-f]{40}")}
-WEIGHT_SUFFIX = ".safetensors"
+_WEIGHT_SUFFIX = ".safetensors"
 
 
 def recorded_hash(path: Path) -> tuple[str, str] | None:
@@ -59,7 +59,7 @@ def verify_checksums(source: str | Path, shown_as: str | None = None) -> list[Pa
             "(`huggingface-cli download`) and pass its snapshot directory."
         )
     files = sorted(path for path in directory.iterdir() if path.is_file())
-    unrecorded = [path.name for path in files if path.name.endswith(WEIGHT_SUFFIX) and recorded_hash(path) is None]
+    unrecorded = [path.name for path in files if path.name.endswith(_WEIGHT_SUFFIX) and recorded_hash(path) is None]
     if unrecorded:
         raise MoECompressError(
             f"--verify-checksums: {shown_as} records no hash of {unrecorded[0]}: only a Hugging Face cache snapshot does (each file a "
