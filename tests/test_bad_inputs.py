@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from fs_faults import tmpfs
 from moe_compress.cli import app
-from tiny_checkpoints import save_tiny_checkpoint, write_calibration
+from tiny_checkpoints import hub_cache_snapshot, save_tiny_checkpoint, write_calibration
 
 runner = CliRunner()
 
@@ -171,6 +171,33 @@ def _switched_kind(identity: dict) -> dict:
     return {**{k: v for k, v in identity.items() if k != "fingerprints"}, "fingerprint": identity["fingerprints"]["content"], "fingerprint_kind": "checkpoint"}
 
 
+def _config_class_without_model(c: Case) -> list:
+    """Its own config class (trusted), but no model class for it in auto_map or in transformers."""
+    directory = c.copy("own_config_only")
+    (directory / "own_config.py").write_text("from transformers import MixtralConfig\n\n\nclass OwnConfig(MixtralConfig):\n    model_type = 'mixtral'\n")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "own_config.OwnConfig"}}))
+    return ["inspect", directory, "--trust-remote-code"]
+
+
+def _config_says(c: Case, family: str, **changes) -> Path:
+    """A tiny `family` checkpoint whose config.json has `changes` (a None value deletes the key)."""
+    directory = c.copy() if family == "mixtral" else save_tiny_checkpoint(c.tmp / family, family)
+    config = {**json.loads((directory / "config.json").read_text()), **changes}
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return directory
+
+
+def _damaged_hub_snapshot(c: Case) -> list:
+    """A Hub cache snapshot whose weights blob has one bit flipped since it was named by its sha256."""
+    snapshot = hub_cache_snapshot(c.checkpoint, c.tmp / "models--org--tiny")
+    blob = (snapshot / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    return c.prune("--verify-checksums", model=snapshot)
+
+
 CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     # checkpoints
     "pickle-checkpoint": (_pickle_checkpoint, r"pickle weights \(pytorch_model\.bin\).*reads safetensors only"),
@@ -231,6 +258,23 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     # issue 22 foundations: byte sizes are read by fit.memory.parse_bytes, shared with the CLI
     "max-activation-memory-junk": (lambda c: c.prune("--max-activation-memory", "lots"), r"cannot read --max-activation-memory 'lots' as a size: use a number with a unit"),
     "max-activation-memory-negative": (lambda c: c.prune("--max-activation-memory", "-1GB"), r"--max-activation-memory must be >= 0 bytes; got '-1GB'"),
+    # issue 20 item 7: the remaining earlier cases
+    "seed-beyond-torch": (lambda c: c.prune("--seed", str(10**20)), r"seed must be an integer from 0 to 2\*\*64 - 1; got 100000000000000000000"),
+    "finetune-seed-beyond-torch": (lambda c: ["finetune", c.checkpoint, "--out", c.out, "--seed", str(2**64)], r"seed must be an integer from 0 to 2\*\*64 - 1"),
+    "recipe-seed-beyond-torch": (lambda c: c.recipe(calibration={"source": str(c.calib), "samples": 4, "seq_len": 32, "seed": 10**20}), r"seed must be an integer from 0"),
+    "analyze-out-is-a-file": (lambda c: ["analyze", c.checkpoint, "--out", c.text("afile", "x"), "--seq-len", "32", "--calib", c.calib], r"--out .*afile is a file, not a directory"),
+    "condense-shared-only-without-shared-experts": (lambda c: ["condense", c.checkpoint, "--out", c.out, "--experts", "0", "--calib", c.calib, "--seq-len", "32"],
+                                                    r"MoE layer 0 has none.*a layer drop; use `moe-compress drop --unit moe`"),
+    "recipe-condense-shared-only-without-shared-experts": (lambda c: c.recipe(stages=[{"condense": {"experts": 0}}]), r"a layer drop; use `moe-compress drop --unit moe`"),
+    "trusted-config-class-without-model": (_config_class_without_model,
+                                           r"model type 'mixtral': the checkpoint's own config class OwnConfig .*Add an \"AutoModelForCausalLM\" entry to auto_map"),
+    "config-without-top-k": (lambda c: ["inspect", _config_says(c, "deepseek_v2", num_experts_per_tok=None)],
+                             r"the deepseek_v2 config states no top-k: its config\.json has no 'num_experts_per_tok' and DeepseekV2Config has no default; add"),
+    "config-expert-count-not-the-weights": (lambda c: ["inspect", _config_says(c, "mixtral", num_local_experts=4)],
+                                            r"checkpoint tensor for model\.layers\.0\.mlp\.gate\.weight has shape \(8, 32\), but the config says \(4, 32\)"),
+    "verify-checksums-damaged-weights": (_damaged_hub_snapshot, r"model\.safetensors of .* does not match the sha256 its Hugging Face cache records .*it is damaged"),
+    "verify-checksums-no-recorded-hashes": (lambda c: c.prune("--verify-checksums"), r"--verify-checksums: .* records no hash of model\.safetensors: only a Hugging Face cache snapshot does"),
+    "recipe-is-a-directory": (lambda c: ["run", c.tmp, "--out", c.out], r"recipe .* is a directory; pass the recipe's YAML file"),
 }
 
 

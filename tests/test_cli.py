@@ -187,12 +187,12 @@ def test_reference_mode_options_reach_the_methods(checkpoint, calib, tmp_path):
     result, text = run("prune", checkpoint, "--method", "cprune", "--ratio", "0.25", "--clusters", "3", "--out", tmp_path / "c", *common)
     assert result.exit_code == 0, text
     assert json.loads((tmp_path / "c" / "moe_compress_plan.json").read_text())["meta"]["clusters"] == 3
-    result, text = run("condense", checkpoint, "--layers", "1", "--experts", "0", "--calib", calib, "--samples", "2", "--seq-len", "16",
+    result, text = run("condense", checkpoint, "--layers", "1", "--experts", "1", "--calib", calib, "--samples", "2", "--seq-len", "16",
                        "--state-file", tmp_path / "state.json", "--out", tmp_path / "cd")
     assert result.exit_code == 0, text
     plan = json.loads((tmp_path / "cd" / "moe_compress_plan.json").read_text())
-    assert plan["meta"]["experts"] == 0 and plan["layers"][0]["keep"] == [] and (tmp_path / "state.json").is_file()
-    result, text = run("condense", checkpoint, "--layers", "1", "--experts", "0", "--calib", calib, "--samples", "2", "--seq-len", "16",
+    assert plan["meta"]["experts"] == 1 and len(plan["layers"][0]["keep"]) == 1 and (tmp_path / "state.json").is_file()
+    result, text = run("condense", checkpoint, "--layers", "1", "--experts", "1", "--calib", calib, "--samples", "2", "--seq-len", "16",
                        "--state-file", tmp_path / "state.json", "--out", tmp_path / "cd2")
     assert result.exit_code == 0 and "resumed from a saved state" in text
 

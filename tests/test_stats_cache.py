@@ -70,6 +70,23 @@ def test_a_poisoned_entry_is_recomputed(tmp_path):
     assert not from_cache and torch.isfinite(stats[0]["reap_sum"]).all()
 
 
+def test_an_entry_altered_behind_intact_metadata_is_recomputed(tmp_path, capsys):
+    """One low mantissa bit of a stored statistic flipped (still finite, same key and layout): not trusted."""
+    model = tiny_model("mixtral")
+    full, _ = _collect(model, tmp_path)
+    entry = next(tmp_path.glob("*.safetensors"))
+    data = bytearray(entry.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8 : 8 + header_size])["0/reap_sum"]["data_offsets"]
+    data[8 + header_size + start] ^= 1
+    entry.write_bytes(bytes(data))
+    capsys.readouterr()
+    stats, from_cache = _collect(model, tmp_path)
+    assert not from_cache
+    assert torch.equal(stats[0]["reap_sum"], full[0]["reap_sum"])
+    assert f"warning: statistics cache entry {entry} holds data (0/reap_sum) that does not match the digest it records" in capsys.readouterr().err
+
+
 def test_writers_use_unique_temporary_names(tmp_path, monkeypatch):
     written = []
     real = cache_module.save_file

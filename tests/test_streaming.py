@@ -205,10 +205,12 @@ def test_missing_shard_and_wrong_shape_are_clear_errors(tmp_path):
 
     model.save_pretrained(tmp_path / "wrong")
     config = json.loads((tmp_path / "wrong" / "config.json").read_text())
-    config["hidden_size"] = 64
-    (tmp_path / "wrong" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "wrong" / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    with pytest.raises(MoECompressError, match="has shape .* but the config says"):  # the routers' headers, at open
+        load_streamed(tmp_path / "wrong")
+    (tmp_path / "wrong" / "config.json").write_text(json.dumps({**config, "intermediate_size": 24}))
     weights, _ = load_streamed(tmp_path / "wrong")
-    with pytest.raises(MoECompressError, match="has shape .* but the config says"):
+    with pytest.raises(MoECompressError, match="has shape .* but the config says"):  # an expert's tensors, when read
         collect_statistics(weights.model, token_batches(), ("selected",), cache_dir=False, weights=weights)
 
 

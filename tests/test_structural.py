@@ -327,6 +327,13 @@ def test_condense_refuses_bad_settings():
             condense(copy.deepcopy(model), layers=1, calib=token_batches(count=1), cache_dir=False, **options)
 
 
+def test_shared_only_condensing_refuses_a_model_without_shared_experts():
+    """K = 0 on Mixtral (no shared experts) would empty the condensed layers' MoE: a layer drop under another name."""
+    model = tiny_model("mixtral", num_layers=4)
+    with pytest.raises(MoECompressError, match=r"MoE layer 0 has none.*use `moe-compress drop --unit moe`"):
+        condense(model, layers=1, experts=0, calib=token_batches(count=1), cache_dir=False)
+
+
 def test_finetune_defaults_are_the_cd_moe_authors():
     from moe_compress.finetune import SCHEDULES
 

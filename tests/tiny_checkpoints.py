@@ -47,3 +47,23 @@ def save_dense_checkpoint(directory: Path) -> Path:
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
+
+
+def hub_cache_snapshot(checkpoint: Path, root: Path) -> Path:
+    """`checkpoint` laid out as huggingface_hub caches a download: each file a blob named by its hash
+    (sha256 for safetensors, the git blob sha1 for the rest, as `git hash-object` gives it) and a
+    snapshot directory of links to the blobs. Returns the snapshot directory."""
+    import hashlib
+    import subprocess
+
+    blobs, snapshot = root / "blobs", root / "snapshots" / ("0" * 40)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".safetensors":
+            name = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            name = subprocess.run(["git", "hash-object", str(path)], check=True, capture_output=True, text=True).stdout.strip()
+        (blobs / name).write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", name))
+    return snapshot

@@ -40,7 +40,7 @@ from .observe.cache import StatsCache, cache_key, config_fingerprint, content_fi
 from .observe.observer import observe_expert_statistics
 from .observe.similarity import observe_similarities
 from .plan import ModelIdentity, Plan
-from .preflight import check_condense_memory, check_prunable
+from .preflight import Structure, check_condense, check_condense_memory, check_prunable
 from .surgery.experts import apply_layer_plan, apply_plan
 from .surgery.structure import experts_per_layer
 
@@ -428,6 +428,7 @@ def condense(
     if isinstance(model, str | Path) and Path(resolve_model(model)).is_dir() and isinstance(calib, CalibrationSpec):
         check_condense_memory(Path(resolve_model(model)), calib.samples, calib.seq_len, available_bytes("cpu"))
     model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, trust_remote_code=trust_remote_code)
+    check_condense(Structure(model, adapter), layers, experts)  # before calibrating
     before = model_size(model, adapter)
     identity = model_identity(model, adapter, weights)
     batches = _calibration_batches(calib, tokenizer, model.config)

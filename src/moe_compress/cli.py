@@ -163,13 +163,23 @@ def _writable_file(path: Path | None, option: str) -> None:
         raise MoECompressError(f"{option} {path}: directory {parent} is not writable; choose another path.")
 
 
-def _cache_dir_option(path: Path | None) -> None:
+def _directory_option(path: Path | None, option: str = "--cache-dir") -> None:
+    """A directory option (created if missing) must not name an existing file."""
     if path is not None and path.exists() and not path.is_dir():
-        raise MoECompressError(f"--cache-dir {path} is a file, not a directory; pass a directory (it is created if missing).")
+        raise MoECompressError(f"{option} {path} is a file, not a directory; pass a directory (it is created if missing).")
 
 
 _human = human_count
 _bytes = human_bytes
+
+
+def _verify(model: str, enabled: bool) -> None:
+    """--verify-checksums: every file of the checkpoint against the hash its Hub cache records, before anything reads it."""
+    if enabled:
+        from .io.load import resolve_model
+        from .io.verify import verify_checksums
+
+        verify_checksums(resolve_model(model), model)
 
 
 def _open_model(model, *args, **kwargs):
@@ -209,6 +219,7 @@ BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 SamplesOpt = Annotated[int, typer.Option(help="Number of calibration sequences.")]
 SeqLenOpt = Annotated[int, typer.Option(help="Tokens per calibration sequence.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")]
+VerifyOpt = Annotated[bool, typer.Option("--verify-checksums", help="Before loading, hash every file of the checkpoint and compare it with the sha256 (git sha1 for small files) its Hugging Face cache snapshot records: its blob's name. A damaged file is refused, naming it. Only a Hub cache snapshot records hashes: a plain directory (save_pretrained or moe-compress outputs, files copied out of the cache) or a Hub id is refused with this option. Without it, only the safetensors headers and finite weights are checked.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside the checkpoint (its auto_map). Off by default: only for checkpoints whose authors you trust. moe-compress's own outputs load without it.")]
 StreamingOpt = Annotated[str, typer.Option(help="auto: read the model layer by layer from its checkpoint when its weights exceed half the free memory (RAM, or GPU memory with --device cuda), else load it whole; on: always stream; off: always load whole. Streaming gives the same results with one layer in memory.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.")]
@@ -265,6 +276,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the structure as JSON instead of tables.")] = False,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
 ) -> None:
     """Print a model's MoE structure: layers, experts per layer, top-k, shared experts, parameters and bytes.
 
@@ -274,6 +286,7 @@ def inspect(
     from .evaluate.size import model_size
     from .io.load import resolve_model
 
+    _verify(model, verify_checksums)
     loaded, _, _ = _open_model(model, "cpu", Path(resolve_model(model)).is_dir(), dtype, trust_remote_code)
     adapter = get_adapter(loaded)
     size = model_size(loaded, adapter)
@@ -366,6 +379,7 @@ def prune(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
@@ -398,8 +412,9 @@ def prune(
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     spec.validate()
     _writable_file(plan_out, "--plan-out")
-    _cache_dir_option(cache_dir)
+    _directory_option(cache_dir)
     check_device(device)
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_prune
 
@@ -729,6 +744,7 @@ def evaluate(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     max_activation_memory: MaxActivationOpt = None,
     offload_dir: OffloadDirOpt = None,
@@ -767,6 +783,8 @@ def evaluate(
         load_config(compare, trust_remote_code)
     protocol = _protocol(max_windows, seq_len, ("--max-windows", "--seq-len"))
     sources = expand_sources(ppl or [])
+    for checked in (model, compare) if compare is not None else (model,):
+        _verify(checked, verify_checksums)
 
     mode = _streaming(streaming)
     with _runtime(threads, max_activation_memory, offload_dir):
@@ -832,6 +850,7 @@ def drop_command(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
@@ -852,6 +871,7 @@ def drop_command(
     spec.validate()
     _writable_file(plan_out, "--plan-out")
     check_device(device)
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_drop
 
@@ -891,6 +911,7 @@ def condense_command(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     threads: ThreadsOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
@@ -907,7 +928,7 @@ def condense_command(
     from .io.save import check_output_dir
     from .io.load import resolve_model
     from .io.open import available_bytes
-    from .preflight import Structure, check_condense, check_condense_memory
+    from .preflight import check_condense, check_condense_memory, skeleton
 
     _require_positive(layers=layers, position_stride=position_stride)
     if experts is not None and experts < 0:
@@ -915,19 +936,20 @@ def condense_command(
     spec = CalibrationSpec(calib, samples, seq_len, seed)
     spec.validate()
     _writable_file(plan_out, "--plan-out")
-    _cache_dir_option(cache_dir)
+    _directory_option(cache_dir)
     check_device(device)
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_condense
 
         dry_run_condense(model, out, overwrite, layers, experts, choose_size, spec, dtype, trust_remote_code)
         return
+    check_condense(skeleton(model, dtype, trust_remote_code), layers, experts)  # from the config and shard headers: no weight read yet
     check_output_dir(out, overwrite, [model])
     if Path(resolve_model(model)).is_dir():
         check_condense_memory(Path(resolve_model(model)), samples, seq_len, available_bytes("cpu"))
     with _runtime(threads):
         loaded, tokenizer = _load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        check_condense(Structure.of(loaded), layers, experts)
         result = condense(
             loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir, device,
             state_file=state_file, fresh=fresh,
@@ -954,17 +976,21 @@ def finetune_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: a GPU if present).")] = None,
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
 ) -> None:
     """Fine-tune only the condensed layers' shared and kept experts of a condensed model."""
+    from .data.batches import check_seed
     from .finetune import finetune
     from .io.load import check_device
     from .io.save import check_output_dir
 
     _require_positive(steps=steps, batch_size=batch_size, seq_len=seq_len)
+    check_seed(seed)
     if lr <= 0:
         raise MoECompressError(f"--lr must be a positive number; got {lr}.")
     if device is not None:
         check_device(device)
+    _verify(model, verify_checksums)
     check_output_dir(out, overwrite, [model])
     loaded, tokenizer = _load_model(model, dtype="float32", trust_remote_code=trust_remote_code)
     report = finetune(loaded, tokenizer, data, steps, lr, batch_size, seq_len, seed, eval_data, out=out,
@@ -1071,6 +1097,7 @@ def analyze(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
@@ -1099,9 +1126,11 @@ def analyze(
         check_ratio(ratio)
     spec = CalibrationSpec(calib, samples, seq_len, seed, batch_size)
     spec.validate()
-    _cache_dir_option(cache_dir)
+    _directory_option(out, "--out")
+    _directory_option(cache_dir)
     check_device(device)
     given = Plan.load(plan) if plan is not None else None
+    _verify(model, verify_checksums)
     names = analysis_statistics(probe_tokens) + (get_method(method).needs() if method else ())
     with _runtime(threads, max_activation_memory, offload_dir, device) as device:
         loaded, tokenizer, weights = _open_model(model, device, _streaming(streaming), dtype, trust_remote_code)
@@ -1154,6 +1183,7 @@ def slim(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     max_activation_memory: MaxActivationOpt = None,
@@ -1178,6 +1208,7 @@ def slim(
     calibration = CalibrationSpec(calib, samples, seq_len, seed, batch_size, text_field)
     calibration.validate()
     check_device(device)
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_slim
 
@@ -1231,6 +1262,7 @@ def quantize(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    verify_checksums: VerifyOpt = False,
     streaming: StreamingOpt = "auto",
     threads: ThreadsOpt = None,
     dry_run: DryRunOpt = False,
@@ -1254,6 +1286,7 @@ def quantize(
     if method == "autoround":
         spec.validate()
     resolve_model(model)  # a missing directory fails now, with its own message
+    _verify(model, verify_checksums)
     if dry_run:
         from .dry_run import dry_run_quantize
 

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch.adapter import MoEAdapter
 from .arch.registry import get_adapter
-from .data.batches import check_seq_len, read_windows
+from .data.batches import check_seed, check_seq_len, read_windows
 from .errors import MoECompressError
 from .evaluate.perplexity import perplexity
 from .finite import require_finite_numbers
@@ -116,6 +116,7 @@ def finetune(
         )
     if schedule not in SCHEDULES:
         raise MoECompressError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
+    check_seed(seed)
     check_seq_len(seq_len, model.config)
     params = condensed_parameters(model)
     if not params:

@@ -122,13 +122,25 @@ def check_drop(structure: Structure, unit: str, n: int | None, target_ratio: flo
 
 
 def check_condense(structure: Structure, layers: int, experts: int | None = None) -> None:
-    """At least one MoE layer must keep routing; a condensed layer keeps 0 (shared experts only) to E experts."""
+    """At least one MoE layer must keep routing; a condensed layer keeps 0 (shared experts only) to E experts.
+
+    K = 0 keeps a layer's shared experts alone: on a layer without any, nothing would be left of
+    its MoE sub-layer -- a layer drop under another name, which `drop --unit moe` does (and chooses) itself.
+    """
     count = len(structure.experts)
     if not 0 < layers <= count - 1:
         raise MoECompressError(f"can condense 1..{count - 1} of the {count} MoE layers (one must keep routing); asked for {layers}.")
     fewest = min(structure.experts.values(), default=0)
     if experts is not None and not 0 <= experts <= fewest:
         raise MoECompressError(f"experts per condensed layer (K) must be 0..{fewest}, the routed experts of its layers; got {experts}.")
+    if experts == 0:
+        decoder_layers = structure.adapter.decoder_layers(structure.model)
+        bare = [i for i in structure.experts if not structure.adapter.shared_experts(structure.adapter.moe_block(decoder_layers[i]))]
+        if bare:
+            raise MoECompressError(
+                f"experts per condensed layer 0 keeps shared experts only, but MoE layer {bare[0]} has none, so condensing it would "
+                "remove its MoE sub-layer whole: that is a layer drop; use `moe-compress drop --unit moe` (recipe stage: drop), or keep K >= 1."
+            )
 
 
 def condense_memory_bytes(source: Path, samples: int, seq_len: int) -> tuple[int, int]:

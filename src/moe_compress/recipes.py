@@ -296,6 +296,8 @@ def load_recipe(recipe: str | Path | dict) -> dict:
         data = recipe
     else:
         path = Path(recipe)
+        if path.is_dir():
+            raise MoECompressError(f"recipe {path} is a directory; pass the recipe's YAML file (examples in recipes/).")
         if not path.is_file():
             raise MoECompressError(f"recipe {path} does not exist.")
         try:

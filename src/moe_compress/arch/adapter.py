@@ -173,7 +173,17 @@ class MoEAdapter:
 
     # ---- config ----------------------------------------------------------------------
     def top_k(self, config: PretrainedConfig) -> int:
-        value = config_value(text_config(config), self.top_k_key)
+        """Experts per token, as the config states it (transformers fills in the config class's
+        default for a config.json without the key); refused where neither gives a value, since
+        every budget and plan depends on it."""
+        target = text_config(config)
+        value = config_value(target, self.top_k_key) if self.top_k_key else None
+        if value is None or isinstance(value, (list, tuple)) and None in value:
+            key = self.top_k_key or "num_experts_per_tok"
+            raise MoECompressError(
+                f"the {self.model_type} config states no top-k: its config.json has no {key!r} and {type(target).__name__} "
+                f"has no default; add \"{key}\": <experts each token is routed to> (the model's published value) to config.json."
+            )
         return int(max(value) if isinstance(value, (list, tuple)) else value)
 
     def config_num_experts(self, config: PretrainedConfig) -> int:

@@ -71,11 +71,25 @@ def auto_model_class(config: PretrainedConfig) -> type:
     """
     model_type = getattr(config, "model_type", None)
     if getattr(config, "auto_map", None):
+        _require_causal_lm_class(config)
         return transformers.AutoModelForCausalLM
     classes = stock_classes(model_type, is_multimodal(config))
     if classes is None:
         raise MoECompressError(f"model type {model_type!r} has no transformers class that runs it as a language model.")
     return getattr(transformers, classes[0])
+
+
+def _require_causal_lm_class(config: PretrainedConfig) -> None:
+    """AutoModelForCausalLM finds a model for a checkpoint's own config class only through the
+    checkpoint's auto_map or transformers' registry; refuse now what it would refuse with a traceback."""
+    if "AutoModelForCausalLM" in config.auto_map or type(config) in transformers.AutoModelForCausalLM._model_mapping:
+        return
+    model_type = getattr(config, "model_type", None)
+    raise MoECompressError(
+        f"model type {model_type!r}: the checkpoint's own config class {type(config).__name__} (its auto_map's AutoConfig) has no "
+        "model class: its auto_map names none for AutoModelForCausalLM and transformers does not know the class. Add an "
+        f"\"AutoModelForCausalLM\" entry to auto_map in config.json, or remove the \"AutoConfig\" entry to use transformers' own {model_type} classes."
+    )
 
 
 def build_skeleton(config: PretrainedConfig) -> nn.Module:

@@ -37,6 +37,16 @@ CHARS_PER_TOKEN = 8
 _GROUP_CHARS = 1 << 18  # documents tokenised per call: batching keeps the fast tokenizer fast
 
 
+#: torch's generators take seeds below 2**64; a larger one would fail deep inside torch.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: object) -> None:
+    """A seed every generator here accepts: an integer from 0 to `MAX_SEED`."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise MoECompressError(f"seed must be an integer from 0 to 2**64 - 1; got {seed!r}.")
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
     source: str = "bundled"
@@ -52,8 +62,7 @@ class CalibrationSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MoECompressError(f"{name} must be a positive integer; got {value!r}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise MoECompressError(f"seed must be an integer; got {self.seed!r}.")
+        check_seed(self.seed)
         for name in ("source", "text_field", "split"):
             if not isinstance(getattr(self, name), str):
                 raise MoECompressError(f"{name} must be a string; got {getattr(self, name)!r}.")

@@ -18,6 +18,8 @@ Safe by default: a checkpoint is data, not a program.
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,15 +29,16 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from ..arch.adapter import text_config
 from ..arch.catalog import auto_model_class
 from ..arch.registry import get_adapter
-from ..errors import MoECompressError
+from ..errors import MoECompressError, warn
 from ..finite import require_finite_weights
 from ..progress import progress_enabled
 from .export import record_origin
 from .locate import ASSETS, BUNDLED_MODELS, bundled_models, offline, resolve_model  # noqa: F401 (re-exported)
 from .remote_code import AUTO_MAP, expected_files, is_own_remote_code
-from .residency import PreQuantized, StreamedWeights
+from .residency import PreQuantized, StreamedWeights, shape_mismatch
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
@@ -170,8 +173,26 @@ def _config(source: str, trusted: bool, shown_as: str) -> PretrainedConfig:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trusted)
     except (OSError, ValueError, KeyError) as exc:
         raise MoECompressError(f"cannot read the config of {shown_as}: {_first_line(exc)}") from None
-    get_adapter(config)
+    _check_top_k(source, config, shown_as)
     return config
+
+
+def _check_top_k(source: str, config: PretrainedConfig, shown_as: str) -> None:
+    """Every budget and plan depends on top-k: a config that states none is refused now (by
+    `MoEAdapter.top_k`), and one whose config.json leaves it to the config class's default
+    -- what transformers then runs the model with -- says so."""
+    adapter = get_adapter(config)
+    top_k = adapter.top_k(config)
+    path = _checkpoint_file(source, "config.json")
+    stored = _read_json(path) if path else {}
+    target = text_config(config)
+    if target is not config:  # a multimodal wrapper: the MoE keys are in its text config
+        stored = stored.get("text_config") if isinstance(stored.get("text_config"), dict) else {}
+    aliases = type(target).attribute_map
+    names = {adapter.top_k_key, aliases.get(adapter.top_k_key)} | {alias for alias, key in aliases.items() if key == adapter.top_k_key}
+    if stored and not names & set(stored):
+        warn(f"{shown_as}: config.json does not state top-k ({adapter.top_k_key!r}); using {type(target).__name__}'s default, "
+             f"{top_k}, as transformers does. If the model routes each token to another number of experts, add it to config.json.")
 
 
 def _open(name_or_path: str | Path, trust_remote_code: bool) -> tuple[str, bool, PretrainedConfig]:
@@ -305,7 +326,26 @@ def load_streamed(
     quantization = _dequantizer(config, shown_as)
     checkpoint = Checkpoint(source)
     model = meta_skeleton(auto_model_class(config), config, _streamed_dtype(config, checkpoint, dtype), trusted)
-    return StreamedWeights(model, checkpoint, quantization), load_tokenizer(source, trusted, shown_as)
+    weights = StreamedWeights(model, checkpoint, quantization)
+    _check_expert_counts(weights)
+    return weights, load_tokenizer(source, trusted, shown_as)
+
+
+def _check_expert_counts(weights: StreamedWeights) -> None:
+    """The experts the config describes must be the ones the weights hold: each router's stored
+    size, from the shard headers, against the skeleton's. A whole load learns this from
+    transformers' mismatched keys; a streamed one would otherwise learn it only when a layer is
+    read, after `inspect` had printed the config's count and a run had calibrated earlier layers."""
+    model = weights.model
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    state = model.state_dict(keep_vars=True)
+    for index in adapter.moe_layer_indices(model):
+        for name in weights.state_names(adapter.router(adapter.moe_block(layers[index]))):
+            keys = weights.targets.get(name, [])
+            stored = weights.checkpoint.tensors[keys[0]].shape if len(keys) == 1 else None
+            if stored is not None and math.prod(stored) != state[name].numel():
+                raise shape_mismatch(name, stored, tuple(state[name].shape))
 
 
 #: Pre-quantised formats read by dequantising each layer as it is loaded (transformers' own ops).

@@ -50,6 +50,14 @@ def state_names(model: nn.Module, module: nn.Module, names: dict[int, str] | Non
     return [prefix + name for name in module.state_dict(keep_vars=True)]
 
 
+def shape_mismatch(name: str, found: tuple[int, ...], expected: tuple[int, ...]) -> MoECompressError:
+    """The error for a stored tensor whose shape is not the one the config gives it."""
+    return MoECompressError(
+        f"checkpoint tensor for {name} has shape {tuple(found)}, but the config says {tuple(expected)}: "
+        "the checkpoint and its config.json disagree. Re-download or re-save the checkpoint."
+    )
+
+
 def checkpoint_targets(model: PreTrainedModel, checkpoint: Checkpoint, conversions: list | None = None) -> tuple[dict[str, list[str]], list[str]]:
     """({state name: checkpoint keys it is built from}, checkpoint keys the model does not load).
 
@@ -245,11 +253,7 @@ class StreamedWeights:
                 else:
                     self.model._weight_conversions = recorded
         if info.mismatched_keys:
-            name, found, expected = sorted(info.mismatched_keys)[0]
-            raise MoECompressError(
-                f"checkpoint tensor for {name} has shape {tuple(found)}, but the config says {tuple(expected)}: "
-                "the checkpoint and its config.json disagree. Re-download or re-save the checkpoint."
-            )
+            raise shape_mismatch(*sorted(info.mismatched_keys)[0])
         if info.conversion_errors:
             name, error = next(iter(info.conversion_errors.items()))
             raise MoECompressError(f"cannot convert checkpoint tensor(s) for {name}: {str(error).splitlines()[0]}")

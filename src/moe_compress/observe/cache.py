@@ -16,7 +16,9 @@ for, reading only those: one calibration pass that collected a superset (`api.co
 collects what every registered pruning method needs) serves every method after it. A new entry
 replaces the entries its set contains.
 An entry is also checked against the model's MoE layers and expert counts before it is used
-(one missing a layer or a statistic is recomputed, never half-used). Writers use unique
+(one missing a layer or a statistic is recomputed, never half-used), and every tensor it gives
+against the sha256 the entry records for it: an entry whose data was altered or damaged behind
+intact metadata is recomputed with a warning, never trusted. Writers use unique
 temporary names and publish by rename. A cache directory that cannot be used (a file,
 read-only, full) costs a warning, never the run.
 """
@@ -39,7 +41,7 @@ from torch import nn
 from ..errors import MoECompressError, warn
 from ..paths import cache_root
 
-CACHE_VERSION = "3"  # 3: entries keyed without the statistic names, found by what they hold
+CACHE_VERSION = "4"  # 3: entries keyed without the statistic names, found by what they hold; 4: with payload digests
 _CHUNK = 1 << 24  # bytes hashed per step, so a large tensor is never copied whole
 
 
@@ -94,6 +96,13 @@ def _names_hash(names: Iterable[str]) -> str:
 Stats = dict[int, dict[str, torch.Tensor]]
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (hashed in place, no copy of a contiguous tensor)."""
+    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _layout(stats: Stats) -> dict[str, list]:
     """Per layer, the sorted statistic names (what an entry must hold)."""
     return {str(layer): sorted(named) for layer, named in sorted(stats.items())}
@@ -135,11 +144,17 @@ class StatsCache:
                 layout = json.loads(metadata.get("layout", "null"))
                 if metadata.get("key") != key or not self._covers(layout, experts, names):
                     return None
+                digests = json.loads(metadata.get("digests", "{}"))
                 stats: Stats = {
                     int(layer): {name: handle.get_tensor(f"{layer}/{name}") for name in (names or held)} for layer, held in layout.items()
                 }
         except Exception as exc:  # a damaged or unreadable entry is recomputed, never fatal
             warn(f"statistics cache entry {path} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); recomputing.")
+            return None
+        altered = next((f"{layer}/{name}" for layer, named in stats.items() for name, value in named.items()
+                        if digests.get(f"{layer}/{name}") != tensor_digest(value)), None)
+        if altered is not None:
+            warn(f"statistics cache entry {path} holds data ({altered}) that does not match the digest it records: it was altered or damaged; recomputing.")
             return None
         return stats if self._usable(stats, experts) else None
 
@@ -170,7 +185,8 @@ class StatsCache:
         partial = self.directory / f".{target.name}.{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}.partial"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            save_file(flat, str(partial), metadata={"key": key, "layout": json.dumps(_layout(stats))})
+            digests = json.dumps({name: tensor_digest(value) for name, value in flat.items()})
+            save_file(flat, str(partial), metadata={"key": key, "layout": json.dumps(_layout(stats)), "digests": digests})
             partial.replace(target)
         except Exception as exc:  # OSError, or safetensors' wrapper of one (disk full)
             try:
