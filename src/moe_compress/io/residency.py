@@ -220,7 +220,7 @@ class StreamedWeights:
                     self._load(self.targets[name], config)
         state = self.model.state_dict(keep_vars=True)
         read = [name for name in wanted if name in state and state[name].device.type != "meta"]
-        for name in read:  # where the reader put it, not where a memory map would: see io.alignment
+        for name in read:  # pread buffers are only 16-byte aligned; kernels may round by address (io.alignment)
             if not is_aligned(state[name]):
                 self._set(name, _like(state[name], aligned(state[name].detach())))
         for alias, stored in self.aliases.items():
