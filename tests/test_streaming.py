@@ -6,6 +6,7 @@ import errno
 import filecmp
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save, save_file
 
 import moe_compress as mc
 from helpers import token_batches
@@ -23,6 +24,7 @@ from moe_compress.api import collect_statistics
 from moe_compress.errors import MoECompressError
 from moe_compress.evaluate.perplexity import perplexity
 from moe_compress.io.load import load_model, load_streamed
+from moe_compress.io.open import open_model
 from moe_compress.observe.activations import activation_budget
 from tiny_models import FAMILIES, SUPPORTED, VOCAB, tiny_model
 
@@ -67,6 +69,56 @@ def test_streamed_statistics_equal_in_memory(checkpoints, family):
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[i][n], in_memory[i][n]) for i in in_memory for n in in_memory[i])
     assert all(p.device.type == "meta" for p in weights.model.parameters()), "every layer is released after its visit"
+
+
+def _checkpoint_at_8_mod_64(root: Path, model_type: str) -> Path:
+    """A checkpoint whose first tensor starts 8 bytes past a 64-byte boundary of its file (header padded to get there).
+
+    `from_pretrained` maps the file, so in memory each tensor sits where the file has it.
+    """
+    tiny_model(model_type).save_pretrained(root)
+    shard = root / "model.safetensors"
+    tensors = load_file(shard)
+    for pad in range(64):
+        data = save(tensors, metadata={"format": "pt", "pad": "-" * pad})
+        header = struct.unpack("<Q", data[:8])[0]
+        if (8 + header) % 64 == 8:
+            break
+    else:
+        pytest.fail("no header padding puts the data at 8 mod 64")
+    shard.write_bytes(data)
+    return root
+
+
+def _misaligned(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, t in tensors.items() if t.device.type == "cpu" and t.data_ptr() % 64]
+
+
+def test_weights_are_64_byte_aligned_in_memory_and_streamed(tmp_path):
+    """MKL's single-row sgemm (one token routed to an expert) rounds by the weight's address on some CPUs: on an
+    AMD EPYC, granitemoe's streamed statistics were one ulp off the in-memory ones (io.alignment). Wherever the
+    file and the reader put a tensor, both residencies compute with it on a 64-byte boundary."""
+    source = _checkpoint_at_8_mod_64(tmp_path / "source", "granitemoe")
+    model, _ = load_model(source)
+    assert _misaligned(model.state_dict()) == []
+    weights, _ = load_streamed(source)
+    with weights.loaded(weights.model) as streamed:
+        assert _misaligned(streamed.state_dict()) == []
+        assert all(torch.equal(t, model.state_dict()[name]) for name, t in streamed.state_dict().items())
+
+
+def test_a_model_handed_over_in_memory_is_realigned_in_place():
+    """The same holds for a model passed as an object (e.g. mapped by the caller's own from_pretrained)."""
+    model = tiny_model("mixtral", tie_word_embeddings=True)
+    weight = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is weight
+    values = weight.detach().clone()
+    weight.data = torch.empty(weight.numel() + 2)[2:].view(weight.shape).copy_(values)  # 8 bytes off its block
+    assert _misaligned(dict(model.named_parameters())) == ["model.embed_tokens.weight"]
+    opened, _, _ = open_model(model)
+    assert _misaligned(dict(opened.named_parameters())) == []
+    assert opened.get_input_embeddings().weight is weight and opened.get_output_embeddings().weight is weight
+    assert torch.equal(weight, values)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -219,7 +271,7 @@ _DISTRIBUTED = textwrap.dedent(
     import os, sys
     from pathlib import Path
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save, save_file
     sys.path.insert(0, {tests!r})
     import moe_compress as mc
     from moe_compress import distributed

@@ -35,6 +35,7 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError, warn
 from ..finite import require_finite_weights
 from ..progress import progress_enabled
+from .alignment import align_weights
 from .export import record_origin
 from .locate import ASSETS, BUNDLED_MODELS, bundled_models, offline, resolve_model  # noqa: F401 (re-exported)
 from .remote_code import AUTO_MAP, expected_files, is_own_remote_code
@@ -270,7 +271,9 @@ def load_model(
     require_finite_weights(model, shown_as)
     if Path(source).is_dir():
         record_origin(model, source)
-    return model.to(target).eval(), load_tokenizer(source, trusted, shown_as)
+    model = model.to(target).eval()
+    align_weights(model)  # mapped from the file at its offsets: realigned as streaming realigns (io.alignment)
+    return model, load_tokenizer(source, trusted, shown_as)
 
 
 def meta_skeleton(auto_class, config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:

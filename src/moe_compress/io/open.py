@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
+from .alignment import align_weights
 from .checkpoint import Checkpoint
 from .export import origin_checkpoint
 from .load import load_model, load_streamed, resolve_model
@@ -74,6 +75,7 @@ def open_model(
     if not isinstance(model, (str, Path)):
         if streaming is True:
             raise MoECompressError("streaming reads a checkpoint from disk: pass its path instead of an in-memory model.")
+        align_weights(model)  # as if opened from its checkpoint (io.alignment): the same numbers either way
         return model, None, InMemoryWeights(model)
     if should_stream(model, streaming, device):
         weights, tokenizer = load_streamed(model, dtype, trust_remote_code)

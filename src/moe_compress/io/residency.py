@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
 from ..finite import require_finite
+from .alignment import aligned, is_aligned
 from .checkpoint import Checkpoint
 
 
@@ -225,13 +226,17 @@ class StreamedWeights:
             for name in wanted:
                 if name in self.targets:
                     self._load(self.targets[name], config)
+        state = self.model.state_dict(keep_vars=True)
+        read = [name for name in wanted if name in state and state[name].device.type != "meta"]
+        for name in read:  # pread buffers are only 16-byte aligned; kernels may round by address (io.alignment)
+            if not is_aligned(state[name]):
+                self._set(name, _like(state[name], aligned(state[name].detach())))
         for alias, stored in self.aliases.items():
             if stored in wanted:
                 self._set(alias, self.model.get_parameter(stored))
         state = self.model.state_dict(keep_vars=True)
-        for name in wanted:  # checked as read: NaN/Inf would spread through every statistic and plan
-            if name in state and state[name].device.type != "meta":
-                require_finite(state[name], f"checkpoint tensor {name}")
+        for name in read:  # checked as read: NaN/Inf would spread through every statistic and plan
+            require_finite(state[name], f"checkpoint tensor {name}")
 
     def _load(self, keys: list[str], config) -> None:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
