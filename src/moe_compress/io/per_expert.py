@@ -1,0 +1,80 @@
+"""Fused expert tensors stored one 2-D weight per expert, where the family fuses them on disk.
+
+A packed (quantised) checkpoint needs every quantised weight to be a 2-D Linear weight: that
+is what compressed-tensors packs and what transformers unpacks on load. Most families store
+their experts that way already (transformers fuses the per-expert keys on load), but some
+(gpt_oss, granitemoe, the Qwen3-VL-MoE, Gemma 4 and Aria wrappers, ...) store each projection
+of all experts as one 3-D tensor, and no loader reads a packed 3-D tensor. For those, each
+expert's slice is written as its own `<experts>.<e>.<projection>.weight`, [out, in] as a
+Linear keeps it (a transposed family's [in, out] slice is transposed), and the checkpoint's
+config lists the tensors so split (`per_expert_tensors` in `config.moe_compress`): the
+generated modelling code then registers the conversion that stacks them back on load
+(`MoECompressPerExpert...` in `templates/modeling_moe_compress.py.tmpl`), after transformers
+has dequantised each expert the way it does for every family stored per expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import PreTrainedModel
+
+from ..arch.adapter import MoEAdapter
+from ..surgery.structure import structure_spec
+from .export import Group
+from .remote_code import PER_EXPERT_KEY
+from .residency import layers_prefix
+
+
+def expert_key(name: str, expert: int) -> str:
+    """The key of one expert's slice of the fused tensor `name` (`...experts.down_proj` -> `...experts.3.down_proj.weight`)."""
+    owner, _, attr = name.rpartition(".")
+    return f"{owner}.{expert}.{attr}.weight"
+
+
+def split_experts(tensors: dict[str, torch.Tensor], fused: dict[str, bool]) -> dict[str, torch.Tensor]:
+    """In-memory tensors with each one named in `fused` (name -> stored [E, in, out]) replaced by its experts' [out, in] slices."""
+    split: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name not in fused:
+            split[name] = tensor
+            continue
+        for expert, value in enumerate(tensor):
+            split[expert_key(name, expert)] = value.T if fused[name] else value
+    return split
+
+
+def split_groups(groups: Iterable[Group], fused: dict[str, bool]) -> Iterator[Group]:
+    """The writer's groups with the `fused` tensors split per expert (groups already in checkpoint names pass)."""
+    for tensors, in_checkpoint_names in groups:
+        split = tensors if in_checkpoint_names else split_experts(tensors, fused)
+        del tensors  # one layer in memory at a time (see `io.export.write_groups`)
+        yield split, in_checkpoint_names
+        del split
+
+
+@contextmanager
+def described_per_expert(model: PreTrainedModel, adapter: MoEAdapter, fused: dict[str, bool]) -> Iterator[None]:
+    """While a checkpoint with the `fused` tensors split is saved, `model`'s config says so.
+
+    The config gets (or keeps) the structure spec that makes the save write the generated
+    modelling code, plus the split tensors named relative to a decoder layer with whether
+    the experts module keeps them transposed. The config is restored afterwards: the model
+    itself still holds fused tensors.
+    """
+    config = model.config
+    before = getattr(config, "moe_compress", None)
+    prefix = layers_prefix(model, adapter) + "."
+    relative = {name.removeprefix(prefix).split(".", 1)[1]: transposed for name, transposed in fused.items()}
+    spec = dict(before) if before else structure_spec(model, adapter, adapter.config_num_experts(config))
+    spec[PER_EXPERT_KEY] = sorted([name, transposed] for name, transposed in relative.items())
+    config.moe_compress = spec
+    try:
+        yield
+    finally:
+        if before is None:
+            del config.moe_compress
+        else:
+            config.moe_compress = before
