@@ -75,9 +75,14 @@ def describe_shared(adapter: MoEAdapter) -> str:
 
 def describe_outputs(model: nn.Module, adapter: MoEAdapter) -> str:
     """Outputs plain `from_pretrained` loads; everything else (non-uniform, novices, condensed) loads as remote code."""
+    from ..slimming.quantize import unloadable_when_packed  # lazy: slimming imports arch
+
+    problem = unloadable_when_packed(model)
+    if problem:
+        return f"uniform prune, block drop (quantize refused: {problem})"
     if experts_stored_per_expert(model, adapter):
         return "uniform prune, block drop, quantize"
-    return "uniform prune, block drop, quantize (experts fused 3-D on disk: stored as rounded values)"
+    return "uniform prune, block drop (quantize: experts fused 3-D on disk, packed one weight per expert, loads with trust_remote_code)"
 
 
 def describe_notes(adapter: MoEAdapter, config) -> str:

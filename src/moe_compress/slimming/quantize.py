@@ -137,6 +137,25 @@ def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> tuple[dict[str
     return saved, fused
 
 
+def unloadable_when_packed(model: PreTrainedModel) -> str | None:
+    """Why transformers could not load `model` from a packed checkpoint, or None.
+
+    On load, transformers dequantises a packed weight before the family's own conversion of it
+    runs, by adding the packed tensors to that conversion's sources; a conversion that splits
+    one stored weight into several (inkling_mm_model's fused dense MLP) then becomes a
+    many-to-many conversion, which transformers 5.23 refuses for every checkpoint of the family.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    for converter in get_model_conversion_mapping(model, add_legacy=False):
+        sources, targets = converter._original_source_patterns, converter._original_target_patterns
+        if (isinstance(converter, WeightConverter) and len(targets) > 1 and all(s.endswith(".weight") for s in sources)
+                and not any(op.supports_many_to_many for op in converter.operations)):
+            return f"its weight conversion splits {', '.join(sources)} into {', '.join(targets)}, which transformers cannot do for packed weights"
+    return None
+
+
 def _choose_group_size(group_size: int | None, columns: set[int]) -> int:
     """The group size to use: as given (0 = one scale per output row), or the largest that divides every width."""
     if group_size is None:
@@ -322,6 +341,9 @@ def quantize(
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
     adapter = get_adapter(model)
+    problem = unloadable_when_packed(model)
+    if problem:
+        raise MoECompressError(f"a quantised {adapter.model_type} checkpoint would not load in transformers: {problem}; keep this model unquantised.")
     roles = _parameter_roles(model, adapter)
     saved, fused = _saved_keys(model, roles)
     chosen = {"experts"} if scope == "experts" else {"experts", "shared", "attention", "dense"}
