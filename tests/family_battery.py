@@ -24,9 +24,10 @@ from helpers import load_in_fresh_process, round_experts, save_expected, selecte
 from moe_compress import LayerPlan, MoECompressError, Plan, apply_plan, compress, get_adapter, prune_experts, quantize, save_compressed, slim
 from moe_compress.arch import auto_model_class
 from moe_compress.arch.adapter import TextOnlyCalibrationWarning
+from moe_compress.arch.table import unloadable_when_packed
 from moe_compress.methods.expert_pruning import routing_limits
-from moe_compress.slimming.quantize import PER_EXPERT_STORAGE, unloadable_when_packed
 from moe_compress.observe.observer import run_sequential
+from moe_compress.slimming.quantize import PER_EXPERT_STORAGE
 from tiny_models import LAYERS, SUPPORTED, VOCAB, tiny_config, tiny_model
 
 

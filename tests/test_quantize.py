@@ -67,12 +67,15 @@ def test_quantized_checkpoint_reloads_with_rounded_weights_and_close_logits(bits
     assert "lm_head" in config["ignore"] and "model.layers.0.block_sparse_moe.gate" in config["ignore"]
 
 
-def test_non_uniform_remote_code_model_quantizes_and_reloads(tmp_path):
-    model = tiny_model("qwen2_moe")
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])  # experts per expert on disk / fused on disk
+def test_non_uniform_remote_code_model_quantizes_and_reloads(family, tmp_path):
+    model = tiny_model(family)
     compress(model, plan=_non_uniform_plan(model), out=tmp_path / "pruned")
     quantize(tmp_path / "pruned", tmp_path / "q", bits=8, group_size=8)
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert "auto_map" in config and "moe_compress" in config and "quantization_config" in config
+    assert config["moe_compress"]["layers"] == json.loads((tmp_path / "pruned" / "config.json").read_text())["moe_compress"]["layers"]
+    assert ("per_expert_tensors" in config["moe_compress"]) == (family == "gpt_oss")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", trust_remote_code=True).eval()
     _round_in_memory(model, 8, 8)
     with torch.no_grad():

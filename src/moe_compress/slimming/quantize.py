@@ -19,10 +19,12 @@ Two ways to choose the integers (`method`):
 
 Families that store routed experts as fused 3-D tensors on disk as well (gpt_oss, granitemoe,
 the Qwen3-VL-MoE, Gemma 4 and Aria wrappers, ...: the families table says which) are packed
-too, one 2-D weight per expert (`io.per_expert`): transformers replaces only nn.Linear modules
-by compressed ones and packs no 3-D tensor, and no stock conversion of these families reads
-per-expert keys, so their quantised checkpoint carries the generated modelling code whose
-`MoECompressPerExpert...` class stacks the experts back on load (`trust_remote_code=True`).
+too, one 2-D weight per expert (`io.per_expert`): transformers gives compressed parameters
+only to nn.Linear modules and reads no packed 3-D tensor, and no stock conversion of these
+families reads per-expert keys, so their quantised checkpoint carries the generated modelling
+code whose `MoECompressPerExpert...` class stacks the experts back on load
+(`trust_remote_code=True`). A family whose own weight conversion transformers cannot run on
+packed weights is refused before anything is read (`arch.table.unloadable_when_packed`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..arch.adapter import MoEAdapter
 from ..arch.registry import get_adapter
+from ..arch.table import unloadable_when_packed
 from ..errors import MoECompressError
 from ..io.export import model_groups, streamed_groups
 from ..io.open import Streaming, open_model
@@ -137,25 +140,6 @@ def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> tuple[dict[str
     return saved, fused
 
 
-def unloadable_when_packed(model: PreTrainedModel) -> str | None:
-    """Why transformers could not load `model` from a packed checkpoint, or None.
-
-    On load, transformers dequantises a packed weight before the family's own conversion of it
-    runs, by adding the packed tensors to that conversion's sources; a conversion that splits
-    one stored weight into several (inkling_mm_model's fused dense MLP) then becomes a
-    many-to-many conversion, which transformers 5.23 refuses for every checkpoint of the family.
-    """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter
-
-    for converter in get_model_conversion_mapping(model, add_legacy=False):
-        sources, targets = converter._original_source_patterns, converter._original_target_patterns
-        if (isinstance(converter, WeightConverter) and len(targets) > 1 and all(s.endswith(".weight") for s in sources)
-                and not any(op.supports_many_to_many for op in converter.operations)):
-            return f"its weight conversion splits {', '.join(sources)} into {', '.join(targets)}, which transformers cannot do for packed weights"
-    return None
-
-
 def _choose_group_size(group_size: int | None, columns: set[int]) -> int:
     """The group size to use: as given (0 = one scale per output row), or the largest that divides every width."""
     if group_size is None:
@@ -183,12 +167,7 @@ def _scheme(bits: int, group_size: int, symmetric: bool):
 
 def rtn_parameters(weight: torch.Tensor, scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest scales and zero points of one 2-D weight: min-max per group (or output row),
-    computed by compressed-tensors' own `calculate_qparams`.
-
-    The scales are returned in the weight's dtype, the one the checkpoint stores them in, so that
-    the values a model rounded in memory takes are exactly those its checkpoint decompresses to
-    (a bf16 scale is not the float32 one it was rounded from).
-    """
+    computed by compressed-tensors' own `calculate_qparams`."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
     args = scheme.weights
@@ -198,8 +177,7 @@ def rtn_parameters(weight: torch.Tensor, scheme) -> tuple[torch.Tensor, torch.Te
         low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
     else:
         low, high = value.amin(dim=-1, keepdim=True), value.amax(dim=-1, keepdim=True)
-    scale, zero_point = calculate_qparams(low, high, args)
-    return scale.to(weight.dtype), zero_point
+    return calculate_qparams(low, high, args)
 
 
 def compress_weight(weight: torch.Tensor, scheme, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -220,14 +198,6 @@ def compress_weight(weight: torch.Tensor, scheme, scale: torch.Tensor | None = N
     compressor = BaseCompressor.get_value_from_registry(CompressionFormat.pack_quantized.value)
     # clone, not contiguous(): a contiguous view would keep its whole intermediate buffer alive
     return {k: v.clone() for k, v in compressor.compress(state, scheme).items()}
-
-
-def round_to_nearest(weight: torch.Tensor, scheme) -> torch.Tensor:
-    """The values one 2-D weight takes after round-to-nearest (quantised, then dequantised)."""
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-
-    scale, zero_point = rtn_parameters(weight, scheme)
-    return fake_quantize(weight.float(), scale, zero_point, scheme.weights).to(weight.dtype)
 
 
 def _saved_rounding(model: PreTrainedModel, rounded: dict, fused: dict[str, bool]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
