@@ -129,6 +129,17 @@ def test_a_family_transformers_cannot_load_packed_is_refused_before_anything_is_
     assert not list(tmp_path.iterdir())
 
 
+def test_dry_run_says_a_fused_family_is_packed_per_expert_and_refuses_what_cannot_load(tmp_path):
+    runner = CliRunner()
+    gpt_oss = runner.invoke(app, ["quantize", str(save_tiny_checkpoint(tmp_path / "gpt_oss", "gpt_oss")), "--out", str(tmp_path / "q"), "--dry-run"])
+    assert gpt_oss.exit_code == 0 and "packed one weight per expert" in " ".join(gpt_oss.output.split()), gpt_oss.output
+    mixtral = runner.invoke(app, ["quantize", str(save_tiny_checkpoint(tmp_path / "mixtral")), "--out", str(tmp_path / "q"), "--dry-run"])
+    assert mixtral.exit_code == 0 and "one weight per expert" not in " ".join(mixtral.output.split())
+    inkling = runner.invoke(app, ["quantize", str(save_tiny_checkpoint(tmp_path / "inkling", "inkling_mm_model")), "--out", str(tmp_path / "q"), "--dry-run"])
+    assert inkling.exit_code == 2 and "would not load in transformers" in inkling.output
+    assert not (tmp_path / "q").exists()
+
+
 def test_slim_then_quantize_keeps_the_zeros(tmp_path):
     model = tiny_model("mixtral")
     slim(model, "wanda", nm=(2, 4), calib=token_batches(2))

@@ -244,6 +244,13 @@ METHODS: dict[str, str] = {
 }
 
 
+def check_loadable_when_packed(model: PreTrainedModel, adapter: MoEAdapter) -> None:
+    """Refuse a family whose quantised checkpoint transformers could not load (before any weight is read)."""
+    problem = unloadable_when_packed(model)
+    if problem:
+        raise MoECompressError(f"a quantised {adapter.model_type} checkpoint would not load in transformers: {problem}; keep this model unquantised.")
+
+
 def check_quantize_options(bits: int, scope: str, method: str, group_size: int | None) -> None:
     """The options every quantisation takes, checked before any model is read."""
     if bits not in (4, 8):
@@ -311,9 +318,7 @@ def quantize(
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
     adapter = get_adapter(model)
-    problem = unloadable_when_packed(model)
-    if problem:
-        raise MoECompressError(f"a quantised {adapter.model_type} checkpoint would not load in transformers: {problem}; keep this model unquantised.")
+    check_loadable_when_packed(model, adapter)
     roles = _parameter_roles(model, adapter)
     saved, fused = _saved_keys(model, roles)
     chosen = {"experts"} if scope == "experts" else {"experts", "shared", "attention", "dense"}
