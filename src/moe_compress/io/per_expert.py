@@ -46,13 +46,38 @@ def split_experts(tensors: dict[str, torch.Tensor], fused: dict[str, bool]) -> d
     return split
 
 
-def split_groups(groups: Iterable[Group], fused: dict[str, bool]) -> Iterator[Group]:
-    """The writer's groups with the `fused` tensors split per expert (groups already in checkpoint names pass)."""
+def unpackable_conversions(model: PreTrainedModel, names: Iterable[str], experts: set[str]) -> set[str]:
+    """In-memory tensor names whose checkpoint form transformers could not load from a packed checkpoint.
+
+    On load, transformers prepends its dequantisation to every weight conversion whose sources
+    are `.weight` keys (to dequantise packed experts before it stacks them); that step only
+    passes packed tensors on, so such a conversion of anything but the routed experts gets
+    nothing (kimi_linear's q/k/v conv1d concatenation, minimax_m3_vl's gate/up concatenation)
+    or the wrong shape. These tensors are stored under their in-memory names, which load as
+    they are, without any conversion.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    reverse = [converter.reverse_transform() for converter in get_model_conversion_mapping(model, add_legacy=False)
+               if isinstance(converter, WeightConverter) and all(s.endswith(".weight") for s in converter._original_source_patterns)]
+    return {name for name in names if name not in experts and any(c.rename_source_key(name)[1] is not None for c in reverse)}
+
+
+def stored_groups(groups: Iterable[Group], fused: dict[str, bool], own_names: set[str]) -> Iterator[Group]:
+    """The writer's groups with the `fused` tensors split per expert and the `own_names` tensors kept under
+    their in-memory names (groups already in checkpoint names pass)."""
     for tensors, in_checkpoint_names in groups:
-        split = tensors if in_checkpoint_names else split_experts(tensors, fused)
+        if in_checkpoint_names:
+            yield tensors, True
+            continue
+        own = {name: tensors[name] for name in own_names & tensors.keys()}
+        split = split_experts({name: t for name, t in tensors.items() if name not in own}, fused)
         del tensors  # one layer in memory at a time (see `io.export.write_groups`)
-        yield split, in_checkpoint_names
-        del split
+        if own:
+            yield own, True
+        yield split, False
+        del split, own
 
 
 @contextmanager

@@ -46,7 +46,7 @@ from ..arch.table import unloadable_when_packed
 from ..errors import MoECompressError
 from ..io.export import model_groups, streamed_groups
 from ..io.open import Streaming, open_model
-from ..io.per_expert import described_per_expert, split_experts, split_groups
+from ..io.per_expert import described_per_expert, split_experts, stored_groups, unpackable_conversions
 from ..io.publish import releases_outputs
 from ..io.model_card import write_model_card
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
@@ -112,13 +112,13 @@ class SavedTensor:
     param: str
 
 
-def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> tuple[dict[str, SavedTensor], dict[str, bool]]:
+def _saved_keys(model: PreTrainedModel, roles: dict[str, str], own_names: set[str]) -> tuple[dict[str, SavedTensor], dict[str, bool]]:
     """(checkpoint key -> what it holds, fused expert tensors the checkpoint stores per expert -> transposed).
 
     Keys come from transformers' own save-time key conversion: fused in-memory experts become
     per-expert keys for most families. Expert tensors that conversion keeps 3-D are split per
-    expert here (`io.per_expert`), before it renames them. Running it on meta tensors gives
-    the names and shapes without copying any weights.
+    expert here (`io.per_expert`), before it renames them; `own_names` keep their in-memory
+    names. Running it on meta tensors gives the names and shapes without copying any weights.
     """
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -131,7 +131,7 @@ def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> tuple[dict[str
         if name not in params:
             continue
         meta = {name: params[name].detach().to("meta")}
-        converted = revert_weight_conversion(model, meta)
+        converted = meta if name in own_names else revert_weight_conversion(model, meta)
         if role == "experts" and any(tensor.dim() == 3 for tensor in converted.values()):
             fused[name] = name in transposed
             converted = revert_weight_conversion(model, split_experts(meta, fused))
@@ -200,14 +200,17 @@ def compress_weight(weight: torch.Tensor, scheme, scale: torch.Tensor | None = N
     return {k: v.clone() for k, v in compressor.compress(state, scheme).items()}
 
 
-def _saved_rounding(model: PreTrainedModel, rounded: dict, fused: dict[str, bool]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+def _saved_rounding(
+    model: PreTrainedModel, rounded: dict, fused: dict[str, bool], own_names: set[str],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Calibrated rounding of in-memory tensors -> (values, scale, zero point) per checkpoint key,
-    split by the same conversion (and per-expert split) that splits the weights themselves."""
+    named and split as the weights themselves are (`_saved_keys`)."""
     from transformers.core_model_loading import revert_weight_conversion
 
     saved = {}
     for name, entry in rounded.items():
-        parts = [revert_weight_conversion(model, split_experts({name: t}, fused)) for t in (entry.value, entry.scale, entry.zero_point) if t is not None]
+        parts = [{name: t} if name in own_names else revert_weight_conversion(model, split_experts({name: t}, fused))
+                 for t in (entry.value, entry.scale, entry.zero_point) if t is not None]
         for key in parts[0]:
             saved[key] = (parts[0][key], parts[1][key], parts[2][key] if len(parts) > 2 else None)
     return saved
@@ -320,7 +323,8 @@ def quantize(
     adapter = get_adapter(model)
     check_loadable_when_packed(model, adapter)
     roles = _parameter_roles(model, adapter)
-    saved, fused = _saved_keys(model, roles)
+    own_names = unpackable_conversions(model, model.state_dict(keep_vars=True), {n for n, role in roles.items() if role == "experts"})
+    saved, fused = _saved_keys(model, roles, own_names)
     chosen = {"experts"} if scope == "experts" else {"experts", "shared", "attention", "dense"}
     targets = {k for k, t in saved.items() if t.role in chosen and len(t.shape) == 2 and k.endswith(".weight")}
     if not targets:
@@ -346,10 +350,10 @@ def quantize(
         params = {saved[k].param: saved[k].role for k in targets}
         batches = _calibration_batches("bundled" if calib is None else calib, tokenizer)
         in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)
-        rounded = _saved_rounding(model, in_memory, fused)
+        rounded = _saved_rounding(model, in_memory, fused, own_names)
 
     transform = QuantizingTransform(targets, scheme, rounded)
-    groups = split_groups(streamed_groups(weights, adapter, None) if weights.streamed else model_groups(model), fused)
+    groups = stored_groups(streamed_groups(weights, adapter, None) if weights.streamed else model_groups(model), fused, own_names)
     work = staging_dir(out, "quantize")
     try:
         with described_per_expert(model, adapter, fused) if fused else nullcontext():
