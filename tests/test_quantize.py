@@ -123,6 +123,18 @@ def test_fused_expert_families_are_packed_per_expert_and_reload_exactly(family, 
                        adapter.experts(adapter.moe_block(adapter.decoder_layers(model)[layers[0]])).down_proj)
 
 
+def test_tensors_whose_stock_conversion_cannot_run_packed_keep_their_in_memory_names(tmp_path):
+    """kimi_linear joins q/k/v conv1d checkpoint keys on load, a conversion transformers cannot run on a packed checkpoint."""
+    model = tiny_model("kimi_linear")
+    quantize(model, tmp_path / "q", bits=4, group_size=16, scope="experts")
+    shapes = _stored_shapes(tmp_path / "q")
+    assert "model.layers.0.self_attn.conv1d.weight" in shapes and not any("q_conv1d" in key for key in shapes)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    round_experts(model, 4, 16)
+    state, expected = reloaded.state_dict(), model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
 def test_a_family_transformers_cannot_load_packed_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(MoECompressError, match=r"quantised inkling_mm_model checkpoint would not load in transformers: .*mlp\.w13_dn\.weight"):
         quantize(tiny_model("inkling_mm_model"), tmp_path / "q", bits=4)

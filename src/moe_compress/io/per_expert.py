@@ -1,4 +1,8 @@
-"""Fused expert tensors stored one 2-D weight per expert, where the family fuses them on disk.
+"""How a packed (quantised) checkpoint stores what transformers cannot load packed in the family's own layout.
+
+Fused expert tensors are stored one 2-D weight per expert where the family fuses them on disk;
+tensors whose stock conversion transformers cannot run after its dequantisation keep their
+in-memory names (`unpackable_conversions`).
 
 A packed (quantised) checkpoint needs every quantised weight to be a 2-D Linear weight: that
 is what compressed-tensors packs and what transformers unpacks on load. Most families store
