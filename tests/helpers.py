@@ -70,6 +70,34 @@ _LOADER = textwrap.dedent(
 )
 
 
+def rounded(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Symmetric round-to-nearest per group along the input (last) dimension, written independently of the
+    library; the scales are those a checkpoint stores, in the weight's dtype."""
+    grouped = weight.float().unflatten(-1, (-1, group))
+    scale = (grouped.abs().amax(dim=-1, keepdim=True) / ((2**bits - 1) / 2)).to(weight.dtype).float()
+    scale = torch.where(scale == 0, torch.finfo(weight.dtype).eps, scale)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return (torch.clamp(torch.round(grouped / scale), low, high) * scale).flatten(-2).to(weight.dtype)
+
+
+@torch.no_grad()
+def round_experts(model, bits: int, group: int) -> None:
+    """Round every routed expert of `model` in place, as `quantize(..., scope="experts")` stores them."""
+    from moe_compress import get_adapter
+
+    adapter = get_adapter(model)
+    for index in adapter.moe_layer_indices(model):
+        experts = adapter.experts(adapter.moe_block(adapter.decoder_layers(model)[index]))
+        for name in ("gate_up_proj", "up_proj", "down_proj"):
+            tensor = getattr(experts, name, None)
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            if getattr(experts, "is_transposed", False):  # stored [E, in, out]: groups run along the middle axis
+                tensor.copy_(rounded(tensor.transpose(1, 2), bits, group).transpose(1, 2))
+            else:
+                tensor.copy_(rounded(tensor, bits, group))
+
+
 def save_expected(directory: Path, input_ids: torch.Tensor, model) -> None:
     """Store what a reload must reproduce: the in-memory model's logits and every tensor."""
     with torch.no_grad():

@@ -94,3 +94,16 @@ def test_cli_autoround_rounds_what_it_cannot_tune_to_nearest(tmp_path):
     assert ar.keys() == rtn.keys() and all(torch.equal(ar[k], rtn[k]) for k in ar)
     bad = CliRunner().invoke(app, ["quantize", str(checkpoint), "--method", "gptq", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--method must be one of" in bad.output
+
+
+def test_autoround_packs_a_fused_expert_family_per_expert(tmp_path):
+    """granitemoe fuses experts on disk: AutoRound's per-expert rounding is written one packed weight per expert."""
+    from moe_compress.slimming.quantize import PER_EXPERT_STORAGE
+
+    model = tiny_model("granitemoe", num_layers=1, **WIDE)
+    summary = quantize(model, tmp_path / "ar", bits=4, group_size=32, scope="experts", method="autoround", calib=CALIB,
+                       tokenizer=tiny_tokenizer(), iters=2).summary
+    assert summary["experts_storage"] == PER_EXPERT_STORAGE and summary["calibrated_keys"] == 8 * 2  # every expert's two projections
+    reloaded, _ = load_model(tmp_path / "ar")
+    assert type(reloaded).__name__ == "MoECompressPerExpertGraniteMoeForCausalLM"
+    assert _relative_error(reloaded, model) < 0.2

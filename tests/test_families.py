@@ -23,6 +23,7 @@ from moe_compress.arch.catalog import build_skeleton
 from moe_compress.arch.families import OVERRIDES, REFUSED
 from moe_compress.arch.registry import refusal
 from moe_compress.arch.table import experts_stored_per_expert
+from moe_compress.slimming.quantize import PER_EXPERT_STORAGE
 from tiny_models import SUPPORTED, tiny_config, tiny_model
 
 #: The families users ask for most (issue 12); each must be supported, not merely listed.
@@ -50,7 +51,7 @@ def test_saved_checkpoints_reload_exactly_without_moe_compress(battery, model_ty
     """Uniform prune (also of the defaults build) and block drop: stock class; non-uniform and MoNE: the generated class;
     identical tensors and logits."""
     jobs = {job["case"]: job for job in battery.results[model_type].jobs}
-    assert set(jobs) == set(RELOADED), f"cases that saved nothing: {set(RELOADED) - set(jobs)}"
+    assert set(RELOADED) <= set(jobs), f"cases that saved nothing: {set(RELOADED) - set(jobs)}"
     for case, remote in RELOADED.items():
         path = Path(jobs[case]["path"])
         config = json.loads((path / "config.json").read_text())
@@ -63,16 +64,32 @@ def test_saved_checkpoints_reload_exactly_without_moe_compress(battery, model_ty
         assert_reloads_exactly(result)
 
 
+#: transformers 5.23 loads no packed checkpoint of these: their weight conversion splits one stored weight into
+#: several (inkling_mm_model's dense `mlp.w13_dn`, unlimited_ocr's `qkv_proj`), which it cannot do after dequantising.
+QUANTIZE_REFUSED = {"inkling_mm_model", "unlimited_ocr"}
+
+
 @ON_BATTERY_WORKER
-def test_quantize_stores_rounded_values_exactly_for_the_families_with_fused_experts_on_disk(battery):  # noqa: F811
-    """compressed-tensors packs 2-D Linear weights: families whose checkpoints fuse experts into 3-D tensors keep them rounded, unpacked."""
-    rounded = {t for t, result in battery.results.items() if result.experts_storage.startswith("rounded values")}
-    fused = set()
-    for model_type in SUPPORTED:
-        skeleton = build_skeleton(tiny_config(model_type))
-        if not experts_stored_per_expert(skeleton, get_adapter(skeleton)):
-            fused.add(model_type)
-    assert rounded == fused and rounded
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_4bit_quantize_shrinks_the_experts_and_reloads_exactly(battery, model_type):  # noqa: F811
+    """Packed experts take <= 0.3x their bf16 bytes on every family, and the checkpoint reloads without moe_compress to the
+    in-memory quantised model's tensors and logits; families that fuse experts on disk store them one weight per expert
+    and load through the generated `MoECompressPerExpert...` class."""
+    quantized = battery.results[model_type].quantized
+    if model_type in QUANTIZE_REFUSED:
+        assert "would not load in transformers" in quantized["refused"]
+        return
+    assert "refused" not in quantized, quantized
+    print(f"\n{model_type}: packed experts {quantized['ratio']:.4f}x their bf16 bytes")
+    assert quantized["ratio"] <= 0.3
+    skeleton = build_skeleton(tiny_config(model_type))
+    fused = not experts_stored_per_expert(skeleton, get_adapter(skeleton))
+    assert (quantized["experts_storage"] == PER_EXPERT_STORAGE) == fused
+    job = next(job for job in battery.results[model_type].jobs if job["case"] == "quantize")
+    assert job["remote"] == fused
+    result = battery.reloads[job["path"]]
+    assert result["class"].startswith("MoECompressPerExpert") == fused, result["class"]
+    assert_reloads_exactly(result)
 
 
 def test_the_requested_families_are_supported():

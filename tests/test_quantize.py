@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from helpers import token_batches
+from helpers import round_experts, rounded, token_batches
 from moe_compress import MoECompressError, compress, get_adapter, load_model, quantize, slim
 from moe_compress.cli import app
 from test_save_load import _non_uniform_plan
@@ -18,15 +19,6 @@ from tiny_checkpoints import save_tiny_checkpoint
 from tiny_models import VOCAB, tiny_model
 
 IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-
-
-def _rounded(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Symmetric round-to-nearest per group along the input (last) dimension, written independently of the library."""
-    grouped = weight.unflatten(-1, (-1, group))
-    scale = grouped.abs().amax(dim=-1, keepdim=True) / ((2**bits - 1) / 2)
-    scale = torch.where(scale == 0, torch.finfo(weight.dtype).eps, scale)
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return (torch.clamp(torch.round(grouped / scale), low, high) * scale).flatten(-2)
 
 
 @torch.no_grad()
@@ -39,15 +31,8 @@ def _round_in_memory(model, bits: int, group: int) -> None:
         skip |= {id(m) for m in (adapter.shared_experts(block) if block is not None else []) if isinstance(m, nn.Linear)}
         for module in layer.modules():
             if isinstance(module, nn.Linear) and id(module) not in skip:
-                module.weight.copy_(_rounded(module.weight, bits, group))
-        if block is not None:
-            experts = adapter.experts(block)
-            for name in ("gate_up_proj", "down_proj"):
-                tensor = getattr(experts, name)
-                if getattr(experts, "is_transposed", False):  # stored [E, in, out]: groups run along the middle axis
-                    tensor.copy_(_rounded(tensor.transpose(1, 2), bits, group).transpose(1, 2))
-                else:
-                    tensor.copy_(_rounded(tensor, bits, group))
+                module.weight.copy_(rounded(module.weight, bits, group))
+    round_experts(model, bits, group)
 
 
 def _calm(model):
@@ -82,33 +67,89 @@ def test_quantized_checkpoint_reloads_with_rounded_weights_and_close_logits(bits
     assert "lm_head" in config["ignore"] and "model.layers.0.block_sparse_moe.gate" in config["ignore"]
 
 
-def test_non_uniform_remote_code_model_quantizes_and_reloads(tmp_path):
-    model = tiny_model("qwen2_moe")
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])  # experts per expert on disk / fused on disk
+def test_non_uniform_remote_code_model_quantizes_and_reloads(family, tmp_path):
+    model = tiny_model(family)
     compress(model, plan=_non_uniform_plan(model), out=tmp_path / "pruned", ignore_plan_identity=True)
     quantize(tmp_path / "pruned", tmp_path / "q", bits=8, group_size=8)
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert "auto_map" in config and "moe_compress" in config and "quantization_config" in config
+    assert config["moe_compress"]["layers"] == json.loads((tmp_path / "pruned" / "config.json").read_text())["moe_compress"]["layers"]
+    assert ("per_expert_tensors" in config["moe_compress"]) == (family == "gpt_oss")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", trust_remote_code=True).eval()
     _round_in_memory(model, 8, 8)
     with torch.no_grad():
         assert torch.allclose(reloaded(IDS).logits, model(IDS).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "granitemoe"])
-def test_fused_expert_families_are_quantised_not_refused(family, tmp_path):
+def _stored_shapes(path) -> dict[str, list[int]]:
+    shapes = {}
+    for shard in path.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as stored:
+            shapes.update({key: stored.get_slice(key).get_shape() for key in stored.keys()})
+    return shapes
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "granitemoe", "qwen3_vl_moe"])  # transposed, renamed on disk, multimodal
+def test_fused_expert_families_are_packed_per_expert_and_reload_exactly(family, tmp_path):
+    """Families that fuse experts on disk: every expert packed as its own 2-D weight; the generated class stacks them back on load."""
+    import transformers
+
+    from moe_compress.arch import auto_model_class
+    from moe_compress.slimming.quantize import PER_EXPERT_STORAGE
+
     model = _calm(tiny_model(family))
-    result = quantize(model, tmp_path / "q", bits=8, group_size=16)
-    assert result.summary["experts_storage"].startswith("rounded values")
-    reloaded, _ = load_model(tmp_path / "q")
-    _round_in_memory(model, 8, 16)
-    experts = get_adapter(model).experts(get_adapter(model).moe_block(model.model.layers[0]))
-    loaded = get_adapter(reloaded).experts(get_adapter(reloaded).moe_block(reloaded.model.layers[0]))
-    for name in ("gate_up_proj", "down_proj"):  # experts hold exactly the rounded values
-        assert torch.allclose(getattr(loaded, name), getattr(experts, name), atol=1e-6), name
+    result = quantize(model, tmp_path / "q", bits=4, group_size=16, scope="experts")
+    assert result.summary["experts_storage"] == PER_EXPERT_STORAGE
+    adapter = get_adapter(model)
+    layers = adapter.moe_layer_indices(model)
+    shapes = _stored_shapes(tmp_path / "q")
+    assert all(len(shape) <= 2 for key, shape in shapes.items() if ".experts." in key), "no fused 3-D expert tensor is left"
+    packed = [key for key in shapes if key.endswith("weight_packed")]
+    assert len(packed) == len(layers) * 8 * 2  # 8 experts, gate_up_proj and down_proj, in every MoE layer
+    assert all(".experts." in key for key in packed)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moe_compress.MoECompressPerExpertForCausalLM"
+    auto = getattr(transformers, auto_model_class(model.config).__name__)
+    reloaded = auto.from_pretrained(tmp_path / "q", trust_remote_code=True).eval()
+    assert type(reloaded).__name__.startswith("MoECompressPerExpert")
+    round_experts(model, 4, 16)  # the in-memory quantised model
+    state, expected = reloaded.state_dict(), model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
     with torch.no_grad():
-        assert torch.allclose(reloaded(IDS).logits, model(IDS).logits, atol=1e-4)
-    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+    ours, _ = load_model(tmp_path / "q")  # moe-compress recognises its own generated code without trust_remote_code
+    assert torch.equal(get_adapter(ours).experts(get_adapter(ours).moe_block(get_adapter(ours).decoder_layers(ours)[layers[0]])).down_proj,
+                       adapter.experts(adapter.moe_block(adapter.decoder_layers(model)[layers[0]])).down_proj)
+
+
+def test_tensors_whose_stock_conversion_cannot_run_packed_keep_their_in_memory_names(tmp_path):
+    """kimi_linear joins q/k/v conv1d checkpoint keys on load, a conversion transformers cannot run on a packed checkpoint."""
+    model = tiny_model("kimi_linear")
+    quantize(model, tmp_path / "q", bits=4, group_size=16, scope="experts")
+    shapes = _stored_shapes(tmp_path / "q")
+    assert "model.layers.0.self_attn.conv1d.weight" in shapes and not any("q_conv1d" in key for key in shapes)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    round_experts(model, 4, 16)
+    state, expected = reloaded.state_dict(), model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def test_a_family_transformers_cannot_load_packed_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(MoECompressError, match=r"quantised inkling_mm_model checkpoint would not load in transformers: .*mlp\.w13_dn\.weight"):
+        quantize(tiny_model("inkling_mm_model"), tmp_path / "q", bits=4)
+    assert not list(tmp_path.iterdir())
+
+
+def test_dry_run_says_a_fused_family_is_packed_per_expert_and_refuses_what_cannot_load(tmp_path):
+    runner = CliRunner()
+    gpt_oss = runner.invoke(app, ["quantize", str(save_tiny_checkpoint(tmp_path / "gpt_oss", "gpt_oss")), "--out", str(tmp_path / "q"), "--dry-run"])
+    assert gpt_oss.exit_code == 0 and "packed one weight per expert" in " ".join(gpt_oss.output.split()), gpt_oss.output
+    mixtral = runner.invoke(app, ["quantize", str(save_tiny_checkpoint(tmp_path / "mixtral")), "--out", str(tmp_path / "q"), "--dry-run"])
+    assert mixtral.exit_code == 0 and "one weight per expert" not in " ".join(mixtral.output.split())
+    inkling = runner.invoke(app, ["quantize", str(save_tiny_checkpoint(tmp_path / "inkling", "inkling_mm_model")), "--out", str(tmp_path / "q"), "--dry-run"])
+    assert inkling.exit_code == 2 and "would not load in transformers" in inkling.output
+    assert not (tmp_path / "q").exists()
 
 
 def test_slim_then_quantize_keeps_the_zeros(tmp_path):

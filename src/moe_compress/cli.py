@@ -1272,7 +1272,9 @@ def quantize(
     Run it last, after prune/slim: it reads the full-precision model. Round-to-nearest streams
     a large checkpoint (one decoder layer read, quantised and written at a time); AutoRound
     holds the model in memory. The result loads with transformers (compressed-tensors
-    installed) and vLLM; non-uniform checkpoints keep their generated remote code.
+    installed) and vLLM; non-uniform checkpoints keep their generated remote code, and families
+    that fuse experts on disk (gpt_oss, granitemoe, ...) get it: their experts are packed one
+    weight per expert.
     """
     from .data.batches import CalibrationSpec
     from .io.load import resolve_model

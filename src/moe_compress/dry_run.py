@@ -152,17 +152,22 @@ def dry_run_quantize(
     model: str, out: Path, overwrite: bool, bits: int, group_size: int | None, scope: str, symmetric: bool, dtype: str, trust_remote_code: bool,
     method: str = "rtn", spec: CalibrationSpec | None = None,
 ) -> None:
-    from .slimming.quantize import SCOPES
+    from .arch.table import experts_stored_per_expert
+    from .slimming.quantize import SCOPES, check_loadable_when_packed
 
     structure = _open(model, out, overwrite, [], dtype, trust_remote_code, "quantize")
     if getattr(structure.model.config, "quantization_config", None):
         from .errors import MoECompressError
 
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
+    check_loadable_when_packed(structure.model, structure.adapter)
     group = "one scale per output row" if group_size == 0 else f"groups of {group_size}" if group_size else "the largest group of 128/64/32/16/8 dividing every width"
     if method == "autoround":
         _calibration(spec, "tune the rounding of each decoder block with AutoRound")
     rounding = "AutoRound-tuned rounding" if method == "autoround" else "round-to-nearest (no calibration)"
     _say(f"would quantise {SCOPES[scope]} to {bits} bits ({'symmetric' if symmetric else 'asymmetric'}, {group}) by {rounding}, "
          "and write a compressed-tensors pack-quantized checkpoint")
+    if not experts_stored_per_expert(structure.model, structure.adapter):
+        _say("the family fuses experts on disk: they would be packed one weight per expert, with the generated code that "
+             "stacks them back on load (trust_remote_code=True)")
     _say(NOTHING_DONE)

@@ -31,6 +31,25 @@ def experts_stored_per_expert(model: nn.Module, adapter: MoEAdapter) -> bool:
     return all(tensor.dim() == 2 for tensor in converted.values())
 
 
+def unloadable_when_packed(model: nn.Module) -> str | None:
+    """Why transformers could not load `model` from a packed checkpoint, or None.
+
+    On load, transformers dequantises a packed weight before the family's own conversion of it
+    runs, by adding the packed tensors to that conversion's sources; a conversion that splits
+    one stored weight into several (inkling_mm_model's fused dense MLP) then becomes a
+    many-to-many conversion, which transformers 5.23 refuses for every checkpoint of the family.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    for converter in get_model_conversion_mapping(model, add_legacy=False):
+        sources, targets = converter._original_source_patterns, converter._original_target_patterns
+        if (isinstance(converter, WeightConverter) and len(targets) > 1 and all(s.endswith(".weight") for s in sources)
+                and not any(op.supports_many_to_many for op in converter.operations)):
+            return f"its weight conversion splits {', '.join(sources)} into {', '.join(targets)}, which transformers cannot do for packed weights"
+    return None
+
+
 def describe_router(adapter: MoEAdapter, config) -> str:
     parts = [adapter.router_score]
     if isinstance(adapter.renormalize, str):
@@ -63,9 +82,12 @@ def describe_shared(adapter: MoEAdapter) -> str:
 
 def describe_outputs(model: nn.Module, adapter: MoEAdapter) -> str:
     """Outputs plain `from_pretrained` loads; everything else (non-uniform, novices, condensed) loads as remote code."""
+    problem = unloadable_when_packed(model)
+    if problem:
+        return f"uniform prune, block drop (quantize refused: {problem})"
     if experts_stored_per_expert(model, adapter):
         return "uniform prune, block drop, quantize"
-    return "uniform prune, block drop, quantize (experts fused 3-D on disk: stored as rounded values)"
+    return "uniform prune, block drop (quantize: experts fused 3-D on disk, packed one weight per expert, loads with trust_remote_code)"
 
 
 def describe_notes(adapter: MoEAdapter, config) -> str:

@@ -33,9 +33,20 @@ AUTO_MAP = {
 }
 
 
-def own_auto_map(auto_class: str) -> dict[str, str]:
-    """Our `auto_map` for a family whose stock checkpoints load through `auto_class`."""
-    return {**AUTO_MAP, auto_class: f"{MODEL_MODULE}.MoECompressForCausalLM"}
+#: The class for checkpoints that store fused experts one weight per expert (`io.per_expert`), and
+#: the key of `config.moe_compress` that lists those tensors.
+PER_EXPERT_CLASS = f"{MODEL_MODULE}.MoECompressPerExpertForCausalLM"
+PER_EXPERT_KEY = "per_expert_tensors"
+
+
+def own_auto_map(auto_class: str, per_expert: bool = False) -> dict[str, str]:
+    """Our `auto_map` for a family whose stock checkpoints load through `auto_class` (`per_expert`: fused experts stored per expert)."""
+    model_class = PER_EXPERT_CLASS if per_expert else AUTO_MAP["AutoModelForCausalLM"]
+    return {**AUTO_MAP, "AutoModelForCausalLM": model_class, auto_class: model_class}
+
+
+def _per_expert(spec: object) -> bool:
+    return isinstance(spec, dict) and bool(spec.get(PER_EXPERT_KEY))
 GENERATED_FILES = (f"{CONFIG_MODULE}.py", f"{MODEL_MODULE}.py", f"{RUNTIME_MODULE}.py")
 
 
@@ -95,7 +106,7 @@ def is_own_remote_code(config: dict, python_files: dict[str, bytes]) -> bool:
     if not isinstance(base_type, str) or config.get("model_type") != f"moe_compress_{base_type}":
         return False
     classes = stock_classes(base_type, _multimodal(config))
-    if classes is None or config.get("auto_map") != own_auto_map(classes[0]):
+    if classes is None or config.get("auto_map") != own_auto_map(classes[0], _per_expert(extra)):
         return False
     expected = expected_files(base_type, _multimodal(config))
     if expected is None or set(python_files) != set(expected):
@@ -130,7 +141,7 @@ def write_remote_code(directory: Path, model: PreTrainedModel) -> None:
     config = json.loads(config_path.read_text())
     config["model_type"] = f"moe_compress_{base_type}"
     config["architectures"] = ["MoECompressForCausalLM"]
-    config["auto_map"] = own_auto_map(auto_model_class(model.config).__name__)
+    config["auto_map"] = own_auto_map(auto_model_class(model.config).__name__, _per_expert(model.config.moe_compress))
     _declare_per_layer_structure(config, config["moe_compress"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

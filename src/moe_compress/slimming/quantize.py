@@ -17,15 +17,20 @@ Two ways to choose the integers (`method`):
   * "autoround": AutoRound's calibrated rounding (`slimming.autoround`), from the pinned
     `auto-round` library (the design says not to write our own GPTQ).
 
-gpt_oss and granitemoe store routed experts as fused 3-D tensors on disk as well; no loader
-(transformers, compressed-tensors) reads packed 3-D tensors, so their experts are rounded the
-same way but stored as the rounded values in the model dtype (the summary says so:
-`experts_storage`); everything else is packed.
+Families that store routed experts as fused 3-D tensors on disk as well (gpt_oss, granitemoe,
+the Qwen3-VL-MoE, Gemma 4 and Aria wrappers, ...: the families table says which) are packed
+too, one 2-D weight per expert (`io.per_expert`): transformers gives compressed parameters
+only to nn.Linear modules and reads no packed 3-D tensor, and no stock conversion of these
+families reads per-expert keys, so their quantised checkpoint carries the generated modelling
+code whose `MoECompressPerExpert...` class stacks the experts back on load
+(`trust_remote_code=True`). A family whose own weight conversion transformers cannot run on
+packed weights is refused before anything is read (`arch.table.unloadable_when_packed`).
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,9 +41,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..arch.adapter import MoEAdapter
 from ..arch.registry import get_adapter
+from ..arch.table import unloadable_when_packed
 from ..errors import MoECompressError
-from ..io.export import streamed_groups
+from ..io.export import model_groups, streamed_groups
 from ..io.open import Streaming, open_model
+from ..io.per_expert import described_per_expert, split_experts, stored_groups, unpackable_conversions
 from ..io.publish import discard_staging, releases_outputs
 from ..io.model_card import write_model_card
 from ..io.provenance import read_provenance
@@ -51,6 +58,8 @@ SCOPES: dict[str, str] = {
     "experts": "the routed experts only",
 }
 _AUTO_GROUPS = (128, 64, 32, 16, 8)
+#: The summary's `experts_storage` for families that fuse experts on disk.
+PER_EXPERT_STORAGE = "packed, one weight per expert (the family fuses them on disk: loads with trust_remote_code=True)"
 
 
 @dataclass
@@ -96,24 +105,20 @@ def _parameter_roles(model: PreTrainedModel, adapter: MoEAdapter) -> dict[str, s
 
 @dataclass(frozen=True)
 class SavedTensor:
-    """A checkpoint tensor: its role, stored shape, the in-memory parameter it comes from, and
-    whether that parameter is a fused expert tensor stored [E, in, out] (gpt_oss)."""
+    """A checkpoint tensor: its role, stored shape, and the in-memory parameter it comes from."""
 
     role: str
     shape: tuple[int, ...]
     param: str
-    transposed: bool = False
-
-    @property
-    def input_width(self) -> int:
-        return self.shape[-2] if self.transposed else self.shape[-1]
 
 
-def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> dict[str, SavedTensor]:
-    """Checkpoint key -> what it holds, through transformers' own save-time key conversion.
+def _saved_keys(model: PreTrainedModel, roles: dict[str, str], own_names: set[str]) -> tuple[dict[str, SavedTensor], dict[str, bool]]:
+    """(checkpoint key -> what it holds, fused expert tensors the checkpoint stores per expert -> transposed).
 
-    Fused in-memory experts become per-expert keys for most families; running the conversion
-    on meta tensors gives the names and shapes without copying any weights.
+    Keys come from transformers' own save-time key conversion: fused in-memory experts become
+    per-expert keys for most families. Expert tensors that conversion keeps 3-D are split per
+    expert here (`io.per_expert`), before it renames them; `own_names` keep their in-memory
+    names. Running it on meta tensors gives the names and shapes without copying any weights.
     """
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -121,13 +126,18 @@ def _saved_keys(model: PreTrainedModel, roles: dict[str, str]) -> dict[str, Save
     transposed = {f"{m}.{n}" for m, module in model.named_modules() if getattr(module, "is_transposed", False)
                   for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
     saved: dict[str, SavedTensor] = {}
+    fused: dict[str, bool] = {}
     for name, role in roles.items():
         if name not in params:
             continue
-        converted = revert_weight_conversion(model, {name: params[name].detach().to("meta")})
+        meta = {name: params[name].detach().to("meta")}
+        converted = meta if name in own_names else revert_weight_conversion(model, meta)
+        if role == "experts" and any(tensor.dim() == 3 for tensor in converted.values()):
+            fused[name] = name in transposed
+            converted = revert_weight_conversion(model, split_experts(meta, fused))
         for key, tensor in converted.items():
-            saved[key] = SavedTensor(role, tuple(tensor.shape), name, name in transposed and tensor.dim() == 3)
-    return saved
+            saved[key] = SavedTensor(role, tuple(tensor.shape), name)
+    return saved, fused
 
 
 def choose_group_size(group_size: int | None, columns: set[int]) -> int:
@@ -190,28 +200,17 @@ def compress_weight(weight: torch.Tensor, scheme, scale: torch.Tensor | None = N
     return {k: v.clone() for k, v in compressor.compress(state, scheme).items()}
 
 
-def round_to_nearest(weight: torch.Tensor, scheme) -> torch.Tensor:
-    """The values one 2-D weight takes after round-to-nearest (quantised, then dequantised)."""
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-
-    scale, zero_point = rtn_parameters(weight, scheme)
-    return fake_quantize(weight.float(), scale, zero_point, scheme.weights).to(weight.dtype)
-
-
-def _rounded_fused(tensor: torch.Tensor, transposed: bool, scheme) -> torch.Tensor:
-    """Round-to-nearest of every expert of a fused [E, out, in] (or [E, in, out]) tensor."""
-    experts = [round_to_nearest(t.T if transposed else t, scheme) for t in tensor]
-    return torch.stack([t.T if transposed else t for t in experts])
-
-
-def _saved_rounding(model: PreTrainedModel, rounded: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+def _saved_rounding(
+    model: PreTrainedModel, rounded: dict, fused: dict[str, bool], own_names: set[str],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Calibrated rounding of in-memory tensors -> (values, scale, zero point) per checkpoint key,
-    split by the same conversion that splits the weights themselves."""
+    named and split as the weights themselves are (`_saved_keys`)."""
     from transformers.core_model_loading import revert_weight_conversion
 
     saved = {}
     for name, entry in rounded.items():
-        parts = [revert_weight_conversion(model, {name: t}) for t in (entry.value, entry.scale, entry.zero_point) if t is not None]
+        parts = [{name: t} if name in own_names else revert_weight_conversion(model, split_experts({name: t}, fused))
+                 for t in (entry.value, entry.scale, entry.zero_point) if t is not None]
         for key in parts[0]:
             saved[key] = (parts[0][key], parts[1][key], parts[2][key] if len(parts) > 2 else None)
     return saved
@@ -219,14 +218,14 @@ def _saved_rounding(model: PreTrainedModel, rounded: dict) -> dict[str, tuple[to
 
 class QuantizingTransform:
     """Rewrites each group of checkpoint tensors on its way to disk: every target `<module>.weight`
-    becomes its compressed tensors, every fused expert tensor its rounded values; the rest passes.
+    becomes its compressed tensors; the rest passes.
 
     The same transform serves the in-memory and the streamed save, so both write the same bytes.
     It counts the bytes it was handed: the size the checkpoint would have had unquantised.
     """
 
-    def __init__(self, targets: set[str], fused: dict[str, bool], scheme, rounded: dict):
-        self.targets, self.fused, self.scheme, self.rounded = targets, fused, scheme, rounded
+    def __init__(self, targets: set[str], scheme, rounded: dict):
+        self.targets, self.scheme, self.rounded = targets, scheme, rounded
         self.bytes_before = 0
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -237,8 +236,6 @@ class QuantizingTransform:
                 module = key.removesuffix("weight")
                 value, scale, zero_point = self.rounded.get(key, (tensor, None, None))
                 rewritten.update({module + name: v for name, v in compress_weight(value, self.scheme, scale, zero_point).items()})
-            elif key in self.fused:
-                rewritten[key] = self.rounded[key][0].to(tensor.dtype) if key in self.rounded else _rounded_fused(tensor, self.fused[key], self.scheme)
             else:
                 rewritten[key] = tensor
         return rewritten
@@ -248,6 +245,13 @@ METHODS: dict[str, str] = {
     "rtn": "round-to-nearest per group (min-max), no calibration data",
     "autoround": "AutoRound (auto-round): rounding and clipping tuned per decoder block on calibration data",
 }
+
+
+def check_loadable_when_packed(model: PreTrainedModel, adapter: MoEAdapter) -> None:
+    """Refuse a family whose quantised checkpoint transformers could not load (before any weight is read)."""
+    problem = unloadable_when_packed(model)
+    if problem:
+        raise MoECompressError(f"a quantised {adapter.model_type} checkpoint would not load in transformers: {problem}; keep this model unquantised.")
 
 
 def check_quantize_options(bits: int, scope: str, method: str, group_size: int | None) -> None:
@@ -317,20 +321,24 @@ def quantize(
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
     adapter = get_adapter(model)
+    check_loadable_when_packed(model, adapter)
     roles = _parameter_roles(model, adapter)
-    saved = _saved_keys(model, roles)
+    own_names = unpackable_conversions(model, model.state_dict(keep_vars=True), {n for n, role in roles.items() if role == "experts"})
+    saved, fused = _saved_keys(model, roles, own_names)
     chosen = {"experts"} if scope == "experts" else {"experts", "shared", "attention", "dense"}
-    fused = {k: t.transposed for k, t in saved.items() if t.role == "experts" and len(t.shape) == 3}
     targets = {k for k, t in saved.items() if t.role in chosen and len(t.shape) == 2 and k.endswith(".weight")}
-    if not targets and not fused:
+    if not targets:
         raise MoECompressError(f"no weights to quantise in scope {scope!r}.")
-    group = choose_group_size(group_size, {saved[k].input_width for k in targets | set(fused)})
+    group = choose_group_size(group_size, {saved[k].shape[-1] for k in targets})
     scheme = _scheme(bits, group, symmetric)
-    ignore = sorted(k.removesuffix(".weight") for k, t in saved.items() if k not in targets and len(t.shape) == 2 and k.endswith(".weight"))
-    ignore.append("lm_head")  # a Linear in memory even when tied to the embeddings
+    # Every Linear left in full precision: by checkpoint name (what vLLM matches) and by in-memory
+    # module name (what compressed-tensors matches in transformers: vision towers, renamed modules, lm_head).
+    quantized = {saved[k].param for k in targets}
+    ignore = {k.removesuffix(".weight") for k, t in saved.items() if k not in targets and len(t.shape) == 2 and k.endswith(".weight")}
+    ignore |= {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and f"{name}.weight" not in quantized}
     config = QuantizationConfig(
         config_groups={"group_0": scheme}, format="pack-quantized",
-        quantization_status=QuantizationStatus.COMPRESSED, ignore=sorted(set(ignore)),
+        quantization_status=QuantizationStatus.COMPRESSED, ignore=sorted(ignore),
     )
     rounded, calibration = {}, None
     if method == "autoround":
@@ -339,16 +347,17 @@ def quantize(
 
         if not group:
             raise MoECompressError("--method autoround needs a group size (AutoRound tunes per group); pass --group-size.")
-        params = {saved[k].param: saved[k].role for k in targets | set(fused)}
+        params = {saved[k].param: saved[k].role for k in targets}
         batches = _calibration_batches("bundled" if calib is None else calib, tokenizer)
         in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)
-        rounded = _saved_rounding(model, in_memory)
+        rounded = _saved_rounding(model, in_memory, fused, own_names)
 
-    transform = QuantizingTransform(targets, fused, scheme, rounded)
-    groups = streamed_groups(weights, adapter, None) if weights.streamed else None
+    transform = QuantizingTransform(targets, scheme, rounded)
+    groups = stored_groups(streamed_groups(weights, adapter, None) if weights.streamed else model_groups(model), fused, own_names)
     work = staging_dir(out, "quantize")
     try:
-        staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True, groups=groups, transform=transform)
+        with described_per_expert(model, adapter, fused) if fused else nullcontext():
+            staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True, groups=groups, transform=transform)
         made = read_provenance(staged)  # sealed with the config as saved: read it before the quantisation section is added
         ModelCompressor(quantization_config=config).update_config(str(staged))
         summary = {
@@ -360,10 +369,9 @@ def quantize(
             "group_size": group,
             "symmetric": symmetric,
             "scope": scope,
-            "quantized_matrices": len(targets) + sum(saved[k].shape[0] for k in fused),
-            "quantized_params": sum(saved[k].shape[-2] * saved[k].shape[-1] for k in targets)
-            + sum(torch.Size(saved[k].shape).numel() for k in fused),
-            "experts_storage": "rounded values in the model dtype (fused 3-D experts: no loader reads packed 3-D tensors)" if fused else "packed",
+            "quantized_matrices": len(targets),
+            "quantized_params": sum(saved[k].shape[-2] * saved[k].shape[-1] for k in targets),
+            "experts_storage": PER_EXPERT_STORAGE if fused else "packed",
             "calibrated_keys": len(rounded),
             "autoround": calibration,
             "checkpoint_bytes_before": transform.bytes_before,

@@ -66,27 +66,15 @@ def _reference_block(model: PreTrainedModel, adapter: MoEAdapter) -> int:
     raise ValueError("no routed MoE layer left to describe")
 
 
-def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
-    """Write the current structure into the config (stock keys if uniform, else `moe_compress`)."""
-    config = model.config
+def structure_spec(model: PreTrainedModel, adapter: MoEAdapter, original: int) -> dict:
+    """The spec `runtime.apply_structure` rebuilds the model's MoE structure from (`original`: the config's expert count)."""
     structure = layer_structure(model, adapter)
-    previous = getattr(config, "moe_compress", None) or {}
-    original = previous.get("original_num_experts", adapter.config_num_experts(config))
-    shapes = {(s.get("router"), s.get("experts")) for s in structure.values()}
-    if len(shapes) <= 1 and not any(set(s) - {"router", "experts"} for s in structure.values()):
-        if shapes:
-            adapter.set_config_num_experts(config, next(iter(shapes))[1])
-        if hasattr(config, "moe_compress"):
-            del config.moe_compress
-        return
     layers = adapter.decoder_layers(model)
-    reference = _reference_block(model, adapter)
-    layer = layers[reference]
+    layer = layers[_reference_block(model, adapter)]
     block = adapter.moe_block(layer)
     router_holders, expert_holders = adapter.count_holders(block)
     dotted = lambda tensors: [[f"{_relative_name(layer, t.module)}.{t.name}".lstrip("."), t.axis] for t in tensors]  # noqa: E731
-    adapter.set_config_num_experts(config, original)
-    config.moe_compress = {
+    return {
         "version": STRUCTURE_VERSION,
         "base_model_type": adapter.model_type,
         "original_num_experts": original,
@@ -103,3 +91,20 @@ def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
         "router_count_holders": [_relative_name(layer, m) for m in router_holders],
         "expert_count_holders": [_relative_name(layer, m) for m in expert_holders],
     }
+
+
+def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
+    """Write the current structure into the config (stock keys if uniform, else `moe_compress`)."""
+    config = model.config
+    structure = layer_structure(model, adapter)
+    previous = getattr(config, "moe_compress", None) or {}
+    original = previous.get("original_num_experts", adapter.config_num_experts(config))
+    shapes = {(s.get("router"), s.get("experts")) for s in structure.values()}
+    if len(shapes) <= 1 and not any(set(s) - {"router", "experts"} for s in structure.values()):
+        if shapes:
+            adapter.set_config_num_experts(config, next(iter(shapes))[1])
+        if hasattr(config, "moe_compress"):
+            del config.moe_compress
+        return
+    adapter.set_config_num_experts(config, original)
+    config.moe_compress = structure_spec(model, adapter, original)
