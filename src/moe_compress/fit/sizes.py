@@ -11,8 +11,9 @@ Counting rules, each the one the writer follows (checked against saved outputs i
 * pruning keeps `keep` of E identical experts, and of the router every tensor with an axis of
   one entry per expert (weight rows, DeepSeek's correction bias); the rest of the router stays;
 * 4 / 8 bits: `slimming.quantize` replaces each routed expert's 2-D `.weight` by
-  compressed-tensors' pack-quantized tensors (see `packed_weight_bytes`); fused 3-D expert
-  tensors (gpt_oss, granitemoe) keep their size (stored as rounded values), biases stay.
+  compressed-tensors' pack-quantized tensors (see `packed_weight_bytes`); a fused 3-D expert
+  tensor (gpt_oss, granitemoe) is stored as one such packed weight per expert, each slice
+  oriented as a Linear weight (`io.per_expert`); biases stay.
 """
 
 from __future__ import annotations
@@ -84,15 +85,30 @@ def candidate_bytes(layer: LayerSizes, keep: int, bits: int) -> int:
     return keep * (layer.expert_bytes[bits] + layer.router_per_expert) + layer.router_fixed
 
 
-def _quantized_bytes(checkpoint: Checkpoint, keys: list[str], bits: int, group_size: int, symmetric: bool) -> int:
-    """Bytes of routed-expert keys after `slimming.quantize`: 2-D weights packed, everything else as stored."""
+def _expert_matrices(shape: tuple[int, ...], key: str, transposed: bool) -> tuple[int, tuple[int, int]] | None:
+    """(how many, [out, in]) of the Linear weights quantize packs from a routed-expert key; None: stored as is.
+
+    A 2-D `.weight` is one; a fused 3-D tensor ([E, out, in], or [E, in, out] where the family's
+    experts are transposed) is E, one per expert; biases are neither.
+    """
+    if len(shape) == 2 and key.endswith(".weight"):
+        return 1, (shape[0], shape[1])
+    if len(shape) == 3 and not key.endswith("bias"):
+        return shape[0], (shape[2], shape[1]) if transposed else (shape[1], shape[2])
+    return None
+
+
+def _quantized_bytes(checkpoint: Checkpoint, keys: list[str], bits: int, group_size: int, symmetric: bool, transposed: bool) -> int:
+    """Bytes of routed-expert keys after `slimming.quantize`: their weights packed, everything else as stored."""
     total = 0
     for key in keys:
         info = checkpoint.tensors[key]
-        if len(info.shape) == 2 and key.endswith(".weight"):
-            total += packed_weight_bytes(info.shape, bits, group_size, checkpoint.nbytes(key) // info.numel, symmetric)
-        else:
+        matrices = _expert_matrices(tuple(info.shape), key, transposed)
+        if matrices is None:
             total += checkpoint.nbytes(key)
+        else:
+            count, shape = matrices
+            total += count * packed_weight_bytes(shape, bits, group_size, checkpoint.nbytes(key) // info.numel, symmetric)
     return total
 
 
@@ -118,16 +134,19 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
     _, per_layer, _ = split_names(skeleton_model, adapter, weights.targets)
     blocks = {index: sum(checkpoint.nbytes(k) for name in names for k in weights.targets[name]) for index, names in per_layer.items()}
     found: dict[int, tuple[int, list[str], list[str]]] = {}
+    transposed = False
     for index, layer in enumerate(adapter.decoder_layers(skeleton_model)):
         block = adapter.moe_block(layer)
         if block is not None:
             found[index] = (adapter.num_experts(block), keys(adapter.experts(block)), keys(adapter.router(block)))
-    widths = {checkpoint.tensors[k].shape[-1] for _, experts, _ in found.values() for k in experts if len(checkpoint.tensors[k].shape) == 2}
+            transposed = bool(getattr(adapter.experts(block), "is_transposed", False))
+    matrices = [_expert_matrices(tuple(checkpoint.tensors[k].shape), k, transposed) for _, experts, _ in found.values() for k in experts]
+    widths = {shape[1] for found_matrix in matrices if found_matrix for _, shape in [found_matrix]}
     group = choose_group_size(group_size, widths) if widths else 0
     layers = {}
     for index, (count, experts, router) in found.items():
         per_bits = {16: sum(checkpoint.nbytes(k) for k in experts)}
-        per_bits |= {bits: _quantized_bytes(checkpoint, experts, bits, group, symmetric) for bits in BITS[1:]}
+        per_bits |= {bits: _quantized_bytes(checkpoint, experts, bits, group, symmetric, transposed) for bits in BITS[1:]}
         if any(size % count for size in per_bits.values()):
             raise MoECompressError(f"the routed experts of layer {index} differ in size; fit needs {count} experts of one shape.")
         rows = [k for k in router if count in checkpoint.tensors[k].shape]  # [E, hidden], [E], Ernie's [1, E] statistics
