@@ -41,6 +41,50 @@ def _sum_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype if tensor.is_complex() or tensor.dtype == torch.float64 else torch.float32
 
 
+#: The largest |value| a tensor read from a checkpoint may hold. Trained weights stay far below it:
+#: the bundled reference models peak at 1.7 (a final norm), every tiny test family at 3
+#: (mamba's A_log), and the weights, norms and correction biases of released LLMs at a few
+#: hundred. Bytes read under a lying header exceed it (F32 bits read as I32 are ~1e9, BF16 bits
+#: as I16 ~1.6e4), and so does a vector written broken (1e38).
+READ_BOUND = 1e4
+
+
+def matrix_peaks(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Max |value| of each matrix of a floating tensor -- one per leading index of a stack of
+    matrices (fused experts), else one for the whole tensor -- NaN where one holds a NaN.
+
+    One pass, nothing copied: `aminmax` along the rows of a view (a NaN mask or `abs()` would
+    cost a tensor-sized temporary). None for integer, 8-bit float and meta tensors.
+    """
+    if tensor.is_meta or not tensor.is_floating_point() or tensor.element_size() == 1 or tensor.numel() == 0:
+        return None
+    low, high = torch.aminmax(tensor.detach().reshape(tensor.shape[0] if tensor.dim() >= 3 else 1, -1), dim=1)
+    return torch.maximum(-low, high)
+
+
+def check_read(tensor: torch.Tensor, what: str) -> torch.Tensor | None:
+    """Refuse a tensor just read from a checkpoint that holds NaN/Inf or values beyond `READ_BOUND`.
+
+    Returns its `matrix_peaks` (None when it has none to check), from which callers find
+    all-zero matrices and name them as they know them.
+    """
+    peaks = matrix_peaks(tensor)
+    if peaks is None:
+        return None
+    if not bool(torch.isfinite(peaks).all()):
+        raise MoECompressError(
+            f"{what} contains {_bad_count(tensor)} NaN/Inf value(s) of {tensor.numel()}; compressing it would spread them. "
+            "Repair or re-download the checkpoint."
+        )
+    peak = float(peaks.max())
+    if peak > READ_BOUND:
+        raise MoECompressError(
+            f"{what} holds values up to {peak:.3g}, far beyond any trained weight (|w| <= {READ_BOUND:g}): its shard header "
+            "names the wrong dtype or the tensor was written broken. Re-download or re-save the checkpoint."
+        )
+    return peaks
+
+
 def require_finite(tensor: torch.Tensor, what: str) -> None:
     """Raise if `tensor` holds NaN or Inf; `what` names it in the message."""
     bad = _bad_count(tensor)
