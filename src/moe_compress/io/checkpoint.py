@@ -177,9 +177,9 @@ class Checkpoint:
         peaks = check_read(tensor, f"checkpoint tensor {key}")
         unread.discard(key)
         if peaks is not None:
-            if bool(peaks.any()):
+            if any(peaks):
                 self._nonzero_shards.add(shard)
-            if not bool(peaks.all()) and zero_checked(key, tensor):
+            if not all(peaks) and zero_checked(key, tensor):
                 self._zero_warnings.setdefault(shard, self._zero_warning(key, peaks))
         if shard in self._nonzero_shards and self._zero_warnings.get(shard):
             warn(self._zero_warnings[shard])
@@ -188,10 +188,10 @@ class Checkpoint:
             raise zero_filled(shard)
         return tensor
 
-    def _zero_warning(self, key: str, peaks: torch.Tensor) -> str:
+    def _zero_warning(self, key: str, peaks: list[float]) -> str:
         """About an all-zero matrix or scale, which a trained model has none of. It is shown once a non-zero
         value is read from the same shard: a shard that reads as zeros throughout is refused instead."""
-        which = f"matrix {int((peaks == 0).nonzero()[0])} of " if len(peaks) > 1 else ""
+        which = f"matrix {peaks.index(0)} of " if len(peaks) > 1 else ""
         return (
             f"{which}checkpoint tensor {key} is all zeros, which a trained model's weights and scales never are: "
             f"{self.tensors[key].shard.name} may be damaged; re-download it if the output looks wrong "

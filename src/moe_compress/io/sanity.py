@@ -130,10 +130,10 @@ def check_loaded(model: PreTrainedModel, checkpoint: Checkpoint, shown_as: str, 
         if peaks is None:
             continue
         shards = {checkpoint.tensors[key].shard for key in targets[name]}
-        if bool(peaks.any()):
+        if any(peaks):
             nonzero_shards |= shards
-        if not bool(peaks.all()) and zero_checked(name, tensor):
-            zero += [f"{name}[{int(i)}]" if len(peaks) > 1 else name for i in (peaks == 0).nonzero().flatten()]
+        if not all(peaks) and zero_checked(name, tensor):
+            zero += [f"{name}[{i}]" if len(peaks) > 1 else name for i, peak in enumerate(peaks) if peak == 0]
             zero_shards |= shards
     filled = sorted(zero_shards - nonzero_shards)
     if filled:
