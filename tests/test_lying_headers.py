@@ -166,3 +166,19 @@ def test_the_reference_models_pass_every_check(name, capsys):
     _read_everything(Path(resolve_model(name)), streaming=True)
     load_model(name)
     assert "warning" not in capsys.readouterr().err
+
+
+def test_each_tensor_is_checked_on_its_first_read_only(tiny, monkeypatch):
+    """The checks ride on reads a run makes anyway, once per tensor: a layer read again (the writer's pass) costs nothing more."""
+    from moe_compress.io import checkpoint as checkpoint_module
+
+    checked = []
+    real = checkpoint_module.check_read
+    monkeypatch.setattr(checkpoint_module, "check_read", lambda tensor, what: checked.append(what) or real(tensor, what))
+    weights, _ = load_streamed(tiny)
+    name = "model.layers.1.mlp.experts.down_proj"
+    for _ in range(2):
+        with weights.loaded_names([name]):
+            pass
+    assert sorted(checked) == sorted(f"checkpoint tensor {key}" for key in weights.targets[name])
+    assert len(checked) == 8
