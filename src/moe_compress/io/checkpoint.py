@@ -8,11 +8,10 @@ a mapped shard would keep every page it ever touched resident and make peak memo
 with the checkpoint.
 
 Each tensor is checked the first time it is read, in one pass over what was read anyway
-(`finite.check_read`): NaN/Inf and magnitudes no trained model has are refused (a header
-that lies about the dtype reads float bits as integers), an all-zero matrix or quantisation
-scale is warned about, and a shard whose every tensor read as zeros is refused as
-zero-filled. Header offsets that do not tile a shard's data are refused with the tensor
-they misplace.
+(`finite.check_read`): NaN/Inf and magnitudes no trained model has are refused, an all-zero
+matrix or quantisation scale is warned about, and a shard whose every tensor read as zeros
+is refused as zero-filled. Header offsets that do not tile a shard's data are refused with
+the tensor they misplace; dtypes a parameter cannot have are refused by `io.sanity`.
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ def zero_checked(name: str, tensor: torch.Tensor) -> bool:
 
 
 def zero_filled(shard: Path) -> MoECompressError:
+    """The refusal of a shard that read as zeros throughout (streamed or loaded whole)."""
     return MoECompressError(
         f"checkpoint shard {shard.name} is zero-filled: every tensor read from it is all zeros (an interrupted download or copy). "
         "Re-download it."
@@ -80,9 +80,10 @@ def _offset_fault(shard: Path) -> str:
             header = json.loads(handle.read(min(length, 1 << 27)))
         data_bytes = shard.stat().st_size - 8 - length
         ranges = sorted(
-            (*entry["data_offsets"], key, entry["dtype"], entry["shape"]) for key, entry in header.items() if key != "__metadata__"
+            (entry["data_offsets"][0], entry["data_offsets"][1], key, entry["dtype"], entry["shape"])
+            for key, entry in header.items() if key != "__metadata__"
         )
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, struct.error):
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error):
         return ""
     end = 0
     for start, stop, key, dtype, shape in ranges:
