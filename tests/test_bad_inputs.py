@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from fs_faults import tmpfs
+from helpers import token_batches
+from moe_compress import compress
 from moe_compress.cli import app
-from tiny_checkpoints import hub_cache_snapshot, save_tiny_checkpoint, write_calibration
+from tiny_checkpoints import FP8_CONFIG, edit_header, fp8_layout, hub_cache_snapshot, rewrite_tensors, save_tiny_checkpoint, write_calibration, zero_fill
 
 runner = CliRunner()
 
@@ -198,6 +201,59 @@ def _damaged_hub_snapshot(c: Case) -> list:
     return c.prune("--verify-checksums", model=snapshot)
 
 
+# issue 20 items 4 and 6: lying shard headers, FP8 inputs
+_EXPERT = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+
+
+def _header_lie(c: Case, *extra: str) -> list:
+    directory = c.copy()
+    edit_header(directory / "model.safetensors", lambda header: header[_EXPERT].update(dtype="I32"))
+    return c.prune(*extra, model=directory)
+
+
+def _swapped_offsets(c: Case) -> list:
+    directory = c.copy()
+    norm, gate = "model.layers.0.input_layernorm.weight", "model.layers.0.block_sparse_moe.gate.weight"
+
+    def swap(header: dict) -> None:
+        header[norm]["data_offsets"], header[gate]["data_offsets"] = header[gate]["data_offsets"], header[norm]["data_offsets"]
+
+    edit_header(directory / "model.safetensors", swap)
+    return c.prune(model=directory)
+
+
+def _zero_filled_shard(c: Case) -> list:
+    directory = c.copy()
+    (directory / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(c.checkpoint).save_pretrained(directory, max_shard_size="100KB")
+    zero_fill(directory / "model-00002-of-00003.safetensors")
+    return c.prune("--streaming", "on", model=directory)
+
+
+def _huge_novice_vector(c: Case) -> list:
+    directory = c.tmp / "mone"
+    compress(str(c.checkpoint), "mone", 0.5, "layer", token_batches(), out=directory, cache_dir=False)
+
+    def poison(tensors):
+        tensors["model.layers.0.block_sparse_moe.experts.novice_vectors"][0, 0] = 1e38
+        return tensors
+
+    rewrite_tensors(directory, poison)
+    return ["eval", directory, "--ppl", c.calib, "--seq-len", "32", "--json", c.out]
+
+
+def _fp8(c: Case, damage) -> list:
+    def convert(tensors):
+        tensors = fp8_layout(tensors)
+        damage(tensors)
+        return tensors
+
+    return c.prune(model=rewrite_tensors(c.copy(), convert, quantization_config=FP8_CONFIG))
+
+
+_FP8_EXPERT = "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+
+
 CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     # checkpoints
     "pickle-checkpoint": (_pickle_checkpoint, r"pickle weights \(pytorch_model\.bin\).*reads safetensors only"),
@@ -280,6 +336,19 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
         lambda c: ["quantize", save_tiny_checkpoint(c.tmp / "inkling", "inkling_mm_model"), "--bits", "4", "--out", c.out],
         r"a quantised inkling_mm_model checkpoint would not load in transformers: .*mlp\.w13_dn\.weight.*; keep this model unquantised\.",
     ),
+
+
+    # issue 20 items 4 and 6: lying shard headers, FP8 inputs
+    "header-calls-f32-i32": (_header_lie, rf"checkpoint tensor {re.escape(_EXPERT)} is stored as I32 .* but .*down_proj is a float32 parameter"),
+    "header-calls-f32-i32-streamed": (lambda c: _header_lie(c, "--streaming", "on"), rf"checkpoint tensor {re.escape(_EXPERT)} is stored as I32"),
+    "offsets-swapped": (_swapped_offsets, r"corrupt .*; tensor model\.layers\.0\.input_layernorm\.weight spans 1024 bytes, but F32 \[32\] needs 128"),
+    "zero-filled-shard": (_zero_filled_shard, r"checkpoint shard model-00002-of-00003\.safetensors is zero-filled"),
+    "novice-vector-1e38": (_huge_novice_vector, r"weight model\.layers\.0\.mlp\.experts\.novice_vectors of .*mone holds values up to 1e\+38, far beyond any trained weight"),
+    "fp8-scale-missing": (lambda c: _fp8(c, lambda t: t.pop(f"{_FP8_EXPERT}_scale_inv")), rf"FP8 weight {re.escape(_FP8_EXPERT)} has no scale"),
+    "fp8-scale-mis-shaped": (lambda c: _fp8(c, lambda t: t.update({f"{_FP8_EXPERT}_scale_inv": torch.ones(2, 3)})),
+                             rf"FP8 weight {re.escape(_FP8_EXPERT)} \[16, 32\] has scale .* of shape \[2, 3\], but weight_block_size"),
+    "fp8-scales-all-missing": (lambda c: _fp8(c, lambda t: [t.pop(k) for k in [k for k in t if k.endswith("_scale_inv")]]),
+                               r"FP8 weight .* has no scale .*_scale_inv \(nor do 83 other FP8 weights\)"),
 }
 
 

@@ -347,7 +347,7 @@ def test_symlinked_shards_are_read_and_nan_weights_refused_while_streaming(tmp_p
         model.model.layers[1].mlp.experts.down_proj[3, 0, 0] = float("nan")
     model.save_pretrained(tmp_path / "nan")
     weights, _ = load_streamed(tmp_path / "nan")
-    with pytest.raises(MoECompressError, match="model.layers.1.mlp.experts.down_proj contains 1 NaN"):
+    with pytest.raises(MoECompressError, match=r"checkpoint tensor model\.layers\.1\.block_sparse_moe\.experts\.3\.w2\.weight contains 1 NaN"):
         collect_statistics(weights.model, token_batches(), ("selected",), cache_dir=False, weights=weights)
 
 

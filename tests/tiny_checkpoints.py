@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -67,3 +71,50 @@ def hub_cache_snapshot(checkpoint: Path, root: Path) -> Path:
         (blobs / name).write_bytes(path.read_bytes())
         (snapshot / path.name).symlink_to(Path("..", "..", "blobs", name))
     return snapshot
+
+
+def edit_header(shard: Path, edit) -> None:
+    """Rewrite a safetensors shard's JSON header in place through `edit(header)`, leaving the data as it is
+    (how a lying header is made: safetensors itself never writes one). The edit must not lengthen the header."""
+    data = bytearray(shard.read_bytes())
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length, "the edited header must fit where the old one was"
+    data[8 : 8 + length] = text.ljust(length)
+    shard.write_bytes(bytes(data))
+
+
+def zero_fill(shard: Path) -> None:
+    """Zero a shard's data section, keeping its header (a preallocated file a download never filled)."""
+    data = bytearray(shard.read_bytes())
+    length = struct.unpack("<Q", data[:8])[0]
+    shard.write_bytes(bytes(data[: 8 + length]) + bytes(len(data) - 8 - length))
+
+
+def rewrite_tensors(directory: Path, convert, **config_fields) -> Path:
+    """Rewrite a one-shard checkpoint through `convert(tensors) -> tensors` and set `config_fields` in its config.json."""
+    shard = directory / "model.safetensors"
+    with safe_open(str(shard), "pt") as handle:
+        tensors, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+    save_file(convert(tensors), str(shard), metadata=metadata)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **config_fields}))
+    return directory
+
+
+def fp8_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every expert and attention Linear weight as FP8 with a 128x128-block inverse scale (values not calibrated:
+    the layout is what header checks look at). Use with quantization_config=FP8_CONFIG."""
+    converted = {}
+    for key, value in tensors.items():
+        if key.endswith(".weight") and value.dim() == 2 and ("experts" in key or "self_attn" in key):
+            converted[key] = value.to(torch.float8_e4m3fn)
+            converted[f"{key}_scale_inv"] = torch.ones(-(-value.shape[0] // 128), -(-value.shape[1] // 128))
+        else:
+            converted[key] = value
+    return converted
+
+
+FP8_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}

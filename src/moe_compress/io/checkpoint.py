@@ -6,18 +6,26 @@ a tensor's bytes are read when it is asked for, with `pread` rather than a memor
 the memory a tensor costs is exactly the tensor and is returned the moment it is dropped --
 a mapped shard would keep every page it ever touched resident and make peak memory grow
 with the checkpoint.
+
+Each tensor is checked the first time it is read, in one pass over what was read anyway
+(`finite.check_read`): NaN/Inf and magnitudes no trained model has are refused, an all-zero
+matrix or quantisation scale is warned about, and a shard whose every tensor read as zeros
+is refused as zero-filled. Header offsets that do not tile a shard's data are refused with
+the tensor they misplace; dtypes a parameter cannot have are refused by `io.sanity`.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, warn
+from ..finite import check_read
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,6 +50,50 @@ class TensorInfo:
 
 _ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
                   "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def zero_checked(name: str, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` being all zeros is suspect: a weight matrix (or a stack of them) or a quantisation
+    scale. Zero vectors are legitimate (untrained biases; the novice vectors of a `--no-novice` MoNE output)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return "scale" in leaf or tensor.dim() >= 2 and leaf.endswith(("weight", "proj"))
+
+
+def zero_filled(shard: Path) -> MoECompressError:
+    """The refusal of a shard that read as zeros throughout (streamed or loaded whole)."""
+    return MoECompressError(
+        f"checkpoint shard {shard.name} is zero-filled: every tensor read from it is all zeros (an interrupted download or copy). "
+        "Re-download it."
+    )
+
+
+def _offset_fault(shard: Path) -> str:
+    """The first tensor whose header offsets do not fit the shard's data section, as a clause
+    ('' if none is found or the header is not even JSON).
+
+    safetensors refuses such a header, but without saying which tensor it misplaces; the
+    ranges, in order, must tile the data exactly, each as long as its dtype and shape need.
+    """
+    try:
+        with shard.open("rb") as handle:
+            length = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(min(length, 1 << 27)))
+        data_bytes = shard.stat().st_size - 8 - length
+        ranges = sorted(
+            (entry["data_offsets"][0], entry["data_offsets"][1], key, entry["dtype"], entry["shape"])
+            for key, entry in header.items() if key != "__metadata__"
+        )
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error):
+        return ""
+    end = 0
+    for start, stop, key, dtype, shape in ranges:
+        needed = TensorInfo(shard, dtype, tuple(shape)).numel * _ELEMENT_BYTES.get(dtype, 0)
+        if stop - start != needed:
+            return f"; tensor {key} spans {stop - start} bytes, but {dtype} {list(shape)} needs {needed}: its offsets are wrong or swapped"
+        if start != end:
+            return f"; tensor {key} starts at byte {start} of the data where byte {end} is next: offsets {'overlap' if start < end else 'leave a gap'}"
+        end = stop
+    return f"; its tensors end at byte {end} of the {data_bytes} data bytes" if end != data_bytes else ""
 
 
 def _shards(directory: Path) -> list[Path]:
@@ -93,7 +145,14 @@ class Checkpoint:
                         view = handle.get_slice(key)
                         self.tensors[key] = TensorInfo(shard, view.get_dtype(), tuple(view.get_shape()))
             except (SafetensorError, OSError) as exc:
-                raise MoECompressError(f"checkpoint file {shard} is corrupt or truncated ({exc}). Re-download or re-save the checkpoint.") from None
+                raise MoECompressError(
+                    f"checkpoint file {shard} is corrupt or truncated ({exc}{_offset_fault(shard)}). Re-download or re-save the checkpoint."
+                ) from None
+        self._unread = {}  # shard -> its keys not read yet: each is checked on its first read
+        for key, info in self.tensors.items():
+            self._unread.setdefault(info.shard, set()).add(key)
+        self._nonzero_shards: set[Path] = set()  # shards a non-zero value was read from
+        self._zero_warnings: dict[Path, str | None] = {}  # the warning about a shard's first all-zero matrix (None once shown)
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -108,7 +167,37 @@ class Checkpoint:
     def read(self, key: str) -> torch.Tensor:
         """One tensor, read into its own memory."""
         with safe_open(str(self.tensors[key].shard), framework="pt", backend="pread") as handle:
-            return handle.get_tensor(key)
+            return self.first_read(key, handle.get_tensor(key))
+
+    def first_read(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`, just read as `key`, checked if this is its first read (see the module's docstring)."""
+        shard = self.tensors[key].shard
+        unread = self._unread[shard]
+        if key not in unread or tuple(tensor.shape) != self.tensors[key].shape:
+            return tensor  # checked before, or a part of it (a tensor-parallel slice)
+        peaks = check_read(tensor, f"checkpoint tensor {key}")
+        unread.discard(key)
+        if peaks is not None:
+            if any(peaks):
+                self._nonzero_shards.add(shard)
+            if not all(peaks) and zero_checked(key, tensor):
+                self._zero_warnings.setdefault(shard, self._zero_warning(key, peaks))
+        if shard in self._nonzero_shards and self._zero_warnings.get(shard):
+            warn(self._zero_warnings[shard])
+            self._zero_warnings[shard] = None
+        if not unread and shard in self._zero_warnings and shard not in self._nonzero_shards:
+            raise zero_filled(shard)
+        return tensor
+
+    def _zero_warning(self, key: str, peaks: list[float]) -> str:
+        """About an all-zero matrix or scale, which a trained model has none of. It is shown once a non-zero
+        value is read from the same shard: a shard that reads as zeros throughout is refused instead."""
+        which = f"matrix {peaks.index(0)} of " if len(peaks) > 1 else ""
+        return (
+            f"{which}checkpoint tensor {key} is all zeros, which a trained model's weights and scales never are: "
+            f"{self.tensors[key].shard.name} may be damaged; re-download it if the output looks wrong "
+            "(further all-zero tensors of it are not listed)."
+        )
 
     def lazy(self, keys: list[str]) -> dict[str, object]:
         """Slices for `keys` that read their bytes only when indexed (what transformers' loader takes).
@@ -121,7 +210,7 @@ class Checkpoint:
             shard = self.tensors[key].shard
             if shard not in handles:
                 handles[shard] = safe_open(str(shard), framework="pt", backend="pread")
-            slices[key] = handles[shard].get_slice(key)
+            slices[key] = _CheckedSlice(self, key, handles[shard].get_slice(key))
         return slices
 
     def fingerprint(self) -> str:
@@ -141,3 +230,16 @@ class Checkpoint:
             stat = shard.stat()
             digest.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()[:16]
+
+
+class _CheckedSlice:
+    """A safetensors slice whose reads pass through `Checkpoint.first_read`."""
+
+    def __init__(self, checkpoint: Checkpoint, key: str, raw):
+        self._checkpoint, self._key, self._raw = checkpoint, key, raw
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._checkpoint.first_read(self._key, self._raw[index])
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)

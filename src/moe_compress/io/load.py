@@ -36,10 +36,12 @@ from ..errors import MoECompressError, warn
 from ..finite import require_finite_weights
 from ..progress import progress_enabled
 from .alignment import align_weights
+from .checkpoint import Checkpoint
 from .export import record_origin
 from .locate import ASSETS, BUNDLED_MODELS, bundled_models, offline, resolve_model  # noqa: F401 (re-exported)
 from .remote_code import AUTO_MAP, expected_files, is_own_remote_code
 from .residency import PreQuantized, StreamedWeights, shape_mismatch
+from .sanity import check_dtypes, check_fp8_scales, check_loaded
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
@@ -138,12 +140,18 @@ def remote_code_allowed(source: str, trust_remote_code: bool = False, shown_as: 
     )
 
 
-def check_weight_files(directory: str | Path) -> None:
+def check_weight_files(directory: str | Path, config: PretrainedConfig) -> Checkpoint:
     """Read every safetensors header through `Checkpoint`, which refuses pickle-only checkpoints and
-    index entries outside the directory: a truncated or corrupt file fails here, clearly."""
-    from .checkpoint import Checkpoint
+    index entries outside the directory: a truncated or corrupt file fails here, clearly; so does
+    an FP8 weight without its scale."""
+    checkpoint = Checkpoint(directory)
+    check_fp8_scales(checkpoint, _quantization_config(config) or {})
+    return checkpoint
 
-    Checkpoint(directory)
+
+def _quantization_config(config: PretrainedConfig) -> dict | None:
+    stored = getattr(config, "quantization_config", None)
+    return (stored if isinstance(stored, dict) else stored.to_dict()) if stored else None
 
 
 @contextmanager
@@ -254,8 +262,7 @@ def load_model(
     target = check_device(device)
     shown_as = str(name_or_path)
     source, trusted, config = _open(name_or_path, trust_remote_code)
-    if Path(source).is_dir():
-        check_weight_files(source)
+    checkpoint = check_weight_files(source, config) if Path(source).is_dir() else None
     try:
         with transformers_quiet():
             model, info = auto_model_class(config).from_pretrained(
@@ -268,7 +275,10 @@ def load_model(
             message = "its weights could not be converted to this model's layout (the checkpoint does not match its config.json)"
         raise MoECompressError(f"cannot load model weights from {name_or_path}: {message}") from None
     _check_loading_info(info, shown_as)
-    require_finite_weights(model, shown_as)
+    if checkpoint is None:  # a Hub id: transformers read it from its cache
+        require_finite_weights(model, shown_as)
+    else:
+        check_loaded(model, checkpoint, shown_as, quantized=_quantization_config(config) is not None)
     if Path(source).is_dir():
         record_origin(model, source)
     model = model.to(target).eval()
@@ -314,7 +324,6 @@ def load_streamed(
     frequencies are computed as usual), so opening a 1 TB checkpoint costs its headers.
     """
     from .allocator import pin_mmap_threshold
-    from .checkpoint import Checkpoint
 
     pin_mmap_threshold()  # a streamed run frees a layer per step: give the memory back (see io.allocator)
     if dtype not in DTYPES:
@@ -326,10 +335,11 @@ def load_streamed(
             f"{name_or_path!r} is not a local checkpoint: streaming reads local safetensors shards. Download it first "
             "(e.g. `huggingface-cli download`) and pass the directory."
         )
+    checkpoint = check_weight_files(source, config)
     quantization = _dequantizer(config, shown_as)
-    checkpoint = Checkpoint(source)
     model = meta_skeleton(auto_model_class(config), config, _streamed_dtype(config, checkpoint, dtype), trusted)
     weights = StreamedWeights(model, checkpoint, quantization)
+    check_dtypes(model, checkpoint, weights.targets, weights.carried, quantized=quantization is not None)
     _check_expert_counts(weights)
     return weights, load_tokenizer(source, trusted, shown_as)
 
@@ -366,10 +376,9 @@ def _dequantizer(config: PretrainedConfig, shown_as: str) -> PreQuantized | None
     import transformers
     from transformers.quantizers import AutoHfQuantizer
 
-    stored = getattr(config, "quantization_config", None)
+    stored = _quantization_config(config)
     if not stored:
         return None
-    stored = stored if isinstance(stored, dict) else stored.to_dict()
     method = stored.get("quant_method")
     if method not in DEQUANTISABLE:
         raise MoECompressError(
