@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import MoECompressError, warn
 
-CACHE_VERSION = "3"  # 3: entries keyed without the statistic names, found by what they hold
+CACHE_VERSION = "4"  # 3: entries keyed without the statistic names, found by what they hold; 4: float64 norms, probabilities and moments
 _CHUNK = 1 << 24  # bytes hashed per step, so a large tensor is never copied whole
 
 
