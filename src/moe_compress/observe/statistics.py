@@ -78,8 +78,8 @@ class RoutedBatch:
         return torch.bincount(self.pair_expert, minlength=self.num_experts)
 
     @cached_property
-    def outputs(self) -> torch.Tensor:
-        """f_e(x_t) for every routed pair, [N*k, H] in `order`, float32 or wider."""
+    def layer_outputs(self) -> torch.Tensor:
+        """f_e(x_t) for every routed pair, [N*k, H] in `order`, in the layer's dtype."""
         if self.pair_outputs is None:
             parts, start = [], 0
             for e, count in enumerate(self.counts.tolist()):
@@ -87,12 +87,20 @@ class RoutedBatch:
                     parts.append(expert_forward(self.experts, e, self.x[self.pair_token[start : start + count]]))
                 start += count
             self.pair_outputs = torch.cat(parts) if parts else self.x.new_zeros(0, self.x.shape[-1])
-        return self.pair_outputs if self.pair_outputs.dtype == torch.float64 else self.pair_outputs.float()
+        return self.pair_outputs
+
+    @cached_property
+    def outputs(self) -> torch.Tensor:
+        """`layer_outputs` in float32 or wider."""
+        return self.layer_outputs if self.layer_outputs.dtype == torch.float64 else self.layer_outputs.float()
 
     @cached_property
     def output_norms(self) -> torch.Tensor:
-        """||f_e(x_t)|| per routed pair, computed in float64 (a float32 norm rounds near-ties together)."""
-        return torch.cat([rows.double().norm(dim=-1) for rows in self.outputs.split(_NORM_ROWS)])
+        """||f_e(x_t)|| per routed pair, computed in float64 (a float32 norm rounds near-ties together).
+
+        A few rows at a time are widened, straight from the layer's dtype: no copy of every output.
+        """
+        return torch.cat([rows.double().norm(dim=-1) for rows in self.layer_outputs.split(_NORM_ROWS)])
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of per-pair `values` ([N*k] or [N*k, D]) over each expert's pairs -> [E] or [E, D], float64 on CPU."""
@@ -186,11 +194,11 @@ def _batch_moments(batch: RoutedBatch) -> torch.Tensor:
 
     Two passes (mean, then squared deviations from it), so there is no cancellation, in float64
     (see the module's note on determinism); batches are then merged in float64 (Chan). Each
-    expert's pairs are contiguous in `outputs`, so one expert's rows at a time are widened:
-    no float64 copy of every output, and faster on CPU than a float32 `index_add_` over all pairs.
+    expert's pairs are contiguous, so one expert's rows at a time are widened from the layer's
+    dtype: no copy of every output, and faster on CPU than a float32 `index_add_` over all pairs.
     """
     rows = []
-    for part in torch.split(batch.outputs, batch.counts.tolist()):
+    for part in torch.split(batch.layer_outputs, batch.counts.tolist()):
         total = part.sum(0, dtype=torch.float64)
         mean = total / max(part.shape[0], 1)
         deviation = part.double() - mean
