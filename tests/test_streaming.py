@@ -299,7 +299,8 @@ def _torchrun(script: Path, env: dict | None = None, timeout: int = 300) -> subp
 
 
 def test_two_processes_calibrate_like_one(checkpoints, tmp_path):
-    """torchrun --nproc-per-node 2 (gloo): statistics equal to one process to 1e-9, same plan, same bytes."""
+    """torchrun --nproc-per-node 2 (gloo): statistics equal to one process to 1e-12 (float64 parts folded in rank
+    order instead of batch order), same plan, same bytes."""
     from safetensors.torch import load_file
 
     source = checkpoints / "qwen2_moe"
@@ -314,7 +315,7 @@ def test_two_processes_calibrate_like_one(checkpoints, tmp_path):
     shared = load_file(str(tmp_path / "stats.safetensors"))
     for layer, named in single.items():
         for name, value in named.items():
-            torch.testing.assert_close(shared[f"{layer}/{name}"], value, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(shared[f"{layer}/{name}"], value, rtol=1e-12, atol=1e-12)
     one = mc.compress(source, "cprune-cosine", 0.5, "global", token_batches(count=5), out=tmp_path / "one", cache_dir=False,
                       streaming=True, options={"probe_tokens": 8})
     two = json.loads((tmp_path / "two" / "moe_compress_plan.json").read_text())["layers"]

@@ -6,11 +6,20 @@ The public names below are imported on first use (see `_lazy`), not when the pac
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_package
 
 __version__ = "0.1.0"
+
+# Intel MKL's float32 GEMM picks its kernel by thread count for matrices of a few rows (5-11
+# on the 2-core AMD EPYC measured: an expert that received that many tokens in a batch), so its
+# outputs, and the statistics and plans built on them, changed with --threads. Strict
+# conditional numerical reproducibility gives the same bits for any thread count (and, on that
+# machine, the bits one thread gave before). MKL reads it at its first call: importing this
+# package before torch multiplies anything is enough; a value already set is kept.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 #: public name -> module (relative to this package) that defines it
 _EXPORTS = {

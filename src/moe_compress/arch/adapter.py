@@ -245,13 +245,14 @@ class MoEAdapter:
             )
 
     # ---- routing ---------------------------------------------------------------------
-    def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The full router distribution p_t over all experts, before top-k (float32).
+    def router_probs(self, logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full router distribution p_t over all experts, before top-k, computed in `dtype`.
 
         `logits` is the router's first output; routers that return probabilities already
-        (Gemma 4) are passed through.
+        (Gemma 4) are passed through. The observer asks for float64: its statistics sum p_t
+        over every calibration token, and float32 rounding there could decide a near-tie.
         """
-        logits = logits.float()
+        logits = logits.to(dtype)
         if self.router_output == "probs":
             return logits
         if self.router_score == "softmax":

@@ -41,7 +41,7 @@ from torch import nn
 from ..errors import MoECompressError, warn
 from ..paths import cache_root
 
-CACHE_VERSION = "4"  # 3: entries keyed without the statistic names, found by what they hold; 4: with payload digests
+CACHE_VERSION = "5"  # 3: entries keyed without the statistic names, found by what they hold; 4: with payload digests; 5: float64 norms, probabilities and moments
 _CHUNK = 1 << 24  # bytes hashed per step, so a large tensor is never copied whole
 
 

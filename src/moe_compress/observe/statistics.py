@@ -4,6 +4,16 @@ Each statistic is a running sum over calibration tokens, kept in float64 so that
 calibration runs do not lose precision. A method asks for statistics by name; the observer
 computes only those, and the expensive per-expert outputs f_e(x) only when a requested
 statistic needs them (and then only on the tokens routed to each expert).
+
+Determinism: a plan must not depend on the thread count or the number of ranks that
+calibrated, so every per-token quantity that decides one (output norms, router probabilities,
+output moments) is formed in float64 from the values the layer produced, and reduced in a
+fixed order: a batch's pairs in their stable sort by expert, batches in calibration order,
+ranks in rank order (`distributed.combine`). A float32 sum over thousands of tokens is
+rounded differently for each order the tokens arrive in (a relative 1e-7, enough to swap
+experts whose scores are that close); in float64 the order costs about 1e-16. What no
+accumulator can undo is a forward whose kernels sum in a thread-dependent order: see
+`moe_compress/__init__.py` for the one such kernel found on CPU (MKL's float32 GEMM).
 """
 
 from __future__ import annotations
@@ -17,6 +27,9 @@ from torch import nn
 
 from ..arch.adapter import MoEAdapter
 from ..arch.expert_math import expert_forward
+
+#: Rows of expert outputs converted to float64 at a time for their norms (bounds the copy).
+_NORM_ROWS = 256
 
 
 @dataclass
@@ -65,8 +78,8 @@ class RoutedBatch:
         return torch.bincount(self.pair_expert, minlength=self.num_experts)
 
     @cached_property
-    def outputs(self) -> torch.Tensor:
-        """f_e(x_t) for every routed pair, [N*k, H] in `order`, float32 or wider."""
+    def layer_outputs(self) -> torch.Tensor:
+        """f_e(x_t) for every routed pair, [N*k, H] in `order`, in the layer's dtype."""
         if self.pair_outputs is None:
             parts, start = [], 0
             for e, count in enumerate(self.counts.tolist()):
@@ -74,12 +87,20 @@ class RoutedBatch:
                     parts.append(expert_forward(self.experts, e, self.x[self.pair_token[start : start + count]]))
                 start += count
             self.pair_outputs = torch.cat(parts) if parts else self.x.new_zeros(0, self.x.shape[-1])
-        return self.pair_outputs if self.pair_outputs.dtype == torch.float64 else self.pair_outputs.float()
+        return self.pair_outputs
+
+    @cached_property
+    def outputs(self) -> torch.Tensor:
+        """`layer_outputs` in float32 or wider."""
+        return self.layer_outputs if self.layer_outputs.dtype == torch.float64 else self.layer_outputs.float()
 
     @cached_property
     def output_norms(self) -> torch.Tensor:
-        """||f_e(x_t)|| per routed pair, float64."""
-        return self.outputs.norm(dim=-1).double()
+        """||f_e(x_t)|| per routed pair, computed in float64 (a float32 norm rounds near-ties together).
+
+        A few rows at a time are widened, straight from the layer's dtype: no copy of every output.
+        """
+        return torch.cat([rows.double().norm(dim=-1) for rows in self.layer_outputs.split(_NORM_ROWS)])
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of per-pair `values` ([N*k] or [N*k, D]) over each expert's pairs -> [E] or [E, D], float64 on CPU."""
@@ -89,7 +110,7 @@ class RoutedBatch:
     @cached_property
     def probs(self) -> torch.Tensor:
         """Full router distribution p_t before top-k, [N, E]."""
-        return self.adapter.router_probs(self.logits).double()
+        return self.adapter.router_probs(self.logits, torch.float64)
 
     @cached_property
     def distribution(self) -> torch.Tensor:
@@ -171,17 +192,18 @@ def _dense_output_sum(batch: RoutedBatch, gated: bool) -> torch.Tensor:
 def _batch_moments(batch: RoutedBatch) -> torch.Tensor:
     """[E, 1 + 2H]: per expert, count of routed tokens, mean output, sum of squared deviations.
 
-    Two passes (mean, then squared deviations from it) in the outputs' float32, so there is no
-    cancellation; batches are then merged in float64 (Chan). float64 segment sums over every
-    routed output cost as much as a fifth of the layer's forward.
+    Two passes (mean, then squared deviations from it), so there is no cancellation, in float64
+    (see the module's note on determinism); batches are then merged in float64 (Chan). Each
+    expert's pairs are contiguous, so one expert's rows at a time are widened from the layer's
+    dtype: no copy of every output, and faster on CPU than a float32 `index_add_` over all pairs.
     """
-    outputs, experts = batch.outputs, batch.pair_expert
-    counts = batch.counts.to(outputs.dtype)
-    sums = outputs.new_zeros(batch.num_experts, outputs.shape[1]).index_add_(0, experts, outputs)
-    mean = sums / counts.clamp_min(1).unsqueeze(1)
-    deviation = outputs - mean[experts]
-    m2 = outputs.new_zeros(sums.shape).index_add_(0, experts, deviation * deviation)
-    return torch.cat([counts.unsqueeze(1), mean, m2], dim=1).double().cpu()
+    rows = []
+    for part in torch.split(batch.layer_outputs, batch.counts.tolist()):
+        total = part.sum(0, dtype=torch.float64)
+        mean = total / max(part.shape[0], 1)
+        deviation = part.double() - mean
+        rows.append(torch.cat([total.new_tensor([part.shape[0]]), mean, (deviation * deviation).sum(0)]))
+    return torch.stack(rows).cpu()
 
 
 def merge_moments(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
