@@ -170,3 +170,24 @@ def test_reloaded_non_uniform_model_can_be_pruned_again(saved, tmp_path):
     # 2e-7 on the same weights cloned); the fresh-process tests above compare bit for bit.
     with torch.no_grad():
         torch.testing.assert_close(reloaded(inputs).logits, model(inputs).logits, rtol=0, atol=1e-5)
+
+
+def test_a_family_whose_config_refuses_our_per_layer_config_declares_none_and_reloads(tmp_path):
+    """Dots3 requires every layer of one attention type to share its per-layer overrides, so per-layer
+    expert counts there are refused by its own config class: the spec says nothing was declared and
+    the checkpoint reloads exactly from `moe_compress` alone."""
+    model = tiny_model("dots3_note_text")
+    adapter = get_adapter(model)
+    limits = routing_limits(adapter, model.config)
+    layers = adapter.moe_layer_indices(model)
+    half = adapter.num_experts(adapter.moe_block(adapter.decoder_layers(model)[layers[0]])) // 2
+    keeps = [[*range(half - 1), *range(half, 2 * half - 1)]] + [[*range(half - 2), *range(half, 2 * half - 2)]] * (len(layers) - 1)
+    plan = Plan(adapter.model_type, limits.top_k, [LayerPlan(i, 2 * half, k) for i, k in zip(layers, keeps)],
+                routing_groups=limits.groups, groups_per_token=limits.groups_per_token, min_per_group=limits.min_per_group)
+    compress(model, plan=plan, out=tmp_path / "out", ignore_plan_identity=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["moe_compress"]["standard_per_layer_config"] is False
+    assert not any("num_experts" in values or "skip" in values for values in (config.get("per_layer_config") or {}).values())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    inputs = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(reloaded(input_ids=inputs).logits, model(input_ids=inputs).logits)

@@ -264,14 +264,15 @@ def take_standard_structure(config, spec: dict) -> None:
     take it off the config: the stock layers are built at the original count and `apply_structure`
     reshapes them. A mismatch means the file was edited by hand: refuse rather than guess.
 
-    Other per-layer overrides (a family's own, e.g. Gemma 4's) stay as they are.
+    Other per-layer overrides (a family's own, e.g. Gemma 4's) stay as they are. A spec marked
+    `standard_per_layer_config: false` declared nothing there (its family's config class refused it).
     """
     ours = {spec["num_experts_key"], "skip"}
     declared = config.to_dict().get("per_layer_config") or {} if getattr(config, "is_heterogeneous", False) else {}
     declared = {int(index): values for index, values in declared.items()}
     stated = {index: {k: v for k, v in values.items() if k in ours} for index, values in declared.items()}
     stated = {index: values for index, values in stated.items() if values}
-    expected = standard_per_layer_config(spec)
+    expected = standard_per_layer_config(spec) if spec.get("standard_per_layer_config", True) else {}
     if stated != expected:
         raise ValueError(
             f"config.json's per_layer_config states {stated} but its moe_compress structure describes {expected}; "

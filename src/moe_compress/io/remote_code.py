@@ -151,12 +151,28 @@ def _declare_per_layer_structure(config: dict, spec: dict) -> None:
     counts, dropped MoE sub-layers) in the text config, beside any overrides the family has itself.
 
     Loaders that read that schema (vLLM's heterogeneous loader, transformers' modelling once it
-    reads it) see the real shapes; keys are zero-padded as transformers writes them.
+    reads it) see the real shapes; keys are zero-padded as transformers writes them. A family whose
+    config class validates its own per-layer overrides may refuse ours (Dots3 requires every layer
+    of one attention type to share its overrides): then nothing is declared, the spec says so
+    (`standard_per_layer_config: false`), and `config.moe_compress` alone describes the structure.
     """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    stated = standard_per_layer_config(spec)
+    if not stated:
+        return
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    overrides = {int(index): dict(values) for index, values in (text.get("per_layer_config") or {}).items()}
-    for index, values in standard_per_layer_config(spec).items():
+    before = text.get("per_layer_config")
+    overrides = {int(index): dict(values) for index, values in (before or {}).items()}
+    for index, values in stated.items():
         overrides.setdefault(index, {}).update(values)
-    if overrides:
-        digits = len(str(max(overrides)))
-        text["per_layer_config"] = {str(index).zfill(digits): overrides[index] for index in sorted(overrides)}
+    digits = len(str(max(overrides)))
+    text["per_layer_config"] = {str(index).zfill(digits): overrides[index] for index in sorted(overrides)}
+    try:  # the family's own config class must accept it, as transformers will read it
+        CONFIG_MAPPING[spec["base_model_type"]](**{k: v for k, v in config.items() if k not in ("model_type", "auto_map", "architectures")})
+    except Exception:  # noqa: BLE001 -- any refusal of the class's own validation
+        if before is None:
+            del text["per_layer_config"]
+        else:
+            text["per_layer_config"] = before
+        spec["standard_per_layer_config"] = False
