@@ -40,6 +40,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -352,7 +353,8 @@ def try_loaders(outputs: dict[str, dict], ours: str, theirs: Path, llama_cpp: Pa
     the outputs are tried WORKERS at a time.
     """
     scripts = scratch / "runners"
-    scripts.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(scripts, ignore_errors=True)  # only these runners beside each other (a stale gguf.py shadowed the package)
+    scripts.mkdir(parents=True)
     (scripts / "load.py").write_text(LOAD_RUNNER)
     (scripts / "read_gguf.py").write_text(GGUF_RUNNER)  # not gguf.py: that would shadow the package
     (scripts / "toy_tokenizer.py").write_text(TOY_TOKENIZER_SHIM)
@@ -478,11 +480,23 @@ def meaning(report: dict) -> list[str]:
         f"{_rope_note(report)}",
         f"* llama.cpp's converter, as written: converts {kinds(lambda l: l[GGUF].get('converted'))}. With the toy tokenizer accepted: "
         f"converts {kinds(lambda l: l[GGUF_TOY].get('converted'))}; GGUF expert_count equal to the output's: "
-        f"{kinds(lambda l: l[GGUF_TOY].get('expert_count_matches'))} (a real model's tokenizer, one llama.cpp knows, "
-        "needs neither patch; the other outputs are refused for what they are, see the cells).",
-        f"* llama-cpp-python forward with every top-1 token equal to the reference's: {kinds(lambda l: l[GGUF_TOY].get('top1_agreement') == 1.0)}.",
+        f"{kinds(lambda l: l[GGUF_TOY].get('expert_count_matches'))}. The as-written refusal of the outputs the patched run converts is "
+        "the original bundled checkpoint's too: it comes from the input's tokenizer, not from compression; the refusals left after the "
+        "patches are the outputs' own (see the cells).",
+        f"* A quantised output converts by being dequantised: its f16 GGUF is {_quantised_growth(report)} its checkpoint's bytes, "
+        "so the 4-bit saving does not carry into the GGUF (re-quantise with llama.cpp's own tools).",
+        (f"* llama-cpp-python forward with every top-1 token equal to the reference's: {kinds(lambda l: l[GGUF_TOY].get('top1_agreement') == 1.0)}."
+         if any(f.get("loaders", {}).get(GGUF_TOY, {}).get("forward") == "done" for o in report["models"].values() for f in o.values())
+         else "* llama-cpp-python forward: not run (not built here, see above)."),
         f"* vLLM: {report['vllm_summary']}",
     ]
+
+
+def _quantised_growth(report: dict) -> str:
+    """GGUF bytes over checkpoint bytes for each quantised output the patched converter converted."""
+    ratios = [facts["loaders"][GGUF_TOY]["gguf_bytes"] / facts["weight_bytes"] for outputs in report["models"].values()
+              for facts in outputs.values() if facts.get("config", {}).get("quantization_config") and facts["loaders"][GGUF_TOY].get("converted")]
+    return ", ".join(f"{ratio:.1f}x" for ratio in ratios) or "-"
 
 
 def _rope_note(report: dict) -> str:
@@ -505,7 +519,11 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the converter's virtual environment (created once)")
     parser.add_argument("--build-llama-cpp", type=int, default=0, metavar="SECONDS",
                         help="compile llama-cpp-python from the sdist into --venv, giving up after SECONDS (0: do not)")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite results/serving.md from results/serving.json and stop")
     args = parser.parse_args()
+    if args.markdown_only:
+        (RESULTS / "serving.md").write_text(markdown(json.loads((RESULTS / "serving.json").read_text())))
+        return
     models = args.model or ["ref-mixtral"]
     llama_cpp, commit = llama_cpp_sources(args.scratch)
     theirs = ensure_venv(args.venv, llama_cpp)
