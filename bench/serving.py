@@ -522,7 +522,9 @@ def main() -> None:
     parser.add_argument("--markdown-only", action="store_true", help="rewrite results/serving.md from results/serving.json and stop")
     args = parser.parse_args()
     if args.markdown_only:
-        (RESULTS / "serving.md").write_text(markdown(json.loads((RESULTS / "serving.json").read_text())))
+        report = json.loads((RESULTS / "serving.json").read_text())
+        report["vllm_summary"] = _vllm_summary(report["vllm"])
+        (RESULTS / "serving.md").write_text(markdown(report))
         return
     models = args.model or ["ref-mixtral"]
     llama_cpp, commit = llama_cpp_sources(args.scratch)
@@ -551,7 +553,7 @@ def main() -> None:
 def _vllm_summary(vllm: dict) -> str:
     if not vllm.get("resolved"):
         return f"not tried; its metadata could not be resolved here: `{vllm.get('error')}`"
-    return (f"not tried. vllm {vllm['version']} is served only as `{vllm['wheel']}`, requiring {', '.join(vllm['torch_requirement']) or 'torch'}; "
+    return (f"not tried. vllm {vllm['version']} resolves to `{vllm['wheel']}`, requiring {', '.join(vllm['torch_requirement']) or 'torch'}; "
             f"{vllm.get('torch_resolution', '')}. This machine has torch 2.13.0+cpu and no GPU; a CPU vLLM means building it from source.")
 
 
