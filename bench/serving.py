@@ -1,0 +1,561 @@
+"""Where moe-compress's outputs serve today (issue 23): every output kind through every loader that runs here.
+
+The project promises checkpoints that "load anywhere"; this bench checks which loaders take which
+output, on the bundled reference models. Each output kind is made from the same model with the
+Python API (the CLI's code paths), small calibration (16 x 128 bundled tokens, seed 0), 25 %:
+
+* uniform REAP prune (layer budget), global REAP (non-uniform), MoNE (global: pruned experts
+  become constant "novices"), HC-SMoE merge (layer budget, so uniform), `quantize --bits 4`
+  (round-to-nearest, on the original), and mixed bits (not in the CLI yet: recorded as such).
+  The original checkpoint is the baseline row.
+
+For each output: its weight bytes (the *.safetensors files), what its config says (model_type,
+auto_map, quantization_config, per_layer_config) and each loader's outcome, every loader in a
+fresh process:
+
+* transformers 5.23 (ours) `AutoModelForCausalLM.from_pretrained(path)`, plain and with
+  `trust_remote_code=True`, with `moe_compress` made unimportable, so nothing of ours helps;
+  compressed-tensors 0.20 is installed, so the 4-bit output is the compressed-tensors check.
+  Logits on a fixed prompt are compared with the in-memory model the compressor produced (the
+  quantised output, which has no in-memory twin, with the original's).
+* llama.cpp's `convert_hf_to_gguf.py --outtype f16`, from the llama-cpp-python sdist on the
+  package registry (pinned `LLAMA_CPP_PYTHON`; the sdist vendors llama.cpp at a recorded commit,
+  with its `gguf-py`), run in a separate virtual environment this script creates (`--venv`,
+  default ~/.cache/moe_compress/venvs/llama-cpp-python-<version>) with the converter's pinned
+  requirements, torch being the local CPU wheel. A GGUF it writes is read back with that `gguf`
+  package (architecture, expert count, tensors). The same environment's transformers (the
+  converter's pin, 4.x) is tried as a plain loader too.
+* llama-cpp-python itself, when `--build-llama-cpp` compiles it from the sdist into that venv
+  (C++, minutes): one forward of each GGUF, top-1 next tokens compared with transformers'.
+* vLLM: not installed anywhere; what its wheel requires is read from the registry's metadata
+  (`pip install --dry-run`, nothing downloaded but metadata) and recorded.
+
+    python bench/serving.py --model ref-mixtral --model ref-deepseek   # -> results/serving.json, serving.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from moe_compress import compress, get_adapter, load_model, model_size, quantize
+from moe_compress.data import CalibrationSpec, calibration_batches
+from moe_compress.io.load import resolve_model
+
+RESULTS = Path(__file__).parent / "results"
+LLAMA_CPP_PYTHON = "0.3.36"
+#: convert_hf_to_gguf's requirements (vendor/llama.cpp/requirements/requirements-convert_*.txt of
+#: that sdist) pinned, but torch: theirs is 2.11 from PyTorch's own CPU index, which this machine
+#: cannot reach; PyPI's Linux torch is the CUDA build, so the local CPU wheel 2.13.0 stands in.
+CONVERTER_PINS = ["torch==2.13.0", "transformers==4.57.6", "numpy==2.2.6", "sentencepiece==0.2.1", "protobuf==4.25.8"]
+DEFAULT_VENV = Path.home() / ".cache" / "moe_compress" / "venvs" / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
+DEFAULT_SCRATCH = Path.home() / ".cache" / "moe_compress" / "bench-serving"
+#: kind -> (method, budget, options) for the expert-compressing kinds, all at RATIO
+PRUNED_KINDS = {
+    "uniform prune (reap, layer)": ("reap", "layer", {}),
+    "global prune (reap, global)": ("reap", "global", {}),
+    "MoNE (global)": ("mone", "global", {}),
+    "merge (hc-smoe, layer)": ("hc-smoe", "layer", {}),
+}
+RATIO = 0.25
+CALIBRATION = CalibrationSpec("bundled", samples=16, seq_len=128, seed=0)
+PROMPT = "The history of the river begins in the mountains, where"
+MIXED_BITS = "not available yet (issue 22 builds it): the CLI's quantize takes one --bits for every layer"
+#: what compiling llama-cpp-python here gave when this bench was written (with build_llama_cpp's CMAKE_ARGS)
+LLAMA_CPP_BUILD_TRIED = ("tried on 2026-12-06: CPU-only build of the sdist, no tools/examples/server, 2 jobs; stopped after 23 min "
+                         "with 65 object files of the ~200 C++ sources compiled, on this 2-core machine at load average ~10")
+PLAIN_OLD = "transformers 4.57.6 (converter venv)"
+WORKERS = 7
+CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+CHILD_ENV.pop("PYTHONPATH", None)  # children see no source tree of ours
+
+# Loads a checkpoint the way a user would, with moe_compress unimportable, and compares its logits
+# on the prompt with the reference the compressor's in-memory model gave. Prints "RESULT{json}".
+LOAD_RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["moe_compress"] = None  # importing it now raises: the checkpoint must stand alone
+    import torch, transformers
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(1)
+    path, trust, reference = sys.argv[1], sys.argv[2] == "1", torch.load(sys.argv[3])
+    facts = {"transformers": transformers.__version__}
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust, output_loading_info=True,
+                                                           dtype=reference["dtype"])
+        facts["class"] = type(model).__name__
+        # transformers 5 writes rope_theta inside rope_parameters; 4.x reads only a top-level one
+        facts["rope_theta"] = getattr(model.config, "rope_theta", None) or (getattr(model.config, "rope_parameters", None) or {}).get("rope_theta")
+        facts["missing_keys"] = len(info["missing_keys"])
+        facts["unexpected_keys"] = len(info["unexpected_keys"])
+        with torch.no_grad():
+            logits = model.eval()(input_ids=reference["ids"]).logits
+        expected = reference["logits"]
+        facts["logits_equal"] = bool(torch.equal(logits, expected))
+        facts["max_abs_diff"] = float((logits.float() - expected.float()).abs().max())
+        facts["top1_agreement"] = float((logits.argmax(-1) == expected.argmax(-1)).float().mean())
+        facts["loaded"] = True
+    except Exception as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        facts["loaded"] = False
+        facts["error"] = f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+    print("RESULT" + json.dumps(facts), flush=True)
+    """
+)
+
+# The converter with the two patches the bundled models' toy tokenizer needs, and nothing else: their
+# tokenizer_config names transformers 5's generic class TokenizersBackend, unknown to the converter's
+# transformers 4.x (map it to PreTrainedTokenizerFast), and llama.cpp identifies a BPE pre-tokenizer
+# by hashing how it splits a test text, which it cannot know for our own 8k byte-level BPE (answer
+# "gpt-2", the byte-level regex this tokenizer uses). The expert weights go through untouched.
+TOY_TOKENIZER_SHIM = textwrap.dedent(
+    """
+    import runpy, sys
+    from pathlib import Path
+    import transformers
+    transformers.TokenizersBackend = transformers.PreTrainedTokenizerFast
+    converter = sys.argv[1]
+    sys.path.insert(0, str(Path(converter).parent))
+    from conversion.base import TextModel
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+    sys.argv = sys.argv[1:]
+    runpy.run_path(converter, run_name="__main__")
+    """
+)
+
+# Reads a GGUF back with the gguf package; with llama-cpp-python importable, runs one forward of
+# the prompt's ids and compares the top-1 next tokens with the transformers reference.
+GGUF_RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    path, reference = sys.argv[1], torch.load(sys.argv[2])
+    reader = GGUFReader(path)
+    def field(name):
+        f = reader.fields.get(name)
+        if f is None:
+            return None
+        value = f.contents()
+        return value
+    arch = field("general.architecture")
+    facts = {"architecture": arch, "tensors": len(reader.tensors), "expert_count": field(f"{arch}.expert_count"),
+             "expert_used_count": field(f"{arch}.expert_used_count"), "block_count": field(f"{arch}.block_count"),
+             "rope_freq_base": field(f"{arch}.rope.freq_base"),
+             "expert_tensor_shapes": sorted({str([int(d) for d in t.shape]) for t in reader.tensors if "_exps" in t.name})}
+    try:
+        import llama_cpp
+    except ImportError:
+        facts["forward"] = "llama-cpp-python not built here (run with --build-llama-cpp)"
+    else:
+        ids = reference["ids"][0].tolist()
+        llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+        llm.eval(ids)
+        scores = np.array(llm.scores[: len(ids)])
+        expected = reference["logits"][0].float().numpy()
+        facts["forward"] = "done"
+        facts["llama_cpp_python"] = llama_cpp.__version__
+        facts["top1_agreement"] = float((scores.argmax(-1) == expected.argmax(-1)).mean())
+        facts["max_abs_diff"] = float(np.abs(scores - expected).max())
+    print("RESULT" + json.dumps(facts), flush=True)
+    """
+)
+
+
+def _one_line(text: str) -> str:
+    """The line of a failed tool's output that names the problem: its last error line, else its last line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line.split(":")[0]]
+    return (errors or lines or ["(no output)"])[-1][:300]
+
+
+def _run(command: list[str], timeout: int = 600) -> tuple[dict | None, str]:
+    """(facts printed on a RESULT line or None, the one line saying why not)."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV, timeout=timeout, cwd="/")
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line.removeprefix("RESULT")), ""
+    return None, f"exit {done.returncode}: {_one_line(done.stderr or done.stdout)}"
+
+
+# ---------------------------------------------------------------- the outputs
+
+
+def _weight_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def _config_facts(directory: Path) -> dict:
+    config = json.loads((directory / "config.json").read_text())
+    return {"model_type": config.get("model_type"), "architectures": config.get("architectures"),
+            "auto_map": sorted(config.get("auto_map", {})), "quantization_config": "quantization_config" in config,
+            "per_layer_config": "per_layer_config" in config}
+
+
+def _reference(model, ids: torch.Tensor, path: Path) -> None:
+    """The logits `model` gives for the prompt, saved for the loaders to compare with."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    torch.save({"ids": ids, "logits": logits, "dtype": str(model.dtype).removeprefix("torch.")}, path)
+
+
+def make_outputs(model_name: str, scratch: Path) -> dict[str, dict]:
+    """Every output kind of `model_name` under `scratch`, with its reference logits; kind -> facts."""
+    original, tokenizer = load_model(model_name)
+    batches = calibration_batches(tokenizer, CALIBRATION)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    scratch.mkdir(parents=True, exist_ok=True)
+    outputs = {"original": {"path": str(resolve_model(model_name)), "reference": str(scratch / "original.pt"),
+                            "experts_per_layer": _experts(original)}}
+    _reference(original, ids, scratch / "original.pt")
+    for kind, (method, budget, options) in PRUNED_KINDS.items():
+        out, reference = scratch / _slug(kind), scratch / f"{_slug(kind)}.pt"
+        start = time.perf_counter()
+        result = compress(copy.deepcopy(original), method=method, ratio=RATIO, budget=budget, calib=batches, tokenizer=tokenizer,
+                          out=out, overwrite=True, cache_dir=False, options=options)
+        _reference(result.model, ids, reference)
+        outputs[kind] = {"path": str(out), "reference": str(reference), "seconds": round(time.perf_counter() - start, 1),
+                         "command": f"mc.compress({model_name!r}, method={method!r}, ratio={RATIO}, budget={budget!r})",
+                         "experts_per_layer": _experts(result.model)}
+    out = scratch / "quantized-4bit"
+    start = time.perf_counter()
+    quantize(original, out, bits=4, tokenizer=tokenizer, overwrite=True)
+    outputs["4-bit (rtn)"] = {"path": str(out), "reference": str(scratch / "original.pt"), "reference_is": "original (no in-memory twin)",
+                              "seconds": round(time.perf_counter() - start, 1), "command": f"mc.quantize({model_name!r}, bits=4)",
+                              "experts_per_layer": outputs["original"]["experts_per_layer"]}
+    for facts in outputs.values():
+        facts["weight_bytes"] = _weight_bytes(Path(facts["path"]))
+        facts["config"] = _config_facts(Path(facts["path"]))
+    outputs["mixed bits"] = {"not_available": MIXED_BITS}
+    return outputs
+
+
+def _experts(model) -> list[int]:
+    """Routed experts of each MoE layer, in layer order."""
+    per_layer = model_size(model, get_adapter(model)).experts_per_layer
+    return [per_layer[layer] for layer in sorted(per_layer)]
+
+
+def _slug(kind: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in kind.lower()).strip("-").replace("--", "-")
+
+
+# ---------------------------------------------------------------- the converter's environment
+
+
+def llama_cpp_sources(cache: Path) -> tuple[Path, str]:
+    """(vendor/llama.cpp of the pinned llama-cpp-python sdist, the llama.cpp commit it vendors), fetched once."""
+    root = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+    if not (root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache)], check=True)
+        with tarfile.open(cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as archive:
+            archive.extractall(cache, filter="data")
+    commit = (root / ".git" / "modules" / "vendor" / "llama.cpp" / "HEAD").read_text().strip()
+    return root, commit
+
+
+def ensure_venv(venv: Path, llama_cpp: Path) -> Path:
+    """The converter's virtual environment, created on first use; returns its python."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"creating {venv} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *CONVERTER_PINS, str(llama_cpp / "vendor" / "llama.cpp" / "gguf-py")],
+                       check=True)
+    return python
+
+
+def build_llama_cpp(python: Path, sdist: Path, timeout: int) -> str:
+    """Compile llama-cpp-python (CPU only, no tools or examples) into the converter's venv; what happened."""
+    if subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+        return "built (cached)"
+    env = {**CHILD_ENV, "CMAKE_BUILD_PARALLEL_LEVEL": "2",
+           "CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
+                         "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF"}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(sdist)],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"build not finished in {timeout} s"
+    if done.returncode != 0:
+        return f"build failed: {_one_line(done.stderr)}"
+    return f"built in {time.perf_counter() - start:.0f} s"
+
+
+def vllm_evidence(python: Path, scratch: Path) -> dict:
+    """What vLLM's newest wheel needs, from the registry's metadata only (nothing is installed)."""
+    report = scratch / "vllm-report.json"
+    done = subprocess.run([str(python), "-m", "pip", "install", "--dry-run", "--quiet", "--no-deps", "--ignore-installed",
+                           "--report", str(report), "vllm"], capture_output=True, text=True, env=CHILD_ENV)
+    if done.returncode != 0:
+        return {"resolved": False, "error": _one_line(done.stderr)}
+    (item,) = json.loads(report.read_text())["install"]
+    needs = [r for r in item["metadata"].get("requires_dist", []) if r.split(";")[0].replace(" ", "").startswith(("torch=", "torch>", "torch<", "torch~"))]
+    facts = {"resolved": True, "version": item["metadata"]["version"], "wheel": item["download_info"]["url"].rsplit("/", 1)[-1],
+             "torch_requirement": needs}
+    pinned = next((r.split(";")[0].replace(" ", "") for r in needs if "==" in r), None)
+    if pinned:  # does that torch resolve to CUDA packages here? (metadata only, again)
+        torch_report = scratch / "vllm-torch-report.json"
+        done = subprocess.run([str(python), "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--report", str(torch_report),
+                               pinned], capture_output=True, text=True, env=CHILD_ENV)
+        if done.returncode != 0:
+            facts["torch_resolution"] = _one_line(done.stderr)
+        else:
+            names = [i["metadata"]["name"] for i in json.loads(torch_report.read_text())["install"]]
+            facts["torch_resolution"] = f"{pinned} resolves with {sum(n.startswith('nvidia') for n in names)} nvidia-* packages (CUDA build)"
+    return facts
+
+
+# ---------------------------------------------------------------- the loaders
+
+
+GGUF = "convert_hf_to_gguf f16"
+GGUF_TOY = "convert_hf_to_gguf f16, toy tokenizer accepted"
+
+
+def _convert(python: Path, command: list[str], gguf: Path, scripts: Path, facts: dict) -> dict:
+    """One converter run writing `gguf`, and what reading the GGUF back (and a forward, if built) says."""
+    gguf.unlink(missing_ok=True)
+    start = time.perf_counter()
+    _, why = _run([str(python), *command, facts["path"], "--outfile", str(gguf), "--outtype", "f16"])
+    converted = {"seconds": round(time.perf_counter() - start, 1)}
+    if not gguf.is_file():
+        return converted | {"converted": False, "error": why}
+    read, why_not = _run([str(python), str(scripts / "read_gguf.py"), str(gguf), facts["reference"]])
+    converted |= {"converted": True, "gguf_bytes": gguf.stat().st_size, **(read or {"read_error": why_not})}
+    converted["expert_count_matches"] = sorted(set(facts["experts_per_layer"])) == [converted.get("expert_count")]
+    return converted
+
+
+def try_loaders(outputs: dict[str, dict], ours: str, theirs: Path, llama_cpp: Path, scratch: Path) -> None:
+    """Each loader on each output, recorded in the output's facts under "loaders".
+
+    Every loader is a process of its own that mostly waits on this shared machine (imports), so
+    the outputs are tried WORKERS at a time.
+    """
+    scripts = scratch / "runners"
+    shutil.rmtree(scripts, ignore_errors=True)  # only these runners beside each other (a stale gguf.py shadowed the package)
+    scripts.mkdir(parents=True)
+    (scripts / "load.py").write_text(LOAD_RUNNER)
+    (scripts / "read_gguf.py").write_text(GGUF_RUNNER)  # not gguf.py: that would shadow the package
+    (scripts / "toy_tokenizer.py").write_text(TOY_TOKENIZER_SHIM)
+    converter = str(llama_cpp / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py")
+
+    def one(kind: str) -> None:
+        facts = outputs[kind]
+        loaders = {}
+        for name, python, trust in (("transformers", ours, "0"), ("transformers trust_remote_code", ours, "1"),
+                                    (PLAIN_OLD, str(theirs), "0")):
+            result, why = _run([python, str(scripts / "load.py"), facts["path"], trust, facts["reference"]])
+            loaders[name] = result or {"loaded": False, "error": why}
+        for result in loaders.values():  # the scratch path says nothing; name the directory as a user would
+            if "error" in result:
+                result["error"] = result["error"].replace(facts["path"], "<output>")
+        loaders[GGUF] = _convert(theirs, [converter], scratch / f"{_slug(kind)}.gguf", scripts, facts)
+        loaders[GGUF_TOY] = _convert(theirs, [str(scripts / "toy_tokenizer.py"), converter], scratch / f"{_slug(kind)}-toy.gguf", scripts, facts)
+        for result in (loaders[GGUF], loaders[GGUF_TOY]):
+            if "error" in result:
+                result["error"] = result["error"].replace(facts["path"], "<output>")
+        facts["loaders"] = loaders
+        print(f"{kind}: loaders tried", flush=True)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(one, [kind for kind, facts in outputs.items() if "path" in facts]))
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _cell_transformers(result: dict) -> str:
+    if not result.get("loaded"):
+        return f"fails: `{result.get('error', '?')}`"
+    keys = "" if not (result["missing_keys"] or result["unexpected_keys"]) else f", {result['missing_keys']} missing / {result['unexpected_keys']} unexpected keys"
+    if result["logits_equal"]:
+        return f"loads{keys}, logits equal"
+    return f"loads{keys}, logits differ (max abs {result['max_abs_diff']:.3g}, top-1 agree {result['top1_agreement']:.2f})"
+
+
+def _cell_gguf(result: dict, experts: list[int]) -> str:
+    if not result.get("converted"):
+        return f"refused: `{result.get('error', '?')}`"
+    if "read_error" in result:
+        return f"wrote {result['gguf_bytes']:,} B; reading back failed: `{result['read_error']}`"
+    match = "= the output's" if result["expert_count_matches"] else f"!= the output's {sorted(set(experts))}"
+    return (f"{result['gguf_bytes']:,} B, arch {result['architecture']}, {result['tensors']} tensors, expert_count {result['expert_count']} {match}, "
+            f"rope freq_base {result['rope_freq_base']:g}")
+
+
+def _cell_llama(result: dict) -> str:
+    if not result.get("converted"):
+        return "- (no GGUF)"
+    if result.get("forward") != "done":
+        return result.get("forward", "-")
+    return f"forward ran; top-1 agree with the reference {result['top1_agreement']:.2f} (max abs logit diff {result['max_abs_diff']:.3g})"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Serving: which loaders take which output (`{report['command']}`)", "",
+             f"{report['machine']}; {report['date']}. Calibration {CALIBRATION.samples} x {CALIBRATION.seq_len} bundled tokens, "
+             f"seed {CALIBRATION.seed}; {RATIO:.0%} of routed experts. Each loader runs in a fresh process with `moe_compress` made "
+             f"unimportable; logits are on a {report['prompt_tokens']}-token prompt and compared with the in-memory model the "
+             "compressor produced (the reference; 4-bit: the original, as it has no in-memory twin). Weight bytes: the *.safetensors files.", "",
+             f"* llama.cpp: `convert_hf_to_gguf.py` and `gguf-py` from the llama-cpp-python {LLAMA_CPP_PYTHON} sdist on the package "
+             f"registry, which vendors llama.cpp commit `{report['llama_cpp_commit']}`; run in its own venv with "
+             f"{', '.join(CONVERTER_PINS)} (torch: the local CPU wheel instead of the converter's pin 2.11.0 from PyTorch's index). "
+             "'as written' runs it unchanged. The bundled models' tokenizer is a toy no converter knows (transformers 5's generic "
+             "`TokenizersBackend` class in tokenizer_config, unknown to transformers 4.57; an 8k byte-level BPE whose pre-tokenizer hash "
+             "llama.cpp cannot identify), so 'toy tokenizer accepted' runs the same converter with exactly those two checks patched "
+             "(TokenizersBackend -> PreTrainedTokenizerFast, pre-tokenizer -> gpt-2, the byte-level regex it uses); the weights go through untouched. "
+             "Each GGUF written is read back with `gguf` (architecture, tensors, `<arch>.expert_count`).",
+             f"* llama-cpp-python (the C++ runtime, forward of the 'toy tokenizer accepted' GGUF on the prompt's token ids): {report['llama_cpp_build']}.",
+             f"* vLLM: {report['vllm_summary']}", ""]
+    for model, outputs in report["models"].items():
+        original = outputs["original"]["weight_bytes"]
+        lines += [f"## {model}", "", "| output | how | weight bytes | vs original | model_type | auto_map | quantization_config | per_layer_config | experts/layer |",
+                  "|---|---|---:|---:|---|---|---|---|---|"]
+        for kind, facts in outputs.items():
+            if "path" not in facts:
+                lines.append(f"| {kind} | {facts['not_available']} | - | - | | | | | |")
+                continue
+            c, experts = facts["config"], facts["experts_per_layer"]
+            shown = str(experts[0]) if len(set(experts)) == 1 else "/".join(map(str, experts))
+            lines.append(f"| {kind} | {'`' + facts['command'] + '`' if 'command' in facts else 'bundled'} | {facts['weight_bytes']:,} | "
+                         f"{facts['weight_bytes'] / original:.2f} | {c['model_type']} | {', '.join(c['auto_map']) or '-'} | "
+                         f"{'yes' if c['quantization_config'] else '-'} | {'yes' if c['per_layer_config'] else '-'} | {shown} |")
+        lines += ["", "| output | transformers 5.23 plain | transformers 5.23 trust_remote_code | transformers 4.57.6 plain | "
+                  "convert_hf_to_gguf f16, as written | convert_hf_to_gguf f16, toy tokenizer accepted | llama-cpp-python forward |",
+                  "|---|---|---|---|---|---|---|"]
+        for kind, facts in outputs.items():
+            if "loaders" not in facts:
+                lines.append(f"| {kind} | not tried: {facts.get('not_available', '')} | | | | | |")
+                continue
+            loaders = facts["loaders"]
+            lines.append(f"| {kind} | {_cell_transformers(loaders['transformers'])} | {_cell_transformers(loaders['transformers trust_remote_code'])} | "
+                         f"{_cell_transformers(loaders[PLAIN_OLD])} | {_cell_gguf(loaders[GGUF], facts['experts_per_layer'])} | "
+                         f"{_cell_gguf(loaders[GGUF_TOY], facts['experts_per_layer'])} | {_cell_llama(loaders[GGUF_TOY])} |")
+        lines.append("")
+    lines += ["## What this means", "", *meaning(report), ""]
+    return "\n".join(lines)
+
+
+def meaning(report: dict) -> list[str]:
+    """Which outputs serve where today, read off the results (one bullet per loader)."""
+    def kinds(test) -> str:
+        found = [f"{kind} ({model})" if len(report["models"]) > 1 else kind
+                 for model, outputs in report["models"].items() for kind, facts in outputs.items()
+                 if "loaders" in facts and kind != "original" and test(facts["loaders"])]
+        return ", ".join(found) or "none"
+
+    def loads(name: str):
+        return lambda loaders: loaders[name].get("loaded") and loaders[name].get("top1_agreement", 0) > 0
+
+    def exact(name: str):
+        return lambda loaders: loaders[name].get("logits_equal")
+
+    return [
+        f"* transformers 5.23, plain `from_pretrained`, nothing of moe-compress installed: loads {kinds(loads('transformers'))}; "
+        f"logits identical to the compressor's in-memory model: {kinds(exact('transformers'))}.",
+        f"* transformers 5.23 with `trust_remote_code=True` (the generated modelling code shipped in the checkpoint): loads "
+        f"{kinds(loads('transformers trust_remote_code'))}; identical logits: {kinds(exact('transformers trust_remote_code'))}.",
+        f"* transformers 4.57.6, plain (users still on 4.x): loads {kinds(loads(PLAIN_OLD))}; identical logits: {kinds(exact(PLAIN_OLD))}. "
+        f"{_rope_note(report)}",
+        f"* llama.cpp's converter, as written: converts {kinds(lambda l: l[GGUF].get('converted'))}. With the toy tokenizer accepted: "
+        f"converts {kinds(lambda l: l[GGUF_TOY].get('converted'))}; GGUF expert_count equal to the output's: "
+        f"{kinds(lambda l: l[GGUF_TOY].get('expert_count_matches'))}. The as-written refusal of the outputs the patched run converts is "
+        "the original bundled checkpoint's too: it comes from the input's tokenizer, not from compression; the refusals left after the "
+        "patches are the outputs' own (see the cells).",
+        f"* A quantised output converts by being dequantised: its f16 GGUF is {_quantised_growth(report)} its checkpoint's bytes, "
+        "so the 4-bit saving does not carry into the GGUF (re-quantise with llama.cpp's own tools).",
+        (f"* llama-cpp-python forward with every top-1 token equal to the reference's: {kinds(lambda l: l[GGUF_TOY].get('top1_agreement') == 1.0)}."
+         if any(f.get("loaders", {}).get(GGUF_TOY, {}).get("forward") == "done" for o in report["models"].values() for f in o.values())
+         else "* llama-cpp-python forward: not run (not built here, see above)."),
+        f"* vLLM: {report['vllm_summary']}",
+    ]
+
+
+def _quantised_growth(report: dict) -> str:
+    """GGUF bytes over checkpoint bytes for each quantised output the patched converter converted."""
+    ratios = [facts["loaders"][GGUF_TOY]["gguf_bytes"] / facts["weight_bytes"] for outputs in report["models"].values()
+              for facts in outputs.values() if facts.get("config", {}).get("quantization_config") and facts["loaders"][GGUF_TOY].get("converted")]
+    return ", ".join(f"{ratio:.1f}x" for ratio in ratios) or "-"
+
+
+def _rope_note(report: dict) -> str:
+    """Whether the old transformers read another rope_theta than ours did (the usual cause of its different logits)."""
+    seen = {(facts["loaders"]["transformers"].get("rope_theta"), facts["loaders"][PLAIN_OLD].get("rope_theta"))
+            for outputs in report["models"].values() for facts in outputs.values()
+            if "loaders" in facts and facts["loaders"]["transformers"].get("loaded") and facts["loaders"][PLAIN_OLD].get("loaded")}
+    differ = sorted((ours, old) for ours, old in seen if ours != old)
+    if not differ:
+        return ""
+    return ("Its rope_theta differs from what transformers 5.23 reads, " + ", ".join(f"{old:g} instead of {ours:g}" for ours, old in differ) +
+            ": transformers 5 saves rope_theta inside `rope_parameters`, which 4.x ignores, falling back to the architecture's default "
+            "(Mixtral: 1e6). The original bundled checkpoint has the same config, so this is the transformers 5 config format, not moe-compress's doing.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="bundled model or checkpoint (repeatable; default ref-mixtral)")
+    parser.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH, help="where outputs, GGUFs and the sdist go")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the converter's virtual environment (created once)")
+    parser.add_argument("--build-llama-cpp", type=int, default=0, metavar="SECONDS",
+                        help="compile llama-cpp-python from the sdist into --venv, giving up after SECONDS (0: do not)")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite results/serving.md from results/serving.json and stop")
+    args = parser.parse_args()
+    if args.markdown_only:
+        report = json.loads((RESULTS / "serving.json").read_text())
+        report["vllm_summary"] = _vllm_summary(report["vllm"])
+        (RESULTS / "serving.md").write_text(markdown(report))
+        return
+    models = args.model or ["ref-mixtral"]
+    llama_cpp, commit = llama_cpp_sources(args.scratch)
+    theirs = ensure_venv(args.venv, llama_cpp)
+    built = build_llama_cpp(theirs, args.scratch / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz", args.build_llama_cpp) if args.build_llama_cpp else \
+        f"not built in this run ({LLAMA_CPP_BUILD_TRIED}; --build-llama-cpp SECONDS tries again)"
+    vllm = vllm_evidence(theirs, args.scratch)
+    report = {"command": "python bench/serving.py " + " ".join(f"--model {m}" for m in models) +
+              (f" --build-llama-cpp {args.build_llama_cpp}" if args.build_llama_cpp else ""),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "llama_cpp_python": LLAMA_CPP_PYTHON, "llama_cpp_commit": commit, "converter_venv": CONVERTER_PINS,
+              "llama_cpp_build": built, "vllm": vllm, "models": {}}
+    for model in models:
+        print(f"{model}: making the outputs", flush=True)
+        outputs = make_outputs(model, args.scratch / model)
+        try_loaders(outputs, sys.executable, theirs, llama_cpp, args.scratch / model / "gguf")
+        report["models"][model] = outputs
+        report["prompt_tokens"] = int(torch.load(outputs["original"]["reference"])["ids"].shape[1])
+    report["vllm_summary"] = _vllm_summary(vllm)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / "serving.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def _vllm_summary(vllm: dict) -> str:
+    if not vllm.get("resolved"):
+        return f"not tried; its metadata could not be resolved here: `{vllm.get('error')}`"
+    return (f"not tried. vllm {vllm['version']} resolves to `{vllm['wheel']}`, requiring {', '.join(vllm['torch_requirement']) or 'torch'}; "
+            f"{vllm.get('torch_resolution', '')}. This machine has torch 2.13.0+cpu and no GPU; a CPU vLLM means building it from source.")
+
+
+if __name__ == "__main__":
+    main()
