@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 
@@ -46,3 +47,15 @@ def lazy_package(name: str, exports: dict[str, str]) -> list[str]:
     module.__class__ = LazyPackage
     module.__dict__["_lazy_exports"] = exports
     return sorted(exports)
+
+
+def exports_on_first_use(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A module-level `__getattr__` (PEP 562) for a sub-package whose names share no submodule's name:
+    `package` imports each of `exports` (public name -> relative module) when it is first looked up."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(exports[name], package), name)
+
+    return __getattr__

@@ -6,8 +6,9 @@ The names below are imported on first use (PEP 562): the light modules of this p
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import exports_on_first_use
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
@@ -23,10 +24,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+__getattr__ = exports_on_first_use(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:
