@@ -240,6 +240,12 @@ def markdown(report: dict) -> str:
                   f"* eval command / forward (batches of 32): {b['eval_over_forward32']}",
                   f"* eval command / forward process of the same scope (start-up + load + windows + forward): {b['eval_over_forward8_process']}",
                   f"* eval's measurement alone / forward (batches of 8): **{b['perplexity_over_forward8']}**", ""]
+    if "b_before" in report:
+        b = report["b_before"]
+        runs = b["rounds"]
+        lines += [f"Before this branch's evaluation changes ({b['code']}), same command and forwards, interleaved the same way: "
+                  f"eval CPU s {cells(runs, 'eval')} (system {cells(runs, 'eval', 'sys_s')}), forward (batches of 8) {cells(runs, 'forward8')}; "
+                  f"eval / forward **{b['eval_over_forward8']}**; perplexities {', '.join(runs[0]['perplexities'])}.", ""]
     if "c" in report:
         c = report["c"]
         lines += ["## (c) The demo minus set-up: `moe-compress " + " ".join(DEMO) + " --out ...`", "",
