@@ -20,7 +20,10 @@ medians of per-round ratios.
 (b) `moe-compress eval ref-mixtral --ppl bundled` (the protocol: 128 windows x 256 tokens x 3
     domains), the whole command, against one batched forward of ref-mixtral over the same
     windows (`model(input_ids)`, batches of 8 -- eval's default -- and of 32), timed alone and as a
-    whole process (start-up, load, tokenising the windows, forward). Target: eval <= 1.5 x forward.
+    whole process (start-up, load, tokenising the windows, forward), and eval's measurement alone
+    (`perplexity()` per domain) in the same scope as the forward. Target: eval <= 1.5 x forward.
+    The "profile" and "what is left" sections of speed.md are lines kept in speed.json (written by
+    hand from the profiles; a new run keeps them).
 (c) The demo (scripts/demo.sh minus set-up): `prune ref-mixtral --method reap --ratio 0.25 ...
     --eval bundled`, CPU and wall seconds. Target: <= 2 minutes.
 
