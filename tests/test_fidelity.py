@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from helpers import token_batches
 from moe_compress import compress
 from moe_compress.cli import app
-from moe_compress.evaluate.fidelity import fidelity
+from moe_compress.evaluate.fidelity import compare, fidelity
+from moe_compress.evaluate.perplexity import perplexity
 from tiny_checkpoints import save_tiny_checkpoint, write_calibration
 from tiny_models import VOCAB, tiny_model
 
@@ -76,3 +77,24 @@ def test_streamed_fidelity_equals_in_memory(tmp_path):
     streamed = fidelity(mine.model, theirs.model, windows, batch_size=2, weights=mine, original_weights=theirs, chunk_bytes=3 * 20 * VOCAB * 4)
     assert streamed.tokens == in_memory.tokens == 6 * 9
     assert streamed.kl == pytest.approx(in_memory.kl, rel=1e-5) and streamed.top1_agreement == in_memory.top1_agreement
+
+
+def test_compare_gives_both_perplexities_from_one_forward_per_batch_and_model(tmp_path):
+    """`eval --compare` reads perplexity off the fidelity pass: each model runs once per batch, not twice."""
+    from moe_compress.io.load import load_model
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "original")
+    compress(tiny_model("qwen3_moe"), method="reap", ratio=0.5, calib=token_batches(), out=tmp_path / "pruned", cache_dir=False)
+    mine, theirs = load_model(tmp_path / "pruned")[0], load_model(tmp_path / "original")[0]
+    windows = torch.cat(token_batches(count=3, batch=2, seq_len=10))
+    calls = {"mine": 0, "theirs": 0}
+    for name, model in (("mine", mine), ("theirs", theirs)):
+        model.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    measured, mine_ppl, theirs_ppl = compare(mine, theirs, windows, batch_size=4)
+    assert calls == {"mine": 2, "theirs": 2}  # 6 windows in batches of 4
+    assert measured == fidelity(mine, theirs, windows, batch_size=4)
+    for model, result in ((mine, mine_ppl), (theirs, theirs_ppl)):
+        alone = perplexity(model, windows, batch_size=4)
+        assert (result.tokens, result.windows) == (alone.tokens, alone.windows) == (6 * 9, 6)
+        assert result.perplexity == pytest.approx(alone.perplexity, rel=1e-6) and result.perplexity != pytest.approx(1.0)
+    assert mine_ppl.perplexity != pytest.approx(theirs_ppl.perplexity, rel=1e-6)

@@ -31,3 +31,19 @@ def test_perplexity_matches_hand_computation():
     assert result.tokens == 4 and result.windows == 2
     assert math.isclose(result.nll, expected_nll, rel_tol=1e-6)
     assert math.isclose(result.perplexity, math.exp(expected_nll), rel_tol=1e-6)
+
+
+def test_next_token_nll_in_row_chunks_equals_cross_entropy():
+    """The NLL is summed a few positions at a time through one float32 buffer (no full-vocabulary copies):
+    chunk boundaries inside and across windows, bf16 logits, change nothing but float rounding."""
+    from torch.nn import functional as F
+
+    from moe_compress.evaluate.perplexity import next_token_nll
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 10, 50, generator=generator) * 4).to(torch.bfloat16)
+    batch = torch.randint(0, 50, (3, 10), generator=generator)
+    expected = float(F.cross_entropy(logits[:, :-1].float().reshape(-1, 50), batch[:, 1:].reshape(-1), reduction="sum"))
+    for rows in (1, 4, 9, 256):
+        total, predictions = next_token_nll(logits, batch, rows=rows)
+        assert predictions == 27 and math.isclose(total, expected, rel_tol=1e-6)

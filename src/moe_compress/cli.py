@@ -580,9 +580,10 @@ def _checkpoint_bytes(name: str) -> int | None:
 
 def _evaluate_model(
     name: str, loaded, tokenizer, sources: list[str], selection, limit: int | None, seq_len: int, max_windows: int, batch_size: int,
-    weights=None, device: str = "cpu",
+    weights=None, device: str = "cpu", perplexities: bool = True,
 ) -> dict:
-    """Everything `eval` reports for one model except speed (timed separately, so --compare can interleave it)."""
+    """Everything `eval` reports for one model except speed (timed separately, so --compare can interleave it)
+    and, without `perplexities`, perplexity (--compare measures it with fidelity, from the same forward)."""
     from .arch import get_adapter
     from .evaluate.harness import run_tasks
     from .evaluate.perplexity import perplexity
@@ -595,7 +596,7 @@ def _evaluate_model(
         "perplexity": {
             s: perplexity(loaded, EvalProtocol(max_windows, seq_len).windows_of(tokenizer, s, loaded.config, "--seq-len"), batch_size, weights,
                           device, description=f"perplexity {s} ({name})").to_dict()
-            for s in sources
+            for s in (sources if perplexities else [])
         },
         "tasks": {},
         "params": {"total": size.total, "routed": size.routed_experts, "active_per_token": size.active_per_token},
@@ -610,20 +611,24 @@ def _evaluate_model(
     return report
 
 
-def _fidelity(loaded, original, tokenizer, sources: list[str], seq_len: int, max_windows: int, batch_size: int, weights: tuple, device: str) -> dict:
-    """Per source, KL(original || compressed) and top-1 agreement on the perplexity windows (teacher-forced)."""
-    from .evaluate.fidelity import fidelity
+def _fidelity(loaded, original, tokenizer, sources: list[str], seq_len: int, max_windows: int, batch_size: int, weights: tuple, device: str,
+              report: dict) -> None:
+    """Per source, KL(original || compressed) and top-1 agreement on the perplexity windows (teacher-forced) into
+    report["fidelity"], and both models' perplexities from the same forward passes."""
+    from .evaluate.fidelity import compare
 
     if loaded.config.vocab_size != original.config.vocab_size:
         raise MoECompressError(
             f"--compare: vocabularies differ ({loaded.config.vocab_size} vs {original.config.vocab_size} tokens), so next-token distributions cannot be compared."
         )
     mine, theirs = weights
-    return {
-        s: fidelity(loaded, original, EvalProtocol(max_windows, seq_len).windows_of(tokenizer, s, loaded.config, "--seq-len"), batch_size, mine,
-                    theirs, device).to_dict()
-        for s in sources
-    }
+    report["fidelity"] = {}
+    for s in sources:
+        windows = EvalProtocol(max_windows, seq_len).windows_of(tokenizer, s, loaded.config, "--seq-len")
+        measured, report["perplexity"][s], report["original"]["perplexity"][s] = (
+            r.to_dict() for r in compare(loaded, original, windows, batch_size, mine, theirs, device)
+        )
+        report["fidelity"][s] = measured
 
 
 def _comparison(mine: dict, theirs: dict, speed) -> dict:
@@ -801,14 +806,16 @@ def evaluate(
         }
         report["settings"]["streamed"] = weights.streamed
         report["settings"]["protocol"] = protocol.to_dict() if sources else None
-        report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, weights, device)
+        report |= _evaluate_model(model, loaded, tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, weights, device,
+                                  perplexities=compare is None)
         original = original_tokenizer = None
         if compare is not None:
             original, original_tokenizer, original_weights = _open_model(compare, device, mode, dtype, trust_remote_code)
             report["original"] = _evaluate_model(
-                compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, original_weights, device
+                compare, original, original_tokenizer, sources, selection, limit, seq_len, max_windows, batch_size, original_weights, device,
+                perplexities=False,
             )
-            report["fidelity"] = _fidelity(loaded, original, tokenizer, sources, seq_len, max_windows, batch_size, (weights, original_weights), device)
+            _fidelity(loaded, original, tokenizer, sources, seq_len, max_windows, batch_size, (weights, original_weights), device, report)
         comparison = None
         report["speed"] = None
         if speed:

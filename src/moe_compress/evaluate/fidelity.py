@@ -12,10 +12,14 @@ Both models' log-probabilities of the same windows must be at hand together. In 
 one batch at a time. A streamed model (`io.residency`) is read layer by layer for a whole chunk
 of batches at once; a chunk holds as many windows as fit `chunk_bytes` of log-probabilities, so
 a streamed comparison reads each checkpoint once per chunk.
+
+The same log-probabilities also give both models' perplexities (`compare`): `eval --compare`
+then runs one forward per window and model, not two (one for perplexity, one for fidelity).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,6 +28,7 @@ from transformers import PreTrainedModel
 
 from ..io.residency import Weights
 from ..progress import track
+from .perplexity import PerplexityResult
 from .streamed import streamed_logits
 
 
@@ -70,22 +75,54 @@ class FidelityTotals:
 
     Kept apart from `fidelity` so a caller that already holds both sides' log-probabilities
     (a benchmark reading the original's from disk) adds them without a second forward pass.
+    Given the predicted tokens too, it sums both sides' negative log-likelihoods (perplexity).
     """
 
     def __init__(self) -> None:
         self.kl, self.agree, self.tokens = 0.0, 0, 0
+        self.nll = [0.0, 0.0]  # mine, reference
 
-    def add(self, mine: torch.Tensor, reference: torch.Tensor) -> None:
-        """Both [b, s, V] log-probabilities of the same positions."""
+    def add(self, mine: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        """Both [b, s, V] log-probabilities of the same positions; `targets` [b, s] the tokens they predict."""
         self.kl += float(F.kl_div(mine, reference, log_target=True, reduction="sum"))
         self.agree += int((mine.argmax(-1) == reference.argmax(-1)).sum())
         self.tokens += reference.shape[0] * reference.shape[1]
+        if targets is not None:
+            index = targets.to(mine.device)[..., None]
+            for side, log_probs in enumerate((mine, reference)):
+                self.nll[side] -= float(log_probs.gather(-1, index).sum())
 
     def result(self) -> FidelityResult:
         return FidelityResult(self.kl / max(self.tokens, 1), self.agree / max(self.tokens, 1), self.tokens)
 
+    def perplexities(self, windows: int) -> tuple[PerplexityResult, PerplexityResult]:
+        """(mine, reference) perplexity over the positions added with their targets."""
+        means = [nll / max(self.tokens, 1) for nll in self.nll]
+        return tuple(PerplexityResult(math.exp(mean), mean, self.tokens, windows) for mean in means)
+
 
 @torch.no_grad()
+def compare(
+    model: PreTrainedModel,
+    original: PreTrainedModel,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    weights: Weights | None = None,
+    original_weights: Weights | None = None,
+    device: str = "cpu",
+    chunk_bytes: int = 2**30,
+) -> tuple[FidelityResult, PerplexityResult, PerplexityResult]:
+    """Fidelity of `model` against `original` on token windows [n, seq_len], and both perplexities, from one forward each."""
+    totals = FidelityTotals()
+    streamed = any(w is not None and w.streamed for w in (weights, original_weights))
+    vocab = model.config.vocab_size if streamed else 0
+    for chunk in track(_chunks(list(windows.split(batch_size)), vocab, streamed, chunk_bytes), "fidelity"):
+        references = _log_probs(original, chunk, original_weights, device)
+        for batch, mine, reference in zip(chunk, _log_probs(model, chunk, weights, device), references):
+            totals.add(mine, reference, batch[:, 1:])
+    return totals.result(), *totals.perplexities(int(windows.shape[0]))
+
+
 def fidelity(
     model: PreTrainedModel,
     original: PreTrainedModel,
@@ -97,11 +134,4 @@ def fidelity(
     chunk_bytes: int = 2**30,
 ) -> FidelityResult:
     """KL divergence and top-1 agreement of `model` against `original` on token windows [n, seq_len]."""
-    totals = FidelityTotals()
-    streamed = any(w is not None and w.streamed for w in (weights, original_weights))
-    vocab = model.config.vocab_size if streamed else 0
-    for chunk in track(_chunks(list(windows.split(batch_size)), vocab, streamed, chunk_bytes), "fidelity"):
-        references = _log_probs(original, chunk, original_weights, device)
-        for mine, reference in zip(_log_probs(model, chunk, weights, device), references):
-            totals.add(mine, reference)
-    return totals.result()
+    return compare(model, original, windows, batch_size, weights, original_weights, device, chunk_bytes)[0]

@@ -1,0 +1,300 @@
+"""Speed: calibration and evaluation against the cost of a plain forward pass (issue 24).
+
+Every figure is process CPU time (user + system, all threads; `resource.getrusage`), which a
+shared, loaded machine distorts far less than wall time. Each measurement runs in a fresh
+process; the kinds of measurement are interleaved round by round and repeated; ratios are
+medians of per-round ratios.
+
+(a) Calibration, on a synthetic Qwen3-30B-A3B-shaped checkpoint (bench/scale.py's builder: full
+    width, 128 experts, top-8, and here the full 151,936-token vocabulary), 16 x 256 calibration
+    tokens in batches of 4:
+      * `reap`:   the streamed REAP prune's calibration (`observe_expert_statistics`, reap_sum +
+                  selected, StreamedWeights);
+      * `plain`:  the same walk with no statistics (`run_sequential` with StreamedWeights);
+      * `memory`: transformers' own forward of the decoder stack over the same batches, the model
+                  loaded whole (`model.model(input_ids)`; the head is left out because neither walk
+                  computes logits: 151,936 x 2048 per token would be more than both layers);
+      * `read`:   reading every weight file once, cold (each file evicted from the page cache
+                  with posix_fadvise(DONTNEED) first; wall seconds of the read).
+    Targets: reap <= 1.3 x (read + memory); plain <= 1.15 x memory.
+(b) `moe-compress eval ref-mixtral --ppl bundled` (the protocol: 128 windows x 256 tokens x 3
+    domains), the whole command, against one batched forward of ref-mixtral over the same
+    windows (`model(input_ids)`, batches of 8 -- eval's default -- and of 32), timed alone and as a
+    whole process (start-up, load, tokenising the windows, forward), and eval's measurement alone
+    (`perplexity()` per domain) in the same scope as the forward. Target: eval <= 1.5 x forward.
+    The "profile" and "what is left" sections of speed.md are lines kept in speed.json (written by
+    hand from the profiles; a new run keeps them).
+(c) The demo (scripts/demo.sh minus set-up): `prune ref-mixtral --method reap --ratio 0.25 ...
+    --eval bundled`, CPU and wall seconds. Target: <= 2 minutes.
+
+    python bench/speed.py                         # all parts, 3 rounds
+    python bench/speed.py --parts b --rounds 5    # a subset; results are merged into speed.json
+
+Results: bench/results/speed.json and speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MOE_COMPRESS_QUIET", "1")
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+FULL_VOCAB = 151936  # Qwen3-30B-A3B's
+DEMO = ["prune", "ref-mixtral", "--method", "reap", "--ratio", "0.25", "--budget", "global", "--calib", "bundled",
+        "--samples", "64", "--seq-len", "256", "--eval", "bundled", "--overwrite"]
+
+_CHILD = r"""
+import json, os, resource, sys, time
+import torch
+torch.set_num_threads(int(os.environ["SPEED_THREADS"]))
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+kind, source = sys.argv[1], sys.argv[2]
+result = {}
+if kind in ("reap", "plain"):
+    from moe_compress.arch import get_adapter
+    from moe_compress.data import CalibrationSpec, calibration_batches
+    from moe_compress.io.load import load_streamed
+    from moe_compress.observe import observe_expert_statistics, run_sequential
+    weights, tokenizer = load_streamed(source)
+    model, adapter = weights.model, get_adapter(weights.model)
+    batches = calibration_batches(tokenizer, CalibrationSpec(samples=16, seq_len=256, batch_size=4))
+    start, wall = cpu(), time.perf_counter()
+    if kind == "plain":
+        run_sequential(model, adapter, batches, weights=weights)
+    else:
+        observe_expert_statistics(model, adapter, batches, ("reap_sum", "selected"), weights=weights)
+elif kind == "memory":
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from moe_compress.data import CalibrationSpec, calibration_batches
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    batches = calibration_batches(AutoTokenizer.from_pretrained(source), CalibrationSpec(samples=16, seq_len=256, batch_size=4))
+    start, wall = cpu(), time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            model.model(input_ids=batch, use_cache=False)
+elif kind == "read":
+    files = sorted(p for p in os.listdir(source) if p.endswith(".safetensors"))
+    for name in files:  # evict: the read below comes from the disk, not the page cache
+        fd = os.open(os.path.join(source, name), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    start, wall = cpu(), time.perf_counter()
+    total = 0
+    for name in files:
+        with open(os.path.join(source, name), "rb", buffering=0) as f:
+            while chunk := f.read(16 << 20):
+                total += len(chunk)
+    result["bytes"] = total
+elif kind.startswith(("forward", "perplexity")):
+    batch_size = int(kind.removeprefix("forward").removeprefix("perplexity"))
+    start_process = cpu()
+    from moe_compress.evaluate.protocol import DEFAULT_PROTOCOL, expand_sources
+    from moe_compress.io.open import open_model
+    model, tokenizer, _ = open_model(source, "cpu", "auto", "auto", False)
+    sets = [DEFAULT_PROTOCOL.windows_of(tokenizer, s, model.config) for s in expand_sources("bundled")]
+    start, wall = cpu(), time.perf_counter()
+    if kind.startswith("perplexity"):  # what `eval` runs per source, in the same scope as the forward
+        from moe_compress.evaluate.perplexity import perplexity
+        result["perplexities"] = [round(perplexity(model, windows, batch_size).perplexity, 3) for windows in sets]
+    else:
+        with torch.no_grad():
+            for windows in sets:
+                for batch in windows.split(batch_size):
+                    model(input_ids=batch, use_cache=False)
+    result["process_cpu_s"] = cpu()  # from exec: start-up, load, windows and forward
+result["cpu_s"] = cpu() - start
+result["wall_s"] = time.perf_counter() - wall
+print("RESULT" + json.dumps(result))
+"""
+
+
+def child(kind: str, source: str, threads: int) -> dict:
+    env = {**os.environ, "SPEED_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
+    out = subprocess.run([sys.executable, "-c", _CHILD, kind, source], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[6:])
+
+
+def command(arguments: list[str], threads: int) -> dict:
+    """CPU (user + sys of the child) and wall seconds of one `moe-compress` command."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "moe_compress.cli", *arguments, "--threads", str(threads)],
+                         capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        raise RuntimeError(f"{arguments} failed:\n{out.stderr[-3000:]}")
+    return {"cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+            "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime, "wall_s": wall,
+            "stdout": out.stdout}
+
+
+def median_ratio(rounds: list[dict], top: str, bottom) -> float:
+    return round(statistics.median(r[top]["cpu_s"] / bottom(r) for r in rounds), 3)
+
+
+def part_a(workdir: Path, layers: int, rounds: int, threads: int) -> dict:
+    import scale
+
+    scale.VOCAB = FULL_VOCAB
+    source = workdir / f"qwen3_moe-{layers}layers"
+    shutil.rmtree(source, ignore_errors=True)
+    checkpoint_bytes = scale.build_checkpoint(source, "qwen3_moe", layers)
+    try:
+        runs = []
+        for _ in range(rounds):
+            runs.append({kind: child(kind, str(source), threads) for kind in ("reap", "plain", "memory", "read")})
+            print(json.dumps(runs[-1]), flush=True)
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    return {
+        "layers": layers, "checkpoint_bytes": checkpoint_bytes, "rounds": runs,
+        "reap_over_read_plus_memory": median_ratio(runs, "reap", lambda r: r["read"]["wall_s"] + r["memory"]["cpu_s"]),
+        "plain_over_memory": median_ratio(runs, "plain", lambda r: r["memory"]["cpu_s"]),
+        "reap_over_plain": median_ratio(runs, "reap", lambda r: r["plain"]["cpu_s"]),
+    }
+
+
+def part_b(rounds: int, threads: int) -> dict:
+    runs = []
+    for _ in range(rounds):
+        eval_run = command(["eval", "ref-mixtral", "--ppl", "bundled"], threads)
+        perplexities = [line.split("│")[2].strip() for line in eval_run.pop("stdout").splitlines() if "ppl " in line]
+        runs.append({"eval": eval_run, "perplexities": perplexities,
+                     **{kind: child(kind, "ref-mixtral", threads) for kind in ("forward8", "perplexity8", "forward32")}})
+        print(json.dumps(runs[-1]), flush=True)
+    return {
+        "rounds": runs,
+        "eval_over_forward8": median_ratio(runs, "eval", lambda r: r["forward8"]["cpu_s"]),
+        "eval_over_forward32": median_ratio(runs, "eval", lambda r: r["forward32"]["cpu_s"]),
+        "eval_over_forward8_process": median_ratio(runs, "eval", lambda r: r["forward8"]["process_cpu_s"]),
+        "perplexity_over_forward8": median_ratio(runs, "perplexity8", lambda r: r["forward8"]["cpu_s"]),
+    }
+
+
+def part_c(workdir: Path, rounds: int, threads: int) -> dict:
+    runs = []
+    for _ in range(rounds):
+        run = command([*DEMO, "--out", str(workdir / "demo")], threads)
+        run.pop("stdout")
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+    shutil.rmtree(workdir / "demo", ignore_errors=True)
+    return {"rounds": runs, "median_cpu_s": round(statistics.median(r["cpu_s"] for r in runs), 1),
+            "median_wall_s": round(statistics.median(r["wall_s"] for r in runs), 1)}
+
+
+def markdown(report: dict) -> str:
+    def cells(runs: list[dict], kind: str, key: str | None = "cpu_s") -> str:
+        return ", ".join(f"{(r[kind][key] if key else r[kind]):.1f}" for r in runs)
+
+    lines = ["# Speed: calibration and evaluation at the cost of a forward pass (issue 24)", "",
+             *[f"Command: `{c}`" for c in report["commands"]], "",
+             f"Machine: {report['machine']}. CPU seconds = user + system of the measuring process (all threads), "
+             "each measurement a fresh process, kinds interleaved per round; ratios are medians of per-round ratios.", ""]
+    for key in sorted(k for k in report if k.startswith("a_")):
+        a = report[key]
+        runs = a["rounds"]
+        lines += [f"## (a) Calibration, Qwen3-30B-A3B-shaped, {a['layers']} layers, full vocabulary "
+                  f"({a['checkpoint_bytes'] / 2**30:.2f} GiB), 16 x 256 tokens, {report['threads']} thread(s)", "",
+                  "| measurement | per round |", "|---|---|",
+                  f"| streamed REAP calibration, CPU s | {cells(runs, 'reap')} |",
+                  f"| streamed plain walk (no statistics), CPU s | {cells(runs, 'plain')} |",
+                  f"| in-memory transformers forward (decoder stack), CPU s | {cells(runs, 'memory')} |",
+                  f"| cold read of the weight files, wall s | {cells(runs, 'read', 'wall_s')} |", "",
+                  f"* REAP calibration / (read + in-memory forward): **{a['reap_over_read_plus_memory']}** (target <= 1.3)",
+                  f"* plain streamed walk / in-memory forward: **{a['plain_over_memory']}** (target <= 1.15)",
+                  f"* REAP calibration / plain streamed walk: {a['reap_over_plain']}", ""]
+    if "b" in report:
+        b = report["b"]
+        runs = b["rounds"]
+        lines += ["## (b) `moe-compress eval ref-mixtral --ppl bundled` (128 x 256 tokens x 3 domains)", "",
+                  "| measurement | per round |", "|---|---|",
+                  f"| eval, whole command, CPU s | {cells(runs, 'eval')} |",
+                  f"| eval, of which system CPU s | {cells(runs, 'eval', 'sys_s')} |",
+                  f"| forward of the same windows, batches of 8, CPU s | {cells(runs, 'forward8')} |",
+                  f"| forward of the same windows, batches of 32, CPU s | {cells(runs, 'forward32')} |",
+                  f"| eval's measurement alone (`perplexity()` per domain, batches of 8, same process scope as the forward), CPU s | {cells(runs, 'perplexity8')} |",
+                  f"| forward, batches of 8, whole process (start-up, load, windows, forward), CPU s | {cells(runs, 'forward8', 'process_cpu_s')} |", "",
+                  f"Perplexities printed (dictionary, manpages, pydoc): {', '.join(runs[0]['perplexities'])}.", "",
+                  f"* eval command / forward (batches of 8): **{b['eval_over_forward8']}** (target <= 1.5)",
+                  f"* eval command / forward (batches of 32): {b['eval_over_forward32']}",
+                  f"* eval command / forward process of the same scope (start-up + load + windows + forward): {b['eval_over_forward8_process']}",
+                  f"* eval's measurement alone / forward (batches of 8): **{b['perplexity_over_forward8']}**", ""]
+    if "b_before" in report:
+        b = report["b_before"]
+        runs = b["rounds"]
+        lines += [f"Before this branch's evaluation changes ({b['code']}), same command and forwards, interleaved the same way: "
+                  f"eval CPU s {cells(runs, 'eval')} (system {cells(runs, 'eval', 'sys_s')}), forward (batches of 8) {cells(runs, 'forward8')}; "
+                  f"eval / forward **{b['eval_over_forward8']}**; perplexities {', '.join(runs[0]['perplexities'])}.", ""]
+    if "c" in report:
+        c = report["c"]
+        lines += ["## (c) The demo minus set-up: `moe-compress " + " ".join(DEMO) + " --out ...`", "",
+                  f"CPU s per round: {cells(c['rounds'], 'cpu_s', None)}; wall s: {cells(c['rounds'], 'wall_s', None)}. Median CPU **{c['median_cpu_s']} s**, "
+                  f"median wall {c['median_wall_s']} s on the loaded machine (target <= 120 s).", ""]
+    for section in ("profile", "what is left"):
+        if report.get(section):
+            lines += [f"## {section[0].upper()}{section[1:]}", "", *report[section], ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="a,b,c")
+    parser.add_argument("--layers", default="2", help="decoder layers of the synthetic checkpoints, comma-separated (part a)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=Path("/work/scratch-speed"))
+    args = parser.parse_args()
+    out = RESULTS / "speed.json"
+    report: dict = {"commands": ["python bench/speed.py " + " ".join(sys.argv[1:])], "threads": args.threads,
+                    "machine": f"{os.cpu_count()} CPUs (shared, load {os.getloadavg()[0]:.0f} at the start), "
+                               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"}
+    parts = args.parts.split(",")
+
+    def save() -> None:
+        """Merge this run's parts into what is recorded (runs of other parts may write beside it)."""
+        RESULTS.mkdir(exist_ok=True)
+        with FileLock("/tmp/moe-compress-speed-bench.lock"):
+            merged = json.loads(out.read_text()) if out.is_file() else {}
+            commands = [c for c in merged.get("commands", []) if c not in report["commands"]] + report["commands"]
+            merged |= {**report, "commands": commands}
+            out.write_text(json.dumps(merged, indent=2) + "\n")
+            (RESULTS / "speed.md").write_text(markdown(merged))
+
+    if "b" in parts:
+        report["b"] = part_b(args.rounds, args.threads)
+        save()
+    if "c" in parts:
+        report["c"] = part_c(args.workdir, args.rounds, args.threads)
+        save()
+    if "a" in parts:
+        for layers in (int(n) for n in args.layers.split(",")):
+            report[f"a_{layers}"] = part_a(args.workdir, layers, args.rounds, args.threads)
+            save()
+
+
+if __name__ == "__main__":
+    main()
