@@ -110,3 +110,14 @@ def test_auto_streams_when_the_cgroup_leaves_less_than_the_model_needs(tmp_path,
     result = compress(checkpoint, ratio=0.25, calib=CalibrationSpec(str(calib), samples=4, seq_len=32), out=tmp_path / "out", cache_dir=False)
     assert result.summary["streamed"] is True and result.model is None
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_auto_streams_unless_a_whole_load_fits_with_its_peak(tmp_path, monkeypatch):
+    """A whole load peaks at about 2.5 checkpoints: twice the checkpoint free is not enough (the old rule,
+    half the free memory, loaded it whole), three times is."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    size = Checkpoint(checkpoint).total_bytes()
+    monkeypatch.setattr(io_open, "available_bytes", lambda device: 2 * size)
+    assert io_open.should_stream(checkpoint, "auto", "cpu")
+    monkeypatch.setattr(io_open, "available_bytes", lambda device: 3 * size)
+    assert not io_open.should_stream(checkpoint, "auto", "cpu")

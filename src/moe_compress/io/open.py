@@ -1,7 +1,7 @@
 """Open a model for a stage: in memory when it fits comfortably, streamed from its checkpoint when not.
 
-`streaming="auto"` streams when the checkpoint's weights exceed half of the memory that is
-available for them -- RAM (no more than the container's cgroup limit leaves, see
+`streaming="auto"` streams unless `IN_MEMORY_PEAK` times the checkpoint's weights fit in the memory
+that is available -- RAM (no more than the container's cgroup limit leaves, see
 `io.memory_limit`), or the GPU's free memory when computing on a GPU (an in-memory
 model is moved to the device whole) -- and always for a pre-quantised (FP8, MXFP4) checkpoint. Streaming computes the same numbers (a test compares
 every statistic and every written byte); it only reads each layer from disk when it is used,
@@ -41,6 +41,12 @@ def available_bytes(device: str | torch.device) -> int:
     return host if limited is None else min(host, limited)
 
 
+#: What an in-memory run peaks at, in checkpoints: 2.3-2.7x measured (bench/results/scale.md, 8.7-10 GiB
+#: for a 3.7 GiB checkpoint). `auto` loads whole only when that much is free, so a model that would not
+#: fit streams instead of being killed for memory (a checkpoint at 45 % of the free memory was).
+IN_MEMORY_PEAK = 2.5
+
+
 def should_stream(name_or_path: str | Path, streaming: Streaming, device: str | torch.device) -> bool:
     if streaming != "auto":
         return bool(streaming)
@@ -49,7 +55,7 @@ def should_stream(name_or_path: str | Path, streaming: Streaming, device: str | 
         return False  # a Hub id: from_pretrained downloads and loads it
     if _pre_quantised(source):
         return True  # dequantised layer by layer; written back in its own format where the plan allows
-    return Checkpoint(source).total_bytes() > available_bytes(device) // 2
+    return Checkpoint(source).total_bytes() * IN_MEMORY_PEAK > available_bytes(device)
 
 
 def _pre_quantised(source: Path) -> bool:
