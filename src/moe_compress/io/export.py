@@ -192,12 +192,11 @@ class Origin:
 ORIGIN = "_moe_compress_origin"
 
 
-def record_origin(model: PreTrainedModel, directory: str | Path) -> None:
-    """Remember which of `directory`'s tensors `model` did not load, so a save carries them."""
+def record_origin(model: PreTrainedModel, checkpoint: Checkpoint) -> None:
+    """Remember which of `checkpoint`'s tensors `model` did not load, so a save carries them."""
     from ..arch.registry import get_adapter
     from .residency import checkpoint_targets
 
-    checkpoint = Checkpoint(directory)
     _, carried = checkpoint_targets(model, checkpoint)
     setattr(model, ORIGIN, Origin(checkpoint, carried, len(get_adapter(model).decoder_layers(model))))
 

@@ -279,8 +279,8 @@ def load_model(
         require_finite_weights(model, shown_as)
     else:
         check_loaded(model, checkpoint, shown_as, quantized=_quantization_config(config) is not None)
-    if Path(source).is_dir():
-        record_origin(model, source)
+    if checkpoint is not None:
+        record_origin(model, checkpoint)  # the headers check_weight_files read: not read again
     model = model.to(target).eval()
     align_weights(model)  # mapped from the file at its offsets: realigned as streaming realigns (io.alignment)
     return model, load_tokenizer(source, trusted, shown_as)
