@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from moe_compress import get_adapter, load_model, model_size  # noqa: E402
 from moe_compress.evaluate.fidelity import FidelityTotals  # noqa: E402
-from moe_compress.evaluate.perplexity import next_token_nll  # noqa: E402
+from moe_compress.evaluate.lm_perplexity import next_token_nll  # noqa: E402
 from moe_compress.evaluate.protocol import DEFAULT_PROTOCOL  # noqa: E402
 from moe_compress.data import CalibrationSpec, bundled_domains, calibration_batches, load_texts, token_stream, windows  # noqa: E402
 

@@ -113,7 +113,7 @@ elif kind.startswith(("forward", "perplexity")):
     sets = [DEFAULT_PROTOCOL.windows_of(tokenizer, s, model.config) for s in expand_sources("bundled")]
     start, wall = cpu(), time.perf_counter()
     if kind.startswith("perplexity"):  # what `eval` runs per source, in the same scope as the forward
-        from moe_compress.evaluate.perplexity import perplexity
+        from moe_compress.evaluate.lm_perplexity import perplexity
         result["perplexities"] = [round(perplexity(model, windows, batch_size).perplexity, 3) for windows in sets]
     else:
         with torch.no_grad():

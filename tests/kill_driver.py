@@ -32,7 +32,8 @@ import torch
 
 from moe_compress.io.load import load_model
 from moe_compress.io import save as saving
-from moe_compress.io.publish import check_output_dir, release_all
+from moe_compress.io.output_lock import release_all
+from moe_compress.io.publish import check_output_dir
 
 STEPS = frozenset({
     "open", "os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "os.chmod", "os.truncate",

@@ -13,7 +13,8 @@ from moe_compress.io import load_model
 from moe_compress.methods import PlanRequest, get_method
 from moe_compress.methods.budget import select_experts
 from moe_compress.methods.criteria import layer_scores
-from moe_compress.observe.statistics import LayerAccumulator, RoutedBatch
+from moe_compress.observe.routed_batch import RoutedBatch
+from moe_compress.observe.statistics import LayerAccumulator
 from moe_compress.plan import RoutingLimits
 
 METHODS = ("reap", "ean", "mone")

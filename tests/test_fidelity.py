@@ -15,7 +15,7 @@ from helpers import token_batches
 from moe_compress import compress
 from moe_compress.cli import app
 from moe_compress.evaluate.fidelity import compare, fidelity
-from moe_compress.evaluate.perplexity import perplexity
+from moe_compress.evaluate.lm_perplexity import perplexity
 from tiny_checkpoints import save_tiny_checkpoint, write_calibration
 from tiny_models import VOCAB, tiny_model
 

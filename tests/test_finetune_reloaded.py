@@ -30,7 +30,7 @@ def test_condense_save_reload_finetune_changes_only_the_condensed_layers(tmp_pat
     assert any(".experts." in name for name in changed) and any("shared_expert." in name for name in changed)
 
     tuned, _ = load_model(tmp_path / "tuned")
-    from moe_compress.finetune import condensed_layers
+    from moe_compress.finetuning import condensed_layers
 
     assert condensed_layers(reloaded) == [2] and condensed_layers(tuned) == [2]
     assert all(torch.equal(p, reloaded.state_dict()[name]) for name, p in tuned.state_dict().items())

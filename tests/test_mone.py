@@ -12,7 +12,7 @@ from moe_compress import LayerPlan, MoECompressError, Plan, compress, get_adapte
 from moe_compress.io.save import save_compressed
 from moe_compress.api import collect_statistics
 from moe_compress.methods.mone import access_and_variance, redundancy
-from moe_compress.observe.statistics import merge_moments, split_moments
+from moe_compress.observe.moments import merge_moments, split_moments
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
 

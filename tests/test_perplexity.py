@@ -38,7 +38,7 @@ def test_next_token_nll_in_row_chunks_equals_cross_entropy():
     chunk boundaries inside and across windows, bf16 logits, change nothing but float rounding."""
     from torch.nn import functional as F
 
-    from moe_compress.evaluate.perplexity import next_token_nll
+    from moe_compress.evaluate.lm_perplexity import next_token_nll
 
     generator = torch.Generator().manual_seed(0)
     logits = (torch.randn(3, 10, 50, generator=generator) * 4).to(torch.bfloat16)

@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 
 from moe_compress import MoECompressError
 from moe_compress.cli import app
-from moe_compress.io import publish as publishing
-from moe_compress.io.publish import MARKER, check_output_dir, discard_staging, publish, release_all, staging_dir
+from moe_compress.io.output_lock import HOST, release_all
+from moe_compress.io.publish import check_output_dir, publish
+from moe_compress.io.staging import ASIDE, MARKER, discard_staging, staging_dir
 from tiny_checkpoints import save_tiny_checkpoint
 
 runner = CliRunner()
@@ -183,7 +184,7 @@ def test_a_look_alike_user_directory_survives_cleanup(tmp_path):
     """Issue 20 item 2: only what carries our marker, naming the dead writer, is removed."""
     out = tmp_path / "out"
     dead = _dead_pid()
-    host = publishing.HOST
+    host = HOST
     unmarked = tmp_path / f".out.partial-{dead}@{host}-0123abcd"
     unmarked.mkdir()
     (unmarked / "thesis.tex").write_text("years of work")
@@ -272,7 +273,7 @@ def _dead_pid() -> int:
 
 def test_an_aside_is_never_deleted_unless_its_replacement_is_a_checkpoint(tmp_path, capsys):
     out = tmp_path / "out"
-    aside = _left_by_dead_writer(out, publishing.ASIDE)
+    aside = _left_by_dead_writer(out, ASIDE)
     _checkpoint_dir(aside / "out", "old")
     out.mkdir()
     (out / "notes.txt").write_text("the user's, made after the crash")
@@ -329,11 +330,11 @@ def test_whatever_is_planted_at_the_lock_path_is_refused_untouched(plant, what, 
 @pytest.mark.parametrize("left", ["", "{pid}@{host}"], ids=["empty", "dead-pid"])
 def test_a_lock_file_left_by_a_dead_writer_is_replaced_and_removed_on_release(left, tmp_path):
     lock = tmp_path / ".out.lock"
-    found = left.format(pid=_dead_pid(), host=publishing.HOST)
+    found = left.format(pid=_dead_pid(), host=HOST)
     lock.write_text(found)
     with open(lock) as stale:
         check_output_dir(tmp_path / "out", overwrite=False)
-        assert lock.read_text() == f"{os.getpid()}@{publishing.HOST}"
+        assert lock.read_text() == f"{os.getpid()}@{HOST}"
         assert os.fstat(stale.fileno()).st_nlink == 0 and stale.read() == found, "the file it found is unlinked, unwritten"
     release_all()
     assert not lock.exists()

@@ -194,7 +194,7 @@ def test_cli_quantize_and_refuse_to_quantize_twice(tmp_path):
 
 def test_recipe_prune_then_slim_then_quantize_composes(tmp_path):
     from moe_compress import run_recipe
-    from moe_compress.evaluate.perplexity import perplexity
+    from moe_compress.evaluate.lm_perplexity import perplexity
     from tiny_checkpoints import write_calibration
 
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 
@@ -79,3 +81,24 @@ def test_a_model_that_cannot_be_found_is_answered_without_torch(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stderr.startswith("error: model") and "not found" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_importing_the_packages_imports_neither_torch_nor_transformers():
+    probe = "import sys\nimport moe_compress, moe_compress.arch, moe_compress.evaluate, moe_compress.io\n" + LIGHT
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("package", ["moe_compress", "moe_compress.arch", "moe_compress.evaluate", "moe_compress.io"])
+def test_every_public_name_is_what_its_module_defines_even_once_every_submodule_is_imported(package):
+    """A package's `__getattr__` only answers names it does not hold, and importing a submodule
+    sets it as an attribute of its package: an export named like a submodule would be shadowed."""
+    module = importlib.import_module(package)
+    submodules = {info.name for info in pkgutil.iter_modules(module.__path__)}
+    assert not submodules & set(module.__all__)
+    for name in module.__all__:
+        importlib.import_module(module._EXPORTS[name], package)
+    for name in module.__all__:
+        assert getattr(module, name) is getattr(importlib.import_module(module._EXPORTS[name], package), name), name
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        module.no_such_name

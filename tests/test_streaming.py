@@ -22,7 +22,7 @@ from helpers import token_batches
 from moe_compress import get_adapter
 from moe_compress.api import collect_statistics
 from moe_compress.errors import MoECompressError
-from moe_compress.evaluate.perplexity import perplexity
+from moe_compress.evaluate.lm_perplexity import perplexity
 from moe_compress.io.load import load_model, load_streamed
 from moe_compress.io.open import open_model
 from moe_compress.observe.activations import activation_budget

@@ -335,7 +335,7 @@ def test_shared_only_condensing_refuses_a_model_without_shared_experts():
 
 
 def test_finetune_defaults_are_the_cd_moe_authors():
-    from moe_compress.finetune import SCHEDULES
+    from moe_compress.finetuning import SCHEDULES
 
     defaults = {name: p.default for name, p in inspect.signature(finetune).parameters.items()}
     assert (defaults["lr"], defaults["weight_decay"], defaults["batch_size"], defaults["seq_len"], defaults["schedule"]) == (

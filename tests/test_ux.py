@@ -252,14 +252,14 @@ def test_outputs_are_readable_by_everyone_under_a_private_umask(tiny, tmp_path):
 def _no_work(monkeypatch):
     """Make calibration and evaluation impossible: a check that needed them would fail the test."""
     import moe_compress.api  # noqa: F401
-    import moe_compress.evaluate.perplexity  # noqa: F401
+    import moe_compress.evaluate.lm_perplexity  # noqa: F401
     import moe_compress.recipes  # noqa: F401
 
     def refuse(*args, **kwargs):
         raise AssertionError("calibration or evaluation ran before the input was checked")
 
     for module, name in (("moe_compress.api", "calibration_batches"), ("moe_compress.recipes", "calibration_batches"),
-                         ("moe_compress.evaluate.perplexity", "perplexity")):
+                         ("moe_compress.evaluate.lm_perplexity", "perplexity")):
         monkeypatch.setattr(sys.modules[module], name, refuse)
 
 

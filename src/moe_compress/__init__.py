@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from ._lazy import lazy_package
+from ._lazy import exports_on_first_use
 
 __version__ = "0.1.0"
 
@@ -34,7 +34,7 @@ _EXPORTS = {
     "MoECompressError": ".errors",
     "model_size": ".evaluate",
     "perplexity": ".evaluate",
-    "finetune": ".finetune",
+    "finetune": ".finetuning",
     "load_model": ".io",
     "save_compressed": ".io",
     "LayerPlan": ".plan",
@@ -48,7 +48,8 @@ _EXPORTS = {
     "apply_plan": ".surgery",
     "prune_experts": ".surgery",
 }
-__all__ = lazy_package(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
+__getattr__ = exports_on_first_use(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .api import CompressionResult, collect_statistics, compress, condense, drop
@@ -56,7 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .data import CalibrationSpec
     from .errors import MoECompressError
     from .evaluate import model_size, perplexity
-    from .finetune import finetune
+    from .finetuning import finetune
     from .io import load_model, save_compressed
     from .plan import LayerPlan, Plan
     from .recipes import register_stage, run_recipe

@@ -27,7 +27,7 @@ from .finite import require_finite_numbers, require_finite_statistics, require_f
 from .io.export import carried_keys, keeps_stored_format, raw_groups, streamed_groups
 from .io.load import check_device, resolve_model
 from .io.open import Streaming, available_bytes, open_model
-from .io.publish import releases_outputs
+from .io.output_lock import releases_outputs
 from .io.residency import InMemoryWeights, StreamedWeights, Weights
 from .io.save import check_output_dir, save_with_summary
 from .methods import PlanRequest, get_method

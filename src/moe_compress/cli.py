@@ -126,7 +126,7 @@ def user_errors(command: Callable) -> Callable:
 
                 resolve_model(kwargs["model"])
             from .finite import require_finite_numbers
-            from .io.publish import output_locks
+            from .io.output_lock import output_locks
 
             with output_locks():
                 require_finite_numbers((f"--{name.replace('_', '-')}", value) for name, value in kwargs.items())
@@ -507,7 +507,7 @@ def _eval_sets(protocol: EvalProtocol, sources: str | list[str] | None, tokenize
 
 
 def _perplexities(model, eval_sets: dict, weights=None, device: str = "cpu", when: str = "") -> dict[str, float]:
-    from .evaluate.perplexity import perplexity
+    from .evaluate.lm_perplexity import perplexity
 
     label = f" ({when})" if when else ""
     return {source: perplexity(model, windows, weights=weights, device=device, description=f"perplexity {source}{label}").perplexity
@@ -586,7 +586,7 @@ def _evaluate_model(
     and, without `perplexities`, perplexity (--compare measures it with fidelity, from the same forward)."""
     from .arch import get_adapter
     from .evaluate.harness import run_tasks
-    from .evaluate.perplexity import perplexity
+    from .evaluate.lm_perplexity import perplexity
     from .evaluate.size import model_size
     from .evaluate.speed import peak_rss_bytes
 
@@ -987,7 +987,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune only the condensed layers' shared and kept experts of a condensed model."""
     from .data.batches import check_seed
-    from .finetune import finetune
+    from .finetuning import finetune
     from .io.load import check_device
     from .io.save import check_output_dir
 

@@ -57,12 +57,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .arch.registry import get_adapter
 from .data.batches import CalibrationSpec, calibration_batches, check_seq_len
 from .errors import MoECompressError
-from .evaluate.perplexity import perplexity
+from .evaluate.lm_perplexity import perplexity
 from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol, expand_sources
 from .evaluate.size import checkpoint_bytes, model_size
 from .io.load import load_model
 from .io.model_card import write_model_card
-from .io.publish import discard_staging, releases_outputs, validate_output_dir
+from .io.output_lock import releases_outputs
+from .io.publish import validate_output_dir
+from .io.staging import discard_staging
 from .io.save import check_output_dir, publish, save_compressed, staging_dir
 from .plan import Plan
 from .preflight import Structure, check_condense, check_drop, check_finetune, check_prune, check_slim
@@ -142,7 +144,7 @@ def _condense(ctx: StageContext, options: dict) -> StageOutcome:
 
 
 def _finetune(ctx: StageContext, options: dict) -> StageOutcome:
-    from .finetune import finetune
+    from .finetuning import finetune
 
     report = finetune(ctx.model, ctx.tokenizer, device=ctx.device, **options)
     return StageOutcome(ctx.model, None, report)
@@ -167,7 +169,7 @@ def _condense_options() -> Callable:
 
 
 def _finetune_options() -> Callable:
-    from .finetune import finetune
+    from .finetuning import finetune
 
     return finetune
 

@@ -6,13 +6,14 @@ Names are imported on first use (`moe_compress._lazy`): the CLI reads `protocol`
 
 from __future__ import annotations
 
-from .._lazy import lazy_package
+from .._lazy import exports_on_first_use
 
 _EXPORTS = {
     "TaskScore": ".harness", "run_tasks": ".harness", "select_tasks": ".harness",
-    "PerplexityResult": ".perplexity", "perplexity": ".perplexity",
+    "PerplexityResult": ".lm_perplexity", "perplexity": ".lm_perplexity",
     "ModelSize": ".size", "checkpoint_bytes": ".size", "model_size": ".size",
     "SpeedComparison": ".speed", "SpeedResult": ".speed", "SpeedSettings": ".speed", "compare_speed": ".speed",
     "measure_speed": ".speed", "peak_rss_bytes": ".speed",
 }
-__all__ = lazy_package(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
+__getattr__ = exports_on_first_use(__name__, _EXPORTS)

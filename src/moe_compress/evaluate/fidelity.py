@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 
 from ..io.residency import Weights
 from ..progress import track
-from .perplexity import PerplexityResult
+from .lm_perplexity import PerplexityResult
 from .streamed import streamed_logits
 
 

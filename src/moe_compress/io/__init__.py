@@ -1,7 +1,8 @@
 """Loading and saving checkpoints.
 
 The names below are imported on first use (PEP 562): the light modules of this package
-(`locate`, `publish`) are then importable without pulling in torch and transformers.
+(`locate`, `publish` and the modules it uses) are then importable without pulling in torch and
+transformers.
 """
 
 from __future__ import annotations

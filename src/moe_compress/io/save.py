@@ -19,8 +19,11 @@ from ..plan import Plan
 from ..progress import step
 from .export import Group, Transform, model_groups, write_groups
 from .model_card import PLAN_FILE, SUMMARY_FILE, provenance, write_model_card
-from .publish import check_output_dir, discard_staging, publish, releases_outputs, staging_dir, write_error
+from .output_lock import releases_outputs
+from .publish import check_output_dir, publish
 from .remote_code import write_remote_code, write_stock_identity
+from .staging import discard_staging, staging_dir
+from .write_error import write_error
 
 #: Tokenizer-config keys that describe how this process loaded the tokenizer, not the tokenizer:
 #: saved as they are, `local_files_only: true` would follow the checkpoint to its users.

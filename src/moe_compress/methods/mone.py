@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoECompressError
-from ..observe.statistics import output_moments, split_moments
+from ..observe.moments import output_moments, split_moments
 from ..plan import LayerPlan, Plan, RoutingLimits
 from .budget import select_experts
 from .registry import Method, PlanRequest, register

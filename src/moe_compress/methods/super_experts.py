@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import MoECompressError
-from ..observe.statistics import output_moments, split_moments
+from ..observe.moments import output_moments, split_moments
 from ..plan import LayerPlan, Plan
 
 STATISTIC = "max_output_abs"

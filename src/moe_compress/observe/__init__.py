@@ -2,7 +2,8 @@
 
 from .cache import StatsCache, cache_key, checkpoint_fingerprint, config_fingerprint, content_fingerprint
 from .observer import LayerWalk, observe_expert_statistics, run_sequential
-from .statistics import STATISTICS, LayerAccumulator, RoutedBatch, Statistic
+from .routed_batch import RoutedBatch
+from .statistics import STATISTICS, LayerAccumulator, Statistic
 
 __all__ = [
     "STATISTICS",

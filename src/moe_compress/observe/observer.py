@@ -23,7 +23,8 @@ from ..progress import track
 from .capture import capture_layer_inputs
 from .activations import Activations, default_activations
 from .experts_forward import ExpertPass, capturing, is_standard_experts, routing_arguments
-from .statistics import LayerAccumulator, RoutedBatch
+from .routed_batch import RoutedBatch
+from .statistics import LayerAccumulator
 
 
 def to_device(value, device: torch.device):

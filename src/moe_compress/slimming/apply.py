@@ -22,7 +22,7 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import walk_groups
 from ..io.open import Streaming
-from ..io.publish import releases_outputs
+from ..io.output_lock import releases_outputs
 from ..io.residency import InMemoryWeights, Weights
 from ..io.save import save_with_summary
 from ..progress import track

@@ -46,7 +46,8 @@ from ..errors import MoECompressError
 from ..io.export import model_groups, streamed_groups
 from ..io.open import Streaming, open_model
 from ..io.per_expert import described_per_expert, split_experts, stored_groups, unpackable_conversions
-from ..io.publish import discard_staging, releases_outputs
+from ..io.output_lock import releases_outputs
+from ..io.staging import discard_staging
 from ..io.model_card import write_model_card
 from ..io.provenance import read_provenance
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir

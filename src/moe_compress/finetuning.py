@@ -28,10 +28,10 @@ from .arch.adapter import MoEAdapter
 from .arch.registry import get_adapter
 from .data.batches import check_seed, check_seq_len, read_windows
 from .errors import MoECompressError
-from .evaluate.perplexity import perplexity
+from .evaluate.lm_perplexity import perplexity
 from .finite import require_finite_numbers
 from .io.load import check_device
-from .io.publish import releases_outputs
+from .io.output_lock import releases_outputs
 from .io.save import check_output_dir, save_compressed
 from .progress import track
 
