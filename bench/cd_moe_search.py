@@ -29,7 +29,7 @@ import torch
 from common import RESULTS
 
 from moe_compress import condense, get_adapter, load_model
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.data import CalibrationSpec, calibration_batches
 
 OLD = "59004de"  # the last commit before issue 13/15 changed the search

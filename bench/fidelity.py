@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from common import RESULTS
 
 from moe_compress import condense, get_adapter, load_model
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.data import CalibrationSpec, calibration_batches
 from moe_compress.methods import PlanRequest, get_method
 from moe_compress.methods.budget import removed_count

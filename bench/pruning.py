@@ -34,7 +34,7 @@ from common import (RESULTS, Bench, EvalSettings, Variant, fidelity_columns, mar
                     peak_rss, quality_size_plot, reset_peak_rss)
 
 from moe_compress import apply_plan, get_adapter
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.data import bundled_domains
 from moe_compress.methods import METHODS, PlanRequest
 

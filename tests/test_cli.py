@@ -219,7 +219,8 @@ def test_every_subpackage_imports_first_in_a_fresh_process():
     import sys
 
     modules = ["moe_compress.preflight", "moe_compress.recipes", "moe_compress.surgery", "moe_compress.methods",
-               "moe_compress.slimming", "moe_compress.api", "moe_compress.io.export", "moe_compress.dry_run"]
+               "moe_compress.slimming", "moe_compress.api", "moe_compress.io.export", "moe_compress.dry_run",
+               "moe_compress.stages", "moe_compress.engine.finish", "moe_compress.pipeline"]
     runs = [subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True) for m in modules]
     failed = {m: run.communicate()[1].strip().splitlines()[-1:] for m, run in zip(modules, runs) if run.wait() != 0}
     assert not failed, failed

@@ -12,7 +12,7 @@ import torch
 
 from helpers import token_batches
 from moe_compress import MoECompressError, compress, get_adapter
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.methods import PlanRequest, get_method
 from moe_compress.methods.cprune import cluster_votes, keep_coefficient, ward_clusters
 from moe_compress.runtime import expert_forward

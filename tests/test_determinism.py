@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.arch import get_adapter
 from moe_compress.data import CalibrationSpec
 from moe_compress.data.batches import calibration_batches

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moe_compress import LayerPlan, MoECompressError, Plan, compress, quantize
-from moe_compress.fit.sizes import candidate_bytes, checkpoint_sizes, packed_weight_bytes
+from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes, packed_weight_bytes
 from moe_compress.io.load import BUNDLED_MODELS
 from moe_compress.methods.expert_pruning import routing_limits
 from moe_compress.preflight import skeleton

@@ -10,7 +10,7 @@ import torch
 from helpers import token_batches
 from moe_compress import LayerPlan, MoECompressError, Plan, compress, get_adapter, load_model, prune_experts
 from moe_compress.io.save import save_compressed
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.methods.mone import access_and_variance, redundancy
 from moe_compress.observe.moments import merge_moments, split_moments
 from tiny_models import FAMILIES, VOCAB, tiny_model

@@ -7,7 +7,7 @@ import torch
 
 from helpers import token_batches
 from moe_compress import MoECompressError, compress, get_adapter
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.observe import STATISTICS, observe_expert_statistics, run_sequential
 from moe_compress.observe.moments import merge_moments
 from tiny_models import FAMILIES, tiny_model

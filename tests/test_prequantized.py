@@ -93,7 +93,7 @@ def test_fp8_prune_writes_fp8_that_matches_the_dequantised_reference(fp8_checkpo
 
 
 def test_fp8_calibration_sees_the_dequantised_weights(fp8_checkpoint):
-    from moe_compress.api import collect_statistics
+    from moe_compress.engine.statistics import collect_statistics
     from moe_compress.io.load import load_streamed
 
     weights, _ = load_streamed(fp8_checkpoint)

@@ -221,9 +221,9 @@ def test_recipe_prune_then_slim_then_quantize_composes(tmp_path):
     nonzeros = (experts.down_proj != 0).reshape(6, experts.down_proj.shape[1], -1, 4).sum(-1)
     assert (nonzeros <= 2).all()  # and so does 2:4 through 4-bit rounding
     # the report's last row measured exactly the saved checkpoint
-    from moe_compress.recipes import _eval_sets
+    from moe_compress.pipeline import eval_sets
 
-    data = _eval_sets(tokenizer, recipe["evaluate"])[str(calib)]
+    data = eval_sets(tokenizer, recipe["evaluate"])[str(calib)]
     assert perplexity(reloaded, data).perplexity == pytest.approx(report["rows"][3]["perplexity"][str(calib)], rel=1e-6)
 
 

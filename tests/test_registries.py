@@ -9,7 +9,7 @@ import pytest
 
 from moe_compress.methods import METHODS
 from moe_compress.methods.registry import register
-from moe_compress.recipes import STAGES, register_stage
+from moe_compress.stages import Prune, register_stage, stages
 
 
 def test_registering_a_method_name_twice_is_an_error():
@@ -20,7 +20,9 @@ def test_registering_a_method_name_twice_is_an_error():
 
 
 def test_registering_a_stage_name_twice_is_an_error():
-    prune = STAGES["prune"]
+    class Impostor(Prune):
+        """Claims the built-in name."""
+
     with pytest.raises(ValueError, match="'prune' is already registered"):
-        register_stage("prune", lambda ctx, options: None)
-    assert STAGES["prune"] is prune
+        register_stage(Impostor)
+    assert stages()["prune"] is Prune

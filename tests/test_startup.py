@@ -95,10 +95,10 @@ def test_every_public_name_is_what_its_module_defines_even_once_every_submodule_
     sets it as an attribute of its package: an export named like a submodule would be shadowed."""
     module = importlib.import_module(package)
     submodules = {info.name for info in pkgutil.iter_modules(module.__path__)}
-    assert not submodules & set(module.__all__)
-    for name in module.__all__:
+    assert not submodules & set(module._EXPORTS) and set(module.__all__) <= set(module._EXPORTS)
+    for name in module._EXPORTS:
         importlib.import_module(module._EXPORTS[name], package)
-    for name in module.__all__:
+    for name in module._EXPORTS:
         assert getattr(module, name) is getattr(importlib.import_module(module._EXPORTS[name], package), name), name
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         module.no_such_name

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from fs_faults import tmpfs
 from helpers import token_batches
 from moe_compress import get_adapter
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.observe import cache as cache_module
 from moe_compress.observe.cache import StatsCache
 from tiny_models import tiny_model

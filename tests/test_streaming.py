@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save, save_file
 import moe_compress as mc
 from helpers import token_batches
 from moe_compress import get_adapter
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.errors import MoECompressError
 from moe_compress.evaluate.lm_perplexity import perplexity
 from moe_compress.io.load import load_model, load_streamed
@@ -275,7 +275,7 @@ _DISTRIBUTED = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import moe_compress as mc
     from moe_compress import distributed
-    from moe_compress.api import collect_statistics
+    from moe_compress.engine.statistics import collect_statistics
     from moe_compress.io.load import load_streamed
     from helpers import token_batches
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from helpers import assert_reloads_exactly, load_in_fresh_process, save_expected, token_batches
 from moe_compress import CalibrationSpec, LayerPlan, MoECompressError, Plan, apply_plan, condense, drop, finetune, get_adapter, load_model
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.methods.condense_eval import (
     CachedLayers, LayerProbe, condensed, hidden_log_probs, js_divergence, mean_selected_gate,
 )

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from helpers import token_batches
 from moe_compress import Plan, compress
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.cli import app
 from moe_compress.methods.super_experts import find_super_experts
 from moe_compress.observe.moments import split_moments

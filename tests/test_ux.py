@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from helpers import token_batches
 from moe_compress import progress
-from moe_compress.api import collect_statistics
+from moe_compress.engine.statistics import collect_statistics
 from moe_compress.cli import app
 from moe_compress.evaluate.protocol import DEFAULT_PROTOCOL
 from moe_compress.methods import METHODS
@@ -77,7 +77,7 @@ def _default(command: str, option: str) -> int:
 
 
 def test_one_evaluation_protocol_is_the_default_everywhere():
-    from moe_compress.recipes import EVALUATE_DEFAULTS
+    from moe_compress.pipeline import EVALUATE_DEFAULTS
 
     windows = {
         "prune": _default("prune", "--eval-windows"), "slim": _default("slim", "--eval-windows"), "eval": _default("eval", "--max-windows"),
@@ -251,14 +251,14 @@ def test_outputs_are_readable_by_everyone_under_a_private_umask(tiny, tmp_path):
 # ---- 6. fail early; dry runs -------------------------------------------------------------------
 def _no_work(monkeypatch):
     """Make calibration and evaluation impossible: a check that needed them would fail the test."""
-    import moe_compress.api  # noqa: F401
+    import moe_compress.engine.prepare  # noqa: F401
     import moe_compress.evaluate.lm_perplexity  # noqa: F401
     import moe_compress.recipes  # noqa: F401
 
     def refuse(*args, **kwargs):
         raise AssertionError("calibration or evaluation ran before the input was checked")
 
-    for module, name in (("moe_compress.api", "calibration_batches"), ("moe_compress.recipes", "calibration_batches"),
+    for module, name in (("moe_compress.engine.prepare", "batches_of"), ("moe_compress.recipes", "calibration_batches"),
                          ("moe_compress.evaluate.lm_perplexity", "perplexity")):
         monkeypatch.setattr(sys.modules[module], name, refuse)
 
@@ -336,7 +336,7 @@ def test_analyze_marks_what_a_plan_removes_and_writes_one_report(tiny, tmp_path)
     from moe_compress.io.load import load_model
     from moe_compress.methods import PlanRequest
     from moe_compress.arch import get_adapter
-    from moe_compress.api import _calibration_batches
+    from moe_compress.engine.prepare import calibration_batches
     from moe_compress.data.batches import CalibrationSpec
 
     out = tmp_path / "analysis"
@@ -346,7 +346,7 @@ def test_analyze_marks_what_a_plan_removes_and_writes_one_report(tiny, tmp_path)
     assert result.exit_code == 0, stdout + stderr
     report = json.loads((out / "analysis.json").read_text())
     model, tokenizer = load_model(tiny["deepseek"])
-    batches = _calibration_batches(CalibrationSpec(str(tiny["calib"]), 8, 32), tokenizer, model.config)
+    batches = calibration_batches(CalibrationSpec(str(tiny["calib"]), 8, 32), tokenizer, model.config)
     stats, hit = collect_statistics(model, batches, METHODS["reap"].needs(), tmp_path / "cache")
     assert hit, "analyze cached the statistics a method needs"
     plan = METHODS["reap"].make_plan(PlanRequest(get_adapter(model), model.config, stats, 0.5, "layer"))
@@ -386,7 +386,9 @@ def test_version_and_a_help_that_imports_no_torch():
 
 
 def test_methods_lists_every_method_and_stage():
-    from moe_compress.recipes import STAGES
+    from moe_compress.stages import stages
+
+    STAGES = stages()
     from moe_compress.slimming import SLIM_METHODS
 
     result, stdout, _ = cli("methods")

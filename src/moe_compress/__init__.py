@@ -21,26 +21,40 @@ __version__ = "0.1.0"
 # package before torch multiplies anything is enough; a value already set is kept.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-#: public name -> module (relative to this package) that defines it
-_EXPORTS = {
-    "CompressionResult": ".api",
-    "collect_statistics": ".api",
+#: The public core, name -> module (relative to this package) that defines it: `compress` runs a
+#: composition of stages (`Prune`, `Drop`, `Condense`, `Finetune`, `Slim`, `Quantize`, and any
+#: `register_stage` adds) and returns a `Result`; `run_recipe` does the same from YAML.
+_CORE = {
     "compress": ".api",
-    "condense": ".api",
-    "drop": ".api",
-    "get_adapter": ".arch",
-    "supported_model_types": ".arch",
+    "Result": ".pipeline",
+    "Stage": ".stages",
+    "Prune": ".stages",
+    "Drop": ".stages",
+    "Condense": ".stages",
+    "Finetune": ".stages",
+    "Slim": ".stages",
+    "Quantize": ".stages",
+    "register_stage": ".stages",
+    "run_recipe": ".recipes",
     "CalibrationSpec": ".data",
     "MoECompressError": ".errors",
+    "load_model": ".io",
+    "Plan": ".plan",
+}
+#: The single-stage calls and helpers of earlier releases (`compress(model, method, ratio)` is
+#: one of them): still importable from the root for this release, no longer listed in `__all__`.
+_EARLIER = {
+    "CompressionResult": ".engine.finish",
+    "collect_statistics": ".engine.statistics",
+    "condense": ".stages.condense",
+    "drop": ".stages.drop",
+    "get_adapter": ".arch",
+    "supported_model_types": ".arch",
     "model_size": ".evaluate",
     "perplexity": ".evaluate",
     "finetune": ".finetuning",
-    "load_model": ".io",
     "save_compressed": ".io",
     "LayerPlan": ".plan",
-    "Plan": ".plan",
-    "register_stage": ".recipes",
-    "run_recipe": ".recipes",
     "SlimResult": ".slimming",
     "slim": ".slimming",
     "QuantizeResult": ".slimming.quantize",
@@ -48,19 +62,26 @@ _EXPORTS = {
     "apply_plan": ".surgery",
     "prune_experts": ".surgery",
 }
-__all__ = sorted(_EXPORTS)
+_EXPORTS = {**_CORE, **_EARLIER}
+__all__ = list(_CORE)
 __getattr__ = exports_on_first_use(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .api import CompressionResult, collect_statistics, compress, condense, drop
+    from .api import compress
     from .arch import get_adapter, supported_model_types
     from .data import CalibrationSpec
+    from .engine.finish import CompressionResult
+    from .engine.statistics import collect_statistics
     from .errors import MoECompressError
     from .evaluate import model_size, perplexity
     from .finetuning import finetune
     from .io import load_model, save_compressed
+    from .pipeline import Result
     from .plan import LayerPlan, Plan
-    from .recipes import register_stage, run_recipe
+    from .recipes import run_recipe
     from .slimming import SlimResult, slim
     from .slimming.quantize import QuantizeResult, quantize
+    from .stages import Condense, Drop, Finetune, Prune, Quantize, Slim, Stage, register_stage
+    from .stages.condense import condense
+    from .stages.drop import drop
     from .surgery import apply_plan, prune_experts

@@ -387,7 +387,7 @@ def prune(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Prune, replace or merge routed experts with a registered method (or a saved plan) and save the result."""
-    from .api import compress
+    from .stages.prune import prune as compress
     from .data.batches import CalibrationSpec
     from .io.load import check_device
     from .io.save import check_output_dir
@@ -865,8 +865,8 @@ def drop_command(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Layer drop / block drop: remove the MoE sub-layers or blocks that change the residual stream least."""
-    from .api import MODES, UNITS
-    from .api import drop as drop_layers
+    from .stages.drop import MODES, UNITS
+    from .stages.drop import drop as drop_layers
     from .data.batches import CalibrationSpec
     from .io.load import check_device
     from .io.save import check_output_dir
@@ -929,7 +929,7 @@ def condense_command(
     layer's input for the calibration tokens (layers x samples x seq-len x hidden, in the model
     dtype); it refuses to start when that exceeds the available memory.
     """
-    from .api import condense
+    from .stages.condense import condense
     from .data.batches import CalibrationSpec
     from .io.load import check_device
     from .io.save import check_output_dir
@@ -1027,7 +1027,8 @@ def run_command(
     Every stage's options are checked against the model's structure before calibration starts.
     A recipe lets its model's own Python code run only with a top-level `trust_remote_code: true`.
     """
-    from .recipes import describe_recipe, report_markdown, run_recipe
+    from .recipes import describe_recipe, run_recipe
+    from .report.composition import stage_report_markdown as report_markdown
 
     if dry_run:
         for line in describe_recipe(recipe, out, overwrite):
@@ -1113,7 +1114,9 @@ def analyze(
     """Show where the redundancy is: per-layer, per-expert statistics (frequency, gate mass, output
     variance, REAP, cluster) as JSON/CSV, heatmaps and expert-similarity plots, optionally with
     the experts a plan would remove marked, and --report for one HTML page with all of it."""
-    from .api import _calibration_batches, collect_statistics, model_identity
+    from .engine.identity import model_identity
+    from .engine.prepare import calibration_batches
+    from .engine.statistics import collect_statistics
     from .arch import get_adapter
     from .data.batches import CalibrationSpec
     from .io.load import check_device
@@ -1148,7 +1151,7 @@ def analyze(
         unknown = [layer for layer in similarity_layer or [] if layer not in layers]
         if unknown:
             raise MoECompressError(f"--similarity-layer {unknown[0]} is not a MoE layer of this model; its MoE layers: {', '.join(map(str, layers))}.")
-        batches = _calibration_batches(spec, tokenizer, loaded.config)
+        batches = calibration_batches(spec, tokenizer, loaded.config)
         stats, _ = collect_statistics(loaded, batches, names, cache_dir, device, weights)
         if method is not None:
             given = get_method(method).make_plan(PlanRequest(adapter, loaded.config, stats, ratio, budget))

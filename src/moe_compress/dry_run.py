@@ -61,7 +61,7 @@ def _size_table(before, after) -> Table:
 
 def _plan_in(structure: Structure, plan_path: Path, ignore_plan_identity: bool) -> None:
     """Print a plan checked against the model, and the size it would give (applied to a copy of the skeleton)."""
-    from .api import model_identity
+    from .engine.identity import model_identity
     from .plan import Plan
     from .surgery.experts import apply_plan
 

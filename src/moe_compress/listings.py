@@ -26,13 +26,13 @@ def family_rows(refresh: bool = False) -> list[FamilyRow]:
     return [FamilyRow(**row) for row in remembered("families", _build_family_rows, refresh)]
 
 
-def _first_line(function: Callable) -> str:
-    return (function.__doc__ or "-").strip().splitlines()[0].replace("`", "").rstrip(".")
+def _first_line(documented: Callable | type) -> str:
+    return (documented.__doc__ or "-").strip().splitlines()[0].replace("`", "").rstrip(".")
 
 
 def _build_method_rows() -> list[dict]:
     from .methods import METHODS
-    from .recipes import STAGE_OPTIONS, STAGES, stage_options
+    from .stages import stages
     from .slimming import SLIM_METHODS
     from .slimming.quantize import SCOPES
 
@@ -47,9 +47,10 @@ def _build_method_rows() -> list[dict]:
         "slim": "; methods: " + "; ".join(f"{name}: {doc}" for name, doc in SLIM_METHODS.items()),
         "quantize": "; scope: " + "; ".join(f"{name}: {doc}" for name, doc in SCOPES.items()),
     }
-    for kind in sorted(STAGES):
+    for kind, stage in sorted(stages().items()):
         if kind != "prune":  # its methods are the first table
-            rows.append({"table": "stages", "cells": [kind, _first_line(STAGE_OPTIONS[kind]()) + extra.get(kind, ""), shown(stage_options(kind))]})
+            defaults = {name: info.default for name, info in stage.model_fields.items()}
+            rows.append({"table": "stages", "cells": [kind, _first_line(stage) + extra.get(kind, ""), shown(defaults)]})
     return rows
 
 

@@ -247,9 +247,9 @@ def _quality_lines(summary: dict, report: dict) -> list[str]:
             lines.append(f"| perplexity {text(source)} | {row['before']:.3f} | {row['after']:.3f} | {percent_change(row['after'], row['before'])} |")
         return lines
     if report.get("rows"):
-        from ..recipes import report_markdown
+        from ..report.composition import stage_report_markdown
 
-        return ["Measured after every stage of the recipe:", "", report_markdown(report).rstrip()]
+        return ["Measured after every stage of the recipe:", "", stage_report_markdown(report).rstrip()]
     return ["Not measured in this run: `moe-compress eval <this directory> --ppl bundled --compare <source>` measures it."]
 
 

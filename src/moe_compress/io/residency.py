@@ -133,7 +133,7 @@ class InMemoryWeights:
 
     `checkpoint` is the checkpoint this run read them from and has not changed since (None for
     a model handed over in memory, which may differ from any file): a plan's identity can then
-    name them by the checkpoint's fingerprint too (`api.model_identity`).
+    name them by the checkpoint's fingerprint too (`engine.identity.model_identity`).
     """
 
     streamed = False

@@ -59,7 +59,7 @@ class Method:
     #: Default of the super-expert guard for this method (measured in bench/pruning.py).
     protect_default: bool = True
     #: "pruning" or "merging": how `moe-compress methods` groups it, and whether its statistics join
-    #: the superset one cached calibration pass collects (`api.superset_statistics`): merging
+    #: the superset one cached calibration pass collects (`engine.statistics.superset_statistics`): merging
     #: statistics may run every expert on every token, which pruning methods must not pay for.
     family: str = "pruning"
 

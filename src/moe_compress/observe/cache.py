@@ -12,7 +12,7 @@ not pay for it again. A cache must never answer for another model, so the key ho
   * the calibration tokens.
 Under that key live one or more entries, each holding a set of statistics (its file name adds a
 hash of the set). A request is answered by any entry whose set contains every statistic asked
-for, reading only those: one calibration pass that collected a superset (`api.collect_statistics`
+for, reading only those: one calibration pass that collected a superset (`engine.statistics.collect_statistics`
 collects what every registered pruning method needs) serves every method after it. A new entry
 replaces the entries its set contains.
 An entry is also checked against the model's MoE layers and expert counts before it is used

@@ -2,6 +2,5 @@
 
 from .sparsity import SparsitySpec, make_spec, parse_nm
 from .apply import SLIM_METHODS, SlimResult, slim, sparsify
-from .stages import slim_stage  # registers the `slim` recipe stage
 
-__all__ = ["SLIM_METHODS", "SlimResult", "SparsitySpec", "make_spec", "parse_nm", "slim", "slim_stage", "sparsify"]
+__all__ = ["SLIM_METHODS", "SlimResult", "SparsitySpec", "make_spec", "parse_nm", "slim", "sparsify"]

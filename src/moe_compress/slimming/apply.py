@@ -200,7 +200,8 @@ def slim(
         propagate: feed each layer the pruned previous layers' outputs (default, as in SparseGPT).
         out: save the result there (atomically; stock checkpoint unless the model needs remote code).
     """
-    from ..api import _calibration_batches, _prepare, peak_rss_bytes
+    from ..engine.prepare import calibration_batches, prepare
+    from ..evaluate.speed import peak_rss_bytes
 
     start = time.perf_counter()
     _check_method(method)
@@ -210,13 +211,13 @@ def slim(
         raise MoECompressError(f"blocksize must be a positive integer; got {blocksize}.")
     if not 0.0 <= damp:
         raise MoECompressError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal); got {damp}.")
-    model, tokenizer, adapter, weights = _prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
+    model, tokenizer, adapter, weights = prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
     if getattr(model.config, "quantization_config", None):
         raise MoECompressError("this model is quantised; sparsify the full-precision model, then quantise.")
     check_targets_present(model, adapter, targets)
     batches = None
     if method != "magnitude":
-        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer, model.config)
+        batches = calibration_batches("bundled" if calib is None else calib, tokenizer, model.config)
     tally = _Tally()
     walk = sparsity_walk(model, method, spec, targets, batches, tally, blocksize, damp, propagate, device, weights)
     summary = {

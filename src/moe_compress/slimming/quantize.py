@@ -343,13 +343,13 @@ def quantize(
     )
     rounded, calibration = {}, None
     if method == "autoround":
-        from ..api import _calibration_batches
+        from ..engine.prepare import calibration_batches
         from .autoround import autoround
 
         if not group:
             raise MoECompressError("--method autoround needs a group size (AutoRound tunes per group); pass --group-size.")
         params = {saved[k].param: saved[k].role for k in targets}
-        batches = _calibration_batches("bundled" if calib is None else calib, tokenizer)
+        batches = calibration_batches("bundled" if calib is None else calib, tokenizer)
         in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)
         rounded = _saved_rounding(model, in_memory, fused, own_names)
 

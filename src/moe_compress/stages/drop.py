@@ -1,0 +1,114 @@
+"""Layer drop and block drop: remove the MoE sub-layers, or whole decoder blocks, that change the
+residual stream least on calibration data (see `methods.structural`).
+
+`drop` does it to one model; `Drop` is the same as a stage of a composition.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import ClassVar, get_args
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .. import distributed
+from ..data.batches import CalibrationSpec
+from ..engine.finish import CompressionResult, apply_and_report, other_rank_result
+from ..engine.identity import model_identity
+from ..engine.prepare import Calibration, calibration_batches, prepare
+from ..errors import MoECompressError
+from ..evaluate.size import model_size
+from ..finite import require_finite_numbers
+from ..io.open import Streaming
+from ..io.output_lock import releases_outputs
+from ..io.residency import Weights
+from ..methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop
+from ..observe.similarity import observe_similarities
+from ..preflight import Structure, check_drop
+from .base import Stage, StageContext, StageOutcome
+from .footprint import Footprint
+from .registry import register_stage
+
+UNITS = get_args(Unit)
+MODES = get_args(Mode)
+
+
+@releases_outputs
+def drop(
+    model: PreTrainedModel | Weights | str | Path,
+    unit: Unit = "moe",
+    n: int | None = None,
+    target_ratio: float | None = None,
+    mode: Mode = "discrete",
+    calib: Calibration = CalibrationSpec(samples=128),
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    consecutive_score: ConsecutiveScore = "span",
+) -> CompressionResult:
+    """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
+
+    Scores are residual-stream cosine similarities on calibration data (see
+    `methods.structural`); give `n` units or a `target_ratio` of parameters to remove.
+    `consecutive_score="framework"` scores a consecutive run of n blocks as the unified
+    framework's code does, by cos(h_i, h_{i+n+1}).
+    """
+    start = time.perf_counter()
+    if unit not in UNITS:
+        raise MoECompressError(f"unit must be one of {', '.join(UNITS)} (MoE sub-layers or whole blocks); got {unit!r}.")
+    if mode not in MODES:
+        raise MoECompressError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    require_finite_numbers([("target_ratio", target_ratio)])
+    model, tokenizer, adapter, weights = prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
+    before = model_size(model, adapter)
+    if unit == "moe":
+        adapter.require_separate_moe()
+    identity = model_identity(model, adapter, weights)
+    batches = calibration_batches(calib, tokenizer, model.config)
+    distance = distance_needed(model, adapter, unit, mode, n, target_ratio, consecutive_score)
+    scores = observe_similarities(model, adapter, batches, distance, weights, device)
+    if unit == "moe" and len(scores.moe) < len(adapter.moe_layer_indices(model)):
+        raise MoECompressError(
+            f"{adapter.model_type} carries several residual streams (hyper-connections): a MoE sub-layer's input and its "
+            "layer's output cannot be compared, so MoE sub-layers cannot be scored for dropping; drop whole blocks (unit='block')."
+        )
+    require_finite_numbers([(f"similarity of MoE layer {k}", v) for k, v in scores.moe.items()])
+    require_finite_numbers([(f"similarity of blocks {i}..{i + d}", v) for d, row in scores.blocks.items() for i, v in enumerate(row)])
+    if not distributed.is_main():
+        return other_rank_result()
+    plan = plan_drop(model, adapter, scores, unit, n, target_ratio, mode, consecutive_score)
+    plan.identity = identity
+    return apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
+
+
+
+
+@register_stage
+class Drop(Stage):
+    """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers)."""
+
+    kind: ClassVar[str] = "drop"
+
+    unit: Unit = "moe"
+    n: int | None = None
+    target_ratio: float | None = None
+    mode: Mode = "discrete"
+    consecutive_score: ConsecutiveScore = "span"
+
+    def check(self, structure: Structure, earlier) -> None:
+        check_drop(structure, self.unit, self.n, self.target_ratio)
+
+    def predict(self, footprint: Footprint) -> Footprint:
+        """`n` units, the last ones (which ones is decided by calibration); a target ratio is not predicted."""
+        if self.n is None:
+            return footprint.with_keep(footprint.keep, exact=False)
+        return footprint.without_moe(self.n) if self.unit == "moe" else footprint.without_blocks(self.n)
+
+    def run(self, context: StageContext) -> StageOutcome:
+        result = drop(context.model, calib=context.batches, tokenizer=context.tokenizer, device=context.device, **self.settings())
+        return StageOutcome(result.model, result.plan)

@@ -1,0 +1,66 @@
+"""What a model will weigh after a sequence of stages, predicted before any of them runs.
+
+A `Footprint` starts from a checkpoint's sizes (`stages.sizes`: config and shard headers) and
+each stage's `predict` returns the next one, so a dry run or a budget search can rank whole
+compositions ("prune 25 %, then 4 bits") at the cost of arithmetic. It tracks, per MoE layer,
+the routed experts kept and their bit width, and the decoder blocks removed.
+
+Exact where the stage's outcome does not depend on calibration: a layer budget's counts, bit
+widths, a drop of layers of equal size. Where it does (which layers a global budget thins,
+which of several unequal layers a drop removes), the prediction takes the layers in order and
+says it is an estimate (`exact=False`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .sizes import CheckpointSizes, candidate_bytes
+
+
+@dataclass(frozen=True)
+class Footprint:
+    sizes: CheckpointSizes
+    keep: dict[int, int]  # MoE layer -> routed experts it keeps (layers whose MoE sub-layer is gone are absent)
+    bits: dict[int, int]  # MoE layer -> bit width of its routed experts (16: as stored)
+    dropped_blocks: frozenset[int] = field(default_factory=frozenset)
+    exact: bool = True
+
+    @classmethod
+    def of(cls, sizes: CheckpointSizes) -> Footprint:
+        return cls(sizes, {i: layer.experts for i, layer in sizes.layers.items()}, {i: 16 for i in sizes.layers})
+
+    @property
+    def bytes(self) -> int:
+        """Saved weight bytes: the fixed part, less removed blocks' fixed bytes, plus every remaining MoE layer's candidate."""
+        moe = sum(candidate_bytes(self.sizes.layers[i], keep, self.bits[i]) for i, keep in self.keep.items())
+        return self.sizes.fixed - sum(self._block_rest(i) for i in self.dropped_blocks) + moe
+
+    def _block_rest(self, block: int) -> int:
+        """A block's bytes besides its routed experts and router (attention, norms, shared experts)."""
+        layer = self.sizes.layers.get(block)
+        return self.sizes.blocks[block] - (layer.experts * layer.expert_bytes[16] + layer.router_bytes if layer else 0)
+
+    def moe_layer_bytes(self, layer: int) -> int:
+        return candidate_bytes(self.sizes.layers[layer], self.keep[layer], self.bits[layer])
+
+    def with_keep(self, keep: dict[int, int], exact: bool = True) -> Footprint:
+        return replace(self, keep=keep, exact=self.exact and exact)
+
+    def with_bits(self, bits: int) -> Footprint:
+        return replace(self, bits={i: bits for i in self.bits})
+
+    def without_moe(self, count: int) -> Footprint:
+        """`count` MoE sub-layers removed: the last ones, an estimate unless every candidate weighs the same."""
+        chosen = sorted(self.keep)[-count:] if count else []
+        sizes = {self.moe_layer_bytes(i) for i in self.keep}
+        keep = {i: k for i, k in self.keep.items() if i not in chosen}
+        return replace(self, keep=keep, exact=self.exact and len(sizes) <= 1)
+
+    def without_blocks(self, count: int) -> Footprint:
+        """`count` decoder blocks removed (their MoE layers with them): the last ones, an estimate unless all weigh the same."""
+        alive = [i for i in sorted(self.sizes.blocks) if i not in self.dropped_blocks]
+        chosen = alive[-count:] if count else []
+        weights = {self._block_rest(i) + (self.moe_layer_bytes(i) if i in self.keep else 0) for i in alive}
+        keep = {i: k for i, k in self.keep.items() if i not in chosen}
+        return replace(self, keep=keep, dropped_blocks=self.dropped_blocks | frozenset(chosen), exact=self.exact and len(weights) <= 1)

@@ -1,0 +1,178 @@
+"""Expert pruning (and merging, and substitution): a method scores the routed experts from
+calibration statistics and a plan says which to keep.
+
+`prune` is the call that does it to one model (in memory, or streamed from a checkpoint);
+`Prune` is the same as a stage of a composition (`mc.compress(model, [mc.Prune("reap", ratio=0.25), ...])`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .. import distributed
+from ..data.batches import CalibrationSpec
+from ..engine.finish import CompressionResult, apply_and_report, other_rank_result
+from ..engine.identity import model_identity
+from ..engine.prepare import Calibration, calibration_batches, prepare
+from ..engine.statistics import collect_statistics
+from ..evaluate.size import model_size
+from ..finite import require_finite_numbers
+from ..io.open import Streaming
+from ..io.output_lock import releases_outputs
+from ..io.residency import Weights
+from ..methods import PlanRequest, get_method
+from ..methods.budget import Budget, removed_count
+from ..methods.uniform import check_uniform, uniform_plan
+from ..plan import Plan
+from ..preflight import Structure, check_prunable, check_prune
+from .base import Stage, StageContext, StageOptionError, StageOutcome, describe_value, type_name
+from .footprint import Footprint
+from .registry import register_stage
+
+
+@releases_outputs
+def prune(
+    model: PreTrainedModel | Weights | str | Path,
+    method: str = "reap",
+    ratio: float = 0.25,
+    budget: Budget = "layer",
+    calib: Calibration = CalibrationSpec(samples=128),
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    plan: Plan | str | Path | None = None,
+    ignore_plan_identity: bool = False,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    min_keep: int = 0,
+    options: dict | None = None,
+    cache_dir: str | Path | None | bool = None,
+    device: str = "cpu",
+    streaming: Streaming = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    uniform: bool = False,
+) -> CompressionResult:
+    """Compress the routed experts of `model`, and save the result to `out` if given.
+
+    Either `method` (any name in `moe_compress.methods.METHODS`, with its `options`) +
+    `ratio` + `budget` decide from calibration statistics, or `plan` (a Plan or a plan JSON
+    file) says what to do directly and no calibration runs; such a plan must have been made
+    for this model (`Plan.check_identity`), and one whose weights fingerprint does not match or
+    cannot be compared is refused unless `ignore_plan_identity` (then it costs a warning). An in-memory model is changed in place; a
+    checkpoint path is streamed layer by layer when `streaming` says so (see `open_model`),
+    and the result then exists only as the checkpoint written to `out`. `trust_remote_code`
+    lets a checkpoint's own Python code run (see `io.load`). The default calibration, 128
+    bundled sequences of 256 tokens, is what a CPU affords; the papers use more (REAP
+    1 024 x 2 048 tokens, the unified framework 128 x 2 048, C-Prune 1 000 x 128, MoNE 100 x 4 096).
+    `uniform=True` (with `budget="global"`) rounds the global plan to the same count in every MoE
+    layer, a stock checkpoint (see `methods.uniform`); `summary["uniform"]` then holds what both
+    plans keep and their sizes, and `result.global_plan` the global plan.
+    """
+    start = time.perf_counter()
+    require_finite_numbers([("ratio", ratio), *((f"option {k!r}", v) for k, v in (options or {}).items())])
+    if uniform:
+        check_uniform(method, budget, plan is not None)
+    plan_inputs = [plan] if isinstance(plan, str | Path) else []
+    model, tokenizer, adapter, weights = prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code, plan_inputs)
+    before = model_size(model, adapter)
+    identity = model_identity(model, adapter, weights)
+    from_cache = False
+    global_plan = None
+    if plan is None:
+        check_prunable(model, adapter)
+        chosen = get_method(method)
+        batches = calibration_batches(calib, tokenizer, model.config)
+        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.own_fingerprint)
+        if not distributed.is_main():
+            return other_rank_result()
+        request = PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model, weights=weights)
+        plan = chosen.make_plan(request, options)
+        if uniform:
+            global_plan, plan = plan, uniform_plan(chosen, request, options, plan)
+            global_plan.identity = identity
+        plan.identity = identity
+    else:
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        plan.check_identity(identity, ignore_plan_identity)
+    return apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, weights, global_plan)
+
+
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """A method option takes values of its default's type (a float default takes integers too; None takes anything)."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    return isinstance(value, int | float) if isinstance(default, float) else isinstance(value, type(default))
+
+
+@register_stage
+class Prune(Stage):
+    """Remove, merge or substitute routed experts, chosen by a method from calibration statistics."""
+
+    kind: ClassVar[str] = "prune"
+
+    method: str = "reap"
+    ratio: float = 0.25
+    budget: Budget = "layer"
+    min_keep: int = 0
+    uniform: bool = False
+    #: the method's own options (`moe-compress methods` lists them); a recipe writes them beside the others
+    options: dict[str, Any] = {}
+
+    def __init__(self, method: str | None = None, /, **given: Any):
+        if method is not None:
+            given = {"method": method, **given}
+        own = {k: v for k, v in given.items() if k in type(self).model_fields}
+        extra = {k: v for k, v in given.items() if k not in type(self).model_fields}
+        if extra:
+            own["options"] = {**own.get("options", {}), **extra}
+        super().__init__(**own)
+        self._order = list(given)
+        self._check_method_options()
+
+    def _check_method_options(self) -> None:
+        defaults = get_method(self.method).resolved_options({})  # its options and the guard every method takes
+        known = sorted([*(f for f in type(self).model_fields if f != "options"), *defaults])
+        for name, value in self.options.items():
+            if name not in defaults:
+                raise StageOptionError(self.kind, f"unknown option {name!r}; known: {', '.join(known)}.")
+            if not _fits(value, defaults[name]):
+                raise StageOptionError(self.kind, f"option {name!r} must be {type_name(type(defaults[name]))}; got {describe_value(value)}.")
+            require_finite_numbers([(f"option {name!r}", value)])
+
+    def given(self) -> dict[str, Any]:
+        """As a recipe writes them: the method's options beside the stage's own, in the order given."""
+        shown: dict[str, Any] = {}
+        for name in self._order:
+            if name == "options":
+                shown.update(self.options)
+            else:
+                shown[name] = getattr(self, name) if name in type(self).model_fields else self.options[name]
+        return shown
+
+    def check(self, structure: Structure, earlier) -> None:
+        check_prune(structure, self.method, dict(self.options), self.ratio, self.budget, self.min_keep, self.uniform)
+
+    def predict(self, footprint: Footprint) -> Footprint:
+        """A layer budget removes floor(E x ratio) of each layer; a global one as many in all (spread over the layers: an estimate)."""
+        if self.budget == "layer" and not self.uniform:
+            return footprint.with_keep({i: k - removed_count(k, self.ratio) for i, k in footprint.keep.items()})
+        remove, keep = removed_count(sum(footprint.keep.values()), self.ratio), dict(footprint.keep)
+        for position, layer in enumerate(sorted(keep)):
+            share = remove // len(keep) + (position < remove % len(keep))
+            keep[layer] -= share
+        return footprint.with_keep(keep, exact=len({footprint.sizes.layers[i].expert_bytes[footprint.bits[i]] for i in keep}) <= 1)
+
+    def run(self, context: StageContext) -> StageOutcome:
+        result = prune(context.model, self.method, self.ratio, self.budget, context.batches, context.tokenizer, min_keep=self.min_keep,
+                       options=dict(self.options), device=context.device, uniform=self.uniform)
+        details = {"statistics_from_cache": result.summary["statistics_from_cache"]}
+        if self.uniform:
+            details["uniform"] = result.summary["uniform"]
+        return StageOutcome(result.model, result.plan, details)

@@ -1,0 +1,159 @@
+"""The stage registry and the composable call: one shape for every stage, one call for any composition."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import ClassVar
+
+import pytest
+import torch
+
+import moe_compress as mc
+from helpers import token_batches
+from moe_compress.errors import MoECompressError
+from moe_compress.io import load_model
+from moe_compress.pipeline import Result
+from moe_compress.stages import Stage, StageContext, StageOutcome, build_stage, register_stage, stages
+from moe_compress.stages.footprint import Footprint
+from moe_compress.stages.sizes import checkpoint_sizes
+from tiny_checkpoints import save_tiny_checkpoint, write_calibration
+from tiny_models import VOCAB, tiny_model
+
+
+class Identity(Stage):
+    """A stage that changes nothing: the whole of adding a stage is this class and its registration."""
+
+    kind: ClassVar[str] = "identity_for_tests"
+    note: str = ""
+
+    def run(self, context: StageContext) -> StageOutcome:
+        return StageOutcome(context.model, None, {"note": self.note})
+
+
+register_stage(Identity)
+
+
+def _verb(kind: str):
+    from moe_compress.finetuning import finetune
+    from moe_compress.slimming import slim
+    from moe_compress.slimming.quantize import quantize
+    from moe_compress.stages.condense import condense
+    from moe_compress.stages.drop import drop
+    from moe_compress.stages.prune import prune
+
+    return {"prune": prune, "drop": drop, "condense": condense, "finetune": finetune, "slim": slim, "quantize": quantize}[kind]
+
+
+@pytest.mark.parametrize("kind", ["prune", "drop", "condense", "finetune", "slim", "quantize"])
+def test_a_stage_defaults_to_what_its_single_call_defaults_to(kind):
+    """The stage is the typed form of its call's options: the same names and the same defaults, so a
+    recipe, `mc.compress([...])` and the CLI run what the single call would."""
+    parameters = inspect.signature(_verb(kind)).parameters
+    for name, field in stages()[kind].model_fields.items():
+        if name == "options":  # prune's method options: the method's own defaults
+            continue
+        default = parameters[name].default
+        assert field.default == (list(default) if isinstance(default, tuple) else default), (kind, name)
+
+
+def test_options_are_checked_strictly_with_one_line_errors():
+    assert mc.Prune("reap", ratio=0.5).settings()["ratio"] == 0.5
+    assert mc.Prune(ratio=1).ratio == 1.0  # an integer is a number
+    for options, message in [
+        ({"ratio": "0.25"}, r"^prune: option 'ratio' must be a finite number; got '0.25' \(str\)\.$"),
+        ({"ratio": float("nan")}, r"^prune: option 'ratio' must be a finite number"),
+        ({"budget": "everywhere"}, r"^prune: option 'budget' must be one of 'layer', 'global'; got 'everywhere'"),
+        ({"rati0": 0.25}, r"^prune: unknown option 'rati0'; known: budget, method, min_keep, protect_super_experts, ratio"),
+        ({"method": "reap", "renormalize": 3}, r"^prune: option 'renormalize' must be"),
+    ]:
+        with pytest.raises(MoECompressError, match=message):
+            mc.Prune(**options)
+    with pytest.raises(MoECompressError, match=r"^stage 2 \(slim\): unknown option 'sparsty'; known: blocksize, damp, method, nm"):
+        build_stage("slim", {"sparsty": 0.5}, "stage 2 (slim)")
+    with pytest.raises(MoECompressError, match=r"unknown stage kind 'sharpen'; available: condense, drop, finetune, .*prune, quantize, slim\."):
+        build_stage("sharpen", {})
+
+
+def test_describe_names_the_options_given_in_their_order():
+    assert mc.Prune("mone", ratio=0.5, budget="global").describe() == "prune: method=mone, ratio=0.5, budget=global"
+    assert build_stage("prune", {"ratio": 0.5, "method": "reap", "protect_super_experts": False}).describe() == (
+        "prune: ratio=0.5, method=reap, protect_super_experts=False")
+    assert mc.Quantize().describe() == "quantize: defaults"
+    assert mc.Slim("wanda", sparsity=0.5, targets=("experts", "shared")).describe() == "slim: method=wanda, sparsity=0.5, targets=['experts', 'shared']"
+
+
+def test_a_registered_stage_runs_in_a_composition_and_changes_nothing(tmp_path):
+    model = tiny_model("qwen3_moe")
+    tokens = torch.randint(3, VOCAB, (2, 16))
+    with torch.no_grad():
+        before = model(tokens).logits
+    result = mc.compress(model, [Identity(note="hello")], calib=token_batches(count=1), out=tmp_path / "out")
+    assert isinstance(result, Result) and result.plans == []
+    assert result.report["rows"][1]["stage"] == "1: identity_for_tests" and result.report["rows"][1]["note"] == "hello"
+    assert result.report["recipe"]["stages"] == [{"identity_for_tests": {"note": "hello"}}]
+    reloaded, _ = load_model(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, before)
+    with pytest.raises(ValueError, match="'identity_for_tests' is already registered"):
+        register_stage(Identity)
+
+
+def test_prune_slim_quantize_in_one_call_reloads_to_what_was_measured(tmp_path):
+    """The README's composable call, end to end: prune -> slim -> quantize, one Result, a checkpoint that reloads."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")
+    calib = write_calibration(tmp_path / "calib.jsonl", documents=60)
+    result = mc.compress(
+        str(checkpoint),
+        [mc.Prune("reap", ratio=0.25), mc.Slim("wanda", sparsity=0.5), mc.Quantize(bits=4, scope="experts")],
+        calib=mc.CalibrationSpec(str(calib), samples=8, seq_len=32),
+        evaluate={"ppl": str(calib), "windows": 4, "seq_len": 32},
+        out=tmp_path / "out",
+    )
+    rows = result.report["rows"]
+    assert [row["stage"] for row in rows] == ["original", "1: prune", "2: slim", "3: quantize"]
+    assert rows[2]["sparsity_reached"] == {"experts": 0.5}
+    assert rows[3]["bits"] == 4 and rows[3]["bytes"] == result.report["checkpoint_bytes"] < rows[2]["bytes"]
+    assert [name for name, _ in result.plans] == ["01-prune"]
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["recipe"]["stages"] == [{"prune": {"method": "reap", "ratio": 0.25}}, {"slim": {"method": "wanda", "sparsity": 0.5}},
+                                         {"quantize": {"bits": 4, "scope": "experts"}}]
+    reloaded, _ = load_model(tmp_path / "out")
+    assert reloaded.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 6
+    from moe_compress.evaluate.lm_perplexity import perplexity
+    from moe_compress.pipeline import eval_sets
+
+    data = eval_sets(reloaded_tokenizer := load_model(tmp_path / "out")[1], {"ppl": str(calib), "windows": 4, "seq_len": 32})[str(calib)]
+    assert reloaded_tokenizer is not None
+    assert perplexity(reloaded, data).perplexity == pytest.approx(rows[3]["perplexity"][str(calib)], rel=1e-6)
+
+
+def test_a_composition_is_checked_before_anything_runs(tmp_path):
+    model = tiny_model("qwen3_moe")
+    with pytest.raises(MoECompressError, match=r"^stage 1 \(quantize\) writes the final checkpoint, so it must be the last stage"):
+        mc.compress(model, [mc.Quantize(), mc.Prune()], calib=token_batches(count=1), out=tmp_path / "a")
+    with pytest.raises(MoECompressError, match=r"^stage 2 \(drop\): can drop 1\.\.2 blocks; asked for 9"):
+        mc.compress(model, [mc.Prune(ratio=0.25), mc.Drop(unit="block", n=9)], calib=token_batches(count=1))
+    with pytest.raises(MoECompressError, match="give an output directory"):
+        mc.compress(model, [mc.Quantize()], calib=token_batches(count=1))
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_old_single_prune_call_is_still_a_prune():
+    result = mc.compress(tiny_model("mixtral"), "reap", 0.5, "layer", token_batches(), cache_dir=False)
+    assert result.plan.method == "reap" and set(result.summary["experts_per_layer"].values()) == {4}
+
+
+def test_predicted_footprint_is_the_saved_bytes_of_prune_then_quantize(tmp_path):
+    """`predict` chained over a composition gives exactly the tensor bytes the composition saves (a
+    layer budget and experts-only quantisation depend on no calibration; file headers aside)."""
+    from moe_compress.io.checkpoint import Checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")
+    composition = [mc.Prune("frequency", ratio=0.25), mc.Quantize(bits=4, scope="experts")]
+    footprint = Footprint.of(checkpoint_sizes(str(checkpoint)))
+    assert footprint.bytes == checkpoint_sizes(str(checkpoint)).total
+    for stage in composition:
+        footprint = stage.predict(footprint)
+    result = mc.compress(str(checkpoint), composition, calib=token_batches(count=1), out=tmp_path / "out")
+    assert footprint.exact and footprint.bytes == Checkpoint(result.output_dir).total_bytes()
