@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from transformers import PreTrainedModel
 from ..arch.adapter import MoEAdapter
 from ..plan import LayerPlan, Plan
 from .checkpoint import Checkpoint
+from .origin import ORIGIN, Origin
 from .residency import StreamedWeights, layers_prefix, module_names, split_names
 from .writer import ShardWriter
 
@@ -174,40 +174,6 @@ def walk_groups(weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tu
         yield {f"{prefix}.{index}.{name}": value for name, value in layer.state_dict().items()}, False
     yield _part_group(weights, head)
     yield from carried_groups(weights.checkpoint, weights.carried, [], adapter, len(adapter.decoder_layers(model)))
-
-
-@dataclass
-class Origin:
-    """The checkpoint an in-memory model was loaded from, with what its save must carry over.
-
-    `plans` are the plans applied since loading, in order: carried tensors go through each.
-    """
-
-    checkpoint: Checkpoint
-    carried: list[str]
-    num_layers: int
-    plans: list[Plan] = field(default_factory=list)
-
-
-ORIGIN = "_moe_compress_origin"
-
-
-def record_origin(model: PreTrainedModel, checkpoint: Checkpoint) -> None:
-    """Remember which of `checkpoint`'s tensors `model` did not load, so a save carries them."""
-    from ..arch.registry import get_adapter
-    from .residency import checkpoint_targets
-
-    _, carried = checkpoint_targets(model, checkpoint)
-    setattr(model, ORIGIN, Origin(checkpoint, carried, len(get_adapter(model).decoder_layers(model))))
-
-
-def origin_checkpoint(model: PreTrainedModel) -> Checkpoint | None:
-    """The checkpoint `model` was loaded from (None if it was not loaded by `io.load.load_model`).
-
-    Only as long as nothing has changed the model since is it still the checkpoint's content.
-    """
-    origin: Origin | None = getattr(model, ORIGIN, None)
-    return origin.checkpoint if origin is not None else None
 
 
 def carried_keys(model: PreTrainedModel, weights: StreamedWeights | None = None) -> list[str]:

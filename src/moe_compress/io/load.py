@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +36,7 @@ from ..finite import require_finite_weights
 from ..progress import progress_enabled
 from .alignment import align_weights
 from .checkpoint import Checkpoint
-from .export import record_origin
+from .origin import record_origin
 from .locate import ASSETS, BUNDLED_MODELS, bundled_models, offline, resolve_model  # noqa: F401 (re-exported)
 from .remote_code import AUTO_MAP, expected_files, is_own_remote_code
 from .residency import PreQuantized, StreamedWeights, shape_mismatch

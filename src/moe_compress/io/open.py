@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..errors import MoECompressError
 from .alignment import align_weights
 from .checkpoint import Checkpoint
-from .export import origin_checkpoint
+from .origin import origin_checkpoint
 from .load import load_model, load_streamed, resolve_model
 from .memory_limit import cgroup_available_bytes
 from .residency import InMemoryWeights, StreamedWeights, Weights
