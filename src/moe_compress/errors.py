@@ -17,6 +17,16 @@ class MoECompressError(Exception):
     """An error caused by the user's input, with a message that says how to fix it."""
 
 
+class QualityGuardError(MoECompressError):
+    """A stage's output failed the quality guard (`evaluate.guard`): the message names the check,
+    its threshold, the worst layer and the override; `report` holds what was measured, so a caller
+    can still record it (in the summary, the card) before exiting."""
+
+    def __init__(self, message: str, report: object = None):
+        super().__init__(message)
+        self.report = report
+
+
 def warn(message: str) -> None:
     """One `warning:` line on stderr (not Python's warnings module: its two-line format with a
     source location means nothing to a CLI user)."""

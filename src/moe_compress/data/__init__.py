@@ -1,6 +1,6 @@
 """Calibration and evaluation text: reading documents and cutting token batches."""
 
-from .batches import CalibrationSpec, batches_fingerprint, calibration_batches, check_seq_len, read_windows, token_stream, windows
+from .batches import CalibrationSpec, batches_fingerprint, calibration_batches, check_seq_len, held_out_windows, read_windows, token_stream, windows
 from .texts import bundled_domains, iter_documents, load_texts
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "bundled_domains",
     "calibration_batches",
     "check_seq_len",
+    "held_out_windows",
     "iter_documents",
     "load_texts",
     "read_windows",

@@ -17,6 +17,8 @@ How much text is read (calibration): only what the requested windows need.
   * A source that ends before `samples` windows is an error, never a silent shortfall.
 Evaluation windows (`read_windows`) are the first windows of a source, so reading stops as
 soon as they are complete; the result equals cutting the fully tokenised source.
+Held-out windows (`held_out_windows`, for the quality guard) are the windows calibration read
+but the shuffle did not pick: disjoint from the calibration windows, from the same text.
 """
 
 from __future__ import annotations
@@ -141,8 +143,9 @@ def read_windows(
     return chunks if max_windows is None else chunks[:max_windows]
 
 
-def calibration_batches(tokenizer: PreTrainedTokenizerBase | None, spec: CalibrationSpec) -> list[torch.Tensor]:
-    """`spec.samples` windows picked by a seeded shuffle, in batches (see the module docstring)."""
+def _shuffled_windows(tokenizer: PreTrainedTokenizerBase | None, spec: CalibrationSpec) -> torch.Tensor:
+    """Every window of the text calibration reads, in the seeded shuffle's order: calibration
+    takes the first `spec.samples`, held-out checks the ones after them."""
     spec.validate()
     if tokenizer is None:
         raise MoECompressError("this checkpoint has no tokenizer; calibration text cannot be tokenised. Save one beside the model.")
@@ -161,8 +164,30 @@ def calibration_batches(tokenizer: PreTrainedTokenizerBase | None, spec: Calibra
             f"{spec.seq_len}, fewer than the {spec.samples} requested (--samples). Give more text, or lower --samples or --seq-len."
         )
     generator = torch.Generator().manual_seed(spec.seed)
-    picked = chunks[torch.randperm(len(chunks), generator=generator)[: spec.samples]]
-    return list(picked.split(spec.batch_size))
+    return chunks[torch.randperm(len(chunks), generator=generator)]
+
+
+def calibration_batches(tokenizer: PreTrainedTokenizerBase | None, spec: CalibrationSpec) -> list[torch.Tensor]:
+    """`spec.samples` windows picked by a seeded shuffle, in batches (see the module docstring)."""
+    return list(_shuffled_windows(tokenizer, spec)[: spec.samples].split(spec.batch_size))
+
+
+def held_out_windows(tokenizer: PreTrainedTokenizerBase | None, spec: CalibrationSpec, count: int) -> torch.Tensor:
+    """Up to `count` windows [n, seq_len] of the calibration text that calibration with `spec` did not use.
+
+    They are the windows the seeded shuffle puts right after the `spec.samples` it picked: cut from
+    the same token stream without overlap, so they share no token with the calibration windows
+    while coming from the same text (a quality check on them measures what calibration could not
+    have fitted). Calibration reads `OVERSAMPLE` times what it uses, so a source at least that
+    long leaves (OVERSAMPLE - 1) x samples of them.
+    """
+    rest = _shuffled_windows(tokenizer, spec)[spec.samples : spec.samples + count]
+    if len(rest) == 0:
+        raise MoECompressError(
+            f"calibration source {spec.source!r} holds only the {spec.samples} windows calibration uses (--samples), "
+            "so none is left to check quality on. Give more text or lower --samples."
+        )
+    return rest
 
 
 def batches_fingerprint(batches: list[torch.Tensor]) -> str:
