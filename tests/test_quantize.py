@@ -203,6 +203,9 @@ def test_recipe_prune_then_slim_then_quantize_composes(tmp_path):
         "model": str(checkpoint),
         "calibration": {"source": str(calib), "samples": 8, "seq_len": 32},
         "evaluate": {"ppl": str(calib), "windows": 4, "seq_len": 32},
+        # a random tiny model's next-token distributions are near ties: 4-bit rounding flips their top-1
+        # far more often than on a trained model, so the guard's quantisation threshold does not apply
+        "guard": False,
         "stages": [{"prune": {"method": "reap", "ratio": 0.25}}, {"slim": {"method": "sparsegpt", "nm": "2:4", "targets": ["experts", "shared"]}},
                    {"quantize": {"bits": 4}}],
     }

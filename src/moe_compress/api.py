@@ -25,7 +25,7 @@ from .finite import require_finite_weights
 from .io.load import check_device, load_model
 from .io.output_lock import releases_outputs
 from .io.save import check_output_dir
-from .pipeline import Result, check_stages, run_stages
+from .pipeline import Result, check_stages, guard_settings, run_stages
 from .preflight import Structure
 from .stages.base import Stage
 from .stages.prune import prune
@@ -51,6 +51,7 @@ def _compose(
     evaluate: dict | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    guard: bool | dict = True,
 ) -> Result:
     check_device(device)
     stages = list(stages)
@@ -64,7 +65,7 @@ def _compose(
     check_stages(stages, Structure.of(model, tokenizer))
     batches = calibration_batches(calib, tokenizer, model.config)
     return run_stages(model, tokenizer, stages, batches, Path(out) if out is not None else None, overwrite, device,
-                      evaluate or {"ppl": False}, record=_record(model, stages, calib))
+                      evaluate or {"ppl": False}, record=_record(model, stages, calib), guard=guard_settings(guard, tokenizer, calib))
 
 
 def compress(model: PreTrainedModel | str | Path, stages: Sequence[Stage] | str | None = None, *args: Any, **kwargs: Any) -> Result | CompressionResult:
@@ -74,7 +75,10 @@ def compress(model: PreTrainedModel | str | Path, stages: Sequence[Stage] | str 
     shared by every stage), `tokenizer`, `out` (written atomically: the final model, a plan per
     structural stage under `plans/`, `report.json`, `report.md`, a model card), `overwrite`,
     `evaluate` (what to measure after every stage, as a recipe's `evaluate` section; default: sizes
-    only, `{"ppl": "bundled"}` adds the protocol's perplexity), `device`, `trust_remote_code`.
+    only, `{"ppl": "bundled"}` adds the protocol's perplexity), `device`, `trust_remote_code`,
+    `guard` (after every stage, its output against its input on held-out calibration text: a stage
+    whose top-1 agreement falls below the threshold stops the run with nothing written; a mapping
+    {"min_top1": ..., "windows": ...} sets it, False turns it off; see `evaluate.guard`).
     Every stage is checked against the model's structure before anything is calibrated. A model
     given by name is loaded in memory; a final stage (quantize) needs `out`. Returns one `Result`.
 

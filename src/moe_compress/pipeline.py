@@ -11,6 +11,7 @@ into place at the end.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch.registry import get_adapter
-from .errors import MoECompressError
+from .errors import MoECompressError, QualityGuardError
 from .evaluate.lm_perplexity import perplexity
 from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol, expand_sources
 from .evaluate.size import checkpoint_bytes, model_size
@@ -36,6 +37,51 @@ from .stages.base import Stage, StageContext
 
 #: what the measurement after every stage is when nobody says (the protocol every command uses)
 EVALUATE_DEFAULTS = {"ppl": "bundled", "windows": DEFAULT_PROTOCOL.windows, "seq_len": DEFAULT_PROTOCOL.seq_len, "speed": False}
+
+
+@dataclass
+class GuardSettings:
+    """The quality guard after every stage (`evaluate.guard`): its output against its input on
+    held-out windows; a stage below the threshold stops the composition before anything is written.
+    `windows` None: not run, for the reason in `skipped` (recorded in the report)."""
+
+    windows: torch.Tensor | None
+    min_top1: float | None = None  # None: the guard's default for the stage's kind
+    skipped: str | None = None
+
+
+def guard_settings(setting: bool | dict | None, tokenizer, calib: object) -> GuardSettings | None:
+    """Held-out windows of the calibration text for the guard, as a recipe's `guard` (or
+    `mc.compress(guard=...)`) says: true / a mapping {min_top1, windows}: run it; false: do not.
+    Without held-out text (calibration given as token batches, or a text calibration uses whole)
+    it is skipped, and the report says why."""
+    from .data.batches import CalibrationSpec, held_out_windows
+    from .evaluate.guard import DEFAULT_WINDOWS
+
+    if setting is False:
+        return None
+    options = setting if isinstance(setting, dict) else {}
+    if not isinstance(calib, CalibrationSpec):
+        return GuardSettings(None, skipped="no held-out text: calibration was given as token batches")
+    try:
+        windows = held_out_windows(tokenizer, calib, options.get("windows", DEFAULT_WINDOWS))
+    except MoECompressError as exc:
+        return GuardSettings(None, skipped=str(exc))
+    return GuardSettings(windows, options.get("min_top1"))
+
+
+def _guarded(guard: GuardSettings | None, stage: Stage, before: PreTrainedModel | None, after: PreTrainedModel, device: str) -> dict:
+    """The guard's row entry for one stage; raises `QualityGuardError` when the stage failed it."""
+    from .evaluate.guard import guard as check
+
+    if guard is None:
+        return {}
+    if guard.windows is None:
+        return {"guard": {"skipped": guard.skipped}}
+    report = check(before, after, guard.windows, stage=stage.kind, min_top1=guard.min_top1, device=device, raise_on_failure=False)
+    if not report.passed:
+        raise QualityGuardError(report.failure(), report)
+    return {"guard": report.to_dict()}
 
 
 @dataclass
@@ -105,11 +151,14 @@ def run_stages(
     device: str = "cpu",
     evaluation: dict | None = None,
     record: dict[str, Any] | None = None,
+    guard: GuardSettings | None = None,
 ) -> Result:
     """Run `stages` in order on `model` (checked by `check_stages` already); save to `out` if given.
 
     `record` is what the report says was asked for (the recipe). Without `out` nothing is written,
-    which a final stage (one that writes the checkpoint) cannot do without."""
+    which a final stage (one that writes the checkpoint) cannot do without. With `guard`, every
+    stage's output is checked against its input (which costs a copy of the model while the stage
+    runs) and a failure stops the run with nothing written."""
     evaluation = evaluation or {}
     measured_on = eval_sets(tokenizer, evaluation, model.config)
     speed_prompts = torch.cat(batches)[:4, :64] if evaluation.get("speed") else None
@@ -123,13 +172,16 @@ def run_stages(
         for position, stage in enumerate(stages, 1):
             start = time.perf_counter()
             scratch = work / f"stage-{position}" if work is not None else None
+            before = copy.deepcopy(model) if guard is not None and guard.windows is not None else None
             outcome = stage.run(StageContext(model, tokenizer, batches, device, scratch))
+            checked = _guarded(guard, stage, before, outcome.model, device)
+            del before
             model, checkpoint = outcome.model, outcome.checkpoint
             if outcome.plan is not None:
                 plans.append((f"{position:02d}-{stage.kind}", outcome.plan))
             # a stage's own facts (e.g. a quantised model's logical size) override the generic measurement
             rows.append({"stage": f"{position}: {stage.kind}", "options": stage.given(), "seconds": round(time.perf_counter() - start, 2),
-                         **_measure(model, measured_on, speed_prompts, f"after stage {position}, {stage.kind}"), **outcome.info})
+                         **_measure(model, measured_on, speed_prompts, f"after stage {position}, {stage.kind}"), **outcome.info, **checked})
         protocol = protocol_of(evaluation).describe() if measured_on else None
         report = {"recipe": record or {}, "rows": rows, "protocol": protocol}
         if work is None:

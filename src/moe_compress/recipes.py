@@ -24,6 +24,11 @@ that leaves fewer experts than top-k, sparsifying shared experts it does not hav
 with no condensed layer -- each fails in seconds, not after the stages before it ran.
 `moe-compress run --dry-run` does all of that on the model's skeleton and prints the stages.
 
+After every stage the quality guard (`evaluate.guard`) compares its output with its input on
+held-out windows of the calibration text: a stage whose top-1 agreement falls below the
+threshold (0.9 after quantize, 0.25 after the others) stops the run before anything is written.
+`guard: {min_top1: 0.5, windows: 32}` sets it; `guard: false` turns it off.
+
 `quantize` must be the last stage: it writes the packed compressed-tensors checkpoint that
 becomes the recipe's output, and its report row measures that checkpoint as reloaded (what
 users will run), not an in-memory approximation.
@@ -53,7 +58,7 @@ from .io.load import load_model
 from .io.output_lock import releases_outputs
 from .io.publish import validate_output_dir
 from .io.save import check_output_dir
-from .pipeline import check_stages, eval_sources, protocol_of, run_stages
+from .pipeline import check_stages, guard_settings, eval_sources, protocol_of, run_stages
 from .preflight import Structure
 from .stages.base import Stage, describe_value, option_problem
 from .stages.registry import build_stage, stages
@@ -66,7 +71,8 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "evaluate": create_model("evaluate", __config__=_STRICT, ppl=(str | list[str] | bool | None, "bundled"), windows=(int, 0),
                              seq_len=(int, 0), speed=(bool, False)),
 }
-_TOP_LEVEL = {"model", "calibration", "evaluate", "stages", "out", "device", "trust_remote_code"}
+_SECTIONS["guard"] = create_model("guard", __config__=_STRICT, min_top1=(float | None, None), windows=(int, 32))
+_TOP_LEVEL = {"model", "calibration", "evaluate", "guard", "stages", "out", "device", "trust_remote_code"}
 
 
 def _check_section(data: dict, key: str) -> None:
@@ -130,6 +136,8 @@ def load_recipe(recipe: str | Path | dict) -> dict:
             raise MoECompressError(f"recipe field {key!r} must be a {kind.__name__}; got {describe_value(data[key])}.")
     _check_section(data, "calibration")
     _check_section(data, "evaluate")
+    if not isinstance(data.get("guard", True), bool):
+        _check_section(data, "guard")
     recipe_stages(data)
     if not isinstance(data.get("model"), str) or not data["model"]:
         raise MoECompressError("a recipe needs 'model': a checkpoint directory, bundled model name or Hub id, e.g. 'model: ref-mixtral'.")
@@ -190,5 +198,6 @@ def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwri
     check_seq_len(calibration.seq_len, model.config, "calibration.seq_len")
     evaluation = data.get("evaluate") or {}
     batches = calibration_batches(tokenizer, calibration)
-    return run_stages(model, tokenizer, composition, batches, out, overwrite, device, evaluation, record=data).report
+    guard = guard_settings(data.get("guard", True), tokenizer, calibration)
+    return run_stages(model, tokenizer, composition, batches, out, overwrite, device, evaluation, record=data, guard=guard).report
 

@@ -248,8 +248,16 @@ def _quality_lines(summary: dict, report: dict) -> list[str]:
         return lines
     if report.get("rows"):
         from ..report.composition import stage_report_markdown
+        from ..report.guard_card import guard_lines
 
-        return ["Measured after every stage of the recipe:", "", stage_report_markdown(report).rstrip()]
+        lines = ["Measured after every stage of the recipe:", "", stage_report_markdown(report).rstrip()]
+        for row in report["rows"]:
+            checked = row.get("guard")
+            if checked and "skipped" in checked:
+                lines += ["", f"Quality guard after {text(row['stage'])}: not run ({text(checked['skipped'])})."]
+            elif checked:
+                lines += ["", *guard_lines(checked)]
+        return lines
     return ["Not measured in this run: `moe-compress eval <this directory> --ppl bundled --compare <source>` measures it."]
 
 
