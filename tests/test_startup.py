@@ -79,3 +79,13 @@ def test_a_model_that_cannot_be_found_is_answered_without_torch(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stderr.startswith("error: model") and "not found" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_methods_name_reads_back_without_torch(tmp_path):
+    _cli(tmp_path, "methods", "reap")  # the first call builds the options table (imports every method)
+    again = _cli(tmp_path, "methods", "reap")
+    assert again.returncode == 0, again.stderr
+    assert "renormalize" in again.stdout and "protect_super_experts" in again.stdout
+    unknown = _cli(tmp_path, "methods", "bogus", exit_code=2)
+    assert unknown.returncode == 0, unknown.stderr
+    assert unknown.stderr.startswith("error: unknown method 'bogus'")

@@ -1,21 +1,16 @@
 """`moe-compress analyze`: per-layer, per-expert statistics, heatmaps and similarity plots."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import MoECompressError
-from . import app
-from .common import directory_option, require_positive, say, user_errors
-from .options import CacheDirOpt, Calibration, IgnorePlanIdentityOpt, Loading, ModelArg, bundled
+from .common import directory_option, require_positive, say
+from .options import CacheDirOpt, Calibration, IgnorePlanIdentityOpt, Loading, ModelArg, command
 
 
-@app.command()
-@user_errors
-@bundled(exclude=("text_field",))
+@command(exclude=("text_field",))
 def analyze(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory for analysis.json, analysis.csv, one heatmap PNG per statistic and the similarity plot(s).")],

@@ -1,10 +1,9 @@
 """What every command shares: user errors as one line and exit 2, the small checks of option values
 that need no model, and printing the blocks (tables, result lines) the library returns."""
 
-from __future__ import annotations
-
 import errno
 import os
+import sys
 from collections.abc import Callable, Iterable
 from functools import wraps
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .. import progress
 from ..errors import MoECompressError
@@ -19,6 +19,64 @@ from ..errors import MoECompressError
 console = progress.messages  # stderr: progress, notes, warnings, errors; one error line stays one line when piped
 out_console = progress.results  # stdout: results; never wrapped when not a terminal
 say = progress.say
+
+#: Flags that set the verbosity; accepted before or after the command name.
+_VERBOSITY_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose"}
+
+
+def _verbosity_from(args: list[str]) -> tuple[list[str], progress.Verbosity | None]:
+    """Take the verbosity flags out of `args` wherever they are (`moe-compress prune ... --quiet`
+    reads as naturally as `moe-compress --quiet prune ...`); the last one given wins."""
+    level = None
+    rest = []
+    for position, arg in enumerate(args):
+        if arg == "--":  # everything after it is an argument, never a flag
+            rest += args[position:]
+            break
+        if arg in _VERBOSITY_FLAGS:
+            level = _VERBOSITY_FLAGS[arg]
+        else:
+            rest.append(arg)
+    return rest, level
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """A bad option value or a missing argument is a user error like any other: one
+    `error:` line and exit 2, not click's usage box. Also sets the verbosity for the command,
+    silences library noise unless verbose, and records the command line for model cards."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from ..invocation import recording
+
+        args, level = _verbosity_from(list(sys.argv[1:] if args is None else args))
+        no_arguments = not args  # shows the help, as no_args_is_help says
+        if not standalone_mode or no_arguments:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        previous = progress.set_verbosity(level) if level else None
+        try:
+            with progress.libraries_quiet(), recording(["moe-compress", *args]):
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # typer's click: bad values, unknown options, missing arguments
+            where = getattr(exc, "ctx", None)
+            error_line(exc.format_message().rstrip(".") + (f"; see `{where.command_path} --help`." if where else "."))
+            sys.exit(2)
+        except typer.Abort:
+            error_line("aborted.")
+            sys.exit(1)
+        finally:
+            if level:
+                progress.set_verbosity(previous)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(
+    help="Compress Mixture-of-Experts language models and save checkpoints that load anywhere.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    cls=_OneLineUsageErrors,
+)
+
 
 #: OS errors that are about the user's paths or machine, not bugs: one line, exit 2.
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOENT}

@@ -1,21 +1,16 @@
 """`moe-compress condense`: CD-MoE."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import MoECompressError
-from . import app
-from .common import directory_option, load_whole, require_positive, say, show, user_errors, writable_file
-from .options import CacheDirOpt, Calibration, DryRunOpt, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, bundled
+from .common import directory_option, load_whole, require_positive, say, show, writable_file
+from .options import CacheDirOpt, Calibration, DryRunOpt, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command
 
 
-@app.command("condense")
-@user_errors
-@bundled(exclude=("batch_size", "text_field", "streaming", "max_activation_memory", "offload_dir"))
+@command("condense", exclude=("batch_size", "text_field", "streaming", "max_activation_memory", "offload_dir"))
 def condense_command(
     model: ModelArg,
     out: OutOpt,

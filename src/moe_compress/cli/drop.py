@@ -1,20 +1,15 @@
 """`moe-compress drop`: layer drop / block drop."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer
 
 from ..errors import MoECompressError
-from . import app
-from .common import show, user_errors, writable_file
-from .options import Calibration, DryRunOpt, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, bundled
+from .common import show, writable_file
+from .options import Calibration, DryRunOpt, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command
 
 
-@app.command("drop")
-@user_errors
-@bundled(exclude=("batch_size", "text_field"), samples=128)
+@command("drop", exclude=("batch_size", "text_field"), samples=128)
 def drop_command(
     model: ModelArg,
     out: OutOpt,

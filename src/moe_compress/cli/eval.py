@@ -1,24 +1,18 @@
 """`moe-compress eval`: perplexity, multiple-choice accuracy, size, memory and speed of a model, or of a
 compressed model against its original."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .. import progress
 from ..evaluate.protocol import DEFAULT_PROTOCOL
-from . import app
-from .common import require_positive, show, user_errors, writable_file
-from .options import Loading, ModelArg, bundled, checked_protocol
+from .common import require_positive, show, writable_file
+from .options import Loading, ModelArg, checked_protocol, command
 
 
-@app.command("eval")
-@user_errors
-@bundled()
+@command("eval")
 def evaluate(
     model: ModelArg,
     ppl: Annotated[list[str] | None, typer.Option(help="Text to measure perplexity on; repeatable. 'bundled' gives one result per bundled domain (test split).")] = None,
@@ -49,11 +43,8 @@ def evaluate(
     --compare also original (the same keys), comparison, and fidelity: per --ppl source the
     mean KL(original || this model) per token and the top-1 agreement, teacher-forced.
     """
-    from ..evaluate.harness import parse_task_list, select_tasks
     from ..evaluate.models import Evaluation, evaluate_models
-    from ..evaluate.protocol import expand_sources
     from ..evaluate.speed import SpeedSettings
-    from ..io.load import load_config
     from ..report.evaluation import eval_table
 
     require_positive(seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, limit=limit, threads=load.threads)
@@ -61,22 +52,13 @@ def evaluate(
     load.check(model, compare)
     settings = SpeedSettings(speed_batch, speed_prompt_len, speed_new_tokens, speed_repeats)
     settings.validate()
-    # Everything that can be wrong with the input fails here, before any model is loaded.
-    task_names = parse_task_list(tasks) if tasks is not None else []
-    selection = None
-    if task_names:
-        with progress.step("loading lm-eval tasks"), progress.libraries_silenced():
-            selection = select_tasks(task_names)
-    if compare is not None:
-        load_config(compare, load.trust_remote_code)
     protocol = checked_protocol(max_windows, seq_len, ("--max-windows", "--seq-len"))
-    sources = expand_sources(ppl or [])
     timed = compare is not None if speed is None else speed
-    request = Evaluation(model, sources, protocol, task_names, selection, limit, batch_size, settings if timed else None, compare,
-                         load.dtype, load.device, load.mode(), load.trust_remote_code, load.threads)
+    request = Evaluation(model, ppl or [], protocol, tasks, limit, batch_size, settings if timed else None, compare, load.dtype, load.device,
+                         load.mode(), load.trust_remote_code, load.threads)
     with load.session():
         report = evaluate_models(request)
     table, notes = eval_table(report)
-    show([table, *notes, protocol.describe() if sources else ""])
+    show([table, *notes, protocol.describe() if report["settings"]["ppl"] else ""])
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")

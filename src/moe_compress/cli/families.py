@@ -1,16 +1,14 @@
 """`moe-compress families`: the MoE model types of the installed transformers (read back without torch)."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer
 
-from . import app
 from .common import out_console
+from .options import command
 
 
-@app.command()
+@command()
 def families(
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as markdown (the README's families section).")] = False,
 ) -> None:

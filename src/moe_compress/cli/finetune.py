@@ -1,20 +1,16 @@
 """`moe-compress finetune`: train the condensed layers of a condensed model."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import MoECompressError
-from . import app
-from .common import load_whole, require_positive, show, user_errors
-from .options import ModelArg, OverwriteOpt, TrustOpt, VerifyOpt
+from .common import load_whole, require_positive, show
+from .options import Loading, ModelArg, OverwriteOpt, TrustOpt, VerifyOpt, command
 
 
-@app.command("finetune")
-@user_errors
+@command("finetune")
 def finetune_command(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory for the fine-tuned model; checkpoints go to <out>.checkpoints/.")],
@@ -37,7 +33,6 @@ def finetune_command(
     from ..io.save import check_output_dir
     from ..report.compression import saved_lines
     from ..report.tables import finetune_table
-    from .options import Loading
 
     require_positive(steps=steps, batch_size=batch_size, seq_len=seq_len)
     check_seed(seed)

@@ -1,21 +1,16 @@
 """`moe-compress inspect`: a model's MoE structure, parameters and bytes."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from . import app
-from .common import out_console, show, user_errors
-from .options import Loading, ModelArg, bundled
+from .common import out_console, show
+from .options import Loading, ModelArg, command
 
 
-@app.command()
-@user_errors
-@bundled(exclude=("device", "streaming", "threads", "max_activation_memory", "offload_dir"))
+@command(exclude=("device", "streaming", "threads", "max_activation_memory", "offload_dir"))
 def inspect(
     model: ModelArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print the structure as JSON instead of tables.")] = False,

@@ -1,17 +1,14 @@
 """`moe-compress methods [NAME]`: every method and stage, or one method's options (read back without torch)."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer
 
-from . import app
-from .common import show, user_errors
+from .common import show
+from .options import command
 
 
-@app.command()
-@user_errors
+@command()
 def methods(
     name: Annotated[str | None, typer.Argument(help="A method: list its options (for prune --option KEY=VALUE) with their types, defaults and meanings.")] = None,
 ) -> None:

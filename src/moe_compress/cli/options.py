@@ -2,8 +2,6 @@
 options that `bundled` spreads into a command's signature and hands back to it as one object
 (`load: Loading` becomes --dtype, --device, ... on the command line, and a `Loading` in the body)."""
 
-from __future__ import annotations
-
 import inspect
 import typing
 from collections.abc import Callable
@@ -17,6 +15,7 @@ import typer
 from .. import progress
 from ..errors import MoECompressError
 from ..evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
+from .common import app, user_errors
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
 DtypeOpt = Annotated[str, typer.Option(help="Weights dtype in memory: auto (as saved), float32, bfloat16 or float16.")]
@@ -163,3 +162,9 @@ def bundled(exclude: tuple[str, ...] = (), **defaults: object) -> Callable[[Call
         return wrapper
 
     return decorate
+
+
+def command(name: str | None = None, exclude: tuple[str, ...] = (), **defaults: object) -> Callable[[Callable], Callable]:
+    """Register a command on `app` (named `name`, default its function's): user errors as one line, and its
+    bundles spread into options (`bundled` with `exclude` and `defaults`)."""
+    return lambda function: app.command(name)(user_errors(bundled(exclude, **defaults)(function)))

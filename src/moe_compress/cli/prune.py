@@ -1,7 +1,5 @@
 """`moe-compress prune`: remove, replace or merge routed experts with a registered method (or a saved plan)."""
 
-from __future__ import annotations
-
 import copy
 from dataclasses import make_dataclass
 from pathlib import Path
@@ -10,10 +8,9 @@ from typing import Annotated
 import typer
 
 from ..errors import MoECompressError
-from . import app
-from .common import directory_option, require_positive, show, user_errors, writable_file
+from .common import directory_option, show, writable_file
 from .options import (Bundle, CacheDirOpt, Calibration, DryRunOpt, Evaluation, IgnorePlanIdentityOpt, Loading, ModelArg, OverwriteOpt,
-                      PlanOutOpt, bundled)
+                      PlanOutOpt, command)
 
 #: Per-method flags of earlier releases -> the method option each sets and its type; hidden from --help, accepted for one more release.
 OLD_FLAGS = {
@@ -28,35 +25,23 @@ _SWITCHES = {"--protect-super-experts": "--protect-super-experts/--no-protect-su
 OldFlags = make_dataclass("OldFlags", [
     (flag[2:].replace("-", "_"), Annotated[kind | None, typer.Option(_SWITCHES.get(flag, flag), hidden=True)], None) for flag, (_, kind) in OLD_FLAGS.items()
 ], bases=(Bundle,), frozen=True)
-#: Options that count things: at least one.
-_COUNTS = {"clusters", "probe_tokens", "global_clusters", "batch"}
 
 
 def method_options(method: str, pairs: list[str], old) -> dict:
-    """The method's options from the old flags and --option KEY=VALUE (text read by the method's own option types)."""
-    from ..methods import get_method
-    from ..methods.options import read_option
+    """The method's options from the old flags and --option KEY=VALUE, read by the method's own option types."""
+    from ..methods.options import read_options
 
     given = {key: (flag, getattr(old, flag[2:].replace("-", "_"))) for flag, (key, _) in OLD_FLAGS.items()}
     given = {key: (flag, False if flag == "--no-novice" else value) for key, (flag, value) in given.items() if value is not None}
-    for key in _COUNTS & given.keys():
-        require_positive(**{given[key][0][2:]: given[key][1]})
     for pair in pairs:
         key, sep, text = (part.strip() for part in pair.partition("="))
         if not sep or key in given:
             raise MoECompressError(f"--option {pair}: give each option once, as KEY=VALUE (`moe-compress methods {method}` lists them).")
         given[key] = (f"--option {key}", text)
-    chosen = get_method(method) if given else None
-    options = {key: read_option(chosen, key, value, name) if isinstance(value, str) else value for key, (name, value) in given.items()}
-    for key in _COUNTS & options.keys():
-        if isinstance(options[key], int) and options[key] < 1:
-            raise MoECompressError(f"{given[key][0]} must be a positive integer; got {options[key]}.")
-    return options
+    return read_options(method, given)
 
 
-@app.command()
-@user_errors
-@bundled(samples=128)
+@command(samples=128)
 def prune(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory to write the pruned checkpoint to (written atomically).")],

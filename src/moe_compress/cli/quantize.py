@@ -1,20 +1,15 @@
 """`moe-compress quantize`: 4- or 8-bit weights in a compressed-tensors checkpoint."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from . import app
-from .common import require_positive, show, user_errors
-from .options import Calibration, DryRunOpt, Loading, ModelArg, OverwriteOpt, bundled
+from .common import require_positive, show
+from .options import Calibration, DryRunOpt, Loading, ModelArg, OverwriteOpt, command
 
 
-@app.command()
-@user_errors
-@bundled(exclude=("text_field", "max_activation_memory", "offload_dir"))
+@command(exclude=("text_field", "max_activation_memory", "offload_dir"))
 def quantize(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory to write the quantised checkpoint to (compressed-tensors pack-quantized; written atomically).")],

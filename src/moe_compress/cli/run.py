@@ -1,19 +1,15 @@
 """`moe-compress run`: a recipe's stages in order."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from . import app
-from .common import say, show, user_errors
-from .options import DryRunOpt
+from .common import say, show
+from .options import DryRunOpt, command
 
 
-@app.command("run")
-@user_errors
+@command("run")
 def run_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML: model, calibration, evaluate, stages (prune, drop, condense, finetune, slim, and quantize as the last), out. Examples in recipes/.")],
     out: Annotated[Path | None, typer.Option(help="Output directory (overrides the recipe's 'out').")] = None,

@@ -1,21 +1,16 @@
 """`moe-compress slim`: weight sparsity inside the experts (Wanda, SparseGPT, magnitude)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import MoECompressError
-from . import app
-from .common import require_positive, show, user_errors
-from .options import Calibration, DryRunOpt, Evaluation, Loading, ModelArg, OverwriteOpt, bundled
+from .common import require_positive, show
+from .options import Calibration, DryRunOpt, Evaluation, Loading, ModelArg, OverwriteOpt, command
 
 
-@app.command()
-@user_errors
-@bundled()
+@command()
 def slim(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory to write the sparsified checkpoint to (written atomically; same shapes, zeros where weights were removed).")],

@@ -17,14 +17,13 @@ from .speed import SpeedSettings
 
 @dataclass
 class Evaluation:
-    """What to measure and how. `selection` is lm-eval's task selection (`harness.select_tasks`) or None;
-    `speed` None skips timing; `compare` names the original to evaluate beside `model`."""
+    """What to measure and how: `sources` to measure perplexity on ('bundled' expands to each domain), `tasks`
+    for lm-eval (comma-separated), `speed` None skips timing, `compare` names the original to evaluate beside `model`."""
 
     model: str
     sources: list[str] = field(default_factory=list)
     protocol: EvalProtocol = field(default_factory=EvalProtocol)
-    task_names: list[str] = field(default_factory=list)
-    selection: Any = None
+    tasks: str | None = None
     limit: int | None = None
     batch_size: int = 8
     speed: SpeedSettings | None = None
@@ -34,6 +33,22 @@ class Evaluation:
     streaming: bool | str = "auto"
     trust_remote_code: bool = False
     threads: int | None = None  # recorded in the settings; set by the caller
+    task_names: list[str] = field(default_factory=list, init=False)
+    selection: Any = field(default=None, init=False)  # lm-eval's task selection (`harness.select_tasks`)
+
+    def check(self) -> None:
+        """Everything that can be wrong with the input fails here, before any model is loaded."""
+        from ..io.load import load_config
+        from .harness import parse_task_list, select_tasks
+        from .protocol import expand_sources
+
+        self.task_names = parse_task_list(self.tasks) if self.tasks is not None else []
+        if self.task_names:
+            with progress.step("loading lm-eval tasks"), progress.libraries_silenced():
+                self.selection = select_tasks(self.task_names)
+        if self.compare is not None:
+            load_config(self.compare, self.trust_remote_code)
+        self.sources = expand_sources(self.sources)
 
     def settings(self, streamed: bool) -> dict:
         return {
@@ -131,6 +146,7 @@ def comparison(mine: dict, theirs: dict, speed) -> dict:
 
 def evaluate_models(request: Evaluation) -> dict:
     """Open and measure `request.model` (and `request.compare` beside it): the report `eval --json` writes."""
+    request.check()
     from .speed import compare_speed, measure_speed, peak_rss_bytes, speed_prompts
 
     loaded, tokenizer, weights = _open(request.model, request)

@@ -13,7 +13,7 @@ import typing
 from typing import Any
 
 from ..errors import MoECompressError
-from .registry import PROTECT, PROTECT_HELP, Method
+from .registry import PROTECT, PROTECT_HELP, Method, get_method
 
 _NONE = ("none", "null")
 _BOOLS = {"true": True, "false": False}
@@ -91,3 +91,23 @@ def describe_options(method: Method) -> list[dict[str, str]]:
 
     return [{"name": name, "type": type_words(types_[name]), "default": shown(default), "help": helps.get(name, "-")}
             for name, default in {**method.options, PROTECT: method.protect_default}.items()]
+
+
+#: Options that count things (clusters, probe tokens, sequences per batch): at least one.
+COUNTS = ("clusters", "probe_tokens", "global_clusters", "batch")
+
+
+def read_options(method: str, given: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """A method's option dict from options as a user gave them: key -> (the name the user wrote, its value:
+    text, read by the option's type, or a value already typed). Counting options must be at least one."""
+
+    for key in COUNTS:  # typed counts first: a bad count is the error even for an option the method lacks
+        name, value = given.get(key, ("", None))
+        if isinstance(value, int) and value < 1:
+            raise MoECompressError(f"{name} must be a positive integer; got {value}.")
+    chosen = get_method(method) if given else None
+    options = {key: read_option(chosen, key, value, name) if isinstance(value, str) else value for key, (name, value) in given.items()}
+    for key in set(COUNTS) & options.keys():
+        if isinstance(options[key], int) and options[key] < 1:
+            raise MoECompressError(f"{given[key][0]} must be a positive integer; got {options[key]}.")
+    return options
