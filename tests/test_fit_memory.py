@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from moe_compress import MoECompressError
-from moe_compress.cli import _byte_size
+from moe_compress.session import byte_size
 from moe_compress.fit.memory import CacheKind, cache_breakdown, kv_cache_bytes, main, parse_bytes
 from moe_compress.io.load import BUNDLED_MODELS
 from tiny_models import SUPPORTED, tiny_model
@@ -42,7 +42,7 @@ def test_parse_bytes_zero_where_allowed():
 
 def test_cli_sizes_read_as_before():
     """--max-activation-memory keeps its meaning (a plain number is GiB, 0 is a budget) through parse_bytes."""
-    assert [_byte_size(v, "--max-activation-memory") for v in (None, "2.5", "4GiB", "500MB", "0")] == [None, int(2.5 * 2**30), 4 * 2**30, 500 * 10**6, 0]
+    assert [byte_size(v, "--max-activation-memory") for v in (None, "2.5", "4GiB", "500MB", "0")] == [None, int(2.5 * 2**30), 4 * 2**30, 500 * 10**6, 0]
 
 
 def _filled_cache_bytes(cache) -> int:

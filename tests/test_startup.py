@@ -102,3 +102,13 @@ def test_every_public_name_is_what_its_module_defines_even_once_every_submodule_
         assert getattr(module, name) is getattr(importlib.import_module(module._EXPORTS[name], package), name), name
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         module.no_such_name
+
+
+def test_methods_name_reads_back_without_torch(tmp_path):
+    _cli(tmp_path, "methods", "reap")  # the first call builds the options table (imports every method)
+    again = _cli(tmp_path, "methods", "reap")
+    assert again.returncode == 0, again.stderr
+    assert "renormalize" in again.stdout and "protect_super_experts" in again.stdout
+    unknown = _cli(tmp_path, "methods", "bogus", exit_code=2)
+    assert unknown.returncode == 0, unknown.stderr
+    assert unknown.stderr.startswith("error: unknown method 'bogus'")

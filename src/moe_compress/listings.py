@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from .arch.family_table import FamilyRow
+from .errors import MoECompressError
 from .remembered import remembered
 
 
@@ -57,3 +58,19 @@ def _build_method_rows() -> list[dict]:
 def method_rows() -> list[dict]:
     """Every method and stage with its options: {"table": "methods" | "stages", "cells": [...]}."""
     return remembered("methods", _build_method_rows)
+
+
+def _build_method_options() -> list[dict]:
+    from .methods import METHODS
+    from .methods.options import describe_options
+
+    return [{"method": name, **option} for name, method in sorted(METHODS.items()) for option in describe_options(method)]
+
+
+def method_options(name: str) -> list[dict]:
+    """One method's options (name, type, default, help); an unknown method is an error naming the known ones."""
+    rows = remembered("method-options", _build_method_options)
+    known = sorted({row["method"] for row in rows})
+    if name not in known:
+        raise MoECompressError(f"unknown method {name!r}; available: {', '.join(known)}.")
+    return [{k: v for k, v in row.items() if k != "method"} for row in rows if row["method"] == name]

@@ -77,3 +77,14 @@ def model_size(model: PreTrainedModel, adapter: MoEAdapter) -> ModelSize:
 def checkpoint_bytes(directory: str | Path) -> int:
     """Bytes of the weight files of a saved checkpoint."""
     return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+
+
+def structure_report(name: str, model: PreTrainedModel, adapter: MoEAdapter) -> dict:
+    """What `inspect` prints: per decoder layer its kind, routed experts and shared-expert modules, and the model's size."""
+    size = model_size(model, adapter)
+    rows = []
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        block = adapter.moe_block(layer)
+        shared = len(adapter.shared_experts(block)) if block is not None else 0
+        rows.append({"layer": index, "kind": "moe" if block is not None else "dense", "experts": size.experts_per_layer.get(index, 0), "shared_modules": shared})
+    return {"model": name, "model_type": adapter.model_type, "top_k": size.top_k, "dtype": str(model.dtype), "layers": rows, "size": size.to_dict()}

@@ -179,5 +179,13 @@ register(
         plan_cprune,
         "C-Prune as the authors' code: pooled-input signatures, Ward clustering, votes per layer then across layers",
         options={"clusters": 12, "global_clusters": 6, "batch": 32, "small": 3, "stage1_rate": None, "stage2_rate": None},
+        option_help={
+            "clusters": "clusters per layer in stage 1 (reference 12)",
+            "global_clusters": "clusters across layers in stage 2 (reference 6)",
+            "batch": "calibration sequences clustered together, each batch voting once (reference 32)",
+            "small": "clusters of at most this many experts are kept whole",
+            "stage1_rate": "stage-1 prune rate (default: the ratio per layer, or 1 - sqrt(1 - ratio) with a global budget)",
+            "stage2_rate": "stage-2 prune rate of the survivors (default: whatever reaches the ratio)",
+        },
     )
 )

@@ -185,5 +185,12 @@ register(
         plan_cprune_cosine,
         "moe-compress's earlier C-Prune: probe signatures, cosine clustering, one survivor per cluster",
         options={"clusters": 0, "linkage_method": "average", "stage1_share": 0.5, "probe_tokens": 64, "max_layer_loss": None},
+        option_help={
+            "clusters": "clusters per layer (0: as many as experts kept)",
+            "linkage_method": "agglomerative linkage: average, complete, single or weighted",
+            "stage1_share": "share of the removal done per layer in stage 1; the rest is global (stage 2)",
+            "probe_tokens": "tokens per batch in the shared probe that defines expert signatures",
+            "max_layer_loss": "most any layer may lose in stage 2, as a fraction of its experts (default: twice the ratio, at most 0.75)",
+        },
     )
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from ..arch.adapter import MoEAdapter
@@ -79,7 +81,7 @@ def _reap_statistics(options: dict) -> tuple[str, ...]:
     return (*sums[choice], "selected")
 
 
-def plan_reap(request: PlanRequest, renormalize: bool | str = "model") -> Plan:
+def plan_reap(request: PlanRequest, renormalize: bool | Literal["model"] = "model") -> Plan:
     """REAP, with g renormalised over the top-k as the model does ('model'), always (True) or never (False).
 
     'model' is the authors' rule (renormalise iff `norm_topk_prob`), read through the adapter so that
@@ -102,5 +104,6 @@ register(
     Method(
         "reap", _reap_statistics, plan_reap, CRITERIA["reap"].doc + "; top-k gates renormalised as the model does",
         options={"renormalize": "model"},
+        option_help={"renormalize": "renormalise the top-k gates as the model does (model, the authors' rule), always (true) or never (false)"},
     )
 )

@@ -141,6 +141,9 @@ def neuron_permutations(request: PlanRequest, plan: Plan, alignment: str) -> dic
     return result
 
 
+ALIGN_HELP = "align merged experts' neurons first: none, weights, activations or activations+weights"
+
+
 def alignment_statistics(alignment: str) -> tuple[str, ...]:
     return (f"input_sample@{SAMPLE_TOKENS}",) if "activations" in alignment else ()
 
@@ -222,6 +225,7 @@ register(
         plan_hc_smoe,
         "merge clusters of experts with similar mean outputs (hierarchical clustering), frequency-weighted (HC-SMoE)",
         options={"align": "none"},
+        option_help={"align": ALIGN_HELP},
         protects=True,
         family="merging",
     )
@@ -233,6 +237,7 @@ register(
         plan_m_smoe,
         "merge each expert into the most-used expert with the most similar router logits, frequency-weighted (M-SMoE)",
         options={"align": "none"},
+        option_help={"align": ALIGN_HELP},
         protects=True,
         family="merging",
     )

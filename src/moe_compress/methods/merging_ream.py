@@ -31,7 +31,7 @@ import torch
 from ..errors import MoECompressError
 from ..plan import Plan
 from .criteria import CRITERIA, layer_scores
-from .merging import Groups, alignment_statistics, build_plan, logit_cosine, representatives, same_routing_group
+from .merging import ALIGN_HELP, Groups, alignment_statistics, build_plan, logit_cosine, representatives, same_routing_group
 from .registry import Method, PlanRequest, register
 
 
@@ -98,6 +98,11 @@ register(
         plan_ream,
         "merge experts into the highest-REAP centroids after aligning their neurons; router rows from the centroids (REAM)",
         options={"group_size": 16, "use_gate": True, "align": "activations+weights"},
+        option_help={
+            "group_size": "most experts per merge group (pseudo-pruning); 0 sends every expert to its most similar centroid",
+            "use_gate": "similarity averages gated outputs with router logits (true) or uses the gated outputs alone (false)",
+            "align": ALIGN_HELP,
+        },
         protects=True,
         family="merging",
     )

@@ -176,5 +176,12 @@ register(
         plan_mone,
         "replace low-access, low-variance experts by their mean output (MoNE)",
         options={"fusion": "product", "fusion_weight": 0.5, "novices": True, "global_scores": "raw", "variance": "running"},
+        option_help={
+            "fusion": "how access frequency and output variance combine: product, minmax_product or weighted_sum",
+            "fusion_weight": "weight of access frequency in weighted_sum fusion, in [0, 1]",
+            "novices": "false: keep router rows but give pruned experts zero vectors (ablation)",
+            "global_scores": "global budget: compare raw fused scores across layers (raw, the authors' model scope) or each layer's share (layer_normalised)",
+            "variance": "output variance as the authors' running estimate (running) or the population variance (exact)",
+        },
     )
 )

@@ -42,6 +42,7 @@ class PlanRequest:
 
 #: Every method accepts this option: keep super experts (extreme activation outliers) intact.
 PROTECT = "protect_super_experts"
+PROTECT_HELP = "never remove or merge super experts (extreme down-projection outliers, see `moe-compress methods`)"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class Method:
     plan: Callable[..., Plan]  # plan(request, **options)
     doc: str
     options: dict[str, Any] = field(default_factory=dict)  # name -> default
+    #: name -> one line saying what the option does (`moe-compress methods NAME` prints it); the
+    #: option's type is its parameter's annotation in `plan` (`methods.options`).
+    option_help: dict[str, str] = field(default_factory=dict)
     #: Plans with `request.protected` itself (merging); otherwise removed super experts are swapped back in.
     protects: bool = False
     #: Default of the super-expert guard for this method (measured in bench/pruning.py).

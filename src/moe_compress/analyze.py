@@ -1,0 +1,72 @@
+"""`moe-compress analyze` as a function: where the redundancy is in an opened model.
+
+Per layer and expert, the statistics the methods rank by (frequency, gate mass, output variance,
+REAP) and a cluster id, written as JSON/CSV with heatmaps and expert-similarity plots; the
+experts a given plan, or a method's plan from the same statistics, would remove are marked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data.batches import CalibrationSpec
+from .errors import MoECompressError
+from .plan import Plan
+
+
+@dataclass
+class AnalysisSettings:
+    """What to compute and write. `method` (with `ratio`, `budget`) plans from the observed statistics and
+    saves that plan as plan.json; `normalize` is none or layer (heatmap colours)."""
+
+    out: Path
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    probe_tokens: int = 64
+    clusters: int | None = None
+    normalize: str = "none"
+    method: str | None = None
+    ratio: float = 0.25
+    budget: str = "layer"
+    similarity_layers: list[int] = field(default_factory=list)
+    report: bool = False
+    cache_dir: Path | None = None
+
+
+def analyze(name: str, model, tokenizer, weights, settings: AnalysisSettings, plan: Plan | None = None,
+            ignore_plan_identity: bool = False, device: str = "cpu") -> list[Path]:
+    """Observe `model` (opened by `io.open.open_model`, whose `weights` say where its layers live) and
+    write the analysis to `settings.out`; returns the files written."""
+    from .engine.identity import model_identity
+    from .engine.prepare import calibration_batches
+    from .engine.statistics import collect_statistics
+    from .arch import get_adapter
+    from .methods import PlanRequest, get_method
+    from .report.analysis import Analysis, analysis_statistics, expert_table, removed_by
+    from .report.outputs import write_analysis
+
+    adapter = get_adapter(model)
+    if plan is not None:
+        plan.check_identity(model_identity(model, adapter, weights), ignore_plan_identity)
+    layers = adapter.moe_layer_indices(model)
+    unknown = [layer for layer in settings.similarity_layers if layer not in layers]
+    if unknown:
+        raise MoECompressError(f"--similarity-layer {unknown[0]} is not a MoE layer of this model; its MoE layers: {', '.join(map(str, layers))}.")
+    method = get_method(settings.method) if settings.method else None
+    names = analysis_statistics(settings.probe_tokens) + (method.needs() if method else ())
+    batches = calibration_batches(settings.calibration, tokenizer, model.config)
+    stats, _ = collect_statistics(model, batches, names, settings.cache_dir, device, weights)
+    if method is not None:
+        plan = method.make_plan(PlanRequest(adapter, model.config, stats, settings.ratio, settings.budget))
+        plan.identity = model_identity(model, adapter, weights)
+    columns, similarity = expert_table(stats, settings.probe_tokens, settings.clusters or 0)
+    spec = settings.calibration
+    described = {"calibration": f"{spec.samples} x {spec.seq_len} tokens of {spec.source} (seed {spec.seed})",
+                 "probe tokens": settings.probe_tokens, "clusters per layer": settings.clusters or "half the experts"}
+    experts = {layer: len(values["frequency"]) for layer, values in columns.items()}
+    analysis = Analysis(Path(str(name)).name, columns, similarity, removed_by(plan, experts) if plan else {}, plan, described)
+    written = write_analysis(analysis, settings.out, settings.normalize, settings.similarity_layers or None, settings.report)
+    if method is not None:  # the plan the plots show, ready for `prune --plan-in`
+        plan.save(settings.out / "plan.json")
+        written.append(settings.out / "plan.json")
+    return written

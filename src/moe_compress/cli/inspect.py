@@ -1,0 +1,34 @@
+"""`moe-compress inspect`: a model's MoE structure, parameters and bytes."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import out_console, show
+from .options import Loading, ModelArg, command
+
+
+@command(exclude=("device", "streaming", "threads", "max_activation_memory", "offload_dir"))
+def inspect(
+    model: ModelArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the structure as JSON instead of tables.")] = False,
+    load: Loading = Loading(),
+) -> None:
+    """Print a model's MoE structure: layers, experts per layer, top-k, shared experts, parameters and bytes.
+
+    A local checkpoint is read from its config and shard headers alone (no weights are loaded).
+    """
+    from ..arch import get_adapter
+    from ..evaluate.size import structure_report
+    from ..io.load import resolve_model
+    from ..report.tables import structure_tables
+
+    load.check(model)
+    loaded, _, _ = load.open(model, "cpu", streaming=Path(resolve_model(model)).is_dir())
+    report = structure_report(model, loaded, get_adapter(loaded))
+    if as_json:
+        out_console.print_json(json.dumps(report, default=str))
+        return
+    show(structure_tables(report))

@@ -1,0 +1,55 @@
+"""`moe-compress quantize`: 4- or 8-bit weights in a compressed-tensors checkpoint."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import require_positive, show
+from .options import Calibration, DryRunOpt, Loading, ModelArg, OverwriteOpt, command
+
+
+@command(exclude=("text_field", "max_activation_memory", "offload_dir"))
+def quantize(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to write the quantised checkpoint to (compressed-tensors pack-quantized; written atomically).")],
+    bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8 (weight-only; activations stay in the model dtype).")] = 4,
+    group_size: Annotated[int | None, typer.Option(help="Weights per scale along the input dimension; 0 = one scale per output row. Default: the largest of 128/64/32/16/8 dividing every quantised width.")] = None,
+    scope: Annotated[str, typer.Option(help="all: every decoder Linear (attention, routed and shared experts, dense MLPs; routers, embeddings, lm_head stay); experts: routed experts only.")] = "all",
+    asymmetric: Annotated[bool, typer.Option("--asymmetric", help="Per-group zero points (asymmetric ranges) instead of symmetric ones.")] = False,
+    method: Annotated[str, typer.Option(help="rtn: round-to-nearest, no data (fast); autoround: AutoRound's rounding tuned per decoder block on calibration text.")] = "rtn",
+    iters: Annotated[int, typer.Option(help="autoround: tuning steps per decoder block.")] = 200,
+    samples: Annotated[int, typer.Option(help="autoround: number of calibration sequences.")] = 64,
+    calibration: Calibration = Calibration(),
+    overwrite: OverwriteOpt = False,
+    load: Loading = Loading(),
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Quantise weights to 4 or 8 bits (round-to-nearest or AutoRound, per group) and save a compressed-tensors checkpoint.
+
+    Run it last, after prune/slim: it reads the full-precision model. Round-to-nearest streams
+    a large checkpoint (one decoder layer read, quantised and written at a time); AutoRound
+    holds the model in memory. The result loads with transformers (compressed-tensors
+    installed) and vLLM; non-uniform checkpoints keep their generated remote code, and families
+    that fuse experts on disk (gpt_oss, granitemoe, ...) get it: their experts are packed one
+    weight per expert.
+    """
+    from ..io.save import check_output_dir
+    from ..report.compression import quantization_report
+    from ..slimming.quantize import check_quantize_options
+    from ..slimming.quantize import quantize as quantize_model
+
+    check_quantize_options(bits, scope, method, group_size)
+    require_positive(iters=iters)
+    spec = calibration.spec(validate=method == "autoround")
+    load.check(model)
+    if dry_run:
+        from ..dry_run import dry_run_quantize
+
+        dry_run_quantize(model, out, overwrite, bits, group_size, scope, not asymmetric, load.dtype, load.trust_remote_code, method, spec)
+        return
+    check_output_dir(out, overwrite, [model])
+    with load.session():
+        result = quantize_model(model, out, bits, group_size, scope, not asymmetric, None, overwrite, method=method, calib=spec, iters=iters,
+                                device=load.device, trust_remote_code=load.trust_remote_code, streaming=load.mode(), dtype=load.dtype)
+    show(quantization_report(result.summary, out))
