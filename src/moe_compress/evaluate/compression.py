@@ -19,7 +19,7 @@ def eval_sets(protocol: EvalProtocol, sources: str | list[str] | None, tokenizer
 
 def perplexities(model, windows: dict, weights=None, device: str = "cpu", when: str = "") -> dict[str, float]:
     """Source -> perplexity of `model` on its windows; `when` labels the progress line (before, after)."""
-    from .perplexity import perplexity
+    from .lm_perplexity import perplexity
 
     label = f" ({when})" if when else ""
     return {source: perplexity(model, w, weights=weights, device=device, description=f"perplexity {source}{label}").perplexity

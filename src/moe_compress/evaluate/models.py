@@ -80,7 +80,7 @@ def measure_model(name: str, loaded, tokenizer, request: Evaluation, weights=Non
     and, without `perplexities`, perplexity (a comparison measures it with fidelity, from the same forward)."""
     from ..arch import get_adapter
     from .harness import run_tasks
-    from .perplexity import perplexity
+    from .lm_perplexity import perplexity
     from .size import model_size
     from .speed import peak_rss_bytes
 
