@@ -37,7 +37,12 @@ _EXPORTS = {
     "finetune": ".finetune",
     "load_model": ".io",
     "save_compressed": ".io",
+    "CondenseLayer": ".plan",
+    "DropMoeLayer": ".plan",
+    "KeepLayer": ".plan",
     "LayerPlan": ".plan",
+    "MergeLayer": ".plan",
+    "NoviceLayer": ".plan",
     "Plan": ".plan",
     "register_stage": ".recipes",
     "run_recipe": ".recipes",
@@ -58,7 +63,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .evaluate import model_size, perplexity
     from .finetune import finetune
     from .io import load_model, save_compressed
-    from .plan import LayerPlan, Plan
+    from .plan import CondenseLayer, DropMoeLayer, KeepLayer, LayerPlan, MergeLayer, NoviceLayer, Plan
     from .recipes import register_stage, run_recipe
     from .slimming import SlimResult, slim
     from .slimming.quantize import QuantizeResult, quantize
