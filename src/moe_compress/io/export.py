@@ -106,7 +106,7 @@ def keeps_stored_format(plan: Plan | None, output_model: PreTrainedModel) -> boo
     written dequantised."""
     if getattr(output_model.config, "moe_compress", None):
         return False
-    return plan is None or all(lp.action in ("keep", "merge") for lp in plan.layers)
+    return plan is None or all(lp.action == "keep" for lp in plan.layers)
 
 
 def raw_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | None) -> Iterator[Group]:
