@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import token_batches
+from helpers import as_format_1, token_batches
 from moe_compress import CondenseLayer, MoECompressError, Plan, compress
 from tiny_models import tiny_model
 
@@ -185,8 +185,7 @@ def _edited_identity(plan, tmp_path, edit) -> object:
     data = json.loads(plan.read_text())
     data["identity"] = edit(dict(data["identity"]))
     if "fingerprint" in data["identity"]:
-        data["format"] = "moe-compress/plan@1"
-        data["layers"] = [{key: value for key, value in lp.items() if key != "action"} for lp in data["layers"]]
+        data = as_format_1(data)
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(data))
     return path
