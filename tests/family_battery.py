@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from helpers import load_in_fresh_process, round_experts, save_expected, selected_experts, token_batches
-from moe_compress import LayerPlan, MoECompressError, Plan, apply_plan, compress, get_adapter, prune_experts, quantize, save_compressed, slim
+from moe_compress import KeepLayer, MoECompressError, Plan, apply_plan, compress, get_adapter, prune_experts, quantize, save_compressed, slim
 from moe_compress.arch import auto_model_class
 from moe_compress.arch.adapter import TextOnlyCalibrationWarning
 from moe_compress.arch.table import unloadable_when_packed
@@ -44,8 +44,8 @@ def _keep_plan(model, adapter, keep: dict[int, list[int]]) -> Plan:
     limits = routing_limits(adapter, model.config)
     layers = adapter.decoder_layers(model)
     return Plan(
-        adapter.model_type, limits.top_k,
-        [LayerPlan(i, adapter.num_experts(adapter.moe_block(layers[i])), k) for i, k in keep.items()],
+        model_type=adapter.model_type, top_k=limits.top_k,
+        layers=[KeepLayer(layer=i, num_experts=adapter.num_experts(adapter.moe_block(layers[i])), keep=k) for i, k in keep.items()],
         routing_groups=limits.groups, groups_per_token=limits.groups_per_token, min_per_group=limits.min_per_group,
     )
 
@@ -129,7 +129,7 @@ def _block_drop(model_type: str, result: BatteryResult, root: Path) -> None:
     for block in range(LAYERS, -1, -1):
         model = tiny_model(model_type, num_layers=LAYERS + 1)
         adapter = get_adapter(model)
-        plan = Plan(adapter.model_type, adapter.top_k(model.config), [], method="block-drop", num_layers=LAYERS + 1, dropped_blocks=[block])
+        plan = Plan(model_type=adapter.model_type, top_k=adapter.top_k(model.config), layers=[], method="block-drop", num_layers=LAYERS + 1, dropped_blocks=[block])
         try:
             apply_plan(model, plan, adapter)
             break

@@ -130,3 +130,9 @@ def load_in_fresh_process(jobs: list[dict]) -> dict[str, dict]:
         raise AssertionError(f"fresh-process load failed:\n{result.stderr[-4000:]}")
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS"))
     return json.loads(line.removeprefix("RESULTS"))
+
+
+def as_format_1(plan: dict) -> dict:
+    """A plan's JSON body of pruned (keep) layers as format 1 wrote it: for edits that only
+    format 1 could hold, such as the single `fingerprint` of an older identity."""
+    return {**plan, "format": "moe-compress/plan@1", "layers": [{k: v for k, v in lp.items() if k != "action"} for lp in plan["layers"]]}

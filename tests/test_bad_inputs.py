@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from fs_faults import tmpfs
-from helpers import token_batches
+from helpers import as_format_1, token_batches
 from moe_compress import compress
 from moe_compress.cli import app
 from tiny_checkpoints import FP8_CONFIG, edit_header, fp8_layout, hub_cache_snapshot, rewrite_tensors, save_tiny_checkpoint, write_calibration, zero_fill
@@ -154,6 +154,8 @@ def _plan_with_identity(c: Case, edit: Callable[[dict], dict], *extra, command: 
     plan = compress(str(c.checkpoint), ratio=0.25, calib=[torch.randint(3, 96, (2, 16))], streaming=False, cache_dir=False).plan
     body = plan.to_dict()
     body["identity"] = edit(body["identity"])
+    if "fingerprint" in body["identity"]:  # the older single fingerprint: only format 1 held it
+        body = as_format_1(body)
     path = c.text("plan.json", json.dumps(body))
     if command == "analyze":
         return ["analyze", c.checkpoint, "--out", c.out, "--plan", path, "--samples", "4", "--seq-len", "32", "--calib", c.calib]

@@ -168,7 +168,7 @@ def test_prune_with_method_options(checkpoint, calib, tmp_path):
                        "--batch-size", "4", "--out", tmp_path / "mone", *common)
     assert result.exit_code == 0, text
     plan = json.loads((tmp_path / "mone" / "moe_compress_plan.json").read_text())
-    assert plan["method"] == "mone" and plan["meta"]["fusion"] == "weighted_sum" and all(layer["novices"] for layer in plan["layers"])
+    assert plan["method"] == "mone" and plan["meta"]["fusion"] == "weighted_sum" and all(layer["action"] == "novices" for layer in plan["layers"])
     assert (tmp_path / "mone" / "moe_compress_runtime.py").is_file()
     result, text = run("prune", checkpoint, "--method", "reap", "--fusion", "product", "--out", tmp_path / "bad", *common)
     assert result.exit_code == 2 and "has no option" in text and not (tmp_path / "bad").exists()

@@ -9,7 +9,7 @@ import torch
 
 from family_battery import non_uniform_plan
 from helpers import token_batches
-from moe_compress import MoECompressError, compress, get_adapter, prune_experts
+from moe_compress import KeepLayer, MoECompressError, compress, get_adapter, prune_experts
 from moe_compress.arch.adapter import TextOnlyCalibrationWarning
 from moe_compress.arch.catalog import build_skeleton, probe_config
 from moe_compress.arch.discovery import discover
@@ -73,8 +73,7 @@ def test_every_expert_indexed_tensor_is_sliced_with_its_experts(model_type):
         for tensor in adapter.expert_tensors(adapter.moe_block(layers[index])):
             before[(index, id(tensor.module), tensor.name)] = tensor.value.detach().clone()
     plan = non_uniform_plan(model)
-    for layer_plan in plan.layers:
-        layer_plan.keep = list(KEEP)
+    plan.layers = [KeepLayer(layer=lp.layer, num_experts=lp.num_experts, keep=list(KEEP)) for lp in plan.layers]
     prune_experts(model, plan, adapter)
     for index in adapter.moe_layer_indices(model):
         block = adapter.moe_block(layers[index])
@@ -173,7 +172,7 @@ def test_block_drop_refuses_what_a_stock_config_cannot_keep_and_leaves_the_model
     model = tiny_model(model_type, num_layers=4)
     adapter = get_adapter(model)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    plan = Plan(model_type, 2, [], num_layers=4, dropped_blocks=[block])
+    plan = Plan(model_type=model_type, top_k=2, layers=[], num_layers=4, dropped_blocks=[block])
     with pytest.raises(MoECompressError, match=reason):
         apply_plan(model, plan, adapter)
     assert len(adapter.decoder_layers(model)) == 4 and model.config.get_text_config().num_hidden_layers == 4

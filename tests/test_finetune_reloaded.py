@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_compress import LayerPlan, Plan, compress, finetune, get_adapter, load_model
+from moe_compress import CondenseLayer, Plan, compress, finetune, get_adapter, load_model
 from moe_compress.runtime import ConstantRouter
 from tiny_checkpoints import save_tiny_checkpoint, write_calibration
 
@@ -13,7 +13,7 @@ def test_condense_save_reload_finetune_changes_only_the_condensed_layers(tmp_pat
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")  # MoE layers 1 and 2, with shared experts
     calib = write_calibration(tmp_path / "calib.jsonl", documents=60)
     model, tokenizer = load_model(checkpoint)
-    condensed = Plan("qwen2_moe", 2, [LayerPlan(2, 8, [1, 5], condensed_weights=[0.6, 0.3])], method="cd-moe")
+    condensed = Plan(model_type="qwen2_moe", top_k=2, layers=[CondenseLayer(layer=2, num_experts=8, keep=[1, 5], condensed_weights=[0.6, 0.3])], method="cd-moe")
     compress(model, plan=condensed, tokenizer=tokenizer, out=tmp_path / "condensed", ignore_plan_identity=True)
 
     reloaded, tokenizer = load_model(tmp_path / "condensed")  # generated code: no --trust-remote-code needed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_compress import LayerPlan, MoECompressError, Plan, compress, quantize
+from moe_compress import KeepLayer, MoECompressError, Plan, compress, quantize
 from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes, packed_weight_bytes
 from moe_compress.io.load import BUNDLED_MODELS
 from moe_compress.methods.expert_pruning import routing_limits
@@ -70,7 +70,7 @@ def _prune_alternately(model, found, out: Path) -> int:
     for n, (index, layer) in enumerate(sorted(found.layers.items())):
         size = layer.experts // limits.groups
         keeps[index] = [e for e in range(layer.experts) if (e % size != size - 1 if n % 2 else e % 2 == 0)]
-    plan = Plan(structure.adapter.model_type, limits.top_k, [LayerPlan(i, found.layers[i].experts, k) for i, k in keeps.items()],
+    plan = Plan(model_type=structure.adapter.model_type, top_k=limits.top_k, layers=[KeepLayer(layer=i, num_experts=found.layers[i].experts, keep=k) for i, k in keeps.items()],
                 routing_groups=limits.groups, groups_per_token=limits.groups_per_token, min_per_group=limits.min_per_group)
     compress(model, plan=plan, out=out, ignore_plan_identity=True)  # a plan built in code carries no identity
     return found.fixed + sum(candidate_bytes(found.layers[i], len(k), 16) for i, k in keeps.items())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import assert_reloads_exactly, load_in_fresh_process, save_expected, token_batches
-from moe_compress import LayerPlan, MoECompressError, Plan, apply_plan, compress, get_adapter
+from moe_compress import KeepLayer, LayerPlan, MergeLayer, MoECompressError, Plan, apply_plan, compress, get_adapter
 from moe_compress.methods import METHODS, PlanRequest
 from moe_compress.methods.expert_pruning import routing_limits
 from moe_compress.methods.merging import cluster_outputs, logit_cosine
@@ -30,7 +30,7 @@ def _blocks(model):
 def _plan(model, layers: dict[int, LayerPlan]) -> Plan:
     adapter = get_adapter(model)
     limits = routing_limits(adapter, model.config)
-    return Plan(adapter.model_type, limits.top_k, list(layers.values()), routing_groups=limits.groups,
+    return Plan(model_type=adapter.model_type, top_k=limits.top_k, layers=list(layers.values()), routing_groups=limits.groups,
                 groups_per_token=limits.groups_per_token, min_per_group=limits.min_per_group)
 
 
@@ -57,7 +57,7 @@ def test_merging_identical_experts_equals_keeping_one_with_combined_router_rows(
     kept = [e for e in range(8) if e not in {twin for _, twin in PAIRS}]
     merges = [[e, e + 1] if (e, e + 1) in PAIRS else [e] for e in kept]
     weights = [list(WEIGHTS) if len(g) == 2 else [1.0] for g in merges]
-    merged = apply_plan(_copy(original), _plan(original, {i: LayerPlan(i, 8, kept, merges=merges, merge_weights=weights) for i, _ in blocks}))
+    merged = apply_plan(_copy(original), _plan(original, {i: MergeLayer(layer=i, num_experts=8, keep=kept, merges=merges, merge_weights=weights) for i, _ in blocks}))
 
     # The reference: prune the twins, then combine the router rows by hand.
     pruned = _copy(original)
@@ -67,7 +67,7 @@ def test_merging_identical_experts_equals_keeping_one_with_combined_router_rows(
             rows = [WEIGHTS[0] * tensor.value.select(tensor.axis, keep).double() + WEIGHTS[1] * tensor.value.select(tensor.axis, twin).double()
                     for keep, twin in PAIRS]
             combined[(index, tensor.name)] = [row.to(tensor.value.dtype) for row in rows]
-    apply_plan(pruned, _plan(original, {i: LayerPlan(i, 8, kept) for i, _ in blocks}))
+    apply_plan(pruned, _plan(original, {i: KeepLayer(layer=i, num_experts=8, keep=kept) for i, _ in blocks}))
     pruned_adapter, pruned_blocks = _blocks(pruned)
     for index, block in pruned_blocks:
         for tensor in pruned_adapter.router_tensors(block):
@@ -103,7 +103,7 @@ def test_neuron_alignment_recovers_a_permuted_copy_exactly(family, alignment):
     assert torch.equal(found, perm[None])
 
     kept = [e for e in range(8) if e != 3]
-    layer_plan = LayerPlan(index, 8, kept, merges=[[0, 3] if e == 0 else [e] for e in kept],
+    layer_plan = MergeLayer(layer=index, num_experts=8, keep=kept, merges=[[0, 3] if e == 0 else [e] for e in kept],
                            merge_weights=[[0.5, 0.5] if e == 0 else [1.0] for e in kept])
     plan = _plan(model, {index: layer_plan})
     plan.merge_permutations = {index: found}
@@ -120,7 +120,7 @@ def test_neuron_alignment_recovers_a_permuted_copy_exactly(family, alignment):
 def test_permutations_for_other_experts_are_refused():
     model = tiny_model("mixtral")
     kept = [0, 2, 3, 4, 5, 6, 7]
-    plan = _plan(model, {0: LayerPlan(0, 8, kept, merges=[[0, 1]] + [[e] for e in kept[1:]], merge_weights=[[1.0, 1.0]] + [[1.0]] * 6)})
+    plan = _plan(model, {0: MergeLayer(layer=0, num_experts=8, keep=kept, merges=[[0, 1]] + [[e] for e in kept[1:]], merge_weights=[[1.0, 1.0]] + [[1.0]] * 6)})
     plan.merge_permutations = {0: torch.arange(5)[None]}  # the tiny experts have 16 neurons
     with pytest.raises(MoECompressError, match="permutations have 5 neurons; its experts have 16"):
         apply_plan(model, plan)
@@ -183,33 +183,34 @@ def test_merges_stay_inside_routing_groups_and_combine_correction_biases():
 
 
 def test_plan_with_merges_round_trips_and_validates(tmp_path):
-    layer = LayerPlan(0, 8, [0, 2, 3, 4, 6, 7], merges=[[0, 1], [2], [3], [4, 5], [6], [7]],
+    layer = MergeLayer(layer=0, num_experts=8, keep=[0, 2, 3, 4, 6, 7], merges=[[0, 1], [2], [3], [4, 5], [6], [7]],
                       merge_weights=[[1.0, 3.0], [1.0], [1.0], [0.5, 0.5], [1.0], [1.0]], merge_router="centroid")
-    plan = Plan("mixtral", 2, [layer], method="ream", merge_permutations={0: torch.tensor([[1, 0, 2], [0, 2, 1]])})
+    plan = Plan(model_type="mixtral", top_k=2, layers=[layer], method="ream", merge_permutations={0: torch.tensor([[1, 0, 2], [0, 2, 1]])})
     plan.save(tmp_path / "plan.json")
     loaded = Plan.load(tmp_path / "plan.json")
     assert loaded.layers == plan.layers and torch.equal(loaded.merge_permutations[0], plan.merge_permutations[0])
     old = json.loads((tmp_path / "plan.json").read_text())
-    for lp in old["layers"]:
-        for key in ("merges", "merge_weights", "merge_router"):
+    old["format"] = "moe-compress/plan@1"
+    for lp in old["layers"]:  # as format 1 wrote a pruned layer before merging existed
+        for key in ("action", "merges", "merge_weights", "merge_router"):
             del lp[key]
-    assert Plan.from_dict(old).layers[0].merges is None  # plans written before merging still load
+    assert Plan.from_dict(old).layers[0].action == "keep"  # plans written before merging still load
 
     def broken(**changes):
         fields = {"layer": 0, "num_experts": 8, "keep": layer.keep, "merges": layer.merges, "merge_weights": layer.merge_weights, **changes}
-        return Plan("mixtral", 2, [LayerPlan(**fields)])
+        return Plan(model_type="mixtral", top_k=2, layers=[MergeLayer(**fields)])
 
     cases = [
-        (broken(merges=[[1, 0], [2], [3], [4, 5], [6], [7]]), "each starting with that expert"),
-        (broken(merges=[[0, 1], [2, 1], [3], [4, 5], [6], [7]], merge_weights=[[1, 1], [1, 1], [1], [1, 1], [1], [1]]), "distinct"),
-        (broken(merge_weights=[[0.0, 0.0], [1.0], [1.0], [0.5, 0.5], [1.0], [1.0]]), "not all zero"),
-        (broken(merge_weights=[[1.0], [1.0], [1.0], [0.5, 0.5], [1.0], [1.0]]), "one weight per merged expert"),
-        (broken(merge_router="average"), "merge_router"),
+        (dict(merges=[[1, 0], [2], [3], [4, 5], [6], [7]]), "each starting with that expert"),
+        (dict(merges=[[0, 1], [2, 1], [3], [4, 5], [6], [7]], merge_weights=[[1, 1], [1, 1], [1], [1, 1], [1], [1]]), "distinct"),
+        (dict(merge_weights=[[0.0, 0.0], [1.0], [1.0], [0.5, 0.5], [1.0], [1.0]]), "not all zero"),
+        (dict(merge_weights=[[1.0], [1.0], [1.0], [0.5, 0.5], [1.0], [1.0]]), "one weight per merged expert"),
+        (dict(merge_router="average"), "merge_router"),
     ]
-    for bad, message in cases:
+    for changes, message in cases:
         with pytest.raises(MoECompressError, match=message):
-            bad.validate()
-    grouped = Plan("deepseek_v3", 2, [LayerPlan(1, 8, [0, 2, 4, 6], merges=[[0, 1], [2, 5], [4], [6]], merge_weights=[[1, 1], [1, 1], [1], [1]])],
+            broken(**changes).validate()
+    grouped = Plan(model_type="deepseek_v3", top_k=2, layers=[MergeLayer(layer=1, num_experts=8, keep=[0, 2, 4, 6], merges=[[0, 1], [2, 5], [4], [6]], merge_weights=[[1, 1], [1, 1], [1], [1]])],
                    routing_groups=2, min_per_group=2)
     with pytest.raises(MoECompressError, match="within their routing group"):
         grouped.validate()

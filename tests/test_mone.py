@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import token_batches
-from moe_compress import LayerPlan, MoECompressError, Plan, compress, get_adapter, load_model, prune_experts
+from moe_compress import MoECompressError, NoviceLayer, Plan, compress, get_adapter, load_model, prune_experts
 from moe_compress.io.save import save_compressed
 from moe_compress.engine.statistics import collect_statistics
 from moe_compress.methods.mone import access_and_variance, redundancy
@@ -84,7 +84,7 @@ def test_novice_reproduces_an_expert_whose_output_is_constant():
     with torch.no_grad():
         before = model(inputs).logits
     stats, _ = collect_statistics(model, token_batches(), ("gate_sum", "output_moments"), cache_dir=False)
-    plan = Plan("gpt_oss", 2, [LayerPlan(i, 8, [e for e in range(8) if e != 3], novices=True) for i in stats])
+    plan = Plan(model_type="gpt_oss", top_k=2, layers=[NoviceLayer(layer=i, num_experts=8, keep=[e for e in range(8) if e != 3]) for i in stats])
     for index, layer_stats in stats.items():
         count, mean, variance = split_moments(layer_stats["output_moments"])
         assert count[3] > 0 and variance[3].max() < 1e-10, "the constructed expert must be constant"
@@ -103,7 +103,7 @@ def test_novices_beat_zero_vectors_on_the_constant_case():
     inputs = torch.randint(3, VOCAB, (2, 12))
     with torch.no_grad():
         before = model(inputs).logits
-    plan = Plan("gpt_oss", 2, [LayerPlan(i, 8, [e for e in range(8) if e != 3], novices=True) for i in (0, 1, 2)])
+    plan = Plan(model_type="gpt_oss", top_k=2, layers=[NoviceLayer(layer=i, num_experts=8, keep=[e for e in range(8) if e != 3]) for i in (0, 1, 2)])
     prune_experts(model, plan)
     with torch.no_grad():
         assert (model(inputs).logits - before).abs().max() > 1e-3
@@ -124,7 +124,7 @@ def test_novice_layer_may_keep_fewer_real_experts_than_top_k(tmp_path):
     """The router keeps every row, so one real expert with seven novices is a working top-2 layer."""
     model = tiny_model("mixtral")
     stats, _ = collect_statistics(model, token_batches(), ("gate_sum", "output_moments"), cache_dir=False)
-    plan = Plan("mixtral", 2, [LayerPlan(i, 8, [5], novices=True) for i in stats])
+    plan = Plan(model_type="mixtral", top_k=2, layers=[NoviceLayer(layer=i, num_experts=8, keep=[5]) for i in stats])
     for index, layer_stats in stats.items():
         plan.novice_vectors[index] = split_moments(layer_stats["output_moments"])[1][[e for e in range(8) if e != 5]].float()
     prune_experts(model, plan)
@@ -137,4 +137,4 @@ def test_novice_layer_may_keep_fewer_real_experts_than_top_k(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(inputs).logits, logits, rtol=0, atol=1e-5)
     with pytest.raises(MoECompressError, match="keeps no expert"):
-        Plan("mixtral", 2, [LayerPlan(0, 8, [], novices=True)]).validate()
+        Plan(model_type="mixtral", top_k=2, layers=[NoviceLayer(layer=0, num_experts=8, keep=[])]).validate()

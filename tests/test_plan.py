@@ -7,11 +7,11 @@ import json
 import pytest
 from rich.console import Console
 
-from moe_compress import LayerPlan, MoECompressError, Plan
+from moe_compress import KeepLayer, MoECompressError, Plan
 
 
 def _plan(**changes) -> Plan:
-    fields = dict(model_type="mixtral", top_k=2, layers=[LayerPlan(0, 8, [0, 2, 3, 5]), LayerPlan(1, 8, list(range(6)))], method="reap", ratio=0.4, budget="global")
+    fields = dict(model_type="mixtral", top_k=2, layers=[KeepLayer(layer=0, num_experts=8, keep=[0, 2, 3, 5]), KeepLayer(layer=1, num_experts=8, keep=list(range(6)))], method="reap", ratio=0.4, budget="global")
     fields.update(changes)
     return Plan(**fields)
 
@@ -19,7 +19,7 @@ def _plan(**changes) -> Plan:
 def test_round_trip(tmp_path):
     plan = _plan()
     plan.save(tmp_path / "plan.json")
-    assert json.loads((tmp_path / "plan.json").read_text())["format"] == "moe-compress/plan@1"
+    assert json.loads((tmp_path / "plan.json").read_text())["format"] == "moe-compress/plan@2"
     assert Plan.load(tmp_path / "plan.json") == plan
     assert not plan.is_uniform() and plan.kept_counts() == {0: 4, 1: 6}
     assert plan.layers[0].removed == [1, 4, 6, 7]
@@ -28,22 +28,26 @@ def test_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "layers, message",
     [
-        ([LayerPlan(0, 8, [0])], "fewer than top_k=2"),
-        ([LayerPlan(0, 8, [0, 9])], "out of range"),
-        ([LayerPlan(0, 8, [1, 1, 2])], "duplicates"),
-        ([LayerPlan(0, 8, [1, 2]), LayerPlan(0, 8, [1, 2])], "appears twice"),
+        ([{"keep": [0]}], "fewer than top_k=2"),
+        ([{"keep": [0, 9]}], "out of range"),
+        ([{"keep": [1, 1, 2]}], "duplicates"),
+        ([{"keep": [1, 2]}, {"keep": [1, 2]}], "appears twice"),
     ],
 )
 def test_invalid_plans_are_refused(layers, message):
+    """Built in code (an entry refuses what it can tell alone when built, the plan the rest) and read from a file alike."""
     with pytest.raises(MoECompressError, match=message):
-        _plan(layers=layers).validate()
+        _plan(layers=[KeepLayer(layer=0, num_experts=8, **fields) for fields in layers]).validate()
+    body = {**_plan().to_dict(), "layers": [{"action": "keep", "layer": 0, "num_experts": 8, **fields} for fields in layers]}
+    with pytest.raises(MoECompressError, match=message):
+        Plan.from_dict(body).validate()
 
 
 def test_group_constraints():
     grouped = dict(model_type="deepseek_v3", routing_groups=2, groups_per_token=1, min_per_group=2)
-    _plan(layers=[LayerPlan(1, 8, [0, 1, 4, 5])], **grouped).validate()
+    _plan(layers=[KeepLayer(layer=1, num_experts=8, keep=[0, 1, 4, 5])], **grouped).validate()
     with pytest.raises(MoECompressError, match="same number of kept experts in each"):
-        _plan(layers=[LayerPlan(1, 8, [0, 1, 2, 4])], **grouped).validate()
+        _plan(layers=[KeepLayer(layer=1, num_experts=8, keep=[0, 1, 2, 4])], **grouped).validate()
 
 
 def test_plan_must_match_the_model():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import token_batches
-from moe_compress import LayerPlan, MoECompressError, Plan, compress
+from helpers import as_format_1, token_batches
+from moe_compress import CondenseLayer, MoECompressError, Plan, compress
 from tiny_models import tiny_model
 
 
@@ -97,7 +97,8 @@ def test_an_old_plan_without_identity_is_refused_unless_told_to_ignore_it(made, 
         ({"layer0_keep": [0, True]}, "field 'keep'"),
         ({"top_k": "2"}, "field 'top_k' must be a positive integer"),
         ({"top_k": 2.0}, "field 'top_k' must be a positive integer"),
-        ({"layer0_novices": "yes"}, "field 'novices' must be true or false"),
+        ({"layer0_action": "yes"}, "field 'action' must be one of 'keep', 'novices', 'merge', 'condense', 'drop_moe'; got 'yes'"),
+        ({"layer0_novices": True}, r"plan layer entry 0 has unknown field\(s\) \['novices'\]; known: action, layer, num_experts, keep, scores, clusters"),
         ({"layer0_scores": [float("nan")] * 8}, "field 'scores' must be null or a list of finite numbers"),
         ({"ratio": float("inf")}, "field 'ratio' must be null or a finite number"),
         ({"layers": {"0": []}}, "field 'layers' must be a list"),
@@ -131,9 +132,8 @@ def test_novice_vectors_must_fit(made, tmp_path):
 
 
 def test_nan_condensed_weights_are_refused():
-    plan = Plan("mixtral", 2, [LayerPlan(0, 8, [0, 1], condensed_weights=[0.5, float("nan")])])
     with pytest.raises(MoECompressError, match="condensed_weights contain NaN"):
-        plan.validate()
+        CondenseLayer(layer=0, num_experts=8, keep=[0, 1], condensed_weights=[0.5, float("nan")])
 
 
 # ---- issue 20 item 3: fingerprints of both kinds, compared in memory and streamed --------------
@@ -180,8 +180,12 @@ def test_a_plan_replays_in_the_other_residency_when_the_checkpoint_is_unchanged(
 
 
 def _edited_identity(plan, tmp_path, edit) -> object:
+    """`plan` with its identity edited; one edited back to the single fingerprint of format 1 is
+    written in format 1 (the only format that held it), its REAP layers as format 1 wrote them."""
     data = json.loads(plan.read_text())
     data["identity"] = edit(dict(data["identity"]))
+    if "fingerprint" in data["identity"]:
+        data = as_format_1(data)
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(data))
     return path

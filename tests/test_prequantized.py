@@ -138,3 +138,14 @@ def test_mxfp4_expert_blocks_are_sliced_along_the_expert_axis(tmp_path):
     mc.prune_experts(reference, result.plan)
     inputs = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), inputs), _logits(reference, inputs), rtol=0, atol=0)
+
+
+def test_fp8_under_a_merge_plan_is_written_dequantised_with_the_merged_experts(fp8_checkpoint, tmp_path):
+    """A merge creates weights: copying the stored experts would write each group's first expert unmerged."""
+    result = mc.compress(fp8_checkpoint, "hc-smoe", 0.5, "layer", token_batches(), out=tmp_path / "out", cache_dir=False)
+    assert result.plan.layers and all(lp.action == "merge" for lp in result.plan.layers)
+    assert "dequantised" in result.summary["weights_format"]
+    reference = AutoModelForCausalLM.from_pretrained(fp8_checkpoint)
+    mc.apply_plan(reference, result.plan)
+    inputs = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), inputs), _logits(reference, inputs))

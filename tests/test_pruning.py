@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import selected_experts, token_batches
-from moe_compress import LayerPlan, Plan, compress, get_adapter, prune_experts
+from moe_compress import KeepLayer, Plan, compress, get_adapter, prune_experts
 from moe_compress.methods.expert_pruning import routing_limits
 from moe_compress.surgery import experts_per_layer
 from tiny_models import FAMILIES, VOCAB, tiny_model
@@ -18,9 +18,9 @@ from tiny_models import FAMILIES, VOCAB, tiny_model
 def _plan_keeping(model, adapter, keep: dict[int, list[int]]) -> Plan:
     limits = routing_limits(adapter, model.config)
     return Plan(
-        adapter.model_type,
-        limits.top_k,
-        [LayerPlan(layer, adapter.num_experts(adapter.moe_block(adapter.decoder_layers(model)[layer])), experts) for layer, experts in keep.items()],
+        model_type=adapter.model_type,
+        top_k=limits.top_k,
+        layers=[KeepLayer(layer=layer, num_experts=adapter.num_experts(adapter.moe_block(adapter.decoder_layers(model)[layer])), keep=experts) for layer, experts in keep.items()],
         routing_groups=limits.groups,
         groups_per_token=limits.groups_per_token,
         min_per_group=limits.min_per_group,

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from helpers import assert_reloads_exactly, load_in_fresh_process, save_expected, token_batches
-from moe_compress import LayerPlan, Plan, compress, get_adapter, load_model, prune_experts, save_compressed
+from moe_compress import KeepLayer, Plan, compress, get_adapter, load_model, prune_experts, save_compressed
 from moe_compress.methods.expert_pruning import routing_limits
 from tiny_models import VOCAB, tiny_model
 
@@ -29,7 +29,7 @@ def _non_uniform_plan(model) -> Plan:
     layers = adapter.moe_layer_indices(model)
     keeps = [[0, 1, 2, 4, 5, 6]] + [[1, 3, 5, 7]] * (len(layers) - 1)
     return Plan(
-        adapter.model_type, limits.top_k, [LayerPlan(i, 8, k) for i, k in zip(layers, keeps)],
+        model_type=adapter.model_type, top_k=limits.top_k, layers=[KeepLayer(layer=i, num_experts=8, keep=k) for i, k in zip(layers, keeps)],
         routing_groups=limits.groups, groups_per_token=limits.groups_per_token, min_per_group=limits.min_per_group,
     )
 
@@ -158,7 +158,7 @@ def test_reloaded_non_uniform_model_can_be_pruned_again(saved, tmp_path):
     model, _ = load_model(root / "qwen2_moe-non-uniform")
     adapter = get_adapter(model)
     assert adapter.model_type == "qwen2_moe"
-    plan = Plan("qwen2_moe", 2, [LayerPlan(1, 6, [0, 1, 2, 3]), LayerPlan(2, 4, [0, 1, 2, 3])])
+    plan = Plan(model_type="qwen2_moe", top_k=2, layers=[KeepLayer(layer=1, num_experts=6, keep=[0, 1, 2, 3]), KeepLayer(layer=2, num_experts=4, keep=[0, 1, 2, 3])])
     prune_experts(model, plan, adapter)
     assert not hasattr(model.config, "moe_compress"), "4 and 4 experts is uniform again: a stock checkpoint"
     out = save_compressed(model, tmp_path / "again")
@@ -182,7 +182,7 @@ def test_a_family_whose_config_refuses_our_per_layer_config_declares_none_and_re
     layers = adapter.moe_layer_indices(model)
     half = adapter.num_experts(adapter.moe_block(adapter.decoder_layers(model)[layers[0]])) // 2
     keeps = [[*range(half - 1), *range(half, 2 * half - 1)]] + [[*range(half - 2), *range(half, 2 * half - 2)]] * (len(layers) - 1)
-    plan = Plan(adapter.model_type, limits.top_k, [LayerPlan(i, 2 * half, k) for i, k in zip(layers, keeps)],
+    plan = Plan(model_type=adapter.model_type, top_k=limits.top_k, layers=[KeepLayer(layer=i, num_experts=2 * half, keep=k) for i, k in zip(layers, keeps)],
                 routing_groups=limits.groups, groups_per_token=limits.groups_per_token, min_per_group=limits.min_per_group)
     compress(model, plan=plan, out=tmp_path / "out", ignore_plan_identity=True)
     config = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_reloads_exactly, load_in_fresh_process, save_expected, token_batches
-from moe_compress import CalibrationSpec, LayerPlan, MoECompressError, Plan, apply_plan, condense, drop, finetune, get_adapter, load_model
+from moe_compress import CalibrationSpec, CondenseLayer, MoECompressError, Plan, apply_plan, condense, drop, finetune, get_adapter, load_model
 from moe_compress.engine.statistics import collect_statistics
 from moe_compress.methods.condense_eval import (
     CachedLayers, LayerProbe, condensed, hidden_log_probs, js_divergence, mean_selected_gate,
@@ -101,7 +101,7 @@ def test_dropping_nothing_is_an_identity(family):
     inputs = torch.randint(3, VOCAB, (2, 9))
     with torch.no_grad():
         before = model(inputs).logits
-    apply_plan(model, Plan(family, 2, [], num_layers=3))
+    apply_plan(model, Plan(model_type=family, top_k=2, layers=[], num_layers=3))
     with torch.no_grad():
         assert torch.equal(model(inputs).logits, before)
 
@@ -173,11 +173,11 @@ def test_dropped_moe_sub_layers_are_skips_in_the_standard_per_layer_config(struc
 
 def test_block_drop_renumbers_the_config():
     model = tiny_model("qwen3_moe", num_layers=4)  # mlp_only_layers=[1]
-    apply_plan(model, Plan("qwen3_moe", 2, [], dropped_blocks=[0], num_layers=4))
+    apply_plan(model, Plan(model_type="qwen3_moe", top_k=2, layers=[], dropped_blocks=[0], num_layers=4))
     assert model.config.num_hidden_layers == 3 and model.config.mlp_only_layers == [0]
     assert [l.self_attn.layer_idx for l in model.model.layers] == [0, 1, 2]
     model = tiny_model("deepseek_v3", num_layers=4)  # first_k_dense_replace=1
-    apply_plan(model, Plan("deepseek_v3", 2, [], dropped_blocks=[2], num_layers=4))
+    apply_plan(model, Plan(model_type="deepseek_v3", top_k=2, layers=[], dropped_blocks=[2], num_layers=4))
     assert model.config.first_k_dense_replace == 1 and model.config.num_hidden_layers == 3
 
 
@@ -202,7 +202,7 @@ def test_condensed_layer_equals_the_original_when_routing_is_constant():
     stats, _ = collect_statistics(model, token_batches(), ("gate_sum", "selected"), cache_dir=False)
     weights = mean_selected_gate(stats[1])
     assert torch.allclose(weights[:2], torch.tensor([1.25, 1.25], dtype=torch.float64)), "sigmoid(0)=.5, renormalised, x2.5"
-    plan = Plan("deepseek_v3", 2, [LayerPlan(1, 8, [0, 1], condensed_weights=[float(weights[0]), float(weights[1])])], num_layers=3)
+    plan = Plan(model_type="deepseek_v3", top_k=2, layers=[CondenseLayer(layer=1, num_experts=8, keep=[0, 1], condensed_weights=[float(weights[0]), float(weights[1])])], num_layers=3)
     apply_plan(model, plan, adapter)
     block = adapter.moe_block(model.model.layers[1])
     assert adapter.num_experts(block) == 2 and type(adapter.router(block)).__name__ == "ConstantRouter"

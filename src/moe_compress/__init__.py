@@ -41,8 +41,9 @@ _CORE = {
     "load_model": ".io",
     "Plan": ".plan",
 }
-#: The single-stage calls and helpers of earlier releases (`compress(model, method, ratio)` is
-#: one of them): still importable from the root for this release, no longer listed in `__all__`.
+#: Importable from the root, not listed in `__all__`: the plan's per-layer types, and the
+#: single-stage calls and helpers of earlier releases (`compress(model, method, ratio)` is one of
+#: them), kept for this release.
 _EARLIER = {
     "CompressionResult": ".engine.finish",
     "collect_statistics": ".engine.statistics",
@@ -54,7 +55,12 @@ _EARLIER = {
     "perplexity": ".evaluate",
     "finetune": ".finetuning",
     "save_compressed": ".io",
+    "CondenseLayer": ".plan",
+    "DropMoeLayer": ".plan",
+    "KeepLayer": ".plan",
     "LayerPlan": ".plan",
+    "MergeLayer": ".plan",
+    "NoviceLayer": ".plan",
     "SlimResult": ".slimming",
     "slim": ".slimming",
     "QuantizeResult": ".slimming.quantize",
@@ -77,7 +83,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .finetuning import finetune
     from .io import load_model, save_compressed
     from .pipeline import Result
-    from .plan import LayerPlan, Plan
+    from .plan import CondenseLayer, DropMoeLayer, KeepLayer, LayerPlan, MergeLayer, NoviceLayer, Plan
     from .recipes import run_recipe
     from .slimming import SlimResult, slim
     from .slimming.quantize import QuantizeResult, quantize

@@ -106,9 +106,7 @@ def keeps_stored_format(plan: Plan | None, output_model: PreTrainedModel) -> boo
     written dequantised."""
     if getattr(output_model.config, "moe_compress", None):
         return False
-    return plan is None or all(
-        not lp.novices and not lp.drop and lp.condensed_weights is None and not getattr(lp, "merged", None) for lp in plan.layers
-    )
+    return plan is None or all(lp.action == "keep" for lp in plan.layers)
 
 
 def raw_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | None) -> Iterator[Group]:
@@ -227,7 +225,7 @@ def carried_groups(checkpoint: Checkpoint, keys: list[str], plans: list[Plan], a
 def _uniform_keep(plan: Plan) -> list[int] | None:
     """The last MoE layer's kept experts, when the plan removes experts the same way in every layer."""
     removing = [lp for lp in plan.layers if len(lp.keep) < lp.num_experts]
-    if not removing or not plan.is_uniform() or any(lp.novices or lp.drop or lp.condensed_weights is not None for lp in plan.layers):
+    if not removing or not plan.is_uniform() or any(lp.action not in ("keep", "merge") for lp in plan.layers):
         return None
     return sorted(max(plan.layers, key=lambda lp: lp.layer).keep)
 

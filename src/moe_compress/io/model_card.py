@@ -38,6 +38,7 @@ from huggingface_hub.repocard import metadata_load
 from .. import __version__
 from ..errors import warn
 from ..invocation import command_line
+from ..plan import layer_action
 from ..report.format import human_bytes, human_count, percent_change
 from ..report.markdown import code, fence, text
 from .provenance import API, PROVENANCE_FILE, read_provenance, write_provenance
@@ -174,18 +175,21 @@ def _ranges(layers: list[int]) -> str:
 
 
 def plan_lines(plan: dict) -> list[str]:
-    """What a plan does, in a few bullet lines (the full plan is in moe_compress_plan.json)."""
+    """What a plan does, in a few bullet lines (the full plan is in moe_compress_plan.json).
+
+    `plan` is the file as read, of any format (a checkpoint written by an older moe-compress
+    gets its card rendered again), and is not validated: the card shows what it can."""
     method = [f"method {code(plan.get('method', 'manual'))}"]
     if plan.get("ratio") is not None:
         method.append(f"ratio {text(plan['ratio'])}")
     if plan.get("budget"):
         method.append(f"{text(plan['budget'])} budget")
     lines = [", ".join(method)]
-    layers = plan.get("layers") or []
-    dropped = [lp["layer"] for lp in layers if lp.get("drop")]
-    condensed = [lp for lp in layers if lp.get("condensed_weights") is not None]
-    novices = [lp for lp in layers if lp.get("novices")]
-    pruned = [lp for lp in layers if not lp.get("drop") and lp.get("condensed_weights") is None]
+    layers = [(lp, layer_action(lp)) for lp in plan.get("layers") or []]
+    dropped = [lp["layer"] for lp, action in layers if action == "drop_moe"]
+    condensed = [lp for lp, action in layers if action == "condense"]
+    novices = [lp for lp, action in layers if action == "novices"]
+    pruned = [lp for lp, action in layers if action in ("keep", "novices", "merge")]
     if dropped:
         lines.append(f"MoE sub-layers dropped (attention kept): {_ranges(sorted(dropped))}")
     if plan.get("dropped_blocks"):

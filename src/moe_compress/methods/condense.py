@@ -44,7 +44,7 @@ from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..plan import LayerPlan, Plan
+from ..plan import CondenseLayer, Plan
 from ..progress import status_bar
 from .condense_eval import (
     STACK_BYTES,
@@ -264,11 +264,11 @@ def plan_condense(
 
     order = state.layer_order[:layers]
     plan_layers = [
-        LayerPlan(layer, sizes[layer], chosen[layer], state.expert_divergences[layer],
-                  condensed_weights=[float(search.weights[layer][e]) for e in chosen[layer]])
+        CondenseLayer(layer=layer, num_experts=sizes[layer], keep=chosen[layer], scores=state.expert_divergences[layer],
+                      condensed_weights=[float(search.weights[layer][e]) for e in chosen[layer]])
         for layer in sorted(order)
     ]
-    plan = Plan(adapter.model_type, top_k, plan_layers, method="cd-moe", num_layers=len(decoder))
+    plan = Plan(model_type=adapter.model_type, top_k=top_k, layers=plan_layers, method="cd-moe", num_layers=len(decoder))
     plan.meta = {
         "objective": objective,
         "experts": experts,

@@ -43,7 +43,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
 
 from ..errors import MoECompressError
-from ..plan import LayerPlan, Plan
+from ..plan import KeepLayer, Plan
 from .budget import removal_order, removed_count
 from .expert_pruning import routing_limits
 from .registry import Method, PlanRequest, register
@@ -166,8 +166,8 @@ def plan_cprune(
                 f"cprune at ratio {request.ratio} leaves layer {layer} with {len(keep)} experts, fewer than top_k={limits.top_k}. "
                 "Use a smaller --ratio."
             )
-        layers.append(LayerPlan(layer, per_layer, keep, votes1[layer].tolist()))
-    plan = Plan(request.adapter.model_type, limits.top_k, layers, method="cprune", ratio=request.ratio, budget=request.budget)
+        layers.append(KeepLayer(layer=layer, num_experts=per_layer, keep=keep, scores=votes1[layer].tolist()))
+    plan = Plan(model_type=request.adapter.model_type, top_k=limits.top_k, layers=layers, method="cprune", ratio=request.ratio, budget=request.budget)
     plan.meta = {**meta, "scores": "stage-1 votes"}
     return plan
 

@@ -45,7 +45,7 @@ from scipy.spatial.distance import squareform
 
 from ..errors import MoECompressError
 from ..observe.moments import split_moments
-from ..plan import LayerPlan, Plan
+from ..plan import KeepLayer, Plan
 from .expert_pruning import routing_limits
 from .registry import Method, PlanRequest, register
 
@@ -162,10 +162,11 @@ def plan_cprune_cosine(
             count[layer] -= 1
 
     layers = [
-        LayerPlan(layer, totals[layer], sorted(kept[layer]), votes_out[layer], clusters=layer_labels[layer])
+        KeepLayer(layer=layer, num_experts=totals[layer], keep=sorted(kept[layer]), scores=votes_out[layer], clusters=layer_labels[layer])
         for layer in sorted(stats)
     ]
-    plan = Plan(request.adapter.model_type, limits.top_k, layers, method="cprune-cosine", ratio=request.ratio, budget=request.budget)
+    plan = Plan(model_type=request.adapter.model_type, top_k=limits.top_k, layers=layers, method="cprune-cosine", ratio=request.ratio,
+                budget=request.budget)
     plan.meta = {
         "clusters": clusters,
         "linkage": linkage_method,

@@ -8,7 +8,7 @@ import torch
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..plan import LayerPlan, Plan, RoutingLimits
+from ..plan import KeepLayer, Plan, RoutingLimits
 from .budget import Budget, select_experts
 from .criteria import CRITERIA, layer_scores, reap_scores
 from .registry import Method, PlanRequest, register
@@ -35,7 +35,7 @@ def plan_from_scores(
     """A plan that keeps the best-scored experts of every layer under the budget."""
     limits = routing_limits(adapter, config)
     kept = select_experts(scores, ratio, budget, limits, normalise, min_keep)
-    layers = [LayerPlan(layer, s.numel(), kept[layer], [float(v) for v in s]) for layer, s in sorted(scores.items())]
+    layers = [KeepLayer(layer=layer, num_experts=s.numel(), keep=kept[layer], scores=[float(v) for v in s]) for layer, s in sorted(scores.items())]
     plan = Plan(
         model_type=adapter.model_type,
         top_k=limits.top_k,

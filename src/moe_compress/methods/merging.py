@@ -39,7 +39,7 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 
 from ..errors import MoECompressError
-from ..plan import LayerPlan, Plan
+from ..plan import MergeLayer, Plan
 from .budget import select_experts
 from .expert_pruning import routing_limits
 from .merging_align import ALIGNMENTS, SAMPLE_TOKENS, align_groups
@@ -109,13 +109,13 @@ def build_plan(
     for layer, layer_groups in sorted(groups.items()):
         ordered = sorted((g for g in layer_groups), key=lambda g: g[0])
         layers.append(
-            LayerPlan(
-                layer, scores[layer].numel(), [g[0] for g in ordered], [float(v) for v in scores[layer]],
+            MergeLayer(
+                layer=layer, num_experts=scores[layer].numel(), keep=[g[0] for g in ordered], scores=[float(v) for v in scores[layer]],
                 merges=ordered, merge_weights=group_weights(ordered, weights[layer]), merge_router=merge_router,
             )
         )
     plan = Plan(
-        request.adapter.model_type, limits.top_k, layers, method=method, ratio=request.ratio, budget=request.budget,
+        model_type=request.adapter.model_type, top_k=limits.top_k, layers=layers, method=method, ratio=request.ratio, budget=request.budget,
         routing_groups=limits.groups, groups_per_token=limits.groups_per_token, min_per_group=limits.min_per_group,
         meta={**meta, "align": alignment},
     )

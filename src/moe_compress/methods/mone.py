@@ -45,7 +45,7 @@ import torch
 
 from ..errors import MoECompressError
 from ..observe.moments import output_moments, split_moments
-from ..plan import LayerPlan, Plan, RoutingLimits
+from ..plan import NoviceLayer, Plan, RoutingLimits
 from .budget import select_experts
 from .registry import Method, PlanRequest, register
 
@@ -158,9 +158,9 @@ def plan_mone(
     kept = select_experts(scores, request.ratio, request.budget, RoutingLimits(1), normalise=normalise, min_keep=floor)
     compared = {layer: s / s.sum().clamp_min(1e-30) for layer, s in scores.items()} if normalise else scores
     kept = remove_boundary_ties(kept, compared, request.budget == "layer", floor)
-    layers = [LayerPlan(layer, s.numel(), kept[layer], [float(v) for v in s], novices=True) for layer, s in sorted(scores.items())]
-    plan = Plan(request.adapter.model_type, request.adapter.top_k(request.config), layers, method="mone", ratio=request.ratio,
-                budget=request.budget)
+    layers = [NoviceLayer(layer=layer, num_experts=s.numel(), keep=kept[layer], scores=[float(v) for v in s]) for layer, s in sorted(scores.items())]
+    plan = Plan(model_type=request.adapter.model_type, top_k=request.adapter.top_k(request.config), layers=layers, method="mone",
+                ratio=request.ratio, budget=request.budget)
     plan.meta = {"fusion": fusion, "fusion_weight": fusion_weight, "novices": novices, "global_scores": global_scores, "variance": variance}
     for lp in layers:
         removed = torch.tensor(lp.removed, dtype=torch.long)

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
 from ..observe.similarity import Similarities
-from ..plan import LayerPlan, Plan
+from ..plan import DropMoeLayer, Plan
 
 Unit = Literal["moe", "block"]
 Mode = Literal["discrete", "consecutive"]
@@ -91,7 +91,7 @@ def plan_drop(
         raise MoECompressError(f"target ratio must be in (0, 1); got {target_ratio}.")
     layers = adapter.decoder_layers(model)
     total = _params(model)
-    plan = Plan(adapter.model_type, adapter.top_k(model.config), [], method=f"{unit}-drop", num_layers=len(layers))
+    plan = Plan(model_type=adapter.model_type, top_k=adapter.top_k(model.config), layers=[], method=f"{unit}-drop", num_layers=len(layers))
     if unit == "moe":
         adapter.require_separate_moe()
         order = sorted(scores.moe, key=lambda layer: (-scores.moe[layer], layer))
@@ -100,7 +100,7 @@ def plan_drop(
         if not 0 < count < len(order):
             raise MoECompressError(f"can drop 1..{len(order) - 1} of the {len(order)} MoE sub-layers (one must keep routing); asked for {count}.")
         chosen = sorted(order[:count])
-        plan.layers = [LayerPlan(layer, adapter.num_experts(adapter.moe_block(layers[layer])), [], drop=True) for layer in chosen]
+        plan.layers = [DropMoeLayer(layer=layer, num_experts=adapter.num_experts(adapter.moe_block(layers[layer]))) for layer in chosen]
         plan.meta = {"scores": {str(k): v for k, v in scores.moe.items()}, "dropped_moe": chosen}
         return plan
     sizes = [_params(layer) for layer in layers]

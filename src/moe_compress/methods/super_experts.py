@@ -28,7 +28,7 @@ import torch
 
 from ..errors import MoECompressError
 from ..observe.moments import output_moments, split_moments
-from ..plan import LayerPlan, Plan
+from ..plan import KeepLayer, NoviceLayer, Plan
 
 STATISTIC = "max_output_abs"
 QUANTILE = 99.5
@@ -48,7 +48,7 @@ def find_super_experts(stats: dict[int, dict[str, torch.Tensor]], num_layers: in
     return {layer: experts for layer, experts in found.items() if experts}
 
 
-def _group_of(expert: int, lp: LayerPlan, groups: int) -> int:
+def _group_of(expert: int, lp: KeepLayer | NoviceLayer, groups: int) -> int:
     return expert // (lp.num_experts // groups)
 
 
@@ -57,27 +57,30 @@ def keep_super_experts(plan: Plan, protected: dict[int, list[int]], stats: dict[
 
     A removed super expert replaces the kept, unprotected expert of its routing group with the
     lowest score (the plan's scores; routing frequency if it has none), so counts and group
-    balance stay as planned. MoNE layers get the swapped-out expert's novice vector.
+    balance stay as planned. MoNE layers get the swapped-out expert's novice vector. Condensed
+    and dropped layers have no routing to protect; merging methods guard while they plan.
     """
     changes = []
-    for lp in plan.layers:
+    for index, lp in enumerate(plan.layers):
         wanted = [e for e in protected.get(lp.layer, []) if e not in lp.keep]
-        if not wanted or lp.drop or lp.condensed_weights is not None:
+        if not wanted or lp.action in ("condense", "drop_moe"):
             continue
-        if lp.merges is not None:
+        if lp.action == "merge":
             raise MoECompressError(f"plan layer {lp.layer} merges experts; its method must plan with the super-expert guard itself.")
         importance = lp.scores if lp.scores is not None else stats[lp.layer]["selected"].tolist()
+        keep = lp.keep
         for expert in wanted:
             candidates = [
-                e for e in lp.keep
+                e for e in keep
                 if e not in protected[lp.layer] and _group_of(e, lp, plan.routing_groups) == _group_of(expert, lp, plan.routing_groups)
             ]
             if not candidates:
                 raise MoECompressError(f"layer {lp.layer}: every kept expert of super expert {expert}'s routing group is itself a super expert.")
             out = min(candidates, key=lambda e: (importance[e], e))
-            lp.keep = sorted(set(lp.keep) - {out} | {expert})
+            keep = sorted(set(keep) - {out} | {expert})
             changes.append(f"layer {lp.layer}: keeps super expert {expert} instead of {out}")
-        if lp.novices and lp.layer in plan.novice_vectors:
+        lp = plan.layers[index] = type(lp)(**{**lp.model_dump(), "keep": keep})  # entries are frozen: rebuilt, and checked again
+        if lp.action == "novices" and lp.layer in plan.novice_vectors:
             _, mean, _ = split_moments(output_moments(stats[lp.layer]))
             plan.novice_vectors[lp.layer] = mean[torch.tensor(lp.removed, dtype=torch.long)].float()
     return changes

@@ -58,12 +58,12 @@ def check_uniform(method: str, budget: str, planned: bool = False) -> None:
 
 def kept_per_layer(plan: Plan) -> dict[int, int]:
     """Experts (or merge groups) each MoE layer of a plan keeps."""
-    return {lp.layer: len(lp.keep) for lp in plan.layers if not lp.drop}
+    return {lp.layer: len(lp.keep) for lp in plan.layers if lp.action != "drop_moe"}
 
 
 def uniform_count(plan: Plan) -> int:
     """The count every layer keeps when the plan's total is shared equally (in whole routing-group units)."""
-    experts = {lp.num_experts for lp in plan.layers if not lp.drop}
+    experts = {lp.num_experts for lp in plan.layers if lp.action != "drop_moe"}
     if len(experts) != 1:
         raise MoECompressError(f"--uniform needs every MoE layer to hold the same number of experts; this model's hold {sorted(experts)}.")
     kept = kept_per_layer(plan)

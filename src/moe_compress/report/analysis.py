@@ -82,7 +82,7 @@ def expert_table(stats: dict[int, dict[str, torch.Tensor]], probe_tokens: int, c
 def removed_by(plan: Plan, experts: dict[int, int]) -> dict[int, list[int]]:
     """Experts a plan removes per MoE layer (`experts`: layer -> count); a dropped MoE sub-layer or
     decoder block loses all of them."""
-    removed = {lp.layer: (list(range(lp.num_experts)) if lp.drop else lp.removed) for lp in plan.layers}
+    removed = {lp.layer: lp.removed for lp in plan.layers}
     for block in plan.dropped_blocks:
         if block in experts:
             removed[block] = list(range(experts[block]))

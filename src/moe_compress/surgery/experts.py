@@ -7,6 +7,8 @@ original choice survives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -15,7 +17,7 @@ from ..arch.adapter import ExpertTensor, MoEAdapter, text_config
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..io.export import note_plan
-from ..plan import LayerPlan, Plan
+from ..plan import CondenseLayer, DropMoeLayer, KeepLayer, LayerPlan, MergeLayer, NoviceLayer, Plan
 from ..runtime import DroppedMoE, attach_novices, condense
 from .blocks import drop_blocks
 from .merge import merged_tensors
@@ -40,56 +42,87 @@ def _slice(tensors: list[ExpertTensor], keep: torch.Tensor, routed: int) -> None
 
 
 def apply_layer_plan(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: LayerPlan, hidden_size: int) -> None:
-    """Apply one MoE layer's decision to that decoder layer alone.
+    """Apply one MoE layer's action to that decoder layer alone.
 
     It needs nothing but the layer itself, so the streamed pipeline can apply a plan to one
     materialised layer at a time, and the in-memory path runs the very same code.
     """
-    if lp.drop:
-        adapter.require_separate_moe()
-        setattr(layer, adapter.moe_attr, DroppedMoE(adapter.moe_returns_tuple))
-        return
-    if len(lp.keep) == lp.num_experts and lp.condensed_weights is None:
-        return
-    block = adapter.moe_block(layer)
+    if not lp.untouched:
+        SURGERY[lp.action](layer, adapter, plan, lp, hidden_size)
+
+
+def _slice_experts(adapter: MoEAdapter, block: nn.Module, lp: KeepLayer | NoviceLayer | CondenseLayer) -> list[nn.Module]:
+    """Keep `lp.keep`'s routed experts (ascending ids) and set the expert counts to match; returns
+    the modules that count router rows (their count is the action's to set)."""
     keep = torch.tensor(sorted(lp.keep), dtype=torch.long)
     router_holders, expert_holders = adapter.count_holders(block)
-    routed = adapter.num_experts(block)
-    if lp.merges is not None:  # experts, router rows and biases, all computed from this layer's weights
-        for tensor, value in list(merged_tensors(adapter, block, lp, plan.merge_permutations.get(lp.layer), routed)):
-            _replace(tensor.module, tensor.name, value)
-    else:
-        _slice(adapter.routed_expert_tensors(block), keep, routed)
+    _slice(adapter.routed_expert_tensors(block), keep, adapter.num_experts(block))
     for holder in expert_holders:
         holder.num_experts = len(keep)
+    return router_holders
+
+
+def _keep(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: KeepLayer, hidden_size: int) -> None:
+    """Kept experts and their router rows (and correction biases) stay; the rest are deleted."""
+    block = adapter.moe_block(layer)
+    routed = adapter.num_experts(block)
+    router_holders = _slice_experts(adapter, block, lp)
+    _slice(adapter.router_tensors(block), torch.tensor(sorted(lp.keep), dtype=torch.long), routed)
+    for holder in router_holders:
+        holder.num_experts = len(lp.keep)
+
+
+def _novices(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: NoviceLayer, hidden_size: int) -> None:
+    """Kept experts stay, every router row stays, and removed experts become constant vectors
+    (zeros when the plan carries none: the "no novice" ablation)."""
+    block = adapter.moe_block(layer)
+    _slice_experts(adapter, block, lp)
     reference = adapter.experts(block).down_proj
-    if lp.condensed_weights is not None:
-        weights = torch.tensor(lp.condensed_weights, dtype=torch.float32, device=reference.device)
-        condense(block, adapter.router_attr, adapter.experts_attr, weights)
-    elif lp.novices:
-        vectors = plan.novice_vectors.get(lp.layer)
-        if vectors is None:
-            vectors = torch.zeros(len(lp.removed), hidden_size)
-        attach_novices(adapter.experts(block), lp.removed, lp.num_experts, vectors.to(reference.device, reference.dtype).clone())
-    else:
-        if lp.merges is None:
-            _slice(adapter.router_tensors(block), keep, routed)
-        for holder in router_holders:
-            holder.num_experts = len(keep)
+    vectors = plan.novice_vectors.get(lp.layer)
+    if vectors is None:
+        vectors = torch.zeros(len(lp.removed), hidden_size)
+    attach_novices(adapter.experts(block), lp.removed, lp.num_experts, vectors.to(reference.device, reference.dtype).clone())
+
+
+def _merge(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: MergeLayer, hidden_size: int) -> None:
+    """Experts, router rows and biases all computed from this layer's weights (`surgery.merge`)."""
+    block = adapter.moe_block(layer)
+    router_holders, expert_holders = adapter.count_holders(block)
+    for tensor, value in list(merged_tensors(adapter, block, lp, plan.merge_permutations.get(lp.layer), adapter.num_experts(block))):
+        _replace(tensor.module, tensor.name, value)
+    for holder in (*expert_holders, *router_holders):
+        holder.num_experts = len(lp.keep)
+
+
+def _condense(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: CondenseLayer, hidden_size: int) -> None:
+    """Kept experts stay, the router goes: every token through them, scaled by the constant weights."""
+    block = adapter.moe_block(layer)
+    _slice_experts(adapter, block, lp)
+    reference = adapter.experts(block).down_proj
+    weights = torch.tensor(lp.condensed_weights, dtype=torch.float32, device=reference.device)
+    condense(block, adapter.router_attr, adapter.experts_attr, weights)
+
+
+def _drop_moe(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: DropMoeLayer, hidden_size: int) -> None:
+    """The MoE sub-layer is replaced by a module that adds nothing to the residual stream."""
+    adapter.require_separate_moe()
+    setattr(layer, adapter.moe_attr, DroppedMoE(adapter.moe_returns_tuple))
+
+
+#: action -> its surgery on one decoder layer (an entry that leaves the layer untouched is skipped)
+SURGERY: dict[str, Callable[..., None]] = {"keep": _keep, "novices": _novices, "merge": _merge, "condense": _condense, "drop_moe": _drop_moe}
 
 
 @torch.no_grad()
 def apply_plan(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = None) -> PreTrainedModel:
     """Apply `plan` in place, then record the resulting structure in the config.
 
-    Per MoE layer: keep experts (router rows deleted), or replace removed experts by novices
-    (router rows stay; zero vectors when the plan carries none: the "no novice" ablation),
-    or condense the layer, or drop its MoE sub-layer. Then whole blocks are dropped.
+    Per MoE layer, the surgery of its action (`SURGERY`); then whole blocks are dropped.
     """
     adapter = adapter or get_adapter(model)
     plan.validate()
     plan.check_model(adapter.model_type, experts_per_layer(model, adapter), len(adapter.decoder_layers(model)), adapter.top_k(model.config))
-    routed_left = set(experts_per_layer(model, adapter)) - {lp.layer for lp in plan.layers if lp.drop or lp.condensed_weights is not None}
+    routed_left = set(experts_per_layer(model, adapter)) - {lp.layer for lp in plan.layers if lp.action in ("condense", "drop_moe")}
     if not routed_left - set(plan.dropped_blocks):
         raise MoECompressError("this plan leaves no routed MoE layer; keep at least one MoE layer as it is (or prune it).")
     layers = adapter.decoder_layers(model)

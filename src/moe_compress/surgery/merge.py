@@ -1,7 +1,7 @@
 """Expert merging surgery for one MoE layer: weighted averages of experts, router rows combined.
 
 A merge plan says, for each kept expert, which original experts it absorbs and with what
-weights (`LayerPlan.merges` / `merge_weights`), and optionally how to permute each absorbed
+weights (`MergeLayer.merges` / `merge_weights`), and optionally how to permute each absorbed
 expert's intermediate neurons first (`Plan.merge_permutations`). The merged tensors are
 computed here from the layer's own original weights, so the surgery needs nothing but the
 layer and the plan. The result has fewer experts in the family's usual layout: a uniform
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..arch.adapter import ExpertTensor, MoEAdapter
 from ..errors import MoECompressError
-from ..plan import LayerPlan
+from ..plan import MergeLayer
 
 #: Expert tensors whose second axis (of one expert's slice) indexes intermediate neurons in the
 #: stored orientation, and those whose last axis does; the rest (down_proj_bias) has none.
@@ -83,7 +83,7 @@ def _normalised(weights: list[float]) -> torch.Tensor:
 
 
 def merged_tensors(
-    adapter: MoEAdapter, block: nn.Module, lp: LayerPlan, permutations: torch.Tensor | None, routed: int
+    adapter: MoEAdapter, block: nn.Module, lp: MergeLayer, permutations: torch.Tensor | None, routed: int
 ) -> Iterator[tuple[ExpertTensor, torch.Tensor]]:
     """(tensor, its new value with one slice per kept expert) for every expert and router tensor.
 
@@ -94,7 +94,6 @@ def merged_tensors(
     router tensors: the same weighted average of the group's rows, or the kept expert's own
     row (`merge_router="centroid"`).
     """
-    assert lp.merges is not None and lp.merge_weights is not None
     aligner = NeuronAligner(adapter.experts(block)) if permutations is not None and permutations.numel() else None
     if aligner is not None and permutations.shape[1] != aligner.intermediate:
         raise MoECompressError(
