@@ -228,3 +228,24 @@ def test_expert_bits_need_round_to_nearest_and_typed_options(tmp_path):
     with pytest.raises(MoECompressError, match=r"every expert at 16 bits"):
         quantize(tiny_model("mixtral"), tmp_path / "q", scope="experts", expert_bits=dict.fromkeys(range(3), 16))
     assert not list(tmp_path.iterdir())
+
+
+def test_the_family_s_other_checkpoints_load_as_before_once_a_mixed_one_has(tmp_path):
+    """A mixed checkpoint's generated code replaces the family's conversions in the process (see
+    `io/templates/mixed_bits.py.tmpl`): checkpoints of the family read before it, one unquantised and one
+    at a single width, read the same after it."""
+    from test_save_load import _non_uniform_plan
+
+    model = tiny_model("mixtral")
+    mc.compress(model, plan=_non_uniform_plan(model), out=tmp_path / "pruned", ignore_plan_identity=True)
+    quantize(tmp_path / "pruned", tmp_path / "uniform", bits=8, group_size=GROUP, scope="experts")
+    quantize(tmp_path / "pruned", tmp_path / "mixed", bits=4, group_size=GROUP, scope="experts", expert_bits={1: 8})
+
+    def read(name: str) -> dict[str, torch.Tensor]:
+        return AutoModelForCausalLM.from_pretrained(tmp_path / name, trust_remote_code=True).state_dict()
+
+    before = {name: read(name) for name in ("pruned", "uniform")}
+    read("mixed")
+    for name, state in before.items():
+        after = read(name)
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state), name

@@ -74,8 +74,8 @@ def _stock_model_type(model: PreTrainedModel) -> str:
 
 
 def generated_files(base_type: str, config_class: str, model_class: str, mixed_bits: bool = False) -> dict[str, str]:
-    """File name -> text of the generated modelling code for one base family (`mixed_bits`: with the
-    conversions that dequantise each routed expert by its own width; otherwise the text is as it was)."""
+    """File name -> text of the generated modelling code for one base family (`mixed_bits`: the modelling
+    file ends with the conversions that dequantise each routed expert by its own width)."""
     values = {"BASE_MODEL_TYPE": base_type, "BASE_CONFIG_CLASS": config_class, "BASE_MODEL_CLASS": model_class}
     values["MIXED_BITS"] = _render("mixed_bits.py.tmpl", values) if mixed_bits else ""
     return {

@@ -16,6 +16,8 @@ Two ways to choose the integers (`method`):
     bits, and at 4 bits the simple baseline;
   * "autoround": AutoRound's calibrated rounding (`slimming.autoround`), from the pinned
     `auto-round` library (the design says not to write our own GPTQ).
+Mixed precision (`expert_bits`, round-to-nearest): MoE layers, or single routed experts, at
+their own width -- 4, 8 or 16 (as stored) -- one config group per width (`slimming.expert_bits`).
 
 Families that store routed experts as fused 3-D tensors on disk as well (gpt_oss, granitemoe,
 the Qwen3-VL-MoE, Gemma 4 and Aria wrappers, ...: the families table says which) are packed
@@ -193,7 +195,7 @@ def _quantization_config(
     widths: dict[str, int], saved: dict[str, SavedTensor], ignore: set[str], mixed: bool, bits: int, group: int, symmetric: bool,
 ):
     """Uniform: one config group (`targets: ["Linear"]`, everything else ignored). Mixed: one group per width,
-    targeting its experts by name (`expert_bits.bit_groups`), the 16-bit experts ignored by name."""
+    targeting its experts by `re:` pattern (`expert_bits.bit_groups`); the 16-bit experts are ignored by pattern."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     if not mixed:
