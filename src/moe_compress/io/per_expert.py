@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from ..arch.adapter import MoEAdapter
 from ..surgery.structure import structure_spec
 from .export import Group
-from .remote_code import PER_EXPERT_KEY
+from .remote_code import EXPERT_BITS_KEY, PER_EXPERT_KEY
 from .residency import layers_prefix
 
 
@@ -85,20 +85,26 @@ def stored_groups(groups: Iterable[Group], fused: dict[str, bool], own_names: se
 
 
 @contextmanager
-def described_per_expert(model: PreTrainedModel, adapter: MoEAdapter, fused: dict[str, bool]) -> Iterator[None]:
-    """While a checkpoint with the `fused` tensors split is saved, `model`'s config says so.
+def described_per_expert(
+    model: PreTrainedModel, adapter: MoEAdapter, fused: dict[str, bool], widths: dict[int, tuple[int, ...]] | None = None,
+) -> Iterator[None]:
+    """While a checkpoint with the `fused` tensors split, or with experts of several bit widths, is saved, `model`'s config says so.
 
     The config gets (or keeps) the structure spec that makes the save write the generated
     modelling code, plus the split tensors named relative to a decoder layer with whether
-    the experts module keeps them transposed. The config is restored afterwards: the model
-    itself still holds fused tensors.
+    the experts module keeps them transposed, and `widths` (MoE layer -> each routed expert's
+    bit width; `slimming.expert_bits`). The config is restored afterwards: the model itself
+    still holds fused tensors, in full precision.
     """
     config = model.config
     before = getattr(config, "moe_compress", None)
     prefix = layers_prefix(model, adapter) + "."
     relative = {name.removeprefix(prefix).split(".", 1)[1]: transposed for name, transposed in fused.items()}
     spec = dict(before) if before else structure_spec(model, adapter, adapter.config_num_experts(config))
-    spec[PER_EXPERT_KEY] = sorted([name, transposed] for name, transposed in relative.items())
+    if fused:
+        spec[PER_EXPERT_KEY] = sorted([name, transposed] for name, transposed in relative.items())
+    if widths:
+        spec[EXPERT_BITS_KEY] = {str(layer): list(layer_widths) for layer, layer_widths in sorted(widths.items())}
     config.moe_compress = spec
     try:
         yield

@@ -37,6 +37,9 @@ AUTO_MAP = {
 #: the key of `config.moe_compress` that lists those tensors.
 PER_EXPERT_CLASS = f"{MODEL_MODULE}.MoECompressPerExpertForCausalLM"
 PER_EXPERT_KEY = "per_expert_tensors"
+#: The key of `config.moe_compress` that gives each routed expert's bit width, when they differ
+#: (`slimming.expert_bits`); its checkpoints' modelling file ends with `mixed_bits.py.tmpl`.
+EXPERT_BITS_KEY = "expert_bits"
 
 
 def own_auto_map(auto_class: str, per_expert: bool = False) -> dict[str, str]:
@@ -47,6 +50,10 @@ def own_auto_map(auto_class: str, per_expert: bool = False) -> dict[str, str]:
 
 def _per_expert(spec: object) -> bool:
     return isinstance(spec, dict) and bool(spec.get(PER_EXPERT_KEY))
+
+
+def _mixed_bits(spec: object) -> bool:
+    return isinstance(spec, dict) and bool(spec.get(EXPERT_BITS_KEY))
 GENERATED_FILES = (f"{CONFIG_MODULE}.py", f"{MODEL_MODULE}.py", f"{RUNTIME_MODULE}.py")
 
 
@@ -66,9 +73,11 @@ def _stock_model_type(model: PreTrainedModel) -> str:
     return next(c.model_type for c in type(model.config).__mro__ if c.__module__.startswith("transformers."))
 
 
-def generated_files(base_type: str, config_class: str, model_class: str) -> dict[str, str]:
-    """File name -> text of the generated modelling code for one base family."""
+def generated_files(base_type: str, config_class: str, model_class: str, mixed_bits: bool = False) -> dict[str, str]:
+    """File name -> text of the generated modelling code for one base family (`mixed_bits`: the modelling
+    file ends with the conversions that dequantise each routed expert by its own width)."""
     values = {"BASE_MODEL_TYPE": base_type, "BASE_CONFIG_CLASS": config_class, "BASE_MODEL_CLASS": model_class}
+    values["MIXED_BITS"] = _render("mixed_bits.py.tmpl", values) if mixed_bits else ""
     return {
         f"{CONFIG_MODULE}.py": _render("configuration_moe_compress.py.tmpl", values),
         f"{MODEL_MODULE}.py": _render("modeling_moe_compress.py.tmpl", values),
@@ -76,7 +85,7 @@ def generated_files(base_type: str, config_class: str, model_class: str) -> dict
     }
 
 
-def expected_files(base_type: str, multimodal: bool = False) -> dict[str, str] | None:
+def expected_files(base_type: str, multimodal: bool = False, mixed_bits: bool = False) -> dict[str, str] | None:
     """What this moe-compress writes for a checkpoint of `base_type` (None: not a transformers language model).
 
     The class names come from transformers' own registry, never from the checkpoint; a
@@ -88,7 +97,7 @@ def expected_files(base_type: str, multimodal: bool = False) -> dict[str, str] |
     classes = stock_classes(base_type, multimodal)
     if not isinstance(config_class, str) or classes is None:
         return None
-    return generated_files(base_type, config_class, classes[1])
+    return generated_files(base_type, config_class, classes[1], mixed_bits)
 
 
 def _multimodal(config: dict) -> bool:
@@ -108,7 +117,7 @@ def is_own_remote_code(config: dict, python_files: dict[str, bytes]) -> bool:
     classes = stock_classes(base_type, _multimodal(config))
     if classes is None or config.get("auto_map") != own_auto_map(classes[0], _per_expert(extra)):
         return False
-    expected = expected_files(base_type, _multimodal(config))
+    expected = expected_files(base_type, _multimodal(config), _mixed_bits(extra))
     if expected is None or set(python_files) != set(expected):
         return False
     return all(python_files[name] == text.encode() for name, text in expected.items())
@@ -134,7 +143,7 @@ def write_stock_identity(directory: Path, model: PreTrainedModel) -> None:
 def write_remote_code(directory: Path, model: PreTrainedModel) -> None:
     """Add the generated files to a saved checkpoint and point its config at them."""
     base_type = model.config.moe_compress["base_model_type"]
-    files = generated_files(base_type, _stock_class_name(model.config), _stock_class_name(model))
+    files = generated_files(base_type, _stock_class_name(model.config), _stock_class_name(model), _mixed_bits(model.config.moe_compress))
     for name, text in files.items():
         (directory / name).write_text(text)
     config_path = directory / "config.json"

@@ -16,6 +16,8 @@ Two ways to choose the integers (`method`):
     bits, and at 4 bits the simple baseline;
   * "autoround": AutoRound's calibrated rounding (`slimming.autoround`), from the pinned
     `auto-round` library (the design says not to write our own GPTQ).
+Mixed precision (`expert_bits`, round-to-nearest): MoE layers, or single routed experts, at
+their own width -- 4, 8 or 16 (as stored) -- one config group per width (`slimming.expert_bits`).
 
 Families that store routed experts as fused 3-D tensors on disk as well (gpt_oss, granitemoe,
 the Qwen3-VL-MoE, Gemma 4 and Aria wrappers, ...: the families table says which) are packed
@@ -46,12 +48,16 @@ from ..errors import MoECompressError
 from ..io.export import model_groups, streamed_groups
 from ..io.open import Streaming, open_model
 from ..io.per_expert import described_per_expert, split_experts, stored_groups, unpackable_conversions
+from ..io.residency import layers_prefix
 from ..io.output_lock import releases_outputs
 from ..io.staging import discard_staging
 from ..io.model_card import write_model_card
 from ..io.provenance import read_provenance
 from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
 from ..progress import step
+from ..surgery.structure import experts_per_layer
+from .expert_bits import ExpertBits, bit_groups, bits_histogram, check_expert_bits, key_widths, resolve_expert_bits
+from .packing import QuantizingTransform, quant_scheme
 
 QuantScope = Literal["all", "experts"]
 SCOPES: dict[str, str] = {
@@ -156,51 +162,6 @@ def choose_group_size(group_size: int | None, columns: set[int]) -> int:
     return group_size
 
 
-def _scheme(bits: int, group_size: int, symmetric: bool):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    args = QuantizationArgs(
-        num_bits=bits, type="int", symmetric=symmetric,
-        strategy="group" if group_size else "channel", group_size=group_size or None,
-    )
-    return QuantizationScheme(targets=["Linear"], weights=args)
-
-
-def rtn_parameters(weight: torch.Tensor, scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest scales and zero points of one 2-D weight: min-max per group (or output row),
-    computed by compressed-tensors' own `calculate_qparams`."""
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    args = scheme.weights
-    value = weight.float()
-    if args.group_size:
-        grouped = value.unflatten(-1, (value.shape[-1] // args.group_size, args.group_size))
-        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-    else:
-        low, high = value.amin(dim=-1, keepdim=True), value.amax(dim=-1, keepdim=True)
-    return calculate_qparams(low, high, args)
-
-
-def compress_weight(weight: torch.Tensor, scheme, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One 2-D weight -> compressed-tensors' pack-quantized tensors (weight_packed, weight_scale, weight_shape[, zero point]).
-
-    With `scale` (and `zero_point`) given -- calibrated rounding, whose rounded values `weight`
-    already lies on that grid -- packing reproduces those integers; without, round-to-nearest.
-    compressed-tensors' own packing, so the bytes are exactly its format.
-    """
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.config import CompressionFormat
-
-    if scale is None:
-        scale, zero_point = rtn_parameters(weight, scheme)
-    if zero_point is None:
-        zero_point = torch.zeros_like(scale, dtype=torch.int8)
-    state = {"weight": weight.float(), "weight_scale": scale.to(weight.dtype), "weight_zero_point": zero_point}
-    compressor = BaseCompressor.get_value_from_registry(CompressionFormat.pack_quantized.value)
-    # clone, not contiguous(): a contiguous view would keep its whole intermediate buffer alive
-    return {k: v.clone() for k, v in compressor.compress(state, scheme).items()}
-
-
 def _saved_rounding(
     model: PreTrainedModel, rounded: dict, fused: dict[str, bool], own_names: set[str],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -217,29 +178,34 @@ def _saved_rounding(
     return saved
 
 
-class QuantizingTransform:
-    """Rewrites each group of checkpoint tensors on its way to disk: every target `<module>.weight`
-    becomes its compressed tensors; the rest passes.
+def _target_widths(
+    model: PreTrainedModel, adapter: MoEAdapter, saved: dict[str, SavedTensor], targets: set[str], bits: int, expert_bits: ExpertBits | None,
+) -> tuple[dict[str, int], dict[int, tuple[int, ...]] | None]:
+    """(every in-scope checkpoint weight -> its width, 16 = left as stored; each MoE layer's expert widths, or None without `expert_bits`)."""
+    widths = dict.fromkeys(targets, bits)
+    if expert_bits is None:
+        return widths, None
+    per_expert = resolve_expert_bits(expert_bits, experts_per_layer(model, adapter), len(adapter.decoder_layers(model)), bits)
+    prefix = layers_prefix(model, adapter) + "."
+    experts = {k: int(saved[k].param.removeprefix(prefix).split(".")[0]) for k in targets if saved[k].role == "experts"}
+    return widths | key_widths(experts, per_expert), per_expert
 
-    The same transform serves the in-memory and the streamed save, so both write the same bytes.
-    It counts the bytes it was handed: the size the checkpoint would have had unquantised.
-    """
 
-    def __init__(self, targets: set[str], scheme, rounded: dict):
-        self.targets, self.scheme, self.rounded = targets, scheme, rounded
-        self.bytes_before = 0
+def _quantization_config(
+    widths: dict[str, int], saved: dict[str, SavedTensor], ignore: set[str], mixed: bool, bits: int, group: int, symmetric: bool,
+):
+    """Uniform: one config group (`targets: ["Linear"]`, everything else ignored). Mixed: one group per width,
+    targeting its experts by `re:` pattern (`expert_bits.bit_groups`); the 16-bit experts are ignored by pattern."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-    def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        rewritten: dict[str, torch.Tensor] = {}
-        for key, tensor in tensors.items():
-            self.bytes_before += tensor.numel() * tensor.element_size()
-            if key in self.targets:
-                module = key.removesuffix("weight")
-                value, scale, zero_point = self.rounded.get(key, (tensor, None, None))
-                rewritten.update({module + name: v for name, v in compress_weight(value, self.scheme, scale, zero_point).items()})
-            else:
-                rewritten[key] = tensor
-        return rewritten
+    if not mixed:
+        groups = {"group_0": quant_scheme(next(iter(widths.values())), group, symmetric)}
+    else:
+        experts = {k: w for k, w in widths.items() if saved[k].role == "experts"}
+        targets, left = bit_groups(experts, bits, others=len(experts) < len(widths))
+        groups = {f"group_{i}": quant_scheme(width, group, symmetric, names) for i, (width, names) in enumerate(targets.items())}
+        ignore = {name for name in ignore if f"{name}.weight" not in experts} | set(left)
+    return QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status=QuantizationStatus.COMPRESSED, ignore=sorted(ignore))
 
 
 METHODS: dict[str, str] = {
@@ -255,7 +221,7 @@ def check_loadable_when_packed(model: PreTrainedModel, adapter: MoEAdapter) -> N
         raise MoECompressError(f"a quantised {adapter.model_type} checkpoint would not load in transformers: {problem}; keep this model unquantised.")
 
 
-def check_quantize_options(bits: int, scope: str, method: str, group_size: int | None) -> None:
+def check_quantize_options(bits: int, scope: str, method: str, group_size: int | None, expert_bits: ExpertBits | None = None) -> None:
     """The options every quantisation takes, checked before any model is read."""
     if bits not in (4, 8):
         raise MoECompressError(f"--bits must be 4 or 8; got {bits}.")
@@ -265,6 +231,10 @@ def check_quantize_options(bits: int, scope: str, method: str, group_size: int |
         raise MoECompressError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
     if group_size is not None and group_size < 0:
         raise MoECompressError(f"--group-size must be >= 0 (0: one scale per output row); got {group_size}.")
+    if expert_bits is not None:
+        check_expert_bits(expert_bits)
+        if method != "rtn":
+            raise MoECompressError(f"expert_bits (per-layer or per-expert widths) is written with method 'rtn'; got {method!r}.")
 
 
 @releases_outputs
@@ -284,6 +254,7 @@ def quantize(
     trust_remote_code: bool = False,
     streaming: Streaming = "auto",
     dtype: str = "auto",
+    expert_bits: ExpertBits | None = None,
 ) -> QuantizeResult:
     """Save `model` with its weights quantised to `bits` (4 or 8), weight-only, as a compressed-tensors checkpoint.
 
@@ -299,6 +270,11 @@ def quantize(
         symmetric: symmetric ranges (zero point 0; what W4A16 kernels expect) or asymmetric.
         method: 'rtn' (round-to-nearest) or 'autoround' (calibrated; needs `calib`, as for
             `compress`: default the bundled corpus, and the tokenizer; `iters` tuning steps per block).
+        expert_bits: mixed precision for the routed experts (method 'rtn'): decoder layer index ->
+            the width of all its routed experts, or {expert index: width} for some of them; widths
+            are 4, 8 or 16 (left as stored). Experts not named take `bits`; the rest follows `scope`.
+            Experts of several widths make the checkpoint carry the generated modelling code
+            (`slimming.expert_bits` says why): it then loads with `trust_remote_code=True`.
 
     The checkpoint loads with `AutoModelForCausalLM.from_pretrained` (plus
     `trust_remote_code=True` for non-uniform models) wherever compressed-tensors is installed.
@@ -306,12 +282,11 @@ def quantize(
     import time
 
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     from ..evaluate.size import checkpoint_bytes
 
     start = time.perf_counter()
-    check_quantize_options(bits, scope, method, group_size)
+    check_quantize_options(bits, scope, method, group_size, expert_bits)
     out = Path(out)
     check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
     if method == "autoround" and streaming is True:
@@ -327,20 +302,20 @@ def quantize(
     own_names = unpackable_conversions(model, model.state_dict(keep_vars=True), {n for n, role in roles.items() if role == "experts"})
     saved, fused = _saved_keys(model, roles, own_names)
     chosen = {"experts"} if scope == "experts" else {"experts", "shared", "attention", "dense"}
-    targets = {k for k, t in saved.items() if t.role in chosen and len(t.shape) == 2 and k.endswith(".weight")}
+    in_scope = {k for k, t in saved.items() if t.role in chosen and len(t.shape) == 2 and k.endswith(".weight")}
+    all_widths, per_expert = _target_widths(model, adapter, saved, in_scope, bits, expert_bits)
+    widths = {k: w for k, w in all_widths.items() if w != 16}
+    targets = set(widths)
     if not targets:
-        raise MoECompressError(f"no weights to quantise in scope {scope!r}.")
+        raise MoECompressError(f"no weights to quantise in scope {scope!r}" + (" (expert_bits leaves every expert at 16 bits)." if expert_bits else "."))
     group = choose_group_size(group_size, {saved[k].shape[-1] for k in targets})
-    scheme = _scheme(bits, group, symmetric)
+    mixed = len(set(all_widths.values())) > 1
     # Every Linear left in full precision: by checkpoint name (what vLLM matches) and by in-memory
     # module name (what compressed-tensors matches in transformers: vision towers, renamed modules, lm_head).
     quantized = {saved[k].param for k in targets}
     ignore = {k.removesuffix(".weight") for k, t in saved.items() if k not in targets and len(t.shape) == 2 and k.endswith(".weight")}
     ignore |= {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and f"{name}.weight" not in quantized}
-    config = QuantizationConfig(
-        config_groups={"group_0": scheme}, format="pack-quantized",
-        quantization_status=QuantizationStatus.COMPRESSED, ignore=sorted(ignore),
-    )
+    config = _quantization_config(all_widths, saved, ignore, mixed, bits, group, symmetric)
     rounded, calibration = {}, None
     if method == "autoround":
         from ..engine.prepare import calibration_batches
@@ -353,11 +328,12 @@ def quantize(
         in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)
         rounded = _saved_rounding(model, in_memory, fused, own_names)
 
-    transform = QuantizingTransform(targets, scheme, rounded)
+    schemes = {width: quant_scheme(width, group, symmetric) for width in set(widths.values())}
+    transform = QuantizingTransform({k: schemes[w] for k, w in widths.items()}, rounded)
     groups = stored_groups(streamed_groups(weights, adapter, None) if weights.streamed else model_groups(model), fused, own_names)
     work = staging_dir(out, "quantize")
     try:
-        with described_per_expert(model, adapter, fused) if fused else nullcontext():
+        with described_per_expert(model, adapter, fused, per_expert if mixed else None) if fused or mixed else nullcontext():
             staged = save_compressed(model, work / "checkpoint", tokenizer, overwrite=True, groups=groups, transform=transform)
         made = read_provenance(staged)  # sealed with the config as saved: read it before the quantisation section is added
         ModelCompressor(quantization_config=config).update_config(str(staged))
@@ -367,6 +343,7 @@ def quantize(
             "format": "pack-quantized",
             "method": method,
             "bits": bits,
+            **({"expert_bits": {layer: bits_histogram(w) for layer, w in per_expert.items()}} if per_expert is not None else {}),
             "group_size": group,
             "symmetric": symmetric,
             "scope": scope,

@@ -3,7 +3,9 @@
 A `Footprint` starts from a checkpoint's sizes (`stages.sizes`: config and shard headers) and
 each stage's `predict` returns the next one, so a dry run or a budget search can rank whole
 compositions ("prune 25 %, then 4 bits") at the cost of arithmetic. It tracks, per MoE layer,
-the routed experts kept and their bit width, and the decoder blocks removed.
+the routed experts kept and their bit width (or, for mixed precision, how many of them take
+each width: every expert of a layer has the same shape, so that is all the bytes depend on),
+and the decoder blocks removed.
 
 Exact where the stage's outcome does not depend on calibration: a layer budget's counts, bit
 widths, a drop of layers of equal size. Where it does (which layers a global budget thins,
@@ -22,7 +24,7 @@ from .sizes import CheckpointSizes, candidate_bytes
 class Footprint:
     sizes: CheckpointSizes
     keep: dict[int, int]  # MoE layer -> routed experts it keeps (layers whose MoE sub-layer is gone are absent)
-    bits: dict[int, int]  # MoE layer -> bit width of its routed experts (16: as stored)
+    bits: dict[int, int | dict[int, int]]  # MoE layer -> bit width of its routed experts (16: as stored), or {width: experts at it}
     dropped_blocks: frozenset[int] = field(default_factory=frozenset)
     exact: bool = True
 
@@ -49,6 +51,13 @@ class Footprint:
 
     def with_bits(self, bits: int) -> Footprint:
         return replace(self, bits={i: bits for i in self.bits})
+
+    def with_expert_widths(self, widths: dict[int, tuple[int, ...]]) -> Footprint:
+        """Each kept MoE layer's experts at their own widths (`slimming.expert_bits.resolve_expert_bits`)."""
+        from ..slimming.expert_bits import bits_histogram
+
+        mixed = {i: w[0] if len(set(w)) == 1 else bits_histogram(w) for i, w in widths.items() if w}
+        return replace(self, bits=self.bits | mixed)
 
     def without_moe(self, count: int) -> Footprint:
         """`count` MoE sub-layers removed: the last ones, an estimate unless every candidate weighs the same."""

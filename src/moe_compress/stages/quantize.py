@@ -29,18 +29,31 @@ class Quantize(Stage):
     symmetric: bool = True
     method: str = "rtn"
     iters: int = 200
+    #: Mixed precision (method "rtn"): decoder layer -> the width (4, 8, or 16 = as stored) of all its
+    #: routed experts, or {expert: width}; experts not named take `bits` (`slimming.expert_bits`).
+    expert_bits: dict[int, int | dict[int, int]] | None = None
 
     def check(self, structure: Structure, earlier) -> None:
+        from ..slimming.expert_bits import resolve_expert_bits
         from ..slimming.quantize import SCOPES
 
         if self.bits not in (4, 8):
             raise MoECompressError(f"bits must be 4 or 8; got {self.bits}.")
         if self.scope not in SCOPES:
             raise MoECompressError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}.")
+        if self.expert_bits is not None:  # against the input's layers (a pruning stage before may leave fewer experts: `run` checks again)
+            if self.method != "rtn":
+                raise MoECompressError(f"expert_bits (per-layer or per-expert widths) is written with method 'rtn'; got {self.method!r}.")
+            resolve_expert_bits(self.expert_bits, structure.experts, len(structure.adapter.decoder_layers(structure.model)), self.bits)
 
     def predict(self, footprint: Footprint) -> Footprint:
-        """The routed experts at `bits` (exact with scope "experts"; scope "all" also packs attention: not predicted)."""
+        """The routed experts at `bits`, or at their `expert_bits` (exact with scope "experts" and the
+        default group size; scope "all" also packs attention: not predicted)."""
+        from ..slimming.expert_bits import resolve_expert_bits
+
         result = footprint.with_bits(self.bits)
+        if self.expert_bits is not None:
+            result = result.with_expert_widths(resolve_expert_bits(self.expert_bits, result.keep, len(result.sizes.blocks), self.bits))
         return result if self.scope == "experts" and self.group_size is None else result.with_keep(result.keep, exact=False)
 
     def run(self, context: StageContext) -> StageOutcome:
@@ -57,4 +70,6 @@ class Quantize(Stage):
         # The reloaded model holds packed int32 weights, so counting it would misstate the model:
         # report the logical parameter counts and the bytes as stored (these override the measurement).
         info |= {"params": size.total, "active_params": size.active_per_token, "bytes": result.summary["checkpoint_bytes"]}
+        if "expert_bits" in result.summary:
+            info["expert_bits"] = result.summary["expert_bits"]
         return StageOutcome(reloaded, None, info, checkpoint=result.output_dir)

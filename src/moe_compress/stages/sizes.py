@@ -19,6 +19,7 @@ Counting rules, each the one the writer follows (checked against saved outputs i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,13 +77,18 @@ class CheckpointSizes:
         return self.total - sum(layer.experts * layer.expert_bytes[16] + layer.router_bytes for layer in self.layers.values())
 
 
-def candidate_bytes(layer: LayerSizes, keep: int, bits: int) -> int:
-    """Bytes of `layer`'s routed experts and router when it keeps `keep` experts at `bits` bits."""
+def candidate_bytes(layer: LayerSizes, keep: int, bits: int | Mapping[int, int]) -> int:
+    """Bytes of `layer`'s routed experts and router when it keeps `keep` experts at `bits` bits, or,
+    mixed precision, with {width: how many of the kept experts take it} (`quantize(expert_bits=...)`)."""
     if not 0 <= keep <= layer.experts:
         raise MoECompressError(f"MoE layer {layer.layer} has {layer.experts} routed experts; cannot keep {keep}.")
-    if bits not in layer.expert_bytes:
-        raise MoECompressError(f"bit width must be one of {', '.join(map(str, BITS))}; got {bits}.")
-    return keep * (layer.expert_bytes[bits] + layer.router_per_expert) + layer.router_fixed
+    mix = dict(bits) if isinstance(bits, Mapping) else {bits: keep}
+    wrong = [width for width in mix if width not in layer.expert_bytes]
+    if wrong:
+        raise MoECompressError(f"bit width must be one of {', '.join(map(str, BITS))}; got {wrong[0]}.")
+    if sum(mix.values()) != keep:
+        raise MoECompressError(f"MoE layer {layer.layer} keeps {keep} routed experts, but its widths count {sum(mix.values())}.")
+    return sum(count * layer.expert_bytes[width] for width, count in mix.items()) + keep * layer.router_per_expert + layer.router_fixed
 
 
 def _expert_matrices(shape: tuple[int, ...], key: str, transposed: bool) -> tuple[int, tuple[int, int]] | None:
