@@ -179,5 +179,6 @@ register(
         plan_cprune,
         "C-Prune as the authors' code: pooled-input signatures, Ward clustering, votes per layer then across layers",
         options={"clusters": 12, "global_clusters": 6, "batch": 32, "small": 3, "stage1_rate": None, "stage2_rate": None},
+        explicit_budget=False,
     )
 )

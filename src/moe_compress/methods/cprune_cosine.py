@@ -185,5 +185,6 @@ register(
         plan_cprune_cosine,
         "moe-compress's earlier C-Prune: probe signatures, cosine clustering, one survivor per cluster",
         options={"clusters": 0, "linkage_method": "average", "stage1_share": 0.5, "probe_tokens": 64, "max_layer_loss": None},
+        explicit_budget=False,
     )
 )

@@ -176,5 +176,6 @@ register(
         plan_mone,
         "replace low-access, low-variance experts by their mean output (MoNE)",
         options={"fusion": "product", "fusion_weight": 0.5, "novices": True, "global_scores": "raw", "variance": "running"},
+        explicit_budget=False,
     )
 )
