@@ -1,12 +1,12 @@
 """From sizes and proxies to the few allocations worth measuring, each as the stages that make it.
 
 Per MoE layer the options are every (kept count, bit width) pair: bytes exact from the shard
-headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fit.proxies`). The solver
-(`fit.solver.solve`) picks one per layer under the weight budget. What is then measured:
+headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`). The solver
+(`fitting.solver.solve`) picks one per layer under the weight budget. What is then measured:
 
 * the solver's optimum (per bit width while the quantize stage takes one width per model; one
   optimum over every pair once it takes per-layer widths: `PER_LAYER_BITS`);
-* the front points (`fit.solver.front`) just under the budget around that optimum, in case the
+* the front points (`fitting.solver.front`) just under the budget around that optimum, in case the
   proxy ranks near neighbours wrongly;
 * the single-method configurations at the same budget, which the search must beat to be worth
   anything: the method alone at the smallest layer ratio that fits, and 8-bit / 4-bit alone.

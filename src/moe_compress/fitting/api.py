@@ -6,12 +6,12 @@
 
 In order, each step only when the one before it succeeded:
 1. sizes from the config and the shard headers (`stages.sizes`), the budget less the KV cache at
-   `context` (`fit.memory`); a budget under the smallest reachable size is refused, one at or
+   `context` (`fitting.memory`); a budget under the smallest reachable size is refused, one at or
    above the original returns it unchanged -- both before anything is calibrated;
 2. one calibration pass collects the proxies' statistics with the superset every pruning method
    reads (cached: the prune stages the candidates run find theirs there);
-3. the search (`fit.search`) -> each candidate measured end to end (`fit.measure`) -> the one of
-   least held-out KL written with `pipeline.run_stages`, its report beside it (`fit.report`), its
+3. the search (`fitting.search`) -> each candidate measured end to end (`fitting.measure`) -> the one of
+   least held-out KL written with `pipeline.run_stages`, its report beside it (`fitting.report`), its
    prune plan recording the search (so `prune --plan-in` replays the artifact's pruning).
 """
 
@@ -116,17 +116,19 @@ def fit(
     cache_dir: str | Path | None | bool = None,
     trust_remote_code: bool = False,
     say: Callable[[str], None] | None = None,
+    show: Callable[[str], None] | None = None,
 ) -> FitResult:
     """The compression of `model` (a local checkpoint or bundled name) of least held-out KL whose saved
     weights (plus the KV cache at `context` x `batch`, when given) fit `memory` ("20GB", "512MiB", bytes)
     or `target_ratio` of the original; written to `out` when given. `dry_run`: the budget and the
     search space only, nothing calibrated. `sweep`: also the predicted quality-vs-size curve
     (`result.front`). `windows` per bundled domain of `seq_len` tokens are the held-out text the
-    candidates are measured on; `say` receives progress lines (candidates measured, best so far)."""
+    candidates are measured on; `say` receives progress lines (candidates measured, best so far) and
+    `show` the swept curve, before anything is measured."""
     from ..io.save import check_output_dir
     from .proxies import check_method
 
-    say = say or (lambda line: None)
+    say, show = say or (lambda line: None), show or (lambda line: None)
     check_method(method)
     result = plan_budget(model, memory, target_ratio, context, batch, min_keep, trust_remote_code)
     if out is not None:
@@ -145,7 +147,7 @@ def fit(
         return result
     batches = calibration_batches(calib, tokenizer, loaded.config)
     _search_and_measure(result, model, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir,
-                        trust_remote_code, say, Path(out) if out is not None else None)
+                        trust_remote_code, say, show, Path(out) if out is not None else None)
     if out is not None:
         from .write import write_best
 
@@ -154,13 +156,14 @@ def fit(
 
 
 def _search_and_measure(result: FitResult, model, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir,
-                        trust_remote_code, say, out: Path | None) -> None:
+                        trust_remote_code, say, show, out: Path | None) -> None:
     import tempfile
 
     from ..arch.registry import get_adapter
     from ..engine.statistics import collect_statistics
     from .measure import held_out_windows, measure
     from .proxies import layer_proxies, proxy_statistics
+    from .report import front_lines
     from .search import candidates, sweep as front_of
 
     sizes = checkpoint_sizes(model, trust_remote_code=trust_remote_code)
@@ -169,6 +172,8 @@ def _search_and_measure(result: FitResult, model, loaded, tokenizer, batches, me
     proxies = layer_proxies(method, adapter, loaded.config, stats, sizes.group_size, min_keep)
     if sweep:
         result.front = {bits: [(point.bytes, point.cost) for point in points] for bits, points in front_of(sizes, result.floors, proxies).items()}
+        for line in front_lines(result.front):
+            show(line)
     result.candidates = candidates(sizes, result.floors, proxies, result.weight_budget, method)
     held_out = held_out_windows(tokenizer, loaded.config, windows, seq_len)
     with tempfile.TemporaryDirectory(prefix="moe-compress-fit-", dir=out.parent if out is not None else None) as scratch:

@@ -43,6 +43,15 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return cov / (vx * vy) ** 0.5 if vx and vy else None
 
 
+def front_lines(front: dict) -> list[str]:
+    """The predicted quality-vs-size curve, as `--sweep` prints it before anything is measured."""
+    lines = ["predicted quality vs size (proxy: summed relative output error; the solver's front):"]
+    for bits, points in front.items():
+        lines.append(f"  {bits}-bit experts:")
+        lines += [f"    {size:>14} bytes ({human_bytes(size):>10})  proxy {cost:.4g}" for size, cost in points]
+    return lines
+
+
 def report_dict(result: FitResult) -> dict:
     measured = [c for c in result.candidates if c.measured]
     return {
