@@ -136,7 +136,7 @@ class Prune(Stage):
     min_keep: int = 0
     uniform: bool = False
     #: with budget "explicit": the experts each MoE layer keeps (decoder layer index -> count)
-    keep: dict[int, int] = {}
+    keep: dict[int, int] | None = None
     #: the method's own options (`moe-compress methods` lists them); a recipe writes them beside the others
     options: dict[str, Any] = {}
 
@@ -174,13 +174,13 @@ class Prune(Stage):
     def check(self, structure: Structure, earlier) -> None:
         if self.keep and self.budget != "explicit":
             raise MoECompressError(f"keep sets each layer's count under budget 'explicit'; this stage's budget is {self.budget!r}.")
-        check_prune(structure, self.method, dict(self.options), self.ratio, self.budget, self.min_keep, self.uniform, dict(self.keep) or None)
+        check_prune(structure, self.method, dict(self.options), self.ratio, self.budget, self.min_keep, self.uniform, self.keep)
 
     def predict(self, footprint: Footprint) -> Footprint:
         """A layer budget removes floor(E x ratio) of each layer; an explicit one keeps `keep`; a global one
         removes floor(sum E x ratio) in all (spread over the layers: an estimate)."""
         if self.budget == "explicit":
-            return footprint.with_keep({i: self.keep[i] for i in footprint.keep})
+            return footprint.with_keep({i: (self.keep or {}).get(i, k) for i, k in footprint.keep.items()})  # check() refuses a missing layer
         if self.budget == "layer" and not self.uniform:
             return footprint.with_keep({i: k - removed_count(k, self.ratio) for i, k in footprint.keep.items()})
         remove, keep = removed_count(sum(footprint.keep.values()), self.ratio), dict(footprint.keep)
@@ -191,7 +191,7 @@ class Prune(Stage):
 
     def run(self, context: StageContext) -> StageOutcome:
         result = prune(context.model, self.method, self.ratio, self.budget, context.batches, context.tokenizer, min_keep=self.min_keep,
-                       options=dict(self.options), device=context.device, uniform=self.uniform, keep=dict(self.keep) or None)
+                       options=dict(self.options), device=context.device, uniform=self.uniform, keep=self.keep)
         details = {"statistics_from_cache": result.summary["statistics_from_cache"]}
         if self.uniform:
             details["uniform"] = result.summary["uniform"]
