@@ -40,6 +40,7 @@ class FitResult:
     kv_bytes: int  # the KV cache (or recurrent state) at the context, 0 without one
     smallest_bytes: int  # the smallest saved size any allocation reaches
     floors: dict[int, list[int]]  # per MoE layer, the kept counts its router allows
+    sizes: CheckpointSizes | None = field(default=None, repr=False)  # the checkpoint's parts (from its headers)
     candidates: list[Candidate] = field(default_factory=list)
     best: Candidate | None = None  # None: a dry run, or the original unchanged
     front: dict = field(default_factory=dict)  # bits -> [(bytes, proxy)]: the predicted curve (sweep)
@@ -84,7 +85,7 @@ def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None,
     sizes = checkpoint_sizes(model, trust_remote_code=trust_remote_code)
     budget, kv = _budget(model, sizes, memory, target_ratio, context, batch, trust_remote_code)
     floors = _floors(model, min_keep, trust_remote_code)
-    result = FitResult(sizes.total, budget, kv, smallest(sizes, floors), floors)
+    result = FitResult(sizes.total, budget, kv, smallest(sizes, floors), floors, sizes)
     cache = f" after the KV cache of {human_bytes(kv)} at context {context} x batch {batch}" if context is not None else ""
     if result.weight_budget < result.smallest_bytes:
         fewest = min(min(counts) for counts in floors.values())
@@ -146,8 +147,8 @@ def fit(
             result.output_dir = write_unchanged(loaded, tokenizer, Path(out), overwrite, result)
         return result
     batches = calibration_batches(calib, tokenizer, loaded.config)
-    _search_and_measure(result, model, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir,
-                        trust_remote_code, say, show, Path(out) if out is not None else None)
+    _search_and_measure(result, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
+                        Path(out) if out is not None else None)
     if out is not None:
         from .write import write_best
 
@@ -155,8 +156,9 @@ def fit(
     return result
 
 
-def _search_and_measure(result: FitResult, model, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir,
-                        trust_remote_code, say, show, out: Path | None) -> None:
+def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
+                        out: Path | None) -> None:
+    """Steps 2 and 3 of the module docstring, up to the best candidate measured (`result.best`)."""
     import tempfile
 
     from ..arch.registry import get_adapter
@@ -166,7 +168,7 @@ def _search_and_measure(result: FitResult, model, loaded, tokenizer, batches, me
     from .report import front_lines
     from .search import candidates, sweep as front_of
 
-    sizes = checkpoint_sizes(model, trust_remote_code=trust_remote_code)
+    sizes = result.sizes
     adapter = get_adapter(loaded)
     stats, _ = collect_statistics(loaded, batches, proxy_statistics(method, sizes.group_size), cache_dir, device)
     proxies = layer_proxies(method, adapter, loaded.config, stats, sizes.group_size, min_keep)
