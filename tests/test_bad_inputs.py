@@ -313,7 +313,7 @@ CASES: dict[str, tuple[Callable[[Case], list], str]] = {
     "uniform-mone": (lambda c: c.prune("--uniform", "--budget", "global", "--method", "mone"), r"--uniform gives a stock checkpoint, which mone cannot"),
     "uniform-plan-in": (lambda c: c.prune("--uniform", "--budget", "global", "--plan-in", c.text("p.json", "{}")), r"--uniform rounds the plan a method makes"),
     "recipe-uniform-layer-budget": (lambda c: c.recipe(stages=[{"prune": {"uniform": True}}]), r"--uniform rounds a global budget's plan"),
-    # issue 22 foundations: byte sizes are read by fit.memory.parse_bytes, shared with the CLI
+    # issue 22 foundations: byte sizes are read by fitting.memory.parse_bytes, shared with the CLI
     "max-activation-memory-junk": (lambda c: c.prune("--max-activation-memory", "lots"), r"cannot read --max-activation-memory 'lots' as a size: use a number with a unit"),
     "max-activation-memory-negative": (lambda c: c.prune("--max-activation-memory", "-1GB"), r"--max-activation-memory must be >= 0 bytes; got '-1GB'"),
     # issue 20 item 7: the remaining earlier cases

@@ -1,4 +1,4 @@
-"""fit.memory: byte sizes as people write them, and the cache a model holds at a context, checked
+"""fitting.memory: byte sizes as people write them, and the cache a model holds at a context, checked
 against the cache transformers itself fills in a forward pass."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from moe_compress import MoECompressError
 from moe_compress.session import byte_size
-from moe_compress.fit.memory import CacheKind, cache_breakdown, kv_cache_bytes, main, parse_bytes
+from moe_compress.fitting.memory import CacheKind, cache_breakdown, kv_cache_bytes, main, parse_bytes
 from moe_compress.io.load import BUNDLED_MODELS
 from tiny_models import SUPPORTED, tiny_model
 
@@ -58,7 +58,7 @@ def _filled_cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-#: Supported families whose cache layout fit.memory refuses (per-family quirks not in its formulas).
+#: Supported families whose cache layout fitting.memory refuses (per-family quirks not in its formulas).
 REFUSED = {"bailing_hybrid", "dots3_note", "dots3_note_text", "glm5_next", "hy_v4", "inkling_mm_model", "inkling_text", "kimi_linear",
            "mimo_v2_flash", "minimax", "qwen4_exp", "qwen4_exp_text", "unlimited_ocr"}
 

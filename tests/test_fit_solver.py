@@ -1,4 +1,4 @@
-"""fit.solver: the multiple-choice knapsack on hand-made and random tables, against brute force."""
+"""fitting.solver: the multiple-choice knapsack on hand-made and random tables, against brute force."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 
 from moe_compress import MoECompressError
-from moe_compress.fit.solver import Option, front, smallest_bytes, solve
+from moe_compress.fitting.solver import Option, front, smallest_bytes, solve
 
 
 def _layer(*options: tuple[int, float]) -> list[Option]:

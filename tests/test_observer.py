@@ -89,6 +89,7 @@ def _brute_force(model, adapter, batches):
                     sums["output_norm_sum"][e] += norm
                     sums["reap_sum"][e] += g / total_w * norm
                     sums["reap_prob_sum"][e] += float(probs[t, e]) * norm
+                    sums["gated_output_energy"][e] += (g * norm) ** 2
                     sums["max_output_abs"][e] = max(float(sums["max_output_abs"][e]), float(outs[t, e].abs().max()))
                     routed_outputs[e].append(outs[t, e].double())
         sums["output_moments"] = torch.zeros(8, 1 + 2 * hidden, dtype=torch.float64)

@@ -63,8 +63,8 @@ def test_options_are_checked_strictly_with_one_line_errors():
     for options, message in [
         ({"ratio": "0.25"}, r"^prune: option 'ratio' must be a finite number; got '0.25' \(str\)\.$"),
         ({"ratio": float("nan")}, r"^prune: option 'ratio' must be a finite number"),
-        ({"budget": "everywhere"}, r"^prune: option 'budget' must be one of 'layer', 'global'; got 'everywhere'"),
-        ({"rati0": 0.25}, r"^prune: unknown option 'rati0'; known: budget, method, min_keep, protect_super_experts, ratio"),
+        ({"budget": "everywhere"}, r"^prune: option 'budget' must be one of 'layer', 'global', 'explicit'; got 'everywhere'"),
+        ({"rati0": 0.25}, r"^prune: unknown option 'rati0'; known: budget, keep, method, min_keep, protect_super_experts, ratio"),
         ({"method": "reap", "renormalize": 3}, r"^prune: option 'renormalize' must be"),
     ]:
         with pytest.raises(MoECompressError, match=message):

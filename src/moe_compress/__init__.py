@@ -26,6 +26,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 #: `register_stage` adds) and returns a `Result`; `run_recipe` does the same from YAML.
 _CORE = {
     "compress": ".api",
+    "fit": ".fitting.api",
     "Result": ".pipeline",
     "Stage": ".stages",
     "Prune": ".stages",
@@ -81,6 +82,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .errors import MoECompressError
     from .evaluate import model_size, perplexity
     from .finetuning import finetune
+    from .fitting.api import fit
     from .io import load_model, save_compressed
     from .pipeline import Result
     from .plan import CondenseLayer, DropMoeLayer, KeepLayer, LayerPlan, MergeLayer, NoviceLayer, Plan

@@ -82,24 +82,27 @@ def check_prunable(model, adapter) -> None:
 
 
 def check_prune(
-    structure: Structure, method: str, options: dict[str, Any], ratio: float, budget: str, min_keep: int = 0, uniform: bool = False
+    structure: Structure, method: str, options: dict[str, Any], ratio: float, budget: str, min_keep: int = 0, uniform: bool = False,
+    keep: dict[int, int] | None = None,
 ) -> dict[int, int] | None:
-    """Method, its options, ratio and budget (and `uniform` with them); and that the ratio leaves every
-    layer at least top-k experts (a condition every method shares). Returns the experts each layer keeps
-    under a layer budget (a global budget decides per layer from the statistics: None)."""
+    """Method, its options, ratio and budget (and `uniform` with them); and that the ratio (or an explicit
+    budget's `keep`) leaves every layer at least top-k experts (a condition every method shares). Returns the
+    experts each layer keeps under a layer or explicit budget (a global budget decides per layer from the
+    statistics: None)."""
     from .methods import get_method
     from .methods.budget import select_experts
     from .methods.uniform import check_uniform
 
     get_method(method).resolved_options(options)
+    get_method(method).check_budget(budget)
     if uniform:
         check_uniform(method, budget)
     check_prunable(structure.model, structure.adapter)
     if min_keep < 0:
         raise MoECompressError(f"--min-keep must be >= 0; got {min_keep}.")
     placeholder = {layer: torch.zeros(count, dtype=torch.float64) for layer, count in structure.experts.items()}
-    kept = select_experts(placeholder, ratio, budget, RoutingLimits(structure.top_k), min_keep=min_keep)  # type: ignore[arg-type]
-    return {layer: len(ids) for layer, ids in kept.items()} if budget == "layer" else None
+    kept = select_experts(placeholder, ratio, budget, RoutingLimits(structure.top_k), min_keep=min_keep, keep=keep)  # type: ignore[arg-type]
+    return {layer: len(ids) for layer, ids in kept.items()} if budget in ("layer", "explicit") else None
 
 
 def check_drop(structure: Structure, unit: str, n: int | None, target_ratio: float | None) -> None:

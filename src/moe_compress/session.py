@@ -34,7 +34,7 @@ class TorchThreads:
 
 def byte_size(text: str | None, option: str) -> int | None:
     """'4GiB', '500MB', '2.5' (GiB) -> bytes (see `fit.memory.parse_bytes`); None stays None."""
-    from .fit.memory import parse_bytes
+    from .fitting.memory import parse_bytes
 
     return None if text is None else parse_bytes(text, option, allow_zero=True)
 

@@ -20,6 +20,9 @@ Group-limited routers (DeepSeek-V3, GLM) choose groups of experts before experts
 group must keep the same number of experts: selection works in *units* of one expert per
 group, and each group removes round(floor(E * ratio) / G) experts, as llm-compressor does.
 Without groups a unit is one expert, and the same code serves both cases.
+
+An explicit budget gives each layer's kept count itself (`keep={layer: count}`: what `fit`'s
+solver chose); the scores then choose only *which* experts each layer keeps, as a layer budget does.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from ..errors import MoECompressError
 from ..plan import RoutingLimits
 
-Budget = Literal["layer", "global"]
+Budget = Literal["layer", "global", "explicit"]
 
 #: Guard against float products such as 0.29 * 100 = 28.999999999999996 before truncating.
 _EPSILON = 1e-9
@@ -69,6 +72,19 @@ def _units_removed_per_layer(experts: int, groups: int, ratio: float) -> int:
     return removed if groups == 1 else round(removed / groups)
 
 
+def _explicit_units(layer: int, experts: int, keep: dict[int, int] | None, groups: int, floor_units: int) -> int:
+    """Units layer `layer` keeps under an explicit budget, checked against its experts, groups and floor."""
+    if keep is None or layer not in keep:
+        raise MoECompressError(f"an explicit budget needs a kept count for every MoE layer (keep={{layer: count}}); layer {layer} has none.")
+    count = keep[layer]
+    if count % groups or not floor_units * groups <= count <= experts:
+        raise MoECompressError(
+            f"layer {layer} cannot keep {count} of its {experts} experts: keep a multiple of its {groups} routing group(s) "
+            f"from {floor_units * groups} (top_k and --min-keep) to {experts}."
+        )
+    return count // groups
+
+
 def select_experts(
     scores: dict[int, torch.Tensor],
     ratio: float,
@@ -76,6 +92,7 @@ def select_experts(
     limits: RoutingLimits,
     normalise: bool = False,
     min_keep: int = 0,
+    keep: dict[int, int] | None = None,
 ) -> dict[int, list[int]]:
     """Kept expert ids per layer.
 
@@ -84,16 +101,23 @@ def select_experts(
             scores across layers (each layer's scores divided by their sum when `normalise`),
             each layer keeping at least max(top_k, min_keep) experts. The floor is ours: the
             unified framework and MoNE compare raw scores with no floor, which can empty a layer.
+    explicit: layer l keeps `keep[l]` experts (a multiple of the routing groups, at least the
+            floor), its best-scored ones; `ratio` is not read.
     """
     check_ratio(ratio)
-    if budget not in ("layer", "global"):
-        raise MoECompressError(f"budget must be 'layer' or 'global'; got {budget!r}.")
+    if budget not in ("layer", "global", "explicit"):
+        raise MoECompressError(f"budget must be 'layer', 'global' or 'explicit'; got {budget!r}.")
     groups = limits.groups
     floor_units = max(limits.min_units(), math.ceil(min_keep / groups))
     for layer, s in scores.items():
         if s.numel() % groups:
             raise MoECompressError(f"layer {layer}: {s.numel()} experts cannot be split into {groups} equal routing groups.")
 
+    if budget == "explicit":
+        unknown = sorted(set(keep or {}) - set(scores))
+        if unknown:
+            raise MoECompressError(f"keep names layer(s) {unknown}, which are not MoE layers of this model (those are {sorted(scores)}).")
+        return {layer: _keep_units(s, groups, _explicit_units(layer, s.numel(), keep, groups, floor_units)) for layer, s in scores.items()}
     if budget == "layer":
         kept = {}
         for layer, s in scores.items():

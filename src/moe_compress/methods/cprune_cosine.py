@@ -193,5 +193,6 @@ register(
             "probe_tokens": "tokens per batch in the shared probe that defines expert signatures",
             "max_layer_loss": "most any layer may lose in stage 2, as a fraction of its experts (default: twice the ratio, at most 0.75)",
         },
+        explicit_budget=False,
     )
 )

@@ -31,10 +31,11 @@ def plan_from_scores(
     budget: Budget = "layer",
     min_keep: int = 0,
     normalise: bool = False,
+    keep: dict[int, int] | None = None,
 ) -> Plan:
-    """A plan that keeps the best-scored experts of every layer under the budget."""
+    """A plan that keeps the best-scored experts of every layer under the budget (`keep`: an explicit one's counts)."""
     limits = routing_limits(adapter, config)
-    kept = select_experts(scores, ratio, budget, limits, normalise, min_keep)
+    kept = select_experts(scores, ratio, budget, limits, normalise, min_keep, keep)
     layers = [KeepLayer(layer=layer, num_experts=s.numel(), keep=kept[layer], scores=[float(v) for v in s]) for layer, s in sorted(scores.items())]
     plan = Plan(
         model_type=adapter.model_type,
@@ -59,15 +60,16 @@ def plan_expert_pruning(
     ratio: float,
     budget: Budget = "layer",
     min_keep: int = 0,
+    keep: dict[int, int] | None = None,
 ) -> Plan:
     scores = layer_scores(criterion, stats)
-    return plan_from_scores(adapter, config, scores, criterion, ratio, budget, min_keep, CRITERIA[criterion].normalise_globally)
+    return plan_from_scores(adapter, config, scores, criterion, ratio, budget, min_keep, CRITERIA[criterion].normalise_globally, keep)
 
 
 def _criterion_method(criterion: str) -> Method:
     def plan(request: PlanRequest) -> Plan:
         return plan_expert_pruning(
-            request.adapter, request.config, request.stats, criterion, request.ratio, request.budget, request.min_keep
+            request.adapter, request.config, request.stats, criterion, request.ratio, request.budget, request.min_keep, request.keep
         )
 
     return Method(criterion, CRITERIA[criterion].statistics, plan, CRITERIA[criterion].doc)
@@ -92,7 +94,7 @@ def plan_reap(request: PlanRequest, renormalize: bool | Literal["model"] = "mode
     _reap_statistics({"renormalize": renormalize})
     renormalise = request.adapter.renormalizes_top_k(request.config) if renormalize == "model" else bool(renormalize)
     scores = {layer: reap_scores(s, renormalise).double() for layer, s in request.stats.items()}
-    plan = plan_from_scores(request.adapter, request.config, scores, "reap", request.ratio, request.budget, request.min_keep, normalise=True)
+    plan = plan_from_scores(request.adapter, request.config, scores, "reap", request.ratio, request.budget, request.min_keep, True, request.keep)
     plan.meta = {"renormalize": renormalize, "renormalised": renormalise}
     return plan
 

@@ -56,7 +56,7 @@ def representatives(request: PlanRequest, scores: dict[int, torch.Tensor], norma
     """Per layer, the experts that stay (as group heads): the budget's count per routing group,
     super experts first, then the highest scores."""
     limits = routing_limits(request.adapter, request.config)
-    kept = select_experts(scores, request.ratio, request.budget, limits, normalise, request.min_keep)
+    kept = select_experts(scores, request.ratio, request.budget, limits, normalise, request.min_keep, request.keep)
     chosen = {}
     for layer, s in scores.items():
         size = s.numel() // limits.groups

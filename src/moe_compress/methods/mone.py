@@ -183,5 +183,6 @@ register(
             "global_scores": "global budget: compare raw fused scores across layers (raw, the authors' model scope) or each layer's share (layer_normalised)",
             "variance": "output variance as the authors' running estimate (running) or the population variance (exact)",
         },
+        explicit_budget=False,
     )
 )

@@ -38,6 +38,8 @@ class PlanRequest:
     weights: Any = None
     #: Super experts per MoE layer that the plan must keep as they are (see `super_experts`).
     protected: dict[int, list[int]] = field(default_factory=dict)
+    #: Experts each MoE layer keeps under an explicit budget (`budget.select_experts`); None otherwise.
+    keep: dict[int, int] | None = None
 
 
 #: Every method accepts this option: keep super experts (extreme activation outliers) intact.
@@ -66,6 +68,9 @@ class Method:
     #: the superset one cached calibration pass collects (`engine.statistics.superset_statistics`): merging
     #: statistics may run every expert on every token, which pruning methods must not pay for.
     family: str = "pruning"
+    #: Whether it can plan to kept counts given per layer (budget "explicit"): those that pick their
+    #: experts with `budget.select_experts`; C-Prune's votes and MoNE's tie rule decide counts themselves.
+    explicit_budget: bool = True
 
     def resolved_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
         options = dict(options or {})
@@ -82,7 +87,12 @@ class Method:
         names = self.statistics(resolved) if callable(self.statistics) else self.statistics
         return tuple(dict.fromkeys([*names, *(("max_output_abs",) if guard else ())]))
 
+    def check_budget(self, budget: str) -> None:
+        if budget == "explicit" and not self.explicit_budget:
+            raise MoECompressError(f"method {self.name!r} decides its per-layer counts itself: it takes budget 'layer' or 'global', not 'explicit'.")
+
     def make_plan(self, request: PlanRequest, options: dict[str, Any] | None = None) -> Plan:
+        self.check_budget(request.budget)
         resolved = self.resolved_options(options)
         guard = resolved.pop(PROTECT)
         protected = find_super_experts(request.stats, text_config(request.config).num_hidden_layers) if guard else {}

@@ -127,6 +127,12 @@ STATISTICS: dict[str, Statistic] = {
             doc="sum over all tokens of p_{t,e} f_e(x_t) [E, H] (router-probability-weighted, every expert on every token)",
         ),
         Statistic(
+            "gated_output_energy",
+            lambda b: b.per_expert((b.top_w.double()[b.pair_token, b.pair_slot] * b.output_norms) ** 2),
+            needs_expert_outputs=True,
+            doc="sum over T_e of (w_{t,e} ||f_e(x_t)||)^2, w the gate applied (what removing e takes from the layer's squared output)",
+        ),
+        Statistic(
             "output_moments",
             batch_moments,
             needs_expert_outputs=True,
@@ -206,7 +212,15 @@ def get_statistic(name: str) -> Statistic:
         return signature_similarity(int(parameter))
     if family == "input_sample" and parameter.isdigit() and int(parameter) > 0:
         return input_sample(int(parameter))
-    raise KeyError(f"unknown statistic {name!r}; known: {sorted(STATISTICS)}, signature_similarity@<probe tokens> and input_sample@<tokens>")
+    if family == "rtn_output_error" and parameter.isdigit():
+        from .rounding import ROUNDED_BITS, rtn_output_error
+
+        bits = " and ".join(map(str, ROUNDED_BITS))
+        return Statistic(name, rtn_output_error(int(parameter)), doc=f"sum over T_e of w^2 ||f_e^RTN(x) - f_e(x)||^2 at {bits} bits, groups of {parameter}")
+    raise KeyError(
+        f"unknown statistic {name!r}; known: {sorted(STATISTICS)}, signature_similarity@<probe tokens>, input_sample@<tokens> "
+        "and rtn_output_error@<group size>"
+    )
 
 
 class LayerAccumulator:

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import distributed
 from ..data.batches import CalibrationSpec
+from ..errors import MoECompressError
 from ..engine.finish import CompressionResult, apply_and_report, other_rank_result
 from ..engine.identity import model_identity
 from ..engine.prepare import Calibration, calibration_batches, prepare
@@ -54,6 +55,7 @@ def prune(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     uniform: bool = False,
+    keep: dict[int, int] | None = None,
 ) -> CompressionResult:
     """Compress the routed experts of `model`, and save the result to `out` if given.
 
@@ -70,6 +72,8 @@ def prune(
     `uniform=True` (with `budget="global"`) rounds the global plan to the same count in every MoE
     layer, a stock checkpoint (see `methods.uniform`); `summary["uniform"]` then holds what both
     plans keep and their sizes, and `result.global_plan` the global plan.
+    `budget="explicit"` with `keep={layer: count}` sets each MoE layer's kept count (what `fit`
+    chose) and the method's scores pick which experts; the plan's ratio is then the share removed.
     """
     start = time.perf_counter()
     require_finite_numbers([("ratio", ratio), *((f"option {k!r}", v) for k, v in (options or {}).items())])
@@ -84,11 +88,14 @@ def prune(
     if plan is None:
         check_prunable(model, adapter)
         chosen = get_method(method)
+        chosen.check_budget(budget)
+        if budget == "explicit":
+            ratio = removed_share(keep, identity.experts_per_layer)
         batches = calibration_batches(calib, tokenizer, model.config)
         stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.own_fingerprint)
         if not distributed.is_main():
             return other_rank_result()
-        request = PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model, weights=weights)
+        request = PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model, weights=weights, keep=keep)
         plan = chosen.make_plan(request, options)
         if uniform:
             global_plan, plan = plan, uniform_plan(chosen, request, options, plan)
@@ -100,6 +107,12 @@ def prune(
     return apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, from_cache, weights, global_plan)
 
 
+def removed_share(keep: dict[int, int] | None, experts: dict[int, int]) -> float:
+    """The share of routed experts an explicit budget removes (what its plan records as the ratio)."""
+    if not keep:
+        raise MoECompressError("budget 'explicit' needs keep={layer: count}, the experts each MoE layer keeps.")
+    total = sum(experts.values())
+    return max(0.0, 1.0 - sum(min(keep.get(layer, count), count) for layer, count in experts.items()) / total)
 
 
 def _fits(value: Any, default: Any) -> bool:
@@ -122,6 +135,8 @@ class Prune(Stage):
     budget: Budget = "layer"
     min_keep: int = 0
     uniform: bool = False
+    #: with budget "explicit": the experts each MoE layer keeps (decoder layer index -> count)
+    keep: dict[int, int] | None = None
     #: the method's own options (`moe-compress methods` lists them); a recipe writes them beside the others
     options: dict[str, Any] = {}
 
@@ -157,10 +172,15 @@ class Prune(Stage):
         return shown
 
     def check(self, structure: Structure, earlier) -> None:
-        check_prune(structure, self.method, dict(self.options), self.ratio, self.budget, self.min_keep, self.uniform)
+        if self.keep and self.budget != "explicit":
+            raise MoECompressError(f"keep sets each layer's count under budget 'explicit'; this stage's budget is {self.budget!r}.")
+        check_prune(structure, self.method, dict(self.options), self.ratio, self.budget, self.min_keep, self.uniform, self.keep)
 
     def predict(self, footprint: Footprint) -> Footprint:
-        """A layer budget removes floor(E x ratio) of each layer; a global one as many in all (spread over the layers: an estimate)."""
+        """A layer budget removes floor(E x ratio) of each layer; an explicit one keeps `keep`; a global one
+        removes floor(sum E x ratio) in all (spread over the layers: an estimate)."""
+        if self.budget == "explicit":
+            return footprint.with_keep({i: (self.keep or {}).get(i, k) for i, k in footprint.keep.items()})  # check() refuses a missing layer
         if self.budget == "layer" and not self.uniform:
             return footprint.with_keep({i: k - removed_count(k, self.ratio) for i, k in footprint.keep.items()})
         remove, keep = removed_count(sum(footprint.keep.values()), self.ratio), dict(footprint.keep)
@@ -171,7 +191,7 @@ class Prune(Stage):
 
     def run(self, context: StageContext) -> StageOutcome:
         result = prune(context.model, self.method, self.ratio, self.budget, context.batches, context.tokenizer, min_keep=self.min_keep,
-                       options=dict(self.options), device=context.device, uniform=self.uniform)
+                       options=dict(self.options), device=context.device, uniform=self.uniform, keep=self.keep)
         details = {"statistics_from_cache": result.summary["statistics_from_cache"]}
         if self.uniform:
             details["uniform"] = result.summary["uniform"]

@@ -186,14 +186,14 @@ def kv_cache_bytes(config: Any, context: int, batch: int = 1, dtype_bytes: int |
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m moe_compress.fit.memory MODEL --context N [--batch B]`: weights + cache, as the README's example."""
+    """`python -m moe_compress.fitting.memory MODEL --context N [--batch B]`: weights + cache, as the README's example."""
     import argparse
 
     from ..io.checkpoint import Checkpoint
     from ..io.load import load_config
     from ..report.format import human_bytes
 
-    parser = argparse.ArgumentParser(prog="python -m moe_compress.fit.memory", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m moe_compress.fitting.memory", description=main.__doc__)
     parser.add_argument("model")
     parser.add_argument("--context", type=int, required=True)
     parser.add_argument("--batch", type=int, default=1)

@@ -1,0 +1,88 @@
+"""`fit` at fractions of the original bytes, against the single-method configurations it measures beside its own.
+
+    python bench/fit.py --model ref-mixtral --model ref-deepseek --fraction 0.5 --fraction 0.35 --fraction 0.25
+
+Per (model, fraction): `mc.fit(model, target_ratio=fraction)`; every candidate it measured (its
+solver optimum per bit width, front points, and the single methods that fit: REAP alone at the
+smallest layer ratio that fits, 8-bit alone, 4-bit alone) with bytes, proxy, held-out KL, top-1
+and perplexity, the Spearman correlation of proxy and KL, the chosen one and the wall time of the
+whole fit and of one REAP prune with the same calibration (statistics cache off for both).
+Results: bench/results/fit.json and bench/results/fit.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MOE_COMPRESS_QUIET", "1")
+
+import moe_compress as mc  # noqa: E402
+from moe_compress.fitting.report import report_dict  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _one(model: str, fraction: float, samples: int, windows: int) -> dict:
+    calib = mc.CalibrationSpec(samples=samples)
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["MOE_COMPRESS_CACHE"] = str(Path(scratch) / "cache")  # a cold cache: the fit pays its calibration
+        start = time.perf_counter()
+        try:
+            result = mc.fit(model, target_ratio=fraction, calib=calib, out=Path(scratch) / "out", windows=windows)
+        except mc.MoECompressError as exc:  # a budget no allocation reaches: what fit says is the result
+            return {"model": model, "fraction": fraction, "refused": str(exc)}
+        fit_seconds = time.perf_counter() - start
+        os.environ["MOE_COMPRESS_CACHE"] = str(Path(scratch) / "cache-prune")
+        start = time.perf_counter()
+        mc.compress(model, [mc.Prune("reap", ratio=0.25)], calib=calib, out=Path(scratch) / "reap")
+        prune_seconds = time.perf_counter() - start
+    report = report_dict(result)
+    return {"model": model, "fraction": fraction, "fit_seconds": round(fit_seconds, 1), "reap_prune_seconds": round(prune_seconds, 1), **report}
+
+
+def _markdown(rows: list[dict], command: str) -> str:
+    lines = ["# fit: the best model under a byte budget", "", f"Command: `{command}`", "",
+             "Every candidate is measured in the same run (held-out KL / top-1 / perplexity against the original on the test split "
+             "of the bundled domains). Single methods: the rows named '... alone' (or listed after '=' when the search's optimum "
+             "is the same allocation). Per-layer bit widths are not searched yet (one width per candidate).", ""]
+    for row in rows:
+        if "refused" in row:
+            lines += [f"## {row['model']} at {row['fraction']:.0%}", "", f"refused before calibrating: {row['refused']}", ""]
+            continue
+        lines += [f"## {row['model']} at {row['fraction']:.0%} of {row['original_bytes']} bytes (budget {row['weight_budget']})", "",
+                  f"chosen: **{row['chosen']}**; Spearman(proxy, KL) = {row['spearman_proxy_vs_kl']}; "
+                  f"fit {row['fit_seconds']} s vs one REAP prune {row['reap_prune_seconds']} s", "",
+                  "| candidate | bytes | proxy | KL | top-1 | ppl |", "|---|---:|---:|---:|---:|---:|"]
+        for c in row["candidates"]:
+            name = c["name"] + (f" (= {', '.join(c['aliases'])})" if c["aliases"] else "")
+            lines.append(f"| {name} | {c['bytes']} | {c['proxy']:.4g} | {c['kl']:.4g} | {c['top1']:.4f} | {c['perplexity']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=[])
+    parser.add_argument("--fraction", action="append", type=float, default=[])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--windows", type=int, default=32)
+    args = parser.parse_args()
+    command = "python bench/fit.py " + " ".join([*(f"--model {m}" for m in args.model), *(f"--fraction {f}" for f in args.fraction),
+                                                 f"--samples {args.samples}", f"--windows {args.windows}"])
+    RESULTS.mkdir(exist_ok=True)
+    rows = []
+    for model in args.model or ["ref-mixtral"]:
+        for fraction in args.fraction or [0.5]:
+            rows.append(_one(model, fraction, args.samples, args.windows))
+            (RESULTS / "fit.json").write_text(json.dumps(rows, indent=2) + "\n")  # after every cell: a long run keeps what it measured
+            (RESULTS / "fit.md").write_text(_markdown(rows, command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""`mc.fit`: the best compressed model that fits a memory budget, searched across expert pruning and bit widths.
+
+    import moe_compress as mc
+    result = mc.fit("ref-mixtral", memory="12MB", out="fitted/")
+    print(result.best.name, result.best.measured["kl"])
+
+In order, each step only when the one before it succeeded:
+1. sizes from the config and the shard headers (`stages.sizes`), the budget less the KV cache at
+   `context` (`fitting.memory`); a budget under the smallest reachable size is refused, one at or
+   above the original returns it unchanged -- both before anything is calibrated;
+2. one calibration pass collects the proxies' statistics with the superset every pruning method
+   reads (cached: the prune stages the candidates run find theirs there);
+3. the search (`fitting.search`) -> each candidate measured end to end (`fitting.measure`) -> the one of
+   least held-out KL written with `pipeline.run_stages`, its report beside it (`fitting.report`), its
+   prune plan recording the search (so `prune --plan-in` replays the artifact's pruning).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data.batches import CalibrationSpec
+from ..engine.prepare import Calibration, calibration_batches
+from ..errors import MoECompressError
+from ..report.format import human_bytes
+from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
+from .memory import kv_cache_bytes, parse_bytes
+from .search import Candidate, smallest
+
+
+@dataclass
+class FitResult:
+    """What `fit` found: the budget's arithmetic, every candidate (measured unless a dry run), the best, where it went."""
+
+    original_bytes: int
+    budget: int  # the whole budget, bytes
+    kv_bytes: int  # the KV cache (or recurrent state) at the context, 0 without one
+    smallest_bytes: int  # the smallest saved size any allocation reaches
+    floors: dict[int, list[int]]  # per MoE layer, the kept counts its router allows
+    sizes: CheckpointSizes | None = field(default=None, repr=False)  # the checkpoint's parts (from its headers)
+    candidates: list[Candidate] = field(default_factory=list)
+    best: Candidate | None = None  # None: a dry run, or the original unchanged
+    front: dict = field(default_factory=dict)  # bits -> [(bytes, proxy)]: the predicted curve (sweep)
+    output_dir: Path | None = None
+    unchanged: bool = False
+
+    @property
+    def weight_budget(self) -> int:
+        return self.budget - self.kv_bytes
+
+
+def _floors(model: str | Path, min_keep: int, trust_remote_code: bool) -> dict[int, list[int]]:
+    """Per MoE layer, every kept count its router allows: multiples of its routing groups from max(top_k, min_keep) up."""
+    from ..methods.expert_pruning import routing_limits
+    from ..preflight import skeleton
+
+    structure = skeleton(model, "auto", trust_remote_code)
+    limits = routing_limits(structure.adapter, structure.model.config)
+    floor = max(limits.min_units(), math.ceil(min_keep / limits.groups)) * limits.groups
+    return {layer: list(range(floor, count + 1, limits.groups)) for layer, count in structure.experts.items()}
+
+
+def _budget(model: str | Path, sizes: CheckpointSizes, memory: str | int | None, target_ratio: float | None, context: int | None,
+            batch: int, trust_remote_code: bool) -> tuple[int, int]:
+    """(whole budget, KV cache bytes): `memory` as written, or `target_ratio` x the original (weights, and cache at `context`)."""
+    from ..io.load import load_config
+
+    if (memory is None) == (target_ratio is None):
+        raise MoECompressError("give exactly one of --memory (e.g. 20GB) or --target-ratio (e.g. 0.4 of the original's size).")
+    kv = kv_cache_bytes(load_config(model, trust_remote_code)[1], context, batch) if context is not None else 0
+    if target_ratio is not None:
+        if not (isinstance(target_ratio, int | float) and 0 < target_ratio <= 1):
+            raise MoECompressError(f"--target-ratio must be in (0, 1]; got {target_ratio!r}.")
+        return int((sizes.total + kv) * target_ratio), kv
+    return parse_bytes(memory, "--memory"), kv
+
+
+def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None, batch=1, min_keep=0, trust_remote_code=False) -> FitResult:
+    """Steps 1 of the module docstring: the sizes and the budget, refusing an unreachable one. Nothing is calibrated."""
+    if not isinstance(model, str | Path):
+        raise MoECompressError("fit reads the checkpoint's sizes from its shard headers: give a model name or a local directory, not a model in memory.")
+    sizes = checkpoint_sizes(model, trust_remote_code=trust_remote_code)
+    budget, kv = _budget(model, sizes, memory, target_ratio, context, batch, trust_remote_code)
+    floors = _floors(model, min_keep, trust_remote_code)
+    result = FitResult(sizes.total, budget, kv, smallest(sizes, floors), floors, sizes)
+    cache = f" after the KV cache of {human_bytes(kv)} at context {context} x batch {batch}" if context is not None else ""
+    if result.weight_budget < result.smallest_bytes:
+        fewest = min(min(counts) for counts in floors.values())
+        raise MoECompressError(
+            f"the budget leaves {human_bytes(max(result.weight_budget, 0))} for the weights{cache}, below the smallest size fit can reach, "
+            f"{human_bytes(result.smallest_bytes)} ({result.smallest_bytes} bytes: every MoE layer at {fewest} experts, {min(BITS)} bits); "
+            "raise --memory" + (" or shorten --context." if context is not None else ".")
+        )
+    result.unchanged = result.weight_budget >= sizes.total
+    return result
+
+
+def fit(
+    model: str | Path,
+    memory: str | int | None = None,
+    target_ratio: float | None = None,
+    context: int | None = None,
+    batch: int = 1,
+    calib: Calibration = CalibrationSpec(samples=128),
+    out: str | Path | None = None,
+    dry_run: bool = False,
+    sweep: bool = False,
+    method: str = "reap",
+    min_keep: int = 0,
+    windows: int = 32,
+    seq_len: int = 256,
+    overwrite: bool = False,
+    device: str = "cpu",
+    cache_dir: str | Path | None | bool = None,
+    trust_remote_code: bool = False,
+    say: Callable[[str], None] | None = None,
+    show: Callable[[str], None] | None = None,
+) -> FitResult:
+    """The compression of `model` (a local checkpoint or bundled name) of least held-out KL whose saved
+    weights (plus the KV cache at `context` x `batch`, when given) fit `memory` ("20GB", "512MiB", bytes)
+    or `target_ratio` of the original; written to `out` when given. `dry_run`: the budget and the
+    search space only, nothing calibrated. `sweep`: also the predicted quality-vs-size curve
+    (`result.front`). `windows` per bundled domain of `seq_len` tokens are the held-out text the
+    candidates are measured on; `say` receives progress lines (candidates measured, best so far) and
+    `show` the swept curve, before anything is measured."""
+    from ..io.save import check_output_dir
+    from .proxies import check_method
+
+    say, show = say or (lambda line: None), show or (lambda line: None)
+    check_method(method)
+    result = plan_budget(model, memory, target_ratio, context, batch, min_keep, trust_remote_code)
+    if out is not None:
+        check_output_dir(out, overwrite, [model])
+    if dry_run:
+        return result
+    from ..io.load import load_model
+
+    loaded, tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    if result.unchanged:
+        say(f"the original ({human_bytes(result.original_bytes)}) fits the budget of {human_bytes(result.weight_budget)} for weights: nothing to do")
+        if out is not None:
+            from .write import write_unchanged
+
+            result.output_dir = write_unchanged(loaded, tokenizer, Path(out), overwrite, result)
+        return result
+    batches = calibration_batches(calib, tokenizer, loaded.config)
+    _search_and_measure(result, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
+                        Path(out) if out is not None else None)
+    if out is not None:
+        from .write import write_best
+
+        result.output_dir = write_best(loaded, tokenizer, batches, Path(out), overwrite, device, result, str(model))
+    return result
+
+
+def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
+                        out: Path | None) -> None:
+    """Steps 2 and 3 of the module docstring, up to the best candidate measured (`result.best`)."""
+    import tempfile
+
+    from ..arch.registry import get_adapter
+    from ..engine.statistics import collect_statistics
+    from .measure import held_out_windows, measure
+    from .proxies import layer_proxies, proxy_statistics
+    from .report import front_lines
+    from .search import candidates, sweep as front_of
+
+    sizes = result.sizes
+    adapter = get_adapter(loaded)
+    stats, _ = collect_statistics(loaded, batches, proxy_statistics(method, sizes.group_size), cache_dir, device)
+    proxies = layer_proxies(method, adapter, loaded.config, stats, sizes.group_size, min_keep)
+    if sweep:
+        result.front = {bits: [(point.bytes, point.cost) for point in points] for bits, points in front_of(sizes, result.floors, proxies).items()}
+        for line in front_lines(result.front):
+            show(line)
+    result.candidates = candidates(sizes, result.floors, proxies, result.weight_budget, method)
+    held_out = held_out_windows(tokenizer, loaded.config, windows, seq_len)
+    with tempfile.TemporaryDirectory(prefix="moe-compress-fit-", dir=out.parent if out is not None else None) as scratch:
+        for number, candidate in enumerate(result.candidates, 1):
+            measured = measure(candidate, loaded, tokenizer, batches, held_out, Path(scratch) / f"candidate-{number}", device)
+            if result.best is None or (measured["kl"], candidate.bytes) < (result.best.measured["kl"], result.best.bytes):
+                result.best = candidate
+            say(f"measured {number}/{len(result.candidates)}: {candidate.name}: {human_bytes(candidate.bytes)}, KL {measured['kl']:.4g}, "
+                f"top-1 {measured['top1']:.3f}, ppl {measured['perplexity']:.3f} (proxy {candidate.proxy:.4g}); "
+                f"best so far: {result.best.name}, KL {result.best.measured['kl']:.4g}")

@@ -1,0 +1,110 @@
+"""What each per-layer choice (keep k experts, at b bits) costs in quality, from statistics collected once.
+
+The proxy of a choice is the squared output error it adds to its MoE layer, as a share of the
+layer's gated output energy, both summed over the calibration tokens:
+
+    cost_l(k, b) = ( sum_{e removed} E_e  +  sum_{e kept} R_e(b) ) / sum_e E_e
+
+    E_e    = sum_{t in T_e} (w_{t,e} ||f_e(x_t)||)^2            statistic `gated_output_energy`
+    R_e(b) = sum_{t in T_e} w_{t,e}^2 ||f_e^{Q_b}(x_t) - f_e(x_t)||^2   statistic `rtn_output_error@<group>`
+    (R_e(16) = 0: as stored)
+
+w_{t,e} is the gate the model applies. Removing e takes w f_e(x) out of every token routed to it
+(the rerouting that follows is ignored: the first-order loss), rounding e's weights adds
+w (f_e^Q - f_e); both are in the layer's output space, so they add. Which experts are removed
+is the method's choice, not the proxy's: the `keep` lowest-scored by the pruning method's own
+score (REAP by default) under `budget.select_experts`, the call `Prune(budget="explicit")` makes,
+so the proxy prices the experts that pruning will actually remove.
+
+Why a sum over layers is the model's cost. Each layer's cost is a noise-to-signal ratio: error
+energy over the energy the layer writes into the residual stream. Small, independent perturbations
+of different layers' outputs move the final distribution by amounts whose second-order effect
+(the KL, to first non-vanishing order a quadratic form in the perturbations) has no cross terms
+in expectation when the perturbations are uncorrelated -- rounding noise is, and removed experts
+of different layers are different functions -- so the KL is approximately a weighted sum of the
+layers' error energies. Normalising each by its layer's energy treats every layer's relative error
+alike (deeper layers write larger outputs: their absolute errors would otherwise dominate). That is
+the assumption every per-layer allocation (HAWQ, AutoQuantize, Puzzletron's per-layer scores) makes;
+`fit` checks it on the candidates it measures (the Spearman correlation in its report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..arch.adapter import MoEAdapter
+from ..errors import MoECompressError
+from ..methods.budget import select_experts
+from ..methods.criteria import CRITERIA, reap_scores
+from ..methods.expert_pruning import routing_limits
+from ..observe.rounding import ROUNDED_BITS
+
+ENERGY = "gated_output_energy"
+
+
+def rounding_statistic(group: int) -> str:
+    return f"rtn_output_error@{group}"
+
+
+def proxy_statistics(method: str, group: int) -> tuple[str, ...]:
+    """What one calibration pass must collect for the proxies of `method` at the quantizer's `group`."""
+    check_method(method)
+    scored = ("reap_sum", "reap_prob_sum", "selected") if method == "reap" else CRITERIA[method].statistics
+    return (ENERGY, rounding_statistic(group), *scored)
+
+
+def check_method(method: str) -> None:
+    """fit prices removals by a score-based criterion (what an explicit budget plans with)."""
+    if method not in CRITERIA:
+        raise MoECompressError(f"fit chooses the experts to remove by one of {', '.join(sorted(CRITERIA))}; got {method!r}.")
+
+
+def method_scores(method: str, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """Each MoE layer's expert scores as the method ranks them (REAP's gates renormalised as the model does)."""
+    if method == "reap":
+        renormalise = adapter.renormalizes_top_k(config)
+        return {layer: reap_scores(s, renormalise).double() for layer, s in stats.items()}
+    return {layer: CRITERIA[method].score(s).double() for layer, s in stats.items()}
+
+
+@dataclass(frozen=True)
+class LayerProxy:
+    """One MoE layer's proxy inputs: per expert, its energy and rounding errors; and which experts each count keeps."""
+
+    layer: int
+    energy: torch.Tensor  # [E] E_e
+    rounding: dict[int, torch.Tensor]  # bits -> [E] R_e(b)
+    kept: dict[int, list[int]]  # allowed kept count -> expert ids the method keeps
+
+    @property
+    def experts(self) -> int:
+        return self.energy.numel()
+
+    def cost(self, keep: int, bits: int) -> float:
+        """cost_l(keep, bits) of the module docstring (0 for the layer unchanged)."""
+        total = float(self.energy.sum())
+        if total <= 0:
+            return 0.0
+        mask = torch.zeros(self.experts, dtype=torch.bool)
+        mask[self.kept[keep]] = True
+        return (float(self.energy[~mask].sum()) + float(self.rounding[bits][mask].sum())) / total
+
+
+def layer_proxies(
+    method: str, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]], group: int, min_keep: int = 0
+) -> dict[int, LayerProxy]:
+    """Per MoE layer, its `LayerProxy`: every kept count its router allows (a multiple of the routing
+    groups, from max(top_k, min_keep) to E) with the experts the method keeps at that count."""
+    limits = routing_limits(adapter, config)
+    scores = method_scores(method, adapter, config, stats)
+    floor = max(limits.min_units(), -(-min_keep // limits.groups)) * limits.groups
+    proxies = {}
+    for layer, s in sorted(scores.items()):
+        counts = range(floor, s.numel() + 1, limits.groups)
+        kept = {k: select_experts({layer: s}, 0.0, "explicit", limits, min_keep=min_keep, keep={layer: k})[layer] for k in counts}
+        errors = stats[layer][rounding_statistic(group)]
+        rounding = {16: torch.zeros(s.numel(), dtype=torch.float64)} | {b: errors[:, i].double() for i, b in enumerate(ROUNDED_BITS)}
+        proxies[layer] = LayerProxy(layer, stats[layer][ENERGY].double(), rounding, kept)
+    return proxies

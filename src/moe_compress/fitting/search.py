@@ -1,0 +1,170 @@
+"""From sizes and proxies to the few allocations worth measuring, each as the stages that make it.
+
+Per MoE layer the options are every (kept count, bit width) pair: bytes exact from the shard
+headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`). The solver
+(`fitting.solver.solve`) picks one per layer under the weight budget. What is then measured:
+
+* the solver's optimum (per bit width while the quantize stage takes one width per model; one
+  optimum over every pair once it takes per-layer widths: `PER_LAYER_BITS`);
+* the front points (`fitting.solver.front`) just under the budget around that optimum, in case the
+  proxy ranks near neighbours wrongly;
+* the single-method configurations at the same budget, which the search must beat to be worth
+  anything: the method alone at the smallest layer ratio that fits, and 8-bit / 4-bit alone.
+
+Each allocation becomes a list of stages -- `Prune(method, budget="explicit", keep=...)` then
+`Quantize(bits=..., scope="experts")` -- that `pipeline.run_stages` runs; their `predict` gives
+the same bytes as the table (asserted), so what is measured is what fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..stages.base import Stage
+from ..stages.footprint import Footprint
+from ..stages.prune import Prune
+from ..stages.quantize import Quantize
+from ..stages.sizes import BITS, CheckpointSizes, candidate_bytes
+from .proxies import LayerProxy
+from .solver import Allocation, Option, front, smallest_bytes, solve
+
+#: True once the quantize stage takes per-layer bit widths (`Quantize(expert_bits={layer: bits})`,
+#: branch i-fitq): the solver then mixes widths across layers in one table. Until then each
+#: candidate quantises every routed expert to one width, and the search solves once per width.
+PER_LAYER_BITS = False
+#: Front points measured beside each optimum.
+FRONT_POINTS = 2
+
+
+@dataclass(frozen=True)
+class Choice:
+    keep: int
+    bits: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.keep}x{self.bits}b"
+
+
+@dataclass
+class Candidate:
+    """One allocation to measure: its name, what each MoE layer keeps, its predicted bytes and proxy, its stages."""
+
+    name: str
+    allocation: dict[int, Choice]
+    bytes: int  # predicted saved weight bytes
+    proxy: float
+    stages: list[Stage]
+    measured: dict = field(default_factory=dict)  # kl, top1, perplexity, saved_bytes (after measuring)
+    aliases: list[str] = field(default_factory=list)  # other names of the same allocation (a single method the optimum equals)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "aliases": self.aliases, "bytes": self.bytes, "proxy": self.proxy, "stages": [{s.kind: s.given()} for s in self.stages],
+                "allocation": {str(i): {"keep": c.keep, "bits": c.bits} for i, c in self.allocation.items()}, **self.measured}
+
+
+def layer_choices(sizes: CheckpointSizes, floors: dict[int, list[int]], bits: tuple[int, ...]) -> dict[int, list[Choice]]:
+    """Every MoE layer's choices: each allowed kept count (`floors[layer]`, largest first) at each width,
+    the layer unchanged first (the solver's option 0)."""
+    return {layer: [Choice(k, b) for b in bits for k in sorted(floors[layer], reverse=True)] for layer in sorted(sizes.layers)}
+
+
+def table(sizes: CheckpointSizes, choices: dict[int, list[Choice]], proxies: dict[int, LayerProxy] | None) -> list[list[Option]]:
+    """The solver's table: per layer, per choice, its bytes and proxy cost (0 without proxies: a dry run)."""
+    return [[Option(candidate_bytes(sizes.layers[layer], c.keep, c.bits), proxies[layer].cost(c.keep, c.bits) if proxies else 0.0, c.label)
+             for c in layer_choices] for layer, layer_choices in choices.items()]
+
+
+def smallest(sizes: CheckpointSizes, floors: dict[int, list[int]]) -> int:
+    """The smallest saved size any allocation reaches: every layer at its fewest experts and fewest bits."""
+    return smallest_bytes(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None), sizes.fixed)
+
+
+def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: str) -> list[Stage]:
+    """The stages that make `allocation`: an explicit prune where a layer drops experts, a quantize where bits drop."""
+    stages: list[Stage] = []
+    if any(c.keep < sizes.layers[i].experts for i, c in allocation.items()):
+        stages.append(Prune(method, budget="explicit", keep={i: c.keep for i, c in allocation.items()}))
+    widths = {c.bits for c in allocation.values()}
+    if widths != {16}:
+        if len(widths) > 1:  # per-layer widths: the quantize stage's expert_bits (i-fitq) plugs in here
+            raise NotImplementedError("per-layer bit widths need Quantize(expert_bits=...); set PER_LAYER_BITS once it exists")
+        stages.append(Quantize(bits=widths.pop(), scope="experts"))
+    return stages
+
+
+def predicted_bytes(stages: list[Stage], sizes: CheckpointSizes) -> int:
+    footprint = Footprint.of(sizes)
+    for stage in stages:
+        footprint = stage.predict(footprint)
+    return footprint.bytes
+
+
+def _candidate(name: str, rows: list[list[Option]], picked: Allocation, choices: dict[int, list[Choice]], sizes: CheckpointSizes,
+               method: str) -> Candidate:
+    allocation = {layer: choices[layer][j] for layer, j in zip(choices, picked.choices)}
+    stages = stages_for(allocation, sizes, method)
+    assert predicted_bytes(stages, sizes) == picked.bytes, "the stages' prediction disagrees with the solver's table"
+    return Candidate(name, allocation, picked.bytes, picked.cost, stages)
+
+
+def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str) -> list[Candidate]:
+    """The solver's optimum per width table (one table over every width with `PER_LAYER_BITS`), and
+    `FRONT_POINTS` front points under the budget beside the best of them."""
+    tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
+    found: list[tuple[Candidate, list[list[Option]], dict[int, list[Choice]]]] = []
+    for widths in tables:
+        choices = layer_choices(sizes, floors, widths)
+        rows = table(sizes, choices, proxies)
+        if smallest_bytes(rows, sizes.fixed) > budget:
+            continue
+        name = "fit" if PER_LAYER_BITS else f"fit, {widths[0]}-bit"
+        found.append((_candidate(name, rows, solve(rows, budget, sizes.fixed), choices, sizes, method), rows, choices))
+    best, rows, choices = min(found, key=lambda entry: entry[0].proxy)
+    nearby = [point for point in front(rows, sizes.fixed) if point.bytes <= budget and point.labels != tuple(c.label for c in best.allocation.values())]
+    extra = [_candidate(f"{best.name} (front {n})", rows, point, choices, sizes, method) for n, point in enumerate(nearby[:FRONT_POINTS], 1)]
+    return [entry[0] for entry in found] + extra
+
+
+def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str) -> list[Candidate]:
+    """The method alone at the smallest layer ratio that fits (one kept count for every layer), and each width alone, where they fit."""
+    found = []
+    experts = {layer.experts for layer in sizes.layers.values()}
+    counts = set.intersection(*(set(f) for f in floors.values())) if len(experts) == 1 else set()
+    for keep in sorted(counts, reverse=True):
+        allocation = {layer: Choice(keep, 16) for layer in sizes.layers}
+        size = sizes.fixed + sum(candidate_bytes(sizes.layers[i], c.keep, c.bits) for i, c in allocation.items())
+        (total,) = experts
+        if size <= budget and keep < total:
+            ratio = 1 - keep / total
+            stages: list[Stage] = [Prune(method, ratio=ratio)]
+            assert predicted_bytes(stages, sizes) == size
+            found.append(Candidate(f"{method} alone, ratio {ratio:.3g}", allocation, size, _proxy(proxies, allocation), stages))
+            break
+    for bits in BITS[1:]:
+        allocation = {layer: Choice(sizes.layers[layer].experts, bits) for layer in sizes.layers}
+        stages = stages_for(allocation, sizes, method)
+        size = predicted_bytes(stages, sizes)
+        if size <= budget:
+            found.append(Candidate(f"{bits}-bit alone", allocation, size, _proxy(proxies, allocation), stages))
+    return found
+
+
+def _proxy(proxies: dict[int, LayerProxy], allocation: dict[int, Choice]) -> float:
+    return sum(proxies[layer].cost(c.keep, c.bits) for layer, c in allocation.items())
+
+
+def candidates(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str) -> list[Candidate]:
+    """What to measure, in order (see the module docstring); equal allocations are measured once, under their first name."""
+    unique: dict[tuple, Candidate] = {}
+    for candidate in [*solved(sizes, floors, proxies, budget, method), *single_methods(sizes, floors, proxies, budget, method)]:
+        first = unique.setdefault(tuple(sorted((i, c.keep, c.bits) for i, c in candidate.allocation.items())), candidate)
+        if first is not candidate:
+            first.aliases.append(candidate.name)
+    return list(unique.values())
+
+
+def sweep(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy]) -> dict[int, list[Allocation]]:
+    """The predicted quality-vs-size curve per width table, from the statistics alone (the solver's front)."""
+    tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
+    return {widths[0] if len(widths) == 1 else 0: front(table(sizes, layer_choices(sizes, floors, widths), proxies), sizes.fixed) for widths in tables}

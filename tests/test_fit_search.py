@@ -1,0 +1,226 @@
+"""fit: explicit per-layer keep counts, the proxies against hand computations, the search end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_compress as mc
+from helpers import rounded
+from moe_compress import MoECompressError
+from moe_compress.arch.registry import get_adapter
+from moe_compress.fitting import api as fit_api
+from moe_compress.fitting.proxies import ENERGY, LayerProxy, layer_proxies, rounding_statistic
+from moe_compress.fitting.report import spearman
+from moe_compress.methods.budget import select_experts
+from moe_compress.observe.rounding import round_to_nearest, rtn_output_error
+from moe_compress.observe.routed_batch import RoutedBatch
+from moe_compress.observe.statistics import STATISTICS
+from moe_compress.plan import Plan, RoutingLimits
+from moe_compress.stages.footprint import Footprint
+from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes
+from tiny_checkpoints import save_tiny_checkpoint
+from tiny_models import tiny_model
+
+TINY_CALIB = mc.CalibrationSpec(samples=4, seq_len=32)
+
+
+def _tensor_bytes(directory: Path) -> int:
+    """Tensor data bytes of every shard, from the raw safetensors headers (independent of moe-compress's reader)."""
+    total = 0
+    for shard in directory.glob("*.safetensors"):
+        with shard.open("rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        total += sum(end - start for key, entry in header.items() if key != "__metadata__" for start, end in [entry["data_offsets"]])
+    return total
+
+
+# ---- explicit per-layer keep counts -------------------------------------------------------------
+def test_explicit_budget_keeps_the_given_counts_best_scored_first():
+    scores = {0: torch.tensor([0.5, 0.1, 0.9, 0.3]), 3: torch.tensor([0.2, 0.2, 0.8, 0.1])}
+    kept = select_experts(scores, 0.0, "explicit", RoutingLimits(1), keep={0: 3, 3: 1})
+    assert kept == {0: [0, 2, 3], 3: [2]}
+    # ties remove the lower index first, as the other budgets do: of experts 0 and 1 (0.2 each), 1 stays
+    assert select_experts(scores, 0.0, "explicit", RoutingLimits(1), keep={0: 4, 3: 2}) == {0: [0, 1, 2, 3], 3: [1, 2]}
+
+
+def test_explicit_budget_refusals():
+    scores = {0: torch.rand(8), 1: torch.rand(8)}
+    with pytest.raises(MoECompressError, match=r"needs a kept count for every MoE layer .* layer 1 has none"):
+        select_experts(scores, 0.0, "explicit", RoutingLimits(2), keep={0: 4})
+    with pytest.raises(MoECompressError, match=r"layer 0 cannot keep 1 of its 8 experts: keep a multiple of its 1 routing group\(s\) from 2"):
+        select_experts(scores, 0.0, "explicit", RoutingLimits(2), keep={0: 1, 1: 4})
+    with pytest.raises(MoECompressError, match=r"layer 1 cannot keep 3 of its 8 experts: keep a multiple of its 2 routing group"):
+        select_experts(scores, 0.0, "explicit", RoutingLimits(2, groups=2), keep={0: 4, 1: 3})
+    with pytest.raises(MoECompressError, match=r"keep names layer\(s\) \[5\], which are not MoE layers"):
+        select_experts(scores, 0.0, "explicit", RoutingLimits(2), keep={0: 4, 1: 4, 5: 2})
+
+
+def test_prune_stage_with_explicit_keep(tmp_path):
+    """Counts as given, the experts the method scores lowest removed, predicted bytes as saved, and methods that set
+    their own counts refused before calibrating."""
+    source = save_tiny_checkpoint(tmp_path / "tiny", "mixtral")
+    keep = {0: 8, 1: 5, 2: 2}
+    stage = mc.Prune("frequency", budget="explicit", keep=keep)
+    result = mc.compress(str(source), [stage], calib=TINY_CALIB, out=tmp_path / "out")
+    plan = result.plans[0][1]
+    assert plan.kept_counts() == keep and plan.budget == "explicit" and plan.ratio == pytest.approx(1 - 15 / 24)
+    for layer in plan.layers:  # the kept ones are the best-scored (frequency), ties to the higher index
+        order = sorted(range(layer.num_experts), key=lambda e: (layer.scores[e], e))
+        assert sorted(layer.keep) == sorted(order[layer.num_experts - keep[layer.layer]:])
+    sizes = checkpoint_sizes(source)
+    assert stage.predict(Footprint.of(sizes)).bytes == _tensor_bytes(tmp_path / "out") == sizes.fixed + sum(
+        candidate_bytes(sizes.layers[i], k, 16) for i, k in keep.items())
+    with pytest.raises(MoECompressError, match=r"method 'mone' decides its per-layer counts itself"):
+        mc.compress(str(source), [mc.Prune("mone", budget="explicit", keep=keep)], calib=TINY_CALIB)
+    with pytest.raises(MoECompressError, match=r"keep sets each layer's count under budget 'explicit'"):
+        mc.compress(str(source), [mc.Prune("reap", keep=keep)], calib=TINY_CALIB)
+
+
+# ---- proxies -------------------------------------------------------------------------------------
+def test_round_to_nearest_is_the_independent_rounding():
+    weight = torch.randn(6, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for bits, group in ((4, 16), (8, 32), (4, 8)):
+        assert torch.equal(round_to_nearest(weight, bits, group), rounded(weight, bits, group))
+
+
+def _mixtral_expert(experts, e: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Mixtral's expert written out by hand: silu(x W_g^T) * (x W_u^T), then W_d."""
+    gate, up = (x @ gate_up[e].float().T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ down[e].float().T
+
+
+def test_rounding_and_energy_statistics_by_hand():
+    """rtn_output_error@16 and gated_output_energy on a hand-made routing: sums of w^2 ||f^Q - f||^2 and (w ||f||)^2."""
+    model = tiny_model("mixtral").to(torch.bfloat16)
+    adapter = get_adapter(model)
+    experts = adapter.experts(adapter.moe_block(adapter.decoder_layers(model)[0]))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(5, experts.gate_up_proj.shape[-1], generator=generator).to(experts.gate_up_proj.dtype)
+    top_idx = torch.tensor([[0, 3], [3, 1], [0, 1], [7, 3], [0, 7]])
+    top_w = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
+    batch = RoutedBatch(x, torch.zeros(5, 8), top_idx, top_w, adapter, experts)
+    errors = rtn_output_error(16)(batch)
+    energy = STATISTICS[ENERGY].update(batch)
+    expected_errors, expected_energy = torch.zeros(8, 2, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(5):
+            for slot in range(2):
+                e, w = int(top_idx[t, slot]), float(top_w[t, slot])
+                exact = _mixtral_expert(experts, e, x[t : t + 1].float(), experts.gate_up_proj, experts.down_proj)
+                expected_energy[e] += (w * float(exact.double().norm())) ** 2
+                for column, bits in enumerate((8, 4)):
+                    q = _mixtral_expert(experts, e, x[t : t + 1].float(), rounded(experts.gate_up_proj, bits, 16), rounded(experts.down_proj, bits, 16))
+                    expected_errors[e, column] += w**2 * float((q - exact).double().pow(2).sum())
+    assert torch.allclose(errors, expected_errors, rtol=1e-4, atol=1e-12)
+    assert torch.allclose(energy, expected_energy, rtol=1e-2)  # the layer's own bf16 outputs against a float32 recomputation
+    routed = [0, 1, 3, 7]
+    assert errors[[2, 4, 5, 6]].abs().sum() == 0 and (errors[routed, 1] > errors[routed, 0]).all() and (errors[routed, 0] > 0).all()
+
+
+def test_layer_cost_by_hand():
+    """cost(k, b) = (energy of the removed + rounding error of the kept at b bits) / the layer's energy."""
+    proxy = LayerProxy(4, torch.tensor([4.0, 1.0, 3.0, 2.0], dtype=torch.float64),
+                       {16: torch.zeros(4, dtype=torch.float64), 8: torch.tensor([0.01, 0.02, 0.03, 0.04], dtype=torch.float64),
+                        4: torch.tensor([0.5, 0.6, 0.7, 0.8], dtype=torch.float64)},
+                       {4: [0, 1, 2, 3], 3: [0, 2, 3], 2: [0, 2]})
+    assert proxy.cost(4, 16) == 0.0
+    assert proxy.cost(4, 8) == pytest.approx(0.1 / 10)
+    assert proxy.cost(3, 16) == pytest.approx(1.0 / 10)
+    assert proxy.cost(2, 4) == pytest.approx((1.0 + 2.0 + 0.5 + 0.7) / 10)
+
+
+def test_layer_proxies_from_hand_made_statistics():
+    """REAP's order (reap_sum / selected, the model's renormalisation) picks the removed experts; the cost follows."""
+    model = tiny_model("mixtral")
+    adapter = get_adapter(model)
+    layer = {"reap_sum": torch.tensor([8.0, 1.0, 9.0, 2.0, 6.0, 3.0, 5.0, 4.0], dtype=torch.float64),
+             "reap_prob_sum": torch.ones(8, dtype=torch.float64), "selected": torch.ones(8, dtype=torch.float64),
+             ENERGY: torch.arange(1.0, 9.0, dtype=torch.float64),
+             rounding_statistic(16): torch.stack([torch.full((8,), 0.01), torch.full((8,), 0.1)], dim=1).double()}
+    stats = {i: layer for i in adapter.moe_layer_indices(model)}
+    proxies = layer_proxies("reap", adapter, model.config, stats, 16)
+    proxy = proxies[0]
+    top_k = adapter.top_k(model.config)
+    assert sorted(proxy.kept) == list(range(top_k, 9))
+    assert proxy.kept[3] == [0, 2, 4]  # the three best REAP scores: 9, 8, 6
+    removed_energy = 36.0 - (1 + 3 + 5)
+    assert proxy.cost(3, 4) == pytest.approx((removed_energy + 3 * 0.1) / 36.0)
+
+
+def test_spearman_by_hand():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # rank differences 0, 1, 1: 1 - 6 x 2 / (3 x 8)
+    assert spearman([1, 2], [2, 1]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+# ---- the search, end to end ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("fit") / "tiny", "mixtral")
+
+
+def test_fit_writes_a_model_within_the_budget(tiny, tmp_path):
+    """The artifact fits (saved tensor bytes <= budget), its bytes are the chosen allocation's prediction, the
+    single-method baselines were measured beside it, and the report and the plan record the search."""
+    budget = int(_tensor_bytes(tiny) * 0.7)
+    result = mc.fit(str(tiny), memory=budget, calib=TINY_CALIB, out=tmp_path / "out", windows=2, seq_len=32)
+    saved = _tensor_bytes(tmp_path / "out")
+    assert saved <= budget and saved == result.best.bytes == result.best.measured["written_bytes"]
+    assert result.best.measured["kl"] == min(c.measured["kl"] for c in result.candidates)
+    names = {name for c in result.candidates for name in [c.name, *c.aliases]}
+    assert {"fit, 16-bit", "fit, 8-bit", "fit, 4-bit", "8-bit alone", "4-bit alone"} <= names and any(n.startswith("reap alone") for n in names)
+    assert all(c.bytes <= budget for c in result.candidates)
+    report = json.loads((tmp_path / "out" / "fit_report.json").read_text())
+    assert report["chosen"] == result.best.name and len(report["candidates"]) == len(result.candidates)
+    assert "| MoE layer | experts kept | bits |" in (tmp_path / "out" / "fit_report.md").read_text()
+    for path in (tmp_path / "out" / "plans").glob("*.json"):
+        assert Plan.load(path).meta["fit"]["chosen"] == result.best.name
+
+
+def test_budget_at_or_above_the_original_returns_it_unchanged(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr("moe_compress.engine.statistics.collect_statistics", _never)
+    result = mc.fit(str(tiny), target_ratio=1.0, calib=TINY_CALIB, out=tmp_path / "out")
+    assert result.unchanged and result.best is None and result.candidates == []
+    assert _tensor_bytes(tmp_path / "out") == _tensor_bytes(tiny)
+    assert json.loads((tmp_path / "out" / "fit_report.json").read_text())["unchanged"] is True
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("calibrated")
+
+
+def test_unreachable_budget_is_refused_before_calibration(tiny, monkeypatch):
+    monkeypatch.setattr("moe_compress.io.load.load_model", _never)
+    sizes = checkpoint_sizes(tiny)
+    top_k = 2
+    smallest = sizes.fixed + sum(candidate_bytes(layer, top_k, 4) for layer in sizes.layers.values())
+    with pytest.raises(MoECompressError, match=rf"below the smallest size fit can reach, .* \({smallest} bytes: every MoE layer at {top_k} experts, 4 bits\)"):
+        mc.fit(str(tiny), memory=smallest - 1)
+    assert fit_api.plan_budget(str(tiny), memory=smallest).smallest_bytes == smallest  # exactly the smallest is reachable
+
+
+def test_dry_run_calibrates_nothing(tiny, monkeypatch):
+    monkeypatch.setattr("moe_compress.io.load.load_model", _never)
+    result = mc.fit(str(tiny), target_ratio=0.5, dry_run=True)
+    assert result.best is None and result.floors == {0: list(range(2, 9)), 1: list(range(2, 9)), 2: list(range(2, 9))}
+    assert result.budget == _tensor_bytes(tiny) // 2
+
+
+def test_command_dry_run_prints_the_search_space(tiny, monkeypatch, capsys):
+    from moe_compress.fitting.command import fit_command
+
+    monkeypatch.setattr("moe_compress.io.load.load_model", _never)
+    sizes = checkpoint_sizes(tiny)
+    assert fit_command(str(tiny), target_ratio=0.5, dry_run=True) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"original weights: {sizes.total} bytes ({printed[0].split('(')[1]}"
+    assert f"weights may take: {sizes.total // 2} bytes" in printed[2]
+    assert printed[4].startswith("search space: 3 MoE layers, each keeping 2..8 experts (step 1), at 16 / 8 / 4 bits")
+    with pytest.raises(MoECompressError, match=r"give --out DIR"):
+        fit_command(str(tiny), target_ratio=0.5)
