@@ -63,9 +63,9 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group: int) -> torch.Tenso
     """A [out, in] Linear weight as `slimming.quantize` (method rtn, symmetric) stores it, dequantised to its dtype."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    from ..slimming.quantize import _scheme, rtn_parameters  # the quantizer's own scheme and scales: what it writes, not a copy
+    from ..slimming.packing import quant_scheme, rtn_parameters  # the quantizer's own scheme and scales: what it writes, not a copy
 
-    scheme = _scheme(bits, group, True)
+    scheme = quant_scheme(bits, group, True)
     scale, zero_point = rtn_parameters(weight, scheme)
     return fake_quantize(weight.float(), scale.to(weight.dtype).float(), zero_point, scheme.weights).to(weight.dtype)
 
