@@ -4,8 +4,8 @@ Per MoE layer the options are every (kept count, bit width) pair: bytes exact fr
 headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`). The solver
 (`fitting.solver.solve`) picks one per layer under the weight budget. What is then measured:
 
-* the solver's optimum (per bit width while the quantize stage takes one width per model; one
-  optimum over every pair once it takes per-layer widths: `PER_LAYER_BITS`);
+* the solver's optimum over every (experts kept, width) pair per layer -- widths mix across layers,
+  written by the quantize stage's per-layer `expert_bits` (`PER_LAYER_BITS`);
 * the front points (`fitting.solver.front`) just under the budget around that optimum, in case the
   proxy ranks near neighbours wrongly;
 * the single-method configurations at the same budget, which the search must beat to be worth
@@ -28,10 +28,9 @@ from ..stages.sizes import BITS, CheckpointSizes, candidate_bytes
 from .proxies import LayerProxy
 from .solver import Allocation, Option, front, smallest_bytes, solve
 
-#: True once the quantize stage takes per-layer bit widths (`Quantize(expert_bits={layer: bits})`,
-#: branch i-fitq): the solver then mixes widths across layers in one table. Until then each
-#: candidate quantises every routed expert to one width, and the search solves once per width.
-PER_LAYER_BITS = False
+#: The solver mixes widths across layers in one table (`Quantize(expert_bits={layer: bits})`); False
+#: solves once per width, every routed expert of a candidate at one width.
+PER_LAYER_BITS = True
 #: Front points measured beside each optimum.
 FRONT_POINTS = 2
 
@@ -85,11 +84,12 @@ def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: st
     stages: list[Stage] = []
     if any(c.keep < sizes.layers[i].experts for i, c in allocation.items()):
         stages.append(Prune(method, budget="explicit", keep={i: c.keep for i, c in allocation.items()}))
-    widths = {c.bits for c in allocation.values()}
-    if widths != {16}:
-        if len(widths) > 1:  # per-layer widths: the quantize stage's expert_bits (i-fitq) plugs in here
-            raise NotImplementedError("per-layer bit widths need Quantize(expert_bits=...); set PER_LAYER_BITS once it exists")
-        stages.append(Quantize(bits=widths.pop(), scope="experts"))
+    widths = [c.bits for c in allocation.values()]
+    if set(widths) != {16}:
+        # the commonest lowered width is the stage's own; every layer at another width is named
+        default = max(sorted({b for b in widths if b != 16}), key=widths.count)
+        others = {i: c.bits for i, c in allocation.items() if c.bits != default}
+        stages.append(Quantize(bits=default, scope="experts", **({"expert_bits": others} if others else {})))
     return stages
 
 
