@@ -10,7 +10,11 @@ unchecked with --ignore-plan-identity): one line on stderr, and the run goes on.
 
 from __future__ import annotations
 
+import errno
 import sys
+
+#: OS errors that are about the user's paths or machine, not bugs.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOENT}
 
 
 class MoECompressError(Exception):
@@ -31,3 +35,10 @@ def warn(message: str) -> None:
     """One `warning:` line on stderr (not Python's warnings module: its two-line format with a
     source location means nothing to a CLI user)."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def user_os_error(exc: OSError) -> str | None:
+    """One line for an OS error the user can fix (no space, a read-only or missing path); None for any other (a bug)."""
+    if exc.errno not in _USER_OS_ERRORS:
+        return None
+    return f"{exc.strerror}: {exc.filename or ''}".rstrip(": ") + "; check the path, its permissions and free space."

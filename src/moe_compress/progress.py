@@ -29,6 +29,7 @@ from typing import Literal, TypeVar
 from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 T = TypeVar("T")
 Verbosity = Literal["quiet", "normal", "verbose"]
@@ -64,6 +65,26 @@ def set_verbosity(level: Verbosity | None) -> Verbosity | None:
     return previous
 
 
+#: The command line's verbosity flags, accepted before or after the command name.
+VERBOSITY_FLAGS: dict[str, Verbosity] = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose"}
+
+
+def verbosity_from(args: list[str]) -> tuple[list[str], Verbosity | None]:
+    """Take the verbosity flags out of `args` wherever they are (`moe-compress prune ... --quiet`
+    reads as naturally as `moe-compress --quiet prune ...`); the last one given wins."""
+    level = None
+    rest = []
+    for position, arg in enumerate(args):
+        if arg == "--":  # everything after it is an argument, never a flag
+            rest += args[position:]
+            break
+        if arg in VERBOSITY_FLAGS:
+            level = VERBOSITY_FLAGS[arg]
+        else:
+            rest.append(arg)
+    return rest, level
+
+
 def progress_enabled() -> bool:
     return verbosity() != "quiet"
 
@@ -90,6 +111,16 @@ messages = _Console(stderr=True, soft_wrap=True)
 def say(text: str) -> None:
     """One result line on stdout, printed as it is (paths may hold [brackets]: no markup)."""
     results.print(text, markup=False, highlight=False)
+
+
+def show(blocks: Iterable[Table | str]) -> None:
+    """Print what the library reports: tables with their title on a line of their own, result lines as they are
+    (lines that qualify the results are part of them: stdout, never a table caption); empty lines are skipped."""
+    for block in blocks:
+        if isinstance(block, Table):
+            show_table(block)
+        elif block:
+            say(block)
 
 
 def show_table(table) -> None:

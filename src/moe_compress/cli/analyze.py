@@ -6,7 +6,8 @@ from typing import Annotated
 import typer
 
 from ..errors import MoECompressError
-from .common import directory_option, require_positive, say
+from ..inputs import directory_option, require_positive
+from .common import say
 from .options import CacheDirOpt, Calibration, IgnorePlanIdentityOpt, Loading, ModelArg, command
 
 

@@ -6,7 +6,8 @@ from typing import Annotated
 import typer
 
 from ..errors import MoECompressError
-from .common import directory_option, load_whole, require_positive, say, show, writable_file
+from ..inputs import directory_option, require_positive, writable_file
+from .common import show
 from .options import CacheDirOpt, Calibration, DryRunOpt, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command
 
 
@@ -36,12 +37,14 @@ def condense_command(
     layer's input for the calibration tokens (layers x samples x seq-len x hidden, in the model
     dtype); it refuses to start when that exceeds the available memory.
     """
-    from ..stages.condense import condense
+    from ..dry_run import dry_run_condense
     from ..io.load import resolve_model
     from ..io.open import available_bytes
     from ..io.save import check_output_dir
+    from ..loading import load_whole
     from ..preflight import check_condense, check_condense_memory, skeleton
-    from ..report.compression import compression_report
+    from ..report.compression import compression_report, search_line
+    from ..stages.condense import condense
 
     require_positive(layers=layers, position_stride=position_stride)
     if experts is not None and experts < 0:
@@ -51,10 +54,7 @@ def condense_command(
     directory_option(cache_dir)
     load.check(model)
     if dry_run:
-        from ..dry_run import dry_run_condense
-
-        dry_run_condense(model, out, overwrite, layers, experts, choose_size, spec, load.dtype, load.trust_remote_code)
-        return
+        return dry_run_condense(model, out, overwrite, layers, experts, choose_size, spec, load.dtype, load.trust_remote_code)
     check_condense(skeleton(model, load.dtype, load.trust_remote_code), layers, experts)  # from the config and shard headers: no weight read yet
     check_output_dir(out, overwrite, [model])
     if Path(resolve_model(model)).is_dir():
@@ -63,7 +63,4 @@ def condense_command(
         loaded, tokenizer = load_whole(model, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code)
         result = condense(loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir,
                           load.device, state_file=state_file, fresh=fresh)
-    meta = result.plan.meta
-    resumed = " (resumed from a saved state)" if meta["resumed"] else ""
-    say(f"search: {meta['evaluations']} candidate evaluations in {meta['search_seconds']}s{resumed}; layer order {meta['order']}, JSD {[round(v, 5) for v in meta['order_jsd']]}")
-    show(compression_report(result, "condensed", model, out, plan_out))
+    show([search_line(result.plan.meta), *compression_report(result, "condensed", model, out, plan_out)])

@@ -1,11 +1,13 @@
 """`moe-compress drop`: layer drop / block drop."""
 
+from functools import partial
 from typing import Annotated
 
 import typer
 
 from ..errors import MoECompressError
-from .common import show, writable_file
+from ..inputs import writable_file
+from .common import show
 from .options import Calibration, DryRunOpt, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command
 
 
@@ -25,11 +27,12 @@ def drop_command(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Layer drop / block drop: remove the MoE sub-layers or blocks that change the residual stream least."""
+    from ..dry_run import dry_run_drop
+    from ..preflight import check_drop
+    from ..report.compression import compression_report
+    from ..single import run_single
     from ..stages.drop import MODES, UNITS
     from ..stages.drop import drop as drop_layers
-    from ..io.save import check_output_dir
-    from ..preflight import Structure, check_drop
-    from ..report.compression import compression_report
 
     if unit not in UNITS or mode not in MODES:
         raise MoECompressError(f"--unit must be one of {', '.join(UNITS)} and --mode one of {', '.join(MODES)}; got --unit {unit} --mode {mode}.")
@@ -37,14 +40,9 @@ def drop_command(
     writable_file(plan_out, "--plan-out")
     load.check(model)
     if dry_run:
-        from ..dry_run import dry_run_drop
-
-        dry_run_drop(model, out, overwrite, unit, drop, target_ratio, mode, spec, load.dtype, load.trust_remote_code)
-        return
-    check_output_dir(out, overwrite, [model])
-    with load.session(load.device) as device:
-        loaded, tokenizer, weights = load.open(model, device)
-        check_drop(Structure.of(loaded), unit, drop, target_ratio)
-        result = drop_layers(weights, unit, drop, target_ratio, mode, spec, tokenizer, out, overwrite, device, consecutive_score=consecutive_score)
-    if result.plan is not None:  # None: a rank other than 0 of a distributed run; rank 0 reports
-        show(compression_report(result, "dropped", model, out, plan_out))
+        return dry_run_drop(model, out, overwrite, unit, drop, target_ratio, mode, spec, load.dtype, load.trust_remote_code)
+    stage = partial(drop_layers, unit=unit, n=drop, target_ratio=target_ratio, mode=mode, calib=spec, out=out, overwrite=overwrite,
+                    consecutive_score=consecutive_score)
+    run = run_single(stage, model, out, overwrite, load, lambda structure: check_drop(structure, unit, drop, target_ratio))
+    if run is not None:  # None: a rank other than 0 of a distributed run; rank 0 reports
+        show(compression_report(run.result, "dropped", model, out, plan_out))

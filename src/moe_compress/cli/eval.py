@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ..evaluate.protocol import DEFAULT_PROTOCOL
-from .common import require_positive, show, writable_file
-from .options import Loading, ModelArg, checked_protocol, command
+from ..evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
+from ..inputs import require_positive, writable_file
+from .common import show
+from .options import Loading, ModelArg, command
 
 
 @command("eval")
@@ -52,7 +53,7 @@ def evaluate(
     load.check(model, compare)
     settings = SpeedSettings(speed_batch, speed_prompt_len, speed_new_tokens, speed_repeats)
     settings.validate()
-    protocol = checked_protocol(max_windows, seq_len, ("--max-windows", "--seq-len"))
+    protocol = EvalProtocol(max_windows, seq_len).validate(("--max-windows", "--seq-len"))
     timed = compare is not None if speed is None else speed
     request = Evaluation(model, ppl or [], protocol, tasks, limit, batch_size, settings if timed else None, compare, load.dtype, load.device,
                          load.mode(), load.trust_remote_code, load.threads)

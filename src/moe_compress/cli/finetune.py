@@ -6,7 +6,8 @@ from typing import Annotated
 import typer
 
 from ..errors import MoECompressError
-from .common import load_whole, require_positive, show
+from ..inputs import require_positive
+from .common import show
 from .options import Loading, ModelArg, OverwriteOpt, TrustOpt, VerifyOpt, command
 
 
@@ -31,6 +32,7 @@ def finetune_command(
     from ..data.batches import check_seed
     from ..finetuning import finetune
     from ..io.save import check_output_dir
+    from ..loading import load_whole
     from ..report.compression import saved_lines
     from ..report.tables import finetune_table
 

@@ -12,30 +12,14 @@ from typing import Annotated
 
 import typer
 
-from .. import progress
-from ..errors import MoECompressError
 from ..evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
+from ..loading import LoadSettings
 from .common import app, user_errors
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
-DtypeOpt = Annotated[str, typer.Option(help="Weights dtype in memory: auto (as saved), float32, bfloat16 or float16.")]
-DeviceOpt = Annotated[str, typer.Option(help="Device for computation (cpu, cuda, cuda:1). Layers visit it one at a time while calibrating.")]
-CalibOpt = Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")]
-BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
-SamplesOpt = Annotated[int, typer.Option(help="Number of calibration sequences.")]
-SeqLenOpt = Annotated[int, typer.Option(help="Tokens per calibration sequence.")]
-TextFieldOpt = Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify-checksums", help="Before loading, hash every file of the checkpoint and compare it with the sha256 (git sha1 for small files) its Hugging Face cache snapshot records: its blob's name. A damaged file is refused, naming it. Only a Hub cache snapshot records hashes: a plain directory (save_pretrained or moe-compress outputs, files copied out of the cache) or a Hub id is refused with this option. Without it, only the safetensors headers and finite weights are checked.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside the checkpoint (its auto_map). Off by default: only for checkpoints whose authors you trust. moe-compress's own outputs load without it.")]
-StreamingOpt = Annotated[str, typer.Option(help="auto: read the model layer by layer from its checkpoint unless 2.5 times its weights (what a whole load peaks at) fit in the free memory (RAM within the container's limit, or GPU memory with --device cuda), else load it whole; on: always stream; off: always load whole. Streaming gives the same results with one layer in memory.")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.")]
-MaxActivationOpt = Annotated[str | None, typer.Option(help="Keep at most this much calibration activation memory in RAM (e.g. 4GiB, 500MB; a plain number means GiB); the rest goes to files in --offload-dir. Default: no limit.")]
-OffloadDirOpt = Annotated[Path | None, typer.Option(help="Directory for activations beyond --max-activation-memory (default: the system temp dir).")]
 CacheDirOpt = Annotated[Path | None, typer.Option(help="Where calibration statistics are cached. Default: $MOE_COMPRESS_CACHE/stats if that variable is set, else ~/.cache/moe_compress/stats.")]
-EvalWindowsOpt = Annotated[int, typer.Option("--eval-windows", help="Perplexity windows per text source for --eval (the evaluation protocol; see `moe-compress eval --help`).")]
-EvalSeqLenOpt = Annotated[int, typer.Option("--eval-seq-len", help="Tokens per perplexity window for --eval (independent of the calibration --seq-len).")]
-EvalOpt = Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after (same forms as --calib; 'bundled': each bundled domain's test split), with the evaluation protocol of --eval-windows / --eval-seq-len.")]
 IgnorePlanIdentityOpt = Annotated[bool, typer.Option(
     "--ignore-plan-identity",
     help="Apply the plan even when its weights fingerprint does not match this model's or cannot be compared with it "
@@ -53,56 +37,27 @@ class Bundle:
 
 
 @dataclass(frozen=True)
-class Loading(Bundle):
-    """How the model is read and where it computes."""
+class Loading(LoadSettings, Bundle):
+    """How the model is read and where it computes: the library's settings, declared as options."""
 
-    dtype: DtypeOpt = "auto"
-    device: DeviceOpt = "cpu"
+    dtype: Annotated[str, typer.Option(help="Weights dtype in memory: auto (as saved), float32, bfloat16 or float16.")] = "auto"
+    device: Annotated[str, typer.Option(help="Device for computation (cpu, cuda, cuda:1). Layers visit it one at a time while calibrating.")] = "cpu"
     trust_remote_code: TrustOpt = False
     verify_checksums: VerifyOpt = False
-    streaming: StreamingOpt = "auto"
-    threads: ThreadsOpt = None
-    max_activation_memory: MaxActivationOpt = None
-    offload_dir: OffloadDirOpt = None
-
-    def mode(self) -> bool | str:
-        choices = {"auto": "auto", "on": True, "off": False}
-        if self.streaming not in choices:
-            raise MoECompressError(f"--streaming must be auto, on or off; got {self.streaming!r}.")
-        return choices[self.streaming]
-
-    def check(self, *models: str | None) -> None:
-        """The device exists; with --verify-checksums, every file of each model matches its Hub cache's hashes."""
-        from ..io.load import check_device, resolve_model
-        from ..io.verify import verify_checksums
-
-        check_device(self.device)
-        for model in models:
-            if self.verify_checksums and model is not None:
-                verify_checksums(resolve_model(model), model)
-
-    def session(self, device: str | None = None):
-        """Threads, activation budget and process group for the run; yields the device to compute on."""
-        from ..session import compute_session
-
-        return compute_session(self.threads, self.max_activation_memory, self.offload_dir, device or "cpu")
-
-    def open(self, model: str, device: str | None = None, streaming: bool | None = None):
-        """`io.open.open_model` with a progress line: loading a large model whole takes minutes."""
-        from ..io.open import open_model
-
-        with progress.step(f"loading {model}"):
-            return open_model(model, device or self.device, self.mode() if streaming is None else streaming, self.dtype, self.trust_remote_code)
+    streaming: Annotated[str, typer.Option(help="auto: read the model layer by layer from its checkpoint unless 2.5 times its weights (what a whole load peaks at) fit in the free memory (RAM within the container's limit, or GPU memory with --device cuda), else load it whole; on: always stream; off: always load whole. Streaming gives the same results with one layer in memory.")] = "auto"
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.")] = None
+    max_activation_memory: Annotated[str | None, typer.Option(help="Keep at most this much calibration activation memory in RAM (e.g. 4GiB, 500MB; a plain number means GiB); the rest goes to files in --offload-dir. Default: no limit.")] = None
+    offload_dir: Annotated[Path | None, typer.Option(help="Directory for activations beyond --max-activation-memory (default: the system temp dir).")] = None
 
 
 @dataclass(frozen=True)
 class Calibration(Bundle):
-    calib: CalibOpt = "bundled"
-    samples: SamplesOpt = 64
-    seq_len: SeqLenOpt = 256
-    seed: SeedOpt = 0
-    batch_size: BatchOpt = 8
-    text_field: TextFieldOpt = "text"
+    calib: Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")] = "bundled"
+    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256
+    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8
+    text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")] = "text"
 
     def spec(self, validate: bool = True):
         """The `CalibrationSpec`, validated (unless it is not used): a bad value fails before any model is loaded."""
@@ -116,55 +71,46 @@ class Calibration(Bundle):
 
 @dataclass(frozen=True)
 class Evaluation(Bundle):
-    eval_ppl: EvalOpt = None
-    eval_windows: EvalWindowsOpt = DEFAULT_PROTOCOL.windows
-    eval_seq_len: EvalSeqLenOpt = DEFAULT_PROTOCOL.seq_len
+    eval_ppl: Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after (same forms as --calib; 'bundled': each bundled domain's test split), with the evaluation protocol of --eval-windows / --eval-seq-len.")] = None
+    eval_windows: Annotated[int, typer.Option("--eval-windows", help="Perplexity windows per text source for --eval (the evaluation protocol; see `moe-compress eval --help`).")] = DEFAULT_PROTOCOL.windows
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per perplexity window for --eval (independent of the calibration --seq-len).")] = DEFAULT_PROTOCOL.seq_len
 
     def protocol(self) -> EvalProtocol:
-        return checked_protocol(self.eval_windows, self.eval_seq_len)
+        return EvalProtocol(self.eval_windows, self.eval_seq_len).validate()
 
 
-def checked_protocol(windows: int, seq_len: int, options: tuple[str, str] = ("--eval-windows", "--eval-seq-len")) -> EvalProtocol:
-    protocol = EvalProtocol(windows, seq_len)
-    protocol.validate(options)
-    return protocol
+def bundled(command: Callable, exclude: tuple[str, ...] = (), defaults: dict[str, object] | None = None) -> Callable:
+    """`command` with each parameter annotated with a `Bundle` spread into that bundle's options, in its place;
+    the command receives the bundle. `exclude`: options the command does not offer (they keep the bundle's
+    default); `defaults`: this command's defaults. An option the command declares itself keeps its declaration."""
+    defaults = defaults or {}
+    signature = inspect.signature(command, eval_str=True)
+    own = set(signature.parameters)
+    spread: list[inspect.Parameter] = []
+    groups: dict[str, tuple[type, list[str]]] = {}
+    for parameter in signature.parameters.values():
+        kind = parameter.annotation
+        if not (isinstance(kind, type) and issubclass(kind, Bundle)):
+            spread.append(parameter)
+            continue
+        hints = typing.get_type_hints(kind, include_extras=True)
+        names = [f.name for f in fields(kind) if f.name not in exclude]
+        groups[parameter.name] = (kind, names)
+        spread += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
+                                     default=defaults.get(f.name, f.default)) for f in fields(kind) if f.name in names and f.name not in own]
 
+    @wraps(command)
+    def wrapper(**kwargs):
+        for name, (kind, names) in groups.items():
+            kwargs[name] = kind(**{n: kwargs[n] if n in own else kwargs.pop(n) for n in names})
+        return command(**kwargs)
 
-def bundled(exclude: tuple[str, ...] = (), **defaults: object) -> Callable[[Callable], Callable]:
-    """Spread each parameter annotated with a `Bundle` into that bundle's options, in its place; the command
-    receives the bundle. `exclude`: options the command does not offer (they keep the bundle's default);
-    `defaults`: this command's defaults. An option the command declares itself keeps its declaration."""
-
-    def decorate(command: Callable) -> Callable:
-        signature = inspect.signature(command, eval_str=True)
-        own = set(signature.parameters)
-        spread: list[inspect.Parameter] = []
-        groups: dict[str, tuple[type, list[str]]] = {}
-        for parameter in signature.parameters.values():
-            kind = parameter.annotation
-            if not (isinstance(kind, type) and issubclass(kind, Bundle)):
-                spread.append(parameter)
-                continue
-            hints = typing.get_type_hints(kind, include_extras=True)
-            names = [f.name for f in fields(kind) if f.name not in exclude]
-            groups[parameter.name] = (kind, names)
-            spread += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
-                                         default=defaults.get(f.name, f.default)) for f in fields(kind) if f.name in names and f.name not in own]
-
-        @wraps(command)
-        def wrapper(**kwargs):
-            for name, (kind, names) in groups.items():
-                kwargs[name] = kind(**{n: kwargs[n] if n in own else kwargs.pop(n) for n in names})
-            return command(**kwargs)
-
-        wrapper.__signature__ = signature.replace(parameters=spread)
-        wrapper.__annotations__ = {p.name: p.annotation for p in spread}
-        return wrapper
-
-    return decorate
+    wrapper.__signature__ = signature.replace(parameters=spread)
+    wrapper.__annotations__ = {p.name: p.annotation for p in spread}
+    return wrapper
 
 
 def command(name: str | None = None, exclude: tuple[str, ...] = (), **defaults: object) -> Callable[[Callable], Callable]:
     """Register a command on `app` (named `name`, default its function's): user errors as one line, and its
     bundles spread into options (`bundled` with `exclude` and `defaults`)."""
-    return lambda function: app.command(name)(user_errors(bundled(exclude, **defaults)(function)))
+    return lambda function: app.command(name)(user_errors(bundled(function, exclude, defaults)))

@@ -1,14 +1,14 @@
 """`moe-compress prune`: remove, replace or merge routed experts with a registered method (or a saved plan)."""
 
-import copy
 from dataclasses import make_dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..errors import MoECompressError
-from .common import directory_option, show, writable_file
+from ..inputs import directory_option, writable_file
+from .common import show
 from .options import (Bundle, CacheDirOpt, Calibration, DryRunOpt, Evaluation, IgnorePlanIdentityOpt, Loading, ModelArg, OverwriteOpt,
                       PlanOutOpt, command)
 
@@ -33,12 +33,7 @@ def method_options(method: str, pairs: list[str], old) -> dict:
 
     given = {key: (flag, getattr(old, flag[2:].replace("-", "_"))) for flag, (key, _) in OLD_FLAGS.items()}
     given = {key: (flag, False if flag == "--no-novice" else value) for key, (flag, value) in given.items() if value is not None}
-    for pair in pairs:
-        key, sep, text = (part.strip() for part in pair.partition("="))
-        if not sep or key in given:
-            raise MoECompressError(f"--option {pair}: give each option once, as KEY=VALUE (`moe-compress methods {method}` lists them).")
-        given[key] = (f"--option {key}", text)
-    return read_options(method, given)
+    return read_options(method, given, pairs)
 
 
 @command(samples=128)
@@ -71,13 +66,14 @@ def prune(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Prune, replace or merge routed experts with a registered method (or a saved plan) and save the result."""
-    from ..stages.prune import prune as compress
-    from ..evaluate.compression import eval_sets, measure_uniform, perplexities, perplexities_after
-    from ..io.save import check_output_dir
+    from ..dry_run import dry_run_prune
+    from ..evaluate.compression import measure_uniform
     from ..methods.budget import check_ratio
     from ..methods.uniform import check_uniform
-    from ..preflight import Structure, check_prune
+    from ..preflight import check_prune
     from ..report.compression import compression_report, uniform_report
+    from ..single import run_single
+    from ..stages.prune import prune as prune_model
 
     options = method_options(method, option or [], old)
     if plan_in is None:
@@ -89,30 +85,15 @@ def prune(
     directory_option(cache_dir)
     load.check(model)
     if dry_run:
-        from ..dry_run import dry_run_prune
-
-        dry_run_prune(model, out, overwrite, plan_in, method, options, ratio, budget, min_keep, spec, evaluation.eval_ppl, protocol,
-                      load.dtype, load.trust_remote_code, ignore_plan_identity, uniform)
+        return dry_run_prune(model, out, overwrite, plan_in, method, options, ratio, budget, min_keep, spec, evaluation.eval_ppl, protocol,
+                             load.dtype, load.trust_remote_code, ignore_plan_identity, uniform)
+    stage = partial(prune_model, method=method, ratio=ratio, budget=budget, calib=spec, plan=plan_in, ignore_plan_identity=ignore_plan_identity,
+                    out=out, overwrite=overwrite, min_keep=min_keep, options=options, cache_dir=False if no_cache else cache_dir, uniform=uniform)
+    check = None if plan_in is not None else lambda structure: check_prune(structure, method, options, ratio, budget, min_keep)
+    measure = measure_uniform if uniform else None  # both plans against the original
+    run = run_single(stage, model, out, overwrite, load, check, evaluation.eval_ppl, protocol, inputs=(plan_in,), against_original=measure)
+    if run is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return
-    check_output_dir(out, overwrite, [model, plan_in])
-    with load.session(load.device) as device:
-        loaded, tokenizer, weights = load.open(model, device)
-        if plan_in is None:  # everything the model's structure decides fails now, before calibration and evaluation
-            check_prune(Structure.of(loaded), method, options, ratio, budget, min_keep)
-        windows = eval_sets(protocol, evaluation.eval_ppl, tokenizer, loaded.config)
-        before = perplexities(loaded, windows, weights, device, "before")
-        # --uniform --eval measures the global plan too, against the original: an in-memory run is changed in place
-        original = loaded if weights.streamed or not (uniform and windows) else copy.deepcopy(loaded)
-        result = compress(
-            weights, method, ratio, budget, spec, tokenizer, plan=plan_in, ignore_plan_identity=ignore_plan_identity, out=out,
-            overwrite=overwrite, min_keep=min_keep, options=options, cache_dir=False if no_cache else cache_dir, device=device,
-            uniform=uniform,
-        )
-        if result.plan is None:  # a rank other than 0 of a distributed run: rank 0 reports
-            return
-        after = perplexities_after(result, windows, device)
-        if uniform and windows:
-            measure_uniform(result, original, weights if weights.streamed else None, windows, after, device)
-    show(compression_report(result, "pruned", model, out, plan_out, protocol, before, after))
+    show(compression_report(run.result, "pruned", model, out, plan_out, protocol, run.before, run.after))
     if uniform:
-        show(uniform_report(result.summary["uniform"], model, out))
+        show(uniform_report(run.result.summary["uniform"], model, out))

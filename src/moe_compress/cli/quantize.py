@@ -5,7 +5,8 @@ from typing import Annotated
 
 import typer
 
-from .common import require_positive, show
+from ..inputs import require_positive
+from .common import show
 from .options import Calibration, DryRunOpt, Loading, ModelArg, OverwriteOpt, command
 
 
@@ -34,6 +35,7 @@ def quantize(
     that fuse experts on disk (gpt_oss, granitemoe, ...) get it: their experts are packed one
     weight per expert.
     """
+    from ..dry_run import dry_run_quantize
     from ..io.save import check_output_dir
     from ..report.compression import quantization_report
     from ..slimming.quantize import check_quantize_options
@@ -44,10 +46,7 @@ def quantize(
     spec = calibration.spec(validate=method == "autoround")
     load.check(model)
     if dry_run:
-        from ..dry_run import dry_run_quantize
-
-        dry_run_quantize(model, out, overwrite, bits, group_size, scope, not asymmetric, load.dtype, load.trust_remote_code, method, spec)
-        return
+        return dry_run_quantize(model, out, overwrite, bits, group_size, scope, not asymmetric, load.dtype, load.trust_remote_code, method, spec)
     check_output_dir(out, overwrite, [model])
     with load.session():
         result = quantize_model(model, out, bits, group_size, scope, not asymmetric, None, overwrite, method=method, calib=spec, iters=iters,

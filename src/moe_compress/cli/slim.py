@@ -1,12 +1,14 @@
 """`moe-compress slim`: weight sparsity inside the experts (Wanda, SparseGPT, magnitude)."""
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import MoECompressError
-from .common import require_positive, show
+from ..inputs import require_positive
+from .common import show
 from .options import Calibration, DryRunOpt, Evaluation, Loading, ModelArg, OverwriteOpt, command
 
 
@@ -28,10 +30,10 @@ def slim(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Zero weights inside the experts with Wanda, SparseGPT or magnitude pruning (unstructured or N:M) and save the result."""
-    from ..evaluate.compression import eval_sets, perplexities, perplexities_after
-    from ..io.save import check_output_dir
-    from ..preflight import Structure, check_slim
+    from ..dry_run import dry_run_slim
+    from ..preflight import check_slim
     from ..report.compression import sparsity_report
+    from ..single import run_single
     from ..slimming import SLIM_METHODS, make_spec
     from ..slimming import slim as slim_model
     from ..slimming.observe import check_targets
@@ -44,22 +46,10 @@ def slim(
     protocol, calib = evaluation.protocol(), calibration.spec()
     load.check(model)
     if dry_run:
-        from ..dry_run import dry_run_slim
-
-        dry_run_slim(model, out, overwrite, method, spec, chosen, calib, evaluation.eval_ppl, protocol, load.dtype, load.trust_remote_code)
-        return
-    check_output_dir(out, overwrite, [model])
-    with load.session(load.device) as device:
-        loaded, tokenizer, weights = load.open(model, device)
-        check_slim(Structure.of(loaded), chosen)  # e.g. shared experts asked of a model without any: now, not after evaluating
-        windows = eval_sets(protocol, evaluation.eval_ppl, tokenizer, loaded.config)
-        before = perplexities(loaded, windows, weights, device, "before")
-        result = slim_model(
-            weights if weights.streamed else loaded, method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calib,
-            targets=chosen, tokenizer=tokenizer, out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate,
-            device=device,
-        )
-        if result.output_dir is None:  # a rank other than 0 of a distributed run: rank 0 reports
-            return
-        after = perplexities_after(result, windows, device)
-    show(sparsity_report(result, method, chosen, model, out, protocol, before, after))
+        return dry_run_slim(model, out, overwrite, method, spec, chosen, calib, evaluation.eval_ppl, protocol, load.dtype, load.trust_remote_code)
+    stage = partial(slim_model, method=method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calib, targets=chosen,
+                    out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate)
+    # e.g. shared experts asked of a model without any: fails once the model is open, not after evaluating
+    run = run_single(stage, model, out, overwrite, load, lambda structure: check_slim(structure, chosen), evaluation.eval_ppl, protocol)
+    if run is not None:  # None: a rank other than 0 of a distributed run; rank 0 reports
+        show(sparsity_report(run.result, method, chosen, model, out, protocol, run.before, run.after))

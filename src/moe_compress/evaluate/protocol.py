@@ -52,10 +52,12 @@ class EvalProtocol:
     def tokens_per_source(self) -> int:
         return self.windows * self.seq_len
 
-    def validate(self, option_names: tuple[str, str] = ("--eval-windows", "--eval-seq-len")) -> None:
+    def validate(self, option_names: tuple[str, str] = ("--eval-windows", "--eval-seq-len")) -> EvalProtocol:
+        """This protocol, if both counts are positive integers; `option_names` name them in the error."""
         for name, value in zip(option_names, (self.windows, self.seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MoECompressError(f"{name} must be a positive integer; got {value!r}.")
+        return self
 
     def describe(self) -> str:
         """One line saying what a perplexity in this run means."""

@@ -97,10 +97,16 @@ def describe_options(method: Method) -> list[dict[str, str]]:
 COUNTS = ("clusters", "probe_tokens", "global_clusters", "batch")
 
 
-def read_options(method: str, given: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+def read_options(method: str, given: dict[str, tuple[str, Any]], pairs: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """A method's option dict from options as a user gave them: key -> (the name the user wrote, its value:
-    text, read by the option's type, or a value already typed). Counting options must be at least one."""
-
+    text, read by the option's type, or a value already typed), and `pairs` of text, KEY=VALUE (`prune
+    --option`), each key given once. Counting options must be at least one."""
+    given = dict(given)
+    for pair in pairs:
+        key, sep, text = (part.strip() for part in pair.partition("="))
+        if not sep or key in given:
+            raise MoECompressError(f"--option {pair}: give each option once, as KEY=VALUE (`moe-compress methods {method}` lists them).")
+        given[key] = (f"--option {key}", text)
     for key in COUNTS:  # typed counts first: a bad count is the error even for an option the method lacks
         name, value = given.get(key, ("", None))
         if isinstance(value, int) and value < 1:

@@ -47,6 +47,13 @@ def compression_report(result, verb: str, model: str, out: Path, plan_out: Path 
     ]
 
 
+def search_line(meta: dict) -> str:
+    """`condense`: what its search cost and found (the plan's `meta`)."""
+    resumed = " (resumed from a saved state)" if meta["resumed"] else ""
+    return (f"search: {meta['evaluations']} candidate evaluations in {meta['search_seconds']}s{resumed}; "
+            f"layer order {meta['order']}, JSD {[round(v, 5) for v in meta['order_jsd']]}")
+
+
 def uniform_report(plans: dict, model: str, out: Path) -> Blocks:
     """--uniform: both plans side by side; the measured quality (if any) recorded in the output."""
     from ..io.model_card import record_uniform

@@ -1,0 +1,71 @@
+"""One compression stage run on one model, start to end, as the prune, drop and slim commands run it.
+
+Open the model (in memory or streamed), check the stage against its structure, measure the
+perplexity before, compress and save, measure after. The commands differ only in the stage
+call and its check; the order of the steps is the same for all of them, and so is what
+`--eval` measures (the evaluation protocol, `evaluate.compression`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import distributed
+from .evaluate.compression import eval_sets, perplexities, perplexities_after
+from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
+from .io.save import check_output_dir
+from .loading import LoadSettings
+from .preflight import Structure
+
+
+@dataclass
+class SingleRun:
+    """What a stage returned, with the perplexity per evaluation source before and after it ({}: not measured)."""
+
+    result: Any
+    before: dict[str, float]
+    after: dict[str, float]
+
+
+def run_single(
+    stage: Callable[..., Any],
+    model: str,
+    out: Path,
+    overwrite: bool,
+    load: LoadSettings,
+    check: Callable[[Structure], Any] | None = None,
+    eval_ppl: str | None = None,
+    protocol: EvalProtocol = DEFAULT_PROTOCOL,
+    inputs: tuple[Path | None, ...] = (),
+    against_original: Callable[..., None] | None = None,
+) -> SingleRun | None:
+    """Run `stage(weights, tokenizer=..., device=...)` (a single-stage call such as `stages.prune.prune`
+    with its options bound, writing to `out`) on `model`; None on a rank other than 0 of a distributed
+    run (rank 0 reports).
+
+    `check` refuses, from the opened model's structure, what cannot succeed: before calibration
+    and evaluation. `inputs` are other files the run reads (a plan), which `out` must not replace.
+    `against_original(result, original, original_weights, windows, after, device)` measures the
+    result against the unchanged model when there is text to measure on (prune's uniform rounding);
+    an in-memory model is changed in place, so it then gets a copy made before the stage runs.
+    """
+    check_output_dir(out, overwrite, [model, *inputs])
+    with load.session(load.device) as device:
+        loaded, tokenizer, weights = load.open(model, device)
+        if check is not None:
+            check(Structure.of(loaded))
+        windows = eval_sets(protocol, eval_ppl, tokenizer, loaded.config)
+        before = perplexities(loaded, windows, weights, device, "before")
+        keeps_copy = against_original is not None and windows and not weights.streamed
+        original = copy.deepcopy(loaded) if keeps_copy else loaded
+        result = stage(weights, tokenizer=tokenizer, device=device)
+        if not distributed.is_main():
+            return None
+        after = perplexities_after(result, windows, device)
+        if against_original is not None and windows:
+            against_original(result, original, weights if weights.streamed else None, windows, after, device)
+    return SingleRun(result, before, after)
