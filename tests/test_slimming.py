@@ -200,7 +200,8 @@ def test_cli_slim(tmp_path):
     calib = write_calibration(tmp_path / "calib.jsonl")
     runner = CliRunner()
     args = ["slim", str(checkpoint), "--method", "sparsegpt", "--nm", "2:4", "--calib", str(calib), "--samples", "4", "--seq-len", "16",
-            "--targets", "experts,attention", "--out", str(tmp_path / "out")]
+            "--targets", "experts,attention", "--out", str(tmp_path / "out"),
+            "--no-guard"]  # 2:4 of a random tiny model's attention too leaves few of its near-tie predictions: not what the guard is for
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "moe_compress_summary.json").read_text())

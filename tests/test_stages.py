@@ -154,7 +154,7 @@ def test_the_guard_stops_a_composition_whose_stage_broke_the_model_and_names_the
     result = mc.compress(str(checkpoint), [Vandal(layer=1)], calib=spec, out=tmp_path / "off", guard=False)
     assert "guard" not in result.report["rows"][1]
     batches = mc.compress(str(checkpoint), [Identity()], calib=token_batches(count=1)).report["rows"][1]["guard"]
-    assert batches == {"skipped": "no held-out text: calibration was given as token batches"}
+    assert batches == {"stage": "identity_for_tests", "skipped": "no held-out text: calibration was given as token batches"}
 
 
 def test_a_composition_is_checked_before_anything_runs(tmp_path):

@@ -77,7 +77,7 @@ def _guarded(guard: GuardSettings | None, stage: Stage, before: PreTrainedModel 
     if guard is None:
         return {}
     if guard.windows is None:
-        return {"guard": {"skipped": guard.skipped}}
+        return {"guard": {"stage": stage.kind, "skipped": guard.skipped}}
     report = check(before, after, guard.windows, stage=stage.kind, min_top1=guard.min_top1, device=device, raise_on_failure=False)
     if not report.passed:
         raise QualityGuardError(report.failure(), report)

@@ -15,11 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
+from .data.batches import CalibrationSpec
 from .evaluate.compression import eval_sets, perplexities, perplexities_after
+from .evaluate.guard import guard_output
 from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
 from .io.save import check_output_dir
 from .loading import LoadSettings
 from .preflight import Structure
+
+
+@dataclass(frozen=True)
+class GuardRequest:
+    """The quality guard after a command: the stage kind (its default threshold), the calibration text
+    whose held-out windows it reads, and the threshold if the user set one."""
+
+    stage: str
+    calibration: CalibrationSpec
+    min_top1: float | None = None
 
 
 @dataclass
@@ -29,6 +41,7 @@ class SingleRun:
     result: Any
     before: dict[str, float]
     after: dict[str, float]
+    guard: dict | None = None  # the quality guard's result (`evaluate.guard.guard_output`); None: not run
 
 
 def run_single(
@@ -42,6 +55,7 @@ def run_single(
     protocol: EvalProtocol = DEFAULT_PROTOCOL,
     inputs: tuple[Path | None, ...] = (),
     against_original: Callable[..., None] | None = None,
+    guard: GuardRequest | None = None,
 ) -> SingleRun | None:
     """Run `stage(weights, tokenizer=..., device=...)` (a single-stage call such as `stages.prune.prune`
     with its options bound, writing to `out`) on `model`; None on a rank other than 0 of a distributed
@@ -52,6 +66,8 @@ def run_single(
     `against_original(result, original, original_weights, windows, after, device)` measures the
     result against the unchanged model when there is text to measure on (prune's uniform rounding);
     an in-memory model is changed in place, so it then gets a copy made before the stage runs.
+    `guard`: the quality guard then compares the saved output with `model` on held-out calibration text
+    (a failure, recorded in the output's card, raises `QualityGuardError`).
     """
     check_output_dir(out, overwrite, [model, *inputs])
     with load.session(load.device) as device:
@@ -68,4 +84,5 @@ def run_single(
         after = perplexities_after(result, windows, device)
         if against_original is not None and windows:
             against_original(result, original, weights if weights.streamed else None, windows, after, device)
-    return SingleRun(result, before, after)
+        checked = guard_output(model, out, guard.calibration, guard.stage, guard.min_top1, device) if guard is not None else None
+    return SingleRun(result, before, after, checked)

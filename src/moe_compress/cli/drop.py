@@ -8,7 +8,7 @@ import typer
 from ..errors import MoECompressError
 from ..inputs import writable_file
 from .common import show
-from .options import Calibration, DryRunOpt, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command
+from .options import Calibration, DryRunOpt, Guard, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command
 
 
 @command("drop", exclude=("batch_size", "text_field"), samples=128)
@@ -21,6 +21,7 @@ def drop_command(
     mode: Annotated[str, typer.Option(help="block only: discrete (most similar single blocks) or consecutive (best run).")] = "discrete",
     consecutive_score: Annotated[str, typer.Option(help="consecutive only: span scores a run of n blocks by cos(h_i, h_i+n); framework by cos(h_i, h_i+n+1), as the unified framework's code.")] = "span",
     calibration: Calibration = Calibration(),
+    guard: Guard = Guard(),
     plan_out: PlanOutOpt = None,
     overwrite: OverwriteOpt = False,
     load: Loading = Loading(),
@@ -30,6 +31,7 @@ def drop_command(
     from ..dry_run import dry_run_drop
     from ..preflight import check_drop
     from ..report.compression import compression_report
+    from ..evaluate.guard import guard_line
     from ..single import run_single
     from ..stages.drop import MODES, UNITS
     from ..stages.drop import drop as drop_layers
@@ -43,6 +45,7 @@ def drop_command(
         return dry_run_drop(model, out, overwrite, unit, drop, target_ratio, mode, spec, load.dtype, load.trust_remote_code)
     stage = partial(drop_layers, unit=unit, n=drop, target_ratio=target_ratio, mode=mode, calib=spec, out=out, overwrite=overwrite,
                     consecutive_score=consecutive_score)
-    run = run_single(stage, model, out, overwrite, load, lambda structure: check_drop(structure, unit, drop, target_ratio))
+    run = run_single(stage, model, out, overwrite, load, lambda structure: check_drop(structure, unit, drop, target_ratio),
+                     guard=guard.request("drop", spec))
     if run is not None:  # None: a rank other than 0 of a distributed run; rank 0 reports
-        show(compression_report(run.result, "dropped", model, out, plan_out))
+        show([*compression_report(run.result, "dropped", model, out, plan_out), guard_line(run.guard)])

@@ -79,6 +79,19 @@ class Evaluation(Bundle):
         return EvalProtocol(self.eval_windows, self.eval_seq_len).validate()
 
 
+@dataclass(frozen=True)
+class Guard(Bundle):
+    guard_min_top1: Annotated[float | None, typer.Option("--guard-min-top1", help=(
+        "The quality guard compares the saved output with the input on held-out calibration text and exits 2 (the output kept, its card "
+        "marked FAILED, the worst layer named) when top-1 agreement falls below this; default 0.9 after quantize, 0.25 after the others."))] = None
+    no_guard: Annotated[bool, typer.Option("--no-guard", help="Skip the quality guard (it reads the input and the output once more).")] = False
+
+    def request(self, stage: str, calibration) -> object:
+        from ..single import GuardRequest
+
+        return None if self.no_guard else GuardRequest(stage, calibration, self.guard_min_top1)
+
+
 def bundled(command: Callable, exclude: tuple[str, ...] = (), defaults: dict[str, object] | None = None) -> Callable:
     """`command` with each parameter annotated with a `Bundle` spread into that bundle's options, in its place;
     the command receives the bundle. `exclude`: options the command does not offer (they keep the bundle's

@@ -9,7 +9,7 @@ import typer
 
 from ..inputs import directory_option, writable_file
 from .common import show
-from .options import (Bundle, CacheDirOpt, Calibration, DryRunOpt, Evaluation, IgnorePlanIdentityOpt, Loading, ModelArg, OverwriteOpt,
+from .options import (Bundle, CacheDirOpt, Calibration, DryRunOpt, Evaluation, Guard, IgnorePlanIdentityOpt, Loading, ModelArg, OverwriteOpt,
                       PlanOutOpt, command)
 
 #: Per-method flags of earlier releases -> the method option each sets and its type; hidden from --help, accepted for one more release.
@@ -58,6 +58,7 @@ def prune(
     ignore_plan_identity: IgnorePlanIdentityOpt = False,
     plan_out: PlanOutOpt = None,
     evaluation: Evaluation = Evaluation(),
+    guard: Guard = Guard(),
     overwrite: OverwriteOpt = False,
     cache_dir: CacheDirOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the statistics cache.")] = False,
@@ -72,6 +73,7 @@ def prune(
     from ..methods.uniform import check_uniform
     from ..preflight import check_prune
     from ..report.compression import compression_report, uniform_report
+    from ..evaluate.guard import guard_line
     from ..single import run_single
     from ..stages.prune import prune as prune_model
 
@@ -91,9 +93,10 @@ def prune(
                     out=out, overwrite=overwrite, min_keep=min_keep, options=options, cache_dir=False if no_cache else cache_dir, uniform=uniform)
     check = None if plan_in is not None else lambda structure: check_prune(structure, method, options, ratio, budget, min_keep)
     measure = measure_uniform if uniform else None  # both plans against the original
-    run = run_single(stage, model, out, overwrite, load, check, evaluation.eval_ppl, protocol, inputs=(plan_in,), against_original=measure)
+    run = run_single(stage, model, out, overwrite, load, check, evaluation.eval_ppl, protocol, inputs=(plan_in,), against_original=measure,
+                     guard=guard.request("prune", spec))
     if run is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return
-    show(compression_report(run.result, "pruned", model, out, plan_out, protocol, run.before, run.after))
+    show([*compression_report(run.result, "pruned", model, out, plan_out, protocol, run.before, run.after), guard_line(run.guard)])
     if uniform:
         show(uniform_report(run.result.summary["uniform"], model, out))

@@ -7,7 +7,7 @@ import typer
 
 from ..inputs import require_positive
 from .common import show
-from .options import Calibration, DryRunOpt, Loading, ModelArg, OverwriteOpt, command
+from .options import Calibration, DryRunOpt, Guard, Loading, ModelArg, OverwriteOpt, command
 
 
 @command(exclude=("text_field", "max_activation_memory", "offload_dir"))
@@ -22,6 +22,7 @@ def quantize(
     iters: Annotated[int, typer.Option(help="autoround: tuning steps per decoder block.")] = 200,
     samples: Annotated[int, typer.Option(help="autoround: number of calibration sequences.")] = 64,
     calibration: Calibration = Calibration(),
+    guard: Guard = Guard(),
     overwrite: OverwriteOpt = False,
     load: Loading = Loading(),
     dry_run: DryRunOpt = False,
@@ -36,6 +37,7 @@ def quantize(
     weight per expert.
     """
     from ..dry_run import dry_run_quantize
+    from ..evaluate.guard import guard_line, guard_output
     from ..io.save import check_output_dir
     from ..report.compression import quantization_report
     from ..slimming.quantize import check_quantize_options
@@ -43,7 +45,7 @@ def quantize(
 
     check_quantize_options(bits, scope, method, group_size)
     require_positive(iters=iters)
-    spec = calibration.spec(validate=method == "autoround")
+    spec = calibration.spec(validate=method == "autoround" or not guard.no_guard)
     load.check(model)
     if dry_run:
         return dry_run_quantize(model, out, overwrite, bits, group_size, scope, not asymmetric, load.dtype, load.trust_remote_code, method, spec)
@@ -51,4 +53,5 @@ def quantize(
     with load.session():
         result = quantize_model(model, out, bits, group_size, scope, not asymmetric, None, overwrite, method=method, calib=spec, iters=iters,
                                 device=load.device, trust_remote_code=load.trust_remote_code, streaming=load.mode(), dtype=load.dtype)
-    show(quantization_report(result.summary, out))
+        checked = None if guard.no_guard else guard_output(model, out, spec, "quantize", guard.guard_min_top1, load.device)
+    show([*quantization_report(result.summary, out), guard_line(checked)])

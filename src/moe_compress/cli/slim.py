@@ -9,7 +9,7 @@ import typer
 from ..errors import MoECompressError
 from ..inputs import require_positive
 from .common import show
-from .options import Calibration, DryRunOpt, Evaluation, Loading, ModelArg, OverwriteOpt, command
+from .options import Calibration, DryRunOpt, Evaluation, Guard, Loading, ModelArg, OverwriteOpt, command
 
 
 @command()
@@ -25,6 +25,7 @@ def slim(
     damp: Annotated[float, typer.Option(help="sparsegpt: Hessian damping as a fraction of its mean diagonal.")] = 0.01,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Feed each layer the outputs of the already pruned layers (SparseGPT's sequential scheme) or of the original ones.")] = True,
     evaluation: Evaluation = Evaluation(),
+    guard: Guard = Guard(),
     overwrite: OverwriteOpt = False,
     load: Loading = Loading(),
     dry_run: DryRunOpt = False,
@@ -33,6 +34,7 @@ def slim(
     from ..dry_run import dry_run_slim
     from ..preflight import check_slim
     from ..report.compression import sparsity_report
+    from ..evaluate.guard import guard_line
     from ..single import run_single
     from ..slimming import SLIM_METHODS, make_spec
     from ..slimming import slim as slim_model
@@ -50,6 +52,7 @@ def slim(
     stage = partial(slim_model, method=method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calib, targets=chosen,
                     out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate)
     # e.g. shared experts asked of a model without any: fails once the model is open, not after evaluating
-    run = run_single(stage, model, out, overwrite, load, lambda structure: check_slim(structure, chosen), evaluation.eval_ppl, protocol)
+    run = run_single(stage, model, out, overwrite, load, lambda structure: check_slim(structure, chosen), evaluation.eval_ppl, protocol,
+                     guard=guard.request("slim", calib))
     if run is not None:  # None: a rank other than 0 of a distributed run; rank 0 reports
-        show(sparsity_report(run.result, method, chosen, model, out, protocol, run.before, run.after))
+        show([*sparsity_report(run.result, method, chosen, model, out, protocol, run.before, run.after), guard_line(run.guard)])

@@ -209,3 +209,33 @@ def guard(
     if raise_on_failure:
         report.raise_if_failed()
     return report
+
+
+def guard_output(source: str | Path, output: str | Path, calibration, stage: str, min_top1: float | None = None, device: str = "cpu") -> dict:
+    """The guard after a single-stage command: its saved `output` against its `source` checkpoint, on
+    held-out windows of the `calibration` text (`data.held_out_windows`), both read from disk (streamed
+    when large). The result goes into the output's summary and card whether it passed or not; a
+    failure then raises `QualityGuardError`. Without held-out text it is skipped, and the card says why."""
+    from ..data.batches import held_out_windows
+    from ..io.load import load_tokenizer
+    from ..io.model_card import record_guard
+
+    try:
+        windows = held_out_windows(load_tokenizer(str(output), False, str(output)), calibration, DEFAULT_WINDOWS)
+    except MoECompressError as exc:
+        record_guard(output, {"stage": stage, "skipped": str(exc)})
+        return {"stage": stage, "skipped": str(exc)}
+    report = guard(source, output, windows, stage=stage, min_top1=min_top1, device=device, raise_on_failure=False)
+    record_guard(output, report.to_dict())
+    report.raise_if_failed()
+    return report.to_dict()
+
+
+def guard_line(result: dict | None) -> str:
+    """What a command prints after the guard passed or was skipped ('' when it was not asked for)."""
+    if result is None:
+        return ""
+    if "skipped" in result:
+        return f"quality guard after {result['stage']}: not run ({result['skipped']})"
+    return (f"quality guard after {result['stage']}: passed, top-1 agreement {result['top1_agreement']:.3f} (>= {result['min_top1']:g}), "
+            f"KL {result['kl']:.4f} nats/token against the input on {result['windows']} held-out windows")

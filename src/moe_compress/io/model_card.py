@@ -252,17 +252,19 @@ def _quality_lines(summary: dict, report: dict) -> list[str]:
         return lines
     if report.get("rows"):
         from ..report.composition import stage_report_markdown
-        from ..report.guard_card import guard_lines
-
         lines = ["Measured after every stage of the recipe:", "", stage_report_markdown(report).rstrip()]
         for row in report["rows"]:
-            checked = row.get("guard")
-            if checked and "skipped" in checked:
-                lines += ["", f"Quality guard after {text(row['stage'])}: not run ({text(checked['skipped'])})."]
-            elif checked:
-                lines += ["", *guard_lines(checked)]
+            lines += _guard_lines(row.get("guard"))
         return lines
     return ["Not measured in this run: `moe-compress eval <this directory> --ppl bundled --compare <source>` measures it."]
+
+
+def _guard_lines(guard: dict | None) -> list[str]:
+    from ..report.guard_card import guard_lines
+
+    if not guard:
+        return []
+    return ["", f"Quality guard after {text(guard['stage'])}: not run ({text(guard['skipped'])})."] if "skipped" in guard else ["", *guard_lines(guard)]
 
 
 def _tag(model_type: str) -> list[str]:
@@ -336,6 +338,7 @@ def render(directory: Path, made: dict) -> str:
     out.append("## Quality\n")
     out += _quality_lines(summary, report)
     out += uniform_lines(summary)
+    out += _guard_lines(summary.get("guard"))
     out.append("")
     out.append("## How to load\n")
     shown = replace(info, quantization=text(info.quantization) if info.quantization else None).describe()
@@ -372,6 +375,11 @@ def record_evaluation(directory: str | Path, protocol_line: str, perplexity: dic
         "perplexity": {source: {"before": before, "after": after} for source, (before, after) in perplexity.items()},
     }
     _write_summary(directory, summary)
+
+
+def record_guard(directory: str | Path, guard: dict) -> None:
+    """Add the quality guard's result (`evaluate.guard`) to a saved checkpoint's summary, and render its card again."""
+    _write_summary(Path(directory), _json(Path(directory) / SUMMARY_FILE) | {"guard": guard})
 
 
 def record_uniform(directory: str | Path, plans: dict) -> None:
