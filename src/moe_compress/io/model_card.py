@@ -26,7 +26,6 @@ same bytes.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +41,7 @@ from ..plan import layer_action
 from ..report.format import human_bytes, human_count, percent_change
 from ..report.markdown import code, fence, text
 from .provenance import API, PROVENANCE_FILE, read_provenance, write_provenance
+from .rewrite import rewrite_text
 
 CARD_FILE = "README.md"
 PLAN_FILE = "moe_compress_plan.json"
@@ -359,9 +359,7 @@ def write_model_card(directory: str | Path, made: dict | None = None) -> Path:
     card = directory / CARD_FILE
     made = made if made is not None else read_provenance(directory) or provenance(None)
     write_provenance(directory, made)
-    partial = directory / f".{CARD_FILE}.{os.getpid()}.partial"
-    partial.write_text(render(directory, made))
-    partial.replace(card)
+    rewrite_text(card, render(directory, made))
     return card
 
 
@@ -389,7 +387,5 @@ def record_uniform(directory: str | Path, plans: dict) -> None:
 
 
 def _write_summary(directory: Path, summary: dict) -> None:
-    partial = directory / f".{SUMMARY_FILE}.{os.getpid()}.partial"
-    partial.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    partial.replace(directory / SUMMARY_FILE)
+    rewrite_text(directory / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
     write_model_card(directory)

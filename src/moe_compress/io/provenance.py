@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 from pathlib import Path
 
 from ..errors import warn
 from .checkpoint import INDEX_FILE
+from .rewrite import rewrite_text
 
 PROVENANCE_FILE = "moe_compress_provenance.json"
 FORMAT = 1
@@ -130,7 +130,5 @@ def write_provenance(directory: Path, made: dict) -> Path:
         raise ValueError(f"provenance to write is malformed: {problem}")  # a bug: every record is built here or read verified
     record["digest"] = _digest(record, directory)
     path = directory / PROVENANCE_FILE
-    partial = directory / f".{PROVENANCE_FILE}.{os.getpid()}.partial"
-    partial.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(path)
+    rewrite_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return path
