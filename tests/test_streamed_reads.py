@@ -9,7 +9,8 @@ import torch
 from helpers import token_batches
 from moe_compress.errors import MoECompressError
 from moe_compress.io.load import load_streamed
-from moe_compress.observe.observer import embedding_lookups
+from moe_compress import get_adapter
+from moe_compress.observe.observer import LayerWalk, embedding_lookups
 from tiny_models import tiny_model
 
 FUSED = ("gate_up_proj", "down_proj")
@@ -76,3 +77,11 @@ def test_the_stem_maps_the_input_embedding_and_checks_the_rows_it_looks_up(check
     weights, _ = load_streamed(tmp_path / "used")
     with pytest.raises(MoECompressError, match=r"checkpoint tensor model\.embed_tokens\.weight contains 1 NaN"):
         weights.materialize(["model.embed_tokens.weight"], lookups=embedding_lookups(weights.model, batches))
+
+
+def test_a_walk_frees_the_buffers_kept_for_a_next_layer_when_it_ends(checkpoints):
+    weights, _ = load_streamed(checkpoints / "mixtral")
+    walk = LayerWalk(weights.model, get_adapter(weights.model), token_batches(count=1), weights=weights)
+    for _ in walk:
+        pass
+    assert weights._buffers._kept == []  # the last layer's buffers are not held while later stages run

@@ -149,6 +149,9 @@ class InMemoryWeights:
         """Nothing to read: the tensors are in memory already (and stay where they are)."""
         yield
 
+    def drop_buffers(self) -> None:
+        """Nothing kept: in-memory weights are never released."""
+
     @contextmanager
     def loaded(self, module: nn.Module, device: str | torch.device = "cpu") -> Iterator[nn.Module]:
         first = next(module.parameters(), None)
@@ -320,6 +323,10 @@ class StreamedWeights:
             self._set(name, empty)
             for alias in (a for a, stored in self.aliases.items() if stored == name):
                 self._set(alias, empty)
+
+    def drop_buffers(self) -> None:
+        """Free the buffers released tensors left for the next layer (`io.buffers`): a walk that ends has no next layer."""
+        self._buffers.clear()
 
     def missing(self, names: list[str]) -> list[str]:
         """Names among `names` that are still on the meta device (not in the checkpoint)."""

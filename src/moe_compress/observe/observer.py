@@ -79,6 +79,7 @@ class LayerWalk:
             yield from self._walk(store)
         finally:
             store.close()
+            self.weights.drop_buffers()
 
     def _walk(self, store: Activations) -> Iterator[tuple[int, nn.Module]]:
         stem, _, _ = split_names(self.model, self.adapter, self.model.state_dict(keep_vars=True))
