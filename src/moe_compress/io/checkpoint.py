@@ -5,7 +5,8 @@ A checkpoint is a directory with `model.safetensors` or shards listed in
 a tensor's bytes are read when it is asked for, with `pread` rather than a memory map, so
 the memory a tensor costs is exactly the tensor and is returned the moment it is dropped --
 a mapped shard would keep every page it ever touched resident and make peak memory grow
-with the checkpoint.
+with the checkpoint. (A table of which only some rows are looked up is the exception:
+`Checkpoint.mapped`, for the duration of the lookup.)
 
 Each tensor is checked the first time it is read, in one pass over what was read anyway
 (`finite.check_read`): NaN/Inf and magnitudes no trained model has are refused, an all-zero

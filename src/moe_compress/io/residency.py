@@ -10,7 +10,8 @@ that request differently:
   read from the checkpoint's shards, converted by transformers' own key-conversion rules
   (per-expert keys on disk -> fused 3-D tensors in memory) in the compute dtype onto the
   compute device, and dropped again afterwards. Peak memory is one module, whatever the
-  size of the checkpoint.
+  size of the checkpoint. Where a conversion only moves bytes, each key is read once into
+  its place in a buffer the previous layer released (`io.direct`, `io.buffers`).
 
 Stages therefore run the same code for a 12 M-parameter test model and a 1 T-parameter one.
 """
