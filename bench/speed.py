@@ -77,7 +77,7 @@ if kind in ("reap", "plain"):
     weights, tokenizer = load_streamed(source)
     model, adapter = weights.model, get_adapter(weights.model)
     batches = calibration_batches(tokenizer, CalibrationSpec(samples=16, seq_len=256, batch_size=4))
-    start, wall = cpu(), time.perf_counter()
+    start, wall, start_sys = cpu(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
     if kind == "plain":
         run_sequential(model, adapter, batches, weights=weights)
     else:
@@ -87,7 +87,7 @@ elif kind == "memory":
     from moe_compress.data import CalibrationSpec, calibration_batches
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
     batches = calibration_batches(AutoTokenizer.from_pretrained(source), CalibrationSpec(samples=16, seq_len=256, batch_size=4))
-    start, wall = cpu(), time.perf_counter()
+    start, wall, start_sys = cpu(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
     with torch.no_grad():
         for batch in batches:
             model.model(input_ids=batch, use_cache=False)
@@ -97,7 +97,7 @@ elif kind == "read":
         fd = os.open(os.path.join(source, name), os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-    start, wall = cpu(), time.perf_counter()
+    start, wall, start_sys = cpu(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
     total = 0
     for name in files:
         with open(os.path.join(source, name), "rb", buffering=0) as f:
@@ -111,7 +111,7 @@ elif kind.startswith(("forward", "perplexity")):
     from moe_compress.io.open import open_model
     model, tokenizer, _ = open_model(source, "cpu", "auto", "auto", False)
     sets = [DEFAULT_PROTOCOL.windows_of(tokenizer, s, model.config) for s in expand_sources("bundled")]
-    start, wall = cpu(), time.perf_counter()
+    start, wall, start_sys = cpu(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
     if kind.startswith("perplexity"):  # what `eval` runs per source, in the same scope as the forward
         from moe_compress.evaluate.lm_perplexity import perplexity
         result["perplexities"] = [round(perplexity(model, windows, batch_size).perplexity, 3) for windows in sets]
@@ -123,13 +123,15 @@ elif kind.startswith(("forward", "perplexity")):
     result["process_cpu_s"] = cpu()  # from exec: start-up, load, windows and forward
 result["cpu_s"] = cpu() - start
 result["wall_s"] = time.perf_counter() - wall
+result["sys_s"] = resource.getrusage(resource.RUSAGE_SELF).ru_stime - start_sys
 print("RESULT" + json.dumps(result))
 """
 
 
-def child(kind: str, source: str, threads: int) -> dict:
-    env = {**os.environ, "SPEED_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
-    out = subprocess.run([sys.executable, "-c", _CHILD, kind, source], capture_output=True, text=True, env=env)
+def child(kind: str, source: str, threads: int, code: Path = REPO) -> dict:
+    """One measurement in a fresh process, with the package of `code` (this tree, or a baseline's copy)."""
+    env = {**os.environ, "SPEED_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code / "src")}
+    out = subprocess.run([sys.executable, "-c", _CHILD, kind.removesuffix("_before"), source], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[6:])
@@ -155,7 +157,7 @@ def median_ratio(rounds: list[dict], top: str, bottom) -> float:
     return round(statistics.median(r[top]["cpu_s"] / bottom(r) for r in rounds), 3)
 
 
-def part_a(workdir: Path, layers: int, rounds: int, threads: int) -> dict:
+def part_a(workdir: Path, layers: int, rounds: int, threads: int, baseline: Path | None) -> dict:
     import scale
 
     scale.VOCAB = FULL_VOCAB
@@ -165,11 +167,17 @@ def part_a(workdir: Path, layers: int, rounds: int, threads: int) -> dict:
     try:
         runs = []
         for _ in range(rounds):
-            runs.append({kind: child(kind, str(source), threads) for kind in ("reap", "plain", "memory", "read")})
+            kinds = ("reap", "plain", "memory", "read", *(("reap_before", "plain_before") if baseline else ()))
+            runs.append({kind: child(kind, str(source), threads, baseline if kind.endswith("_before") else REPO) for kind in kinds})
             print(json.dumps(runs[-1]), flush=True)
     finally:
         shutil.rmtree(source, ignore_errors=True)
+    before = {
+        "plain_before_over_memory": median_ratio(runs, "plain_before", lambda r: r["memory"]["cpu_s"]),
+        "reap_before_over_read_plus_memory": median_ratio(runs, "reap_before", lambda r: r["read"]["wall_s"] + r["memory"]["cpu_s"]),
+    } if baseline else {}
     return {
+        **before, "baseline": str(baseline) if baseline else None,
         "layers": layers, "checkpoint_bytes": checkpoint_bytes, "rounds": runs,
         "reap_over_read_plus_memory": median_ratio(runs, "reap", lambda r: r["read"]["wall_s"] + r["memory"]["cpu_s"]),
         "plain_over_memory": median_ratio(runs, "plain", lambda r: r["memory"]["cpu_s"]),
@@ -222,11 +230,18 @@ def markdown(report: dict) -> str:
                   "| measurement | per round |", "|---|---|",
                   f"| streamed REAP calibration, CPU s | {cells(runs, 'reap')} |",
                   f"| streamed plain walk (no statistics), CPU s | {cells(runs, 'plain')} |",
+                  f"| ... of which system CPU s | {cells(runs, 'plain', 'sys_s')} |" if "sys_s" in runs[0]["plain"] else None,
+                  *([f"| baseline ({a['baseline']}): streamed REAP calibration, CPU s | {cells(runs, 'reap_before')} |",
+                     f"| baseline: streamed plain walk, CPU s | {cells(runs, 'plain_before')} |",
+                     f"| ... of which system CPU s | {cells(runs, 'plain_before', 'sys_s')} |"] if a.get("baseline") else []),
                   f"| in-memory transformers forward (decoder stack), CPU s | {cells(runs, 'memory')} |",
                   f"| cold read of the weight files, wall s | {cells(runs, 'read', 'wall_s')} |", "",
                   f"* REAP calibration / (read + in-memory forward): **{a['reap_over_read_plus_memory']}** (target <= 1.3)",
                   f"* plain streamed walk / in-memory forward: **{a['plain_over_memory']}** (target <= 1.15)",
-                  f"* REAP calibration / plain streamed walk: {a['reap_over_plain']}", ""]
+                  f"* REAP calibration / plain streamed walk: {a['reap_over_plain']}",
+                  *([f"* baseline: plain walk / in-memory forward {a['plain_before_over_memory']}, "
+                     f"REAP / (read + in-memory forward) {a['reap_before_over_read_plus_memory']}"] if a.get("baseline") else []), ""]
+        lines = [line for line in lines if line is not None]
     if "b" in report:
         b = report["b"]
         runs = b["rounds"]
@@ -267,6 +282,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/work/scratch-speed"))
+    parser.add_argument("--baseline", type=Path, help="a copy of an earlier tree (with src/): part (a) also measures its walks, interleaved")
     args = parser.parse_args()
     out = RESULTS / "speed.json"
     report: dict = {"commands": ["python bench/speed.py " + " ".join(sys.argv[1:])], "threads": args.threads,
@@ -292,7 +308,7 @@ def main() -> None:
         save()
     if "a" in parts:
         for layers in (int(n) for n in args.layers.split(",")):
-            report[f"a_{layers}"] = part_a(args.workdir, layers, args.rounds, args.threads)
+            report[f"a_{layers}"] = part_a(args.workdir, layers, args.rounds, args.threads, args.baseline)
             save()
 
 

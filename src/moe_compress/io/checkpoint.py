@@ -5,7 +5,8 @@ A checkpoint is a directory with `model.safetensors` or shards listed in
 a tensor's bytes are read when it is asked for, with `pread` rather than a memory map, so
 the memory a tensor costs is exactly the tensor and is returned the moment it is dropped --
 a mapped shard would keep every page it ever touched resident and make peak memory grow
-with the checkpoint.
+with the checkpoint. (A table of which only some rows are looked up is the exception:
+`Checkpoint.mapped`, for the duration of the lookup.)
 
 Each tensor is checked the first time it is read, in one pass over what was read anyway
 (`finite.check_read`): NaN/Inf and magnitudes no trained model has are refused, an all-zero
@@ -17,6 +18,7 @@ the tensor they misplace; dtypes a parameter cannot have are refused by `io.sani
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,13 @@ def zero_filled(shard: Path) -> MoECompressError:
     )
 
 
+def _header(shard: Path) -> tuple[int, dict]:
+    """(header length in bytes, the parsed header) of a safetensors file; raises OSError/ValueError/struct.error."""
+    with shard.open("rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        return length, json.loads(handle.read(min(length, 1 << 27)))
+
+
 def _offset_fault(shard: Path) -> str:
     """The first tensor whose header offsets do not fit the shard's data section, as a clause
     ('' if none is found or the header is not even JSON).
@@ -75,9 +84,7 @@ def _offset_fault(shard: Path) -> str:
     ranges, in order, must tile the data exactly, each as long as its dtype and shape need.
     """
     try:
-        with shard.open("rb") as handle:
-            length = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(min(length, 1 << 27)))
+        length, header = _header(shard)
         data_bytes = shard.stat().st_size - 8 - length
         ranges = sorted(
             (entry["data_offsets"][0], entry["data_offsets"][1], key, entry["dtype"], entry["shape"])
@@ -153,6 +160,7 @@ class Checkpoint:
             self._unread.setdefault(info.shard, set()).add(key)
         self._nonzero_shards: set[Path] = set()  # shards a non-zero value was read from
         self._zero_warnings: dict[Path, str | None] = {}  # the warning about a shard's first all-zero matrix (None once shown)
+        self._offsets: dict[Path, dict[str, int]] = {}  # shard -> {key: file offset of its bytes}, parsed on first direct read
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -168,6 +176,48 @@ class Checkpoint:
         """One tensor, read into its own memory."""
         with safe_open(str(self.tensors[key].shard), framework="pt", backend="pread") as handle:
             return self.first_read(key, handle.get_tensor(key))
+
+    def read_into(self, reads: list[tuple[str, torch.Tensor]], check: bool = True) -> None:
+        """Read each key's bytes straight into its tensor (a contiguous CPU tensor of the key's dtype and size).
+
+        One copy, from the page cache into memory the caller chose: no buffer of its own, so
+        a fused expert tensor is filled in place (`io.direct`) and a reused buffer faults no
+        new pages. Each tensor is checked as `read` checks it (`check=False` for part of a
+        tensor, such as an embedding's used rows, which is not the tensor's first read).
+        """
+        descriptors: dict[Path, int] = {}
+        try:
+            for key, out in reads:
+                shard = self.tensors[key].shard
+                if shard not in descriptors:
+                    descriptors[shard] = os.open(shard, os.O_RDONLY)
+                _pread_exactly(descriptors[shard], out, self._offset(key), shard)
+                if check:
+                    self.first_read(key, out)
+        finally:
+            for descriptor in descriptors.values():
+                os.close(descriptor)
+
+    def mapped(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """Tensor `key` as a private read-only view of its shard's mapping (None where its bytes cannot be viewed as `dtype`).
+
+        Nothing is read up front and nothing checked: each page is read when first touched and
+        the mapping goes with the tensor. For a table of which a block looks up a few rows (an
+        input embedding during a walk's stem) that costs those rows, not the table.
+        """
+        start = self._offset(key)
+        if start % dtype.itemsize:
+            return None
+        shard = self.tensors[key].shard
+        whole = torch.from_file(str(shard), shared=False, size=shard.stat().st_size, dtype=torch.uint8)
+        return whole[start : start + self.nbytes(key)].view(dtype).view(self.tensors[key].shape)
+
+    def _offset(self, key: str) -> int:
+        shard = self.tensors[key].shard
+        if shard not in self._offsets:
+            length, header = _header(shard)  # validated when opened: safetensors refused any malformed one
+            self._offsets[shard] = {k: 8 + length + entry["data_offsets"][0] for k, entry in header.items() if k != "__metadata__"}
+        return self._offsets[shard][key]
 
     def first_read(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor`, just read as `key`, checked if this is its first read (see the module's docstring)."""
@@ -230,6 +280,20 @@ class Checkpoint:
             stat = shard.stat()
             digest.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()[:16]
+
+
+def _pread_exactly(descriptor: int, out: torch.Tensor, offset: int, shard: Path) -> None:
+    """Fill contiguous CPU tensor `out` with the bytes of `descriptor` from `offset` on."""
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        read = os.preadv(descriptor, [view[done : done + _MAX_READ]], offset + done)
+        if read == 0:
+            raise MoECompressError(f"checkpoint file {shard} ends early (truncated); re-download or re-save the checkpoint.")
+        done += read
+
+
+_MAX_READ = 1 << 30  # Linux reads at most 2 GiB - 4 KiB per call
 
 
 class _CheckedSlice:

@@ -10,7 +10,8 @@ that request differently:
   read from the checkpoint's shards, converted by transformers' own key-conversion rules
   (per-expert keys on disk -> fused 3-D tensors in memory) in the compute dtype onto the
   compute device, and dropped again afterwards. Peak memory is one module, whatever the
-  size of the checkpoint.
+  size of the checkpoint. Where a conversion only moves bytes, each key is read once into
+  its place in a buffer the previous layer released (`io.direct`, `io.buffers`).
 
 Stages therefore run the same code for a 12 M-parameter test model and a 1 T-parameter one.
 """
@@ -29,9 +30,11 @@ from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..finite import require_finite
+from ..finite import check_read, require_finite
 from .alignment import aligned, is_aligned
+from .buffers import BufferPool
 from .checkpoint import Checkpoint
+from .direct import DirectRead, plan_direct
 
 
 def _like(reference: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -143,9 +146,12 @@ class InMemoryWeights:
         self.checkpoint = checkpoint
 
     @contextmanager
-    def loaded_names(self, names: list[str], device: str | torch.device = "cpu") -> Iterator[None]:
+    def loaded_names(self, names: list[str], device: str | torch.device = "cpu", lookups: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
         """Nothing to read: the tensors are in memory already (and stay where they are)."""
         yield
+
+    def drop_buffers(self) -> None:
+        """Nothing kept: in-memory weights are never released."""
 
     @contextmanager
     def loaded(self, module: nn.Module, device: str | torch.device = "cpu") -> Iterator[nn.Module]:
@@ -188,8 +194,10 @@ class StreamedWeights:
         quantizer = quantization.quantizer if quantization else None
         self.conversions = get_model_conversion_mapping(model, None, quantizer)
         self.targets, self.carried = checkpoint_targets(model, checkpoint, self.conversions)
-        expected = model.state_dict(keep_vars=True)
+        self._expected = model.state_dict(keep_vars=True)  # the skeleton's names, for renaming keys (`io.direct`)
         self._names = module_names(model)
+        self._plans: dict[tuple, DirectRead | None] = {}
+        self._buffers = BufferPool()
         # Tied weights (lm_head = embed_tokens) are one tensor, stored under the name transformers keeps.
         tied = getattr(model, "all_tied_weights_keys", None) or {}
         self.aliases = {alias: stored for alias, stored in tied.items() if alias not in self.targets and stored in self.targets}
@@ -208,28 +216,38 @@ class StreamedWeights:
             self._names = module_names(self.model)
         return state_names(self.model, module, self._names)
 
-    def materialize(self, names: list[str], device: str | torch.device = "cpu") -> None:
-        """Read the tensors behind state `names` into the skeleton, on `device`, in the skeleton's dtypes."""
-        from transformers.modeling_utils import LoadStateDictConfig
+    def materialize(self, names: list[str], device: str | torch.device = "cpu", lookups: dict[str, torch.Tensor] | None = None) -> None:
+        """Read the tensors behind state `names` into the skeleton, on `device`, in the skeleton's dtypes.
 
-        wanted = list(dict.fromkeys(self.aliases.get(name, name) for name in names))
-        keys = [key for name in wanted for key in self.targets.get(name, [])]
-        if not keys:
+        `lookups` names tables the block only looks rows up in (an input embedding during a
+        walk's stem), each with the rows it is known to look up: such a table is mapped from its
+        shard rather than read (`Checkpoint.mapped`: the rows touched, not 0.6 GB for Qwen3's
+        152 k-token vocabulary), and the known rows are checked as a first read checks.
+        """
+        wanted = [name for name in dict.fromkeys(self.aliases.get(name, name) for name in names) if name in self.targets]
+        if not wanted:
             return
-        config = LoadStateDictConfig(
-            weight_mapping=self.conversions, device_map={"": str(device)}, dtype=self.model.dtype, dtype_plan=self.dtype_plan,
-            hf_quantizer=self.quantization.quantizer if self.quantization else None,
-        )
-        with _sequential_loading():
-            # One target at a time: a fused expert tensor is assembled from its per-expert parts
-            # (the parts, then the stack: twice its size) before the next one is read.
-            for name in wanted:
-                if name in self.targets:
-                    self._load(self.targets[name], config)
+        state = self.model.state_dict(keep_vars=True)
+        plans = {name: self._direct_plan(name, state[name]) for name in wanted} if torch.device(device).type == "cpu" else {}
+        direct = {name: plan for name, plan in plans.items() if plan is not None}
+        tables = {name: self.checkpoint.mapped(plan.parts[0][0], plan.dtype) for name, plan in direct.items()
+                  if name in (lookups or {}) and plan.parts[0][1] is None}
+        tables = {name: table for name, table in tables.items() if table is not None}
+        buffers = {name: self._buffers.take(plan.shape, plan.dtype) for name, plan in direct.items() if name not in tables}
+        self._buffers.clear()
+        if direct:  # what transformers' loader records on the model for saving to reverse (`_load`)
+            self.model._weight_conversions = [conversion for conversion in self.conversions if conversion.was_used()]
+        for name, table in tables.items():
+            check_read(table[lookups[name]], f"checkpoint tensor {direct[name].parts[0][0]}")
+            self._set(name, _like(state[name], table))
+        for name, buffer in buffers.items():
+            self.checkpoint.read_into(direct[name].views(buffer))
+            self._set(name, _like(state[name], buffer))
+        self._load_converted([name for name in wanted if name not in direct], device)
         state = self.model.state_dict(keep_vars=True)
         read = [name for name in wanted if name in state and state[name].device.type != "meta"]
-        for name in read:  # pread buffers are only 16-byte aligned; kernels may round by address (io.alignment)
-            if not is_aligned(state[name]):
+        for name in read:  # pread buffers are only 16-byte aligned; kernels may round by address (io.alignment), lookups do not
+            if name not in tables and not is_aligned(state[name]):
                 self._set(name, _like(state[name], aligned(state[name].detach())))
         for alias, stored in self.aliases.items():
             if stored in wanted:
@@ -238,6 +256,31 @@ class StreamedWeights:
             state = self.model.state_dict(keep_vars=True)
             for name in read:
                 require_finite(state[name], f"checkpoint tensor {name}")
+
+    def _direct_plan(self, name: str, param: torch.Tensor) -> DirectRead | None:
+        """How `name` is read without transformers' loader (`io.direct`), or None; worked out once per name."""
+        key = (name, tuple(param.shape), param.dtype)
+        if key not in self._plans:
+            self._plans[key] = None if self.quantization is not None else plan_direct(
+                self.checkpoint, self.targets[name], param, self.conversions, self.model.base_model_prefix, self._expected
+            )
+        return self._plans[key]
+
+    def _load_converted(self, names: list[str], device: str | torch.device) -> None:
+        """Targets `io.direct` cannot read, through transformers' loader and its conversion rules."""
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        if not names:
+            return
+        config = LoadStateDictConfig(
+            weight_mapping=self.conversions, device_map={"": str(device)}, dtype=self.model.dtype, dtype_plan=self.dtype_plan,
+            hf_quantizer=self.quantization.quantizer if self.quantization else None,
+        )
+        with _sequential_loading():
+            # One target at a time: a fused expert tensor is assembled from its per-expert parts
+            # (the parts, then the stack: twice its size) before the next one is read.
+            for name in names:
+                self._load(self.targets[name], config)
 
     def _load(self, keys: list[str], config) -> None:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -276,10 +319,15 @@ class StreamedWeights:
             value = getattr(self.model.get_submodule(owner_name), attr)
             if value.device.type == "meta":
                 continue
+            self._buffers.give(value)
             empty = _like(value, torch.empty_like(value, device="meta"))
             self._set(name, empty)
             for alias in (a for a, stored in self.aliases.items() if stored == name):
                 self._set(alias, empty)
+
+    def drop_buffers(self) -> None:
+        """Free the buffers released tensors left for the next layer (`io.buffers`): a walk that ends has no next layer."""
+        self._buffers.clear()
 
     def missing(self, names: list[str]) -> list[str]:
         """Names among `names` that are still on the meta device (not in the checkpoint)."""
@@ -287,9 +335,9 @@ class StreamedWeights:
         return [name for name in names if state[name].device.type == "meta"]
 
     @contextmanager
-    def loaded_names(self, names: list[str], device: str | torch.device = "cpu") -> Iterator[None]:
-        """The tensors behind state `names`, materialised for the duration of the block."""
-        self.materialize(names, device)
+    def loaded_names(self, names: list[str], device: str | torch.device = "cpu", lookups: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+        """The tensors behind state `names`, materialised for the duration of the block (`lookups`: see `materialize`)."""
+        self.materialize(names, device, lookups)
         try:
             absent = self.missing(names)
             if absent:

@@ -18,7 +18,8 @@ from torch import nn
 
 from .. import distributed
 from ..arch.adapter import MoEAdapter
-from ..io.residency import InMemoryWeights, Weights, split_names
+from ..io.allocator import activation_heap
+from ..io.residency import InMemoryWeights, Weights, module_names, split_names
 from ..progress import track
 from .capture import capture_layer_inputs
 from .activations import Activations, default_activations
@@ -79,10 +80,11 @@ class LayerWalk:
             yield from self._walk(store)
         finally:
             store.close()
+            self.weights.drop_buffers()
 
     def _walk(self, store: Activations) -> Iterator[tuple[int, nn.Module]]:
         stem, _, _ = split_names(self.model, self.adapter, self.model.state_dict(keep_vars=True))
-        with self.weights.loaded_names(stem, self.device):
+        with self.weights.loaded_names(stem, self.device, embedding_lookups(self.model, self.batches)), activation_heap():
             inputs = capture_layer_inputs(self.model, self.adapter, self.batches)
         current = [store.keep(h) for h in inputs.hidden]
         inputs.hidden.clear()
@@ -106,15 +108,27 @@ class LayerWalk:
                     context = self.layer_context(index, layer) if self.layer_context else None
                     if context is not None:
                         stack.enter_context(context)
-                    outputs = forward_all(index, layer)
+                    with activation_heap():
+                        outputs = forward_all(index, layer)
                 if self.after_layer is not None and self.after_layer(index, layer):
                     store.release(outputs)  # stale: free them before the recomputation
-                    outputs = forward_all(index, layer)
+                    with activation_heap():
+                        outputs = forward_all(index, layer)
                 store.release(current)
                 current = outputs
                 carried = [dict(state) for state in handed]
                 self.hidden = [store.get(h) for h in current] if index == len(layers) - 1 else []
                 yield index, layer
+
+
+def embedding_lookups(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{input embedding weight: the rows `batches` look up}, for the stem of a walk, which only looks rows up
+    in it (`StreamedWeights.materialize`); {} where the input embedding is not a lookup table."""
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, nn.Embedding) or not batches:
+        return {}
+    name = module_names(model)[id(embedding)]
+    return {f"{name}.weight": torch.unique(torch.cat([batch.reshape(-1) for batch in batches]).cpu())}
 
 
 def run_sequential(
