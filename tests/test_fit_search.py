@@ -224,3 +224,18 @@ def test_command_dry_run_prints_the_search_space(tiny, monkeypatch, capsys):
     assert printed[4].startswith("search space: 3 MoE layers, each keeping 2..8 experts (step 1), at 16 / 8 / 4 bits")
     with pytest.raises(MoECompressError, match=r"give --out DIR"):
         fit_command(str(tiny), target_ratio=0.5)
+
+
+def test_the_fit_command_prints_the_search_space_and_refuses_what_it_cannot_do(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from moe_compress.cli import app
+
+    runner = CliRunner()
+    dry = runner.invoke(app, ["fit", str(tiny), "--target-ratio", "0.5", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "smallest reachable:" in dry.output and "at 16 / 8 / 4 bits" in dry.output
+    no_out = runner.invoke(app, ["fit", str(tiny), "--target-ratio", "0.5"])
+    assert no_out.exit_code == 2 and "give --out DIR" in no_out.output
+    too_small = runner.invoke(app, ["fit", str(tiny), "--memory", "1KB", "--out", str(tmp_path / "out")])
+    assert too_small.exit_code == 2 and "smallest" in too_small.output and not (tmp_path / "out").exists()

@@ -29,7 +29,7 @@ def _main_options(
 
 
 # Each module registers its command on `app`, in the order `--help` lists them.
-from . import inspect, prune, eval, drop, condense, finetune, run, families, methods, analyze, slim, quantize  # noqa: E402, F401, I001
+from . import inspect, prune, eval, drop, condense, finetune, run, families, methods, analyze, slim, quantize, fit  # noqa: E402, F401, I001
 
 
 def main() -> None:  # pragma: no cover - console entry point
