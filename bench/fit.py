@@ -50,7 +50,7 @@ def _markdown(rows: list[dict], command: str) -> str:
     lines = ["# fit: the best model under a byte budget", "", f"Command: `{command}`", "",
              "Every candidate is measured in the same run (held-out KL / top-1 / perplexity against the original on the test split "
              "of the bundled domains). Single methods: the rows named '... alone' (or listed after '=' when the search's optimum "
-             "is the same allocation). Per-layer bit widths are not searched yet (one width per candidate).", ""]
+             "is the same allocation). Bit widths are searched per MoE layer (16 / 8 / 4, written by the quantize stage's expert_bits); expert counts per layer by the criterion's scores.", ""]
     for row in rows:
         if "refused" in row:
             lines += [f"## {row['model']} at {row['fraction']:.0%}", "", f"refused before calibrating: {row['refused']}", ""]
