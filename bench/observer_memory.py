@@ -31,7 +31,7 @@ os.environ["MOE_COMPRESS_QUIET"] = "1"
 torch.set_num_threads(2)
 from transformers import MixtralConfig, AutoModelForCausalLM
 from moe_compress.arch import get_adapter
-from moe_compress.observe import observe_expert_statistics
+from moe_compress.walk import observe_expert_statistics
 
 def status(key):
     for line in open("/proc/self/status"):

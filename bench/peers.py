@@ -40,7 +40,7 @@ from transformers import AutoTokenizer
 
 from moe_compress import get_adapter, model_size
 from moe_compress.data import CalibrationSpec, calibration_batches
-from moe_compress.io.load import resolve_model
+from moe_compress.source.load import resolve_model
 
 PEER = "llmcompressor==0.14.0.1"
 PEER_TORCH = "torch==2.13.0"  # llm-compressor allows torch 2.10-2.14; the CPU wheel, as ours

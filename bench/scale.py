@@ -76,8 +76,8 @@ def build_checkpoint(directory: Path, family: str, layers: int) -> int:
     from transformers.core_model_loading import revert_weight_conversion
 
     from moe_compress.arch import get_adapter
-    from moe_compress.io.residency import split_names
-    from moe_compress.io.writer import ShardWriter
+    from moe_compress.source.residency import split_names
+    from moe_compress.sink.writer import ShardWriter
 
     spec = FAMILIES[family]
     config = getattr(transformers, spec["config_class"])(vocab_size=VOCAB, num_hidden_layers=layers, dtype="bfloat16",
@@ -165,8 +165,8 @@ os.environ["MOE_COMPRESS_QUIET"] = "1"
 torch.set_num_threads(2)
 from moe_compress.arch import get_adapter
 from moe_compress.data import CalibrationSpec, calibration_batches
-from moe_compress.io.load import load_streamed
-from moe_compress.observe import observe_expert_statistics, run_sequential
+from moe_compress.source.load import load_streamed
+from moe_compress.walk import observe_expert_statistics, run_sequential
 
 weights, tokenizer = load_streamed(sys.argv[1])
 model, adapter = weights.model, get_adapter(weights.model)
@@ -195,7 +195,7 @@ def observer_cost(source: Path, repeats: int) -> dict:
 
 def layer_bytes(source: Path) -> int:
     """Bytes of the largest decoder layer in the checkpoint (the unit streaming holds)."""
-    from moe_compress.io.checkpoint import Checkpoint
+    from moe_compress.source.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(source)
     per_layer: dict[int, int] = {}

@@ -53,7 +53,7 @@ import torch
 
 from moe_compress import compress, get_adapter, load_model, model_size, quantize
 from moe_compress.data import CalibrationSpec, calibration_batches
-from moe_compress.io.load import resolve_model
+from moe_compress.source.load import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA_CPP_PYTHON = "0.3.36"

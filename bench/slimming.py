@@ -31,7 +31,7 @@ import yaml
 from common import RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mc_column, mean_ppl, overview_plot
 
 from moe_compress import get_adapter, load_model, model_size, quantize, run_recipe, slim
-from moe_compress.evaluate.size import checkpoint_bytes
+from moe_compress.arch.size import checkpoint_bytes
 
 SETTINGS = EvalSettings(mc_limit=100, speed=True)
 AUTOROUND_ITERS = 20  # AutoRound's default is 200: one block takes ~10 s per step on this shared 2-core machine

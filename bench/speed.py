@@ -72,8 +72,8 @@ result = {}
 if kind in ("reap", "plain"):
     from moe_compress.arch import get_adapter
     from moe_compress.data import CalibrationSpec, calibration_batches
-    from moe_compress.io.load import load_streamed
-    from moe_compress.observe import observe_expert_statistics, run_sequential
+    from moe_compress.source.load import load_streamed
+    from moe_compress.walk import observe_expert_statistics, run_sequential
     weights, tokenizer = load_streamed(source)
     model, adapter = weights.model, get_adapter(weights.model)
     batches = calibration_batches(tokenizer, CalibrationSpec(samples=16, seq_len=256, batch_size=4))
@@ -108,7 +108,7 @@ elif kind.startswith(("forward", "perplexity")):
     batch_size = int(kind.removeprefix("forward").removeprefix("perplexity"))
     start_process = cpu()
     from moe_compress.evaluate.protocol import DEFAULT_PROTOCOL, expand_sources
-    from moe_compress.io.open import open_model
+    from moe_compress.source.open import open_model
     model, tokenizer, _ = open_model(source, "cpu", "auto", "auto", False)
     sets = [DEFAULT_PROTOCOL.windows_of(tokenizer, s, model.config) for s in expand_sources("bundled")]
     start, wall, start_sys = cpu(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import moe_compress as mc
 from moe_compress.data.batches import read_windows
 from moe_compress.data.texts import bundled_domains
-from moe_compress.io.load import load_model
+from moe_compress.source.load import load_model
 
 SEQ_LEN = 256
 SIZES = (16, 24, 64, 128, 256)

@@ -26,7 +26,7 @@ from moe_compress.arch import auto_model_class
 from moe_compress.arch.adapter import TextOnlyCalibrationWarning
 from moe_compress.arch.table import unloadable_when_packed
 from moe_compress.methods.expert_pruning import routing_limits
-from moe_compress.observe.observer import run_sequential
+from moe_compress.walk.observer import run_sequential
 from moe_compress.slimming.quantize import PER_EXPERT_STORAGE
 from tiny_models import LAYERS, SUPPORTED, VOCAB, tiny_config, tiny_model
 

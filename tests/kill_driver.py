@@ -30,10 +30,10 @@ from collections.abc import Callable
 
 import torch
 
-from moe_compress.io.load import load_model
-from moe_compress.io import save as saving
-from moe_compress.io.output_lock import release_all
-from moe_compress.io.publish import check_output_dir
+from moe_compress.source.load import load_model
+from moe_compress.sink import save as saving
+from moe_compress.sink.output_lock import release_all
+from moe_compress.sink.publish import check_output_dir
 
 STEPS = frozenset({
     "open", "os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "os.chmod", "os.truncate",

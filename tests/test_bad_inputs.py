@@ -121,7 +121,7 @@ def _readonly_parent(c: Case) -> list:
 
 def _disk_full(c: Case) -> list:
     """The checkpoint writer hits a full disk (a real full tmpfs is in test_stats_cache / _full_disk_out)."""
-    from moe_compress.io import save
+    from moe_compress.sink import save
 
     def full(directory, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(directory))

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_compress.cli import app
-from moe_compress.io.verify import verify_checksums
+from moe_compress.source.verify import verify_checksums
 from tiny_checkpoints import hub_cache_snapshot, save_tiny_checkpoint
 
 runner = CliRunner()

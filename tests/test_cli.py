@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from moe_compress.cli import app
-from moe_compress.io import load_model
+from moe_compress.source import load_model
 from tiny_checkpoints import save_dense_checkpoint, save_tiny_checkpoint, write_calibration
 
 runner = CliRunner()
@@ -219,7 +219,7 @@ def test_every_subpackage_imports_first_in_a_fresh_process():
     import sys
 
     modules = ["moe_compress.preflight", "moe_compress.recipes", "moe_compress.surgery", "moe_compress.methods",
-               "moe_compress.slimming", "moe_compress.api", "moe_compress.io.export", "moe_compress.dry_run",
+               "moe_compress.slimming", "moe_compress.api", "moe_compress.sink.export", "moe_compress.dry_run",
                "moe_compress.stages", "moe_compress.engine.finish", "moe_compress.pipeline"]
     runs = [subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True) for m in modules]
     failed = {m: run.communicate()[1].strip().splitlines()[-1:] for m, run in zip(modules, runs) if run.wait() != 0}

@@ -9,12 +9,12 @@ from moe_compress.engine.statistics import collect_statistics
 from moe_compress.arch import get_adapter
 from moe_compress.data import CalibrationSpec
 from moe_compress.data.batches import calibration_batches
-from moe_compress.io import load_model
+from moe_compress.source import load_model
 from moe_compress.methods import PlanRequest, get_method
 from moe_compress.methods.budget import select_experts
 from moe_compress.methods.criteria import layer_scores
-from moe_compress.observe.routed_batch import RoutedBatch
-from moe_compress.observe.statistics import LayerAccumulator
+from moe_compress.walk.routed_batch import RoutedBatch
+from moe_compress.walk.statistics import LayerAccumulator
 from moe_compress.plan import RoutingLimits
 
 METHODS = ("reap", "ean", "mone")

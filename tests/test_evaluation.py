@@ -13,7 +13,7 @@ from moe_compress.cli import app
 from moe_compress.evaluate import mc_tasks
 from moe_compress.evaluate.harness import parse_task_list, run_tasks
 from moe_compress.errors import MoECompressError
-from moe_compress.io import load_model
+from moe_compress.source import load_model
 from tiny_checkpoints import save_tiny_checkpoint, write_calibration
 
 runner = CliRunner()

@@ -66,7 +66,7 @@ def test_eval_compare_reports_fidelity_per_source(tmp_path):
 
 
 def test_streamed_fidelity_equals_in_memory(tmp_path):
-    from moe_compress.io.load import load_model, load_streamed
+    from moe_compress.source.load import load_model, load_streamed
 
     tiny_model("qwen3_moe").save_pretrained(tmp_path / "original")
     pruned = tiny_model("qwen3_moe")
@@ -81,7 +81,7 @@ def test_streamed_fidelity_equals_in_memory(tmp_path):
 
 def test_compare_gives_both_perplexities_from_one_forward_per_batch_and_model(tmp_path):
     """`eval --compare` reads perplexity off the fidelity pass: each model runs once per batch, not twice."""
-    from moe_compress.io.load import load_model
+    from moe_compress.source.load import load_model
 
     tiny_model("qwen3_moe").save_pretrained(tmp_path / "original")
     compress(tiny_model("qwen3_moe"), method="reap", ratio=0.5, calib=token_batches(), out=tmp_path / "pruned", cache_dir=False)

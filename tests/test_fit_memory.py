@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from moe_compress import MoECompressError
 from moe_compress.session import byte_size
 from moe_compress.fitting.memory import CacheKind, cache_breakdown, kv_cache_bytes, main, parse_bytes
-from moe_compress.io.load import BUNDLED_MODELS
+from moe_compress.source.load import BUNDLED_MODELS
 from tiny_models import SUPPORTED, tiny_model
 
 

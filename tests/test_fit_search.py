@@ -17,9 +17,9 @@ from moe_compress.fitting import api as fit_api
 from moe_compress.fitting.proxies import ENERGY, LayerProxy, layer_proxies, rounding_statistic
 from moe_compress.fitting.report import spearman
 from moe_compress.methods.budget import select_experts
-from moe_compress.observe.rounding import round_to_nearest, rtn_output_error
-from moe_compress.observe.routed_batch import RoutedBatch
-from moe_compress.observe.statistics import STATISTICS
+from moe_compress.walk.rounding import round_to_nearest, rtn_output_error
+from moe_compress.walk.routed_batch import RoutedBatch
+from moe_compress.walk.statistics import STATISTICS
 from moe_compress.plan import Plan, RoutingLimits
 from moe_compress.stages.footprint import Footprint
 from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes
@@ -196,7 +196,7 @@ def _never(*args, **kwargs):
 
 
 def test_unreachable_budget_is_refused_before_calibration(tiny, monkeypatch):
-    monkeypatch.setattr("moe_compress.io.load.load_model", _never)
+    monkeypatch.setattr("moe_compress.source.load.load_model", _never)
     sizes = checkpoint_sizes(tiny)
     top_k = 2
     smallest = sizes.fixed + sum(candidate_bytes(layer, top_k, 4) for layer in sizes.layers.values())
@@ -206,7 +206,7 @@ def test_unreachable_budget_is_refused_before_calibration(tiny, monkeypatch):
 
 
 def test_dry_run_calibrates_nothing(tiny, monkeypatch):
-    monkeypatch.setattr("moe_compress.io.load.load_model", _never)
+    monkeypatch.setattr("moe_compress.source.load.load_model", _never)
     result = mc.fit(str(tiny), target_ratio=0.5, dry_run=True)
     assert result.best is None and result.floors == {0: list(range(2, 9)), 1: list(range(2, 9)), 2: list(range(2, 9))}
     assert result.budget == _tensor_bytes(tiny) // 2
@@ -215,7 +215,7 @@ def test_dry_run_calibrates_nothing(tiny, monkeypatch):
 def test_command_dry_run_prints_the_search_space(tiny, monkeypatch, capsys):
     from moe_compress.fitting.command import fit_command
 
-    monkeypatch.setattr("moe_compress.io.load.load_model", _never)
+    monkeypatch.setattr("moe_compress.source.load.load_model", _never)
     sizes = checkpoint_sizes(tiny)
     assert fit_command(str(tiny), target_ratio=0.5, dry_run=True) == 0
     printed = capsys.readouterr().out.splitlines()

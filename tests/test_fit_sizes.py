@@ -10,7 +10,7 @@ import pytest
 
 from moe_compress import KeepLayer, MoECompressError, Plan, compress, quantize
 from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes, packed_weight_bytes
-from moe_compress.io.load import BUNDLED_MODELS
+from moe_compress.source.load import BUNDLED_MODELS
 from moe_compress.methods.expert_pruning import routing_limits
 from moe_compress.preflight import skeleton
 from tiny_checkpoints import save_tiny_checkpoint

@@ -17,9 +17,9 @@ from moe_compress.data.texts import iter_documents
 from moe_compress.errors import QualityGuardError
 from moe_compress.evaluate.fidelity import FidelityResult
 from moe_compress.evaluate.guard import GuardReport, guard, unreached_experts
-from moe_compress.io.open import open_model
-from moe_compress.observe import observe_expert_statistics
-from moe_compress.report.guard_card import guard_lines
+from moe_compress.source.open import open_model
+from moe_compress.walk import observe_expert_statistics
+from moe_compress.text.guard_card import guard_lines
 from test_quantize import _calm
 from tiny_checkpoints import tiny_tokenizer, write_calibration
 from tiny_models import VOCAB, tiny_model

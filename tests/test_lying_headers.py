@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 import moe_compress as mc
 from helpers import token_batches
 from moe_compress import MoECompressError
-from moe_compress.io.checkpoint import Checkpoint
-from moe_compress.io.load import bundled_models, load_model, load_streamed, resolve_model
+from moe_compress.source.checkpoint import Checkpoint
+from moe_compress.source.load import bundled_models, load_model, load_streamed, resolve_model
 from tiny_checkpoints import FP8_CONFIG, edit_header, fp8_layout, rewrite_tensors, save_tiny_checkpoint, zero_fill
 from tiny_models import tiny_model
 
@@ -170,7 +170,7 @@ def test_the_reference_models_pass_every_check(name, capsys):
 
 def test_each_tensor_is_checked_on_its_first_read_only(tiny, monkeypatch):
     """The checks ride on reads a run makes anyway, once per tensor: a layer read again (the writer's pass) costs nothing more."""
-    from moe_compress.io import checkpoint as checkpoint_module
+    from moe_compress.source import checkpoint as checkpoint_module
 
     checked = []
     real = checkpoint_module.check_read

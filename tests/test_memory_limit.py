@@ -7,10 +7,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-import moe_compress.io.open as io_open
+import moe_compress.source.open as io_open
 from moe_compress import CalibrationSpec, compress
-from moe_compress.io.checkpoint import Checkpoint
-from moe_compress.io.memory_limit import cgroup_available_bytes
+from moe_compress.source.checkpoint import Checkpoint
+from moe_compress.source.memory_limit import cgroup_available_bytes
 from tiny_checkpoints import save_tiny_checkpoint, write_calibration
 
 GIB = 2**30

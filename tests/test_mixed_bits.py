@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import moe_compress as mc
 from helpers import rounded, token_batches
 from moe_compress import MoECompressError, get_adapter, load_model, quantize
-from moe_compress.io.checkpoint import Checkpoint
+from moe_compress.source.checkpoint import Checkpoint
 from moe_compress.preflight import skeleton
 from moe_compress.stages.footprint import Footprint
 from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes
@@ -91,7 +91,7 @@ def _assert_same_model(reloaded, expected, scope: str) -> None:
     ("mixtral", "experts"),  # experts stored per expert, fused in memory by transformers' own conversion
     ("mixtral", "all"),  # attention packed too, by compressed-tensors' Linear path
     ("qwen2_moe", "experts"),  # shared experts beside, a dense first layer
-    ("gpt_oss", "experts"),  # fused 3-D and transposed on disk: packed per expert (`io.per_expert`)
+    ("gpt_oss", "experts"),  # fused 3-D and transposed on disk: packed per expert (`sink.per_expert`)
 ])
 def test_mixed_widths_reload_as_the_in_memory_model(family, scope, tmp_path):
     model = _calm(tiny_model(family))

@@ -16,10 +16,10 @@ from markdown_it import MarkdownIt
 
 import moe_compress as mc
 from moe_compress.invocation import recording
-from moe_compress.io.model_card import record_evaluation, write_model_card
-from moe_compress.io.provenance import PROVENANCE_FILE, read_provenance
-from moe_compress.io.save import save_compressed
-from moe_compress.report.markdown import code, fence, text
+from moe_compress.sink.model_card import record_evaluation, write_model_card
+from moe_compress.sink.provenance import PROVENANCE_FILE, read_provenance
+from moe_compress.sink.save import save_compressed
+from moe_compress.text.markdown import code, fence, text
 from tiny_models import tiny_model
 
 MARKDOWN = MarkdownIt("commonmark").enable(["table", "strikethrough"])

@@ -9,10 +9,10 @@ import torch
 
 from helpers import token_batches
 from moe_compress import MoECompressError, NoviceLayer, Plan, compress, get_adapter, load_model, prune_experts
-from moe_compress.io.save import save_compressed
+from moe_compress.sink.save import save_compressed
 from moe_compress.engine.statistics import collect_statistics
 from moe_compress.methods.mone import access_and_variance, redundancy
-from moe_compress.observe.moments import merge_moments, split_moments
+from moe_compress.walk.moments import merge_moments, split_moments
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
 

@@ -8,8 +8,8 @@ import torch
 from helpers import token_batches
 from moe_compress import MoECompressError, compress, get_adapter
 from moe_compress.engine.statistics import collect_statistics
-from moe_compress.observe import STATISTICS, observe_expert_statistics, run_sequential
-from moe_compress.observe.moments import merge_moments
+from moe_compress.walk import STATISTICS, observe_expert_statistics, run_sequential
+from moe_compress.walk.moments import merge_moments
 from tiny_models import FAMILIES, tiny_model
 
 
@@ -142,8 +142,8 @@ def test_statistics_cache_hits_for_same_model_and_data_only(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_observing_leaves_every_layer_output_unchanged(family):
     """The capturing experts forward computes what the model's own experts forward computes, bit for bit."""
-    from moe_compress.observe.observer import _expert_statistics_hooks
-    from moe_compress.observe.statistics import LayerAccumulator
+    from moe_compress.walk.observer import _expert_statistics_hooks
+    from moe_compress.walk.statistics import LayerAccumulator
 
     model = tiny_model(family)
     adapter = get_adapter(model)

@@ -43,7 +43,7 @@ def test_a_plan_records_its_model(made):
     model = tiny_model("mixtral")
     assert identity["model_type"] == "mixtral" and identity["num_layers"] == 3 and identity["top_k"] == 2
     assert identity["experts_per_layer"] == {"0": 8, "1": 8, "2": 8} and identity["hidden_size"] == 32
-    from moe_compress.observe.cache import content_fingerprint
+    from moe_compress.walk.cache import content_fingerprint
 
     assert identity["fingerprints"] == {"content": content_fingerprint(model)}, "a model handed over in memory has no checkpoint to name"
 
@@ -162,7 +162,7 @@ def _identity(path):
 
 
 def test_a_run_records_every_fingerprint_it_can_compute_cheaply(source, residency_plans, made):
-    from moe_compress.observe.cache import checkpoint_fingerprint, content_fingerprint
+    from moe_compress.walk.cache import checkpoint_fingerprint, content_fingerprint
 
     in_memory, streamed = (_identity(residency_plans[s])["fingerprints"] for s in (False, True))
     assert in_memory == {"content": content_fingerprint(tiny_model("mixtral")), "checkpoint": checkpoint_fingerprint(source)}
@@ -249,7 +249,7 @@ def test_a_null_or_switched_fingerprint_is_refused_unless_ignored_with_a_warning
 
 def test_a_model_handed_over_in_memory_cannot_check_a_streamed_plan(source, residency_plans, capsys):
     """It may differ from any file, so it has no checkpoint fingerprint: refused, or applied with a warning."""
-    from moe_compress.io.load import load_model
+    from moe_compress.source.load import load_model
 
     model, _ = load_model(source)
     with pytest.raises(MoECompressError, match=r"records only a checkpoint fingerprint, which this run cannot compute \(that needs the model opened from its checkpoint directory\)"):

@@ -94,7 +94,7 @@ def test_fp8_prune_writes_fp8_that_matches_the_dequantised_reference(fp8_checkpo
 
 def test_fp8_calibration_sees_the_dequantised_weights(fp8_checkpoint):
     from moe_compress.engine.statistics import collect_statistics
-    from moe_compress.io.load import load_streamed
+    from moe_compress.source.load import load_streamed
 
     weights, _ = load_streamed(fp8_checkpoint)
     streamed, _ = collect_statistics(weights.model, token_batches(), ("reap_sum", "selected"), cache_dir=False, weights=weights)

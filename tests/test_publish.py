@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from moe_compress import MoECompressError
 from moe_compress.cli import app
-from moe_compress.io.output_lock import HOST, release_all
-from moe_compress.io.publish import check_output_dir, publish
-from moe_compress.io.staging import ASIDE, MARKER, discard_staging, staging_dir
+from moe_compress.sink.output_lock import HOST, release_all
+from moe_compress.sink.publish import check_output_dir, publish
+from moe_compress.sink.staging import ASIDE, MARKER, discard_staging, staging_dir
 from tiny_checkpoints import save_tiny_checkpoint
 
 runner = CliRunner()

@@ -112,7 +112,9 @@ def test_fused_expert_families_are_packed_per_expert_and_reload_exactly(family, 
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moe_compress.MoECompressPerExpertForCausalLM"
     auto = getattr(transformers, auto_model_class(model.config).__name__)
     reloaded = auto.from_pretrained(tmp_path / "q", trust_remote_code=True).eval()
-    assert type(reloaded).__name__.startswith("MoECompressPerExpert")
+    # transformers keeps a checkpoint's generated code per directory name for the whole process: after a
+    # mixed-width checkpoint named alike (tests/test_mixed_bits.py), its superset of this class loads it
+    assert type(reloaded).__name__.startswith(("MoECompressPerExpert", "MoECompressMixedBitsPerExpert"))
     round_experts(model, 4, 16)  # the in-memory quantised model
     state, expected = reloaded.state_dict(), model.state_dict()
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)

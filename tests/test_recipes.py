@@ -67,7 +67,7 @@ def test_bad_recipes_are_refused(stages, message):
 def test_shipped_example_recipes_are_valid():
     from pathlib import Path
 
-    from moe_compress.io import bundled_models
+    from moe_compress.source import bundled_models
 
     shipped = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
     assert len(shipped) >= 3

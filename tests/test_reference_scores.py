@@ -13,8 +13,8 @@ from moe_compress import MoECompressError, compress
 from moe_compress.arch.registry import get_adapter
 from moe_compress.methods import PlanRequest, get_method
 from moe_compress.methods.mone import remove_boundary_ties, running_variation
-from moe_compress.observe.routed_batch import RoutedBatch
-from moe_compress.observe.statistics import STATISTICS
+from moe_compress.walk.routed_batch import RoutedBatch
+from moe_compress.walk.statistics import STATISTICS
 from tiny_models import tiny_model
 
 ADAPTERS = {name: get_adapter(tiny_model(name)) for name in ("mixtral", "qwen2_moe", "deepseek_v3")}

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from helpers import token_batches
 from moe_compress import MoECompressError, compress, load_model
 from moe_compress.cli import app
-from moe_compress.io.load import load_config
+from moe_compress.source.load import load_config
 from tiny_checkpoints import save_tiny_checkpoint
 from tiny_models import FAMILIES, tiny_model
 
@@ -109,7 +109,7 @@ def own(tmp_path_factory):
 
 
 def test_our_generated_code_loads_without_the_flag(own):
-    from moe_compress.io.remote_code import AUTO_MAP
+    from moe_compress.source.remote_code import AUTO_MAP
 
     config = json.loads((own / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP
@@ -150,7 +150,7 @@ def test_a_recorded_hash_cannot_vouch_for_edited_code(own, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recognised_class_names_are_the_ones_we_write(family):
     """Recognition rebuilds the files from transformers' registry; they must equal what saving writes."""
-    from moe_compress.io.remote_code import _stock_class_name, expected_files, generated_files
+    from moe_compress.source.remote_code import _stock_class_name, expected_files, generated_files
 
     model = tiny_model(family, num_layers=2)
     written = generated_files(family, _stock_class_name(model.config), _stock_class_name(model))

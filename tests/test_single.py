@@ -16,7 +16,7 @@ import torch
 from moe_compress.data.batches import CalibrationSpec
 from moe_compress.evaluate.compression import eval_sets, perplexities
 from moe_compress.evaluate.protocol import EvalProtocol
-from moe_compress.io.load import load_model
+from moe_compress.source.load import load_model
 from moe_compress.loading import LoadSettings
 from moe_compress.single import run_single
 from moe_compress.slimming import slim

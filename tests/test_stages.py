@@ -12,7 +12,7 @@ import torch
 import moe_compress as mc
 from helpers import token_batches
 from moe_compress.errors import MoECompressError
-from moe_compress.io import load_model
+from moe_compress.source import load_model
 from moe_compress.pipeline import Result
 from moe_compress.stages import Stage, StageContext, StageOutcome, build_stage, register_stage, stages
 from moe_compress.stages.footprint import Footprint
@@ -176,7 +176,7 @@ def test_the_old_single_prune_call_is_still_a_prune():
 def test_predicted_footprint_is_the_saved_bytes_of_prune_then_quantize(tmp_path):
     """`predict` chained over a composition gives exactly the tensor bytes the composition saves (a
     layer budget and experts-only quantisation depend on no calibration; file headers aside)."""
-    from moe_compress.io.checkpoint import Checkpoint
+    from moe_compress.source.checkpoint import Checkpoint
 
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")
     composition = [mc.Prune("frequency", ratio=0.25), mc.Quantize(bits=4, scope="experts")]

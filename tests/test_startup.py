@@ -84,12 +84,12 @@ def test_a_model_that_cannot_be_found_is_answered_without_torch(tmp_path):
 
 
 def test_importing_the_packages_imports_neither_torch_nor_transformers():
-    probe = "import sys\nimport moe_compress, moe_compress.arch, moe_compress.evaluate, moe_compress.io\n" + LIGHT
+    probe = "import sys\nimport moe_compress, moe_compress.arch, moe_compress.evaluate, moe_compress.source, moe_compress.sink\n" + LIGHT
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
 
 
-@pytest.mark.parametrize("package", ["moe_compress", "moe_compress.arch", "moe_compress.evaluate", "moe_compress.io"])
+@pytest.mark.parametrize("package", ["moe_compress", "moe_compress.arch", "moe_compress.evaluate", "moe_compress.source", "moe_compress.sink"])
 def test_every_public_name_is_what_its_module_defines_even_once_every_submodule_is_imported(package):
     """A package's `__getattr__` only answers names it does not hold, and importing a submodule
     sets it as an attribute of its package: an export named like a submodule would be shadowed."""

@@ -14,8 +14,8 @@ from fs_faults import tmpfs
 from helpers import token_batches
 from moe_compress import get_adapter
 from moe_compress.engine.statistics import collect_statistics
-from moe_compress.observe import cache as cache_module
-from moe_compress.observe.cache import StatsCache
+from moe_compress.walk import cache as cache_module
+from moe_compress.walk.cache import StatsCache
 from tiny_models import tiny_model
 
 NAMES = ("reap_sum", "selected")
@@ -127,7 +127,7 @@ def test_a_full_tmpfs_cache_dir_is_a_warning(tmp_path, capsys):
 
 
 def test_fingerprints_see_every_byte_and_every_shard(tmp_path):
-    from moe_compress.observe.cache import checkpoint_fingerprint, content_fingerprint
+    from moe_compress.walk.cache import checkpoint_fingerprint, content_fingerprint
 
     model = tiny_model("mixtral")
     before = content_fingerprint(model)

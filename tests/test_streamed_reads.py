@@ -1,5 +1,5 @@
-"""How a streamed layer is read: each key once into its place (io.direct), into buffers reused across layers
-(io.buffers), and the stem's embedding mapped rather than read -- always the bytes transformers' loader gives."""
+"""How a streamed layer is read: each key once into its place (source.direct), into buffers reused across layers
+(source.buffers), and the stem's embedding mapped rather than read -- always the bytes transformers' loader gives."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 
 from helpers import token_batches
 from moe_compress.errors import MoECompressError
-from moe_compress.io.load import load_streamed
+from moe_compress.source.load import load_streamed
 from moe_compress import get_adapter
-from moe_compress.observe.observer import LayerWalk, embedding_lookups
+from moe_compress.walk.observer import LayerWalk, embedding_lookups
 from tiny_models import tiny_model
 
 FUSED = ("gate_up_proj", "down_proj")
@@ -31,7 +31,7 @@ def test_every_layer_reads_as_transformers_loader_converts_it(checkpoints, model
     weights.materialize(names)
     direct = {name: weights.model.state_dict()[name].clone() for name in names}
     weights.release(names)
-    weights._load_converted(names, "cpu")  # transformers' loader, as before io.direct
+    weights._load_converted(names, "cpu")  # transformers' loader, as before source.direct
     loaded = weights.model.state_dict()
     assert all(torch.equal(direct[name], loaded[name]) and direct[name].dtype == loaded[name].dtype for name in names)
     fused = [name for name in names if name.endswith(FUSED)]
@@ -48,7 +48,7 @@ def test_a_released_layer_s_buffers_take_the_next_layer_unless_still_referred_to
     with weights.loaded(layers[1]):
         assert layers[1].mlp.experts.gate_up_proj.data_ptr() == first  # reused: no new pages to fault
         assert layers[1].mlp.experts.down_proj.data_ptr() != kept.data_ptr()  # never overwritten under a holder
-        assert all(p.data_ptr() % 64 == 0 for p in layers[1].parameters())  # io.alignment
+        assert all(p.data_ptr() % 64 == 0 for p in layers[1].parameters())  # source.alignment
     assert torch.equal(kept, values)
     with weights.loaded(layers[2]):
         assert layers[2].mlp.experts.down_proj.data_ptr() != kept.data_ptr()

@@ -23,9 +23,9 @@ from moe_compress import get_adapter
 from moe_compress.engine.statistics import collect_statistics
 from moe_compress.errors import MoECompressError
 from moe_compress.evaluate.lm_perplexity import perplexity
-from moe_compress.io.load import load_model, load_streamed
-from moe_compress.io.open import open_model
-from moe_compress.observe.activations import activation_budget
+from moe_compress.source.load import load_model, load_streamed
+from moe_compress.source.open import open_model
+from moe_compress.walk.activations import activation_budget
 from tiny_models import FAMILIES, SUPPORTED, VOCAB, tiny_model
 
 STATS = ("reap_sum", "selected", "gate_sum", "output_moments", "prob_sum")
@@ -96,7 +96,7 @@ def _misaligned(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def test_weights_are_64_byte_aligned_in_memory_and_streamed(tmp_path):
     """MKL's single-row sgemm (one token routed to an expert) rounds by the weight's address on some CPUs: on an
-    AMD EPYC, granitemoe's streamed statistics were one ulp off the in-memory ones (io.alignment). Wherever the
+    AMD EPYC, granitemoe's streamed statistics were one ulp off the in-memory ones (source.alignment). Wherever the
     file and the reader put a tensor, both residencies compute with it on a 64-byte boundary."""
     source = _checkpoint_at_8_mod_64(tmp_path / "source", "granitemoe")
     model, _ = load_model(source)
@@ -177,7 +177,7 @@ def test_activations_offloaded_to_files_give_the_same_statistics(checkpoints, tm
 
 
 def test_a_full_offload_dir_is_a_clear_error(checkpoints, tmp_path, monkeypatch):
-    import moe_compress.observe.activations as activations
+    import moe_compress.walk.activations as activations
 
     def full_disk(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -276,7 +276,7 @@ _DISTRIBUTED = textwrap.dedent(
     import moe_compress as mc
     from moe_compress import distributed
     from moe_compress.engine.statistics import collect_statistics
-    from moe_compress.io.load import load_streamed
+    from moe_compress.source.load import load_streamed
     from helpers import token_batches
 
     distributed.init_from_environment()

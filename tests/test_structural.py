@@ -19,7 +19,7 @@ from moe_compress.methods.condense_eval import (
 )
 from moe_compress.methods.condense import CondenseSearch
 from moe_compress.methods.structural import plan_drop
-from moe_compress.observe.similarity import Similarities, _cos_sum, observe_similarities
+from moe_compress.walk.similarity import Similarities, _cos_sum, observe_similarities
 from tiny_checkpoints import save_tiny_checkpoint, write_calibration
 from tiny_models import VOCAB, tiny_model
 
@@ -374,7 +374,7 @@ def test_condense_refuses_before_loading_what_memory_cannot_hold(tmp_path, monke
     """CD-MoE does not stream: a model plus cached layer inputs larger than the free memory is refused up front."""
     from typer.testing import CliRunner
 
-    import moe_compress.io.open as io_open
+    import moe_compress.source.open as io_open
     from moe_compress.cli import app
 
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny")

@@ -10,7 +10,7 @@ from moe_compress import Plan, compress
 from moe_compress.engine.statistics import collect_statistics
 from moe_compress.cli import app
 from moe_compress.methods.super_experts import find_super_experts
-from moe_compress.observe.moments import split_moments
+from moe_compress.walk.moments import split_moments
 from tiny_checkpoints import save_tiny_checkpoint, write_calibration
 from tiny_models import tiny_model
 

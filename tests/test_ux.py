@@ -99,7 +99,7 @@ def test_one_evaluation_protocol_is_the_default_everywhere():
 def test_every_bundled_test_split_holds_the_protocol_windows():
     from moe_compress.data.batches import read_windows
     from moe_compress.data.texts import bundled_domains
-    from moe_compress.io.load import load_tokenizer, resolve_model
+    from moe_compress.source.load import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model("ref-mixtral"), False, "ref-mixtral")
     for domain in bundled_domains():
@@ -138,7 +138,7 @@ def test_the_cache_still_refuses_another_expert_count(tmp_path):
     model, batches = tiny_model("mixtral"), token_batches(count=1)
     collect_statistics(model, batches, ("selected",), tmp_path)
     entry = next(tmp_path.glob("*.safetensors"))
-    from moe_compress.observe.cache import StatsCache
+    from moe_compress.walk.cache import StatsCache
 
     key = entry.name.split(".")[0]
     assert StatsCache(tmp_path).load(key, {0: 8, 1: 8, 2: 8}, ("selected",)) is not None
@@ -333,7 +333,7 @@ def test_dry_runs_print_what_would_be_done_and_write_nothing(tiny, pruned, tmp_p
 
 # ---- 7. plots that teach ------------------------------------------------------------------------
 def test_analyze_marks_what_a_plan_removes_and_writes_one_report(tiny, tmp_path):
-    from moe_compress.io.load import load_model
+    from moe_compress.source.load import load_model
     from moe_compress.methods import PlanRequest
     from moe_compress.arch import get_adapter
     from moe_compress.engine.prepare import calibration_batches
@@ -398,7 +398,7 @@ def test_methods_lists_every_method_and_stage():
 
 
 def test_cache_dir_help_states_the_real_default():
-    from moe_compress.observe.cache import default_cache_dir
+    from moe_compress.walk.cache import default_cache_dir
 
     assert default_cache_dir().parts[-1] == "stats"
     help_text = runner.invoke(app, ["prune", "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).stdout
@@ -406,7 +406,7 @@ def test_cache_dir_help_states_the_real_default():
 
 
 def test_inspect_reads_only_config_and_shard_headers(tiny, tmp_path):
-    from moe_compress.io.load import load_model
+    from moe_compress.source.load import load_model
 
     broken = shutil.copytree(tiny["mixtral"], tmp_path / "headers-only")
     shard = broken / "model.safetensors"

@@ -39,7 +39,7 @@ _CORE = {
     "run_recipe": ".recipes",
     "CalibrationSpec": ".data",
     "MoECompressError": ".errors",
-    "load_model": ".io",
+    "load_model": ".source",
     "Plan": ".plan",
 }
 #: Importable from the root, not listed in `__all__`: the plan's per-layer types, and the
@@ -52,10 +52,10 @@ _EARLIER = {
     "drop": ".stages.drop",
     "get_adapter": ".arch",
     "supported_model_types": ".arch",
-    "model_size": ".evaluate",
+    "model_size": ".arch.size",
     "perplexity": ".evaluate",
     "finetune": ".finetuning",
-    "save_compressed": ".io",
+    "save_compressed": ".sink",
     "CondenseLayer": ".plan",
     "DropMoeLayer": ".plan",
     "KeepLayer": ".plan",
@@ -80,10 +80,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .engine.finish import CompressionResult
     from .engine.statistics import collect_statistics
     from .errors import MoECompressError
-    from .evaluate import model_size, perplexity
+    from .arch.size import model_size
+    from .evaluate import perplexity
     from .finetuning import finetune
     from .fitting.api import fit
-    from .io import load_model, save_compressed
+    from .source import load_model, save_compressed
     from .pipeline import Result
     from .plan import CondenseLayer, DropMoeLayer, KeepLayer, LayerPlan, MergeLayer, NoviceLayer, Plan
     from .recipes import run_recipe

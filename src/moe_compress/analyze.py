@@ -35,7 +35,7 @@ class AnalysisSettings:
 
 def analyze(name: str, model, tokenizer, weights, settings: AnalysisSettings, plan: Plan | None = None,
             ignore_plan_identity: bool = False, device: str = "cpu") -> list[Path]:
-    """Observe `model` (opened by `io.open.open_model`, whose `weights` say where its layers live) and
+    """Observe `model` (opened by `source.open.open_model`, whose `weights` say where its layers live) and
     write the analysis to `settings.out`; returns the files written."""
     from .engine.identity import model_identity
     from .engine.prepare import calibration_batches

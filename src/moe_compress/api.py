@@ -22,9 +22,9 @@ from .data.batches import CalibrationSpec
 from .engine.finish import CompressionResult
 from .engine.prepare import Calibration, calibration_batches, source_of
 from .finite import require_finite_weights
-from .io.load import check_device, load_model
-from .io.output_lock import releases_outputs
-from .io.save import check_output_dir
+from .source.load import check_device, load_model
+from .sink.output_lock import releases_outputs
+from .sink.save import check_output_dir
 from .pipeline import Result, check_stages, guard_settings, run_stages
 from .preflight import Structure
 from .stages.base import Stage

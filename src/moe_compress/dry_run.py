@@ -17,12 +17,12 @@ from rich.table import Table
 
 from .data.batches import CalibrationSpec
 from .evaluate.protocol import EvalProtocol, expand_sources
-from .evaluate.size import model_size
-from .io.publish import validate_output_dir
+from .arch.size import model_size
+from .sink.publish import validate_output_dir
 from .preflight import Structure, check_condense, check_drop, check_prune, check_slim, skeleton
 from .progress import say as _say
 from .progress import show_table
-from .report.format import human_bytes, human_count, percent_change
+from .text.format import human_bytes, human_count, percent_change
 
 NOTHING_DONE = "dry run: nothing was calibrated, evaluated or written."
 

@@ -30,9 +30,9 @@ from .data.batches import check_seed, check_seq_len, read_windows
 from .errors import MoECompressError
 from .evaluate.lm_perplexity import perplexity
 from .finite import require_finite_numbers
-from .io.load import check_device
-from .io.output_lock import releases_outputs
-from .io.save import check_output_dir, save_compressed
+from .source.load import check_device
+from .sink.output_lock import releases_outputs
+from .sink.save import check_output_dir, save_compressed
 from .progress import track
 
 

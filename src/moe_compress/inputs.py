@@ -17,7 +17,7 @@ def check_arguments(arguments: dict[str, object]) -> None:
     torch and transformers are imported; float options must be finite (a NaN ratio or learning rate would pass
     every range check)."""
     if isinstance(arguments.get("model"), str):
-        from .io.locate import resolve_model
+        from .source.locate import resolve_model
 
         resolve_model(arguments["model"])
     if any(isinstance(value, float) for value in arguments.values()):  # finite imports torch: not for `methods`

@@ -27,7 +27,7 @@ class LoadSettings:
     offload_dir: Path | None = None
 
     def mode(self) -> bool | str:
-        """`streaming` as `io.open.open_model` takes it: auto, True or False."""
+        """`streaming` as `source.open.open_model` takes it: auto, True or False."""
         choices = {"auto": "auto", "on": True, "off": False}
         if self.streaming not in choices:
             raise MoECompressError(f"--streaming must be auto, on or off; got {self.streaming!r}.")
@@ -35,8 +35,8 @@ class LoadSettings:
 
     def check(self, *models: str | None) -> None:
         """The device exists; with verify_checksums, every file of each model matches its Hub cache's hashes."""
-        from .io.load import check_device, resolve_model
-        from .io.verify import verify_checksums
+        from .source.load import check_device, resolve_model
+        from .source.verify import verify_checksums
 
         check_device(self.device)
         for model in models:
@@ -50,16 +50,16 @@ class LoadSettings:
         return compute_session(self.threads, self.max_activation_memory, self.offload_dir, device or "cpu")
 
     def open(self, model: str, device: str | None = None, streaming: bool | None = None):
-        """`io.open.open_model` with a progress line: loading a large model whole takes minutes."""
-        from .io.open import open_model
+        """`source.open.open_model` with a progress line: loading a large model whole takes minutes."""
+        from .source.open import open_model
 
         with progress.step(f"loading {model}"):
             return open_model(model, device or self.device, self.mode() if streaming is None else streaming, self.dtype, self.trust_remote_code)
 
 
 def load_whole(model: str, **kwargs):
-    """`io.load.load_model` (the whole model in memory) with a progress line."""
-    from .io.load import load_model
+    """`source.load.load_model` (the whole model in memory) with a progress line."""
+    from .source.load import load_model
 
     with progress.step(f"loading {model}"):
         return load_model(model, **kwargs)

@@ -26,13 +26,13 @@ from .arch.registry import get_adapter
 from .errors import MoECompressError, QualityGuardError
 from .evaluate.lm_perplexity import perplexity
 from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol, expand_sources
-from .evaluate.size import checkpoint_bytes, model_size
-from .io.model_card import write_model_card
-from .io.staging import discard_staging
-from .io.save import publish, save_compressed, staging_dir
+from .arch.size import checkpoint_bytes, model_size
+from .sink.model_card import write_model_card
+from .sink.staging import discard_staging
+from .sink.save import publish, save_compressed, staging_dir
 from .plan import Plan
 from .preflight import Structure
-from .report.composition import stage_report_markdown
+from .text.composition import stage_report_markdown
 from .stages.base import Stage, StageContext
 
 #: what the measurement after every stage is when nobody says (the protocol every command uses)

@@ -23,9 +23,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .arch.adapter import MoEAdapter
 from .arch.registry import get_adapter
 from .errors import MoECompressError
-from .io.residency import StreamedWeights
+from .source.residency import StreamedWeights
 from .plan import RoutingLimits
-from .surgery.structure import experts_per_layer
+from .arch.structure import experts_per_layer
 
 
 @dataclass
@@ -56,7 +56,7 @@ def skeleton(model: str | Path, dtype: str = "auto", trust_remote_code: bool = F
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .io.load import load_config, load_streamed, resolve_model
+    from .source.load import load_config, load_streamed, resolve_model
 
     if Path(resolve_model(model)).is_dir():
         weights, tokenizer = load_streamed(model, dtype, trust_remote_code)
@@ -70,7 +70,7 @@ def skeleton(model: str | Path, dtype: str = "auto", trust_remote_code: bool = F
 def check_prunable(model, adapter) -> None:
     """Routed experts can be ranked only where every router row is a real expert: a MoNE output
     (router rows that point to novice vectors) or a condensed layer is refused before calibrating."""
-    from .surgery.structure import layer_structure
+    from .arch.structure import layer_structure
 
     for layer, entry in layer_structure(model, adapter).items():
         if entry.get("novices") or entry.get("condensed"):
@@ -155,7 +155,7 @@ def condense_memory_bytes(source: Path, samples: int, seq_len: int) -> tuple[int
     import json
 
     from .arch.adapter import text_config
-    from .io.checkpoint import Checkpoint
+    from .source.checkpoint import Checkpoint
     from transformers import AutoConfig
 
     config = text_config(AutoConfig.for_model(**json.loads((source / "config.json").read_text())))

@@ -54,10 +54,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from .data.batches import CalibrationSpec, calibration_batches, check_seq_len
 from .errors import MoECompressError
-from .io.load import load_model
-from .io.output_lock import releases_outputs
-from .io.publish import validate_output_dir
-from .io.save import check_output_dir
+from .source.load import load_model
+from .sink.output_lock import releases_outputs
+from .sink.publish import validate_output_dir
+from .sink.save import check_output_dir
 from .pipeline import check_stages, guard_settings, eval_sources, protocol_of, run_stages
 from .preflight import Structure
 from .stages.base import Stage, describe_value, option_problem

@@ -48,7 +48,7 @@ def compute_session(
     Yields the device to compute on: under torchrun with a cuda device, this rank's GPU.
     """
     from .distributed import init_from_environment
-    from .observe.activations import activation_budget
+    from .walk.activations import activation_budget
 
     if threads is not None and threads < 1:
         raise MoECompressError(f"--threads must be a positive integer; got {threads}.")

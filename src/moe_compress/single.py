@@ -19,7 +19,7 @@ from .data.batches import CalibrationSpec
 from .evaluate.compression import eval_sets, perplexities, perplexities_after
 from .evaluate.guard import guard_output
 from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
-from .io.save import check_output_dir
+from .sink.save import check_output_dir
 from .loading import LoadSettings
 from .preflight import Structure
 

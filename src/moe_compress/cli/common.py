@@ -67,7 +67,7 @@ def user_errors(command: Callable) -> Callable:
     def wrapper(**arguments):
         try:
             check_arguments(arguments)
-            from ..io.output_lock import output_locks
+            from ..sink.output_lock import output_locks
 
             with output_locks():
                 return command(**arguments)

@@ -38,9 +38,9 @@ def condense_command(
     dtype); it refuses to start when that exceeds the available memory.
     """
     from ..dry_run import dry_run_condense
-    from ..io.load import resolve_model
-    from ..io.open import available_bytes
-    from ..io.save import check_output_dir
+    from ..source.load import resolve_model
+    from ..source.open import available_bytes
+    from ..sink.save import check_output_dir
     from ..loading import load_whole
     from ..preflight import check_condense, check_condense_memory, skeleton
     from ..report.compression import compression_report, search_line

@@ -31,7 +31,7 @@ def finetune_command(
     """Fine-tune only the condensed layers' shared and kept experts of a condensed model."""
     from ..data.batches import check_seed
     from ..finetuning import finetune
-    from ..io.save import check_output_dir
+    from ..sink.save import check_output_dir
     from ..loading import load_whole
     from ..report.compression import saved_lines
     from ..report.tables import finetune_table

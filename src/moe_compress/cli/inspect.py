@@ -21,8 +21,8 @@ def inspect(
     A local checkpoint is read from its config and shard headers alone (no weights are loaded).
     """
     from ..arch import get_adapter
-    from ..evaluate.size import structure_report
-    from ..io.load import resolve_model
+    from ..arch.size import structure_report
+    from ..source.load import resolve_model
     from ..report.tables import structure_tables
 
     load.check(model)

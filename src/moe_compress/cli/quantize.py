@@ -38,7 +38,7 @@ def quantize(
     """
     from ..dry_run import dry_run_quantize
     from ..evaluate.guard import guard_line, guard_output
-    from ..io.save import check_output_dir
+    from ..sink.save import check_output_dir
     from ..report.compression import quantization_report
     from ..slimming.quantize import check_quantize_options
     from ..slimming.quantize import quantize as quantize_model

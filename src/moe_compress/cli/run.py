@@ -22,7 +22,7 @@ def run_command(
     A recipe lets its model's own Python code run only with a top-level `trust_remote_code: true`.
     """
     from ..recipes import describe_recipe, run_recipe
-    from ..report.composition import stage_report_markdown
+    from ..text.composition import stage_report_markdown
     from ..report.compression import saved_lines
 
     if dry_run:

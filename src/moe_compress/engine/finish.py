@@ -10,10 +10,10 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import distributed
-from ..evaluate.size import model_size
-from ..io.export import carried_keys, keeps_stored_format, raw_groups, streamed_groups
-from ..io.residency import Weights
-from ..io.save import save_with_summary
+from ..arch.size import model_size
+from ..sink.export import carried_keys, keeps_stored_format, raw_groups, streamed_groups
+from ..source.residency import Weights
+from ..sink.save import save_with_summary
 from ..methods.uniform import plan_outcome
 from ..plan import Plan
 from ..surgery.experts import apply_layer_plan, apply_plan

@@ -5,10 +5,10 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
-from ..io.residency import StreamedWeights, Weights
-from ..observe.cache import content_fingerprint
+from ..source.residency import StreamedWeights, Weights
+from ..walk.cache import content_fingerprint
 from ..plan import ModelIdentity
-from ..surgery.structure import experts_per_layer
+from ..arch.structure import experts_per_layer
 
 
 def weights_fingerprint(model: PreTrainedModel, weights: Weights | None = None) -> tuple[str, str]:

@@ -11,10 +11,10 @@ from ..arch.registry import get_adapter
 from ..data.batches import CalibrationSpec, calibration_batches as batches_of, check_seq_len
 from ..errors import MoECompressError
 from ..finite import require_finite_weights
-from ..io.load import check_device
-from ..io.open import Streaming, open_model
-from ..io.residency import InMemoryWeights, StreamedWeights, Weights
-from ..io.save import check_output_dir
+from ..source.load import check_device
+from ..source.open import Streaming, open_model
+from ..source.residency import InMemoryWeights, StreamedWeights, Weights
+from ..sink.save import check_output_dir
 
 Calibration = CalibrationSpec | str | list[torch.Tensor]
 

@@ -11,9 +11,9 @@ from .. import distributed
 from ..arch.registry import get_adapter
 from ..data.batches import batches_fingerprint
 from ..finite import require_finite_statistics
-from ..io.residency import Weights
-from ..observe.cache import StatsCache, cache_key, config_fingerprint
-from ..observe.observer import observe_expert_statistics
+from ..source.residency import Weights
+from ..walk.cache import StatsCache, cache_key, config_fingerprint
+from ..walk.observer import observe_expert_statistics
 from .identity import router_rows, weights_fingerprint
 
 

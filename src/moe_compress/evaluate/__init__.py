@@ -1,4 +1,4 @@
-"""Measuring what compression lost and gained: perplexity, multiple-choice accuracy, size, speed.
+"""Measuring what compression lost and gained: perplexity, multiple-choice accuracy, speed (sizes: `arch.size`).
 
 Names are imported on first use (`moe_compress._lazy`): the CLI reads `protocol` for its
 --help without importing torch or lm-eval.
@@ -11,7 +11,6 @@ from .._lazy import exports_on_first_use
 _EXPORTS = {
     "TaskScore": ".harness", "run_tasks": ".harness", "select_tasks": ".harness",
     "PerplexityResult": ".lm_perplexity", "perplexity": ".lm_perplexity",
-    "ModelSize": ".size", "checkpoint_bytes": ".size", "model_size": ".size",
     "SpeedComparison": ".speed", "SpeedResult": ".speed", "SpeedSettings": ".speed", "compare_speed": ".speed",
     "measure_speed": ".speed", "peak_rss_bytes": ".speed",
 }

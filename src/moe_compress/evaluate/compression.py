@@ -28,7 +28,7 @@ def perplexities(model, windows: dict, weights=None, device: str = "cpu", when: 
 
 def perplexities_after(result, windows: dict, device: str) -> dict[str, float]:
     """Perplexities of a compression result: the model in memory, or the checkpoint a streamed run wrote."""
-    from ..io.load import load_streamed
+    from ..source.load import load_streamed
 
     if not windows:
         return {}
@@ -43,7 +43,7 @@ def measure_uniform(result, original, original_weights, windows: dict, after: di
     rounded from, into `result.summary["uniform"]`. The global plan is applied to a copy of the original in
     memory; a streamed run holds no model to apply it to, so there only the saved model is measured."""
     from ..arch import get_adapter
-    from ..io.load import load_streamed
+    from ..source.load import load_streamed
     from ..surgery.experts import apply_plan
     from .fidelity import fidelity
 

@@ -9,7 +9,7 @@ next-token distributions:
 Positions are those perplexity scores (every token of a window but the first).
 
 Both models' log-probabilities of the same windows must be at hand together. In memory that is
-one batch at a time. A streamed model (`io.residency`) is read layer by layer for a whole chunk
+one batch at a time. A streamed model (`source.residency`) is read layer by layer for a whole chunk
 of batches at once; a chunk holds as many windows as fit `chunk_bytes` of log-probabilities, so
 a streamed comparison reads each checkpoint once per chunk.
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ..io.residency import Weights
+from ..source.residency import Weights
 from ..progress import track
 from .lm_perplexity import PerplexityResult
 from .streamed import streamed_logits

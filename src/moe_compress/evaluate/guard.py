@@ -39,9 +39,9 @@ import torch
 from transformers import PreTrainedModel
 
 from ..errors import MoECompressError, QualityGuardError
-from ..io.load import DEQUANTISABLE, resolve_model
-from ..io.open import Streaming, open_model
-from ..io.residency import Weights
+from ..source.load import DEQUANTISABLE, resolve_model
+from ..source.open import Streaming, open_model
+from ..source.residency import Weights
 from .fidelity import FidelityResult, compare
 from .layer_error import layer_errors
 
@@ -133,7 +133,7 @@ class GuardReport:
             raise QualityGuardError(self.failure(), self)
 
     def to_dict(self) -> dict:
-        """JSON-able, for the stage's summary (and `report.guard_card.guard_lines`)."""
+        """JSON-able, for the stage's summary (and `text.guard_card.guard_lines`)."""
         return {
             "stage": self.stage,
             "passed": self.passed,
@@ -174,7 +174,7 @@ def guard(
     """Check a stage's output `after` against its input `before` on held-out `windows` [n, seq_len].
 
     Args:
-        before, after: in-memory models, open models (`io.open.open_model`'s weights: streamed
+        before, after: in-memory models, open models (`source.open.open_model`'s weights: streamed
             ones are read layer by layer), or checkpoint directories (a saved output is checked
             as saved: reloaded, streamed when `streaming` says so; a compressed-tensors one is
             loaded whole, the streamed reader does not dequantise it).
@@ -217,8 +217,8 @@ def guard_output(source: str | Path, output: str | Path, calibration, stage: str
     when large). The result goes into the output's summary and card whether it passed or not; a
     failure then raises `QualityGuardError`. Without held-out text it is skipped, and the card says why."""
     from ..data.batches import held_out_windows
-    from ..io.load import load_tokenizer
-    from ..io.model_card import record_guard
+    from ..source.load import load_tokenizer
+    from ..sink.model_card import record_guard
 
     try:
         windows = held_out_windows(load_tokenizer(str(output), False, str(output)), calibration, DEFAULT_WINDOWS)

@@ -28,7 +28,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
-from ..io.residency import Weights
+from ..source.residency import Weights
 from .mc_tasks import TASKS_DIR
 
 

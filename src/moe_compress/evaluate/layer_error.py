@@ -14,7 +14,7 @@ output: the residual h is the same in both models and would dilute every error t
 error of 0.01 is a 1 % change of what the layer adds; 1.0 means it adds something as far from the
 reference as the reference is from nothing.
 
-The walk is the observer's (`observe.LayerWalk`) over the reference model, so either model may be
+The walk is the observer's (`walk.LayerWalk`) over the reference model, so either model may be
 streamed from its checkpoint: the reference's layer l and the other model's layer l are the only
 decoder weights loaded at a time. Only models with the same decoder layers are compared (a stage
 may change what is inside a layer -- fewer experts, quantised weights --, not how many there are:
@@ -31,8 +31,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..arch.registry import get_adapter
-from ..io.residency import InMemoryWeights, Weights
-from ..observe.observer import run_sequential
+from ..source.residency import InMemoryWeights, Weights
+from ..walk.observer import run_sequential
 
 
 class _Sums:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel
 
-from ..io.residency import Weights
+from ..source.residency import Weights
 from ..progress import track
 from .streamed import streamed_logits
 

@@ -38,7 +38,7 @@ class Evaluation:
 
     def check(self) -> None:
         """Everything that can be wrong with the input fails here, before any model is loaded."""
-        from ..io.load import load_config
+        from ..source.load import load_config
         from .harness import parse_task_list, select_tasks
         from .protocol import expand_sources
 
@@ -60,7 +60,7 @@ class Evaluation:
 
 
 def _open(name: str, request: Evaluation):
-    from ..io.open import open_model
+    from ..source.open import open_model
 
     with progress.step(f"loading {name}"):
         return open_model(name, request.device, request.streaming, request.dtype, request.trust_remote_code)
@@ -68,8 +68,8 @@ def _open(name: str, request: Evaluation):
 
 def _checkpoint_bytes(name: str) -> int | None:
     """Weight-file bytes of a local or bundled checkpoint; None for a Hub id (nothing on disk here)."""
-    from ..io.load import resolve_model
-    from .size import checkpoint_bytes
+    from ..source.load import resolve_model
+    from ..arch.size import checkpoint_bytes
 
     path = Path(resolve_model(name))
     return checkpoint_bytes(path) if path.is_dir() else None
@@ -81,7 +81,7 @@ def measure_model(name: str, loaded, tokenizer, request: Evaluation, weights=Non
     from ..arch import get_adapter
     from .harness import run_tasks
     from .lm_perplexity import perplexity
-    from .size import model_size
+    from ..arch.size import model_size
     from .speed import peak_rss_bytes
 
     size = model_size(loaded, get_adapter(loaded))

@@ -1,8 +1,8 @@
 """A layer-streamed forward to logits: evaluation of a model that never fits in memory at once.
 
 Calibration-style: all sequences go through decoder layer 0, then all through layer 1, ...
-(`observe.LayerWalk`), each layer read from the checkpoint once; the head then turns the last
-layer's outputs into logits one batch at a time (`observe.capture.logits_from_final_hidden`).
+(`walk.LayerWalk`), each layer read from the checkpoint once; the head then turns the last
+layer's outputs into logits one batch at a time (`walk.capture.logits_from_final_hidden`).
 One pass over the weights serves every sequence, so evaluating N batches reads the checkpoint
 once, not N times -- but all sequences' hidden states are held between layers.
 """
@@ -15,9 +15,9 @@ import torch
 from transformers import PreTrainedModel
 
 from ..arch.registry import get_adapter
-from ..io.residency import Weights, split_names
-from ..observe.capture import logits_from_final_hidden
-from ..observe.observer import run_sequential
+from ..source.residency import Weights, split_names
+from ..walk.capture import logits_from_final_hidden
+from ..walk.observer import run_sequential
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from lm_eval.api.model import TemplateLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
-from ..io.residency import Weights
+from ..source.residency import Weights
 from .streamed import streamed_logits
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..data.batches import CalibrationSpec
 from ..engine.prepare import Calibration, calibration_batches
 from ..errors import MoECompressError
-from ..report.format import human_bytes
+from ..text.format import human_bytes
 from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
 from .memory import kv_cache_bytes, parse_bytes
 from .search import Candidate, smallest
@@ -66,7 +66,7 @@ def _floors(model: str | Path, min_keep: int, trust_remote_code: bool) -> dict[i
 def _budget(model: str | Path, sizes: CheckpointSizes, memory: str | int | None, target_ratio: float | None, context: int | None,
             batch: int, trust_remote_code: bool) -> tuple[int, int]:
     """(whole budget, KV cache bytes): `memory` as written, or `target_ratio` x the original (weights, and cache at `context`)."""
-    from ..io.load import load_config
+    from ..source.load import load_config
 
     if (memory is None) == (target_ratio is None):
         raise MoECompressError("give exactly one of --memory (e.g. 20GB) or --target-ratio (e.g. 0.4 of the original's size).")
@@ -126,7 +126,7 @@ def fit(
     (`result.front`). `windows` per bundled domain of `seq_len` tokens are the held-out text the
     candidates are measured on; `say` receives progress lines (candidates measured, best so far) and
     `show` the swept curve, before anything is measured."""
-    from ..io.save import check_output_dir
+    from ..sink.save import check_output_dir
     from .proxies import check_method
 
     say, show = say or (lambda line: None), show or (lambda line: None)
@@ -136,7 +136,7 @@ def fit(
         check_output_dir(out, overwrite, [model])
     if dry_run:
         return result
-    from ..io.load import load_model
+    from ..source.load import load_model
 
     loaded, tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
     if result.unchanged:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data.batches import CalibrationSpec
 from ..errors import MoECompressError
-from ..report.format import human_bytes
+from ..text.format import human_bytes
 
 
 def _print(line: str) -> None:

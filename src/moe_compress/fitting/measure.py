@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..evaluate.fidelity import compare
 from ..evaluate.protocol import EvalProtocol, expand_sources
-from ..io.checkpoint import Checkpoint
+from ..source.checkpoint import Checkpoint
 from ..stages.base import StageContext
 from .search import Candidate
 

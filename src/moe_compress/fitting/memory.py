@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m moe_compress.fitting.memory MODEL --context N [--batch B]`: weights + cache, as the README's example."""
     import argparse
 
-    from ..io.checkpoint import Checkpoint
-    from ..io.load import load_config
-    from ..report.format import human_bytes
+    from ..source.checkpoint import Checkpoint
+    from ..source.load import load_config
+    from ..text.format import human_bytes
 
     parser = argparse.ArgumentParser(prog="python -m moe_compress.fitting.memory", description=main.__doc__)
     parser.add_argument("model")

@@ -39,7 +39,7 @@ from ..errors import MoECompressError
 from ..methods.budget import select_experts
 from ..methods.criteria import CRITERIA, reap_scores
 from ..methods.expert_pruning import routing_limits
-from ..observe.rounding import ROUNDED_BITS
+from ..walk.rounding import ROUNDED_BITS
 
 ENERGY = "gated_output_energy"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..report.format import human_bytes
+from ..text.format import human_bytes
 
 if TYPE_CHECKING:
     from .api import FitResult

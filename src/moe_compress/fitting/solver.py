@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MoECompressError
-from ..report.format import human_bytes
+from ..text.format import human_bytes
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
-from ..io.checkpoint import Checkpoint
-from ..io.save import publish, save_compressed
-from ..io.staging import discard_staging, staging_dir
+from ..source.checkpoint import Checkpoint
+from ..sink.save import publish, save_compressed
+from ..sink.staging import discard_staging, staging_dir
 from ..pipeline import run_stages
 from ..plan import Plan
 from .report import write_report

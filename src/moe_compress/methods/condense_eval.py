@@ -27,7 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
-from ..observe.capture import capture_layer_inputs
+from ..walk.capture import capture_layer_inputs
 from ..runtime import condense, expert_forward
 
 #: Candidates stacked in one call are bounded by this many bytes of float64 distributions.

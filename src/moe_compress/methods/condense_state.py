@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MoECompressError
-from ..observe.cache import default_cache_dir
+from ..walk.cache import default_cache_dir
 
 STATE_VERSION = 1
 

@@ -44,7 +44,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from ..errors import MoECompressError
-from ..observe.moments import split_moments
+from ..walk.moments import split_moments
 from ..plan import KeepLayer, Plan
 from .expert_pruning import routing_limits
 from .registry import Method, PlanRequest, register

@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoECompressError
-from ..observe.moments import output_moments, split_moments
+from ..walk.moments import output_moments, split_moments
 from ..plan import NoviceLayer, Plan, RoutingLimits
 from .budget import select_experts
 from .registry import Method, PlanRequest, register

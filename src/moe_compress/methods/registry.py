@@ -33,7 +33,7 @@ class PlanRequest:
     min_keep: int = 0
     #: The model itself, for methods that read expert weights while planning (REAM's neuron
     #: alignment); a method reads one decoder layer at a time from it, through `weights`
-    #: (`io.residency`: in memory, or streamed from the checkpoint) when given.
+    #: (`source.residency`: in memory, or streamed from the checkpoint) when given.
     model: Any = None
     weights: Any = None
     #: Super experts per MoE layer that the plan must keep as they are (see `super_experts`).

@@ -1,6 +1,6 @@
 """Layer drop and block drop: remove whole sub-layers or blocks that barely change the stream.
 
-Scores come from `observe.similarity` on the unmodified model (one pass). The most similar
+Scores come from `walk.similarity` on the unmodified model (one pass). The most similar
 (least transforming) units are dropped first:
   * layer drop: MoE sub-layers with the highest S_l (their attention stays);
   * block drop, "discrete": the n blocks with the highest cos(h_i, h_{i+1});
@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..observe.similarity import Similarities
+from ..walk.similarity import Similarities
 from ..plan import DropMoeLayer, Plan
 
 Unit = Literal["moe", "block"]

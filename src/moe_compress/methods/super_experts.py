@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import MoECompressError
-from ..observe.moments import output_moments, split_moments
+from ..walk.moments import output_moments, split_moments
 from ..plan import KeepLayer, NoviceLayer, Plan
 
 STATISTIC = "max_output_abs"

@@ -37,7 +37,7 @@ from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..evaluate.size import model_size
+from ..arch.size import model_size
 from ..plan import Plan
 from ..surgery.experts import apply_plan
 from .registry import Method, PlanRequest

@@ -27,9 +27,9 @@ class ModelIdentity(Strict):
     """What identifies the model a plan was made for.
 
     `fingerprints` hashes the weights, by kind: "content" (every byte of every tensor of an
-    in-memory model, `observe.cache.content_fingerprint`) and "checkpoint" (the safetensors
+    in-memory model, `walk.cache.content_fingerprint`) and "checkpoint" (the safetensors
     headers, sizes and mtimes of the checkpoint the weights were read from, unchanged,
-    `observe.cache.checkpoint_fingerprint`). A run records every kind it can compute cheaply:
+    `walk.cache.checkpoint_fingerprint`). A run records every kind it can compute cheaply:
     a model loaded whole from a checkpoint both, a streamed one (whose bytes are never all in
     memory) the checkpoint's, a model handed over in memory its content's. Two fingerprints
     are compared only when they are of the same kind, so both kinds let a plan made in

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..evaluate.protocol import EvalProtocol
-from .format import human_bytes, human_count
+from ..text.format import human_bytes, human_count
 from .tables import size_table, sparsity_table, uniform_table
 
 Blocks = list[Table | str]
@@ -21,7 +21,7 @@ Blocks = list[Table | str]
 def saved_lines(out: Path, protocol: EvalProtocol | None = None, before: dict[str, float] | None = None,
                 after: dict[str, float] | None = None) -> list[str]:
     """After every save: record measured quality in the output, then say what was written and how to load it."""
-    from ..io.model_card import loading_info, record_evaluation
+    from ..sink.model_card import loading_info, record_evaluation
 
     if after and protocol is not None and before:
         record_evaluation(out, protocol.describe(), {source: (before[source], value) for source, value in after.items()})
@@ -56,7 +56,7 @@ def search_line(meta: dict) -> str:
 
 def uniform_report(plans: dict, model: str, out: Path) -> Blocks:
     """--uniform: both plans side by side; the measured quality (if any) recorded in the output."""
-    from ..io.model_card import record_uniform
+    from ..sink.model_card import record_uniform
 
     sources = list(plans["uniform"].get("perplexity") or {})
     if sources:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .format import human_bytes, human_count, percent_change
+from ..text.format import human_bytes, human_count, percent_change
 
 
 def eval_table(report: dict) -> tuple[Table, list[str]]:

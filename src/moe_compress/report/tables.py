@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .format import human_bytes, human_count, percent_change
+from ..text.format import human_bytes, human_count, percent_change
 
 _PARTS = ("attention", "routed_experts", "shared_experts", "router", "other")
 
 
 def structure_tables(report: dict) -> list[Table]:
-    """`inspect`: one row per decoder layer, then the parameters by part (`evaluate.size.structure_report`)."""
+    """`inspect`: one row per decoder layer, then the parameters by part (`arch.size.structure_report`)."""
     table = Table(title=f"{report['model']} ({report['model_type']}), top-k {report['top_k']}, {len(report['layers'])} layers")
     for column in ("layer", "kind", "routed experts", "shared-expert modules"):
         table.add_column(column, justify="right")
@@ -49,7 +49,7 @@ def size_table(title: str, summary: dict, before: dict[str, float], after: dict[
 
 def uniform_table(plans: dict, sources: list[str]) -> Table:
     """--uniform: the global plan and its uniform rounding side by side (kept counts, size, quality when measured)."""
-    from ..io.model_card import kept_range
+    from ..sink.model_card import kept_range
 
     table = Table(title="global plan -> uniform (stock) checkpoint")
     for column in ("plan", "experts kept per MoE layer", "parameters", *(f"{what} {s}" for s in sources for what in ("perplexity", "KL"))):

@@ -20,11 +20,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .. import distributed
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
-from ..io.export import walk_groups
-from ..io.open import Streaming
-from ..io.output_lock import releases_outputs
-from ..io.residency import InMemoryWeights, Weights
-from ..io.save import save_with_summary
+from ..sink.export import walk_groups
+from ..source.open import Streaming
+from ..sink.output_lock import releases_outputs
+from ..source.residency import InMemoryWeights, Weights
+from ..sink.save import save_with_summary
 from ..progress import track
 from .observe import InputStats, LayerCollector, WeightMatrix, check_targets, layer_collector, prune_layer_by_layer
 from .sparsegpt import sparsegpt_prune

@@ -15,7 +15,7 @@ scheme (`get_experts_scheme`: one group for all experts), and cannot mix packed 
 plain ones in a layer. So a checkpoint whose experts differ in width also records the width of
 every expert (`config.moe_compress["expert_bits"]`) and carries the generated modelling code,
 whose conversions dequantise each expert by its own width before stacking them
-(`io/templates/mixed_bits.py.tmpl`): it loads with `from_pretrained(path, trust_remote_code=True)`.
+(`source/templates/mixed_bits.py.tmpl`): it loads with `from_pretrained(path, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def expert_of(key: str) -> tuple[str, int]:
     """(the experts module's checkpoint name, the expert) of a per-expert checkpoint key:
     `model.layers.3.mlp.experts.5.down_proj.weight` -> (`model.layers.3.mlp.experts`, 5).
 
-    Every per-expert key transformers writes (and `io.per_expert` writes for families that fuse
+    Every per-expert key transformers writes (and `sink.per_expert` writes for families that fuse
     experts on disk) puts the expert's number after the layer's, as the last numeric part.
     """
     parts = key.split(".")

@@ -23,9 +23,9 @@ from torch import nn
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..io.residency import Weights
-from ..observe.experts_forward import ExpertPass, capturing, is_standard_experts
-from ..observe.observer import LayerWalk
+from ..source.residency import Weights
+from ..walk.experts_forward import ExpertPass, capturing, is_standard_experts
+from ..walk.observer import LayerWalk
 
 TARGETS: tuple[str, ...] = ("experts", "shared", "attention")
 Need = Literal["norms", "hessian"]
@@ -247,7 +247,7 @@ def prune_layer_by_layer(
 ) -> LayerWalk:
     """Calibrate, prune, and move on: one decoder layer at a time (iterate the returned walk).
 
-    `observe.observer.run_sequential` (captured layer inputs, one layer on the device at a
+    `walk.observer.run_sequential` (captured layer inputs, one layer on the device at a
     time), pruning each layer once it has been observed; its outputs are then recomputed
     (`propagate=True`), so layer l+1 collects its
     statistics from what the *pruned* model feeds it, as the SparseGPT paper does -- each

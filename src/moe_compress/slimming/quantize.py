@@ -21,7 +21,7 @@ their own width -- 4, 8 or 16 (as stored) -- one config group per width (`slimmi
 
 Families that store routed experts as fused 3-D tensors on disk as well (gpt_oss, granitemoe,
 the Qwen3-VL-MoE, Gemma 4 and Aria wrappers, ...: the families table says which) are packed
-too, one 2-D weight per expert (`io.per_expert`): transformers gives compressed parameters
+too, one 2-D weight per expert (`sink.per_expert`): transformers gives compressed parameters
 only to nn.Linear modules and reads no packed 3-D tensor, and no stock conversion of these
 families reads per-expert keys, so their quantised checkpoint carries the generated modelling
 code whose `MoECompressPerExpert...` class stacks the experts back on load
@@ -45,19 +45,19 @@ from ..arch.adapter import MoEAdapter
 from ..arch.registry import get_adapter
 from ..arch.table import unloadable_when_packed
 from ..errors import MoECompressError
-from ..io.export import model_groups, streamed_groups
-from ..io.open import Streaming, open_model
-from ..io.per_expert import described_per_expert, split_experts, stored_groups, unpackable_conversions
-from ..io.residency import layers_prefix
-from ..io.output_lock import releases_outputs
-from ..io.staging import discard_staging
-from ..io.model_card import write_model_card
-from ..io.provenance import read_provenance
-from ..io.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
+from ..sink.export import model_groups, streamed_groups
+from ..source.open import Streaming, open_model
+from ..sink.per_expert import described_per_expert, split_experts, stored_groups, unpackable_conversions
+from ..source.residency import layers_prefix
+from ..sink.output_lock import releases_outputs
+from ..sink.staging import discard_staging
+from ..sink.model_card import write_model_card
+from ..sink.provenance import read_provenance
+from ..sink.save import SUMMARY_FILE, check_output_dir, publish, save_compressed, staging_dir
 from ..progress import step
-from ..surgery.structure import experts_per_layer
+from ..arch.structure import experts_per_layer
 from .expert_bits import ExpertBits, bit_groups, bits_histogram, check_expert_bits, key_widths, resolve_expert_bits
-from .packing import QuantizingTransform, quant_scheme
+from ..packing import QuantizingTransform, quant_scheme
 
 QuantScope = Literal["all", "experts"]
 SCOPES: dict[str, str] = {
@@ -124,7 +124,7 @@ def _saved_keys(model: PreTrainedModel, roles: dict[str, str], own_names: set[st
 
     Keys come from transformers' own save-time key conversion: fused in-memory experts become
     per-expert keys for most families. Expert tensors that conversion keeps 3-D are split per
-    expert here (`io.per_expert`), before it renames them; `own_names` keep their in-memory
+    expert here (`sink.per_expert`), before it renames them; `own_names` keep their in-memory
     names. Running it on meta tensors gives the names and shapes without copying any weights.
     """
     from transformers.core_model_loading import revert_weight_conversion
@@ -260,7 +260,7 @@ def quantize(
 
     Args:
         model: an in-memory model (left unchanged) or a checkpoint directory / bundled name.
-            A checkpoint is streamed as `streaming` says (see `io.open.open_model`):
+            A checkpoint is streamed as `streaming` says (see `source.open.open_model`):
             round-to-nearest then reads, quantises and writes one decoder layer at a time;
             AutoRound tunes blocks on an in-memory model.
         out: the output directory (written atomically).
@@ -283,7 +283,7 @@ def quantize(
 
     from compressed_tensors.compressors import ModelCompressor
 
-    from ..evaluate.size import checkpoint_bytes
+    from ..arch.size import checkpoint_bytes
 
     start = time.perf_counter()
     check_quantize_options(bits, scope, method, group_size, expert_bits)

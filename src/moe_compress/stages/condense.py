@@ -17,11 +17,11 @@ from ..engine.finish import CompressionResult, apply_and_report
 from ..engine.identity import model_identity
 from ..engine.prepare import Calibration, calibration_batches, prepare
 from ..engine.statistics import collect_statistics
-from ..evaluate.size import model_size
-from ..io.load import resolve_model
-from ..io.open import available_bytes
-from ..io.output_lock import releases_outputs
-from ..io.residency import InMemoryWeights
+from ..arch.size import model_size
+from ..source.load import resolve_model
+from ..source.open import available_bytes
+from ..sink.output_lock import releases_outputs
+from ..source.residency import InMemoryWeights
 from ..methods.condense import plan_condense
 from ..methods.condense_state import SearchState, default_state_path, state_key
 from ..preflight import Structure, check_condense, check_condense_memory

@@ -18,13 +18,13 @@ from ..engine.finish import CompressionResult, apply_and_report, other_rank_resu
 from ..engine.identity import model_identity
 from ..engine.prepare import Calibration, calibration_batches, prepare
 from ..errors import MoECompressError
-from ..evaluate.size import model_size
+from ..arch.size import model_size
 from ..finite import require_finite_numbers
-from ..io.open import Streaming
-from ..io.output_lock import releases_outputs
-from ..io.residency import Weights
+from ..source.open import Streaming
+from ..sink.output_lock import releases_outputs
+from ..source.residency import Weights
 from ..methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop
-from ..observe.similarity import observe_similarities
+from ..walk.similarity import observe_similarities
 from ..preflight import Structure, check_drop
 from .base import Stage, StageContext, StageOutcome
 from .footprint import Footprint

@@ -20,11 +20,11 @@ from ..engine.finish import CompressionResult, apply_and_report, other_rank_resu
 from ..engine.identity import model_identity
 from ..engine.prepare import Calibration, calibration_batches, prepare
 from ..engine.statistics import collect_statistics
-from ..evaluate.size import model_size
+from ..arch.size import model_size
 from ..finite import require_finite_numbers
-from ..io.open import Streaming
-from ..io.output_lock import releases_outputs
-from ..io.residency import Weights
+from ..source.open import Streaming
+from ..sink.output_lock import releases_outputs
+from ..source.residency import Weights
 from ..methods import PlanRequest, get_method
 from ..methods.budget import Budget, removed_count
 from ..methods.uniform import check_uniform, uniform_plan
@@ -66,7 +66,7 @@ def prune(
     cannot be compared is refused unless `ignore_plan_identity` (then it costs a warning). An in-memory model is changed in place; a
     checkpoint path is streamed layer by layer when `streaming` says so (see `open_model`),
     and the result then exists only as the checkpoint written to `out`. `trust_remote_code`
-    lets a checkpoint's own Python code run (see `io.load`). The default calibration, 128
+    lets a checkpoint's own Python code run (see `source.load`). The default calibration, 128
     bundled sequences of 256 tokens, is what a CPU affords; the papers use more (REAP
     1 024 x 2 048 tokens, the unified framework 128 x 2 048, C-Prune 1 000 x 128, MoNE 100 x 4 096).
     `uniform=True` (with `budget="global"`) rounds the global plan to the same count in every MoE

@@ -58,8 +58,8 @@ class Quantize(Stage):
 
     def run(self, context: StageContext) -> StageOutcome:
         from ..arch.registry import get_adapter
-        from ..evaluate.size import model_size
-        from ..io.load import load_model
+        from ..arch.size import model_size
+        from ..source.load import load_model
         from ..slimming.quantize import quantize
 
         size = model_size(context.model, get_adapter(context.model))

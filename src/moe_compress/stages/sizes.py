@@ -13,7 +13,7 @@ Counting rules, each the one the writer follows (checked against saved outputs i
 * 4 / 8 bits: `slimming.quantize` replaces each routed expert's 2-D `.weight` by
   compressed-tensors' pack-quantized tensors (see `packed_weight_bytes`); a fused 3-D expert
   tensor (gpt_oss, granitemoe) is stored as one such packed weight per expert, each slice
-  oriented as a Linear weight (`io.per_expert`); biases stay.
+  oriented as a Linear weight (`sink.per_expert`); biases stay.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MoECompressError
-from ..io.checkpoint import Checkpoint
+from ..source.checkpoint import Checkpoint
 
 #: Bit widths a candidate may take; 16 means as stored (the checkpoint's own dtype).
 BITS = (16, 8, 4)
@@ -124,7 +124,7 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
     `group_size` and `symmetric` are the quantizer's (`quantize --scope experts`): None picks its
     default group, the largest of 128/64/32/16/8 dividing every routed expert's input width.
     """
-    from ..io.residency import split_names
+    from ..source.residency import split_names
     from ..preflight import skeleton
     from ..slimming.quantize import choose_group_size
 

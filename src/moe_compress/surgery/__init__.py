@@ -2,6 +2,6 @@
 
 from .blocks import drop_blocks
 from .experts import apply_plan, prune_experts
-from .structure import experts_per_layer, sync_config_structure
+from ..arch.structure import experts_per_layer, sync_config_structure
 
 __all__ = ["apply_plan", "drop_blocks", "experts_per_layer", "prune_experts", "sync_config_structure"]

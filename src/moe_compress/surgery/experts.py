@@ -16,12 +16,12 @@ from transformers import PreTrainedModel
 from ..arch.adapter import ExpertTensor, MoEAdapter, text_config
 from ..arch.registry import get_adapter
 from ..errors import MoECompressError
-from ..io.export import note_plan
+from ..sink.export import note_plan
 from ..plan import CondenseLayer, DropMoeLayer, KeepLayer, LayerPlan, MergeLayer, NoviceLayer, Plan
 from ..runtime import DroppedMoE, attach_novices, condense
 from .blocks import drop_blocks
 from .merge import merged_tensors
-from .structure import experts_per_layer, sync_config_structure
+from ..arch.structure import experts_per_layer, sync_config_structure
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:

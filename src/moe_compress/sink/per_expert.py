@@ -26,10 +26,10 @@ import torch
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
-from ..surgery.structure import structure_spec
+from ..arch.structure import structure_spec
 from .export import Group
-from .remote_code import EXPERT_BITS_KEY, PER_EXPERT_KEY
-from .residency import layers_prefix
+from ..source.remote_code import EXPERT_BITS_KEY, PER_EXPERT_KEY
+from ..source.residency import layers_prefix
 
 
 def expert_key(name: str, expert: int) -> str:
@@ -77,7 +77,7 @@ def stored_groups(groups: Iterable[Group], fused: dict[str, bool], own_names: se
             continue
         own = {name: tensors[name] for name in own_names & tensors.keys()}
         split = split_experts({name: t for name, t in tensors.items() if name not in own}, fused)
-        del tensors  # one layer in memory at a time (see `io.export.write_groups`)
+        del tensors  # one layer in memory at a time (see `sink.export.write_groups`)
         if own:
             yield own, True
         yield split, False

@@ -2,7 +2,7 @@
 
 `streaming="auto"` streams unless `IN_MEMORY_PEAK` times the checkpoint's weights fit in the memory
 that is available -- RAM (no more than the container's cgroup limit leaves, see
-`io.memory_limit`), or the GPU's free memory when computing on a GPU (an in-memory
+`source.memory_limit`), or the GPU's free memory when computing on a GPU (an in-memory
 model is moved to the device whole) -- and always for a pre-quantised (FP8, MXFP4) checkpoint. Streaming computes the same numbers (a test compares
 every statistic and every written byte); it only reads each layer from disk when it is used,
 so it is slower on models that would have fit.
@@ -72,7 +72,7 @@ def open_model(
     """(model or its meta skeleton, tokenizer or None, where its weights live).
 
     A name or path is opened as `streaming` says; an in-memory model or an already open
-    model (`Weights`, e.g. the CLI's, opened before its "before" measurements) is used as it is. See `io.load` for `trust_remote_code`.
+    model (`Weights`, e.g. the CLI's, opened before its "before" measurements) is used as it is. See `source.load` for `trust_remote_code`.
     """
     if streaming not in (True, False, "auto"):
         raise MoECompressError(f"streaming must be true, false or 'auto'; got {streaming!r}.")
@@ -81,7 +81,7 @@ def open_model(
     if not isinstance(model, (str, Path)):
         if streaming is True:
             raise MoECompressError("streaming reads a checkpoint from disk: pass its path instead of an in-memory model.")
-        align_weights(model)  # as if opened from its checkpoint (io.alignment): the same numbers either way
+        align_weights(model)  # as if opened from its checkpoint (source.alignment): the same numbers either way
         return model, None, InMemoryWeights(model)
     if should_stream(model, streaming, device):
         weights, tokenizer = load_streamed(model, dtype, trust_remote_code)

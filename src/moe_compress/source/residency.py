@@ -11,7 +11,7 @@ that request differently:
   (per-expert keys on disk -> fused 3-D tensors in memory) in the compute dtype onto the
   compute device, and dropped again afterwards. Peak memory is one module, whatever the
   size of the checkpoint. Where a conversion only moves bytes, each key is read once into
-  its place in a buffer the previous layer released (`io.direct`, `io.buffers`).
+  its place in a buffer the previous layer released (`source.direct`, `source.buffers`).
 
 Stages therefore run the same code for a 12 M-parameter test model and a 1 T-parameter one.
 """
@@ -194,7 +194,7 @@ class StreamedWeights:
         quantizer = quantization.quantizer if quantization else None
         self.conversions = get_model_conversion_mapping(model, None, quantizer)
         self.targets, self.carried = checkpoint_targets(model, checkpoint, self.conversions)
-        self._expected = model.state_dict(keep_vars=True)  # the skeleton's names, for renaming keys (`io.direct`)
+        self._expected = model.state_dict(keep_vars=True)  # the skeleton's names, for renaming keys (`source.direct`)
         self._names = module_names(model)
         self._plans: dict[tuple, DirectRead | None] = {}
         self._buffers = BufferPool()
@@ -246,7 +246,7 @@ class StreamedWeights:
         self._load_converted([name for name in wanted if name not in direct], device)
         state = self.model.state_dict(keep_vars=True)
         read = [name for name in wanted if name in state and state[name].device.type != "meta"]
-        for name in read:  # pread buffers are only 16-byte aligned; kernels may round by address (io.alignment), lookups do not
+        for name in read:  # pread buffers are only 16-byte aligned; kernels may round by address (source.alignment), lookups do not
             if name not in tables and not is_aligned(state[name]):
                 self._set(name, _like(state[name], aligned(state[name].detach())))
         for alias, stored in self.aliases.items():
@@ -258,7 +258,7 @@ class StreamedWeights:
                 require_finite(state[name], f"checkpoint tensor {name}")
 
     def _direct_plan(self, name: str, param: torch.Tensor) -> DirectRead | None:
-        """How `name` is read without transformers' loader (`io.direct`), or None; worked out once per name."""
+        """How `name` is read without transformers' loader (`source.direct`), or None; worked out once per name."""
         key = (name, tuple(param.shape), param.dtype)
         if key not in self._plans:
             self._plans[key] = None if self.quantization is not None else plan_direct(
@@ -267,7 +267,7 @@ class StreamedWeights:
         return self._plans[key]
 
     def _load_converted(self, names: list[str], device: str | torch.device) -> None:
-        """Targets `io.direct` cannot read, through transformers' loader and its conversion rules."""
+        """Targets `source.direct` cannot read, through transformers' loader and its conversion rules."""
         from transformers.modeling_utils import LoadStateDictConfig
 
         if not names:
@@ -326,7 +326,7 @@ class StreamedWeights:
                 self._set(alias, empty)
 
     def drop_buffers(self) -> None:
-        """Free the buffers released tensors left for the next layer (`io.buffers`): a walk that ends has no next layer."""
+        """Free the buffers released tensors left for the next layer (`source.buffers`): a walk that ends has no next layer."""
         self._buffers.clear()
 
     def missing(self, names: list[str]) -> list[str]:

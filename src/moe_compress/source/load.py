@@ -281,7 +281,7 @@ def load_model(
     if checkpoint is not None:
         record_origin(model, checkpoint)  # the headers check_weight_files read: not read again
     model = model.to(target).eval()
-    align_weights(model)  # mapped from the file at its offsets: realigned as streaming realigns (io.alignment)
+    align_weights(model)  # mapped from the file at its offsets: realigned as streaming realigns (source.alignment)
     return model, load_tokenizer(source, trusted, shown_as)
 
 
@@ -324,7 +324,7 @@ def load_streamed(
     """
     from .allocator import pin_mmap_threshold
 
-    pin_mmap_threshold()  # a streamed run frees a layer per step: give the memory back (see io.allocator)
+    pin_mmap_threshold()  # a streamed run frees a layer per step: give the memory back (see source.allocator)
     if dtype not in DTYPES:
         raise MoECompressError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
     shown_as = str(name_or_path)
@@ -370,7 +370,7 @@ def _dequantizer(config: PretrainedConfig, shown_as: str) -> PreQuantized | None
     The skeleton is then built as the plain model (the config loses `quantization_config`);
     the quantizer's conversions turn each stored weight and its scales into the compute dtype
     when a layer is materialised, and the original config is kept for writing the output in
-    the same format (see `io.export.raw_groups`).
+    the same format (see `sink.export.raw_groups`).
     """
     import transformers
     from transformers.quantizers import AutoHfQuantizer

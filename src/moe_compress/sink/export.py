@@ -26,9 +26,9 @@ from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
 from ..plan import LayerPlan, Plan
-from .checkpoint import Checkpoint
-from .origin import ORIGIN, Origin
-from .residency import StreamedWeights, layers_prefix, module_names, split_names
+from ..source.checkpoint import Checkpoint
+from ..source.origin import ORIGIN, Origin
+from ..source.residency import StreamedWeights, layers_prefix, module_names, split_names
 from .writer import ShardWriter
 
 #: (tensors, whether they already carry checkpoint names) -- in-memory names are converted on write.

@@ -18,8 +18,8 @@ from torch import nn
 
 from .. import distributed
 from ..arch.adapter import MoEAdapter
-from ..io.allocator import activation_heap
-from ..io.residency import InMemoryWeights, Weights, module_names, split_names
+from ..source.allocator import activation_heap
+from ..source.residency import InMemoryWeights, Weights, module_names, split_names
 from ..progress import track
 from .capture import capture_layer_inputs
 from .activations import Activations, default_activations
@@ -46,7 +46,7 @@ class LayerWalk:
     `after_layer` changed it, once its outputs were recomputed), while its weights are still
     loaded: a streamed stage writes the layer out right there. After the walk, `hidden`
     holds the last layer's outputs. Between layers the activations live in RAM up to the
-    budget of `activations.activation_budget`, beyond it in files (`observe.activations`).
+    budget of `activations.activation_budget`, beyond it in files (`walk.activations`).
 
     `layer_context(index, layer)` may return a context manager that is entered while that
     layer processes all batches (statistics hooks attach there). `after_layer(index, layer)`

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import MoECompressError
-from .locate import BUNDLED_MODELS
+from ..source.locate import BUNDLED_MODELS
 from .output_lock import lock_output, release_output
 from .staging import ASIDE, clean_stale, discard_staging, staging_dir
 from .write_error import write_error

@@ -12,7 +12,7 @@ Each tensor is checked the first time it is read, in one pass over what was read
 (`finite.check_read`): NaN/Inf and magnitudes no trained model has are refused, an all-zero
 matrix or quantisation scale is warned about, and a shard whose every tensor read as zeros
 is refused as zero-filled. Header offsets that do not tile a shard's data are refused with
-the tensor they misplace; dtypes a parameter cannot have are refused by `io.sanity`.
+the tensor they misplace; dtypes a parameter cannot have are refused by `source.sanity`.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class Checkpoint:
         """Read each key's bytes straight into its tensor (a contiguous CPU tensor of the key's dtype and size).
 
         One copy, from the page cache into memory the caller chose: no buffer of its own, so
-        a fused expert tensor is filled in place (`io.direct`) and a reused buffer faults no
+        a fused expert tensor is filled in place (`source.direct`) and a reused buffer faults no
         new pages. Each tensor is checked as `read` checks it (`check=False` for part of a
         tensor, such as an embedding's used rows, which is not the tensor's first read).
         """

@@ -20,7 +20,7 @@ Verifying means two checks, both needed:
 
 It is a checksum, not a signature: anyone can compute the digest, so a forged file can pass. What
 a forger gains is bounded by check 1 and by the card escaping everything it renders
-(`report.markdown`). Tensor values are not hashed (that would read the whole checkpoint, 2 TB for a
+(`text.markdown`). Tensor values are not hashed (that would read the whole checkpoint, 2 TB for a
 trillion parameters, on every run that starts from it): what is identified is the checkpoint's
 layout, which an edit of values in place keeps.
 
@@ -36,7 +36,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import warn
-from .checkpoint import INDEX_FILE
+from ..source.checkpoint import INDEX_FILE
 from .rewrite import rewrite_text
 
 PROVENANCE_FILE = "moe_compress_provenance.json"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from ..arch.adapter import MoEAdapter
+from .adapter import MoEAdapter
 from ..runtime import ConstantRouter, DroppedMoE
 
 STRUCTURE_VERSION = 3  # 3: names the expert-count key, for the standard per_layer_config

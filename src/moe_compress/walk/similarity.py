@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import distributed
 from ..arch.adapter import MoEAdapter
-from ..io.residency import Weights
+from ..source.residency import Weights
 from .observer import run_sequential
 
 

@@ -63,7 +63,7 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group: int) -> torch.Tenso
     """A [out, in] Linear weight as `slimming.quantize` (method rtn, symmetric) stores it, dequantised to its dtype."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    from ..slimming.packing import quant_scheme, rtn_parameters  # the quantizer's own scheme and scales: what it writes, not a copy
+    from ..packing import quant_scheme, rtn_parameters  # the quantizer's own scheme and scales: what it writes, not a copy
 
     scheme = quant_scheme(bits, group, True)
     scale, zero_point = rtn_parameters(weight, scheme)

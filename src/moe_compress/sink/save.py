@@ -21,7 +21,7 @@ from .export import Group, Transform, model_groups, write_groups
 from .model_card import PLAN_FILE, SUMMARY_FILE, provenance, write_model_card
 from .output_lock import releases_outputs
 from .publish import check_output_dir, publish
-from .remote_code import write_remote_code, write_stock_identity
+from ..source.remote_code import write_remote_code, write_stock_identity
 from .staging import discard_staging, staging_dir
 from .write_error import write_error
 
@@ -46,7 +46,7 @@ def _drop_loading_keys(path: Path) -> None:
 
 
 #: Shards close at this size; a layer larger than that gets a shard of its own. Small shards
-#: bound what waits in memory while a streamed save writes (see `io.writer`).
+#: bound what waits in memory while a streamed save writes (see `sink.writer`).
 DEFAULT_MAX_SHARD_BYTES = 2**30
 
 
@@ -76,7 +76,7 @@ def save_compressed(
     groups: Iterable[Group] | None = None,
     transform: Transform | None = None,
 ) -> Path:
-    """Write `model` (and tokenizer, plan, summary) to `out`, with a model card (`io.model_card`)
+    """Write `model` (and tokenizer, plan, summary) to `out`, with a model card (`sink.model_card`)
     saying what it is and how to load it; returns the directory.
 
     `model` is the compressed model in memory, or -- for a streamed run -- its skeleton on
@@ -117,7 +117,7 @@ def save_with_summary(
     """The common end of every compression call: save when `out` is given and add the checkpoint's size to `summary`."""
     if out is None:
         return None
-    from ..evaluate.size import checkpoint_bytes
+    from ..arch.size import checkpoint_bytes
 
     output_dir = save_compressed(model, out, tokenizer, plan, summary, overwrite=overwrite, groups=groups)
     summary["checkpoint_bytes"] = checkpoint_bytes(output_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..arch.adapter import MoEAdapter
+from .adapter import MoEAdapter
 from ..runtime import ConstantRouter
 
 

@@ -70,7 +70,7 @@ def content_fingerprint(model: nn.Module) -> str:
 
 def checkpoint_fingerprint(directory: str | Path) -> str:
     """Identifies a checkpoint's weights from its safetensors headers, sizes and mtimes (see `Checkpoint.fingerprint`)."""
-    from ..io.checkpoint import Checkpoint
+    from ..source.checkpoint import Checkpoint
 
     return Checkpoint(directory).fingerprint()
 

@@ -1,8 +1,9 @@
-"""Loading and saving checkpoints.
+"""Where a run reads its model from: locating it, trusting (or refusing) its code, opening it in
+memory or streamed one decoder layer at a time from its safetensors shards, and checking that the
+files are what their headers claim.
 
-The names below are imported on first use (PEP 562): the light modules of this package
-(`locate`, `publish` and the modules it uses) are then importable without pulling in torch and
-transformers.
+The names below are imported on first use (PEP 562): `locate` is then importable without
+pulling in torch and transformers.
 """
 
 from __future__ import annotations
@@ -17,18 +18,10 @@ _EXPORTS = {
     "resolve_model": ".locate",
     "load_config": ".load",
     "load_model": ".load",
-    "PLAN_FILE": ".save",
-    "SUMMARY_FILE": ".save",
-    "needs_remote_code": ".save",
-    "save_compressed": ".save",
 }
 __all__ = sorted(_EXPORTS)
-
-
 __getattr__ = exports_on_first_use(__name__, _EXPORTS)
-
 
 if TYPE_CHECKING:
     from .load import load_config, load_model
     from .locate import bundled_models, resolve_model
-    from .save import PLAN_FILE, SUMMARY_FILE, needs_remote_code, save_compressed

@@ -11,7 +11,7 @@ A kept buffer is reused only while nothing but the pool refers to its memory (a 
 keep a view of a weight after its layer was released: it must never see it overwritten),
 and whatever the next read does not take is freed at once: the pool never holds more than
 what one release gave back. Reused buffers keep their address, hence their 64-byte
-alignment (`io.alignment`).
+alignment (`source.alignment`).
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@
 transformers' loader reads every per-expert tensor into a buffer of its own, stacks the
 experts (`MergeModulelist`) and concatenates gate and up (`Concatenate`): three copies of a
 fused expert tensor, each in freshly faulted pages, plus a fourth where the result had to be
-realigned (`io.alignment`). On a Qwen3-30B-shaped layer that was 5.4 s of system time for
+realigned (`source.alignment`). On a Qwen3-30B-shaped layer that was 5.4 s of system time for
 2.5 GB read, more than a third of the layer-streamed walk (bench/results/speed.md). Where a
 target's conversion only moves bytes -- a renaming, or experts stacked and concatenated --
 and the stored dtype is the compute dtype, the result is the stored bytes laid out anew: each
 key is read once (`Checkpoint.read_into`) into its place in one buffer that torch allocated
-(64-byte aligned) and that a `io.buffers.BufferPool` may have kept from the previous layer.
+(64-byte aligned) and that a `source.buffers.BufferPool` may have kept from the previous layer.
 The bytes are those transformers would produce. Anything else (dtype casts, dequantisation,
 other operations) goes through transformers' loader as before.
 """

@@ -7,7 +7,7 @@ needs `trust_remote_code=True` (model and tokenizer are told apart), or compress
 and the command line that made it, with the moe-compress version.
 
 The card is rendered from the files in the directory (config, tokenizer config, plan, summary,
-recipe report) and from the provenance record saved beside it (`io.provenance`: source, command,
+recipe report) and from the provenance record saved beside it (`sink.provenance`: source, command,
 earlier steps, sealed with the checkpoint it describes); so it can be rendered again after
 something is added (`record_evaluation`, or the quantize stage rewriting the config), and a chain
 of runs (prune, then slim, then quantize) keeps the commands of every step. A source's earlier
@@ -17,7 +17,7 @@ record that verifies (an output of a version before records were kept, say) gets
 steps, and the card says so.
 
 Every string that comes from a file or from the source (its name and path, `model_type`, plan
-and summary fields, commands) is escaped for Markdown and HTML (`report.markdown`), and the
+and summary fields, commands) is escaped for Markdown and HTML (`text.markdown`), and the
 YAML front matter is written through `huggingface_hub.ModelCard`. Nothing in the card depends on
 time, timings or how the weights were read, so the same run streamed and in memory writes the
 same bytes.
@@ -38,8 +38,8 @@ from .. import __version__
 from ..errors import warn
 from ..invocation import command_line
 from ..plan import layer_action
-from ..report.format import human_bytes, human_count, percent_change
-from ..report.markdown import code, fence, text
+from ..text.format import human_bytes, human_count, percent_change
+from ..text.markdown import code, fence, text
 from .provenance import API, PROVENANCE_FILE, read_provenance, write_provenance
 from .rewrite import rewrite_text
 
@@ -113,7 +113,7 @@ def _source_name(source: str | Path | None) -> str | None:
     """A bundled model by its name, anything else as given."""
     if source is None:
         return None
-    from .locate import BUNDLED_MODELS
+    from ..source.locate import BUNDLED_MODELS
 
     path = Path(str(source))
     try:
@@ -251,7 +251,7 @@ def _quality_lines(summary: dict, report: dict) -> list[str]:
             lines.append(f"| perplexity {text(source)} | {row['before']:.3f} | {row['after']:.3f} | {percent_change(row['after'], row['before'])} |")
         return lines
     if report.get("rows"):
-        from ..report.composition import stage_report_markdown
+        from ..text.composition import stage_report_markdown
         lines = ["Measured after every stage of the recipe:", "", stage_report_markdown(report).rstrip()]
         for row in report["rows"]:
             lines += _guard_lines(row.get("guard"))
@@ -260,7 +260,7 @@ def _quality_lines(summary: dict, report: dict) -> list[str]:
 
 
 def _guard_lines(guard: dict | None) -> list[str]:
-    from ..report.guard_card import guard_lines
+    from ..text.guard_card import guard_lines
 
     if not guard:
         return []
@@ -310,13 +310,13 @@ def uniform_lines(summary: dict) -> list[str]:
 
 def render(directory: Path, made: dict) -> str:
     """The card's Markdown for the checkpoint in `directory`: the front matter through
-    `huggingface_hub.ModelCard`, every string from a file or the source escaped (`report.markdown`)."""
+    `huggingface_hub.ModelCard`, every string from a file or the source escaped (`text.markdown`)."""
     config = _json(directory / "config.json")
     summary = _json(directory / SUMMARY_FILE)
     plan = _json(directory / PLAN_FILE)
     report = _json(directory / REPORT_FILE)
     info = loading_info(directory)
-    from ..evaluate.size import checkpoint_bytes
+    from ..arch.size import checkpoint_bytes
 
     model_type = str((config.get("moe_compress") or {}).get("base_model_type") or config.get("model_type", "unknown"))
     front = ModelCardData(library_name="transformers", tags=[TAG, "mixture-of-experts", *_tag(model_type)])
@@ -353,7 +353,7 @@ def render(directory: Path, made: dict) -> str:
 
 def write_model_card(directory: str | Path, made: dict | None = None) -> Path:
     """Write (or rewrite) `directory/README.md` and the provenance record beside it, sealed with the
-    checkpoint as it is now (`io.provenance`); `made` defaults to the record already there when it
+    checkpoint as it is now (`sink.provenance`); `made` defaults to the record already there when it
     verifies, else to an in-memory source (the warning says why)."""
     directory = Path(directory)
     card = directory / CARD_FILE

@@ -33,7 +33,7 @@ AUTO_MAP = {
 }
 
 
-#: The class for checkpoints that store fused experts one weight per expert (`io.per_expert`), and
+#: The class for checkpoints that store fused experts one weight per expert (`sink.per_expert`), and
 #: the key of `config.moe_compress` that lists those tensors.
 PER_EXPERT_CLASS = f"{MODEL_MODULE}.MoECompressPerExpertForCausalLM"
 PER_EXPERT_KEY = "per_expert_tensors"

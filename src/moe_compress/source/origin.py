@@ -1,6 +1,6 @@
 """Which checkpoint an in-memory model was loaded from, and what of it its save must carry over.
 
-Recorded on the model by the loader (`io.load.load_model`) and read by the writer (`io.export`):
+Recorded on the model by the loader (`source.load.load_model`) and read by the writer (`sink.export`):
 the checkpoint's tensors transformers did not load (e.g. multi-token-prediction layers) and the
 plans applied since, through which those tensors go on the way out.
 """
@@ -41,7 +41,7 @@ def record_origin(model: PreTrainedModel, checkpoint: Checkpoint) -> None:
 
 
 def origin_checkpoint(model: PreTrainedModel) -> Checkpoint | None:
-    """The checkpoint `model` was loaded from (None if it was not loaded by `io.load.load_model`).
+    """The checkpoint `model` was loaded from (None if it was not loaded by `source.load.load_model`).
 
     Only as long as nothing has changed the model since is it still the checkpoint's content.
     """

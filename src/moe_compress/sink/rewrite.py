@@ -2,7 +2,7 @@
 
 Written beside it and renamed over it, so a reader never sees half a file; and given the mode of
 the file it replaces, since the output was made readable by everyone when it was published
-(`io.publish.make_readable`) and a restrictive umask must not take that back.
+(`sink.publish.make_readable`) and a restrictive umask must not take that back.
 """
 
 from __future__ import annotations
