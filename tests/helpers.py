@@ -136,3 +136,29 @@ def as_format_1(plan: dict) -> dict:
     """A plan's JSON body of pruned (keep) layers as format 1 wrote it: for edits that only
     format 1 could hold, such as the single `fingerprint` of an older identity."""
     return {**plan, "format": "moe-compress/plan@1", "layers": [{k: v for k, v in lp.items() if k != "action"} for lp in plan["layers"]]}
+
+
+def tensor_bytes(directory) -> int:
+    """The tensor data bytes of every shard, read from the raw safetensors headers (data_offsets),
+    independently of moe-compress's reader: the file sizes less the headers."""
+    import json
+    import struct
+    from pathlib import Path
+
+    total = 0
+    for shard in Path(directory).glob("*.safetensors"):
+        with shard.open("rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        total += sum(end - start for key, entry in header.items() if key != "__metadata__" for start, end in [entry["data_offsets"]])
+    return total
+
+
+def calm(model):
+    """Smaller weights (std 0.05): a random model whose outputs do not amplify rounding noise chaotically."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.mul_(0.25)
+    return model

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
 import moe_compress as mc
-from helpers import rounded
+from helpers import rounded, tensor_bytes
 from moe_compress import MoECompressError
 from moe_compress.arch.registry import get_adapter
 from moe_compress.fitting import api as fit_api
@@ -27,16 +26,6 @@ from tiny_checkpoints import save_tiny_checkpoint
 from tiny_models import tiny_model
 
 TINY_CALIB = mc.CalibrationSpec(samples=4, seq_len=32)
-
-
-def _tensor_bytes(directory: Path) -> int:
-    """Tensor data bytes of every shard, from the raw safetensors headers (independent of moe-compress's reader)."""
-    total = 0
-    for shard in directory.glob("*.safetensors"):
-        with shard.open("rb") as handle:
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        total += sum(end - start for key, entry in header.items() if key != "__metadata__" for start, end in [entry["data_offsets"]])
-    return total
 
 
 # ---- explicit per-layer keep counts -------------------------------------------------------------
@@ -73,7 +62,7 @@ def test_prune_stage_with_explicit_keep(tmp_path):
         order = sorted(range(layer.num_experts), key=lambda e: (layer.scores[e], e))
         assert sorted(layer.keep) == sorted(order[layer.num_experts - keep[layer.layer]:])
     sizes = checkpoint_sizes(source)
-    assert stage.predict(Footprint.of(sizes)).bytes == _tensor_bytes(tmp_path / "out") == sizes.fixed + sum(
+    assert stage.predict(Footprint.of(sizes)).bytes == tensor_bytes(tmp_path / "out") == sizes.fixed + sum(
         candidate_bytes(sizes.layers[i], k, 16) for i, k in keep.items())
     with pytest.raises(MoECompressError, match=r"method 'mone' decides its per-layer counts itself"):
         mc.compress(str(source), [mc.Prune("mone", budget="explicit", keep=keep)], calib=TINY_CALIB)
@@ -168,9 +157,9 @@ def tiny(tmp_path_factory) -> Path:
 def test_fit_writes_a_model_within_the_budget(tiny, tmp_path):
     """The artifact fits (saved tensor bytes <= budget), its bytes are the chosen allocation's prediction, the
     single-method baselines were measured beside it, and the report and the plan record the search."""
-    budget = int(_tensor_bytes(tiny) * 0.7)
+    budget = int(tensor_bytes(tiny) * 0.7)
     result = mc.fit(str(tiny), memory=budget, calib=TINY_CALIB, out=tmp_path / "out", windows=2, seq_len=32)
-    saved = _tensor_bytes(tmp_path / "out")
+    saved = tensor_bytes(tmp_path / "out")
     assert saved <= budget and saved == result.best.bytes == result.best.measured["written_bytes"]
     assert result.best.measured["kl"] == min(c.measured["kl"] for c in result.candidates)
     names = {name for c in result.candidates for name in [c.name, *c.aliases]}
@@ -187,7 +176,7 @@ def test_budget_at_or_above_the_original_returns_it_unchanged(tiny, tmp_path, mo
     monkeypatch.setattr("moe_compress.engine.statistics.collect_statistics", _never)
     result = mc.fit(str(tiny), target_ratio=1.0, calib=TINY_CALIB, out=tmp_path / "out")
     assert result.unchanged and result.best is None and result.candidates == []
-    assert _tensor_bytes(tmp_path / "out") == _tensor_bytes(tiny)
+    assert tensor_bytes(tmp_path / "out") == tensor_bytes(tiny)
     assert json.loads((tmp_path / "out" / "fit_report.json").read_text())["unchanged"] is True
 
 
@@ -209,7 +198,7 @@ def test_dry_run_calibrates_nothing(tiny, monkeypatch):
     monkeypatch.setattr("moe_compress.source.load.load_model", _never)
     result = mc.fit(str(tiny), target_ratio=0.5, dry_run=True)
     assert result.best is None and result.floors == {0: list(range(2, 9)), 1: list(range(2, 9)), 2: list(range(2, 9))}
-    assert result.budget == _tensor_bytes(tiny) // 2
+    assert result.budget == tensor_bytes(tiny) // 2
 
 
 def test_command_dry_run_prints_the_search_space(tiny, monkeypatch, capsys):

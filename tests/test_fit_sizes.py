@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import pytest
+
+from helpers import tensor_bytes
 
 from moe_compress import KeepLayer, MoECompressError, Plan, compress, quantize
 from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes, packed_weight_bytes
@@ -19,17 +19,6 @@ from tiny_models import FAMILIES
 MODELS = ["ref-mixtral", "ref-deepseek"]
 
 
-def _tensor_bytes(directory: Path) -> int:
-    """The tensor data bytes of every shard, read from the raw safetensors headers (data_offsets),
-    independently of moe-compress's reader: the file sizes less the headers."""
-    total = 0
-    for shard in directory.glob("*.safetensors"):
-        with shard.open("rb") as handle:
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        total += sum(end - start for key, entry in header.items() if key != "__metadata__" for start, end in [entry["data_offsets"]])
-    return total
-
-
 @pytest.fixture(scope="module", params=MODELS)
 def sizes(request):
     return request.param, checkpoint_sizes(request.param)
@@ -37,7 +26,7 @@ def sizes(request):
 
 def test_unchanged_model_is_its_checkpoint(sizes):
     name, found = sizes
-    assert found.total == _tensor_bytes(BUNDLED_MODELS / name)
+    assert found.total == tensor_bytes(BUNDLED_MODELS / name)
     assert found.fixed + sum(candidate_bytes(layer, layer.experts, 16) for layer in found.layers.values()) == found.total
 
 
@@ -81,7 +70,7 @@ def test_prune_saves_the_predicted_bytes(name, tmp_path):
     """A non-uniform prune: tensor bytes exactly as predicted."""
     found = checkpoint_sizes(name)
     predicted = _prune_alternately(name, found, tmp_path / "pruned")
-    assert _tensor_bytes(tmp_path / "pruned") == predicted < found.total
+    assert tensor_bytes(tmp_path / "pruned") == predicted < found.total
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -91,11 +80,11 @@ def test_every_router_shape(family, tmp_path):
     4-bit sizes exactly as predicted."""
     source = save_tiny_checkpoint(tmp_path / "source", family)
     found = checkpoint_sizes(source)
-    assert found.total == _tensor_bytes(source)
+    assert found.total == tensor_bytes(source)
     predicted = _prune_alternately(source, found, tmp_path / "pruned")
-    assert _tensor_bytes(tmp_path / "pruned") == predicted < found.total
+    assert tensor_bytes(tmp_path / "pruned") == predicted < found.total
     quantize(source, tmp_path / "q", bits=4, scope="experts")
-    assert _tensor_bytes(tmp_path / "q") == found.fixed + sum(candidate_bytes(layer, layer.experts, 4) for layer in found.layers.values())
+    assert tensor_bytes(tmp_path / "q") == found.fixed + sum(candidate_bytes(layer, layer.experts, 4) for layer in found.layers.values())
 
 
 @pytest.mark.parametrize("name, bits, symmetric", [("ref-mixtral", 4, True), ("ref-deepseek", 4, True), ("ref-mixtral", 8, False), ("ref-deepseek", 8, False)])
@@ -105,7 +94,7 @@ def test_quantize_saves_the_predicted_bytes(name, bits, symmetric, tmp_path):
     found = checkpoint_sizes(name, symmetric=symmetric)
     quantize(name, tmp_path / "q", bits=bits, scope="experts", symmetric=symmetric)
     predicted = found.fixed + sum(candidate_bytes(layer, layer.experts, bits) for layer in found.layers.values())
-    assert _tensor_bytes(tmp_path / "q") == predicted
+    assert tensor_bytes(tmp_path / "q") == predicted
 
 
 def test_candidate_bytes_refusals(sizes):

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import moe_compress as mc
-from helpers import rounded, token_batches
+from helpers import calm, rounded, token_batches
 from moe_compress import MoECompressError, get_adapter, load_model, quantize
 from moe_compress.source.checkpoint import Checkpoint
 from moe_compress.preflight import skeleton
@@ -24,15 +24,6 @@ from tiny_models import VOCAB, tiny_model
 
 IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
 GROUP = 16
-
-
-def _calm(model):
-    """Smaller weights (std 0.05), as in test_quantize: rounding noise does not blow up through the layers."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.mul_(0.25)
-    return model
 
 
 def _widths(model, expert_bits: dict, bits: int) -> dict[int, list[int]]:
@@ -94,7 +85,7 @@ def _assert_same_model(reloaded, expected, scope: str) -> None:
     ("gpt_oss", "experts"),  # fused 3-D and transposed on disk: packed per expert (`sink.per_expert`)
 ])
 def test_mixed_widths_reload_as_the_in_memory_model(family, scope, tmp_path):
-    model = _calm(tiny_model(family))
+    model = calm(tiny_model(family))
     first, second = get_adapter(model).moe_layer_indices(model)[:2]
     expert_bits = {first: 8, second: {0: 16, 3: 8, 5: 4}}
     result = quantize(model, tmp_path / "q", bits=4, group_size=GROUP, scope=scope, expert_bits=expert_bits)

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from helpers import round_experts, rounded, token_batches
+from helpers import calm, round_experts, rounded, token_batches
 from moe_compress import MoECompressError, compress, get_adapter, load_model, quantize, slim
 from moe_compress.cli import app
 from test_save_load import _non_uniform_plan
@@ -35,18 +35,9 @@ def _round_in_memory(model, bits: int, group: int) -> None:
     round_experts(model, bits, group)
 
 
-def _calm(model):
-    """Smaller weights (std 0.05): a random model whose outputs do not amplify rounding noise chaotically."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.mul_(0.25)
-    return model
-
-
 @pytest.mark.parametrize("bits, tolerance", [(8, 0.05), (4, 0.3)])
 def test_quantized_checkpoint_reloads_with_rounded_weights_and_close_logits(bits, tolerance, tmp_path):
-    model = _calm(tiny_model("mixtral"))
+    model = calm(tiny_model("mixtral"))
     with torch.no_grad():
         original = model(IDS).logits
     result = quantize(model, tmp_path / "q", bits=bits, group_size=16)
@@ -98,7 +89,7 @@ def test_fused_expert_families_are_packed_per_expert_and_reload_exactly(family, 
     from moe_compress.arch import auto_model_class
     from moe_compress.slimming.quantize import PER_EXPERT_STORAGE
 
-    model = _calm(tiny_model(family))
+    model = calm(tiny_model(family))
     result = quantize(model, tmp_path / "q", bits=4, group_size=16, scope="experts")
     assert result.summary["experts_storage"] == PER_EXPERT_STORAGE
     adapter = get_adapter(model)

@@ -19,14 +19,13 @@ from safetensors.torch import load_file, save, save_file
 
 import moe_compress as mc
 from helpers import token_batches
-from moe_compress import get_adapter
 from moe_compress.engine.statistics import collect_statistics
 from moe_compress.errors import MoECompressError
 from moe_compress.evaluate.lm_perplexity import perplexity
 from moe_compress.source.load import load_model, load_streamed
 from moe_compress.source.open import open_model
 from moe_compress.walk.activations import activation_budget
-from tiny_models import FAMILIES, SUPPORTED, VOCAB, tiny_model
+from tiny_models import FAMILIES, SUPPORTED, tiny_model
 
 STATS = ("reap_sum", "selected", "gate_sum", "output_moments", "prob_sum")
 
