@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import selected_experts
+from helpers import calm, selected_experts
 from moe_compress import CalibrationSpec, MoECompressError, get_adapter, quantize
 from moe_compress.data import calibration_batches, held_out_windows, token_stream, windows
 from moe_compress.data.texts import iter_documents
@@ -20,7 +20,6 @@ from moe_compress.evaluate.guard import GuardReport, guard, unreached_experts
 from moe_compress.source.open import open_model
 from moe_compress.walk import observe_expert_statistics
 from moe_compress.text.guard_card import guard_lines
-from test_quantize import _calm
 from tiny_checkpoints import tiny_tokenizer, write_calibration
 from tiny_models import VOCAB, tiny_model
 
@@ -32,7 +31,7 @@ BROKEN = "model.layers.1.self_attn.o_proj.weight_scale"
 def quantised(tmp_path_factory):
     """A calm tiny Mixtral, its honest 8-bit checkpoint, and a copy of that with layer 1's o_proj scale x 100."""
     root = tmp_path_factory.mktemp("guard")
-    model = _calm(tiny_model("mixtral")).eval()
+    model = calm(tiny_model("mixtral")).eval()
     quantize(model, root / "q8", bits=8, group_size=16)
     shutil.copytree(root / "q8", root / "broken")
     tensors = load_file(root / "broken" / "model.safetensors")
