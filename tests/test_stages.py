@@ -186,3 +186,21 @@ def test_predicted_footprint_is_the_saved_bytes_of_prune_then_quantize(tmp_path)
         footprint = stage.predict(footprint)
     result = mc.compress(str(checkpoint), composition, calib=token_batches(count=1), out=tmp_path / "out")
     assert footprint.exact and footprint.bytes == Checkpoint(result.output_dir).total_bytes()
+
+
+def test_a_recipe_dry_run_predicts_the_bytes_each_stage_leaves(tmp_path):
+    """The dry run chains every stage's `predict`: a layer-budget prune then experts-only 4 bits is
+    exact, and what it prints is what the run then saves."""
+    from moe_compress.recipes import describe_recipe
+    from moe_compress.source.checkpoint import Checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")
+    calib = write_calibration(tmp_path / "calib.jsonl", documents=60)
+    recipe = {"model": str(checkpoint), "calibration": {"source": str(calib), "samples": 8, "seq_len": 32}, "evaluate": {"ppl": False},
+              "guard": False, "stages": [{"prune": {"method": "frequency", "ratio": 0.25}}, {"quantize": {"bits": 4, "scope": "experts"}}]}
+    lines = describe_recipe(recipe, out=tmp_path / "out")
+    assert "stages: (the weights now: " in "\n".join(lines) and not (tmp_path / "out").exists()
+    report = mc.run_recipe(recipe, out=tmp_path / "out")
+    saved = Checkpoint(tmp_path / "out").total_bytes()
+    assert any(line.startswith("  2. quantize: bits=4, scope=experts -> weights") and f"({saved:,} bytes)" in line for line in lines), lines
+    assert report["rows"][-1]["bits"] == 4

@@ -152,6 +152,25 @@ def _inputs(recipe: str | Path | dict, data: dict) -> list[Any]:
     return [data["model"], *([recipe] if isinstance(recipe, str | Path) else [])]
 
 
+def predicted_sizes(model: str, composition: list[Stage], trust_remote_code: bool) -> list[str]:
+    """What each stage's `predict` says the weights will weigh after it, as a dry run prints it
+    (index 0: before any); blanks where the checkpoint's sizes cannot be read from its headers
+    (a Hub id, experts of several shapes)."""
+    from .stages.footprint import Footprint
+    from .stages.sizes import checkpoint_sizes
+    from .text.format import human_bytes
+
+    try:
+        footprint = Footprint.of(checkpoint_sizes(model, trust_remote_code=trust_remote_code))
+    except MoECompressError:
+        return [""] * (len(composition) + 1)
+    shown = [f" (the weights now: {human_bytes(footprint.bytes)}, {footprint.bytes:,} bytes)"]
+    for stage in composition:
+        footprint = stage.predict(footprint)
+        shown.append(f" -> weights {human_bytes(footprint.bytes)} ({footprint.bytes:,} bytes{'' if footprint.exact else ', estimated'})")
+    return shown
+
+
 def describe_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwrite: bool = False) -> list[str]:
     """A dry run: check the recipe, the output and every stage against the model's skeleton (no
     weights read, nothing calibrated or written), and say what a run would do."""
@@ -176,9 +195,10 @@ def describe_recipe(recipe: str | Path | dict, out: str | Path | None = None, ov
         f"{calibration.source} (seed {calibration.seed})",
         f"measured before and after every stage: {', '.join(sources) or 'no perplexity'}"
         + (f"; {protocol_of(evaluation).describe()}" if sources else "") + ("; speed" if evaluation.get("speed") else ""),
-        "stages:",
     ]
-    lines += [f"  {position}. {stage.describe()}" for position, stage in enumerate(composition, 1)]
+    sizes = predicted_sizes(data["model"], composition, data.get("trust_remote_code", False))
+    lines.append("stages:" + sizes[0])
+    lines += [f"  {position}. {stage.describe()}{sizes[position]}" for position, stage in enumerate(composition, 1)]
     lines.append("every stage was checked against the model's structure; nothing was calibrated or written.")
     return lines
 
