@@ -228,3 +228,29 @@ def test_the_fit_command_prints_the_search_space_and_refuses_what_it_cannot_do(t
     assert no_out.exit_code == 2 and "give --out DIR" in no_out.output
     too_small = runner.invoke(app, ["fit", str(tiny), "--memory", "1KB", "--out", str(tmp_path / "out")])
     assert too_small.exit_code == 2 and "smallest" in too_small.output and not (tmp_path / "out").exists()
+
+
+def test_the_written_plan_replays_the_artifact(tiny, tmp_path):
+    """`prune --plan-in` with the plan fit wrote, then the same quantize stage, gives the artifact's tensors exactly."""
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from moe_compress.cli import app
+
+    result = mc.fit(str(tiny), target_ratio=0.5, calib=TINY_CALIB, out=tmp_path / "fit", windows=2, seq_len=32)
+    kinds = [stage.kind for stage in result.best.stages]
+    assert kinds == ["prune", "quantize"], kinds  # at half the bytes this model needs both
+    replay = CliRunner().invoke(app, ["prune", str(tiny), "--plan-in", str(tmp_path / "fit" / "plans" / "01-prune.json"),
+                                      "--out", str(tmp_path / "pruned"), "--no-guard"])
+    assert replay.exit_code == 0, replay.output
+    mc.compress(str(tmp_path / "pruned"), [result.best.stages[1]], calib=TINY_CALIB, out=tmp_path / "replayed", guard=False)
+
+    def tensors(directory: Path) -> dict:
+        found = {}
+        for shard in sorted(directory.glob("*.safetensors")):
+            with safe_open(shard, "pt") as handle:
+                found |= {key: handle.get_tensor(key) for key in handle.keys()}
+        return found
+
+    fitted, replayed = tensors(tmp_path / "fit"), tensors(tmp_path / "replayed")
+    assert fitted.keys() == replayed.keys() and all(torch.equal(fitted[key], replayed[key]) for key in fitted)
