@@ -204,3 +204,25 @@ def test_a_recipe_dry_run_predicts_the_bytes_each_stage_leaves(tmp_path):
     saved = Checkpoint(tmp_path / "out").total_bytes()
     assert any(line.startswith("  2. quantize: bits=4, scope=experts -> weights") and f"({saved:,} bytes)" in line for line in lines), lines
     assert report["rows"][-1]["bits"] == 4
+
+
+def test_the_prune_and_quantize_dry_runs_predict_the_bytes_they_then_save(tmp_path):
+    import re
+
+    from typer.testing import CliRunner
+
+    from moe_compress.cli import app
+    from moe_compress.source.checkpoint import Checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "qwen2_moe")
+    calib = write_calibration(tmp_path / "calib.jsonl", documents=60)
+    runner = CliRunner()
+    for name, args in {"prune": ["prune", str(checkpoint), "--method", "frequency", "--ratio", "0.5", "--calib", str(calib), "--samples", "8",
+                                 "--seq-len", "32", "--no-guard"],
+                       "quantize": ["quantize", str(checkpoint), "--bits", "4", "--scope", "experts", "--no-guard"]}.items():
+        dry = runner.invoke(app, [*args, "--out", str(tmp_path / name), "--dry-run"])
+        assert dry.exit_code == 0, dry.output
+        predicted = int(re.search(r"predicted weights: .* -> .* \(([\d,]+) bytes\)", dry.output).group(1).replace(",", ""))
+        done = runner.invoke(app, [*args, "--out", str(tmp_path / name)])
+        assert done.exit_code == 0, done.output
+        assert predicted == Checkpoint(tmp_path / name).total_bytes(), name

@@ -22,6 +22,10 @@ from .sink.publish import validate_output_dir
 from .preflight import Structure, check_condense, check_drop, check_prune, check_slim, skeleton
 from .progress import say as _say
 from .progress import show_table
+from .stages.base import Stage
+from .stages.footprint import footprints
+from .stages.prune import Prune
+from .stages.quantize import Quantize
 from .text.format import human_bytes, human_count, percent_change
 
 NOTHING_DONE = "dry run: nothing was calibrated, evaluated or written."
@@ -77,6 +81,15 @@ def _plan_in(structure: Structure, plan_path: Path, ignore_plan_identity: bool) 
     _say("the plan decides: no calibration would run")
 
 
+def _predicted(model: str, stage: Stage, trust_remote_code: bool) -> None:
+    """The weight bytes the stage's `predict` gives (config and shard headers), when the checkpoint's sizes can be read."""
+    chain = footprints(model, [stage], trust_remote_code)
+    if chain is not None:
+        before, after = chain
+        _say(f"predicted weights: {human_bytes(before.bytes)} -> {human_bytes(after.bytes)} ({after.bytes:,} bytes"
+             f"{'' if after.exact else ', an estimate: which layers lose what is decided from the statistics'})")
+
+
 def dry_run_prune(
     model: str, out: Path, overwrite: bool, plan_in: Path | None, method: str, options: dict[str, Any], ratio: float, budget: str,
     min_keep: int, spec: CalibrationSpec, eval_ppl: str | None, protocol: EvalProtocol, dtype: str, trust_remote_code: bool,
@@ -98,6 +111,7 @@ def dry_run_prune(
             _say("every MoE layer would keep the same count: the global plan's total (decided from the statistics) shared equally")
         else:
             _say(f"layers would keep different counts, decided from the statistics (each at least {max(structure.top_k, min_keep)})")
+        _predicted(model, Prune(method, ratio=ratio, budget=budget, min_keep=min_keep, uniform=uniform, **options), trust_remote_code)
     _evaluation(eval_ppl, protocol)
     _say(NOTHING_DONE)
 
@@ -170,4 +184,5 @@ def dry_run_quantize(
     if not experts_stored_per_expert(structure.model, structure.adapter):
         _say("the family fuses experts on disk: they would be packed one weight per expert, with the generated code that "
              "stacks them back on load (trust_remote_code=True)")
+    _predicted(model, Quantize(bits=bits, group_size=group_size, scope=scope, symmetric=symmetric, method=method), trust_remote_code)
     _say(NOTHING_DONE)

@@ -152,21 +152,16 @@ def _inputs(recipe: str | Path | dict, data: dict) -> list[Any]:
     return [data["model"], *([recipe] if isinstance(recipe, str | Path) else [])]
 
 
-def predicted_sizes(model: str, composition: list[Stage], trust_remote_code: bool) -> list[str]:
-    """What each stage's `predict` says the weights will weigh after it, as a dry run prints it
-    (index 0: before any); blanks where the checkpoint's sizes cannot be read from its headers
-    (a Hub id, experts of several shapes)."""
-    from .stages.footprint import Footprint
-    from .stages.sizes import checkpoint_sizes
+def _sizes(model: str, composition: list[Stage], trust_remote_code: bool) -> list[str]:
+    """What the dry run prints beside the stages: the weight bytes before them and after each, as predicted."""
+    from .stages.footprint import footprints
     from .text.format import human_bytes
 
-    try:
-        footprint = Footprint.of(checkpoint_sizes(model, trust_remote_code=trust_remote_code))
-    except MoECompressError:
+    chain = footprints(model, composition, trust_remote_code)
+    if chain is None:
         return [""] * (len(composition) + 1)
-    shown = [f" (the weights now: {human_bytes(footprint.bytes)}, {footprint.bytes:,} bytes)"]
-    for stage in composition:
-        footprint = stage.predict(footprint)
+    shown = [f" (the weights now: {human_bytes(chain[0].bytes)}, {chain[0].bytes:,} bytes)"]
+    for footprint in chain[1:]:
         shown.append(f" -> weights {human_bytes(footprint.bytes)} ({footprint.bytes:,} bytes{'' if footprint.exact else ', estimated'})")
     return shown
 
@@ -196,7 +191,7 @@ def describe_recipe(recipe: str | Path | dict, out: str | Path | None = None, ov
         f"measured before and after every stage: {', '.join(sources) or 'no perplexity'}"
         + (f"; {protocol_of(evaluation).describe()}" if sources else "") + ("; speed" if evaluation.get("speed") else ""),
     ]
-    sizes = predicted_sizes(data["model"], composition, data.get("trust_remote_code", False))
+    sizes = _sizes(data["model"], composition, data.get("trust_remote_code", False))
     lines.append("stages:" + sizes[0])
     lines += [f"  {position}. {stage.describe()}{sizes[position]}" for position, stage in enumerate(composition, 1)]
     lines.append("every stage was checked against the model's structure; nothing was calibrated or written.")

@@ -15,9 +15,15 @@ says it is an estimate (`exact=False`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from .sizes import CheckpointSizes, candidate_bytes
+from ..errors import MoECompressError
+from .sizes import CheckpointSizes, candidate_bytes, checkpoint_sizes
+
+if TYPE_CHECKING:
+    from .base import Stage
 
 
 @dataclass(frozen=True)
@@ -73,3 +79,15 @@ class Footprint:
         weights = {self._block_rest(i) + (self.moe_layer_bytes(i) if i in self.keep else 0) for i in alive}
         keep = {i: k for i, k in self.keep.items() if i not in chosen}
         return replace(self, keep=keep, dropped_blocks=self.dropped_blocks | frozenset(chosen), exact=self.exact and len(weights) <= 1)
+
+
+def footprints(model: str, stages: Sequence[Stage], trust_remote_code: bool = False) -> list[Footprint] | None:
+    """The model's footprint before the stages and after each (what a dry run prints), from its
+    config and shard headers; None where those cannot tell (a Hub id, experts of several shapes)."""
+    try:
+        chain = [Footprint.of(checkpoint_sizes(model, trust_remote_code=trust_remote_code))]
+    except MoECompressError:
+        return None
+    for stage in stages:
+        chain.append(stage.predict(chain[-1]))
+    return chain
