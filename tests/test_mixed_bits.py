@@ -240,3 +240,6 @@ def test_the_family_s_other_checkpoints_load_as_before_once_a_mixed_one_has(tmp_
     for name, state in before.items():
         after = read(name)
         assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state), name
+    # and a model of the family loaded after it saves as before: quantising it again writes the same bytes
+    quantize(tmp_path / "pruned", tmp_path / "again", bits=8, group_size=GROUP, scope="experts")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "uniform" / "model.safetensors").read_bytes()
