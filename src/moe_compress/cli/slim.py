@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ..errors import MoECompressError
 from ..inputs import require_positive
 from .common import show
 from .options import Calibration, DryRunOpt, Evaluation, Guard, Loading, ModelArg, OverwriteOpt, command
@@ -36,12 +35,12 @@ def slim(
     from ..report.compression import sparsity_report
     from ..evaluate.guard import guard_line
     from ..single import run_single
-    from ..slimming import SLIM_METHODS, make_spec
+    from ..slimming import make_spec
+    from ..slimming.apply import check_method
     from ..slimming import slim as slim_model
     from ..slimming.observe import check_targets
 
-    if method not in SLIM_METHODS:
-        raise MoECompressError(f"unknown slimming method {method!r}; choose one of {', '.join(SLIM_METHODS)}.")
+    check_method(method)
     spec = make_spec(sparsity, nm)  # bad --sparsity / --nm fail before anything is loaded
     chosen = check_targets(targets)
     require_positive(blocksize=blocksize)

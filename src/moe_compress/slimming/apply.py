@@ -67,7 +67,8 @@ def prune_matrix(
     raise MoECompressError(f"unknown slimming method {method!r}; choose one of {', '.join(SLIM_METHODS)}.")
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
+    """A slimming method this module knows (the call, the stage and the command refuse the same way)."""
     if method not in SLIM_METHODS:
         raise MoECompressError(f"unknown slimming method {method!r}; choose one of {', '.join(SLIM_METHODS)}.")
 
@@ -204,7 +205,7 @@ def slim(
     from ..evaluate.speed import peak_rss_bytes
 
     start = time.perf_counter()
-    _check_method(method)
+    check_method(method)
     spec = make_spec(sparsity, nm)
     targets = check_targets(targets)
     if blocksize < 1:

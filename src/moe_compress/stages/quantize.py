@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..errors import MoECompressError
 from ..preflight import Structure
 from .base import Stage, StageContext, StageOutcome
 from .footprint import Footprint
@@ -35,15 +34,10 @@ class Quantize(Stage):
 
     def check(self, structure: Structure, earlier) -> None:
         from ..slimming.expert_bits import resolve_expert_bits
-        from ..slimming.quantize import SCOPES
+        from ..slimming.quantize import check_quantize_options
 
-        if self.bits not in (4, 8):
-            raise MoECompressError(f"bits must be 4 or 8; got {self.bits}.")
-        if self.scope not in SCOPES:
-            raise MoECompressError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}.")
+        check_quantize_options(self.bits, self.scope, self.method, self.group_size, self.expert_bits)
         if self.expert_bits is not None:  # against the input's layers (a pruning stage before may leave fewer experts: `run` checks again)
-            if self.method != "rtn":
-                raise MoECompressError(f"expert_bits (per-layer or per-expert widths) is written with method 'rtn'; got {self.method!r}.")
             resolve_expert_bits(self.expert_bits, structure.experts, len(structure.adapter.decoder_layers(structure.model)), self.bits)
 
     def predict(self, footprint: Footprint) -> Footprint:

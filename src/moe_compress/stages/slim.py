@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..errors import MoECompressError
 from ..preflight import Structure, check_slim
 from .base import Stage, StageContext, StageOutcome
 from .registry import register_stage
@@ -32,10 +31,10 @@ class Slim(Stage):
         super().__init__(**({"method": method, **given} if method is not None else given))
 
     def check(self, structure: Structure, earlier) -> None:
-        from ..slimming import SLIM_METHODS, make_spec
+        from ..slimming import make_spec
+        from ..slimming.apply import check_method
 
-        if self.method not in SLIM_METHODS:
-            raise MoECompressError(f"unknown slimming method {self.method!r}; choose one of {', '.join(SLIM_METHODS)}.")
+        check_method(self.method)
         make_spec(self.sparsity, self.nm)
         check_slim(structure, self.targets)
 
