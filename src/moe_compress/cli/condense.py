@@ -8,7 +8,7 @@ import typer
 from ..errors import MoECompressError
 from ..inputs import directory_option, require_positive, writable_file
 from .common import show
-from .options import CacheDirOpt, Calibration, DryRunOpt, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command
+from .options import CacheDirOpt, Calibration, DryRunOpt, Guard, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command
 
 
 @command("condense", exclude=("batch_size", "text_field", "streaming", "max_activation_memory", "offload_dir"))
@@ -24,6 +24,7 @@ def condense_command(
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard a saved search state and search again.")] = False,
     samples: Annotated[int, typer.Option(help="Calibration sequences (the authors use 100).")] = 32,
     calibration: Calibration = Calibration(),
+    guard: Guard = Guard(),
     plan_out: PlanOutOpt = None,
     overwrite: OverwriteOpt = False,
     cache_dir: CacheDirOpt = None,
@@ -44,6 +45,7 @@ def condense_command(
     from ..loading import load_whole
     from ..preflight import check_condense, check_condense_memory, skeleton
     from ..report.compression import compression_report, search_line
+    from ..evaluate.guard import guard_line
     from ..stages.condense import condense
 
     require_positive(layers=layers, position_stride=position_stride)
@@ -63,4 +65,6 @@ def condense_command(
         loaded, tokenizer = load_whole(model, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code)
         result = condense(loaded, layers, experts, objective, choose_size, position_stride, spec, tokenizer, out, overwrite, cache_dir,
                           load.device, state_file=state_file, fresh=fresh)
-    show([search_line(result.plan.meta), *compression_report(result, "condensed", model, out, plan_out)])
+        request = guard.request("condense", spec)
+        checked = None if request is None else request.check(model, out, load.device)
+    show([search_line(result.plan.meta), *compression_report(result, "condensed", model, out, plan_out), guard_line(checked)])

@@ -8,7 +8,7 @@ import typer
 from ..errors import MoECompressError
 from ..inputs import require_positive
 from .common import show
-from .options import Loading, ModelArg, OverwriteOpt, TrustOpt, VerifyOpt, command
+from .options import Guard, Loading, ModelArg, OverwriteOpt, TrustOpt, VerifyOpt, command
 
 
 @command("finetune")
@@ -23,6 +23,7 @@ def finetune_command(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for batch sampling.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps (0: only the final model).")] = 0,
+    guard: Guard = Guard(),
     overwrite: OverwriteOpt = False,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: a GPU if present).")] = None,
     trust_remote_code: TrustOpt = False,
@@ -35,6 +36,7 @@ def finetune_command(
     from ..loading import load_whole
     from ..report.compression import saved_lines
     from ..report.tables import finetune_table
+    from ..evaluate.guard import HeldOutText, guard_line
 
     require_positive(steps=steps, batch_size=batch_size, seq_len=seq_len)
     check_seed(seed)
@@ -45,4 +47,6 @@ def finetune_command(
     loaded, tokenizer = load_whole(model, dtype="float32", trust_remote_code=trust_remote_code)
     report = finetune(loaded, tokenizer, data, steps, lr, batch_size, seq_len, seed, eval_data, out=out,
                       checkpoint_every=checkpoint_every, overwrite=overwrite, device=device)
-    show([finetune_table(report, eval_data), f"time {report['seconds']}s", *saved_lines(out)])
+    request = guard.request("finetune", HeldOutText(eval_data, seq_len))  # its training text is no held-out text
+    checked = None if request is None else request.check(model, out, report["device"])
+    show([finetune_table(report, eval_data), f"time {report['seconds']}s", *saved_lines(out), guard_line(checked)])

@@ -165,6 +165,7 @@ def guard(
     min_top1: float | None = None,
     stats: dict[int, dict[str, torch.Tensor]] | None = None,
     allow_unreached: bool = False,
+    unreached: list[tuple[int, int]] | None = None,
     localise: bool | None = None,
     batch_size: int = 8,
     device: str = "cpu",
@@ -185,6 +186,7 @@ def guard(
             "selected"); every expert with no token is reported and fails the guard unless
             `allow_unreached`. Pass them for stages that treat each expert by its tokens
             (calibrated rounding, merging); None: not checked.
+        unreached: instead of `stats`, the (layer, expert) pairs the stage itself counted as never reached.
         localise: compute each layer's own error (one more forward of both models); None: only when top-1 fails.
         raise_on_failure: raise `QualityGuardError` (it carries the report) when a check fails.
     """
@@ -201,7 +203,7 @@ def guard(
     fidelity = compare(after_model, before_model, windows, batch_size, after_weights, before_weights, device)[0]
     report = GuardReport(
         stage, fidelity, int(windows.shape[0]), int(windows.shape[1]), min_top1, None,
-        tuple(unreached_experts(stats)) if stats is not None else (), allow_unreached,
+        tuple(unreached_experts(stats)) if stats is not None else tuple(unreached or ()), allow_unreached,
     )
     if localise or (localise is None and not report.top1_passed):
         errors = layer_errors(before_model, after_model, list(windows.split(batch_size)), before_weights, after_weights, device)
@@ -211,21 +213,59 @@ def guard(
     return report
 
 
-def guard_output(source: str | Path, output: str | Path, calibration, stage: str, min_top1: float | None = None, device: str = "cpu") -> dict:
-    """The guard after a single-stage command: its saved `output` against its `source` checkpoint, on
-    held-out windows of the `calibration` text (`data.held_out_windows`), both read from disk (streamed
-    when large). The result goes into the output's summary and card whether it passed or not; a
-    failure then raises `QualityGuardError`. Without held-out text it is skipped, and the card says why."""
+@dataclass(frozen=True)
+class HeldOutText:
+    """Text a stage never read, all of it usable by the guard: e.g. `finetune`'s evaluation split, which
+    it keeps apart from its training text (where calibration held-out windows would be windows it trained on)."""
+
+    source: str
+    seq_len: int
+    split: str = "valid"
+
+    def windows(self, tokenizer, count: int) -> torch.Tensor:
+        from ..data.batches import read_windows
+
+        found = read_windows(tokenizer, self.source, self.seq_len, count, self.split)
+        if len(found) == 0:
+            raise MoECompressError(f"{self.source!r} ({self.split}) has fewer tokens than one window of {self.seq_len}, so none is left to check quality on.")
+        return found
+
+
+def _held_out(tokenizer, text, count: int) -> torch.Tensor:
+    """Up to `count` windows the stage did not read: of a `HeldOutText`, or those calibration with a `CalibrationSpec` left out."""
     from ..data.batches import held_out_windows
+
+    return text.windows(tokenizer, count) if isinstance(text, HeldOutText) else held_out_windows(tokenizer, text, count)
+
+
+def recorded_unreached(output: str | Path) -> list[tuple[int, int]] | None:
+    """The experts a saved stage recorded as never reached by its calibration (its summary's
+    "unreached_experts", "layer:expert"); None when the stage records none (it does not treat experts by their tokens)."""
+    from ..sink.model_card import SUMMARY_FILE
+
+    path = Path(output) / SUMMARY_FILE
+    named = json.loads(path.read_text()).get("unreached_experts") if path.is_file() else None
+    return None if named is None else [tuple(int(part) for part in pair.split(":")) for pair in named]
+
+
+def guard_output(source: str | Path, output: str | Path, calibration, stage: str, min_top1: float | None = None, device: str = "cpu",
+                 allow_unreached: bool = False) -> dict:
+    """The guard after a single-stage command: its saved `output` against its `source` checkpoint, on
+    held-out text (`calibration`: a `CalibrationSpec`, whose windows calibration did not pick are read --
+    `data.held_out_windows` -- or a `HeldOutText`), both read from disk (streamed when large), and the
+    experts the stage recorded as unreached (`recorded_unreached`). The result goes into the output's
+    summary and card whether it passed or not; a failure then raises `QualityGuardError`. Without
+    held-out text it is skipped, and the card says why."""
     from ..source.load import load_tokenizer
     from ..sink.model_card import record_guard
 
     try:
-        windows = held_out_windows(load_tokenizer(str(output), False, str(output)), calibration, DEFAULT_WINDOWS)
+        windows = _held_out(load_tokenizer(str(output), False, str(output)), calibration, DEFAULT_WINDOWS)
     except MoECompressError as exc:
         record_guard(output, {"stage": stage, "skipped": str(exc)})
         return {"stage": stage, "skipped": str(exc)}
-    report = guard(source, output, windows, stage=stage, min_top1=min_top1, device=device, raise_on_failure=False)
+    report = guard(source, output, windows, stage=stage, min_top1=min_top1, device=device, raise_on_failure=False,
+                   unreached=recorded_unreached(output), allow_unreached=allow_unreached)
     record_guard(output, report.to_dict())
     report.raise_if_failed()
     return report.to_dict()
