@@ -23,6 +23,7 @@ def slim(
     blocksize: Annotated[int, typer.Option(help="sparsegpt: columns per lazy-update block (mask chosen per block).")] = 128,
     damp: Annotated[float, typer.Option(help="sparsegpt: Hessian damping as a fraction of its mean diagonal.")] = 0.01,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Feed each layer the outputs of the already pruned layers (SparseGPT's sequential scheme) or of the original ones.")] = True,
+    calibrate_all_experts: Annotated[bool, typer.Option("--calibrate-all-experts", help="wanda/sparsegpt: route every calibration token to every routed expert while statistics are gathered (the model's output and routing stay its own), so no expert is pruned without data, as GPTQModel's routing override does; each expert's statistics then come from all tokens, not only its routed ones.")] = False,
     evaluation: Evaluation = Evaluation(),
     guard: Guard = Guard(),
     overwrite: OverwriteOpt = False,
@@ -49,7 +50,8 @@ def slim(
     if dry_run:
         return dry_run_slim(model, out, overwrite, method, spec, chosen, calib, evaluation.eval_ppl, protocol, load.dtype, load.trust_remote_code)
     stage = partial(slim_model, method=method, sparsity=None if spec.nm else spec.fraction, nm=spec.nm, calib=calib, targets=chosen,
-                    out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate)
+                    out=out, overwrite=overwrite, blocksize=blocksize, damp=damp, propagate=propagate,
+                    calibrate_all_experts=calibrate_all_experts)
     # e.g. shared experts asked of a model without any: fails once the model is open, not after evaluating
     run = run_single(stage, model, out, overwrite, load, lambda structure: check_slim(structure, chosen), evaluation.eval_ppl, protocol,
                      guard=guard.request("slim", calib))

@@ -55,6 +55,8 @@ DEFAULT_WINDOWS = 32
 #: The options that override the guard, as its error message names them.
 THRESHOLD_OPTION = "--guard-min-top1"
 UNREACHED_OPTION = "--allow-unreached-experts"
+#: ... and the one that gives unreached experts data (`walk.all_experts`).
+ROUTE_ALL_OPTION = "--calibrate-all-experts"
 #: Layers named in a failure and in the card.
 WORST_LAYERS = 3
 
@@ -124,7 +126,8 @@ class GuardReport:
         if self.unreached and not self.allow_unreached:
             parts.append(
                 f"{len(self.unreached)} expert(s) never received a calibration token, so the stage treated them without data "
-                f"(layer:expert {format_experts(self.unreached)}); calibrate on more or other text (--samples, --calib) or allow them with {UNREACHED_OPTION}"
+                f"(layer:expert {format_experts(self.unreached)}); calibrate on more or other text (--samples, --calib), route calibration to "
+                f"every expert ({ROUTE_ALL_OPTION}), or allow them with {UNREACHED_OPTION}"
             )
         return f"quality guard failed after {self.stage}: " + "; and ".join(parts) if parts else ""
 
