@@ -44,6 +44,7 @@ from ..source.open import Streaming, open_model
 from ..source.residency import Weights
 from .fidelity import FidelityResult, compare
 from .layer_error import layer_errors
+from ..walk.statistics import unreached_experts
 
 #: Default minimum top-1 agreement per stage kind (see the module docstring for the measurements).
 DEFAULT_MIN_TOP1: dict[str, float] = {"quantize": 0.9}
@@ -77,14 +78,6 @@ def _open(model: Model, device: str, streaming: Streaming):
 
 def default_min_top1(stage: str) -> float:
     return DEFAULT_MIN_TOP1.get(stage, OTHER_STAGES_MIN_TOP1)
-
-
-def unreached_experts(stats: dict[int, dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
-    """(decoder layer, expert) pairs calibration routed no token to, from observed "selected" counts."""
-    missing = [layer for layer, values in stats.items() if "selected" not in values]
-    if missing:
-        raise ValueError(f"statistics of layer {missing[0]} have no 'selected' counts; observe them with the stage's statistics.")
-    return [(layer, int(e)) for layer in sorted(stats) for e in torch.nonzero(stats[layer]["selected"] == 0).flatten().tolist()]
 
 
 @dataclass(frozen=True)
