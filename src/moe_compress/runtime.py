@@ -106,8 +106,8 @@ def novice_experts_class(base: type) -> type:
     return _NOVICE_CLASSES[base]
 
 
-def attach_novices(experts: nn.Module, novice_ids: list[int], router_experts: int, novice_vectors: torch.Tensor) -> None:
-    """Turn router rows `novice_ids` into novices; the module must already hold only kept experts."""
+def novice_slots(novice_ids: list[int], router_experts: int) -> list[int]:
+    """Each router row's slot: its index among the kept experts, or -(j + 1) for novice row j (ascending ids)."""
     novices = set(novice_ids)
     slot, kept, row = [], 0, 0
     for expert in range(router_experts):
@@ -117,6 +117,12 @@ def attach_novices(experts: nn.Module, novice_ids: list[int], router_experts: in
         else:
             slot.append(kept)
             kept += 1
+    return slot
+
+
+def attach_novices(experts: nn.Module, novice_ids: list[int], router_experts: int, novice_vectors: torch.Tensor) -> None:
+    """Turn router rows `novice_ids` into novices; the module must already hold only kept experts."""
+    slot = novice_slots(novice_ids, router_experts)
     # Persistent: transformers builds models on the meta device before loading, which would
     # lose the values of a buffer that is not in the checkpoint.
     # On a meta skeleton (a streamed run describing its output) the slot map stays real: it is structure.
@@ -283,3 +289,73 @@ def take_standard_structure(config, spec: dict) -> None:
     rest = {index: {k: v for k, v in values.items() if k not in ours} for index, values in declared.items()}
     config.per_layer_config = None
     config.per_layer_config = {index: values for index, values in rest.items() if values} or None
+
+
+# ---- MoNE in the expert-substitution format (vLLM PR #50415, llm-compressor PR #2906) --------
+#
+# The checkpoint keeps its family's architecture: full routers, each retained expert stored under
+# its original id, and per substituted expert one constant [hidden] tensor, all listed under
+# `compression_config.transform_config.expert_substitution` in config.json. `config.moe_compress`
+# still describes the structure, with `output_format` saying the weights are laid out this way.
+
+#: The key of `config.moe_compress` naming the checkpoint's weight layout, and its substitution value.
+OUTPUT_FORMAT_KEY = "output_format"
+SUBSTITUTION = "expert-substitution"
+#: The only router semantics version 1 of the format has, and the ones MoNE's novices need: the
+#: router keeps every row and its weights as the family computes them (its own top-k normalisation
+#: included, over every picked expert, novices too); a novice adds its weight times its constant;
+#: nothing is renormalised over the retained experts afterwards.
+ROUTER_SEMANTICS = {"preserve_logical_expert_ids": True, "preserve_router_weights": True, "renormalize_after_substitution": False}
+REPLACEMENTS = "expert_replacements"
+
+
+def is_substitution(spec: object) -> bool:
+    """Whether a structure spec says its checkpoint is in the expert-substitution format."""
+    return isinstance(spec, dict) and spec.get(OUTPUT_FORMAT_KEY) == SUBSTITUTION
+
+
+def replacement_name(experts_path: str, expert: int) -> str:
+    """The checkpoint name of a substituted expert's constant, beside its experts module
+    (`model.layers.1.mlp.experts` -> `model.layers.1.mlp.expert_replacements.3.value`, as llm-compressor names it)."""
+    return f"{experts_path.rpartition('.')[0]}.{REPLACEMENTS}.{expert}.value"
+
+
+def substitution_block(spec: dict, experts_paths: dict[int, str]) -> dict:
+    """The `expert_substitution` block for the novices of `spec`, each MoE layer's experts module named
+    `experts_paths[layer]` in the checkpoint; layers without novices are not targets."""
+    targets = {}
+    for index, layer in spec["layers"].items():
+        novices = layer.get("novices") or []
+        if novices:
+            path = experts_paths[int(index)]
+            replacements = {str(e): {"format": "constant-v1", "tensors": {"value": replacement_name(path, e)}} for e in novices}
+            targets[path] = {"num_logical_experts": layer["router"], "weight_layout": "compact_retained_experts", "replacements": replacements}
+    return {"version": 1, "router_semantics": dict(ROUTER_SEMANTICS), "targets": targets}
+
+
+def declared_substitution(config) -> object:
+    """What `config.compression_config.transform_config.expert_substitution` holds (None if absent)."""
+    compression = getattr(config, "compression_config", None)
+    transform = compression.get("transform_config") if isinstance(compression, dict) else None
+    return transform.get("expert_substitution") if isinstance(transform, dict) else None
+
+
+def check_substitution(config, spec: dict) -> None:
+    """Refuse a checkpoint whose declared substitution is not exactly what its structure spec describes:
+    its config was edited (or written by another tool, whose names this code does not read)."""
+    declared = declared_substitution(config)
+    targets = declared.get("targets") if isinstance(declared, dict) else None
+    paths = {}
+    for path in targets if isinstance(targets, dict) else []:
+        indices = [int(part) for part in path.split(".") if part.isdigit()]
+        if len(indices) == 1:
+            paths[indices[0]] = path
+    try:
+        expected = substitution_block(spec, paths)
+    except KeyError:  # a layer with novices has no target
+        expected = None
+    if declared != expected:
+        raise ValueError(
+            "config.json's compression_config.transform_config.expert_substitution does not match its moe_compress structure "
+            f"(expected {expected}); the checkpoint's config was edited and no longer matches its weights."
+        )

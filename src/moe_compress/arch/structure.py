@@ -11,7 +11,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from .adapter import MoEAdapter
-from ..runtime import ConstantRouter, DroppedMoE
+from ..runtime import OUTPUT_FORMAT_KEY, ConstantRouter, DroppedMoE
 
 STRUCTURE_VERSION = 3  # 3: names the expert-count key, for the standard per_layer_config
 
@@ -93,8 +93,12 @@ def structure_spec(model: PreTrainedModel, adapter: MoEAdapter, original: int) -
     }
 
 
-def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
-    """Write the current structure into the config (stock keys if uniform, else `moe_compress`)."""
+def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter, output_format: str | None = None) -> None:
+    """Write the current structure into the config (stock keys if uniform, else `moe_compress`).
+
+    `output_format` (a MoNE plan's, e.g. "expert-substitution") is how the checkpoint lays out its weights
+    (`sink.substitution`); None keeps the one the config already states, "pruned" the default layout.
+    """
     config = model.config
     structure = layer_structure(model, adapter)
     previous = getattr(config, "moe_compress", None) or {}
@@ -108,3 +112,6 @@ def sync_config_structure(model: PreTrainedModel, adapter: MoEAdapter) -> None:
         return
     adapter.set_config_num_experts(config, original)
     config.moe_compress = structure_spec(model, adapter, original)
+    chosen = previous.get(OUTPUT_FORMAT_KEY) if output_format is None else output_format
+    if chosen not in (None, "pruned"):
+        config.moe_compress[OUTPUT_FORMAT_KEY] = chosen

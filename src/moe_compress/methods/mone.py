@@ -29,6 +29,14 @@ it. Because the router keeps every row, a layer may keep fewer real experts than
 authors' code has no floor at all); one real expert always stays. Group-limited routers need no
 group balance either, since their router rows all stay.
 
+Output format. `output_format="expert-substitution"` writes the result in the format vLLM PR #50415
+reads and llm-compressor PR #2906 writes (`sink.substitution`): the family's own architecture, full
+routers, retained experts under their original ids, one constant per novice. Its router semantics are
+MoNE's: a novice's constant is scaled by the router weight the family computes over the full top-k
+(renormalised there if the family renormalises its top-k, as the authors' code does), and nothing is
+renormalised over the retained experts afterwards (`renormalize_after_substitution: false`). The default
+`pruned` writes the generated modelling code's own layout (novice vectors and a slot map per layer).
+
 Variance. The authors keep a running estimate per expert, updated at every forward of the expert
 (one per calibration batch): mean <- mean n/(n+m) + sum(out)/(n+m), then, unless n = 0,
 fluc <- fluc (n-1)/(n+m-1) + sum((out - mean)^2)/(n+m) -- so an expert's first batch adds no
@@ -43,7 +51,9 @@ from __future__ import annotations
 
 import torch
 
+from ..arch.table import experts_stored_per_expert
 from ..errors import MoECompressError
+from ..runtime import OUTPUT_FORMAT_KEY, SUBSTITUTION
 from ..walk.moments import output_moments, split_moments
 from ..plan import NoviceLayer, Plan, RoutingLimits
 from .budget import select_experts
@@ -52,6 +62,7 @@ from .registry import Method, PlanRequest, register
 FUSIONS = ("product", "minmax_product", "weighted_sum")
 GLOBAL_SCORES = ("raw", "layer_normalised")
 VARIANCES = ("running", "exact")
+OUTPUT_FORMATS = ("pruned", SUBSTITUTION)
 
 
 def _minmax(values: torch.Tensor) -> torch.Tensor:
@@ -140,10 +151,20 @@ def _layer_scores(layer_stats: dict[str, torch.Tensor], variance: str) -> tuple[
     return layer_stats["gate_sum"] / layer_stats["tokens"], running_variation(per_batch), split_moments(output_moments(layer_stats))[1]
 
 
+def check_output_format(output_format: str, request: PlanRequest) -> None:
+    """The format must exist, and the substitution format needs a family stored one tensor per expert (vLLM reads no fused experts)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise MoECompressError(f"mone: output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}.")
+    if output_format == SUBSTITUTION and request.model is not None and not experts_stored_per_expert(request.model, request.adapter):
+        raise MoECompressError(f"mone: {request.adapter.model_type} stores its routed experts fused on disk, and the expert-substitution "
+                               "format (vLLM) reads retained experts one tensor each; use output_format=pruned for this family.")
+
+
 def plan_mone(
     request: PlanRequest, fusion: str = "product", fusion_weight: float = 0.5, novices: bool = True, global_scores: str = "raw",
-    variance: str = "running",
+    variance: str = "running", output_format: str = "pruned",
 ) -> Plan:
+    check_output_format(output_format, request)
     if global_scores not in GLOBAL_SCORES:
         raise MoECompressError(f"mone: global_scores must be one of {', '.join(GLOBAL_SCORES)}; got {global_scores!r}.")
     _statistics({"variance": variance})
@@ -162,6 +183,8 @@ def plan_mone(
     plan = Plan(model_type=request.adapter.model_type, top_k=request.adapter.top_k(request.config), layers=layers, method="mone",
                 ratio=request.ratio, budget=request.budget)
     plan.meta = {"fusion": fusion, "fusion_weight": fusion_weight, "novices": novices, "global_scores": global_scores, "variance": variance}
+    if output_format != "pruned":  # the default leaves plans as they were
+        plan.meta[OUTPUT_FORMAT_KEY] = output_format
     for lp in layers:
         removed = torch.tensor(lp.removed, dtype=torch.long)
         if novices and len(removed):
@@ -175,13 +198,14 @@ register(
         _statistics,
         plan_mone,
         "replace low-access, low-variance experts by their mean output (MoNE)",
-        options={"fusion": "product", "fusion_weight": 0.5, "novices": True, "global_scores": "raw", "variance": "running"},
+        options={"fusion": "product", "fusion_weight": 0.5, "novices": True, "global_scores": "raw", "variance": "running", "output_format": "pruned"},
         option_help={
             "fusion": "how access frequency and output variance combine: product, minmax_product or weighted_sum",
             "fusion_weight": "weight of access frequency in weighted_sum fusion, in [0, 1]",
             "novices": "false: keep router rows but give pruned experts zero vectors (ablation)",
             "global_scores": "global budget: compare raw fused scores across layers (raw, the authors' model scope) or each layer's share (layer_normalised)",
             "variance": "output variance as the authors' running estimate (running) or the population variance (exact)",
+            "output_format": "pruned (generated modelling code's layout) or expert-substitution (vLLM #50415 / llm-compressor #2906: full routers, constants)",
         },
         explicit_budget=False,
     )

@@ -23,6 +23,7 @@ from .output_lock import releases_outputs
 from .publish import check_output_dir, publish
 from ..source.remote_code import write_remote_code, write_stock_identity
 from .staging import discard_staging, staging_dir
+from .substitution import substitution_output, write_substitution_config
 from .write_error import write_error
 
 #: Tokenizer-config keys that describe how this process loaded the tokenizer, not the tokenizer:
@@ -85,15 +86,19 @@ def save_compressed(
     """
     out = Path(out)
     check_output_dir(out, overwrite, [getattr(model, "name_or_path", None)])
+    substitution = substitution_output(model, rewritten=transform is not None)
     work = staging_dir(out, "partial")
     staging = work / out.name
     try:
         with step(f"writing {out}"):
-            write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes, transform)
+            write_model(staging, model, model_groups(model) if groups is None else groups, max_shard_bytes,
+                        substitution[0] if substitution is not None else transform)
         if needs_remote_code(model):
             write_remote_code(staging, model)
         else:
             write_stock_identity(staging, model)
+        if substitution is not None:
+            write_substitution_config(staging, substitution[1])
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
             _drop_loading_keys(staging / "tokenizer_config.json")

@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from ..arch.catalog import MULTIMODAL_KEYS, auto_model_class, stock_classes
-from ..runtime import standard_per_layer_config
+from ..runtime import is_substitution, standard_per_layer_config
 
 TEMPLATES = Path(__file__).parent / "templates"
 RUNTIME_SOURCE = Path(__file__).parent.parent / "runtime.py"
@@ -37,14 +37,17 @@ AUTO_MAP = {
 #: the key of `config.moe_compress` that lists those tensors.
 PER_EXPERT_CLASS = f"{MODEL_MODULE}.MoECompressPerExpertForCausalLM"
 PER_EXPERT_KEY = "per_expert_tensors"
+#: The class for checkpoints in the expert-substitution format (`sink.substitution`).
+SUBSTITUTED_CLASS = f"{MODEL_MODULE}.MoECompressSubstitutedForCausalLM"
 #: The key of `config.moe_compress` that gives each routed expert's bit width, when they differ
 #: (`slimming.expert_bits`); its checkpoints' modelling file ends with `mixed_bits.py.tmpl`.
 EXPERT_BITS_KEY = "expert_bits"
 
 
-def own_auto_map(auto_class: str, per_expert: bool = False) -> dict[str, str]:
-    """Our `auto_map` for a family whose stock checkpoints load through `auto_class` (`per_expert`: fused experts stored per expert)."""
-    model_class = PER_EXPERT_CLASS if per_expert else AUTO_MAP["AutoModelForCausalLM"]
+def own_auto_map(auto_class: str, per_expert: bool = False, substituted: bool = False) -> dict[str, str]:
+    """Our `auto_map` for a family whose stock checkpoints load through `auto_class` (`per_expert`: fused experts
+    stored per expert; `substituted`: the expert-substitution format)."""
+    model_class = SUBSTITUTED_CLASS if substituted else PER_EXPERT_CLASS if per_expert else AUTO_MAP["AutoModelForCausalLM"]
     return {**AUTO_MAP, "AutoModelForCausalLM": model_class, auto_class: model_class}
 
 
@@ -112,10 +115,12 @@ def is_own_remote_code(config: dict, python_files: dict[str, bytes]) -> bool:
     """
     extra = config.get("moe_compress")
     base_type = extra.get("base_model_type") if isinstance(extra, dict) else None
-    if not isinstance(base_type, str) or config.get("model_type") != f"moe_compress_{base_type}":
+    # the expert-substitution format keeps the family's model type: serving engines pick their model by it
+    model_type = base_type if is_substitution(extra) else f"moe_compress_{base_type}"
+    if not isinstance(base_type, str) or config.get("model_type") != model_type:
         return False
     classes = stock_classes(base_type, _multimodal(config))
-    if classes is None or config.get("auto_map") != own_auto_map(classes[0], _per_expert(extra)):
+    if classes is None or config.get("auto_map") != own_auto_map(classes[0], _per_expert(extra), is_substitution(extra)):
         return False
     expected = expected_files(base_type, _multimodal(config), _mixed_bits(extra))
     if expected is None or set(python_files) != set(expected):
@@ -148,9 +153,12 @@ def write_remote_code(directory: Path, model: PreTrainedModel) -> None:
         (directory / name).write_text(text)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
-    config["model_type"] = f"moe_compress_{base_type}"
-    config["architectures"] = ["MoECompressForCausalLM"]
-    config["auto_map"] = own_auto_map(auto_model_class(model.config).__name__, _per_expert(model.config.moe_compress))
+    spec = model.config.moe_compress
+    if is_substitution(spec):  # the family's identity, for engines that read the format (`sink.substitution`)
+        config["model_type"], config["architectures"] = base_type, [_stock_class_name(model)]
+    else:
+        config["model_type"], config["architectures"] = f"moe_compress_{base_type}", ["MoECompressForCausalLM"]
+    config["auto_map"] = own_auto_map(auto_model_class(model.config).__name__, _per_expert(spec), is_substitution(spec))
     _declare_per_layer_structure(config, config["moe_compress"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -18,7 +18,7 @@ from ..arch.registry import get_adapter
 from ..errors import MoECompressError
 from ..sink.export import note_plan
 from ..plan import CondenseLayer, DropMoeLayer, KeepLayer, LayerPlan, MergeLayer, NoviceLayer, Plan
-from ..runtime import DroppedMoE, attach_novices, condense
+from ..runtime import OUTPUT_FORMAT_KEY, DroppedMoE, attach_novices, condense
 from .blocks import drop_blocks
 from .merge import merged_tensors
 from ..arch.structure import experts_per_layer, sync_config_structure
@@ -129,7 +129,7 @@ def apply_plan(model: PreTrainedModel, plan: Plan, adapter: MoEAdapter | None = 
     for lp in plan.layers:
         apply_layer_plan(layers[lp.layer], adapter, plan, lp, text_config(model.config).hidden_size)
     drop_blocks(model, adapter, sorted(plan.dropped_blocks))
-    sync_config_structure(model, adapter)
+    sync_config_structure(model, adapter, plan.meta.get(OUTPUT_FORMAT_KEY))
     note_plan(model, plan)
     return model
 
