@@ -3,11 +3,13 @@
     python bench/fit.py --model ref-mixtral --model ref-deepseek --fraction 0.5 --fraction 0.35 --fraction 0.25
 
 Per (model, fraction): `mc.fit(model, target_ratio=fraction)`; every candidate it measured (its
-solver optimum per bit width, front points, and the single methods that fit: REAP alone at the
-smallest layer ratio that fits, 8-bit alone, 4-bit alone) with bytes, proxy, held-out KL, top-1
-and perplexity, the Spearman correlation of proxy and KL, the chosen one and the wall time of the
-whole fit and of one REAP prune with the same calibration (statistics cache off for both).
-Results: bench/results/fit.json and bench/results/fit.md.
+solver optimum, front points, and the single methods that fit: REAP alone at the smallest layer
+ratio that fits, 8-bit alone, 4-bit alone -- the routed experts, or every decoder weight where
+that alone fits) with bytes, proxy, held-out KL, top-1 and perplexity, the Spearman correlation of
+proxy and KL, the chosen one, whether its KL is strictly lower than every single method's that
+fits, and the wall time of the whole fit (per phase: `FitResult.seconds`) against one REAP prune
+(`Prune("reap", ratio=0.25)`) with the same calibration, both with a cold statistics cache and
+after the library's imports. Results: bench/results/fit.json and bench/results/fit.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MOE_COMPRESS_QUIET", "1")
 
 import moe_compress as mc  # noqa: E402
+from moe_compress.fitting import api, measure, proxies, search, simulate, write  # noqa: E402,F401  (imported before any timing)
 from moe_compress.fitting.report import report_dict  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,27 +46,57 @@ def _one(model: str, fraction: float, samples: int, windows: int) -> dict:
         mc.compress(model, [mc.Prune("reap", ratio=0.25)], calib=calib, out=Path(scratch) / "reap")
         prune_seconds = time.perf_counter() - start
     report = report_dict(result)
-    return {"model": model, "fraction": fraction, "fit_seconds": round(fit_seconds, 1), "reap_prune_seconds": round(prune_seconds, 1), **report}
+    return {"model": model, "fraction": fraction, "fit_seconds": round(fit_seconds, 1), "reap_prune_seconds": round(prune_seconds, 1),
+            "fit_over_reap": round(fit_seconds / prune_seconds, 2), "fit_phase_seconds": result.seconds, **_versus_single(report), **report}
+
+
+def _versus_single(report: dict) -> dict:
+    """Whether the chosen candidate's KL is strictly lower than every single method's that fits (None: none fits).
+    A single method the chosen allocation equals (an alias) is not beaten."""
+    chosen = next(c for c in report["candidates"] if c["name"] == report["chosen"])
+    single = [(name, c["kl"]) for c in report["candidates"] for name in [c["name"], *c["aliases"]] if " alone" in name]
+    if not single:
+        return {"strictly_below_single_methods": None, "best_single_method": None}
+    name, kl = min(single, key=lambda entry: entry[1])
+    beaten = chosen["kl"] < kl and not any(" alone" in n for n in [chosen["name"], *chosen["aliases"]])
+    return {"strictly_below_single_methods": beaten, "best_single_method": name}
 
 
 def _markdown(rows: list[dict], command: str) -> str:
     lines = ["# fit: the best model under a byte budget", "", f"Command: `{command}`", "",
              "Every candidate is measured in the same run (held-out KL / top-1 / perplexity against the original on the test split "
              "of the bundled domains). Single methods: the rows named '... alone' (or listed after '=' when the search's optimum "
-             "is the same allocation). Bit widths are searched per MoE layer (16 / 8 / 4, written by the quantize stage's expert_bits); expert counts per layer by the criterion's scores.", ""]
+             "is the same allocation). Bit widths are searched per MoE layer (16 / 8 / 4, written by the quantize stage's expert_bits); expert counts per layer by the criterion's scores; the other decoder weights (attention, shared experts, dense MLPs) at 16 / 8 / 4 bits as one global choice ('other weights'; quantize's scope \"all\"). Candidates are measured with their quantisation rounded in memory (bit-identical logits to the packed checkpoint reloaded, tests/test_fit_measure.py) against the original's log-probabilities computed once.", ""]
     for row in rows:
         if "refused" in row:
             lines += [f"## {row['model']} at {row['fraction']:.0%}", "", f"refused before calibrating: {row['refused']}", ""]
             continue
         lines += [f"## {row['model']} at {row['fraction']:.0%} of {row['original_bytes']} bytes (budget {row['weight_budget']})", "",
                   f"chosen: **{row['chosen']}**; Spearman(proxy, KL) = {row['spearman_proxy_vs_kl']}; "
-                  f"fit {row['fit_seconds']} s vs one REAP prune {row['reap_prune_seconds']} s", "",
-                  "| candidate | bytes | proxy | KL | top-1 | ppl |", "|---|---:|---:|---:|---:|---:|"]
+                  f"fit {row['fit_seconds']} s vs one REAP prune {row['reap_prune_seconds']} s (x{row['fit_over_reap']}; fit's phases: "
+                  + ", ".join(f"{k} {v} s" for k, v in row["fit_phase_seconds"].items()) + ")", "",
+                  f"strictly lower KL than every single method that fits: **{_verdict(row)}**", "",
+                  "| candidate | bytes | other weights | proxy | KL | top-1 | ppl |", "|---|---:|---:|---:|---:|---:|---:|"]
         for c in row["candidates"]:
             name = c["name"] + (f" (= {', '.join(c['aliases'])})" if c["aliases"] else "")
-            lines.append(f"| {name} | {c['bytes']} | {c['proxy']:.4g} | {c['kl']:.4g} | {c['top1']:.4f} | {c['perplexity']:.3f} |")
+            lines.append(f"| {name} | {c['bytes']} | {c['other_bits']} bits | {c['proxy']:.4g} | {c['kl']:.4g} | {c['top1']:.4f} | {c['perplexity']:.3f} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, *_summary(rows)])
+
+
+def _verdict(row: dict) -> str:
+    if row["strictly_below_single_methods"] is None:
+        return "no single method fits (only fit reaches this budget)"
+    return f"{'yes' if row['strictly_below_single_methods'] else 'no'} (best single method: {row['best_single_method']})"
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    """One line per cell: time ratio and the comparison with the single methods."""
+    lines = ["## Summary", "", "| cell | fit / REAP time | strictly lower KL than every single method that fits |", "|---|---:|---|"]
+    for row in rows:
+        cell = f"{row['model']} at {row['fraction']:.0%}"
+        lines.append(f"| {cell} | refused | {row['refused']} |" if "refused" in row else f"| {cell} | {row['fit_over_reap']} | {_verdict(row)} |")
+    return [*lines, ""]
 
 
 def main() -> None:

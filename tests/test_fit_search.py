@@ -188,10 +188,29 @@ def test_unreachable_budget_is_refused_before_calibration(tiny, monkeypatch):
     monkeypatch.setattr("moe_compress.source.load.load_model", _never)
     sizes = checkpoint_sizes(tiny)
     top_k = 2
-    smallest = sizes.fixed + sum(candidate_bytes(layer, top_k, 4) for layer in sizes.layers.values())
-    with pytest.raises(MoECompressError, match=rf"below the smallest size fit can reach, .* \({smallest} bytes: every MoE layer at {top_k} experts, 4 bits\)"):
+    others = sum(block[4] - block[16] for block in sizes.others.values())  # attention at 4 bits too
+    smallest = sizes.fixed + others + sum(candidate_bytes(layer, top_k, 4) for layer in sizes.layers.values())
+    with pytest.raises(MoECompressError, match=rf"below the smallest size fit can reach, .* \({smallest} bytes: every MoE layer at {top_k} experts, "
+                                               r"4 bits, the other decoder weights at 4 bits too\)"):
         mc.fit(str(tiny), memory=smallest - 1)
     assert fit_api.plan_budget(str(tiny), memory=smallest).smallest_bytes == smallest  # exactly the smallest is reachable
+
+
+def test_a_budget_only_lowering_attention_reaches_is_reached(tiny, tmp_path):
+    """Below every allocation of the routed experts alone (each layer at 2 experts, 4 bits, attention as stored), fit
+    lowers the other decoder weights too (quantize's scope "all"): the written model fits, weighs its prediction, and
+    its card shows the search (the allocation, the other weights' width, every candidate measured)."""
+    sizes = checkpoint_sizes(tiny)
+    experts_only = sizes.fixed + sum(candidate_bytes(layer, 2, 4) for layer in sizes.layers.values())
+    result = mc.fit(str(tiny), memory=experts_only - 1, calib=TINY_CALIB, out=tmp_path / "out", windows=2, seq_len=32)
+    best = result.best
+    quantize = best.stages[-1]
+    assert best.other_bits in (8, 4) and quantize.kind == "quantize" and quantize.scope == "all" and quantize.bits == best.other_bits
+    assert tensor_bytes(tmp_path / "out") == best.bytes == best.measured["written_bytes"] < experts_only
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Budget search" in card and "| MoE layer | experts kept | bits |" in card
+    assert f"Other decoder weights (attention, shared experts, dense MLPs): {best.other_bits} bits." in card
+    assert all(f"| {c.bytes} | {c.proxy:.4g} | {c.measured['kl']:.4g} |" in card for c in result.candidates)
 
 
 def test_dry_run_calibrates_nothing(tiny, monkeypatch):
@@ -211,6 +230,7 @@ def test_command_dry_run_prints_the_search_space(tiny, monkeypatch, capsys):
     assert printed[0] == f"original weights: {sizes.total} bytes ({printed[0].split('(')[1]}"
     assert f"weights may take: {sizes.total // 2} bytes" in printed[2]
     assert printed[4].startswith("search space: 3 MoE layers, each keeping 2..8 experts (step 1), at 16 / 8 / 4 bits")
+    assert printed[5] == "other decoder weights (attention, shared experts, dense MLPs): 16 / 8 / 4 bits"
     with pytest.raises(MoECompressError, match=r"give --out DIR"):
         fit_command(str(tiny), target_ratio=0.5)
 
@@ -237,9 +257,12 @@ def test_the_written_plan_replays_the_artifact(tiny, tmp_path):
 
     from moe_compress.cli import app
 
-    result = mc.fit(str(tiny), target_ratio=0.5, calib=TINY_CALIB, out=tmp_path / "fit", windows=2, seq_len=32)
+    sizes = checkpoint_sizes(tiny)
+    every_expert_at_4_bits = sizes.fixed + sum(block[4] - block[16] for block in sizes.others.values()) + sum(
+        candidate_bytes(layer, layer.experts, 4) for layer in sizes.layers.values())
+    result = mc.fit(str(tiny), memory=every_expert_at_4_bits - 1, calib=TINY_CALIB, out=tmp_path / "fit", windows=2, seq_len=32)
     kinds = [stage.kind for stage in result.best.stages]
-    assert kinds == ["prune", "quantize"], kinds  # at half the bytes this model needs both
+    assert kinds == ["prune", "quantize"], kinds  # below every weight at 4 bits this model needs both
     replay = CliRunner().invoke(app, ["prune", str(tiny), "--plan-in", str(tmp_path / "fit" / "plans" / "01-prune.json"),
                                       "--out", str(tmp_path / "pruned"), "--no-guard"])
     assert replay.exit_code == 0, replay.output

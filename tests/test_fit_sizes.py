@@ -8,7 +8,8 @@ import pytest
 
 from helpers import tensor_bytes
 
-from moe_compress import KeepLayer, MoECompressError, Plan, compress, quantize
+from moe_compress import KeepLayer, MoECompressError, Plan, Quantize, compress, quantize
+from moe_compress.stages.footprint import Footprint
 from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes, packed_weight_bytes
 from moe_compress.source.load import BUNDLED_MODELS
 from moe_compress.methods.expert_pruning import routing_limits
@@ -105,3 +106,29 @@ def test_candidate_bytes_refusals(sizes):
     with pytest.raises(MoECompressError, match=r"bit width must be one of 16, 8, 4; got 3"):
         candidate_bytes(layer, 1, 3)
     assert candidate_bytes(layer, 0, 4) == layer.router_fixed
+
+
+@pytest.mark.parametrize("name, expert_bits", [("ref-deepseek", {1: 8, 3: 16}), ("ref-mixtral", None)])
+def test_scope_all_saves_the_predicted_bytes(name, expert_bits, tmp_path):
+    """Quantize's scope "all" (attention, shared experts and dense MLPs packed too, at the experts' group size):
+    predicted exactly, with per-layer expert widths beside it; by hand, the other weights' bytes of ref-mixtral's
+    first block: q/k/v/o [192, 192], [64, 192], [64, 192], [192, 192] bf16 = 196,608 bytes, at 4 bits with groups of 64
+    each [out, in] weighs out x in/8 + out x 3 x 2 + 16."""
+    found = checkpoint_sizes(name)
+    stage = Quantize(bits=4, scope="all", expert_bits=expert_bits)
+    footprint = stage.predict(Footprint.of(found))
+    quantize(name, tmp_path / "q", **stage.settings())
+    assert footprint.exact and footprint.other_bits == 4 and tensor_bytes(tmp_path / "q") == footprint.bytes
+    if name == "ref-mixtral":
+        shapes = [(192, 192), (64, 192), (64, 192), (192, 192)]
+        assert found.others[0] == {16: sum(o * i * 2 for o, i in shapes), 8: sum(o * i + o * 3 * 2 + 16 for o, i in shapes),
+                                   4: sum(o * i // 2 + o * 3 * 2 + 16 for o, i in shapes)} == {16: 196608, 8: 101440, 4: 52288}
+
+
+def test_scope_all_where_the_group_does_not_divide_every_width_is_an_estimate(tmp_path):
+    """tiny qwen2_moe: its shared expert is 24 wide, the experts' group 16 does not divide it, so scope "all" would pack
+    at another group: the sizes do not price those weights and the prediction says it is an estimate."""
+    source = save_tiny_checkpoint(tmp_path / "source", "qwen2_moe")
+    found = checkpoint_sizes(source)
+    assert found.group_size == 16 and found.others == {}
+    assert not Quantize(bits=4, scope="all").predict(Footprint.of(found)).exact

@@ -18,6 +18,7 @@ In order, each step only when the one before it succeeded:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ class FitResult:
     front: dict = field(default_factory=dict)  # bits -> [(bytes, proxy)]: the predicted curve (sweep)
     output_dir: Path | None = None
     unchanged: bool = False
+    # wall seconds per phase (sizes, load, calibration, reference, candidates, write): what a fit spends its time on;
+    # for benchmarks and progress, never written into the output (its bytes do not depend on time)
+    seconds: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def weight_budget(self) -> int:
@@ -91,7 +95,8 @@ def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None,
         fewest = min(min(counts) for counts in floors.values())
         raise MoECompressError(
             f"the budget leaves {human_bytes(max(result.weight_budget, 0))} for the weights{cache}, below the smallest size fit can reach, "
-            f"{human_bytes(result.smallest_bytes)} ({result.smallest_bytes} bytes: every MoE layer at {fewest} experts, {min(BITS)} bits); "
+            f"{human_bytes(result.smallest_bytes)} ({result.smallest_bytes} bytes: every MoE layer at {fewest} experts, {min(BITS)} bits"
+            + (f", the other decoder weights at {min(BITS)} bits too" if sizes.others else "") + "); "
             "raise --memory" + (" or shorten --context." if context is not None else ".")
         )
     result.unchanged = result.weight_budget >= sizes.total
@@ -131,14 +136,18 @@ def fit(
 
     say, show = say or (lambda line: None), show or (lambda line: None)
     check_method(method)
+    start = time.perf_counter()
     result = plan_budget(model, memory, target_ratio, context, batch, min_keep, trust_remote_code)
+    result.seconds["sizes"] = _since(start)
     if out is not None:
         check_output_dir(out, overwrite, [model])
     if dry_run:
         return result
     from ..source.load import load_model
 
+    start = time.perf_counter()
     loaded, tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    result.seconds["load"] = _since(start)
     if result.unchanged:
         say(f"the original ({human_bytes(result.original_bytes)}) fits the budget of {human_bytes(result.weight_budget)} for weights: nothing to do")
         if out is not None:
@@ -152,8 +161,14 @@ def fit(
     if out is not None:
         from .write import write_best
 
+        start = time.perf_counter()
         result.output_dir = write_best(loaded, tokenizer, batches, Path(out), overwrite, device, result, str(model))
+        result.seconds["write"] = _since(start)
     return result
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 2)
 
 
 def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
@@ -163,26 +178,31 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, m
 
     from ..arch.registry import get_adapter
     from ..engine.statistics import collect_statistics
-    from .measure import held_out_windows, measure
-    from .proxies import layer_proxies, proxy_statistics
+    from .measure import Reference, held_out_windows, measure
+    from .proxies import layer_proxies, other_costs, proxy_statistics
     from .report import front_lines
     from .search import candidates, sweep as front_of
 
     sizes = result.sizes
     adapter = get_adapter(loaded)
+    start = time.perf_counter()
     stats, _ = collect_statistics(loaded, batches, proxy_statistics(method, sizes.group_size), cache_dir, device)
     proxies = layer_proxies(method, adapter, loaded.config, stats, sizes.group_size, min_keep)
     if sweep:
         result.front = {bits: [(point.bytes, point.cost) for point in points] for bits, points in front_of(sizes, result.floors, proxies).items()}
         for line in front_lines(result.front):
             show(line)
-    result.candidates = candidates(sizes, result.floors, proxies, result.weight_budget, method)
-    held_out = held_out_windows(tokenizer, loaded.config, windows, seq_len)
+    others = other_costs(loaded, adapter, sizes.group_size) if sizes.others else {16: 0.0}
+    result.candidates = candidates(sizes, result.floors, proxies, result.weight_budget, method, others)
+    result.seconds["calibration"], start = _since(start), time.perf_counter()
+    reference = Reference.of(loaded, held_out_windows(tokenizer, loaded.config, windows, seq_len))
+    result.seconds["reference"], start = _since(start), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-compress-fit-", dir=out.parent if out is not None else None) as scratch:
         for number, candidate in enumerate(result.candidates, 1):
-            measured = measure(candidate, loaded, tokenizer, batches, held_out, Path(scratch) / f"candidate-{number}", device)
+            measured = measure(candidate, loaded, tokenizer, batches, reference, sizes.group_size, Path(scratch) / f"candidate-{number}", device)
             if result.best is None or (measured["kl"], candidate.bytes) < (result.best.measured["kl"], result.best.bytes):
                 result.best = candidate
             say(f"measured {number}/{len(result.candidates)}: {candidate.name}: {human_bytes(candidate.bytes)}, KL {measured['kl']:.4g}, "
                 f"top-1 {measured['top1']:.3f}, ppl {measured['perplexity']:.3f} (proxy {candidate.proxy:.4g}); "
                 f"best so far: {result.best.name}, KL {result.best.measured['kl']:.4g}")
+    result.seconds["candidates"] = _since(start)

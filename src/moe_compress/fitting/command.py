@@ -35,6 +35,8 @@ def _space(result) -> list[str]:
         f"search space: {len(result.floors)} MoE layers, each keeping "
         + "; ".join(f"{low}..{high} experts (step {step})" for low, high, step in sorted(counts))
         + f", at {' / '.join(map(str, BITS))} bits",
+        "other decoder weights (attention, shared experts, dense MLPs): "
+        + (f"{' / '.join(map(str, BITS))} bits" if result.sizes.others else "as stored (the experts' group size does not divide their widths)"),
     ]
     if result.unchanged:
         lines.append("the original fits: it would be written unchanged")

@@ -108,3 +108,26 @@ def layer_proxies(
         rounding = {16: torch.zeros(s.numel(), dtype=torch.float64)} | {b: errors[:, i].double() for i, b in enumerate(ROUNDED_BITS)}
         proxies[layer] = LayerProxy(layer, stats[layer][ENERGY].double(), rounding, kept)
     return proxies
+
+
+@torch.no_grad()
+def other_costs(model, adapter: MoEAdapter, group: int) -> dict[int, float]:
+    """What rounding the decoder weights besides the routed experts (quantize's scope "all": attention,
+    shared experts, dense MLPs) costs at each width: per 2-D weight W, ||Q_b(W) - W||^2 / ||W||^2, summed.
+
+    That is the relative output error W adds for inputs of equal energy in every direction -- a
+    weight-space estimate, unlike the experts' costs measured on routed calibration tokens: real
+    inputs concentrate in few directions, so it tends to overstate the error, and fit lowers these
+    weights only where that buys more than it costs by this measure (the measured KL has the last word).
+    """
+    from ..slimming.quantize import parameter_roles
+    from ..walk.rounding import round_to_nearest
+
+    parameters = dict(model.named_parameters())
+    weights = [parameters[name] for name, role in parameter_roles(model, adapter).items()
+               if role in ("attention", "shared", "dense") and name in parameters and parameters[name].dim() == 2]
+    costs = {16: 0.0}
+    for bits in ROUNDED_BITS:
+        costs[bits] = sum(float((round_to_nearest(w, bits, group).double() - w.double()).pow(2).sum() / w.double().pow(2).sum().clamp_min(1e-300))
+                          for w in weights)
+    return costs

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..text.fit_card import FIT_REPORT_FILE, allocation_lines, candidate_lines, spearman_line
 from ..text.format import human_bytes
 
 if TYPE_CHECKING:
@@ -79,16 +80,8 @@ def markdown(report: dict) -> str:
         return "\n".join([*lines, "The original fits: written unchanged.", ""])
     chosen = next((c for c in report["candidates"] if c["name"] == report["chosen"]), None)
     if chosen:
-        lines += [f"## Chosen: {chosen['name']}", "", "| MoE layer | experts kept | bits |", "|---:|---:|---:|"]
-        lines += [f"| {layer} | {c['keep']} | {c['bits']} |" for layer, c in chosen["allocation"].items()]
-        lines.append("")
-    lines += ["## Candidates measured", "", "| candidate | bytes | proxy | KL | top-1 | ppl | saved bytes |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for c in report["candidates"]:
-        name = c["name"] + (f" (= {', '.join(c['aliases'])})" if c["aliases"] else "") + (" **chosen**" if c["name"] == report["chosen"] else "")
-        numbers = (f"{c['kl']:.4g} | {c['top1']:.4f} | {c['perplexity']:.3f} | {c['saved_bytes']}" if "kl" in c else "- | - | - | -")
-        lines.append(f"| {name} | {c['bytes']} | {c['proxy']:.4g} | {numbers} |")
-    rho = report["spearman_proxy_vs_kl"]
-    lines += ["", f"Spearman rank correlation, proxy vs measured KL: {'n/a (fewer than 3 distinct points)' if rho is None else f'{rho:.3f}'}", ""]
+        lines += [f"## Chosen: {chosen['name']}", "", *allocation_lines(chosen), ""]
+    lines += ["## Candidates measured", "", *candidate_lines(report), "", spearman_line(report), ""]
     return "\n".join(lines)
 
 
@@ -131,7 +124,7 @@ def write_report(result: FitResult, directory: Path) -> dict:
     import json
 
     report = report_dict(result)
-    (directory / "fit_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / FIT_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (directory / "fit_report.md").write_text(markdown(report))
     report["plot"] = str(plot(report, directory / "fit_report.png") or "") or None
     return report

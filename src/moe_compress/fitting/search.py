@@ -1,19 +1,24 @@
 """From sizes and proxies to the few allocations worth measuring, each as the stages that make it.
 
 Per MoE layer the options are every (kept count, bit width) pair: bytes exact from the shard
-headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`). The solver
-(`fitting.solver.solve`) picks one per layer under the weight budget. What is then measured:
+headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`). Besides, one
+global choice: the width of the other decoder weights (attention, shared experts, dense MLPs;
+quantize's scope "all"), 16 / 8 / 4 where the sizes know their packed bytes
+(`CheckpointSizes.others`), priced by `proxies.other_costs`; it moves the fixed part. The solver
+(`fitting.solver.solve`) picks one option per layer under the weight budget, once per width of the
+other weights, and the allocation of least total proxy wins. What is then measured:
 
 * the solver's optimum over every (experts kept, width) pair per layer -- widths mix across layers,
   written by the quantize stage's per-layer `expert_bits` (`PER_LAYER_BITS`);
 * the front points (`fitting.solver.front`) just under the budget around that optimum, in case the
   proxy ranks near neighbours wrongly;
 * the single-method configurations at the same budget, which the search must beat to be worth
-  anything: the method alone at the smallest layer ratio that fits, and 8-bit / 4-bit alone.
+  anything: the method alone at the smallest layer ratio that fits, and 8-bit / 4-bit alone (the
+  routed experts, or where that does not fit, every decoder weight: quantize's scope "all").
 
 Each allocation becomes a list of stages -- `Prune(method, budget="explicit", keep=...)` then
-`Quantize(bits=..., scope="experts")` -- that `pipeline.run_stages` runs; their `predict` gives
-the same bytes as the table (asserted), so what is measured is what fits.
+`Quantize(bits=..., scope="experts" or "all")` -- that `pipeline.run_stages` runs; their `predict`
+gives the same bytes as the table (asserted), so what is measured is what fits.
 """
 
 from __future__ import annotations
@@ -54,12 +59,18 @@ class Candidate:
     bytes: int  # predicted saved weight bytes
     proxy: float
     stages: list[Stage]
-    measured: dict = field(default_factory=dict)  # kl, top1, perplexity, saved_bytes (after measuring)
+    measured: dict = field(default_factory=dict)  # kl, top1, perplexity, original_perplexity (after measuring)
     aliases: list[str] = field(default_factory=list)  # other names of the same allocation (a single method the optimum equals)
+    other_bits: int = 16  # the decoder weights besides the routed experts (16: as stored)
+
+    @property
+    def key(self) -> tuple:
+        return self.other_bits, tuple(sorted((i, c.keep, c.bits) for i, c in self.allocation.items()))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "aliases": self.aliases, "bytes": self.bytes, "proxy": self.proxy, "stages": [{s.kind: s.given()} for s in self.stages],
-                "allocation": {str(i): {"keep": c.keep, "bits": c.bits} for i, c in self.allocation.items()}, **self.measured}
+                "allocation": {str(i): {"keep": c.keep, "bits": c.bits} for i, c in self.allocation.items()}, "other_bits": self.other_bits,
+                **self.measured}
 
 
 def layer_choices(sizes: CheckpointSizes, floors: dict[int, list[int]], bits: tuple[int, ...]) -> dict[int, list[Choice]]:
@@ -74,22 +85,36 @@ def table(sizes: CheckpointSizes, choices: dict[int, list[Choice]], proxies: dic
              for c in layer_choices] for layer, layer_choices in choices.items()]
 
 
+def other_widths(sizes: CheckpointSizes) -> tuple[int, ...]:
+    """The widths the other decoder weights may take: every width where their packed bytes are known, else as stored."""
+    return BITS if sizes.others else (16,)
+
+
+def fixed_bytes(sizes: CheckpointSizes, other_bits: int) -> int:
+    """The fixed part with the other decoder weights at `other_bits`."""
+    return sizes.fixed - sum(block[16] - block[other_bits] for block in sizes.others.values())
+
+
 def smallest(sizes: CheckpointSizes, floors: dict[int, list[int]]) -> int:
-    """The smallest saved size any allocation reaches: every layer at its fewest experts and fewest bits."""
-    return smallest_bytes(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None), sizes.fixed)
+    """The smallest saved size any allocation reaches: every layer at its fewest experts and fewest bits, the other weights too."""
+    return smallest_bytes(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None), fixed_bytes(sizes, min(other_widths(sizes))))
 
 
-def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: str) -> list[Stage]:
-    """The stages that make `allocation`: an explicit prune where a layer drops experts, a quantize where bits drop."""
+def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: str, other_bits: int = 16) -> list[Stage]:
+    """The stages that make `allocation`: an explicit prune where a layer drops experts, a quantize where bits drop
+    (scope "all" at `other_bits` when the other decoder weights are lowered, every MoE layer at another width named)."""
     stages: list[Stage] = []
     if any(c.keep < sizes.layers[i].experts for i, c in allocation.items()):
         stages.append(Prune(method, budget="explicit", keep={i: c.keep for i, c in allocation.items()}))
     widths = [c.bits for c in allocation.values()]
-    if set(widths) != {16}:
+    if other_bits != 16:
+        named = {i: c.bits for i, c in allocation.items() if c.bits != other_bits}
+        stages.append(Quantize(bits=other_bits, scope="all", **({"expert_bits": named} if named else {})))
+    elif set(widths) != {16}:
         # the commonest lowered width is the stage's own; every layer at another width is named
         default = max(sorted({b for b in widths if b != 16}), key=widths.count)
-        others = {i: c.bits for i, c in allocation.items() if c.bits != default}
-        stages.append(Quantize(bits=default, scope="experts", **({"expert_bits": others} if others else {})))
+        named = {i: c.bits for i, c in allocation.items() if c.bits != default}
+        stages.append(Quantize(bits=default, scope="experts", **({"expert_bits": named} if named else {})))
     return stages
 
 
@@ -100,34 +125,41 @@ def predicted_bytes(stages: list[Stage], sizes: CheckpointSizes) -> int:
     return footprint.bytes
 
 
-def _candidate(name: str, rows: list[list[Option]], picked: Allocation, choices: dict[int, list[Choice]], sizes: CheckpointSizes,
-               method: str) -> Candidate:
+def _candidate(name: str, picked: Allocation, choices: dict[int, list[Choice]], sizes: CheckpointSizes, method: str, other_bits: int,
+               other_cost: float) -> Candidate:
     allocation = {layer: choices[layer][j] for layer, j in zip(choices, picked.choices)}
-    stages = stages_for(allocation, sizes, method)
+    stages = stages_for(allocation, sizes, method, other_bits)
     assert predicted_bytes(stages, sizes) == picked.bytes, "the stages' prediction disagrees with the solver's table"
-    return Candidate(name, allocation, picked.bytes, picked.cost, stages)
+    return Candidate(name, allocation, picked.bytes, picked.cost + other_cost, stages, other_bits=other_bits)
 
 
-def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str) -> list[Candidate]:
-    """The solver's optimum per width table (one table over every width with `PER_LAYER_BITS`), and
-    `FRONT_POINTS` front points under the budget beside the best of them."""
+def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
+           others: dict[int, float]) -> list[Candidate]:
+    """The solver's optimum per width table (one table over every width with `PER_LAYER_BITS`), each at the width
+    of the other weights (`others`: width -> proxy cost) of least total proxy, and `FRONT_POINTS` front points under
+    the budget beside the best of them."""
     tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
     found: list[tuple[Candidate, list[list[Option]], dict[int, list[Choice]]]] = []
     for widths in tables:
         choices = layer_choices(sizes, floors, widths)
         rows = table(sizes, choices, proxies)
-        if smallest_bytes(rows, sizes.fixed) > budget:
-            continue
         name = "fit" if PER_LAYER_BITS else f"fit, {widths[0]}-bit"
-        found.append((_candidate(name, rows, solve(rows, budget, sizes.fixed), choices, sizes, method), rows, choices))
+        options = [_candidate(name, solve(rows, budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
+                   for bits in other_widths(sizes) if smallest_bytes(rows, fixed_bytes(sizes, bits)) <= budget]
+        if options:
+            found.append((min(options, key=lambda c: c.proxy), rows, choices))
     best, rows, choices = min(found, key=lambda entry: entry[0].proxy)
-    nearby = [point for point in front(rows, sizes.fixed) if point.bytes <= budget and point.labels != tuple(c.label for c in best.allocation.values())]
-    extra = [_candidate(f"{best.name} (front {n})", rows, point, choices, sizes, method) for n, point in enumerate(nearby[:FRONT_POINTS], 1)]
+    fixed = fixed_bytes(sizes, best.other_bits)
+    nearby = [point for point in front(rows, fixed) if point.bytes <= budget and point.labels != tuple(c.label for c in best.allocation.values())]
+    extra = [_candidate(f"{best.name} (front {n})", point, choices, sizes, method, best.other_bits, others[best.other_bits])
+             for n, point in enumerate(nearby[:FRONT_POINTS], 1)]
     return [entry[0] for entry in found] + extra
 
 
-def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str) -> list[Candidate]:
-    """The method alone at the smallest layer ratio that fits (one kept count for every layer), and each width alone, where they fit."""
+def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
+                   others: dict[int, float]) -> list[Candidate]:
+    """The method alone at the smallest layer ratio that fits (one kept count for every layer), and each width alone
+    (the routed experts, or where that does not fit every decoder weight), where they fit."""
     found = []
     experts = {layer.experts for layer in sizes.layers.values()}
     counts = set.intersection(*(set(f) for f in floors.values())) if len(experts) == 1 else set()
@@ -143,10 +175,12 @@ def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies
             break
     for bits in BITS[1:]:
         allocation = {layer: Choice(sizes.layers[layer].experts, bits) for layer in sizes.layers}
-        stages = stages_for(allocation, sizes, method)
-        size = predicted_bytes(stages, sizes)
-        if size <= budget:
-            found.append(Candidate(f"{bits}-bit alone", allocation, size, _proxy(proxies, allocation), stages))
+        for other_bits, name in ((16, f"{bits}-bit alone"), (bits, f"{bits}-bit alone, every decoder weight")):
+            stages = stages_for(allocation, sizes, method, other_bits)
+            size = predicted_bytes(stages, sizes)
+            if size <= budget and other_bits in other_widths(sizes):
+                found.append(Candidate(name, allocation, size, _proxy(proxies, allocation) + others[other_bits], stages, other_bits=other_bits))
+                break
     return found
 
 
@@ -154,11 +188,13 @@ def _proxy(proxies: dict[int, LayerProxy], allocation: dict[int, Choice]) -> flo
     return sum(proxies[layer].cost(c.keep, c.bits) for layer, c in allocation.items())
 
 
-def candidates(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str) -> list[Candidate]:
-    """What to measure, in order (see the module docstring); equal allocations are measured once, under their first name."""
+def candidates(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
+               others: dict[int, float]) -> list[Candidate]:
+    """What to measure, in order (see the module docstring); equal allocations are measured once, under their first name.
+    `others`: the other decoder weights' proxy cost per width (`proxies.other_costs`; {16: 0.0} where they stay)."""
     unique: dict[tuple, Candidate] = {}
-    for candidate in [*solved(sizes, floors, proxies, budget, method), *single_methods(sizes, floors, proxies, budget, method)]:
-        first = unique.setdefault(tuple(sorted((i, c.keep, c.bits) for i, c in candidate.allocation.items())), candidate)
+    for candidate in [*solved(sizes, floors, proxies, budget, method, others), *single_methods(sizes, floors, proxies, budget, method, others)]:
+        first = unique.setdefault(candidate.key, candidate)
         if first is not candidate:
             first.aliases.append(candidate.name)
     return list(unique.values())

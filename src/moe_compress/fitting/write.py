@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError
 from ..source.checkpoint import Checkpoint
+from ..sink.model_card import write_model_card
 from ..sink.save import publish, save_compressed
 from ..sink.staging import discard_staging, staging_dir
 from ..pipeline import run_stages
@@ -30,6 +31,7 @@ def search_record(result: FitResult) -> dict:
         "weight_budget": result.weight_budget,
         "chosen": best.name if best else None,
         "allocation": {str(i): [c.keep, c.bits] for i, c in best.allocation.items()} if best else {},
+        "other_bits": best.other_bits if best else 16,
         "stages": [{s.kind: s.given()} for s in best.stages] if best else [],
         "candidates": [{"name": c.name, "bytes": c.bytes, "proxy": c.proxy, "kl": c.measured.get("kl")} for c in result.candidates],
     }
@@ -56,6 +58,7 @@ def write_best(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
         result.best.measured["written_bytes"] = saved
         _record_in_plans(staged, result)
         write_report(result, staged)
+        write_model_card(staged)  # again: the card now shows the search (`text.fit_card`)
         publish(staged, out, overwrite)
     finally:
         discard_staging(work)
@@ -68,6 +71,7 @@ def write_unchanged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase |
     try:
         staged = save_compressed(model, work / "result", tokenizer, overwrite=True)
         write_report(result, staged)
+        write_model_card(staged)
         publish(staged, out, overwrite)
     finally:
         discard_staging(work)

@@ -38,6 +38,7 @@ from .. import __version__
 from ..errors import warn
 from ..invocation import command_line
 from ..plan import layer_action
+from ..text.fit_card import FIT_REPORT_FILE, fit_card_lines
 from ..text.format import human_bytes, human_count, percent_change
 from ..text.markdown import code, fence, text
 from .provenance import API, PROVENANCE_FILE, read_provenance, write_provenance
@@ -339,6 +340,8 @@ def render(directory: Path, made: dict) -> str:
     out += _quality_lines(summary, report)
     out += uniform_lines(summary)
     out += _guard_lines(summary.get("guard"))
+    fit = _json(directory / FIT_REPORT_FILE)
+    out += ["", "## Budget search\n", *fit_card_lines(fit)] if "candidates" in fit else []
     out.append("")
     out.append("## How to load\n")
     shown = replace(info, quantization=text(info.quantization) if info.quantization else None).describe()

@@ -75,7 +75,7 @@ class QuantizeResult:
     summary: dict = field(default_factory=dict)
 
 
-def _parameter_roles(model: PreTrainedModel, adapter: MoEAdapter) -> dict[str, str]:
+def parameter_roles(model: PreTrainedModel, adapter: MoEAdapter) -> dict[str, str]:
     """In-memory parameter name -> role (experts, shared, attention, dense, router) for decoder weights."""
     names = {id(module): name for name, module in model.named_modules()}
     roles: dict[str, str] = {}
@@ -298,7 +298,7 @@ def quantize(
         raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
     adapter = get_adapter(model)
     check_loadable_when_packed(model, adapter)
-    roles = _parameter_roles(model, adapter)
+    roles = parameter_roles(model, adapter)
     own_names = unpackable_conversions(model, model.state_dict(keep_vars=True), {n for n, role in roles.items() if role == "experts"})
     saved, fused = _saved_keys(model, roles, own_names)
     chosen = {"experts"} if scope == "experts" else {"experts", "shared", "attention", "dense"}

@@ -5,7 +5,7 @@ each stage's `predict` returns the next one, so a dry run or a budget search can
 compositions ("prune 25 %, then 4 bits") at the cost of arithmetic. It tracks, per MoE layer,
 the routed experts kept and their bit width (or, for mixed precision, how many of them take
 each width: every expert of a layer has the same shape, so that is all the bytes depend on),
-and the decoder blocks removed.
+the width of the other decoder weights (quantize's scope "all"), and the decoder blocks removed.
 
 Exact where the stage's outcome does not depend on calibration: a layer budget's counts, bit
 widths, a drop of layers of equal size. Where it does (which layers a global budget thins,
@@ -33,6 +33,7 @@ class Footprint:
     bits: dict[int, int | dict[int, int]]  # MoE layer -> bit width of its routed experts (16: as stored), or {width: experts at it}
     dropped_blocks: frozenset[int] = field(default_factory=frozenset)
     exact: bool = True
+    other_bits: int = 16  # the decoder weights besides the routed experts (`CheckpointSizes.others`): 16 as stored
 
     @classmethod
     def of(cls, sizes: CheckpointSizes) -> Footprint:
@@ -42,7 +43,8 @@ class Footprint:
     def bytes(self) -> int:
         """Saved weight bytes: the fixed part, less removed blocks' fixed bytes, plus every remaining MoE layer's candidate."""
         moe = sum(candidate_bytes(self.sizes.layers[i], keep, self.bits[i]) for i, keep in self.keep.items())
-        return self.sizes.fixed - sum(self._block_rest(i) for i in self.dropped_blocks) + moe
+        packed = sum(sizes[16] - sizes[self.other_bits] for i, sizes in self.sizes.others.items() if i not in self.dropped_blocks)
+        return self.sizes.fixed - sum(self._block_rest(i) for i in self.dropped_blocks) + moe - packed
 
     def _block_rest(self, block: int) -> int:
         """A block's bytes besides its routed experts and router (attention, norms, shared experts)."""
@@ -57,6 +59,10 @@ class Footprint:
 
     def with_bits(self, bits: int) -> Footprint:
         return replace(self, bits={i: bits for i in self.bits})
+
+    def with_other_bits(self, bits: int) -> Footprint:
+        """The other decoder weights at `bits` (exact where the sizes know them: `CheckpointSizes.others`)."""
+        return replace(self, other_bits=bits) if self.sizes.others else replace(self, exact=False)
 
     def with_expert_widths(self, widths: dict[int, tuple[int, ...]]) -> Footprint:
         """Each kept MoE layer's experts at their own widths (`slimming.expert_bits.resolve_expert_bits`)."""

@@ -41,14 +41,16 @@ class Quantize(Stage):
             resolve_expert_bits(self.expert_bits, structure.experts, len(structure.adapter.decoder_layers(structure.model)), self.bits)
 
     def predict(self, footprint: Footprint) -> Footprint:
-        """The routed experts at `bits`, or at their `expert_bits` (exact with scope "experts" and the
-        default group size; scope "all" also packs attention: not predicted)."""
+        """The routed experts at `bits`, or at their `expert_bits`, and with scope "all" the other decoder
+        weights at `bits` (exact with the default group size, where `CheckpointSizes.others` knows them)."""
         from ..slimming.expert_bits import resolve_expert_bits
 
         result = footprint.with_bits(self.bits)
         if self.expert_bits is not None:
             result = result.with_expert_widths(resolve_expert_bits(self.expert_bits, result.keep, len(result.sizes.blocks), self.bits))
-        return result if self.scope == "experts" and self.group_size is None else result.with_keep(result.keep, exact=False)
+        if self.scope == "all":
+            result = result.with_other_bits(self.bits)
+        return result if self.group_size is None else result.with_keep(result.keep, exact=False)
 
     def run(self, context: StageContext) -> StageOutcome:
         from ..arch.registry import get_adapter

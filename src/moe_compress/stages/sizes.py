@@ -13,7 +13,10 @@ Counting rules, each the one the writer follows (checked against saved outputs i
 * 4 / 8 bits: `slimming.quantize` replaces each routed expert's 2-D `.weight` by
   compressed-tensors' pack-quantized tensors (see `packed_weight_bytes`); a fused 3-D expert
   tensor (gpt_oss, granitemoe) is stored as one such packed weight per expert, each slice
-  oriented as a Linear weight (`sink.per_expert`); biases stay.
+  oriented as a Linear weight (`sink.per_expert`); biases stay;
+* scope "all" packs, besides, every other 2-D Linear `.weight` of the decoder layers (attention,
+  shared experts, dense MLPs: `slimming.quantize.parameter_roles`), at the same group size
+  when that size divides their widths too (`CheckpointSizes.others`, per decoder block).
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class CheckpointSizes:
     group_size: int  # the quantizer's default group size for the routed experts
     layers: dict[int, LayerSizes] = field(default_factory=dict)  # MoE layers by decoder index
     blocks: dict[int, int] = field(default_factory=dict)  # every decoder layer's bytes (for block drop)
+    # decoder block -> bits -> bytes of the weights scope "all" packs besides the routed experts (16: as stored);
+    # {} where the experts' group size does not divide their widths (scope "all" would pick another group)
+    others: dict[int, dict[int, int]] = field(default_factory=dict)
 
     @property
     def fixed(self) -> int:
@@ -118,6 +124,34 @@ def _quantized_bytes(checkpoint: Checkpoint, keys: list[str], bits: int, group_s
     return total
 
 
+def _other_weights(skeleton_model, adapter, weights) -> dict[int, list[str]]:
+    """Decoder block -> the checkpoint keys of the 2-D weights scope "all" packs besides the routed experts."""
+    from ..slimming.quantize import parameter_roles
+    from ..source.residency import layers_prefix
+
+    prefix = layers_prefix(skeleton_model, adapter) + "."
+    found: dict[int, list[str]] = {}
+    for name, role in parameter_roles(skeleton_model, adapter).items():
+        if role in ("attention", "shared", "dense") and name.startswith(prefix):
+            keys = [k for k in weights.targets.get(name, []) if k.endswith(".weight") and len(weights.checkpoint.tensors[k].shape) == 2]
+            found.setdefault(int(name.removeprefix(prefix).split(".")[0]), []).extend(keys)
+    return found
+
+
+def _others(checkpoint: Checkpoint, keys: dict[int, list[str]], group: int, symmetric: bool) -> dict[int, dict[int, int]]:
+    """Per block, the bytes of `keys` as stored and packed at each width (see `CheckpointSizes.others`)."""
+    widths = {checkpoint.tensors[k].shape[1] for block in keys.values() for k in block}
+    if not keys or any(group and width % group for width in widths):
+        return {}
+
+    def packed(key: str, bits: int) -> int:
+        info = checkpoint.tensors[key]
+        return packed_weight_bytes(tuple(info.shape), bits, group, checkpoint.nbytes(key) // info.numel, symmetric)
+
+    return {block: {16: sum(checkpoint.nbytes(k) for k in block_keys)} | {bits: sum(packed(k, bits) for k in block_keys) for bits in BITS[1:]}
+            for block, block_keys in sorted(keys.items())}
+
+
 def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric: bool = True, trust_remote_code: bool = False) -> CheckpointSizes:
     """The sizes of a local checkpoint (a directory or bundled name), from its config and shard headers.
 
@@ -159,4 +193,5 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
         per_expert = sum(checkpoint.nbytes(k) for k in rows)
         fixed = sum(checkpoint.nbytes(k) for k in router if k not in rows)
         layers[index] = LayerSizes(index, count, {bits: size // count for bits, size in per_bits.items()}, per_expert // count, fixed)
-    return CheckpointSizes(checkpoint.total_bytes(), group, layers, blocks)
+    others = _others(checkpoint, _other_weights(skeleton_model, adapter, weights), group, symmetric)
+    return CheckpointSizes(checkpoint.total_bytes(), group, layers, blocks, others)

@@ -1,0 +1,50 @@
+"""A candidate's quantisation applied in memory, with the rounding the packed checkpoint loads back to.
+
+Measuring a candidate by writing its compressed-tensors checkpoint and loading it again costs a
+save, a pack, a load and a dequantisation per candidate, for weights that are bit for bit what
+round-to-nearest gives in memory: the packed integers times the stored scale, in the weights'
+dtype (`walk.rounding.round_to_nearest` is the quantizer's own scheme and scales). So `measure`
+rounds the copy it holds in place instead, and the test suite checks the logits against the
+written-and-reloaded checkpoint (`tests/test_fit_time.py`). The written model still comes from
+the real stage (`fitting.write`).
+
+Covered: what `fit` generates -- method "rtn", symmetric, widths per MoE layer (`expert_bits`
+of whole layers), scope "experts" or "all" (attention, shared experts and dense MLPs at `bits`;
+routers, embeddings and head as stored). Anything else runs the stage itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from ..arch.registry import get_adapter
+from ..stages.quantize import Quantize
+
+
+def simulated(stage: Quantize) -> bool:
+    """Whether `simulate` reproduces `stage` (see the module docstring)."""
+    layer_widths = all(isinstance(width, int) for width in (stage.expert_bits or {}).values())
+    return stage.method == "rtn" and stage.symmetric and layer_widths
+
+
+@torch.no_grad()
+def simulate(model: PreTrainedModel, stage: Quantize, group: int) -> None:
+    """Round `model`'s weights in place as `stage` packs them (`group`: the group size it writes with)."""
+    from ..slimming.quantize import parameter_roles
+    from ..walk.rounding import round_to_nearest, rounded_experts
+
+    adapter = get_adapter(model)
+    widths = stage.expert_bits or {}
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        block = adapter.moe_block(layer)
+        bits = widths.get(index, stage.bits)
+        if block is not None and bits != 16:
+            experts = adapter.experts(block)
+            for name, tensor in rounded_experts(experts, bits, group).items():
+                getattr(experts, name).copy_(tensor)
+    if stage.scope == "all":
+        parameters = dict(model.named_parameters())
+        for name, role in parameter_roles(model, adapter).items():
+            if role in ("attention", "shared", "dense") and name in parameters and parameters[name].dim() == 2:
+                parameters[name].copy_(round_to_nearest(parameters[name], stage.bits, group))
