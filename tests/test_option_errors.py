@@ -31,12 +31,6 @@ class _Positions:
     max_position_embeddings = 128
 
 
-def _raised(call) -> OptionError:
-    with pytest.raises(OptionError) as caught:
-        call()
-    return caught.value
-
-
 # (what a Python caller does wrong, the parameter at fault, the line it reads)
 PYTHON_CASES = {
     "ratio": (lambda tmp: check_ratio(1.5), "ratio", "ratio must be in [0, 1): the fraction of routed experts to remove; got 1.5."),
@@ -56,7 +50,9 @@ PYTHON_CASES = {
 @pytest.mark.parametrize("name", list(PYTHON_CASES))
 def test_python_callers_read_the_api_parameter(name, tmp_path):
     call, parameter, line = PYTHON_CASES[name]
-    error = _raised(lambda: call(tmp_path))
+    with pytest.raises(moe_compress.OptionError) as caught:
+        call(tmp_path)
+    error = caught.value
     assert error.parameter == parameter
     assert str(error) == line.format(tmp=tmp_path)
     assert "--" not in str(error)

@@ -1,6 +1,8 @@
-"""What every command shares: user errors as one line and exit 2, the verbosity flags anywhere on
-the line, and printing the blocks (tables, result lines) the library returns."""
+"""What every command shares: user errors as one line and exit 2 (the library's parameters named by the
+command's flags), the verbosity flags anywhere on the line, and printing the blocks (tables, result
+lines) the library returns."""
 
+import re
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -68,6 +70,8 @@ def error_line(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}")
 
 
+#: A parameter name that reads as a flag where the command has no option of that name.
+_PLAIN_NAME = re.compile(r"[a-z][a-z0-9_]*")
 #: Library parameters whose name is not the Python name of the command's option, with the names
 #: they may go by (the first the command has wins): the evaluation protocol is `--eval-windows` /
 #: `--eval-seq-len` beside a calibration `--seq-len`, and `eval`'s own `--max-windows` / `--seq-len`.
@@ -82,14 +86,15 @@ _OPTION_NAMES = {
 
 def flag_of(parameter: str) -> str:
     """The running command's flag for the library's `parameter` (`plan_out` -> `--plan-out`,
-    `eval_ppl` -> `--eval`, `speed.batch` -> `--speed-batch`); the name itself where the command
-    has no such option (a recipe's fields under `run`, a flag a command module passes as it is)."""
+    `eval_ppl` -> `--eval`, `speed.batch` -> `--speed-batch`). A plain name the command has no
+    option for reads as a flag too (`run`'s recipe stages: "--uniform rounds ...", as every command
+    words it); any other name is shown as it is (`calibration.seq_len`, a flag a command passes)."""
     command = _running.get()
     options = {p.name: p for p in getattr(command, "params", ()) if p.param_type_name == "option"}
     for name in (parameter, parameter.replace(".", "_"), *_OPTION_NAMES.get(parameter, ())):
         if name in options:
             return next((o for o in options[name].opts if o.startswith("--")), options[name].opts[0])
-    return parameter
+    return "--" + parameter.replace("_", "-") if _PLAIN_NAME.fullmatch(parameter) else parameter
 
 
 def user_errors(command: Callable) -> Callable:
