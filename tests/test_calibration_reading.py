@@ -69,5 +69,5 @@ def test_evaluation_windows_are_the_first_windows_read_no_further(tmp_path):
 
 def test_more_samples_than_the_source_holds_is_an_error(tmp_path):
     source = write_calibration(tmp_path / "calib.jsonl", documents=5)
-    with pytest.raises(MoECompressError, match=r"fewer than the 1000000000 requested \(--samples\)"):
+    with pytest.raises(MoECompressError, match=r"fewer than the 1000000000 requested \(samples\)\. Give more text, or lower samples or seq_len\."):
         calibration_batches(tiny_tokenizer(), CalibrationSpec(str(source), samples=1_000_000_000, seq_len=16))

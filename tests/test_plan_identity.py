@@ -80,13 +80,13 @@ def test_an_old_plan_without_identity_is_refused_unless_told_to_ignore_it(made, 
     data = json.loads((made / "reap.json").read_text())
     del data["identity"]
     (tmp_path / "old.json").write_text(json.dumps(data))
-    with pytest.raises(MoECompressError, match=r"this plan records no model identity .* pass --ignore-plan-identity"):
+    with pytest.raises(MoECompressError, match=r"this plan records no model identity .* pass ignore_plan_identity to apply it unchecked\.$"):
         compress(tiny_model("mixtral"), plan=tmp_path / "old.json")
     result = compress(tiny_model("mixtral"), plan=tmp_path / "old.json", ignore_plan_identity=True)
     assert result.plan.kept_counts() == {0: 6, 1: 6, 2: 6}
     warning = capsys.readouterr().err.strip().splitlines()
     assert warning == ["warning: this plan records no model identity (an older moe-compress wrote it, or it was built in code): applied with "
-                       "--ignore-plan-identity, checked against the model's layers and experts, not its weights."]
+                       "ignore_plan_identity, checked against the model's layers and experts, not its weights."]
 
 
 @pytest.mark.parametrize(
@@ -216,7 +216,7 @@ def test_a_zeroed_fingerprint_of_the_older_single_kind_is_refused_streamed(sourc
     plan = _edited_identity(residency_plans[False], tmp_path, _legacy("0" * 32))
     with pytest.raises(MoECompressError, match=r"plan was made for other weights .*fingerprint 0{32}"):
         _run(source, tmp_path, False, plan=plan)
-    with pytest.raises(MoECompressError, match=r"records only a content fingerprint, which this run cannot compute \(that needs the model loaded in memory: --streaming off\)"):
+    with pytest.raises(MoECompressError, match=r"records only a content fingerprint, which this run cannot compute \(that needs the model loaded in memory: streaming off\)"):
         _run(source, tmp_path, True, plan=plan)
 
 
@@ -238,13 +238,13 @@ UNCHECKABLE = {
 def test_a_null_or_switched_fingerprint_is_refused_unless_ignored_with_a_warning(source, residency_plans, tmp_path, capsys, case, streaming):
     edit, message = UNCHECKABLE[case]
     plan = _edited_identity(residency_plans[False], tmp_path, edit)
-    with pytest.raises(MoECompressError, match=rf"{message}.*--ignore-plan-identity"):
+    with pytest.raises(MoECompressError, match=rf"{message}.*pass ignore_plan_identity to apply it"):
         _run(source, tmp_path, streaming, plan=plan)
     capsys.readouterr()
     result = _run(source, tmp_path, streaming, plan=plan, ignore_plan_identity=True)
     assert result.plan.kept_counts() == {0: 6, 1: 6, 2: 6}
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and message in warnings[0] and "--ignore-plan-identity" in warnings[0], warnings
+    assert len(warnings) == 1 and message in warnings[0] and "ignore_plan_identity" in warnings[0] and "--" not in warnings[0], warnings
 
 
 def test_a_model_handed_over_in_memory_cannot_check_a_streamed_plan(source, residency_plans, capsys):

@@ -134,7 +134,7 @@ def test_a_kill_between_the_two_renames_leaves_the_old_checkpoint(tmp_path):
     asides = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
     assert len(asides) == 1 and _snapshot(asides[0] / "out") == old, "the old checkpoint is intact"
     # The next run against the same output puts it back before doing anything else.
-    with pytest.raises(MoECompressError, match="--overwrite"):
+    with pytest.raises(MoECompressError, match="choose another out or pass overwrite"):
         check_output_dir(out, overwrite=False)
     assert _snapshot(out) == old
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]

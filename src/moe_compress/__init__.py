@@ -39,6 +39,7 @@ _CORE = {
     "run_recipe": ".recipes",
     "CalibrationSpec": ".data",
     "MoECompressError": ".errors",
+    "OptionError": ".errors",
     "load_model": ".source",
     "Plan": ".plan",
 }
@@ -79,7 +80,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .data import CalibrationSpec
     from .engine.finish import CompressionResult
     from .engine.statistics import collect_statistics
-    from .errors import MoECompressError
+    from .errors import MoECompressError, OptionError
     from .arch.size import model_size
     from .evaluate import perplexity
     from .finetuning import finetune

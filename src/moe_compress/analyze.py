@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data.batches import CalibrationSpec
-from .errors import MoECompressError
+from .errors import OptionError
 from .plan import Plan
 
 
@@ -51,7 +51,7 @@ def analyze(name: str, model, tokenizer, weights, settings: AnalysisSettings, pl
     layers = adapter.moe_layer_indices(model)
     unknown = [layer for layer in settings.similarity_layers if layer not in layers]
     if unknown:
-        raise MoECompressError(f"--similarity-layer {unknown[0]} is not a MoE layer of this model; its MoE layers: {', '.join(map(str, layers))}.")
+        raise OptionError("similarity_layers", f"{unknown[0]} is not a MoE layer of this model; its MoE layers: {', '.join(map(str, layers))}.")
     method = get_method(settings.method) if settings.method else None
     names = analysis_statistics(settings.probe_tokens) + (method.needs() if method else ())
     batches = calibration_batches(settings.calibration, tokenizer, model.config)

@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import MoECompressError
+from .errors import MoECompressError, OptionError, param
 
 
 def launched() -> bool:
@@ -62,7 +62,7 @@ def init_from_environment(device: str = "cpu") -> str:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if on_gpu:
         if not torch.cuda.is_available():
-            raise MoECompressError("--device cuda was given but no GPU is visible to this process.")
+            raise OptionError("device", "cuda was given but no GPU is visible to this process.")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     timeout = timedelta(seconds=float(os.environ.get("MOE_COMPRESS_DIST_TIMEOUT", "1800")))
@@ -75,7 +75,7 @@ def check_shareable(batches: int) -> None:
     if batches < world_size():
         raise MoECompressError(
             f"{batches} calibration batch(es) cannot be shared by {world_size()} ranks: give at least one batch per rank "
-            "(more --samples or a smaller --batch-size)."
+            f"(more {param('samples')} or a smaller {param('batch_size')})."
         )
 
 

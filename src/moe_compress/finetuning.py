@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .arch.adapter import MoEAdapter
 from .arch.registry import get_adapter
 from .data.batches import check_seed, check_seq_len, read_windows
-from .errors import MoECompressError
+from .errors import MoECompressError, param
 from .evaluate.lm_perplexity import perplexity
 from .finite import require_finite_numbers
 from .source.load import check_device
@@ -107,7 +107,7 @@ def finetune(
     `eval_data` from its "valid" split. Intermediate checkpoints go beside the output, to
     `<out>.checkpoints/step-<n>`, so the final atomic save of `out` never touches them.
     """
-    require_finite_numbers([("the learning rate (--lr)", lr)])
+    require_finite_numbers([(f"the learning rate ({param('lr')})", lr)])
     if steps < 1 or lr <= 0 or batch_size < 1 or seq_len < 1 or eval_windows < 1 or checkpoint_every < 0:
         raise MoECompressError(
             "steps, batch size, sequence length and evaluation windows must be positive, checkpoint_every at least 0, "

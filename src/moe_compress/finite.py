@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .errors import MoECompressError
+from .errors import MoECompressError, param
 
 
 _CHUNK = 1 << 24
@@ -122,7 +122,7 @@ def require_finite_statistics(stats: Mapping[int, Mapping[str, torch.Tensor]]) -
             if bad:
                 raise MoECompressError(
                     f"statistic {name!r} of MoE layer {layer} has {bad} NaN/Inf value(s): the model overflows on the "
-                    "calibration data. Use a wider --dtype (float32) or check the weights."
+                    f"calibration data. Use a wider {param('dtype')} (float32) or check the weights."
                 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import MoECompressError
+from .errors import OptionError, param
 
 
 def check_arguments(arguments: dict[str, object]) -> None:
@@ -23,30 +23,31 @@ def check_arguments(arguments: dict[str, object]) -> None:
     if any(isinstance(value, float) for value in arguments.values()):  # finite imports torch: not for `methods`
         from .finite import require_finite_numbers
 
-        require_finite_numbers((f"--{name.replace('_', '-')}", value) for name, value in arguments.items())
+        require_finite_numbers((param(name), value) for name, value in arguments.items())
 
 
 def require_positive(**options: int | None) -> None:
     """Each given option (None: not given) must be an integer >= 1."""
     for name, value in options.items():
         if value is not None and value < 1:
-            raise MoECompressError(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
+            raise OptionError(name, f"must be a positive integer; got {value}.")
 
 
-def writable_file(path: Path | None, option: str) -> None:
-    """Fail before any work if `path` cannot be written later (a directory, a missing or read-only parent)."""
+def writable_file(path: Path | None, parameter: str) -> None:
+    """Fail before any work if `path` (the value of `parameter`) cannot be written later (a directory,
+    a missing or read-only parent)."""
     if path is None:
         return
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise MoECompressError(f"{option} {path} is a directory; give a file name.")
+        raise OptionError(parameter, f"{path} is a directory; give a file name.")
     if not parent.is_dir():
-        raise MoECompressError(f"{option} {path}: directory {parent} does not exist; create it or choose another path.")
+        raise OptionError(parameter, f"{path}: directory {parent} does not exist; create it or choose another path.")
     if not os.access(parent, os.W_OK):
-        raise MoECompressError(f"{option} {path}: directory {parent} is not writable; choose another path.")
+        raise OptionError(parameter, f"{path}: directory {parent} is not writable; choose another path.")
 
 
-def directory_option(path: Path | None, option: str = "--cache-dir") -> None:
+def directory_option(path: Path | None, parameter: str = "cache_dir") -> None:
     """A directory option (created if missing) must not name an existing file."""
     if path is not None and path.exists() and not path.is_dir():
-        raise MoECompressError(f"{option} {path} is a file, not a directory; pass a directory (it is created if missing).")
+        raise OptionError(parameter, f"{path} is a file, not a directory; pass a directory (it is created if missing).")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import progress
-from .errors import MoECompressError
+from .errors import OptionError
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class LoadSettings:
         """`streaming` as `source.open.open_model` takes it: auto, True or False."""
         choices = {"auto": "auto", "on": True, "off": False}
         if self.streaming not in choices:
-            raise MoECompressError(f"--streaming must be auto, on or off; got {self.streaming!r}.")
+            raise OptionError("streaming", f"must be auto, on or off; got {self.streaming!r}.")
         return choices[self.streaming]
 
     def check(self, *models: str | None) -> None:

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch.adapter import MoEAdapter
 from .arch.registry import get_adapter
-from .errors import MoECompressError
+from .errors import MoECompressError, OptionError, param
 from .source.residency import StreamedWeights
 from .plan import RoutingLimits
 from .arch.structure import experts_per_layer
@@ -99,7 +99,7 @@ def check_prune(
         check_uniform(method, budget)
     check_prunable(structure.model, structure.adapter)
     if min_keep < 0:
-        raise MoECompressError(f"--min-keep must be >= 0; got {min_keep}.")
+        raise OptionError("min_keep", f"must be >= 0; got {min_keep}.")
     placeholder = {layer: torch.zeros(count, dtype=torch.float64) for layer, count in structure.experts.items()}
     kept = select_experts(placeholder, ratio, budget, RoutingLimits(structure.top_k), min_keep=min_keep, keep=keep)  # type: ignore[arg-type]
     return {layer: len(ids) for layer, ids in kept.items()} if budget in ("layer", "explicit") else None
@@ -108,7 +108,7 @@ def check_prune(
 def check_drop(structure: Structure, unit: str, n: int | None, target_ratio: float | None) -> None:
     """Exactly one of n / target_ratio, and n within what the model has."""
     if (n is None) == (target_ratio is None):
-        raise MoECompressError("give exactly one of --drop N or --target-ratio R.")
+        raise MoECompressError(f"give exactly one of {param('n')} N or {param('target_ratio')} R.")
     if target_ratio is not None and not 0.0 < target_ratio < 1.0:
         raise MoECompressError(f"target ratio must be in (0, 1); got {target_ratio}.")
     if n is None:
@@ -172,7 +172,7 @@ def check_condense_memory(source: Path, samples: int, seq_len: int, available: i
         raise MoECompressError(
             f"condense holds the whole model in memory (its search reruns every later layer for each candidate): about "
             f"{(weights + cached) / gib:.1f} GiB ({weights / gib:.1f} GiB of weights + {cached / gib:.1f} GiB of cached layer inputs), "
-            f"and {available / gib:.1f} GiB are available. Use a machine with more memory or fewer --samples, or compress with "
+            f"and {available / gib:.1f} GiB are available. Use a machine with more memory or fewer {param('samples')}, or compress with "
             "prune / drop, which stream."
         )
 

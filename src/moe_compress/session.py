@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MoECompressError
+from .errors import OptionError, param
 
 
 class TorchThreads:
@@ -51,6 +51,6 @@ def compute_session(
     from .walk.activations import activation_budget
 
     if threads is not None and threads < 1:
-        raise MoECompressError(f"--threads must be a positive integer; got {threads}.")
-    with TorchThreads(threads), activation_budget(byte_size(max_activation_memory, "--max-activation-memory"), offload_dir):
+        raise OptionError("threads", f"must be a positive integer; got {threads}.")
+    with TorchThreads(threads), activation_budget(byte_size(max_activation_memory, param("max_activation_memory")), offload_dir):
         yield init_from_environment(device)

@@ -1,8 +1,11 @@
-"""What every command shares: user errors as one line and exit 2, the verbosity flags anywhere on
-the line, and printing the blocks (tables, result lines) the library returns."""
+"""What every command shares: user errors as one line and exit 2 (the library's parameters named by the
+command's flags), the verbosity flags anywhere on the line, and printing the blocks (tables, result
+lines) the library returns."""
 
+import re
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from functools import wraps
 
 import typer
@@ -10,13 +13,15 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .. import progress
-from ..errors import MoECompressError, user_os_error
+from ..errors import MoECompressError, parameter_names, user_os_error
 from ..inputs import check_arguments
 
 console = progress.messages  # stderr: progress, notes, warnings, errors; one error line stays one line when piped
 out_console = progress.results  # stdout: results; never wrapped when not a terminal
 say = progress.say
 show = progress.show
+#: The command being run (its options name the library's parameters in messages: `flag_of`).
+_running: ContextVar[object | None] = ContextVar("running_command", default=None)
 
 class _OneLineUsageErrors(TyperGroup):
     """A bad option value or a missing argument is a user error like any other: one
@@ -46,6 +51,11 @@ class _OneLineUsageErrors(TyperGroup):
                 progress.set_verbosity(previous)
         sys.exit(result if isinstance(result, int) else 0)
 
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        _running.set(command)
+        return name, command, rest
+
 
 app = typer.Typer(
     help="Compress Mixture-of-Experts language models and save checkpoints that load anywhere.",
@@ -60,25 +70,59 @@ def error_line(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}")
 
 
+#: A parameter name that reads as a flag where the command has no option of that name.
+_PLAIN_NAME = re.compile(r"[a-z][a-z0-9_]*")
+#: Library parameters whose name is not the Python name of the command's option, with the names
+#: they may go by (the first the command has wins): the evaluation protocol is `--eval-windows` /
+#: `--eval-seq-len` beside a calibration `--seq-len`, and `eval`'s own `--max-windows` / `--seq-len`.
+_OPTION_NAMES = {
+    "protocol.windows": ("eval_windows", "max_windows"),
+    "protocol.seq_len": ("eval_seq_len", "seq_len"),
+    "sources": ("ppl",),  # evaluate.Evaluation's perplexity texts: `eval --ppl`
+    "n": ("drop",),  # Drop(n=...): `drop --drop N`
+    "similarity_layers": ("similarity_layer",),  # `analyze --similarity-layer`, repeatable
+    "allow_unreached": ("allow_unreached_experts",),  # the guard's `allow_unreached`: `--allow-unreached-experts`
+}
+
+
+def flag_of(parameter: str) -> str:
+    """The running command's flag for the library's `parameter` (`plan_out` -> `--plan-out`,
+    `eval_ppl` -> `--eval`, `speed.batch` -> `--speed-batch`). A plain name the command has no
+    option for reads as a flag too (`run`'s recipe stages: "--uniform rounds ...", as every command
+    words it); any other name is shown as it is (`calibration.seq_len`, a flag a command passes)."""
+    command = _running.get()
+    options = {p.name: p for p in getattr(command, "params", ()) if p.param_type_name == "option"}
+    for name in (parameter, parameter.replace(".", "_"), *_OPTION_NAMES.get(parameter, ())):
+        if name in options:
+            return next((o for o in options[name].opts if o.startswith("--")), options[name].opts[0])
+    return "--" + parameter.replace("_", "-") if _PLAIN_NAME.fullmatch(parameter) else parameter
+
+
 def user_errors(command: Callable) -> Callable:
     """Print user errors as one clear line and exit 2, instead of a traceback; output locks are
-    released when the command ends, however it ends."""
+    released when the command ends, however it ends. Messages (warnings too) name the library's
+    parameters by this command's flags."""
     @wraps(command)
     def wrapper(**arguments):
-        try:
-            check_arguments(arguments)
-            from ..sink.output_lock import output_locks
-
-            with output_locks():
-                return command(**arguments)
-        except MoECompressError as exc:
-            error_line(str(exc))
-            raise typer.Exit(2) from None
-        except OSError as exc:
-            line = user_os_error(exc)
-            if line is None:
-                raise
-            error_line(line)
-            raise typer.Exit(2) from None
+        with parameter_names(flag_of):
+            return _reported(command, arguments)
 
     return wrapper
+
+
+def _reported(command: Callable, arguments: dict):
+    try:
+        check_arguments(arguments)
+        from ..sink.output_lock import output_locks
+
+        with output_locks():
+            return command(**arguments)
+    except MoECompressError as exc:
+        error_line(str(exc))
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        line = user_os_error(exc)
+        if line is None:
+            raise
+        error_line(line)
+        raise typer.Exit(2) from None

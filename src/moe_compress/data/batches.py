@@ -30,13 +30,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, OptionError, param
 from .texts import iter_documents
 
 OVERSAMPLE = 4
 MIN_CHARS = 1 << 20
 CHARS_PER_TOKEN = 8
 _GROUP_CHARS = 1 << 18  # documents tokenised per call: batching keeps the fast tokenizer fast
+SAMPLES, SEQ_LEN = param("samples"), param("seq_len")  # named in messages about too little text
 
 
 #: torch's generators take seeds below 2**64; a larger one would fail deep inside torch.
@@ -63,18 +64,18 @@ class CalibrationSpec:
         for name in ("samples", "seq_len", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise MoECompressError(f"{name} must be a positive integer; got {value!r}.")
+                raise OptionError(name, f"must be a positive integer; got {value!r}.")
         check_seed(self.seed)
         for name in ("source", "text_field", "split"):
             if not isinstance(getattr(self, name), str):
-                raise MoECompressError(f"{name} must be a string; got {getattr(self, name)!r}.")
+                raise OptionError(name, f"must be a string; got {getattr(self, name)!r}.")
 
     @property
     def target_tokens(self) -> int:
         return OVERSAMPLE * self.samples * self.seq_len
 
 
-def check_seq_len(seq_len: int, config: object, option: str = "--seq-len") -> None:
+def check_seq_len(seq_len: int, config: object, option: str = "seq_len") -> None:
     """Refuse windows longer than the model's positions.
 
     Refused rather than warned: positions past `max_position_embeddings` were never trained
@@ -83,9 +84,9 @@ def check_seq_len(seq_len: int, config: object, option: str = "--seq-len") -> No
     """
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
-        raise MoECompressError(
-            f"{option} {seq_len} is longer than the model's {limit} positions (max_position_embeddings); "
-            f"results past them are meaningless. Use {option} {limit} or less."
+        raise OptionError(
+            option, f"{seq_len} is longer than the model's {limit} positions (max_position_embeddings); "
+            f"results past them are meaningless. Use {param(option)} {limit} or less."
         )
 
 
@@ -156,12 +157,12 @@ def _shuffled_windows(tokenizer: PreTrainedTokenizerBase | None, spec: Calibrati
     if len(chunks) == 0:
         raise MoECompressError(
             f"calibration source {spec.source!r} has {stream.numel()} tokens, fewer than one sequence of "
-            f"--seq-len {spec.seq_len}. Give more text or a smaller --seq-len."
+            f"{SEQ_LEN} {spec.seq_len}. Give more text or a smaller {SEQ_LEN}."
         )
     if len(chunks) < spec.samples:
         raise MoECompressError(
-            f"calibration source {spec.source!r} has {stream.numel()} tokens: {len(chunks)} sequence(s) of --seq-len "
-            f"{spec.seq_len}, fewer than the {spec.samples} requested (--samples). Give more text, or lower --samples or --seq-len."
+            f"calibration source {spec.source!r} has {stream.numel()} tokens: {len(chunks)} sequence(s) of {SEQ_LEN} "
+            f"{spec.seq_len}, fewer than the {spec.samples} requested ({SAMPLES}). Give more text, or lower {SAMPLES} or {SEQ_LEN}."
         )
     generator = torch.Generator().manual_seed(spec.seed)
     return chunks[torch.randperm(len(chunks), generator=generator)]
@@ -184,8 +185,8 @@ def held_out_windows(tokenizer: PreTrainedTokenizerBase | None, spec: Calibratio
     rest = _shuffled_windows(tokenizer, spec)[spec.samples : spec.samples + count]
     if len(rest) == 0:
         raise MoECompressError(
-            f"calibration source {spec.source!r} holds only the {spec.samples} windows calibration uses (--samples), "
-            "so none is left to check quality on. Give more text or lower --samples."
+            f"calibration source {spec.source!r} holds only the {spec.samples} windows calibration uses ({SAMPLES}), "
+            f"so none is left to check quality on. Give more text or lower {SAMPLES}."
         )
     return rest
 

@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / "assets" / "data"
 TEXT_SUFFIXES = {".txt", ".md", ".jsonl", ".json", ".parquet"}
@@ -75,7 +75,7 @@ def _read_json_lines(path: Path, text_field: str, max_chars: int | None) -> Iter
                     f'{{"{text_field}": "..."}}.'
                 )
             if text_field not in record:
-                raise MoECompressError(f"{path}:{number} has no field {text_field!r}; set --text-field.")
+                raise MoECompressError(f"{path}:{number} has no field {text_field!r}; set {param('text_field')}.")
             text = record[text_field]
             if not isinstance(text, str):
                 raise MoECompressError(
@@ -92,13 +92,13 @@ def _read_parquet(path: Path, text_field: str, max_chars: int | None) -> Iterato
         handle = pq.ParquetFile(path)
         columns = handle.schema_arrow.names
         if text_field not in columns:
-            raise MoECompressError(f"{path} has no column {text_field!r} (columns: {columns}); set --text-field.")
+            raise MoECompressError(f"{path} has no column {text_field!r} (columns: {columns}); set {param('text_field')}.")
         for batch in handle.iter_batches(columns=[text_field], batch_size=256):
             for value in batch.column(0).to_pylist():
                 if value is None:
                     continue
                 if not isinstance(value, str):
-                    raise MoECompressError(f"{path}: column {text_field!r} holds {_kind(value)} values, not strings; set --text-field.")
+                    raise MoECompressError(f"{path}: column {text_field!r} holds {_kind(value)} values, not strings; set {param('text_field')}.")
                 yield _clip(value, max_chars)
     except (pa.ArrowException, OSError) as exc:
         raise MoECompressError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0]}).") from None

@@ -12,7 +12,7 @@ from typing import Any
 from .protocol import EvalProtocol, expand_sources
 
 
-def eval_sets(protocol: EvalProtocol, sources: str | list[str] | None, tokenizer, config, option: str = "--eval-seq-len") -> dict:
+def eval_sets(protocol: EvalProtocol, sources: str | list[str] | None, tokenizer, config, option: str = "protocol.seq_len") -> dict:
     """Source -> its protocol windows ('bundled' expands to one source per domain); {} without sources."""
     return {source: protocol.windows_of(tokenizer, source, config, option) for source in expand_sources(sources)} if sources else {}
 

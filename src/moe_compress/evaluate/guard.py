@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from ..errors import MoECompressError, QualityGuardError
+from ..errors import MoECompressError, QualityGuardError, named, param
 from ..source.load import DEQUANTISABLE, resolve_model
 from ..source.open import Streaming, open_model
 from ..source.residency import Weights
@@ -55,9 +55,11 @@ OTHER_STAGES_MIN_TOP1 = 0.25
 DEFAULT_WINDOWS = 32
 #: The options that override the guard, as its error message names them.
 THRESHOLD_OPTION = "--guard-min-top1"
-UNREACHED_OPTION = "--allow-unreached-experts"
+UNREACHED_OPTION = param("allow_unreached")
 #: ... and the one that gives unreached experts data (`walk.all_experts`).
-ROUTE_ALL_OPTION = "--calibrate-all-experts"
+ROUTE_ALL_OPTION = param("calibrate_all_experts")
+#: The stages that offer it (AutoRound tunes on the routed tokens: no option routes its calibration yet).
+ROUTES_ALL_STAGES = ("slim",)
 #: Layers named in a failure and in the card.
 WORST_LAYERS = 3
 
@@ -119,8 +121,9 @@ class GuardReport:
         if self.unreached and not self.allow_unreached:
             parts.append(
                 f"{len(self.unreached)} expert(s) never received a calibration token, so the stage treated them without data "
-                f"(layer:expert {format_experts(self.unreached)}); calibrate on more or other text (--samples, --calib), route calibration to "
-                f"every expert ({ROUTE_ALL_OPTION}), or allow them with {UNREACHED_OPTION}"
+                f"(layer:expert {format_experts(self.unreached)}); calibrate on more or other text ({param('samples')}, {param('calib')}), "
+                + (f"route calibration to every expert ({ROUTE_ALL_OPTION}), " if self.stage in ROUTES_ALL_STAGES else "")
+                + f"or allow them with {UNREACHED_OPTION}"
             )
         return f"quality guard failed after {self.stage}: " + "; and ".join(parts) if parts else ""
 
@@ -143,7 +146,7 @@ class GuardReport:
             "worst_layers": [[layer, error] for layer, error in self.worst_layers()],
             "unreached_experts": [f"{layer}:{expert}" for layer, expert in self.unreached],
             "allow_unreached": self.allow_unreached,
-            "failure": self.failure() or None,
+            "failure": named(self.failure()) or None,
         }
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, OptionError
 from ..source.residency import Weights
 from .mc_tasks import TASKS_DIR
 
@@ -52,7 +52,7 @@ def parse_task_list(spec: str) -> list[str]:
     """``"moec, arc_easy"`` -> ``["moec", "arc_easy"]``; an empty entry is a user error."""
     names = [name.strip() for name in spec.split(",")]
     if not spec.strip() or not all(names):
-        raise MoECompressError(f"--tasks must be a comma-separated list of task or group names; got {spec!r}.")
+        raise OptionError("tasks", f"must be a comma-separated list of task or group names; got {spec!r}.")
     return list(dict.fromkeys(names))
 
 
@@ -213,7 +213,7 @@ def run_tasks(
     if tokenizer is None:
         raise MoECompressError("this checkpoint has no tokenizer, so multiple-choice tasks cannot be scored.")
     if limit is not None and limit < 1:
-        raise MoECompressError(f"--limit must be a positive number of questions per task; got {limit}.")
+        raise OptionError("limit", f"must be a positive number of questions per task; got {limit}.")
     selection = tasks if isinstance(tasks, TaskSelection) else select_tasks(tasks, include_path)
     with _quiet_lm_eval():
         from lm_eval import simple_evaluate

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import progress
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from .protocol import EvalProtocol
 from .speed import SpeedSettings
 
@@ -89,7 +89,7 @@ def measure_model(name: str, loaded, tokenizer, request: Evaluation, weights=Non
     report: dict = {
         "model": name,
         "perplexity": {
-            s: perplexity(loaded, request.protocol.windows_of(tokenizer, s, loaded.config, "--seq-len"), request.batch_size, weights,
+            s: perplexity(loaded, request.protocol.windows_of(tokenizer, s, loaded.config), request.batch_size, weights,
                           device, description=f"perplexity {s} ({name})").to_dict()
             for s in (request.sources if perplexities else [])
         },
@@ -113,12 +113,12 @@ def add_fidelity(loaded, original, tokenizer, request: Evaluation, weights: tupl
 
     if loaded.config.vocab_size != original.config.vocab_size:
         raise MoECompressError(
-            f"--compare: vocabularies differ ({loaded.config.vocab_size} vs {original.config.vocab_size} tokens), so next-token distributions cannot be compared."
+            f"{param('compare')}: vocabularies differ ({loaded.config.vocab_size} vs {original.config.vocab_size} tokens), so next-token distributions cannot be compared."
         )
     mine, theirs = weights
     report["fidelity"] = {}
     for s in request.sources:
-        windows = request.protocol.windows_of(tokenizer, s, loaded.config, "--seq-len")
+        windows = request.protocol.windows_of(tokenizer, s, loaded.config)
         measured, report["perplexity"][s], report["original"]["perplexity"][s] = (
             r.to_dict() for r in compare(loaded, original, windows, request.batch_size, mine, theirs, request.device)
         )

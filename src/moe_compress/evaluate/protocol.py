@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, OptionError
 
 if TYPE_CHECKING:  # the CLI reads the defaults for its --help: this module imports nothing heavy
     import torch
@@ -52,11 +52,11 @@ class EvalProtocol:
     def tokens_per_source(self) -> int:
         return self.windows * self.seq_len
 
-    def validate(self, option_names: tuple[str, str] = ("--eval-windows", "--eval-seq-len")) -> EvalProtocol:
+    def validate(self, option_names: tuple[str, str] = ("protocol.windows", "protocol.seq_len")) -> EvalProtocol:
         """This protocol, if both counts are positive integers; `option_names` name them in the error."""
         for name, value in zip(option_names, (self.windows, self.seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise MoECompressError(f"{name} must be a positive integer; got {value!r}.")
+                raise OptionError(name, f"must be a positive integer; got {value!r}.")
         return self
 
     def describe(self) -> str:
@@ -71,7 +71,7 @@ class EvalProtocol:
         )
 
     def windows_of(
-        self, tokenizer: PreTrainedTokenizerBase | None, source: str, config: object = None, option: str = "--eval-seq-len"
+        self, tokenizer: PreTrainedTokenizerBase | None, source: str, config: object = None, option: str = "protocol.seq_len"
     ) -> torch.Tensor:
         """The protocol's windows of `source` ([n, seq_len] token ids); an error if it holds not even one."""
         from ..data.batches import check_seq_len, read_windows

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.texts import bundled_domains, load_texts
-from ..errors import MoECompressError
+from ..errors import OptionError
 from ..progress import track
 
 
@@ -45,8 +45,7 @@ class SpeedSettings:
     def validate(self) -> None:
         for name in ("batch", "prompt_len", "new_tokens", "repeats"):
             if getattr(self, name) < 1:
-                flag = "--speed-" + name.replace("_", "-")
-                raise MoECompressError(f"speed setting {name} ({flag}) must be a positive integer; got {getattr(self, name)}.")
+                raise OptionError(f"speed.{name}", f"must be a positive integer; got {getattr(self, name)}.")
 
 
 @dataclass

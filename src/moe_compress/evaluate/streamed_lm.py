@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..source.residency import Weights
 from .streamed import streamed_logits
 
@@ -77,7 +77,7 @@ class StreamedLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise MoECompressError("rolling log-likelihood tasks are not supported on a streamed model; use perplexity (--ppl) instead.")
+        raise MoECompressError(f"rolling log-likelihood tasks are not supported on a streamed model; use perplexity ({param('sources')}) instead.")
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         raise MoECompressError("generation tasks are not supported on a streamed model (each token would read every layer).")

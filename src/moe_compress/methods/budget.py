@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, OptionError, param
 from ..plan import RoutingLimits
 
 Budget = Literal["layer", "global", "explicit"]
@@ -48,7 +48,7 @@ def removed_count(total: int, ratio: float) -> int:
 
 def check_ratio(ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
-        raise MoECompressError(f"ratio must be in [0, 1): the fraction of routed experts to remove; got {ratio}.")
+        raise OptionError("ratio", f"must be in [0, 1): the fraction of routed experts to remove; got {ratio}.")
 
 
 def removal_order(scores: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def _explicit_units(layer: int, experts: int, keep: dict[int, int] | None, group
     if count % groups or not floor_units * groups <= count <= experts:
         raise MoECompressError(
             f"layer {layer} cannot keep {count} of its {experts} experts: keep a multiple of its {groups} routing group(s) "
-            f"from {floor_units * groups} (top_k and --min-keep) to {experts}."
+            f"from {floor_units * groups} (top_k and {param('min_keep')}) to {experts}."
         )
     return count // groups
 
@@ -125,7 +125,7 @@ def select_experts(
             if units < floor_units:
                 raise MoECompressError(
                     f"ratio {ratio} leaves layer {layer} with {units * groups} experts, fewer than its router needs "
-                    f"({floor_units * groups}: top_k={limits.top_k}, {groups} group(s)). Use a smaller --ratio."
+                    f"({floor_units * groups}: top_k={limits.top_k}, {groups} group(s)). Use a smaller {param('ratio')}."
                 )
             kept[layer] = _keep_units(s, groups, units)
         return kept
@@ -135,7 +135,7 @@ def select_experts(
     if total_units < floor_units * len(scores):
         raise MoECompressError(
             f"ratio {ratio} leaves {total_units * groups} experts in total, fewer than the {floor_units * groups} per layer "
-            f"that {len(scores)} MoE layers need. Use a smaller --ratio."
+            f"that {len(scores)} MoE layers need. Use a smaller {param('ratio')}."
         )
     # Score of a layer's j-th unit (in removal order): mean over groups of each group's j-th expert.
     candidates = []

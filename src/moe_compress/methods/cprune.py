@@ -42,7 +42,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..plan import KeepLayer, Plan
 from .budget import removal_order, removed_count
 from .expert_pruning import routing_limits
@@ -123,7 +123,7 @@ def plan_cprune(
     if clusters >= per_layer:
         raise MoECompressError(
             f"cprune clusters each layer into {clusters} groups, but layers have only {per_layer} experts: every expert would be "
-            f"its own cluster and the votes could not rank them. Pass --clusters below {per_layer}, or use another method."
+            f"its own cluster and the votes could not rank them. Pass {param('clusters')} below {per_layer}, or use another method."
         )
     if batch < 1 or small < 1 or global_clusters < 1:
         raise MoECompressError("cprune: batch, small and global_clusters must be positive.")
@@ -164,7 +164,7 @@ def plan_cprune(
         if len(keep) < floor:
             raise MoECompressError(
                 f"cprune at ratio {request.ratio} leaves layer {layer} with {len(keep)} experts, fewer than top_k={limits.top_k}. "
-                "Use a smaller --ratio."
+                f"Use a smaller {param('ratio')}."
             )
         layers.append(KeepLayer(layer=layer, num_experts=per_layer, keep=keep, scores=votes1[layer].tolist()))
     plan = Plan(model_type=request.adapter.model_type, top_k=limits.top_k, layers=layers, method="cprune", ratio=request.ratio, budget=request.budget)

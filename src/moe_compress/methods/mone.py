@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from ..arch.table import experts_stored_per_expert
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..runtime import OUTPUT_FORMAT_KEY, SUBSTITUTION
 from ..walk.moments import output_moments, split_moments
 from ..plan import NoviceLayer, Plan, RoutingLimits
@@ -146,7 +146,7 @@ def _layer_scores(layer_stats: dict[str, torch.Tensor], variance: str) -> tuple[
     if per_batch.shape[0] < 2:
         raise MoECompressError(
             "mone's running variance (the authors' estimate) adds nothing for an expert's first calibration batch, so one "
-            "batch gives every expert zero variance: calibrate on more batches (--samples above --batch-size) or pass variance=exact."
+            f"batch gives every expert zero variance: calibrate on more batches ({param('samples')} above {param('batch_size')}) or pass variance=exact."
         )
     return layer_stats["gate_sum"] / layer_stats["tokens"], running_variation(per_batch), split_moments(output_moments(layer_stats))[1]
 

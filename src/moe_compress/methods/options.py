@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from .registry import PROTECT, PROTECT_HELP, Method, get_method
 
 _NONE = ("none", "null")
@@ -105,8 +105,8 @@ def read_options(method: str, given: dict[str, tuple[str, Any]], pairs: list[str
     for pair in pairs:
         key, sep, text = (part.strip() for part in pair.partition("="))
         if not sep or key in given:
-            raise MoECompressError(f"--option {pair}: give each option once, as KEY=VALUE (`moe-compress methods {method}` lists them).")
-        given[key] = (f"--option {key}", text)
+            raise MoECompressError(f"{param('option')} {pair}: give each option once, as KEY=VALUE (`moe-compress methods {method}` lists them).")
+        given[key] = (f"{param('option')} {key}", text)
     for key in COUNTS:  # typed counts first: a bad count is the error even for an option the method lacks
         name, value = given.get(key, ("", None))
         if isinstance(value, int) and value < 1:

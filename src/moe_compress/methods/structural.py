@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..walk.similarity import Similarities
 from ..plan import DropMoeLayer, Plan
 
@@ -86,7 +86,7 @@ def plan_drop(
     consecutive_score: ConsecutiveScore = "span",
 ) -> Plan:
     if (n is None) == (target_ratio is None):
-        raise MoECompressError("give exactly one of --drop N or --target-ratio R.")
+        raise MoECompressError(f"give exactly one of {param('n')} N or {param('target_ratio')} R.")
     if target_ratio is not None and not 0.0 < target_ratio < 1.0:
         raise MoECompressError(f"target ratio must be in (0, 1); got {target_ratio}.")
     layers = adapter.decoder_layers(model)

@@ -36,12 +36,13 @@ import torch
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..arch.size import model_size
 from ..plan import Plan
 from ..surgery.experts import apply_plan
 from .registry import Method, PlanRequest
 
+UNIFORM = param("uniform")
 #: Methods whose output is never a stock checkpoint, whatever the counts.
 NEVER_STOCK = {"mone": "its novice vectors keep removed experts' router rows, which needs generated code whatever the counts"}
 
@@ -49,11 +50,11 @@ NEVER_STOCK = {"mone": "its novice vectors keep removed experts' router rows, wh
 def check_uniform(method: str, budget: str, planned: bool = False) -> None:
     """Refuse `--uniform` where it cannot give a stock checkpoint from a global plan."""
     if planned:
-        raise MoECompressError("--uniform rounds the plan a method makes; a --plan-in plan is applied as it is: drop --uniform.")
+        raise MoECompressError(f"{UNIFORM} rounds the plan a method makes; a {param('plan_in')} plan is applied as it is: drop {UNIFORM}.")
     if budget != "global":
-        raise MoECompressError(f"--uniform rounds a global budget's plan to equal per-layer counts: add --budget global (a {budget} budget is uniform already).")
+        raise MoECompressError(f"{UNIFORM} rounds a global budget's plan to equal per-layer counts: add {param('budget')} global (a {budget} budget is uniform already).")
     if method in NEVER_STOCK:
-        raise MoECompressError(f"--uniform gives a stock checkpoint, which {method} cannot: {NEVER_STOCK[method]}; use a score-based method such as reap.")
+        raise MoECompressError(f"{UNIFORM} gives a stock checkpoint, which {method} cannot: {NEVER_STOCK[method]}; use a score-based method such as reap.")
 
 
 def kept_per_layer(plan: Plan) -> dict[int, int]:
@@ -65,7 +66,7 @@ def uniform_count(plan: Plan) -> int:
     """The count every layer keeps when the plan's total is shared equally (in whole routing-group units)."""
     experts = {lp.num_experts for lp in plan.layers if lp.action != "drop_moe"}
     if len(experts) != 1:
-        raise MoECompressError(f"--uniform needs every MoE layer to hold the same number of experts; this model's hold {sorted(experts)}.")
+        raise MoECompressError(f"{UNIFORM} needs every MoE layer to hold the same number of experts; this model's hold {sorted(experts)}.")
     kept = kept_per_layer(plan)
     units = sum(kept.values()) / plan.routing_groups / len(kept)
     return plan.routing_groups * math.floor(units + 0.5)

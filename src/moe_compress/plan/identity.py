@@ -12,13 +12,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from ..errors import MoECompressError, warn
+from ..errors import MoECompressError, param, warn
 from .strict import Strict
 
 FINGERPRINT_KINDS = ("content", "checkpoint")
 #: How a run computes each kind of fingerprint (said when a plan's kind cannot be compared).
-_COMPUTED_BY = {"content": "the model loaded in memory: --streaming off", "checkpoint": "the model opened from its checkpoint directory"}
-IGNORE_OPTION = "--ignore-plan-identity (API: ignore_plan_identity=True)"
+_COMPUTED_BY = {"content": f"the model loaded in memory: {param('streaming')} off", "checkpoint": "the model opened from its checkpoint directory"}
+IGNORE_OPTION = param("ignore_plan_identity")
 
 Positive = Annotated[int, Field(ge=1)]
 
@@ -94,14 +94,14 @@ class ModelIdentity(Strict):
         differing = [kind for kind in shared if self.fingerprints[kind] != model.fingerprints[kind]]
         if differing:
             kind = differing[0]
-            dtype = f" (it was made on {self.dtype} weights, these are {model.dtype}: load with --dtype {self.dtype})" if self.dtype != model.dtype else ""
+            dtype = f" (it was made on {self.dtype} weights, these are {model.dtype}: load with {param('dtype')} {self.dtype})" if self.dtype != model.dtype else ""
             message = (
                 f"plan was made for other weights of this architecture ({kind} fingerprint {self.fingerprints[kind]}, this model "
                 f"{model.fingerprints[kind]}){dtype}"
             )
             if not ignore_fingerprint:
                 raise MoECompressError(f"{message}. Recompute the plan for these weights, or pass {IGNORE_OPTION} to apply it anyway.")
-            warn(f"{message}; applied anyway, as --ignore-plan-identity asks.")
+            warn(f"{message}; applied anyway, as {IGNORE_OPTION} asks.")
 
 
 def unchecked(why: str, ignore: bool) -> None:
@@ -111,4 +111,4 @@ def unchecked(why: str, ignore: bool) -> None:
             f"this plan {why}, so nothing shows it was made for these weights. Recompute the plan for this model, "
             f"or pass {IGNORE_OPTION} to apply it unchecked."
         )
-    warn(f"this plan {why}: applied with --ignore-plan-identity, checked against the model's layers and experts, not its weights.")
+    warn(f"this plan {why}: applied with {IGNORE_OPTION}, checked against the model's layers and experts, not its weights.")

@@ -21,7 +21,7 @@ from functools import wraps
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from .write_error import write_error
 
 P = ParamSpec("P")
@@ -91,7 +91,7 @@ class _OutputLock:
             written = os.read(fd, 200).strip()
             holder = written.decode() if written and _HOLDER.match(written) else "unknown"
             raise MoECompressError(
-                f"another moe-compress run (pid {holder}) is writing {self.out}; wait for it to finish or choose another --out."
+                f"another moe-compress run (pid {holder}) is writing {self.out}; wait for it to finish or choose another {param('out')}."
             ) from None
         # The previous holder may have removed (or someone replaced) the file between our open
         # and our lock: then we hold a lock on a file no longer at our path and must start again.
@@ -118,7 +118,7 @@ class _OutputLock:
                 else "a file moe-compress did not write" if stat.S_ISREG(mode) else "not a regular file")
         return MoECompressError(
             f"{self.path} is {what}, where moe-compress keeps the lock of {self.out}; it was left untouched. "
-            "Move it away or choose another --out."
+            f"Move it away or choose another {param('out')}."
         )
 
     def release(self) -> None:

@@ -22,11 +22,13 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..source.locate import BUNDLED_MODELS
 from .output_lock import lock_output, release_output
 from .staging import ASIDE, clean_stale, discard_staging, staging_dir
 from .write_error import write_error
+
+OUT, OVERWRITE = param("out"), param("overwrite")
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -39,8 +41,8 @@ def _refuse_unsafe_target(out: Path, inputs: Iterable[str | Path] = ()) -> None:
     cwd = Path.cwd().resolve()
     if _is_within(cwd, target):
         raise MoECompressError(
-            f"--out {out} is the current directory or one of its parents; writing there would replace your working "
-            "files. Choose a new directory, e.g. --out compressed/."
+            f"{OUT} {out} is the current directory or one of its parents; writing there would replace your working "
+            f"files. Choose a new directory for {OUT}, e.g. compressed/."
         )
     for given in inputs:
         if given is None:
@@ -51,7 +53,7 @@ def _refuse_unsafe_target(out: Path, inputs: Iterable[str | Path] = ()) -> None:
         source = source.resolve()
         if _is_within(source, target) or _is_within(target, source):
             relation = "is" if source == target else "contains" if _is_within(source, target) else "is inside"
-            raise MoECompressError(f"--out {out} {relation} the input {given}; choose an output directory outside it.")
+            raise MoECompressError(f"{OUT} {out} {relation} the input {given}; choose an output directory outside it.")
 
 
 def _replaceable(out: Path) -> bool:
@@ -63,15 +65,15 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
-        raise MoECompressError(f"output {out} exists and is not a directory; choose another --out.")
+        raise MoECompressError(f"output {out} exists and is not a directory; choose another {OUT}.")
     if not any(out.iterdir()):
         return
     if not overwrite:
-        raise MoECompressError(f"output {out} exists and is not an empty directory; choose another --out or pass --overwrite.")
+        raise MoECompressError(f"output {out} exists and is not an empty directory; choose another {OUT} or pass {OVERWRITE}.")
     if not _replaceable(out):
         raise MoECompressError(
-            f"output {out} holds files but no config.json, so it is not a checkpoint: --overwrite replaces only "
-            "checkpoint directories. Choose another --out or empty it yourself."
+            f"output {out} holds files but no config.json, so it is not a checkpoint: {OVERWRITE} replaces only "
+            f"checkpoint directories. Choose another {OUT} or empty it yourself."
         )
 
 
@@ -130,9 +132,9 @@ def publish(staged: Path, out: Path, overwrite: bool = True) -> Path:
         if out.exists() or out.is_symlink():
             if not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):  # an empty directory is always replaceable
                 if not overwrite:
-                    raise MoECompressError(f"output {out} appeared while this run was working; choose another --out or pass --overwrite.")
+                    raise MoECompressError(f"output {out} appeared while this run was working; choose another {OUT} or pass {OVERWRITE}.")
                 if not _replaceable(out):
-                    raise MoECompressError(f"output {out} is no longer a checkpoint directory; refusing to replace it. Choose another --out.")
+                    raise MoECompressError(f"output {out} is no longer a checkpoint directory; refusing to replace it. Choose another {OUT}.")
             aside = staging_dir(out, ASIDE)
             held = aside / out.name
             try:

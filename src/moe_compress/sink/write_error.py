@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 
 
 def write_error(path: Path, exc: Exception, action: str = "write") -> MoECompressError:
@@ -16,11 +16,12 @@ def write_error(path: Path, exc: Exception, action: str = "write") -> MoECompres
     if code is None and (found := re.search(r"os error (\d+)", str(exc))):
         code = int(found[1])
     reason = (exc.strerror if isinstance(exc, OSError) else None) or (os.strerror(code) if code else str(exc).splitlines()[0])
+    out = param("out")
     hint = {
-        errno.ENOSPC: "free some space or choose another --out",
-        errno.EDQUOT: "free some space or choose another --out",
-        errno.EROFS: "the file system is read-only; choose another --out",
-        errno.EACCES: "you lack permission there; choose another --out",
-        errno.EPERM: "you lack permission there; choose another --out",
-    }.get(code, "check the path and choose another --out if needed")
+        errno.ENOSPC: f"free some space or choose another {out}",
+        errno.EDQUOT: f"free some space or choose another {out}",
+        errno.EROFS: f"the file system is read-only; choose another {out}",
+        errno.EACCES: f"you lack permission there; choose another {out}",
+        errno.EPERM: f"you lack permission there; choose another {out}",
+    }.get(code, f"check the path and choose another {out} if needed")
     return MoECompressError(f"cannot {action} {path}: {reason}; {hint}.")

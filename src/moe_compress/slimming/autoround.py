@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, OptionError, param
 
 #: The pinned release this integration was written and tested against (see pyproject.toml).
 AUTOROUND_VERSION = "0.16.1"
@@ -121,9 +121,9 @@ def autoround(
         from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
         from auto_round.modeling.fused_moe.moe_experts_interface import prepare_model_for_moe_quantization
     except ImportError as exc:  # pragma: no cover - auto-round is a pinned dependency
-        raise MoECompressError(f"--method autoround needs auto-round=={AUTOROUND_VERSION} (pip install auto-round=={AUTOROUND_VERSION}): {exc}") from None
+        raise OptionError("method", f"autoround needs auto-round=={AUTOROUND_VERSION} (pip install auto-round=={AUTOROUND_VERSION}): {exc}") from None
     if tokenizer is None:
-        raise MoECompressError("AutoRound needs the model's tokenizer; this checkpoint has none (use --method rtn).")
+        raise MoECompressError("AutoRound needs the model's tokenizer; this checkpoint has none (use {param('method')} rtn).")
     if not batches:
         raise MoECompressError("AutoRound needs calibration batches.")
     if iters < 1:

@@ -44,7 +44,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..arch.adapter import MoEAdapter
 from ..arch.registry import get_adapter
 from ..arch.table import unloadable_when_packed
-from ..errors import MoECompressError
+from ..errors import MoECompressError, OptionError, param
 from ..sink.export import model_groups, streamed_groups
 from ..source.open import Streaming, open_model
 from ..sink.per_expert import described_per_expert, split_experts, stored_groups, unpackable_conversions
@@ -224,13 +224,13 @@ def check_loadable_when_packed(model: PreTrainedModel, adapter: MoEAdapter) -> N
 def check_quantize_options(bits: int, scope: str, method: str, group_size: int | None, expert_bits: ExpertBits | None = None) -> None:
     """The options every quantisation takes, checked before any model is read."""
     if bits not in (4, 8):
-        raise MoECompressError(f"--bits must be 4 or 8; got {bits}.")
+        raise OptionError("bits", f"must be 4 or 8; got {bits}.")
     if scope not in SCOPES:
-        raise MoECompressError(f"--scope must be one of {', '.join(SCOPES)}; got {scope!r}.")
+        raise OptionError("scope", f"must be one of {', '.join(SCOPES)}; got {scope!r}.")
     if method not in METHODS:
-        raise MoECompressError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
+        raise OptionError("method", f"must be one of {', '.join(METHODS)}; got {method!r}.")
     if group_size is not None and group_size < 0:
-        raise MoECompressError(f"--group-size must be >= 0 (0: one scale per output row); got {group_size}.")
+        raise OptionError("group_size", f"must be >= 0 (0: one scale per output row); got {group_size}.")
     if expert_bits is not None:
         check_expert_bits(expert_bits)
         if method != "rtn":
@@ -290,7 +290,7 @@ def quantize(
     out = Path(out)
     check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
     if method == "autoround" and streaming is True:
-        raise MoECompressError("--method autoround tunes each block on a model held in memory; use --streaming off or auto (or --method rtn).")
+        raise OptionError("method", f"autoround tunes each block on a model held in memory; use {param('streaming')} off or auto (or {param('method')} rtn).")
     with step(f"loading {model}" if isinstance(model, str | Path) else "opening the model"):
         model, loaded_tokenizer, weights = open_model(model, device, False if method == "autoround" else streaming, dtype, trust_remote_code)
     tokenizer = tokenizer or loaded_tokenizer
@@ -324,7 +324,7 @@ def quantize(
         from .autoround import autoround
 
         if not group:
-            raise MoECompressError("--method autoround needs a group size (AutoRound tunes per group); pass --group-size.")
+            raise OptionError("method", f"autoround needs a group size (AutoRound tunes per group); pass {param('group_size')}.")
         params = {saved[k].param: saved[k].role for k in targets}
         batches = calibration_batches("bundled" if calib is None else calib, tokenizer)
         in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)

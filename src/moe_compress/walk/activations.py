@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Activations:
                 parent.mkdir(parents=True, exist_ok=True)
                 self._directory = Path(tempfile.mkdtemp(prefix="moe-compress-activations-", dir=parent))
             except OSError as exc:
-                raise MoECompressError(f"cannot use offload dir {parent}: {exc.strerror}. Choose a writable --offload-dir.") from None
+                raise MoECompressError(f"cannot use offload dir {parent}: {exc.strerror}. Choose a writable {param('offload_dir')}.") from None
         return self._directory
 
     def keep(self, tensor: torch.Tensor) -> torch.Tensor | _Spilled:
@@ -76,7 +76,7 @@ class Activations:
             if exc.errno == errno.ENOSPC:
                 raise MoECompressError(
                     f"offload dir {self._dir().parent} is full ({size / 2**20:.0f} MiB more needed for activations): "
-                    "free space there, choose another --offload-dir, or raise --max-activation-memory."
+                    f"free space there, choose another {param('offload_dir')}, or raise {param('max_activation_memory')}."
                 ) from None
             raise MoECompressError(f"cannot write activations to {path}: {exc.strerror}.") from None
         return _Spilled(path, tuple(tensor.shape), tensor.dtype)
