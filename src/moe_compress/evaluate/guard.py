@@ -121,9 +121,9 @@ class GuardReport:
         if self.unreached and not self.allow_unreached:
             parts.append(
                 f"{len(self.unreached)} expert(s) never received a calibration token, so the stage treated them without data "
-                f"(layer:expert {format_experts(self.unreached)}); calibrate on more or other text ({param('samples')}, {param('calib')}), "
-                + (f"route calibration to every expert ({ROUTE_ALL_OPTION}), " if self.stage in ROUTES_ALL_STAGES else "")
-                + f"or allow them with {UNREACHED_OPTION}"
+                f"(layer:expert {format_experts(self.unreached)}); calibrate on more or other text ({param('samples')}, {param('calib')})"
+                + (f", route calibration to every expert ({ROUTE_ALL_OPTION})," if self.stage in ROUTES_ALL_STAGES else "")
+                + f" or allow them with {UNREACHED_OPTION}"
             )
         return f"quality guard failed after {self.stage}: " + "; and ".join(parts) if parts else ""
 
