@@ -7,21 +7,18 @@ import typer
 
 from ..errors import MoECompressError
 from ..inputs import require_positive
+from ..stages.options import FinetuneOptions
 from .common import show
-from .options import Loading, ModelArg, OverwriteOpt, TrustOpt, VerifyOpt, command
+from .options import Loading, ModelArg, OverwriteOpt, TrustOpt, VerifyOpt, command, stage_options
+
+Options = stage_options(FinetuneOptions)
 
 
 @command("finetune")
 def finetune_command(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory for the fine-tuned model; checkpoints go to <out>.checkpoints/.")],
-    data: Annotated[str, typer.Option(help="Training text (same forms as --calib; 'bundled' uses its calib split).")] = "bundled",
-    eval_data: Annotated[str, typer.Option(help="Held-out text for the before/after perplexity ('bundled': valid split).")] = "bundled",
-    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 200,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (the CD-MoE authors' 1e-5, decayed linearly).")] = 1e-5,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed for batch sampling.")] = 0,
+    given: Options = Options(),
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps (0: only the final model).")] = 0,
     overwrite: OverwriteOpt = False,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: a GPU if present).")] = None,
@@ -36,13 +33,12 @@ def finetune_command(
     from ..report.compression import saved_lines
     from ..report.tables import finetune_table
 
-    require_positive(steps=steps, batch_size=batch_size, seq_len=seq_len)
-    check_seed(seed)
-    if lr <= 0:
-        raise MoECompressError(f"--lr must be a positive number; got {lr}.")
+    require_positive(steps=given.steps, batch_size=given.batch_size, seq_len=given.seq_len)
+    check_seed(given.seed)
+    if given.lr <= 0:
+        raise MoECompressError(f"--lr must be a positive number; got {given.lr}.")
     Loading(device=device or "cpu", verify_checksums=verify_checksums).check(model)
     check_output_dir(out, overwrite, [model])
     loaded, tokenizer = load_whole(model, dtype="float32", trust_remote_code=trust_remote_code)
-    report = finetune(loaded, tokenizer, data, steps, lr, batch_size, seq_len, seed, eval_data, out=out,
-                      checkpoint_every=checkpoint_every, overwrite=overwrite, device=device)
-    show([finetune_table(report, eval_data), f"time {report['seconds']}s", *saved_lines(out)])
+    report = finetune(loaded, tokenizer, **given.stage().settings(), out=out, checkpoint_every=checkpoint_every, overwrite=overwrite, device=device)
+    show([finetune_table(report, given.eval_data), f"time {report['seconds']}s", *saved_lines(out)])

@@ -1,16 +1,19 @@
 """Options several commands share, declared once: `Annotated` aliases, and bundles -- a dataclass of
 options that `bundled` spreads into a command's signature and hands back to it as one object
-(`load: Loading` becomes --dtype, --device, ... on the command line, and a `Loading` in the body)."""
+(`load: Loading` becomes --dtype, --device, ... on the command line, and a `Loading` in the body).
+A stage command's own options are a bundle made from the stage's declaration (`stage_options`)."""
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel
 
 from ..evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
 from ..loading import LoadSettings
@@ -90,6 +93,41 @@ class Guard(Bundle):
         from ..single import GuardRequest
 
         return None if self.no_guard else GuardRequest(stage, calibration, self.guard_min_top1)
+
+
+def _flag_type(annotation: object) -> object:
+    """The type a flag takes for a stage option: a choice of names is a string; of the forms a recipe also
+    takes (a list beside a comma-separated string, a bool beside a path) the one a command line writes."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    kinds = [str if typing.get_origin(m) is typing.Literal else m for m in members if m is not type(None) and typing.get_origin(m) in (None, typing.Literal)]
+    kinds = [k for k in kinds if k is not bool] if len(kinds) > 1 else kinds
+    chosen = Path if Path in kinds else kinds[0]
+    return chosen | None if type(None) in members else chosen
+
+
+def stage_options(declared: type[BaseModel], exclude: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> type[Bundle]:
+    """A bundle of a stage's options as `stages.options` declares them (`PruneOptions` for the stage "prune"): each
+    field a flag named after it (`flags` renames one), typed by `_flag_type`, with its description as help and its
+    default (a list default written comma-separated). `exclude`: fields without a flag. Its `stage(**extra)` builds
+    the stage from the values that differ from the defaults (so `describe()` leaves the defaults unsaid)."""
+    flags = flags or {}
+
+    def option(name: str, info) -> tuple[str, object, object]:
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        kind = _flag_type(info.annotation)
+        decls = (flag if not info.default else f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+        default = ",".join(map(str, info.default)) if isinstance(info.default, list) else info.default
+        return name, Annotated[kind, typer.Option(*decls, help=info.description)], field(default=default)
+
+    def stage(self, **extra: object):
+        from ..stages.registry import stage_class
+
+        given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        return stage_class(declared.__name__.removesuffix("Options").lower())(**given, **extra)
+
+    options = [option(name, info) for name, info in declared.model_fields.items() if name not in exclude]
+    return make_dataclass(declared.__name__, options, bases=(Bundle,), frozen=True, namespace={"stage": stage})
 
 
 def bundled(command: Callable, exclude: tuple[str, ...] = (), defaults: dict[str, object] | None = None) -> Callable:

@@ -6,6 +6,8 @@ immutable set of options that knows four things about itself, in the order a run
 * `check(structure, earlier)`: refuse what cannot succeed, from the model's structure alone
   (a meta skeleton is enough), before any weight is read or any token calibrated;
 * `describe()`: one line saying what it will do (the dry run, the recipe report, the card);
+  a dry run adds `calibrates()` (what it reads calibration text for) and `explain(structure)`
+  (what the structure already tells, e.g. the experts each layer keeps);
 * `predict(footprint)`: what the model will weigh after it, from the config and the shard
   headers (`stages.sizes`), so a budget search can rank compositions without running them;
 * `run(context)`: do it, on the model the stage before it produced.
@@ -108,6 +110,14 @@ class Stage(BaseModel):
         """One line: the kind and the options the user set (the defaults go unsaid)."""
         shown = ", ".join(f"{name}={value}" for name, value in self.given().items())
         return f"{self.kind}: {shown or 'defaults'}"
+
+    def calibrates(self) -> str | None:
+        """What the stage reads the calibration text for (a dry run says so); None: it reads none."""
+        return None
+
+    def explain(self, structure: Structure) -> list[str]:
+        """What a dry run can already tell, from the input's structure alone, about what this stage would do."""
+        return []
 
     def predict(self, footprint: Footprint) -> Footprint:
         """The model's size after this stage; a stage that changes no stored byte returns its input."""

@@ -25,6 +25,7 @@ from ..source.residency import InMemoryWeights
 from ..methods.condense import plan_condense
 from ..methods.condense_state import SearchState, default_state_path, state_key
 from ..preflight import Structure, check_condense, check_condense_memory
+from .options import CondenseOptions
 from .base import Stage, StageContext, StageOutcome
 from .footprint import Footprint
 from .registry import register_stage
@@ -83,22 +84,21 @@ def condense(
 
 
 @register_stage
-class Condense(Stage):
+class Condense(CondenseOptions, Stage):
     """CD-MoE: condense `layers` MoE layers into shared experts + `experts` constant-weight experts each."""
 
     kind: ClassVar[str] = "condense"
 
-    layers: int = 1
-    experts: int | None = None
-    objective: str = "layer_output"
-    choose_size: bool = False
-    position_stride: int = 1
-    cache_dir: str | bool | None = None
-    state_file: str | bool | None = None
-    fresh: bool = False
-
     def check(self, structure: Structure, earlier) -> None:
         check_condense(structure, self.layers, self.experts)
+
+    def calibrates(self) -> str:
+        return "search, per MoE layer, the experts whose constant-weight sum keeps its output closest (CD-MoE)"
+
+    def explain(self, structure: Structure) -> list[str]:
+        size = self.experts if self.experts is not None else structure.top_k
+        return [f"would condense {self.layers} of {len(structure.experts)} MoE layers, each keeping "
+                f"{'at most' if self.choose_size else 'exactly'} {size} routed experts"]
 
     def predict(self, footprint: Footprint) -> Footprint:
         """`layers` layers keep K experts (the top-k by default) and lose their router's rows: an estimate of which layers."""
