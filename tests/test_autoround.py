@@ -57,6 +57,7 @@ def test_an_expert_calibration_never_reaches_is_rounded_to_nearest(tmp_path):
         adapter.router(block).e_score_correction_bias[7] = -1e4  # expert 7 is never selected
     quantize(model, tmp_path / "ar", bits=4, group_size=32, scope="experts", method="autoround", calib=CALIB, tokenizer=tiny_tokenizer(), iters=30)
     reloaded, _ = load_model(tmp_path / "ar")
+    assert "1:7" in json.loads((tmp_path / "ar" / "moe_compress_summary.json").read_text())["unreached_experts"]  # named for the guard
     experts, loaded = adapter.experts(block), adapter.experts(adapter.moe_block(reloaded.model.layers[1]))
     for name in ("gate_up_proj", "down_proj"):
         torch.testing.assert_close(getattr(loaded, name)[7], _autoround_rtn(getattr(experts, name)[7].detach(), 32), rtol=0, atol=1e-6)

@@ -146,6 +146,6 @@ def test_card_lines_and_the_summary_dict():
         "quality guard failed after quantize: top-1 agreement 0.812 < 0.9 against the stage's input on 16 held-out windows "
         "(KL 0.0123 nats/token); worst layer 1 (its own output off by 3.5 of its update); if the stage may lose that much, "
         "lower the threshold with --guard-min-top1; and 2 expert(s) never received a calibration token, so the stage treated "
-        "them without data (layer:expert 1:3, 4:0); calibrate on more or other text (--samples, --calib) or allow them with "
-        "--allow-unreached-experts"
+        "them without data (layer:expert 1:3, 4:0); calibrate on more or other text (--samples, --calib), route calibration to "
+        "every expert (--calibrate-all-experts), or allow them with --allow-unreached-experts"
     )

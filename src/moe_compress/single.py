@@ -17,7 +17,7 @@ from typing import Any
 from . import distributed
 from .data.batches import CalibrationSpec
 from .evaluate.compression import eval_sets, perplexities, perplexities_after
-from .evaluate.guard import guard_output
+from .evaluate.guard import HeldOutText, guard_output
 from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
 from .sink.save import check_output_dir
 from .loading import LoadSettings
@@ -26,12 +26,18 @@ from .preflight import Structure
 
 @dataclass(frozen=True)
 class GuardRequest:
-    """The quality guard after a command: the stage kind (its default threshold), the calibration text
-    whose held-out windows it reads, and the threshold if the user set one."""
+    """The quality guard after a command: the stage kind (its default threshold), the text it reads (a
+    `CalibrationSpec`: the windows calibration did not pick; or an `evaluate.guard.HeldOutText`), the
+    threshold if the user set one, and whether experts calibration never reached are allowed."""
 
     stage: str
-    calibration: CalibrationSpec
+    calibration: CalibrationSpec | HeldOutText
     min_top1: float | None = None
+    allow_unreached: bool = False
+
+    def check(self, source: str | Path, output: str | Path, device: str) -> dict:
+        """`evaluate.guard.guard_output` of `output` against `source`, as requested."""
+        return guard_output(source, output, self.calibration, self.stage, self.min_top1, device, self.allow_unreached)
 
 
 @dataclass
@@ -84,5 +90,5 @@ def run_single(
         after = perplexities_after(result, windows, device)
         if against_original is not None and windows:
             against_original(result, original, weights if weights.streamed else None, windows, after, device)
-        checked = guard_output(model, out, guard.calibration, guard.stage, guard.min_top1, device) if guard is not None else None
+        checked = guard.check(model, out, device) if guard is not None else None
     return SingleRun(result, before, after, checked)

@@ -9,7 +9,7 @@ from ..errors import MoECompressError
 from ..inputs import directory_option, require_positive, writable_file
 from ..stages.options import CondenseOptions
 from .common import show
-from .options import CacheDirOpt, Calibration, DryRunOpt, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command, stage_options
+from .options import CacheDirOpt, Calibration, DryRunOpt, Guard, Loading, ModelArg, OutOpt, OverwriteOpt, PlanOutOpt, command, stage_options
 
 Options = stage_options(CondenseOptions)
 
@@ -21,6 +21,7 @@ def condense_command(
     given: Options = Options(),
     samples: Annotated[int, typer.Option(help="Calibration sequences (the authors use 100).")] = 32,
     calibration: Calibration = Calibration(),
+    guard: Guard = Guard(),
     plan_out: PlanOutOpt = None,
     overwrite: OverwriteOpt = False,
     cache_dir: CacheDirOpt = None,
@@ -41,6 +42,7 @@ def condense_command(
     from ..loading import load_whole
     from ..preflight import check_condense_memory, skeleton
     from ..report.compression import compression_report, search_line
+    from ..evaluate.guard import guard_line
     from ..stages.condense import condense
 
     require_positive(layers=given.layers, position_stride=given.position_stride)
@@ -59,4 +61,6 @@ def condense_command(
     with load.session():
         loaded, tokenizer = load_whole(model, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code)
         result = condense(loaded, **stage.settings(), calib=spec, tokenizer=tokenizer, out=out, overwrite=overwrite, device=load.device)
-    show([search_line(result.plan.meta), *compression_report(result, "condensed", model, out, plan_out)])
+        request = guard.request("condense", spec)
+        checked = None if request is None else request.check(model, out, load.device)
+    show([search_line(result.plan.meta), *compression_report(result, "condensed", model, out, plan_out), guard_line(checked)])

@@ -88,11 +88,15 @@ class Guard(Bundle):
         "The quality guard compares the saved output with the input on held-out calibration text and exits 2 (the output kept, its card "
         "marked FAILED, the worst layer named) when top-1 agreement falls below this; default 0.9 after quantize, 0.25 after the others."))] = None
     no_guard: Annotated[bool, typer.Option("--no-guard", help="Skip the quality guard (it reads the input and the output once more).")] = False
+    allow_unreached_experts: Annotated[bool, typer.Option("--allow-unreached-experts", help=(
+        "Pass the quality guard even when the stage recorded experts that no calibration token reached (and so treated them without data); "
+        "they are still named in the card."))] = False
 
     def request(self, stage: str, calibration) -> object:
+        """The `single.GuardRequest` (None with --no-guard); `calibration`: the text whose held-out windows it reads."""
         from ..single import GuardRequest
 
-        return None if self.no_guard else GuardRequest(stage, calibration, self.guard_min_top1)
+        return None if self.no_guard else GuardRequest(stage, calibration, self.guard_min_top1, self.allow_unreached_experts)
 
 
 def _flag_type(annotation: object) -> object:

@@ -36,7 +36,7 @@ def quantize(
     weight per expert.
     """
     from ..dry_run import dry_run_stages
-    from ..evaluate.guard import guard_line, guard_output
+    from ..evaluate.guard import guard_line
     from ..sink.save import check_output_dir
     from ..report.compression import quantization_report
     from ..slimming.quantize import check_quantize_options
@@ -53,5 +53,6 @@ def quantize(
     with load.session():
         result = quantize_model(model, out, **stage.settings(), overwrite=overwrite, calib=spec, device=load.device,
                                 trust_remote_code=load.trust_remote_code, streaming=load.mode(), dtype=load.dtype)
-        checked = None if guard.no_guard else guard_output(model, out, spec, "quantize", guard.guard_min_top1, load.device)
+        request = guard.request("quantize", spec)
+        checked = None if request is None else request.check(model, out, load.device)
     show([*quantization_report(result.summary, out), guard_line(checked)])

@@ -44,6 +44,7 @@ from ..source.open import Streaming, open_model
 from ..source.residency import Weights
 from .fidelity import FidelityResult, compare
 from .layer_error import layer_errors
+from ..walk.statistics import unreached_experts
 
 #: Default minimum top-1 agreement per stage kind (see the module docstring for the measurements).
 DEFAULT_MIN_TOP1: dict[str, float] = {"quantize": 0.9}
@@ -55,6 +56,8 @@ DEFAULT_WINDOWS = 32
 #: The options that override the guard, as its error message names them.
 THRESHOLD_OPTION = "--guard-min-top1"
 UNREACHED_OPTION = "--allow-unreached-experts"
+#: ... and the one that gives unreached experts data (`walk.all_experts`).
+ROUTE_ALL_OPTION = "--calibrate-all-experts"
 #: Layers named in a failure and in the card.
 WORST_LAYERS = 3
 
@@ -75,14 +78,6 @@ def _open(model: Model, device: str, streaming: Streaming):
 
 def default_min_top1(stage: str) -> float:
     return DEFAULT_MIN_TOP1.get(stage, OTHER_STAGES_MIN_TOP1)
-
-
-def unreached_experts(stats: dict[int, dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
-    """(decoder layer, expert) pairs calibration routed no token to, from observed "selected" counts."""
-    missing = [layer for layer, values in stats.items() if "selected" not in values]
-    if missing:
-        raise ValueError(f"statistics of layer {missing[0]} have no 'selected' counts; observe them with the stage's statistics.")
-    return [(layer, int(e)) for layer in sorted(stats) for e in torch.nonzero(stats[layer]["selected"] == 0).flatten().tolist()]
 
 
 @dataclass(frozen=True)
@@ -124,7 +119,8 @@ class GuardReport:
         if self.unreached and not self.allow_unreached:
             parts.append(
                 f"{len(self.unreached)} expert(s) never received a calibration token, so the stage treated them without data "
-                f"(layer:expert {format_experts(self.unreached)}); calibrate on more or other text (--samples, --calib) or allow them with {UNREACHED_OPTION}"
+                f"(layer:expert {format_experts(self.unreached)}); calibrate on more or other text (--samples, --calib), route calibration to "
+                f"every expert ({ROUTE_ALL_OPTION}), or allow them with {UNREACHED_OPTION}"
             )
         return f"quality guard failed after {self.stage}: " + "; and ".join(parts) if parts else ""
 
@@ -165,6 +161,7 @@ def guard(
     min_top1: float | None = None,
     stats: dict[int, dict[str, torch.Tensor]] | None = None,
     allow_unreached: bool = False,
+    unreached: list[tuple[int, int]] | None = None,
     localise: bool | None = None,
     batch_size: int = 8,
     device: str = "cpu",
@@ -185,6 +182,7 @@ def guard(
             "selected"); every expert with no token is reported and fails the guard unless
             `allow_unreached`. Pass them for stages that treat each expert by its tokens
             (calibrated rounding, merging); None: not checked.
+        unreached: instead of `stats`, the (layer, expert) pairs the stage itself counted as never reached.
         localise: compute each layer's own error (one more forward of both models); None: only when top-1 fails.
         raise_on_failure: raise `QualityGuardError` (it carries the report) when a check fails.
     """
@@ -201,7 +199,7 @@ def guard(
     fidelity = compare(after_model, before_model, windows, batch_size, after_weights, before_weights, device)[0]
     report = GuardReport(
         stage, fidelity, int(windows.shape[0]), int(windows.shape[1]), min_top1, None,
-        tuple(unreached_experts(stats)) if stats is not None else (), allow_unreached,
+        tuple(unreached_experts(stats)) if stats is not None else tuple(unreached or ()), allow_unreached,
     )
     if localise or (localise is None and not report.top1_passed):
         errors = layer_errors(before_model, after_model, list(windows.split(batch_size)), before_weights, after_weights, device)
@@ -211,21 +209,59 @@ def guard(
     return report
 
 
-def guard_output(source: str | Path, output: str | Path, calibration, stage: str, min_top1: float | None = None, device: str = "cpu") -> dict:
-    """The guard after a single-stage command: its saved `output` against its `source` checkpoint, on
-    held-out windows of the `calibration` text (`data.held_out_windows`), both read from disk (streamed
-    when large). The result goes into the output's summary and card whether it passed or not; a
-    failure then raises `QualityGuardError`. Without held-out text it is skipped, and the card says why."""
+@dataclass(frozen=True)
+class HeldOutText:
+    """Text a stage never read, all of it usable by the guard: e.g. `finetune`'s evaluation split, which
+    it keeps apart from its training text (where calibration held-out windows would be windows it trained on)."""
+
+    source: str
+    seq_len: int
+    split: str = "valid"
+
+    def windows(self, tokenizer, count: int) -> torch.Tensor:
+        from ..data.batches import read_windows
+
+        found = read_windows(tokenizer, self.source, self.seq_len, count, self.split)
+        if len(found) == 0:
+            raise MoECompressError(f"{self.source!r} ({self.split}) has fewer tokens than one window of {self.seq_len}, so none is left to check quality on.")
+        return found
+
+
+def _held_out(tokenizer, text, count: int) -> torch.Tensor:
+    """Up to `count` windows the stage did not read: of a `HeldOutText`, or those calibration with a `CalibrationSpec` left out."""
     from ..data.batches import held_out_windows
+
+    return text.windows(tokenizer, count) if isinstance(text, HeldOutText) else held_out_windows(tokenizer, text, count)
+
+
+def recorded_unreached(output: str | Path) -> list[tuple[int, int]] | None:
+    """The experts a saved stage recorded as never reached by its calibration (its summary's
+    "unreached_experts", "layer:expert"); None when the stage records none (it does not treat experts by their tokens)."""
+    from ..sink.model_card import SUMMARY_FILE
+
+    path = Path(output) / SUMMARY_FILE
+    named = json.loads(path.read_text()).get("unreached_experts") if path.is_file() else None
+    return None if named is None else [tuple(int(part) for part in pair.split(":")) for pair in named]
+
+
+def guard_output(source: str | Path, output: str | Path, calibration, stage: str, min_top1: float | None = None, device: str = "cpu",
+                 allow_unreached: bool = False) -> dict:
+    """The guard after a single-stage command: its saved `output` against its `source` checkpoint, on
+    held-out text (`calibration`: a `CalibrationSpec`, whose windows calibration did not pick are read --
+    `data.held_out_windows` -- or a `HeldOutText`), both read from disk (streamed when large), and the
+    experts the stage recorded as unreached (`recorded_unreached`). The result goes into the output's
+    summary and card whether it passed or not; a failure then raises `QualityGuardError`. Without
+    held-out text it is skipped, and the card says why."""
     from ..source.load import load_tokenizer
     from ..sink.model_card import record_guard
 
     try:
-        windows = held_out_windows(load_tokenizer(str(output), False, str(output)), calibration, DEFAULT_WINDOWS)
+        windows = _held_out(load_tokenizer(str(output), False, str(output)), calibration, DEFAULT_WINDOWS)
     except MoECompressError as exc:
         record_guard(output, {"stage": stage, "skipped": str(exc)})
         return {"stage": stage, "skipped": str(exc)}
-    report = guard(source, output, windows, stage=stage, min_top1=min_top1, device=device, raise_on_failure=False)
+    report = guard(source, output, windows, stage=stage, min_top1=min_top1, device=device, raise_on_failure=False,
+                   unreached=recorded_unreached(output), allow_unreached=allow_unreached)
     record_guard(output, report.to_dict())
     report.raise_if_failed()
     return report.to_dict()

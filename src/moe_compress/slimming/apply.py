@@ -74,18 +74,27 @@ def check_method(method: str) -> None:
 
 
 class _Tally:
-    """Per target kind: matrices, weights, zeros; and matrices that fell back to magnitude."""
+    """Per target kind: matrices, weights, zeros; and matrices that fell back to magnitude, with the
+    (decoder layer, expert) of the routed experts among them -- what the quality guard names."""
 
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, int]] = defaultdict(lambda: {"matrices": 0, "weights": 0, "zeros": 0, "no_calibration_tokens": 0})
+        self.unreached: set[tuple[int, int]] = set()
 
-    def add(self, matrix: WeightMatrix, stats: InputStats | None, calibrated: bool) -> None:
+    def add(self, matrix: WeightMatrix, stats: InputStats | None, calibrated: bool, layer: int) -> None:
         value = matrix.read()
         entry = self.counts[matrix.kind]
         entry["matrices"] += 1
         entry["weights"] += value.numel()
         entry["zeros"] += int((value == 0).sum())
-        entry["no_calibration_tokens"] += int(calibrated and (stats is None or stats.tokens == 0))
+        without_data = calibrated and (stats is None or stats.tokens == 0)
+        entry["no_calibration_tokens"] += int(without_data)
+        if without_data and matrix.expert is not None:
+            self.unreached.add((layer, matrix.expert))
+
+    def unreached_names(self) -> list[str]:
+        """'layer:expert' of every routed expert calibration never reached (`evaluate.guard.recorded_unreached` reads them)."""
+        return [f"{layer}:{expert}" for layer, expert in sorted(self.unreached)]
 
     def to_dict(self) -> dict[str, dict]:
         return {kind: {**c, "sparsity": c["zeros"] / max(c["weights"], 1)} for kind, c in sorted(self.counts.items())}
@@ -111,12 +120,14 @@ def sparsity_walk(
     propagate: bool = True,
     device: str = "cpu",
     weights: Weights | None = None,
+    all_experts: bool = False,
 ) -> Iterable[tuple[int, nn.Module]]:
     """Sparsify the target matrices layer by layer; iterating yields each layer once it is pruned.
 
     Wanda and SparseGPT calibrate layer by layer and prune each layer before the next is
     observed (see `prune_layer_by_layer`); magnitude needs no data. The layer is yielded while
     its weights are loaded, so a streamed run writes it out before reading the next one.
+    `all_experts`: calibration reaches every routed expert (`walk.all_experts`).
     """
     adapter = get_adapter(model)
     weights = weights or InMemoryWeights(model)
@@ -128,14 +139,14 @@ def sparsity_walk(
         for matrix in collector.matrices:
             stats = collector.stats.get(matrix.name)
             matrix.write(prune_matrix(matrix.read(), method, spec, stats, blocksize, damp))
-            tally.add(matrix, stats, calibrated)
+            tally.add(matrix, stats, calibrated, collector.index)
 
     if calibrated:
         if not batches:
             raise MoECompressError(f"{method} needs calibration data; pass calib (or use method='magnitude').")
         need = "hessian" if method == "sparsegpt" else "norms"
         return prune_layer_by_layer(
-            model, adapter, batches, lambda index, layer: layer_collector(adapter, layer, index, targets, need),
+            model, adapter, batches, lambda index, layer: layer_collector(adapter, layer, index, targets, need, all_experts),
             prune, device, propagate, weights=weights,
         )
 
@@ -186,6 +197,7 @@ def slim(
     streaming: Streaming = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    calibrate_all_experts: bool = False,
 ) -> SlimResult:
     """Zero weights inside the experts (and optionally shared experts / attention) of `model`.
 
@@ -200,6 +212,10 @@ def slim(
         blocksize, damp: SparseGPT's lazy-update block and relative Hessian damping.
         propagate: feed each layer the pruned previous layers' outputs (default, as in SparseGPT).
         out: save the result there (atomically; stock checkpoint unless the model needs remote code).
+        calibrate_all_experts: route every calibration token to every routed expert while its statistics
+            are gathered (`walk.all_experts`; the model's output and routing are unchanged), so no expert
+            falls back to magnitude for want of tokens. Without it, the experts calibration never
+            reached are listed in the summary ("unreached_experts") for the quality guard.
     """
     from ..engine.prepare import calibration_batches, prepare
     from ..evaluate.speed import peak_rss_bytes
@@ -220,7 +236,7 @@ def slim(
     if method != "magnitude":
         batches = calibration_batches("bundled" if calib is None else calib, tokenizer, model.config)
     tally = _Tally()
-    walk = sparsity_walk(model, method, spec, targets, batches, tally, blocksize, damp, propagate, device, weights)
+    walk = sparsity_walk(model, method, spec, targets, batches, tally, blocksize, damp, propagate, device, weights, calibrate_all_experts)
     summary = {
         "stage": "slim",
         "method": method,
@@ -229,6 +245,7 @@ def slim(
         "target_fraction": spec.target_fraction,
         "targets": list(targets),
         "propagate": propagate,
+        **({"calibrate_all_experts": True} if calibrate_all_experts else {}),
         "sparsegpt": {"blocksize": blocksize, "damp": damp} if method == "sparsegpt" else None,
         "streamed": weights.streamed,
     }
@@ -246,6 +263,8 @@ def slim(
 
     def finish() -> None:  # once every layer was pruned: before the summary file is written
         summary.update(reached=tally.to_dict(), seconds=round(time.perf_counter() - start, 3), peak_rss_bytes=peak_rss_bytes())
+        if method != "magnitude":
+            summary["unreached_experts"] = tally.unreached_names()
 
     if groups is None:
         finish()

@@ -24,6 +24,7 @@ from torch import nn
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
 from ..source.residency import Weights
+from ..walk.all_experts import route_to_every_expert
 from ..walk.experts_forward import ExpertPass, capturing, is_standard_experts
 from ..walk.observer import LayerWalk
 
@@ -154,9 +155,12 @@ def _linears(module: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 
 def layer_collector(
-    adapter: MoEAdapter, layer: nn.Module, index: int, targets: tuple[str, ...], need: Need | None
+    adapter: MoEAdapter, layer: nn.Module, index: int, targets: tuple[str, ...], need: Need | None, all_experts: bool = False
 ) -> LayerCollector:
     """The target matrices of decoder layer `index` and (if `need`) hooks that fill their statistics.
+
+    `all_experts`: every routed expert's statistics see every token of the layer, not only its routed
+    ones (`walk.all_experts`: the layer's output stays its own), so no expert is left without data.
 
     Shared-expert attributes that are a bare `Linear` (Qwen2-MoE's `shared_expert_gate`) are a
     gate, like the router, and stay untouched; so does every router.
@@ -226,6 +230,8 @@ def layer_collector(
                     up_stats.add(tokens)
                     down_stats.add(expert_hidden(module, e, tokens))
 
+        if need is not None and all_experts:  # first: the hooks below then read the dense routing
+            collector._hooks.append(lambda: route_to_every_expert(experts))
         if need is not None and is_standard_experts(experts):  # the forward hands over what it computes
             collector._hooks.append(lambda: _ContextHandle(capturing(experts, on_pass)))
         elif need is not None:

@@ -317,9 +317,11 @@ def quantize(
     ignore = {k.removesuffix(".weight") for k, t in saved.items() if k not in targets and len(t.shape) == 2 and k.endswith(".weight")}
     ignore |= {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and f"{name}.weight" not in quantized}
     config = _quantization_config(all_widths, saved, ignore, mixed, bits, group, symmetric)
-    rounded, calibration = {}, None
+    rounded, calibration, unreached = {}, None, None
     if method == "autoround":
         from ..engine.prepare import calibration_batches
+        from ..walk.observer import observe_expert_statistics
+        from ..walk.statistics import unreached_experts
         from .autoround import autoround
 
         if not group:
@@ -327,6 +329,9 @@ def quantize(
         params = {saved[k].param: saved[k].role for k in targets}
         batches = calibration_batches("bundled" if calib is None else calib, tokenizer)
         in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)
+        # AutoRound tunes an expert by the gradient of its routed tokens: one calibration never reached kept round-to-nearest
+        selected = observe_expert_statistics(model, adapter, batches, ("selected",), device)
+        unreached = [f"{layer}:{expert}" for layer, expert in unreached_experts(selected)]
         rounded = _saved_rounding(model, in_memory, fused, own_names)
 
     schemes = {width: quant_scheme(width, group, symmetric) for width in set(widths.values())}
@@ -353,6 +358,7 @@ def quantize(
             "experts_storage": PER_EXPERT_STORAGE if fused else "packed",
             "calibrated_keys": len(rounded),
             "autoround": calibration,
+            **({"unreached_experts": unreached} if method == "autoround" else {}),  # what the quality guard names
             "checkpoint_bytes_before": transform.bytes_before,
             "streamed": weights.streamed,
             "checkpoint_bytes": checkpoint_bytes(staged),

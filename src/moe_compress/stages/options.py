@@ -83,6 +83,10 @@ class SlimOptions(BaseModel):
     damp: float = Field(0.01, description="sparsegpt: Hessian damping as a fraction of its mean diagonal.")
     propagate: bool = Field(True, description=(
         "Feed each layer the outputs of the already pruned layers (SparseGPT's sequential scheme) or of the original ones."))
+    calibrate_all_experts: bool = Field(False, description=(
+        "wanda/sparsegpt: route every calibration token to every routed expert while statistics are gathered (the model's output and "
+        "routing stay its own), so no expert is pruned without data, as GPTQModel's routing override does; each expert's statistics "
+        "then come from all tokens, not only its routed ones."))
 
 
 class QuantizeOptions(BaseModel):

@@ -246,3 +246,11 @@ class LayerAccumulator:
             part = statistic.update(batch)
             name = statistic.name
             self.sums[name] = part if name not in self.sums else statistic.merge(self.sums[name], part)
+
+
+def unreached_experts(stats: dict[int, dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
+    """(decoder layer, expert) pairs calibration routed no token to, from observed "selected" counts."""
+    missing = [layer for layer, values in stats.items() if "selected" not in values]
+    if missing:
+        raise ValueError(f"statistics of layer {missing[0]} have no 'selected' counts; observe them with the stage's statistics.")
+    return [(layer, int(e)) for layer in sorted(stats) for e in torch.nonzero(stats[layer]["selected"] == 0).flatten().tolist()]
