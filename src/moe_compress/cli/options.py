@@ -15,8 +15,9 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel
 
-from ..evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
+from ..evaluate.protocol import DEFAULT_PROTOCOL
 from ..loading import LoadSettings
+from ..stage_command import EvalSettings, GuardSettings
 from .common import app, user_errors
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
@@ -73,17 +74,14 @@ class Calibration(Bundle):
 
 
 @dataclass(frozen=True)
-class Evaluation(Bundle):
+class Evaluation(EvalSettings, Bundle):
     eval_ppl: Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after (same forms as --calib; 'bundled': each bundled domain's test split), with the evaluation protocol of --eval-windows / --eval-seq-len.")] = None
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="Perplexity windows per text source for --eval (the evaluation protocol; see `moe-compress eval --help`).")] = DEFAULT_PROTOCOL.windows
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per perplexity window for --eval (independent of the calibration --seq-len).")] = DEFAULT_PROTOCOL.seq_len
 
-    def protocol(self) -> EvalProtocol:
-        return EvalProtocol(self.eval_windows, self.eval_seq_len).validate()
-
 
 @dataclass(frozen=True)
-class Guard(Bundle):
+class Guard(GuardSettings, Bundle):
     guard_min_top1: Annotated[float | None, typer.Option("--guard-min-top1", help=(
         "The quality guard compares the saved output with the input on held-out calibration text and exits 2 (the output kept, its card "
         "marked FAILED, the worst layer named) when top-1 agreement falls below this; default 0.9 after quantize, 0.25 after the others."))] = None
@@ -91,12 +89,6 @@ class Guard(Bundle):
     allow_unreached_experts: Annotated[bool, typer.Option("--allow-unreached-experts", help=(
         "Pass the quality guard even when the stage recorded experts that no calibration token reached (and so treated them without data); "
         "they are still named in the card."))] = False
-
-    def request(self, stage: str, calibration) -> object:
-        """The `single.GuardRequest` (None with --no-guard); `calibration`: the text whose held-out windows it reads."""
-        from ..single import GuardRequest
-
-        return None if self.no_guard else GuardRequest(stage, calibration, self.guard_min_top1, self.allow_unreached_experts)
 
 
 def _flag_type(annotation: object) -> object:
@@ -113,8 +105,8 @@ def _flag_type(annotation: object) -> object:
 def stage_options(declared: type[BaseModel], exclude: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> type[Bundle]:
     """A bundle of a stage's options as `stages.options` declares them (`PruneOptions` for the stage "prune"): each
     field a flag named after it (`flags` renames one), typed by `_flag_type`, with its description as help and its
-    default (a list default written comma-separated). `exclude`: fields without a flag. Its `stage(**extra)` builds
-    the stage from the values that differ from the defaults (so `describe()` leaves the defaults unsaid)."""
+    default (a list default written comma-separated). `exclude`: fields without a flag. Its `stage(planned, **extra)` builds
+    the stage (`stage_command.build_stage`: every value checked first, those that differ from the defaults given)."""
     flags = flags or {}
 
     def option(name: str, info) -> tuple[str, object, object]:
@@ -124,11 +116,11 @@ def stage_options(declared: type[BaseModel], exclude: tuple[str, ...] = (), flag
         default = ",".join(map(str, info.default)) if isinstance(info.default, list) else info.default
         return name, Annotated[kind, typer.Option(*decls, help=info.description)], field(default=default)
 
-    def stage(self, **extra: object):
-        from ..stages.registry import stage_class
+    def stage(self, planned: bool = False, **extra: object):
+        from ..stage_command import build_stage
 
         given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
-        return stage_class(declared.__name__.removesuffix("Options").lower())(**given, **extra)
+        return build_stage(declared.__name__.removesuffix("Options").lower(), {**given, **extra}, planned)
 
     options = [option(name, info) for name, info in declared.model_fields.items() if name not in exclude]
     return make_dataclass(declared.__name__, options, bases=(Bundle,), frozen=True, namespace={"stage": stage})

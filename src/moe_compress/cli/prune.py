@@ -1,13 +1,11 @@
 """`moe-compress prune`: remove, replace or merge routed experts with a registered method (or a saved plan)."""
 
 from dataclasses import make_dataclass
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..inputs import directory_option, writable_file
 from ..stages.options import PruneOptions
 from .common import show
 from .options import (Bundle, CacheDirOpt, Calibration, DryRunOpt, Evaluation, Guard, IgnorePlanIdentityOpt, Loading, ModelArg, OverwriteOpt,
@@ -61,34 +59,10 @@ def prune(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Prune, replace or merge routed experts with a registered method (or a saved plan) and save the result."""
-    from ..dry_run import dry_run_stages
-    from ..evaluate.compression import measure_uniform
-    from ..methods.budget import check_ratio
-    from ..methods.uniform import check_uniform
-    from ..report.compression import compression_report, uniform_report
-    from ..evaluate.guard import guard_line
-    from ..single import run_single
-    from ..stages.prune import prune as prune_model
+    from ..stage_command import run_stage
 
     options = method_options(given.method, option or [], old)
-    if plan_in is None:
-        check_ratio(given.ratio)
-    if given.uniform:
-        check_uniform(given.method, given.budget, plan_in is not None)
-    protocol, spec = evaluation.protocol(), calibration.spec()
-    writable_file(plan_out, "--plan-out")
-    directory_option(cache_dir)
-    load.check(model)
-    stage = given.stage(**({"options": options} if options else {}))
-    if dry_run:
-        return dry_run_stages("prune", model, out, overwrite, [stage], load, spec, evaluation.eval_ppl, protocol, plan_in, ignore_plan_identity)
-    run = run_single(partial(prune_model, **stage.settings(), calib=spec, plan=plan_in, ignore_plan_identity=ignore_plan_identity, out=out,
-                             overwrite=overwrite, cache_dir=False if no_cache else cache_dir),
-                     model, out, overwrite, load, None if plan_in is not None else lambda structure: stage.check(structure, []),
-                     evaluation.eval_ppl, protocol, inputs=(plan_in,), against_original=measure_uniform if given.uniform else None,  # both plans against the original
-                     guard=guard.request("prune", spec))
-    if run is None:  # a rank other than 0 of a distributed run: rank 0 reports
-        return
-    show([*compression_report(run.result, "pruned", model, out, plan_out, protocol, run.before, run.after), guard_line(run.guard)])
-    if given.uniform:
-        show(uniform_report(run.result.summary["uniform"], model, out))
+    stage = given.stage(plan_in is not None, **({"options": options} if options else {}))
+    show(run_stage(stage, model, out, calibration.spec(), load, guard, evaluation, overwrite=overwrite, plan_in=plan_in,
+                   ignore_plan_identity=ignore_plan_identity, plan_out=plan_out, cache_dir=cache_dir, no_cache=no_cache,
+                   dry_run=dry_run))

@@ -5,7 +5,6 @@ from typing import Annotated
 
 import typer
 
-from ..inputs import require_positive
 from ..stages.options import QuantizeOptions
 from .common import show
 from .options import Calibration, DryRunOpt, Guard, Loading, ModelArg, OverwriteOpt, command, stage_options
@@ -35,24 +34,8 @@ def quantize(
     that fuse experts on disk (gpt_oss, granitemoe, ...) get it: their experts are packed one
     weight per expert.
     """
-    from ..dry_run import dry_run_stages
-    from ..evaluate.guard import guard_line
-    from ..sink.save import check_output_dir
-    from ..report.compression import quantization_report
-    from ..slimming.quantize import check_quantize_options
-    from ..slimming.quantize import quantize as quantize_model
+    from ..stage_command import run_stage
 
-    check_quantize_options(given.bits, given.scope, given.method, given.group_size)
-    require_positive(iters=given.iters)
-    spec = calibration.spec(validate=given.method == "autoround" or not guard.no_guard)
     stage = given.stage(**({"symmetric": False} if asymmetric else {}))
-    load.check(model)
-    if dry_run:
-        return dry_run_stages("quantize", model, out, overwrite, [stage], load, spec)
-    check_output_dir(out, overwrite, [model])
-    with load.session():
-        result = quantize_model(model, out, **stage.settings(), overwrite=overwrite, calib=spec, device=load.device,
-                                trust_remote_code=load.trust_remote_code, streaming=load.mode(), dtype=load.dtype)
-        request = guard.request("quantize", spec)
-        checked = None if request is None else request.check(model, out, load.device)
-    show([*quantization_report(result.summary, out), guard_line(checked)])
+    calib = calibration.spec(validate=given.method == "autoround" or not guard.no_guard)  # read only by autoround and the guard
+    show(run_stage(stage, model, out, calib, load, guard, overwrite=overwrite, dry_run=dry_run))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -24,9 +24,10 @@ from ..sink.output_lock import releases_outputs
 from ..source.residency import InMemoryWeights
 from ..methods.condense import plan_condense
 from ..methods.condense_state import SearchState, default_state_path, state_key
-from ..preflight import Structure, check_condense, check_condense_memory
+from ..errors import MoECompressError
+from ..preflight import Structure, check_condense, check_condense_memory, skeleton
 from .options import CondenseOptions
-from .base import Stage, StageContext, StageOutcome
+from .base import Job, Stage, StageContext, StageOutcome, load_whole
 from .footprint import Footprint
 from .registry import register_stage
 
@@ -88,6 +89,23 @@ class Condense(CondenseOptions, Stage):
     """CD-MoE: condense `layers` MoE layers into shared experts + `experts` constant-weight experts each."""
 
     kind: ClassVar[str] = "condense"
+    positive: ClassVar[tuple[str, ...]] = ("layers", "position_stride")
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        if options["experts"] is not None and options["experts"] < 0:
+            raise MoECompressError(f"--experts must be 0 (shared experts only) or more; got {options['experts']}.")
+
+    def before_loading(self, model: str, job: Job) -> None:
+        """From the config and shard headers (no weight read yet); then its memory: it holds every layer's input."""
+        self.check(skeleton(model, job.dtype, job.trust_remote_code), [])
+        if Path(resolve_model(model)).is_dir():
+            check_condense_memory(Path(resolve_model(model)), job.calib.samples, job.calib.seq_len, available_bytes("cpu"))
+
+    def run_one(self, model: str, tokenizer: Any, job: Job) -> CompressionResult:
+        """In memory: its search reruns every later layer."""
+        loaded, tokenizer = load_whole(model, job)
+        return condense(loaded, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device)
 
     def check(self, structure: Structure, earlier) -> None:
         check_condense(structure, self.layers, self.experts)

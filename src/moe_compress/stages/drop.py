@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import ClassVar, get_args
+from typing import Any, ClassVar, get_args
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -27,7 +27,7 @@ from ..methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, 
 from ..walk.similarity import observe_similarities
 from ..preflight import Structure, check_drop
 from .options import DropOptions
-from .base import Stage, StageContext, StageOutcome
+from .base import Job, Stage, StageContext, StageOutcome
 from .footprint import Footprint
 from .registry import register_stage
 
@@ -94,6 +94,16 @@ class Drop(DropOptions, Stage):
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers)."""
 
     kind: ClassVar[str] = "drop"
+    streams: ClassVar[bool] = True
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        unit, mode = options["unit"], options["mode"]
+        if unit not in UNITS or mode not in MODES:
+            raise MoECompressError(f"--unit must be one of {', '.join(UNITS)} and --mode one of {', '.join(MODES)}; got --unit {unit} --mode {mode}.")
+
+    def run_one(self, model: Any, tokenizer: Any, job: Job) -> CompressionResult:
+        return drop(model, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device)
 
     def check(self, structure: Structure, earlier) -> None:
         check_drop(structure, self.unit, self.n, self.target_ratio)

@@ -27,12 +27,12 @@ from ..source.open import Streaming
 from ..sink.output_lock import releases_outputs
 from ..source.residency import Weights
 from ..methods import PlanRequest, get_method
-from ..methods.budget import Budget, removed_count
+from ..methods.budget import Budget, check_ratio, removed_count
 from ..methods.uniform import check_uniform, uniform_plan
 from ..plan import Plan
 from ..preflight import Structure, check_prunable, check_prune
 from .options import PruneOptions
-from .base import Stage, StageContext, StageOptionError, StageOutcome, describe_value, type_name
+from .base import Job, Stage, StageContext, StageOptionError, StageOutcome, describe_value, type_name
 from .footprint import Footprint
 from .registry import register_stage
 
@@ -131,6 +131,7 @@ class Prune(PruneOptions, Stage):
     """Remove, merge or substitute routed experts, chosen by a method from calibration statistics."""
 
     kind: ClassVar[str] = "prune"
+    streams: ClassVar[bool] = True
 
     def __init__(self, method: str | None = None, /, **given: Any):
         if method is not None:
@@ -164,6 +165,16 @@ class Prune(PruneOptions, Stage):
             else:
                 shown[name] = getattr(self, name) if name in type(self).model_fields else self.options[name]
         return shown
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        if not planned:
+            check_ratio(options["ratio"])
+        if options["uniform"]:
+            check_uniform(options["method"], options["budget"], planned)
+
+    def run_one(self, model: Any, tokenizer: Any, job: Job) -> CompressionResult:
+        return prune(model, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device, **job.extra)
 
     def check(self, structure: Structure, earlier) -> None:
         if self.keep and self.budget != "explicit":

@@ -7,12 +7,11 @@ exactly what was saved.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
+from typing import Any, ClassVar
 
 from ..preflight import Structure
 from .options import QuantizeOptions
-from .base import Stage, StageContext, StageOutcome
+from .base import Job, Stage, StageContext, StageOutcome
 from .footprint import Footprint
 from .registry import register_stage
 
@@ -23,6 +22,20 @@ class Quantize(QuantizeOptions, Stage):
 
     kind: ClassVar[str] = "quantize"
     final: ClassVar[bool] = True
+    positive: ClassVar[tuple[str, ...]] = ("iters",)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        from ..slimming.quantize import check_quantize_options
+
+        check_quantize_options(options["bits"], options["scope"], options["method"], options["group_size"])
+
+    def run_one(self, model: str, tokenizer: Any, job: Job) -> Any:
+        """From the checkpoint: round-to-nearest streams it as `job.streaming` says."""
+        from ..slimming.quantize import quantize
+
+        return quantize(model, job.out, **self.settings(), overwrite=job.overwrite, calib=job.calib, device=job.device,
+                        trust_remote_code=job.trust_remote_code, streaming=job.streaming, dtype=job.dtype)
 
     def check(self, structure: Structure, earlier) -> None:
         from ..slimming.expert_bits import resolve_expert_bits

@@ -6,12 +6,11 @@ are stored densely), so it predicts its input's footprint.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
+from typing import Any, ClassVar
 
 from ..preflight import Structure, check_slim
 from .options import SlimOptions
-from .base import Stage, StageContext, StageOutcome
+from .base import Job, Stage, StageContext, StageOutcome
 from .registry import register_stage
 
 
@@ -20,6 +19,23 @@ class Slim(SlimOptions, Stage):
     """Zero weights inside the experts (and optionally shared experts / attention) of `model`."""
 
     kind: ClassVar[str] = "slim"
+    streams: ClassVar[bool] = True
+    positive: ClassVar[tuple[str, ...]] = ("blocksize",)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        from ..slimming import make_spec
+        from ..slimming.apply import check_method
+        from ..slimming.observe import check_targets
+
+        check_method(options["method"])
+        make_spec(options["sparsity"], options["nm"])
+        check_targets(options["targets"])
+
+    def run_one(self, model: Any, tokenizer: Any, job: Job) -> Any:
+        from ..slimming import slim
+
+        return slim(model, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device)
 
     def __init__(self, method: str | None = None, /, **given):
         super().__init__(**({"method": method, **given} if method is not None else given))
