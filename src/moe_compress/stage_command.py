@@ -31,6 +31,27 @@ VERBS = {"prune": "pruned", "drop": "dropped", "condense": "condensed"}
 
 
 @dataclass(frozen=True)
+class CalibrationSettings:
+    """The calibration text a command reads (`data.batches.CalibrationSpec`'s fields, as its options name them)."""
+
+    calib: str = "bundled"
+    samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    text_field: str = "text"
+
+    def spec(self, validate: bool = True) -> CalibrationSpec:
+        """The `CalibrationSpec`, validated (unless it is not used): a bad value fails before any model is loaded."""
+        from .data.batches import CalibrationSpec
+
+        spec = CalibrationSpec(self.calib, self.samples, self.seq_len, self.seed, self.batch_size, self.text_field)
+        if validate:
+            spec.validate()
+        return spec
+
+
+@dataclass(frozen=True)
 class EvalSettings:
     """Perplexity before and after (`eval_ppl`: text sources; None: not measured) with its protocol."""
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from ..evaluate.protocol import DEFAULT_PROTOCOL
 from ..loading import LoadSettings
-from ..stage_command import EvalSettings, GuardSettings
+from ..stage_command import CalibrationSettings, EvalSettings, GuardSettings
 from .common import app, user_errors
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
@@ -55,22 +55,13 @@ class Loading(LoadSettings, Bundle):
 
 
 @dataclass(frozen=True)
-class Calibration(Bundle):
+class Calibration(CalibrationSettings, Bundle):
     calib: Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")] = "bundled"
     samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256
     seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")] = "text"
-
-    def spec(self, validate: bool = True):
-        """The `CalibrationSpec`, validated (unless it is not used): a bad value fails before any model is loaded."""
-        from ..data.batches import CalibrationSpec
-
-        spec = CalibrationSpec(self.calib, self.samples, self.seq_len, self.seed, self.batch_size, self.text_field)
-        if validate:
-            spec.validate()
-        return spec
 
 
 @dataclass(frozen=True)
