@@ -69,7 +69,7 @@ def test_options_are_checked_strictly_with_one_line_errors():
     ]:
         with pytest.raises(MoECompressError, match=message):
             mc.Prune(**options)
-    with pytest.raises(MoECompressError, match=r"^stage 2 \(slim\): unknown option 'sparsty'; known: blocksize, damp, method, nm"):
+    with pytest.raises(MoECompressError, match=r"^stage 2 \(slim\): unknown option 'sparsty'; known: blocksize, calibrate_all_experts, damp, method, nm"):
         build_stage("slim", {"sparsty": 0.5}, "stage 2 (slim)")
     with pytest.raises(MoECompressError, match=r"unknown stage kind 'sharpen'; available: condense, drop, finetune, .*prune, quantize, slim\b"):
         build_stage("sharpen", {})
@@ -226,3 +226,32 @@ def test_the_prune_and_quantize_dry_runs_predict_the_bytes_they_then_save(tmp_pa
         done = runner.invoke(app, [*args, "--out", str(tmp_path / name)])
         assert done.exit_code == 0, done.output
         assert predicted == Checkpoint(tmp_path / name).total_bytes(), name
+
+
+@pytest.mark.parametrize("family, stage", [
+    ("qwen2_moe", mc.Prune("frequency", ratio=0.5)),
+    ("mixtral", mc.Drop(unit="moe", n=1)),
+    ("mixtral", mc.Drop(unit="block", n=1)),
+    ("qwen2_moe", mc.Drop(unit="moe", n=1)),
+])
+def test_the_predicted_parameters_are_those_of_the_model_the_run_saves(family, stage, tmp_path):
+    """`Footprint.params` and `active_params` (from the config and shard headers) equal the saved model's counts,
+    and `bytes` its checkpoint's, for a layer-budget prune and a drop of a given number of units (exact predictions);
+    a MoE sub-layer dropped takes its shared experts with it (qwen2_moe)."""
+    from moe_compress.arch import get_adapter
+    from moe_compress.arch.size import model_size
+    from moe_compress.stages.drop import drop
+    from moe_compress.stages.footprint import footprints
+    from moe_compress.stages.prune import prune
+    from moe_compress.source.checkpoint import Checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", family)
+    before, after = footprints(str(checkpoint), [stage])
+    original, _ = load_model(checkpoint)
+    assert (before.params, before.active_params) == (model_size(original, get_adapter(original)).total, model_size(original, get_adapter(original)).active_per_token)
+    run = prune if stage.kind == "prune" else drop
+    run(str(checkpoint), calib=token_batches(2), out=tmp_path / "out", **stage.settings())
+    saved, _ = load_model(tmp_path / "out")
+    size = model_size(saved, get_adapter(saved))
+    assert after.exact and (after.params, after.active_params) == (size.total, size.active_per_token)
+    assert after.params < before.params and after.bytes == Checkpoint(tmp_path / "out").total_bytes()

@@ -82,6 +82,11 @@ def _windows(tokenizer: PreTrainedTokenizerBase, source: str, split: str, seq_le
     return chunks
 
 
+def training_device(device: str | None) -> str:
+    """Where training runs: `device`, else a GPU when one is present, else the CPU; one that does not exist is refused."""
+    return str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
 @releases_outputs
 def finetune(
     model: PreTrainedModel,
@@ -123,7 +128,7 @@ def finetune(
         raise MoECompressError("this model has no condensed layers: nothing to fine-tune. Run `moe-compress condense` first.")
     if tokenizer is None:
         raise MoECompressError("this checkpoint has no tokenizer, so training text cannot be tokenised. Save one beside the model.")
-    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(training_device(device))
     if out is not None:
         check_output_dir(out, overwrite, [getattr(model, "name_or_path", None)])
     model.to(device)

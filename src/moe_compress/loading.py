@@ -56,10 +56,3 @@ class LoadSettings:
         with progress.step(f"loading {model}"):
             return open_model(model, device or self.device, self.mode() if streaming is None else streaming, self.dtype, self.trust_remote_code)
 
-
-def load_whole(model: str, **kwargs):
-    """`source.load.load_model` (the whole model in memory) with a progress line."""
-    from .source.load import load_model
-
-    with progress.step(f"loading {model}"):
-        return load_model(model, **kwargs)

@@ -1,19 +1,23 @@
 """Options several commands share, declared once: `Annotated` aliases, and bundles -- a dataclass of
 options that `bundled` spreads into a command's signature and hands back to it as one object
-(`load: Loading` becomes --dtype, --device, ... on the command line, and a `Loading` in the body)."""
+(`load: Loading` becomes --dtype, --device, ... on the command line, and a `Loading` in the body).
+A stage command's own options are a bundle made from the stage's declaration (`stage_options`)."""
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel
 
-from ..evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
+from ..evaluate.protocol import DEFAULT_PROTOCOL
 from ..loading import LoadSettings
+from ..stage_command import CalibrationSettings, EvalSettings, GuardSettings
 from .common import app, user_errors
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
@@ -51,7 +55,7 @@ class Loading(LoadSettings, Bundle):
 
 
 @dataclass(frozen=True)
-class Calibration(Bundle):
+class Calibration(CalibrationSettings, Bundle):
     calib: Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")] = "bundled"
     samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256
@@ -59,28 +63,16 @@ class Calibration(Bundle):
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")] = "text"
 
-    def spec(self, validate: bool = True):
-        """The `CalibrationSpec`, validated (unless it is not used): a bad value fails before any model is loaded."""
-        from ..data.batches import CalibrationSpec
-
-        spec = CalibrationSpec(self.calib, self.samples, self.seq_len, self.seed, self.batch_size, self.text_field)
-        if validate:
-            spec.validate()
-        return spec
-
 
 @dataclass(frozen=True)
-class Evaluation(Bundle):
+class Evaluation(EvalSettings, Bundle):
     eval_ppl: Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after (same forms as --calib; 'bundled': each bundled domain's test split), with the evaluation protocol of --eval-windows / --eval-seq-len.")] = None
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="Perplexity windows per text source for --eval (the evaluation protocol; see `moe-compress eval --help`).")] = DEFAULT_PROTOCOL.windows
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per perplexity window for --eval (independent of the calibration --seq-len).")] = DEFAULT_PROTOCOL.seq_len
 
-    def protocol(self) -> EvalProtocol:
-        return EvalProtocol(self.eval_windows, self.eval_seq_len).validate()
-
 
 @dataclass(frozen=True)
-class Guard(Bundle):
+class Guard(GuardSettings, Bundle):
     guard_min_top1: Annotated[float | None, typer.Option("--guard-min-top1", help=(
         "The quality guard compares the saved output with the input on held-out calibration text and exits 2 (the output kept, its card "
         "marked FAILED, the worst layer named) when top-1 agreement falls below this; default 0.9 after quantize, 0.25 after the others."))] = None
@@ -89,11 +81,40 @@ class Guard(Bundle):
         "Pass the quality guard even when the stage recorded experts that no calibration token reached (and so treated them without data); "
         "they are still named in the card."))] = False
 
-    def request(self, stage: str, calibration) -> object:
-        """The `single.GuardRequest` (None with --no-guard); `calibration`: the text whose held-out windows it reads."""
-        from ..single import GuardRequest
 
-        return None if self.no_guard else GuardRequest(stage, calibration, self.guard_min_top1, self.allow_unreached_experts)
+def _flag_type(annotation: object) -> object:
+    """The type a flag takes for a stage option: a choice of names is a string; of the forms a recipe also
+    takes (a list beside a comma-separated string, a bool beside a path) the one a command line writes."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    kinds = [str if typing.get_origin(m) is typing.Literal else m for m in members if m is not type(None) and typing.get_origin(m) in (None, typing.Literal)]
+    kinds = [k for k in kinds if k is not bool] if len(kinds) > 1 else kinds
+    chosen = Path if Path in kinds else kinds[0]
+    return chosen | None if type(None) in members else chosen
+
+
+def stage_options(declared: type[BaseModel], exclude: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> type[Bundle]:
+    """A bundle of a stage's options as `stages.options` declares them (`PruneOptions` for the stage "prune"): each
+    field a flag named after it (`flags` renames one), typed by `_flag_type`, with its description as help and its
+    default (a list default written comma-separated). `exclude`: fields without a flag. Its `stage(planned, **extra)` builds
+    the stage (`stage_command.build_stage`: every value checked first, those that differ from the defaults given)."""
+    flags = flags or {}
+
+    def option(name: str, info) -> tuple[str, object, object]:
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        kind = _flag_type(info.annotation)
+        decls = (flag if not info.default else f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+        default = ",".join(map(str, info.default)) if isinstance(info.default, list) else info.default
+        return name, Annotated[kind, typer.Option(*decls, help=info.description)], field(default=default)
+
+    def stage(self, planned: bool = False, **extra: object):
+        from ..stage_command import build_stage
+
+        given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        return build_stage(declared.__name__.removesuffix("Options").lower(), {**given, **extra}, planned)
+
+    options = [option(name, info) for name, info in declared.model_fields.items() if name not in exclude]
+    return make_dataclass(declared.__name__, options, bases=(Bundle,), frozen=True, namespace={"stage": stage})
 
 
 def bundled(command: Callable, exclude: tuple[str, ...] = (), defaults: dict[str, object] | None = None) -> Callable:

@@ -5,21 +5,19 @@ from typing import Annotated
 
 import typer
 
-from ..inputs import require_positive
+from ..stages.options import QuantizeOptions
 from .common import show
-from .options import Calibration, DryRunOpt, Guard, Loading, ModelArg, OverwriteOpt, command
+from .options import Calibration, DryRunOpt, Guard, Loading, ModelArg, OverwriteOpt, command, stage_options
+
+Options = stage_options(QuantizeOptions, exclude=("symmetric", "expert_bits"))
 
 
 @command(exclude=("text_field", "max_activation_memory", "offload_dir"))
 def quantize(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="Directory to write the quantised checkpoint to (compressed-tensors pack-quantized; written atomically).")],
-    bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8 (weight-only; activations stay in the model dtype).")] = 4,
-    group_size: Annotated[int | None, typer.Option(help="Weights per scale along the input dimension; 0 = one scale per output row. Default: the largest of 128/64/32/16/8 dividing every quantised width.")] = None,
-    scope: Annotated[str, typer.Option(help="all: every decoder Linear (attention, routed and shared experts, dense MLPs; routers, embeddings, lm_head stay); experts: routed experts only.")] = "all",
+    given: Options = Options(),
     asymmetric: Annotated[bool, typer.Option("--asymmetric", help="Per-group zero points (asymmetric ranges) instead of symmetric ones.")] = False,
-    method: Annotated[str, typer.Option(help="rtn: round-to-nearest, no data (fast); autoround: AutoRound's rounding tuned per decoder block on calibration text.")] = "rtn",
-    iters: Annotated[int, typer.Option(help="autoround: tuning steps per decoder block.")] = 200,
     samples: Annotated[int, typer.Option(help="autoround: number of calibration sequences.")] = 64,
     calibration: Calibration = Calibration(),
     guard: Guard = Guard(),
@@ -36,23 +34,8 @@ def quantize(
     that fuse experts on disk (gpt_oss, granitemoe, ...) get it: their experts are packed one
     weight per expert.
     """
-    from ..dry_run import dry_run_quantize
-    from ..evaluate.guard import guard_line
-    from ..sink.save import check_output_dir
-    from ..report.compression import quantization_report
-    from ..slimming.quantize import check_quantize_options
-    from ..slimming.quantize import quantize as quantize_model
+    from ..stage_command import run_stage
 
-    check_quantize_options(bits, scope, method, group_size)
-    require_positive(iters=iters)
-    spec = calibration.spec(validate=method == "autoround" or not guard.no_guard)
-    load.check(model)
-    if dry_run:
-        return dry_run_quantize(model, out, overwrite, bits, group_size, scope, not asymmetric, load.dtype, load.trust_remote_code, method, spec)
-    check_output_dir(out, overwrite, [model])
-    with load.session():
-        result = quantize_model(model, out, bits, group_size, scope, not asymmetric, None, overwrite, method=method, calib=spec, iters=iters,
-                                device=load.device, trust_remote_code=load.trust_remote_code, streaming=load.mode(), dtype=load.dtype)
-        request = guard.request("quantize", spec)
-        checked = None if request is None else request.check(model, out, load.device)
-    show([*quantization_report(result.summary, out), guard_line(checked)])
+    stage = given.stage(**({"symmetric": False} if asymmetric else {}))
+    calib = calibration.spec(validate=given.method == "autoround" or not guard.no_guard)  # read only by autoround and the guard
+    show(run_stage(stage, model, out, calib, load, guard, overwrite=overwrite, dry_run=dry_run))

@@ -28,14 +28,13 @@ solver chose); the scores then choose only *which* experts each layer keeps, as 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
 from ..errors import MoECompressError, OptionError, param
 from ..plan import RoutingLimits
+from ..stages.options import Budget
 
-Budget = Literal["layer", "global", "explicit"]
 
 #: Guard against float products such as 0.29 * 100 = 28.999999999999996 before truncating.
 _EPSILON = 1e-9

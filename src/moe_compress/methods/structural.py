@@ -22,7 +22,6 @@ run. `consecutive_score="framework"` reproduces their n+1 gap.
 
 from __future__ import annotations
 
-from typing import Literal
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -31,10 +30,8 @@ from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError, param
 from ..walk.similarity import Similarities
 from ..plan import DropMoeLayer, Plan
+from ..stages.options import ConsecutiveScore, Mode, Unit
 
-Unit = Literal["moe", "block"]
-Mode = Literal["discrete", "consecutive"]
-ConsecutiveScore = Literal["span", "framework"]
 
 
 def _gap_offset(consecutive_score: str) -> int:

@@ -214,8 +214,11 @@ METHODS: dict[str, str] = {
 }
 
 
-def check_loadable_when_packed(model: PreTrainedModel, adapter: MoEAdapter) -> None:
-    """Refuse a family whose quantised checkpoint transformers could not load (before any weight is read)."""
+def check_quantizable(model: PreTrainedModel, adapter: MoEAdapter) -> None:
+    """Refuse a model already quantised, or of a family whose quantised checkpoint transformers could not
+    load (from the structure: before any weight is read)."""
+    if getattr(model.config, "quantization_config", None):
+        raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
     problem = unloadable_when_packed(model)
     if problem:
         raise MoECompressError(f"a quantised {adapter.model_type} checkpoint would not load in transformers: {problem}; keep this model unquantised.")
@@ -294,10 +297,8 @@ def quantize(
     with step(f"loading {model}" if isinstance(model, str | Path) else "opening the model"):
         model, loaded_tokenizer, weights = open_model(model, device, False if method == "autoround" else streaming, dtype, trust_remote_code)
     tokenizer = tokenizer or loaded_tokenizer
-    if getattr(model.config, "quantization_config", None):
-        raise MoECompressError("this model is already quantised; quantise the full-precision model (slim and prune it first).")
     adapter = get_adapter(model)
-    check_loadable_when_packed(model, adapter)
+    check_quantizable(model, adapter)
     roles = parameter_roles(model, adapter)
     own_names = unpackable_conversions(model, model.state_dict(keep_vars=True), {n for n, role in roles.items() if role == "experts"})
     saved, fused = _saved_keys(model, roles, own_names)

@@ -6,9 +6,16 @@ immutable set of options that knows four things about itself, in the order a run
 * `check(structure, earlier)`: refuse what cannot succeed, from the model's structure alone
   (a meta skeleton is enough), before any weight is read or any token calibrated;
 * `describe()`: one line saying what it will do (the dry run, the recipe report, the card);
+  a dry run adds `calibrates()` (what it reads calibration text for) and `explain(structure)`
+  (what the structure already tells, e.g. the experts each layer keeps);
 * `predict(footprint)`: what the model will weigh after it, from the config and the shard
   headers (`stages.sizes`), so a budget search can rank compositions without running them;
 * `run(context)`: do it, on the model the stage before it produced.
+
+A stage is also a command on its own (`moe-compress prune ...`, `command.run_stage`): then
+`check_options()` refuses bad values before any file is read, and `run_one(model, tokenizer, job)`
+runs its one-model library call (`stages.prune.prune`, ...) on a checkpoint -- on the model the
+command opened (streamed where that call streams) when `streams`, else from its path.
 
 The options are a pydantic model: unknown names are refused (a typo must not fall back to a
 default), values are checked strictly (a recipe's "0.25" is not 0.25), and floats must be
@@ -57,6 +64,21 @@ class StageContext:
     scratch: Path | None = None  # a private directory for stages that write checkpoints
 
 
+@dataclass(frozen=True)
+class Job:
+    """What a single command gives a stage's one-model call besides its options: the calibration, the output,
+    how to open the checkpoint, and the command's own arguments to that call (`extra`: prune's plan, cache_dir)."""
+
+    calib: Any
+    out: Path
+    overwrite: bool = False
+    device: str = "cpu"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    streaming: bool | str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class StageOutcome:
     """What a stage gives the next: its model, the plan it applied (structural stages) and facts for the report."""
@@ -85,6 +107,15 @@ class Stage(BaseModel):
     kind: ClassVar[str]
     #: a final stage writes the output checkpoint itself, so it must be the last one
     final: ClassVar[bool] = False
+    #: as a command: its call takes the model the command opened (in memory or streamed, measured before and after)
+    streams: ClassVar[bool] = False
+    #: as a command: the options that must be integers >= 1 (checked before anything is read)
+    positive: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every option's default (a command checks the values it was given over these before building the stage)."""
+        return {name: info.get_default(call_default_factory=True) for name, info in cls.model_fields.items()}
 
     _order: list[str] = PrivateAttr(default_factory=list)  # the options as the caller gave them, in its order
 
@@ -109,12 +140,37 @@ class Stage(BaseModel):
         shown = ", ".join(f"{name}={value}" for name, value in self.given().items())
         return f"{self.kind}: {shown or 'defaults'}"
 
+    def calibrates(self) -> str | None:
+        """What the stage reads the calibration text for (a dry run says so); None: it reads none."""
+        return None
+
+    def explain(self, structure: Structure) -> list[str]:
+        """What a dry run can already tell, from the input's structure alone, about what this stage would do."""
+        return []
+
     def predict(self, footprint: Footprint) -> Footprint:
         """The model's size after this stage; a stage that changes no stored byte returns its input."""
         return footprint
 
     def run(self, context: StageContext) -> StageOutcome:
         raise NotImplementedError(f"stage {self.kind!r} does not say how it runs")
+
+    # ---- as a command of its own ------------------------------------------------------
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        """Refuse, before the stage is built or any file read, values no model can take (`options`: every option,
+        defaults included, as the command gives them); `planned`: a saved plan decides (prune --plan-in)."""
+
+    def before_loading(self, model: str, job: Job) -> None:
+        """Refuse, before a weight is read, what the checkpoint `model` cannot afford (a stage that holds it whole)."""
+
+    def guard_text(self, calib: Any) -> Any:
+        """The text the quality guard reads after this stage: the calibration's held-out windows."""
+        return calib
+
+    def run_one(self, model: Any, tokenizer: Any, job: Job) -> Any:
+        """The stage's one-model library call on `model` (the opened model's `Weights` when `streams`, else its path)."""
+        raise NotImplementedError(f"stage {self.kind!r} has no command of its own")
 
     # ---- helpers --------------------------------------------------------------------------
     def given(self) -> dict[str, Any]:
@@ -124,6 +180,15 @@ class Stage(BaseModel):
     def settings(self) -> dict[str, Any]:
         """Every option with its value, defaults included (what the stage runs with)."""
         return {name: getattr(self, name) for name in type(self).model_fields}
+
+
+def load_whole(model: str, job: Job, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """`source.load.load_model` of a checkpoint, as `job` says (`kwargs` override), with a progress line: it takes minutes."""
+    from ..progress import step
+    from ..source.load import load_model
+
+    with step(f"loading {model}"):
+        return load_model(model, **{"dtype": job.dtype, "device": job.device, "trust_remote_code": job.trust_remote_code, **kwargs})
 
 
 # ---- one-line messages from pydantic's errors ----------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -24,8 +24,10 @@ from ..sink.output_lock import releases_outputs
 from ..source.residency import InMemoryWeights
 from ..methods.condense import plan_condense
 from ..methods.condense_state import SearchState, default_state_path, state_key
-from ..preflight import Structure, check_condense, check_condense_memory
-from .base import Stage, StageContext, StageOutcome
+from ..errors import MoECompressError
+from ..preflight import Structure, check_condense, check_condense_memory, skeleton
+from .options import CondenseOptions
+from .base import Job, Stage, StageContext, StageOutcome, load_whole
 from .footprint import Footprint
 from .registry import register_stage
 
@@ -83,22 +85,38 @@ def condense(
 
 
 @register_stage
-class Condense(Stage):
+class Condense(CondenseOptions, Stage):
     """CD-MoE: condense `layers` MoE layers into shared experts + `experts` constant-weight experts each."""
 
     kind: ClassVar[str] = "condense"
+    positive: ClassVar[tuple[str, ...]] = ("layers", "position_stride")
 
-    layers: int = 1
-    experts: int | None = None
-    objective: str = "layer_output"
-    choose_size: bool = False
-    position_stride: int = 1
-    cache_dir: str | bool | None = None
-    state_file: str | bool | None = None
-    fresh: bool = False
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        if options["experts"] is not None and options["experts"] < 0:
+            raise MoECompressError(f"--experts must be 0 (shared experts only) or more; got {options['experts']}.")
+
+    def before_loading(self, model: str, job: Job) -> None:
+        """From the config and shard headers (no weight read yet); then its memory: it holds every layer's input."""
+        self.check(skeleton(model, job.dtype, job.trust_remote_code), [])
+        if Path(resolve_model(model)).is_dir():
+            check_condense_memory(Path(resolve_model(model)), job.calib.samples, job.calib.seq_len, available_bytes("cpu"))
+
+    def run_one(self, model: str, tokenizer: Any, job: Job) -> CompressionResult:
+        """In memory: its search reruns every later layer."""
+        loaded, tokenizer = load_whole(model, job)
+        return condense(loaded, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device)
 
     def check(self, structure: Structure, earlier) -> None:
         check_condense(structure, self.layers, self.experts)
+
+    def calibrates(self) -> str:
+        return "search, per MoE layer, the experts whose constant-weight sum keeps its output closest (CD-MoE)"
+
+    def explain(self, structure: Structure) -> list[str]:
+        size = self.experts if self.experts is not None else structure.top_k
+        return [f"would condense {self.layers} of {len(structure.experts)} MoE layers, each keeping "
+                f"{'at most' if self.choose_size else 'exactly'} {size} routed experts"]
 
     def predict(self, footprint: Footprint) -> Footprint:
         """`layers` layers keep K experts (the top-k by default) and lose their router's rows: an estimate of which layers."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import ClassVar, get_args
+from typing import Any, ClassVar, get_args
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -26,7 +26,8 @@ from ..source.residency import Weights
 from ..methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop
 from ..walk.similarity import observe_similarities
 from ..preflight import Structure, check_drop
-from .base import Stage, StageContext, StageOutcome
+from .options import DropOptions
+from .base import Job, Stage, StageContext, StageOutcome
 from .footprint import Footprint
 from .registry import register_stage
 
@@ -89,19 +90,30 @@ def drop(
 
 
 @register_stage
-class Drop(Stage):
+class Drop(DropOptions, Stage):
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers)."""
 
     kind: ClassVar[str] = "drop"
+    streams: ClassVar[bool] = True
 
-    unit: Unit = "moe"
-    n: int | None = None
-    target_ratio: float | None = None
-    mode: Mode = "discrete"
-    consecutive_score: ConsecutiveScore = "span"
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        unit, mode = options["unit"], options["mode"]
+        if unit not in UNITS or mode not in MODES:
+            raise MoECompressError(f"--unit must be one of {', '.join(UNITS)} and --mode one of {', '.join(MODES)}; got --unit {unit} --mode {mode}.")
+
+    def run_one(self, model: Any, tokenizer: Any, job: Job) -> CompressionResult:
+        return drop(model, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device)
 
     def check(self, structure: Structure, earlier) -> None:
         check_drop(structure, self.unit, self.n, self.target_ratio)
+
+    def calibrates(self) -> str:
+        return "score how little each unit changes the residual stream"
+
+    def explain(self, structure: Structure) -> list[str]:
+        what = "MoE sub-layers (attention stays)" if self.unit == "moe" else f"decoder blocks ({self.mode})"
+        return [f"would drop {self.n} {what}" if self.n is not None else f"would drop enough {what} to remove {self.target_ratio:.0%} of the parameters"]
 
     def predict(self, footprint: Footprint) -> Footprint:
         """`n` units, the last ones (which ones is decided by calibration); a target ratio is not predicted."""

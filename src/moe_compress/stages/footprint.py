@@ -5,7 +5,8 @@ each stage's `predict` returns the next one, so a dry run or a budget search can
 compositions ("prune 25 %, then 4 bits") at the cost of arithmetic. It tracks, per MoE layer,
 the routed experts kept and their bit width (or, for mixed precision, how many of them take
 each width: every expert of a layer has the same shape, so that is all the bytes depend on),
-the width of the other decoder weights (quantize's scope "all"), and the decoder blocks removed.
+the width of the other decoder weights (quantize's scope "all"), and the decoder blocks removed; from
+these it gives the saved bytes, the parameters and the parameters active per token.
 
 Exact where the stage's outcome does not depend on calibration: a layer budget's counts, bit
 widths, a drop of layers of equal size. Where it does (which layers a global budget thins,
@@ -44,7 +45,31 @@ class Footprint:
         """Saved weight bytes: the fixed part, less removed blocks' fixed bytes, plus every remaining MoE layer's candidate."""
         moe = sum(candidate_bytes(self.sizes.layers[i], keep, self.bits[i]) for i, keep in self.keep.items())
         packed = sum(sizes[16] - sizes[self.other_bits] for i, sizes in self.sizes.others.items() if i not in self.dropped_blocks)
-        return self.sizes.fixed - sum(self._block_rest(i) for i in self.dropped_blocks) + moe - packed
+        return self.sizes.fixed - sum(self._block_rest(i) for i in self.dropped_blocks) - sum(layer.rest_bytes for layer in self._dropped_moe()) + moe - packed
+
+    def _dropped_moe(self) -> list:
+        """The MoE layers whose sub-layer alone was dropped (their shared experts went with it)."""
+        return [layer for i, layer in self.sizes.layers.items() if i not in self.keep and i not in self.dropped_blocks]
+
+    @property
+    def params(self) -> int:
+        """Parameters (tied weights once): the fixed ones, less removed blocks' rest, plus every remaining MoE layer's."""
+        return self._params(active=False)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token uses: the routed experts of its top-k only (all that are kept in a condensed layer)."""
+        return self._params(active=True)
+
+    def _params(self, active: bool) -> int:
+        layers = self.sizes.layers
+        moe = sum(layers[i].params(keep, min(layers[i].top_k, keep) if active and layers[i].top_k else keep) for i, keep in self.keep.items())
+        dropped = sum(self._block_rest_params(i) for i in self.dropped_blocks) + sum(layer.rest_params for layer in self._dropped_moe())
+        return self.sizes.fixed_params - dropped + moe
+
+    def _block_rest_params(self, block: int) -> int:
+        layer = self.sizes.layers.get(block)
+        return self.sizes.block_params[block] - (layer.params(layer.experts, layer.experts) if layer else 0)
 
     def _block_rest(self, block: int) -> int:
         """A block's bytes besides its routed experts and router (attention, norms, shared experts)."""
@@ -74,7 +99,7 @@ class Footprint:
     def without_moe(self, count: int) -> Footprint:
         """`count` MoE sub-layers removed: the last ones, an estimate unless every candidate weighs the same."""
         chosen = sorted(self.keep)[-count:] if count else []
-        sizes = {self.moe_layer_bytes(i) for i in self.keep}
+        sizes = {self.moe_layer_bytes(i) + self.sizes.layers[i].rest_bytes for i in self.keep}
         keep = {i: k for i, k in self.keep.items() if i not in chosen}
         return replace(self, keep=keep, exact=self.exact and len(sizes) <= 1)
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import TypeAdapter, ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import distributed
@@ -26,11 +27,12 @@ from ..source.open import Streaming
 from ..sink.output_lock import releases_outputs
 from ..source.residency import Weights
 from ..methods import PlanRequest, get_method
-from ..methods.budget import Budget, removed_count
+from ..methods.budget import Budget, check_ratio, removed_count
 from ..methods.uniform import check_uniform, uniform_plan
 from ..plan import Plan
 from ..preflight import Structure, check_prunable, check_prune
-from .base import Stage, StageContext, StageOptionError, StageOutcome, describe_value, type_name
+from .options import PruneOptions
+from .base import Job, Stage, StageContext, StageOptionError, StageOutcome, describe_value, type_name
 from .footprint import Footprint
 from .registry import register_stage
 
@@ -115,30 +117,21 @@ def removed_share(keep: dict[int, int] | None, experts: dict[int, int]) -> float
     return max(0.0, 1.0 - sum(min(keep.get(layer, count), count) for layer, count in experts.items()) / total)
 
 
-def _fits(value: Any, default: Any) -> bool:
-    """A method option takes values of its default's type (a float default takes integers too; None takes anything)."""
-    if default is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return type(value) is type(default)
-    return isinstance(value, int | float) if isinstance(default, float) else isinstance(value, type(default))
+def _fits(value: Any, annotation: Any) -> bool:
+    """A method option takes values of its declared type (`methods.options.option_types`; an integer where a float is)."""
+    try:
+        TypeAdapter(annotation).validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
 
 
 @register_stage
-class Prune(Stage):
+class Prune(PruneOptions, Stage):
     """Remove, merge or substitute routed experts, chosen by a method from calibration statistics."""
 
     kind: ClassVar[str] = "prune"
-
-    method: str = "reap"
-    ratio: float = 0.25
-    budget: Budget = "layer"
-    min_keep: int = 0
-    uniform: bool = False
-    #: with budget "explicit": the experts each MoE layer keeps (decoder layer index -> count)
-    keep: dict[int, int] | None = None
-    #: the method's own options (`moe-compress methods` lists them); a recipe writes them beside the others
-    options: dict[str, Any] = {}
+    streams: ClassVar[bool] = True
 
     def __init__(self, method: str | None = None, /, **given: Any):
         if method is not None:
@@ -152,13 +145,15 @@ class Prune(Stage):
         self._check_method_options()
 
     def _check_method_options(self) -> None:
-        defaults = get_method(self.method).resolved_options({})  # its options and the guard every method takes
+        from ..methods.options import option_types
+
+        defaults = option_types(get_method(self.method))  # its options and the guard every method takes, with their types
         known = sorted([*(f for f in type(self).model_fields if f != "options"), *defaults])
         for name, value in self.options.items():
             if name not in defaults:
                 raise StageOptionError(self.kind, f"unknown option {name!r}; known: {', '.join(known)}.")
             if not _fits(value, defaults[name]):
-                raise StageOptionError(self.kind, f"option {name!r} must be {type_name(type(defaults[name]))}; got {describe_value(value)}.")
+                raise StageOptionError(self.kind, f"option {name!r} must be {type_name(defaults[name])}; got {describe_value(value)}.")
             require_finite_numbers([(f"option {name!r}", value)])
 
     def given(self) -> dict[str, Any]:
@@ -171,10 +166,36 @@ class Prune(Stage):
                 shown[name] = getattr(self, name) if name in type(self).model_fields else self.options[name]
         return shown
 
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        if not planned:
+            check_ratio(options["ratio"])
+        if options["uniform"]:
+            check_uniform(options["method"], options["budget"], planned)
+
+    def run_one(self, model: Any, tokenizer: Any, job: Job) -> CompressionResult:
+        return prune(model, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device, **job.extra)
+
     def check(self, structure: Structure, earlier) -> None:
         if self.keep and self.budget != "explicit":
             raise MoECompressError(f"keep sets each layer's count under budget 'explicit'; this stage's budget is {self.budget!r}.")
         check_prune(structure, self.method, dict(self.options), self.ratio, self.budget, self.min_keep, self.uniform, self.keep)
+
+    def calibrates(self) -> str:
+        return f"score experts with {self.method} (statistics are reused from the cache when this model and data were seen)"
+
+    def explain(self, structure: Structure) -> list[str]:
+        kept = check_prune(structure, self.method, dict(self.options), self.ratio, self.budget, self.min_keep, self.uniform, self.keep)
+        shown = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        lines = [f"would remove {self.ratio:.0%} of the routed experts with {self.method}{f' ({shown})' if shown else ''}, {self.budget} budget"]
+        if kept is not None:
+            counts, experts = sorted(set(kept.values())), sorted(set(structure.experts.values()))
+            lines.append(f"every MoE layer would keep {'/'.join(map(str, counts))} of {'/'.join(map(str, experts))} experts")
+        elif self.uniform:
+            lines.append("every MoE layer would keep the same count: the global plan's total (decided from the statistics) shared equally")
+        else:
+            lines.append(f"layers would keep different counts, decided from the statistics (each at least {max(structure.top_k, self.min_keep)})")
+        return lines
 
     def predict(self, footprint: Footprint) -> Footprint:
         """A layer budget removes floor(E x ratio) of each layer; an explicit one keeps `keep`; a global one

@@ -7,38 +7,61 @@ exactly what was saved.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..preflight import Structure
-from .base import Stage, StageContext, StageOutcome
+from .options import QuantizeOptions
+from .base import Job, Stage, StageContext, StageOutcome
 from .footprint import Footprint
 from .registry import register_stage
 
 
 @register_stage
-class Quantize(Stage):
+class Quantize(QuantizeOptions, Stage):
     """Save `model` with its weights quantised to `bits` (4 or 8), weight-only, as a compressed-tensors checkpoint."""
 
     kind: ClassVar[str] = "quantize"
     final: ClassVar[bool] = True
+    positive: ClassVar[tuple[str, ...]] = ("iters",)
 
-    bits: int = 4
-    group_size: int | None = None
-    scope: str = "all"
-    symmetric: bool = True
-    method: str = "rtn"
-    iters: int = 200
-    #: Mixed precision (method "rtn"): decoder layer -> the width (4, 8, or 16 = as stored) of all its
-    #: routed experts, or {expert: width}; experts not named take `bits` (`slimming.expert_bits`).
-    expert_bits: dict[int, int | dict[int, int]] | None = None
+    @classmethod
+    def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
+        from ..slimming.quantize import check_quantize_options
+
+        check_quantize_options(options["bits"], options["scope"], options["method"], options["group_size"])
+
+    def run_one(self, model: str, tokenizer: Any, job: Job) -> Any:
+        """From the checkpoint: round-to-nearest streams it as `job.streaming` says."""
+        from ..slimming.quantize import quantize
+
+        return quantize(model, job.out, **self.settings(), overwrite=job.overwrite, calib=job.calib, device=job.device,
+                        trust_remote_code=job.trust_remote_code, streaming=job.streaming, dtype=job.dtype)
 
     def check(self, structure: Structure, earlier) -> None:
         from ..slimming.expert_bits import resolve_expert_bits
-        from ..slimming.quantize import check_quantize_options
+        from ..slimming.quantize import check_quantizable, check_quantize_options
 
         check_quantize_options(self.bits, self.scope, self.method, self.group_size, self.expert_bits)
+        check_quantizable(structure.model, structure.adapter)
         if self.expert_bits is not None:  # against the input's layers (a pruning stage before may leave fewer experts: `run` checks again)
             resolve_expert_bits(self.expert_bits, structure.experts, len(structure.adapter.decoder_layers(structure.model)), self.bits)
+
+    def calibrates(self) -> str | None:
+        return "tune the rounding of each decoder block with AutoRound" if self.method == "autoround" else None
+
+    def explain(self, structure: Structure) -> list[str]:
+        from ..arch.table import experts_stored_per_expert
+        from ..slimming.quantize import SCOPES
+
+        group = ("one scale per output row" if self.group_size == 0 else f"groups of {self.group_size}" if self.group_size
+                 else "the largest group of 128/64/32/16/8 dividing every width")
+        rounding = "AutoRound-tuned rounding" if self.method == "autoround" else "round-to-nearest (no calibration)"
+        lines = [f"would quantise {SCOPES[self.scope]} to {self.bits} bits ({'symmetric' if self.symmetric else 'asymmetric'}, {group}) "
+                 f"by {rounding}, and write a compressed-tensors pack-quantized checkpoint"]
+        if not experts_stored_per_expert(structure.model, structure.adapter):
+            lines.append("the family fuses experts on disk: they would be packed one weight per expert, with the generated code that "
+                         "stacks them back on load (trust_remote_code=True)")
+        return lines
 
     def predict(self, footprint: Footprint) -> Footprint:
         """The routed experts at `bits`, or at their `expert_bits`, and with scope "all" the other decoder

@@ -5,6 +5,7 @@ and the fixed rest. All of it comes from the shard headers (names, dtypes, shape
 model's meta skeleton, whose adapter says which tensors are a layer's routed experts and
 router; transformers' own key conversion (`StreamedWeights.targets`) ties each in-memory
 tensor to the checkpoint keys it is read from. So a 1 T-parameter checkpoint costs seconds.
+Parameter counts come from the same skeleton's shapes (tied weights once, as the loaded model counts them).
 
 Counting rules, each the one the writer follows (checked against saved outputs in the tests):
 * as stored ("16 bits"): a tensor's header bytes (numel x element size);
@@ -59,10 +60,20 @@ class LayerSizes:
     expert_bytes: dict[int, int]  # bits -> bytes of one routed expert (16: as stored)
     router_per_expert: int  # router bytes that go with each kept expert (its row, its bias)
     router_fixed: int  # router bytes that stay whatever is kept
+    expert_params: int = 0  # parameters of one routed expert
+    router_params_per_expert: int = 0
+    router_params_fixed: int = 0
+    top_k: int = 0  # routed experts a token uses; 0: all that are kept (a condensed layer's constant router)
+    rest_bytes: int = 0  # the rest of its MoE sub-layer (shared experts and their gate): dropped with it
+    rest_params: int = 0
 
     @property
     def router_bytes(self) -> int:
         return self.router_fixed + self.experts * self.router_per_expert
+
+    def params(self, keep: int, used: int) -> int:
+        """Parameters of its routed experts and router when it keeps `keep` experts, of which a token uses `used`."""
+        return used * self.expert_params + keep * self.router_params_per_expert + self.router_params_fixed
 
 
 @dataclass(frozen=True)
@@ -76,11 +87,18 @@ class CheckpointSizes:
     # decoder block -> bits -> bytes of the weights scope "all" packs besides the routed experts (16: as stored);
     # {} where the experts' group size does not divide their widths (scope "all" would pick another group)
     others: dict[int, dict[int, int]] = field(default_factory=dict)
+    params: int = 0  # every parameter (tied weights once)
+    block_params: dict[int, int] = field(default_factory=dict)  # every decoder layer's parameters
 
     @property
     def fixed(self) -> int:
         """Embeddings, attention, norms, shared experts, dense layers, head, carried (MTP) layers."""
         return self.total - sum(layer.experts * layer.expert_bytes[16] + layer.router_bytes for layer in self.layers.values())
+
+    @property
+    def fixed_params(self) -> int:
+        """The parameters of the same fixed rest."""
+        return self.params - sum(layer.params(layer.experts, layer.experts) for layer in self.layers.values())
 
 
 def candidate_bytes(layer: LayerSizes, keep: int, bits: int | Mapping[int, int]) -> int:
@@ -160,6 +178,7 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
     """
     from ..source.residency import split_names
     from ..preflight import skeleton
+    from ..runtime import ConstantRouter
     from ..slimming.quantize import choose_group_size
 
     structure = skeleton(model, "auto", trust_remote_code)
@@ -174,12 +193,20 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
     _, per_layer, _ = split_names(skeleton_model, adapter, weights.targets)
     blocks = {index: sum(checkpoint.nbytes(k) for name in names for k in weights.targets[name]) for index, names in per_layer.items()}
     found: dict[int, tuple[int, list[str], list[str]]] = {}
+    counted: dict[int, tuple[int, int, int, int]] = {}  # MoE layer -> parameters: per expert, router per expert, router fixed; top-k
     transposed = False
     for index, layer in enumerate(adapter.decoder_layers(skeleton_model)):
         block = adapter.moe_block(layer)
         if block is not None:
-            found[index] = (adapter.num_experts(block), keys(adapter.experts(block)), keys(adapter.router(block)))
+            count, router = adapter.num_experts(block), adapter.router(block)
+            found[index] = (count, keys(adapter.experts(block)), keys(router))
             transposed = bool(getattr(adapter.experts(block), "is_transposed", False))
+            rows = sum(p.numel() for p in router.parameters() if count in p.shape)
+            top_k = 0 if isinstance(router, ConstantRouter) else adapter.top_k(skeleton_model.config)
+            per_expert, router_params = _params(adapter.experts(block)) // count, _params(router)
+            rest = [k for k in keys(block) if k not in found[index][1] and k not in found[index][2]]
+            counted[index] = (per_expert, rows // count, router_params - rows, top_k, sum(checkpoint.nbytes(k) for k in rest),
+                              _params(block) - per_expert * count - router_params)
     matrices = [_expert_matrices(tuple(checkpoint.tensors[k].shape), k, transposed) for _, experts, _ in found.values() for k in experts]
     widths = {shape[1] for found_matrix in matrices if found_matrix for _, shape in [found_matrix]}
     group = choose_group_size(group_size, widths) if widths else 0
@@ -192,6 +219,12 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
         rows = [k for k in router if count in checkpoint.tensors[k].shape]  # [E, hidden], [E], Ernie's [1, E] statistics
         per_expert = sum(checkpoint.nbytes(k) for k in rows)
         fixed = sum(checkpoint.nbytes(k) for k in router if k not in rows)
-        layers[index] = LayerSizes(index, count, {bits: size // count for bits, size in per_bits.items()}, per_expert // count, fixed)
+        layers[index] = LayerSizes(index, count, {bits: size // count for bits, size in per_bits.items()}, per_expert // count, fixed, *counted[index])
+    block_params = {index: _params(layer) for index, layer in enumerate(adapter.decoder_layers(skeleton_model))}
     others = _others(checkpoint, _other_weights(skeleton_model, adapter, weights), group, symmetric)
-    return CheckpointSizes(checkpoint.total_bytes(), group, layers, blocks, others)
+    return CheckpointSizes(checkpoint.total_bytes(), group, layers, blocks, others, _params(skeleton_model), block_params)
+
+
+def _params(module) -> int:
+    """Parameters of a (meta) module, tied weights once."""
+    return sum(p.numel() for p in module.parameters())
