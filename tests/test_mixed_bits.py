@@ -243,3 +243,25 @@ def test_the_family_s_other_checkpoints_load_as_before_once_a_mixed_one_has(tmp_
     # and a model of the family loaded after it saves as before: quantising it again writes the same bytes
     quantize(tmp_path / "pruned", tmp_path / "again", bits=8, group_size=GROUP, scope="experts")
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "uniform" / "model.safetensors").read_bytes()
+
+
+def test_checkpoints_in_directories_of_one_name_each_load_with_their_own_code(tmp_path):
+    """transformers keys generated code by directory name and file bytes: a mixed-width checkpoint and a
+    plain non-uniform one of the same family share their configuration file, hence one config class, and
+    its Auto registry built the second with the first's model class (its packed experts then failed to
+    convert). Each now loads with its own classes, whichever was read first, and reads the same again."""
+    import shutil
+
+    from test_save_load import _non_uniform_plan
+
+    model = tiny_model("mixtral")
+    mc.compress(model, plan=_non_uniform_plan(model), out=tmp_path / "a" / "model", ignore_plan_identity=True)
+    quantize(tmp_path / "a" / "model", tmp_path / "b" / "model", bits=4, group_size=GROUP, scope="experts", expert_bits={1: 8})
+    shutil.copytree(tmp_path / "b" / "model", tmp_path / "c" / "alone")  # another name: its own config class
+    expected = load_model(tmp_path / "c" / "alone")[0]
+    plain = load_model(tmp_path / "a" / "model")[0]
+    mixed = load_model(tmp_path / "b" / "model")[0]
+    again = load_model(tmp_path / "a" / "model")[0]
+    with torch.no_grad():
+        assert torch.equal(mixed(IDS).logits, expected(IDS).logits)
+        assert torch.equal(again(IDS).logits, plain(IDS).logits) and not torch.equal(mixed(IDS).logits, plain(IDS).logits)

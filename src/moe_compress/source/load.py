@@ -38,7 +38,7 @@ from .alignment import align_weights
 from .checkpoint import Checkpoint
 from .origin import record_origin
 from .locate import ASSETS, BUNDLED_MODELS, bundled_models, offline, resolve_model  # noqa: F401 (re-exported)
-from .remote_code import AUTO_MAP, expected_files, is_own_remote_code
+from .remote_code import AUTO_MAP, bind_model_classes, expected_files, is_own_remote_code
 from .residency import PreQuantized, StreamedWeights, shape_mismatch
 from .sanity import check_dtypes, check_fp8_scales, check_loaded
 
@@ -179,6 +179,8 @@ def _config(source: str, trusted: bool, shown_as: str) -> PretrainedConfig:
     try:
         with transformers_quiet():
             config = AutoConfig.from_pretrained(source, trust_remote_code=trusted)
+            if trusted:
+                bind_model_classes(config, source)
     except (OSError, ValueError, KeyError) as exc:
         raise MoECompressError(f"cannot read the config of {shown_as}: {_first_line(exc)}") from None
     _check_top_k(source, config, shown_as)

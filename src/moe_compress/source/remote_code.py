@@ -193,3 +193,28 @@ def _declare_per_layer_structure(config: dict, spec: dict) -> None:
         else:
             text["per_layer_config"] = before
         spec["standard_per_layer_config"] = False
+
+
+def bind_model_classes(config, source: str) -> None:
+    """Point transformers' Auto classes at the model classes of `source`'s own code, for `config`'s class.
+
+    transformers keys a checkpoint's generated code by the bytes of each file: checkpoints whose
+    configuration files are the same share one config class, while their modelling files (mixed
+    bits or not, per-expert or substituted classes) may differ. Once one of them is loaded, the
+    Auto classes map that shared config class to its model class and build every later one with
+    it, never reading the later checkpoint's modelling file (a mixed-width checkpoint then fails to
+    convert its weights). Registering this checkpoint's own classes before each load, for the
+    config class it was read with, makes every load use its own code. A stock config class is left
+    alone: transformers reads the checkpoint's model code for it each time, and registering would
+    replace the stock model class for every checkpoint of that type in the process.
+    """
+    import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    if type(config).__module__.startswith("transformers."):
+        return
+    for auto_name, class_ref in (getattr(config, "auto_map", None) or {}).items():
+        auto_class = getattr(transformers, auto_name, None)
+        if auto_name == "AutoConfig" or auto_class is None or not hasattr(auto_class, "register"):
+            continue
+        auto_class.register(type(config), get_class_from_dynamic_module(class_ref, source), exist_ok=True)
