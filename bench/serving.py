@@ -5,11 +5,13 @@ output, on the bundled reference models. Each output kind is made from the same 
 Python API (the CLI's code paths), small calibration (16 x 128 bundled tokens, seed 0), 25 %:
 
 * uniform REAP prune (layer budget), global REAP (non-uniform), MoNE (global: pruned experts
-  become constant "novices"), HC-SMoE merge (layer budget, so uniform), `quantize --bits 4`
-  (round-to-nearest, on the original), and mixed bits (not in the CLI yet: recorded as such).
-  The original checkpoint is the baseline row.
+  become constant "novices") in its default output and in the expert-substitution format (the
+  family's architecture kept, each novice one stored constant: the format vLLM PR #50415 reads),
+  HC-SMoE merge (layer budget, so uniform), `quantize --bits 4` (round-to-nearest, on the
+  original), and mixed bits (the same quantisation with `expert_bits`: one width per MoE layer,
+  and widths per expert within a layer). The original checkpoint is the baseline row.
 
-For each output: its weight bytes (the *.safetensors files), what its config says (model_type,
+For each output: its weight bytes (the model's *.safetensors files), what its config says (model_type,
 auto_map, quantization_config, per_layer_config) and each loader's outcome, every loader in a
 fresh process:
 
@@ -28,9 +30,11 @@ fresh process:
 * llama-cpp-python itself, when `--build-llama-cpp` compiles it from the sdist into that venv
   (C++, minutes): one forward of each GGUF, top-1 next tokens compared with transformers'.
 * vLLM: not installed anywhere; what its wheel requires is read from the registry's metadata
-  (`pip install --dry-run`, nothing downloaded but metadata) and recorded.
+  (`pip install --dry-run`, nothing downloaded but metadata) and recorded, and each kind gets the
+  verdict its config and vLLM's loader code give (`VLLM_VERDICTS`, with the sources read).
 
     python bench/serving.py --model ref-mixtral --model ref-deepseek   # -> results/serving.json, serving.md
+    python bench/serving.py --model ref-mixtral --kind "mixed bits, per layer (rtn)"   # only that kind, into the same results
 """
 
 from __future__ import annotations
@@ -68,12 +72,62 @@ PRUNED_KINDS = {
     "uniform prune (reap, layer)": ("reap", "layer", {}),
     "global prune (reap, global)": ("reap", "global", {}),
     "MoNE (global)": ("mone", "global", {}),
+    "MoNE expert-substitution (global)": ("mone", "global", {"output_format": "expert-substitution"}),
     "merge (hc-smoe, layer)": ("hc-smoe", "layer", {}),
 }
+#: kind -> `quantize` keywords beside bits=4 for the quantised kinds, made from the original. The
+#: layers named are MoE layers in both reference models (ref-deepseek's layer 0 is dense).
+QUANTIZED_KINDS = {
+    "4-bit (rtn)": {},
+    "mixed bits, per layer (rtn)": {"expert_bits": {1: 8, 3: 16}},
+    "mixed bits, per expert (rtn)": {"expert_bits": {2: {0: 8, 1: 16}, 4: {3: 8}}},
+}
+KINDS = ["original", *PRUNED_KINDS, *QUANTIZED_KINDS]
 RATIO = 0.25
 CALIBRATION = CalibrationSpec("bundled", samples=16, seq_len=128, seed=0)
 PROMPT = "The history of the river begins in the mountains, where"
-MIXED_BITS = "not available yet (issue 22 builds it): the CLI's quantize takes one --bits for every layer"
+#: What vLLM would do with each kind, read from its loader code and PRs (vLLM cannot run here: see
+#: vllm_evidence). kind -> (verdict, why). Sources: vLLM's compressed-tensors MoE scheme choice
+#: (vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe/
+#: compressed_tensors_moe.py, `CompressedTensorsMoEMethod.get_moe_method`, read at commit 0043d6b5;
+#: `CompressedTensorsConfig.get_scheme_dict` in compressed_tensors.py beside it: `ignore` first, then
+#: the first matching target, a group without its own format taking the config's), vllm#47154
+#: (merged), vllm#36512 (open), vllm#50415 (open).
+VLLM_SCHEME = ("vLLM picks one compressed-tensors scheme per fused MoE layer, the one its config gives expert 0's "
+               "projections (`CompressedTensorsMoEMethod.get_moe_method` looks up `<layer>.0.gate_proj/up_proj/down_proj` "
+               "only; its TODO: \"use expert_mapping and check all layer numbers\")")
+#: Why the mixed-bits outputs name our architecture, in the verdicts.
+GENERATED = ("architecture `MoECompressForCausalLM`, in no vLLM registry: the output carries generated code because "
+             "transformers 5.23's compressed-tensors path dequantises all routed experts with one scheme")
+VLLM_VERDICTS = {
+    "original": ("expected to load", "stock architecture and config"),
+    "uniform prune (reap, layer)": ("expected to load", "stock architecture; the config's expert count is the same in every layer"),
+    "merge (hc-smoe, layer)": ("expected to load", "stock architecture; the config's expert count is the same in every layer"),
+    "global prune (reap, global)": (
+        "no, today", "its architecture `MoECompressForCausalLM` is in no vLLM registry; the per-layer expert counts in "
+        "`per_layer_config` are what vLLM's heterogeneous loader AnyModel reads (vllm#36512, open)"),
+    "MoNE (global)": (
+        "no", "`MoECompressForCausalLM` with novices as extra modules: no engine reads this form; the expert-substitution "
+        "output is the one meant for vLLM"),
+    "MoNE expert-substitution (global)": (
+        "only with vllm#50415 (open)", "the family's own architecture and model_type, full routers, retained experts under "
+        "their original ids and `compression_config.transform_config.expert_substitution` naming each constant: the format "
+        "that PR reads. Stock vLLM's class for the family has no parameter for the `expert_replacements.*.value` tensors "
+        "and no weights for the substituted experts (transformers 4.57.6 plain, above, loads it that way: experts missing)"),
+    "4-bit (rtn)": (
+        "expected to load (GPU)", "one W4A16 symmetric int pack-quantized scheme for every expert, group size 64 (ref-mixtral) "
+        "or 32 (ref-deepseek): the bits (4, 8), format (pack-quantized) and group sizes (-1, 32, 64, 128) vLLM's WNA16 "
+        "Marlin MoE method accepts"),
+    "mixed bits, per layer (rtn)": (
+        "no as written; its quantization_config alone would fit (not verified)", f"{GENERATED}. The config groups "
+        f"themselves are what vLLM reads: {VLLM_SCHEME}, and here every layer's experts share one width, so each layer "
+        "finds its own group (int8 grouped experts run on Marlin since vllm#47154, merged, written for models with INT4 "
+        "and INT8 layers); a layer left at 16 bits is `ignore`d and gets the unquantised MoE method. With the family's "
+        "model_type and architecture in config.json it should load; nobody has run that"),
+    "mixed bits, per expert (rtn)": (
+        "no", f"{GENERATED}; and even with the family's architecture, {VLLM_SCHEME}: a layer whose experts differ in width "
+        "gets expert 0's scheme for all of them, so the other experts' packed tensors and scales do not fit it"),
+}
 #: what compiling llama-cpp-python here gave when this bench was written (with build_llama_cpp's CMAKE_ARGS)
 LLAMA_CPP_BUILD_TRIED = ("tried on 2026-12-06: CPU-only build of the sdist, no tools/examples/server, 2 jobs; stopped after 23 min "
                          "with 65 object files of the ~200 C++ sources compiled, on this 2-core machine at load average ~10")
@@ -199,14 +253,18 @@ def _run(command: list[str], timeout: int = 600) -> tuple[dict | None, str]:
 
 
 def _weight_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    """The model's safetensors files: not the plan's novice vectors (`moe_compress_plan.novices.safetensors`) saved beside MoNE's."""
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors") if not f.name.startswith("moe_compress_plan"))
 
 
 def _config_facts(directory: Path) -> dict:
     config = json.loads((directory / "config.json").read_text())
+    groups = (config.get("quantization_config") or {}).get("config_groups", {})
     return {"model_type": config.get("model_type"), "architectures": config.get("architectures"),
             "auto_map": sorted(config.get("auto_map", {})), "quantization_config": "quantization_config" in config,
-            "per_layer_config": "per_layer_config" in config}
+            "bit_groups": sorted(group["weights"]["num_bits"] for group in groups.values()),
+            "per_layer_config": "per_layer_config" in config,
+            "expert_substitution": "expert_substitution" in ((config.get("compression_config") or {}).get("transform_config") or {})}
 
 
 def _reference(model, ids: torch.Tensor, path: Path) -> None:
@@ -216,35 +274,41 @@ def _reference(model, ids: torch.Tensor, path: Path) -> None:
     torch.save({"ids": ids, "logits": logits, "dtype": str(model.dtype).removeprefix("torch.")}, path)
 
 
-def make_outputs(model_name: str, scratch: Path) -> dict[str, dict]:
-    """Every output kind of `model_name` under `scratch`, with its reference logits; kind -> facts."""
+def make_outputs(model_name: str, scratch: Path, kinds: list[str]) -> dict[str, dict]:
+    """The output `kinds` of `model_name` under `scratch`, with their reference logits; kind -> facts.
+    The original's reference is always written: the quantised kinds are compared with it."""
     original, tokenizer = load_model(model_name)
-    batches = calibration_batches(tokenizer, CALIBRATION)
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     scratch.mkdir(parents=True, exist_ok=True)
     outputs = {"original": {"path": str(resolve_model(model_name)), "reference": str(scratch / "original.pt"),
                             "experts_per_layer": _experts(original)}}
     _reference(original, ids, scratch / "original.pt")
-    for kind, (method, budget, options) in PRUNED_KINDS.items():
+    pruned = [kind for kind in PRUNED_KINDS if kind in kinds]
+    batches = calibration_batches(tokenizer, CALIBRATION) if pruned else None
+    for kind in pruned:
+        method, budget, options = PRUNED_KINDS[kind]
         out, reference = scratch / _slug(kind), scratch / f"{_slug(kind)}.pt"
         start = time.perf_counter()
         result = compress(copy.deepcopy(original), method=method, ratio=RATIO, budget=budget, calib=batches, tokenizer=tokenizer,
                           out=out, overwrite=True, cache_dir=False, options=options)
         _reference(result.model, ids, reference)
+        shown = f", options={options!r}" if options else ""
         outputs[kind] = {"path": str(out), "reference": str(reference), "seconds": round(time.perf_counter() - start, 1),
-                         "command": f"mc.compress({model_name!r}, method={method!r}, ratio={RATIO}, budget={budget!r})",
+                         "command": f"mc.compress({model_name!r}, method={method!r}, ratio={RATIO}, budget={budget!r}{shown})",
                          "experts_per_layer": _experts(result.model)}
-    out = scratch / "quantized-4bit"
-    start = time.perf_counter()
-    quantize(original, out, bits=4, tokenizer=tokenizer, overwrite=True)
-    outputs["4-bit (rtn)"] = {"path": str(out), "reference": str(scratch / "original.pt"), "reference_is": "original (no in-memory twin)",
-                              "seconds": round(time.perf_counter() - start, 1), "command": f"mc.quantize({model_name!r}, bits=4)",
-                              "experts_per_layer": outputs["original"]["experts_per_layer"]}
+    for kind in [kind for kind in QUANTIZED_KINDS if kind in kinds]:
+        keywords = QUANTIZED_KINDS[kind]
+        out = scratch / ("quantized-4bit" if not keywords else _slug(kind))
+        start = time.perf_counter()
+        quantize(original, out, bits=4, tokenizer=tokenizer, overwrite=True, **keywords)
+        shown = "".join(f", {key}={value!r}" for key, value in keywords.items())
+        outputs[kind] = {"path": str(out), "reference": str(scratch / "original.pt"), "reference_is": "original (no in-memory twin)",
+                         "seconds": round(time.perf_counter() - start, 1), "command": f"mc.quantize({model_name!r}, bits=4{shown})",
+                         "experts_per_layer": outputs["original"]["experts_per_layer"]}
     for facts in outputs.values():
         facts["weight_bytes"] = _weight_bytes(Path(facts["path"]))
         facts["config"] = _config_facts(Path(facts["path"]))
-    outputs["mixed bits"] = {"not_available": MIXED_BITS}
-    return outputs
+    return {kind: facts for kind, facts in outputs.items() if kind in kinds}
 
 
 def _experts(model) -> list[int]:
@@ -417,7 +481,8 @@ def markdown(report: dict) -> str:
              f"{report['machine']}; {report['date']}. Calibration {CALIBRATION.samples} x {CALIBRATION.seq_len} bundled tokens, "
              f"seed {CALIBRATION.seed}; {RATIO:.0%} of routed experts. Each loader runs in a fresh process with `moe_compress` made "
              f"unimportable; logits are on a {report['prompt_tokens']}-token prompt and compared with the in-memory model the "
-             "compressor produced (the reference; 4-bit: the original, as it has no in-memory twin). Weight bytes: the *.safetensors files.", "",
+             "compressor produced (the reference; quantised outputs: the original, as they have no in-memory twin). Weight bytes: the model's "
+             "*.safetensors files (not the MoNE plan's novice vectors saved beside them).", "",
              f"* llama.cpp: `convert_hf_to_gguf.py` and `gguf-py` from the llama-cpp-python {LLAMA_CPP_PYTHON} sdist on the package "
              f"registry, which vendors llama.cpp commit `{report['llama_cpp_commit']}`; run in its own venv with "
              f"{', '.join(CONVERTER_PINS)} (torch: the local CPU wheel instead of the converter's pin 2.11.0 from PyTorch's index). "
@@ -427,33 +492,37 @@ def markdown(report: dict) -> str:
              "(TokenizersBackend -> PreTrainedTokenizerFast, pre-tokenizer -> gpt-2, the byte-level regex it uses); the weights go through untouched. "
              "Each GGUF written is read back with `gguf` (architecture, tensors, `<arch>.expert_count`).",
              f"* llama-cpp-python (the C++ runtime, forward of the 'toy tokenizer accepted' GGUF on the prompt's token ids): {report['llama_cpp_build']}.",
-             f"* vLLM: {report['vllm_summary']}", ""]
+             f"* vLLM: {report['vllm_summary']} Its verdict for each kind, from the kind's config and vLLM's loader code, "
+             "is the table after the results.",
+             *[f"* Rows of {', '.join(added['kinds'])} ({', '.join(added['models'])}) added on {added['date']} by `{added['command']}`."
+               for added in report.get("added", [])], ""]
     for model, outputs in report["models"].items():
         original = outputs["original"]["weight_bytes"]
-        lines += [f"## {model}", "", "| output | how | weight bytes | vs original | model_type | auto_map | quantization_config | per_layer_config | experts/layer |",
-                  "|---|---|---:|---:|---|---|---|---|---|"]
+        lines += [f"## {model}", "", "| output | how | weight bytes | vs original | model_type | auto_map | quantization_config | "
+                  "per_layer_config | expert_substitution | experts/layer |", "|---|---|---:|---:|---|---|---|---|---|---|"]
         for kind, facts in outputs.items():
-            if "path" not in facts:
-                lines.append(f"| {kind} | {facts['not_available']} | - | - | | | | | |")
-                continue
             c, experts = facts["config"], facts["experts_per_layer"]
             shown = str(experts[0]) if len(set(experts)) == 1 else "/".join(map(str, experts))
+            groups = c.get("bit_groups", [])
+            quantization = "-" if not c["quantization_config"] else f"groups of {', '.join(map(str, groups))} bits" if groups else "yes"
             lines.append(f"| {kind} | {'`' + facts['command'] + '`' if 'command' in facts else 'bundled'} | {facts['weight_bytes']:,} | "
                          f"{facts['weight_bytes'] / original:.2f} | {c['model_type']} | {', '.join(c['auto_map']) or '-'} | "
-                         f"{'yes' if c['quantization_config'] else '-'} | {'yes' if c['per_layer_config'] else '-'} | {shown} |")
+                         f"{quantization} | {'yes' if c['per_layer_config'] else '-'} | {'yes' if c.get('expert_substitution') else '-'} | {shown} |")
         lines += ["", "| output | transformers 5.23 plain | transformers 5.23 trust_remote_code | transformers 4.57.6 plain | "
                   "convert_hf_to_gguf f16, as written | convert_hf_to_gguf f16, toy tokenizer accepted | llama-cpp-python forward |",
                   "|---|---|---|---|---|---|---|"]
         for kind, facts in outputs.items():
-            if "loaders" not in facts:
-                lines.append(f"| {kind} | not tried: {facts.get('not_available', '')} | | | | | |")
-                continue
             loaders = facts["loaders"]
             lines.append(f"| {kind} | {_cell_transformers(loaders['transformers'])} | {_cell_transformers(loaders['transformers trust_remote_code'])} | "
                          f"{_cell_transformers(loaders[PLAIN_OLD])} | {_cell_gguf(loaders[GGUF], facts['experts_per_layer'])} | "
                          f"{_cell_gguf(loaders[GGUF_TOY], facts['experts_per_layer'])} | {_cell_llama(loaders[GGUF_TOY])} |")
         lines.append("")
-    lines += ["## What this means", "", *meaning(report), ""]
+    lines += ["## vLLM, per output kind (not run here)", "",
+              "Read from the outputs' configs above and from vLLM's code and pull requests, not from a run: vLLM cannot be "
+              "installed on this CPU-only machine (see the top). 'Expected to load' means the checkpoint is in a form vLLM's "
+              "loader handles for other models, nothing more.", "", "| output | vLLM | why |", "|---|---|---|",
+              *[f"| {kind} | {VLLM_VERDICTS[kind][0]} | {VLLM_VERDICTS[kind][1]} |" for kind in KINDS], "",
+              "## What this means", "", *meaning(report), ""]
     return "\n".join(lines)
 
 
@@ -466,7 +535,10 @@ def meaning(report: dict) -> list[str]:
         return ", ".join(found) or "none"
 
     def loads(name: str):
-        return lambda loaders: loaders[name].get("loaded") and loaders[name].get("top1_agreement", 0) > 0
+        return lambda loaders: loaders[name].get("loaded") and loaders[name].get("top1_agreement", 0) > 0 and not loaders[name]["missing_keys"]
+
+    def partly(name: str):
+        return lambda loaders: loaders[name].get("loaded") and loaders[name]["missing_keys"]
 
     def exact(name: str):
         return lambda loaders: loaders[name].get("logits_equal")
@@ -477,6 +549,8 @@ def meaning(report: dict) -> list[str]:
         f"* transformers 5.23 with `trust_remote_code=True` (the generated modelling code shipped in the checkpoint): loads "
         f"{kinds(loads('transformers trust_remote_code'))}; identical logits: {kinds(exact('transformers trust_remote_code'))}.",
         f"* transformers 4.57.6, plain (users still on 4.x): loads {kinds(loads(PLAIN_OLD))}; identical logits: {kinds(exact(PLAIN_OLD))}. "
+        f"Loads with weights missing, left at their random initialisation and no error: {kinds(partly(PLAIN_OLD))} (its auto_map is "
+        "not used without trust_remote_code, so the family's own class loads it and finds no weights for the substituted experts). "
         f"{_rope_note(report)}",
         f"* llama.cpp's converter, as written: converts {kinds(lambda l: l[GGUF].get('converted'))}. With the toy tokenizer accepted: "
         f"converts {kinds(lambda l: l[GGUF_TOY].get('converted'))}; GGUF expert_count equal to the output's: "
@@ -519,6 +593,8 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the converter's virtual environment (created once)")
     parser.add_argument("--build-llama-cpp", type=int, default=0, metavar="SECONDS",
                         help="compile llama-cpp-python from the sdist into --venv, giving up after SECONDS (0: do not)")
+    parser.add_argument("--kind", action="append", choices=KINDS,
+                        help="only this output kind (repeatable; default all): its rows replace or join those in results/serving.json")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite results/serving.md from results/serving.json and stop")
     args = parser.parse_args()
     if args.markdown_only:
@@ -527,23 +603,30 @@ def main() -> None:
         (RESULTS / "serving.md").write_text(markdown(report))
         return
     models = args.model or ["ref-mixtral"]
+    kinds = args.kind or KINDS
     llama_cpp, commit = llama_cpp_sources(args.scratch)
     theirs = ensure_venv(args.venv, llama_cpp)
     built = build_llama_cpp(theirs, args.scratch / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz", args.build_llama_cpp) if args.build_llama_cpp else \
         f"not built in this run ({LLAMA_CPP_BUILD_TRIED}; --build-llama-cpp SECONDS tries again)"
     vllm = vllm_evidence(theirs, args.scratch)
-    report = {"command": "python bench/serving.py " + " ".join(f"--model {m}" for m in models) +
-              (f" --build-llama-cpp {args.build_llama_cpp}" if args.build_llama_cpp else ""),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "llama_cpp_python": LLAMA_CPP_PYTHON, "llama_cpp_commit": commit, "converter_venv": CONVERTER_PINS,
-              "llama_cpp_build": built, "vllm": vllm, "models": {}}
+    command = ("python bench/serving.py " + " ".join(f"--model {m}" for m in models) + "".join(f' --kind "{k}"' for k in args.kind or []) +
+               (f" --build-llama-cpp {args.build_llama_cpp}" if args.build_llama_cpp else ""))
+    run = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    fresh = {**run, "llama_cpp_python": LLAMA_CPP_PYTHON, "llama_cpp_commit": commit, "converter_venv": CONVERTER_PINS,
+             "llama_cpp_build": built, "vllm": vllm, "models": {}}
+    report = fresh if not args.kind else json.loads((RESULTS / "serving.json").read_text())
+    if args.kind:  # rows from this run join the recorded ones; the run is listed beside the first
+        report["added"] = [*report.get("added", []), {**run, "kinds": args.kind, "models": models}]
+        report |= {key: fresh[key] for key in ("vllm", "llama_cpp_commit")}
     for model in models:
         print(f"{model}: making the outputs", flush=True)
-        outputs = make_outputs(model, args.scratch / model)
+        outputs = make_outputs(model, args.scratch / model, kinds)
         try_loaders(outputs, sys.executable, theirs, llama_cpp, args.scratch / model / "gguf")
-        report["models"][model] = outputs
-        report["prompt_tokens"] = int(torch.load(outputs["original"]["reference"])["ids"].shape[1])
-    report["vllm_summary"] = _vllm_summary(vllm)
+        merged = {**report["models"].get(model, {}), **outputs}
+        report["models"][model] = {kind: merged[kind] for kind in KINDS if kind in merged}  # rows of kinds no longer made are dropped
+        report["prompt_tokens"] = int(torch.load(args.scratch / model / "original.pt")["ids"].shape[1])
+    report["vllm_summary"] = _vllm_summary(report["vllm"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / "serving.md").write_text(markdown(report))
