@@ -16,8 +16,8 @@ medians of per-round ratios.
                   computes logits: 151,936 x 2048 per token would be more than both layers);
       * `read`:   reading every weight file once, cold (each file evicted from the page cache
                   with posix_fadvise(DONTNEED) first; wall seconds of the read);
-      * `coldplain` (--cold): the plain walk with the checkpoint evicted first, wall seconds: what
-                  reading the next layer while this one computes (`source.prefetch`) is for.
+      * `coldplain` (--cold): the plain walk with the checkpoint evicted first, wall seconds: where
+                  reading the next layer while this one computes would pay (speed.md: not here).
     Targets: reap <= 1.3 x (read + memory); plain <= 1.15 x memory.
 (b) `moe-compress eval ref-mixtral --ppl bundled` (the protocol: 128 windows x 256 tokens x 3
     domains), the whole command, against one batched forward of ref-mixtral over the same

@@ -1,10 +1,7 @@
 """How a streamed layer is read: each key once into its place (source.direct), into buffers reused across layers
-(source.buffers), the next layer asked of the kernel while this one computes (source.prefetch), and the stem's
-embedding mapped rather than read -- always the bytes transformers' loader gives."""
+(source.buffers), and the stem's embedding mapped rather than read -- always the bytes transformers' loader gives."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +9,6 @@ import torch
 from helpers import token_batches
 from moe_compress.errors import MoECompressError
 from moe_compress.source.load import load_streamed
-from moe_compress.source.prefetch import merged
 from moe_compress import get_adapter
 from moe_compress.walk.observer import LayerWalk, embedding_lookups
 from tiny_models import tiny_model
@@ -89,50 +85,3 @@ def test_a_walk_frees_the_buffers_kept_for_a_next_layer_when_it_ends(checkpoints
     for _ in walk:
         pass
     assert weights._buffers._kept == []  # the last layer's buffers are not held while later stages run
-
-
-def test_the_walk_asks_the_kernel_for_each_next_layer_while_this_one_computes(checkpoints, monkeypatch):
-    """While layer i is loaded the walk hands the byte ranges of layer i+1's stored tensors to the kernel
-    (source.prefetch), and its outputs are those of a walk that does not."""
-    from moe_compress.source import residency
-
-    asked = []
-    monkeypatch.setattr(residency, "read_ahead", lambda spans: asked.append(set(spans)))
-    batches = token_batches(count=2)
-
-    def walk() -> tuple[list[torch.Tensor], residency.StreamedWeights]:
-        weights, _ = load_streamed(checkpoints / "deepseek_v3")  # a dense first layer, then MoE layers
-        layers = LayerWalk(weights.model, get_adapter(weights.model), batches, weights=weights)
-        for _ in layers:
-            pass
-        if weights._reader is not None:
-            weights._reader.shutdown(wait=True)
-        return layers.hidden, weights
-
-    ahead, weights = walk()
-    decoder = weights.model.model.layers
-    stored = [{weights.checkpoint.span(key) for name in weights.state_names(decoder[i]) for key in weights.targets[name]} for i in (1, 2)]
-    assert asked == stored and all(len(spans) > 10 for spans in stored)
-    monkeypatch.setattr(residency.StreamedWeights, "prefetch", lambda self, module: None)
-    assert all(torch.equal(a, b) for a, b in zip(ahead, walk()[0], strict=True))
-
-
-def test_read_ahead_ranges_are_joined_per_shard():
-    a, b = Path("a.safetensors"), Path("b.safetensors")
-    spans = [(a, 30, 5), (a, 0, 10), (b, 0, 4), (a, 10, 5), (a, 12, 1)]
-    assert merged(spans) == {a: [(0, 15), (30, 5)], b: [(0, 4)]}
-
-
-def test_a_corrupt_layer_is_refused_when_the_walk_reaches_it(tmp_path):
-    model = tiny_model("mixtral")
-    with torch.no_grad():
-        model.model.layers[2].mlp.experts.down_proj[0, 0, 0] = float("nan")
-    model.save_pretrained(tmp_path / "nan")
-    weights, _ = load_streamed(tmp_path / "nan")
-    walk = LayerWalk(weights.model, get_adapter(weights.model), token_batches(count=1), weights=weights)
-    seen = []
-    with pytest.raises(MoECompressError, match=r"checkpoint tensor model\.layers\.2\..*contains 1 NaN"):
-        for index, _ in walk:
-            seen.append(index)
-    assert seen == [0, 1]  # asked for ahead while layer 1 computed, checked when the walk read it
-    assert weights._buffers._kept == []

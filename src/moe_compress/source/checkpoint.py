@@ -118,10 +118,6 @@ class Checkpoint:
         whole = torch.from_file(str(shard), shared=False, size=shard.stat().st_size, dtype=torch.uint8)
         return whole[start : start + self.nbytes(key)].view(dtype).view(self.tensors[key].shape)
 
-    def span(self, key: str) -> tuple[Path, int, int]:
-        """(shard, file offset, bytes) of `key`'s data."""
-        return self.tensors[key].shard, self._offset(key), self.nbytes(key)
-
     def _offset(self, key: str) -> int:
         shard = self.tensors[key].shard
         if shard not in self._offsets:

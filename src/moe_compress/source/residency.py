@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,7 +35,6 @@ from .alignment import aligned, is_aligned
 from .buffers import BufferPool
 from .checkpoint import Checkpoint
 from .direct import DirectRead, plan_direct
-from .prefetch import read_ahead
 
 
 def _like(reference: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -152,9 +150,6 @@ class InMemoryWeights:
         """Nothing to read: the tensors are in memory already (and stay where they are)."""
         yield
 
-    def prefetch(self, module: nn.Module) -> None:
-        """Nothing to read ahead."""
-
     def drop_buffers(self) -> None:
         """Nothing kept: in-memory weights are never released."""
 
@@ -203,7 +198,6 @@ class StreamedWeights:
         self._names = module_names(model)
         self._plans: dict[tuple, DirectRead | None] = {}
         self._buffers = BufferPool()
-        self._reader: ThreadPoolExecutor | None = None  # where `prefetch` asks the kernel to read ahead
         # Tied weights (lm_head = embed_tokens) are one tensor, stored under the name transformers keeps.
         tied = getattr(model, "all_tied_weights_keys", None) or {}
         self.aliases = {alias: stored for alias, stored in tied.items() if alias not in self.targets and stored in self.targets}
@@ -262,12 +256,6 @@ class StreamedWeights:
             state = self.model.state_dict(keep_vars=True)
             for name in read:
                 require_finite(state[name], f"checkpoint tensor {name}")
-
-    def prefetch(self, module: nn.Module) -> None:
-        """Have the kernel read `module`'s stored bytes into the page cache in the background (`source.prefetch`)."""
-        keys = [key for name in self.state_names(module) for key in self.targets.get(self.aliases.get(name, name), [])]
-        self._reader = self._reader or ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-compress-prefetch")
-        self._reader.submit(read_ahead, [self.checkpoint.span(key) for key in dict.fromkeys(keys)])
 
     def _direct_plan(self, name: str, param: torch.Tensor) -> DirectRead | None:
         """How `name` is read without transformers' loader (`source.direct`), or None; worked out once per name."""

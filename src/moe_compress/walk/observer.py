@@ -104,8 +104,6 @@ class LayerWalk:
 
         for index in track(range(len(layers)), self.description):
             with self.weights.loaded(layers[index], self.device) as layer:
-                if index + 1 < len(layers):  # read while this layer computes (`source.prefetch`)
-                    self.weights.prefetch(layers[index + 1])
                 with ExitStack() as stack:
                     context = self.layer_context(index, layer) if self.layer_context else None
                     if context is not None:
