@@ -15,7 +15,9 @@ medians of per-round ratios.
                   loaded whole (`model.model(input_ids)`; the head is left out because neither walk
                   computes logits: 151,936 x 2048 per token would be more than both layers);
       * `read`:   reading every weight file once, cold (each file evicted from the page cache
-                  with posix_fadvise(DONTNEED) first; wall seconds of the read).
+                  with posix_fadvise(DONTNEED) first; wall seconds of the read);
+      * `coldplain` (--cold): the plain walk with the checkpoint evicted first, wall seconds: where
+                  reading the next layer while this one computes would pay (speed.md: not here).
     Targets: reap <= 1.3 x (read + memory); plain <= 1.15 x memory.
 (b) `moe-compress eval ref-mixtral --ppl bundled` (the protocol: 128 windows x 256 tokens x 3
     domains), the whole command, against one batched forward of ref-mixtral over the same
@@ -67,8 +69,17 @@ def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
+def evict(source):  # the next read comes from the disk, not the page cache
+    for name in sorted(p for p in os.listdir(source) if p.endswith(".safetensors")):
+        fd = os.open(os.path.join(source, name), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
 kind, source = sys.argv[1], sys.argv[2]
 result = {}
+if kind == "coldplain":  # the plain walk with none of the checkpoint in the page cache: what reading ahead is for
+    evict(source)
+    kind = "plain"
 if kind in ("reap", "plain"):
     from moe_compress.arch import get_adapter
     from moe_compress.data import CalibrationSpec, calibration_batches
@@ -93,10 +104,7 @@ elif kind == "memory":
             model.model(input_ids=batch, use_cache=False)
 elif kind == "read":
     files = sorted(p for p in os.listdir(source) if p.endswith(".safetensors"))
-    for name in files:  # evict: the read below comes from the disk, not the page cache
-        fd = os.open(os.path.join(source, name), os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+    evict(source)
     start, wall, start_sys = cpu(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
     total = 0
     for name in files:
@@ -153,11 +161,11 @@ def command(arguments: list[str], threads: int) -> dict:
             "stdout": out.stdout}
 
 
-def median_ratio(rounds: list[dict], top: str, bottom) -> float:
-    return round(statistics.median(r[top]["cpu_s"] / bottom(r) for r in rounds), 3)
+def median_ratio(rounds: list[dict], top: str, bottom, key: str = "cpu_s") -> float:
+    return round(statistics.median(r[top][key] / bottom(r) for r in rounds), 3)
 
 
-def part_a(workdir: Path, layers: int, rounds: int, threads: int, baseline: Path | None) -> dict:
+def part_a(workdir: Path, layers: int, rounds: int, threads: int, baseline: Path | None, cold: bool = False) -> dict:
     import scale
 
     scale.VOCAB = FULL_VOCAB
@@ -167,20 +175,27 @@ def part_a(workdir: Path, layers: int, rounds: int, threads: int, baseline: Path
     try:
         runs = []
         for _ in range(rounds):
-            kinds = ("reap", "plain", "memory", "read", *(("reap_before", "plain_before") if baseline else ()))
+            kinds = ("reap", "plain", "memory", "read", *(("reap_before", "plain_before") if baseline else ()),
+                     *(("coldplain", *(("coldplain_before",) if baseline else ())) if cold else ()))
             runs.append({kind: child(kind, str(source), threads, baseline if kind.endswith("_before") else REPO) for kind in kinds})
             print(json.dumps(runs[-1]), flush=True)
     finally:
         shutil.rmtree(source, ignore_errors=True)
-    before = {
+    compared = {
         "plain_before_over_memory": median_ratio(runs, "plain_before", lambda r: r["memory"]["cpu_s"]),
+        "plain_before_over_memory_wall": median_ratio(runs, "plain_before", lambda r: r["memory"]["wall_s"], "wall_s"),
         "reap_before_over_read_plus_memory": median_ratio(runs, "reap_before", lambda r: r["read"]["wall_s"] + r["memory"]["cpu_s"]),
     } if baseline else {}
+    if cold:
+        compared |= {"coldplain_over_memory_wall": median_ratio(runs, "coldplain", lambda r: r["memory"]["wall_s"], "wall_s"),
+                   **({"coldplain_over_before_wall": median_ratio(runs, "coldplain", lambda r: r["coldplain_before"]["wall_s"], "wall_s")}
+                      if baseline else {})}
     return {
-        **before, "baseline": str(baseline) if baseline else None,
+        **compared, "baseline": str(baseline) if baseline else None,
         "layers": layers, "checkpoint_bytes": checkpoint_bytes, "rounds": runs,
         "reap_over_read_plus_memory": median_ratio(runs, "reap", lambda r: r["read"]["wall_s"] + r["memory"]["cpu_s"]),
         "plain_over_memory": median_ratio(runs, "plain", lambda r: r["memory"]["cpu_s"]),
+        "plain_over_memory_wall": median_ratio(runs, "plain", lambda r: r["memory"]["wall_s"], "wall_s"),
         "reap_over_plain": median_ratio(runs, "reap", lambda r: r["plain"]["cpu_s"]),
     }
 
@@ -235,10 +250,21 @@ def markdown(report: dict) -> str:
                      f"| baseline: streamed plain walk, CPU s | {cells(runs, 'plain_before')} |",
                      f"| ... of which system CPU s | {cells(runs, 'plain_before', 'sys_s')} |"] if a.get("baseline") else []),
                   f"| in-memory transformers forward (decoder stack), CPU s | {cells(runs, 'memory')} |",
+                  *([f"| streamed plain walk, wall s | {cells(runs, 'plain', 'wall_s')} |",
+                     *([f"| baseline: streamed plain walk, wall s | {cells(runs, 'plain_before', 'wall_s')} |"] if a.get("baseline") else []),
+                     f"| in-memory transformers forward, wall s | {cells(runs, 'memory', 'wall_s')} |"] if "plain_over_memory_wall" in a else []),
+                  *([f"| streamed plain walk from a cold page cache, wall s | {cells(runs, 'coldplain', 'wall_s')} |",
+                     *([f"| baseline: the same, wall s | {cells(runs, 'coldplain_before', 'wall_s')} |"] if a.get("baseline") else [])]
+                    if "coldplain_over_memory_wall" in a else []),
                   f"| cold read of the weight files, wall s | {cells(runs, 'read', 'wall_s')} |", "",
                   f"* REAP calibration / (read + in-memory forward): **{a['reap_over_read_plus_memory']}** (target <= 1.3)",
                   f"* plain streamed walk / in-memory forward: **{a['plain_over_memory']}** (target <= 1.15)",
                   f"* REAP calibration / plain streamed walk: {a['reap_over_plain']}",
+                  *([f"* wall time, plain streamed walk / in-memory forward: {a['plain_over_memory_wall']}"
+                     + (f" (baseline {a['plain_before_over_memory_wall']})" if a.get("baseline") else "")] if "plain_over_memory_wall" in a else []),
+                  *([f"* wall time, plain streamed walk from a cold page cache / in-memory forward (warm): {a['coldplain_over_memory_wall']}"
+                     + (f"; / the baseline's cold walk: {a['coldplain_over_before_wall']}" if "coldplain_over_before_wall" in a else "")]
+                    if "coldplain_over_memory_wall" in a else []),
                   *([f"* baseline: plain walk / in-memory forward {a['plain_before_over_memory']}, "
                      f"REAP / (read + in-memory forward) {a['reap_before_over_read_plus_memory']}"] if a.get("baseline") else []), ""]
         lines = [line for line in lines if line is not None]
@@ -283,6 +309,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/work/scratch-speed"))
     parser.add_argument("--baseline", type=Path, help="a copy of an earlier tree (with src/): part (a) also measures its walks, interleaved")
+    parser.add_argument("--cold", action="store_true", help="part (a) also times the plain walk with the checkpoint evicted from the page cache (wall)")
     args = parser.parse_args()
     out = RESULTS / "speed.json"
     report: dict = {"commands": ["python bench/speed.py " + " ".join(sys.argv[1:])], "threads": args.threads,
@@ -308,7 +335,7 @@ def main() -> None:
         save()
     if "a" in parts:
         for layers in (int(n) for n in args.layers.split(",")):
-            report[f"a_{layers}"] = part_a(args.workdir, layers, args.rounds, args.threads, args.baseline)
+            report[f"a_{layers}"] = part_a(args.workdir, layers, args.rounds, args.threads, args.baseline, args.cold)
             save()
 
 

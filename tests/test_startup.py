@@ -1,5 +1,6 @@
 """Commands that only print what the code says about itself answer without importing torch:
-`families` and `methods` read back the table they built once (`remembered`)."""
+`families` and `methods` read back the table they built once (`remembered`), `inspect` reads
+config.json and the shard headers with its family's key layout (`source.key_layout`)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,15 @@ def test_the_key_follows_the_code(monkeypatch, tmp_path):
     assert remembered.code_key() == before
     (tmp_path / "arch" / "families.py").write_text("REFUSED = {'x': 'an edited refusal'}\n")
     assert remembered.code_key()["code"] != before["code"]
+
+
+def test_inspect_answers_from_the_headers_without_torch_once_the_family_is_learned(tmp_path):
+    first = _cli(tmp_path, "inspect", "ref-mixtral", "--json")
+    assert first.returncode != 0 and "heavy import" in first.stderr  # the family's first checkpoint: the modelling code
+    again = _cli(tmp_path, "inspect", "ref-mixtral", "--json")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout and json.loads(again.stdout)["size"]["total"] == 12_791_232
+    assert _cli(tmp_path, "inspect", "ref-mixtral").returncode == 0
 
 
 def test_a_model_that_cannot_be_found_is_answered_without_torch(tmp_path):

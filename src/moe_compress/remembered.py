@@ -59,12 +59,26 @@ def _write(path: Path, key: dict[str, str], rows: Rows) -> None:
         warn(f"could not store the {path.parent.name} table under {path.parent} ({exc.strerror or exc}); it is rebuilt next time.")
 
 
+def _path(name: str, key: dict[str, str]) -> Path:
+    return cache_root() / name / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+
+
+def recall(name: str) -> Rows | None:
+    """The rows kept under `name` for this code and transformers, or None (nothing is built)."""
+    key = code_key()
+    return _read(_path(name, key), key)
+
+
+def remember(name: str, rows: Rows) -> None:
+    """Keep `rows` under `name` for this code and transformers (a warning, not an error, where it cannot)."""
+    key = code_key()
+    _write(_path(name, key), key, rows)
+
+
 def remembered(name: str, build: Callable[[], Rows], refresh: bool = False) -> Rows:
     """The rows `build` returns for this code and transformers: read back if stored, else built and stored."""
-    key = code_key()
-    path = cache_root() / name / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
-    rows = None if refresh else _read(path, key)
+    rows = None if refresh else recall(name)
     if rows is None:
         rows = build()
-        _write(path, key, rows)
+        remember(name, rows)
     return rows

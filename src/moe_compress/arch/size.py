@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedModel
 
 from .adapter import MoEAdapter
+from .parts import ModelSize, layer_row, report
 from ..runtime import ConstantRouter
-
-
-@dataclass
-class ModelSize:
-    attention: int = 0
-    routed_experts: int = 0
-    shared_experts: int = 0
-    router: int = 0
-    other: int = 0  # embeddings, norms, dense MLPs, output head
-    active_per_token: int = 0
-    bytes: int = 0
-    experts_per_layer: dict[int, int] = field(default_factory=dict)
-    top_k: int = 0
-    num_layers: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.attention + self.routed_experts + self.shared_experts + self.router + self.other
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total}
 
 
 def _unique_params(module: nn.Module, seen: set[int]) -> list[nn.Parameter]:
@@ -86,5 +65,5 @@ def structure_report(name: str, model: PreTrainedModel, adapter: MoEAdapter) -> 
     for index, layer in enumerate(adapter.decoder_layers(model)):
         block = adapter.moe_block(layer)
         shared = len(adapter.shared_experts(block)) if block is not None else 0
-        rows.append({"layer": index, "kind": "moe" if block is not None else "dense", "experts": size.experts_per_layer.get(index, 0), "shared_modules": shared})
-    return {"model": name, "model_type": adapter.model_type, "top_k": size.top_k, "dtype": str(model.dtype), "layers": rows, "size": size.to_dict()}
+        rows.append(layer_row(index, block is not None, size.experts_per_layer.get(index, 0), shared))
+    return report(name, adapter.model_type, str(model.dtype), rows, size)

@@ -36,7 +36,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import warn
-from ..source.checkpoint import INDEX_FILE
+from ..source.headers import INDEX_FILE
 from .rewrite import rewrite_text
 
 PROVENANCE_FILE = "moe_compress_provenance.json"

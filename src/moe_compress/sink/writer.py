@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..source.checkpoint import INDEX_FILE, SINGLE_FILE
+from ..source.headers import INDEX_FILE, SINGLE_FILE
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
