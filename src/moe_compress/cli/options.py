@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from ..evaluate.protocol import DEFAULT_PROTOCOL
 from ..loading import LoadSettings
 from ..stage_command import CalibrationSettings, EvalSettings, GuardSettings
-from .common import app, user_errors
+from .common import app, show, user_errors
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify-checksums", help="Before loading, hash every file of the checkpoint and compare it with the sha256 (git sha1 for small files) its Hugging Face cache snapshot records: its blob's name. A damaged file is refused, naming it. Only a Hub cache snapshot records hashes: a plain directory (save_pretrained or moe-compress outputs, files copied out of the cache) or a Hub id is refused with this option. Without it, only the safetensors headers and finite weights are checked.")]
@@ -152,3 +152,45 @@ def command(name: str | None = None, exclude: tuple[str, ...] = (), **defaults: 
     """Register a command on `app` (named `name`, default its function's): user errors as one line, and its
     bundles spread into options (`bundled` with `exclude` and `defaults`)."""
     return lambda function: app.command(name)(user_errors(bundled(function, exclude, defaults)))
+
+
+#: What a stage command may share, as (annotation, default), in --help order after MODEL, --out and the stage's options.
+_SHARED = {"calibration": (Calibration, Calibration()), "evaluation": (Evaluation, Evaluation()), "guard": (Guard, Guard()),
+           "plan_out": (PlanOutOpt, None), "overwrite": (OverwriteOpt, False), "cache_dir": (CacheDirOpt, None),
+           "load": (Loading, Loading()), "dry_run": (DryRunOpt, False)}
+#: What every stage command but finetune shares.
+STAGE_PARTS = ("calibration", "guard", "overwrite", "load", "dry_run")
+
+
+def stage_command(declared: type[BaseModel], name: str | None = None, *, out: object = OutOpt, flags: dict[str, str] | None = None,
+                  omit: tuple[str, ...] = (), parts: tuple[str, ...] = STAGE_PARTS, exclude: tuple[str, ...] = (),
+                  **defaults: object) -> Callable[[Callable], Callable]:
+    """Register a stage command (`command`'s `name`, `exclude`, `defaults`) whose function declares only what is its own.
+    The command offers MODEL, --out (`out`: its annotation), the stage's options (`stage_options(declared, omit, flags)`),
+    the function's own options and the shared `parts` (of `_SHARED`). The function takes its own options and, by name, the
+    shared values it reads (`given`: the stage's options); it returns the stage, or the stage and the `run_stage` arguments
+    it sets itself; the command runs it (`stage_command.run_stage`) and prints the report."""
+    given = stage_options(declared, omit, flags)
+    def parameter(name: str, annotation: object, *default: object) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=next(iter(default), inspect.Parameter.empty))
+
+    def register(function: Callable) -> Callable:
+        reads = inspect.signature(function).parameters
+        head = [parameter("model", ModelArg), parameter("out", out), parameter("given", given, given())]
+        own = [p for n, p in reads.items() if n not in _SHARED and n != "given"]
+        shared = [parameter(n, *_SHARED[n]) for n in _SHARED if n in parts]
+
+        @wraps(function)
+        def run(model: str, **values: object) -> None:
+            from ..stage_command import run_stage
+
+            made = function(**{n: values[n] for n in reads})
+            stage, arguments = made if isinstance(made, tuple) else (made, {})
+            if "calib" not in arguments:
+                arguments["calib"] = values["calibration"].spec() if "calibration" in parts else None
+            show(run_stage(stage, model, values["out"], **{**{n: values[n] for n in parts if n != "calibration"}, **arguments}))
+
+        run.__signature__ = inspect.Signature(head + own + shared)
+        return command(name, exclude, **defaults)(run)
+
+    return register
