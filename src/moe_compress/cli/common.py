@@ -13,7 +13,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .. import progress
-from ..errors import MoECompressError, parameter_names, user_os_error
+from ..errors import MoECompressError, parameter_names, user_message
 from ..inputs import check_arguments
 
 console = progress.messages  # stderr: progress, notes, warnings, errors; one error line stays one line when piped
@@ -75,14 +75,8 @@ _PLAIN_NAME = re.compile(r"[a-z][a-z0-9_]*")
 #: Library parameters whose name is not the Python name of the command's option, with the names
 #: they may go by (the first the command has wins): the evaluation protocol is `--eval-windows` /
 #: `--eval-seq-len` beside a calibration `--seq-len`, and `eval`'s own `--max-windows` / `--seq-len`.
-_OPTION_NAMES = {
-    "protocol.windows": ("eval_windows", "max_windows"),
-    "protocol.seq_len": ("eval_seq_len", "seq_len"),
-    "sources": ("ppl",),  # evaluate.Evaluation's perplexity texts: `eval --ppl`
-    "n": ("drop",),  # Drop(n=...): `drop --drop N`
-    "similarity_layers": ("similarity_layer",),  # `analyze --similarity-layer`, repeatable
-    "allow_unreached": ("allow_unreached_experts",),  # the guard's `allow_unreached`: `--allow-unreached-experts`
-}
+#: Every other option is named as the library's parameter (`similarity_layers`: `--similarity-layer`).
+_OPTION_NAMES = {"protocol.windows": ("eval_windows", "max_windows"), "protocol.seq_len": ("eval_seq_len", "seq_len")}
 
 
 def flag_of(parameter: str) -> str:
@@ -117,11 +111,8 @@ def _reported(command: Callable, arguments: dict):
 
         with output_locks():
             return command(**arguments)
-    except MoECompressError as exc:
-        error_line(str(exc))
-        raise typer.Exit(2) from None
-    except OSError as exc:
-        line = user_os_error(exc)
+    except (MoECompressError, OSError) as exc:
+        line = user_message(exc)
         if line is None:
             raise
         error_line(line)

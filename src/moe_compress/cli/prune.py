@@ -22,7 +22,6 @@ _SWITCHES = {"--protect-super-experts": "--protect-super-experts/--no-protect-su
 OldFlags = make_dataclass("OldFlags", [
     (flag[2:].replace("-", "_"), Annotated[kind | None, typer.Option(_SWITCHES.get(flag, flag), hidden=True)], None) for flag, (_, kind) in OLD_FLAGS.items()
 ], bases=(Bundle,), frozen=True)
-Out = Annotated[Path, typer.Option(help="Directory to write the pruned checkpoint to (written atomically).")]
 
 
 def method_options(method: str, pairs: list[str], old) -> dict:
@@ -34,7 +33,8 @@ def method_options(method: str, pairs: list[str], old) -> dict:
     return read_options(method, given, pairs)
 
 
-@stage_command(PruneOptions, out=Out, omit=("keep", "options"), parts=(*STAGE_PARTS, "plan_out", "evaluation", "cache_dir"), samples=128)
+@stage_command(PruneOptions, out="Directory to write the pruned checkpoint to (written atomically).", omit=("keep", "options"),
+               parts=(*STAGE_PARTS, "plan_out", "evaluation", "cache_dir"), samples=128)
 def prune(
     given,
     option: Annotated[list[str] | None, typer.Option("--option", help=(

@@ -1,6 +1,5 @@
 """`moe-compress quantize`: 4- or 8-bit weights in a compressed-tensors checkpoint."""
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -8,10 +7,9 @@ import typer
 from ..stages.options import QuantizeOptions
 from .options import stage_command
 
-Out = Annotated[Path, typer.Option(help="Directory to write the quantised checkpoint to (compressed-tensors pack-quantized; written atomically).")]
 
-
-@stage_command(QuantizeOptions, out=Out, omit=("symmetric", "expert_bits"), exclude=("text_field", "max_activation_memory", "offload_dir"))
+@stage_command(QuantizeOptions, out="Directory to write the quantised checkpoint to (compressed-tensors pack-quantized; written atomically).",
+               omit=("symmetric", "expert_bits"), exclude=("text_field", "max_activation_memory", "offload_dir"))
 def quantize(
     given,
     calibration,

@@ -1,17 +1,11 @@
 """`moe-compress slim`: weight sparsity inside the experts (Wanda, SparseGPT, magnitude)."""
 
-from pathlib import Path
-from typing import Annotated
-
-import typer
-
 from ..stages.options import SlimOptions
 from .options import STAGE_PARTS, stage_command
 
-Out = Annotated[Path, typer.Option(help="Directory to write the sparsified checkpoint to (written atomically; same shapes, zeros where weights were removed).")]
 
-
-@stage_command(SlimOptions, out=Out, parts=(*STAGE_PARTS, "evaluation"))
+@stage_command(SlimOptions, out="Directory to write the sparsified checkpoint to (written atomically; same shapes, zeros where weights were removed).",
+               parts=(*STAGE_PARTS, "evaluation"))
 def slim(given):
     """Zero weights inside the experts with Wanda, SparseGPT or magnitude pruning (unstructured or N:M) and save the result."""
     return given.stage()
