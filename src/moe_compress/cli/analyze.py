@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from .common import say
+from ..progress import say
 from .options import CacheDirOpt, Calibration, IgnorePlanIdentityOpt, Loading, ModelArg, command
 
 

@@ -9,7 +9,7 @@ import typer
 
 from ..evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
 from ..inputs import writable_file
-from .common import show
+from ..progress import show
 from .options import Loading, ModelArg, command
 
 
@@ -56,7 +56,6 @@ def evaluate(
     load.check(model, compare)
     with load.session():
         report = evaluate_models(request)
-    table, notes = eval_table(report)
-    show([table, *notes, request.protocol.describe() if report["settings"]["ppl"] else ""])
+    show(eval_table(report, request.protocol))
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")

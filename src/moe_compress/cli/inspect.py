@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .common import out_console, show
+from ..progress import results, show
 from .options import Loading, ModelArg, command
 
 
@@ -29,6 +29,6 @@ def inspect(
     loaded, _, _ = load.open(model, "cpu", streaming=Path(resolve_model(model)).is_dir())
     report = structure_report(model, loaded, get_adapter(loaded))
     if as_json:
-        out_console.print_json(json.dumps(report, default=str))
+        results.print_json(json.dumps(report, default=str))
         return
     show(structure_tables(report))

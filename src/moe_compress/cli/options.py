@@ -17,7 +17,8 @@ from pydantic import BaseModel
 
 from ..loading import LoadSettings
 from ..stage_command import CalibrationSettings, EvalSettings, GuardSettings
-from .common import app, show, user_errors
+from ..progress import show
+from .common import app, user_errors
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
 CacheDirOpt = Annotated[Path | None, typer.Option(help="Where calibration statistics are cached. Default: $MOE_COMPRESS_CACHE/stats if that variable is set, else ~/.cache/moe_compress/stats.")]
@@ -29,7 +30,6 @@ IgnorePlanIdentityOpt = Annotated[bool, typer.Option(
 )]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Check every input, print what would be done (the plan itself with --plan-in) and exit: no calibration, nothing written.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")]
-PlanOutOpt = Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")]
 
 
 class Bundle:
@@ -158,7 +158,7 @@ def command(name: str | None = None, exclude: tuple[str, ...] = (), **defaults: 
 
 #: What a stage command may share, as (annotation, default), in --help order after MODEL, --out and the stage's options.
 _SHARED = {"calibration": (Calibration, Calibration()), "evaluation": (Evaluation, Evaluation()), "guard": (Guard, Guard()),
-           "plan_out": (PlanOutOpt, None), "overwrite": (OverwriteOpt, False), "cache_dir": (CacheDirOpt, None),
+           "plan_out": (Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")], None), "overwrite": (OverwriteOpt, False), "cache_dir": (CacheDirOpt, None),
            "load": (Loading, Loading()), "dry_run": (DryRunOpt, False)}
 #: What every stage command but finetune shares.
 STAGE_PARTS = ("calibration", "guard", "overwrite", "load", "dry_run")
