@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data.batches import CalibrationSpec
-from .errors import OptionError
+from .errors import MoECompressError, OptionError, param, require_positive
+from .loading import LoadSettings
 from .plan import Plan
 
 
@@ -31,6 +32,36 @@ class AnalysisSettings:
     similarity_layers: list[int] = field(default_factory=list)
     report: bool = False
     cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        """Every value is checked when the settings are made, before any model is loaded (the calibration's last)."""
+        require_positive(clusters=self.clusters, probe_tokens=self.probe_tokens)
+        if self.normalize not in ("none", "layer"):
+            raise OptionError("normalize", f"must be none or layer; got {self.normalize!r}.")
+        if self.method is not None:
+            from .methods import get_method
+            from .methods.budget import check_ratio
+
+            get_method(self.method)
+            check_ratio(self.ratio)
+        self.calibration.validate()
+
+
+def analyze_checkpoint(model: str, settings: AnalysisSettings, load: LoadSettings = LoadSettings(), plan: Path | None = None,
+                       ignore_plan_identity: bool = False) -> list[Path]:
+    """Open `model` as `load` says and `analyze` it, marking the experts `plan` (a plan JSON) or `settings.method` removes;
+    the paths, the device and the plan are checked before the model is read. Returns the files written."""
+    from .inputs import directory_option
+
+    if plan is not None and settings.method is not None:
+        raise MoECompressError(f"give {param('plan')} or {param('method')}, not both.")
+    directory_option(settings.out, "out")
+    directory_option(settings.cache_dir)
+    load.check(model)
+    given = Plan.load(plan) if plan is not None else None
+    with load.session(load.device) as device:
+        loaded, tokenizer, weights = load.open(model, device)
+        return analyze(model, loaded, tokenizer, weights, settings, given, ignore_plan_identity, device)
 
 
 def analyze(name: str, model, tokenizer, weights, settings: AnalysisSettings, plan: Plan | None = None,

@@ -91,8 +91,18 @@ def warn(message: str) -> None:
     print(f"warning: {named(message)}", file=sys.stderr, flush=True)
 
 
-def user_os_error(exc: OSError) -> str | None:
-    """One line for an OS error the user can fix (no space, a read-only or missing path); None for any other (a bug)."""
-    if exc.errno not in _USER_OS_ERRORS:
+def require_positive(**options: int | None) -> None:
+    """Each given option (None: not given) must be an integer >= 1."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise OptionError(name, f"must be a positive integer; got {value}.")
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one line for an error the user caused: a `MoECompressError`'s message, or for an OS error the user can fix
+    (no space, a read-only or missing path) what happened to which path; None for any other error (a bug)."""
+    if isinstance(exc, MoECompressError):
+        return str(exc)
+    if not isinstance(exc, OSError) or exc.errno not in _USER_OS_ERRORS:
         return None
     return f"{exc.strerror}: {exc.filename or ''}".rstrip(": ") + "; check the path, its permissions and free space."

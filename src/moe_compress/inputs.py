@@ -1,4 +1,4 @@
-"""Checks of values a user gives that need no model: counts, and paths written at the end of a run.
+"""Checks of values a user gives that need no model: the arguments of every command, and paths written at the end of a run.
 
 They run before anything is loaded, so a mistake costs a second, not a calibration. Importing
 this costs nothing (no torch).
@@ -24,13 +24,6 @@ def check_arguments(arguments: dict[str, object]) -> None:
         from .finite import require_finite_numbers
 
         require_finite_numbers((param(name), value) for name, value in arguments.items())
-
-
-def require_positive(**options: int | None) -> None:
-    """Each given option (None: not given) must be an integer >= 1."""
-    for name, value in options.items():
-        if value is not None and value < 1:
-            raise OptionError(name, f"must be a positive integer; got {value}.")
 
 
 def writable_file(path: Path | None, parameter: str) -> None:

@@ -65,6 +65,17 @@ def set_verbosity(level: Verbosity | None) -> Verbosity | None:
     return previous
 
 
+@contextmanager
+def verbosity_set(level: Verbosity | None) -> Iterator[None]:
+    """The block at `level` (None: as it is), the previous setting restored after it."""
+    previous = set_verbosity(level) if level else None
+    try:
+        yield
+    finally:
+        if level:
+            set_verbosity(previous)
+
+
 #: The command line's verbosity flags, accepted before or after the command name.
 VERBOSITY_FLAGS: dict[str, Verbosity] = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose"}
 

@@ -199,6 +199,14 @@ def describe_recipe(recipe: str | Path | dict, out: str | Path | None = None, ov
 
 
 @releases_outputs
+def report_blocks(report: dict) -> list[str]:
+    """What `moe-compress run` prints after `run_recipe`: every stage's measurements, then where the output was saved."""
+    from .report.compression import saved_lines
+    from .text.composition import stage_report_markdown
+
+    return [stage_report_markdown(report).rstrip(), *saved_lines(Path(report["out"]))]
+
+
 def run_recipe(recipe: str | Path | dict, out: str | Path | None = None, overwrite: bool = False) -> dict:
     """Run every stage in order; returns the report (also written under `out`)."""
     data = load_recipe(recipe)

@@ -69,19 +69,19 @@ class GuardSettings:
 
     guard_min_top1: float | None = None
     no_guard: bool = False
-    allow_unreached_experts: bool = False
+    allow_unreached: bool = False
 
     def request(self, stage: str, text: Any) -> GuardRequest | None:
         """The guard for `stage`, reading `text`'s held-out windows (None with no_guard)."""
         from .single import GuardRequest
 
-        return None if self.no_guard else GuardRequest(stage, text, self.guard_min_top1, self.allow_unreached_experts)
+        return None if self.no_guard else GuardRequest(stage, text, self.guard_min_top1, self.allow_unreached)
 
 
 def build_stage(kind: str, options: dict[str, Any], planned: bool = False) -> Stage:
     """The stage of `kind` from the options a command was given (those that differ from the defaults, so its
     `describe()` leaves the defaults unsaid), each value checked first; `planned`: a saved plan decides."""
-    from .inputs import require_positive
+    from .errors import require_positive
     from .stages.registry import stage_class
 
     kind_class = stage_class(kind)
@@ -104,7 +104,7 @@ def run_stage(
     from .inputs import directory_option, writable_file
 
     protocol = evaluation.protocol()
-    writable_file(plan_out, "--plan-out")
+    writable_file(plan_out, "plan_out")
     directory_option(cache_dir)
     load.check(model)
     if dry_run:

@@ -11,11 +11,12 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from .common import app, out_console
+from ..progress import results, say
+from .common import app
 
 def _print_version(value: bool) -> None:
     if value:
-        out_console.print(f"moe-compress {__version__}", markup=False, highlight=False)
+        say(f"moe-compress {__version__}")
         raise typer.Exit()
 
 
@@ -36,5 +37,5 @@ def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all
         os.environ["MOE_COMPRESS_QUIET"] = "1"
-        out_console.quiet = True
+        results.quiet = True
     sys.exit(app())

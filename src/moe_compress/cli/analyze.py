@@ -5,9 +5,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import MoECompressError
-from ..inputs import directory_option, require_positive
-from .common import say
+from ..progress import say
 from .options import CacheDirOpt, Calibration, IgnorePlanIdentityOpt, Loading, ModelArg, command
 
 
@@ -24,7 +22,7 @@ def analyze(
     method: Annotated[str | None, typer.Option(help="Instead of --plan: mark the experts this method would remove at --ratio / --budget, planned from the same statistics (written to plan.json, for prune --plan-in).")] = None,
     ratio: Annotated[float, typer.Option(help="With --method: fraction of routed experts to remove, in [0, 1).")] = 0.25,
     budget: Annotated[str, typer.Option(help="With --method: layer or global.")] = "layer",
-    similarity_layer: Annotated[list[int] | None, typer.Option(help="MoE layer whose expert-similarity matrix to plot; repeatable (default: the most redundant layer).")] = None,
+    similarity_layers: Annotated[list[int] | None, typer.Option("--similarity-layer", help="MoE layer whose expert-similarity matrix to plot; repeatable (default: the most redundant layer).")] = None,
     report: Annotated[bool, typer.Option("--report", help="Also write report.html: every plot and table on one self-contained page.")] = False,
     cache_dir: CacheDirOpt = None,
     load: Loading = Loading(),
@@ -32,26 +30,9 @@ def analyze(
     """Show where the redundancy is: per-layer, per-expert statistics (frequency, gate mass, output
     variance, REAP, cluster) as JSON/CSV, heatmaps and expert-similarity plots, optionally with
     the experts a plan would remove marked, and --report for one HTML page with all of it."""
-    from ..analyze import AnalysisSettings
-    from ..analyze import analyze as analyze_model
-    from ..methods import get_method
-    from ..methods.budget import check_ratio
-    from ..plan import Plan
+    from ..analyze import AnalysisSettings, analyze_checkpoint
 
-    require_positive(clusters=clusters, probe_tokens=probe_tokens)
-    if normalize not in ("none", "layer"):
-        raise MoECompressError(f"--normalize must be none or layer; got {normalize!r}.")
-    if plan is not None and method is not None:
-        raise MoECompressError("give --plan or --method, not both.")
-    if method is not None:
-        get_method(method)
-        check_ratio(ratio)
-    settings = AnalysisSettings(out, calibration.spec(), probe_tokens, clusters, normalize, method, ratio, budget, similarity_layer or [], report, cache_dir)
-    directory_option(out, "--out")
-    directory_option(cache_dir)
-    load.check(model)
-    given = Plan.load(plan) if plan is not None else None
-    with load.session(load.device) as device:
-        loaded, tokenizer, weights = load.open(model, device)
-        written = analyze_model(model, loaded, tokenizer, weights, settings, given, ignore_plan_identity, device)
+    settings = AnalysisSettings(out, calibration.spec(validate=False), probe_tokens, clusters, normalize, method, ratio, budget, similarity_layers or [],
+                                report, cache_dir)
+    written = analyze_checkpoint(model, settings, load, plan, ignore_plan_identity)
     say(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))

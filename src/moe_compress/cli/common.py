@@ -1,6 +1,5 @@
 """What every command shares: user errors as one line and exit 2 (the library's parameters named by the
-command's flags), the verbosity flags anywhere on the line, and printing the blocks (tables, result
-lines) the library returns."""
+command's flags), and the verbosity flags anywhere on the line."""
 
 import re
 import sys
@@ -13,15 +12,12 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .. import progress
-from ..errors import MoECompressError, parameter_names, user_os_error
+from ..errors import MoECompressError, parameter_names, user_message
 from ..inputs import check_arguments
 
-console = progress.messages  # stderr: progress, notes, warnings, errors; one error line stays one line when piped
-out_console = progress.results  # stdout: results; never wrapped when not a terminal
-say = progress.say
-show = progress.show
 #: The command being run (its options name the library's parameters in messages: `flag_of`).
 _running: ContextVar[object | None] = ContextVar("running_command", default=None)
+
 
 class _OneLineUsageErrors(TyperGroup):
     """A bad option value or a missing argument is a user error like any other: one
@@ -35,20 +31,17 @@ class _OneLineUsageErrors(TyperGroup):
         no_arguments = not args  # shows the help, as no_args_is_help says
         if not standalone_mode or no_arguments:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        previous = progress.set_verbosity(level) if level else None
-        try:
-            with progress.libraries_quiet(), recording(["moe-compress", *args]):
-                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except typer.TyperException as exc:  # typer's click: bad values, unknown options, missing arguments
-            where = getattr(exc, "ctx", None)
-            error_line(exc.format_message().rstrip(".") + (f"; see `{where.command_path} --help`." if where else "."))
-            sys.exit(2)
-        except typer.Abort:
-            error_line("aborted.")
-            sys.exit(1)
-        finally:
-            if level:
-                progress.set_verbosity(previous)
+        with progress.verbosity_set(level):
+            try:
+                with progress.libraries_quiet(), recording(["moe-compress", *args]):
+                    result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except typer.TyperException as exc:  # typer's click: bad values, unknown options, missing arguments
+                where = getattr(exc, "ctx", None)
+                error_line(exc.format_message().rstrip(".") + (f"; see `{where.command_path} --help`." if where else "."))
+                sys.exit(2)
+            except typer.Abort:
+                error_line("aborted.")
+                sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 
     def resolve_command(self, ctx, args):
@@ -57,8 +50,7 @@ class _OneLineUsageErrors(TyperGroup):
         return name, command, rest
 
 
-app = typer.Typer(
-    help="Compress Mixture-of-Experts language models and save checkpoints that load anywhere.",
+app = typer.Typer(  # its help: the docstring of the main options' callback (`cli/__init__.py`)
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -67,7 +59,8 @@ app = typer.Typer(
 
 
 def error_line(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    """One `error:` line on stderr (`progress.messages`: it stays one line when piped)."""
+    progress.messages.print(f"[bold red]error:[/] {escape(message)}")
 
 
 #: A parameter name that reads as a flag where the command has no option of that name.
@@ -75,14 +68,8 @@ _PLAIN_NAME = re.compile(r"[a-z][a-z0-9_]*")
 #: Library parameters whose name is not the Python name of the command's option, with the names
 #: they may go by (the first the command has wins): the evaluation protocol is `--eval-windows` /
 #: `--eval-seq-len` beside a calibration `--seq-len`, and `eval`'s own `--max-windows` / `--seq-len`.
-_OPTION_NAMES = {
-    "protocol.windows": ("eval_windows", "max_windows"),
-    "protocol.seq_len": ("eval_seq_len", "seq_len"),
-    "sources": ("ppl",),  # evaluate.Evaluation's perplexity texts: `eval --ppl`
-    "n": ("drop",),  # Drop(n=...): `drop --drop N`
-    "similarity_layers": ("similarity_layer",),  # `analyze --similarity-layer`, repeatable
-    "allow_unreached": ("allow_unreached_experts",),  # the guard's `allow_unreached`: `--allow-unreached-experts`
-}
+#: Every other option is named as the library's parameter (`similarity_layers`: `--similarity-layer`).
+_OPTION_NAMES = {"protocol.windows": ("eval_windows", "max_windows"), "protocol.seq_len": ("eval_seq_len", "seq_len")}
 
 
 def flag_of(parameter: str) -> str:
@@ -104,25 +91,18 @@ def user_errors(command: Callable) -> Callable:
     parameters by this command's flags."""
     @wraps(command)
     def wrapper(**arguments):
-        with parameter_names(flag_of):
-            return _reported(command, arguments)
-
-    return wrapper
-
-
-def _reported(command: Callable, arguments: dict):
-    try:
-        check_arguments(arguments)
         from ..sink.output_lock import output_locks
 
-        with output_locks():
-            return command(**arguments)
-    except MoECompressError as exc:
-        error_line(str(exc))
-        raise typer.Exit(2) from None
-    except OSError as exc:
-        line = user_os_error(exc)
-        if line is None:
-            raise
-        error_line(line)
-        raise typer.Exit(2) from None
+        with parameter_names(flag_of):
+            try:
+                check_arguments(arguments)
+                with output_locks():
+                    return command(**arguments)
+            except (MoECompressError, OSError) as exc:
+                line = user_message(exc)
+                if line is None:
+                    raise
+                error_line(line)
+                raise typer.Exit(2) from None
+
+    return wrapper

@@ -8,15 +8,15 @@ from typing import Annotated
 import typer
 
 from ..evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
-from ..inputs import require_positive, writable_file
-from .common import show
+from ..inputs import writable_file
+from ..progress import show
 from .options import Loading, ModelArg, command
 
 
 @command("eval")
 def evaluate(
     model: ModelArg,
-    ppl: Annotated[list[str] | None, typer.Option(help="Text to measure perplexity on; repeatable. 'bundled' gives one result per bundled domain (test split).")] = None,
+    sources: Annotated[list[str] | None, typer.Option("--ppl", help="Text to measure perplexity on; repeatable. 'bundled' gives one result per bundled domain (test split).")] = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated lm-evaluation-harness tasks or groups: 'moec' (our offline multiple-choice tasks on the bundled test split), its tasks, or any lm-eval task (those need the Hub).")] = None,
     limit: Annotated[int | None, typer.Option(help="Score at most this many questions per task (the first ones).")] = None,
     speed: Annotated[bool | None, typer.Option("--speed/--no-speed", help="Measure prefill and decode throughput (tokens/s, greedy, KV cache). Default: on with --compare, off otherwise.")] = None,
@@ -48,18 +48,14 @@ def evaluate(
     from ..evaluate.speed import SpeedSettings
     from ..report.evaluation import eval_table
 
-    require_positive(seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, limit=limit, threads=load.threads)
-    writable_file(json_out, "--json")
-    load.check(model, compare)
-    settings = SpeedSettings(speed_batch, speed_prompt_len, speed_new_tokens, speed_repeats)
-    settings.validate()
-    protocol = EvalProtocol(max_windows, seq_len).validate(("--max-windows", "--seq-len"))
     timed = compare is not None if speed is None else speed
-    request = Evaluation(model, ppl or [], protocol, tasks, limit, batch_size, settings if timed else None, compare, load.dtype, load.device,
-                         load.mode(), load.trust_remote_code, load.threads)
+    settings = SpeedSettings(speed_batch, speed_prompt_len, speed_new_tokens, speed_repeats)
+    request = Evaluation(model, sources or [], EvalProtocol(max_windows, seq_len), tasks, limit, batch_size, settings if timed else None, compare,
+                         load.dtype, load.device, load.mode(), load.trust_remote_code, load.threads)
+    writable_file(json_out, "json_out")
+    load.check(model, compare)
     with load.session():
         report = evaluate_models(request)
-    table, notes = eval_table(report)
-    show([table, *notes, protocol.describe() if report["settings"]["ppl"] else ""])
+    show(eval_table(report, request.protocol))
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from .common import out_console
+from ..progress import results
 from .options import command
 
 
@@ -22,4 +22,4 @@ def families(
     if markdown:
         print(to_markdown(rows), end="")
         return
-    out_console.print(family_table(rows))
+    results.print(family_table(rows))

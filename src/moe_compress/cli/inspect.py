@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .common import out_console, show
+from ..progress import results, show
 from .options import Loading, ModelArg, command
 
 
@@ -29,7 +29,7 @@ def inspect(
     if report is None:
         report = _with_modelling_code(model, load)
     if as_json:
-        out_console.print_json(json.dumps(report, default=str))
+        results.print_json(json.dumps(report, default=str))
         return
     show(structure_tables(report))
 

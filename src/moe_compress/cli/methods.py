@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from .common import show
+from ..progress import show
 from .options import command
 
 

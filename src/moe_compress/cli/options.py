@@ -7,7 +7,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import field, fields, make_dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
@@ -15,14 +15,12 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel
 
-from ..evaluate.protocol import DEFAULT_PROTOCOL
 from ..loading import LoadSettings
 from ..stage_command import CalibrationSettings, EvalSettings, GuardSettings
+from ..progress import show
 from .common import app, user_errors
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory, bundled model name (ref-mixtral, ref-deepseek) or Hub id.")]
-VerifyOpt = Annotated[bool, typer.Option("--verify-checksums", help="Before loading, hash every file of the checkpoint and compare it with the sha256 (git sha1 for small files) its Hugging Face cache snapshot records: its blob's name. A damaged file is refused, naming it. Only a Hub cache snapshot records hashes: a plain directory (save_pretrained or moe-compress outputs, files copied out of the cache) or a Hub id is refused with this option. Without it, only the safetensors headers and finite weights are checked.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped inside the checkpoint (its auto_map). Off by default: only for checkpoints whose authors you trust. moe-compress's own outputs load without it.")]
 CacheDirOpt = Annotated[Path | None, typer.Option(help="Where calibration statistics are cached. Default: $MOE_COMPRESS_CACHE/stats if that variable is set, else ~/.cache/moe_compress/stats.")]
 IgnorePlanIdentityOpt = Annotated[bool, typer.Option(
     "--ignore-plan-identity",
@@ -31,59 +29,15 @@ IgnorePlanIdentityOpt = Annotated[bool, typer.Option(
          "with a warning; e.g. a plan made on a base model for its fine-tune. Layer, expert and routing counts are always checked.",
 )]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Check every input, print what would be done (the plan itself with --plan-in) and exit: no calibration, nothing written.")]
-OutOpt = Annotated[Path, typer.Option(help="Directory to write the result to (written atomically).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")]
-PlanOutOpt = Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")]
 
 
 class Bundle:
     """A dataclass of options that `bundled` spreads into a command's signature."""
 
 
-@dataclass(frozen=True)
-class Loading(LoadSettings, Bundle):
-    """How the model is read and where it computes: the library's settings, declared as options."""
-
-    dtype: Annotated[str, typer.Option(help="Weights dtype in memory: auto (as saved), float32, bfloat16 or float16.")] = "auto"
-    device: Annotated[str, typer.Option(help="Device for computation (cpu, cuda, cuda:1). Layers visit it one at a time while calibrating.")] = "cpu"
-    trust_remote_code: TrustOpt = False
-    verify_checksums: VerifyOpt = False
-    streaming: Annotated[str, typer.Option(help="auto: read the model layer by layer from its checkpoint unless 2.5 times its weights (what a whole load peaks at) fit in the free memory (RAM within the container's limit, or GPU memory with --device cuda), else load it whole; on: always stream; off: always load whole. Streaming gives the same results with one layer in memory.")] = "auto"
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.")] = None
-    max_activation_memory: Annotated[str | None, typer.Option(help="Keep at most this much calibration activation memory in RAM (e.g. 4GiB, 500MB; a plain number means GiB); the rest goes to files in --offload-dir. Default: no limit.")] = None
-    offload_dir: Annotated[Path | None, typer.Option(help="Directory for activations beyond --max-activation-memory (default: the system temp dir).")] = None
-
-
-@dataclass(frozen=True)
-class Calibration(CalibrationSettings, Bundle):
-    calib: Annotated[str, typer.Option(help="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")] = "bundled"
-    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 64
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256
-    seed: Annotated[int, typer.Option(help="Seed that picks the calibration sequences.")] = 0
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8
-    text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet/datasets.")] = "text"
-
-
-@dataclass(frozen=True)
-class Evaluation(EvalSettings, Bundle):
-    eval_ppl: Annotated[str | None, typer.Option("--eval", help="Measure perplexity on this text before and after (same forms as --calib; 'bundled': each bundled domain's test split), with the evaluation protocol of --eval-windows / --eval-seq-len.")] = None
-    eval_windows: Annotated[int, typer.Option("--eval-windows", help="Perplexity windows per text source for --eval (the evaluation protocol; see `moe-compress eval --help`).")] = DEFAULT_PROTOCOL.windows
-    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per perplexity window for --eval (independent of the calibration --seq-len).")] = DEFAULT_PROTOCOL.seq_len
-
-
-@dataclass(frozen=True)
-class Guard(GuardSettings, Bundle):
-    guard_min_top1: Annotated[float | None, typer.Option("--guard-min-top1", help=(
-        "The quality guard compares the saved output with the input on held-out calibration text and exits 2 (the output kept, its card "
-        "marked FAILED, the worst layer named) when top-1 agreement falls below this; default 0.9 after quantize, 0.25 after the others."))] = None
-    no_guard: Annotated[bool, typer.Option("--no-guard", help="Skip the quality guard (it reads the input and the output once more).")] = False
-    allow_unreached_experts: Annotated[bool, typer.Option("--allow-unreached-experts", help=(
-        "Pass the quality guard even when the stage recorded experts that no calibration token reached (and so treated them without data); "
-        "they are still named in the card."))] = False
-
-
 def _flag_type(annotation: object) -> object:
-    """The type a flag takes for a stage option: a choice of names is a string; of the forms a recipe also
+    """The type a flag takes for a declared option: a choice of names is a string; of the forms a recipe also
     takes (a list beside a comma-separated string, a bool beside a path) the one a command line writes."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     members = typing.get_args(annotation) if union else (annotation,)
@@ -93,28 +47,76 @@ def _flag_type(annotation: object) -> object:
     return chosen | None if type(None) in members else chosen
 
 
+def _bundle(name: str, declared: list[tuple[str, object, object, str]], flags: dict[str, str] | None, bases: tuple[type, ...] = (),
+            namespace: dict | None = None) -> type[Bundle]:
+    """A bundle of options declared elsewhere, each (name, type, default, help): a flag named after it (`flags` renames
+    one; a switch is --name, or --name/--no-name where it defaults to on), typed by `_flag_type`, its default a list's
+    written comma-separated."""
+    def option(field_name: str, annotation: object, default: object, help: str) -> tuple[str, object, object]:
+        flag = (flags or {}).get(field_name, "--" + field_name.replace("_", "-"))
+        kind = _flag_type(annotation)
+        decls = (flag if not default else f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+        default = ",".join(map(str, default)) if isinstance(default, list) else default
+        return field_name, Annotated[kind, typer.Option(*decls, help=help)], field(default=default)
+
+    return make_dataclass(name, [option(*one) for one in declared], bases=(*bases, Bundle), frozen=True, namespace=namespace or {})
+
+
+def settings_options(settings: type, flags: dict[str, str] | None = None, **helps: str) -> type[Bundle]:
+    """The library's `settings` (a dataclass) as a bundle of options: its fields' types and defaults, the help given here."""
+    hints = typing.get_type_hints(settings)
+    return _bundle(settings.__name__, [(f.name, hints[f.name], f.default, helps[f.name]) for f in fields(settings)], flags, (settings,))
+
+
+#: How the model is read and where it computes.
+Loading = settings_options(
+    LoadSettings,
+    dtype="Weights dtype in memory: auto (as saved), float32, bfloat16 or float16.",
+    device="Device for computation (cpu, cuda, cuda:1). Layers visit it one at a time while calibrating.",
+    trust_remote_code="Run Python code shipped inside the checkpoint (its auto_map). Off by default: only for checkpoints whose authors you trust. moe-compress's own outputs load without it.",
+    verify_checksums="Before loading, hash every file of the checkpoint and compare it with the sha256 (git sha1 for small files) its Hugging Face cache snapshot records: its blob's name. A damaged file is refused, naming it. Only a Hub cache snapshot records hashes: a plain directory (save_pretrained or moe-compress outputs, files copied out of the cache) or a Hub id is refused with this option. Without it, only the safetensors headers and finite weights are checked.",
+    streaming="auto: read the model layer by layer from its checkpoint unless 2.5 times its weights (what a whole load peaks at) fit in the free memory (RAM within the container's limit, or GPU memory with --device cuda), else load it whole; on: always stream; off: always load whole. Streaming gives the same results with one layer in memory.",
+    threads="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.",
+    max_activation_memory="Keep at most this much calibration activation memory in RAM (e.g. 4GiB, 500MB; a plain number means GiB); the rest goes to files in --offload-dir. Default: no limit.",
+    offload_dir="Directory for activations beyond --max-activation-memory (default: the system temp dir).",
+)
+Calibration = settings_options(
+    CalibrationSettings,
+    calib="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.",
+    samples="Number of calibration sequences.",
+    seq_len="Tokens per calibration sequence.",
+    seed="Seed that picks the calibration sequences.",
+    batch_size="Sequences per forward pass.",
+    text_field="Field/column holding the text in .jsonl/.parquet/datasets.",
+)
+Evaluation = settings_options(
+    EvalSettings, {"eval_ppl": "--eval"},
+    eval_ppl="Measure perplexity on this text before and after (same forms as --calib; 'bundled': each bundled domain's test split), with the evaluation protocol of --eval-windows / --eval-seq-len.",
+    eval_windows="Perplexity windows per text source for --eval (the evaluation protocol; see `moe-compress eval --help`).",
+    eval_seq_len="Tokens per perplexity window for --eval (independent of the calibration --seq-len).",
+)
+Guard = settings_options(
+    GuardSettings, {"allow_unreached": "--allow-unreached-experts"},
+    guard_min_top1="The quality guard compares the saved output with the input on held-out calibration text and exits 2 (the output kept, its card "
+                   "marked FAILED, the worst layer named) when top-1 agreement falls below this; default 0.9 after quantize, 0.25 after the others.",
+    no_guard="Skip the quality guard (it reads the input and the output once more).",
+    allow_unreached="Pass the quality guard even when the stage recorded experts that no calibration token reached (and so treated them without data); "
+                    "they are still named in the card.",
+)
+
+
 def stage_options(declared: type[BaseModel], exclude: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> type[Bundle]:
-    """A bundle of a stage's options as `stages.options` declares them (`PruneOptions` for the stage "prune"): each
-    field a flag named after it (`flags` renames one), typed by `_flag_type`, with its description as help and its
-    default (a list default written comma-separated). `exclude`: fields without a flag. Its `stage(planned, **extra)` builds
-    the stage (`stage_command.build_stage`: every value checked first, those that differ from the defaults given)."""
-    flags = flags or {}
-
-    def option(name: str, info) -> tuple[str, object, object]:
-        flag = flags.get(name, "--" + name.replace("_", "-"))
-        kind = _flag_type(info.annotation)
-        decls = (flag if not info.default else f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
-        default = ",".join(map(str, info.default)) if isinstance(info.default, list) else info.default
-        return name, Annotated[kind, typer.Option(*decls, help=info.description)], field(default=default)
-
+    """A bundle of a stage's options as `stages.options` declares them (`PruneOptions` for the stage "prune"), each with its
+    description as help (`_bundle`; `exclude`: fields without a flag). Its `stage(planned, **extra)` builds the stage
+    (`stage_command.build_stage`: every value checked first, those that differ from the defaults given)."""
     def stage(self, planned: bool = False, **extra: object):
         from ..stage_command import build_stage
 
         given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
         return build_stage(declared.__name__.removesuffix("Options").lower(), {**given, **extra}, planned)
 
-    options = [option(name, info) for name, info in declared.model_fields.items() if name not in exclude]
-    return make_dataclass(declared.__name__, options, bases=(Bundle,), frozen=True, namespace={"stage": stage})
+    options = [(name, info.annotation, info.default, info.description) for name, info in declared.model_fields.items() if name not in exclude]
+    return _bundle(declared.__name__, options, flags, namespace={"stage": stage})
 
 
 def bundled(command: Callable, exclude: tuple[str, ...] = (), defaults: dict[str, object] | None = None) -> Callable:
@@ -152,3 +154,45 @@ def command(name: str | None = None, exclude: tuple[str, ...] = (), **defaults: 
     """Register a command on `app` (named `name`, default its function's): user errors as one line, and its
     bundles spread into options (`bundled` with `exclude` and `defaults`)."""
     return lambda function: app.command(name)(user_errors(bundled(function, exclude, defaults)))
+
+
+#: What a stage command may share, as (annotation, default), in --help order after MODEL, --out and the stage's options.
+_SHARED = {"calibration": (Calibration, Calibration()), "evaluation": (Evaluation, Evaluation()), "guard": (Guard, Guard()),
+           "plan_out": (Annotated[Path | None, typer.Option(help="Also write the plan JSON here (it is always saved in --out).")], None), "overwrite": (OverwriteOpt, False), "cache_dir": (CacheDirOpt, None),
+           "load": (Loading, Loading()), "dry_run": (DryRunOpt, False)}
+#: What every stage command but finetune shares.
+STAGE_PARTS = ("calibration", "guard", "overwrite", "load", "dry_run")
+
+
+def stage_command(declared: type[BaseModel], name: str | None = None, *, out: str = "Directory to write the result to (written atomically).", flags: dict[str, str] | None = None,
+                  omit: tuple[str, ...] = (), parts: tuple[str, ...] = STAGE_PARTS, exclude: tuple[str, ...] = (),
+                  **defaults: object) -> Callable[[Callable], Callable]:
+    """Register a stage command (`command`'s `name`, `exclude`, `defaults`) whose function declares only what is its own.
+    The command offers MODEL, --out (`out`: its help), the stage's options (`stage_options(declared, omit, flags)`),
+    the function's own options and the shared `parts` (of `_SHARED`). The function takes its own options and, by name, the
+    shared values it reads (`given`: the stage's options); it returns the stage, or the stage and the `run_stage` arguments
+    it sets itself; the command runs it (`stage_command.run_stage`) and prints the report."""
+    given = stage_options(declared, omit, flags)
+    def parameter(name: str, annotation: object, *default: object) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=next(iter(default), inspect.Parameter.empty))
+
+    def register(function: Callable) -> Callable:
+        reads = inspect.signature(function).parameters
+        head = [parameter("model", ModelArg), parameter("out", Annotated[Path, typer.Option(help=out)]), parameter("given", given, given())]
+        own = [p for n, p in reads.items() if n not in _SHARED and n != "given"]
+        shared = [parameter(n, *_SHARED[n]) for n in _SHARED if n in parts]
+
+        @wraps(function)
+        def run(model: str, **values: object) -> None:
+            from ..stage_command import run_stage
+
+            made = function(**{n: values[n] for n in reads})
+            stage, arguments = made if isinstance(made, tuple) else (made, {})
+            if "calib" not in arguments:
+                arguments["calib"] = values["calibration"].spec() if "calibration" in parts else None
+            show(run_stage(stage, model, values["out"], **{**{n: values[n] for n in parts if n != "calibration"}, **arguments}))
+
+        run.__signature__ = inspect.Signature(head + own + shared)
+        return command(name, exclude, **defaults)(run)
+
+    return register

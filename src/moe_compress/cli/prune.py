@@ -7,9 +7,7 @@ from typing import Annotated
 import typer
 
 from ..stages.options import PruneOptions
-from .common import show
-from .options import (Bundle, CacheDirOpt, Calibration, DryRunOpt, Evaluation, Guard, IgnorePlanIdentityOpt, Loading, ModelArg, OverwriteOpt,
-                      PlanOutOpt, command, stage_options)
+from .options import STAGE_PARTS, Bundle, IgnorePlanIdentityOpt, stage_command
 
 #: Per-method flags of earlier releases -> the method option each sets and its type; hidden from --help, accepted for one more release.
 OLD_FLAGS = {
@@ -24,7 +22,6 @@ _SWITCHES = {"--protect-super-experts": "--protect-super-experts/--no-protect-su
 OldFlags = make_dataclass("OldFlags", [
     (flag[2:].replace("-", "_"), Annotated[kind | None, typer.Option(_SWITCHES.get(flag, flag), hidden=True)], None) for flag, (_, kind) in OLD_FLAGS.items()
 ], bases=(Bundle,), frozen=True)
-Options = stage_options(PruneOptions, exclude=("keep", "options"))
 
 
 def method_options(method: str, pairs: list[str], old) -> dict:
@@ -36,33 +33,20 @@ def method_options(method: str, pairs: list[str], old) -> dict:
     return read_options(method, given, pairs)
 
 
-@command(samples=128)
+@stage_command(PruneOptions, out="Directory to write the pruned checkpoint to (written atomically).", omit=("keep", "options"),
+               parts=(*STAGE_PARTS, "plan_out", "evaluation", "cache_dir"), samples=128)
 def prune(
-    model: ModelArg,
-    out: Annotated[Path, typer.Option(help="Directory to write the pruned checkpoint to (written atomically).")],
-    given: Options = Options(),
+    given,
     option: Annotated[list[str] | None, typer.Option("--option", help=(
         "A method option as KEY=VALUE, repeatable, read as the option's type (e.g. --option fusion=weighted_sum --option "
         "protect_super_experts=false); `moe-compress methods NAME` lists a method's options, defaults and meanings. "
         "The per-method flags of earlier releases (--fusion, --clusters, --renormalize, ...) still set the same options, for one release."))] = None,
-    calibration: Calibration = Calibration(),
     plan_in: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of deciding from calibration.")] = None,
     ignore_plan_identity: IgnorePlanIdentityOpt = False,
-    plan_out: PlanOutOpt = None,
-    evaluation: Evaluation = Evaluation(),
-    guard: Guard = Guard(),
-    overwrite: OverwriteOpt = False,
-    cache_dir: CacheDirOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the statistics cache.")] = False,
     old: OldFlags = OldFlags(),
-    load: Loading = Loading(),
-    dry_run: DryRunOpt = False,
-) -> None:
+):
     """Prune, replace or merge routed experts with a registered method (or a saved plan) and save the result."""
-    from ..stage_command import run_stage
-
     options = method_options(given.method, option or [], old)
     stage = given.stage(plan_in is not None, **({"options": options} if options else {}))
-    show(run_stage(stage, model, out, calibration.spec(), load, guard, evaluation, overwrite=overwrite, plan_in=plan_in,
-                   ignore_plan_identity=ignore_plan_identity, plan_out=plan_out, cache_dir=cache_dir, no_cache=no_cache,
-                   dry_run=dry_run))
+    return stage, {"plan_in": plan_in, "ignore_plan_identity": ignore_plan_identity, "no_cache": no_cache}

@@ -1,30 +1,22 @@
 """`moe-compress quantize`: 4- or 8-bit weights in a compressed-tensors checkpoint."""
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..stages.options import QuantizeOptions
-from .common import show
-from .options import Calibration, DryRunOpt, Guard, Loading, ModelArg, OverwriteOpt, command, stage_options
-
-Options = stage_options(QuantizeOptions, exclude=("symmetric", "expert_bits"))
+from .options import stage_command
 
 
-@command(exclude=("text_field", "max_activation_memory", "offload_dir"))
+@stage_command(QuantizeOptions, out="Directory to write the quantised checkpoint to (compressed-tensors pack-quantized; written atomically).",
+               omit=("symmetric", "expert_bits"), exclude=("text_field", "max_activation_memory", "offload_dir"))
 def quantize(
-    model: ModelArg,
-    out: Annotated[Path, typer.Option(help="Directory to write the quantised checkpoint to (compressed-tensors pack-quantized; written atomically).")],
-    given: Options = Options(),
+    given,
+    calibration,
+    guard,
     asymmetric: Annotated[bool, typer.Option("--asymmetric", help="Per-group zero points (asymmetric ranges) instead of symmetric ones.")] = False,
     samples: Annotated[int, typer.Option(help="autoround: number of calibration sequences.")] = 64,
-    calibration: Calibration = Calibration(),
-    guard: Guard = Guard(),
-    overwrite: OverwriteOpt = False,
-    load: Loading = Loading(),
-    dry_run: DryRunOpt = False,
-) -> None:
+):
     """Quantise weights to 4 or 8 bits (round-to-nearest or AutoRound, per group) and save a compressed-tensors checkpoint.
 
     Run it last, after prune/slim: it reads the full-precision model. Round-to-nearest streams
@@ -34,8 +26,5 @@ def quantize(
     that fuse experts on disk (gpt_oss, granitemoe, ...) get it: their experts are packed one
     weight per expert.
     """
-    from ..stage_command import run_stage
-
     stage = given.stage(**({"symmetric": False} if asymmetric else {}))
-    calib = calibration.spec(validate=given.method == "autoround" or not guard.no_guard)  # read only by autoround and the guard
-    show(run_stage(stage, model, out, calib, load, guard, overwrite=overwrite, dry_run=dry_run))
+    return stage, {"calib": calibration.spec(validate=given.method == "autoround" or not guard.no_guard)}  # read only by autoround and the guard

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from .common import say, show
+from ..progress import say, show
 from .options import DryRunOpt, command
 
 
@@ -21,13 +21,10 @@ def run_command(
     Every stage's options are checked against the model's structure before calibration starts.
     A recipe lets its model's own Python code run only with a top-level `trust_remote_code: true`.
     """
-    from ..recipes import describe_recipe, run_recipe
-    from ..text.composition import stage_report_markdown
-    from ..report.compression import saved_lines
+    from ..recipes import describe_recipe, report_blocks, run_recipe
 
     if dry_run:
         for line in describe_recipe(recipe, out, overwrite):
             say(line)
         return
-    report = run_recipe(recipe, out, overwrite)
-    show([stage_report_markdown(report).rstrip(), *saved_lines(Path(report["out"]))])
+    show(report_blocks(run_recipe(recipe, out, overwrite)))

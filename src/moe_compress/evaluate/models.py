@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import progress
-from ..errors import MoECompressError, param
+from ..errors import MoECompressError, param, require_positive
 from .protocol import EvalProtocol
 from .speed import SpeedSettings
 
@@ -35,6 +35,11 @@ class Evaluation:
     threads: int | None = None  # recorded in the settings; set by the caller
     task_names: list[str] = field(default_factory=list, init=False)
     selection: Any = field(default=None, init=False)  # lm-eval's task selection (`harness.select_tasks`)
+
+    def __post_init__(self) -> None:
+        """The counts are checked when the request is made, before anything is read (the speed settings check theirs)."""
+        self.protocol.validate()
+        require_positive(batch_size=self.batch_size, limit=self.limit, threads=self.threads)
 
     def check(self) -> None:
         """Everything that can be wrong with the input fails here, before any model is loaded."""

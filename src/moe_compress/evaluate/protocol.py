@@ -52,9 +52,9 @@ class EvalProtocol:
     def tokens_per_source(self) -> int:
         return self.windows * self.seq_len
 
-    def validate(self, option_names: tuple[str, str] = ("protocol.windows", "protocol.seq_len")) -> EvalProtocol:
-        """This protocol, if both counts are positive integers; `option_names` name them in the error."""
-        for name, value in zip(option_names, (self.windows, self.seq_len)):
+    def validate(self) -> EvalProtocol:
+        """This protocol, if both counts are positive integers."""
+        for name, value in (("protocol.windows", self.windows), ("protocol.seq_len", self.seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OptionError(name, f"must be a positive integer; got {value!r}.")
         return self

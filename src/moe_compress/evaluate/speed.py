@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.texts import bundled_domains, load_texts
-from ..errors import OptionError
+from ..errors import require_positive
 from ..progress import track
 
 
@@ -42,10 +42,8 @@ class SpeedSettings:
     warmup: int = 1  # untimed runs before the calibration run
     min_seconds: float = 0.2  # each timed measurement repeats its work until it lasts at least this long
 
-    def validate(self) -> None:
-        for name in ("batch", "prompt_len", "new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise OptionError(f"speed.{name}", f"must be a positive integer; got {getattr(self, name)}.")
+    def __post_init__(self) -> None:
+        require_positive(**{f"speed.{name}": getattr(self, name) for name in ("batch", "prompt_len", "new_tokens", "repeats")})
 
 
 @dataclass
@@ -161,7 +159,6 @@ def _result(runs: list[tuple[float, float]]) -> SpeedResult:
 
 def measure_speed(model: PreTrainedModel, prompts: torch.Tensor, settings: SpeedSettings = SpeedSettings()) -> SpeedResult:
     """Median prefill and decode throughput of `model` over `settings.repeats` runs (after warm-up)."""
-    settings.validate()
     reps = _warm_up(model, prompts, settings)
     return _result([_one_run(model, prompts, settings.new_tokens, reps) for _ in track(range(settings.repeats), "speed")])
 
@@ -170,7 +167,6 @@ def compare_speed(
     model: PreTrainedModel, original: PreTrainedModel, prompts: torch.Tensor, settings: SpeedSettings = SpeedSettings()
 ) -> SpeedComparison:
     """Throughput of `model` against `original`, interleaved in this process (see module docstring)."""
-    settings.validate()
     my_reps, their_reps = _warm_up(model, prompts, settings), _warm_up(original, prompts, settings)
     mine: list[tuple[float, float]] = []
     theirs: list[tuple[float, float]] = []

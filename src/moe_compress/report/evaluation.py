@@ -3,14 +3,20 @@ with the original's column and the change when it compared two models."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 
 from ..text.format import human_bytes, human_count, percent_change
 
+if TYPE_CHECKING:
+    from ..evaluate.protocol import EvalProtocol
 
-def eval_table(report: dict) -> tuple[Table, list[str]]:
-    """One row per measurement; with --compare, the original's column and the change. Also the
-    lines that qualify it (printed under it, not as a caption: a caption wraps to the table's width)."""
+
+def eval_table(report: dict, protocol: EvalProtocol) -> list[Table | str]:
+    """One row per measurement; with --compare, the original's column and the change. Then the
+    lines that qualify it (printed under it, not as a caption: a caption wraps to the table's width),
+    the last the perplexity `protocol` where perplexity was measured."""
     original = report.get("original")
     comparison = report.get("comparison") or {}
     table = Table(title=f"evaluation of {report['model']}" + (f" against {original['model']}" if original else ""))
@@ -64,4 +70,4 @@ def eval_table(report: dict) -> tuple[Table, list[str]]:
             key = f"{phase}_tokens_per_s"
             ratio = ratios.get(f"{phase}_ratio")
             row(f"{phase} tokens/s", f"{speed[key]:,.1f}", f"{other[key]:,.1f}" if other else "", f"×{ratio:.3f}" if ratio is not None else "")
-    return table, notes
+    return [table, *notes, protocol.describe() if report["settings"]["ppl"] else ""]
