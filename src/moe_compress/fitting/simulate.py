@@ -46,14 +46,12 @@ def layer_roles(model: PreTrainedModel, adapter) -> list[dict[str, str]]:
 @torch.no_grad()
 def simulate_layer(layer: nn.Module, index: int, adapter, stage: Quantize, group: int, roles: dict[str, str]) -> None:
     """Round decoder layer `index` in place as `stage` packs it (`roles`: its entry of `layer_roles`)."""
-    from ..walk.rounding import round_to_nearest, rounded_experts
+    from ..walk.rounding import round_experts_in_place, round_to_nearest
 
     block = adapter.moe_block(layer)
     bits = (stage.expert_bits or {}).get(index, stage.bits)
     if block is not None and bits != 16:
-        experts = adapter.experts(block)
-        for name, tensor in rounded_experts(experts, bits, group).items():
-            getattr(experts, name).copy_(tensor)
+        round_experts_in_place(adapter.experts(block), bits, group)
     if stage.scope == "all":
         parameters = dict(layer.named_parameters())
         for name, role in roles.items():

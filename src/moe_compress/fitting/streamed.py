@@ -20,11 +20,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..arch.adapter import MoEAdapter
 from ..source.residency import StreamedWeights
 from ..text.format import human_bytes
-from .api import FitResult, note_measured, search
+from .steps import note_measured, search
+
+if TYPE_CHECKING:
+    from .api import FitResult
 
 
 def streamed_other_costs(weights: StreamedWeights, adapter: MoEAdapter, group: int, device: str) -> dict[int, float]:
