@@ -8,7 +8,7 @@ import typer
 from .options import Calibration, DryRunOpt, Loading, ModelArg, OverwriteOpt, command
 
 
-@command(exclude=("streaming", "max_activation_memory", "offload_dir", "text_field"))
+@command(exclude=("max_activation_memory", "offload_dir", "text_field"))
 def fit(
     model: ModelArg,
     out: Annotated[Path | None, typer.Option(help="Directory to write the chosen model to, with fit_report.{json,md,png} (written atomically).")] = None,
@@ -18,6 +18,8 @@ def fit(
     batch: Annotated[int, typer.Option(help="Sequences held at --context (KV cache x batch).")] = 1,
     method: Annotated[str, typer.Option(help="The expert-pruning criterion the search allocates with (reap, frequency, soft_count, gate_sum, ean).")] = "reap",
     sweep: Annotated[bool, typer.Option("--sweep", help="Print the predicted quality-vs-size curve (from the statistics alone) before measuring.")] = False,
+    eval_windows: Annotated[int, typer.Option(help="Held-out windows per bundled domain the candidates are measured on (each domain's test split).")] = 32,
+    eval_seq_len: Annotated[int, typer.Option(help="Tokens per held-out window.")] = 256,
     calibration: Calibration = Calibration(),
     overwrite: OverwriteOpt = False,
     load: Loading = Loading(),
@@ -34,4 +36,4 @@ def fit(
 
     load.check(model)
     return fit_command(model, memory, target_ratio, context, batch, out, dry_run, sweep, calibration.spec(), method, overwrite,
-                       load.device, load.trust_remote_code)
+                       load.device, load.trust_remote_code, load.mode(), eval_windows, eval_seq_len)

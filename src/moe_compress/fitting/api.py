@@ -26,10 +26,12 @@ from pathlib import Path
 from ..data.batches import CalibrationSpec
 from ..engine.prepare import Calibration, calibration_batches
 from ..errors import MoECompressError
+from ..source.open import Streaming, should_stream
 from ..text.format import human_bytes
 from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
 from .memory import kv_cache_bytes, parse_bytes
 from .search import Candidate, smallest
+from .steps import note_measured, search
 
 
 @dataclass
@@ -121,6 +123,7 @@ def fit(
     device: str = "cpu",
     cache_dir: str | Path | None | bool = None,
     trust_remote_code: bool = False,
+    streaming: Streaming = "auto",
     say: Callable[[str], None] | None = None,
     show: Callable[[str], None] | None = None,
 ) -> FitResult:
@@ -130,7 +133,8 @@ def fit(
     search space only, nothing calibrated. `sweep`: also the predicted quality-vs-size curve
     (`result.front`). `windows` per bundled domain of `seq_len` tokens are the held-out text the
     candidates are measured on; `say` receives progress lines (candidates measured, best so far) and
-    `show` the swept curve, before anything is measured."""
+    `show` the swept curve, before anything is measured. `streaming` as every command takes it (`source.open`):
+    a model that does not fit in memory is read one decoder layer at a time (`fitting.streamed`)."""
     from ..sink.save import check_output_dir
     from .proxies import check_method
 
@@ -143,6 +147,11 @@ def fit(
         check_output_dir(out, overwrite, [model])
     if dry_run:
         return result
+    if should_stream(model, streaming, device):
+        from .streamed import fit_streamed
+
+        return fit_streamed(result, model, calib, out, overwrite, method, min_keep, windows, seq_len, sweep, device, cache_dir,
+                            trust_remote_code, say, show)
     from ..source.load import load_model
 
     start = time.perf_counter()
@@ -179,30 +188,19 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, m
     from ..arch.registry import get_adapter
     from ..engine.statistics import collect_statistics
     from .measure import Reference, held_out_windows, measure
-    from .proxies import layer_proxies, other_costs, proxy_statistics
-    from .report import front_lines
-    from .search import candidates, sweep as front_of
+    from .proxies import other_costs, proxy_statistics
 
-    sizes = result.sizes
     adapter = get_adapter(loaded)
     start = time.perf_counter()
-    stats, _ = collect_statistics(loaded, batches, proxy_statistics(method, sizes.group_size), cache_dir, device)
-    proxies = layer_proxies(method, adapter, loaded.config, stats, sizes.group_size, min_keep)
-    if sweep:
-        result.front = {bits: [(point.bytes, point.cost) for point in points] for bits, points in front_of(sizes, result.floors, proxies).items()}
-        for line in front_lines(result.front):
-            show(line)
-    others = other_costs(loaded, adapter, sizes.group_size) if sizes.others else {16: 0.0}
-    result.candidates = candidates(sizes, result.floors, proxies, result.weight_budget, method, others)
+    stats, _ = collect_statistics(loaded, batches, proxy_statistics(method, result.sizes.group_size), cache_dir, device)
+    search(result, adapter, loaded.config, stats, method, min_keep, sweep, show,
+           other_costs(loaded, adapter, result.sizes.group_size) if result.sizes.others else {16: 0.0})
     result.seconds["calibration"], start = _since(start), time.perf_counter()
     reference = Reference.of(loaded, held_out_windows(tokenizer, loaded.config, windows, seq_len))
     result.seconds["reference"], start = _since(start), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-compress-fit-", dir=out.parent if out is not None else None) as scratch:
         for number, candidate in enumerate(result.candidates, 1):
-            measured = measure(candidate, loaded, tokenizer, batches, reference, sizes.group_size, Path(scratch) / f"candidate-{number}", device)
-            if result.best is None or (measured["kl"], candidate.bytes) < (result.best.measured["kl"], result.best.bytes):
-                result.best = candidate
-            say(f"measured {number}/{len(result.candidates)}: {candidate.name}: {human_bytes(candidate.bytes)}, KL {measured['kl']:.4g}, "
-                f"top-1 {measured['top1']:.3f}, ppl {measured['perplexity']:.3f} (proxy {candidate.proxy:.4g}); "
-                f"best so far: {result.best.name}, KL {result.best.measured['kl']:.4g}")
+            measured = measure(candidate, loaded, tokenizer, batches, reference, result.sizes.group_size, Path(scratch) / f"candidate-{number}", device)
+            note_measured(result, number, candidate, measured, say)
     result.seconds["candidates"] = _since(start)
+

@@ -57,8 +57,12 @@ def fit_command(
     overwrite: bool = False,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    streaming: bool | str = "auto",
+    windows: int = 32,
+    seq_len: int = 256,
 ) -> int:
-    """Run `fit` as the command does, printing as it goes; returns the exit status (0)."""
+    """Run `fit` as the command does, printing as it goes; returns the exit status (0). `windows` x `seq_len`: the held-out
+    text per bundled domain; `streaming`: as `source.open.open_model` takes it."""
     from .api import fit
 
     if out is None and not dry_run:
@@ -69,8 +73,8 @@ def fit_command(
         _print(line)
     if dry_run:
         return 0
-    result = fit(model, memory, target_ratio, context, batch, calib, out, sweep=sweep, method=method, overwrite=overwrite, device=device,
-                 trust_remote_code=trust_remote_code, say=lambda line: print(line, file=sys.stderr, flush=True), show=_print)
+    result = fit(model, memory, target_ratio, context, batch, calib, out, sweep=sweep, method=method, windows=windows, seq_len=seq_len,
+                 overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, streaming=streaming, say=lambda line: print(line, file=sys.stderr, flush=True), show=_print)
     report = (Path(result.output_dir) / "fit_report.md") if result.output_dir else None
     if report is not None and report.exists():
         _print(report.read_text())

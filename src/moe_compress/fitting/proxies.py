@@ -110,7 +110,29 @@ def layer_proxies(
     return proxies
 
 
+def other_weights(model, adapter: MoEAdapter) -> list[str]:
+    """The 2-D decoder weights besides the routed experts and routers (attention, shared experts, dense MLPs), in order."""
+    from ..slimming.quantize import parameter_roles
+
+    parameters = dict(model.named_parameters())
+    return [name for name, role in parameter_roles(model, adapter).items()
+            if role in ("attention", "shared", "dense") and name in parameters and parameters[name].dim() == 2]
+
+
 @torch.no_grad()
+def rounding_costs(weight: torch.Tensor, group: int) -> dict[int, float]:
+    """||Q_b(W) - W||^2 / ||W||^2 of one weight at each rounded width (see `other_costs`)."""
+    from ..walk.rounding import round_to_nearest
+
+    w = weight.double()
+    return {bits: float((round_to_nearest(weight, bits, group).double() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-300)) for bits in ROUNDED_BITS}
+
+
+def summed_costs(per_weight: list[dict[int, float]]) -> dict[int, float]:
+    """`other_costs` from each weight's `rounding_costs`, summed in the order given."""
+    return {16: 0.0} | {bits: sum(costs[bits] for costs in per_weight) for bits in ROUNDED_BITS}
+
+
 def other_costs(model, adapter: MoEAdapter, group: int) -> dict[int, float]:
     """What rounding the decoder weights besides the routed experts (quantize's scope "all": attention,
     shared experts, dense MLPs) costs at each width: per 2-D weight W, ||Q_b(W) - W||^2 / ||W||^2, summed.
@@ -120,14 +142,5 @@ def other_costs(model, adapter: MoEAdapter, group: int) -> dict[int, float]:
     inputs concentrate in few directions, so it tends to overstate the error, and fit lowers these
     weights only where that buys more than it costs by this measure (the measured KL has the last word).
     """
-    from ..slimming.quantize import parameter_roles
-    from ..walk.rounding import round_to_nearest
-
     parameters = dict(model.named_parameters())
-    weights = [parameters[name] for name, role in parameter_roles(model, adapter).items()
-               if role in ("attention", "shared", "dense") and name in parameters and parameters[name].dim() == 2]
-    costs = {16: 0.0}
-    for bits in ROUNDED_BITS:
-        costs[bits] = sum(float((round_to_nearest(w, bits, group).double() - w.double()).pow(2).sum() / w.double().pow(2).sum().clamp_min(1e-300))
-                          for w in weights)
-    return costs
+    return summed_costs([rounding_costs(parameters[name], group) for name in other_weights(model, adapter)])

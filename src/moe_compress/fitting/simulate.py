@@ -16,6 +16,7 @@ routers, embeddings and head as stored). Anything else runs the stage itself.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from ..arch.registry import get_adapter
@@ -28,23 +29,38 @@ def simulated(stage: Quantize) -> bool:
     return stage.method == "rtn" and stage.symmetric and layer_widths
 
 
-@torch.no_grad()
-def simulate(model: PreTrainedModel, stage: Quantize, group: int) -> None:
-    """Round `model`'s weights in place as `stage` packs them (`group`: the group size it writes with)."""
+def layer_roles(model: PreTrainedModel, adapter) -> list[dict[str, str]]:
+    """Per decoder layer, its parameters' roles (`slimming.quantize.parameter_roles`), named within the layer:
+    what `simulate_layer` rounds, computable on a meta skeleton (a streamed fit rounds one layer read at a time)."""
     from ..slimming.quantize import parameter_roles
-    from ..walk.rounding import round_to_nearest, rounded_experts
+    from ..source.residency import layers_prefix
 
-    adapter = get_adapter(model)
-    widths = stage.expert_bits or {}
-    for index, layer in enumerate(adapter.decoder_layers(model)):
-        block = adapter.moe_block(layer)
-        bits = widths.get(index, stage.bits)
-        if block is not None and bits != 16:
-            experts = adapter.experts(block)
-            for name, tensor in rounded_experts(experts, bits, group).items():
-                getattr(experts, name).copy_(tensor)
+    prefix = f"{layers_prefix(model, adapter)}."
+    roles: list[dict[str, str]] = [{} for _ in adapter.decoder_layers(model)]
+    for name, role in parameter_roles(model, adapter).items():
+        index, _, inner = name.removeprefix(prefix).partition(".")
+        roles[int(index)][inner] = role
+    return roles
+
+
+@torch.no_grad()
+def simulate_layer(layer: nn.Module, index: int, adapter, stage: Quantize, group: int, roles: dict[str, str]) -> None:
+    """Round decoder layer `index` in place as `stage` packs it (`roles`: its entry of `layer_roles`)."""
+    from ..walk.rounding import round_experts_in_place, round_to_nearest
+
+    block = adapter.moe_block(layer)
+    bits = (stage.expert_bits or {}).get(index, stage.bits)
+    if block is not None and bits != 16:
+        round_experts_in_place(adapter.experts(block), bits, group)
     if stage.scope == "all":
-        parameters = dict(model.named_parameters())
-        for name, role in parameter_roles(model, adapter).items():
+        parameters = dict(layer.named_parameters())
+        for name, role in roles.items():
             if role in ("attention", "shared", "dense") and name in parameters and parameters[name].dim() == 2:
                 parameters[name].copy_(round_to_nearest(parameters[name], stage.bits, group))
+
+
+def simulate(model: PreTrainedModel, stage: Quantize, group: int) -> None:
+    """Round `model`'s weights in place as `stage` packs them (`group`: the group size it writes with)."""
+    adapter = get_adapter(model)
+    for index, (layer, roles) in enumerate(zip(adapter.decoder_layers(model), layer_roles(model, adapter))):
+        simulate_layer(layer, index, adapter, stage, group, roles)

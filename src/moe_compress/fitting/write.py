@@ -37,7 +37,7 @@ def search_record(result: FitResult) -> dict:
     }
 
 
-def _record_in_plans(directory: Path, result: FitResult) -> None:
+def record_in_plans(directory: Path, result: FitResult) -> None:
     for path in sorted((directory / "plans").glob("*.json")):
         plan = Plan.load(path)
         plan.meta["fit"] = search_record(result)
@@ -56,7 +56,7 @@ def write_best(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
         if saved > result.weight_budget:
             raise MoECompressError(f"the written weights take {saved} bytes, over the budget's {result.weight_budget}: a bug in fit's size prediction.")
         result.best.measured["written_bytes"] = saved
-        _record_in_plans(staged, result)
+        record_in_plans(staged, result)
         write_report(result, staged)
         write_model_card(staged)  # again: the card now shows the search (`text.fit_card`)
         publish(staged, out, overwrite)

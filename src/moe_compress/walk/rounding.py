@@ -82,6 +82,16 @@ def rounded_experts(experts: nn.Module, bits: int, group: int) -> dict[str, torc
     return rounded
 
 
+
+@torch.no_grad()
+def round_experts_in_place(experts: nn.Module, bits: int, group: int) -> None:
+    """`rounded_experts` written over the experts' own tensors, one expert at a time: no second copy of a layer's
+    experts (a streamed fit rounds a 1 GB layer in a memory a few layers large)."""
+    transposed = getattr(experts, "is_transposed", False)
+    for name in _present(experts, _WEIGHTS):
+        for w in getattr(experts, name).detach():
+            w.copy_(round_to_nearest(w.T, bits, group).T if transposed else round_to_nearest(w, bits, group))
+
 class _LayerRounding:
     """The current layer's rounded experts, computed on its first batch and replaced when another layer's arrive."""
 

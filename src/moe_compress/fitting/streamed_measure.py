@@ -1,0 +1,164 @@
+"""Every fit candidate measured in one walk over the decoder layers, each layer read from the checkpoint once.
+
+The in-memory measurement (`fitting.measure`) copies the whole model per candidate; a model that
+does not fit in memory cannot be copied. Here the held-out windows go through the layers as
+calibration does (`walk.observer`): all windows through layer 0, then layer 1, ... Each layer is
+read once, and every candidate's version of it is made from it in memory -- its experts kept by
+the candidate's prune plan (`surgery.experts.apply_layer_plan`, the surgery the streamed prune
+writes with), then rounded as its quantisation packs it (`fitting.simulate.simulate_layer`) -- and
+run on that candidate's own activations, which are carried to the next layer. At the end the head
+turns each set of final activations into log-probabilities one batch at a time, and each
+candidate is compared with the original's (also carried) on the same batch, so the original's
+log-probabilities are never stored whole.
+
+What it costs: one activation set (windows x seq_len x hidden, in the model's dtype) per distinct
+prefix of layer actions -- candidates that did the same to every layer so far share one set, and
+the original is one of them -- so at most (candidates + 1) sets, twice while a layer turns its
+inputs into outputs; with 5 candidates and 3 x 32 windows of 256 tokens at hidden 2048 in bf16,
+2 x 6 x 96 MiB. Beside them, the layer as read and one candidate's copy of it at a time. The activation store spills to files beyond its budget
+(`walk.activations`, `--max-activation-memory`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch.adapter import MoEAdapter
+from ..arch.structure import experts_per_layer
+from ..errors import MoECompressError
+from ..evaluate.fidelity import FidelityTotals
+from ..methods import PlanRequest, get_method
+from ..plan import Plan
+from ..progress import track
+from ..source.allocator import activation_heap
+from ..source.residency import StreamedWeights, split_names
+from ..stages.prune import Prune, removed_share
+from ..stages.quantize import Quantize
+from ..walk.activations import default_activations
+from ..walk.capture import capture_layer_inputs, logits_from_final_hidden
+from ..walk.observer import embedding_lookups, to_device
+from .measure import BATCH_BYTES
+from .search import Candidate
+from .simulate import layer_roles, simulate_layer, simulated
+
+#: One layer's action: (the plan's entry as JSON, or None, its quantize stage, or None). None: the layer as stored.
+Action = tuple | None
+
+
+def prune_plan(stage: Prune, adapter: MoEAdapter, model, stats: dict, weights: StreamedWeights) -> Plan:
+    """The plan `stage` makes from `stats` (the calibration statistics fit collected, a superset of the method's),
+    as `stages.prune.prune` makes it."""
+    ratio = removed_share(stage.keep, experts_per_layer(model, adapter)) if stage.budget == "explicit" else stage.ratio
+    request = PlanRequest(adapter, model.config, stats, ratio, stage.budget, stage.min_keep, model=model, weights=weights, keep=stage.keep)
+    return get_method(stage.method).make_plan(request, dict(stage.options))
+
+
+def layer_actions(candidate: Candidate, adapter: MoEAdapter, model, stats: dict, weights: StreamedWeights, layers: int, group: int) -> list:
+    """Per decoder layer, what `candidate` does to it: [(key, plan entry or None, quantize stage or None, group) or None]."""
+    plan, quantize = None, None
+    for stage in candidate.stages:
+        if isinstance(stage, Prune):
+            plan = prune_plan(stage, adapter, model, stats, weights)
+        elif isinstance(stage, Quantize) and simulated(stage):
+            quantize = stage
+        else:
+            raise MoECompressError(f"a streamed fit measures prune and round-to-nearest quantize stages; {stage.describe()} is neither (a bug).")
+    if plan is not None and plan.dropped_blocks:
+        raise MoECompressError("a streamed fit does not drop whole blocks (a bug: fit's candidates never do).")
+    decisions = {lp.layer: lp for lp in plan.layers if not lp.untouched} if plan is not None else {}
+    actions = []
+    for index in range(layers):
+        entry = decisions.get(index)
+        if entry is None and quantize is None:
+            actions.append(None)
+            continue
+        width = quantize.group_size if quantize is not None and quantize.group_size is not None else group
+        key = (entry.model_dump_json() if entry is not None else None, quantize.model_dump_json() if quantize is not None else None, width)
+        actions.append((key, plan, entry, quantize, width))
+    return actions
+
+
+def _edited(layer: nn.Module, index: int, action, adapter: MoEAdapter, hidden_size: int, roles: dict[str, str]) -> nn.Module:
+    """A copy of `layer` with `action` applied (the original stays as read, for the other candidates)."""
+    from ..surgery.experts import apply_layer_plan
+
+    _, plan, entry, quantize, group = action
+    edited = copy.deepcopy(layer)
+    if entry is not None:
+        apply_layer_plan(edited, adapter, plan, entry, hidden_size)
+    if quantize is not None:
+        simulate_layer(edited, index, adapter, quantize, group, roles)
+    return edited
+
+
+@torch.no_grad()
+def measure_streamed(weights: StreamedWeights, adapter: MoEAdapter, candidates: list[Candidate], stats: dict, windows: torch.Tensor,
+                     group: int, device: str = "cpu") -> list[dict]:
+    """Each candidate's KL, top-1 agreement and both perplexities against the original on `windows`, as
+    `fitting.measure.Reference.compare` gives them, in one streamed walk (see the module docstring)."""
+    model = weights.model
+    if adapter.layer_state:
+        raise MoECompressError(f"{adapter.model_type}: its layers hand state to the next one, which a streamed fit does not carry yet; "
+                               "fit it in memory (streaming off).")
+    config = model.config.get_text_config()
+    size = max(1, BATCH_BYTES // (windows.shape[1] * config.vocab_size * 4))
+    batches = list(windows.split(size))
+    layers = adapter.decoder_layers(model)
+    actions = [layer_actions(c, adapter, model, stats, weights, len(layers), group) for c in candidates]
+    roles = layer_roles(model, adapter)
+    store = default_activations()
+    try:
+        stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
+        with weights.loaded_names(stem, device, embedding_lookups(model, batches)), activation_heap():
+            inputs = capture_layer_inputs(model, adapter, batches)
+        # activation sets by the actions taken so far: the original's path is all None; candidates alike so far share one set
+        original: tuple = ()
+        sets = {original: [store.keep(h) for h in inputs.hidden]}
+        paths = [original for _ in candidates]
+        for index in track(range(len(layers)), "measuring candidates (layers)"):
+            with weights.loaded(layers[index], device) as layer:
+                new_sets = {(*original, None): _forward(layer, sets[original], inputs.layer_kwargs[index], store, device)}
+                for c, path in enumerate(paths):
+                    action = actions[c][index]
+                    paths[c] = (*path, None if action is None else action[0])
+                    if paths[c] not in new_sets:
+                        edited = layer if action is None else _edited(layer, index, action, adapter, config.hidden_size, roles[index])
+                        new_sets[paths[c]] = _forward(edited, sets[path], inputs.layer_kwargs[index], store, device)
+                        del edited
+            for handles in sets.values():
+                store.release(handles)
+            sets, original = new_sets, (*original, None)
+        totals = [FidelityTotals() for _ in candidates]
+        with weights.loaded_names(stem + head, device):
+            for b, batch in enumerate(batches):
+                reference = _log_probs(model, adapter, batch, store.get(sets[original][b]))
+                for c, path in enumerate(paths):
+                    mine = reference if path == original else _log_probs(model, adapter, batch, store.get(sets[path][b]))
+                    totals[c].add(mine, reference, batch[:, 1:])
+    finally:
+        store.close()
+        weights.drop_buffers()
+    results = []
+    for total in totals:
+        fidelity, (mine, theirs) = total.result(), total.perplexities(windows.shape[0])
+        results.append({"kl": fidelity.kl, "top1": fidelity.top1_agreement, "perplexity": mine.perplexity, "original_perplexity": theirs.perplexity})
+    return results
+
+
+def _forward(layer: nn.Module, hidden: list, kwargs: list[dict], store, device: str) -> list:
+    """`layer` on every batch of one activation set; the outputs kept in the store."""
+    outputs = []
+    with activation_heap():
+        for handle, arguments in zip(hidden, kwargs):
+            out = layer(store.get(handle).to(device), **to_device(arguments, torch.device(device)))
+            outputs.append(store.keep(out[0] if isinstance(out, tuple) else out))
+    return outputs
+
+
+def _log_probs(model, adapter: MoEAdapter, batch: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """As `fitting.measure` takes them from the whole model: log-softmax over the logits of every position but the last."""
+    return F.log_softmax(logits_from_final_hidden(model, adapter, batch, hidden)[:, :-1].float(), dim=-1).cpu()
