@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .data.batches import CalibrationSpec
+from .described import described
 from .errors import MoECompressError, OptionError, param, require_positive
 from .loading import LoadSettings
-from .plan import Plan
+
+if TYPE_CHECKING:  # importing this module costs no torch: the command line declares its options from it
+    from .data.batches import CalibrationSpec
+    from .plan import Plan
+
+
+def _bundled_calibration() -> CalibrationSpec:
+    from .data.batches import CalibrationSpec
+
+    return CalibrationSpec()
 
 
 @dataclass
@@ -22,15 +32,19 @@ class AnalysisSettings:
     saves that plan as plan.json; `normalize` is none or layer (heatmap colours)."""
 
     out: Path
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    probe_tokens: int = 64
-    clusters: int | None = None
-    normalize: str = "none"
-    method: str | None = None
-    ratio: float = 0.25
-    budget: str = "layer"
+    calibration: CalibrationSpec = field(default_factory=_bundled_calibration)
+    probe_tokens: int = described(64, "Tokens per batch in the probe that defines expert signatures.")
+    clusters: int | None = described(None, "Clusters per layer for the cluster-id column and the similarity plot (default: half the experts).")
+    normalize: str = described("none", (
+        "Heatmap colours: none (the statistic's own units, comparable across layers) or layer (each layer divided by its largest "
+        "value, to compare shapes)."))
+    method: str | None = described(None, (
+        f"Instead of {param('plan')}: mark the experts this method would remove at {param('ratio')} / {param('budget')}, planned "
+        f"from the same statistics (written to plan.json, to apply with prune's {param('plan_in')})."))
+    ratio: float = described(0.25, f"With {param('method')}: fraction of routed experts to remove, in [0, 1).")
+    budget: str = described("layer", f"With {param('method')}: layer or global.")
     similarity_layers: list[int] = field(default_factory=list)
-    report: bool = False
+    report: bool = described(False, "Also write report.html: every plot and table on one self-contained page.")
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -58,6 +72,8 @@ def analyze_checkpoint(model: str, settings: AnalysisSettings, load: LoadSetting
     directory_option(settings.out, "out")
     directory_option(settings.cache_dir)
     load.check(model)
+    from .plan import Plan
+
     given = Plan.load(plan) if plan is not None else None
     with load.session(load.device) as device:
         loaded, tokenizer, weights = load.open(model, device)

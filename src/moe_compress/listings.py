@@ -1,4 +1,4 @@
-"""What `moe-compress families` and `moe-compress methods` print, as data, built once and kept.
+"""What `moe-compress families`, `methods` and `inspect` print, as data; the first two built once and kept.
 
 Building either imports much (every MoE family's modelling code; every method, and torch with
 them) only to read what the code says about itself, so the rows are kept (`remembered`, keyed
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from .arch.family_table import FamilyRow
 from .errors import MoECompressError
+from .loading import LoadSettings
 from .remembered import remembered
 
 
@@ -74,3 +76,29 @@ def method_options(name: str) -> list[dict]:
     if name not in known:
         raise MoECompressError(f"unknown method {name!r}; available: {', '.join(known)}.")
     return [{k: v for k, v in row.items() if k != "method"} for row in rows if row["method"] == name]
+
+
+def structure_of(model: str, load: LoadSettings) -> dict:
+    """What `inspect` prints about `model`: from its config and shard headers alone, without torch, where
+    its family's key layout is known (`source.header_report`); else from the modelling code (a meta
+    skeleton: no weight is read), which then learns the layout for the family's next checkpoint."""
+    from .source.header_report import structure_from_headers
+
+    report = None if load.verify_checksums else structure_from_headers(model, load.dtype)
+    return _with_modelling_code(model, load) if report is None else report
+
+
+def _with_modelling_code(model: str, load: LoadSettings) -> dict:
+    from .arch import get_adapter
+    from .arch.size import structure_report
+    from .source.key_layout import keep_layout, learn_layout
+    from .source.load import resolve_model
+
+    load.check(model)
+    source = resolve_model(model)
+    loaded, _, _ = load.open(model, "cpu", streaming=Path(source).is_dir())
+    report = structure_report(model, loaded, get_adapter(loaded))
+    layout = learn_layout(source, loaded.config) if Path(source).is_dir() else None
+    if layout is not None:
+        keep_layout(layout)
+    return report

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
+from .described import described
+from .errors import param
 from .loading import LoadSettings
 
 if TYPE_CHECKING:
@@ -34,12 +36,12 @@ VERBS = {"prune": "pruned", "drop": "dropped", "condense": "condensed"}
 class CalibrationSettings:
     """The calibration text a command reads (`data.batches.CalibrationSpec`'s fields, as its options name them)."""
 
-    calib: str = "bundled"
-    samples: int = 64
-    seq_len: int = 256
-    seed: int = 0
-    batch_size: int = 8
-    text_field: str = "text"
+    calib: str = described("bundled", "Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.")
+    samples: int = described(64, "Number of calibration sequences.")
+    seq_len: int = described(256, "Tokens per calibration sequence.")
+    seed: int = described(0, "Seed that picks the calibration sequences.")
+    batch_size: int = described(8, "Sequences per forward pass.")
+    text_field: str = described("text", "Field/column holding the text in .jsonl/.parquet/datasets.")
 
     def spec(self, validate: bool = True) -> CalibrationSpec:
         """The `CalibrationSpec`, validated (unless it is not used): a bad value fails before any model is loaded."""
@@ -55,9 +57,12 @@ class CalibrationSettings:
 class EvalSettings:
     """Perplexity before and after (`eval_ppl`: text sources; None: not measured) with its protocol."""
 
-    eval_ppl: str | None = None
-    eval_windows: int = DEFAULT_PROTOCOL.windows
-    eval_seq_len: int = DEFAULT_PROTOCOL.seq_len
+    eval_ppl: str | None = described(None, (
+        f"Measure perplexity on this text before and after (same forms as {param('calib')}; 'bundled': each bundled domain's test "
+        f"split), with the evaluation protocol of {param('eval_windows')} / {param('eval_seq_len')}."))
+    eval_windows: int = described(DEFAULT_PROTOCOL.windows, (
+        f"Perplexity windows per text source for {param('eval_ppl')} (the evaluation protocol; see the eval command's help)."))
+    eval_seq_len: int = described(DEFAULT_PROTOCOL.seq_len, f"Tokens per perplexity window for {param('eval_ppl')} (independent of the calibration {param('seq_len')}).")
 
     def protocol(self) -> EvalProtocol:
         return EvalProtocol(self.eval_windows, self.eval_seq_len).validate()
@@ -67,9 +72,14 @@ class EvalSettings:
 class GuardSettings:
     """The quality guard after a command (`single.GuardRequest`): its threshold if set, off, or passing unreached experts."""
 
-    guard_min_top1: float | None = None
-    no_guard: bool = False
-    allow_unreached: bool = False
+    guard_min_top1: float | None = described(None, (
+        "The quality guard compares the saved output with the input on held-out calibration text and exits 2 (the output kept, "
+        "its card marked FAILED, the worst layer named) when top-1 agreement falls below this; default 0.9 after quantize, 0.25"
+        " after the others."))
+    no_guard: bool = described(False, "Skip the quality guard (it reads the input and the output once more).")
+    allow_unreached: bool = described(False, (
+        "Pass the quality guard even when the stage recorded experts that no calibration token reached (and so treated them "
+        "without data); they are still named in the card."))
 
     def request(self, stage: str, text: Any) -> GuardRequest | None:
         """The guard for `stage`, reading `text`'s held-out windows (None with no_guard)."""

@@ -4,6 +4,7 @@ options that `bundled` spreads into a command's signature and hands back to it a
 A stage command's own options are a bundle made from the stage's declaration (`stage_options`)."""
 
 import inspect
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel
 
+from ..errors import named, parameter_names
 from ..loading import LoadSettings
 from ..stage_command import CalibrationSettings, EvalSettings, GuardSettings
 from ..progress import show
@@ -34,6 +36,17 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out i
 
 class Bundle:
     """A dataclass of options that `bundled` spreads into a command's signature."""
+
+
+#: Settings whose flag is not their name with dashes.
+RENAMED = {"eval_ppl": "--eval", "allow_unreached": "--allow-unreached-experts"}
+
+
+def as_flags(description: str, flags: dict[str, str] | None = None) -> str:
+    """A description as the command line shows it: the options it names (`errors.param`) as their flags (`flags`: this command's renamed)."""
+    renamed = {**RENAMED, **(flags or {})}
+    with parameter_names(lambda name: renamed.get(name, "--" + name.replace("_", "-"))):
+        return named(description)
 
 
 def _flag_type(annotation: object) -> object:
@@ -57,52 +70,25 @@ def _bundle(name: str, declared: list[tuple[str, object, object, str]], flags: d
         kind = _flag_type(annotation)
         decls = (flag if not default else f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
         default = ",".join(map(str, default)) if isinstance(default, list) else default
-        return field_name, Annotated[kind, typer.Option(*decls, help=help)], field(default=default)
+        return field_name, Annotated[kind, typer.Option(*decls, help=as_flags(help, flags))], field(default=default)
 
     return make_dataclass(name, [option(*one) for one in declared], bases=(*bases, Bundle), frozen=True, namespace=namespace or {})
 
 
-def settings_options(settings: type, flags: dict[str, str] | None = None, **helps: str) -> type[Bundle]:
-    """The library's `settings` (a dataclass) as a bundle of options: its fields' types and defaults, the help given here."""
-    hints = typing.get_type_hints(settings)
-    return _bundle(settings.__name__, [(f.name, hints[f.name], f.default, helps[f.name]) for f in fields(settings)], flags, (settings,))
+def settings_options(settings: type, inherit: bool = True) -> type[Bundle]:
+    """The library's `settings` (a dataclass) as a bundle of options: its `described` fields' types, defaults and
+    descriptions; the bundle is the settings too (`inherit`) or only carries their values (`asdict`)."""
+    described = [f for f in fields(settings) if "description" in f.metadata]  # only these annotations are evaluated: others may name
+    namespace = vars(sys.modules[settings.__module__])                       # classes the settings' module imports when type checking
+    declared = [(f.name, eval(f.type, namespace) if isinstance(f.type, str) else f.type, f.default, f.metadata["description"]) for f in described]
+    return _bundle(settings.__name__, declared, RENAMED, (settings,) if inherit else ())
 
 
-#: How the model is read and where it computes.
-Loading = settings_options(
-    LoadSettings,
-    dtype="Weights dtype in memory: auto (as saved), float32, bfloat16 or float16.",
-    device="Device for computation (cpu, cuda, cuda:1). Layers visit it one at a time while calibrating.",
-    trust_remote_code="Run Python code shipped inside the checkpoint (its auto_map). Off by default: only for checkpoints whose authors you trust. moe-compress's own outputs load without it.",
-    verify_checksums="Before loading, hash every file of the checkpoint and compare it with the sha256 (git sha1 for small files) its Hugging Face cache snapshot records: its blob's name. A damaged file is refused, naming it. Only a Hub cache snapshot records hashes: a plain directory (save_pretrained or moe-compress outputs, files copied out of the cache) or a Hub id is refused with this option. Without it, only the safetensors headers and finite weights are checked.",
-    streaming="auto: read the model layer by layer from its checkpoint unless 2.5 times its weights (what a whole load peaks at) fit in the free memory (RAM within the container's limit, or GPU memory with --device cuda), else load it whole; on: always stream; off: always load whole. Streaming gives the same results with one layer in memory.",
-    threads="CPU threads for torch (default: torch's choice). On a shared machine, fewer threads than busy cores avoids stalls.",
-    max_activation_memory="Keep at most this much calibration activation memory in RAM (e.g. 4GiB, 500MB; a plain number means GiB); the rest goes to files in --offload-dir. Default: no limit.",
-    offload_dir="Directory for activations beyond --max-activation-memory (default: the system temp dir).",
-)
-Calibration = settings_options(
-    CalibrationSettings,
-    calib="Calibration text: a file (.txt/.jsonl/.parquet), a directory, 'bundled[:domain]' or 'hf:<dataset>'.",
-    samples="Number of calibration sequences.",
-    seq_len="Tokens per calibration sequence.",
-    seed="Seed that picks the calibration sequences.",
-    batch_size="Sequences per forward pass.",
-    text_field="Field/column holding the text in .jsonl/.parquet/datasets.",
-)
-Evaluation = settings_options(
-    EvalSettings, {"eval_ppl": "--eval"},
-    eval_ppl="Measure perplexity on this text before and after (same forms as --calib; 'bundled': each bundled domain's test split), with the evaluation protocol of --eval-windows / --eval-seq-len.",
-    eval_windows="Perplexity windows per text source for --eval (the evaluation protocol; see `moe-compress eval --help`).",
-    eval_seq_len="Tokens per perplexity window for --eval (independent of the calibration --seq-len).",
-)
-Guard = settings_options(
-    GuardSettings, {"allow_unreached": "--allow-unreached-experts"},
-    guard_min_top1="The quality guard compares the saved output with the input on held-out calibration text and exits 2 (the output kept, its card "
-                   "marked FAILED, the worst layer named) when top-1 agreement falls below this; default 0.9 after quantize, 0.25 after the others.",
-    no_guard="Skip the quality guard (it reads the input and the output once more).",
-    allow_unreached="Pass the quality guard even when the stage recorded experts that no calibration token reached (and so treated them without data); "
-                    "they are still named in the card.",
-)
+#: How the model is read and where it computes; the calibration text; perplexity before and after; the quality guard.
+Loading = settings_options(LoadSettings)
+Calibration = settings_options(CalibrationSettings)
+Evaluation = settings_options(EvalSettings)
+Guard = settings_options(GuardSettings)
 
 
 def stage_options(declared: type[BaseModel], exclude: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> type[Bundle]:

@@ -24,7 +24,7 @@ from ..sink.output_lock import releases_outputs
 from ..source.residency import InMemoryWeights
 from ..methods.condense import plan_condense
 from ..methods.condense_state import SearchState, default_state_path, state_key
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..preflight import Structure, check_condense, check_condense_memory, skeleton
 from .options import CondenseOptions
 from .base import Job, Stage, StageContext, StageOutcome, load_whole
@@ -94,7 +94,7 @@ class Condense(CondenseOptions, Stage):
     @classmethod
     def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
         if options["experts"] is not None and options["experts"] < 0:
-            raise MoECompressError(f"--experts must be 0 (shared experts only) or more; got {options['experts']}.")
+            raise MoECompressError(f"{param('experts')} must be 0 (shared experts only) or more; got {options['experts']}.")
 
     def before_loading(self, model: str, job: Job) -> None:
         """From the config and shard headers (no weight read yet); then its memory: it holds every layer's input."""

@@ -17,7 +17,7 @@ from ..data.batches import CalibrationSpec
 from ..engine.finish import CompressionResult, apply_and_report, other_rank_result
 from ..engine.identity import model_identity
 from ..engine.prepare import Calibration, calibration_batches, prepare
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..arch.size import model_size
 from ..finite import require_finite_numbers
 from ..source.open import Streaming
@@ -100,7 +100,7 @@ class Drop(DropOptions, Stage):
     def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
         unit, mode = options["unit"], options["mode"]
         if unit not in UNITS or mode not in MODES:
-            raise MoECompressError(f"--unit must be one of {', '.join(UNITS)} and --mode one of {', '.join(MODES)}; got --unit {unit} --mode {mode}.")
+            raise MoECompressError(f"{param('unit')} must be one of {', '.join(UNITS)} and {param('mode')} one of {', '.join(MODES)}; got {param('unit')} {unit} {param('mode')} {mode}.")
 
     def run_one(self, model: Any, tokenizer: Any, job: Job) -> CompressionResult:
         return drop(model, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device)

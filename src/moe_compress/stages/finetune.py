@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..preflight import Structure, check_finetune
 from .options import FinetuneOptions
 from .base import Job, Stage, StageContext, StageOutcome, load_whole
@@ -24,7 +24,7 @@ class Finetune(FinetuneOptions, Stage):
 
         check_seed(options["seed"])
         if options["lr"] <= 0:
-            raise MoECompressError(f"--lr must be a positive number; got {options['lr']}.")
+            raise MoECompressError(f"{param('lr')} must be a positive number; got {options['lr']}.")
 
     def guard_text(self, calib: Any) -> Any:
         """Its evaluation text: its training text is no held-out text."""

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from ..errors import param
+
 Budget = Literal["layer", "global", "explicit"]
 Unit = Literal["moe", "block"]
 Mode = Literal["discrete", "consecutive"]
@@ -28,7 +30,7 @@ class PruneOptions(BaseModel):
     min_keep: int = Field(0, description="Global budget only: fewest experts any layer may keep (never below top-k).")
     uniform: bool = Field(False, description=(
         "Global budget only: round the global plan to the same count in every MoE layer (its total shared equally; which experts "
-        "by the same scores), a stock checkpoint serving engines load. The summary and card show both plans; with --eval both are "
+        "by the same scores), a stock checkpoint serving engines load. The summary and card show both plans; with " f"{param('eval_ppl')} both are "
         "measured (perplexity, KL against the original; in memory this holds a copy of the original, streamed only the saved one is)."))
     keep: dict[int, int] | None = Field(None, description="With budget explicit: the experts each MoE layer keeps (decoder layer index -> count).")
     options: dict[str, Any] = Field({}, description="The method's own options (`moe-compress methods NAME` lists them); a recipe writes them beside the others.")
@@ -37,7 +39,7 @@ class PruneOptions(BaseModel):
 class DropOptions(BaseModel):
     unit: Unit = Field("moe", description="moe: drop MoE sub-layers (attention stays); block: drop whole decoder layers.")
     n: int | None = Field(None, description="How many sub-layers or blocks to drop.")
-    target_ratio: float | None = Field(None, description="Instead of --drop: fraction of all parameters to remove, in (0, 1).")
+    target_ratio: float | None = Field(None, description=f"Instead of {param('n')}: fraction of all parameters to remove, in (0, 1).")
     mode: Mode = Field("discrete", description="block only: discrete (most similar single blocks) or consecutive (best run).")
     consecutive_score: ConsecutiveScore = Field("span", description=(
         "consecutive only: span scores a run of n blocks by cos(h_i, h_i+n); framework by cos(h_i, h_i+n+1), as the unified framework's code."))
@@ -59,14 +61,14 @@ class CondenseOptions(BaseModel):
 
 
 class FinetuneOptions(BaseModel):
-    data: str = Field("bundled", description="Training text (same forms as --calib; 'bundled' uses its calib split).")
+    data: str = Field("bundled", description=f"Training text (same forms as {param('calib')}; 'bundled' uses its calib split).")
     steps: int = Field(200, description="Optimisation steps.")
     lr: float = Field(1e-5, description="Peak learning rate (the CD-MoE authors' 1e-5, decayed linearly).")
     batch_size: int = Field(8, description="Sequences per step.")
     seq_len: int = Field(256, description="Tokens per sequence.")
     seed: int = Field(0, description="Seed for batch sampling.")
     eval_data: str | None = Field("bundled", description="Held-out text for the before/after perplexity ('bundled': valid split).")
-    eval_windows: int = Field(32, description="Held-out windows of --seq-len tokens the before/after perplexity reads.")
+    eval_windows: int = Field(32, description=f"Held-out windows of {param('seq_len')} tokens the before/after perplexity reads.")
     weight_decay: float = Field(0.01, description="AdamW weight decay (torch's default, as the CD-MoE authors').")
     schedule: str = Field("linear", description="How the learning rate decays to zero over the steps: linear (the authors') or cosine.")
 
@@ -74,9 +76,9 @@ class FinetuneOptions(BaseModel):
 class SlimOptions(BaseModel):
     method: str = Field("wanda", description=(
         "wanda (|W|*||X||, per output row), sparsegpt (second-order with weight updates) or magnitude (|W|, no calibration)."))
-    sparsity: float | None = Field(None, description="Fraction of each output row's weights to zero, in [0, 1). Default 0.5 unless --nm is given.")
+    sparsity: float | None = Field(None, description="Fraction of each output row's weights to zero, in [0, 1). Default 0.5 unless " f"{param('nm')} is given.")
     nm: list[int] | str | None = Field(None, description=(
-        "Semi-structured N:M pattern instead of --sparsity, e.g. 2:4 or 4:8 (at most N nonzeros in every M consecutive input weights)."))
+        f"Semi-structured N:M pattern instead of {param('sparsity')}, e.g. 2:4 or 4:8 (at most N nonzeros in every M consecutive input weights)."))
     targets: list[str] | str = Field(["experts"], description=(
         "Comma-separated weights to sparsify: experts (routed experts), shared (shared experts), attention."))
     blocksize: int = Field(128, description="sparsegpt: columns per lazy-update block (mask chosen per block).")
