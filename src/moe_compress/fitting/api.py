@@ -10,9 +10,9 @@ In order, each step only when the one before it succeeded:
    above the original returns it unchanged -- both before anything is calibrated;
 2. one calibration pass collects the proxies' statistics with the superset every pruning method
    reads (cached: the prune stages the candidates run find theirs there);
-3. the search (`fitting.search`) -> each candidate measured end to end (`fitting.measure`) -> the one of
-   least held-out KL written with `pipeline.run_stages`, its report beside it (`fitting.report`), its
-   prune plan recording the search (so `prune --plan-in` replays the artifact's pruning).
+3. the search (`fitting.search`) -> the candidates raced end to end on held-out windows (`fitting.race`,
+   `fitting.measure`: losers stopped on a slice, the rest measured on every window) -> the one of least
+   held-out KL written with `pipeline.run_stages`, its report beside it (`fitting.report`), its prune plan recording the search (so `prune --plan-in` replays the artifact's pruning).
 """
 
 from __future__ import annotations
@@ -178,8 +178,9 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, m
 
     from ..arch.registry import get_adapter
     from ..engine.statistics import collect_statistics
-    from .measure import Reference, held_out_windows, measure
+    from .measure import Reference, build, held_out_windows
     from .proxies import layer_proxies, other_costs, proxy_statistics
+    from .race import race, slice_bounds
     from .report import front_lines
     from .search import candidates, sweep as front_of
 
@@ -195,14 +196,10 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, m
     others = other_costs(loaded, adapter, sizes.group_size) if sizes.others else {16: 0.0}
     result.candidates = candidates(sizes, result.floors, proxies, result.weight_budget, method, others)
     result.seconds["calibration"], start = _since(start), time.perf_counter()
-    reference = Reference.of(loaded, held_out_windows(tokenizer, loaded.config, windows, seq_len))
+    held_out, domains = held_out_windows(tokenizer, loaded.config, windows, seq_len)
+    reference = Reference.of(loaded, held_out, slice_bounds(held_out.shape[0], domains))
     result.seconds["reference"], start = _since(start), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-compress-fit-", dir=out.parent if out is not None else None) as scratch:
-        for number, candidate in enumerate(result.candidates, 1):
-            measured = measure(candidate, loaded, tokenizer, batches, reference, sizes.group_size, Path(scratch) / f"candidate-{number}", device)
-            if result.best is None or (measured["kl"], candidate.bytes) < (result.best.measured["kl"], result.best.bytes):
-                result.best = candidate
-            say(f"measured {number}/{len(result.candidates)}: {candidate.name}: {human_bytes(candidate.bytes)}, KL {measured['kl']:.4g}, "
-                f"top-1 {measured['top1']:.3f}, ppl {measured['perplexity']:.3f} (proxy {candidate.proxy:.4g}); "
-                f"best so far: {result.best.name}, KL {result.best.measured['kl']:.4g}")
+        result.best = race(result.candidates, lambda number, c: build(c, loaded, tokenizer, batches, sizes.group_size, Path(scratch) / f"build-{number}",
+                                                                        device), reference, loaded, say)
     result.seconds["candidates"] = _since(start)
