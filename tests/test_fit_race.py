@@ -122,6 +122,9 @@ def test_race_picks_the_full_measurements_winner_with_its_full_figures(monkeypat
     worse = sum(_kl("worse", w) for w in range(6)) / 6
     assert f"| worse | 80 | 0.3 | {worse:.4g} | 0.9000 | 7.389 | 6 (stopped early) |" in text
     assert f"| best **chosen** | 100 | 0.1 | {winner.measured['kl']:.4g} | 0.9000 | 7.389 | 48 |" in text
+    best_on_6 = sum(_kl("best", w) for w in range(6)) / 6
+    assert next(c for c in raced if c.name == "worse").measured["chosen_kl_same_windows"] == pytest.approx(best_on_6, rel=1e-12)
+    assert "chosen_kl_same_windows" not in winner.measured
 
 
 def test_a_lone_candidate_is_built_once(monkeypatch):
@@ -146,3 +149,28 @@ def test_sliced_reference_scores_as_the_whole(tmp_path):
     for number in range(3):
         scores.extend(sliced.scores(candidate, original, range(number, number + 1)))
     assert scores.windows == 12 and scores.summary() == pytest.approx(whole, rel=1e-6) and whole["kl"] > 0
+
+
+def test_the_chosen_against_the_best_single_method():
+    """A single method measured on every window is compared on its full KL; one the race stopped counts as beaten,
+    and the line shows the chosen candidate's KL on the same windows."""
+    from moe_compress.fitting.report import versus_single_methods
+    from moe_compress.text.fit_card import versus_line
+
+    def row(name, kl, windows, aliases=(), **more):
+        return {"name": name, "aliases": list(aliases), "kl": kl, "top1": 0.9, "windows": windows, "first_slice_kl": kl, **more}
+
+    report = {"chosen": "fit", "held_out_windows": 48,
+              "candidates": [row("fit", 0.0012, 48), row("8-bit alone", 0.0011, 48), row("4-bit alone", 0.0013, 6, chosen_kl_same_windows=0.001)]}
+    assert versus_single_methods(report) == {"strictly_below_single_methods": False, "best_single_method": "8-bit alone"}
+    report["candidates"][1]["kl"] = report["candidates"][1]["first_slice_kl"] = 0.0015
+    report |= versus_single_methods(report)
+    assert report["strictly_below_single_methods"] is True and report["best_single_method"] == "8-bit alone"
+    report["candidates"][1]["windows"] = 12  # stopped too: the best is the least KL on the first slice
+    report["candidates"][1]["chosen_kl_same_windows"] = 0.0011
+    report |= versus_single_methods(report)
+    assert report == report | {"strictly_below_single_methods": True, "best_single_method": "4-bit alone"}
+    assert versus_line(report)[0] == ("Chosen fit: KL 0.0012, top-1 0.9000 against the original; best single method measured, 4-bit alone: "
+                                      "KL 0.0013, top-1 0.9000 on the first 6 windows, where the race stopped it (there, fit: KL 0.001).")
+    report["candidates"][0]["aliases"] = ["4-bit alone"]  # the optimum is a single method: it beats none
+    assert versus_single_methods(report)["strictly_below_single_methods"] is False

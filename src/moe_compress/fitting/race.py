@@ -59,8 +59,8 @@ def clearly_worse(mine: WindowScores, leader: WindowScores) -> bool:
 def race(candidates: list[Candidate], build: Callable[[int, Candidate], PreTrainedModel], reference: Reference, original: PreTrainedModel,
          say: Callable[[str], None]) -> Candidate:
     """Measure `candidates` (`build(number, candidate)` gives the model, `number` counting builds) by successive
-    halving on `reference`'s slices; fills each `measured` (with the windows it was measured on) and returns the
-    winner: least KL on every window, fewer bytes on a tie, the earlier candidate then."""
+    halving on `reference`'s slices; fills each `measured` (with the windows it was measured on, and for one
+    stopped early the winner's KL on those windows) and returns the winner: least KL on every window, fewer bytes on a tie, the earlier candidate then."""
     scores = {id(c): WindowScores() for c in candidates}
     alive, builds, slices = list(candidates), 0, len(reference.slices)
     total = reference.windows
@@ -87,6 +87,9 @@ def race(candidates: list[Candidate], build: Callable[[int, Candidate], PreTrain
         mine = scores[id(candidate)]
         candidate.measured = {**mine.summary(), "windows": mine.windows, "first_slice_kl": mine.mean_kl(first)}
     best = min(alive, key=lambda c: (c.measured["kl"], c.bytes))
+    for candidate in candidates:  # a stopped candidate beside the winner on the same windows
+        if candidate.measured["windows"] < total:
+            candidate.measured["chosen_kl_same_windows"] = scores[id(best)].mean_kl(candidate.measured["windows"])
     say(f"chosen: {best.name}, KL {best.measured['kl']:.4g}, top-1 {best.measured['top1']:.3f}, ppl {best.measured['perplexity']:.3f} "
         f"on all {total} windows ({sum(c.measured['windows'] < total for c in candidates)} of {len(candidates)} candidates stopped early)")
     return best

@@ -55,7 +55,8 @@ def versus_line(report: dict) -> list[str]:
     chosen, single = (next(c for c in report["candidates"] if n in [c["name"], *c["aliases"]]) for n in (report["chosen"], name))
     return [f"Chosen {report['chosen']}: KL {chosen['kl']:.4g}, top-1 {chosen['top1']:.4f} against the original; best single method "
             f"measured, {name}: KL {single['kl']:.4g}, top-1 {single['top1']:.4f}"
-            + ("" if single["windows"] == chosen["windows"] else f" (on the {single['windows']} windows before the race stopped it)") + ".", ""]
+            + ("" if single["windows"] == chosen["windows"] else f" on the first {single['windows']} windows, where the race stopped it "
+               f"(there, {report['chosen']}: KL {single['chosen_kl_same_windows']:.4g})") + ".", ""]
 
 
 def fit_card_lines(report: dict) -> list[str]:
