@@ -47,26 +47,14 @@ def _one(model: str, fraction: float, samples: int, windows: int) -> dict:
         prune_seconds = time.perf_counter() - start
     report = report_dict(result)
     return {"model": model, "fraction": fraction, "fit_seconds": round(fit_seconds, 1), "reap_prune_seconds": round(prune_seconds, 1),
-            "fit_over_reap": round(fit_seconds / prune_seconds, 2), "fit_phase_seconds": result.seconds, **_versus_single(report), **report}
-
-
-def _versus_single(report: dict) -> dict:
-    """Whether the chosen candidate's KL is strictly lower than every single method's that fits (None: none fits).
-    A single method the chosen allocation equals (an alias) is not beaten."""
-    chosen = next(c for c in report["candidates"] if c["name"] == report["chosen"])
-    single = [(name, c["kl"]) for c in report["candidates"] for name in [c["name"], *c["aliases"]] if " alone" in name]
-    if not single:
-        return {"strictly_below_single_methods": None, "best_single_method": None}
-    name, kl = min(single, key=lambda entry: entry[1])
-    beaten = chosen["kl"] < kl and not any(" alone" in n for n in [chosen["name"], *chosen["aliases"]])
-    return {"strictly_below_single_methods": beaten, "best_single_method": name}
+            "fit_over_reap": round(fit_seconds / prune_seconds, 2), "fit_phase_seconds": result.seconds, **report}
 
 
 def _markdown(rows: list[dict], command: str) -> str:
     lines = ["# fit: the best model under a byte budget", "", f"Command: `{command}`", "",
              "Every candidate is measured in the same run (held-out KL / top-1 / perplexity against the original on the test split "
              "of the bundled domains). Single methods: the rows named '... alone' (or listed after '=' when the search's optimum "
-             "is the same allocation). Bit widths are searched per MoE layer (16 / 8 / 4, written by the quantize stage's expert_bits); expert counts per layer by the criterion's scores; the other decoder weights (attention, shared experts, dense MLPs) at 16 / 8 / 4 bits as one global choice ('other weights'; quantize's scope \"all\"). Candidates are measured with their quantisation rounded in memory (bit-identical logits to the packed checkpoint reloaded, tests/test_fit_measure.py) against the original's log-probabilities computed once.", ""]
+             "is the same allocation). Bit widths are searched per MoE layer (16 / 8 / 4, written by the quantize stage's expert_bits); expert counts per layer by the criterion's scores; the other decoder weights (attention, shared experts, dense MLPs) at 16 / 8 / 4 bits as one global choice ('other weights'; quantize's scope \"all\"). Candidates are measured with their quantisation rounded in memory (bit-identical logits to the packed checkpoint reloaded, tests/test_fit_measure.py) against the original's log-probabilities computed once, and raced (fitting/race.py): every candidate on the first 1/8 of the held-out windows, then the slices doubling; one whose per-window KL is worse than the leader's by more than 3 standard errors of the paired differences is stopped (its row: the windows it was measured on, its figures on those only; a single method stopped so counts as beaten), the rest go on to every window. The Spearman correlation is taken on the first slice, which every candidate was measured on.", ""]
     for row in rows:
         if "refused" in row:
             lines += [f"## {row['model']} at {row['fraction']:.0%}", "", f"refused before calibrating: {row['refused']}", ""]
@@ -76,10 +64,13 @@ def _markdown(rows: list[dict], command: str) -> str:
                   f"fit {row['fit_seconds']} s vs one REAP prune {row['reap_prune_seconds']} s (x{row['fit_over_reap']}; fit's phases: "
                   + ", ".join(f"{k} {v} s" for k, v in row["fit_phase_seconds"].items()) + ")", "",
                   f"strictly lower KL than every single method that fits: **{_verdict(row)}**", "",
-                  "| candidate | bytes | other weights | proxy | KL | top-1 | ppl |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "stopped early: " + (", ".join(f"{c['name']} after {c['windows']} of {row['held_out_windows']} windows" for c in row["stopped_early"])
+                                       or "none"), "",
+                  "| candidate | bytes | other weights | proxy | KL | top-1 | ppl | windows |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for c in row["candidates"]:
             name = c["name"] + (f" (= {', '.join(c['aliases'])})" if c["aliases"] else "")
-            lines.append(f"| {name} | {c['bytes']} | {c['other_bits']} bits | {c['proxy']:.4g} | {c['kl']:.4g} | {c['top1']:.4f} | {c['perplexity']:.3f} |")
+            lines.append(f"| {name} | {c['bytes']} | {c['other_bits']} bits | {c['proxy']:.4g} | {c['kl']:.4g} | {c['top1']:.4f} | {c['perplexity']:.3f} "
+                         f"| {c['windows']} |")
         lines.append("")
     return "\n".join([*lines, *_summary(rows)])
 

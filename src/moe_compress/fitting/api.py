@@ -10,9 +10,9 @@ In order, each step only when the one before it succeeded:
    above the original returns it unchanged -- both before anything is calibrated;
 2. one calibration pass collects the proxies' statistics with the superset every pruning method
    reads (cached: the prune stages the candidates run find theirs there);
-3. the search (`fitting.search`) -> each candidate measured end to end (`fitting.measure`) -> the one of
-   least held-out KL written with `pipeline.run_stages`, its report beside it (`fitting.report`), its
-   prune plan recording the search (so `prune --plan-in` replays the artifact's pruning).
+3. the search (`fitting.search`) -> the candidates raced end to end on held-out windows (`fitting.race`,
+   `fitting.measure`: losers stopped on a slice, the rest measured on every window) -> the one of least
+   held-out KL written with `pipeline.run_stages`, its report beside it (`fitting.report`), its prune plan recording the search (so `prune --plan-in` replays the artifact's pruning).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ..text.format import human_bytes
 from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
 from .memory import kv_cache_bytes, parse_bytes
 from .search import Candidate, smallest
-from .steps import note_measured, search
+from .steps import search
 
 
 @dataclass
@@ -187,8 +187,9 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, m
 
     from ..arch.registry import get_adapter
     from ..engine.statistics import collect_statistics
-    from .measure import Reference, held_out_windows, measure
+    from .measure import Reference, build, held_out_windows
     from .proxies import other_costs, proxy_statistics
+    from .race import race, slice_bounds
 
     adapter = get_adapter(loaded)
     start = time.perf_counter()
@@ -196,11 +197,11 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, m
     search(result, adapter, loaded.config, stats, method, min_keep, sweep, show,
            other_costs(loaded, adapter, result.sizes.group_size) if result.sizes.others else {16: 0.0})
     result.seconds["calibration"], start = _since(start), time.perf_counter()
-    reference = Reference.of(loaded, held_out_windows(tokenizer, loaded.config, windows, seq_len))
+    held_out, domains = held_out_windows(tokenizer, loaded.config, windows, seq_len)
+    reference = Reference.of(loaded, held_out, slice_bounds(held_out.shape[0], domains))
     result.seconds["reference"], start = _since(start), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-compress-fit-", dir=out.parent if out is not None else None) as scratch:
-        for number, candidate in enumerate(result.candidates, 1):
-            measured = measure(candidate, loaded, tokenizer, batches, reference, result.sizes.group_size, Path(scratch) / f"candidate-{number}", device)
-            note_measured(result, number, candidate, measured, say)
+        result.best = race(result.candidates, lambda number, c: build(c, loaded, tokenizer, batches, result.sizes.group_size, Path(scratch) / f"build-{number}",
+                                                                        device), reference, loaded, say)
     result.seconds["candidates"] = _since(start)
 

@@ -1,29 +1,30 @@
-"""Each candidate measured end to end: its stages applied to a copy of the model, then compared with the original.
+"""Each candidate built and compared with the original on held-out windows, window by window.
 
 The comparison is the one `evaluate.fidelity.compare` makes, on held-out windows (the evaluation
 protocol's test split of each bundled domain, never the calibration text): mean KL(original ||
-candidate) per predicted token, top-1 agreement, and both perplexities.
+candidate) per predicted token, top-1 agreement, and both perplexities. It is kept per window
+(`WindowScores`) so that `fitting.race` can stop a candidate early on the windows it has seen,
+and so that a candidate's figures on the full set do not depend on the slices it was measured in.
 
 What it costs, and why it is cheap: the candidates' forwards on the held-out windows dominate a
 fit (on ref-mixtral, 16 windows of 256 tokens per domain: about 3 s per forward pass over them).
 So the original's log-probabilities are computed once (`Reference`), not once per candidate, when
-they take at most `REFERENCE_BYTES`; and a quantised candidate is rounded in memory
+they take at most `REFERENCE_BYTES`; a quantised candidate is rounded in memory
 (`fitting.simulate`: the same logits as its packed checkpoint reloaded, bit for bit) instead of
-being written and loaded back. Each candidate then costs one copy of the model and one forward
-pass over the windows.
+being written and loaded back; and the race measures most candidates on a first slice only.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..evaluate.fidelity import FidelityTotals, compare
 from ..evaluate.protocol import EvalProtocol, expand_sources
 from ..stages.base import StageContext
 from ..stages.quantize import Quantize
@@ -36,10 +37,14 @@ REFERENCE_BYTES = 2 * 2**30
 BATCH_BYTES = 2**28
 
 
-def held_out_windows(tokenizer: PreTrainedTokenizerBase | None, config, windows: int, seq_len: int) -> torch.Tensor:
-    """`windows` windows of `seq_len` tokens from the test split of every bundled domain, stacked."""
+def held_out_windows(tokenizer: PreTrainedTokenizerBase | None, config, windows: int, seq_len: int) -> tuple[torch.Tensor, int]:
+    """(`windows` windows of `seq_len` tokens from the test split of every bundled domain, the number of domains).
+    Interleaved -- the first window of each domain, then the second of each, ... -- so that every
+    prefix a race stops at covers the domains alike."""
     protocol = EvalProtocol(windows, seq_len)
-    return torch.cat([protocol.windows_of(tokenizer, source, config, "fit's evaluation length") for source in expand_sources("bundled")])
+    per_domain = [protocol.windows_of(tokenizer, source, config, "fit's evaluation length") for source in expand_sources("bundled")]
+    order = [d[i] for i in range(max(len(d) for d in per_domain)) for d in per_domain if i < len(d)]
+    return torch.stack(order), len(per_domain)
 
 
 def _log_probs(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
@@ -48,46 +53,104 @@ def _log_probs(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class WindowScores:
+    """Per held-out window: KL summed over its predicted tokens, top-1 agreements, tokens, and both sides' negative log-likelihoods."""
+
+    kl: list[float] = field(default_factory=list)
+    agree: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    nll_reference: list[float] = field(default_factory=list)
+
+    def add(self, mine: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor) -> None:
+        """Both [b, s, V] log-probabilities of the same positions, `targets` [b, s] the tokens they predict."""
+        agree = (mine.argmax(-1) == reference.argmax(-1)).sum(-1)
+        index = targets[..., None]
+        nll, nll_reference = (-log_probs.gather(-1, index).sum((1, 2)) for log_probs in (mine, reference))
+        for w in range(mine.shape[0]):
+            self.kl.append(float(F.kl_div(mine[w], reference[w], log_target=True, reduction="sum")))
+            self.agree.append(int(agree[w]))
+            self.tokens.append(int(mine.shape[1]))
+            self.nll.append(float(nll[w]))
+            self.nll_reference.append(float(nll_reference[w]))
+
+    def extend(self, other: WindowScores) -> None:
+        for name in ("kl", "agree", "tokens", "nll", "nll_reference"):
+            getattr(self, name).extend(getattr(other, name))
+
+    @property
+    def windows(self) -> int:
+        return len(self.kl)
+
+    def mean_kl(self, windows: int | None = None) -> float:
+        """KL per predicted token over the first `windows` windows (all without)."""
+        return sum(self.kl[:windows]) / max(sum(self.tokens[:windows]), 1)
+
+    def summary(self) -> dict:
+        """What `evaluate.fidelity.compare` gives over these windows."""
+        tokens = max(sum(self.tokens), 1)
+        return {"kl": self.mean_kl(), "top1": sum(self.agree) / tokens, "perplexity": math.exp(sum(self.nll) / tokens),
+                "original_perplexity": math.exp(sum(self.nll_reference) / tokens)}
+
+
+@dataclass
 class Reference:
-    """The held-out windows in forward batches, with the original's log-probabilities of each (None: too large to keep)."""
+    """The held-out windows in forward batches, grouped in slices (`slices`: batch indices per slice, the race's
+    steps), with the original's log-probabilities of each batch (None: too large to keep, recomputed per comparison)."""
 
     batches: list[torch.Tensor]
     log_probs: list[torch.Tensor] | None
+    slices: list[list[int]]
 
     @classmethod
     @torch.no_grad()
-    def of(cls, original: PreTrainedModel, windows: torch.Tensor) -> Reference:
+    def of(cls, original: PreTrainedModel, windows: torch.Tensor, bounds: list[int] | None = None) -> Reference:
+        """`bounds`: where each slice ends, in windows (the last at every window; one slice without)."""
         vocab = original.config.get_text_config().vocab_size
         size = max(1, BATCH_BYTES // (windows.shape[1] * vocab * 4))
-        batches = list(windows.split(size))
+        batches, slices, start = [], [], 0
+        for stop in bounds or [windows.shape[0]]:
+            pieces = list(windows[start:stop].split(size))
+            slices.append(list(range(len(batches), len(batches) + len(pieces))))
+            batches += pieces
+            start = stop
         kept = windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 <= REFERENCE_BYTES
-        return cls(batches, [_log_probs(original, b) for b in batches] if kept else None)
+        return cls(batches, [_log_probs(original, b) for b in batches] if kept else None, slices)
+
+    @property
+    def windows(self) -> int:
+        return sum(b.shape[0] for b in self.batches)
+
+    def slice_windows(self, number: int) -> int:
+        return sum(self.batches[i].shape[0] for i in self.slices[number])
 
     @torch.no_grad()
+    def scores(self, model: PreTrainedModel, original: PreTrainedModel, slices: range | None = None) -> WindowScores:
+        """`model` against the original on the windows of `slices` (all without), window by window."""
+        scores = WindowScores()
+        for number in slices if slices is not None else range(len(self.slices)):
+            for i in self.slices[number]:
+                reference = self.log_probs[i] if self.log_probs is not None else _log_probs(original, self.batches[i])
+                scores.add(_log_probs(model, self.batches[i]), reference, self.batches[i][:, 1:])
+        return scores
+
     def compare(self, model: PreTrainedModel, original: PreTrainedModel) -> dict:
-        """KL, top-1 agreement and both perplexities of `model` against the original, as `evaluate.fidelity.compare` gives them."""
-        if self.log_probs is None:
-            fidelity, mine, reference = compare(model, original, torch.cat(self.batches), batch_size=self.batches[0].shape[0])
-        else:
-            totals = FidelityTotals()
-            for batch, reference_log_probs in zip(self.batches, self.log_probs):
-                totals.add(_log_probs(model, batch), reference_log_probs, batch[:, 1:])
-            fidelity, (mine, reference) = totals.result(), totals.perplexities(sum(b.shape[0] for b in self.batches))
-        return {"kl": fidelity.kl, "top1": fidelity.top1_agreement, "perplexity": mine.perplexity, "original_perplexity": reference.perplexity}
+        """KL, top-1 agreement and both perplexities of `model` against the original on every window, as
+        `evaluate.fidelity.compare` gives them."""
+        return self.scores(model, original).summary()
 
 
-def measure(
+def build(
     candidate: Candidate,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
     batches: list[torch.Tensor],
-    reference: Reference,
     group: int,
     scratch: Path,
     device: str = "cpu",
-) -> dict:
-    """Apply `candidate`'s stages to a copy of `model` (a quantisation the way `fitting.simulate` covers, in
-    memory at group size `group` unless the stage names its own) and compare it with `model`; fills `candidate.measured`."""
+) -> PreTrainedModel:
+    """`candidate`'s stages applied to a copy of `model` (a quantisation the way `fitting.simulate` covers, in
+    memory at group size `group` unless the stage names its own); `model` is left as it was."""
     current = copy.deepcopy(model)
     for position, stage in enumerate(candidate.stages, 1):
         if isinstance(stage, Quantize) and simulated(stage):
@@ -96,5 +159,4 @@ def measure(
         place = scratch / f"stage-{position}"
         place.mkdir(parents=True, exist_ok=True)
         current = stage.run(StageContext(current, tokenizer, batches, device, place)).model
-    candidate.measured = reference.compare(current, model)
-    return candidate.measured
+    return current

@@ -1,9 +1,12 @@
 """What `fit` found, as `fit_report.json`, a markdown table and a plot of the front.
 
 The JSON holds the budget's arithmetic, every candidate (allocation, predicted bytes, proxy,
-measured KL / top-1 / perplexity / saved bytes), the chosen one, the predicted front when swept,
-and the Spearman rank correlation between the proxy and the measured KL over the candidates: how
-far the proxy can be trusted to rank what was not measured.
+measured KL / top-1 / perplexity / saved bytes, and the held-out windows it was measured on: the
+race, `fitting.race`, stops clear losers early), the chosen one, the candidates stopped early, the
+predicted front when swept, and the Spearman rank correlation between the proxy and the measured
+KL: how far the proxy can be trusted to rank what was not measured. The correlation is taken on
+the race's first slice, the windows every candidate was measured on, so that the KLs it ranks
+are of the same text.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..text.fit_card import FIT_REPORT_FILE, allocation_lines, candidate_lines, spearman_line
+from ..text.fit_card import FIT_REPORT_FILE, allocation_lines, candidate_lines, spearman_line, versus_line
 from ..text.format import human_bytes
 
 if TYPE_CHECKING:
@@ -53,9 +56,25 @@ def front_lines(front: dict) -> list[str]:
     return lines
 
 
+def versus_single_methods(report: dict) -> dict:
+    """The best single method measured (the candidates named "... alone", or an alias so), and whether the chosen
+    candidate's KL is strictly lower than every single method's (None: none fits the budget). A single method the
+    race stopped was clearly worse than the leader on the windows it saw: beaten; the best is the one of least KL
+    among those measured on every window, else on the first slice. A chosen allocation that is a single method beats none."""
+    chosen = next((c for c in report["candidates"] if c["name"] == report["chosen"]), None)
+    single = [(name, c) for c in report["candidates"] for name in [c["name"], *c["aliases"]] if " alone" in name and "kl" in c]
+    if chosen is None or not single:
+        return {"strictly_below_single_methods": None, "best_single_method": None}
+    full = [(name, c) for name, c in single if c["windows"] == report["held_out_windows"]]
+    name, _ = min(full, key=lambda entry: entry[1]["kl"]) if full else min(single, key=lambda entry: entry[1]["first_slice_kl"])
+    beaten = all(chosen["kl"] < c["kl"] for _, c in full) and not any(" alone" in n for n in [chosen["name"], *chosen["aliases"]])
+    return {"strictly_below_single_methods": beaten, "best_single_method": name}
+
+
 def report_dict(result: FitResult) -> dict:
     measured = [c for c in result.candidates if c.measured]
-    return {
+    windows = max((c.measured["windows"] for c in measured), default=0)
+    report = {
         "original_bytes": result.original_bytes,
         "budget": result.budget,
         "kv_cache_bytes": result.kv_bytes,
@@ -64,9 +83,12 @@ def report_dict(result: FitResult) -> dict:
         "unchanged": result.unchanged,
         "chosen": result.best.name if result.best else None,
         "candidates": [c.to_dict() for c in result.candidates],
-        "spearman_proxy_vs_kl": spearman([c.proxy for c in measured], [c.measured["kl"] for c in measured]),
+        "held_out_windows": windows,
+        "stopped_early": [{"name": c.name, "windows": c.measured["windows"]} for c in measured if c.measured["windows"] < windows],
+        "spearman_proxy_vs_kl": spearman([c.proxy for c in measured], [c.measured["first_slice_kl"] for c in measured]),
         "front": {str(bits): points for bits, points in result.front.items()},
     }
+    return {**report, **versus_single_methods(report)}
 
 
 def markdown(report: dict) -> str:
@@ -81,7 +103,7 @@ def markdown(report: dict) -> str:
     chosen = next((c for c in report["candidates"] if c["name"] == report["chosen"]), None)
     if chosen:
         lines += [f"## Chosen: {chosen['name']}", "", *allocation_lines(chosen), ""]
-    lines += ["## Candidates measured", "", *candidate_lines(report), "", spearman_line(report), ""]
+    lines += ["## Candidates measured", "", *candidate_lines(report), "", spearman_line(report), "", *versus_line(report)]
     return "\n".join(lines)
 
 

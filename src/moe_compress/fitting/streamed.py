@@ -79,7 +79,7 @@ def fit_streamed(result: FitResult, model: str | Path, calib, out: str | Path | 
     others = streamed_other_costs(weights, adapter, group, device) if result.sizes.others else {16: 0.0}
     search(result, adapter, skeleton.config, stats, method, min_keep, sweep, show, others)
     result.seconds["calibration"], start = _since(start), time.perf_counter()
-    held_out = held_out_windows(tokenizer, skeleton.config, windows, seq_len)
+    held_out, _ = held_out_windows(tokenizer, skeleton.config, windows, seq_len)
     measured = measure_streamed(weights, adapter, result.candidates, stats, held_out, group, device)
     for number, (candidate, values) in enumerate(zip(result.candidates, measured), 1):
         candidate.measured = values

@@ -1,0 +1,95 @@
+"""Racing the candidates on the held-out windows: successive halving, so that losers cost a slice, not the whole set.
+
+Every candidate is measured on a first slice of the windows (`RACE_FIRST` of them, the slices then
+doubling: 1/8, 1/8, 1/4, 1/2 of the set); after each slice, a candidate whose KL is clearly worse
+than the leader's on the same windows is stopped; the others go on to the next slice, until the
+full set decides among those left. "Clearly worse": over the windows both have seen, the
+candidate's per-window KL exceeds the leader's by more than `RACE_Z` standard errors of the paired
+differences -- the same windows on both sides, so a consistent small gap is enough and a noisy
+large one is not. The winner, and every candidate not stopped, is measured on every window, so its
+figures are those a full measurement gives (`WindowScores` sums window by window, whatever the
+slices). Deterministic: the same windows, candidates and models give the same race.
+
+A survivor is rebuilt for each slice (a copy of the model and its stages: on the reference models
+a fraction of a slice's forward pass) rather than held, so memory stays at the original and one
+candidate, as without the race; the last one left is built once for all the windows it still needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from transformers import PreTrainedModel
+
+from ..text.format import human_bytes
+from .measure import Reference, WindowScores
+from .search import Candidate
+
+#: The first slice, as a fraction of the held-out windows; each later slice is as large as everything before it.
+RACE_FIRST = 1 / 8
+#: Standard errors of the paired per-window KL differences past which a candidate is clearly worse than the leader.
+RACE_Z = 3.0
+
+
+def slice_bounds(windows: int, domains: int, first: float | None = None) -> list[int]:
+    """Where each slice ends (cumulative windows): `first` of them, then doubling up to all; each bound a multiple
+    of `domains` (the windows are interleaved by domain, so every slice holds each domain alike) but the last."""
+    first = RACE_FIRST if first is None else first
+    bounds, fraction = [], first
+    while fraction < 1:
+        bound = int(windows * fraction) // domains * domains
+        if bound > (bounds[-1] if bounds else 0):
+            bounds.append(bound)
+        fraction *= 2
+    return [*bounds, windows] if not bounds or bounds[-1] < windows else bounds
+
+
+def clearly_worse(mine: WindowScores, leader: WindowScores) -> bool:
+    """Whether `mine` is worse than `leader` by more than `RACE_Z` standard errors on the windows both measured."""
+    differences = [a / t - b / u for a, t, b, u in zip(mine.kl, mine.tokens, leader.kl, leader.tokens)]
+    n = len(differences)
+    if n < 2:
+        return False
+    mean = sum(differences) / n
+    spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
+    return mean > RACE_Z * spread / math.sqrt(n)
+
+
+def race(candidates: list[Candidate], build: Callable[[int, Candidate], PreTrainedModel], reference: Reference, original: PreTrainedModel,
+         say: Callable[[str], None]) -> Candidate:
+    """Measure `candidates` (`build(number, candidate)` gives the model, `number` counting builds) by successive
+    halving on `reference`'s slices; fills each `measured` (with the windows it was measured on, and for one
+    stopped early the winner's KL on those windows) and returns the winner: least KL on every window, fewer bytes on a tie, the earlier candidate then."""
+    scores = {id(c): WindowScores() for c in candidates}
+    alive, builds, slices = list(candidates), 0, len(reference.slices)
+    total = reference.windows
+    for step in range(slices):
+        # the last one left measures every slice it still needs at once: one build
+        steps = range(step, slices) if len(alive) == 1 else range(step, step + 1)
+        for candidate in alive:
+            builds += 1
+            model = build(builds, candidate)
+            scores[id(candidate)].extend(reference.scores(model, original, steps))
+            del model
+        seen = scores[id(alive[0])].windows
+        leader = min(alive, key=lambda c: (scores[id(c)].mean_kl(), c.bytes))
+        say(f"measured {len(alive)} candidate(s) on {seen} of {total} held-out windows; leading: {leader.name}, KL {scores[id(leader)].mean_kl():.4g}")
+        if seen == total:
+            break
+        stopped = [c for c in alive if c is not leader and clearly_worse(scores[id(c)], scores[id(leader)])]
+        for candidate in stopped:
+            say(f"stopped {candidate.name} ({human_bytes(candidate.bytes)}) after {seen} windows: KL {scores[id(candidate)].mean_kl():.4g}, "
+                f"clearly worse than {leader.name}'s {scores[id(leader)].mean_kl():.4g} on the same windows")
+        alive = [c for c in alive if all(c is not s for s in stopped)]
+    first = reference.slice_windows(0)
+    for candidate in candidates:
+        mine = scores[id(candidate)]
+        candidate.measured = {**mine.summary(), "windows": mine.windows, "first_slice_kl": mine.mean_kl(first)}
+    best = min(alive, key=lambda c: (c.measured["kl"], c.bytes))
+    for candidate in candidates:  # a stopped candidate beside the winner on the same windows
+        if candidate.measured["windows"] < total:
+            candidate.measured["chosen_kl_same_windows"] = scores[id(best)].mean_kl(candidate.measured["windows"])
+    say(f"chosen: {best.name}, KL {best.measured['kl']:.4g}, top-1 {best.measured['top1']:.3f}, ppl {best.measured['perplexity']:.3f} "
+        f"on all {total} windows ({sum(c.measured['windows'] < total for c in candidates)} of {len(candidates)} candidates stopped early)")
+    return best
