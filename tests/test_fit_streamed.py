@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,13 @@ def _without_run(value):
 
 
 def _fit_both(source: Path, tmp_path: Path, share: float, monkeypatch) -> dict:
+    """In memory and streamed; the in-memory race never stops a candidate (`RACE_Z` infinite), as the streamed walk,
+    which measures every candidate on every window in one read of the layers, does not race."""
     budget = int(checkpoint_sizes(source).total * share)
     results = {}
     for streaming in (False, True):
         with monkeypatch.context() as patch:
+            patch.setattr("moe_compress.fitting.race.RACE_Z", math.inf)
             if streaming:
                 patch.setattr("moe_compress.source.load.load_model", _never)
             results[streaming] = mc.fit(str(source), memory=budget, calib=TINY_CALIB, out=tmp_path / str(streaming), windows=2, seq_len=32,

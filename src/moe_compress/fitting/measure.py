@@ -93,6 +93,20 @@ class WindowScores:
                 "original_perplexity": math.exp(sum(self.nll_reference) / tokens)}
 
 
+def window_batches(windows: torch.Tensor, vocab: int, bounds: list[int] | None = None) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """The windows in forward batches of at most `BATCH_BYTES` of float32 log-probabilities, none across a slice's
+    end (`bounds`, cumulative windows), and the batch indices of each slice: every path that measures the same
+    windows forwards the same batches, so its figures are the same floats."""
+    size = max(1, BATCH_BYTES // (windows.shape[1] * vocab * 4))
+    batches, slices, start = [], [], 0
+    for stop in bounds or [windows.shape[0]]:
+        pieces = list(windows[start:stop].split(size))
+        slices.append(list(range(len(batches), len(batches) + len(pieces))))
+        batches += pieces
+        start = stop
+    return batches, slices
+
+
 @dataclass
 class Reference:
     """The held-out windows in forward batches, grouped in slices (`slices`: batch indices per slice, the race's
@@ -107,13 +121,7 @@ class Reference:
     def of(cls, original: PreTrainedModel, windows: torch.Tensor, bounds: list[int] | None = None) -> Reference:
         """`bounds`: where each slice ends, in windows (the last at every window; one slice without)."""
         vocab = original.config.get_text_config().vocab_size
-        size = max(1, BATCH_BYTES // (windows.shape[1] * vocab * 4))
-        batches, slices, start = [], [], 0
-        for stop in bounds or [windows.shape[0]]:
-            pieces = list(windows[start:stop].split(size))
-            slices.append(list(range(len(batches), len(batches) + len(pieces))))
-            batches += pieces
-            start = stop
+        batches, slices = window_batches(windows, vocab, bounds)
         kept = windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 <= REFERENCE_BYTES
         return cls(batches, [_log_probs(original, b) for b in batches] if kept else None, slices)
 

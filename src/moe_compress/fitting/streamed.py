@@ -57,6 +57,7 @@ def fit_streamed(result: FitResult, model: str | Path, calib, out: str | Path | 
     from ..methods import get_method
     from ..source.load import load_streamed
     from .measure import held_out_windows
+    from .race import slice_bounds
     from .proxies import proxy_statistics
     from .streamed_measure import measure_streamed
     from .streamed_write import write_best_streamed, write_unchanged_streamed
@@ -79,8 +80,8 @@ def fit_streamed(result: FitResult, model: str | Path, calib, out: str | Path | 
     others = streamed_other_costs(weights, adapter, group, device) if result.sizes.others else {16: 0.0}
     search(result, adapter, skeleton.config, stats, method, min_keep, sweep, show, others)
     result.seconds["calibration"], start = _since(start), time.perf_counter()
-    held_out, _ = held_out_windows(tokenizer, skeleton.config, windows, seq_len)
-    measured = measure_streamed(weights, adapter, result.candidates, stats, held_out, group, device)
+    held_out, domains = held_out_windows(tokenizer, skeleton.config, windows, seq_len)
+    measured = measure_streamed(weights, adapter, result.candidates, stats, held_out, group, slice_bounds(held_out.shape[0], domains), device)
     for number, (candidate, values) in enumerate(zip(result.candidates, measured), 1):
         candidate.measured = values
         note_measured(result, number, candidate, values, say)

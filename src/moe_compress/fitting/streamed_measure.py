@@ -30,7 +30,6 @@ from torch import nn
 from ..arch.adapter import MoEAdapter
 from ..arch.structure import experts_per_layer
 from ..errors import MoECompressError
-from ..evaluate.fidelity import FidelityTotals
 from ..methods import PlanRequest, get_method
 from ..plan import Plan
 from ..progress import track
@@ -41,7 +40,7 @@ from ..stages.quantize import Quantize
 from ..walk.activations import default_activations
 from ..walk.capture import capture_layer_inputs, logits_from_final_hidden
 from ..walk.observer import embedding_lookups, to_device
-from .measure import BATCH_BYTES
+from .measure import WindowScores, window_batches
 from .search import Candidate
 from .simulate import layer_roles, simulate_layer, simulated
 
@@ -97,16 +96,17 @@ def _edited(layer: nn.Module, index: int, action, adapter: MoEAdapter, hidden_si
 
 @torch.no_grad()
 def measure_streamed(weights: StreamedWeights, adapter: MoEAdapter, candidates: list[Candidate], stats: dict, windows: torch.Tensor,
-                     group: int, device: str = "cpu") -> list[dict]:
+                     group: int, bounds: list[int], device: str = "cpu") -> list[dict]:
     """Each candidate's KL, top-1 agreement and both perplexities against the original on `windows`, as
-    `fitting.measure.Reference.compare` gives them, in one streamed walk (see the module docstring)."""
+    `fitting.measure.Reference.compare` gives them, in one streamed walk (see the module docstring); with the
+    number of windows (all: one walk measures every candidate on each, so nothing is raced) and the KL on the
+    first slice of `bounds` (the race's, which the proxy's rank correlation reads), batched as the in-memory fit's."""
     model = weights.model
     if adapter.layer_state:
         raise MoECompressError(f"{adapter.model_type}: its layers hand state to the next one, which a streamed fit does not carry yet; "
                                "fit it in memory (streaming off).")
     config = model.config.get_text_config()
-    size = max(1, BATCH_BYTES // (windows.shape[1] * config.vocab_size * 4))
-    batches = list(windows.split(size))
+    batches, _ = window_batches(windows, config.vocab_size, bounds)
     layers = adapter.decoder_layers(model)
     actions = [layer_actions(c, adapter, model, stats, weights, len(layers), group) for c in candidates]
     roles = layer_roles(model, adapter)
@@ -132,7 +132,7 @@ def measure_streamed(weights: StreamedWeights, adapter: MoEAdapter, candidates: 
             for handles in sets.values():
                 store.release(handles)
             sets, original = new_sets, (*original, None)
-        totals = [FidelityTotals() for _ in candidates]
+        totals = [WindowScores() for _ in candidates]
         with weights.loaded_names(stem + head, device):
             for b, batch in enumerate(batches):
                 reference = _log_probs(model, adapter, batch, store.get(sets[original][b]))
@@ -142,11 +142,7 @@ def measure_streamed(weights: StreamedWeights, adapter: MoEAdapter, candidates: 
     finally:
         store.close()
         weights.drop_buffers()
-    results = []
-    for total in totals:
-        fidelity, (mine, theirs) = total.result(), total.perplexities(windows.shape[0])
-        results.append({"kl": fidelity.kl, "top1": fidelity.top1_agreement, "perplexity": mine.perplexity, "original_perplexity": theirs.perplexity})
-    return results
+    return [{**total.summary(), "windows": total.windows, "first_slice_kl": total.mean_kl(bounds[0])} for total in totals]
 
 
 def _forward(layer: nn.Module, hidden: list, kwargs: list[dict], store, device: str) -> list:
