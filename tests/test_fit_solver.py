@@ -38,7 +38,7 @@ def test_known_optimum(budget, labels, size, cost):
 
 
 def test_budget_below_the_smallest_is_refused_with_it():
-    with pytest.raises(MoECompressError, match=r"^the budget of 109 B is below the smallest size any allocation reaches, 110 B; raise --memory") as caught:
+    with pytest.raises(MoECompressError, match=r"^the budget of 109 B is below the smallest size any allocation reaches, 110 B; raise memory") as caught:
         solve(TABLE, 109, fixed=50)
     assert "\n" not in str(caught.value)
     with pytest.raises(MoECompressError, match=r"budget of 1 GiB is below the smallest size any allocation reaches, 2 GiB"):

@@ -122,13 +122,8 @@ ALLOWED = {
     ("evaluate/models.py", "--no-speed"),
     # the task generator's own argparse command line (python -m moe_compress.evaluate.mc_tasks) and its lm_eval hint
     ("evaluate/mc_tasks.py", "--out"), ("evaluate/mc_tasks.py", "--items"), ("evaluate/mc_tasks.py", "--seed"), ("evaluate/mc_tasks.py", "--include"),
-    # `fit` is being reworked elsewhere: its messages move to param with that work
-    ("fitting/api.py", "--context"), ("fitting/api.py", "--memory"), ("fitting/api.py", "--target-ratio"),
-    ("fitting/command.py", "--dry-run"), ("fitting/command.py", "--out"), ("fitting/solver.py", "--context"), ("fitting/solver.py", "--memory"),
     # fitting.memory's own argparse command line
     ("fitting/memory.py", "--batch"), ("fitting/memory.py", "--context"),
-    # source/ is being reworked elsewhere: its --device and --trust-remote-code messages move to param with that work
-    ("source/load.py", "--device"), ("source/load.py", "--trust-remote-code"), ("source/verify.py", "--verify-checksums"),
     # a command of another tool (huggingface-cli download --force-download)
     ("source/verify.py", "--force-download"),
     # whole moe-compress command lines to run (`moe-compress drop --unit moe`, `moe-compress run --help`)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..data.batches import CalibrationSpec
 from ..engine.prepare import Calibration, calibration_batches
-from ..errors import MoECompressError
+from ..errors import MoECompressError, OptionError, param
 from ..source.open import Streaming, should_stream
 from ..text.format import human_bytes
 from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
@@ -75,13 +75,13 @@ def _budget(model: str | Path, sizes: CheckpointSizes, memory: str | int | None,
     from ..source.load import load_config
 
     if (memory is None) == (target_ratio is None):
-        raise MoECompressError("give exactly one of --memory (e.g. 20GB) or --target-ratio (e.g. 0.4 of the original's size).")
+        raise MoECompressError(f"give exactly one of {param('memory')} (e.g. 20GB) or {param('target_ratio')} (e.g. 0.4 of the original's size).")
     kv = kv_cache_bytes(load_config(model, trust_remote_code)[1], context, batch) if context is not None else 0
     if target_ratio is not None:
         if not (isinstance(target_ratio, int | float) and 0 < target_ratio <= 1):
-            raise MoECompressError(f"--target-ratio must be in (0, 1]; got {target_ratio!r}.")
+            raise OptionError("target_ratio", f"must be in (0, 1]; got {target_ratio!r}.")
         return int((sizes.total + kv) * target_ratio), kv
-    return parse_bytes(memory, "--memory"), kv
+    return parse_bytes(memory, param("memory")), kv
 
 
 def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None, batch=1, min_keep=0, trust_remote_code=False) -> FitResult:
@@ -99,7 +99,7 @@ def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None,
             f"the budget leaves {human_bytes(max(result.weight_budget, 0))} for the weights{cache}, below the smallest size fit can reach, "
             f"{human_bytes(result.smallest_bytes)} ({result.smallest_bytes} bytes: every MoE layer at {fewest} experts, {min(BITS)} bits"
             + (f", the other decoder weights at {min(BITS)} bits too" if sizes.others else "") + "); "
-            "raise --memory" + (" or shorten --context." if context is not None else ".")
+            f"raise {param('memory')}" + (f" or shorten {param('context')}." if context is not None else ".")
         )
     result.unchanged = result.weight_budget >= sizes.total
     return result

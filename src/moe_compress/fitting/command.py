@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..data.batches import CalibrationSpec
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..text.format import human_bytes
 
 
@@ -66,7 +66,7 @@ def fit_command(
     from .api import fit
 
     if out is None and not dry_run:
-        raise MoECompressError("fit writes the model it chooses: give --out DIR (or --dry-run to see the search space only).")
+        raise MoECompressError(f"fit writes the model it chooses: give {param('out')} DIR (or {param('dry_run')} to see the search space only).")
     result = fit(model, memory, target_ratio, context, batch, calib, out, dry_run=True, method=method, overwrite=overwrite,
                  trust_remote_code=trust_remote_code)
     for line in _space(result):

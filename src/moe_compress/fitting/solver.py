@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..text.format import human_bytes
 
 
@@ -84,7 +84,7 @@ def solve(layers: Sequence[Sequence[Option]], budget: int, fixed: int = 0, resol
     if budget < floor:
         raise MoECompressError(
             f"the budget of {human_bytes(budget)} is below the smallest size any allocation reaches, {human_bytes(floor)}; "
-            "raise --memory (or shorten --context) or allow smaller options."
+            f"raise {param('memory')} (or shorten {param('context')}) or allow smaller options."
         )
     lows = [min(o.bytes for o in layer) for layer in layers]
     slack = budget - floor

@@ -31,7 +31,7 @@ from transformers.utils import logging as transformers_logging
 from ..arch.adapter import text_config
 from ..arch.catalog import auto_model_class
 from ..arch.registry import get_adapter
-from ..errors import MoECompressError, warn
+from ..errors import MoECompressError, param, warn
 from ..finite import require_finite_weights
 from ..progress import progress_enabled
 from .alignment import align_weights
@@ -44,7 +44,7 @@ from .sanity import check_dtypes, check_fp8_scales, check_loaded
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
-TRUST_HINT = "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust its author"
+TRUST_HINT = f"pass {param('trust_remote_code')} only if you trust its author"
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -52,17 +52,17 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         chosen = torch.device(device)
     except (RuntimeError, ValueError):
-        raise MoECompressError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from None
+        raise MoECompressError(f"{param('device')} {device!r} is not a device; use cpu, cuda or cuda:N.") from None
     if chosen.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise MoECompressError(f"--device {device} asked for a GPU, but this machine has no usable CUDA GPU; use --device cpu.")
+            raise MoECompressError(f"{param('device')} {device} asked for a GPU, but this machine has no usable CUDA GPU; use {param('device')} cpu.")
         if chosen.index is not None and chosen.index >= count:
-            raise MoECompressError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}).")
+            raise MoECompressError(f"{param('device')} {device}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}).")
     elif chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise MoECompressError(f"--device {device}: MPS is not available on this machine; use --device cpu.")
+        raise MoECompressError(f"{param('device')} {device}: MPS is not available on this machine; use {param('device')} cpu.")
     elif chosen.type not in ("cpu", "cuda", "mps"):
-        raise MoECompressError(f"--device {device}: moe-compress runs on cpu, cuda or mps.")
+        raise MoECompressError(f"{param('device')} {device}: moe-compress runs on cpu, cuda or mps.")
     return chosen
 
 

@@ -19,7 +19,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from ..errors import MoECompressError
+from ..errors import MoECompressError, param
 from ..progress import track
 
 _CHUNK = 1 << 24  # bytes hashed per read: a shard of any size streams through a fixed buffer
@@ -55,14 +55,14 @@ def verify_checksums(source: str | Path, shown_as: str | None = None) -> list[Pa
     shown_as = shown_as or str(source)
     if not directory.is_dir():
         raise MoECompressError(
-            f"--verify-checksums checks files on disk, and {shown_as} is not a local directory: download it first "
+            f"{param('verify_checksums')} checks files on disk, and {shown_as} is not a local directory: download it first "
             "(`huggingface-cli download`) and pass its snapshot directory."
         )
     files = sorted(path for path in directory.iterdir() if path.is_file())
     unrecorded = [path.name for path in files if path.name.endswith(_WEIGHT_SUFFIX) and recorded_hash(path) is None]
     if unrecorded:
         raise MoECompressError(
-            f"--verify-checksums: {shown_as} records no hash of {unrecorded[0]}: only a Hugging Face cache snapshot does (each file a "
+            f"{param('verify_checksums')}: {shown_as} records no hash of {unrecorded[0]}: only a Hugging Face cache snapshot does (each file a "
             "link to a blob named by its sha256), so nothing was verified. Pass the snapshot directory of a Hub download, or run without the option."
         )
     verified = []
