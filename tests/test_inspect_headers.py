@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moe_compress.cli import app
-from moe_compress.cli import inspect as inspect_command
+from moe_compress import listings
 from moe_compress.source.header_report import structure_from_headers
 from moe_compress.source.key_layout import known_layout
 from tiny_checkpoints import save_tiny_checkpoint
@@ -39,7 +39,7 @@ def without_modelling_code(monkeypatch) -> None:
     def refuse(*_args):
         raise AssertionError("inspect used the modelling code")
 
-    monkeypatch.setattr(inspect_command, "_with_modelling_code", refuse)
+    monkeypatch.setattr(listings, "_with_modelling_code", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,8 @@ ALLOWED = {
     ("evaluate/mc_tasks.py", "--out"), ("evaluate/mc_tasks.py", "--items"), ("evaluate/mc_tasks.py", "--seed"), ("evaluate/mc_tasks.py", "--include"),
     # fitting.memory's own argparse command line
     ("fitting/memory.py", "--batch"), ("fitting/memory.py", "--context"),
+    # the hint to run a checkpoint's own code names both spellings itself (the flag and the Python keyword)
+    ("source/load.py", "--trust-remote-code"),
     # a command of another tool (huggingface-cli download --force-download)
     ("source/verify.py", "--force-download"),
     # whole moe-compress command lines to run (`moe-compress drop --unit moe`, `moe-compress run --help`)

@@ -44,7 +44,7 @@ from .sanity import check_dtypes, check_fp8_scales, check_loaded
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
-TRUST_HINT = f"pass {param('trust_remote_code')} only if you trust its author"
+TRUST_HINT = "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust its author"
 
 
 def check_device(device: str | torch.device) -> torch.device:

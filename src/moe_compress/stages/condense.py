@@ -19,7 +19,7 @@ from ..engine.prepare import Calibration, calibration_batches, prepare
 from ..engine.statistics import collect_statistics
 from ..arch.size import model_size
 from ..source.load import resolve_model
-from ..source.open import available_bytes
+from ..source import open as opening  # `opening.available_bytes` at call time: what the machine has now
 from ..sink.output_lock import releases_outputs
 from ..source.residency import InMemoryWeights
 from ..methods.condense import plan_condense
@@ -62,7 +62,7 @@ def condense(
     """
     start = time.perf_counter()
     if isinstance(model, str | Path) and Path(resolve_model(model)).is_dir() and isinstance(calib, CalibrationSpec):
-        check_condense_memory(Path(resolve_model(model)), calib.samples, calib.seq_len, available_bytes("cpu"))
+        check_condense_memory(Path(resolve_model(model)), calib.samples, calib.seq_len, opening.available_bytes("cpu"))
     model, tokenizer, adapter, weights = prepare(model, tokenizer, out, overwrite, device, trust_remote_code=trust_remote_code)
     check_condense(Structure(model, adapter), layers, experts)  # before calibrating
     before = model_size(model, adapter)
@@ -100,7 +100,7 @@ class Condense(CondenseOptions, Stage):
         """From the config and shard headers (no weight read yet); then its memory: it holds every layer's input."""
         self.check(skeleton(model, job.dtype, job.trust_remote_code), [])
         if Path(resolve_model(model)).is_dir():
-            check_condense_memory(Path(resolve_model(model)), job.calib.samples, job.calib.seq_len, available_bytes("cpu"))
+            check_condense_memory(Path(resolve_model(model)), job.calib.samples, job.calib.seq_len, opening.available_bytes("cpu"))
 
     def run_one(self, model: str, tokenizer: Any, job: Job) -> CompressionResult:
         """In memory: its search reruns every later layer."""
