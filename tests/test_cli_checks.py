@@ -4,7 +4,6 @@ same refusal, naming the API parameter, that the command line gives naming its f
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import MoECompressError, OptionError, param
+from ..errors import MoECompressError, OptionError
 
 #: The pinned release this integration was written and tested against (see pyproject.toml).
 AUTOROUND_VERSION = "0.16.1"

@@ -20,7 +20,6 @@ always inspected with the modelling code.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from ..remembered import recall, remember
