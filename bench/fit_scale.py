@@ -74,6 +74,8 @@ def main() -> None:
     command = [str(Path(sys.executable).parent / "moe-compress"), "fit", str(source), "--memory", f"{budget}B", "--out", str(out),
                "--calib", "bundled", "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                "--eval-windows", str(args.eval_windows), "--eval-seq-len", str(args.eval_seq_len)]
+    os.environ["MOE_COMPRESS_CACHE"] = str(args.workdir / "cache")  # a fresh statistics cache: the run calibrates
+    shutil.rmtree(args.workdir / "cache", ignore_errors=True)
     group = make_cgroup(limit)
     try:
         run = timed(command, group)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..arch.adapter import MoEAdapter
+from ..source.allocator import trim_heap
 from ..source.residency import StreamedWeights
 from ..text.format import human_bytes
 from .steps import note_measured, search
@@ -79,12 +80,14 @@ def fit_streamed(result: FitResult, model: str | Path, calib, out: str | Path | 
     stats, _ = collect_statistics(skeleton, batches, names, cache_dir, device, weights)
     others = streamed_other_costs(weights, adapter, group, device) if result.sizes.others else {16: 0.0}
     search(result, adapter, skeleton.config, stats, method, min_keep, sweep, show, others)
+    trim_heap()  # what the calibration walk freed, back to the system before the candidates' walk
     result.seconds["calibration"], start = _since(start), time.perf_counter()
     held_out, domains = held_out_windows(tokenizer, skeleton.config, windows, seq_len)
     measured = measure_streamed(weights, adapter, result.candidates, stats, held_out, group, slice_bounds(held_out.shape[0], domains), device)
     for number, (candidate, values) in enumerate(zip(result.candidates, measured), 1):
         candidate.measured = values
         note_measured(result, number, candidate, values, say)
+    trim_heap()
     result.seconds["candidates"] = _since(start)  # the original's log-probabilities are computed in the same walk
     if out is not None:
         start = time.perf_counter()

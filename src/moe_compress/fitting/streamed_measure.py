@@ -82,14 +82,26 @@ def layer_actions(candidate: Candidate, adapter: MoEAdapter, model, stats: dict,
 
 
 def _edited(layer: nn.Module, index: int, action, adapter: MoEAdapter, hidden_size: int, roles: dict[str, str]) -> nn.Module:
-    """A copy of `layer` with `action` applied (the original stays as read, for the other candidates)."""
+    """A copy of `layer` with `action` applied (the original stays as read, for the other candidates).
+
+    Where the action prunes, the copy starts out sharing the routed experts' tensors with `layer`: the
+    surgery replaces them by the kept experts' slices (never writing to them), so a candidate costs
+    its kept experts, not a second copy of the whole layer before the slicing. Anything still shared
+    after it is copied before rounding in place."""
     from ..surgery.experts import apply_layer_plan
 
     _, plan, entry, quantize, group = action
-    edited = copy.deepcopy(layer)
+    block = adapter.moe_block(layer)
+    shared = [t.module._parameters.get(t.name, t.value) for t in adapter.routed_expert_tensors(block)] if entry is not None and block is not None else []
+    edited = copy.deepcopy(layer, {id(tensor): tensor for tensor in shared})
     if entry is not None:
         apply_layer_plan(edited, adapter, plan, entry, hidden_size)
     if quantize is not None:
+        originals = {tensor.data_ptr() for tensor in shared}
+        for name, tensor in edited.named_parameters():
+            if tensor.data_ptr() in originals:
+                owner, _, attr = name.rpartition(".")
+                setattr(edited.get_submodule(owner), attr, nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad))
         simulate_layer(edited, index, adapter, quantize, group, roles)
     return edited
 

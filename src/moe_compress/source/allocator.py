@@ -59,3 +59,17 @@ def activation_heap() -> Iterator[None]:
         yield
     finally:
         _mallopt(_PINNED)
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the operating system (glibc's `malloc_trim`); whether any were.
+
+    What a forward frees inside `activation_heap` stays in the heap, and a block still in use above
+    it keeps the heap from shrinking: after a streamed walk over 1 GB layers that was 1.6 GiB of
+    freed memory still resident (fit: calibration, then the candidates' walk). Elsewhere than glibc
+    this does nothing."""
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(name and ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

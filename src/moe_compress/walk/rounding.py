@@ -13,19 +13,25 @@ which is the part of the layer's squared output error that expert e's rounding a
 `f_e` enters the layer's output as w_{t,e} f_e(x_t)). Exact for this calibration, not a
 diagonal or Hessian estimate: the rounded expert runs on the real routed inputs.
 
-Memory: one layer's rounded experts (each bit width, the weights' dtype) are kept while that
-layer is calibrated -- the walk holds one decoder layer, so this adds two copies of one layer's
-routed experts -- and dropped when the next layer's experts arrive.
+Memory: one layer's rounded experts are kept while that layer is calibrated (a layer sees
+several batches; rounding it again for each would cost more than the forward), as int8 codes and
+their scales -- compressed-tensors' own `quantize`, widened by its `dequantize` one expert at a time,
+the values `round_to_nearest` gives -- so both bit widths together take what the experts take in
+bf16, not twice that. They are dropped as soon as the layer's weights are: a streamed walk releases
+each layer before it reads the next, and the last layer's codes must not outlive the walk (a
+streamed fit measures its candidates after it, in the same memory).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..arch.expert_math import expert_forward
+from ..source.allocator import trim_heap
 from .routed_batch import RoutedBatch
 
 #: The bit widths the statistic rounds to, in its columns' order.
@@ -70,22 +76,44 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group: int) -> torch.Tenso
     return fake_quantize(weight.float(), scale.to(weight.dtype).float(), zero_point, scheme.weights).to(weight.dtype)
 
 
-def rounded_experts(experts: nn.Module, bits: int, group: int) -> dict[str, torch.Tensor]:
-    """Every routed expert's weights rounded: [E, ...] tensors by attribute name, each expert's slice
-    rounded as the Linear weight it is stored as (transposed families store the transpose)."""
-    transposed = getattr(experts, "is_transposed", False)
-    rounded = {}
-    for name in _present(experts, _WEIGHTS):
-        tensor = getattr(experts, name).detach()
-        slices = [round_to_nearest(w.T if transposed else w, bits, group) for w in tensor]
-        rounded[name] = torch.stack([w.T if transposed else w for w in slices])
-    return rounded
+class _Codes:
+    """An expert-indexed weight tensor rounded as `round_to_nearest` rounds each expert's slice, kept as
+    int8 codes and scales; indexing gives one expert's rounded slice in float32 (as `_Widened` widens)."""
 
+    def __init__(self, tensor: torch.Tensor, bits: int, group: int, transposed: bool):
+        from compressed_tensors.quantization.lifecycle.forward import quantize
+
+        from ..packing import quant_scheme, rtn_parameters
+
+        scheme = quant_scheme(bits, group, True)
+        self.args, self.dtype, self.transposed = scheme.weights, tensor.dtype, transposed
+        first = tensor[0].T if transposed else tensor[0]
+        self.codes = torch.empty((tensor.shape[0], *first.shape), dtype=torch.int8, device=tensor.device)
+        self.scales: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for e, weight in enumerate(tensor):
+            weight = weight.T if transposed else weight
+            scale, zero_point = rtn_parameters(weight, scheme)
+            scale = scale.to(weight.dtype).float()  # the scale as stored, in the weights' dtype (`round_to_nearest`)
+            self.codes[e] = quantize(weight.float(), scale, zero_point, self.args, dtype=torch.int8)
+            self.scales.append((scale, zero_point))
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+        scale, zero_point = self.scales[expert]
+        value = dequantize(self.codes[expert], scale, zero_point, self.args, dtype=torch.float32).to(self.dtype)
+        return (value.T.contiguous() if self.transposed else value).float()
+
+
+def _rounded_codes(experts: nn.Module, bits: int, group: int) -> dict[str, _Codes]:
+    """Every routed expert's weights rounded, by attribute name (transposed families store the transpose)."""
+    transposed = getattr(experts, "is_transposed", False)
+    return {name: _Codes(getattr(experts, name).detach(), bits, group, transposed) for name in _present(experts, _WEIGHTS)}
 
 
 @torch.no_grad()
 def round_experts_in_place(experts: nn.Module, bits: int, group: int) -> None:
-    """`rounded_experts` written over the experts' own tensors, one expert at a time: no second copy of a layer's
+    """Every routed expert's weights rounded by `round_to_nearest`, written over the experts' own tensors, one expert at a time: no second copy of a layer's
     experts (a streamed fit rounds a 1 GB layer in a memory a few layers large)."""
     transposed = getattr(experts, "is_transposed", False)
     for name in _present(experts, _WEIGHTS):
@@ -93,7 +121,8 @@ def round_experts_in_place(experts: nn.Module, bits: int, group: int) -> None:
             w.copy_(round_to_nearest(w.T, bits, group).T if transposed else round_to_nearest(w, bits, group))
 
 class _LayerRounding:
-    """The current layer's rounded experts, computed on its first batch and replaced when another layer's arrive."""
+    """The current layer's rounded experts, computed on its first batch and dropped with its weights
+    (or when another layer's arrive, where weights stay in memory)."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -103,13 +132,18 @@ class _LayerRounding:
         first = getattr(experts, _present(experts, _WEIGHTS)[0])
         key = (id(experts), first.data_ptr(), group)
         if key != self.key:
-            self.key, self.views = None, []  # free the previous layer's copies before making this one's
+            self.forget()  # free the previous layer's codes before making this one's
             biases = {name: _Widened(getattr(experts, name).detach()) for name in _present(experts, _BIASES)}
-            for bits in ROUNDED_BITS:
-                rounded = rounded_experts(experts, bits, group)
-                self.views.append(_Seen(experts, {**{n: _Widened(t) for n, t in rounded.items()}, **biases}))
+            self.views = [_Seen(experts, {**_rounded_codes(experts, bits, group), **biases}) for bits in ROUNDED_BITS]
             self.key = key
+            weakref.finalize(first, self.forget, key)  # the weights released (a streamed walk's next layer, or its end): the codes go too
         return self.views
+
+    def forget(self, key: tuple | None = None) -> None:
+        """Drop the kept codes (only if they are still `key`'s, when given)."""
+        if key is None or key == self.key:
+            self.key, self.views = None, []
+            trim_heap()  # the codes' scales are small blocks, served from the heap
 
 
 _CURRENT = _LayerRounding()
