@@ -24,14 +24,14 @@ from ..arch.size import checkpoint_bytes, model_size
 from ..errors import MoECompressError
 from ..sink.export import streamed_groups
 from ..sink.model_card import provenance, write_model_card
-from ..sink.save import publish, save_compressed
+from ..sink.save import publish
 from ..sink.staging import discard_staging, staging_dir
 from ..source.checkpoint import Checkpoint
 from ..source.residency import StreamedWeights
 from ..stages.prune import Prune
 from ..text.composition import stage_report_markdown
 from .report import write_report
-from .write import record_in_plans, search_record
+from .write import record_in_plans, search_record, write_unchanged
 
 if TYPE_CHECKING:
     from .api import FitResult
@@ -118,12 +118,4 @@ def _finish(staged: Path, source: str | Path, plans: list, rows: list[dict], res
 
 def write_unchanged_streamed(weights: StreamedWeights, adapter, tokenizer, out: Path, overwrite: bool, result: FitResult) -> Path:
     """The original fits: copied layer by layer as it is, with the report saying so."""
-    work = staging_dir(out, "fit")
-    try:
-        staged = save_compressed(weights.model, work / "result", tokenizer, overwrite=True, groups=streamed_groups(weights, adapter, None))
-        write_report(result, staged)
-        write_model_card(staged)
-        publish(staged, out, overwrite)
-    finally:
-        discard_staging(work)
-    return out
+    return write_unchanged(weights.model, tokenizer, out, overwrite, result, groups=streamed_groups(weights, adapter, None))

@@ -65,11 +65,12 @@ def write_best(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     return out
 
 
-def write_unchanged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path, overwrite: bool, result: FitResult) -> Path:
-    """The original fits: saved as it is, with the report saying so."""
+def write_unchanged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path, overwrite: bool, result: FitResult,
+                    groups=None) -> Path:
+    """The original fits: saved as it is (`groups`: its layers as a streamed reader hands them out), with the report saying so."""
     work = staging_dir(out, "fit")
     try:
-        staged = save_compressed(model, work / "result", tokenizer, overwrite=True)
+        staged = save_compressed(model, work / "result", tokenizer, overwrite=True, groups=groups)
         write_report(result, staged)
         write_model_card(staged)
         publish(staged, out, overwrite)
