@@ -61,6 +61,9 @@ def test_an_option_changes_the_plan_exactly_as_its_old_flag_did(inputs, tmp_path
     (["--method", "cprune", "--option", "stage1_rate=fast"], "error: --option stage1_rate must be a finite number or none; got 'fast'."),
     (["--method", "cprune", "--option", "clusters=0"], "error: --option clusters must be a positive integer; got 0."),
     (["--option", "renormalize=sometimes"], "error: --option renormalize must be true or false or 'model'; got 'sometimes'."),
+    # a choice is refused when read, before the model is opened (MoNE checked these only when planning, after calibration)
+    (["--method", "mone", "--option", "output_format=bogus"], "error: --option output_format must be 'pruned' or 'expert-substitution'; got 'bogus'."),
+    (["--method", "mone", "--option", "fusion=sum"], "error: --option fusion must be 'product' or 'minmax_product' or 'weighted_sum'; got 'sum'."),
     (["--option", "renormalize"], "error: --option renormalize: give each option once, as KEY=VALUE (`moe-compress methods reap` lists them)."),
     (["--renormalize", "false", "--option", "renormalize=true"],
      "error: --option renormalize=true: give each option once, as KEY=VALUE (`moe-compress methods reap` lists them)."),

@@ -49,6 +49,8 @@ rank experts the same within layers and differ at near-ties across layers (bench
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from ..arch.table import experts_stored_per_expert
@@ -59,10 +61,13 @@ from ..plan import NoviceLayer, Plan, RoutingLimits
 from .budget import select_experts
 from .registry import Method, PlanRequest, register
 
-FUSIONS = ("product", "minmax_product", "weighted_sum")
-GLOBAL_SCORES = ("raw", "layer_normalised")
-VARIANCES = ("running", "exact")
-OUTPUT_FORMATS = ("pruned", SUBSTITUTION)
+# The options' values as types: `prune --option` and the Prune stage refuse any other before calibrating.
+Fusion = Literal["product", "minmax_product", "weighted_sum"]
+GlobalScores = Literal["raw", "layer_normalised"]
+Variance = Literal["running", "exact"]
+OutputFormat = Literal["pruned", "expert-substitution"]
+FUSIONS, GLOBAL_SCORES, VARIANCES, OUTPUT_FORMATS = (get_args(kind) for kind in (Fusion, GlobalScores, Variance, OutputFormat))
+assert SUBSTITUTION in OUTPUT_FORMATS
 
 
 def _minmax(values: torch.Tensor) -> torch.Tensor:
@@ -161,8 +166,8 @@ def check_output_format(output_format: str, request: PlanRequest) -> None:
 
 
 def plan_mone(
-    request: PlanRequest, fusion: str = "product", fusion_weight: float = 0.5, novices: bool = True, global_scores: str = "raw",
-    variance: str = "running", output_format: str = "pruned",
+    request: PlanRequest, fusion: Fusion = "product", fusion_weight: float = 0.5, novices: bool = True, global_scores: GlobalScores = "raw",
+    variance: Variance = "running", output_format: OutputFormat = "pruned",
 ) -> Plan:
     check_output_format(output_format, request)
     if global_scores not in GLOBAL_SCORES:
