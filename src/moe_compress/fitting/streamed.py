@@ -26,10 +26,11 @@ from ..arch.adapter import MoEAdapter
 from ..source.allocator import trim_heap
 from ..source.residency import StreamedWeights
 from ..text.format import human_bytes
-from .steps import note_measured, search
+from .steps import search
 
 if TYPE_CHECKING:
     from .api import FitResult
+    from .search import Candidate
 
 
 def streamed_other_costs(weights: StreamedWeights, adapter: MoEAdapter, group: int, device: str) -> dict[int, float]:
@@ -99,3 +100,11 @@ def fit_streamed(result: FitResult, model: str | Path, calib, out: str | Path | 
 def _since(start: float) -> float:
     return round(time.perf_counter() - start, 2)
 
+
+def note_measured(result: FitResult, number: int, candidate: Candidate, measured: dict, say: Callable[[str], None]) -> None:
+    """Keep the candidate of least KL (then fewest bytes) as `result.best`, and say how it went."""
+    if result.best is None or (measured["kl"], candidate.bytes) < (result.best.measured["kl"], result.best.bytes):
+        result.best = candidate
+    say(f"measured {number}/{len(result.candidates)}: {candidate.name}: {human_bytes(candidate.bytes)}, KL {measured['kl']:.4g}, "
+        f"top-1 {measured['top1']:.3f}, ppl {measured['perplexity']:.3f} (proxy {candidate.proxy:.4g}); "
+        f"best so far: {result.best.name}, KL {result.best.measured['kl']:.4g}")
