@@ -9,7 +9,13 @@ that alone fits) with bytes, proxy, held-out KL, top-1 and perplexity, the Spear
 proxy and KL, the chosen one, whether its KL is strictly lower than every single method's that
 fits, and the wall time of the whole fit (per phase: `FitResult.seconds`) against one REAP prune
 (`Prune("reap", ratio=0.25)`) with the same calibration, both with a cold statistics cache and
-after the library's imports. Results: bench/results/fit.json and bench/results/fit.md.
+after the library's imports. Results: bench/results/fit.json, bench/results/fit.md and the front plotted per
+cell, bench/results/fit_front.png (KL against saved bytes, marked as `fitting.front_plot` says).
+
+    python bench/fit.py --report
+
+rebuilds fit.md and fit_front.png from the recorded fit.json without measuring anything, keeping the command
+recorded in fit.md and the notes written there by hand below its summary.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +33,11 @@ os.environ.setdefault("MOE_COMPRESS_QUIET", "1")
 
 import moe_compress as mc  # noqa: E402
 from moe_compress.fitting import api, measure, proxies, search, simulate, write  # noqa: E402,F401  (imported before any timing)
+from moe_compress.fitting.front_plot import MARKS, legend_handles, mark, pyplot  # noqa: E402
 from moe_compress.fitting.report import report_dict  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+FRONT = RESULTS / "fit_front.png"
 
 
 def _one(model: str, fraction: float, samples: int, windows: int) -> dict:
@@ -55,6 +64,7 @@ def _markdown(rows: list[dict], command: str) -> str:
              "Every candidate is measured in the same run (held-out KL / top-1 / perplexity against the original on the test split "
              "of the bundled domains). Single methods: the rows named '... alone' (or listed after '=' when the search's optimum "
              "is the same allocation). Bit widths are searched per MoE layer (16 / 8 / 4, written by the quantize stage's expert_bits); expert counts per layer by the criterion's scores; the other decoder weights (attention, shared experts, dense MLPs) at 16 / 8 / 4 bits as one global choice ('other weights'; quantize's scope \"all\"). Candidates are measured with their quantisation rounded in memory (bit-identical logits to the packed checkpoint reloaded, tests/test_fit_measure.py) against the original's log-probabilities computed once, and raced (fitting/race.py): every candidate on the first 1/8 of the held-out windows, then the slices doubling; one whose per-window KL is worse than the leader's by more than 3 standard errors of the paired differences is stopped (its row: the windows it was measured on, its figures on those only; a single method stopped so counts as beaten), the rest go on to every window. The Spearman correlation is taken on the first slice, which every candidate was measured on.", ""]
+    lines += [f"The front per cell, KL against saved bytes. {MARKS}", "", f"![fit's front per cell]({FRONT.name})", ""]
     for row in rows:
         if "refused" in row:
             lines += [f"## {row['model']} at {row['fraction']:.0%}", "", f"refused before calibrating: {row['refused']}", ""]
@@ -90,13 +100,61 @@ def _summary(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _front(rows: list[dict], path: Path) -> None:
+    """One panel per (model, budget) cell, KL against saved bytes, marked as `fitting.front_plot.mark` marks fit's own plot."""
+    plt = pyplot()
+    if plt is None:
+        return
+    models, fractions = list(dict.fromkeys(r["model"] for r in rows)), list(dict.fromkeys(r["fraction"] for r in rows))
+    figure, axes = plt.subplots(len(models), len(fractions), figsize=(4.6 * len(fractions), 3.8 * len(models) + 0.8), squeeze=False)
+    for row in rows:
+        axis = axes[models.index(row["model"])][fractions.index(row["fraction"])]
+        axis.set_title(f"{row['model']} at {row['fraction']:.0%}", fontsize=9)
+        if "refused" in row:
+            axis.text(0.5, 0.5, "refused before calibrating", ha="center", va="center", transform=axis.transAxes)
+            axis.set_axis_off()
+            continue
+        mark(axis, row, "kl")
+        axis.yaxis.label.set_size(7)
+    figure.legend(handles=legend_handles([r for r in rows if "refused" not in r]), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    figure.suptitle("fit: every candidate measured, per (model, budget)", fontsize=11)
+    figure.tight_layout(rect=(0, 0.8 / (3.8 * len(models) + 0.8), 1, 1))
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _write(rows: list[dict], command: str, notes: str = "") -> None:
+    """fit.json's rows as fit.md (with `notes` after the summary) and fit_front.png."""
+    (RESULTS / "fit.md").write_text(_markdown(rows, command) + (f"\n{notes}" if notes else ""))
+    _front(rows, FRONT)
+
+
+def _notes(markdown: str) -> str:
+    """The sections written by hand below the generated ones (after the summary, the last one generated)."""
+    summary = markdown.find("\n## Summary\n")
+    after = markdown.find("\n## ", summary + 1) if summary >= 0 else -1
+    return markdown[after + 1:] if after >= 0 else ""
+
+
+def _rebuild() -> None:
+    """--report: fit.md and fit_front.png from the recorded fit.json, with the command and the notes of the fit.md there."""
+    existing = (RESULTS / "fit.md").read_text()
+    recorded = re.search(r"^Command: `(.*)`$", existing, re.MULTILINE)
+    if recorded is None:
+        raise SystemExit("bench/results/fit.md names no command: run the bench instead of --report")
+    _write(json.loads((RESULTS / "fit.json").read_text()), recorded.group(1), _notes(existing))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--fraction", action="append", type=float, default=[])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--report", action="store_true", help="rebuild fit.md and fit_front.png from fit.json; measure nothing")
     args = parser.parse_args()
+    if args.report:
+        return _rebuild()
     command = "python bench/fit.py " + " ".join([*(f"--model {m}" for m in args.model), *(f"--fraction {f}" for f in args.fraction),
                                                  f"--samples {args.samples}", f"--windows {args.windows}"])
     RESULTS.mkdir(exist_ok=True)
@@ -105,7 +163,7 @@ def main() -> None:
         for fraction in args.fraction or [0.5]:
             rows.append(_one(model, fraction, args.samples, args.windows))
             (RESULTS / "fit.json").write_text(json.dumps(rows, indent=2) + "\n")  # after every cell: a long run keeps what it measured
-            (RESULTS / "fit.md").write_text(_markdown(rows, command))
+            _write(rows, command)
 
 
 if __name__ == "__main__":

@@ -380,7 +380,7 @@ def test_version_and_a_help_that_imports_no_torch():
     result, stdout, _ = cli("--version")
     assert result.exit_code == 0 and stdout.strip() == f"moe-compress {__version__}"
     code = "import sys\nfrom moe_compress.cli import main\nsys.argv = ['moe-compress', '--help']\ntry:\n    main()\nexcept SystemExit:\n    pass\n" \
-           "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))"
+           "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'lm_eval', 'matplotlib') if m in sys.modules))"
     check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert "HEAVY []" in check.stdout, check.stdout[-2000:] + check.stderr[-2000:]
     assert "--quiet" in check.stdout and "--version" in check.stdout

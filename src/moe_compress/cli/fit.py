@@ -11,7 +11,7 @@ from .options import Calibration, DryRunOpt, Loading, ModelArg, OverwriteOpt, co
 @command(exclude=("max_activation_memory", "offload_dir", "text_field"))
 def fit(
     model: ModelArg,
-    out: Annotated[Path | None, typer.Option(help="Directory to write the chosen model to, with fit_report.{json,md,png} (written atomically).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Directory to write the chosen model to, with fit_report.{json,md,png,html} (written atomically).")] = None,
     memory: Annotated[str | None, typer.Option(help="The budget: saved weights (plus the KV cache with --context), e.g. 20GB, 512MiB, or bytes.")] = None,
     target_ratio: Annotated[float | None, typer.Option(help="Instead of --memory: the budget as a fraction of the original weights' bytes.")] = None,
     context: Annotated[int | None, typer.Option(help="Count the KV cache (or recurrent state) at this many tokens in the budget.")] = None,

@@ -10,7 +10,8 @@ the same name would shadow it, see `_lazy`.)
 * `solver`: the multiple-choice knapsack that picks one candidate per layer under the budget;
 * `proxies`: each per-layer candidate's quality cost, from statistics of one calibration pass;
 * `search`: the candidates worth measuring, each as a list of stages; `measure`: each measured end
-  to end; `report` and `write`: the report and the chosen model written; `api`: `fit` itself;
+  to end; `report` and `write`: the report and the chosen model written (`front_plot`: the front
+  drawn; `report_page`: fit_report.html); `api`: `fit` itself;
   `command`: the body of the CLI command; `steps`: what the in-memory and the streamed paths share;
 * `streamed`, `streamed_measure`, `streamed_write`: fit on a model read one decoder layer at a time.
 

@@ -1,12 +1,13 @@
-"""What `fit` found, as `fit_report.json`, a markdown table and a plot of the front.
+"""What `fit` found, as `fit_report.json`, a markdown table, a plot of the front (`fitting.front_plot`)
+and the page that shows them together, `fit_report.html` (`fitting.report_page`).
 
-The JSON holds the budget's arithmetic, every candidate (allocation, predicted bytes, proxy,
-measured KL / top-1 / perplexity / saved bytes, and the held-out windows it was measured on: the
-race, `fitting.race`, stops clear losers early), the chosen one, the candidates stopped early, the
-predicted front when swept, and the Spearman rank correlation between the proxy and the measured
-KL: how far the proxy can be trusted to rank what was not measured. The correlation is taken on
-the race's first slice, the windows every candidate was measured on, so that the KLs it ranks
-are of the same text.
+The JSON holds the budget's arithmetic, each MoE layer's experts in the original, every candidate
+(allocation, predicted bytes, proxy, measured KL / top-1 / perplexity / saved bytes, and the
+held-out windows it was measured on: the race, `fitting.race`, stops clear losers early), the chosen one,
+the candidates stopped early, the predicted front when swept, and the Spearman rank correlation
+between the proxy and the measured KL: how far the proxy can be trusted to rank what was not
+measured. The correlation is taken on the race's first slice, the windows every candidate was
+measured on, so that the KLs it ranks are of the same text.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..text.fit_card import FIT_REPORT_FILE, allocation_lines, candidate_lines, spearman_line, versus_line
+from ..text.fit_card import FIT_REPORT_FILE, FIT_REPORT_PAGE, allocation_lines, budget_line, candidate_lines, spearman_line, versus_line
 from ..text.format import human_bytes
+from .front_plot import plot
+from .report_page import page
 
 if TYPE_CHECKING:
     from .api import FitResult
@@ -87,17 +90,15 @@ def report_dict(result: FitResult) -> dict:
         "stopped_early": [{"name": c.name, "windows": c.measured["windows"]} for c in measured if c.measured["windows"] < windows],
         "spearman_proxy_vs_kl": spearman([c.proxy for c in measured], [c.measured["first_slice_kl"] for c in measured]),
         "front": {str(bits): points for bits, points in result.front.items()},
+        # each MoE layer's experts in the original: the allocation's kept counts are read against them
+        "experts": {str(layer): sizes.experts for layer, sizes in result.sizes.layers.items()} if result.sizes else {},
     }
     return {**report, **versus_single_methods(report)}
 
 
 def markdown(report: dict) -> str:
-    lines = [
-        "# fit report", "",
-        f"Budget {human_bytes(report['budget'])} ({report['budget']} bytes); KV cache {report['kv_cache_bytes']} bytes; "
-        f"weights may take {report['weight_budget']} bytes of the original's {report['original_bytes']} "
-        f"(smallest reachable: {report['smallest_reachable_bytes']}).", "",
-    ]
+    lines = ["# fit report", "", budget_line(report), "",
+             f"The same as one page, the front plotted (KL and perplexity against bytes): `{FIT_REPORT_PAGE}`.", ""]
     if report["unchanged"]:
         return "\n".join([*lines, "The original fits: written unchanged.", ""])
     chosen = next((c for c in report["candidates"] if c["name"] == report["chosen"]), None)
@@ -107,46 +108,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> Path | None:
-    """The predicted front (proxy, right axis) and every measured candidate's KL against bytes, the chosen one
-    ringed and the budget drawn; None when matplotlib is missing (the JSON and markdown say the same)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for c in report["candidates"]:
-        if "kl" in c:
-            axis.scatter(c["bytes"] / 2**20, c["kl"], s=80 if c["name"] == report["chosen"] else 30,
-                         edgecolors="black" if c["name"] == report["chosen"] else "none", label=c["name"], zorder=3)
-    axis.axvline(report["weight_budget"] / 2**20, color="grey", linestyle="--", label="weight budget")
-    axis.set_xlabel("saved weight MiB")
-    axis.set_ylabel("held-out KL to the original (nats / token)")
-    if report["front"]:
-        other = axis.twinx()
-        for bits, points in report["front"].items():
-            other.plot([b / 2**20 for b, _ in points], [p for _, p in points], linewidth=0.8, alpha=0.6, label=f"predicted front, {bits}-bit")
-        other.set_ylabel("proxy (summed relative output error)")
-        other.set_yscale("symlog", linthresh=1e-4)
-        other.legend(loc="upper center", fontsize=7)
-    axis.set_yscale("symlog", linthresh=1e-4)
-    axis.legend(fontsize=7, loc="upper right")
-    axis.set_title("fit: candidates measured")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
 def write_report(result: FitResult, directory: Path) -> dict:
-    """fit_report.json, fit_report.md and fit_report.png into `directory`; returns the report."""
+    """fit_report.json, fit_report.md, fit_report.png and fit_report.html into `directory` (the output's staging
+    directory: published with the checkpoint, `sink.save.publish`); returns the report."""
     import json
 
     report = report_dict(result)
     (directory / FIT_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (directory / "fit_report.md").write_text(markdown(report))
-    report["plot"] = str(plot(report, directory / "fit_report.png") or "") or None
+    figure = plot(report, directory / "fit_report.png")
+    (directory / FIT_REPORT_PAGE).write_text(page(report, figure))
+    report["plot"] = str(figure) if figure else None
     return report

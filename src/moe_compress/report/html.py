@@ -8,38 +8,14 @@ experts are, and how many experts the plan removes; the full per-expert table fo
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 
 import numpy as np
 
 from .analysis import COLUMNS, Analysis
+from .page import document, image, table
 from .plots import LABELS
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f2f2f2; }
-td.removed { background: #fdd; }
-img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0 1.5em; }
-.note { color: #555; font-size: 0.9em; }
-"""
-
-
-def _image(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-
-
-def _table(header: list[str], rows: list[list[str]], removed_rows: set[int] = frozenset()) -> str:  # type: ignore[assignment]
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = []
-    for index, row in enumerate(rows):
-        css = ' class="removed"' if index in removed_rows else ""
-        body.append("<tr>" + "".join(f"<td{css}>{html.escape(cell)}</td>" for cell in row) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def layer_summary(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
@@ -65,8 +41,7 @@ def layer_summary(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
 
 def write_report(analysis: Analysis, figures: list[Path], out: Path, normalize: str = "none") -> Path:
     """report.html in `out`: settings, the per-layer summary, every figure, and the per-expert table."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>moe-compress analysis: {html.escape(analysis.model)}</title>",
-             f"<style>{_STYLE}</style></head><body>", f"<h1>Expert analysis of {html.escape(analysis.model)}</h1>"]
+    parts = [f"<h1>Expert analysis of {html.escape(analysis.model)}</h1>"]
     settings = ", ".join(f"{k}: {v}" for k, v in analysis.settings.items())
     parts.append(f"<p class='note'>{html.escape(settings)}</p>")
     if analysis.plan is not None:
@@ -79,24 +54,23 @@ def write_report(analysis: Analysis, figures: list[Path], out: Path, normalize: 
     parts.append("<p class='note'>A busiest share far above the uniform share, or many idle experts, means uneven routing: "
                  "frequency-based pruning has experts to spare there. A high mean similarity means experts compute nearly the same "
                  "function: clusters can be merged or thinned.</p>")
-    parts.append(_table(header, rows))
+    parts.append(table(header, rows))
     parts.append("<h2>Plots</h2>")
     if normalize == "layer":
         parts.append("<p class='note'>Heatmaps are scaled per layer (each row divided by its largest value).</p>")
     for figure in figures:
-        parts.append(f"<h3>{html.escape(figure.stem.replace('_', ' '))}</h3>{_image(figure)}")
+        parts.append(f"<h3>{html.escape(figure.stem.replace('_', ' '))}</h3>{image(figure)}")
     parts.append("<h2>Per expert</h2><details><summary>all experts of all layers</summary>")
-    expert_rows, removed_rows = [], set()
+    expert_rows, removed_rows = [], {}
     for layer in analysis.layers:
         columns = analysis.columns[layer]
         gone = set(analysis.removed.get(layer, ()))
         for expert in range(len(columns["frequency"])):
             if expert in gone:
-                removed_rows.add(len(expert_rows))
+                removed_rows[len(expert_rows)] = "removed"
             expert_rows.append([str(layer), str(expert), *(f"{columns[c][expert]:.4g}" if c != "cluster" else str(columns[c][expert]) for c in COLUMNS)])
     names = ["layer", "expert", *(LABELS[c][0] if c in LABELS else c for c in COLUMNS)]
-    parts.append(_table(names, expert_rows, removed_rows) + "</details>")
-    parts.append("</body></html>")
+    parts.append(table(names, expert_rows, removed_rows) + "</details>")
     path = out / "report.html"
-    path.write_text("\n".join(parts))
+    path.write_text(document(f"moe-compress analysis: {analysis.model}", parts))
     return path
