@@ -221,18 +221,18 @@ def test_dry_run_calibrates_nothing(tiny, monkeypatch):
 
 
 def test_command_dry_run_prints_the_search_space(tiny, monkeypatch, capsys):
-    from moe_compress.fitting.command import fit_command
+    from moe_compress.fitting.command import FitSettings, fit_command
 
     monkeypatch.setattr("moe_compress.source.load.load_model", _never)
     sizes = checkpoint_sizes(tiny)
-    assert fit_command(str(tiny), target_ratio=0.5, dry_run=True) == 0
+    assert fit_command(str(tiny), FitSettings(target_ratio=0.5), dry_run=True) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"original weights: {sizes.total} bytes ({printed[0].split('(')[1]}"
     assert f"weights may take: {sizes.total // 2} bytes" in printed[2]
     assert printed[4].startswith("search space: 3 MoE layers, each keeping 2..8 experts (step 1), at 16 / 8 / 4 bits")
     assert printed[5] == "other decoder weights (attention, shared experts, dense MLPs): 16 / 8 / 4 bits"
     with pytest.raises(MoECompressError, match=r"give out DIR"):
-        fit_command(str(tiny), target_ratio=0.5)
+        fit_command(str(tiny), FitSettings(target_ratio=0.5))
 
 
 def test_the_fit_command_prints_the_search_space_and_refuses_what_it_cannot_do(tiny, tmp_path):

@@ -28,8 +28,7 @@ class _OneLineUsageErrors(TyperGroup):
         from ..invocation import recording
 
         args, level = progress.verbosity_from(list(sys.argv[1:] if args is None else args))
-        no_arguments = not args  # shows the help, as no_args_is_help says
-        if not standalone_mode or no_arguments:
+        if not standalone_mode or not args:  # no arguments: the help, as no_args_is_help says
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         with progress.verbosity_set(level):
             try:

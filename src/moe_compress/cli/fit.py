@@ -1,25 +1,15 @@
 """`moe-compress fit`: the best compression of a model that fits a memory budget."""
 
-from pathlib import Path
-from typing import Annotated
+from ..fitting.command import FitSettings
+from .options import Calibration, DryRunOpt, Loading, ModelArg, OverwriteOpt, command, settings_options
 
-import typer
-
-from .options import Calibration, DryRunOpt, Loading, ModelArg, OverwriteOpt, command
+Options = settings_options(FitSettings)
 
 
 @command(exclude=("max_activation_memory", "offload_dir", "text_field"))
 def fit(
     model: ModelArg,
-    out: Annotated[Path | None, typer.Option(help="Directory to write the chosen model to, with fit_report.{json,md,png,html} (written atomically).")] = None,
-    memory: Annotated[str | None, typer.Option(help="The budget: saved weights (plus the KV cache with --context), e.g. 20GB, 512MiB, or bytes.")] = None,
-    target_ratio: Annotated[float | None, typer.Option(help="Instead of --memory: the budget as a fraction of the original weights' bytes.")] = None,
-    context: Annotated[int | None, typer.Option(help="Count the KV cache (or recurrent state) at this many tokens in the budget.")] = None,
-    batch: Annotated[int, typer.Option(help="Sequences held at --context (KV cache x batch).")] = 1,
-    method: Annotated[str, typer.Option(help="The expert-pruning criterion the search allocates with (reap, frequency, soft_count, gate_sum, ean).")] = "reap",
-    sweep: Annotated[bool, typer.Option("--sweep", help="Print the predicted quality-vs-size curve (from the statistics alone) before measuring.")] = False,
-    eval_windows: Annotated[int, typer.Option(help="Held-out windows per bundled domain the candidates are measured on (each domain's test split).")] = 32,
-    eval_seq_len: Annotated[int, typer.Option(help="Tokens per held-out window.")] = 256,
+    given: Options = Options(),
     calibration: Calibration = Calibration(),
     overwrite: OverwriteOpt = False,
     load: Loading = Loading(),
@@ -34,6 +24,4 @@ def fit(
     """
     from ..fitting.command import fit_command
 
-    load.check(model)
-    return fit_command(model, memory, target_ratio, context, batch, out, dry_run, sweep, calibration.spec(), method, overwrite,
-                       load.device, load.trust_remote_code, load.mode(), eval_windows, eval_seq_len)
+    return fit_command(model, given, calibration, load, overwrite, dry_run)

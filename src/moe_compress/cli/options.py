@@ -39,49 +39,50 @@ class Bundle:
 
 
 #: Settings whose flag is not their name with dashes.
-RENAMED = {"eval_ppl": "--eval", "allow_unreached": "--allow-unreached-experts"}
+RENAMED = {"eval_ppl": "--eval", "allow_unreached": "--allow-unreached-experts", "sources": "--ppl", "json_out": "--json"}
 
 
-def as_flags(description: str, flags: dict[str, str] | None = None) -> str:
+def as_flags(description: str, flags: dict[str, str | tuple[str, ...]] | None = None) -> str:
     """A description as the command line shows it: the options it names (`errors.param`) as their flags (`flags`: this command's renamed)."""
-    renamed = {**RENAMED, **(flags or {})}
+    renamed = {name: flag if isinstance(flag, str) else flag[0] for name, flag in {**RENAMED, **(flags or {})}.items()}
     with parameter_names(lambda name: renamed.get(name, "--" + name.replace("_", "-"))):
         return named(description)
 
 
 def _flag_type(annotation: object) -> object:
-    """The type a flag takes for a declared option: a choice of names is a string; of the forms a recipe also
-    takes (a list beside a comma-separated string, a bool beside a path) the one a command line writes."""
+    """The type a flag takes for a declared option: a choice of names is a string, a list alone a repeated flag; of the
+    forms a recipe also takes (a list beside a comma-separated string, a bool beside a path) the one a command line writes."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     members = typing.get_args(annotation) if union else (annotation,)
-    kinds = [str if typing.get_origin(m) is typing.Literal else m for m in members if m is not type(None) and typing.get_origin(m) in (None, typing.Literal)]
-    kinds = [k for k in kinds if k is not bool] if len(kinds) > 1 else kinds
+    kinds = [str if typing.get_origin(m) is typing.Literal else m for m in members if m is not type(None)]
+    kinds = [k for k in kinds if k is not bool and typing.get_origin(k) is not list] if len(kinds) > 1 else kinds
     chosen = Path if Path in kinds else kinds[0]
     return chosen | None if type(None) in members else chosen
 
 
-def _bundle(name: str, declared: list[tuple[str, object, object, str]], flags: dict[str, str] | None, bases: tuple[type, ...] = (),
-            namespace: dict | None = None) -> type[Bundle]:
+def _bundle(name: str, declared: list[tuple[str, object, object, str]], flags: dict[str, str | tuple[str, ...]] | None,
+            bases: tuple[type, ...] = (), namespace: dict | None = None) -> type[Bundle]:
     """A bundle of options declared elsewhere, each (name, type, default, help): a flag named after it (`flags` renames
-    one; a switch is --name, or --name/--no-name where it defaults to on), typed by `_flag_type`, its default a list's
-    written comma-separated."""
+    one, or gives it aliases after its name; a switch is --name, or --name/--no-name unless it defaults to off), typed
+    by `_flag_type`, its default a list's written comma-separated."""
     def option(field_name: str, annotation: object, default: object, help: str) -> tuple[str, object, object]:
         flag = (flags or {}).get(field_name, "--" + field_name.replace("_", "-"))
+        flag, *aliases = (flag,) if isinstance(flag, str) else flag
         kind = _flag_type(annotation)
-        decls = (flag if not default else f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+        decls = (flag if default is False else f"{flag}/--no-{flag[2:]}",) if kind in (bool, bool | None) else (flag, *aliases)
         default = ",".join(map(str, default)) if isinstance(default, list) else default
         return field_name, Annotated[kind, typer.Option(*decls, help=as_flags(help, flags))], field(default=default)
 
     return make_dataclass(name, [option(*one) for one in declared], bases=(*bases, Bundle), frozen=True, namespace=namespace or {})
 
 
-def settings_options(settings: type, inherit: bool = True) -> type[Bundle]:
-    """The library's `settings` (a dataclass) as a bundle of options: its `described` fields' types, defaults and
-    descriptions; the bundle is the settings too (`inherit`) or only carries their values (`asdict`)."""
+def settings_options(settings: type, inherit: bool = True, flags: dict[str, str | tuple[str, ...]] | None = None) -> type[Bundle]:
+    """The library's `settings` (a dataclass) as a bundle of options: its `described` fields' types, defaults and descriptions,
+    flags renamed by `flags` (`_bundle`); the bundle is the settings too (`inherit`) or only carries their values (`asdict`)."""
     described = [f for f in fields(settings) if "description" in f.metadata]  # only these annotations are evaluated: others may name
     namespace = vars(sys.modules[settings.__module__])                       # classes the settings' module imports when type checking
     declared = [(f.name, eval(f.type, namespace) if isinstance(f.type, str) else f.type, f.default, f.metadata["description"]) for f in described]
-    return _bundle(settings.__name__, declared, RENAMED, (settings,) if inherit else ())
+    return _bundle(settings.__name__, declared, {**RENAMED, **(flags or {})}, (settings,) if inherit else ())
 
 
 #: How the model is read and where it computes; the calibration text; perplexity before and after; the quality guard.
@@ -105,11 +106,10 @@ def stage_options(declared: type[BaseModel], exclude: tuple[str, ...] = (), flag
     return _bundle(declared.__name__, options, flags, namespace={"stage": stage})
 
 
-def bundled(command: Callable, exclude: tuple[str, ...] = (), defaults: dict[str, object] | None = None) -> Callable:
+def bundled(command: Callable, exclude: tuple[str, ...], defaults: dict[str, object]) -> Callable:
     """`command` with each parameter annotated with a `Bundle` spread into that bundle's options, in its place;
     the command receives the bundle. `exclude`: options the command does not offer (they keep the bundle's
     default); `defaults`: this command's defaults. An option the command declares itself keeps its declaration."""
-    defaults = defaults or {}
     signature = inspect.signature(command, eval_str=True)
     own = set(signature.parameters)
     spread: list[inspect.Parameter] = []
@@ -119,10 +119,9 @@ def bundled(command: Callable, exclude: tuple[str, ...] = (), defaults: dict[str
         if not (isinstance(kind, type) and issubclass(kind, Bundle)):
             spread.append(parameter)
             continue
-        hints = typing.get_type_hints(kind, include_extras=True)
         names = [f.name for f in fields(kind) if f.name not in exclude]
         groups[parameter.name] = (kind, names)
-        spread += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
+        spread += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=f.type,
                                      default=defaults.get(f.name, f.default)) for f in fields(kind) if f.name in names and f.name not in own]
 
     @wraps(command)
@@ -137,9 +136,14 @@ def bundled(command: Callable, exclude: tuple[str, ...] = (), defaults: dict[str
 
 
 def command(name: str | None = None, exclude: tuple[str, ...] = (), **defaults: object) -> Callable[[Callable], Callable]:
-    """Register a command on `app` (named `name`, default its function's): user errors as one line, and its
-    bundles spread into options (`bundled` with `exclude` and `defaults`)."""
-    return lambda function: app.command(name)(user_errors(bundled(function, exclude, defaults)))
+    """Register a command on `app` (named `name`, default its function's): user errors as one line, its bundles spread
+    into options (`bundled` with `exclude` and `defaults`), and its docstring as help with each paragraph one line that
+    --help wraps to the terminal (typer prints the paragraphs after the first with the docstring's own line breaks)."""
+    def register(function: Callable) -> Callable:
+        help = "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(function.__doc__).split("\n\n"))
+        return app.command(name, help=help)(user_errors(bundled(function, exclude, defaults)))
+
+    return register
 
 
 #: What a stage command may share, as (annotation, default), in --help order after MODEL, --out and the stage's options.

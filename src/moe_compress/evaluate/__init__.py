@@ -1,7 +1,7 @@
 """Measuring what compression lost and gained: perplexity, multiple-choice accuracy, speed (sizes: `arch.size`).
 
-Names are imported on first use (`moe_compress._lazy`): the CLI reads `protocol` for its
---help without importing torch or lm-eval.
+Names are imported on first use (`moe_compress._lazy`): the CLI reads `protocol` and `models` (the
+eval command's options) for its --help without importing torch or lm-eval.
 """
 
 from __future__ import annotations

@@ -1,18 +1,25 @@
 """`moe-compress eval` as a function: one model (or a compressed model and its original) measured
 the same way -- perplexity, lm-eval accuracy, size, memory, speed, and fidelity to the original --
 into the JSON-ready report the command prints and writes.
+
+The command's own options are declared here (`EvaluationSettings`), beside the request they make;
+importing this costs nothing (no torch): the command line reads them for its --help.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import progress
+from ..described import described
 from ..errors import MoECompressError, param, require_positive
-from .protocol import EvalProtocol
-from .speed import SpeedSettings
+from .protocol import DEFAULT_PROTOCOL, EvalProtocol
+
+if TYPE_CHECKING:
+    from ..loading import LoadSettings
+    from .speed import SpeedSettings
 
 
 @dataclass
@@ -62,6 +69,42 @@ class Evaluation:
             "speed": vars(self.speed) if self.speed else None, "streamed": streamed,
             "protocol": self.protocol.to_dict() if self.sources else None,
         }
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What `eval` is asked to measure, as its options name it: the `Evaluation` it requests once the model and how
+    to read it are given (`request`), and where the report goes besides the table (`json_out`)."""
+
+    sources: list[str] | None = described(None, (
+        "Text to measure perplexity on; repeatable. 'bundled' gives one result per bundled domain (test split)."))
+    tasks: str | None = described(None, (
+        "Comma-separated lm-evaluation-harness tasks or groups: 'moec' (our offline multiple-choice tasks on the bundled test split), "
+        "its tasks, or any lm-eval task (those need the Hub)."))
+    limit: int | None = described(None, "Score at most this many questions per task (the first ones).")
+    speed: bool | None = described(None, (
+        f"Measure prefill and decode throughput (tokens/s, greedy, KV cache). Default: on with {param('compare')}, off otherwise."))
+    compare: str | None = described(None, (
+        "An original model (same forms as MODEL): evaluate it the same way, show the changes, and time both interleaved in this process."))
+    seq_len: int = described(DEFAULT_PROTOCOL.seq_len, "Tokens per perplexity window (windows do not overlap: the stride is the window).")
+    max_windows: int = described(DEFAULT_PROTOCOL.windows, (
+        "Perplexity windows per text source (the first ones of its test split; fewer if the text is shorter)."))
+    batch_size: int = described(8, "Windows (perplexity) or requests (tasks) per forward pass.")
+    speed_batch: int = described(4, "Prompts per batch when timing.")
+    speed_prompt_len: int = described(128, "Prompt tokens per prompt when timing prefill (cut to fit the model's positions).")
+    speed_new_tokens: int = described(32, "Tokens generated per prompt when timing decode.")
+    speed_repeats: int = described(5, "Timed runs per model (after one warm-up); medians are reported.")
+    json_out: Path | None = described(None, "Also write the results as JSON to this file.")
+
+    def request(self, model: str, load: LoadSettings) -> Evaluation:
+        """The `Evaluation` of `model` read as `load` says, every count checked (the speed settings' even when not timed).
+        Speed is timed when asked, by default with a comparison (both models interleaved in one process)."""
+        from .speed import SpeedSettings
+
+        speed = SpeedSettings(self.speed_batch, self.speed_prompt_len, self.speed_new_tokens, self.speed_repeats)
+        timed = self.compare is not None if self.speed is None else self.speed
+        return Evaluation(model, self.sources or [], EvalProtocol(self.max_windows, self.seq_len), self.tasks, self.limit, self.batch_size,
+                          speed if timed else None, self.compare, load.dtype, load.device, load.mode(), load.trust_remote_code, load.threads)
 
 
 def _open(name: str, request: Evaluation):

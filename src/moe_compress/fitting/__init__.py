@@ -15,5 +15,6 @@ the same name would shadow it, see `_lazy`.)
   `command`: the body of the CLI command; `steps`: what the in-memory and the streamed paths share;
 * `streamed`, `streamed_measure`, `streamed_write`: fit on a model read one decoder layer at a time.
 
-Nothing is imported here: `memory` is read by the CLI at start-up, which must not pull torch.
+Nothing is imported here: `command` (the command's options) is read by the CLI at start-up, which must not
+pull torch.
 """

@@ -5,16 +5,38 @@ A plain function the CLI wraps (it parses the options and turns `MoECompressErro
 calibrates nothing; `--sweep` prints the predicted quality-vs-size curve (the solver's front,
 from the statistics alone) before the measured points; otherwise the candidates measured, the
 best so far as it goes, and the table of what was chosen and written.
+
+The command's own options are declared here (`FitSettings`), beside the code they drive; importing
+this costs nothing (no torch): the command line reads them for its --help.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.batches import CalibrationSpec
+from ..described import described
 from ..errors import MoECompressError, param
+from ..loading import LoadSettings
+from ..stage_command import CalibrationSettings
 from ..text.format import human_bytes
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What `fit` searches for and where it writes the result: the budget (`memory` or `target_ratio`, the KV cache at
+    `context` x `batch` in it), the pruning criterion, and the held-out text the candidates are measured on."""
+
+    out: Path | None = described(None, "Directory to write the chosen model to, with fit_report.{json,md,png,html} (written atomically).")
+    memory: str | None = described(None, f"The budget: saved weights (plus the KV cache with {param('context')}), e.g. 20GB, 512MiB, or bytes.")
+    target_ratio: float | None = described(None, f"Instead of {param('memory')}: the budget as a fraction of the original weights' bytes.")
+    context: int | None = described(None, "Count the KV cache (or recurrent state) at this many tokens in the budget.")
+    batch: int = described(1, f"Sequences held at {param('context')} (KV cache x batch).")
+    method: str = described("reap", "The expert-pruning criterion the search allocates with (reap, frequency, soft_count, gate_sum, ean).")
+    sweep: bool = described(False, "Print the predicted quality-vs-size curve (from the statistics alone) before measuring.")
+    eval_windows: int = described(32, "Held-out windows per bundled domain the candidates are measured on (each domain's test split).")
+    eval_seq_len: int = described(256, "Tokens per held-out window.")
 
 
 def _print(line: str) -> None:
@@ -43,38 +65,25 @@ def _space(result) -> list[str]:
     return lines
 
 
-def fit_command(
-    model: str,
-    memory: str | None = None,
-    target_ratio: float | None = None,
-    context: int | None = None,
-    batch: int = 1,
-    out: str | Path | None = None,
-    dry_run: bool = False,
-    sweep: bool = False,
-    calib: CalibrationSpec | str = CalibrationSpec(samples=128),
-    method: str = "reap",
-    overwrite: bool = False,
-    device: str = "cpu",
-    trust_remote_code: bool = False,
-    streaming: bool | str = "auto",
-    windows: int = 32,
-    seq_len: int = 256,
-) -> int:
-    """Run `fit` as the command does, printing as it goes; returns the exit status (0). `windows` x `seq_len`: the held-out
-    text per bundled domain; `streaming`: as `source.open.open_model` takes it."""
+def fit_command(model: str, settings: FitSettings = FitSettings(), calibration: CalibrationSettings = CalibrationSettings(samples=128),
+                load: LoadSettings = LoadSettings(), overwrite: bool = False, dry_run: bool = False) -> int:
+    """Run `fit` as the command does, printing as it goes; returns the exit status (0). Every input is checked first:
+    the device and checksums (`load`), then the calibration text's settings, then the rest."""
     from .api import fit
 
-    if out is None and not dry_run:
+    load.check(model)
+    calib, streaming = calibration.spec(), load.mode()
+    if settings.out is None and not dry_run:
         raise MoECompressError(f"fit writes the model it chooses: give {param('out')} DIR (or {param('dry_run')} to see the search space only).")
-    result = fit(model, memory, target_ratio, context, batch, calib, out, dry_run=True, method=method, overwrite=overwrite,
-                 trust_remote_code=trust_remote_code)
+    budget = (model, settings.memory, settings.target_ratio, settings.context, settings.batch, calib, settings.out)
+    result = fit(*budget, dry_run=True, method=settings.method, overwrite=overwrite, trust_remote_code=load.trust_remote_code)
     for line in _space(result):
         _print(line)
     if dry_run:
         return 0
-    result = fit(model, memory, target_ratio, context, batch, calib, out, sweep=sweep, method=method, windows=windows, seq_len=seq_len,
-                 overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, streaming=streaming, say=lambda line: print(line, file=sys.stderr, flush=True), show=_print)
+    result = fit(*budget, sweep=settings.sweep, method=settings.method, windows=settings.eval_windows, seq_len=settings.eval_seq_len,
+                 overwrite=overwrite, device=load.device, trust_remote_code=load.trust_remote_code, streaming=streaming,
+                 say=lambda line: print(line, file=sys.stderr, flush=True), show=_print)
     report = (Path(result.output_dir) / "fit_report.md") if result.output_dir else None
     if report is not None and report.exists():
         _print(report.read_text())
