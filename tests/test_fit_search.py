@@ -12,7 +12,7 @@ import moe_compress as mc
 from helpers import rounded, tensor_bytes
 from moe_compress import MoECompressError
 from moe_compress.arch.registry import get_adapter
-from moe_compress.fitting import api as fit_api
+from moe_compress.fitting import api as fit_api, search
 from moe_compress.fitting.proxies import ENERGY, LayerProxy, layer_proxies, rounding_statistic
 from moe_compress.fitting.report import spearman
 from moe_compress.methods.budget import select_experts
@@ -21,7 +21,7 @@ from moe_compress.walk.routed_batch import RoutedBatch
 from moe_compress.walk.statistics import STATISTICS
 from moe_compress.plan import Plan, RoutingLimits
 from moe_compress.stages.footprint import Footprint
-from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes
+from moe_compress.stages.sizes import CheckpointSizes, LayerSizes, candidate_bytes, checkpoint_sizes
 from tiny_checkpoints import save_tiny_checkpoint
 from tiny_models import tiny_model
 
@@ -146,6 +146,38 @@ def test_spearman_by_hand():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # rank differences 0, 1, 1: 1 - 6 x 2 / (3 x 8)
     assert spearman([1, 2], [2, 1]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+# ---- the candidates, on hand-made sizes and proxies ----------------------------------------------
+def _hand_sizes() -> CheckpointSizes:
+    """Two MoE layers of 4 experts (100 / 50 / 25 bytes each at 16 / 8 / 4 bits, no router bytes), and other
+    weights of 400 / 200 / 100 bytes at 16 / 8 / 4 bits within a fixed part of 1000 bytes: 1800 in all."""
+    layers = {i: LayerSizes(i, 4, {16: 100, 8: 50, 4: 25}, 0, 0) for i in (0, 1)}
+    return CheckpointSizes(1800, 16, layers, {0: 900, 1: 900}, {0: {16: 400, 8: 200, 4: 100}})
+
+
+def _hand_proxies() -> dict[int, LayerProxy]:
+    """Each expert: energy 1, rounding error 0.01 at 8 bits and 0.1 at 4: a layer costs 0.01 at 8 bits, 0.1 at 4."""
+    rounding = {16: torch.zeros(4, dtype=torch.float64), 8: torch.full((4,), 0.01, dtype=torch.float64), 4: torch.full((4,), 0.1, dtype=torch.float64)}
+    return {i: LayerProxy(i, torch.ones(4, dtype=torch.float64), rounding, {4: [0, 1, 2, 3]}) for i in (0, 1)}
+
+
+def test_the_optimum_is_measured_at_every_width_of_the_other_weights():
+    """Budget 1300: with the other weights at 16 bits (fixed 1000) the experts take at most 300 bytes -- layers at 8 and
+    4 bits, proxy 0.11; at 8 bits (fixed 800), 500 -- both layers at 8 bits, 0.02 + 0.005; at 4 bits (fixed 700), 600 --
+    16 and 8 bits, 0.01 + 0.05. All three are measured, the least proxy named "fit", then the front beside it."""
+    sizes, proxies, floors = _hand_sizes(), _hand_proxies(), {0: [4], 1: [4]}
+    found = search.solved(sizes, floors, proxies, 1300, "reap", {16: 0.0, 8: 0.005, 4: 0.05})
+    summary = [(c.name, c.other_bits, {i: ch.bits for i, ch in c.allocation.items()}, c.bytes) for c in found]
+    assert summary == [("fit", 8, {0: 8, 1: 8}, 1200), ("fit, other weights 4-bit", 4, {0: 16, 1: 8}, 1300),
+                       ("fit, other weights 16-bit", 16, {0: 8, 1: 4}, 1300),
+                       ("fit (front 1)", 8, {0: 4, 1: 8}, 1100), ("fit (front 2)", 8, {0: 4, 1: 4}, 1000)]
+    assert [c.proxy for c in found] == pytest.approx([0.025, 0.06, 0.11, 0.115, 0.205])
+    assert all(search.predicted_bytes(c.stages, sizes) == c.bytes for c in found)
+    # with the single methods: every decoder weight at 8 bits is the optimum itself (an alias), 4-bit alone is measured beside it
+    named = {c.name: c.aliases for c in search.candidates(sizes, floors, proxies, 1300, "reap", {16: 0.0, 8: 0.005, 4: 0.05})}
+    assert named == {"fit": ["8-bit alone, every decoder weight"], "fit, other weights 4-bit": [], "fit, other weights 16-bit": [],
+                     "fit (front 1)": [], "fit (front 2)": [], "4-bit alone": []}
 
 
 # ---- the search, end to end ----------------------------------------------------------------------

@@ -6,11 +6,14 @@ global choice: the width of the other decoder weights (attention, shared experts
 quantize's scope "all"), 16 / 8 / 4 where the sizes know their packed bytes
 (`CheckpointSizes.others`), priced by `proxies.other_costs`; it moves the fixed part. The solver
 (`fitting.solver.solve`) picks one option per layer under the weight budget, once per width of the
-other weights, and the allocation of least total proxy wins. What is then measured:
+other weights. What is then measured:
 
 * the solver's optimum over every (experts kept, width) pair per layer -- widths mix across layers,
-  written by the quantize stage's per-layer `expert_bits` (`PER_LAYER_BITS`);
-* the front points (`fitting.solver.front`) just under the budget around that optimum, in case the
+  written by the quantize stage's per-layer `expert_bits` (`PER_LAYER_BITS`) -- at every width of
+  the other weights that reaches the budget: the one of least total proxy named "fit", the others
+  "fit, other weights 16-bit" and so on. The other weights' proxy is a weight-space estimate on
+  another scale than the experts' costs, so the measurement, not the proxy, picks their width;
+* the front points (`fitting.solver.front`) just under the budget around the best of them, in case the
   proxy ranks near neighbours wrongly;
 * the single-method configurations at the same budget, which the search must beat to be worth
   anything: the method alone at the smallest layer ratio that fits, and 8-bit / 4-bit alone (the
@@ -135,25 +138,33 @@ def _candidate(name: str, picked: Allocation, choices: dict[int, list[Choice]], 
 
 def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
            others: dict[int, float]) -> list[Candidate]:
-    """The solver's optimum per width table (one table over every width with `PER_LAYER_BITS`), each at the width
-    of the other weights (`others`: width -> proxy cost) of least total proxy, and `FRONT_POINTS` front points under
-    the budget beside the best of them."""
+    """The solver's optimum per width table (one table over every width with `PER_LAYER_BITS`) at every width of the
+    other weights (`others`: width -> proxy cost) that reaches the budget, the least total proxy first, and
+    `FRONT_POINTS` front points under the budget beside the best of all.
+
+    Every width of the other weights is measured, not only the cheapest by proxy: their proxy is a weight-space
+    estimate (`proxies.other_costs`) on another scale than the experts' costs, and it was seen to rank them wrongly
+    (ref-deepseek at 50 %: the optimum with them at 8 bits measured worse than the one with them as stored);
+    the race stops the losers on a slice."""
     tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
-    found: list[tuple[Candidate, list[list[Option]], dict[int, list[Choice]]]] = []
+    found: list[tuple[list[Candidate], list[list[Option]], dict[int, list[Choice]]]] = []
     for widths in tables:
         choices = layer_choices(sizes, floors, widths)
         rows = table(sizes, choices, proxies)
         name = "fit" if PER_LAYER_BITS else f"fit, {widths[0]}-bit"
-        options = [_candidate(name, solve(rows, budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
-                   for bits in other_widths(sizes) if smallest_bytes(rows, fixed_bytes(sizes, bits)) <= budget]
+        options = sorted((_candidate(name, solve(rows, budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
+                          for bits in other_widths(sizes) if smallest_bytes(rows, fixed_bytes(sizes, bits)) <= budget), key=lambda c: c.proxy)
+        for option in options[1:]:
+            option.name = f"{name}, other weights {option.other_bits}-bit"
         if options:
-            found.append((min(options, key=lambda c: c.proxy), rows, choices))
-    best, rows, choices = min(found, key=lambda entry: entry[0].proxy)
+            found.append((options, rows, choices))
+    best_options, rows, choices = min(found, key=lambda entry: entry[0][0].proxy)
+    best = best_options[0]
     fixed = fixed_bytes(sizes, best.other_bits)
     nearby = [point for point in front(rows, fixed) if point.bytes <= budget and point.labels != tuple(c.label for c in best.allocation.values())]
     extra = [_candidate(f"{best.name} (front {n})", point, choices, sizes, method, best.other_bits, others[best.other_bits])
              for n, point in enumerate(nearby[:FRONT_POINTS], 1)]
-    return [entry[0] for entry in found] + extra
+    return [candidate for options, _, _ in found for candidate in options] + extra
 
 
 def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
