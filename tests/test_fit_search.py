@@ -275,6 +275,7 @@ def test_command_dry_run_prints_the_search_space(tiny, monkeypatch, capsys):
     assert printed[0] == f"original weights: {sizes.total} bytes ({printed[0].split('(')[1]}"
     assert f"weights may take: {sizes.total // 2} bytes" in printed[2]
     assert printed[4].startswith("search space: 3 MoE layers, each keeping 2..8 experts (step 1), at 16 / 8 / 4 bits")
+    assert printed[4].endswith(", or its routed MoE dropped (one MoE layer left routing)")
     assert printed[5] == "other decoder weights (attention, shared experts, dense MLPs): 16 / 8 / 4 bits"
     with pytest.raises(MoECompressError, match=r"give out DIR"):
         fit_command(str(tiny), target_ratio=0.5)
