@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import moe_compress as mc
 from helpers import rounded, tensor_bytes
 from moe_compress import MoECompressError
 from moe_compress.arch.registry import get_adapter
-from moe_compress.fitting import api as fit_api
+from moe_compress.fitting import api as fit_api, search
+from moe_compress.fitting.solver import Option, solve
 from moe_compress.fitting.proxies import ENERGY, LayerProxy, layer_proxies, rounding_statistic
 from moe_compress.fitting.report import spearman
 from moe_compress.methods.budget import select_experts
@@ -21,7 +23,7 @@ from moe_compress.walk.routed_batch import RoutedBatch
 from moe_compress.walk.statistics import STATISTICS
 from moe_compress.plan import Plan, RoutingLimits
 from moe_compress.stages.footprint import Footprint
-from moe_compress.stages.sizes import candidate_bytes, checkpoint_sizes
+from moe_compress.stages.sizes import CheckpointSizes, LayerSizes, candidate_bytes, checkpoint_sizes
 from tiny_checkpoints import save_tiny_checkpoint
 from tiny_models import tiny_model
 
@@ -148,6 +150,48 @@ def test_spearman_by_hand():
     assert spearman([1, 2], [2, 1]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
 
 
+# ---- the candidates, on hand-made sizes and proxies ----------------------------------------------
+def _hand_sizes() -> CheckpointSizes:
+    """Two MoE layers of 4 experts (100 / 50 / 25 bytes each at 16 / 8 / 4 bits, no router bytes), and other
+    weights of 400 / 200 / 100 bytes at 16 / 8 / 4 bits within a fixed part of 1000 bytes: 1800 in all."""
+    layers = {i: LayerSizes(i, 4, {16: 100, 8: 50, 4: 25}, 0, 0) for i in (0, 1)}
+    return CheckpointSizes(1800, 16, layers, {0: 900, 1: 900}, {0: {16: 400, 8: 200, 4: 100}})
+
+
+def _hand_proxies() -> dict[int, LayerProxy]:
+    """Each expert: energy 1, rounding error 0.01 at 8 bits and 0.1 at 4: a layer costs 0.01 at 8 bits, 0.1 at 4."""
+    rounding = {16: torch.zeros(4, dtype=torch.float64), 8: torch.full((4,), 0.01, dtype=torch.float64), 4: torch.full((4,), 0.1, dtype=torch.float64)}
+    return {i: LayerProxy(i, torch.ones(4, dtype=torch.float64), rounding, {4: [0, 1, 2, 3]}) for i in (0, 1)}
+
+
+def test_the_optimum_is_measured_at_every_width_of_the_other_weights():
+    """Budget 1300: with the other weights at 16 bits (fixed 1000) the experts take at most 300 bytes -- layers at 8 and
+    4 bits, proxy 0.11; at 8 bits (fixed 800), 500 -- both layers at 8 bits, 0.02 + 0.005; at 4 bits (fixed 700), 600 --
+    16 and 8 bits, 0.01 + 0.05. All three are measured, the least proxy named "fit", then the front beside it."""
+    sizes, proxies, floors = _hand_sizes(), _hand_proxies(), {0: [4], 1: [4]}
+    found = search.solved(sizes, floors, proxies, 1300, "reap", {16: 0.0, 8: 0.005, 4: 0.05})
+    summary = [(c.name, c.other_bits, {i: ch.bits for i, ch in c.allocation.items()}, c.bytes) for c in found]
+    assert summary == [("fit", 8, {0: 8, 1: 8}, 1200), ("fit, other weights 4-bit", 4, {0: 16, 1: 8}, 1300),
+                       ("fit, other weights 16-bit", 16, {0: 8, 1: 4}, 1300),
+                       ("fit (front 1)", 8, {0: 4, 1: 8}, 1100), ("fit (front 2)", 8, {0: 4, 1: 4}, 1000)]
+    assert [c.proxy for c in found] == pytest.approx([0.025, 0.06, 0.11, 0.115, 0.205])
+    assert all(search.predicted_bytes(c.stages, sizes) == c.bytes for c in found)
+    # with the single methods: every decoder weight at 8 bits is the optimum itself (an alias), 4-bit alone is measured beside it
+    named = {c.name: c.aliases for c in search.candidates(sizes, floors, proxies, 1300, "reap", {16: 0.0, 8: 0.005, 4: 0.05})}
+    assert named == {"fit": ["8-bit alone, every decoder weight"], "fit, other weights 4-bit": [], "fit, other weights 16-bit": [],
+                     "fit (front 1)": [], "fit (front 2)": [], "4-bit alone": []}
+
+
+def test_the_optimum_leaves_a_moe_layer_routing():
+    """Dropping both layers (cost 2, 0 bytes) is the knapsack's optimum under 60 bytes, but a plan must leave a MoE layer
+    routing: the best with one layer denied its drop is taken (50 bytes, cost 4; layer 0 the first tried on the tie)."""
+    row = [Option(100, 0.0, "8x16b"), Option(50, 3.0, "4x16b"), Option(0, 1.0, search.DROPPED.label)]
+    assert solve([row, row], 60).labels == ("dropped", "dropped")
+    found = search.optimum([row, row], 60, 0)
+    assert found.labels == ("4x16b", "dropped") and found.bytes == 50 and found.cost == 4.0
+    assert search.reachable([row, row], 7) == 57
+
+
 # ---- the search, end to end ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
@@ -189,9 +233,10 @@ def test_unreachable_budget_is_refused_before_calibration(tiny, monkeypatch):
     sizes = checkpoint_sizes(tiny)
     top_k = 2
     others = sum(block[4] - block[16] for block in sizes.others.values())  # attention at 4 bits too
-    smallest = sizes.fixed + others + sum(candidate_bytes(layer, top_k, 4) for layer in sizes.layers.values())
-    with pytest.raises(MoECompressError, match=rf"below the smallest size fit can reach, .* \({smallest} bytes: every MoE layer at {top_k} experts, "
-                                               r"4 bits, the other decoder weights at 4 bits too\)"):
+    # every MoE layer but one dropped (layer drop is a choice of the search: routed experts and router gone), that one at its fewest, 4 bits
+    smallest = sizes.fixed + others + candidate_bytes(sizes.layers[0], top_k, 4)
+    with pytest.raises(MoECompressError, match=rf"below the smallest size fit can reach, .* \({smallest} bytes: every MoE layer but one dropped, "
+                                               rf"that one at {top_k} experts, 4 bits, the other decoder weights at 4 bits too\)"):
         mc.fit(str(tiny), memory=smallest - 1)
     assert fit_api.plan_budget(str(tiny), memory=smallest).smallest_bytes == smallest  # exactly the smallest is reachable
 
@@ -230,6 +275,7 @@ def test_command_dry_run_prints_the_search_space(tiny, monkeypatch, capsys):
     assert printed[0] == f"original weights: {sizes.total} bytes ({printed[0].split('(')[1]}"
     assert f"weights may take: {sizes.total // 2} bytes" in printed[2]
     assert printed[4].startswith("search space: 3 MoE layers, each keeping 2..8 experts (step 1), at 16 / 8 / 4 bits")
+    assert printed[4].endswith(", or its routed MoE dropped (one MoE layer left routing)")
     assert printed[5] == "other decoder weights (attention, shared experts, dense MLPs): 16 / 8 / 4 bits"
     with pytest.raises(MoECompressError, match=r"give out DIR"):
         fit_command(str(tiny), FitSettings(target_ratio=0.5))
@@ -277,3 +323,66 @@ def test_the_written_plan_replays_the_artifact(tiny, tmp_path):
 
     fitted, replayed = tensors(tmp_path / "fit"), tensors(tmp_path / "replayed")
     assert fitted.keys() == replayed.keys() and all(torch.equal(fitted[key], replayed[key]) for key in fitted)
+
+
+def test_layer_drop_is_a_choice_with_its_exact_bytes(tiny):
+    """Each MoE layer of the tiny Mixtral (nothing in its MoE sub-layer but routed experts and router) may drop them:
+    0 bytes in the table, cost 1 (every expert's energy gone), and the Drop stage's prediction is the table's total."""
+    sizes = checkpoint_sizes(tiny)
+    choices = search.layer_choices(sizes, {i: [8, 2] for i in sizes.layers}, (16, 4))
+    assert all(options[-1] == search.DROPPED and search.DROPPED not in options[:-1] for options in choices.values())
+    rows = search.table(sizes, choices, None)
+    assert [row[-1].bytes for row in rows] == [0, 0, 0]
+    allocation = {0: search.Choice(2, 4), 1: search.DROPPED, 2: search.Choice(8, 16)}
+    stages = search.stages_for(allocation, sizes, "reap")
+    assert [(s.kind, s.given()) for s in stages] == [("prune", {"method": "reap", "budget": "explicit", "keep": {0: 2, 1: 8, 2: 8}}),
+                                                     ("drop", {"layers": [1]}), ("quantize", {"bits": 4, "scope": "experts", "expert_bits": {2: 16}})]
+    assert search.predicted_bytes(stages, sizes) == sizes.fixed + candidate_bytes(sizes.layers[0], 2, 4) + candidate_bytes(
+        sizes.layers[2], 8, 16)
+    proxy = LayerProxy(1, torch.tensor([4.0, 1.0], dtype=torch.float64), {16: torch.zeros(2, dtype=torch.float64)}, {2: [0, 1]})
+    assert proxy.cost(0, 0) == 1.0
+    with_shared = CheckpointSizes(sizes.total, sizes.group_size, {i: dataclasses.replace(layer, rest_bytes=64) for i, layer in sizes.layers.items()},
+                                  sizes.blocks, sizes.others, moe_droppable=True)
+    assert not any(search.DROPPED in options for options in search.layer_choices(with_shared, {i: [8] for i in sizes.layers}, (16,)).values())
+
+
+def test_drop_stage_takes_the_layers_it_drops(tiny):
+    """`Drop(layers=...)` (a command line's "2,0" alike) predicts exactly those MoE sub-layers gone, and refuses layers
+    given with a count, twice, or all of them (one must keep routing)."""
+    from moe_compress.preflight import skeleton
+
+    sizes = checkpoint_sizes(tiny)
+    predicted = mc.Drop(layers="2,0").predict(Footprint.of(sizes))
+    assert predicted.keep == {1: 8} and predicted.exact and predicted.bytes == sizes.fixed + candidate_bytes(sizes.layers[1], 8, 16)
+    with pytest.raises(MoECompressError, match=r"layers names MoE sub-layers to drop: give it with unit moe and without n or target_ratio"):
+        mc.Drop.check_options(mc.Drop.defaults() | {"layers": [1], "n": 1})
+    with pytest.raises(MoECompressError, match=r"each once"):
+        mc.Drop.check_options(mc.Drop.defaults() | {"layers": "1,1"})
+    with pytest.raises(MoECompressError, match=r"one must keep routing\); asked for layers \[0, 1, 2\]"):
+        mc.Drop(layers=[0, 1, 2]).check(skeleton(str(tiny), "auto", False), [])
+
+
+def test_a_budget_only_dropping_reaches_drops_a_layer(tiny, tmp_path):
+    """Below every allocation that keeps each MoE layer (each at 2 experts, 4 bits, attention at 4 bits too), fit drops a
+    layer's routed MoE: the written model weighs its prediction, reloads with that layer's MoE gone, and its report and
+    card show the drop in the allocation (0 experts, 0 bits)."""
+    from moe_compress.source.load import load_model
+
+    sizes = checkpoint_sizes(tiny)
+    kept_all = sizes.fixed + sum(block[4] - block[16] for block in sizes.others.values()) + sum(
+        candidate_bytes(layer, 2, 4) for layer in sizes.layers.values())
+    result = mc.fit(str(tiny), memory=kept_all - 1, calib=TINY_CALIB, out=tmp_path / "out", windows=2, seq_len=32)
+    best = result.best
+    dropped = sorted(i for i, c in best.allocation.items() if c.dropped)
+    assert dropped
+    drop = next(s for s in best.stages if s.kind == "drop")
+    assert drop.layers == dropped
+    assert tensor_bytes(tmp_path / "out") == best.bytes == best.measured["written_bytes"] < kept_all
+    model, _ = load_model(tmp_path / "out")
+    adapter = get_adapter(model)
+    assert [i for i in sizes.layers if adapter.moe_block(adapter.decoder_layers(model)[i]) is None] == dropped
+    report = json.loads((tmp_path / "out" / "fit_report.json").read_text())
+    chosen = next(c for c in report["candidates"] if c["name"] == report["chosen"])
+    assert all(chosen["allocation"][str(i)] == {"keep": 0, "bits": 0} for i in dropped)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert all(f"| {i} | 0 | 0 |" in card for i in dropped)

@@ -58,7 +58,7 @@ def _fit_both(source: Path, tmp_path: Path, share: float, monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("family, share, kinds", [("mixtral", 0.4, ["prune", "quantize"]), ("deepseek_v3", 0.72, ["quantize"]),
-                                                  ("mixtral", 0.7, ["quantize"])])
+                                                  ("mixtral", 0.7, ["quantize"]), ("mixtral", 0.355, ["prune", "drop", "quantize"])])
 def test_streamed_fit_chooses_measures_and_writes_as_in_memory(family, share, kinds, tmp_path, monkeypatch):
     """Same candidates, same KL / top-1 / perplexities (to 1e-6), same choice, and the same bytes for every tensor,
     config, tokenizer, card, provenance and fit report; the plans alike but for the fingerprint, the run records but

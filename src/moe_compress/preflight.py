@@ -105,8 +105,14 @@ def check_prune(
     return {layer: len(ids) for layer, ids in kept.items()} if budget in ("layer", "explicit") else None
 
 
-def check_drop(structure: Structure, unit: str, n: int | None, target_ratio: float | None) -> None:
-    """Exactly one of n / target_ratio, and n within what the model has."""
+def check_drop(structure: Structure, unit: str, n: int | None, target_ratio: float | None, layers: list[int] | None = None) -> None:
+    """Exactly one of n / target_ratio / layers, n within what the model has, layers among its MoE layers, one left routing."""
+    if layers is not None:
+        structure.adapter.require_separate_moe()
+        moe = sorted(structure.experts)
+        if not set(layers) < set(moe):
+            raise MoECompressError(f"can drop MoE sub-layers of layers {moe} but one (one must keep routing); asked for layers {layers}.")
+        return
     if (n is None) == (target_ratio is None):
         raise MoECompressError(f"give exactly one of {param('n')} N or {param('target_ratio')} R.")
     if target_ratio is not None and not 0.0 < target_ratio < 1.0:

@@ -30,7 +30,7 @@ from ..source.open import Streaming, should_stream
 from ..text.format import human_bytes
 from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
 from .memory import kv_cache_bytes, parse_bytes
-from .search import Candidate, smallest
+from .search import Candidate, droppable, smallest
 from .steps import search
 
 
@@ -95,9 +95,12 @@ def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None,
     cache = f" after the KV cache of {human_bytes(kv)} at context {context} x batch {batch}" if context is not None else ""
     if result.weight_budget < result.smallest_bytes:
         fewest = min(min(counts) for counts in floors.values())
+        layers = "every MoE layer but one dropped, that one" if all(droppable(sizes, layer) for layer in sizes.layers) else (
+            "the MoE layers without shared experts dropped (one left routing), the others" if any(droppable(sizes, layer) for layer in sizes.layers)
+            else "every MoE layer")
         raise MoECompressError(
             f"the budget leaves {human_bytes(max(result.weight_budget, 0))} for the weights{cache}, below the smallest size fit can reach, "
-            f"{human_bytes(result.smallest_bytes)} ({result.smallest_bytes} bytes: every MoE layer at {fewest} experts, {min(BITS)} bits"
+            f"{human_bytes(result.smallest_bytes)} ({result.smallest_bytes} bytes: {layers} at {fewest} experts, {min(BITS)} bits"
             + (f", the other decoder weights at {min(BITS)} bits too" if sizes.others else "") + "); "
             f"raise {param('memory')}" + (f" or shorten {param('context')}." if context is not None else ".")
         )

@@ -83,10 +83,13 @@ class LayerProxy:
         return self.energy.numel()
 
     def cost(self, keep: int, bits: int) -> float:
-        """cost_l(keep, bits) of the module docstring (0 for the layer unchanged)."""
+        """cost_l(keep, bits) of the module docstring (0 for the layer unchanged). keep 0 is the routed MoE
+        dropped: every expert removed, no rerouting to ignore, so 1 -- the layer's whole routed output lost."""
         total = float(self.energy.sum())
         if total <= 0:
             return 0.0
+        if keep == 0:
+            return 1.0
         mask = torch.zeros(self.experts, dtype=torch.bool)
         mask[self.kept[keep]] = True
         return (float(self.energy[~mask].sum()) + float(self.rounding[bits][mask].sum())) / total

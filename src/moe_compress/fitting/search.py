@@ -1,23 +1,30 @@
 """From sizes and proxies to the few allocations worth measuring, each as the stages that make it.
 
 Per MoE layer the options are every (kept count, bit width) pair: bytes exact from the shard
-headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`). Besides, one
+headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`); and, where its
+MoE sub-layer holds nothing but routed experts and router (`droppable`), dropping it (`DROPPED`:
+0 bytes, cost 1 -- every expert's energy removed), as long as one MoE layer keeps routing (`optimum`;
+a family with shared experts is not offered the drop: layer drop removes them too, which the
+statistics do not price). Besides, one
 global choice: the width of the other decoder weights (attention, shared experts, dense MLPs;
 quantize's scope "all"), 16 / 8 / 4 where the sizes know their packed bytes
 (`CheckpointSizes.others`), priced by `proxies.other_costs`; it moves the fixed part. The solver
 (`fitting.solver.solve`) picks one option per layer under the weight budget, once per width of the
-other weights, and the allocation of least total proxy wins. What is then measured:
+other weights. What is then measured:
 
 * the solver's optimum over every (experts kept, width) pair per layer -- widths mix across layers,
-  written by the quantize stage's per-layer `expert_bits` (`PER_LAYER_BITS`);
-* the front points (`fitting.solver.front`) just under the budget around that optimum, in case the
+  written by the quantize stage's per-layer `expert_bits` (`PER_LAYER_BITS`) -- at every width of
+  the other weights that reaches the budget: the one of least total proxy named "fit", the others
+  "fit, other weights 16-bit" and so on. The other weights' proxy is a weight-space estimate on
+  another scale than the experts' costs, so the measurement, not the proxy, picks their width;
+* the front points (`fitting.solver.front`) just under the budget around the best of them, in case the
   proxy ranks near neighbours wrongly;
 * the single-method configurations at the same budget, which the search must beat to be worth
   anything: the method alone at the smallest layer ratio that fits, and 8-bit / 4-bit alone (the
   routed experts, or where that does not fit, every decoder weight: quantize's scope "all").
 
-Each allocation becomes a list of stages -- `Prune(method, budget="explicit", keep=...)` then
-`Quantize(bits=..., scope="experts" or "all")` -- that `pipeline.run_stages` runs; their `predict`
+Each allocation becomes a list of stages -- `Prune(method, budget="explicit", keep=...)`, `Drop(layers=...)`,
+then `Quantize(bits=..., scope="experts" or "all")` -- that `pipeline.run_stages` runs; their `predict`
 gives the same bytes as the table (asserted), so what is measured is what fits.
 """
 
@@ -26,10 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..stages.base import Stage
+from ..stages.drop import Drop
 from ..stages.footprint import Footprint
 from ..stages.prune import Prune
 from ..stages.quantize import Quantize
-from ..stages.sizes import BITS, CheckpointSizes, candidate_bytes
+from ..stages.sizes import BITS, CheckpointSizes, LayerSizes, candidate_bytes
 from .proxies import LayerProxy
 from .solver import Allocation, Option, front, smallest_bytes, solve
 
@@ -46,8 +54,16 @@ class Choice:
     bits: int
 
     @property
+    def dropped(self) -> bool:
+        return self.keep == 0
+
+    @property
     def label(self) -> str:
-        return f"{self.keep}x{self.bits}b"
+        return "dropped" if self.dropped else f"{self.keep}x{self.bits}b"
+
+
+#: A layer's routed MoE dropped (`Drop(layers=...)`): no expert kept, no bits.
+DROPPED = Choice(0, 0)
 
 
 @dataclass
@@ -73,16 +89,53 @@ class Candidate:
                 **self.measured}
 
 
+def droppable(sizes: CheckpointSizes, layer: int) -> bool:
+    """Whether layer drop removes exactly `layer`'s routed experts and router: its MoE sub-layer is a module of its own
+    holding nothing else (shared experts would go with it, which the proxies do not price), and another MoE layer is left."""
+    return sizes.moe_droppable and sizes.layers[layer].rest_bytes == 0 and len(sizes.layers) > 1
+
+
 def layer_choices(sizes: CheckpointSizes, floors: dict[int, list[int]], bits: tuple[int, ...]) -> dict[int, list[Choice]]:
     """Every MoE layer's choices: each allowed kept count (`floors[layer]`, largest first) at each width,
-    the layer unchanged first (the solver's option 0)."""
-    return {layer: [Choice(k, b) for b in bits for k in sorted(floors[layer], reverse=True)] for layer in sorted(sizes.layers)}
+    the layer unchanged first (the solver's option 0), and last `DROPPED` where the layer is `droppable`."""
+    return {layer: [Choice(k, b) for b in bits for k in sorted(floors[layer], reverse=True)] + ([DROPPED] if droppable(sizes, layer) else [])
+            for layer in sorted(sizes.layers)}
+
+
+def choice_bytes(layer: LayerSizes, choice: Choice) -> int:
+    """A choice's bytes of the layer's routed experts and router (none left when dropped)."""
+    return 0 if choice.dropped else candidate_bytes(layer, choice.keep, choice.bits)
 
 
 def table(sizes: CheckpointSizes, choices: dict[int, list[Choice]], proxies: dict[int, LayerProxy] | None) -> list[list[Option]]:
     """The solver's table: per layer, per choice, its bytes and proxy cost (0 without proxies: a dry run)."""
-    return [[Option(candidate_bytes(sizes.layers[layer], c.keep, c.bits), proxies[layer].cost(c.keep, c.bits) if proxies else 0.0, c.label)
+    return [[Option(choice_bytes(sizes.layers[layer], c), proxies[layer].cost(c.keep, c.bits) if proxies else 0.0, c.label)
              for c in layer_choices] for layer, layer_choices in choices.items()]
+
+
+def _routing(allocation: Allocation) -> bool:
+    """Whether an allocation leaves a MoE layer routing (a plan dropping them all is refused)."""
+    return any(label != DROPPED.label for label in allocation.labels)
+
+
+def _undroppable(rows: list[list[Option]], layer: int) -> list[list[Option]]:
+    """`rows` with `layer` denied its drop (always its last option), the other layers' option indices unchanged."""
+    return [row[:-1] if index == layer and row[-1].label == DROPPED.label else row for index, row in enumerate(rows)]
+
+
+def reachable(rows: list[list[Option]], fixed: int) -> int:
+    """The smallest total an allocation that leaves a MoE layer routing reaches: the smallest of all but one layer dropped."""
+    return min(smallest_bytes(_undroppable(rows, layer), fixed) for layer in range(len(rows)))
+
+
+def optimum(rows: list[list[Option]], budget: int, fixed: int) -> Allocation:
+    """`solver.solve` with a MoE layer left routing: where the optimum drops every layer, the best of the optima
+    with one layer denied its drop (each layer in turn)."""
+    found = solve(rows, budget, fixed)
+    if _routing(found):
+        return found
+    tables = [_undroppable(rows, layer) for layer in range(len(rows))]
+    return min((solve(t, budget, fixed) for t in tables if smallest_bytes(t, fixed) <= budget), key=lambda a: (a.cost, a.bytes))
 
 
 def other_widths(sizes: CheckpointSizes) -> tuple[int, ...]:
@@ -97,15 +150,21 @@ def fixed_bytes(sizes: CheckpointSizes, other_bits: int) -> int:
 
 def smallest(sizes: CheckpointSizes, floors: dict[int, list[int]]) -> int:
     """The smallest saved size any allocation reaches: every layer at its fewest experts and fewest bits, the other weights too."""
-    return smallest_bytes(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None), fixed_bytes(sizes, min(other_widths(sizes))))
+    return reachable(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None), fixed_bytes(sizes, min(other_widths(sizes))))
 
 
 def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: str, other_bits: int = 16) -> list[Stage]:
-    """The stages that make `allocation`: an explicit prune where a layer drops experts, a quantize where bits drop
-    (scope "all" at `other_bits` when the other decoder weights are lowered, every MoE layer at another width named)."""
+    """The stages that make `allocation`: an explicit prune where a layer removes experts (on the original, whose
+    statistics the proxies read: a dropped layer keeps every expert there), a drop of the dropped layers' MoE,
+    a quantize where bits drop (scope "all" at `other_bits` when the other decoder weights are lowered, every
+    remaining MoE layer at another width named)."""
     stages: list[Stage] = []
-    if any(c.keep < sizes.layers[i].experts for i, c in allocation.items()):
-        stages.append(Prune(method, budget="explicit", keep={i: c.keep for i, c in allocation.items()}))
+    left = {i: c for i, c in allocation.items() if not c.dropped}
+    if any(c.keep < sizes.layers[i].experts for i, c in left.items()):
+        stages.append(Prune(method, budget="explicit", keep={i: sizes.layers[i].experts if c.dropped else c.keep for i, c in allocation.items()}))
+    if len(left) < len(allocation):
+        stages.append(Drop(layers=sorted(set(allocation) - set(left))))
+    allocation = left
     widths = [c.bits for c in allocation.values()]
     if other_bits != 16:
         named = {i: c.bits for i, c in allocation.items() if c.bits != other_bits}
@@ -135,25 +194,34 @@ def _candidate(name: str, picked: Allocation, choices: dict[int, list[Choice]], 
 
 def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
            others: dict[int, float]) -> list[Candidate]:
-    """The solver's optimum per width table (one table over every width with `PER_LAYER_BITS`), each at the width
-    of the other weights (`others`: width -> proxy cost) of least total proxy, and `FRONT_POINTS` front points under
-    the budget beside the best of them."""
+    """The solver's optimum per width table (one table over every width with `PER_LAYER_BITS`) at every width of the
+    other weights (`others`: width -> proxy cost) that reaches the budget, the least total proxy first, and
+    `FRONT_POINTS` front points under the budget beside the best of all.
+
+    Every width of the other weights is measured, not only the cheapest by proxy: their proxy is a weight-space
+    estimate (`proxies.other_costs`) on another scale than the experts' costs, and it was seen to rank them wrongly
+    (ref-deepseek at 50 %: the optimum with them at 8 bits measured worse than the one with them as stored);
+    the race stops the losers on a slice."""
     tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
-    found: list[tuple[Candidate, list[list[Option]], dict[int, list[Choice]]]] = []
+    found: list[tuple[list[Candidate], list[list[Option]], dict[int, list[Choice]]]] = []
     for widths in tables:
         choices = layer_choices(sizes, floors, widths)
         rows = table(sizes, choices, proxies)
         name = "fit" if PER_LAYER_BITS else f"fit, {widths[0]}-bit"
-        options = [_candidate(name, solve(rows, budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
-                   for bits in other_widths(sizes) if smallest_bytes(rows, fixed_bytes(sizes, bits)) <= budget]
+        options = sorted((_candidate(name, optimum(rows, budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
+                          for bits in other_widths(sizes) if reachable(rows, fixed_bytes(sizes, bits)) <= budget), key=lambda c: c.proxy)
+        for option in options[1:]:
+            option.name = f"{name}, other weights {option.other_bits}-bit"
         if options:
-            found.append((min(options, key=lambda c: c.proxy), rows, choices))
-    best, rows, choices = min(found, key=lambda entry: entry[0].proxy)
+            found.append((options, rows, choices))
+    best_options, rows, choices = min(found, key=lambda entry: entry[0][0].proxy)
+    best = best_options[0]
     fixed = fixed_bytes(sizes, best.other_bits)
-    nearby = [point for point in front(rows, fixed) if point.bytes <= budget and point.labels != tuple(c.label for c in best.allocation.values())]
+    nearby = [point for point in front(rows, fixed)
+              if point.bytes <= budget and _routing(point) and point.labels != tuple(c.label for c in best.allocation.values())]
     extra = [_candidate(f"{best.name} (front {n})", point, choices, sizes, method, best.other_bits, others[best.other_bits])
              for n, point in enumerate(nearby[:FRONT_POINTS], 1)]
-    return [entry[0] for entry in found] + extra
+    return [candidate for options, _, _ in found for candidate in options] + extra
 
 
 def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
@@ -203,4 +271,5 @@ def candidates(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: di
 def sweep(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy]) -> dict[int, list[Allocation]]:
     """The predicted quality-vs-size curve per width table, from the statistics alone (the solver's front)."""
     tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
-    return {widths[0] if len(widths) == 1 else 0: front(table(sizes, layer_choices(sizes, floors, widths), proxies), sizes.fixed) for widths in tables}
+    return {widths[0] if len(widths) == 1 else 0: [point for point in front(table(sizes, layer_choices(sizes, floors, widths), proxies), sizes.fixed)
+                                                   if _routing(point)] for widths in tables}

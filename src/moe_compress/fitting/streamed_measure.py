@@ -35,6 +35,8 @@ from ..plan import Plan
 from ..progress import track
 from ..source.allocator import activation_heap
 from ..source.residency import StreamedWeights, split_names
+from ..methods.structural import plan_moe_drop
+from ..stages.drop import Drop, moe_layers
 from ..stages.prune import Prune, removed_share
 from ..stages.quantize import Quantize
 from ..walk.activations import default_activations
@@ -58,20 +60,23 @@ def prune_plan(stage: Prune, adapter: MoEAdapter, model, stats: dict, weights: S
 
 def layer_actions(candidate: Candidate, adapter: MoEAdapter, model, stats: dict, weights: StreamedWeights, layers: int, group: int) -> list:
     """Per decoder layer, what `candidate` does to it: [(key, plan entry or None, quantize stage or None, group) or None]."""
-    plan, quantize = None, None
+    plans, quantize = [], None
     for stage in candidate.stages:
         if isinstance(stage, Prune):
-            plan = prune_plan(stage, adapter, model, stats, weights)
+            plans.append(prune_plan(stage, adapter, model, stats, weights))
+        elif isinstance(stage, Drop) and stage.layers is not None:
+            plans.append(plan_moe_drop(model, adapter, moe_layers(stage.layers, stage.unit, stage.n, stage.target_ratio)))
         elif isinstance(stage, Quantize) and simulated(stage):
             quantize = stage
         else:
-            raise MoECompressError(f"a streamed fit measures prune and round-to-nearest quantize stages; {stage.describe()} is neither (a bug).")
-    if plan is not None and plan.dropped_blocks:
+            raise MoECompressError(f"a streamed fit measures prune, explicit MoE drop and round-to-nearest quantize stages; {stage.describe()} is none (a bug).")
+    if any(plan.dropped_blocks for plan in plans):
         raise MoECompressError("a streamed fit does not drop whole blocks (a bug: fit's candidates never do).")
-    decisions = {lp.layer: lp for lp in plan.layers if not lp.untouched} if plan is not None else {}
+    # a later plan's entry replaces an earlier one's: a layer fit drops keeps every expert in its prune plan
+    decisions = {lp.layer: (plan, lp) for plan in plans for lp in plan.layers if not lp.untouched}
     actions = []
     for index in range(layers):
-        entry = decisions.get(index)
+        plan, entry = decisions.get(index, (None, None))
         if entry is None and quantize is None:
             actions.append(None)
             continue

@@ -28,6 +28,7 @@ from ..sink.save import publish
 from ..sink.staging import discard_staging, staging_dir
 from ..source.checkpoint import Checkpoint
 from ..source.residency import StreamedWeights
+from ..stages.drop import Drop
 from ..stages.prune import Prune
 from ..text.composition import stage_report_markdown
 from .report import write_report
@@ -60,8 +61,8 @@ def write_best_streamed(source: str | Path, batches: list[torch.Tensor], out: Pa
         for position, stage in enumerate(stages, 1):
             start, target = time.perf_counter(), work / ("result" if position == len(stages) else f"stage-{position}")
             row = {"stage": f"{position}: {stage.kind}", "options": stage.given()}
-            if isinstance(stage, Prune):
-                pruned = prune_streamed(stage, current, batches, target, device, cache_dir, trust_remote_code)
+            if isinstance(stage, Prune | Drop):
+                pruned = (prune_streamed if isinstance(stage, Prune) else drop_streamed)(stage, current, batches, target, device, cache_dir, trust_remote_code)
                 plans.append((f"{position:02d}-{stage.kind}", pruned.plan))
                 summary = pruned.summary
                 facts = {"params": summary["params_after"], "active_params": summary["active_params_after"], "bytes": summary["bytes_after"],
@@ -96,6 +97,14 @@ def prune_streamed(stage: Prune, source: Path, batches, target: Path, device: st
 
     return prune(str(source), **stage.settings(), calib=batches, out=target, overwrite=True, device=device, cache_dir=cache_dir,
                  streaming=True, trust_remote_code=trust_remote_code)
+
+
+def drop_streamed(stage: Drop, source: Path, batches, target: Path, device: str, cache_dir, trust_remote_code: bool):
+    """`stage` (fit's: the MoE sub-layers it names, nothing calibrated) as its command runs it on a checkpoint, streamed."""
+    from ..stages.drop import drop
+
+    return drop(str(source), **stage.settings(), calib=batches, out=target, overwrite=True, device=device, streaming=True,
+                trust_remote_code=trust_remote_code)
 
 
 def _finish(staged: Path, source: str | Path, plans: list, rows: list[dict], result: FitResult) -> None:

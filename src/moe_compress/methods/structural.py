@@ -72,6 +72,18 @@ def distance_needed(
     return next((d for d in range(1, len(layers)) if sum(sizes[:d]) >= target_ratio * total), len(layers) - 1) + offset
 
 
+def plan_moe_drop(model: PreTrainedModel, adapter: MoEAdapter, chosen: list[int]) -> Plan:
+    """The plan dropping exactly the MoE sub-layers of `chosen` (decoder indices), at least one MoE layer left routing."""
+    adapter.require_separate_moe()
+    layers, moe = adapter.decoder_layers(model), adapter.moe_layer_indices(model)
+    if not set(chosen) < set(moe):
+        raise MoECompressError(f"can drop MoE sub-layers of layers {moe} but one (one must keep routing); asked for layers {chosen}.")
+    plan = Plan(model_type=adapter.model_type, top_k=adapter.top_k(model.config), layers=[], method="moe-drop", num_layers=len(layers))
+    plan.layers = [DropMoeLayer(layer=layer, num_experts=adapter.num_experts(adapter.moe_block(layers[layer]))) for layer in chosen]
+    plan.meta = {"dropped_moe": chosen}
+    return plan
+
+
 def plan_drop(
     model: PreTrainedModel,
     adapter: MoEAdapter,

@@ -23,7 +23,7 @@ from ..finite import require_finite_numbers
 from ..source.open import Streaming
 from ..sink.output_lock import releases_outputs
 from ..source.residency import Weights
-from ..methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop
+from ..methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop, plan_moe_drop
 from ..walk.similarity import observe_similarities
 from ..preflight import Structure, check_drop
 from .options import DropOptions
@@ -41,6 +41,7 @@ def drop(
     unit: Unit = "moe",
     n: int | None = None,
     target_ratio: float | None = None,
+    layers: list[int] | str | None = None,
     mode: Mode = "discrete",
     calib: Calibration = CalibrationSpec(samples=128),
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -55,7 +56,8 @@ def drop(
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
 
     Scores are residual-stream cosine similarities on calibration data (see
-    `methods.structural`); give `n` units or a `target_ratio` of parameters to remove.
+    `methods.structural`); give `n` units or a `target_ratio` of parameters to remove, or (unit="moe")
+    the `layers` whose MoE sub-layers go -- nothing is then calibrated (what `fit` chose, replayed).
     `consecutive_score="framework"` scores a consecutive run of n blocks as the unified
     framework's code does, by cos(h_i, h_{i+n+1}).
     """
@@ -65,11 +67,18 @@ def drop(
     if mode not in MODES:
         raise MoECompressError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
     require_finite_numbers([("target_ratio", target_ratio)])
+    chosen = moe_layers(layers, unit, n, target_ratio)
     model, tokenizer, adapter, weights = prepare(model, tokenizer, out, overwrite, device, streaming, dtype, trust_remote_code)
     before = model_size(model, adapter)
     if unit == "moe":
         adapter.require_separate_moe()
     identity = model_identity(model, adapter, weights)
+    if chosen is not None:
+        if not distributed.is_main():
+            return other_rank_result()
+        plan = plan_moe_drop(model, adapter, chosen)
+        plan.identity = identity
+        return apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
     batches = calibration_batches(calib, tokenizer, model.config)
     distance = distance_needed(model, adapter, unit, mode, n, target_ratio, consecutive_score)
     scores = observe_similarities(model, adapter, batches, distance, weights, device)
@@ -87,6 +96,19 @@ def drop(
     return apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
 
 
+def moe_layers(layers: list[int] | str | None, unit: str, n: int | None, target_ratio: float | None) -> list[int] | None:
+    """`layers` as a sorted list of decoder indices (a command line writes them comma-separated); None where not given."""
+    if layers is None:
+        return None
+    if unit != "moe" or n is not None or target_ratio is not None:
+        raise MoECompressError(f"{param('layers')} names MoE sub-layers to drop: give it with {param('unit')} moe and without {param('n')} or {param('target_ratio')}.")
+    try:
+        chosen = [int(part) for part in layers.split(",")] if isinstance(layers, str) else [int(layer) for layer in layers]
+    except ValueError:
+        raise MoECompressError(f"{param('layers')} takes decoder layer indices, comma-separated (e.g. 3,5); got {layers!r}.") from None
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise MoECompressError(f"{param('layers')} must name at least one MoE layer, each once; got {layers!r}.")
+    return sorted(chosen)
 
 
 @register_stage
@@ -101,22 +123,27 @@ class Drop(DropOptions, Stage):
         unit, mode = options["unit"], options["mode"]
         if unit not in UNITS or mode not in MODES:
             raise MoECompressError(f"{param('unit')} must be one of {', '.join(UNITS)} and {param('mode')} one of {', '.join(MODES)}; got {param('unit')} {unit} {param('mode')} {mode}.")
+        moe_layers(options.get("layers"), unit, options.get("n"), options.get("target_ratio"))
 
     def run_one(self, model: Any, tokenizer: Any, job: Job) -> CompressionResult:
         return drop(model, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device)
 
     def check(self, structure: Structure, earlier) -> None:
-        check_drop(structure, self.unit, self.n, self.target_ratio)
+        check_drop(structure, self.unit, self.n, self.target_ratio, moe_layers(self.layers, self.unit, self.n, self.target_ratio))
 
-    def calibrates(self) -> str:
-        return "score how little each unit changes the residual stream"
+    def calibrates(self) -> str | None:
+        return "score how little each unit changes the residual stream" if self.layers is None else None
 
     def explain(self, structure: Structure) -> list[str]:
         what = "MoE sub-layers (attention stays)" if self.unit == "moe" else f"decoder blocks ({self.mode})"
+        if self.layers is not None:
+            return [f"would drop the {what} of layers {', '.join(map(str, moe_layers(self.layers, self.unit, self.n, self.target_ratio)))}"]
         return [f"would drop {self.n} {what}" if self.n is not None else f"would drop enough {what} to remove {self.target_ratio:.0%} of the parameters"]
 
     def predict(self, footprint: Footprint) -> Footprint:
-        """`n` units, the last ones (which ones is decided by calibration); a target ratio is not predicted."""
+        """`n` units, the last ones (which ones is decided by calibration); the `layers` named, exactly; a target ratio is not predicted."""
+        if self.layers is not None:
+            return footprint.without_moe_layers(moe_layers(self.layers, self.unit, self.n, self.target_ratio))
         if self.n is None:
             return footprint.with_keep(footprint.keep, exact=False)
         return footprint.without_moe(self.n) if self.unit == "moe" else footprint.without_blocks(self.n)

@@ -98,10 +98,12 @@ class Footprint:
 
     def without_moe(self, count: int) -> Footprint:
         """`count` MoE sub-layers removed: the last ones, an estimate unless every candidate weighs the same."""
-        chosen = sorted(self.keep)[-count:] if count else []
         sizes = {self.moe_layer_bytes(i) + self.sizes.layers[i].rest_bytes for i in self.keep}
-        keep = {i: k for i, k in self.keep.items() if i not in chosen}
-        return replace(self, keep=keep, exact=self.exact and len(sizes) <= 1)
+        return self.without_moe_layers(sorted(self.keep)[-count:] if count else [], exact=len(sizes) <= 1)
+
+    def without_moe_layers(self, layers: Sequence[int], exact: bool = True) -> Footprint:
+        """The MoE sub-layers of `layers` removed (their shared experts with them)."""
+        return replace(self, keep={i: k for i, k in self.keep.items() if i not in layers}, exact=self.exact and exact)
 
     def without_blocks(self, count: int) -> Footprint:
         """`count` decoder blocks removed (their MoE layers with them): the last ones, an estimate unless all weigh the same."""

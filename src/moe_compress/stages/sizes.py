@@ -89,6 +89,7 @@ class CheckpointSizes:
     others: dict[int, dict[int, int]] = field(default_factory=dict)
     params: int = 0  # every parameter (tied weights once)
     block_params: dict[int, int] = field(default_factory=dict)  # every decoder layer's parameters
+    moe_droppable: bool = False  # the MoE sub-layer is a module of its own (layer drop can remove it: `MoEAdapter.require_separate_moe`)
 
     @property
     def fixed(self) -> int:
@@ -222,7 +223,7 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
         layers[index] = LayerSizes(index, count, {bits: size // count for bits, size in per_bits.items()}, per_expert // count, fixed, *counted[index])
     block_params = {index: _params(layer) for index, layer in enumerate(adapter.decoder_layers(skeleton_model))}
     others = _others(checkpoint, _other_weights(skeleton_model, adapter, weights), group, symmetric)
-    return CheckpointSizes(checkpoint.total_bytes(), group, layers, blocks, others, _params(skeleton_model), block_params)
+    return CheckpointSizes(checkpoint.total_bytes(), group, layers, blocks, others, _params(skeleton_model), block_params, bool(adapter.moe_attr))
 
 
 def _params(module) -> int:
