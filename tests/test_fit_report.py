@@ -100,3 +100,17 @@ def test_the_front_plot_marks_candidates_by_role_hollow_when_stopped(tmp_path):
     plt.close(figure)
     path = plot(report, tmp_path / "front.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_is_drawn_on_a_terminal_and_kept_as_markdown_in_a_pipe(monkeypatch, capsys):
+    import sys
+
+    from moe_compress.fitting.command import _print_report
+
+    document = "| candidate | KL |\n|---|---:|\n| fit \\(front 1\\) | 0.5 |\n"
+    _print_report(document)
+    assert capsys.readouterr().out == document + "\n"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    _print_report(document)
+    drawn = capsys.readouterr().out
+    assert "fit (front 1)" in drawn and "\\(" not in drawn and "|---" not in drawn

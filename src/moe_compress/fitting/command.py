@@ -43,6 +43,18 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
+def _print_report(document: str) -> None:
+    """fit_report.md to the terminal: drawn (tables, escapes resolved) on a tty; the Markdown itself into a pipe or file,
+    where it is meant to be pasted or kept."""
+    if not sys.stdout.isatty():
+        _print(document)
+        return
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(document))
+
+
 def _space(result) -> list[str]:
     """The budget's arithmetic and the search space, as a dry run prints them."""
     from ..stages.sizes import BITS
@@ -88,7 +100,7 @@ def fit_command(model: str, settings: FitSettings = FitSettings(), calibration: 
                  say=lambda line: print(line, file=sys.stderr, flush=True), show=_print)
     report = (Path(result.output_dir) / "fit_report.md") if result.output_dir else None
     if report is not None and report.exists():
-        _print(report.read_text())
+        _print_report(report.read_text())
     if result.best is not None:
         _print(f"chosen: {result.best.name}, {result.best.measured.get('written_bytes', result.best.bytes)} bytes, KL {result.best.measured['kl']:.4g}")
     _print(f"written to {result.output_dir}")
