@@ -28,16 +28,18 @@ from .preflight import Structure
 class GuardRequest:
     """The quality guard after a command: the stage kind (its default threshold), the text it reads (a
     `CalibrationSpec`: the windows calibration did not pick; or an `evaluate.guard.HeldOutText`), the
-    threshold if the user set one, and whether experts calibration never reached are allowed."""
+    threshold if the user set one, whether experts calibration never reached are allowed, and whether the
+    stage takes `calibrate_all_experts` (its class's `routes_all_experts`: a failure then offers it)."""
 
     stage: str
     calibration: CalibrationSpec | HeldOutText
     min_top1: float | None = None
     allow_unreached: bool = False
+    routes_all: bool = False
 
     def check(self, source: str | Path, output: str | Path, device: str) -> dict:
         """`evaluate.guard.guard_output` of `output` against `source`, as requested."""
-        return guard_output(source, output, self.calibration, self.stage, self.min_top1, device, self.allow_unreached)
+        return guard_output(source, output, self.calibration, self.stage, self.min_top1, device, self.allow_unreached, self.routes_all)
 
 
 @dataclass

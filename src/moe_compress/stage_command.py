@@ -81,11 +81,12 @@ class GuardSettings:
         "Pass the quality guard even when the stage recorded experts that no calibration token reached (and so treated them "
         "without data); they are still named in the card."))
 
-    def request(self, stage: str, text: Any) -> GuardRequest | None:
-        """The guard for `stage`, reading `text`'s held-out windows (None with no_guard)."""
+    def request(self, stage: str, text: Any, routes_all: bool = False) -> GuardRequest | None:
+        """The guard for `stage`, reading `text`'s held-out windows (None with no_guard); `routes_all`: the stage
+        takes `calibrate_all_experts`, which a failure for unreached experts then offers."""
         from .single import GuardRequest
 
-        return None if self.no_guard else GuardRequest(stage, text, self.guard_min_top1, self.allow_unreached)
+        return None if self.no_guard else GuardRequest(stage, text, self.guard_min_top1, self.allow_unreached, routes_all)
 
 
 def build_stage(kind: str, options: dict[str, Any], planned: bool = False) -> Stage:
@@ -125,7 +126,7 @@ def run_stage(
     if (cache_dir is not None or no_cache) and "cache_dir" not in type(stage).model_fields:
         extra["cache_dir"] = False if no_cache else cache_dir
     job = _job(calib, out, overwrite, load, extra)
-    request = guard.request(stage.kind, stage.guard_text(calib))
+    request = guard.request(stage.kind, stage.guard_text(calib), stage.routes_all_experts)
     run = _streamed(stage, model, job, load, evaluation.eval_ppl, protocol, plan_in, request) if stage.streams else _from_path(stage, model, job, load, request)
     return [] if run is None else report(stage, run, model, out, plan_out, protocol)
 

@@ -56,10 +56,9 @@ DEFAULT_WINDOWS = 32
 #: The options that override the guard, as its error message names them.
 THRESHOLD_OPTION = "--guard-min-top1"
 UNREACHED_OPTION = param("allow_unreached")
-#: ... and the one that gives unreached experts data (`walk.all_experts`).
+#: ... and the one that gives unreached experts data (`walk.all_experts`), offered after a stage whose class
+#: says it takes it (`stages.Stage.routes_all_experts`: this layer does not import the stages, so the caller passes it).
 ROUTE_ALL_OPTION = param("calibrate_all_experts")
-#: The stages that offer it (AutoRound tunes on the routed tokens: no option routes its calibration yet).
-ROUTES_ALL_STAGES = ("slim",)
 #: Layers named in a failure and in the card.
 WORST_LAYERS = 3
 
@@ -94,6 +93,7 @@ class GuardReport:
     layer_errors: dict[int, float] | None  # decoder layer -> relative error of its own output; None: not compared
     unreached: tuple[tuple[int, int], ...]  # (layer, expert) that calibration never routed a token to
     allow_unreached: bool = False
+    routes_all: bool = False  # the stage takes ROUTE_ALL_OPTION: a failure for unreached experts offers it
 
     @property
     def top1_passed(self) -> bool:
@@ -122,7 +122,7 @@ class GuardReport:
             parts.append(
                 f"{len(self.unreached)} expert(s) never received a calibration token, so the stage treated them without data "
                 f"(layer:expert {format_experts(self.unreached)}); calibrate on more or other text ({param('samples')}, {param('calib')})"
-                + (f", route calibration to every expert ({ROUTE_ALL_OPTION})," if self.stage in ROUTES_ALL_STAGES else "")
+                + (f", route calibration to every expert ({ROUTE_ALL_OPTION})," if self.routes_all else "")
                 + f" or allow them with {UNREACHED_OPTION}"
             )
         return f"quality guard failed after {self.stage}: " + "; and ".join(parts) if parts else ""
@@ -170,6 +170,7 @@ def guard(
     device: str = "cpu",
     streaming: Streaming = "auto",
     raise_on_failure: bool = True,
+    routes_all: bool = False,
 ) -> GuardReport:
     """Check a stage's output `after` against its input `before` on held-out `windows` [n, seq_len].
 
@@ -188,6 +189,8 @@ def guard(
         unreached: instead of `stats`, the (layer, expert) pairs the stage itself counted as never reached.
         localise: compute each layer's own error (one more forward of both models); None: only when top-1 fails.
         raise_on_failure: raise `QualityGuardError` (it carries the report) when a check fails.
+        routes_all: the stage takes `calibrate_all_experts` (its class's `routes_all_experts`): a failure for
+            unreached experts offers it.
     """
     min_top1 = default_min_top1(stage) if min_top1 is None else min_top1
     if not 0 <= min_top1 <= 1:
@@ -202,7 +205,7 @@ def guard(
     fidelity = compare(after_model, before_model, windows, batch_size, after_weights, before_weights, device)[0]
     report = GuardReport(
         stage, fidelity, int(windows.shape[0]), int(windows.shape[1]), min_top1, None,
-        tuple(unreached_experts(stats)) if stats is not None else tuple(unreached or ()), allow_unreached,
+        tuple(unreached_experts(stats)) if stats is not None else tuple(unreached or ()), allow_unreached, routes_all,
     )
     if localise or (localise is None and not report.top1_passed):
         errors = layer_errors(before_model, after_model, list(windows.split(batch_size)), before_weights, after_weights, device)
@@ -248,13 +251,14 @@ def recorded_unreached(output: str | Path) -> list[tuple[int, int]] | None:
 
 
 def guard_output(source: str | Path, output: str | Path, calibration, stage: str, min_top1: float | None = None, device: str = "cpu",
-                 allow_unreached: bool = False) -> dict:
+                 allow_unreached: bool = False, routes_all: bool = False) -> dict:
     """The guard after a single-stage command: its saved `output` against its `source` checkpoint, on
     held-out text (`calibration`: a `CalibrationSpec`, whose windows calibration did not pick are read --
     `data.held_out_windows` -- or a `HeldOutText`), both read from disk (streamed when large), and the
     experts the stage recorded as unreached (`recorded_unreached`). The result goes into the output's
-    summary and card whether it passed or not; a failure then raises `QualityGuardError`. Without
-    held-out text it is skipped, and the card says why."""
+    summary and card whether it passed or not; a failure then raises `QualityGuardError` (offering
+    `calibrate_all_experts` for unreached experts when `routes_all`). Without held-out text it is skipped,
+    and the card says why."""
     from ..source.load import load_tokenizer
     from ..sink.model_card import record_guard
 
@@ -264,7 +268,7 @@ def guard_output(source: str | Path, output: str | Path, calibration, stage: str
         record_guard(output, {"stage": stage, "skipped": str(exc)})
         return {"stage": stage, "skipped": str(exc)}
     report = guard(source, output, windows, stage=stage, min_top1=min_top1, device=device, raise_on_failure=False,
-                   unreached=recorded_unreached(output), allow_unreached=allow_unreached)
+                   unreached=recorded_unreached(output), allow_unreached=allow_unreached, routes_all=routes_all)
     record_guard(output, report.to_dict())
     report.raise_if_failed()
     return report.to_dict()

@@ -17,8 +17,10 @@ turns them into packed integers with compressed-tensors.
 
 Experts that calibration routes few or no tokens to get little or no gradient: their
 rounding stays at AutoRound's starting point, round-to-nearest with its own min-max scales,
-which is a correct quantisation. Matrices AutoRound leaves out (a dimension not divisible by
-32, which its kernels need) are rounded to nearest by the writer, and counted in the summary.
+which is a correct quantisation, made without data. `all_experts` tunes every block with
+calibration routed to every expert instead (our variant: `slimming.autoround_experts`).
+Matrices AutoRound leaves out (a dimension not divisible by 32, which its kernels need) are
+rounded to nearest by the writer, and counted in the summary.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MoECompressError, OptionError
+from .autoround_experts import experts_to_route, tune_every_expert
 
 #: The pinned release this integration was written and tested against (see pyproject.toml).
 AUTOROUND_VERSION = "0.16.1"
@@ -109,12 +112,14 @@ def autoround(
     symmetric: bool = True,
     iters: int = 200,
     device: str = "cpu",
+    all_experts: bool = False,
 ) -> tuple[dict[str, Rounded], dict]:
     """Tune the rounding of `targets` (in-memory parameter names -> role) with AutoRound.
 
     Returns, per tuned tensor, its rounded values and quantisation parameters (tensors with
     parts AutoRound left out are not returned: the writer rounds them to nearest), and a
-    summary of what was tuned. `model` itself is not modified.
+    summary of what was tuned. `model` itself is not modified. `all_experts`: each block is
+    tuned with every token routed to every expert, equally weighted (`slimming.autoround_experts`).
     """
     try:
         from auto_round import AutoRound
@@ -138,6 +143,7 @@ def autoround(
             fused[module_name] = (names, bool(getattr(module, "is_transposed", False)))
 
     work = copy.deepcopy(model)
+    routed = experts_to_route(work) if all_experts else {}
     prepare_model_for_moe_quantization(work)
     origins: dict[str, _Origin] = {}
     skip: dict[str, dict] = {}
@@ -155,6 +161,8 @@ def autoround(
         sym=symmetric, layer_config=skip, device_map=device, enable_torch_compile=False,
         amp=False,  # tune in the model's own dtype (AutoRound would otherwise cast to bf16 first)
     )
+    if routed:
+        tune_every_expert(runner, work, routed)
     runner.quantize()
 
     rounded: dict[str, Rounded] = {}
@@ -194,5 +202,6 @@ def autoround(
     for name in incomplete:  # a fused tensor some of whose slices AutoRound left out: the writer rounds it whole
         del rounded[name]
     summary = {"library": f"auto-round {AUTOROUND_VERSION}", "iters": iters, "tuned_matrices": tuned,
-               "left_to_round_to_nearest": sorted(left_out), "calibration_sequences": samples}
+               "left_to_round_to_nearest": sorted(left_out), "calibration_sequences": samples,
+               **({"routed_to_every_expert": len(routed)} if all_experts else {})}
     return rounded, summary

@@ -224,7 +224,8 @@ def check_quantizable(model: PreTrainedModel, adapter: MoEAdapter) -> None:
         raise MoECompressError(f"a quantised {adapter.model_type} checkpoint would not load in transformers: {problem}; keep this model unquantised.")
 
 
-def check_quantize_options(bits: int, scope: str, method: str, group_size: int | None, expert_bits: ExpertBits | None = None) -> None:
+def check_quantize_options(bits: int, scope: str, method: str, group_size: int | None, expert_bits: ExpertBits | None = None,
+                           calibrate_all_experts: bool = False) -> None:
     """The options every quantisation takes, checked before any model is read."""
     if bits not in (4, 8):
         raise OptionError("bits", f"must be 4 or 8; got {bits}.")
@@ -238,6 +239,8 @@ def check_quantize_options(bits: int, scope: str, method: str, group_size: int |
         check_expert_bits(expert_bits)
         if method != "rtn":
             raise MoECompressError(f"expert_bits (per-layer or per-expert widths) is written with method 'rtn'; got {method!r}.")
+    if calibrate_all_experts and method == "rtn":
+        raise OptionError("calibrate_all_experts", f"needs calibration, and {param('method')} rtn reads no data; use {param('method')} autoround.")
 
 
 @releases_outputs
@@ -258,6 +261,7 @@ def quantize(
     streaming: Streaming = "auto",
     dtype: str = "auto",
     expert_bits: ExpertBits | None = None,
+    calibrate_all_experts: bool = False,
 ) -> QuantizeResult:
     """Save `model` with its weights quantised to `bits` (4 or 8), weight-only, as a compressed-tensors checkpoint.
 
@@ -278,6 +282,11 @@ def quantize(
             are 4, 8 or 16 (left as stored). Experts not named take `bits`; the rest follows `scope`.
             Experts of several widths make the checkpoint carry the generated modelling code
             (`slimming.expert_bits` says why): it then loads with `trust_remote_code=True`.
+        calibrate_all_experts: method 'autoround' only: tune each block with every calibration token
+            routed to every expert, equally weighted (our variant, `slimming.autoround_experts`; the
+            saved routing is the model's), so no expert keeps round-to-nearest for want of tokens.
+            Without it, the experts calibration never reached are listed in the summary
+            ("unreached_experts") for the quality guard.
 
     The checkpoint loads with `AutoModelForCausalLM.from_pretrained` (plus
     `trust_remote_code=True` for non-uniform models) wherever compressed-tensors is installed.
@@ -289,7 +298,7 @@ def quantize(
     from ..arch.size import checkpoint_bytes
 
     start = time.perf_counter()
-    check_quantize_options(bits, scope, method, group_size, expert_bits)
+    check_quantize_options(bits, scope, method, group_size, expert_bits, calibrate_all_experts)
     out = Path(out)
     check_output_dir(out, overwrite, [model if isinstance(model, str | Path) else getattr(model, "name_or_path", None)])
     if method == "autoround" and streaming is True:
@@ -328,10 +337,11 @@ def quantize(
             raise OptionError("method", f"autoround needs a group size (AutoRound tunes per group); pass {param('group_size')}.")
         params = {saved[k].param: saved[k].role for k in targets}
         batches = calibration_batches("bundled" if calib is None else calib, tokenizer)
-        in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device)
+        in_memory, calibration = autoround(model, tokenizer, batches, params, bits, group, symmetric, iters, device, calibrate_all_experts)
         # AutoRound tunes an expert by the gradient of its routed tokens: one calibration never reached kept round-to-nearest
-        selected = observe_expert_statistics(model, adapter, batches, ("selected",), device)
-        unreached = [f"{layer}:{expert}" for layer, expert in unreached_experts(selected)]
+        # (unless every token was routed to every expert)
+        unreached = [] if calibrate_all_experts else [
+            f"{layer}:{expert}" for layer, expert in unreached_experts(observe_expert_statistics(model, adapter, batches, ("selected",), device))]
         rounded = _saved_rounding(model, in_memory, fused, own_names)
 
     schemes = {width: quant_scheme(width, group, symmetric) for width in set(widths.values())}
@@ -358,6 +368,7 @@ def quantize(
             "experts_storage": PER_EXPERT_STORAGE if fused else "packed",
             "calibrated_keys": len(rounded),
             "autoround": calibration,
+            **({"calibrate_all_experts": True} if calibrate_all_experts else {}),
             **({"unreached_experts": unreached} if method == "autoround" else {}),  # what the quality guard names
             "checkpoint_bytes_before": transform.bytes_before,
             "streamed": weights.streamed,

@@ -111,6 +111,9 @@ class Stage(BaseModel):
     streams: ClassVar[bool] = False
     #: as a command: the options that must be integers >= 1 (checked before anything is read)
     positive: ClassVar[tuple[str, ...]] = ()
+    #: it takes the option `calibrate_all_experts` (calibration routed to every routed expert), so the quality
+    #: guard offers that option when it names experts calibration never reached (`evaluate.guard`)
+    routes_all_experts: ClassVar[bool] = False
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -108,3 +108,8 @@ class QuantizeOptions(BaseModel):
     expert_bits: dict[int, int | dict[int, int]] | None = Field(None, description=(
         "Mixed precision (method rtn): decoder layer -> the width (4, 8, or 16 = as stored) of all its routed experts, or "
         "{expert: width}; experts not named take `bits` (`slimming.expert_bits`)."))
+    calibrate_all_experts: bool = Field(False, description=(
+        "autoround: tune each decoder block with every calibration token routed to every routed expert, all equally weighted, in "
+        "the full-precision target and in the tuned block (moe-compress's variant; the next block's input and the saved routing "
+        "stay the model's), so no expert keeps round-to-nearest for want of tokens; each expert is then tuned on all tokens, and "
+        "the MoE blocks' tuning costs experts / top-k times the expert work."))

@@ -23,12 +23,14 @@ class Quantize(QuantizeOptions, Stage):
     kind: ClassVar[str] = "quantize"
     final: ClassVar[bool] = True
     positive: ClassVar[tuple[str, ...]] = ("iters",)
+    routes_all_experts: ClassVar[bool] = True
 
     @classmethod
     def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:
         from ..slimming.quantize import check_quantize_options
 
-        check_quantize_options(options["bits"], options["scope"], options["method"], options["group_size"])
+        check_quantize_options(options["bits"], options["scope"], options["method"], options["group_size"],
+                               calibrate_all_experts=options["calibrate_all_experts"])
 
     def run_one(self, model: str, tokenizer: Any, job: Job) -> Any:
         """From the checkpoint: round-to-nearest streams it as `job.streaming` says."""
@@ -41,13 +43,15 @@ class Quantize(QuantizeOptions, Stage):
         from ..slimming.expert_bits import resolve_expert_bits
         from ..slimming.quantize import check_quantizable, check_quantize_options
 
-        check_quantize_options(self.bits, self.scope, self.method, self.group_size, self.expert_bits)
+        check_quantize_options(self.bits, self.scope, self.method, self.group_size, self.expert_bits, self.calibrate_all_experts)
         check_quantizable(structure.model, structure.adapter)
         if self.expert_bits is not None:  # against the input's layers (a pruning stage before may leave fewer experts: `run` checks again)
             resolve_expert_bits(self.expert_bits, structure.experts, len(structure.adapter.decoder_layers(structure.model)), self.bits)
 
     def calibrates(self) -> str | None:
-        return "tune the rounding of each decoder block with AutoRound" if self.method == "autoround" else None
+        if self.method != "autoround":
+            return None
+        return "tune the rounding of each decoder block with AutoRound" + (", every token routed to every expert" if self.calibrate_all_experts else "")
 
     def explain(self, structure: Structure) -> list[str]:
         from ..arch.table import experts_stored_per_expert

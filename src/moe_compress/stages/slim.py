@@ -21,6 +21,7 @@ class Slim(SlimOptions, Stage):
     kind: ClassVar[str] = "slim"
     streams: ClassVar[bool] = True
     positive: ClassVar[tuple[str, ...]] = ("blocksize",)
+    routes_all_experts: ClassVar[bool] = True
 
     @classmethod
     def check_options(cls, options: dict[str, Any], planned: bool = False) -> None:

@@ -26,9 +26,16 @@ output is its own (the added experts are multiplied by 0; only the order of the 
 it agrees to rounding), so later layers calibrate on the model's real activations and the saved
 model's routing is untouched. As in both tools, an expert's statistics then come from all the
 layer's tokens rather than from its routed tokens alone: that is the price of giving it any.
+
+A zero-weighted route gives statistics but no gradient. For a method that tunes against the
+layer's output (AutoRound, `slimming.autoround_experts`), `even_routing` weights every expert
+alike instead: each gets an equal share of the token's routed weight.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -49,16 +56,50 @@ def dense_routing(top_index: torch.Tensor, top_weights: torch.Tensor, num_expert
     return every, weights
 
 
-def _to_every_expert(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: the experts call's routing replaced by `dense_routing`, passed by position."""
-    hidden, top_index, top_weights = routing_arguments(args, kwargs)
-    slot = getattr(module, "expert_slot", None)  # our novice classes: routing names router rows, more than the kept experts
-    every, weights = dense_routing(top_index, top_weights, experts_count(module) if slot is None else len(slot))
-    rest = {k: v for k, v in kwargs.items() if k not in _ROUTING_KEYWORDS}
-    return (hidden, every, weights), rest
+def even_routing(top_index: torch.Tensor, top_weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert for every token, weighted alike: ([N, E] expert ids 0..E-1, [N, E] each 1/E of the total of the
+    token's routed weights), so the layer's expert output keeps its scale (a routed scaling factor included)."""
+    index = top_index.reshape(-1, top_index.shape[-1])
+    share = top_weights.reshape(index.shape).sum(-1, keepdim=True) / num_experts
+    every = torch.arange(num_experts, device=index.device, dtype=top_index.dtype).expand(index.shape[0], num_experts)
+    return every, share.expand(-1, num_experts).contiguous()
+
+
+Routing = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def routing_width(experts: nn.Module) -> int:
+    """The experts a routing of `experts` names: its count, or for our novice classes the router rows (more than the kept experts)."""
+    slot = getattr(experts, "expert_slot", None)
+    return experts_count(experts) if slot is None else len(slot)
+
+
+def _rerouted(routing: Routing, width: int | None = None):
+    """A forward pre-hook passing the experts call `routing`'s (index, weights) by position; `width`: the experts
+    it names (None: `routing_width` of the module, which needs its fused tensors)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden, top_index, top_weights = routing_arguments(args, kwargs)
+        every, weights = routing(top_index, top_weights, routing_width(module) if width is None else width)
+        rest = {k: v for k, v in kwargs.items() if k not in _ROUTING_KEYWORDS}
+        return (hidden, every, weights), rest
+
+    return hook
 
 
 def route_to_every_expert(experts: nn.Module):
     """Install the dense-routing pre-hook on `experts` (an experts module called as (hidden, top-k index, top-k weights));
     returns its handle. Install it before any hook that reads the routing, so they see the dense one."""
-    return experts.register_forward_pre_hook(_to_every_expert, with_kwargs=True)
+    return experts.register_forward_pre_hook(_rerouted(dense_routing), with_kwargs=True)
+
+
+@contextmanager
+def routed_evenly(experts: list[tuple[nn.Module, int]]) -> Iterator[None]:
+    """Within the block, each experts module of `experts` (with the experts its routing names: `routing_width`,
+    taken before the module was changed) receives `even_routing` instead of its router's choice."""
+    handles = [module.register_forward_pre_hook(_rerouted(even_routing, width), with_kwargs=True) for module, width in experts]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
