@@ -27,14 +27,22 @@ fresh process:
   requirements, torch being the local CPU wheel. A GGUF it writes is read back with that `gguf`
   package (architecture, expert count, tensors). The same environment's transformers (the
   converter's pin, 4.x) is tried as a plain loader too.
-* llama-cpp-python itself, when `--build-llama-cpp` compiles it from the sdist into that venv
-  (C++, minutes): one forward of each GGUF, top-1 next tokens compared with transformers'.
+* llama.cpp's runtime, the same commit: `--build-llama-cpp SECONDS` compiles only its `llama` shared
+  library, once, into ~/.cache/moe_compress/llama.cpp-<commit> (bench/llama_cpp_runtime.py); with it
+  built, each GGUF goes through llama-cpp-python's `Llama(logits_all=True).eval(ids)` (the sdist's
+  own bindings on that library): every position's logits of the prompt compared with the reference
+  and with transformers 5.23 loading the checkpoint the GGUF came from in float32 (max abs
+  difference, top-1 agreement), and the GGUF re-quantised with the library's `llama_model_quantize`
+  (Q4_0), its bytes and the same comparison; plus a probe of per-layer expert counts (per_layer_probe).
+  `--llama-cpp-forward` fills just those columns for the rows recorded in results/serving.json,
+  from the GGUFs the recording run left in --scratch.
 * vLLM: not installed anywhere; what its wheel requires is read from the registry's metadata
   (`pip install --dry-run`, nothing downloaded but metadata) and recorded, and each kind gets the
   verdict its config and vLLM's loader code give (`VLLM_VERDICTS`, with the sources read).
 
     python bench/serving.py --model ref-mixtral --model ref-deepseek   # -> results/serving.json, serving.md
     python bench/serving.py --model ref-mixtral --kind "mixed bits, per layer (rtn)"   # only that kind, into the same results
+    python bench/serving.py --build-llama-cpp 2400 --llama-cpp-forward   # build llama.cpp's library, run the recorded GGUFs through it
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ from moe_compress import compress, get_adapter, load_model, model_size, quantize
 from moe_compress.data import CalibrationSpec, calibration_batches
 from moe_compress.source.load import resolve_model
 
+import llama_cpp_runtime
+
 RESULTS = Path(__file__).parent / "results"
 LLAMA_CPP_PYTHON = "0.3.36"
 #: convert_hf_to_gguf's requirements (vendor/llama.cpp/requirements/requirements-convert_*.txt of
@@ -67,6 +77,8 @@ LLAMA_CPP_PYTHON = "0.3.36"
 CONVERTER_PINS = ["torch==2.13.0", "transformers==4.57.6", "numpy==2.2.6", "sentencepiece==0.2.1", "protobuf==4.25.8"]
 DEFAULT_VENV = Path.home() / ".cache" / "moe_compress" / "venvs" / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
 DEFAULT_SCRATCH = Path.home() / ".cache" / "moe_compress" / "bench-serving"
+#: where llama.cpp's library is built, one directory per llama.cpp commit
+LLAMA_CPP_BUILDS = Path.home() / ".cache" / "moe_compress"
 #: kind -> (method, budget, options) for the expert-compressing kinds, all at RATIO
 PRUNED_KINDS = {
     "uniform prune (reap, layer)": ("reap", "layer", {}),
@@ -128,9 +140,9 @@ VLLM_VERDICTS = {
         "no", f"{GENERATED}; and even with the family's architecture, {VLLM_SCHEME}: a layer whose experts differ in width "
         "gets expert 0's scheme for all of them, so the other experts' packed tensors and scales do not fit it"),
 }
-#: what compiling llama-cpp-python here gave when this bench was written (with build_llama_cpp's CMAKE_ARGS)
-LLAMA_CPP_BUILD_TRIED = ("tried on 2026-12-06: CPU-only build of the sdist, no tools/examples/server, 2 jobs; stopped after 23 min "
-                         "with 65 object files of the ~200 C++ sources compiled, on this 2-core machine at load average ~10")
+#: what pip-installing the whole llama-cpp-python sdist gave here, before llama_cpp_runtime built the library alone
+PIP_BUILD_TRIED = ("tried on 2026-12-06: CPU-only build of the sdist, no tools/examples/server, 2 jobs; stopped after 23 min "
+                   "with 65 object files of the ~200 C++ sources compiled, on this 2-core machine at load average ~10")
 PLAIN_OLD = "transformers 4.57.6 (converter venv)"
 WORKERS = 7
 CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -170,6 +182,30 @@ LOAD_RUNNER = textwrap.dedent(
     """
 )
 
+# transformers' float32 logits of a checkpoint (argv[1]) on the reference's ids (argv[2]), saved to argv[3]: what
+# llama.cpp's forward of the GGUF made from that checkpoint is compared with, so that the bf16 rounding of the
+# in-memory reference is not counted against llama.cpp. argv[4] "dequantize" loads a quantised checkpoint
+# dequantised and casts it all to float32 (transformers keeps dequantised experts in bf16), as the converter
+# dequantises; "default" loads it the way a user does (compressed-tensors' compressed forward). Prints RESULT{json}.
+FLOAT32_RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["moe_compress"] = None
+    import torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    torch.set_num_threads(1)
+    if sys.argv[4] == "dequantize":
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True)).float()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+    ids = torch.load(sys.argv[2])["ids"]
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model.eval()(input_ids=ids).logits}, sys.argv[3])
+    print("RESULT" + json.dumps({"saved": True}), flush=True)
+    """
+)
+
 # The converter with the two patches the bundled models' toy tokenizer needs, and nothing else: their
 # tokenizer_config names transformers 5's generic class TokenizersBackend, unknown to the converter's
 # transformers 4.x (map it to PreTrainedTokenizerFast), and llama.cpp identifies a BPE pre-tokenizer
@@ -190,15 +226,12 @@ TOY_TOKENIZER_SHIM = textwrap.dedent(
     """
 )
 
-# Reads a GGUF back with the gguf package; with llama-cpp-python importable, runs one forward of
-# the prompt's ids and compares the top-1 next tokens with the transformers reference.
+# Reads a GGUF back with the gguf package (llama.cpp's runtime is bench/llama_cpp_runtime.py's runners).
 GGUF_RUNNER = textwrap.dedent(
     """
     import json, sys
-    import numpy as np
-    import torch
     from gguf import GGUFReader
-    path, reference = sys.argv[1], torch.load(sys.argv[2])
+    path = sys.argv[1]
     reader = GGUFReader(path)
     def field(name):
         f = reader.fields.get(name)
@@ -209,22 +242,8 @@ GGUF_RUNNER = textwrap.dedent(
     arch = field("general.architecture")
     facts = {"architecture": arch, "tensors": len(reader.tensors), "expert_count": field(f"{arch}.expert_count"),
              "expert_used_count": field(f"{arch}.expert_used_count"), "block_count": field(f"{arch}.block_count"),
-             "rope_freq_base": field(f"{arch}.rope.freq_base"),
+             "rope_freq_base": field(f"{arch}.rope.freq_base"), "expert_gating_func": field(f"{arch}.expert_gating_func"),
              "expert_tensor_shapes": sorted({str([int(d) for d in t.shape]) for t in reader.tensors if "_exps" in t.name})}
-    try:
-        import llama_cpp
-    except ImportError:
-        facts["forward"] = "llama-cpp-python not built here (run with --build-llama-cpp)"
-    else:
-        ids = reference["ids"][0].tolist()
-        llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-        llm.eval(ids)
-        scores = np.array(llm.scores[: len(ids)])
-        expected = reference["logits"][0].float().numpy()
-        facts["forward"] = "done"
-        facts["llama_cpp_python"] = llama_cpp.__version__
-        facts["top1_agreement"] = float((scores.argmax(-1) == expected.argmax(-1)).mean())
-        facts["max_abs_diff"] = float(np.abs(scores - expected).max())
     print("RESULT" + json.dumps(facts), flush=True)
     """
 )
@@ -237,10 +256,10 @@ def _one_line(text: str) -> str:
     return (errors or lines or ["(no output)"])[-1][:300]
 
 
-def _run(command: list[str], timeout: int = 600) -> tuple[dict | None, str]:
+def _run(command: list[str], timeout: int = 600, env: dict | None = None) -> tuple[dict | None, str]:
     """(facts printed on a RESULT line or None, the one line saying why not)."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV, timeout=timeout, cwd="/")
+        done = subprocess.run(command, capture_output=True, text=True, env=env or CHILD_ENV, timeout=timeout, cwd="/")
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout} s"
     for line in done.stdout.splitlines():
@@ -347,24 +366,6 @@ def ensure_venv(venv: Path, llama_cpp: Path) -> Path:
     return python
 
 
-def build_llama_cpp(python: Path, sdist: Path, timeout: int) -> str:
-    """Compile llama-cpp-python (CPU only, no tools or examples) into the converter's venv; what happened."""
-    if subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
-        return "built (cached)"
-    env = {**CHILD_ENV, "CMAKE_BUILD_PARALLEL_LEVEL": "2",
-           "CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
-                         "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF"}
-    start = time.perf_counter()
-    try:
-        done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(sdist)],
-                              capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"build not finished in {timeout} s"
-    if done.returncode != 0:
-        return f"build failed: {_one_line(done.stderr)}"
-    return f"built in {time.perf_counter() - start:.0f} s"
-
-
 def vllm_evidence(python: Path, scratch: Path) -> dict:
     """What vLLM's newest wheel needs, from the registry's metadata only (nothing is installed)."""
     report = scratch / "vllm-report.json"
@@ -397,32 +398,92 @@ GGUF_TOY = "convert_hf_to_gguf f16, toy tokenizer accepted"
 
 
 def _convert(python: Path, command: list[str], gguf: Path, scripts: Path, facts: dict) -> dict:
-    """One converter run writing `gguf`, and what reading the GGUF back (and a forward, if built) says."""
+    """One converter run writing `gguf`, and what reading the GGUF back says."""
     gguf.unlink(missing_ok=True)
     start = time.perf_counter()
     _, why = _run([str(python), *command, facts["path"], "--outfile", str(gguf), "--outtype", "f16"])
     converted = {"seconds": round(time.perf_counter() - start, 1)}
     if not gguf.is_file():
         return converted | {"converted": False, "error": why}
-    read, why_not = _run([str(python), str(scripts / "read_gguf.py"), str(gguf), facts["reference"]])
-    converted |= {"converted": True, "gguf_bytes": gguf.stat().st_size, **(read or {"read_error": why_not})}
-    converted["expert_count_matches"] = sorted(set(facts["experts_per_layer"])) == [converted.get("expert_count")]
-    return converted
+    return converted | {"converted": True, **_read_gguf(python, gguf, scripts, facts)}
 
 
-def try_loaders(outputs: dict[str, dict], ours: str, theirs: Path, llama_cpp: Path, scratch: Path) -> None:
-    """Each loader on each output, recorded in the output's facts under "loaders".
+def _read_gguf(python: Path, gguf: Path, scripts: Path, facts: dict) -> dict:
+    read, why_not = _run([str(python), str(scripts / "read_gguf.py"), str(gguf)])
+    found = {"gguf_bytes": gguf.stat().st_size, **(read or {"read_error": why_not})}
+    found["expert_count_matches"] = sorted(set(facts["experts_per_layer"])) == [found.get("expert_count")]
+    return found
+
+
+#: transformers' float32 load mode -> the name its comparison has in the results
+FLOAT32 = {"default": "transformers_float32", "dequantize": "transformers_float32_dequantized"}
+
+
+def run_llama_cpp(ours: str, theirs: Path, lib: Path, gguf: Path, scripts: Path, facts: dict, read: dict) -> dict:
+    """llama.cpp's forward of `gguf`, and of its re-quantisation, against transformers' float32 logits and the reference.
+
+    transformers 5.23 loads the checkpoint the GGUF was converted from in float32 (for a quantised
+    output: the quantised model, which the reference, the original, is not; both as a user loads it
+    and dequantised, as the converter reads it), so the comparison measures llama.cpp and not the bf16
+    rounding of the in-memory reference. A deepseek2 GGUF
+    without `expert_gating_func` also runs with it overridden to sigmoid, DeepSeek-V3's router:
+    llama.cpp falls back to softmax there (src/models/deepseek2.cpp), and the run says what that costs.
+    """
+    env = llama_cpp_runtime.environment(CHILD_ENV, lib)
+    references, errors = [f"reference={facts['reference']}"], {}
+    for mode in ("default", "dequantize") if facts["config"]["quantization_config"] else ("default",):
+        name = FLOAT32[mode]
+        logits = gguf.with_suffix(f".{name}.pt")
+        saved, errors[name] = _run([ours, str(scripts / "float32.py"), facts["path"], facts["reference"], str(logits), mode])
+        references += [f"{name}={logits}"] if saved else []
+
+    def forward(path: Path, *overrides: str) -> dict:
+        result, why_not = _run([str(theirs), str(scripts / "llama_forward.py"), str(path), *references, *overrides], env=env)
+        return (result or {"forward": "failed", "error": why_not}) | {"float32_errors": {k: v for k, v in errors.items() if v}}
+
+    sigmoid = [f"override:deepseek2.expert_gating_func={llama_cpp_runtime.GATING_SIGMOID}"] \
+        if read.get("architecture") == "deepseek2" and read.get("expert_gating_func") is None else []
+    found = {"llama_cpp": forward(gguf)}
+    if sigmoid:
+        found["llama_cpp"]["gating_overridden_to_sigmoid"] = forward(gguf, *sigmoid)
+    quantized = gguf.with_name(f"{gguf.stem}-{llama_cpp_runtime.QUANT_TYPE}.gguf")
+    quantized.unlink(missing_ok=True)
+    start = time.perf_counter()
+    result, why = _run([str(theirs), str(scripts / "llama_quantize.py"), str(gguf), str(quantized), str(llama_cpp_runtime.QUANT_FTYPE)], env=env)
+    if not (result and result["status"] == 0 and quantized.is_file()):
+        return found | {"llama_quantize": {"type": llama_cpp_runtime.QUANT_TYPE, "error": why or result}}
+    found["llama_quantize"] = {"type": llama_cpp_runtime.QUANT_TYPE, "seconds": round(time.perf_counter() - start, 1),
+                               "gguf_bytes": quantized.stat().st_size, "said": result["said"], **forward(quantized, *sigmoid)}
+    return found
+
+
+def _write_runners(scripts: Path) -> None:
+    """The runner scripts, alone in `scripts` (a stale gguf.py there once shadowed the package)."""
+    shutil.rmtree(scripts, ignore_errors=True)
+    scripts.mkdir(parents=True)
+    (scripts / "load.py").write_text(LOAD_RUNNER)
+    (scripts / "float32.py").write_text(FLOAT32_RUNNER)
+    (scripts / "read_gguf.py").write_text(GGUF_RUNNER)  # not gguf.py: that would shadow the package
+    (scripts / "toy_tokenizer.py").write_text(TOY_TOKENIZER_SHIM)
+    (scripts / "llama_forward.py").write_text(llama_cpp_runtime.FORWARD_RUNNER)
+    (scripts / "llama_quantize.py").write_text(llama_cpp_runtime.QUANTIZE_RUNNER)
+    (scripts / "per_layer.py").write_text(llama_cpp_runtime.PER_LAYER_RUNNER)
+
+
+def _ggufs(kind: str, scratch: Path) -> list[tuple[str, Path]]:
+    """(loader, the GGUF it writes) for the converter as written and with the toy tokenizer accepted."""
+    return [(GGUF, scratch / f"{_slug(kind)}.gguf"), (GGUF_TOY, scratch / f"{_slug(kind)}-toy.gguf")]
+
+
+def try_loaders(outputs: dict[str, dict], ours: str, theirs: Path, sdist: Path, scratch: Path, lib: Path | None) -> None:
+    """Each loader on each output, recorded in the output's facts under "loaders"; llama.cpp's runtime too when `lib` is built.
 
     Every loader is a process of its own that mostly waits on this shared machine (imports), so
     the outputs are tried WORKERS at a time.
     """
     scripts = scratch / "runners"
-    shutil.rmtree(scripts, ignore_errors=True)  # only these runners beside each other (a stale gguf.py shadowed the package)
-    scripts.mkdir(parents=True)
-    (scripts / "load.py").write_text(LOAD_RUNNER)
-    (scripts / "read_gguf.py").write_text(GGUF_RUNNER)  # not gguf.py: that would shadow the package
-    (scripts / "toy_tokenizer.py").write_text(TOY_TOKENIZER_SHIM)
-    converter = str(llama_cpp / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py")
+    _write_runners(scripts)
+    converter = str(sdist / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py")
 
     def one(kind: str) -> None:
         facts = outputs[kind]
@@ -434,16 +495,68 @@ def try_loaders(outputs: dict[str, dict], ours: str, theirs: Path, llama_cpp: Pa
         for result in loaders.values():  # the scratch path says nothing; name the directory as a user would
             if "error" in result:
                 result["error"] = result["error"].replace(facts["path"], "<output>")
-        loaders[GGUF] = _convert(theirs, [converter], scratch / f"{_slug(kind)}.gguf", scripts, facts)
-        loaders[GGUF_TOY] = _convert(theirs, [str(scripts / "toy_tokenizer.py"), converter], scratch / f"{_slug(kind)}-toy.gguf", scripts, facts)
-        for result in (loaders[GGUF], loaders[GGUF_TOY]):
-            if "error" in result:
-                result["error"] = result["error"].replace(facts["path"], "<output>")
+        for (name, gguf), command in zip(_ggufs(kind, scratch), ([converter], [str(scripts / "toy_tokenizer.py"), converter])):
+            loaders[name] = _convert(theirs, command, gguf, scripts, facts)
+            if "error" in loaders[name]:
+                loaders[name]["error"] = loaders[name]["error"].replace(facts["path"], "<output>")
+            if lib and loaders[name]["converted"]:
+                loaders[name] |= run_llama_cpp(ours, theirs, lib, gguf, scripts, facts, loaders[name])
         facts["loaders"] = loaders
         print(f"{kind}: loaders tried", flush=True)
 
     with ThreadPoolExecutor(WORKERS) as pool:
         list(pool.map(one, [kind for kind, facts in outputs.items() if "path" in facts]))
+
+
+def llama_cpp_columns(report: dict, ours: str, theirs: Path, scratch: Path, lib: Path) -> None:
+    """llama.cpp's runtime on the GGUFs the recorded rows' run left in `scratch` (each read back again); nothing else is re-run.
+
+    A GGUF whose size is not the recorded one is not run: it was not written by the recorded run. The
+    original is the bundled model as this checkout resolves it (the recorded path may be another checkout's).
+    """
+    for model, outputs in report["models"].items():
+        scripts = scratch / model / "gguf" / "runners"
+        _write_runners(scripts)
+
+        def one(kind: str) -> None:
+            facts = outputs[kind] | ({"path": str(resolve_model(model))} if kind == "original" else {})
+            for name, gguf in _ggufs(kind, scratch / model / "gguf"):
+                result = facts["loaders"][name]
+                for key in ("forward", "llama_cpp", "llama_quantize"):  # "forward": the old "not built here" note
+                    result.pop(key, None)
+                if not result.get("converted"):
+                    continue
+                if not gguf.is_file() or gguf.stat().st_size != result["gguf_bytes"]:
+                    result["llama_cpp"] = {"forward": "not run", "error": f"{gguf} is not the recorded GGUF; re-record the row"}
+                    continue
+                result |= _read_gguf(theirs, gguf, scripts, facts)
+                result |= run_llama_cpp(ours, theirs, lib, gguf, scripts, facts, result)
+            print(f"{model} {kind}: llama.cpp tried", flush=True)
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(one, [kind for kind, facts in outputs.items() if "loaders" in facts]))
+
+
+def per_layer_probe(report: dict, models: list[str], theirs: Path, scratch: Path, lib: Path) -> None:
+    """What llama.cpp's loader says to per-layer expert counts, for each of `models` with a global prune and a uniform prune's GGUF in `scratch`.
+
+    The converter refuses the non-uniform outputs, so llama.cpp never sees them; this writes the uniform
+    prune's GGUF again with `<arch>.expert_count` set to the global prune's counts per layer (the
+    metadata such an output would need; its tensors stay uniform) and runs it.
+    """
+    for model in models:
+        uniform, plan = report["models"][model].get("uniform prune (reap, layer)"), report["models"][model].get("global prune (reap, global)")
+        scripts, gguf = scratch / model / "gguf" / "runners", scratch / model / "gguf" / f"{_slug('uniform prune (reap, layer)')}-toy.gguf"
+        if not (uniform and plan and gguf.is_file()):
+            continue
+        probe = gguf.with_name("per-layer-expert-count-probe.gguf")
+        written, why = _run([str(theirs), str(scripts / "per_layer.py"), str(gguf), str(probe), ",".join(map(str, plan["experts_per_layer"]))])
+        if not written:
+            report.setdefault("llama_cpp_per_layer_probe", {})[model] = {"error": why}
+            continue
+        ran, why = _run([str(theirs), str(scripts / "llama_forward.py"), str(probe), f"reference={uniform['reference']}"],
+                        env=llama_cpp_runtime.environment(CHILD_ENV, lib))
+        report.setdefault("llama_cpp_per_layer_probe", {})[model] = {**written, **(ran or {"forward": "failed", "error": why})}
 
 
 # ---------------------------------------------------------------- the report
@@ -468,12 +581,56 @@ def _cell_gguf(result: dict, experts: list[int]) -> str:
             f"rope freq_base {result['rope_freq_base']:g}")
 
 
+def _compared(run: dict) -> str:
+    """How a llama.cpp forward's logits compare with transformers' float32 logits of the same checkpoint, and with the reference."""
+    def one(name: str) -> str:
+        return f"max abs {run[name]['max_abs_diff']:.3g}, top-1 agree {run[name]['top1_agreement']:.2f}"
+    shown = "".join(f"vs transformers float32{label} {one(FLOAT32[mode])}; " for mode, label in (("default", ""), ("dequantize", " dequantized"))
+                    if FLOAT32[mode] in run)
+    failed = "".join(f"(transformers {name} failed: `{why}`) " for name, why in run.get("float32_errors", {}).items())
+    return shown + failed + f"vs the reference {one('reference')}"
+
+
+def _llama_refusal(run: dict) -> str:
+    """llama.cpp's own first error line (the specific one; the later ones say only that loading failed), else the exception."""
+    said = [line for line in run.get("llama_cpp_said") or [] if "error" in line.lower()] or run.get("llama_cpp_said") or []
+    return f"refused: `{said[0] if said else run.get('error', '?')}`"
+
+
 def _cell_llama(result: dict) -> str:
     if not result.get("converted"):
         return "- (no GGUF)"
-    if result.get("forward") != "done":
-        return result.get("forward", "-")
-    return f"forward ran; top-1 agree with the reference {result['top1_agreement']:.2f} (max abs logit diff {result['max_abs_diff']:.3g})"
+    run = result.get("llama_cpp")
+    if run is None:
+        return "not run (llama.cpp's library not built; --build-llama-cpp)"
+    if run["forward"] != "done":
+        return _llama_refusal(run)
+    shown = f"ran, {run['positions']} positions; {_compared(run)}"
+    if "gating_overridden_to_sigmoid" in run:
+        shown += f". No expert_gating_func in the GGUF (softmax used); overridden to sigmoid: {_compared(run['gating_overridden_to_sigmoid'])}"
+    return shown
+
+
+def _cell_llama_quantize(result: dict) -> str:
+    if "llama_quantize" not in result:
+        return "-"
+    run = result["llama_quantize"]
+    if "gguf_bytes" not in run:
+        return f"failed: `{run['error']}`"
+    said = "; ".join(" ".join(line.split()) for line in run["said"][1:])  # the quantiser's own summary, its column padding dropped
+    size = f"{run['gguf_bytes']:,} B ({run['gguf_bytes'] / result['gguf_bytes']:.2f}x the f16 GGUF; {said})"
+    overridden = " (gating overridden to sigmoid)" if run.get("overrides") else ""
+    return f"{size}; {_compared(run) + overridden if run['forward'] == 'done' else _llama_refusal(run)}"
+
+
+def _build_line(report: dict) -> str:
+    """The llama.cpp build this run used (or why none), with its command, wall time and compiler."""
+    record = report.get("llama_cpp_build")
+    if not record:
+        return f"not built ({PIP_BUILD_TRIED}; `--build-llama-cpp SECONDS` builds only the library)"
+    line = (f"`{record['configure']}` then `{record['build']}` ({record['compiler']}; {record['date']}): {record['status']}, "
+            f"{record['progress']}, {record['seconds']} s wall")
+    return line + (f". {record['note']}" if record.get("note") else "")
 
 
 def markdown(report: dict) -> str:
@@ -491,7 +648,17 @@ def markdown(report: dict) -> str:
              "llama.cpp cannot identify), so 'toy tokenizer accepted' runs the same converter with exactly those two checks patched "
              "(TokenizersBackend -> PreTrainedTokenizerFast, pre-tokenizer -> gpt-2, the byte-level regex it uses); the weights go through untouched. "
              "Each GGUF written is read back with `gguf` (architecture, tensors, `<arch>.expert_count`).",
-             f"* llama-cpp-python (the C++ runtime, forward of the 'toy tokenizer accepted' GGUF on the prompt's token ids): {report['llama_cpp_build']}.",
+             "* llama.cpp's runtime, same commit: only its `llama` shared library (with ggml's CPU backend) is built, and "
+             "llama-cpp-python's own Python package from that sdist, pointed at it by `LLAMA_CPP_LIB_PATH`, runs "
+             "`Llama(logits_all=True, n_threads=1).eval(ids)` on the 'toy tokenizer accepted' GGUF: the prompt's token ids in one batch, logits at "
+             "every position, compared with transformers 5.23 loading the same checkpoint in float32 (so that the reference's bf16 rounding "
+             "is not counted against llama.cpp; a quantised output twice: as a user loads it, compressed-tensors' compressed forward, and "
+             "dequantized, as the converter reads it) and with the reference (the in-memory model in bf16; for a quantised output the "
+             "original). The GGUF is then re-quantised with the library's `llama_model_quantize` (what `llama-quantize` calls) to "
+             f"{llama_cpp_runtime.QUANT_TYPE} (not a K-quant: those need rows of 256 and these models' are 192 or 96 wide) and run the same way. "
+             f"Build: {_build_line(report)}."
+             + (f" Those two columns recorded on {report['llama_cpp_run']['date']} by `{report['llama_cpp_run']['command']}`, from the GGUFs "
+                "the recording runs wrote (the same bytes as recorded)." if report.get("llama_cpp_run") else ""),
              f"* vLLM: {report['vllm_summary']} Its verdict for each kind, from the kind's config and vLLM's loader code, "
              "is the table after the results.",
              *[f"* Rows of {', '.join(added['kinds'])} ({', '.join(added['models'])}) added on {added['date']} by `{added['command']}`."
@@ -509,13 +676,15 @@ def markdown(report: dict) -> str:
                          f"{facts['weight_bytes'] / original:.2f} | {c['model_type']} | {', '.join(c['auto_map']) or '-'} | "
                          f"{quantization} | {'yes' if c['per_layer_config'] else '-'} | {'yes' if c.get('expert_substitution') else '-'} | {shown} |")
         lines += ["", "| output | transformers 5.23 plain | transformers 5.23 trust_remote_code | transformers 4.57.6 plain | "
-                  "convert_hf_to_gguf f16, as written | convert_hf_to_gguf f16, toy tokenizer accepted | llama-cpp-python forward |",
-                  "|---|---|---|---|---|---|---|"]
+                  "convert_hf_to_gguf f16, as written | convert_hf_to_gguf f16, toy tokenizer accepted | llama.cpp forward (f16 GGUF) | "
+                  f"llama.cpp {llama_cpp_runtime.QUANT_TYPE} (llama_model_quantize) and its forward |",
+                  "|---|---|---|---|---|---|---|---|"]
         for kind, facts in outputs.items():
             loaders = facts["loaders"]
             lines.append(f"| {kind} | {_cell_transformers(loaders['transformers'])} | {_cell_transformers(loaders['transformers trust_remote_code'])} | "
                          f"{_cell_transformers(loaders[PLAIN_OLD])} | {_cell_gguf(loaders[GGUF], facts['experts_per_layer'])} | "
-                         f"{_cell_gguf(loaders[GGUF_TOY], facts['experts_per_layer'])} | {_cell_llama(loaders[GGUF_TOY])} |")
+                         f"{_cell_gguf(loaders[GGUF_TOY], facts['experts_per_layer'])} | {_cell_llama(loaders[GGUF_TOY])} | "
+                         f"{_cell_llama_quantize(loaders[GGUF_TOY])} |")
         lines.append("")
     lines += ["## vLLM, per output kind (not run here)", "",
               "Read from the outputs' configs above and from vLLM's code and pull requests, not from a run: vLLM cannot be "
@@ -558,12 +727,56 @@ def meaning(report: dict) -> list[str]:
         "the original bundled checkpoint's too: it comes from the input's tokenizer, not from compression; the refusals left after the "
         "patches are the outputs' own (see the cells).",
         f"* A quantised output converts by being dequantised: its f16 GGUF is {_quantised_growth(report)} its checkpoint's bytes, "
-        "so the 4-bit saving does not carry into the GGUF (re-quantise with llama.cpp's own tools).",
-        (f"* llama-cpp-python forward with every top-1 token equal to the reference's: {kinds(lambda l: l[GGUF_TOY].get('top1_agreement') == 1.0)}."
-         if any(f.get("loaders", {}).get(GGUF_TOY, {}).get("forward") == "done" for o in report["models"].values() for f in o.values())
-         else "* llama-cpp-python forward: not run (not built here, see above)."),
+        "so the 4-bit saving does not carry into the GGUF (re-quantise with llama.cpp's own tools: the last column).",
+        *_llama_meaning(report, kinds),
         f"* vLLM: {report['vllm_summary']}",
     ]
+
+
+def _llama_meaning(report: dict, kinds) -> list[str]:
+    """The llama.cpp runtime's bullets: which GGUFs it ran, and how close their logits came to transformers' float32 ones."""
+    def run(loaders: dict) -> dict:
+        return loaders[GGUF_TOY].get("llama_cpp") or {}
+
+    def top1(forward: dict, name: str = FLOAT32["default"]) -> bool:
+        return forward.get("forward") == "done" and forward.get(name, {}).get("top1_agreement") == 1.0
+
+    def closest(forward: dict) -> float:
+        return min(forward[name]["max_abs_diff"] for name in FLOAT32.values() if name in forward)
+
+    rows = [(model, kind, run(f["loaders"])) for model, o in report["models"].items() for kind, f in o.items() if run(f["loaders"]).get("forward") == "done"]
+    if not rows:
+        return ["* llama.cpp's runtime: not run (its library is not built here, see above)."]
+    plain = [(m, k, r.get("gating_overridden_to_sigmoid", r)) for m, k, r in rows]  # deepseek2: as its router really is
+    bullets = [
+        f"* llama.cpp's own forward (f16 GGUF) runs: {kinds(lambda l: run(l).get('forward') == 'done')}; it refuses: "
+        f"{kinds(lambda l: run(l).get('forward') == 'failed')}; the other outputs never reach it, the converter refuses them first. "
+        f"Every position's top-1 token equal to transformers' (float32, same checkpoint, as a user loads it): {kinds(lambda l: top1(run(l)))}. "
+        "Largest logit difference to the closer of transformers' float32 loads (deepseek2 with its sigmoid router, below): "
+        + ", ".join(f"{closest(r):.3g} ({k}, {m})" for m, k, r in plain) + "."]
+    for model, probe in report.get("llama_cpp_per_layer_probe", {}).items():
+        said = _llama_refusal(probe) if probe.get("forward") != "done" else "loaded it"
+        bullets.append(f"* Per-layer expert counts ({model}): the uniform prune's GGUF written again with `{probe.get('key')}` = "
+                       f"{probe.get('value')} (the global prune's counts per MoE layer, as an array) gives llama.cpp: {said}. This llama.cpp reads "
+                       "`<arch>.expert_count` as one number for every architecture (src/llama-model.cpp, `get_key`, where "
+                       "`expert_used_count` and some architectures' `expert_feed_forward_length` take per-layer arrays).")
+    if any("gating_overridden_to_sigmoid" in r for _, _, r in rows):
+        bullets.append(
+            "* The deepseek2 GGUFs carry no `expert_gating_func`: the converter writes it only from a `scoring_func` key "
+            "(conversion/base.py), which the bundled checkpoint's config, written by transformers 5's DeepseekV3Config, does not have "
+            "(transformers hard-codes DeepSeek-V3's sigmoid router), so llama.cpp falls back to softmax (src/models/deepseek2.cpp) and "
+            "routes differently. With the key overridden to sigmoid at load, every position's top-1 equal: "
+            f"{kinds(lambda l: top1(run(l).get('gating_overridden_to_sigmoid', {})))}. The original's GGUF has the same gap, so it "
+            "is the transformers 5 config against the converter, not compression; a config carrying `scoring_func: sigmoid` (as "
+            "DeepSeek's own do) converts with it.")
+    bullets.append(
+        "* On the 4-bit outputs llama.cpp matches one of transformers' two float32 loads (as a user loads it, or dequantized as the "
+        "converter reads it) and not the other: those two loads differ from each other by as much, with identical weights. Checked by "
+        "hand on 2026-12-07 (the GGUF's tensors equal the checkpoint's packed weights dequantised; the experts' forward is the same in "
+        "both loads given the same routing): one token's expert choice flips at a near-tie (ref-mixtral layer 0, token 4: experts 3+7 "
+        "vs 3+6, router weight 0.288; ref-deepseek layer 1, token 8), after attention outputs that differ by 0.006. A max abs difference of "
+        "1-3 on these toy models can be one routing flip; top-1 agreement is the measure to read.")
+    return bullets
 
 
 def _quantised_growth(report: dict) -> str:
@@ -592,7 +805,10 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH, help="where outputs, GGUFs and the sdist go")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the converter's virtual environment (created once)")
     parser.add_argument("--build-llama-cpp", type=int, default=0, metavar="SECONDS",
-                        help="compile llama-cpp-python from the sdist into --venv, giving up after SECONDS (0: do not)")
+                        help="compile llama.cpp's `llama` library (once per commit, under ~/.cache/moe_compress), giving up after SECONDS "
+                             "(0: do not; a finished build is used either way)")
+    parser.add_argument("--llama-cpp-forward", action="store_true",
+                        help="only fill the llama.cpp runtime columns of the rows in results/serving.json, from the GGUFs in --scratch")
     parser.add_argument("--kind", action="append", choices=KINDS,
                         help="only this output kind (repeatable; default all): its rows replace or join those in results/serving.json")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite results/serving.md from results/serving.json and stop")
@@ -604,13 +820,26 @@ def main() -> None:
         return
     models = args.model or ["ref-mixtral"]
     kinds = args.kind or KINDS
-    llama_cpp, commit = llama_cpp_sources(args.scratch)
-    theirs = ensure_venv(args.venv, llama_cpp)
-    built = build_llama_cpp(theirs, args.scratch / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz", args.build_llama_cpp) if args.build_llama_cpp else \
-        f"not built in this run ({LLAMA_CPP_BUILD_TRIED}; --build-llama-cpp SECONDS tries again)"
+    sdist, commit = llama_cpp_sources(args.scratch)
+    theirs = ensure_venv(args.venv, sdist)
+    built = llama_cpp_runtime.build(sdist / "vendor" / "llama.cpp", LLAMA_CPP_BUILDS, commit, theirs, args.build_llama_cpp) if args.build_llama_cpp else \
+        llama_cpp_runtime.build_record(LLAMA_CPP_BUILDS, commit)
+    lib = llama_cpp_runtime.library(LLAMA_CPP_BUILDS, commit)
+    command = ("python bench/serving.py" + "".join(f" --model {m}" for m in ([] if args.llama_cpp_forward else models)) + "".join(f' --kind "{k}"' for k in args.kind or []) +
+               (f" --build-llama-cpp {args.build_llama_cpp}" if args.build_llama_cpp else "") + (" --llama-cpp-forward" if args.llama_cpp_forward else ""))
+    if args.llama_cpp_forward:
+        if lib is None:
+            sys.exit(f"llama.cpp's library is not built ({(built or {}).get('status', 'never tried')}): add --build-llama-cpp SECONDS")
+        report = json.loads((RESULTS / "serving.json").read_text())
+        report["llama_cpp_build"] = built
+        llama_cpp_columns(report, sys.executable, theirs, args.scratch, lib)
+        per_layer_probe(report, list(report["models"]), theirs, args.scratch, lib)
+        report["llama_cpp_run"] = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        (RESULTS / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
+        (RESULTS / "serving.md").write_text(markdown(report))
+        print(markdown(report))
+        return
     vllm = vllm_evidence(theirs, args.scratch)
-    command = ("python bench/serving.py " + " ".join(f"--model {m}" for m in models) + "".join(f' --kind "{k}"' for k in args.kind or []) +
-               (f" --build-llama-cpp {args.build_llama_cpp}" if args.build_llama_cpp else ""))
     run = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     fresh = {**run, "llama_cpp_python": LLAMA_CPP_PYTHON, "llama_cpp_commit": commit, "converter_venv": CONVERTER_PINS,
@@ -618,14 +847,16 @@ def main() -> None:
     report = fresh if not args.kind else json.loads((RESULTS / "serving.json").read_text())
     if args.kind:  # rows from this run join the recorded ones; the run is listed beside the first
         report["added"] = [*report.get("added", []), {**run, "kinds": args.kind, "models": models}]
-        report |= {key: fresh[key] for key in ("vllm", "llama_cpp_commit")}
+        report |= {key: fresh[key] for key in ("vllm", "llama_cpp_commit", "llama_cpp_build")}
     for model in models:
         print(f"{model}: making the outputs", flush=True)
         outputs = make_outputs(model, args.scratch / model, kinds)
-        try_loaders(outputs, sys.executable, theirs, llama_cpp, args.scratch / model / "gguf")
+        try_loaders(outputs, sys.executable, theirs, sdist, args.scratch / model / "gguf", lib)
         merged = {**report["models"].get(model, {}), **outputs}
         report["models"][model] = {kind: merged[kind] for kind in KINDS if kind in merged}  # rows of kinds no longer made are dropped
         report["prompt_tokens"] = int(torch.load(args.scratch / model / "original.pt")["ids"].shape[1])
+    if lib:
+        per_layer_probe(report, models, theirs, args.scratch, lib)
     report["vllm_summary"] = _vllm_summary(report["vllm"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
