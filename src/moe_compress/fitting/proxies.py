@@ -7,7 +7,7 @@ layer's gated output energy, both summed over the calibration tokens:
 
     E_e    = sum_{t in T_e} (w_{t,e} ||f_e(x_t)||)^2            statistic `gated_output_energy`
     R_e(b) = sum_{t in T_e} w_{t,e}^2 ||f_e^{Q_b}(x_t) - f_e(x_t)||^2   statistic `rtn_output_error@<group>`
-    (R_e(16) = 0: as stored)
+    (R_e(16) = 0: as stored; with widths per expert, each kept expert's R_e at its own width)
 
 w_{t,e} is the gate the model applies. Removing e takes w f_e(x) out of every token routed to it
 (the rerouting that follows is ignored: the first-order loss), rounding e's weights adds
@@ -82,9 +82,10 @@ class LayerProxy:
     def experts(self) -> int:
         return self.energy.numel()
 
-    def cost(self, keep: int, bits: int) -> float:
+    def cost(self, keep: int, bits: int, wider: tuple[int, ...] = (), to: int = 16) -> float:
         """cost_l(keep, bits) of the module docstring (0 for the layer unchanged). keep 0 is the routed MoE
-        dropped: every expert removed, no rerouting to ignore, so 1 -- the layer's whole routed output lost."""
+        dropped: every expert removed, no rerouting to ignore, so 1 -- the layer's whole routed output lost.
+        `wider`: kept experts at `to` bits instead, by their place among the kept (`gain_order`): R_e(to) for them."""
         total = float(self.energy.sum())
         if total <= 0:
             return 0.0
@@ -92,7 +93,17 @@ class LayerProxy:
             return 1.0
         mask = torch.zeros(self.experts, dtype=torch.bool)
         mask[self.kept[keep]] = True
-        return (float(self.energy[~mask].sum()) + float(self.rounding[bits][mask].sum())) / total
+        raised = torch.zeros(self.experts, dtype=torch.bool)
+        raised[[self.kept[keep][place] for place in wider]] = True
+        rounding = float(self.rounding[bits][mask & ~raised].sum()) + float(self.rounding[to][raised].sum())
+        return (float(self.energy[~mask].sum()) + rounding) / total
+
+    def gain_order(self, keep: int, bits: int, to: int) -> list[int]:
+        """The experts kept at count `keep`, by their place among them (ascending ids: the number the prune stage gives
+        them), the largest gain of rounding at `to` bits instead of `bits` first, R_e(bits) - R_e(to) (ties: the lower place)."""
+        kept = self.kept[keep]
+        gains = [float(self.rounding[bits][e] - self.rounding[to][e]) for e in kept]
+        return sorted(range(len(kept)), key=lambda place: (-gains[place], place))
 
 
 def layer_proxies(
