@@ -118,3 +118,35 @@ def test_a_fit_spends_slack_too_small_for_a_layer_on_single_experts(tiny, tmp_pa
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(candidate(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_pruned_then_raised_experts_measure_as_written(tiny, tmp_path):
+    """Experts pruned below a raised one (layer 0 keeps 6 of 8, its kept expert numbered 5 after the prune at 8 bits): the
+    written checkpoint holds, at 5, the original expert the prune kept at that place rounded at 8 bits, and reloads with the
+    logits of the candidate measured in memory (the prune stage run, then the per-expert rounding simulated)."""
+    from moe_compress.plan import Plan
+
+    sizes = checkpoint_sizes(tiny)
+    allocation = {0: Choice(6, 4, (5,), 8), 1: Choice(8, 4), 2: Choice(8, 4)}
+    stages = search.stages_for(allocation, sizes, "reap")
+    assert [(s.kind, s.given()) for s in stages] == [("prune", {"method": "reap", "budget": "explicit", "keep": {0: 6, 1: 8, 2: 8}}),
+                                                     ("quantize", {"bits": 4, "scope": "experts", "expert_bits": {0: {5: 8}}})]
+    mc.compress(str(tiny), stages, calib=TINY_CALIB, out=tmp_path / "out", guard=False)
+    assert tensor_bytes(tmp_path / "out") == search.predicted_bytes(stages, sizes)
+    (plan,) = [Plan.load(path) for path in (tmp_path / "out" / "plans").glob("*prune*.json")]
+    kept = sorted(next(lp for lp in plan.layers if lp.layer == 0).keep)
+    assert len(kept) == 6 and kept[5] != 5  # the prune removed experts below the raised one
+    original, tokenizer = load_model(str(tiny))
+    reloaded, _ = load_model(tmp_path / "out")
+    adapter = get_adapter(original)
+
+    def experts(model):
+        return adapter.experts(adapter.moe_block(adapter.decoder_layers(model)[0]))
+
+    assert torch.equal(experts(reloaded).down_proj[5], round_to_nearest(experts(original).down_proj[kept[5]], 8, sizes.group_size))
+    assert torch.equal(experts(reloaded).down_proj[4], round_to_nearest(experts(original).down_proj[kept[4]], 4, sizes.group_size))
+    candidate = search.Candidate("raised", allocation, search.predicted_bytes(stages, sizes), 0.0, stages)
+    built = build(candidate, original, tokenizer, calibration_batches(TINY_CALIB, tokenizer, original.config), sizes.group_size, tmp_path / "build")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(built(input_ids=ids).logits, reloaded(input_ids=ids).logits)
