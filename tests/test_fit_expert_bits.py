@@ -3,7 +3,9 @@ given after the prune stage renumbered the kept experts, and a fit that spends i
 
 from __future__ import annotations
 
+import filecmp
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -84,20 +86,25 @@ def tiny(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("fit-experts") / "tiny", "mixtral")
 
 
+def _slack_budget(sizes: CheckpointSizes) -> int:
+    """Every routed expert at 4 bits, plus one expert's 4 -> 8 bit difference: no whole layer can widen, one expert can."""
+    layer = sizes.layers[0]
+    return sizes.fixed + sum(candidate_bytes(one, one.experts, 4) for one in sizes.layers.values()) + layer.expert_bytes[8] - layer.expert_bytes[4]
+
+
 def test_a_fit_spends_slack_too_small_for_a_layer_on_single_experts(tiny, tmp_path, monkeypatch):
-    """The budget of every routed expert at 4 bits plus one expert's 4 -> 8 bit difference (the other decoder weights kept
-    as stored): no whole layer can widen, one expert can. fit picks that, writes it at the predicted bytes, the raised
-    expert of the checkpoint is the original expert the prune kept at that place rounded at 8 bits, and the checkpoint
-    reloads with the logits of the candidate measured in memory (pruned, then rounded per expert)."""
+    """At `_slack_budget` (the other decoder weights kept as stored) fit raises one expert to 8 bits, writes it at the
+    predicted bytes -- that expert of the checkpoint the original's rounded at 8 bits -- with the report saying so, and the
+    checkpoint reloads with the logits of the candidate measured in memory."""
     monkeypatch.setattr(search, "other_widths", lambda sizes: (16,))
     sizes = checkpoint_sizes(tiny)
-    layer = sizes.layers[0]
-    budget = sizes.fixed + sum(candidate_bytes(one, one.experts, 4) for one in sizes.layers.values()) + layer.expert_bytes[8] - layer.expert_bytes[4]
+    budget = _slack_budget(sizes)
     result = mc.fit(str(tiny), memory=budget, calib=TINY_CALIB, out=tmp_path / "out", windows=2, seq_len=32)
     best = result.best
     raised = {i: c for i, c in best.allocation.items() if c.wider}
     assert len(raised) == 1 and [len(c.wider) for c in raised.values()] == [1] and all(c.to == 8 for c in raised.values())
     (index, choice), = raised.items()
+    assert [s.kind for s in best.stages] == ["quantize"] and best.stages[0].expert_bits == {index: {choice.wider[0]: 8}}
     assert tensor_bytes(tmp_path / "out") == best.bytes == best.measured["written_bytes"] <= budget
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["moe_compress"]["expert_bits"][str(index)] == [choice.widths()[e] for e in range(choice.keep)]
@@ -109,15 +116,40 @@ def test_a_fit_spends_slack_too_small_for_a_layer_on_single_experts(tiny, tmp_pa
     original, tokenizer = load_model(str(tiny))
     reloaded, _ = load_model(tmp_path / "out")
     adapter = get_adapter(original)
-    plan = next((tmp_path / "out" / "plans").glob("*prune*.json"), None)
-    kept = sorted(json.loads(plan.read_text())["layers"][index]["keep"]) if plan else list(range(sizes.layers[index].experts))
-    source = adapter.experts(adapter.moe_block(adapter.decoder_layers(original)[index])).down_proj[kept[choice.wider[0]]]
+    source = adapter.experts(adapter.moe_block(adapter.decoder_layers(original)[index])).down_proj[choice.wider[0]]
     written = adapter.experts(adapter.moe_block(adapter.decoder_layers(reloaded)[index])).down_proj[choice.wider[0]]
     assert torch.equal(written, round_to_nearest(source, 8, sizes.group_size))
     candidate = build(best, original, tokenizer, calibration_batches(TINY_CALIB, tokenizer, original.config), sizes.group_size, tmp_path / "build")
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(candidate(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("loaded whole")
+
+
+def test_a_streamed_fit_measures_and_writes_per_expert_widths_as_in_memory(tiny, tmp_path, monkeypatch):
+    """Streamed (one decoder layer read at a time), the same candidates measured alike (the in-memory race never stopping
+    one, as the streamed walk does not race), the same per-expert choice, the same tensors and config written."""
+    monkeypatch.setattr(search, "other_widths", lambda sizes: (16,))
+    monkeypatch.setattr("moe_compress.fitting.race.RACE_Z", math.inf)
+    budget = _slack_budget(checkpoint_sizes(tiny))
+    results = {}
+    for streaming in (False, True):
+        with monkeypatch.context() as patch:
+            if streaming:
+                patch.setattr("moe_compress.source.load.load_model", _never)
+            results[streaming] = mc.fit(str(tiny), memory=budget, calib=TINY_CALIB, out=tmp_path / str(streaming), windows=2, seq_len=32,
+                                        streaming=streaming, cache_dir=False)
+    memory, streamed = results[False], results[True]
+    assert [c.name for c in streamed.candidates] == [c.name for c in memory.candidates]
+    assert sum(any(c.wider for c in candidate.allocation.values()) for candidate in memory.candidates) >= 1
+    for mine, theirs in zip(streamed.candidates, memory.candidates):
+        assert mine.measured == pytest.approx(theirs.measured, rel=1e-6, abs=1e-9), mine.name
+    assert streamed.best.allocation == memory.best.allocation and any(c.wider for c in streamed.best.allocation.values())
+    for name in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(tmp_path / "False" / name, tmp_path / "True" / name, shallow=False), name
 
 
 def test_pruned_then_raised_experts_measure_as_written(tiny, tmp_path):
