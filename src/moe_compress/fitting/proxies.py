@@ -82,10 +82,9 @@ class LayerProxy:
     def experts(self) -> int:
         return self.energy.numel()
 
-    def cost(self, keep: int, bits: int, wider: tuple[int, ...] = (), to: int = 16) -> float:
+    def cost(self, keep: int, bits: int) -> float:
         """cost_l(keep, bits) of the module docstring (0 for the layer unchanged). keep 0 is the routed MoE
-        dropped: every expert removed, no rerouting to ignore, so 1 -- the layer's whole routed output lost.
-        `wider`: kept experts at `to` bits instead, by their place among the kept (`gain_order`): R_e(to) for them."""
+        dropped: every expert removed, no rerouting to ignore, so 1 -- the layer's whole routed output lost."""
         total = float(self.energy.sum())
         if total <= 0:
             return 0.0
@@ -93,17 +92,22 @@ class LayerProxy:
             return 1.0
         mask = torch.zeros(self.experts, dtype=torch.bool)
         mask[self.kept[keep]] = True
-        raised = torch.zeros(self.experts, dtype=torch.bool)
-        raised[[self.kept[keep][place] for place in wider]] = True
-        rounding = float(self.rounding[bits][mask & ~raised].sum()) + float(self.rounding[to][raised].sum())
-        return (float(self.energy[~mask].sum()) + rounding) / total
+        return (float(self.energy[~mask].sum()) + float(self.rounding[bits][mask].sum())) / total
+
+    def raised(self, keep: int, bits: int, wider: tuple[int, ...], to: int) -> float:
+        """What the kept experts `wider` (by their place among the kept: `gain_order`) at `to` bits instead of `bits` add to
+        `cost(keep, bits)`: sum of R_e(to) - R_e(bits) over them, over the layer's energy (<= 0 for a wider `to`)."""
+        total = float(self.energy.sum())
+        if total <= 0 or not wider:
+            return 0.0
+        experts = [self.kept[keep][place] for place in wider]
+        return float((self.rounding[to][experts] - self.rounding[bits][experts]).sum()) / total
 
     def gain_order(self, keep: int, bits: int, to: int) -> list[int]:
         """The experts kept at count `keep`, by their place among them (ascending ids: the number the prune stage gives
         them), the largest gain of rounding at `to` bits instead of `bits` first, R_e(bits) - R_e(to) (ties: the lower place)."""
-        kept = self.kept[keep]
-        gains = [float(self.rounding[bits][e] - self.rounding[to][e]) for e in kept]
-        return sorted(range(len(kept)), key=lambda place: (-gains[place], place))
+        gains = (self.rounding[bits] - self.rounding[to])[self.kept[keep]].tolist()
+        return sorted(range(len(gains)), key=lambda place: (-gains[place], place))
 
 
 def layer_proxies(

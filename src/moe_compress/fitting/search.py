@@ -151,10 +151,20 @@ def choice_bytes(layer: LayerSizes, choice: Choice) -> int:
     return candidate_bytes(layer, choice.keep, {choice.bits: choice.keep - len(choice.wider), choice.to: len(choice.wider)} if choice.wider else choice.bits)
 
 
+def _costs(proxy: LayerProxy, choices: list[Choice]) -> list[float]:
+    """Each choice's proxy cost: its (kept count, width)'s, computed once per pair, plus what its raised experts change."""
+    whole: dict[tuple[int, int], float] = {}
+    for c in choices:
+        if (c.keep, c.bits) not in whole:
+            whole[c.keep, c.bits] = proxy.cost(c.keep, c.bits)
+    return [whole[c.keep, c.bits] + proxy.raised(c.keep, c.bits, c.wider, c.to) for c in choices]
+
+
 def table(sizes: CheckpointSizes, choices: dict[int, list[Choice]], proxies: dict[int, LayerProxy] | None) -> list[list[Option]]:
     """The solver's table: per layer, per choice, its bytes and proxy cost (0 without proxies: a dry run)."""
-    return [[Option(choice_bytes(sizes.layers[layer], c), proxies[layer].cost(c.keep, c.bits, c.wider, c.to) if proxies else 0.0, c.label)
-             for c in layer_choices] for layer, layer_choices in choices.items()]
+    return [[Option(choice_bytes(sizes.layers[layer], c), cost, c.label)
+             for c, cost in zip(layer_choices, _costs(proxies[layer], layer_choices) if proxies else [0.0] * len(layer_choices))]
+            for layer, layer_choices in choices.items()]
 
 
 def _routing(allocation: Allocation) -> bool:
