@@ -53,8 +53,6 @@ FRONT_POINTS = 2
 
 #: The table offers widths per expert (`expert_choices`); False: every kept expert of a layer at one width.
 PER_EXPERT_BITS = True
-#: How many kept experts a per-expert choice raises to a wider width: powers of two below the kept count.
-LADDER_BASE = 2
 
 
 @dataclass(frozen=True)
@@ -120,14 +118,15 @@ def droppable(sizes: CheckpointSizes, layer: int) -> bool:
 
 def expert_choices(proxy: LayerProxy, counts: list[int], bits: tuple[int, ...]) -> list[Choice]:
     """Per kept count (`counts`, largest first) and lowered width b, the m kept experts of largest gain at each wider width
-    b' (`LayerProxy.gain_order`) raised to it, for m = 1, 2, 4, ... below the kept count."""
+    b' (`LayerProxy.gain_order`) raised to it, for m = 1, 2, 4, ... below the kept count: powers of two, so a layer of
+    E experts adds about 3 log2(E) choices per kept count (the table, and the solver's time, stay within ~8x of whole-layer
+    widths alone at 128 experts)."""
     found = []
     for b in bits:
         for k in counts:
             for to in (w for w in bits if w > b):
                 order = proxy.gain_order(k, b, to)
-                ladder = [LADDER_BASE**n for n in range(k.bit_length()) if LADDER_BASE**n < k]
-                found += [Choice(k, b, tuple(sorted(order[:m])), to) for m in ladder]
+                found += [Choice(k, b, tuple(sorted(order[:m])), to) for m in (2**n for n in range(k.bit_length())) if m < k]
     return found
 
 
