@@ -24,7 +24,7 @@ TINY_CALIB = mc.CalibrationSpec(samples=4, seq_len=32)
 
 def test_a_fit_writes_its_report_page(tmp_path):
     """After a fit: fit_report.html beside the checkpoint, self-contained (the PNG on disk embedded, nothing fetched), a row per
-    candidate, the chosen one marked, one allocation row per MoE layer with the kept counts (of the original's) and bits of
+    candidate, the chosen one marked, one allocation row per MoE layer with the kept counts (of the original's), bits and experts raised of
     the report; fit_report.md and the model card point to it."""
     tiny = save_tiny_checkpoint(tmp_path / "tiny", "mixtral")
     out = tmp_path / "out"
@@ -44,9 +44,12 @@ def test_a_fit_writes_its_report_page(tmp_path):
         else:
             assert f"<tr><td>{name}</td><td>{c['bytes']}</td>" in text
     allocation = text.split("<h2>Allocation of the chosen candidate, per MoE layer</h2>")[1].split("</table>")[0]
-    rows = re.findall(r"<tr><td>(\d+)</td><td>(\d+) of (\d+)</td><td>(\d+)</td></tr>", allocation)
+    rows = re.findall(r"<tr><td>(\d+)</td><td>(\d+) of (\d+)</td><td>(\d+)</td>(?:<td>([^<]*)</td>)?</tr>", allocation)
     sizes = checkpoint_sizes(tiny)
-    assert rows == [(str(layer), str(c.keep), str(sizes.layers[layer].experts), str(c.bits)) for layer, c in result.best.allocation.items()]
+    # a column for the experts raised to a wider width where any layer has some ("-" in the others')
+    raised = any(c.wider for c in result.best.allocation.values())
+    assert rows == [(str(layer), str(c.keep), str(sizes.layers[layer].experts), str(c.bits), c.entry().get("raised", "-" if raised else ""))
+                    for layer, c in result.best.allocation.items()]
     assert [int(layer) for layer, *_ in rows] == sorted(sizes.layers) and report["experts"] == {str(i): 8 for i in sizes.layers}
     assert "`fit_report.html`" in (out / "fit_report.md").read_text() and "`fit_report.html`" in (out / "README.md").read_text()
 

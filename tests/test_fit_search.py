@@ -164,10 +164,12 @@ def _hand_proxies() -> dict[int, LayerProxy]:
     return {i: LayerProxy(i, torch.ones(4, dtype=torch.float64), rounding, {4: [0, 1, 2, 3]}) for i in (0, 1)}
 
 
-def test_the_optimum_is_measured_at_every_width_of_the_other_weights():
+def test_the_optimum_is_measured_at_every_width_of_the_other_weights(monkeypatch):
     """Budget 1300: with the other weights at 16 bits (fixed 1000) the experts take at most 300 bytes -- layers at 8 and
     4 bits, proxy 0.11; at 8 bits (fixed 800), 500 -- both layers at 8 bits, 0.02 + 0.005; at 4 bits (fixed 700), 600 --
-    16 and 8 bits, 0.01 + 0.05. All three are measured, the least proxy named "fit", then the front beside it."""
+    16 and 8 bits, 0.01 + 0.05. All three are measured, the least proxy named "fit", then the front beside it.
+    (Whole-layer widths only: widths per expert are `test_per_expert_widths_*`'s.)"""
+    monkeypatch.setattr(search, "PER_EXPERT_BITS", False)
     sizes, proxies, floors = _hand_sizes(), _hand_proxies(), {0: [4], 1: [4]}
     found = search.solved(sizes, floors, proxies, 1300, "reap", {16: 0.0, 8: 0.005, 4: 0.05})
     summary = [(c.name, c.other_bits, {i: ch.bits for i, ch in c.allocation.items()}, c.bytes) for c in found]

@@ -58,7 +58,7 @@ def _print_report(document: str) -> None:
 def _space(result) -> list[str]:
     """The budget's arithmetic and the search space, as a dry run prints them."""
     from ..stages.sizes import BITS
-    from .search import droppable
+    from .search import PER_EXPERT_BITS, droppable
 
     counts = {(min(c), max(c), c[1] - c[0] if len(c) > 1 else 1) for c in result.floors.values()}
     lines = [
@@ -70,6 +70,7 @@ def _space(result) -> list[str]:
         f"search space: {len(result.floors)} MoE layers, each keeping "
         + "; ".join(f"{low}..{high} experts (step {step})" for low, high, step in sorted(counts))
         + f", at {' / '.join(map(str, BITS))} bits"
+        + (" (or, per layer, the 1, 2, 4, ... kept experts whose rounding error falls most raised to a wider width)" if PER_EXPERT_BITS else "")
         + (", or its routed MoE dropped (one MoE layer left routing)" if any(droppable(result.sizes, layer) for layer in result.sizes.layers) else ""),
         "other decoder weights (attention, shared experts, dense MLPs): "
         + (f"{' / '.join(map(str, BITS))} bits" if result.sizes.others else "as stored (the experts' group size does not divide their widths)"),

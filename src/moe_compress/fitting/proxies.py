@@ -7,7 +7,7 @@ layer's gated output energy, both summed over the calibration tokens:
 
     E_e    = sum_{t in T_e} (w_{t,e} ||f_e(x_t)||)^2            statistic `gated_output_energy`
     R_e(b) = sum_{t in T_e} w_{t,e}^2 ||f_e^{Q_b}(x_t) - f_e(x_t)||^2   statistic `rtn_output_error@<group>`
-    (R_e(16) = 0: as stored)
+    (R_e(16) = 0: as stored; with widths per expert, each kept expert's R_e at its own width)
 
 w_{t,e} is the gate the model applies. Removing e takes w f_e(x) out of every token routed to it
 (the rerouting that follows is ignored: the first-order loss), rounding e's weights adds
@@ -93,6 +93,21 @@ class LayerProxy:
         mask = torch.zeros(self.experts, dtype=torch.bool)
         mask[self.kept[keep]] = True
         return (float(self.energy[~mask].sum()) + float(self.rounding[bits][mask].sum())) / total
+
+    def raised(self, keep: int, bits: int, wider: tuple[int, ...], to: int) -> float:
+        """What the kept experts `wider` (by their place among the kept: `gain_order`) at `to` bits instead of `bits` add to
+        `cost(keep, bits)`: sum of R_e(to) - R_e(bits) over them, over the layer's energy (<= 0 for a wider `to`)."""
+        total = float(self.energy.sum())
+        if total <= 0 or not wider:
+            return 0.0
+        experts = [self.kept[keep][place] for place in wider]
+        return float((self.rounding[to][experts] - self.rounding[bits][experts]).sum()) / total
+
+    def gain_order(self, keep: int, bits: int, to: int) -> list[int]:
+        """The experts kept at count `keep`, by their place among them (ascending ids: the number the prune stage gives
+        them), the largest gain of rounding at `to` bits instead of `bits` first, R_e(bits) - R_e(to) (ties: the lower place)."""
+        gains = (self.rounding[bits] - self.rounding[to])[self.kept[keep]].tolist()
+        return sorted(range(len(gains)), key=lambda place: (-gains[place], place))
 
 
 def layer_proxies(

@@ -1,7 +1,10 @@
 """From sizes and proxies to the few allocations worth measuring, each as the stages that make it.
 
 Per MoE layer the options are every (kept count, bit width) pair: bytes exact from the shard
-headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`); and, where its
+headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`); with the proxies,
+each such pair with the m kept experts whose rounding error falls most at a wider width b' raised to
+it (`expert_choices`: m = 1, 2, 4, ... below the kept count, b' each wider width), so that slack too
+small to widen a whole layer widens the experts that gain most from it; and, where its
 MoE sub-layer holds nothing but routed experts and router (`droppable`), dropping it (`DROPPED`:
 0 bytes, cost 1 -- every expert's energy removed), as long as one MoE layer keeps routing (`optimum`;
 a family with shared experts is not offered the drop: layer drop removes them too, which the
@@ -24,7 +27,7 @@ other weights. What is then measured:
   routed experts, or where that does not fit, every decoder weight: quantize's scope "all").
 
 Each allocation becomes a list of stages -- `Prune(method, budget="explicit", keep=...)`, `Drop(layers=...)`,
-then `Quantize(bits=..., scope="experts" or "all")` -- that `pipeline.run_stages` runs; their `predict`
+then `Quantize(bits=..., scope="experts" or "all", expert_bits=...)` -- that `pipeline.run_stages` runs; their `predict`
 gives the same bytes as the table (asserted), so what is measured is what fits.
 """
 
@@ -48,10 +51,19 @@ PER_LAYER_BITS = True
 FRONT_POINTS = 2
 
 
+#: The table offers widths per expert (`expert_choices`); False: every kept expert of a layer at one width.
+PER_EXPERT_BITS = True
+
+
 @dataclass(frozen=True)
 class Choice:
+    """A MoE layer's experts kept and their width; `wider`: kept experts at `to` bits instead, numbered as the quantize
+    stage sees them -- their place among the kept experts in ascending id, the order the prune stage keeps them in."""
+
     keep: int
     bits: int
+    wider: tuple[int, ...] = ()
+    to: int = 16
 
     @property
     def dropped(self) -> bool:
@@ -59,7 +71,16 @@ class Choice:
 
     @property
     def label(self) -> str:
-        return "dropped" if self.dropped else f"{self.keep}x{self.bits}b"
+        return "dropped" if self.dropped else f"{self.keep}x{self.bits}b" + (f"+{len(self.wider)}x{self.to}b" if self.wider else "")
+
+    def widths(self) -> dict[int, int]:
+        """Each kept expert's width, by its number after the prune stage."""
+        return {e: self.to if e in self.wider else self.bits for e in range(self.keep)}
+
+    def entry(self) -> dict:
+        """The allocation's entry in the report: experts kept, bits, and the experts raised where some are."""
+        raised = {"raised": f"{len(self.wider)} at {self.to} bits: {', '.join(map(str, self.wider))}"} if self.wider else {}
+        return {"keep": self.keep, "bits": self.bits, **raised}
 
 
 #: A layer's routed MoE dropped (`Drop(layers=...)`): no expert kept, no bits.
@@ -81,11 +102,11 @@ class Candidate:
 
     @property
     def key(self) -> tuple:
-        return self.other_bits, tuple(sorted((i, c.keep, c.bits) for i, c in self.allocation.items()))
+        return self.other_bits, tuple(sorted((i, c.keep, c.bits, c.wider, c.to) for i, c in self.allocation.items()))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "aliases": self.aliases, "bytes": self.bytes, "proxy": self.proxy, "stages": [{s.kind: s.given()} for s in self.stages],
-                "allocation": {str(i): {"keep": c.keep, "bits": c.bits} for i, c in self.allocation.items()}, "other_bits": self.other_bits,
+                "allocation": {str(i): c.entry() for i, c in self.allocation.items()}, "other_bits": self.other_bits,
                 **self.measured}
 
 
@@ -95,22 +116,54 @@ def droppable(sizes: CheckpointSizes, layer: int) -> bool:
     return sizes.moe_droppable and sizes.layers[layer].rest_bytes == 0 and len(sizes.layers) > 1
 
 
-def layer_choices(sizes: CheckpointSizes, floors: dict[int, list[int]], bits: tuple[int, ...]) -> dict[int, list[Choice]]:
+def expert_choices(proxy: LayerProxy, counts: list[int], bits: tuple[int, ...]) -> list[Choice]:
+    """Per kept count (`counts`, largest first) and lowered width b, the m kept experts of largest gain at each wider width
+    b' (`LayerProxy.gain_order`) raised to it, for m = 1, 2, 4, ... below the kept count: powers of two, so a layer of
+    E experts adds about 3 log2(E) choices per kept count (the table, and the solver's time, stay within ~8x of whole-layer
+    widths alone at 128 experts)."""
+    found = []
+    for b in bits:
+        for k in counts:
+            for to in (w for w in bits if w > b):
+                order = proxy.gain_order(k, b, to)
+                found += [Choice(k, b, tuple(sorted(order[:m])), to) for m in (2**n for n in range(k.bit_length())) if m < k]
+    return found
+
+
+def layer_choices(sizes: CheckpointSizes, floors: dict[int, list[int]], bits: tuple[int, ...],
+                  proxies: dict[int, LayerProxy] | None = None) -> dict[int, list[Choice]]:
     """Every MoE layer's choices: each allowed kept count (`floors[layer]`, largest first) at each width,
-    the layer unchanged first (the solver's option 0), and last `DROPPED` where the layer is `droppable`."""
-    return {layer: [Choice(k, b) for b in bits for k in sorted(floors[layer], reverse=True)] + ([DROPPED] if droppable(sizes, layer) else [])
-            for layer in sorted(sizes.layers)}
+    the layer unchanged first (the solver's option 0); then, with `proxies`, the per-expert widths
+    (`expert_choices`: after the whole-layer ones, so those win every tie); last `DROPPED` where the layer is `droppable`."""
+    def of(layer: int) -> list[Choice]:
+        counts = sorted(floors[layer], reverse=True)
+        raised = expert_choices(proxies[layer], counts, bits) if proxies and PER_EXPERT_BITS else []
+        return [Choice(k, b) for b in bits for k in counts] + raised + ([DROPPED] if droppable(sizes, layer) else [])
+
+    return {layer: of(layer) for layer in sorted(sizes.layers)}
 
 
 def choice_bytes(layer: LayerSizes, choice: Choice) -> int:
     """A choice's bytes of the layer's routed experts and router (none left when dropped)."""
-    return 0 if choice.dropped else candidate_bytes(layer, choice.keep, choice.bits)
+    if choice.dropped:
+        return 0
+    return candidate_bytes(layer, choice.keep, {choice.bits: choice.keep - len(choice.wider), choice.to: len(choice.wider)} if choice.wider else choice.bits)
+
+
+def _costs(proxy: LayerProxy, choices: list[Choice]) -> list[float]:
+    """Each choice's proxy cost: its (kept count, width)'s, computed once per pair, plus what its raised experts change."""
+    whole: dict[tuple[int, int], float] = {}
+    for c in choices:
+        if (c.keep, c.bits) not in whole:
+            whole[c.keep, c.bits] = proxy.cost(c.keep, c.bits)
+    return [whole[c.keep, c.bits] + proxy.raised(c.keep, c.bits, c.wider, c.to) for c in choices]
 
 
 def table(sizes: CheckpointSizes, choices: dict[int, list[Choice]], proxies: dict[int, LayerProxy] | None) -> list[list[Option]]:
     """The solver's table: per layer, per choice, its bytes and proxy cost (0 without proxies: a dry run)."""
-    return [[Option(choice_bytes(sizes.layers[layer], c), proxies[layer].cost(c.keep, c.bits) if proxies else 0.0, c.label)
-             for c in layer_choices] for layer, layer_choices in choices.items()]
+    return [[Option(choice_bytes(sizes.layers[layer], c), cost, c.label)
+             for c, cost in zip(layer_choices, _costs(proxies[layer], layer_choices) if proxies else [0.0] * len(layer_choices))]
+            for layer, layer_choices in choices.items()]
 
 
 def _routing(allocation: Allocation) -> bool:
@@ -157,7 +210,8 @@ def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: st
     """The stages that make `allocation`: an explicit prune where a layer removes experts (on the original, whose
     statistics the proxies read: a dropped layer keeps every expert there), a drop of the dropped layers' MoE,
     a quantize where bits drop (scope "all" at `other_bits` when the other decoder weights are lowered, every
-    remaining MoE layer at another width named)."""
+    remaining MoE layer at another width named, and every expert at another width of a layer whose experts differ,
+    by its number after the prune: `Choice.wider`)."""
     stages: list[Stage] = []
     left = {i: c for i, c in allocation.items() if not c.dropped}
     if any(c.keep < sizes.layers[i].experts for i, c in left.items()):
@@ -167,14 +221,25 @@ def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: st
     allocation = left
     widths = [c.bits for c in allocation.values()]
     if other_bits != 16:
-        named = {i: c.bits for i, c in allocation.items() if c.bits != other_bits}
+        named = _named(allocation, other_bits)
         stages.append(Quantize(bits=other_bits, scope="all", **({"expert_bits": named} if named else {})))
     elif set(widths) != {16}:
         # the commonest lowered width is the stage's own; every layer at another width is named
         default = max(sorted({b for b in widths if b != 16}), key=widths.count)
-        named = {i: c.bits for i, c in allocation.items() if c.bits != default}
+        named = _named(allocation, default)
         stages.append(Quantize(bits=default, scope="experts", **({"expert_bits": named} if named else {})))
     return stages
+
+
+def _named(allocation: dict[int, Choice], default: int) -> dict[int, int | dict[int, int]]:
+    """The quantize stage's `expert_bits` besides its `default` width: a layer's width, or its experts' where they differ."""
+    named: dict[int, int | dict[int, int]] = {}
+    for i, c in allocation.items():
+        if c.wider:
+            named[i] = {e: w for e, w in c.widths().items() if w != default}
+        elif c.bits != default:
+            named[i] = c.bits
+    return named
 
 
 def predicted_bytes(stages: list[Stage], sizes: CheckpointSizes) -> int:
@@ -205,7 +270,7 @@ def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[i
     tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
     found: list[tuple[list[Candidate], list[list[Option]], dict[int, list[Choice]]]] = []
     for widths in tables:
-        choices = layer_choices(sizes, floors, widths)
+        choices = layer_choices(sizes, floors, widths, proxies)
         rows = table(sizes, choices, proxies)
         name = "fit" if PER_LAYER_BITS else f"fit, {widths[0]}-bit"
         options = sorted((_candidate(name, optimum(rows, budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
@@ -271,5 +336,5 @@ def candidates(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: di
 def sweep(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy]) -> dict[int, list[Allocation]]:
     """The predicted quality-vs-size curve per width table, from the statistics alone (the solver's front)."""
     tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
-    return {widths[0] if len(widths) == 1 else 0: [point for point in front(table(sizes, layer_choices(sizes, floors, widths), proxies), sizes.fixed)
+    return {widths[0] if len(widths) == 1 else 0: [point for point in front(table(sizes, layer_choices(sizes, floors, widths, proxies), proxies), sizes.fixed)
                                                    if _routing(point)] for widths in tables}

@@ -8,12 +8,14 @@ rounds the copy it holds in place instead, and the test suite checks the logits 
 written-and-reloaded checkpoint (`tests/test_fit_time.py`). The written model still comes from
 the real stage (`fitting.write`).
 
-Covered: what `fit` generates -- method "rtn", symmetric, widths per MoE layer (`expert_bits`
-of whole layers), scope "experts" or "all" (attention, shared experts and dense MLPs at `bits`;
+Covered: what `fit` generates -- method "rtn", symmetric, widths per MoE layer or per expert
+(`expert_bits`), scope "experts" or "all" (attention, shared experts and dense MLPs at `bits`;
 routers, embeddings and head as stored). Anything else runs the stage itself.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -25,8 +27,7 @@ from ..stages.quantize import Quantize
 
 def simulated(stage: Quantize) -> bool:
     """Whether `simulate` reproduces `stage` (see the module docstring)."""
-    layer_widths = all(isinstance(width, int) for width in (stage.expert_bits or {}).values())
-    return stage.method == "rtn" and stage.symmetric and layer_widths
+    return stage.method == "rtn" and stage.symmetric
 
 
 def layer_roles(model: PreTrainedModel, adapter) -> list[dict[str, str]]:
@@ -49,9 +50,12 @@ def simulate_layer(layer: nn.Module, index: int, adapter, stage: Quantize, group
     from ..walk.rounding import round_experts_in_place, round_to_nearest
 
     block = adapter.moe_block(layer)
-    bits = (stage.expert_bits or {}).get(index, stage.bits)
-    if block is not None and bits != 16:
-        round_experts_in_place(adapter.experts(block), bits, group)
+    if block is not None:
+        experts = adapter.experts(block)
+        value = (stage.expert_bits or {}).get(index, stage.bits)
+        widths = [value.get(e, stage.bits) if isinstance(value, Mapping) else value for e in range(adapter.num_experts(block))]
+        for bits in sorted(set(widths) - {16}):
+            round_experts_in_place(experts, bits, group, None if len(set(widths)) == 1 else {e for e, w in enumerate(widths) if w == bits})
     if stage.scope == "all":
         parameters = dict(layer.named_parameters())
         for name, role in roles.items():

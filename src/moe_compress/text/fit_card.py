@@ -16,7 +16,7 @@ FIT_REPORT_PAGE = "fit_report.html"
 
 
 #: Headers of the allocation entries' keys (`search.Candidate.to_dict`); any other key is shown under its own name.
-_ALLOCATION_HEADERS = {"keep": "experts kept", "bits": "bits"}
+_ALLOCATION_HEADERS = {"keep": "experts kept", "bits": "bits", "raised": "experts at a wider width (numbered as written)"}
 
 
 def budget_line(report: dict) -> str:

@@ -25,7 +25,7 @@ streamed fit measures its candidates after it, in the same memory).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -112,13 +112,15 @@ def _rounded_codes(experts: nn.Module, bits: int, group: int) -> dict[str, _Code
 
 
 @torch.no_grad()
-def round_experts_in_place(experts: nn.Module, bits: int, group: int) -> None:
-    """Every routed expert's weights rounded by `round_to_nearest`, written over the experts' own tensors, one expert at a time: no second copy of a layer's
-    experts (a streamed fit rounds a 1 GB layer in a memory a few layers large)."""
+def round_experts_in_place(experts: nn.Module, bits: int, group: int, which: Collection[int] | None = None) -> None:
+    """Every routed expert's weights (those numbered in `which`, when given) rounded by `round_to_nearest`, written over the
+    experts' own tensors, one expert at a time: no second copy of a layer's experts (a streamed fit rounds a 1 GB layer in a
+    memory a few layers large)."""
     transposed = getattr(experts, "is_transposed", False)
     for name in _present(experts, _WEIGHTS):
-        for w in getattr(experts, name).detach():
-            w.copy_(round_to_nearest(w.T, bits, group).T if transposed else round_to_nearest(w, bits, group))
+        for expert, w in enumerate(getattr(experts, name).detach()):
+            if which is None or expert in which:
+                w.copy_(round_to_nearest(w.T, bits, group).T if transposed else round_to_nearest(w, bits, group))
 
 class _LayerRounding:
     """The current layer's rounded experts, computed on its first batch and dropped with its weights
