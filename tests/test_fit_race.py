@@ -11,7 +11,7 @@ import torch
 from moe_compress.fitting import race as fit_race
 from moe_compress.fitting.api import FitResult
 from moe_compress.fitting.measure import Reference, WindowScores
-from moe_compress.fitting.race import clearly_worse, race, slice_bounds
+from moe_compress.fitting.race import clearly_worse, not_much_better, race, slice_bounds
 from moe_compress.fitting.report import markdown, report_dict
 from moe_compress.fitting.search import Candidate, Choice
 from moe_compress.fitting.simulate import simulate
@@ -64,9 +64,10 @@ def _fake_scores(self: Reference, model: str, original, slices: range | None = N
     return scores
 
 
-def _race(monkeypatch, z: float) -> tuple[Candidate, list[Candidate], list[str], list[str]]:
+def _race(monkeypatch, z: float, tolerance: float = 0.0) -> tuple[Candidate, list[Candidate], list[str], list[str]]:
     monkeypatch.setattr(Reference, "scores", _fake_scores)
     monkeypatch.setattr(fit_race, "RACE_Z", z)
+    monkeypatch.setattr(fit_race, "RACE_TOLERANCE", tolerance)
     candidates, built, said = _candidates(), [], []
     winner = race(candidates, lambda number, c: built.append(c.name) or c.name, _reference(), None, said.append)
     return winner, candidates, built, said
@@ -89,6 +90,32 @@ def test_clearly_worse_by_hand():
     assert not clearly_worse(scores([0.5, 3.0, 0.4, 2.0]), leader)  # worse on average, not consistently
     assert not clearly_worse(scores([1.0, 1.2, 0.9, 1.1]), leader)
     assert not clearly_worse(scores([9.0]), scores([1.0]))  # one window says nothing
+
+
+def test_not_much_better_by_hand():
+    def scores(kls: list[float]) -> WindowScores:
+        return WindowScores(kls, [0] * len(kls), [1] * len(kls), [0.0] * len(kls), [0.0] * len(kls))
+
+    leader = scores([1.0, 1.2, 0.9, 1.1])  # KL 1.05: the zone is 0.0525 wide
+    assert not_much_better(scores([0.99, 1.19, 0.89, 1.09]), leader)  # 0.01 better on every window: its advantage is bounded by 0.01
+    assert not not_much_better(scores([0.9, 1.1, 0.8, 1.0]), leader)  # 0.1 better: outside the zone
+    # 0.01 worse on average; the paired differences' standard error (0.0091) lets it be 3 x 0.0091 - 0.01 = 0.017 better
+    assert not_much_better(scores([1.0, 1.23, 0.89, 1.12]), leader)
+    assert not not_much_better(scores([0.5, 3.0, 0.4, 2.0]), leader)  # too noisy to bound
+    assert not not_much_better(scores([1.0]), scores([1.0]))  # one window says nothing
+
+
+def test_the_indifference_zone_stops_a_near_tie_and_keeps_the_winner_within_it(monkeypatch):
+    exact, full, _, _ = _race(monkeypatch, Z)
+    winner, raced, built, said = _race(monkeypatch, Z, tolerance=0.05)
+    windows = {c.name: c.measured["windows"] for c in raced}
+    # "close" leads on the first 12 windows and can then be no more than 5 % worse than "best" (at 3 standard
+    # errors): "best" is stopped as a near tie, and "close" -- 3.5 % worse on the full set -- is chosen
+    assert windows == {"noisy": 12, "close": 48, "best": 12, "worse": 6, "awful": 6}
+    assert winner.name == "close" and exact.name == "best"
+    assert exact.measured["kl"] < winner.measured["kl"] <= 1.05 * exact.measured["kl"]
+    assert any(line.startswith("stopped best (100 B) after 12 windows") and "within 5% at best of close's" in line for line in said)
+    assert len(built) < 4 * len(raced)
 
 
 def test_race_picks_the_full_measurements_winner_with_its_full_figures(monkeypatch):
