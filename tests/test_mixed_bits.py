@@ -265,3 +265,20 @@ def test_checkpoints_in_directories_of_one_name_each_load_with_their_own_code(tm
     with torch.no_grad():
         assert torch.equal(mixed(IDS).logits, expected(IDS).logits)
         assert torch.equal(again(IDS).logits, plain(IDS).logits) and not torch.equal(mixed(IDS).logits, plain(IDS).logits)
+
+
+def test_loading_a_mixed_checkpoint_logs_no_warning_about_the_experts_groups(tmp_path, caplog):
+    """compressed-tensors warns of each expert group's target (per-expert modules the fused family does not have);
+    the generated code dequantises those weights itself and drops exactly those warnings, no other."""
+    import logging
+
+    model = calm(tiny_model("mixtral"))
+    first, second = get_adapter(model).moe_layer_indices(model)[:2]
+    quantize(model, tmp_path / "q", bits=4, group_size=GROUP, expert_bits={first: 8, second: {0: 16, 3: 8}})
+    groups = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert any("experts" in target for group in groups.values() for target in group["targets"])
+    with caplog.at_level(logging.WARNING, logger="compressed_tensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q", trust_remote_code=True)
+        logging.getLogger("compressed_tensors.utils.match").warning("Could not match `Linear` in instance of MoECompressMixtralForCausalLM")
+    assert [r.getMessage() for r in caplog.records if "Could not match" in r.getMessage()] == [
+        "Could not match `Linear` in instance of MoECompressMixtralForCausalLM"]
