@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from moe_compress.fitting import race as fit_race
 from moe_compress.fitting.api import FitResult
 from moe_compress.fitting.measure import Reference, WindowScores
-from moe_compress.fitting.race import clearly_worse, not_much_better, race, slice_bounds
+from moe_compress.fitting.race import time_left, clearly_worse, not_much_better, race, slice_bounds
 from moe_compress.fitting.report import markdown, report_dict
 from moe_compress.fitting.search import Candidate, Choice
 from moe_compress.fitting.simulate import simulate
@@ -92,6 +93,11 @@ def test_clearly_worse_by_hand():
     assert not clearly_worse(scores([9.0]), scores([1.0]))  # one window says nothing
 
 
+def test_time_left_at_the_pace_so_far():
+    assert time_left(10.0, 20, 30) == "15 s"  # 0.5 s a candidate-window
+    assert time_left(100.0, 10, 20) == "3 min"  # 200 s
+
+
 def test_not_much_better_by_hand():
     def scores(kls: list[float]) -> WindowScores:
         return WindowScores(kls, [0] * len(kls), [1] * len(kls), [0.0] * len(kls), [0.0] * len(kls))
@@ -136,6 +142,7 @@ def test_race_picks_the_full_measurements_winner_with_its_full_figures(monkeypat
         assert c.measured["first_slice_kl"] == pytest.approx(sum(_kl(c.name, w) for w in range(6)) / 6, rel=1e-12)
         assert c.measured["top1"] == 0.9 and c.measured["perplexity"] == pytest.approx(math.exp(2.0))
     assert "stopped worse (80 B) after 6 windows" in said[1] and said[-1].startswith("chosen: best, KL 1,")
+    assert re.fullmatch(r"at most ~\d+ s left: 3 candidate\(s\) on the 42 windows to go", said[3])
     assert [c.name for c in raced if c.measured != next(f for f in full if f.name == c.name).measured] == ["noisy", "worse", "awful"]
 
     result = FitResult(1000, 100, 0, 10, {0: [2, 4]}, candidates=raced, best=winner)

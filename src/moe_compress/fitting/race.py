@@ -24,6 +24,7 @@ candidate, as without the race; the last one left is built once for all the wind
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 from transformers import PreTrainedModel
@@ -77,6 +78,12 @@ def not_much_better(mine: WindowScores, leader: WindowScores) -> bool:
     return paired is not None and RACE_Z * paired[1] - paired[0] < RACE_TOLERANCE * leader.mean_kl(mine.windows)
 
 
+def time_left(spent: float, measured: int, remaining: int) -> str:
+    """The time `remaining` candidate-windows take at the pace of the `measured` ones so far (builds included)."""
+    seconds = spent / measured * remaining
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def race(candidates: list[Candidate], build: Callable[[int, Candidate], PreTrainedModel], reference: Reference, original: PreTrainedModel,
          say: Callable[[str], None]) -> Candidate:
     """Measure `candidates` (`build(number, candidate)` gives the model, `number` counting builds) by successive
@@ -84,7 +91,7 @@ def race(candidates: list[Candidate], build: Callable[[int, Candidate], PreTrain
     stopped early the winner's KL on those windows) and returns the winner: least KL on every window, fewer bytes on a tie, the earlier candidate then."""
     scores = {id(c): WindowScores() for c in candidates}
     alive, builds, slices = list(candidates), 0, len(reference.slices)
-    total = reference.windows
+    total, start = reference.windows, time.perf_counter()
     for step in range(slices):
         # the last one left measures every slice it still needs at once: one build
         steps = range(step, slices) if len(alive) == 1 else range(step, step + 1)
@@ -106,6 +113,9 @@ def race(candidates: list[Candidate], build: Callable[[int, Candidate], PreTrain
                 f"{why} {leader.name}'s {scores[id(leader)].mean_kl():.4g} on the same windows")
         stopped = worse + close
         alive = [c for c in alive if all(c is not s for s in stopped)]
+        measured = sum(scores[id(c)].windows for c in candidates)
+        say(f"at most ~{time_left(time.perf_counter() - start, measured, len(alive) * (total - seen))} left: "
+            f"{len(alive)} candidate(s) on the {total - seen} windows to go")
     first = reference.slice_windows(0)
     for candidate in candidates:
         mine = scores[id(candidate)]
