@@ -12,7 +12,7 @@ import torch
 from moe_compress.fitting import race as fit_race
 from moe_compress.fitting.api import FitResult
 from moe_compress.fitting.measure import Reference, WindowScores
-from moe_compress.fitting.race import time_left, clearly_worse, not_much_better, race, slice_bounds
+from moe_compress.fitting.race import clearly_worse, not_much_better, race, slice_bounds, time_left
 from moe_compress.fitting.report import markdown, report_dict
 from moe_compress.fitting.search import Candidate, Choice
 from moe_compress.fitting.simulate import simulate
