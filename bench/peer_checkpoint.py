@@ -51,6 +51,8 @@ from moe_compress.data.batches import batches_fingerprint
 BATCH_SIZE = 4
 THREADS = 2
 RATIO = 0.25
+#: A round counts as quiet when the 1-minute load average before both runs is below this (2 cores).
+QUIET_LOAD = 2.0
 #: bench/scale.py's calibration flags, with this bench's sample count and length.
 OURS_FLAGS = ["--calib", "bundled", "--seed", "0", "--batch-size", str(BATCH_SIZE), "--threads", str(THREADS), "--no-cache"]
 #: The line a finished progress task prints off a terminal: "calibrating: 2/2 done in 2m 37s", "writing DIR: done in 26s".
@@ -189,11 +191,11 @@ def compared(runs: dict[str, list[dict]]) -> dict:
 
 
 def same_choice(run: dict, peer: dict) -> str:
-    """Whether a run kept the same experts as the peer's run of its round, layer by layer ("-": not known)."""
+    """How many of the experts a run kept the peer's run of its round kept too, layer by layer ("-": not known)."""
     if run.get("tool") == "llm-compressor" or "kept_experts" not in run or "kept_experts" not in peer:
         return "-"
-    same = sum(a == b for a, b in zip(run["kept_experts"], peer["kept_experts"]))
-    return "yes" if same == len(peer["kept_experts"]) == len(run["kept_experts"]) else f"{same} of {len(peer['kept_experts'])} layers"
+    common = [len(set(a) & set(b)) for a, b in zip(run["kept_experts"], peer["kept_experts"])]
+    return f"{', '.join(map(str, common))} of {max(map(len, peer['kept_experts']))}"
 
 
 def section(entries: dict) -> list[str]:
@@ -223,7 +225,7 @@ def section(entries: dict) -> list[str]:
                   f"{config.get('vocab_size')}, {gib(data['checkpoint_bytes'])} GiB of {config.get('dtype')} weights. Calibration "
                   f"{data['samples']} x {data['seq_len']} tokens (fingerprint {data['tokens_fingerprint']}). Machine: {data['machine']}. "
                   f"Runs: {sessions}.", "",
-                  "| round | tool | wall s | CPU s (user + sys) | peak RSS GiB | output GiB | experts per layer | same experts kept as the peer | load before |",
+                  "| round | tool | wall s | CPU s (user + sys) | peak RSS GiB | output GiB | experts per layer | kept experts the peer kept too, per layer | load before |",
                   "|---|---|---:|---:|---:|---:|---|---|---:|"]
         peer = {run["round"]: run for run in data["runs"].get("llm-compressor", [])}
         for run in sorted((run | {"tool": tool} for tool, runs in data["runs"].items() for run in runs), key=lambda r: r["round"]):
@@ -237,7 +239,12 @@ def section(entries: dict) -> list[str]:
                          f"{sorted(set(run['experts_per_layer']))} x {len(run['experts_per_layer'])} | "
                          f"{same_choice(run, peer.get(run['round'], {}))} | {run['load_before']} |")
         lines += ["", "| ours / peer | wall, per round | wall, median | CPU, median | peak RSS, median |", "|---|---|---:|---:|---:|"]
-        for tool, figures in data["ours_over_peer"].items():
+        quiet = {tool: [run for run in runs if run["load_before"] < QUIET_LOAD and peer.get(run["round"], {}).get("load_before", QUIET_LOAD) < QUIET_LOAD]
+                 for tool, runs in data["runs"].items() if tool != "llm-compressor"}
+        rows = [*data["ours_over_peer"].items(),
+                *((f"{tool}, quiet rounds only (1-minute load average < {QUIET_LOAD:g} before both runs)", compared({"llm-compressor": list(peer.values()), tool: runs})[tool])
+                  for tool, runs in quiet.items() if runs)]
+        for tool, figures in rows:
             cell = lambda key: "-" if figures[key]["median"] is None else f"{figures[key]['median']:.2f}"  # noqa: E731
             lines.append(f"| {tool} | {', '.join(f'{x:.2f}' for x in figures['wall_s']['per_round'])} | **{cell('wall_s')}** | "
                          f"{cell('cpu_s')} | {cell('peak_rss_bytes')} |")
