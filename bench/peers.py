@@ -19,6 +19,8 @@ global budget).
 
     python bench/peers.py --model ref-mixtral --model ref-deepseek   # -> bench/results/peers_<model>.json, peers.md
     python bench/peers.py --model ref-mixtral --timing 3             # both REAPs in turn, 3 pairs -> peer_timing.json
+    python bench/peers.py --timing 3 --checkpoint DIR                # the same on a checkpoint directory, ours streamed
+                                                                     # (32 x 512 tokens; bench/peer_checkpoint.py)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, Bench, EvalSettings, Variant, fidelity_columns, markdown_table, mean_ppl, overview_plot
+from peer_checkpoint import section as checkpoint_section, time_checkpoint
 
 from transformers import AutoTokenizer
 
@@ -72,12 +75,16 @@ PEER_RUNNER = "import time\nSTART = time.perf_counter()\n" + _REPORT + textwrap.
     from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
 
     model_dir, tokens_file, ratio, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    # optional: the weights' dtype ("auto": as saved) and the calibration batch size (oneshot's default, 1)
+    dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
+    batch_size = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     tokens = torch.load(tokens_file)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
     oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=REAPPruningModifier(sparsity=ratio),
-            num_calibration_samples=tokens.shape[0], max_seq_length=tokens.shape[1], moe_calibrate_all_experts=False)
+            num_calibration_samples=tokens.shape[0], max_seq_length=tokens.shape[1], moe_calibrate_all_experts=False,
+            batch_size=batch_size)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     report(tool="llm-compressor", version=__import__("llmcompressor").__version__)
@@ -313,6 +320,23 @@ def timing(model_name: str, venv: Path, pairs: int) -> None:
     TIMING.write_text(json.dumps(recorded, indent=1) + "\n")
 
 
+def timing_checkpoint(directory: Path, venv: Path, rounds: int, samples: int, seq_len: int, guarded: bool, append: bool) -> None:
+    """Both REAPs on a checkpoint directory, interleaved (bench/peer_checkpoint.py); recorded under its name after every run."""
+    peer_python = ensure_venv(venv)
+    command_line = (f"python bench/peers.py --timing {rounds} --checkpoint {directory} --samples {samples} --seq-len {seq_len}"
+                    + ("" if guarded else " --skip-guarded") + (" --append" if append else ""))
+
+    def save(entry: dict) -> None:
+        recorded = json.loads(TIMING.read_text()) if TIMING.is_file() else {}
+        recorded[directory.name] = entry
+        TIMING.write_text(json.dumps(recorded, indent=1) + "\n")
+
+    previous = json.loads(TIMING.read_text()).get(directory.name) if append and TIMING.is_file() else None
+    with tempfile.TemporaryDirectory(prefix="moec-peer-checkpoint-", dir=directory.parent) as scratch:
+        time_checkpoint(directory.resolve(), rounds, samples, seq_len, peer_python, PEER_RUNNER, guarded, Path(scratch),
+                        previous, save, command_line)
+
+
 def report() -> None:
     lines = ["# moe-compress vs llm-compressor's REAP", "",
              f"Command: `python bench/peers.py --model ref-mixtral --model ref-deepseek` (the peer, {PEER}, runs in its own venv "
@@ -355,11 +379,15 @@ def report() -> None:
                   "Command: `python bench/peers.py --model <name> --timing 3`: REAP at 25 %, layer-wise, both tools in turn (peer, ours, "
                   "peer, ours, ...), each a whole process from start to saved checkpoint; the ratio is taken pair by pair.", "",
                   "| model | llm-compressor s (runs) | moe-compress s (runs) | ours / peer, pair by pair | median ratio |", "|---|---|---|---|---|"]
-        for model, data in json.loads(TIMING.read_text()).items():
+        recorded = json.loads(TIMING.read_text())
+        for model, data in recorded.items():
+            if data.get("kind") == "checkpoint":
+                continue
             lines.append(f"| {model} | {', '.join(f'{x:.1f}' for x in data['seconds']['llm-compressor'])} | "
                          f"{', '.join(f'{x:.1f}' for x in data['seconds']['moe-compress'])} | "
                          f"{', '.join(f'{x:.2f}' for x in data['ours_over_peer'])} | {data['median_ours_over_peer']:.2f} |")
         lines.append("")
+        lines += checkpoint_section({name: data for name, data in recorded.items() if data.get("kind") == "checkpoint"})
     (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
     overview_plot(RESULTS / "quality_vs_size.png")
 
@@ -371,9 +399,24 @@ if __name__ == "__main__":
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown and the plot")
     parser.add_argument("--timing", type=int, default=0, metavar="PAIRS",
                         help="instead of the quality table, time both tools' REAP in turn PAIRS times (peer, ours, ...)")
+    parser.add_argument("--checkpoint", action="append", type=Path, default=[],
+                        help="with --timing: a checkpoint directory to time both REAPs on (ours streamed); repeatable")
+    parser.add_argument("--samples", type=int, default=32, help="with --checkpoint: calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=512, help="with --checkpoint: tokens per calibration sequence")
+    parser.add_argument("--skip-guarded", action="store_true",
+                        help="with --checkpoint: run ours only with --no-guard (not also with the quality guard on, its default)")
+    parser.add_argument("--append", action="store_true",
+                        help="with --checkpoint: add the rounds to those recorded for it (same tokens), instead of starting anew")
     args = parser.parse_args()
     if args.timing < 0:
         parser.error(f"--timing takes a number of pairs (1 or more, 0 for the quality table); got {args.timing}")
+    if args.checkpoint and not args.timing:
+        parser.error("--checkpoint is timed only: give --timing PAIRS too")
+    for directory in args.checkpoint:
+        if not (directory / "config.json").is_file():
+            parser.error(f"--checkpoint {directory}: no config.json there; give a checkpoint directory")
     for name in args.model:
         timing(name, args.venv, args.timing) if args.timing else run(name, args.venv)
+    for directory in args.checkpoint:
+        timing_checkpoint(directory, args.venv, args.timing, args.samples, args.seq_len, not args.skip_guarded, args.append)
     report()
