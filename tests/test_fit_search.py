@@ -66,8 +66,8 @@ def test_prune_stage_with_explicit_keep(tmp_path):
     sizes = checkpoint_sizes(source)
     assert stage.predict(Footprint.of(sizes)).bytes == tensor_bytes(tmp_path / "out") == sizes.fixed + sum(
         candidate_bytes(sizes.layers[i], k, 16) for i, k in keep.items())
-    with pytest.raises(MoECompressError, match=r"method 'mone' decides its per-layer counts itself"):
-        mc.compress(str(source), [mc.Prune("mone", budget="explicit", keep=keep)], calib=TINY_CALIB)
+    with pytest.raises(MoECompressError, match=r"method 'cprune-cosine' decides its per-layer counts itself"):
+        mc.compress(str(source), [mc.Prune("cprune-cosine", budget="explicit", keep=keep)], calib=TINY_CALIB)
     with pytest.raises(MoECompressError, match=r"keep sets each layer's count under budget 'explicit'"):
         mc.compress(str(source), [mc.Prune("reap", keep=keep)], calib=TINY_CALIB)
 
@@ -131,6 +131,7 @@ def test_layer_proxies_from_hand_made_statistics():
     adapter = get_adapter(model)
     layer = {"reap_sum": torch.tensor([8.0, 1.0, 9.0, 2.0, 6.0, 3.0, 5.0, 4.0], dtype=torch.float64),
              "reap_prob_sum": torch.ones(8, dtype=torch.float64), "selected": torch.ones(8, dtype=torch.float64),
+             "max_output_abs": torch.ones(8, dtype=torch.float64),  # the guard's statistic: no super expert
              ENERGY: torch.arange(1.0, 9.0, dtype=torch.float64),
              rounding_statistic(16): torch.stack([torch.full((8,), 0.01), torch.full((8,), 0.1)], dim=1).double()}
     stats = {i: layer for i in adapter.moe_layer_indices(model)}

@@ -70,6 +70,7 @@ def _brute_force(model, adapter, batches):
         sums["logit_gram"] = torch.zeros(8, 8, dtype=torch.float64)
         sums["output_sum_all"] = torch.zeros(8, hidden, dtype=torch.float64)
         sums["gated_output_sum_all"] = torch.zeros(8, hidden, dtype=torch.float64)
+        sums["gated_output_sums"] = torch.zeros(8, 1 + hidden, dtype=torch.float64)
         routed_outputs: dict[int, list[torch.Tensor]] = {e: [] for e in range(8)}
         for logits, weights, chosen, outs in parts:
             probs = adapter.router_probs(logits).double()
@@ -90,6 +91,7 @@ def _brute_force(model, adapter, batches):
                     sums["reap_sum"][e] += g / total_w * norm
                     sums["reap_prob_sum"][e] += float(probs[t, e]) * norm
                     sums["gated_output_energy"][e] += (g * norm) ** 2
+                    sums["gated_output_sums"][e] += g**2 * torch.cat([torch.ones(1, dtype=torch.float64), outs[t, e].double()])
                     sums["max_output_abs"][e] = max(float(sums["max_output_abs"][e]), float(outs[t, e].abs().max()))
                     routed_outputs[e].append(outs[t, e].double())
         sums["output_moments"] = torch.zeros(8, 1 + 2 * hidden, dtype=torch.float64)

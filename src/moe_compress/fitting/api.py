@@ -30,7 +30,7 @@ from ..source.open import Streaming, should_stream
 from ..text.format import human_bytes
 from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
 from .memory import kv_cache_bytes, parse_bytes
-from .search import Candidate, droppable, smallest
+from .search import Candidate, droppable, smallest, substitutes
 from .steps import search
 
 
@@ -84,14 +84,16 @@ def _budget(model: str | Path, sizes: CheckpointSizes, memory: str | int | None,
     return parse_bytes(memory, param("memory")), kv
 
 
-def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None, batch=1, min_keep=0, trust_remote_code=False) -> FitResult:
-    """Steps 1 of the module docstring: the sizes and the budget, refusing an unreachable one. Nothing is calibrated."""
+def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None, batch=1, min_keep=0, trust_remote_code=False,
+                method: str = "reap") -> FitResult:
+    """Steps 1 of the module docstring: the sizes and the budget, refusing an unreachable one (for `method`: MoNE's novices
+    weigh something). Nothing is calibrated."""
     if not isinstance(model, str | Path):
         raise MoECompressError("fit reads the checkpoint's sizes from its shard headers: give a model name or a local directory, not a model in memory.")
     sizes = checkpoint_sizes(model, trust_remote_code=trust_remote_code)
     budget, kv = _budget(model, sizes, memory, target_ratio, context, batch, trust_remote_code)
     floors = _floors(model, min_keep, trust_remote_code)
-    result = FitResult(sizes.total, budget, kv, smallest(sizes, floors), floors, sizes)
+    result = FitResult(sizes.total, budget, kv, smallest(sizes, floors, substitutes(method)), floors, sizes)
     cache = f" after the KV cache of {human_bytes(kv)} at context {context} x batch {batch}" if context is not None else ""
     if result.weight_budget < result.smallest_bytes:
         fewest = min(min(counts) for counts in floors.values())
@@ -144,7 +146,7 @@ def fit(
     say, show = say or (lambda line: None), show or (lambda line: None)
     check_method(method)
     start = time.perf_counter()
-    result = plan_budget(model, memory, target_ratio, context, batch, min_keep, trust_remote_code)
+    result = plan_budget(model, memory, target_ratio, context, batch, min_keep, trust_remote_code, method)
     result.seconds["sizes"] = _since(start)
     if out is not None:
         check_output_dir(out, overwrite, [model])

@@ -21,19 +21,21 @@ from ..errors import MoECompressError, param
 from ..loading import LoadSettings
 from ..stage_command import CalibrationSettings
 from ..text.format import human_bytes
+from .accepted import FIT_METHODS
 
 
 @dataclass(frozen=True)
 class FitSettings:
     """What `fit` searches for and where it writes the result: the budget (`memory` or `target_ratio`, the KV cache at
-    `context` x `batch` in it), the pruning criterion, and the held-out text the candidates are measured on."""
+    `context` x `batch` in it), the method that removes or merges experts, and the held-out text the candidates are measured on."""
 
     out: Path | None = described(None, "Directory to write the chosen model to, with fit_report.{json,md,png,html} (written atomically).")
     memory: str | None = described(None, f"The budget: saved weights (plus the KV cache with {param('context')}), e.g. 20GB, 512MiB, or bytes.")
     target_ratio: float | None = described(None, f"Instead of {param('memory')}: the budget as a fraction of the original weights' bytes.")
     context: int | None = described(None, "Count the KV cache (or recurrent state) at this many tokens in the budget.")
     batch: int = described(1, f"Sequences held at {param('context')} (KV cache x batch).")
-    method: str = described("reap", "The expert-pruning criterion the search allocates with (reap, frequency, soft_count, gate_sum, ean).")
+    method: str = described("reap", f"The method that chooses which experts each layer's kept count keeps: one of {', '.join(FIT_METHODS)} "
+                            "(pruning; mone replaces removed experts by their mean output; hc-smoe, m-smoe, ream merge them).")
     sweep: bool = described(False, "Print the predicted quality-vs-size curve (from the statistics alone) before measuring.")
     eval_windows: int = described(32, "Held-out windows per bundled domain the candidates are measured on (each domain's test split).")
     eval_seq_len: int = described(256, "Tokens per held-out window.")

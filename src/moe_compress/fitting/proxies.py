@@ -12,9 +12,21 @@ layer's gated output energy, both summed over the calibration tokens:
 w_{t,e} is the gate the model applies. Removing e takes w f_e(x) out of every token routed to it
 (the rerouting that follows is ignored: the first-order loss), rounding e's weights adds
 w (f_e^Q - f_e); both are in the layer's output space, so they add. Which experts are removed
-is the method's choice, not the proxy's: the `keep` lowest-scored by the pruning method's own
-score (REAP by default) under `budget.select_experts`, the call `Prune(budget="explicit")` makes,
-so the proxy prices the experts that pruning will actually remove.
+is the method's choice, not the proxy's: for each count k, the plan the method itself makes with
+`budget="explicit", keep={every layer: k}` from the same statistics (`planned_kept`) -- the plan
+`Prune(method, budget="explicit")` makes, super-expert guard included -- so the proxy prices the
+experts that pruning, substituting or merging will actually take away. What taking e away costs
+depends on what the method puts in its place:
+
+* pruning (the criteria, REAP, C-Prune): nothing, E_e as above;
+* substituting (MoNE, `Method.substitutes`): its novice, the constant n_e = mean_{t in T_e} f_e(x_t), scaled by
+  the same gate (every router row stays, so nothing reroutes): the residual
+      N_e = sum_{t in T_e} w^2 ||f_e(x_t) - n_e||^2 = E_e - 2 n_e . S_e + ||n_e||^2 W_e
+  with W_e = sum w^2 and S_e = sum w^2 f_e(x_t) (statistic `gated_output_sums`), n_e from `output_moments`;
+* merging (HC-SMoE, M-SMoE, REAM): each expert merged away priced as removed, E_e -- pessimistic where
+  the merged expert still does part of its members' work, and blind to what averaging changes in the
+  representative itself; the candidates are measured end to end, so a mispriced merge costs a candidate,
+  not the result.
 
 Why a sum over layers is the model's cost. Each layer's cost is a noise-to-signal ratio: error
 energy over the energy the layer writes into the residual stream. Small, independent perturbations
@@ -36,12 +48,16 @@ import torch
 
 from ..arch.adapter import MoEAdapter
 from ..errors import MoECompressError
-from ..methods.budget import select_experts
-from ..methods.criteria import CRITERIA, reap_scores
+from ..methods import PlanRequest, get_method
 from ..methods.expert_pruning import routing_limits
+from ..stages.prune import removed_share
+from ..walk.moments import output_moments, split_moments
 from ..walk.rounding import ROUNDED_BITS
+from .accepted import FIT_METHODS
 
 ENERGY = "gated_output_energy"
+#: What a substituting method's removal costs besides (`novice_residual`).
+NOVICE_SUMS = "gated_output_sums"
 
 
 def rounding_statistic(group: int) -> str:
@@ -49,24 +65,43 @@ def rounding_statistic(group: int) -> str:
 
 
 def proxy_statistics(method: str, group: int) -> tuple[str, ...]:
-    """What one calibration pass must collect for the proxies of `method` at the quantizer's `group`."""
+    """What one calibration pass must collect for the proxies of `method` at the quantizer's `group`: the energies and
+    rounding errors, the novices' sums for a substituting method, and every statistic the method's plans read."""
     check_method(method)
-    scored = ("reap_sum", "reap_prob_sum", "selected") if method == "reap" else CRITERIA[method].statistics
-    return (ENERGY, rounding_statistic(group), *scored)
+    chosen = get_method(method)
+    return tuple(dict.fromkeys((ENERGY, rounding_statistic(group), *((NOVICE_SUMS,) if chosen.substitutes else ()), *chosen.needs({}))))
 
 
 def check_method(method: str) -> None:
-    """fit prices removals by a score-based criterion (what an explicit budget plans with)."""
-    if method not in CRITERIA:
-        raise MoECompressError(f"fit chooses the experts to remove by one of {', '.join(sorted(CRITERIA))}; got {method!r}.")
+    """fit allocates with a method that plans to kept counts given per layer, which the proxies price (`accepted`)."""
+    if method not in FIT_METHODS:
+        raise MoECompressError(f"fit allocates with one of {', '.join(FIT_METHODS)} (the methods that take per-layer kept counts); got {method!r}.")
 
 
-def method_scores(method: str, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
-    """Each MoE layer's expert scores as the method ranks them (REAP's gates renormalised as the model does)."""
-    if method == "reap":
-        renormalise = adapter.renormalizes_top_k(config)
-        return {layer: reap_scores(s, renormalise).double() for layer, s in stats.items()}
-    return {layer: CRITERIA[method].score(s).double() for layer, s in stats.items()}
+def planned_kept(method: str, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]], counts: dict[int, list[int]],
+                 min_keep: int = 0) -> dict[int, dict[int, list[int]]]:
+    """Per MoE layer, per allowed kept count, the experts the method's own explicit plan keeps (ascending ids): one plan
+    per count, every layer at it (or unchanged where it is not allowed), as `Prune(method, budget="explicit")` makes it.
+    Neuron alignment (merging's `align`) changes how members are averaged, not who stays, so it is left out here."""
+    chosen = get_method(method)
+    options = {"align": "none"} if "align" in chosen.options else {}
+    experts = {layer: s[ENERGY].numel() for layer, s in stats.items()}
+    kept: dict[int, dict[int, list[int]]] = {layer: {} for layer in counts}
+    for k in sorted({k for allowed in counts.values() for k in allowed}):
+        keep = {layer: k if k in counts[layer] else experts[layer] for layer in counts}
+        plan = chosen.make_plan(PlanRequest(adapter, config, stats, removed_share(keep, experts), "explicit", min_keep, keep=keep), options)
+        for entry in plan.layers:
+            if k in counts[entry.layer]:
+                kept[entry.layer][k] = sorted(entry.keep)
+    return kept
+
+
+def novice_residual(layer_stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[E] N_e of the module docstring: the squared error of replacing each expert by its mean output (MoNE's novice)."""
+    energy, sums = layer_stats[ENERGY].double(), layer_stats[NOVICE_SUMS].double()
+    _, mean, _ = split_moments(output_moments(layer_stats))
+    mean = mean.double()
+    return (energy - 2 * (mean * sums[:, 1:]).sum(1) + mean.pow(2).sum(1) * sums[:, 0]).clamp_min(0.0)
 
 
 @dataclass(frozen=True)
@@ -77,10 +112,15 @@ class LayerProxy:
     energy: torch.Tensor  # [E] E_e
     rounding: dict[int, torch.Tensor]  # bits -> [E] R_e(b)
     kept: dict[int, list[int]]  # allowed kept count -> expert ids the method keeps
+    removal: torch.Tensor | None = None  # [E] what taking each expert away costs, where not E_e (MoNE's N_e)
 
     @property
     def experts(self) -> int:
         return self.energy.numel()
+
+    @property
+    def removed_cost(self) -> torch.Tensor:
+        return self.energy if self.removal is None else self.removal
 
     def cost(self, keep: int, bits: int) -> float:
         """cost_l(keep, bits) of the module docstring (0 for the layer unchanged). keep 0 is the routed MoE
@@ -92,7 +132,7 @@ class LayerProxy:
             return 1.0
         mask = torch.zeros(self.experts, dtype=torch.bool)
         mask[self.kept[keep]] = True
-        return (float(self.energy[~mask].sum()) + float(self.rounding[bits][mask].sum())) / total
+        return (float(self.removed_cost[~mask].sum()) + float(self.rounding[bits][mask].sum())) / total
 
     def raised(self, keep: int, bits: int, wider: tuple[int, ...], to: int) -> float:
         """What the kept experts `wider` (by their place among the kept: `gain_order`) at `to` bits instead of `bits` add to
@@ -114,17 +154,17 @@ def layer_proxies(
     method: str, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]], group: int, min_keep: int = 0
 ) -> dict[int, LayerProxy]:
     """Per MoE layer, its `LayerProxy`: every kept count its router allows (a multiple of the routing
-    groups, from max(top_k, min_keep) to E) with the experts the method keeps at that count."""
+    groups, from max(top_k, min_keep) to E) with the experts the method keeps at that count (`planned_kept`)."""
     limits = routing_limits(adapter, config)
-    scores = method_scores(method, adapter, config, stats)
     floor = max(limits.min_units(), -(-min_keep // limits.groups)) * limits.groups
+    counts = {layer: list(range(floor, s[ENERGY].numel() + 1, limits.groups)) for layer, s in sorted(stats.items())}
+    kept = planned_kept(method, adapter, config, stats, counts, min_keep)
+    substitutes = get_method(method).substitutes
     proxies = {}
-    for layer, s in sorted(scores.items()):
-        counts = range(floor, s.numel() + 1, limits.groups)
-        kept = {k: select_experts({layer: s}, 0.0, "explicit", limits, min_keep=min_keep, keep={layer: k})[layer] for k in counts}
-        errors = stats[layer][rounding_statistic(group)]
-        rounding = {16: torch.zeros(s.numel(), dtype=torch.float64)} | {b: errors[:, i].double() for i, b in enumerate(ROUNDED_BITS)}
-        proxies[layer] = LayerProxy(layer, stats[layer][ENERGY].double(), rounding, kept)
+    for layer, s in sorted(stats.items()):
+        errors = s[rounding_statistic(group)]
+        rounding = {16: torch.zeros(errors.shape[0], dtype=torch.float64)} | {b: errors[:, i].double() for i, b in enumerate(ROUNDED_BITS)}
+        proxies[layer] = LayerProxy(layer, s[ENERGY].double(), rounding, kept[layer], novice_residual(s) if substitutes else None)
     return proxies
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..methods import get_method
 from ..stages.base import Stage
 from ..stages.drop import Drop
 from ..stages.footprint import Footprint
@@ -143,11 +144,18 @@ def layer_choices(sizes: CheckpointSizes, floors: dict[int, list[int]], bits: tu
     return {layer: of(layer) for layer in sorted(sizes.layers)}
 
 
-def choice_bytes(layer: LayerSizes, choice: Choice) -> int:
-    """A choice's bytes of the layer's routed experts and router (none left when dropped)."""
+def choice_bytes(layer: LayerSizes, choice: Choice, novices: bool = False) -> int:
+    """A choice's bytes of the layer's routed experts and router (none left when dropped); `novices`: a substituting
+    method's (MoNE: the removed experts' router rows, vectors and slot map stay, `stages.sizes.candidate_bytes`)."""
     if choice.dropped:
         return 0
-    return candidate_bytes(layer, choice.keep, {choice.bits: choice.keep - len(choice.wider), choice.to: len(choice.wider)} if choice.wider else choice.bits)
+    widths = {choice.bits: choice.keep - len(choice.wider), choice.to: len(choice.wider)} if choice.wider else choice.bits
+    return candidate_bytes(layer, choice.keep, widths, novices)
+
+
+def substitutes(method: str) -> bool:
+    """Whether `method`'s removed experts stay as novices, which weigh something (`Method.substitutes`)."""
+    return get_method(method).substitutes
 
 
 def _costs(proxy: LayerProxy, choices: list[Choice]) -> list[float]:
@@ -159,9 +167,10 @@ def _costs(proxy: LayerProxy, choices: list[Choice]) -> list[float]:
     return [whole[c.keep, c.bits] + proxy.raised(c.keep, c.bits, c.wider, c.to) for c in choices]
 
 
-def table(sizes: CheckpointSizes, choices: dict[int, list[Choice]], proxies: dict[int, LayerProxy] | None) -> list[list[Option]]:
-    """The solver's table: per layer, per choice, its bytes and proxy cost (0 without proxies: a dry run)."""
-    return [[Option(choice_bytes(sizes.layers[layer], c), cost, c.label)
+def table(sizes: CheckpointSizes, choices: dict[int, list[Choice]], proxies: dict[int, LayerProxy] | None,
+          novices: bool = False) -> list[list[Option]]:
+    """The solver's table: per layer, per choice, its bytes (`choice_bytes`) and proxy cost (0 without proxies: a dry run)."""
+    return [[Option(choice_bytes(sizes.layers[layer], c, novices), cost, c.label)
              for c, cost in zip(layer_choices, _costs(proxies[layer], layer_choices) if proxies else [0.0] * len(layer_choices))]
             for layer, layer_choices in choices.items()]
 
@@ -201,9 +210,9 @@ def fixed_bytes(sizes: CheckpointSizes, other_bits: int) -> int:
     return sizes.fixed - sum(block[16] - block[other_bits] for block in sizes.others.values())
 
 
-def smallest(sizes: CheckpointSizes, floors: dict[int, list[int]]) -> int:
+def smallest(sizes: CheckpointSizes, floors: dict[int, list[int]], novices: bool = False) -> int:
     """The smallest saved size any allocation reaches: every layer at its fewest experts and fewest bits, the other weights too."""
-    return reachable(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None), fixed_bytes(sizes, min(other_widths(sizes))))
+    return reachable(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None, novices), fixed_bytes(sizes, min(other_widths(sizes))))
 
 
 def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: str, other_bits: int = 16) -> list[Stage]:
@@ -271,7 +280,7 @@ def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[i
     found: list[tuple[list[Candidate], list[list[Option]], dict[int, list[Choice]]]] = []
     for widths in tables:
         choices = layer_choices(sizes, floors, widths, proxies)
-        rows = table(sizes, choices, proxies)
+        rows = table(sizes, choices, proxies, substitutes(method))
         name = "fit" if PER_LAYER_BITS else f"fit, {widths[0]}-bit"
         options = sorted((_candidate(name, optimum(rows, budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
                           for bits in other_widths(sizes) if reachable(rows, fixed_bytes(sizes, bits)) <= budget), key=lambda c: c.proxy)
@@ -298,7 +307,7 @@ def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies
     counts = set.intersection(*(set(f) for f in floors.values())) if len(experts) == 1 else set()
     for keep in sorted(counts, reverse=True):
         allocation = {layer: Choice(keep, 16) for layer in sizes.layers}
-        size = sizes.fixed + sum(candidate_bytes(sizes.layers[i], c.keep, c.bits) for i, c in allocation.items())
+        size = sizes.fixed + sum(candidate_bytes(sizes.layers[i], c.keep, c.bits, substitutes(method)) for i, c in allocation.items())
         (total,) = experts
         if size <= budget and keep < total:
             ratio = 1 - keep / total
@@ -333,8 +342,8 @@ def candidates(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: di
     return list(unique.values())
 
 
-def sweep(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy]) -> dict[int, list[Allocation]]:
+def sweep(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], novices: bool = False) -> dict[int, list[Allocation]]:
     """The predicted quality-vs-size curve per width table, from the statistics alone (the solver's front)."""
     tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
-    return {widths[0] if len(widths) == 1 else 0: [point for point in front(table(sizes, layer_choices(sizes, floors, widths, proxies), proxies), sizes.fixed)
+    return {widths[0] if len(widths) == 1 else 0: [point for point in front(table(sizes, layer_choices(sizes, floors, widths, proxies), proxies, novices), sizes.fixed)
                                                    if _routing(point)] for widths in tables}

@@ -23,8 +23,9 @@ layer, are clustered the same way together (`global_clusters`, 6), with the same
 most int((n1 // r1) * 0.9) experts in stage 2, n1 being its stage-1 count (the authors' cap,
 truncating the layer's stage-2 list in vote order), and never drops below top_k (ours).
 
-Rates. budget="layer": r1 = ratio, no stage 2. budget="global": r1 = 1 - sqrt(1 - ratio) (equal
-per-stage rates, as the authors' script uses 0.1 / 0.1), and stage 2 removes what is left of
+Rates. budget="layer": r1 = ratio, no stage 2. budget="explicit" (`keep={layer: count}`, what `fit`
+chose): stage 1 alone, each layer at its own rate r1 = (E - count) / E, so that it prunes E - count
+(its votes at that rate). budget="global": r1 = 1 - sqrt(1 - ratio) (equal per-stage rates, as the authors' script uses 0.1 / 0.1), and stage 2 removes what is left of
 floor(ratio * all experts), r2 being that count over the survivors. `stage1_rate` /
 `stage2_rate` set them directly.
 
@@ -44,7 +45,7 @@ from scipy.spatial.distance import pdist, squareform
 
 from ..errors import MoECompressError, param
 from ..plan import KeepLayer, Plan
-from .budget import removal_order, removed_count
+from .budget import removal_order, removed_count, select_experts
 from .expert_pruning import routing_limits
 from .registry import Method, PlanRequest, register
 
@@ -103,6 +104,13 @@ def stage_rates(ratio: float, budget: str, stage1_rate: float | None) -> float:
     return ratio if budget == "layer" else 1.0 - math.sqrt(1.0 - ratio)
 
 
+def _explicit_rates(request: PlanRequest, limits, experts: int) -> dict[int, float]:
+    """Each layer's stage-1 rate under an explicit budget: (E - count) / E, the counts checked as every method's are."""
+    kept = select_experts({layer: torch.zeros(experts) for layer in request.stats}, 0.0, "explicit", limits, min_keep=request.min_keep,
+                          keep=request.keep)
+    return {layer: (experts - len(ids)) / experts for layer, ids in kept.items()}
+
+
 def plan_cprune(
     request: PlanRequest,
     clusters: int = 12,
@@ -129,14 +137,16 @@ def plan_cprune(
         raise MoECompressError("cprune: batch, small and global_clusters must be positive.")
     rate1 = stage_rates(request.ratio, request.budget, stage1_rate) if request.ratio > 0 else 0.0
     floor = max(limits.top_k, request.min_keep)
+    rates = _explicit_rates(request, limits, per_layer) if request.budget == "explicit" else {layer: rate1 for layer in stats}
 
     pruned: dict[int, list[int]] = {}
     votes1: dict[int, np.ndarray] = {}
     for layer, s in sorted(stats.items()):
-        votes1[layer] = batched_votes(signatures(s), clusters, rate1, per_layer, batch, small)
-        pruned[layer] = _least_voted(votes1[layer], removed_count(per_layer, rate1))
+        votes1[layer] = batched_votes(signatures(s), clusters, rates[layer], per_layer, batch, small)
+        pruned[layer] = _least_voted(votes1[layer], removed_count(per_layer, rates[layer]))
     stage1 = removed_count(per_layer, rate1)
-    meta = {"clusters": clusters, "global_clusters": global_clusters, "batch": batch, "small": small, "stage1_rate": rate1}
+    shown = {str(layer): rate for layer, rate in sorted(rates.items())} if request.budget == "explicit" else rate1
+    meta = {"clusters": clusters, "global_clusters": global_clusters, "batch": batch, "small": small, "stage1_rate": shown}
 
     if request.budget == "global" and request.ratio > 0:
         survivors = [(layer, e) for layer in sorted(stats) for e in range(per_layer) if e not in pruned[layer]]
@@ -187,6 +197,5 @@ register(
             "stage1_rate": "stage-1 prune rate (default: the ratio per layer, or 1 - sqrt(1 - ratio) with a global budget)",
             "stage2_rate": "stage-2 prune rate of the survivors (default: whatever reaches the ratio)",
         },
-        explicit_budget=False,
     )
 )

@@ -21,6 +21,8 @@ n_e = mean_{t in T_e} f_e(x_t). Memory per pruned expert falls from 3*H*I number
 Budgets. The authors offer two ranking scopes (`--expert_ranking_scope`): `layer` (the scripts
 behind the paper's tables) and `model`, which ranks the raw fused scores of all layers together
 against one threshold. A global budget here does the latter by default (`global_scores="raw"`);
+an explicit budget (`keep={layer: count}`, what `fit` chose) keeps each layer's best-scored `count`,
+with no tie rule (the count is given, so no boundary score may lower it);
 `global_scores="layer_normalised"` divides each layer's scores by their sum first (moe-compress's
 earlier behaviour: a and v both drift with depth, so raw scores let the layers with the largest
 outputs keep the most experts). As in the authors' code, experts whose score equals the boundary
@@ -181,9 +183,10 @@ def plan_mone(
     # Novices keep every router row, so a layer may keep fewer real experts than top_k; one must stay.
     floor = max(1, request.min_keep)
     normalise = request.budget == "global" and global_scores == "layer_normalised"
-    kept = select_experts(scores, request.ratio, request.budget, RoutingLimits(1), normalise=normalise, min_keep=floor)
+    kept = select_experts(scores, request.ratio, request.budget, RoutingLimits(1), normalise=normalise, min_keep=floor, keep=request.keep)
     compared = {layer: s / s.sum().clamp_min(1e-30) for layer, s in scores.items()} if normalise else scores
-    kept = remove_boundary_ties(kept, compared, request.budget == "layer", floor)
+    if request.budget != "explicit":
+        kept = remove_boundary_ties(kept, compared, request.budget == "layer", floor)
     layers = [NoviceLayer(layer=layer, num_experts=s.numel(), keep=kept[layer], scores=[float(v) for v in s]) for layer, s in sorted(scores.items())]
     plan = Plan(model_type=request.adapter.model_type, top_k=request.adapter.top_k(request.config), layers=layers, method="mone",
                 ratio=request.ratio, budget=request.budget)
@@ -212,6 +215,6 @@ register(
             "variance": "output variance as the authors' running estimate (running) or the population variance (exact)",
             "output_format": "pruned (generated modelling code's layout) or expert-substitution (vLLM #50415 / llm-compressor #2906: full routers, constants)",
         },
-        explicit_budget=False,
+        substitutes=True,
     )
 )

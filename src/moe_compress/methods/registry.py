@@ -68,9 +68,12 @@ class Method:
     #: the superset one cached calibration pass collects (`engine.statistics.superset_statistics`): merging
     #: statistics may run every expert on every token, which pruning methods must not pay for.
     family: str = "pruning"
-    #: Whether it can plan to kept counts given per layer (budget "explicit"): those that pick their
-    #: experts with `budget.select_experts`; C-Prune's votes and MoNE's tie rule decide counts themselves.
+    #: Whether it can plan to kept counts given per layer (budget "explicit", what `fit` allocates with):
+    #: cprune-cosine's affinity clusters decide their counts themselves.
     explicit_budget: bool = True
+    #: Removed experts become constants (MoNE's novices): every router row stays, and one vector per
+    #: removed expert and a slot map per layer are written (`stages.sizes.candidate_bytes`).
+    substitutes: bool = False
 
     def resolved_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
         options = dict(options or {})

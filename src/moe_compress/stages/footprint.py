@@ -35,6 +35,7 @@ class Footprint:
     dropped_blocks: frozenset[int] = field(default_factory=frozenset)
     exact: bool = True
     other_bits: int = 16  # the decoder weights besides the routed experts (`CheckpointSizes.others`): 16 as stored
+    novices: frozenset[int] = field(default_factory=frozenset)  # MoE layers whose removed experts became novices (MoNE)
 
     @classmethod
     def of(cls, sizes: CheckpointSizes) -> Footprint:
@@ -43,7 +44,7 @@ class Footprint:
     @property
     def bytes(self) -> int:
         """Saved weight bytes: the fixed part, less removed blocks' fixed bytes, plus every remaining MoE layer's candidate."""
-        moe = sum(candidate_bytes(self.sizes.layers[i], keep, self.bits[i]) for i, keep in self.keep.items())
+        moe = sum(self.moe_layer_bytes(i) for i in self.keep)
         packed = sum(sizes[16] - sizes[self.other_bits] for i, sizes in self.sizes.others.items() if i not in self.dropped_blocks)
         return self.sizes.fixed - sum(self._block_rest(i) for i in self.dropped_blocks) - sum(layer.rest_bytes for layer in self._dropped_moe()) + moe - packed
 
@@ -77,10 +78,12 @@ class Footprint:
         return self.sizes.blocks[block] - (layer.experts * layer.expert_bytes[16] + layer.router_bytes if layer else 0)
 
     def moe_layer_bytes(self, layer: int) -> int:
-        return candidate_bytes(self.sizes.layers[layer], self.keep[layer], self.bits[layer])
+        return candidate_bytes(self.sizes.layers[layer], self.keep[layer], self.bits[layer], layer in self.novices)
 
-    def with_keep(self, keep: dict[int, int], exact: bool = True) -> Footprint:
-        return replace(self, keep=keep, exact=self.exact and exact)
+    def with_keep(self, keep: dict[int, int], exact: bool = True, novices: bool = False) -> Footprint:
+        """Each MoE layer keeping `keep` experts; `novices`: the removed ones become novices (a substituting method's prune)."""
+        substituted = frozenset(i for i, k in keep.items() if k < self.sizes.layers[i].experts) if novices else frozenset()
+        return replace(self, keep=keep, exact=self.exact and exact, novices=self.novices | substituted)
 
     def with_bits(self, bits: int) -> Footprint:
         return replace(self, bits={i: bits for i in self.bits})

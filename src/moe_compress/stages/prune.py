@@ -199,16 +199,20 @@ class Prune(PruneOptions, Stage):
 
     def predict(self, footprint: Footprint) -> Footprint:
         """A layer budget removes floor(E x ratio) of each layer; an explicit one keeps `keep`; a global one
-        removes floor(sum E x ratio) in all (spread over the layers: an estimate)."""
+        removes floor(sum E x ratio) in all (spread over the layers: an estimate). A substituting method's removed
+        experts stay as novices (`Method.substitutes`), in the layout of its default output format (another: an estimate)."""
+        novices = get_method(self.method).substitutes
+        exact = not novices or self.options.get("output_format", "pruned") == "pruned"
         if self.budget == "explicit":
-            return footprint.with_keep({i: (self.keep or {}).get(i, k) for i, k in footprint.keep.items()})  # check() refuses a missing layer
+            keep = {i: (self.keep or {}).get(i, k) for i, k in footprint.keep.items()}  # check() refuses a missing layer
+            return footprint.with_keep(keep, exact, novices)
         if self.budget == "layer" and not self.uniform:
-            return footprint.with_keep({i: k - removed_count(k, self.ratio) for i, k in footprint.keep.items()})
+            return footprint.with_keep({i: k - removed_count(k, self.ratio) for i, k in footprint.keep.items()}, exact, novices)
         remove, keep = removed_count(sum(footprint.keep.values()), self.ratio), dict(footprint.keep)
         for position, layer in enumerate(sorted(keep)):
             share = remove // len(keep) + (position < remove % len(keep))
             keep[layer] -= share
-        return footprint.with_keep(keep, exact=len({footprint.sizes.layers[i].expert_bytes[footprint.bits[i]] for i in keep}) <= 1)
+        return footprint.with_keep(keep, exact and len({footprint.sizes.layers[i].expert_bytes[footprint.bits[i]] for i in keep}) <= 1, novices)
 
     def run(self, context: StageContext) -> StageOutcome:
         result = prune(context.model, self.method, self.ratio, self.budget, context.batches, context.tokenizer, min_keep=self.min_keep,

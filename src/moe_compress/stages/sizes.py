@@ -11,6 +11,9 @@ Counting rules, each the one the writer follows (checked against saved outputs i
 * as stored ("16 bits"): a tensor's header bytes (numel x element size);
 * pruning keeps `keep` of E identical experts, and of the router every tensor with an axis of
   one entry per expert (weight rows, DeepSeek's correction bias); the rest of the router stays;
+* substituting (MoNE, `novices=True`) keeps every router row besides, and writes one vector of the
+  hidden size per removed expert (in the experts' dtype) and a slot map of one int64 per router row
+  (`runtime.attach_novices`) in each layer that removes any;
 * 4 / 8 bits: `slimming.quantize` replaces each routed expert's 2-D `.weight` by
   compressed-tensors' pack-quantized tensors (see `packed_weight_bytes`); a fused 3-D expert
   tensor (gpt_oss, granitemoe) is stored as one such packed weight per expert, each slice
@@ -66,6 +69,7 @@ class LayerSizes:
     top_k: int = 0  # routed experts a token uses; 0: all that are kept (a condensed layer's constant router)
     rest_bytes: int = 0  # the rest of its MoE sub-layer (shared experts and their gate): dropped with it
     rest_params: int = 0
+    novice_bytes: int = 0  # one novice vector (hidden size x the experts' element size): a MoNE-substituted expert's
 
     @property
     def router_bytes(self) -> int:
@@ -102,9 +106,14 @@ class CheckpointSizes:
         return self.params - sum(layer.params(layer.experts, layer.experts) for layer in self.layers.values())
 
 
-def candidate_bytes(layer: LayerSizes, keep: int, bits: int | Mapping[int, int]) -> int:
+#: Bytes of one router row's entry in a substituted layer's slot map (`runtime.attach_novices`: int64).
+SLOT_BYTES = 8
+
+
+def candidate_bytes(layer: LayerSizes, keep: int, bits: int | Mapping[int, int], novices: bool = False) -> int:
     """Bytes of `layer`'s routed experts and router when it keeps `keep` experts at `bits` bits, or,
-    mixed precision, with {width: how many of the kept experts take it} (`quantize(expert_bits=...)`)."""
+    mixed precision, with {width: how many of the kept experts take it} (`quantize(expert_bits=...)`);
+    `novices`: the removed experts become novices (their router rows, vectors and the slot map stay)."""
     if not 0 <= keep <= layer.experts:
         raise MoECompressError(f"MoE layer {layer.layer} has {layer.experts} routed experts; cannot keep {keep}.")
     mix = dict(bits) if isinstance(bits, Mapping) else {bits: keep}
@@ -113,7 +122,8 @@ def candidate_bytes(layer: LayerSizes, keep: int, bits: int | Mapping[int, int])
         raise MoECompressError(f"bit width must be one of {', '.join(map(str, BITS))}; got {wrong[0]}.")
     if sum(mix.values()) != keep:
         raise MoECompressError(f"MoE layer {layer.layer} keeps {keep} routed experts, but its widths count {sum(mix.values())}.")
-    return sum(count * layer.expert_bytes[width] for width, count in mix.items()) + keep * layer.router_per_expert + layer.router_fixed
+    substituted = (layer.experts - keep) * (layer.router_per_expert + layer.novice_bytes) + layer.experts * SLOT_BYTES if novices and keep < layer.experts else 0
+    return sum(count * layer.expert_bytes[width] for width, count in mix.items()) + keep * layer.router_per_expert + layer.router_fixed + substituted
 
 
 def _expert_matrices(shape: tuple[int, ...], key: str, transposed: bool) -> tuple[int, tuple[int, int]] | None:
@@ -182,6 +192,8 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
     from ..runtime import ConstantRouter
     from ..slimming.quantize import choose_group_size
 
+    from ..arch.adapter import text_config
+
     structure = skeleton(model, "auto", trust_remote_code)
     weights = structure.weights
     if weights is None:
@@ -220,7 +232,9 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
         rows = [k for k in router if count in checkpoint.tensors[k].shape]  # [E, hidden], [E], Ernie's [1, E] statistics
         per_expert = sum(checkpoint.nbytes(k) for k in rows)
         fixed = sum(checkpoint.nbytes(k) for k in router if k not in rows)
-        layers[index] = LayerSizes(index, count, {bits: size // count for bits, size in per_bits.items()}, per_expert // count, fixed, *counted[index])
+        element = checkpoint.nbytes(experts[0]) // checkpoint.tensors[experts[0]].numel
+        layers[index] = LayerSizes(index, count, {bits: size // count for bits, size in per_bits.items()}, per_expert // count, fixed, *counted[index],
+                                   novice_bytes=text_config(skeleton_model.config).hidden_size * element)
     block_params = {index: _params(layer) for index, layer in enumerate(adapter.decoder_layers(skeleton_model))}
     others = _others(checkpoint, _other_weights(skeleton_model, adapter, weights), group, symmetric)
     return CheckpointSizes(checkpoint.total_bytes(), group, layers, blocks, others, _params(skeleton_model), block_params, bool(adapter.moe_attr))

@@ -47,6 +47,17 @@ def _max_output_abs(batch: RoutedBatch) -> torch.Tensor:
     return total.scatter_reduce_(0, batch.pair_expert, peaks, reduce="amax").cpu()
 
 
+def _gated_output_sums(batch: RoutedBatch) -> torch.Tensor:
+    """[E, 1 + H]: per expert, sum over T_e of w_{t,e}^2 and of w_{t,e}^2 f_e(x_t) (w the gate applied), one expert's
+    rows widened at a time (as `moments.batch_moments`). With `gated_output_energy` and the mean output they give
+    sum_t w^2 ||f_e(x_t) - c||^2 for any constant c: what replacing e by c (MoNE's novice) adds to the layer's squared error."""
+    counts = batch.counts.tolist()
+    squares = batch.top_w.double()[batch.pair_token, batch.pair_slot] ** 2
+    rows = [torch.cat([weights.sum().reshape(1), (weights[:, None] * part.double()).sum(0)])
+            for weights, part in zip(torch.split(squares, counts), torch.split(batch.layer_outputs, counts))]
+    return torch.stack(rows).cpu()
+
+
 def _dense_output_sum(batch: RoutedBatch, gated: bool) -> torch.Tensor:
     """[E, H]: sum over *all* tokens of f_e(x_t), or of p_{t,e} f_e(x_t) when `gated`.
 
@@ -131,6 +142,12 @@ STATISTICS: dict[str, Statistic] = {
             lambda b: b.per_expert((b.top_w.double()[b.pair_token, b.pair_slot] * b.output_norms) ** 2),
             needs_expert_outputs=True,
             doc="sum over T_e of (w_{t,e} ||f_e(x_t)||)^2, w the gate applied (what removing e takes from the layer's squared output)",
+        ),
+        Statistic(
+            "gated_output_sums",
+            _gated_output_sums,
+            needs_expert_outputs=True,
+            doc="per expert: sum over T_e of w_{t,e}^2, and of w_{t,e}^2 f_e(x_t) [E, 1 + H] (w the gate applied)",
         ),
         Statistic(
             "output_moments",
