@@ -1,4 +1,5 @@
-"""The quality guard after condense and finetune: printed, recorded in the summary and the card, exit 2 below the threshold."""
+"""The quality guard after condense and finetune: printed, recorded in the summary and the card, exit 2 below the threshold;
+after prune, in the run's batch size."""
 
 from __future__ import annotations
 
@@ -64,3 +65,19 @@ def test_finetune_guards_on_its_evaluation_text_and_fails_below_the_threshold(co
     assert not _summary(tmp_path / "ft2")["guard"]["passed"]
     skipped = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ft3"), "--no-guard"])
     assert skipped.exit_code == 0 and "quality guard" not in skipped.output and "guard" not in _summary(tmp_path / "ft3")
+
+
+def test_the_guard_reads_in_the_run_s_batch_size(condensed, tmp_path, monkeypatch):
+    """--batch-size bounds the memory of one forward; the guard's comparison keeps to it too."""
+    import moe_compress.evaluate.guard as guard_module
+
+    root, _, _ = condensed
+    sizes, compare = [], guard_module.compare
+    monkeypatch.setattr(guard_module, "compare", lambda *a, **k: sizes.append(a[3]) or compare(*a, **k))
+    args = ["prune", str(root / "tiny"), "--ratio", "0.25", "--samples", "4", "--seq-len", "16", "--calib", str(root / "calib.jsonl"), "--no-cache"]
+    for extra, out in ((["--batch-size", "3"], "three"), ([], "default")):
+        result = CliRunner().invoke(app, [*args, *extra, "--out", str(tmp_path / out), "--guard-min-top1", "0"])
+        assert result.exit_code == 0, result.output
+    assert sizes == [3, 8]
+    guard = _summary(tmp_path / "three")["guard"]
+    assert guard["passed"] and guard["windows"] == 32 and guard["tokens"] == 32 * 15
