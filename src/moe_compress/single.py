@@ -39,10 +39,10 @@ class GuardRequest:
     routes_all: bool = False
     batch_size: int = DEFAULT_BATCH_SIZE
 
-    def check(self, source: str | Path, output: str | Path, device: str) -> dict:
-        """`evaluate.guard.guard_output` of `output` against `source`, as requested."""
+    def check(self, source: str | Path, output: str | Path, device: str, streaming: bool | str = "auto") -> dict:
+        """`evaluate.guard.guard_output` of `output` against `source`, as requested, both read as the run's `streaming` says."""
         return guard_output(source, output, self.calibration, self.stage, self.min_top1, device, self.allow_unreached, self.routes_all,
-                            self.batch_size)
+                            self.batch_size, streaming)
 
 
 @dataclass
@@ -95,5 +95,5 @@ def run_single(
         after = perplexities_after(result, windows, device)
         if against_original is not None and windows:
             against_original(result, original, weights if weights.streamed else None, windows, after, device)
-        checked = guard.check(model, out, device) if guard is not None else None
+        checked = guard.check(model, out, device, load.mode()) if guard is not None else None
     return SingleRun(result, before, after, checked)

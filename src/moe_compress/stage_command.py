@@ -162,7 +162,7 @@ def _from_path(stage: Stage, model: str, job, load: LoadSettings, request: Guard
     check_output_dir(job.out, job.overwrite, [model])
     with load.session():
         result = stage.run_one(model, None, job)
-        checked = None if request is None else request.check(model, job.out, load.device)
+        checked = None if request is None else request.check(model, job.out, load.device, load.mode())
     return SingleRun(result, {}, {}, checked)
 
 
