@@ -98,3 +98,87 @@ def test_compare_gives_both_perplexities_from_one_forward_per_batch_and_model(tm
         assert (result.tokens, result.windows) == (alone.tokens, alone.windows) == (6 * 9, 6)
         assert result.perplexity == pytest.approx(alone.perplexity, rel=1e-6) and result.perplexity != pytest.approx(1.0)
     assert mine_ppl.perplexity != pytest.approx(theirs_ppl.perplexity, rel=1e-6)
+
+
+def test_position_blocks_take_whole_windows_while_one_fits_else_parts_of_one():
+    from moe_compress.evaluate.fidelity import position_blocks
+
+    whole = slice(None)
+    assert position_blocks(3, 9, 10, 3 * 9 * 10 * 4) == [(slice(0, 3), whole)]  # the batch fits: one block, as unblocked
+    assert position_blocks(5, 9, 10, 2 * 9 * 10 * 4 + 4) == [(slice(0, 2), whole), (slice(2, 4), whole), (slice(4, 6), whole)]
+    assert position_blocks(2, 9, 10, 4 * 10 * 4) == [(slice(w, w + 1), slice(p, p + 4)) for w in (0, 1) for p in (0, 4, 8)]
+    assert position_blocks(1, 3, 10, 1) == [(slice(0, 1), slice(p, p + 1)) for p in range(3)]  # one position at least
+
+
+def _saved_pair(tmp_path):
+    """A tiny Qwen3-MoE checkpoint and its REAP-pruned copy (half the experts), saved."""
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "original")
+    compress(tiny_model("qwen3_moe"), method="reap", ratio=0.5, calib=token_batches(), out=tmp_path / "pruned", cache_dir=False)
+    return tmp_path / "pruned", tmp_path / "original"
+
+
+def _recorded_blocks(monkeypatch) -> list[int]:
+    """Bytes of the larger side's log-probabilities of every block `FidelityTotals.add` receives."""
+    from moe_compress.evaluate.fidelity import FidelityTotals
+
+    sizes, add = [], FidelityTotals.add
+
+    def recording(self, mine, reference, targets=None):
+        sizes.append(max(t.numel() * t.element_size() for t in (mine, reference)))
+        add(self, mine, reference, targets)
+
+    monkeypatch.setattr(FidelityTotals, "add", recording)
+    return sizes
+
+
+def test_log_probabilities_in_blocks_within_the_budget_give_the_unblocked_numbers(tmp_path, monkeypatch):
+    from moe_compress.source.load import load_model
+
+    pruned, original = _saved_pair(tmp_path)
+    mine, theirs = load_model(pruned)[0], load_model(original)[0]
+    windows = torch.cat(token_batches(count=3, batch=2, seq_len=10))
+    whole = compare(mine, theirs, windows, batch_size=4)
+    sizes = _recorded_blocks(monkeypatch)
+    for budget, blocks in ((9 * VOCAB * 4, 6), (4 * VOCAB * 4, 6 * 3)):  # one window per block; 4 positions of one (4 + 4 + 1)
+        sizes.clear()
+        blocked = compare(mine, theirs, windows, batch_size=4, chunk_bytes=budget)
+        assert len(sizes) == blocks and max(sizes) <= budget
+        assert blocked[0].tokens == whole[0].tokens == 6 * 9 and blocked[0].top1_agreement == whole[0].top1_agreement
+        assert blocked[0].kl == pytest.approx(whole[0].kl, rel=1e-6) and whole[0].kl > 0
+        for ours, unblocked in zip(blocked[1:], whole[1:]):
+            assert ours.perplexity == pytest.approx(unblocked.perplexity, rel=1e-6)
+
+
+def test_a_streamed_comparison_reads_each_checkpoint_once_whatever_the_batches(tmp_path, monkeypatch):
+    """Three batches whose log-probabilities exceed the budget: each layer, the stem and the head of each checkpoint
+    are still read once (a walk per model, then both heads), and the numbers are the in-memory ones."""
+    from moe_compress.source.load import load_model, load_streamed
+    from moe_compress.source.residency import StreamedWeights
+
+    pruned, original = _saved_pair(tmp_path)
+    windows = torch.cat(token_batches(count=3, batch=2, seq_len=10))
+    in_memory = compare(load_model(pruned)[0], load_model(original)[0], windows, batch_size=2)
+    mine, theirs = load_streamed(pruned)[0], load_streamed(original)[0]
+    reads: dict[int, list[list[str]]] = {id(mine): [], id(theirs): []}
+    materialize = StreamedWeights.materialize
+
+    def counting(self, names, device="cpu", lookups=None):
+        reads[id(self)].append(list(names))
+        materialize(self, names, device, lookups)
+
+    monkeypatch.setattr(StreamedWeights, "materialize", counting)
+    sizes = _recorded_blocks(monkeypatch)
+    budget = 4 * VOCAB * 4  # 4 positions: a batch of 2 x 9 is 6 blocks
+    streamed = compare(mine.model, theirs.model, windows, batch_size=2, weights=mine, original_weights=theirs, chunk_bytes=budget)
+    for weights in (mine, theirs):
+        layers = len(weights.model.model.layers)
+        read = reads[id(weights)]
+        assert len(read) == 1 + layers + 1  # stem (the walk), each decoder layer, stem and head (the logits)
+        for index in range(layers):
+            assert sum(any(n.startswith(f"model.layers.{index}.") for n in names) for names in read) == 1
+        assert sum("lm_head.weight" in names for names in read) == 1
+    assert len(sizes) == 3 * 2 * 3 and max(sizes) <= budget
+    assert streamed[0].tokens == in_memory[0].tokens == 6 * 9 and streamed[0].top1_agreement == in_memory[0].top1_agreement
+    assert streamed[0].kl == pytest.approx(in_memory[0].kl, rel=1e-5)
+    for ours, unstreamed in zip(streamed[1:], in_memory[1:]):
+        assert ours.perplexity == pytest.approx(unstreamed.perplexity, rel=1e-5)

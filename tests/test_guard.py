@@ -61,6 +61,18 @@ def test_an_honest_8_bit_quantisation_passes(quantised):
     assert report.failure() == ""
 
 
+def test_streaming_on_streams_the_input_and_loads_a_compressed_tensors_output_whole(quantised, tmp_path):
+    """A command run with --streaming on guards with it: the input is read layer by layer, and quantize's output, which the
+    streamed reader does not dequantise, is loaded whole rather than refused."""
+    model, root = quantised
+    model.save_pretrained(tmp_path / "original")
+    whole = guard(model, root / "q8", WINDOWS, stage="quantize")
+    streamed = guard(tmp_path / "original", root / "q8", WINDOWS, stage="quantize", streaming=True)
+    assert streamed.passed and streamed.fidelity.tokens == whole.fidelity.tokens == 8 * 23
+    assert streamed.fidelity.top1_agreement == whole.fidelity.top1_agreement
+    assert streamed.fidelity.kl == pytest.approx(whole.fidelity.kl, rel=1e-4)
+
+
 def test_a_scale_multiplied_by_100_fails_the_guard_which_names_that_layer(quantised):
     model, root = quantised
     with pytest.raises(QualityGuardError) as failed:

@@ -1,4 +1,5 @@
-"""The quality guard after condense and finetune: printed, recorded in the summary and the card, exit 2 below the threshold."""
+"""The quality guard after condense and finetune: printed, recorded in the summary and the card, exit 2 below the threshold;
+after prune, as the run reads: in its batch size, streamed when it streams."""
 
 from __future__ import annotations
 
@@ -64,3 +65,19 @@ def test_finetune_guards_on_its_evaluation_text_and_fails_below_the_threshold(co
     assert not _summary(tmp_path / "ft2")["guard"]["passed"]
     skipped = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ft3"), "--no-guard"])
     assert skipped.exit_code == 0 and "quality guard" not in skipped.output and "guard" not in _summary(tmp_path / "ft3")
+
+
+def test_the_guard_reads_as_the_run_says_in_its_batch_size_and_streamed_when_it_streams(condensed, tmp_path, monkeypatch):
+    """--batch-size bounds the memory of one forward and --streaming on that of the weights; the guard's comparison keeps to both."""
+    import moe_compress.evaluate.guard as guard_module
+
+    root, _, _ = condensed
+    calls, compare = [], guard_module.compare
+    monkeypatch.setattr(guard_module, "compare", lambda *a, **k: calls.append((a[3], a[4].streamed, a[5].streamed)) or compare(*a, **k))
+    args = ["prune", str(root / "tiny"), "--ratio", "0.25", "--samples", "4", "--seq-len", "16", "--calib", str(root / "calib.jsonl"), "--no-cache"]
+    for extra, out in ((["--batch-size", "3", "--streaming", "on"], "three"), ([], "default")):
+        result = CliRunner().invoke(app, [*args, *extra, "--out", str(tmp_path / out), "--guard-min-top1", "0"])
+        assert result.exit_code == 0, result.output
+    assert calls == [(3, True, True), (8, False, False)]  # a tiny checkpoint fits in memory: auto loads it whole
+    guard = _summary(tmp_path / "three")["guard"]
+    assert guard["passed"] and guard["windows"] == 32 and guard["tokens"] == 32 * 15

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch.registry import get_adapter
 from .errors import MoECompressError, QualityGuardError
+from .evaluate.guard import DEFAULT_BATCH_SIZE
 from .evaluate.lm_perplexity import perplexity
 from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol, expand_sources
 from .arch.size import checkpoint_bytes, model_size
@@ -48,6 +49,7 @@ class GuardSettings:
     windows: torch.Tensor | None
     min_top1: float | None = None  # None: the guard's default for the stage's kind
     skipped: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE  # windows per forward: the calibration's batch size
 
 
 def guard_settings(setting: bool | dict | None, tokenizer, calib: object) -> GuardSettings | None:
@@ -67,7 +69,7 @@ def guard_settings(setting: bool | dict | None, tokenizer, calib: object) -> Gua
         windows = held_out_windows(tokenizer, calib, options.get("windows", DEFAULT_WINDOWS))
     except MoECompressError as exc:
         return GuardSettings(None, skipped=str(exc))
-    return GuardSettings(windows, options.get("min_top1"))
+    return GuardSettings(windows, options.get("min_top1"), batch_size=calib.batch_size)
 
 
 def _guarded(guard: GuardSettings | None, stage: Stage, before: PreTrainedModel | None, after: PreTrainedModel, device: str) -> dict:
@@ -78,7 +80,8 @@ def _guarded(guard: GuardSettings | None, stage: Stage, before: PreTrainedModel 
         return {}
     if guard.windows is None:
         return {"guard": {"stage": stage.kind, "skipped": guard.skipped}}
-    report = check(before, after, guard.windows, stage=stage.kind, min_top1=guard.min_top1, device=device, raise_on_failure=False)
+    report = check(before, after, guard.windows, stage=stage.kind, min_top1=guard.min_top1, device=device, raise_on_failure=False,
+                   batch_size=guard.batch_size)
     if not report.passed:
         raise QualityGuardError(report.failure(), report)
     return {"guard": report.to_dict()}

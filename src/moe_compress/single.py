@@ -17,7 +17,7 @@ from typing import Any
 from . import distributed
 from .data.batches import CalibrationSpec
 from .evaluate.compression import eval_sets, perplexities, perplexities_after
-from .evaluate.guard import HeldOutText, guard_output
+from .evaluate.guard import DEFAULT_BATCH_SIZE, HeldOutText, guard_output
 from .evaluate.protocol import DEFAULT_PROTOCOL, EvalProtocol
 from .sink.save import check_output_dir
 from .loading import LoadSettings
@@ -28,18 +28,21 @@ from .preflight import Structure
 class GuardRequest:
     """The quality guard after a command: the stage kind (its default threshold), the text it reads (a
     `CalibrationSpec`: the windows calibration did not pick; or an `evaluate.guard.HeldOutText`), the
-    threshold if the user set one, whether experts calibration never reached are allowed, and whether the
-    stage takes `calibrate_all_experts` (its class's `routes_all_experts`: a failure then offers it)."""
+    threshold if the user set one, whether experts calibration never reached are allowed, whether the
+    stage takes `calibrate_all_experts` (its class's `routes_all_experts`: a failure then offers it), and the
+    windows per forward (the run's calibration batch size: the memory the user allowed for one batch)."""
 
     stage: str
     calibration: CalibrationSpec | HeldOutText
     min_top1: float | None = None
     allow_unreached: bool = False
     routes_all: bool = False
+    batch_size: int = DEFAULT_BATCH_SIZE
 
-    def check(self, source: str | Path, output: str | Path, device: str) -> dict:
-        """`evaluate.guard.guard_output` of `output` against `source`, as requested."""
-        return guard_output(source, output, self.calibration, self.stage, self.min_top1, device, self.allow_unreached, self.routes_all)
+    def check(self, source: str | Path, output: str | Path, device: str, streaming: bool | str = "auto") -> dict:
+        """`evaluate.guard.guard_output` of `output` against `source`, as requested, both read as the run's `streaming` says."""
+        return guard_output(source, output, self.calibration, self.stage, self.min_top1, device, self.allow_unreached, self.routes_all,
+                            self.batch_size, streaming)
 
 
 @dataclass
@@ -92,5 +95,5 @@ def run_single(
         after = perplexities_after(result, windows, device)
         if against_original is not None and windows:
             against_original(result, original, weights if weights.streamed else None, windows, after, device)
-        checked = guard.check(model, out, device) if guard is not None else None
+        checked = guard.check(model, out, device, load.mode()) if guard is not None else None
     return SingleRun(result, before, after, checked)

@@ -81,12 +81,16 @@ class GuardSettings:
         "Pass the quality guard even when the stage recorded experts that no calibration token reached (and so treated them "
         "without data); they are still named in the card."))
 
-    def request(self, stage: str, text: Any, routes_all: bool = False) -> GuardRequest | None:
+    def request(self, stage: str, text: Any, routes_all: bool = False, batch_size: int | None = None) -> GuardRequest | None:
         """The guard for `stage`, reading `text`'s held-out windows (None with no_guard); `routes_all`: the stage
-        takes `calibrate_all_experts`, which a failure for unreached experts then offers."""
+        takes `calibrate_all_experts`, which a failure for unreached experts then offers; `batch_size`: windows per
+        forward, the run's (None: the command has no calibration batch size, the guard's default)."""
         from .single import GuardRequest
 
-        return None if self.no_guard else GuardRequest(stage, text, self.guard_min_top1, self.allow_unreached, routes_all)
+        if self.no_guard:
+            return None
+        request = GuardRequest(stage, text, self.guard_min_top1, self.allow_unreached, routes_all)
+        return request if batch_size is None else replace(request, batch_size=batch_size)
 
 
 def build_stage(kind: str, options: dict[str, Any], planned: bool = False) -> Stage:
@@ -126,7 +130,7 @@ def run_stage(
     if (cache_dir is not None or no_cache) and "cache_dir" not in type(stage).model_fields:
         extra["cache_dir"] = False if no_cache else cache_dir
     job = _job(calib, out, overwrite, load, extra)
-    request = guard.request(stage.kind, stage.guard_text(calib), stage.routes_all_experts)
+    request = guard.request(stage.kind, stage.guard_text(calib), stage.routes_all_experts, None if calib is None else calib.batch_size)
     run = _streamed(stage, model, job, load, evaluation.eval_ppl, protocol, plan_in, request) if stage.streams else _from_path(stage, model, job, load, request)
     return [] if run is None else report(stage, run, model, out, plan_out, protocol)
 
@@ -158,7 +162,7 @@ def _from_path(stage: Stage, model: str, job, load: LoadSettings, request: Guard
     check_output_dir(job.out, job.overwrite, [model])
     with load.session():
         result = stage.run_one(model, None, job)
-        checked = None if request is None else request.check(model, job.out, load.device)
+        checked = None if request is None else request.check(model, job.out, load.device, load.mode())
     return SingleRun(result, {}, {}, checked)
 
 

@@ -8,10 +8,12 @@ next-token distributions:
   * top-1 agreement: the share of positions where both models' most likely token is the same.
 Positions are those perplexity scores (every token of a window but the first).
 
-Both models' log-probabilities of the same windows must be at hand together. In memory that is
-one batch at a time. A streamed model (`source.residency`) is read layer by layer for a whole chunk
-of batches at once; a chunk holds as many windows as fit `chunk_bytes` of log-probabilities, so
-a streamed comparison reads each checkpoint once per chunk.
+Both models' log-probabilities of the same positions must be at hand together. A streamed model
+(`source.residency`) first walks every window through its decoder layers, each layer read from its
+checkpoint once (`streamed.BatchLogits`: the last layer's outputs of all windows are small, windows x
+seq_len x hidden); then both heads turn one batch at a time into logits, and the log-probabilities are
+made and compared a block of positions at a time, each block at most `chunk_bytes` of float32 per side
+(`LOG_PROB_BYTES`: at Qwen3's 152 k-token vocabulary one batch of 8 windows of 512 tokens would be 2.3 GiB).
 
 The same log-probabilities also give both models' perplexities (`compare`): `eval --compare`
 then runs one forward per window and model, not two (one for perplexity, one for fidelity).
@@ -29,7 +31,7 @@ from transformers import PreTrainedModel
 from ..source.residency import Weights
 from ..progress import track
 from .lm_perplexity import PerplexityResult
-from .streamed import streamed_logits
+from .streamed import BatchLogits
 
 
 @dataclass(frozen=True)
@@ -42,32 +44,24 @@ class FidelityResult:
         return asdict(self)
 
 
-def _log_probs(model: PreTrainedModel, batches: list[torch.Tensor], weights: Weights | None, device: str) -> list[torch.Tensor]:
-    """Next-token log-probabilities [b, s-1, V] (float32, CPU) of each batch."""
-    if weights is not None and weights.streamed:
-        out: list[torch.Tensor] = [torch.empty(0)] * len(batches)
-
-        def keep(index: int, logits: torch.Tensor) -> None:
-            out[index] = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-
-        streamed_logits(model, weights, batches, keep, device, "fidelity (layers)")
-        return out
-    model_device = next(model.parameters()).device
-    return [F.log_softmax(model(input_ids=b.to(model_device), use_cache=False).logits[:, :-1].float(), dim=-1).cpu() for b in batches]
+#: The most bytes of float32 log-probabilities made at once per model: 441 positions at a 152 k-token vocabulary.
+LOG_PROB_BYTES = 256 * 2**20
 
 
-def _chunks(batches: list[torch.Tensor], vocab: int, streamed: bool, chunk_bytes: int) -> list[list[torch.Tensor]]:
-    if not streamed:
-        return [[b] for b in batches]
-    chunks, current, size = [], [], 0
-    for batch in batches:
-        part = batch.numel() * vocab * 4
-        if current and size + part > chunk_bytes:
-            chunks.append(current)
-            current, size = [], 0
-        current.append(batch)
-        size += part
-    return chunks + ([current] if current else [])
+def position_blocks(windows: int, positions: int, vocab: int, budget: int) -> list[tuple[slice, slice]]:
+    """(windows, positions) slices covering a [windows, positions, vocab] float32 tensor, each block within
+    `budget` bytes: whole windows while one fits (one block when the batch does), else parts of one window,
+    one position at least."""
+    window = max(positions, 1) * vocab * 4
+    if window <= budget:
+        step = budget // window
+        return [(slice(w, w + step), slice(None)) for w in range(0, windows, step)]
+    step = max(1, budget // (vocab * 4))
+    return [(slice(w, w + 1), slice(p, p + step)) for w in range(windows) for p in range(0, positions, step)]
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=-1).cpu()
 
 
 class FidelityTotals:
@@ -92,6 +86,13 @@ class FidelityTotals:
             for side, log_probs in enumerate((mine, reference)):
                 self.nll[side] -= float(log_probs.gather(-1, index).sum())
 
+    def add_logits(self, mine: torch.Tensor, reference: torch.Tensor, batch: torch.Tensor, budget: int = LOG_PROB_BYTES) -> None:
+        """Both models' logits [b, s, V] of the token windows `batch` [b, s]: each position but the last predicts the next
+        token; their log-probabilities are made and added a block of positions at a time (`position_blocks`)."""
+        for windows, positions in position_blocks(batch.shape[0], batch.shape[1] - 1, mine.shape[-1], budget):
+            targets = batch[windows, 1:][:, positions]
+            self.add(_log_softmax(mine[windows, :-1][:, positions]), _log_softmax(reference[windows, :-1][:, positions]), targets)
+
     def result(self) -> FidelityResult:
         return FidelityResult(self.kl / max(self.tokens, 1), self.agree / max(self.tokens, 1), self.tokens)
 
@@ -110,16 +111,17 @@ def compare(
     weights: Weights | None = None,
     original_weights: Weights | None = None,
     device: str = "cpu",
-    chunk_bytes: int = 2**30,
+    chunk_bytes: int = LOG_PROB_BYTES,
 ) -> tuple[FidelityResult, PerplexityResult, PerplexityResult]:
-    """Fidelity of `model` against `original` on token windows [n, seq_len], and both perplexities, from one forward each."""
+    """Fidelity of `model` against `original` on token windows [n, seq_len], and both perplexities, from one forward each
+    (streamed: one walk over each checkpoint's layers); `chunk_bytes`: the most float32 log-probabilities per model at once."""
+    batches = list(windows.split(batch_size))
+    reference = BatchLogits.walk(original, batches, original_weights, device, "fidelity, reference (layers)")
+    mine = BatchLogits.walk(model, batches, weights, device, "fidelity (layers)")
     totals = FidelityTotals()
-    streamed = any(w is not None and w.streamed for w in (weights, original_weights))
-    vocab = model.config.vocab_size if streamed else 0
-    for chunk in track(_chunks(list(windows.split(batch_size)), vocab, streamed, chunk_bytes), "fidelity"):
-        references = _log_probs(original, chunk, original_weights, device)
-        for batch, mine, reference in zip(chunk, _log_probs(model, chunk, weights, device), references):
-            totals.add(mine, reference, batch[:, 1:])
+    with reference.head() as reference_logits, mine.head() as mine_logits:
+        for index, batch in enumerate(track(batches, "fidelity")):
+            totals.add_logits(mine_logits(index), reference_logits(index), batch, chunk_bytes)
     return totals.result(), *totals.perplexities(int(windows.shape[0]))
 
 
@@ -131,7 +133,7 @@ def fidelity(
     weights: Weights | None = None,
     original_weights: Weights | None = None,
     device: str = "cpu",
-    chunk_bytes: int = 2**30,
+    chunk_bytes: int = LOG_PROB_BYTES,
 ) -> FidelityResult:
     """KL divergence and top-1 agreement of `model` against `original` on token windows [n, seq_len]."""
     return compare(model, original, windows, batch_size, weights, original_weights, device, chunk_bytes)[0]

@@ -53,6 +53,8 @@ OTHER_STAGES_MIN_TOP1 = 0.25
 #: Held-out windows the guard reads by default: 32 x 256 tokens, about 8 k predictions (a top-1
 #: agreement near 0.9 is then known to about +-0.003, one standard error).
 DEFAULT_WINDOWS = 32
+#: Windows per forward when the run sets no batch size (a command's guard takes its calibration's).
+DEFAULT_BATCH_SIZE = 8
 #: The options that override the guard, as its error message names them.
 THRESHOLD_OPTION = "--guard-min-top1"
 UNREACHED_OPTION = param("allow_unreached")
@@ -67,9 +69,10 @@ Model = PreTrainedModel | Weights | str | Path
 
 def _open(model: Model, device: str, streaming: Streaming):
     """`open_model`, but a saved output the streamed reader cannot dequantise (a compressed-tensors
-    one: what `quantize` writes) is loaded whole by transformers under "auto", which would stream it
-    (and so refuse it) as it does every pre-quantised checkpoint."""
-    if isinstance(model, str | Path) and streaming == "auto":
+    one: what `quantize` writes) is loaded whole by transformers, under "auto" (which would stream it,
+    and so refuse it, as it does every pre-quantised checkpoint) and under streaming on (the run's
+    setting, which its output cannot follow)."""
+    if isinstance(model, str | Path) and streaming is not False:
         config = Path(resolve_model(model)) / "config.json"
         stored = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
         if isinstance(stored, dict) and stored.get("quant_method") not in DEQUANTISABLE:
@@ -166,7 +169,7 @@ def guard(
     allow_unreached: bool = False,
     unreached: list[tuple[int, int]] | None = None,
     localise: bool | None = None,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "cpu",
     streaming: Streaming = "auto",
     raise_on_failure: bool = True,
@@ -251,14 +254,16 @@ def recorded_unreached(output: str | Path) -> list[tuple[int, int]] | None:
 
 
 def guard_output(source: str | Path, output: str | Path, calibration, stage: str, min_top1: float | None = None, device: str = "cpu",
-                 allow_unreached: bool = False, routes_all: bool = False) -> dict:
+                 allow_unreached: bool = False, routes_all: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+                 streaming: Streaming = "auto") -> dict:
     """The guard after a single-stage command: its saved `output` against its `source` checkpoint, on
     held-out text (`calibration`: a `CalibrationSpec`, whose windows calibration did not pick are read --
     `data.held_out_windows` -- or a `HeldOutText`), both read from disk (streamed when large), and the
     experts the stage recorded as unreached (`recorded_unreached`). The result goes into the output's
     summary and card whether it passed or not; a failure then raises `QualityGuardError` (offering
-    `calibrate_all_experts` for unreached experts when `routes_all`). Without held-out text it is skipped,
-    and the card says why."""
+    `calibrate_all_experts` for unreached experts when `routes_all`), `batch_size` windows per forward and
+    `streaming` (the run's own settings: a run told to stream is guarded streamed). Without held-out text it is
+    skipped, and the card says why."""
     from ..source.load import load_tokenizer
     from ..sink.model_card import record_guard
 
@@ -267,8 +272,8 @@ def guard_output(source: str | Path, output: str | Path, calibration, stage: str
     except MoECompressError as exc:
         record_guard(output, {"stage": stage, "skipped": str(exc)})
         return {"stage": stage, "skipped": str(exc)}
-    report = guard(source, output, windows, stage=stage, min_top1=min_top1, device=device, raise_on_failure=False,
-                   unreached=recorded_unreached(output), allow_unreached=allow_unreached, routes_all=routes_all)
+    report = guard(source, output, windows, stage=stage, min_top1=min_top1, batch_size=batch_size, device=device, streaming=streaming,
+                   raise_on_failure=False, unreached=recorded_unreached(output), allow_unreached=allow_unreached, routes_all=routes_all)
     record_guard(output, report.to_dict())
     report.raise_if_failed()
     return report.to_dict()

@@ -5,11 +5,17 @@ Calibration-style: all sequences go through decoder layer 0, then all through la
 layer's outputs into logits one batch at a time (`walk.capture.logits_from_final_hidden`).
 One pass over the weights serves every sequence, so evaluating N batches reads the checkpoint
 once, not N times -- but all sequences' hidden states are held between layers.
+
+The walk and the head are two steps (`BatchLogits.walk`, `BatchLogits.head`) so that a comparison
+of two models walks both first and then holds both heads, one batch's logits per side at a time:
+each checkpoint is read once, and no model's logits are held for more than the batch at hand.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -17,7 +23,44 @@ from transformers import PreTrainedModel
 from ..arch.registry import get_adapter
 from ..source.residency import Weights, split_names
 from ..walk.capture import logits_from_final_hidden
-from ..walk.observer import run_sequential
+from ..walk.observer import embedding_lookups, run_sequential
+
+
+@dataclass
+class BatchLogits:
+    """The logits of `batches`, one batch at a time: in memory from the whole model's forward; streamed
+    from the last layer's outputs of one walk over the layers (`final`), through the head."""
+
+    model: PreTrainedModel
+    batches: list[torch.Tensor]
+    weights: Weights | None = None
+    device: str = "cpu"
+    final: list[torch.Tensor] | None = None  # streamed: the last decoder layer's outputs per batch
+
+    @classmethod
+    @torch.no_grad()
+    def walk(cls, model: PreTrainedModel, batches: list[torch.Tensor], weights: Weights | None = None, device: str = "cpu",
+             description: str = "evaluating layers") -> BatchLogits:
+        """A streamed model's batches through every decoder layer now, each layer read once; an in-memory one's later, per batch."""
+        if weights is None or not weights.streamed:
+            return cls(model, batches)
+        final = run_sequential(model, get_adapter(model), batches, device=device, description=description, weights=weights)
+        return cls(model, batches, weights, device, final)
+
+    @contextmanager
+    def head(self) -> Iterator[Callable[[int], torch.Tensor]]:
+        """A function batch index -> logits [b, s, V]; streamed, the stem and head are read for the block's duration. The
+        input embedding is only looked up in, so only the batches' rows of it are read, unless the head is that same table."""
+        if self.final is None:
+            model_device = next(self.model.parameters()).device
+            yield lambda index: self.model(input_ids=self.batches[index].to(model_device), use_cache=False).logits
+            return
+        adapter = get_adapter(self.model)
+        stem, _, head = split_names(self.model, adapter, self.model.state_dict(keep_vars=True))
+        tied = getattr(self.model.get_output_embeddings(), "weight", None) is getattr(self.model.get_input_embeddings(), "weight", False)
+        lookups = {} if tied else embedding_lookups(self.model, self.batches)
+        with self.weights.loaded_names(stem + head, self.device, lookups):
+            yield lambda index: logits_from_final_hidden(self.model, adapter, self.batches[index], self.final[index])
 
 
 @torch.no_grad()
@@ -30,9 +73,6 @@ def streamed_logits(
     description: str = "evaluating layers",
 ) -> None:
     """Call `consume(batch index, logits [b, s, V])` for every batch, reading each layer once."""
-    adapter = get_adapter(model)
-    final = run_sequential(model, adapter, batches, device=device, description=description, weights=weights)
-    stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
-    with weights.loaded_names(stem + head, device):
-        for index, (batch, hidden) in enumerate(zip(batches, final)):
-            consume(index, logits_from_final_hidden(model, adapter, batch, hidden))
+    with BatchLogits.walk(model, batches, weights, device, description).head() as logits_of:
+        for index in range(len(batches)):
+            consume(index, logits_of(index))
