@@ -65,12 +65,12 @@ def _fake_scores(self: Reference, model: str, original, slices: range | None = N
     return scores
 
 
-def _race(monkeypatch, z: float, tolerance: float = 0.0) -> tuple[Candidate, list[Candidate], list[str], list[str]]:
+def _race(monkeypatch, z: float, tolerance: float = 0.0, hold: int = 0) -> tuple[Candidate, list[Candidate], list[str], list[str]]:
     monkeypatch.setattr(Reference, "scores", _fake_scores)
     monkeypatch.setattr(fit_race, "RACE_Z", z)
     monkeypatch.setattr(fit_race, "RACE_TOLERANCE", tolerance)
     candidates, built, said = _candidates(), [], []
-    winner = race(candidates, lambda number, c: built.append(c.name) or c.name, _reference(), None, said.append)
+    winner = race(candidates, lambda number, c: built.append(c.name) or c.name, _reference(), None, said.append, hold)
     return winner, candidates, built, said
 
 
@@ -159,6 +159,17 @@ def test_race_picks_the_full_measurements_winner_with_its_full_figures(monkeypat
     best_on_6 = sum(_kl("best", w) for w in range(6)) / 6
     assert next(c for c in raced if c.name == "worse").measured["chosen_kl_same_windows"] == pytest.approx(best_on_6, rel=1e-12)
     assert "chosen_kl_same_windows" not in winner.measured
+
+
+def test_held_survivors_are_built_once_and_measure_the_same(monkeypatch):
+    rebuilt, raced, built_each_slice, _ = _race(monkeypatch, Z)
+    winner, held, built, _ = _race(monkeypatch, Z, hold=len(raced))
+    assert built == [c.name for c in held]  # every candidate built once, in the first slice
+    assert winner.name == rebuilt.name and [c.measured for c in held] == [c.measured for c in raced]
+    # holding one: the first built ("noisy") is kept until it is stopped after 24 windows; then "close" on the last slice
+    _, _, some, _ = _race(monkeypatch, Z, hold=1)
+    assert some == ["noisy", "close", "best", "worse", "awful", *["close", "best"] * 3]
+    assert len(built_each_slice) == len(some) + 2
 
 
 def test_a_lone_candidate_is_built_once(monkeypatch):

@@ -185,6 +185,15 @@ def _since(start: float) -> float:
     return round(time.perf_counter() - start, 2)
 
 
+def _holdable(model, device: str) -> int:
+    """How many built candidates the race may keep between slices: copies of `model` (a candidate is no larger) in half
+    of the memory left on `device`, so that holding them never decides whether the fit runs."""
+    from ..source.open import available_bytes
+
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(available_bytes(device) // 2 // max(size, 1))
+
+
 def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
                         out: Path | None) -> None:
     """Steps 2 and 3 of the module docstring, up to the best candidate measured (`result.best`)."""
@@ -207,6 +216,6 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, m
     result.seconds["reference"], start = _since(start), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-compress-fit-", dir=out.parent if out is not None else None) as scratch:
         result.best = race(result.candidates, lambda number, c: build(c, loaded, tokenizer, batches, result.sizes.group_size, Path(scratch) / f"build-{number}",
-                                                                        device), reference, loaded, say)
+                                                                        device), reference, loaded, say, _holdable(loaded, device))
     result.seconds["candidates"] = _since(start)
 

@@ -16,9 +16,12 @@ to the exact winner. The winner, and every candidate not stopped, is measured on
 its figures are those a full measurement gives (`WindowScores` sums window by window, whatever the
 slices). Deterministic: the same windows, candidates and models give the same race.
 
-A survivor is rebuilt for each slice (a copy of the model and its stages: on the reference models
-a fraction of a slice's forward pass) rather than held, so memory stays at the original and one
+A survivor is kept built from one slice to the next when the caller says memory holds it (`hold`: how
+many built candidates may be held at once; the fit holds what half the free memory takes, counted in
+copies of the model), and otherwise rebuilt for each slice (a copy of the model and its stages: on the
+reference models about a fifth of a full measurement), so memory stays at the original and one
 candidate, as without the race; the last one left is built once for all the windows it still needs.
+Held or rebuilt, a candidate is the same model: the figures do not depend on `hold`.
 """
 
 from __future__ import annotations
@@ -85,20 +88,25 @@ def time_left(spent: float, measured: int, remaining: int) -> str:
 
 
 def race(candidates: list[Candidate], build: Callable[[int, Candidate], PreTrainedModel], reference: Reference, original: PreTrainedModel,
-         say: Callable[[str], None]) -> Candidate:
+         say: Callable[[str], None], hold: int = 0) -> Candidate:
     """Measure `candidates` (`build(number, candidate)` gives the model, `number` counting builds) by successive
     halving on `reference`'s slices; fills each `measured` (with the windows it was measured on, and for one
     stopped early the winner's KL on those windows) and returns the winner: least KL on every window, fewer bytes on a tie, the earlier candidate then."""
     scores = {id(c): WindowScores() for c in candidates}
     alive, builds, slices = list(candidates), 0, len(reference.slices)
+    held: dict[int, PreTrainedModel] = {}  # candidates kept built for the next slice (at most `hold`)
     total, start = reference.windows, time.perf_counter()
     for step in range(slices):
         # the last one left measures every slice it still needs at once: one build
         steps = range(step, slices) if len(alive) == 1 else range(step, step + 1)
         for candidate in alive:
-            builds += 1
-            model = build(builds, candidate)
+            model = held.pop(id(candidate), None)
+            if model is None:
+                builds += 1
+                model = build(builds, candidate)
             scores[id(candidate)].extend(reference.scores(model, original, steps))
+            if len(held) < hold:
+                held[id(candidate)] = model
             del model
         seen = scores[id(alive[0])].windows
         leader = min(alive, key=lambda c: (scores[id(c)].mean_kl(), c.bytes))
@@ -112,6 +120,8 @@ def race(candidates: list[Candidate], build: Callable[[int, Candidate], PreTrain
             say(f"stopped {candidate.name} ({human_bytes(candidate.bytes)}) after {seen} windows: KL {scores[id(candidate)].mean_kl():.4g}, "
                 f"{why} {leader.name}'s {scores[id(leader)].mean_kl():.4g} on the same windows")
         stopped = worse + close
+        for candidate in stopped:
+            held.pop(id(candidate), None)
         alive = [c for c in alive if all(c is not s for s in stopped)]
         measured = sum(scores[id(c)].windows for c in candidates)
         say(f"at most ~{time_left(time.perf_counter() - start, measured, len(alive) * (total - seen))} left: "
