@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from helpers import token_batches
 from moe_compress import compress
 from moe_compress.cli import app
-from moe_compress.evaluate.fidelity import compare, fidelity
+from moe_compress.evaluate.fidelity import compare, fidelity, float_log_softmax
 from moe_compress.evaluate.lm_perplexity import perplexity
 from tiny_checkpoints import save_tiny_checkpoint, write_calibration
 from tiny_models import VOCAB, tiny_model
@@ -182,3 +182,11 @@ def test_a_streamed_comparison_reads_each_checkpoint_once_whatever_the_batches(t
     assert streamed[0].kl == pytest.approx(in_memory[0].kl, rel=1e-5)
     for ours, unstreamed in zip(streamed[1:], in_memory[1:]):
         assert ours.perplexity == pytest.approx(unstreamed.perplexity, rel=1e-5)
+
+
+def test_float_log_softmax_gives_the_floats_of_converting_first():
+    """Converting inside `log_softmax` must not change a bit of what every KL and perplexity is built from."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 17, 1000) * 4).to(torch.bfloat16)
+    for view in (logits, logits[:, :-1], logits[:, :-1][:, 3:9]):
+        assert torch.equal(float_log_softmax(view), torch.nn.functional.log_softmax(view.float(), dim=-1))

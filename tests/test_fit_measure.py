@@ -53,8 +53,8 @@ def test_the_reference_kept_once_compares_as_the_fidelity_comparison(tmp_path, m
     fidelity, mine, theirs = compare(candidate, original, windows, batch_size=6)
     expected = {"kl": fidelity.kl, "top1": fidelity.top1_agreement, "perplexity": mine.perplexity, "original_perplexity": theirs.perplexity}
     kept = Reference.of(original, windows)
-    assert kept.log_probs is not None and len(kept.batches) == 1
+    assert kept.sides is not None and len(kept.batches) == 1
     assert kept.compare(candidate, original) == pytest.approx(expected, rel=1e-6) and expected["kl"] > 0
     monkeypatch.setattr(fit_measure, "REFERENCE_BYTES", 0)
     recomputed = Reference.of(original, windows)
-    assert recomputed.log_probs is None and recomputed.compare(candidate, original) == pytest.approx(expected, rel=1e-6)
+    assert recomputed.sides is None and recomputed.compare(candidate, original) == pytest.approx(expected, rel=1e-6)

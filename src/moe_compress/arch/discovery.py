@@ -14,6 +14,7 @@ device: only shapes, names and code are read, never weight values.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 import textwrap
@@ -38,8 +39,10 @@ SCORE_KEYS = ("scoring_func", "expert_selection_fn", "score_func")
 NORM_NAMES = ("pre_feedforward_layernorm", "pre_mlp_layernorm", "pre_ff_layernorm", "ffn_norm", "post_attention_layernorm", "norm")
 
 
+@functools.cache
 def _class_source(cls: type) -> str:
-    """The class's code without comments or docstrings (comments mention functions they do not call)."""
+    """The class's code without comments or docstrings (comments mention functions they do not call). Cached per class:
+    reading and parsing the source costs a few tens of milliseconds, and every command asks for its adapter several times."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):
@@ -51,28 +54,31 @@ def _class_source(cls: type) -> str:
     return ast.unparse(tree)
 
 
-def _method_source(cls: type, name: str) -> str:
+@functools.cache
+def _method_tree(cls: type, name: str) -> ast.Module | None:
+    """The parsed code of `cls.name`: an empty module where its source cannot be read, None where it does not parse.
+    Cached per class, as `_class_source`; callers only read the tree."""
     method = getattr(cls, name, None)
     method = getattr(method, "__wrapped__", method)
     try:
-        return textwrap.dedent(inspect.getsource(method))
+        return ast.parse(textwrap.dedent(inspect.getsource(method)))
     except (OSError, TypeError):
-        return ""
+        return ast.parse("")
+    except SyntaxError:
+        return None
 
 
 def _returns_tuple(cls: type) -> bool:
     """Whether `cls.forward` returns a tuple (GPT-OSS's MoE block returns (hidden, router scores))."""
-    try:
-        tree = ast.parse(_method_source(cls, "forward"))
-    except SyntaxError:
+    tree = _method_tree(cls, "forward")
+    if tree is None:
         return False
     return any(isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) for node in ast.walk(tree))
 
 
 def _first_returned_name(cls: type) -> str:
-    try:
-        tree = ast.parse(_method_source(cls, "forward"))
-    except SyntaxError:
+    tree = _method_tree(cls, "forward")
+    if tree is None:
         return ""
     for node in ast.walk(tree):
         if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) and node.value.elts:
@@ -173,10 +179,7 @@ def _pre_moe_norm(layer: nn.Module, moe_attr: str) -> str:
     """
     norms = {name for name, child in layer.named_children() if _is_norm(child)}
     first = moe_attr.split(".")[0]
-    try:
-        tree = ast.parse(_method_source(type(layer), "forward"))
-    except SyntaxError:
-        tree = None
+    tree = _method_tree(type(layer), "forward")
     calls = _self_calls(tree) if tree is not None and first else []
     moe_call = next((c for c in calls if c.func.attr == first), None)
     if moe_call is not None:
@@ -217,9 +220,8 @@ def _layer_state(stack_owner: nn.Module) -> tuple[tuple[int, str], ...]:
     indices as `prev_topk_indices`: read from the stack owner's loop, `h, x = layer(h, ..., key=x)`
     gives ((1, "key"),). The layer-by-layer pipeline must carry these along.
     """
-    try:
-        tree = ast.parse(_method_source(type(stack_owner), "forward"))
-    except SyntaxError:
+    tree = _method_tree(type(stack_owner), "forward")
+    if tree is None:
         return ()
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and isinstance(node.targets[0], ast.Tuple)):

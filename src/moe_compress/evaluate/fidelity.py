@@ -60,8 +60,10 @@ def position_blocks(windows: int, positions: int, vocab: int, budget: int) -> li
     return [(slice(w, w + 1), slice(p, p + step)) for w in range(windows) for p in range(0, positions, step)]
 
 
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), dim=-1).cpu()
+def float_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities on the CPU. `log_softmax` converts while it reads: the same floats as converting the
+    logits first, without writing and reading them once more (a third of its time at a bf16 model's logits)."""
+    return F.log_softmax(logits, dim=-1, dtype=torch.float32).cpu()
 
 
 class FidelityTotals:
@@ -91,7 +93,7 @@ class FidelityTotals:
         token; their log-probabilities are made and added a block of positions at a time (`position_blocks`)."""
         for windows, positions in position_blocks(batch.shape[0], batch.shape[1] - 1, mine.shape[-1], budget):
             targets = batch[windows, 1:][:, positions]
-            self.add(_log_softmax(mine[windows, :-1][:, positions]), _log_softmax(reference[windows, :-1][:, positions]), targets)
+            self.add(float_log_softmax(mine[windows, :-1][:, positions]), float_log_softmax(reference[windows, :-1][:, positions]), targets)
 
     def result(self) -> FidelityResult:
         return FidelityResult(self.kl / max(self.tokens, 1), self.agree / max(self.tokens, 1), self.tokens)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..evaluate.fidelity import float_log_softmax
 from ..evaluate.protocol import EvalProtocol, expand_sources
 from ..stages.base import StageContext
 from ..stages.quantize import Quantize
@@ -47,9 +48,29 @@ def held_out_windows(tokenizer: PreTrainedTokenizerBase | None, config, windows:
     return torch.stack(order), len(per_domain)
 
 
+def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities of every position but the last (the ones that predict a token), on the CPU."""
+    return float_log_softmax(logits[:, :-1])
+
+
 def _log_probs(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
-    return F.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float(), dim=-1).cpu()
+    return next_token_log_probs(model(input_ids=batch.to(device), use_cache=False).logits)
+
+
+@dataclass(frozen=True)
+class ReferenceSide:
+    """The original's side of a batch's comparison, what every candidate is compared with: its log-probabilities [b, s, V],
+    its most likely token per position and its negative log-likelihood per window, the last two found once, not per candidate."""
+
+    log_probs: torch.Tensor
+    top: torch.Tensor
+    nll: list[float]
+
+    @classmethod
+    def of(cls, log_probs: torch.Tensor, targets: torch.Tensor) -> ReferenceSide:
+        """`targets` [b, s]: the tokens the positions predict."""
+        return cls(log_probs, log_probs.argmax(-1), (-log_probs.gather(-1, targets[..., None]).sum((1, 2))).tolist())
 
 
 @dataclass
@@ -62,17 +83,16 @@ class WindowScores:
     nll: list[float] = field(default_factory=list)
     nll_reference: list[float] = field(default_factory=list)
 
-    def add(self, mine: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor) -> None:
-        """Both [b, s, V] log-probabilities of the same positions, `targets` [b, s] the tokens they predict."""
-        agree = (mine.argmax(-1) == reference.argmax(-1)).sum(-1)
-        index = targets[..., None]
-        nll, nll_reference = (-log_probs.gather(-1, index).sum((1, 2)) for log_probs in (mine, reference))
+    def add(self, mine: torch.Tensor, reference: ReferenceSide, targets: torch.Tensor) -> None:
+        """`mine`: [b, s, V] log-probabilities of the positions `reference` holds, `targets` [b, s] the tokens they predict."""
+        agree = (mine.argmax(-1) == reference.top).sum(-1).tolist()
+        nll = (-mine.gather(-1, targets[..., None]).sum((1, 2))).tolist()
         for w in range(mine.shape[0]):
-            self.kl.append(float(F.kl_div(mine[w], reference[w], log_target=True, reduction="sum")))
-            self.agree.append(int(agree[w]))
+            self.kl.append(float(F.kl_div(mine[w], reference.log_probs[w], log_target=True, reduction="sum")))
             self.tokens.append(int(mine.shape[1]))
-            self.nll.append(float(nll[w]))
-            self.nll_reference.append(float(nll_reference[w]))
+        self.agree += agree
+        self.nll += nll
+        self.nll_reference += reference.nll
 
     def extend(self, other: WindowScores) -> None:
         for name in ("kl", "agree", "tokens", "nll", "nll_reference"):
@@ -107,13 +127,17 @@ def window_batches(windows: torch.Tensor, vocab: int, bounds: list[int] | None =
     return batches, slices
 
 
+def _side(original: PreTrainedModel, batch: torch.Tensor) -> ReferenceSide:
+    return ReferenceSide.of(_log_probs(original, batch), batch[:, 1:])
+
+
 @dataclass
 class Reference:
     """The held-out windows in forward batches, grouped in slices (`slices`: batch indices per slice, the race's
-    steps), with the original's log-probabilities of each batch (None: too large to keep, recomputed per comparison)."""
+    steps), with the original's side of each batch (`ReferenceSide`; None: too large to keep, recomputed per comparison)."""
 
     batches: list[torch.Tensor]
-    log_probs: list[torch.Tensor] | None
+    sides: list[ReferenceSide] | None
     slices: list[list[int]]
 
     @classmethod
@@ -123,7 +147,7 @@ class Reference:
         vocab = original.config.get_text_config().vocab_size
         batches, slices = window_batches(windows, vocab, bounds)
         kept = windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 <= REFERENCE_BYTES
-        return cls(batches, [_log_probs(original, b) for b in batches] if kept else None, slices)
+        return cls(batches, [_side(original, b) for b in batches] if kept else None, slices)
 
     @property
     def windows(self) -> int:
@@ -138,7 +162,7 @@ class Reference:
         scores = WindowScores()
         for number in slices if slices is not None else range(len(self.slices)):
             for i in self.slices[number]:
-                reference = self.log_probs[i] if self.log_probs is not None else _log_probs(original, self.batches[i])
+                reference = self.sides[i] if self.sides is not None else _side(original, self.batches[i])
                 scores.add(_log_probs(model, self.batches[i]), reference, self.batches[i][:, 1:])
         return scores
 

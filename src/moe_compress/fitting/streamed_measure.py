@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..arch.adapter import MoEAdapter
@@ -42,7 +41,7 @@ from ..stages.quantize import Quantize
 from ..walk.activations import default_activations
 from ..walk.capture import capture_layer_inputs, logits_from_final_hidden
 from ..walk.observer import embedding_lookups, to_device
-from .measure import WindowScores, window_batches
+from .measure import ReferenceSide, WindowScores, next_token_log_probs, window_batches
 from .search import Candidate
 from .simulate import layer_roles, simulate_layer, simulated
 
@@ -152,9 +151,9 @@ def measure_streamed(weights: StreamedWeights, adapter: MoEAdapter, candidates: 
         totals = [WindowScores() for _ in candidates]
         with weights.loaded_names(stem + head, device):
             for b, batch in enumerate(batches):
-                reference = _log_probs(model, adapter, batch, store.get(sets[original][b]))
+                reference = ReferenceSide.of(_log_probs(model, adapter, batch, store.get(sets[original][b])), batch[:, 1:])
                 for c, path in enumerate(paths):
-                    mine = reference if path == original else _log_probs(model, adapter, batch, store.get(sets[path][b]))
+                    mine = reference.log_probs if path == original else _log_probs(model, adapter, batch, store.get(sets[path][b]))
                     totals[c].add(mine, reference, batch[:, 1:])
     finally:
         store.close()
@@ -174,4 +173,4 @@ def _forward(layer: nn.Module, hidden: list, kwargs: list[dict], store, device: 
 
 def _log_probs(model, adapter: MoEAdapter, batch: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """As `fitting.measure` takes them from the whole model: log-softmax over the logits of every position but the last."""
-    return F.log_softmax(logits_from_final_hidden(model, adapter, batch, hidden)[:, :-1].float(), dim=-1).cpu()
+    return next_token_log_probs(logits_from_final_hidden(model, adapter, batch, hidden))
