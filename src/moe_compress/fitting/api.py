@@ -152,6 +152,10 @@ def fit(
         check_output_dir(out, overwrite, [model])
     if dry_run:
         return result
+    if out is not None:
+        from .front_plot import warm_up
+
+        warm_up()
     if should_stream(model, streaming, device):
         from .streamed import fit_streamed
 
