@@ -10,7 +10,7 @@ import torch
 
 from moe_compress.evaluate.fidelity import compare
 from moe_compress.fitting import measure as fit_measure
-from moe_compress.fitting.measure import Reference
+from moe_compress.fitting.measure import Reference, ReferenceSide
 from moe_compress.fitting.simulate import simulate, simulated
 from moe_compress.source.load import load_model
 from moe_compress.stages.base import StageContext
@@ -58,3 +58,15 @@ def test_the_reference_kept_once_compares_as_the_fidelity_comparison(tmp_path, m
     monkeypatch.setattr(fit_measure, "REFERENCE_BYTES", 0)
     recomputed = Reference.of(original, windows)
     assert recomputed.sides is None and recomputed.compare(candidate, original) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_reference_sides_kl_is_kl_div_bit_for_bit():
+    """`ReferenceSide.kl` reuses the original's exponentials across candidates; each window's KL must be the very float
+    `F.kl_div(mine, original, log_target=True, reduction="sum")` gives, or a race's figures would move."""
+    generator = torch.Generator().manual_seed(5)
+    original = torch.log_softmax(3 * torch.randn(3, 17, 301, generator=generator), -1)
+    mine = torch.log_softmax(original + 0.05 * torch.randn(3, 17, 301, generator=generator), -1)
+    side = ReferenceSide.of(original, torch.randint(0, 301, (3, 17), generator=generator))
+    for window in range(3):
+        expected = float(torch.nn.functional.kl_div(mine[window], original[window], log_target=True, reduction="sum"))
+        assert side.kl(mine, window) == expected and expected > 0

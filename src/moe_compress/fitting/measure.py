@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..evaluate.fidelity import float_log_softmax
@@ -32,7 +31,8 @@ from ..stages.quantize import Quantize
 from .search import Candidate
 from .simulate import simulate, simulated
 
-#: The most bytes of the original's log-probabilities kept for every candidate's comparison; above, each candidate recomputes them.
+#: The most bytes of the original's log-probabilities and probabilities kept for every candidate's comparison; above,
+#: each candidate recomputes them.
 REFERENCE_BYTES = 2 * 2**30
 #: Log-probabilities per forward batch: windows per batch = this / (seq_len x vocab x 4 bytes), at least 1.
 BATCH_BYTES = 2**28
@@ -61,16 +61,23 @@ def _log_probs(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ReferenceSide:
     """The original's side of a batch's comparison, what every candidate is compared with: its log-probabilities [b, s, V],
-    its most likely token per position and its negative log-likelihood per window, the last two found once, not per candidate."""
+    their exponentials, its most likely token per position and its negative log-likelihood per window -- all but the
+    first found once, not per candidate (the exponentials are most of a KL's cost: `WindowScores.add`)."""
 
     log_probs: torch.Tensor
+    probs: torch.Tensor
     top: torch.Tensor
     nll: list[float]
 
     @classmethod
     def of(cls, log_probs: torch.Tensor, targets: torch.Tensor) -> ReferenceSide:
         """`targets` [b, s]: the tokens the positions predict."""
-        return cls(log_probs, log_probs.argmax(-1), (-log_probs.gather(-1, targets[..., None]).sum((1, 2))).tolist())
+        return cls(log_probs, log_probs.exp(), log_probs.argmax(-1), (-log_probs.gather(-1, targets[..., None]).sum((1, 2))).tolist())
+
+    def kl(self, mine: torch.Tensor, window: int) -> float:
+        """KL(original || mine) summed over window `window`'s positions: the terms `F.kl_div(mine, log_probs,
+        log_target=True)` sums, bit for bit, without exponentiating the original's side again for every candidate."""
+        return float((self.probs[window] * (self.log_probs[window] - mine[window])).sum())
 
 
 @dataclass
@@ -88,7 +95,7 @@ class WindowScores:
         agree = (mine.argmax(-1) == reference.top).sum(-1).tolist()
         nll = (-mine.gather(-1, targets[..., None]).sum((1, 2))).tolist()
         for w in range(mine.shape[0]):
-            self.kl.append(float(F.kl_div(mine[w], reference.log_probs[w], log_target=True, reduction="sum")))
+            self.kl.append(reference.kl(mine, w))
             self.tokens.append(int(mine.shape[1]))
         self.agree += agree
         self.nll += nll
@@ -146,7 +153,7 @@ class Reference:
         """`bounds`: where each slice ends, in windows (the last at every window; one slice without)."""
         vocab = original.config.get_text_config().vocab_size
         batches, slices = window_batches(windows, vocab, bounds)
-        kept = windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 <= REFERENCE_BYTES
+        kept = 2 * windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 <= REFERENCE_BYTES
         return cls(batches, [_side(original, b) for b in batches] if kept else None, slices)
 
     @property
