@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.batches import CalibrationSpec
 from ..engine.prepare import Calibration, calibration_batches
@@ -32,6 +33,9 @@ from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
 from .memory import kv_cache_bytes, parse_bytes
 from .search import Candidate, droppable, smallest, substitutes
 from .steps import search
+
+if TYPE_CHECKING:
+    from ..preflight import Structure
 
 
 @dataclass
@@ -58,12 +62,10 @@ class FitResult:
         return self.budget - self.kv_bytes
 
 
-def _floors(model: str | Path, min_keep: int, trust_remote_code: bool) -> dict[int, list[int]]:
+def _floors(structure: Structure, min_keep: int) -> dict[int, list[int]]:
     """Per MoE layer, every kept count its router allows: multiples of its routing groups from max(top_k, min_keep) up."""
     from ..methods.expert_pruning import routing_limits
-    from ..preflight import skeleton
 
-    structure = skeleton(model, "auto", trust_remote_code)
     limits = routing_limits(structure.adapter, structure.model.config)
     floor = max(limits.min_units(), math.ceil(min_keep / limits.groups)) * limits.groups
     return {layer: list(range(floor, count + 1, limits.groups)) for layer, count in structure.experts.items()}
@@ -90,9 +92,12 @@ def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None,
     weigh something). Nothing is calibrated."""
     if not isinstance(model, str | Path):
         raise MoECompressError("fit reads the checkpoint's sizes from its shard headers: give a model name or a local directory, not a model in memory.")
-    sizes = checkpoint_sizes(model, trust_remote_code=trust_remote_code)
+    from ..preflight import skeleton
+
+    structure = skeleton(model, "auto", trust_remote_code)
+    sizes = checkpoint_sizes(model, trust_remote_code=trust_remote_code, structure=structure)
     budget, kv = _budget(model, sizes, memory, target_ratio, context, batch, trust_remote_code)
-    floors = _floors(model, min_keep, trust_remote_code)
+    floors = _floors(structure, min_keep)
     result = FitResult(sizes.total, budget, kv, smallest(sizes, floors, substitutes(method)), floors, sizes)
     cache = f" after the KV cache of {human_bytes(kv)} at context {context} x batch {batch}" if context is not None else ""
     if result.weight_budget < result.smallest_bytes:

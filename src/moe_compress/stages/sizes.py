@@ -29,9 +29,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import MoECompressError
 from ..source.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from ..preflight import Structure
 
 #: Bit widths a candidate may take; 16 means as stored (the checkpoint's own dtype).
 BITS = (16, 8, 4)
@@ -181,11 +185,13 @@ def _others(checkpoint: Checkpoint, keys: dict[int, list[str]], group: int, symm
             for block, block_keys in sorted(keys.items())}
 
 
-def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric: bool = True, trust_remote_code: bool = False) -> CheckpointSizes:
+def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric: bool = True, trust_remote_code: bool = False,
+                     structure: Structure | None = None) -> CheckpointSizes:
     """The sizes of a local checkpoint (a directory or bundled name), from its config and shard headers.
 
     `group_size` and `symmetric` are the quantizer's (`quantize --scope experts`): None picks its
     default group, the largest of 128/64/32/16/8 dividing every routed expert's input width.
+    `structure`: the checkpoint's skeleton where the caller has built it already (`preflight.skeleton`).
     """
     from ..source.residency import split_names
     from ..preflight import skeleton
@@ -194,7 +200,7 @@ def checkpoint_sizes(model: str | Path, group_size: int | None = None, symmetric
 
     from ..arch.adapter import text_config
 
-    structure = skeleton(model, "auto", trust_remote_code)
+    structure = structure or skeleton(model, "auto", trust_remote_code)
     weights = structure.weights
     if weights is None:
         raise MoECompressError(f"{model!r} is not a local checkpoint: its sizes are read from the shard headers. Download it first and pass the directory.")
