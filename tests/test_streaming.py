@@ -388,3 +388,18 @@ def test_every_supported_family_streams_to_the_same_bytes(every_family, tmp_path
         mc.compress(every_family / model_type, "reap", 0.25, "global", token_batches(1), out=tmp_path / str(streaming), cache_dir=False,
                     streaming=streaming)
     _same_files(tmp_path / "True", tmp_path / "False")
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_the_meta_skeleton_computes_the_unstored_buffers_as_a_full_load_does(tmp_path, model_type):
+    """The streamed skeleton leaves what the checkpoint stores on meta and computes the rest (rotary frequencies and
+    other unstored buffers), skipping transformers' random initialisation of the meta tensors: every buffer it
+    computes must equal, bit for bit, the same buffer of the model loaded whole."""
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path)
+    streamed, _ = load_streamed(str(tmp_path))
+    loaded, _ = load_model(str(tmp_path))
+    whole = dict(loaded.named_buffers())
+    computed = {name: buffer for name, buffer in streamed.model.named_buffers() if buffer.device.type != "meta"}
+    for name, buffer in computed.items():
+        assert torch.equal(buffer, whole[name].to(buffer.dtype)), (model_type, name)

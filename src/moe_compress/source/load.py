@@ -294,16 +294,17 @@ def meta_skeleton(auto_class, config: PretrainedConfig, dtype: torch.dtype, trus
     `init_empty_weights` creates each parameter on the CPU first: 30 GB for one of
     DeepSeek-V3's fused expert tensors). Buffers that are computed rather than stored (rotary
     frequencies) are then rebuilt by transformers' own loading steps, as `from_pretrained`
-    does; stored buffers stay on meta until their layer is read. Everything stored is marked
+    does; stored buffers stay on meta until their layer is read. What is still on meta is marked
     initialised first, so that transformers' weight initialisation computes only the buffers that are
-    not stored: drawing the meta parameters' random values costs nothing but time (0.27 s per
+    not stored: drawing random values into meta tensors does nothing but take time (0.27 s per
     skeleton of ref-deepseek, in torch's Python reference kernels, and it grows with the layers).
     """
     with torch.device("meta"):
         model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model._move_missing_keys_from_meta_to_device(set(), None, None, None)
     for stored in model.state_dict(keep_vars=True).values():
-        stored._is_hf_initialized = True
+        if stored.device.type == "meta":  # initialising one is a no-op that takes time
+            stored._is_hf_initialized = True
     model._initialize_missing_keys(False)
     return model.eval()
 
