@@ -166,9 +166,12 @@ def report() -> None:
 
     rows_by_model = {}
     lines = ["# Expert-pruning and merging methods on the reference models", "",
-             "Command: `python bench/pruning.py --model ref-mixtral` (and `--model ref-deepseek`), then `python bench/pruning.py --report`; "
-             "merging rows and their REAP reference: `python bench/pruning.py --model ref-mixtral --model ref-deepseek --methods "
-             + ",".join(("reap", *MERGING)) + " --sets mixed --rerun`.",
+             "Command: `python bench/pruning.py --model ref-mixtral --sets mixed,domains --no-mc` (and `--model ref-deepseek`), "
+             "then `python bench/pruning.py --report`.",
+             "Recorded 2026-12-07 at commit 0152e11 with OMP_NUM_THREADS=1 on an AMD EPYC 2-core VM (AVX-512), torch 2.13.0+cpu, "
+             "transformers 5.23.0, the two models' runs side by side (so the s and RSS columns are under that load). "
+             "The floats depend on the machine's kernels: the table recorded before it on another machine differs from the second "
+             "decimal, and where a method meets near-ties, by more (`bench/results/reproduce.md`).",
              "Perplexity: test split, windows x tokens per domain as recorded under each model. KL: mean KL(original || compressed) per token over the same "
              "windows (nats), top-1: share of positions where both models' most likely next token agrees, both averaged over domains. "
              "MC: all 1000 questions of the `moec` tasks (chance 0.25), scored like lm-eval (see bench/common.py). "
