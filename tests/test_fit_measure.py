@@ -61,12 +61,15 @@ def test_the_reference_kept_once_compares_as_the_fidelity_comparison(tmp_path, m
 
 
 def test_the_reference_sides_kl_is_kl_div_bit_for_bit():
-    """`ReferenceSide.kl` reuses the original's exponentials across candidates; each window's KL must be the very float
-    `F.kl_div(mine, original, log_target=True, reduction="sum")` gives, or a race's figures would move."""
+    """`ReferenceSide.kl` reuses the original's exponentials across candidates where they are kept (in memory) and not
+    where they are not (streamed); each window's KL must be the very float `F.kl_div(mine, original, log_target=True,
+    reduction="sum")` gives either way, or a race's figures would move with the path."""
     generator = torch.Generator().manual_seed(5)
     original = torch.log_softmax(3 * torch.randn(3, 17, 301, generator=generator), -1)
     mine = torch.log_softmax(original + 0.05 * torch.randn(3, 17, 301, generator=generator), -1)
-    side = ReferenceSide.of(original, torch.randint(0, 301, (3, 17), generator=generator))
+    targets = torch.randint(0, 301, (3, 17), generator=generator)
+    kept, computed = ReferenceSide.of(original, targets, keep_probs=True), ReferenceSide.of(original, targets)
+    assert kept.probs is not None and computed.probs is None
     for window in range(3):
         expected = float(torch.nn.functional.kl_div(mine[window], original[window], log_target=True, reduction="sum"))
-        assert side.kl(mine, window) == expected and expected > 0
+        assert kept.kl(mine, window) == expected == computed.kl(mine, window) and expected > 0

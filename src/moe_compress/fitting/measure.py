@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..evaluate.fidelity import float_log_softmax
@@ -61,22 +62,25 @@ def _log_probs(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ReferenceSide:
     """The original's side of a batch's comparison, what every candidate is compared with: its log-probabilities [b, s, V],
-    their exponentials, its most likely token per position and its negative log-likelihood per window -- all but the
-    first found once, not per candidate (the exponentials are most of a KL's cost: `WindowScores.add`)."""
+    its most likely token per position and its negative log-likelihood per window, found once, not per candidate; and,
+    where memory allows a second [b, s, V] tensor, the probabilities (the exponentials are most of a KL's cost)."""
 
     log_probs: torch.Tensor
-    probs: torch.Tensor
     top: torch.Tensor
     nll: list[float]
+    probs: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, log_probs: torch.Tensor, targets: torch.Tensor) -> ReferenceSide:
+    def of(cls, log_probs: torch.Tensor, targets: torch.Tensor, keep_probs: bool = False) -> ReferenceSide:
         """`targets` [b, s]: the tokens the positions predict."""
-        return cls(log_probs, log_probs.exp(), log_probs.argmax(-1), (-log_probs.gather(-1, targets[..., None]).sum((1, 2))).tolist())
+        return cls(log_probs, log_probs.argmax(-1), (-log_probs.gather(-1, targets[..., None]).sum((1, 2))).tolist(),
+                   log_probs.exp() if keep_probs else None)
 
     def kl(self, mine: torch.Tensor, window: int) -> float:
-        """KL(original || mine) summed over window `window`'s positions: the terms `F.kl_div(mine, log_probs,
-        log_target=True)` sums, bit for bit, without exponentiating the original's side again for every candidate."""
+        """KL(original || mine) summed over window `window`'s positions: `F.kl_div(mine, log_probs, log_target=True)`'s sum,
+        bit for bit, with or without the kept probabilities."""
+        if self.probs is None:
+            return float(F.kl_div(mine[window], self.log_probs[window], log_target=True, reduction="sum"))
         return float((self.probs[window] * (self.log_probs[window] - mine[window])).sum())
 
 
@@ -134,8 +138,8 @@ def window_batches(windows: torch.Tensor, vocab: int, bounds: list[int] | None =
     return batches, slices
 
 
-def _side(original: PreTrainedModel, batch: torch.Tensor) -> ReferenceSide:
-    return ReferenceSide.of(_log_probs(original, batch), batch[:, 1:])
+def _side(original: PreTrainedModel, batch: torch.Tensor, keep_probs: bool) -> ReferenceSide:
+    return ReferenceSide.of(_log_probs(original, batch), batch[:, 1:], keep_probs)
 
 
 @dataclass
@@ -154,7 +158,7 @@ class Reference:
         vocab = original.config.get_text_config().vocab_size
         batches, slices = window_batches(windows, vocab, bounds)
         kept = 2 * windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 <= REFERENCE_BYTES
-        return cls(batches, [_side(original, b) for b in batches] if kept else None, slices)
+        return cls(batches, [_side(original, b, True) for b in batches] if kept else None, slices)
 
     @property
     def windows(self) -> int:
@@ -169,7 +173,7 @@ class Reference:
         scores = WindowScores()
         for number in slices if slices is not None else range(len(self.slices)):
             for i in self.slices[number]:
-                reference = self.sides[i] if self.sides is not None else _side(original, self.batches[i])
+                reference = self.sides[i] if self.sides is not None else _side(original, self.batches[i], False)
                 scores.add(_log_probs(model, self.batches[i]), reference, self.batches[i][:, 1:])
         return scores
 
