@@ -16,6 +16,7 @@ from helpers import tensor_bytes
 from moe_compress.arch.registry import get_adapter
 from moe_compress.engine.prepare import calibration_batches
 from moe_compress.fitting import search
+from moe_compress.fitting.fit_method import FitMethod
 from moe_compress.fitting.measure import build
 from moe_compress.fitting.proxies import LayerProxy
 from moe_compress.fitting.search import Choice
@@ -67,16 +68,16 @@ def test_the_quantize_stage_is_given_the_experts_numbered_after_the_prune():
     rows = search.table(sizes, search.layer_choices(sizes, {0: [4, 2]}, (16, 8, 4), proxies), proxies)[0]
     choice = next(c for c in search.layer_choices(sizes, {0: [4, 2]}, (16, 8, 4), proxies)[0] if c.label == "2x4b+1x8b")
     assert choice == Choice(2, 4, (1,), 8) and proxies[0].kept[2][choice.wider[0]] == 3
-    stages = search.stages_for({0: choice}, sizes, "reap")
+    stages = search.stages_for({0: choice}, sizes, FitMethod())
     assert [(s.kind, s.given()) for s in stages] == [("prune", {"method": "reap", "budget": "explicit", "keep": {0: 2}}),
                                                      ("quantize", {"bits": 4, "scope": "experts", "expert_bits": {0: {1: 8}}})]
     assert search.predicted_bytes(stages, sizes) == sizes.fixed + next(r.bytes for r in rows if r.label == choice.label) == 1000 - 411 + 82
     # the commonest width the stage's own: every expert of a layer at another base width is named, not only the raised ones
     three = CheckpointSizes(3000, 16, {i: LayerSizes(i, 4, {16: 100, 8: 50, 4: 25}, 2, 3) for i in (0, 1, 2)}, {i: 1000 for i in (0, 1, 2)})
-    mixed = search.stages_for({0: Choice(4, 8), 1: Choice(4, 8), 2: Choice(4, 4, (0, 2), 16)}, three, "reap")
+    mixed = search.stages_for({0: Choice(4, 8), 1: Choice(4, 8), 2: Choice(4, 4, (0, 2), 16)}, three, FitMethod())
     assert [s.given() for s in mixed] == [{"bits": 8, "scope": "experts", "expert_bits": {2: {0: 16, 1: 4, 2: 16, 3: 4}}}]
     assert search.predicted_bytes(mixed, three) == 3000 - 3 * 411 + 2 * (4 * 50 + 11) + (2 * 25 + 2 * 100 + 11)
-    others = search.stages_for({0: Choice(4, 8), 1: Choice(4, 4, (3,), 8)}, three, "reap", other_bits=4)
+    others = search.stages_for({0: Choice(4, 8), 1: Choice(4, 4, (3,), 8)}, three, FitMethod(), other_bits=4)
     assert others[-1].given() == {"bits": 4, "scope": "all", "expert_bits": {0: 8, 1: {3: 8}}}
     assert choice.entry() == {"keep": 2, "bits": 4, "raised": "1 at 8 bits: 1"} and Choice(2, 4).entry() == {"keep": 2, "bits": 4}
 
@@ -160,7 +161,7 @@ def test_pruned_then_raised_experts_measure_as_written(tiny, tmp_path):
 
     sizes = checkpoint_sizes(tiny)
     allocation = {0: Choice(6, 4, (5,), 8), 1: Choice(8, 4), 2: Choice(8, 4)}
-    stages = search.stages_for(allocation, sizes, "reap")
+    stages = search.stages_for(allocation, sizes, FitMethod())
     assert [(s.kind, s.given()) for s in stages] == [("prune", {"method": "reap", "budget": "explicit", "keep": {0: 6, 1: 8, 2: 8}}),
                                                      ("quantize", {"bits": 4, "scope": "experts", "expert_bits": {0: {5: 8}}})]
     mc.compress(str(tiny), stages, calib=TINY_CALIB, out=tmp_path / "out", guard=False)

@@ -13,6 +13,7 @@ from moe_compress.engine.prepare import calibration_batches
 from moe_compress.engine.statistics import collect_statistics
 from moe_compress.fitting import search
 from moe_compress.fitting.accepted import FIT_METHODS
+from moe_compress.fitting.fit_method import FitMethod
 from moe_compress.fitting.proxies import ENERGY, NOVICE_SUMS, layer_proxies, novice_residual, proxy_statistics
 from moe_compress.methods import METHODS
 from moe_compress.source.checkpoint import Checkpoint
@@ -54,6 +55,22 @@ def test_an_unknown_method_is_refused_in_one_line_naming_the_accepted(tiny16):
     assert run.exit_code == 2 and "got 'nonesuch'" in run.output and "hc-smoe" in run.output
 
 
+def test_method_options_are_checked_by_the_methods_types_before_anything_is_read(tiny16):
+    from typer.testing import CliRunner
+
+    from moe_compress.cli import app
+
+    for options, named in (({"nope": 1}, "'nope'"), ({"clusters": "many"}, "'clusters'")):
+        with pytest.raises(MoECompressError) as refused:
+            mc.fit(str(tiny16), target_ratio=0.5, method="cprune", method_options=options, dry_run=True)
+        assert "\n" not in str(refused.value) and named in str(refused.value)
+    for pair in ("nope=1", "clusters=many", "clusters"):
+        run = CliRunner().invoke(app, ["fit", str(tiny16), "--target-ratio", "0.5", "--method", "cprune", "--option", pair, "--dry-run"])
+        assert run.exit_code == 2 and f"{pair.partition('=')[0]}" in run.output and len(run.output.strip().splitlines()) == 1, (pair, run.output)
+    shown = CliRunner().invoke(app, ["fit", str(tiny16), "--target-ratio", "0.5", "--method", "cprune", "--option", "clusters=4", "--dry-run"])
+    assert shown.exit_code == 0, shown.output
+
+
 def test_novice_residual_is_the_gated_error_of_the_mean_output():
     """N_e = sum over T_e of w^2 ||f - n||^2, n the mean of f over T_e, from the sums the observer keeps."""
     generator = torch.Generator().manual_seed(3)
@@ -84,21 +101,27 @@ def test_mone_bytes_keep_router_rows_and_add_a_vector_per_novice(tiny16):
         candidate_bytes(sizes.layers[i], k, 16, novices=True) for i, k in {0: 16, 1: 5, 2: 2}.items())
 
 
-@pytest.mark.parametrize("method", ["mone", "cprune", "hc-smoe", "ream"])
-def test_proxies_keep_what_the_plans_keep_and_stages_weigh_what_is_written(method, tiny16, tmp_path):
+@pytest.mark.parametrize(("method", "options"), [("mone", {}), ("cprune", {}), ("cprune", {"clusters": 4}), ("hc-smoe", {}), ("ream", {})])
+def test_proxies_keep_what_the_plans_keep_and_stages_weigh_what_is_written(method, options, tiny16, tmp_path):
     """The proxy's kept experts at each layer's count are the ones the candidate's own prune plan keeps, and a pruned
-    candidate's stages, written, weigh what the table predicted (the search asserts the table equals the stages' prediction)."""
+    candidate's stages, written, weigh what the table predicted (the search asserts the table equals the stages' prediction);
+    with the method's options, the proxies, the candidates' prune stages and so the written plan all use them."""
     sizes = checkpoint_sizes(tiny16)
     budget = sizes.fixed + sum(candidate_bytes(layer, layer.experts, 4) for layer in sizes.layers.values()) + sum(
         block[4] - block[16] for block in sizes.others.values()) - 1  # below every weight at 4 bits: experts must go
     model, tokenizer = load_model(tiny16)
     adapter = get_adapter(model)
     batches = calibration_batches(CALIB, tokenizer, model.config)
-    stats, _ = collect_statistics(model, batches, proxy_statistics(method, sizes.group_size), False)
-    proxies = layer_proxies(method, adapter, model.config, stats, sizes.group_size)
+    chosen = FitMethod(method, options)
+    stats, _ = collect_statistics(model, batches, proxy_statistics(chosen, sizes.group_size), False)
+    proxies = layer_proxies(chosen, adapter, model.config, stats, sizes.group_size)
     floors = {layer: sorted(p.kept) for layer, p in proxies.items()}
-    found = search.candidates(sizes, floors, proxies, budget, method, {bits: 0.0 for bits in (16, 8, 4)})
+    found = search.candidates(sizes, floors, proxies, budget, chosen, {bits: 0.0 for bits in (16, 8, 4)})
     pruned = next(c for c in found if c.stages[0].kind == "prune" and c.stages[0].budget == "explicit")
+    assert dict(pruned.stages[0].options) == options
+    if options:  # the options change which experts the proxies price: a test that would pass with them dropped proves nothing
+        plain = layer_proxies(FitMethod(method), adapter, model.config, stats, sizes.group_size)
+        assert any(plain[layer].kept != proxies[layer].kept for layer in proxies)
     result = mc.compress(str(tiny16), pruned.stages, calib=CALIB, out=tmp_path / "out", guard=False)
     plan = result.plans[0][1]
     keep = pruned.stages[0].keep

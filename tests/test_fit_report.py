@@ -7,7 +7,6 @@ import base64
 import html
 import json
 import re
-from pathlib import Path
 
 import pytest
 

@@ -14,6 +14,7 @@ from helpers import rounded, tensor_bytes
 from moe_compress import MoECompressError
 from moe_compress.arch.registry import get_adapter
 from moe_compress.fitting import api as fit_api, search
+from moe_compress.fitting.fit_method import FitMethod
 from moe_compress.fitting.solver import Option, solve
 from moe_compress.fitting.proxies import ENERGY, LayerProxy, layer_proxies, rounding_statistic
 from moe_compress.fitting.report import spearman
@@ -135,7 +136,7 @@ def test_layer_proxies_from_hand_made_statistics():
              ENERGY: torch.arange(1.0, 9.0, dtype=torch.float64),
              rounding_statistic(16): torch.stack([torch.full((8,), 0.01), torch.full((8,), 0.1)], dim=1).double()}
     stats = {i: layer for i in adapter.moe_layer_indices(model)}
-    proxies = layer_proxies("reap", adapter, model.config, stats, 16)
+    proxies = layer_proxies(FitMethod(), adapter, model.config, stats, 16)
     proxy = proxies[0]
     top_k = adapter.top_k(model.config)
     assert sorted(proxy.kept) == list(range(top_k, 9))
@@ -172,7 +173,7 @@ def test_the_optimum_is_measured_at_every_width_of_the_other_weights(monkeypatch
     (Whole-layer widths only: widths per expert are `test_per_expert_widths_*`'s.)"""
     monkeypatch.setattr(search, "PER_EXPERT_BITS", False)
     sizes, proxies, floors = _hand_sizes(), _hand_proxies(), {0: [4], 1: [4]}
-    found = search.solved(sizes, floors, proxies, 1300, "reap", {16: 0.0, 8: 0.005, 4: 0.05})
+    found = search.solved(sizes, floors, proxies, 1300, FitMethod(), {16: 0.0, 8: 0.005, 4: 0.05})
     summary = [(c.name, c.other_bits, {i: ch.bits for i, ch in c.allocation.items()}, c.bytes) for c in found]
     assert summary == [("fit", 8, {0: 8, 1: 8}, 1200), ("fit, other weights 4-bit", 4, {0: 16, 1: 8}, 1300),
                        ("fit, other weights 16-bit", 16, {0: 8, 1: 4}, 1300),
@@ -180,7 +181,7 @@ def test_the_optimum_is_measured_at_every_width_of_the_other_weights(monkeypatch
     assert [c.proxy for c in found] == pytest.approx([0.025, 0.06, 0.11, 0.115, 0.205])
     assert all(search.predicted_bytes(c.stages, sizes) == c.bytes for c in found)
     # with the single methods: every decoder weight at 8 bits is the optimum itself (an alias), 4-bit alone is measured beside it
-    named = {c.name: c.aliases for c in search.candidates(sizes, floors, proxies, 1300, "reap", {16: 0.0, 8: 0.005, 4: 0.05})}
+    named = {c.name: c.aliases for c in search.candidates(sizes, floors, proxies, 1300, FitMethod(), {16: 0.0, 8: 0.005, 4: 0.05})}
     assert named == {"fit": ["8-bit alone, every decoder weight"], "fit, other weights 4-bit": [], "fit, other weights 16-bit": [],
                      "fit (front 1)": [], "fit (front 2)": [], "4-bit alone": []}
 
@@ -337,7 +338,7 @@ def test_layer_drop_is_a_choice_with_its_exact_bytes(tiny):
     rows = search.table(sizes, choices, None)
     assert [row[-1].bytes for row in rows] == [0, 0, 0]
     allocation = {0: search.Choice(2, 4), 1: search.DROPPED, 2: search.Choice(8, 16)}
-    stages = search.stages_for(allocation, sizes, "reap")
+    stages = search.stages_for(allocation, sizes, FitMethod())
     assert [(s.kind, s.given()) for s in stages] == [("prune", {"method": "reap", "budget": "explicit", "keep": {0: 2, 1: 8, 2: 8}}),
                                                      ("drop", {"layers": [1]}), ("quantize", {"bits": 4, "scope": "experts", "expert_bits": {2: 16}})]
     assert search.predicted_bytes(stages, sizes) == sizes.fixed + candidate_bytes(sizes.layers[0], 2, 4) + candidate_bytes(

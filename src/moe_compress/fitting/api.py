@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..data.batches import CalibrationSpec
 from ..engine.prepare import Calibration, calibration_batches
@@ -31,7 +31,8 @@ from ..source.open import Streaming, should_stream
 from ..text.format import human_bytes
 from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
 from .memory import kv_cache_bytes, parse_bytes
-from .search import Candidate, droppable, smallest, substitutes
+from .fit_method import FitMethod
+from .search import Candidate, droppable, smallest
 from .steps import search
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def _budget(model: str | Path, sizes: CheckpointSizes, memory: str | int | None,
 
 
 def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None, batch=1, min_keep=0, trust_remote_code=False,
-                method: str = "reap") -> FitResult:
+                method: FitMethod | None = None) -> FitResult:
     """Steps 1 of the module docstring: the sizes and the budget, refusing an unreachable one (for `method`: MoNE's novices
     weigh something). Nothing is calibrated."""
     if not isinstance(model, str | Path):
@@ -98,7 +99,7 @@ def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None,
     sizes = checkpoint_sizes(model, trust_remote_code=trust_remote_code, structure=structure)
     budget, kv = _budget(model, sizes, memory, target_ratio, context, batch, trust_remote_code)
     floors = _floors(structure, min_keep)
-    result = FitResult(sizes.total, budget, kv, smallest(sizes, floors, substitutes(method)), floors, sizes)
+    result = FitResult(sizes.total, budget, kv, smallest(sizes, floors, (method or FitMethod()).substitutes), floors, sizes)
     cache = f" after the KV cache of {human_bytes(kv)} at context {context} x batch {batch}" if context is not None else ""
     if result.weight_budget < result.smallest_bytes:
         fewest = min(min(counts) for counts in floors.values())
@@ -126,6 +127,7 @@ def fit(
     dry_run: bool = False,
     sweep: bool = False,
     method: str = "reap",
+    method_options: dict[str, Any] | None = None,
     min_keep: int = 0,
     windows: int = 32,
     seq_len: int = 256,
@@ -139,19 +141,20 @@ def fit(
 ) -> FitResult:
     """The compression of `model` (a local checkpoint or bundled name) of least held-out KL whose saved
     weights (plus the KV cache at `context` x `batch`, when given) fit `memory` ("20GB", "512MiB", bytes)
-    or `target_ratio` of the original; written to `out` when given. `dry_run`: the budget and the
+    or `target_ratio` of the original; written to `out` when given. `method` chooses which experts each
+    kept count keeps (`accepted.FIT_METHODS`), with `method_options` as `Prune` takes them (C-Prune's
+    `clusters`, ...): the proxies, the candidates and the single-method baseline all use them. `dry_run`: the budget and the
     search space only, nothing calibrated. `sweep`: also the predicted quality-vs-size curve
     (`result.front`). `windows` per bundled domain of `seq_len` tokens are the held-out text the
     candidates are measured on; `say` receives progress lines (candidates measured, best so far) and
     `show` the swept curve, before anything is measured. `streaming` as every command takes it (`source.open`):
     a model that does not fit in memory is read one decoder layer at a time (`fitting.streamed`)."""
     from ..sink.save import check_output_dir
-    from .proxies import check_method
 
     say, show = say or (lambda line: None), show or (lambda line: None)
-    check_method(method)
+    chosen = FitMethod(method, dict(method_options or {}))
     start = time.perf_counter()
-    result = plan_budget(model, memory, target_ratio, context, batch, min_keep, trust_remote_code, method)
+    result = plan_budget(model, memory, target_ratio, context, batch, min_keep, trust_remote_code, chosen)
     result.seconds["sizes"] = _since(start)
     if out is not None:
         check_output_dir(out, overwrite, [model])
@@ -164,7 +167,7 @@ def fit(
     if should_stream(model, streaming, device):
         from .streamed import fit_streamed
 
-        return fit_streamed(result, model, calib, out, overwrite, method, min_keep, windows, seq_len, sweep, device, cache_dir,
+        return fit_streamed(result, model, calib, out, overwrite, chosen, min_keep, windows, seq_len, sweep, device, cache_dir,
                             trust_remote_code, say, show)
     from ..source.load import load_model
 
@@ -179,7 +182,7 @@ def fit(
             result.output_dir = write_unchanged(loaded, tokenizer, Path(out), overwrite, result)
         return result
     batches = calibration_batches(calib, tokenizer, loaded.config)
-    _search_and_measure(result, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
+    _search_and_measure(result, loaded, tokenizer, batches, chosen, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
                         Path(out) if out is not None else None)
     if out is not None:
         from .write import write_best
@@ -203,7 +206,7 @@ def _holdable(model, device: str) -> int:
     return int(available_bytes(device) // 2 // max(size, 1))
 
 
-def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
+def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method: FitMethod, min_keep, windows, seq_len, sweep, device, cache_dir, say, show,
                         out: Path | None) -> None:
     """Steps 2 and 3 of the module docstring, up to the best candidate measured (`result.best`)."""
     import tempfile

@@ -36,6 +36,8 @@ class FitSettings:
     batch: int = described(1, f"Sequences held at {param('context')} (KV cache x batch).")
     method: str = described("reap", f"The method that chooses which experts each layer's kept count keeps: one of {', '.join(FIT_METHODS)} "
                             "(pruning; mone replaces removed experts by their mean output; hc-smoe, m-smoe, ream merge them).")
+    option: list[str] | None = described(None, "A method option as KEY=VALUE, repeatable, read as the option's type (e.g. --method cprune "
+                                         "--option clusters=4), as prune takes it; `moe-compress methods NAME` lists a method's options.")
     sweep: bool = described(False, "Print the predicted quality-vs-size curve (from the statistics alone) before measuring.")
     eval_windows: int = described(32, "Held-out windows per bundled domain the candidates are measured on (each domain's test split).")
     eval_seq_len: int = described(256, "Tokens per held-out window.")
@@ -86,6 +88,7 @@ def fit_command(model: str, settings: FitSettings = FitSettings(), calibration: 
                 load: LoadSettings = LoadSettings(), overwrite: bool = False, dry_run: bool = False) -> int:
     """Run `fit` as the command does, printing as it goes; returns the exit status (0). Every input is checked first:
     the device and checksums (`load`), then the calibration text's settings, then the rest."""
+    from ..methods.options import read_options
     from .api import fit
 
     load.check(model)
@@ -93,12 +96,13 @@ def fit_command(model: str, settings: FitSettings = FitSettings(), calibration: 
     if settings.out is None and not dry_run:
         raise MoECompressError(f"fit writes the model it chooses: give {param('out')} DIR (or {param('dry_run')} to see the search space only).")
     budget = (model, settings.memory, settings.target_ratio, settings.context, settings.batch, calib, settings.out)
-    result = fit(*budget, dry_run=True, method=settings.method, overwrite=overwrite, trust_remote_code=load.trust_remote_code)
+    chosen = {"method": settings.method, "method_options": read_options(settings.method, {}, settings.option or [])}
+    result = fit(*budget, dry_run=True, **chosen, overwrite=overwrite, trust_remote_code=load.trust_remote_code)
     for line in _space(result):
         _print(line)
     if dry_run:
         return 0
-    result = fit(*budget, sweep=settings.sweep, method=settings.method, windows=settings.eval_windows, seq_len=settings.eval_seq_len,
+    result = fit(*budget, sweep=settings.sweep, **chosen, windows=settings.eval_windows, seq_len=settings.eval_seq_len,
                  overwrite=overwrite, device=load.device, trust_remote_code=load.trust_remote_code, streaming=streaming,
                  say=lambda line: print(line, file=sys.stderr, flush=True), show=_print)
     report = (Path(result.output_dir) / "fit_report.md") if result.output_dir else None

@@ -47,13 +47,12 @@ from dataclasses import dataclass
 import torch
 
 from ..arch.adapter import MoEAdapter
-from ..errors import MoECompressError
-from ..methods import PlanRequest, get_method
+from ..methods import PlanRequest
 from ..methods.expert_pruning import routing_limits
 from ..stages.prune import removed_share
 from ..walk.moments import output_moments, split_moments
 from ..walk.rounding import ROUNDED_BITS
-from .accepted import FIT_METHODS
+from .fit_method import FitMethod
 
 ENERGY = "gated_output_energy"
 #: What a substituting method's removal costs besides (`novice_residual`).
@@ -64,32 +63,23 @@ def rounding_statistic(group: int) -> str:
     return f"rtn_output_error@{group}"
 
 
-def proxy_statistics(method: str, group: int) -> tuple[str, ...]:
+def proxy_statistics(method: FitMethod, group: int) -> tuple[str, ...]:
     """What one calibration pass must collect for the proxies of `method` at the quantizer's `group`: the energies and
     rounding errors, the novices' sums for a substituting method, and every statistic the method's plans read."""
-    check_method(method)
-    chosen = get_method(method)
-    return tuple(dict.fromkeys((ENERGY, rounding_statistic(group), *((NOVICE_SUMS,) if chosen.substitutes else ()), *chosen.needs({}))))
+    return tuple(dict.fromkeys((ENERGY, rounding_statistic(group), *((NOVICE_SUMS,) if method.substitutes else ()), *method.needs())))
 
 
-def check_method(method: str) -> None:
-    """fit allocates with a method that plans to kept counts given per layer, which the proxies price (`accepted`)."""
-    if method not in FIT_METHODS:
-        raise MoECompressError(f"fit allocates with one of {', '.join(FIT_METHODS)} (the methods that take per-layer kept counts); got {method!r}.")
-
-
-def planned_kept(method: str, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]], counts: dict[int, list[int]],
+def planned_kept(method: FitMethod, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]], counts: dict[int, list[int]],
                  min_keep: int = 0) -> dict[int, dict[int, list[int]]]:
     """Per MoE layer, per allowed kept count, the experts the method's own explicit plan keeps (ascending ids): one plan
     per count, every layer at it (or unchanged where it is not allowed), as `Prune(method, budget="explicit")` makes it.
     Neuron alignment (merging's `align`) changes how members are averaged, not who stays, so it is left out here."""
-    chosen = get_method(method)
-    options = {"align": "none"} if "align" in chosen.options else {}
+    overrides = {"align": "none"} if "align" in method.chosen.options else {}
     experts = {layer: s[ENERGY].numel() for layer, s in stats.items()}
     kept: dict[int, dict[int, list[int]]] = {layer: {} for layer in counts}
     for k in sorted({k for allowed in counts.values() for k in allowed}):
         keep = {layer: k if k in counts[layer] else experts[layer] for layer in counts}
-        plan = chosen.make_plan(PlanRequest(adapter, config, stats, removed_share(keep, experts), "explicit", min_keep, keep=keep), options)
+        plan = method.plan(PlanRequest(adapter, config, stats, removed_share(keep, experts), "explicit", min_keep, keep=keep), **overrides)
         for entry in plan.layers:
             if k in counts[entry.layer]:
                 kept[entry.layer][k] = sorted(entry.keep)
@@ -151,7 +141,7 @@ class LayerProxy:
 
 
 def layer_proxies(
-    method: str, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]], group: int, min_keep: int = 0
+    method: FitMethod, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]], group: int, min_keep: int = 0
 ) -> dict[int, LayerProxy]:
     """Per MoE layer, its `LayerProxy`: every kept count its router allows (a multiple of the routing
     groups, from max(top_k, min_keep) to E) with the experts the method keeps at that count (`planned_kept`)."""
@@ -159,7 +149,7 @@ def layer_proxies(
     floor = max(limits.min_units(), -(-min_keep // limits.groups)) * limits.groups
     counts = {layer: list(range(floor, s[ENERGY].numel() + 1, limits.groups)) for layer, s in sorted(stats.items())}
     kept = planned_kept(method, adapter, config, stats, counts, min_keep)
-    substitutes = get_method(method).substitutes
+    substitutes = method.substitutes
     proxies = {}
     for layer, s in sorted(stats.items()):
         errors = s[rounding_statistic(group)]

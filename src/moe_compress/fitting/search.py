@@ -35,13 +35,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..methods import get_method
 from ..stages.base import Stage
 from ..stages.drop import Drop
 from ..stages.footprint import Footprint
-from ..stages.prune import Prune
 from ..stages.quantize import Quantize
 from ..stages.sizes import BITS, CheckpointSizes, LayerSizes, candidate_bytes
+from .fit_method import FitMethod
 from .proxies import LayerProxy
 from .solver import Allocation, Option, front, smallest_bytes, solve
 
@@ -153,11 +152,6 @@ def choice_bytes(layer: LayerSizes, choice: Choice, novices: bool = False) -> in
     return candidate_bytes(layer, choice.keep, widths, novices)
 
 
-def substitutes(method: str) -> bool:
-    """Whether `method`'s removed experts stay as novices, which weigh something (`Method.substitutes`)."""
-    return get_method(method).substitutes
-
-
 def _costs(proxy: LayerProxy, choices: list[Choice]) -> list[float]:
     """Each choice's proxy cost: its (kept count, width)'s, computed once per pair, plus what its raised experts change."""
     whole: dict[tuple[int, int], float] = {}
@@ -215,7 +209,7 @@ def smallest(sizes: CheckpointSizes, floors: dict[int, list[int]], novices: bool
     return reachable(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None, novices), fixed_bytes(sizes, min(other_widths(sizes))))
 
 
-def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: str, other_bits: int = 16) -> list[Stage]:
+def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: FitMethod, other_bits: int = 16) -> list[Stage]:
     """The stages that make `allocation`: an explicit prune where a layer removes experts (on the original, whose
     statistics the proxies read: a dropped layer keeps every expert there), a drop of the dropped layers' MoE,
     a quantize where bits drop (scope "all" at `other_bits` when the other decoder weights are lowered, every
@@ -224,7 +218,7 @@ def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: st
     stages: list[Stage] = []
     left = {i: c for i, c in allocation.items() if not c.dropped}
     if any(c.keep < sizes.layers[i].experts for i, c in left.items()):
-        stages.append(Prune(method, budget="explicit", keep={i: sizes.layers[i].experts if c.dropped else c.keep for i, c in allocation.items()}))
+        stages.append(method.prune(budget="explicit", keep={i: sizes.layers[i].experts if c.dropped else c.keep for i, c in allocation.items()}))
     if len(left) < len(allocation):
         stages.append(Drop(layers=sorted(set(allocation) - set(left))))
     allocation = left
@@ -258,7 +252,7 @@ def predicted_bytes(stages: list[Stage], sizes: CheckpointSizes) -> int:
     return footprint.bytes
 
 
-def _candidate(name: str, picked: Allocation, choices: dict[int, list[Choice]], sizes: CheckpointSizes, method: str, other_bits: int,
+def _candidate(name: str, picked: Allocation, choices: dict[int, list[Choice]], sizes: CheckpointSizes, method: FitMethod, other_bits: int,
                other_cost: float) -> Candidate:
     allocation = {layer: choices[layer][j] for layer, j in zip(choices, picked.choices)}
     stages = stages_for(allocation, sizes, method, other_bits)
@@ -266,7 +260,7 @@ def _candidate(name: str, picked: Allocation, choices: dict[int, list[Choice]], 
     return Candidate(name, allocation, picked.bytes, picked.cost + other_cost, stages, other_bits=other_bits)
 
 
-def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
+def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: FitMethod,
            others: dict[int, float]) -> list[Candidate]:
     """The solver's optimum per width table (one table over every width with `PER_LAYER_BITS`) at every width of the
     other weights (`others`: width -> proxy cost) that reaches the budget, the least total proxy first, and
@@ -280,7 +274,7 @@ def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[i
     found: list[tuple[list[Candidate], list[list[Option]], dict[int, list[Choice]]]] = []
     for widths in tables:
         choices = layer_choices(sizes, floors, widths, proxies)
-        rows = table(sizes, choices, proxies, substitutes(method))
+        rows = table(sizes, choices, proxies, method.substitutes)
         name = "fit" if PER_LAYER_BITS else f"fit, {widths[0]}-bit"
         options = sorted((_candidate(name, optimum(rows, budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
                           for bits in other_widths(sizes) if reachable(rows, fixed_bytes(sizes, bits)) <= budget), key=lambda c: c.proxy)
@@ -298,7 +292,7 @@ def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[i
     return [candidate for options, _, _ in found for candidate in options] + extra
 
 
-def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
+def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: FitMethod,
                    others: dict[int, float]) -> list[Candidate]:
     """The method alone at the smallest layer ratio that fits (one kept count for every layer), and each width alone
     (the routed experts, or where that does not fit every decoder weight), where they fit."""
@@ -307,11 +301,11 @@ def single_methods(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies
     counts = set.intersection(*(set(f) for f in floors.values())) if len(experts) == 1 else set()
     for keep in sorted(counts, reverse=True):
         allocation = {layer: Choice(keep, 16) for layer in sizes.layers}
-        size = sizes.fixed + sum(candidate_bytes(sizes.layers[i], c.keep, c.bits, substitutes(method)) for i, c in allocation.items())
+        size = sizes.fixed + sum(candidate_bytes(sizes.layers[i], c.keep, c.bits, method.substitutes) for i, c in allocation.items())
         (total,) = experts
         if size <= budget and keep < total:
             ratio = 1 - keep / total
-            stages: list[Stage] = [Prune(method, ratio=ratio)]
+            stages: list[Stage] = [method.prune(ratio=ratio)]
             assert predicted_bytes(stages, sizes) == size
             found.append(Candidate(f"{method} alone, ratio {ratio:.3g}", allocation, size, _proxy(proxies, allocation), stages))
             break
@@ -330,7 +324,7 @@ def _proxy(proxies: dict[int, LayerProxy], allocation: dict[int, Choice]) -> flo
     return sum(proxies[layer].cost(c.keep, c.bits) for layer, c in allocation.items())
 
 
-def candidates(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: str,
+def candidates(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[int, LayerProxy], budget: int, method: FitMethod,
                others: dict[int, float]) -> list[Candidate]:
     """What to measure, in order (see the module docstring); equal allocations are measured once, under their first name.
     `others`: the other decoder weights' proxy cost per width (`proxies.other_costs`; {16: 0.0} where they stay)."""

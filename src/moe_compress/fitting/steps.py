@@ -8,18 +8,19 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .api import FitResult
+    from .fit_method import FitMethod
 
 
-def search(result: FitResult, adapter, config, stats, method: str, min_keep: int, sweep: bool, show: Callable[[str], None], others: dict[int, float]) -> None:
+def search(result: FitResult, adapter, config, stats, method: FitMethod, min_keep: int, sweep: bool, show: Callable[[str], None], others: dict[int, float]) -> None:
     """From the calibration statistics to `result.candidates` (and the swept curve, shown); in memory or streamed alike."""
     from .proxies import layer_proxies
     from .report import front_lines
-    from .search import candidates, substitutes, sweep as front_of
+    from .search import candidates, sweep as front_of
 
     sizes = result.sizes
     proxies = layer_proxies(method, adapter, config, stats, sizes.group_size, min_keep)
     if sweep:
-        result.front = {bits: [(point.bytes, point.cost) for point in points] for bits, points in front_of(sizes, result.floors, proxies, substitutes(method)).items()}
+        result.front = {bits: [(point.bytes, point.cost) for point in points] for bits, points in front_of(sizes, result.floors, proxies, method.substitutes).items()}
         for line in front_lines(result.front):
             show(line)
     result.candidates = candidates(sizes, result.floors, proxies, result.weight_budget, method, others)

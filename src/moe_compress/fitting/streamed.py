@@ -30,6 +30,7 @@ from .steps import search
 
 if TYPE_CHECKING:
     from .api import FitResult
+    from .fit_method import FitMethod
     from .search import Candidate
 
 
@@ -49,14 +50,13 @@ def streamed_other_costs(weights: StreamedWeights, adapter: MoEAdapter, group: i
     return summed_costs([costs[name] for name in names])
 
 
-def fit_streamed(result: FitResult, model: str | Path, calib, out: str | Path | None, overwrite: bool, method: str, min_keep: int,
+def fit_streamed(result: FitResult, model: str | Path, calib, out: str | Path | None, overwrite: bool, method: FitMethod, min_keep: int,
                  windows: int, seq_len: int, sweep: bool, device: str, cache_dir, trust_remote_code: bool,
                  say: Callable[[str], None], show: Callable[[str], None]) -> FitResult:
     """Steps 2 and 3 of `fitting.api`'s docstring on the checkpoint `model`, streamed (see the module docstring)."""
     from ..arch.registry import get_adapter
     from ..engine.prepare import calibration_batches
     from ..engine.statistics import collect_statistics
-    from ..methods import get_method
     from ..source.load import load_streamed
     from .measure import held_out_windows
     from .race import slice_bounds
@@ -77,7 +77,7 @@ def fit_streamed(result: FitResult, model: str | Path, calib, out: str | Path | 
     start = time.perf_counter()
     batches = calibration_batches(calib, tokenizer, skeleton.config)
     # one pass for the proxies and for every statistic the method's plans read (its guard's too): the candidates' plans come from it
-    names = (*proxy_statistics(method, group), *get_method(method).needs({}))
+    names = proxy_statistics(method, group)
     stats, _ = collect_statistics(skeleton, batches, names, cache_dir, device, weights)
     others = streamed_other_costs(weights, adapter, group, device) if result.sizes.others else {16: 0.0}
     search(result, adapter, skeleton.config, stats, method, min_keep, sweep, show, others)
