@@ -42,7 +42,8 @@ def _without_run(value):
     return value
 
 
-def _fit_both(source: Path, tmp_path: Path, share: float, monkeypatch, method: str = "reap", calib: mc.CalibrationSpec = TINY_CALIB) -> dict:
+def _fit_both(source: Path, tmp_path: Path, share: float, monkeypatch, method: str = "reap", calib: mc.CalibrationSpec = TINY_CALIB,
+              options: dict | None = None) -> dict:
     """In memory and streamed; the in-memory race never stops a candidate (`RACE_Z` infinite), as the streamed walk,
     which measures every candidate on every window in one read of the layers, does not race."""
     budget = int(checkpoint_sizes(source).total * share)
@@ -53,19 +54,21 @@ def _fit_both(source: Path, tmp_path: Path, share: float, monkeypatch, method: s
             if streaming:
                 patch.setattr("moe_compress.source.load.load_model", _never)
             results[streaming] = mc.fit(str(source), memory=budget, calib=calib, out=tmp_path / str(streaming), windows=2, seq_len=32,
-                                        streaming=streaming, cache_dir=False, method=method)
+                                        streaming=streaming, cache_dir=False, method=method, method_options=options)
     return results
 
 
-@pytest.mark.parametrize("family, share, kinds, method", [("mixtral", 0.4, ["prune", "quantize"], "reap"), ("deepseek_v3", 0.72, ["quantize"], "reap"),
-                                                          ("mixtral", 0.7, ["quantize"], "reap"), ("mixtral", 0.355, ["prune", "drop", "quantize"], "reap"),
-                                                          ("mixtral", 0.4, ["prune", "drop", "quantize"], "mone")])
-def test_streamed_fit_chooses_measures_and_writes_as_in_memory(family, share, kinds, method, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, share, kinds, method, options", [
+    ("mixtral", 0.4, ["prune", "quantize"], "reap", None), ("deepseek_v3", 0.72, ["quantize"], "reap", None),
+    ("mixtral", 0.7, ["quantize"], "reap", None), ("mixtral", 0.355, ["prune", "drop", "quantize"], "reap", None),
+    ("mixtral", 0.4, ["prune", "drop", "quantize"], "mone", None), ("mixtral", 0.4, ["prune", "quantize"], "reap", {"renormalize": False})])
+def test_streamed_fit_chooses_measures_and_writes_as_in_memory(family, share, kinds, method, options, tmp_path, monkeypatch):
     """Same candidates, same KL / top-1 / perplexities (to 1e-6), same choice, and the same bytes for every tensor,
     config, tokenizer, card, provenance and fit report; the plans alike but for the fingerprint, the run records but
     for times and the streamed flag. MoNE (calibrated on two batches: its running variance needs them) writes novices."""
     source = save_tiny_checkpoint(tmp_path / "source", family)
-    results = _fit_both(source, tmp_path, share, monkeypatch, method, TINY_CALIB if method == "reap" else mc.CalibrationSpec(samples=4, seq_len=32, batch_size=2))
+    results = _fit_both(source, tmp_path, share, monkeypatch, method, TINY_CALIB if method == "reap" else mc.CalibrationSpec(samples=4, seq_len=32, batch_size=2),
+                        options)
     memory, streamed = results[False], results[True]
     assert [c.name for c in streamed.candidates] == [c.name for c in memory.candidates] and len(memory.candidates) >= 2
     for mine, theirs in zip(streamed.candidates, memory.candidates):
@@ -86,6 +89,9 @@ def test_streamed_fit_chooses_measures_and_writes_as_in_memory(family, share, ki
     if method == "mone":
         assert any(entry["action"] == "novices" and len(entry["keep"]) < entry["num_experts"]
                    for entry in json.loads((b / "plans" / "01-prune.json").read_text())["layers"])
+    if options:  # the method's options reach the prune stage both paths wrote with, and its plan
+        assert dict(streamed.best.stages[0].options) == options == dict(memory.best.stages[0].options)
+        assert '"renormalize": false' in (b / "plans" / "01-prune.json").read_text()
 
 
 def test_streamed_other_costs_are_the_in_memory_sums(tmp_path):
