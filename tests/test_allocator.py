@@ -1,0 +1,32 @@
+"""`source.allocator`: inside `activation_heap` a freed activation-sized block stays in the heap for the next batch."""
+
+import resource
+
+import pytest
+import torch
+
+from moe_compress.source.allocator import activation_heap, pin_mmap_threshold
+
+_MIB = 1 << 20
+
+
+def _faults_filling(mib: int) -> int:
+    """Minor page faults of this thread while a fresh tensor of `mib` MiB is allocated, filled and freed."""
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    torch.empty(mib * _MIB // 4).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+@pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="per-thread page faults are Linux's")
+def test_a_freed_block_is_reused_inside_the_heap_and_given_back_outside():
+    """40 MiB: over glibc's largest dynamic mmap threshold (32 MiB), under the heap's 64 MiB. The second block is
+    smaller so that it fits the first one's place whatever posix_memalign cut off around it."""
+    if not pin_mmap_threshold():
+        pytest.skip("not glibc: the thresholds cannot be set")
+    with activation_heap():
+        _faults_filling(40)
+        reused = _faults_filling(36)  # the first block's pages, still resident in the heap
+    _faults_filling(40)
+    fresh = _faults_filling(36)  # pinned: a mapping of its own, unmapped when freed, faulted in anew
+    assert reused < 64  # a few pages of bookkeeping at most, against 9216 for the block
+    assert fresh >= 36 * _MIB // 4096 // 2  # at least one fault per two pages (the kernel may fault in 8 KiB folios)
