@@ -36,8 +36,8 @@ class FitSettings:
     batch: int = described(1, f"Sequences held at {param('context')} (KV cache x batch).")
     method: str = described("reap", f"The method that chooses which experts each layer's kept count keeps: one of {', '.join(FIT_METHODS)} "
                             "(pruning; mone replaces removed experts by their mean output; hc-smoe, m-smoe, ream merge them).")
-    option: list[str] | None = described(None, "A method option as KEY=VALUE, repeatable, read as the option's type (e.g. --method cprune "
-                                         "--option clusters=4), as prune takes it; `moe-compress methods NAME` lists a method's options.")
+    option: list[str] | None = described(None, f"A method option as KEY=VALUE, repeatable, read as the option's type (e.g. {param('method')} "
+                                         f"cprune {param('option')} clusters=4), as prune takes it; `moe-compress methods NAME` lists a method's options.")
     sweep: bool = described(False, "Print the predicted quality-vs-size curve (from the statistics alone) before measuring.")
     eval_windows: int = described(32, "Held-out windows per bundled domain the candidates are measured on (each domain's test split).")
     eval_seq_len: int = described(256, "Tokens per held-out window.")
