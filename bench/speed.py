@@ -24,8 +24,10 @@ medians of per-round ratios.
     windows (`model(input_ids)`, batches of 8 -- eval's default -- and of 32), timed alone and as a
     whole process (start-up, load, tokenising the windows, forward), and eval's measurement alone
     (`perplexity()` per domain) in the same scope as the forward. Target: eval <= 1.5 x forward.
-    The "profile" and "what is left" sections of speed.md are lines kept in speed.json (written by
-    hand from the profiles; a new run keeps them).
+    With --baseline, the same command run from that tree's src/ too, in the same rounds (`eval_before`).
+    An earlier record of part (b) kept by hand under `b_previous` (with its `code`) is shown as a line.
+    The "profile" and "what is left" sections of speed.md, where (b)'s time goes (`b_profile`) and the fit demo's
+    timing (`c_fit_demo`) are lines kept in speed.json (written by hand from the profiles; a new run keeps them).
 (c) The demo (scripts/demo.sh minus set-up): `prune ref-mixtral --method reap --ratio 0.25 ...
     --eval bundled`, CPU and wall seconds. Target: <= 2 minutes.
 
@@ -145,9 +147,9 @@ def child(kind: str, source: str, threads: int, code: Path = REPO) -> dict:
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[6:])
 
 
-def command(arguments: list[str], threads: int) -> dict:
-    """CPU (user + sys of the child) and wall seconds of one `moe-compress` command."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
+def command(arguments: list[str], threads: int, code: Path = REPO) -> dict:
+    """CPU (user + sys of the child) and wall seconds of one `moe-compress` command, with the package of `code`."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code / "src")}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "moe_compress.cli", *arguments, "--threads", str(threads)],
@@ -200,16 +202,22 @@ def part_a(workdir: Path, layers: int, rounds: int, threads: int, baseline: Path
     }
 
 
-def part_b(rounds: int, threads: int) -> dict:
+def part_b(rounds: int, threads: int, baseline: Path | None) -> dict:
+    def evaluation(code: Path) -> tuple[dict, list[str]]:
+        run = command(["eval", "ref-mixtral", "--ppl", "bundled"], threads, code)
+        return run, [line.split("│")[2].strip() for line in run.pop("stdout").splitlines() if "ppl " in line]
+
     runs = []
     for _ in range(rounds):
-        eval_run = command(["eval", "ref-mixtral", "--ppl", "bundled"], threads)
-        perplexities = [line.split("│")[2].strip() for line in eval_run.pop("stdout").splitlines() if "ppl " in line]
-        runs.append({"eval": eval_run, "perplexities": perplexities,
+        eval_run, perplexities = evaluation(REPO)
+        before = dict(zip(("eval_before", "perplexities_before"), evaluation(baseline))) if baseline else {}
+        runs.append({"eval": eval_run, "perplexities": perplexities, **before,
                      **{kind: child(kind, "ref-mixtral", threads) for kind in ("forward8", "perplexity8", "forward32")}})
         print(json.dumps(runs[-1]), flush=True)
+    compared = {"baseline": str(baseline), "eval_before_over_forward8": median_ratio(runs, "eval_before", lambda r: r["forward8"]["cpu_s"]),
+                "eval_over_eval_before": median_ratio(runs, "eval", lambda r: r["eval_before"]["cpu_s"])} if baseline else {}
     return {
-        "rounds": runs,
+        **compared, "rounds": runs,
         "eval_over_forward8": median_ratio(runs, "eval", lambda r: r["forward8"]["cpu_s"]),
         "eval_over_forward32": median_ratio(runs, "eval", lambda r: r["forward32"]["cpu_s"]),
         "eval_over_forward8_process": median_ratio(runs, "eval", lambda r: r["forward8"]["process_cpu_s"]),
@@ -284,17 +292,27 @@ def markdown(report: dict) -> str:
                   f"* eval command / forward (batches of 32): {b['eval_over_forward32']}",
                   f"* eval command / forward process of the same scope (start-up + load + windows + forward): {b['eval_over_forward8_process']}",
                   f"* eval's measurement alone / forward (batches of 8): **{b['perplexity_over_forward8']}**", ""]
-    if "b_before" in report:
-        b = report["b_before"]
-        runs = b["rounds"]
-        lines += [f"Before this branch's evaluation changes ({b['code']}), same command and forwards, interleaved the same way: "
-                  f"eval CPU s {cells(runs, 'eval')} (system {cells(runs, 'eval', 'sys_s')}), forward (batches of 8) {cells(runs, 'forward8')}; "
-                  f"eval / forward **{b['eval_over_forward8']}**; perplexities {', '.join(runs[0]['perplexities'])}.", ""]
+        if b.get("baseline"):
+            lines[-1:-1] = [f"* baseline ({b['baseline']}), same rounds: eval, whole command, CPU s {cells(runs, 'eval_before')} "
+                            f"(system {cells(runs, 'eval_before', 'sys_s')}); eval / forward (batches of 8) **{b['eval_before_over_forward8']}**; "
+                            f"perplexities {', '.join(runs[0]['perplexities_before'])}",
+                            f"* eval / the baseline's eval: {b['eval_over_eval_before']}"]
+    if report.get("b_profile"):
+        lines += [*report["b_profile"], ""]
+    for key, label in (("b_previous", "Previous record of this part"), ("b_before", "Before an earlier branch's evaluation changes")):
+        if key in report:
+            b = report[key]
+            runs = b["rounds"]
+            lines += [f"{label} ({b['code']}), same command and forwards: "
+                      f"eval CPU s {cells(runs, 'eval')} (system {cells(runs, 'eval', 'sys_s')}), forward (batches of 8) {cells(runs, 'forward8')}; "
+                      f"eval / forward **{b['eval_over_forward8']}**; perplexities {', '.join(runs[0]['perplexities'])}.", ""]
     if "c" in report:
         c = report["c"]
         lines += ["## (c) The demo minus set-up: `moe-compress " + " ".join(DEMO) + " --out ...`", "",
                   f"CPU s per round: {cells(c['rounds'], 'cpu_s', None)}; wall s: {cells(c['rounds'], 'wall_s', None)}. Median CPU **{c['median_cpu_s']} s**, "
                   f"median wall {c['median_wall_s']} s on the loaded machine (target <= 120 s).", ""]
+    if report.get("c_fit_demo"):
+        lines += [*report["c_fit_demo"], ""]
     for section in ("profile", "what is left"):
         if report.get(section):
             lines += [f"## {section[0].upper()}{section[1:]}", "", *report[section], ""]
@@ -308,7 +326,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/work/scratch-speed"))
-    parser.add_argument("--baseline", type=Path, help="a copy of an earlier tree (with src/): part (a) also measures its walks, interleaved")
+    parser.add_argument("--baseline", type=Path, help="a copy of an earlier tree (with src/): part (a) also measures its walks, part (b) its eval, interleaved")
     parser.add_argument("--cold", action="store_true", help="part (a) also times the plain walk with the checkpoint evicted from the page cache (wall)")
     args = parser.parse_args()
     out = RESULTS / "speed.json"
@@ -328,7 +346,7 @@ def main() -> None:
             (RESULTS / "speed.md").write_text(markdown(merged))
 
     if "b" in parts:
-        report["b"] = part_b(args.rounds, args.threads)
+        report["b"] = part_b(args.rounds, args.threads, args.baseline)
         save()
     if "c" in parts:
         report["c"] = part_c(args.workdir, args.rounds, args.threads)
