@@ -1,4 +1,4 @@
-"""`cli.libraries.import_model_libraries`: torch and transformers' modelling code load with no collection of the
+"""`libraries.import_model_libraries`: torch and transformers' modelling code load with no collection of the
 cyclic garbage collector meanwhile, what they made is frozen, and the collector is left as it was; where they are
 imported already, nothing happens."""
 
@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from moe_compress.cli.libraries import import_model_libraries
+from moe_compress.libraries import import_model_libraries
 
 PROBE = """
 import gc, sys
-from moe_compress.cli.libraries import import_model_libraries
+from moe_compress.libraries import import_model_libraries
 assert "torch" not in sys.modules
 {before}
 collections = []

@@ -97,8 +97,10 @@ def build_stage(kind: str, options: dict[str, Any], planned: bool = False) -> St
     """The stage of `kind` from the options a command was given (those that differ from the defaults, so its
     `describe()` leaves the defaults unsaid), each value checked first; `planned`: a saved plan decides."""
     from .errors import require_positive
+    from .libraries import import_model_libraries
     from .stages.registry import stage_class
 
+    import_model_libraries()  # the stages' modules import them: the first step of a stage command that is not light
     kind_class = stage_class(kind)
     values = {**kind_class.defaults(), **options}
     kind_class.check_options(values, planned)

@@ -32,9 +32,6 @@ def evaluate(
     from ..evaluate.models import evaluate_models
     from ..inputs import writable_file
     from ..report.evaluation import eval_table
-    from .libraries import import_model_libraries
-
-    import_model_libraries()
     request = given.request(model, load)
     writable_file(given.json_out, "json_out")
     load.check(model, given.compare)

@@ -26,6 +26,8 @@ OldFlags = make_dataclass("OldFlags", [
 
 def method_options(method: str, pairs: list[str], old) -> dict:
     """The method's options from the old flags and --option KEY=VALUE, read by the method's own option types."""
+    from ..libraries import import_model_libraries
+    import_model_libraries()  # before the methods' modules, which import them
     from ..methods.options import read_options
 
     given = {key: (flag, getattr(old, flag[2:].replace("-", "_"))) for flag, (key, _) in OLD_FLAGS.items()}

@@ -99,6 +99,9 @@ class EvaluationSettings:
     def request(self, model: str, load: LoadSettings) -> Evaluation:
         """The `Evaluation` of `model` read as `load` says, every count checked (the speed settings' even when not timed).
         Speed is timed when asked, by default with a comparison (both models interleaved in one process)."""
+        from ..libraries import import_model_libraries
+
+        import_model_libraries()  # the first step of `eval` that reads anything: what follows imports them
         from .speed import SpeedSettings
 
         speed = SpeedSettings(self.speed_batch, self.speed_prompt_len, self.speed_new_tokens, self.speed_repeats)

@@ -88,6 +88,9 @@ def fit_command(model: str, settings: FitSettings = FitSettings(), calibration: 
                 load: LoadSettings = LoadSettings(), overwrite: bool = False, dry_run: bool = False) -> int:
     """Run `fit` as the command does, printing as it goes; returns the exit status (0). Every input is checked first:
     the device and checksums (`load`), then the calibration text's settings, then the rest."""
+    from ..libraries import import_model_libraries
+
+    import_model_libraries()  # what follows imports them
     from ..methods.options import read_options
     from .api import fit
 

@@ -1,5 +1,6 @@
-"""torch and transformers' modelling code, imported up front by a command that runs a model, with Python's cyclic
-garbage collector paused while they load.
+"""torch and transformers' modelling code, imported up front by a command that runs a model (the first step of eval,
+fit and every stage command that imports them: `EvaluationSettings.request`, `fit_command`, `build_stage`), with
+Python's cyclic garbage collector paused while they load.
 
 Importing them makes some 400,000 objects that live as long as the process. The collector, started by allocation
 counts, traverses every tracked object each time their number has grown by a quarter: six full collections while
