@@ -30,3 +30,20 @@ def test_a_freed_block_is_reused_inside_the_heap_and_given_back_outside():
     fresh = _faults_filling(36)  # pinned: a mapping of its own, unmapped when freed, faulted in anew
     assert reused < 64  # a few pages of bookkeeping at most, against 9216 for the block
     assert fresh >= 36 * _MIB // 4096 // 2  # at least one fault per two pages (the kernel may fault in 8 KiB folios)
+
+
+def test_what_the_heap_kept_is_given_back_when_the_block_ends(monkeypatch):
+    """The blocks a layer's forward kept for its next batch are free memory once the forward is done; left resident
+    (below blocks still in use, where glibc's own trimming of the heap's top does not reach), they sat on top of the next
+    layer's weights and a streamed fit was killed by its cgroup (bench/results/fit_scale.md). The block ends by giving
+    the heap's free pages back, after restoring the thresholds."""
+    from moe_compress.source import allocator
+
+    if not pin_mmap_threshold():
+        pytest.skip("not glibc: the thresholds cannot be set")
+    calls = []
+    monkeypatch.setattr(allocator, "trim_heap", lambda: calls.append("trim") or True)
+    monkeypatch.setattr(allocator, "_set_thresholds", lambda mmap, trim: calls.append((mmap, trim)) or True)
+    with activation_heap():
+        calls.append("forward")
+    assert calls == [(64 * _MIB, 128 * _MIB), "forward", (128 * 1024, 128 * 1024), "trim"]

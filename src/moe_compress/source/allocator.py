@@ -63,7 +63,10 @@ def pin_mmap_threshold() -> bool:
 @contextmanager
 def activation_heap() -> Iterator[None]:
     """Blocks up to 64 MiB come from the heap inside the block, and up to 128 MiB of freed ones stay there for
-    the next batch (where the thresholds are pinned; else glibc keeps blocks up to 32 MiB there anyway)."""
+    the next batch (where the thresholds are pinned; else glibc keeps blocks up to 32 MiB there anyway). When the
+    block ends (a layer's forward is done) the heap's free pages go back (`trim_heap`): kept past it, below blocks
+    still in use where glibc's own trimming of the top does not reach, they sat on the next layer's weights (the
+    streamed fit of bench/results/fit_scale.md, peak RSS 4.89 GiB and killed by its 4.77 GiB cgroup; 4.63 with this)."""
     if not _pinned:
         yield
         return
@@ -72,6 +75,7 @@ def activation_heap() -> Iterator[None]:
         yield
     finally:
         _set_thresholds(_PINNED, _PINNED)
+        trim_heap()  # what the block kept for its next batch goes back: outside it, a layer's weights need the room
 
 
 def trim_heap() -> bool:
