@@ -87,10 +87,28 @@ def test_clearly_worse_by_hand():
         return WindowScores(kls, [0] * len(kls), [1] * len(kls), [0.0] * len(kls), [0.0] * len(kls))
 
     leader = scores([1.0, 1.2, 0.9, 1.1])
-    assert clearly_worse(scores([1.05, 1.25, 0.95, 1.15]), leader)  # 5 % worse on every window: the spread is 0
+    # log ratios 0.049, 0.041, 0.054, 0.045: mean 0.047, standard error 0.0028
+    assert clearly_worse(scores([1.05, 1.25, 0.95, 1.15]), leader)
     assert not clearly_worse(scores([0.5, 3.0, 0.4, 2.0]), leader)  # worse on average, not consistently
     assert not clearly_worse(scores([1.0, 1.2, 0.9, 1.1]), leader)
     assert not clearly_worse(scores([9.0]), scores([1.0]))  # one window says nothing
+
+
+def test_the_race_judges_ratios_so_windows_of_large_kl_do_not_drown_a_consistent_gap():
+    def scores(kls: list[float]) -> WindowScores:
+        return WindowScores(kls, [0] * len(kls), [1] * len(kls), [0.0] * len(kls), [0.0] * len(kls))
+
+    # the leader's KL per window spans two decades; the candidate is 4-6 % worse on every one of them
+    leader = scores([0.01, 0.5, 0.02, 1.0, 0.05, 0.2])
+    worse = scores([0.0104, 0.53, 0.0208, 1.06, 0.0525, 0.208])
+    differences = [a - b for a, b in zip(worse.kl, leader.kl)]  # 0.0004 .. 0.06: their mean is within 3 standard errors
+    mean = sum(differences) / 6
+    spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / 5 / 6)
+    assert mean < fit_race.RACE_Z * spread
+    assert clearly_worse(worse, leader)  # the log ratios, 0.039 .. 0.058, are not
+    # a window of KL 0 (an unchanged model) counts at the floor, on either side
+    assert clearly_worse(scores([0.3, 0.2, 0.4]), scores([0.0, 0.0, 0.0]))
+    assert not clearly_worse(scores([0.0, 0.0, 0.0]), scores([0.3, 0.2, 0.4]))
 
 
 def test_time_left_at_the_pace_so_far():
@@ -103,10 +121,12 @@ def test_not_much_better_by_hand():
         return WindowScores(kls, [0] * len(kls), [1] * len(kls), [0.0] * len(kls), [0.0] * len(kls))
 
     leader = scores([1.0, 1.2, 0.9, 1.1])  # KL 1.05: the zone is 0.0525 wide
-    assert not_much_better(scores([0.99, 1.19, 0.89, 1.09]), leader)  # 0.01 better on every window: its advantage is bounded by 0.01
-    assert not not_much_better(scores([0.9, 1.1, 0.8, 1.0]), leader)  # 0.1 better: outside the zone
-    # 0.01 worse on average; the paired differences' standard error (0.0091) lets it be 3 x 0.0091 - 0.01 = 0.017 better
+    # 0.01 better on every window: log ratios -0.010, -0.0084, -0.011, -0.0091, its advantage bounded by ~1.2 %
+    assert not_much_better(scores([0.99, 1.19, 0.89, 1.09]), leader)
+    assert not not_much_better(scores([0.9, 1.1, 0.8, 1.0]), leader)  # ~10 % better: outside the zone (log(0.95) = -0.0513)
+    # log ratios 0, 0.0247, -0.0112, 0.0180: mean 0.0079, standard error 0.0082; at best 0.0079 - 3 x 0.0082 = -0.017
     assert not_much_better(scores([1.0, 1.23, 0.89, 1.12]), leader)
+    assert not not_much_better(scores([1.0, 1.23, 0.89, 1.02]), leader)  # mean -0.016, error 0.021: at best -0.080
     assert not not_much_better(scores([0.5, 3.0, 0.4, 2.0]), leader)  # too noisy to bound
     assert not not_much_better(scores([1.0]), scores([1.0]))  # one window says nothing
 
