@@ -34,14 +34,14 @@ class FitMethod:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from ..methods.options import option_types
+        from ..methods.options import unknown_option
         from ..stages.base import StageOptionError
 
         check_method(self.method)
-        known = option_types(self.chosen)
-        for name in self.options:
-            if name not in known:
-                raise OptionError("method_options", f"{self.method!r} has no option {name!r}; its options: {', '.join(sorted(known))}.")
+        for name in self.options:  # named among the method's options alone: fit takes none of the prune stage's fields
+            problem = unknown_option(self.chosen, name)
+            if problem:
+                raise OptionError("method_options", problem)
         try:
             self.prune(ratio=0.5)  # the method's own option types, as a prune stage checks them
         except StageOptionError as error:

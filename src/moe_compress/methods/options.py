@@ -69,12 +69,19 @@ def _fail(text: str) -> Any:
     raise ValueError(text)
 
 
+def unknown_option(method: Method, key: str) -> str | None:
+    """What is wrong with naming option `key` of `method` (the options it has), None when it has it."""
+    types_ = option_types(method)
+    return None if key in types_ else f"method {method.name!r} has no option {key!r}; its options: {', '.join(sorted(types_))}."
+
+
 def read_option(method: Method, key: str, text: str, name: str | None = None) -> Any:
     """The value of option `key` of `method` given as `text`; `name` is what the error calls the option
     (default: the key). An unknown key names the known ones."""
+    problem = unknown_option(method, key)
+    if problem:
+        raise MoECompressError(problem)
     types_ = option_types(method)
-    if key not in types_:
-        raise MoECompressError(f"method {method.name!r} has no option {key!r}; its options: {', '.join(sorted(types_))}.")
     try:
         return _read(types_[key], text)
     except ValueError:
