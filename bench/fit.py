@@ -161,6 +161,7 @@ def _rebuild() -> None:
 
 
 def main() -> None:
+    global RESULTS, FRONT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--fraction", action="append", type=float, default=[])
@@ -168,13 +169,15 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=1, help="pairs of timings (fit, then one REAP prune) per cell; the ratio is their median")
     parser.add_argument("--report", action="store_true", help="rebuild fit.md and fit_front.png from fit.json; measure nothing")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where fit.json, fit.md and fit_front.png go (default: bench/results)")
     args = parser.parse_args()
+    RESULTS, FRONT = args.results, args.results / FRONT.name
     if args.report:
         return _rebuild()
     command = "python bench/fit.py " + " ".join([*(f"--model {m}" for m in args.model), *(f"--fraction {f}" for f in args.fraction),
                                                  f"--samples {args.samples}", f"--windows {args.windows}",
                                                  *([f"--repeat {args.repeat}"] if args.repeat > 1 else [])])
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.model or ["ref-mixtral"]:
         for fraction in args.fraction or [0.5]:

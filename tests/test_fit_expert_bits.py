@@ -15,7 +15,7 @@ import moe_compress as mc
 from helpers import tensor_bytes
 from moe_compress.arch.registry import get_adapter
 from moe_compress.engine.prepare import calibration_batches
-from moe_compress.fitting import search
+from moe_compress.fitting import choices as fit_choices, search
 from moe_compress.fitting.fit_method import FitMethod
 from moe_compress.fitting.measure import build
 from moe_compress.fitting.proxies import LayerProxy
@@ -42,13 +42,13 @@ def _proxy() -> LayerProxy:
 def test_per_expert_widths_are_table_entries_with_exact_bytes_and_costs():
     """After the whole-layer choices, per kept count and width, the m = 1, 2, ... (below the count) experts of largest
     gain R_e(b) - R_e(b') raised to each wider b', numbered by their place among the kept; bytes and costs by hand."""
-    choices = search.layer_choices(_sizes(), {0: [4, 2]}, (16, 8, 4), {0: _proxy()})[0]
+    choices = fit_choices.layer_choices(_sizes(), {0: [4, 2]}, (16, 8, 4), {0: _proxy()})[0]
     # gains at 4 kept, 8 -> 16: .01 .02 .03 .04; 4 -> 16: .1 .3 .2 .4; 4 -> 8: .09 .28 .17 .36. At 2 kept (experts 1, 3): .02 .04; .3 .4; .28 .36
     assert [c.label for c in choices] == ["4x16b", "2x16b", "4x8b", "2x8b", "4x4b", "2x4b",
                                           "4x8b+1x16b", "4x8b+2x16b", "2x8b+1x16b",
                                           "4x4b+1x16b", "4x4b+2x16b", "4x4b+1x8b", "4x4b+2x8b", "2x4b+1x16b", "2x4b+1x8b"]
     assert [c.wider for c in choices[6:]] == [(3,), (2, 3), (1,), (3,), (1, 3), (3,), (1, 3), (1,), (1,)]
-    rows = search.table(_sizes(), {0: choices}, {0: _proxy()})[0]
+    rows = fit_choices.table(_sizes(), {0: choices}, {0: _proxy()})[0]
     by_label = {row.label: row for row in rows}
     # 4 kept at 4 bits, experts 1 and 3 at 8: 2 x 25 + 2 x 50 bytes, 4 x 2 + 3 of router; (.1 + .2 + .02 + .04) / 4
     assert by_label["4x4b+2x8b"].bytes == 161 and by_label["4x4b+2x8b"].cost == pytest.approx(0.09, abs=1e-15)
@@ -58,15 +58,15 @@ def test_per_expert_widths_are_table_entries_with_exact_bytes_and_costs():
     assert all(row.bytes == candidate_bytes(_sizes().layers[0], c.keep, {c.bits: c.keep - len(c.wider), c.to: len(c.wider)})
                for row, c in zip(rows[6:], choices[6:]))
     # without proxies (a dry run) or per-expert widths off, the whole-layer choices alone
-    assert search.layer_choices(_sizes(), {0: [4, 2]}, (16, 8, 4))[0] == choices[:6]
+    assert fit_choices.layer_choices(_sizes(), {0: [4, 2]}, (16, 8, 4))[0] == choices[:6]
 
 
 def test_the_quantize_stage_is_given_the_experts_numbered_after_the_prune():
     """Two of 4 experts kept (1 and 3: the prune removes 0 and 2, below each), expert 3 raised to 8 bits: after the prune it
     is expert 1, the number the quantize stage gets; the stages' prediction is the table's bytes, and the report says it."""
     sizes, proxies = _sizes(), {0: _proxy()}
-    rows = search.table(sizes, search.layer_choices(sizes, {0: [4, 2]}, (16, 8, 4), proxies), proxies)[0]
-    choice = next(c for c in search.layer_choices(sizes, {0: [4, 2]}, (16, 8, 4), proxies)[0] if c.label == "2x4b+1x8b")
+    rows = fit_choices.table(sizes, fit_choices.layer_choices(sizes, {0: [4, 2]}, (16, 8, 4), proxies), proxies)[0]
+    choice = next(c for c in fit_choices.layer_choices(sizes, {0: [4, 2]}, (16, 8, 4), proxies)[0] if c.label == "2x4b+1x8b")
     assert choice == Choice(2, 4, (1,), 8) and proxies[0].kept[2][choice.wider[0]] == 3
     stages = search.stages_for({0: choice}, sizes, FitMethod())
     assert [(s.kind, s.given()) for s in stages] == [("prune", {"method": "reap", "budget": "explicit", "keep": {0: 2}}),

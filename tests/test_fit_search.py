@@ -13,7 +13,7 @@ import moe_compress as mc
 from helpers import rounded, tensor_bytes
 from moe_compress import MoECompressError
 from moe_compress.arch.registry import get_adapter
-from moe_compress.fitting import api as fit_api, search
+from moe_compress.fitting import api as fit_api, choices as fit_choices, search
 from moe_compress.fitting.fit_method import FitMethod
 from moe_compress.fitting.solver import Option, solve
 from moe_compress.fitting.proxies import ENERGY, LayerProxy, layer_proxies, rounding_statistic
@@ -171,7 +171,7 @@ def test_the_optimum_is_measured_at_every_width_of_the_other_weights(monkeypatch
     4 bits, proxy 0.11; at 8 bits (fixed 800), 500 -- both layers at 8 bits, 0.02 + 0.005; at 4 bits (fixed 700), 600 --
     16 and 8 bits, 0.01 + 0.05. All three are measured, the least proxy named "fit", then the front beside it.
     (Whole-layer widths only: widths per expert are `test_per_expert_widths_*`'s.)"""
-    monkeypatch.setattr(search, "PER_EXPERT_BITS", False)
+    monkeypatch.setattr(fit_choices, "PER_EXPERT_BITS", False)
     sizes, proxies, floors = _hand_sizes(), _hand_proxies(), {0: [4], 1: [4]}
     found = search.solved(sizes, floors, proxies, 1300, FitMethod(), {16: 0.0, 8: 0.005, 4: 0.05})
     summary = [(c.name, c.other_bits, {i: ch.bits for i, ch in c.allocation.items()}, c.bytes) for c in found]
@@ -189,7 +189,7 @@ def test_the_optimum_is_measured_at_every_width_of_the_other_weights(monkeypatch
 def test_the_optimum_leaves_a_moe_layer_routing():
     """Dropping both layers (cost 2, 0 bytes) is the knapsack's optimum under 60 bytes, but a plan must leave a MoE layer
     routing: the best with one layer denied its drop is taken (50 bytes, cost 4; layer 0 the first tried on the tie)."""
-    row = [Option(100, 0.0, "8x16b"), Option(50, 3.0, "4x16b"), Option(0, 1.0, search.DROPPED.label)]
+    row = [Option(100, 0.0, "8x16b"), Option(50, 3.0, "4x16b"), Option(0, 1.0, fit_choices.DROPPED.label)]
     assert solve([row, row], 60).labels == ("dropped", "dropped")
     found = search.optimum([row, row], 60, 0)
     assert found.labels == ("4x16b", "dropped") and found.bytes == 50 and found.cost == 4.0
@@ -236,10 +236,12 @@ def test_unreachable_budget_is_refused_before_calibration(tiny, monkeypatch):
     monkeypatch.setattr("moe_compress.source.load.load_model", _never)
     sizes = checkpoint_sizes(tiny)
     top_k = 2
-    others = sum(block[4] - block[16] for block in sizes.others.values())  # attention at 4 bits too
-    # every MoE layer but one dropped (layer drop is a choice of the search: routed experts and router gone), that one at its fewest, 4 bits
-    smallest = sizes.fixed + others + candidate_bytes(sizes.layers[0], top_k, 4)
-    with pytest.raises(MoECompressError, match=rf"below the smallest size fit can reach, .* \({smallest} bytes: every MoE layer but one dropped, "
+    # every MoE layer's whole block but one dropped (block drop is a choice of the search: the block's every tensor gone), the
+    # first (the layers are alike, the first tried wins) at its fewest experts, 4 bits, its attention at 4 bits too
+    first = sizes.layers[0]
+    smallest = (sizes.total - sizes.blocks[1] - sizes.blocks[2] - first.experts * first.expert_bytes[16] - first.router_bytes
+                + candidate_bytes(first, top_k, 4) - (sizes.others[0][16] - sizes.others[0][4]))
+    with pytest.raises(MoECompressError, match=rf"below the smallest size fit can reach, .* \({smallest} bytes: every MoE layer's whole block but one dropped, "
                                                rf"that one at {top_k} experts, 4 bits, the other decoder weights at 4 bits too\)"):
         mc.fit(str(tiny), memory=smallest - 1)
     assert fit_api.plan_budget(str(tiny), memory=smallest).smallest_bytes == smallest  # exactly the smallest is reachable
@@ -279,7 +281,7 @@ def test_command_dry_run_prints_the_search_space(tiny, monkeypatch, capsys):
     assert printed[0] == f"original weights: {sizes.total} bytes ({printed[0].split('(')[1]}"
     assert f"weights may take: {sizes.total // 2} bytes" in printed[2]
     assert printed[4].startswith("search space: 3 MoE layers, each keeping 2..8 experts (step 1), at 16 / 8 / 4 bits")
-    assert printed[4].endswith(", or its routed MoE dropped (one MoE layer left routing)")
+    assert printed[4].endswith(", or its whole decoder block dropped or its routed MoE alone (one MoE layer left routing)")
     assert printed[5] == "other decoder weights (attention, shared experts, dense MLPs): 16 / 8 / 4 bits"
     with pytest.raises(MoECompressError, match=r"give out DIR"):
         fit_command(str(tiny), FitSettings(target_ratio=0.5))
@@ -333,11 +335,11 @@ def test_layer_drop_is_a_choice_with_its_exact_bytes(tiny):
     """Each MoE layer of the tiny Mixtral (nothing in its MoE sub-layer but routed experts and router) may drop them:
     0 bytes in the table, cost 1 (every expert's energy gone), and the Drop stage's prediction is the table's total."""
     sizes = checkpoint_sizes(tiny)
-    choices = search.layer_choices(sizes, {i: [8, 2] for i in sizes.layers}, (16, 4))
-    assert all(options[-1] == search.DROPPED and search.DROPPED not in options[:-1] for options in choices.values())
-    rows = search.table(sizes, choices, None)
+    choices = fit_choices.layer_choices(sizes, {i: [8, 2] for i in sizes.layers}, (16, 4))
+    assert all(options[-1] == fit_choices.DROPPED and fit_choices.DROPPED not in options[:-1] for options in choices.values())
+    rows = fit_choices.table(sizes, choices, None)
     assert [row[-1].bytes for row in rows] == [0, 0, 0]
-    allocation = {0: search.Choice(2, 4), 1: search.DROPPED, 2: search.Choice(8, 16)}
+    allocation = {0: search.Choice(2, 4), 1: fit_choices.DROPPED, 2: search.Choice(8, 16)}
     stages = search.stages_for(allocation, sizes, FitMethod())
     assert [(s.kind, s.given()) for s in stages] == [("prune", {"method": "reap", "budget": "explicit", "keep": {0: 2, 1: 8, 2: 8}}),
                                                      ("drop", {"layers": [1]}), ("quantize", {"bits": 4, "scope": "experts", "expert_bits": {2: 16}})]
@@ -347,7 +349,7 @@ def test_layer_drop_is_a_choice_with_its_exact_bytes(tiny):
     assert proxy.cost(0, 0) == 1.0
     with_shared = CheckpointSizes(sizes.total, sizes.group_size, {i: dataclasses.replace(layer, rest_bytes=64) for i, layer in sizes.layers.items()},
                                   sizes.blocks, sizes.others, moe_droppable=True)
-    assert not any(search.DROPPED in options for options in search.layer_choices(with_shared, {i: [8] for i in sizes.layers}, (16,)).values())
+    assert not any(fit_choices.DROPPED in options for options in fit_choices.layer_choices(with_shared, {i: [8] for i in sizes.layers}, (16,)).values())
 
 
 def test_drop_stage_takes_the_layers_it_drops(tiny):
@@ -358,7 +360,7 @@ def test_drop_stage_takes_the_layers_it_drops(tiny):
     sizes = checkpoint_sizes(tiny)
     predicted = mc.Drop(layers="2,0").predict(Footprint.of(sizes))
     assert predicted.keep == {1: 8} and predicted.exact and predicted.bytes == sizes.fixed + candidate_bytes(sizes.layers[1], 8, 16)
-    with pytest.raises(MoECompressError, match=r"layers names MoE sub-layers to drop: give it with unit moe and without n or target_ratio"):
+    with pytest.raises(MoECompressError, match=r"layers names the MoE sub-layers \(or, unit block, the blocks\) to drop: give it without n or target_ratio"):
         mc.Drop.check_options(mc.Drop.defaults() | {"layers": [1], "n": 1})
     with pytest.raises(MoECompressError, match=r"each once"):
         mc.Drop.check_options(mc.Drop.defaults() | {"layers": "1,1"})

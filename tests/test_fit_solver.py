@@ -48,7 +48,7 @@ def test_budget_below_the_smallest_is_refused_with_it():
 def test_bad_tables_are_refused():
     with pytest.raises(MoECompressError, match=r"layer 1 has no options"):
         solve([TABLE[0], []], 10**9)
-    with pytest.raises(MoECompressError, match=r"layer 0 option 'o1' needs bytes >= 0 and a finite cost >= 0; got 60, nan"):
+    with pytest.raises(MoECompressError, match=r"layer 0 option 'o1' needs a finite cost >= 0; got nan"):
         solve([_layer((100, 0.0), (60, float("nan")))], 10**9)
 
 

@@ -8,11 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+import transformers
 
 import moe_compress as mc
 from helpers import tensor_bytes
 from moe_compress.arch.registry import get_adapter
-from moe_compress.fitting.proxies import other_costs
+from moe_compress.fitting import choices as fit_choices, search
+from moe_compress.fitting.proxies import LayerProxy, other_costs
 from moe_compress.fitting.streamed import streamed_other_costs
 from moe_compress.source.load import load_model, load_streamed
 from moe_compress.stages.sizes import checkpoint_sizes
@@ -76,6 +78,18 @@ def test_streamed_fit_chooses_measures_and_writes_as_in_memory(family, share, ki
     assert streamed.best.name == memory.best.name and [s.kind for s in streamed.best.stages] == kinds
     assert streamed.best.measured["kl"] > 0 and "reference" not in streamed.seconds  # measured in the candidates' walk
     a, b = tmp_path / "False", tmp_path / "True"
+    _same_outputs(a, b)
+    assert tensor_bytes(b) == streamed.best.bytes <= streamed.weight_budget
+    if method == "mone":
+        assert any(entry["action"] == "novices" and len(entry["keep"]) < entry["num_experts"]
+                   for entry in json.loads((b / "plans" / "01-prune.json").read_text())["layers"])
+    if options:  # the method's options reach the prune stage both paths wrote with, and its plan
+        assert dict(streamed.best.stages[0].options) == options == dict(memory.best.stages[0].options)
+        assert '"renormalize": false' in (b / "plans" / "01-prune.json").read_text()
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    """The same files, byte for byte; the plans but for the fingerprint, the run records but for times and the streamed flag."""
     names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
     for name in names:
@@ -85,13 +99,36 @@ def test_streamed_fit_chooses_measures_and_writes_as_in_memory(family, share, ki
             assert _without_run(json.loads((a / name).read_text())) == _without_run(json.loads((b / name).read_text())), name
         else:
             assert filecmp.cmp(a / name, b / name, shallow=False), f"{name} differs"
-    assert tensor_bytes(b) == streamed.best.bytes <= streamed.weight_budget
-    if method == "mone":
-        assert any(entry["action"] == "novices" and len(entry["keep"]) < entry["num_experts"]
-                   for entry in json.loads((b / "plans" / "01-prune.json").read_text())["layers"])
-    if options:  # the method's options reach the prune stage both paths wrote with, and its plan
-        assert dict(streamed.best.stages[0].options) == options == dict(memory.best.stages[0].options)
-        assert '"renormalize": false' in (b / "plans" / "01-prune.json").read_text()
+
+
+@pytest.mark.parametrize("family, share", [("mixtral", 0.45), ("deepseek_v3", 0.6)])
+def test_a_fit_that_drops_a_block_streams_as_in_memory_and_reloads_in_plain_transformers(family, share, tmp_path, monkeypatch):
+    """The first MoE layer's block priced free to drop (every candidate of the search drops it), single methods left out,
+    one width per candidate (no generated code): streamed and in memory measure and write the same, the written bytes are
+    the prediction, and plain transformers loads the result with one decoder layer fewer (DeepSeek: shared experts,
+    which MoE drop cannot remove, go with the block)."""
+    source = save_tiny_checkpoint(tmp_path / "source", family)
+    sizes = checkpoint_sizes(source)
+    first = min(sizes.layers)
+    monkeypatch.setattr(LayerProxy, "block_cost", lambda self: 0.0 if self.layer == first else 10.0)
+    monkeypatch.setattr(search, "single_methods", lambda *args: [])
+    monkeypatch.setattr(search, "PER_LAYER_BITS", False)
+    monkeypatch.setattr(search, "other_widths", lambda sizes: (16,))
+    monkeypatch.setattr(fit_choices, "PER_EXPERT_BITS", False)
+    results = _fit_both(source, tmp_path, share, monkeypatch)
+    memory, streamed = results[False], results[True]
+    assert [c.name for c in streamed.candidates] == [c.name for c in memory.candidates]
+    for mine, theirs in zip(streamed.candidates, memory.candidates):
+        assert mine.dropped_blocks == theirs.dropped_blocks and mine.measured == pytest.approx(theirs.measured, rel=1e-6, abs=1e-9), mine.name
+    assert streamed.best.name == memory.best.name and ("drop", {"unit": "block", "layers": [first]}) in [(s.kind, s.given()) for s in streamed.best.stages]
+    _same_outputs(tmp_path / "False", tmp_path / "True")
+    assert tensor_bytes(tmp_path / "True") == streamed.best.bytes == search.predicted_bytes(streamed.best.stages, sizes) <= streamed.weight_budget
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "True")
+    assert reloaded.config.num_hidden_layers == len(sizes.blocks) - 1
+    report = json.loads((tmp_path / "True" / "fit_report.json").read_text())
+    chosen = next(c for c in report["candidates"] if c["name"] == report["chosen"])
+    assert chosen["allocation"][str(first)] == {"keep": 0, "bits": 0, "dropped": "whole block"}
+    assert f"| {first} | 0 | 0 | whole block |" in (tmp_path / "True" / "README.md").read_text()
 
 
 def test_streamed_other_costs_are_the_in_memory_sums(tmp_path):

@@ -106,10 +106,16 @@ def check_prune(
 
 
 def check_drop(structure: Structure, unit: str, n: int | None, target_ratio: float | None, layers: list[int] | None = None) -> None:
-    """Exactly one of n / target_ratio / layers, n within what the model has, layers among its MoE layers, one left routing."""
+    """Exactly one of n / target_ratio / layers, n within what the model has, layers among its MoE layers (or its blocks),
+    one MoE layer left routing."""
     if layers is not None:
-        structure.adapter.require_separate_moe()
         moe = sorted(structure.experts)
+        if unit == "block":
+            blocks = len(structure.adapter.decoder_layers(structure.model))
+            if not set(layers) <= set(range(blocks)) or not set(moe) - set(layers):
+                raise MoECompressError(f"can drop blocks among 0..{blocks - 1} but not every MoE layer {moe} (one must keep routing); asked for blocks {layers}.")
+            return
+        structure.adapter.require_separate_moe()
         if not set(layers) < set(moe):
             raise MoECompressError(f"can drop MoE sub-layers of layers {moe} but one (one must keep routing); asked for layers {layers}.")
         return

@@ -9,6 +9,7 @@ the same name would shadow it, see `_lazy`.)
   and of each per-layer candidate (experts kept, bit width), from the config and the shard headers;
 * `solver`: the multiple-choice knapsack that picks one candidate per layer under the budget;
 * `proxies`: each per-layer candidate's quality cost, from statistics of one calibration pass;
+* `choices`: each MoE layer's choices (experts kept x width, the MoE or the whole block dropped) and the solver's table of them;
 * `search`: the candidates worth measuring, each as a list of stages; `measure`: each measured end
   to end; `report` and `write`: the report and the chosen model written (`front_plot`: the front
   drawn; `report_page`: fit_report.html); `api`: `fit` itself;

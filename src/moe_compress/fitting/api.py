@@ -32,7 +32,7 @@ from ..text.format import human_bytes
 from ..stages.sizes import BITS, CheckpointSizes, checkpoint_sizes
 from .memory import kv_cache_bytes, parse_bytes
 from .fit_method import FitMethod
-from .search import Candidate, droppable, smallest
+from .search import Candidate, smallest
 from .steps import search
 
 if TYPE_CHECKING:
@@ -103,9 +103,7 @@ def plan_budget(model: str | Path, memory=None, target_ratio=None, context=None,
     cache = f" after the KV cache of {human_bytes(kv)} at context {context} x batch {batch}" if context is not None else ""
     if result.weight_budget < result.smallest_bytes:
         fewest = min(min(counts) for counts in floors.values())
-        layers = "every MoE layer but one dropped, that one" if all(droppable(sizes, layer) for layer in sizes.layers) else (
-            "the MoE layers without shared experts dropped (one left routing), the others" if any(droppable(sizes, layer) for layer in sizes.layers)
-            else "every MoE layer")
+        layers = "every MoE layer's whole block but one dropped, that one" if len(sizes.layers) > 1 else "the MoE layer"
         raise MoECompressError(
             f"the budget leaves {human_bytes(max(result.weight_budget, 0))} for the weights{cache}, below the smallest size fit can reach, "
             f"{human_bytes(result.smallest_bytes)} ({result.smallest_bytes} bytes: {layers} at {fewest} experts, {min(BITS)} bits"
@@ -220,7 +218,7 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method: F
     adapter = get_adapter(loaded)
     start = time.perf_counter()
     stats, _ = collect_statistics(loaded, batches, proxy_statistics(method, result.sizes.group_size), cache_dir, device)
-    search(result, adapter, loaded.config, stats, method, min_keep, sweep, show,
+    search(result, adapter, loaded, stats, method, min_keep, sweep, show,
            other_costs(loaded, adapter, result.sizes.group_size) if result.sizes.others else {16: 0.0})
     result.seconds["calibration"], start = _since(start), time.perf_counter()
     held_out, domains = held_out_windows(tokenizer, loaded.config, windows, seq_len)

@@ -62,7 +62,7 @@ def _print_report(document: str) -> None:
 def _space(result) -> list[str]:
     """The budget's arithmetic and the search space, as a dry run prints them."""
     from ..stages.sizes import BITS
-    from .search import PER_EXPERT_BITS, droppable
+    from .choices import PER_EXPERT_BITS, droppable
 
     counts = {(min(c), max(c), c[1] - c[0] if len(c) > 1 else 1) for c in result.floors.values()}
     lines = [
@@ -75,7 +75,8 @@ def _space(result) -> list[str]:
         + "; ".join(f"{low}..{high} experts (step {step})" for low, high, step in sorted(counts))
         + f", at {' / '.join(map(str, BITS))} bits"
         + (" (or, per layer, the 1, 2, 4, ... kept experts whose rounding error falls most raised to a wider width)" if PER_EXPERT_BITS else "")
-        + (", or its routed MoE dropped (one MoE layer left routing)" if any(droppable(result.sizes, layer) for layer in result.sizes.layers) else ""),
+        + (", or its whole decoder block dropped" + (" or its routed MoE alone" if any(droppable(result.sizes, layer) for layer in result.sizes.layers) else "")
+           + " (one MoE layer left routing)" if len(result.sizes.layers) > 1 else ""),
         "other decoder weights (attention, shared experts, dense MLPs): "
         + (f"{' / '.join(map(str, BITS))} bits" if result.sizes.others else "as stored (the experts' group size does not divide their widths)"),
     ]

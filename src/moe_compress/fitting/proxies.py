@@ -28,6 +28,22 @@ depends on what the method puts in its place:
   representative itself; the candidates are measured end to end, so a mispriced merge costs a candidate,
   not the result.
 
+Dropping the whole decoder block l (attention, norms, shared experts and routed experts: `Drop(unit="block")`)
+removes exactly its residual update: the block computes h_out = h_in + delta_l(h_in), and without it
+the next block reads h_in. So, to first order (what the next blocks make of the changed input ignored,
+as the rerouting is above), its squared output error is
+
+    B_l = sum_t ||h_out,t - h_in,t||^2                               statistic `block_residual_energy`
+
+summed over the same calibration tokens, on the same scale as every other choice of layer l:
+
+    cost_l(block dropped) = B_l / sum_e E_e
+
+Dropping the MoE sub-layer alone costs 1 = sum_e E_e / sum_e E_e on that scale (every expert's
+gated output removed); the block's update holds the MoE's output and attention's besides, so B_l is
+typically several times the MoE's energy, and the block is dropped only where the bytes it frees
+(its experts and every other weight it holds, `fitting.search`) are worth that.
+
 Why a sum over layers is the model's cost. Each layer's cost is a noise-to-signal ratio: error
 energy over the energy the layer writes into the residual stream. Small, independent perturbations
 of different layers' outputs move the final distribution by amounts whose second-order effect
@@ -55,6 +71,8 @@ from ..walk.rounding import ROUNDED_BITS
 from .fit_method import FitMethod
 
 ENERGY = "gated_output_energy"
+#: The whole decoder layer's residual update, B_l (what dropping its block costs).
+BLOCK_ENERGY = "block_residual_energy"
 #: What a substituting method's removal costs besides (`novice_residual`).
 NOVICE_SUMS = "gated_output_sums"
 
@@ -64,9 +82,9 @@ def rounding_statistic(group: int) -> str:
 
 
 def proxy_statistics(method: FitMethod, group: int) -> tuple[str, ...]:
-    """What one calibration pass must collect for the proxies of `method` at the quantizer's `group`: the energies and
-    rounding errors, the novices' sums for a substituting method, and every statistic the method's plans read."""
-    return tuple(dict.fromkeys((ENERGY, rounding_statistic(group), *((NOVICE_SUMS,) if method.substitutes else ()), *method.needs())))
+    """What one calibration pass must collect for the proxies of `method` at the quantizer's `group`: the energies (the
+    experts' and the whole block's) and rounding errors, the novices' sums for a substituting method, and every statistic the method's plans read."""
+    return tuple(dict.fromkeys((ENERGY, BLOCK_ENERGY, rounding_statistic(group), *((NOVICE_SUMS,) if method.substitutes else ()), *method.needs())))
 
 
 def planned_kept(method: FitMethod, adapter: MoEAdapter, config, stats: dict[int, dict[str, torch.Tensor]], counts: dict[int, list[int]],
@@ -103,6 +121,7 @@ class LayerProxy:
     rounding: dict[int, torch.Tensor]  # bits -> [E] R_e(b)
     kept: dict[int, list[int]]  # allowed kept count -> expert ids the method keeps
     removal: torch.Tensor | None = None  # [E] what taking each expert away costs, where not E_e (MoNE's N_e)
+    block: float | None = None  # B_l: the whole decoder layer's residual update energy (None: not observed, no block drop priced)
 
     @property
     def experts(self) -> int:
@@ -123,6 +142,15 @@ class LayerProxy:
         mask = torch.zeros(self.experts, dtype=torch.bool)
         mask[self.kept[keep]] = True
         return (float(self.removed_cost[~mask].sum()) + float(self.rounding[bits][mask].sum())) / total
+
+    def block_cost(self) -> float:
+        """cost_l(block dropped) of the module docstring, B_l / sum_e E_e; where no expert output was seen (no energy to
+        scale by), 0 for a block that changes nothing and 1 -- as the MoE sub-layer's drop -- for one that does."""
+        assert self.block is not None, "the block's residual energy was not observed"
+        total = float(self.energy.sum())
+        if total <= 0:
+            return 0.0 if self.block <= 0 else 1.0
+        return self.block / total
 
     def raised(self, keep: int, bits: int, wider: tuple[int, ...], to: int) -> float:
         """What the kept experts `wider` (by their place among the kept: `gain_order`) at `to` bits instead of `bits` add to
@@ -154,7 +182,8 @@ def layer_proxies(
     for layer, s in sorted(stats.items()):
         errors = s[rounding_statistic(group)]
         rounding = {16: torch.zeros(errors.shape[0], dtype=torch.float64)} | {b: errors[:, i].double() for i, b in enumerate(ROUNDED_BITS)}
-        proxies[layer] = LayerProxy(layer, s[ENERGY].double(), rounding, kept[layer], novice_residual(s) if substitutes else None)
+        proxies[layer] = LayerProxy(layer, s[ENERGY].double(), rounding, kept[layer], novice_residual(s) if substitutes else None,
+                                    float(s[BLOCK_ENERGY].sum()) if BLOCK_ENERGY in s else None)
     return proxies
 
 

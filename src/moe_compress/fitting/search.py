@@ -1,17 +1,21 @@
 """From sizes and proxies to the few allocations worth measuring, each as the stages that make it.
 
-Per MoE layer the options are every (kept count, bit width) pair: bytes exact from the shard
+Per MoE layer the options (`fitting.choices`) are every (kept count, bit width) pair: bytes exact from the shard
 headers (`stages.sizes.candidate_bytes`), cost from the proxies (`fitting.proxies`); with the proxies,
 each such pair with the m kept experts whose rounding error falls most at a wider width b' raised to
 it (`expert_choices`: m = 1, 2, 4, ... below the kept count, b' each wider width), so that slack too
-small to widen a whole layer widens the experts that gain most from it; and, where its
-MoE sub-layer holds nothing but routed experts and router (`droppable`), dropping it (`DROPPED`:
-0 bytes, cost 1 -- every expert's energy removed), as long as one MoE layer keeps routing (`optimum`;
-a family with shared experts is not offered the drop: layer drop removes them too, which the
-statistics do not price). Besides, one
+small to widen a whole layer widens the experts that gain most from it; dropping its whole decoder
+block (`BLOCK_DROPPED`: attention, norms, shared experts and routed experts gone; minus the rest of
+the block in bytes, against the fixed part that holds it, at the other weights' width; cost B_l over
+the layer's energy, `LayerProxy.block_cost`); and, where its MoE sub-layer holds nothing but routed
+experts and router (`droppable`), dropping that sub-layer alone (`DROPPED`: 0 bytes, cost 1 -- every
+expert's energy removed; a family with shared experts is not offered it: layer drop removes them too,
+which the statistics do not price, but the block drop prices them with the rest of the block). Either
+drop only as long as one MoE layer keeps routing (`optimum`), so never every block. Besides, one
 global choice: the width of the other decoder weights (attention, shared experts, dense MLPs;
 quantize's scope "all"), 16 / 8 / 4 where the sizes know their packed bytes
-(`CheckpointSizes.others`), priced by `proxies.other_costs`; it moves the fixed part. The solver
+(`CheckpointSizes.others`), priced by `proxies.other_costs`; it moves the fixed part, and what a
+dropped block frees (one table per width). The solver
 (`fitting.solver.solve`) picks one option per layer under the weight budget, once per width of the
 other weights. What is then measured:
 
@@ -26,9 +30,10 @@ other weights. What is then measured:
   anything: the method alone at the smallest layer ratio that fits, and 8-bit / 4-bit alone (the
   routed experts, or where that does not fit, every decoder weight: quantize's scope "all").
 
-Each allocation becomes a list of stages -- `Prune(method, budget="explicit", keep=...)`, `Drop(layers=...)`,
-then `Quantize(bits=..., scope="experts" or "all", expert_bits=...)` -- that `pipeline.run_stages` runs; their `predict`
-gives the same bytes as the table (asserted), so what is measured is what fits.
+Each allocation becomes a list of stages -- `Prune(method, budget="explicit", keep=...)`,
+`Drop(unit="block", layers=...)`, `Drop(layers=...)` (the block drop before the MoE drop, whose layers, like the quantize's, it renumbers), then
+`Quantize(bits=..., scope="experts" or "all", expert_bits=...)` (final: it writes the checkpoint, so it comes last) -- that
+`pipeline.run_stages` runs; their `predict` gives the same bytes as the table (asserted), so what is measured is what fits.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from ..stages.base import Stage
 from ..stages.drop import Drop
 from ..stages.footprint import Footprint
 from ..stages.quantize import Quantize
-from ..stages.sizes import BITS, CheckpointSizes, LayerSizes, candidate_bytes
+from ..stages.sizes import BITS, CheckpointSizes, candidate_bytes
+from .choices import NOT_ROUTING, Choice, costs, layer_choices, rows as table_rows, table
 from .fit_method import FitMethod
 from .proxies import LayerProxy
 from .solver import Allocation, Option, front, smallest_bytes, solve
@@ -49,42 +55,6 @@ from .solver import Allocation, Option, front, smallest_bytes, solve
 PER_LAYER_BITS = True
 #: Front points measured beside each optimum.
 FRONT_POINTS = 2
-
-
-#: The table offers widths per expert (`expert_choices`); False: every kept expert of a layer at one width.
-PER_EXPERT_BITS = True
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A MoE layer's experts kept and their width; `wider`: kept experts at `to` bits instead, numbered as the quantize
-    stage sees them -- their place among the kept experts in ascending id, the order the prune stage keeps them in."""
-
-    keep: int
-    bits: int
-    wider: tuple[int, ...] = ()
-    to: int = 16
-
-    @property
-    def dropped(self) -> bool:
-        return self.keep == 0
-
-    @property
-    def label(self) -> str:
-        return "dropped" if self.dropped else f"{self.keep}x{self.bits}b" + (f"+{len(self.wider)}x{self.to}b" if self.wider else "")
-
-    def widths(self) -> dict[int, int]:
-        """Each kept expert's width, by its number after the prune stage."""
-        return {e: self.to if e in self.wider else self.bits for e in range(self.keep)}
-
-    def entry(self) -> dict:
-        """The allocation's entry in the report: experts kept, bits, and the experts raised where some are."""
-        raised = {"raised": f"{len(self.wider)} at {self.to} bits: {', '.join(map(str, self.wider))}"} if self.wider else {}
-        return {"keep": self.keep, "bits": self.bits, **raised}
-
-
-#: A layer's routed MoE dropped (`Drop(layers=...)`): no expert kept, no bits.
-DROPPED = Choice(0, 0)
 
 
 @dataclass
@@ -102,7 +72,12 @@ class Candidate:
 
     @property
     def key(self) -> tuple:
-        return self.other_bits, tuple(sorted((i, c.keep, c.bits, c.wider, c.to) for i, c in self.allocation.items()))
+        return self.other_bits, tuple(sorted((i, c.keep, c.bits, c.wider, c.to, c.block) for i, c in self.allocation.items()))
+
+    @property
+    def dropped_blocks(self) -> list[int]:
+        """The decoder layers whose whole block the allocation drops."""
+        return sorted(i for i, c in self.allocation.items() if c.block)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "aliases": self.aliases, "bytes": self.bytes, "proxy": self.proxy, "stages": [{s.kind: s.given()} for s in self.stages],
@@ -110,73 +85,20 @@ class Candidate:
                 **self.measured}
 
 
-def droppable(sizes: CheckpointSizes, layer: int) -> bool:
-    """Whether layer drop removes exactly `layer`'s routed experts and router: its MoE sub-layer is a module of its own
-    holding nothing else (shared experts would go with it, which the proxies do not price), and another MoE layer is left."""
-    return sizes.moe_droppable and sizes.layers[layer].rest_bytes == 0 and len(sizes.layers) > 1
-
-
-def expert_choices(proxy: LayerProxy, counts: list[int], bits: tuple[int, ...]) -> list[Choice]:
-    """Per kept count (`counts`, largest first) and lowered width b, the m kept experts of largest gain at each wider width
-    b' (`LayerProxy.gain_order`) raised to it, for m = 1, 2, 4, ... below the kept count: powers of two, so a layer of
-    E experts adds about 3 log2(E) choices per kept count (the table, and the solver's time, stay within ~8x of whole-layer
-    widths alone at 128 experts)."""
-    found = []
-    for b in bits:
-        for k in counts:
-            for to in (w for w in bits if w > b):
-                order = proxy.gain_order(k, b, to)
-                found += [Choice(k, b, tuple(sorted(order[:m])), to) for m in (2**n for n in range(k.bit_length())) if m < k]
-    return found
-
-
-def layer_choices(sizes: CheckpointSizes, floors: dict[int, list[int]], bits: tuple[int, ...],
-                  proxies: dict[int, LayerProxy] | None = None) -> dict[int, list[Choice]]:
-    """Every MoE layer's choices: each allowed kept count (`floors[layer]`, largest first) at each width,
-    the layer unchanged first (the solver's option 0); then, with `proxies`, the per-expert widths
-    (`expert_choices`: after the whole-layer ones, so those win every tie); last `DROPPED` where the layer is `droppable`."""
-    def of(layer: int) -> list[Choice]:
-        counts = sorted(floors[layer], reverse=True)
-        raised = expert_choices(proxies[layer], counts, bits) if proxies and PER_EXPERT_BITS else []
-        return [Choice(k, b) for b in bits for k in counts] + raised + ([DROPPED] if droppable(sizes, layer) else [])
-
-    return {layer: of(layer) for layer in sorted(sizes.layers)}
-
-
-def choice_bytes(layer: LayerSizes, choice: Choice, novices: bool = False) -> int:
-    """A choice's bytes of the layer's routed experts and router (none left when dropped); `novices`: a substituting
-    method's (MoNE: the removed experts' router rows, vectors and slot map stay, `stages.sizes.candidate_bytes`)."""
-    if choice.dropped:
-        return 0
-    widths = {choice.bits: choice.keep - len(choice.wider), choice.to: len(choice.wider)} if choice.wider else choice.bits
-    return candidate_bytes(layer, choice.keep, widths, novices)
-
-
-def _costs(proxy: LayerProxy, choices: list[Choice]) -> list[float]:
-    """Each choice's proxy cost: its (kept count, width)'s, computed once per pair, plus what its raised experts change."""
-    whole: dict[tuple[int, int], float] = {}
-    for c in choices:
-        if (c.keep, c.bits) not in whole:
-            whole[c.keep, c.bits] = proxy.cost(c.keep, c.bits)
-    return [whole[c.keep, c.bits] + proxy.raised(c.keep, c.bits, c.wider, c.to) for c in choices]
-
-
-def table(sizes: CheckpointSizes, choices: dict[int, list[Choice]], proxies: dict[int, LayerProxy] | None,
-          novices: bool = False) -> list[list[Option]]:
-    """The solver's table: per layer, per choice, its bytes (`choice_bytes`) and proxy cost (0 without proxies: a dry run)."""
-    return [[Option(choice_bytes(sizes.layers[layer], c, novices), cost, c.label)
-             for c, cost in zip(layer_choices, _costs(proxies[layer], layer_choices) if proxies else [0.0] * len(layer_choices))]
-            for layer, layer_choices in choices.items()]
-
-
 def _routing(allocation: Allocation) -> bool:
     """Whether an allocation leaves a MoE layer routing (a plan dropping them all is refused)."""
-    return any(label != DROPPED.label for label in allocation.labels)
+    return any(label not in NOT_ROUTING for label in allocation.labels)
 
 
 def _undroppable(rows: list[list[Option]], layer: int) -> list[list[Option]]:
-    """`rows` with `layer` denied its drop (always its last option), the other layers' option indices unchanged."""
-    return [row[:-1] if index == layer and row[-1].label == DROPPED.label else row for index, row in enumerate(rows)]
+    """`rows` with `layer` denied its drops (always its last options), the other layers' option indices unchanged."""
+    def kept(row: list[Option]) -> list[Option]:
+        routing = len(row)
+        while routing > 1 and row[routing - 1].label in NOT_ROUTING:
+            routing -= 1
+        return row[:routing]
+
+    return [kept(row) if index == layer else row for index, row in enumerate(rows)]
 
 
 def reachable(rows: list[list[Option]], fixed: int) -> int:
@@ -205,23 +127,30 @@ def fixed_bytes(sizes: CheckpointSizes, other_bits: int) -> int:
 
 
 def smallest(sizes: CheckpointSizes, floors: dict[int, list[int]], novices: bool = False) -> int:
-    """The smallest saved size any allocation reaches: every layer at its fewest experts and fewest bits, the other weights too."""
-    return reachable(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None, novices), fixed_bytes(sizes, min(other_widths(sizes))))
+    """The smallest saved size any allocation reaches: every layer at its fewest experts and fewest bits, or dropped (one
+    left routing), the other weights at their fewest bits too."""
+    low = min(other_widths(sizes))
+    return reachable(table(sizes, layer_choices(sizes, floors, (min(BITS),)), None, novices, low), fixed_bytes(sizes, low))
 
 
 def stages_for(allocation: dict[int, Choice], sizes: CheckpointSizes, method: FitMethod, other_bits: int = 16) -> list[Stage]:
     """The stages that make `allocation`: an explicit prune where a layer removes experts (on the original, whose
-    statistics the proxies read: a dropped layer keeps every expert there), a drop of the dropped layers' MoE,
-    a quantize where bits drop (scope "all" at `other_bits` when the other decoder weights are lowered, every
-    remaining MoE layer at another width named, and every expert at another width of a layer whose experts differ,
-    by its number after the prune: `Choice.wider`)."""
+    statistics the proxies read: a dropped layer keeps every expert there), a drop of the dropped blocks (by the
+    original's indices: the prune does not renumber), a drop of the dropped layers' MoE (after the blocks: a model whose
+    MoE sub-layers are gone may not rebuild from its config without blocks), then a quantize where bits drop (scope "all" at `other_bits` when the other decoder weights are lowered, every remaining MoE layer
+    at another width named, and every expert at another width of a layer whose experts differ, by its number after
+    the prune: `Choice.wider`) -- the last two keyed by the layer's index once the blocks are dropped, the model they see."""
     stages: list[Stage] = []
     left = {i: c for i, c in allocation.items() if not c.dropped}
     if any(c.keep < sizes.layers[i].experts for i, c in left.items()):
         stages.append(method.prune(budget="explicit", keep={i: sizes.layers[i].experts if c.dropped else c.keep for i, c in allocation.items()}))
-    if len(left) < len(allocation):
-        stages.append(Drop(layers=sorted(set(allocation) - set(left))))
-    allocation = left
+    blocks = sorted(i for i, c in allocation.items() if c.block)
+    moe = sorted(i - sum(b < i for b in blocks) for i, c in allocation.items() if c.dropped and not c.block)
+    if blocks:
+        stages.append(Drop(unit="block", layers=blocks))
+    if moe:
+        stages.append(Drop(layers=moe))
+    allocation = {i - sum(b < i for b in blocks): c for i, c in left.items()}
     widths = [c.bits for c in allocation.values()]
     if other_bits != 16:
         named = _named(allocation, other_bits)
@@ -271,13 +200,15 @@ def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[i
     (ref-deepseek at 50 %: the optimum with them at 8 bits measured worse than the one with them as stored);
     the race stops the losers on a slice."""
     tables = [BITS] if PER_LAYER_BITS else [(b,) for b in BITS]
-    found: list[tuple[list[Candidate], list[list[Option]], dict[int, list[Choice]]]] = []
+    found: list[tuple[list[Candidate], dict[int, list[list[Option]]], dict[int, list[Choice]]]] = []
     for widths in tables:
         choices = layer_choices(sizes, floors, widths, proxies)
-        rows = table(sizes, choices, proxies, method.substitutes)
+        priced = costs(choices, proxies)
+        # per width of the other weights: a dropped block frees them at that width
+        rows = {bits: table_rows(sizes, choices, priced, method.substitutes, bits) for bits in other_widths(sizes)}
         name = "fit" if PER_LAYER_BITS else f"fit, {widths[0]}-bit"
-        options = sorted((_candidate(name, optimum(rows, budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
-                          for bits in other_widths(sizes) if reachable(rows, fixed_bytes(sizes, bits)) <= budget), key=lambda c: c.proxy)
+        options = sorted((_candidate(name, optimum(rows[bits], budget, fixed_bytes(sizes, bits)), choices, sizes, method, bits, others[bits])
+                          for bits in other_widths(sizes) if reachable(rows[bits], fixed_bytes(sizes, bits)) <= budget), key=lambda c: c.proxy)
         for option in options[1:]:
             option.name = f"{name}, other weights {option.other_bits}-bit"
         if options:
@@ -285,7 +216,7 @@ def solved(sizes: CheckpointSizes, floors: dict[int, list[int]], proxies: dict[i
     best_options, rows, choices = min(found, key=lambda entry: entry[0][0].proxy)
     best = best_options[0]
     fixed = fixed_bytes(sizes, best.other_bits)
-    nearby = [point for point in front(rows, fixed)
+    nearby = [point for point in front(rows[best.other_bits], fixed)
               if point.bytes <= budget and _routing(point) and point.labels != tuple(c.label for c in best.allocation.values())]
     extra = [_candidate(f"{best.name} (front {n})", point, choices, sizes, method, best.other_bits, others[best.other_bits])
              for n, point in enumerate(nearby[:FRONT_POINTS], 1)]

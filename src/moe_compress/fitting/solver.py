@@ -16,6 +16,10 @@ chosen bytes plus a fixed part (embeddings, attention, ...) must not exceed the 
 lambda >= 0, i.e. the lower convex hull of (bytes, cost), found by walking each layer's own hull
 in order of cost per byte saved; cheap, for the "what does each size cost" report.
 
+An option's bytes are counted against the fixed part, so they may be negative: an option that
+removes some of what the fixed part counts (a whole block dropped takes its attention and norms
+with it) weighs less than nothing there; the totals, and the budget, are what is exact.
+
 Conventions: option 0 of every layer is the layer unchanged (cost 0); a budget at or above the
 unchanged size returns it as is. Ties are broken by layer index, then option order: among
 equally cheap allocations the one whose first layer takes the earliest option wins, then the
@@ -38,7 +42,8 @@ from ..text.format import human_bytes
 
 @dataclass(frozen=True)
 class Option:
-    """One way to store a layer: its bytes, its proxy cost (>= 0), and a label for reports."""
+    """One way to store a layer: its bytes (against the fixed part: see the module docstring), its proxy cost (>= 0),
+    and a label for reports."""
 
     bytes: int
     cost: float
@@ -65,8 +70,8 @@ def _check(layers: Sequence[Sequence[Option]]) -> None:
         if not layer:
             raise MoECompressError(f"layer {index} has no options to choose from.")
         for option in layer:
-            if option.bytes < 0 or not math.isfinite(option.cost) or option.cost < 0:
-                raise MoECompressError(f"layer {index} option {option.label!r} needs bytes >= 0 and a finite cost >= 0; got {option.bytes}, {option.cost}.")
+            if not math.isfinite(option.cost) or option.cost < 0:
+                raise MoECompressError(f"layer {index} option {option.label!r} needs a finite cost >= 0; got {option.cost}.")
 
 
 def smallest_bytes(layers: Sequence[Sequence[Option]], fixed: int = 0) -> int:

@@ -80,7 +80,7 @@ def fit_streamed(result: FitResult, model: str | Path, calib, out: str | Path | 
     names = proxy_statistics(method, group)
     stats, _ = collect_statistics(skeleton, batches, names, cache_dir, device, weights)
     others = streamed_other_costs(weights, adapter, group, device) if result.sizes.others else {16: 0.0}
-    search(result, adapter, skeleton.config, stats, method, min_keep, sweep, show, others)
+    search(result, adapter, skeleton, stats, method, min_keep, sweep, show, others)
     trim_heap()  # what the calibration walk freed, back to the system before the candidates' walk
     result.seconds["calibration"], start = _since(start), time.perf_counter()
     held_out, domains = held_out_windows(tokenizer, skeleton.config, windows, seq_len)

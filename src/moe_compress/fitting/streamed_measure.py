@@ -34,8 +34,8 @@ from ..plan import Plan
 from ..progress import track
 from ..source.allocator import activation_heap
 from ..source.residency import StreamedWeights, split_names
-from ..methods.structural import plan_moe_drop
-from ..stages.drop import Drop, moe_layers
+from ..methods.structural import plan_block_drop, plan_moe_drop
+from ..stages.drop import Drop, moe_layers, original_indices
 from ..stages.prune import Prune, removed_share
 from ..stages.quantize import Quantize
 from ..walk.activations import default_activations
@@ -45,8 +45,10 @@ from .measure import ReferenceSide, WindowScores, next_token_log_probs, window_b
 from .search import Candidate
 from .simulate import layer_roles, simulate_layer, simulated
 
-#: One layer's action: (the plan's entry as JSON, or None, its quantize stage, or None). None: the layer as stored.
+#: One layer's action: (key, its plan, the plan's entry or None, its quantize stage or None, group, the layer's index once
+#: the dropped blocks are gone); None: the layer as stored; `BLOCK_DROPPED`: the layer skipped, its inputs handed on.
 Action = tuple | None
+BLOCK_DROPPED = ("block dropped",)
 
 
 def prune_plan(stage: Prune, adapter: MoEAdapter, model, stats: dict, weights: StreamedWeights) -> Plan:
@@ -58,35 +60,39 @@ def prune_plan(stage: Prune, adapter: MoEAdapter, model, stats: dict, weights: S
 
 
 def layer_actions(candidate: Candidate, adapter: MoEAdapter, model, stats: dict, weights: StreamedWeights, layers: int, group: int) -> list:
-    """Per decoder layer, what `candidate` does to it: [(key, plan entry or None, quantize stage or None, group) or None]."""
-    plans, quantize = [], None
+    """Per decoder layer, what `candidate` does to it (see `Action`). Its stages are fit's: prune, explicit drops of MoE
+    sub-layers and of blocks (each by its input's indices, which an earlier block drop renumbered), a quantize last."""
+    plans, quantize, gone = [], None, []
     for stage in candidate.stages:
         if isinstance(stage, Prune):
             plans.append(prune_plan(stage, adapter, model, stats, weights))
         elif isinstance(stage, Drop) and stage.layers is not None:
-            plans.append(plan_moe_drop(model, adapter, moe_layers(stage.layers, stage.unit, stage.n, stage.target_ratio)))
+            chosen = original_indices(moe_layers(stage.layers, stage.unit, stage.n, stage.target_ratio), gone)
+            plans.append(plan_moe_drop(model, adapter, chosen) if stage.unit == "moe" else plan_block_drop(model, adapter, chosen))
+            gone = sorted({*gone, *plans[-1].dropped_blocks})
         elif isinstance(stage, Quantize) and simulated(stage):
             quantize = stage
         else:
-            raise MoECompressError(f"a streamed fit measures prune, explicit MoE drop and round-to-nearest quantize stages; {stage.describe()} is none (a bug).")
-    if any(plan.dropped_blocks for plan in plans):
-        raise MoECompressError("a streamed fit does not drop whole blocks (a bug: fit's candidates never do).")
+            raise MoECompressError(f"a streamed fit measures prune, explicit drop and round-to-nearest quantize stages; {stage.describe()} is none (a bug).")
+    dropped = {block for plan in plans for block in plan.dropped_blocks}
     # a later plan's entry replaces an earlier one's: a layer fit drops keeps every expert in its prune plan
     decisions = {lp.layer: (plan, lp) for plan in plans for lp in plan.layers if not lp.untouched}
-    actions = []
+    actions: list[Action] = []
     for index in range(layers):
         plan, entry = decisions.get(index, (None, None))
-        if entry is None and quantize is None:
-            actions.append(None)
+        if index in dropped or (entry is None and quantize is None):
+            actions.append(BLOCK_DROPPED if index in dropped else None)
             continue
         width = quantize.group_size if quantize is not None and quantize.group_size is not None else group
-        key = (entry.model_dump_json() if entry is not None else None, quantize.model_dump_json() if quantize is not None else None, width)
-        actions.append((key, plan, entry, quantize, width))
+        position = index - sum(block < index for block in dropped)  # the quantize stage's number for it
+        key = (entry.model_dump_json() if entry is not None else None, quantize.model_dump_json() if quantize is not None else None, width, position)
+        actions.append((key, plan, entry, quantize, width, position))
     return actions
 
 
 def _edited(layer: nn.Module, index: int, action, adapter: MoEAdapter, hidden_size: int, roles: dict[str, str]) -> nn.Module:
-    """A copy of `layer` with `action` applied (the original stays as read, for the other candidates).
+    """A copy of `layer` with `action` applied (the original stays as read, for the other candidates), rounded as the
+    quantize stage rounds the layer it numbers `position` (`Action`).
 
     Where the action prunes, the copy starts out sharing the routed experts' tensors with `layer`: the
     surgery replaces them by the kept experts' slices (never writing to them), so a candidate costs
@@ -94,7 +100,7 @@ def _edited(layer: nn.Module, index: int, action, adapter: MoEAdapter, hidden_si
     after it is copied before rounding in place."""
     from ..surgery.experts import apply_layer_plan
 
-    _, plan, entry, quantize, group = action
+    _, plan, entry, quantize, group, position = action
     block = adapter.moe_block(layer)
     shared = [t.module._parameters.get(t.name, t.value) for t in adapter.routed_expert_tensors(block)] if entry is not None and block is not None else []
     edited = copy.deepcopy(layer, {id(tensor): tensor for tensor in shared})
@@ -106,7 +112,7 @@ def _edited(layer: nn.Module, index: int, action, adapter: MoEAdapter, hidden_si
             if tensor.data_ptr() in originals:
                 owner, _, attr = name.rpartition(".")
                 setattr(edited.get_submodule(owner), attr, nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad))
-        simulate_layer(edited, index, adapter, quantize, group, roles)
+        simulate_layer(edited, position, adapter, quantize, group, roles)
     return edited
 
 
@@ -141,12 +147,18 @@ def measure_streamed(weights: StreamedWeights, adapter: MoEAdapter, candidates: 
                 for c, path in enumerate(paths):
                     action = actions[c][index]
                     paths[c] = (*path, None if action is None else action[0])
-                    if paths[c] not in new_sets:
-                        edited = layer if action is None else _edited(layer, index, action, adapter, config.hidden_size, roles[index])
-                        new_sets[paths[c]] = _forward(edited, sets[path], inputs.layer_kwargs[index], store, device)
-                        del edited
+                    if paths[c] in new_sets:
+                        continue
+                    if action is BLOCK_DROPPED:  # the block is gone: the next layer reads what this one would have
+                        new_sets[paths[c]] = sets[path]
+                        continue
+                    edited = layer if action is None else _edited(layer, index, action, adapter, config.hidden_size, roles[index])
+                    new_sets[paths[c]] = _forward(edited, sets[path], inputs.layer_kwargs[index], store, device)
+                    del edited
+            handed = {id(handles) for handles in new_sets.values()}
             for handles in sets.values():
-                store.release(handles)
+                if id(handles) not in handed:
+                    store.release(handles)
             sets, original = new_sets, (*original, None)
         totals = [WindowScores() for _ in candidates]
         with weights.loaded_names(stem + head, device):

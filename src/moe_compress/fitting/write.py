@@ -30,8 +30,9 @@ def search_record(result: FitResult) -> dict:
         "kv_cache_bytes": result.kv_bytes,
         "weight_budget": result.weight_budget,
         "chosen": best.name if best else None,
-        # [kept, bits], and {wider bits: the experts at it, numbered as written} where a layer's experts differ
-        "allocation": {str(i): [c.keep, c.bits, *([{str(c.to): list(c.wider)}] if c.wider else [])] for i, c in best.allocation.items()} if best else {},
+        # [kept, bits], and {wider bits: the experts at it, numbered as written} where a layer's experts differ, "block dropped" where its block went
+        "allocation": {str(i): [c.keep, c.bits, *([{str(c.to): list(c.wider)}] if c.wider else []), *([c.label] if c.block else [])]
+                       for i, c in best.allocation.items()} if best else {},
         "other_bits": best.other_bits if best else 16,
         "stages": [{s.kind: s.given()} for s in best.stages] if best else [],
         "candidates": [{"name": c.name, "bytes": c.bytes, "proxy": c.proxy, "kl": c.measured.get("kl")} for c in result.candidates],

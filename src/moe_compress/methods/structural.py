@@ -84,6 +84,17 @@ def plan_moe_drop(model: PreTrainedModel, adapter: MoEAdapter, chosen: list[int]
     return plan
 
 
+def plan_block_drop(model: PreTrainedModel, adapter: MoEAdapter, chosen: list[int]) -> Plan:
+    """The plan dropping exactly the decoder blocks `chosen` (the input's indices), a routed MoE layer left."""
+    layers, moe = adapter.decoder_layers(model), adapter.moe_layer_indices(model)
+    if not set(chosen) <= set(range(len(layers))) or not set(moe) - set(chosen):
+        raise MoECompressError(f"can drop blocks among 0..{len(layers) - 1} but not every MoE layer {moe} (one must keep routing); asked for blocks {chosen}.")
+    plan = Plan(model_type=adapter.model_type, top_k=adapter.top_k(model.config), layers=[], method="block-drop", num_layers=len(layers))
+    plan.dropped_blocks = sorted(chosen)
+    plan.meta = {"dropped_blocks": sorted(chosen)}
+    return plan
+
+
 def plan_drop(
     model: PreTrainedModel,
     adapter: MoEAdapter,

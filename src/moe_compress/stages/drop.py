@@ -23,7 +23,7 @@ from ..finite import require_finite_numbers
 from ..source.open import Streaming
 from ..sink.output_lock import releases_outputs
 from ..source.residency import Weights
-from ..methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_drop, plan_moe_drop
+from ..methods.structural import ConsecutiveScore, Mode, Unit, distance_needed, plan_block_drop, plan_drop, plan_moe_drop
 from ..walk.similarity import observe_similarities
 from ..preflight import Structure, check_drop
 from .options import DropOptions
@@ -56,8 +56,8 @@ def drop(
     """Layer drop (unit="moe": MoE sub-layers) or block drop (unit="block": whole decoder layers).
 
     Scores are residual-stream cosine similarities on calibration data (see
-    `methods.structural`); give `n` units or a `target_ratio` of parameters to remove, or (unit="moe")
-    the `layers` whose MoE sub-layers go -- nothing is then calibrated (what `fit` chose, replayed).
+    `methods.structural`); give `n` units or a `target_ratio` of parameters to remove, or the `layers`
+    whose MoE sub-layers (or, unit="block", whole blocks) go -- nothing is then calibrated (what `fit` chose, replayed).
     `consecutive_score="framework"` scores a consecutive run of n blocks as the unified
     framework's code does, by cos(h_i, h_{i+n+1}).
     """
@@ -76,7 +76,7 @@ def drop(
     if chosen is not None:
         if not distributed.is_main():
             return other_rank_result()
-        plan = plan_moe_drop(model, adapter, chosen)
+        plan = plan_moe_drop(model, adapter, chosen) if unit == "moe" else plan_block_drop(model, adapter, chosen)
         plan.identity = identity
         return apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
     batches = calibration_batches(calib, tokenizer, model.config)
@@ -96,18 +96,34 @@ def drop(
     return apply_and_report(model, adapter, plan, tokenizer, out, overwrite, start, before, False, weights)
 
 
+def original_indices(layers: list[int], gone: list[int]) -> list[int]:
+    """`layers`, numbered as in the model without the blocks `gone` (the original's indices), as the original numbers them."""
+    alive = [i for i in range(max(layers, default=0) + len(gone) + 1) if i not in gone]
+    return [alive[i] for i in layers]
+
+
+def dropped_blocks(stages) -> list[int]:
+    """The decoder blocks, by the input's indices, that `stages` drop by name (each stage's indices are its own input's:
+    an earlier block drop renumbered them): what renumbers the layers of the stages after them."""
+    found: list[int] = []
+    for stage in stages:
+        if isinstance(stage, Drop) and stage.unit == "block" and stage.layers is not None:
+            found = sorted({*found, *original_indices(moe_layers(stage.layers, stage.unit, None, None), found)})
+    return found
+
+
 def moe_layers(layers: list[int] | str | None, unit: str, n: int | None, target_ratio: float | None) -> list[int] | None:
     """`layers` as a sorted list of decoder indices (a command line writes them comma-separated); None where not given."""
     if layers is None:
         return None
-    if unit != "moe" or n is not None or target_ratio is not None:
-        raise MoECompressError(f"{param('layers')} names MoE sub-layers to drop: give it with {param('unit')} moe and without {param('n')} or {param('target_ratio')}.")
+    if n is not None or target_ratio is not None:
+        raise MoECompressError(f"{param('layers')} names the MoE sub-layers (or, {param('unit')} block, the blocks) to drop: give it without {param('n')} or {param('target_ratio')}.")
     try:
         chosen = [int(part) for part in layers.split(",")] if isinstance(layers, str) else [int(layer) for layer in layers]
     except ValueError:
         raise MoECompressError(f"{param('layers')} takes decoder layer indices, comma-separated (e.g. 3,5); got {layers!r}.") from None
     if not chosen or len(set(chosen)) != len(chosen):
-        raise MoECompressError(f"{param('layers')} must name at least one MoE layer, each once; got {layers!r}.")
+        raise MoECompressError(f"{param('layers')} must name at least one {'MoE layer' if unit == 'moe' else 'block'}, each once; got {layers!r}.")
     return sorted(chosen)
 
 
@@ -129,7 +145,9 @@ class Drop(DropOptions, Stage):
         return drop(model, **self.settings(), calib=job.calib, tokenizer=tokenizer, out=job.out, overwrite=job.overwrite, device=job.device)
 
     def check(self, structure: Structure, earlier) -> None:
-        check_drop(structure, self.unit, self.n, self.target_ratio, moe_layers(self.layers, self.unit, self.n, self.target_ratio))
+        """Against the input model, the `layers` as the original numbers them (earlier block drops renumber them)."""
+        chosen = moe_layers(self.layers, self.unit, self.n, self.target_ratio)
+        check_drop(structure, self.unit, self.n, self.target_ratio, chosen and original_indices(chosen, dropped_blocks(earlier)))
 
     def calibrates(self) -> str | None:
         return "score how little each unit changes the residual stream" if self.layers is None else None
@@ -137,13 +155,18 @@ class Drop(DropOptions, Stage):
     def explain(self, structure: Structure) -> list[str]:
         what = "MoE sub-layers (attention stays)" if self.unit == "moe" else f"decoder blocks ({self.mode})"
         if self.layers is not None:
+            what = what if self.unit == "moe" else "decoder blocks"
             return [f"would drop the {what} of layers {', '.join(map(str, moe_layers(self.layers, self.unit, self.n, self.target_ratio)))}"]
         return [f"would drop {self.n} {what}" if self.n is not None else f"would drop enough {what} to remove {self.target_ratio:.0%} of the parameters"]
 
     def predict(self, footprint: Footprint) -> Footprint:
-        """`n` units, the last ones (which ones is decided by calibration); the `layers` named, exactly; a target ratio is not predicted."""
+        """`n` units, the last ones (which ones is decided by calibration); the `layers` named (by the input's indices), exactly;
+        a target ratio is not predicted."""
         if self.layers is not None:
-            return footprint.without_moe_layers(moe_layers(self.layers, self.unit, self.n, self.target_ratio))
+            chosen = moe_layers(self.layers, self.unit, self.n, self.target_ratio)
+            if self.unit == "block":
+                return footprint.without_block_layers(chosen)
+            return footprint.without_moe_layers([footprint.original_layer(i) for i in chosen] if footprint.dropped_blocks else chosen)
         if self.n is None:
             return footprint.with_keep(footprint.keep, exact=False)
         return footprint.without_moe(self.n) if self.unit == "moe" else footprint.without_blocks(self.n)

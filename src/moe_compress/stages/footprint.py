@@ -108,6 +108,18 @@ class Footprint:
         """The MoE sub-layers of `layers` removed (their shared experts with them)."""
         return replace(self, keep={i: k for i, k in self.keep.items() if i not in layers}, exact=self.exact and exact)
 
+    def without_block_layers(self, blocks: Sequence[int]) -> Footprint:
+        """The decoder blocks `blocks` removed (the input's indices, as the footprint's own are: see `original_layer`)."""
+        named = [self.original_layer(i) for i in blocks]
+        return replace(self, keep={i: k for i, k in self.keep.items() if i not in named}, dropped_blocks=self.dropped_blocks | frozenset(named))
+
+    def original_layer(self, index: int) -> int:
+        """The original decoder index of the model's layer `index` once `dropped_blocks` are gone (the footprint keys by the original's)."""
+        alive = [i for i in sorted(self.sizes.blocks) if i not in self.dropped_blocks]
+        if not 0 <= index < len(alive):
+            raise MoECompressError(f"layer {index} is not among the {len(alive)} decoder layers left (0-{len(alive) - 1}).")
+        return alive[index]
+
     def without_blocks(self, count: int) -> Footprint:
         """`count` decoder blocks removed (their MoE layers with them): the last ones, an estimate unless all weigh the same."""
         alive = [i for i in sorted(self.sizes.blocks) if i not in self.dropped_blocks]

@@ -40,7 +40,8 @@ class DropOptions(BaseModel):
     unit: Unit = Field("moe", description="moe: drop MoE sub-layers (attention stays); block: drop whole decoder layers.")
     n: int | None = Field(None, description="How many sub-layers or blocks to drop.")
     layers: list[int] | str | None = Field(None, description=(
-        f"moe only, instead of {param('n')}: exactly these MoE sub-layers (decoder layer indices, comma-separated), nothing calibrated."))
+        f"Instead of {param('n')}: exactly these MoE sub-layers, or with {param('unit')} block these blocks (decoder layer indices, "
+        "comma-separated), nothing calibrated."))
     target_ratio: float | None = Field(None, description=f"Instead of {param('n')}: fraction of all parameters to remove, in (0, 1).")
     mode: Mode = Field("discrete", description="block only: discrete (most similar single blocks) or consecutive (best run).")
     consecutive_score: ConsecutiveScore = Field("span", description=(

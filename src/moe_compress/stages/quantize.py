@@ -46,7 +46,12 @@ class Quantize(QuantizeOptions, Stage):
         check_quantize_options(self.bits, self.scope, self.method, self.group_size, self.expert_bits, self.calibrate_all_experts)
         check_quantizable(structure.model, structure.adapter)
         if self.expert_bits is not None:  # against the input's layers (a pruning stage before may leave fewer experts: `run` checks again)
-            resolve_expert_bits(self.expert_bits, structure.experts, len(structure.adapter.decoder_layers(structure.model)), self.bits)
+            from .drop import dropped_blocks
+
+            gone = dropped_blocks(earlier)  # blocks dropped before renumber the layers expert_bits names
+            alive = [i for i in range(len(structure.adapter.decoder_layers(structure.model))) if i not in gone]
+            experts = {new: structure.experts[old] for new, old in enumerate(alive) if old in structure.experts}
+            resolve_expert_bits(self.expert_bits, experts, len(alive), self.bits)
 
     def calibrates(self) -> str | None:
         if self.method != "autoround":
@@ -68,13 +73,14 @@ class Quantize(QuantizeOptions, Stage):
         return lines
 
     def predict(self, footprint: Footprint) -> Footprint:
-        """The routed experts at `bits`, or at their `expert_bits`, and with scope "all" the other decoder
+        """The routed experts at `bits`, or at their `expert_bits` (numbered as earlier block drops leave the layers), and with scope "all" the other decoder
         weights at `bits` (exact with the default group size, where `CheckpointSizes.others` knows them)."""
         from ..slimming.expert_bits import resolve_expert_bits
 
         result = footprint.with_bits(self.bits)
-        if self.expert_bits is not None:
-            result = result.with_expert_widths(resolve_expert_bits(self.expert_bits, result.keep, len(result.sizes.blocks), self.bits))
+        if self.expert_bits is not None:  # keyed by the layers as the dropped blocks left them; the footprint by the original's
+            named = {footprint.original_layer(layer): value for layer, value in self.expert_bits.items()} if footprint.dropped_blocks else self.expert_bits
+            result = result.with_expert_widths(resolve_expert_bits(named, result.keep, len(result.sizes.blocks), self.bits))
         if self.scope == "all":
             result = result.with_other_bits(self.bits)
         return result if self.group_size is None else result.with_keep(result.keep, exact=False)

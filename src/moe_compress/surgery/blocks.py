@@ -37,7 +37,12 @@ def _ernie_range(is_moe: list[bool]) -> tuple[int, int, int] | None:
 
 
 def renumber_config(config: PretrainedConfig, kept: list[int], was_moe: list[bool]) -> None:
-    """Rewrite `config` (the text config of a multimodal wrapper) in place for a model that keeps decoder layers `kept`."""
+    """Rewrite `config` (the text config of a multimodal wrapper) in place for a model that keeps decoder layers `kept`;
+    the structure a compressed checkpoint records per layer (`config.moe_compress["layers"]`: experts kept, a dropped
+    MoE) is re-keyed too, so that its generated code rebuilds the kept layers as they are."""
+    structure = getattr(config, "moe_compress", None)
+    if isinstance(structure, dict) and isinstance(structure.get("layers"), dict):
+        config.moe_compress = {**structure, "layers": {str(new): structure["layers"][str(old)] for new, old in enumerate(kept) if str(old) in structure["layers"]}}
     config = text_config(config)
     old_count = config.num_hidden_layers
     now_moe = [was_moe[i] for i in kept]
@@ -125,13 +130,9 @@ def _check_rebuilds(model: PreTrainedModel, adapter: MoEAdapter, config: Pretrai
             )
 
 
-def drop_blocks(model: PreTrainedModel, adapter: MoEAdapter, blocks: list[int]) -> None:
-    """Remove decoder layers `blocks` (original indices) in place and renumber the config.
-
-    Every check runs before the model changes, so a refused drop leaves it as it was.
-    """
-    if not blocks:
-        return
+def check_drop_blocks(model: PreTrainedModel, adapter: MoEAdapter, blocks: list[int]) -> None:
+    """Every check `drop_blocks` makes before it changes anything (a meta skeleton will do): raises where the family's
+    config cannot express the model without `blocks`."""
     layers = adapter.decoder_layers(model)
     was_moe = [adapter.moe_block(layer) is not None for layer in layers]
     kept = [i for i in range(len(layers)) if i not in set(blocks)]
@@ -141,6 +142,19 @@ def drop_blocks(model: PreTrainedModel, adapter: MoEAdapter, blocks: list[int]) 
     config = copy.deepcopy(model.config)
     renumber_config(config, kept, was_moe)
     _check_rebuilds(model, adapter, config, kept)
+
+
+def drop_blocks(model: PreTrainedModel, adapter: MoEAdapter, blocks: list[int]) -> None:
+    """Remove decoder layers `blocks` (original indices) in place and renumber the config.
+
+    Every check runs before the model changes (`check_drop_blocks`), so a refused drop leaves it as it was.
+    """
+    if not blocks:
+        return
+    check_drop_blocks(model, adapter, blocks)
+    layers = adapter.decoder_layers(model)
+    was_moe = [adapter.moe_block(layer) is not None for layer in layers]
+    kept = [i for i in range(len(layers)) if i not in set(blocks)]
     remaining = nn.ModuleList([layers[i] for i in kept])
     for new_index, layer in enumerate(remaining):
         for module in layer.modules():

@@ -103,6 +103,16 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def _whole_layer(name: str) -> bool:
+    """Whether statistic `name` holds one value for its decoder layer (`Statistic.sees_block`), not one per expert."""
+    from .statistics import get_statistic
+
+    try:
+        return get_statistic(name).sees_block
+    except KeyError:
+        return False
+
+
 def _layout(stats: Stats) -> dict[str, list]:
     """Per layer, the sorted statistic names (what an entry must hold)."""
     return {str(layer): sorted(named) for layer, named in sorted(stats.items())}
@@ -171,8 +181,8 @@ class StatsCache:
     def _usable(stats: Stats, experts: dict[int, int] | None) -> bool:
         if experts is not None:
             for layer, named in stats.items():
-                # every statistic has the expert dimension first, or [batch, E, E] when stacked per batch
-                if any(experts[layer] not in tuple(value.shape[:2]) for value in named.values()):
+                # every statistic has the expert dimension first, or [batch, E, E] when stacked per batch; a whole layer's is one value
+                if any(experts[layer] not in tuple(value.shape[:2]) for name, value in named.items() if not _whole_layer(name)):
                     return False
         return all(torch.isfinite(v).all() for named in stats.values() for v in named.values() if v.is_floating_point())
 

@@ -25,7 +25,7 @@ from .capture import capture_layer_inputs
 from .activations import Activations, default_activations
 from .experts_forward import ExpertPass, capturing, is_standard_experts, routing_arguments
 from .routed_batch import RoutedBatch
-from .statistics import LayerAccumulator
+from .statistics import BlockPass, LayerAccumulator
 
 
 def to_device(value, device: torch.device):
@@ -149,8 +149,24 @@ def run_sequential(
 
 
 @contextmanager
-def _expert_statistics_hooks(adapter: MoEAdapter, block: nn.Module, accumulator: LayerAccumulator):
-    """Turn each MoE forward of `block` into a `RoutedBatch` for the accumulator.
+def _block_hook(layer: nn.Module, accumulator: LayerAccumulator):
+    """Hand each forward of the decoder `layer` to the accumulator's whole-layer statistics, as a `BlockPass`."""
+
+    def on_layer(_module, args, kwargs, output):
+        before = args[0] if args else kwargs["hidden_states"]
+        accumulator.update_block(BlockPass(before, output[0] if isinstance(output, tuple) else output))
+
+    handle = layer.register_forward_hook(on_layer, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _expert_statistics_hooks(adapter: MoEAdapter, layer: nn.Module, block: nn.Module, accumulator: LayerAccumulator):
+    """Turn each MoE forward of `block` (in decoder `layer`) into a `RoutedBatch` for the accumulator, and each forward
+    of `layer` into a `BlockPass` where a statistic reads the whole layer.
 
     A standard experts module hands over the expert outputs its forward computes anyway
     (`experts_forward.capturing`); any other is observed from a pre-hook, and the
@@ -176,6 +192,8 @@ def _expert_statistics_hooks(adapter: MoEAdapter, block: nn.Module, accumulator:
         accumulator.update(RoutedBatch(x.reshape(-1, x.shape[-1]), last_logits[0], top_idx, top_w, adapter, experts, None, sequence_length[0]))
 
     with ExitStack() as stack:
+        if accumulator.sees_block:
+            stack.enter_context(_block_hook(layer, accumulator))
         for handle in (block.register_forward_pre_hook(on_block, with_kwargs=True), router.register_forward_hook(on_router)):
             stack.callback(handle.remove)
         if accumulator.needs_expert_outputs and is_standard_experts(experts):
@@ -208,7 +226,7 @@ def observe_expert_statistics(
         if block is None:
             return None
         accumulators[index] = LayerAccumulator(names)
-        return _expert_statistics_hooks(adapter, block, accumulators[index])
+        return _expert_statistics_hooks(adapter, layer, block, accumulators[index])
 
     run_sequential(model, adapter, distributed.shard(batches), layer_context, device, description="calibrating", weights=weights)
     for accumulator in accumulators.values():

@@ -33,11 +33,27 @@ class Statistic:
     """
 
     name: str
-    update: Callable[[RoutedBatch], torch.Tensor]
+    update: Callable[..., torch.Tensor]  # RoutedBatch -> part; BlockPass -> part where `sees_block`
     needs_expert_outputs: bool = False
     doc: str = ""
     merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _add
     per_batch: bool = False  # one row per calibration batch, stacked in batch order (not folded)
+    # `update` reads a `BlockPass` (the whole decoder layer's input and output), not the MoE's routed batch: one value per layer
+    sees_block: bool = False
+
+
+@dataclass(frozen=True)
+class BlockPass:
+    """One calibration batch through a whole decoder layer: the hidden states it took and those it gave."""
+
+    before: torch.Tensor
+    after: torch.Tensor
+
+
+def _block_residual_energy(block: BlockPass) -> torch.Tensor:
+    """[1]: sum over the batch's tokens of ||h_out - h_in||^2, what the decoder layer adds to the residual stream
+    (dropping the block removes exactly that)."""
+    return (block.after.double() - block.before.double()).pow(2).sum().reshape(1).cpu()
 
 
 def _max_output_abs(batch: RoutedBatch) -> torch.Tensor:
@@ -150,6 +166,12 @@ STATISTICS: dict[str, Statistic] = {
             doc="per expert: sum over T_e of w_{t,e}^2, and of w_{t,e}^2 f_e(x_t) [E, 1 + H] (w the gate applied)",
         ),
         Statistic(
+            "block_residual_energy",
+            _block_residual_energy,
+            doc="[1]: sum over all tokens of ||h_out - h_in||^2, the whole decoder layer's residual update (what dropping the block removes)",
+            sees_block=True,
+        ),
+        Statistic(
             "output_moments",
             batch_moments,
             needs_expert_outputs=True,
@@ -251,6 +273,11 @@ class LayerAccumulator:
     def needs_expert_outputs(self) -> bool:
         return any(s.needs_expert_outputs for s in self.statistics)
 
+    @property
+    def sees_block(self) -> bool:
+        """Whether a statistic reads the whole decoder layer's input and output (`update_block`)."""
+        return any(s.sees_block for s in self.statistics)
+
     def combine_ranks(self) -> None:
         """Fold in the other ranks' parts of every statistic (exact merges; see `distributed.combine`)."""
         from ..distributed import combine
@@ -259,8 +286,14 @@ class LayerAccumulator:
             self.sums[statistic.name] = combine(self.sums[statistic.name], statistic.merge, statistic.per_batch)
 
     def update(self, batch: RoutedBatch) -> None:
-        for statistic in self.statistics:
-            part = statistic.update(batch)
+        self._fold([s for s in self.statistics if not s.sees_block], batch)
+
+    def update_block(self, block: BlockPass) -> None:
+        self._fold([s for s in self.statistics if s.sees_block], block)
+
+    def _fold(self, statistics: list[Statistic], seen: RoutedBatch | BlockPass) -> None:
+        for statistic in statistics:
+            part = statistic.update(seen)
             name = statistic.name
             self.sums[name] = part if name not in self.sums else statistic.merge(self.sums[name], part)
 
