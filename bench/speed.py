@@ -28,11 +28,18 @@ medians of per-round ratios.
     An earlier record of part (b) kept by hand under `b_previous` (with its `code`) is shown as a line.
     The "profile" and "what is left" sections of speed.md, where (b)'s time goes (`b_profile`) and the fit demo's
     timing (`c_fit_demo`) are lines kept in speed.json (written by hand from the profiles; a new run keeps them).
+(d) Streamed peak RSS of `prune --method reap --ratio 0.25 --streaming on` (16 x 256 calibration tokens,
+    batches of 4, no stats cache) on the part (a) checkpoints at 1 and 8 layers (--memory-layers), with the
+    quality guard off (the prune's own walk and write) and on (the command's default: the guard then
+    walks the input and the output over held-out windows), from `/usr/bin/time -v`. Target: peak <=
+    2 x largest decoder layer + activations + 0.5 GiB, activations = the calibration hidden states the
+    walk holds, two generations (a layer's inputs and outputs) of tokens x hidden size in bf16.
 (c) The demo (scripts/demo.sh minus set-up): `prune ref-mixtral --method reap --ratio 0.25 ...
     --eval bundled`, CPU and wall seconds. Target: <= 2 minutes.
 
     python bench/speed.py                         # all parts, 3 rounds
     python bench/speed.py --parts b --rounds 5    # a subset; results are merged into speed.json
+    python bench/speed.py --parts d               # peak RSS at 1 and 8 layers
 
 Results: bench/results/speed.json and speed.md.
 """
@@ -237,6 +244,36 @@ def part_c(workdir: Path, rounds: int, threads: int) -> dict:
             "median_wall_s": round(statistics.median(r["wall_s"] for r in runs), 1)}
 
 
+MEMORY_PRUNE = ["prune", "--method", "reap", "--ratio", "0.25", "--streaming", "on", "--calib", "bundled", "--samples", "16",
+                "--seq-len", "256", "--batch-size", "4", "--threads", "1", "--no-cache", "--overwrite"]
+
+
+def part_d(workdir: Path, layers: int) -> dict:
+    """Peak RSS of the streamed REAP prune, guard off and on, against 2 x largest layer + activations + 0.5 GiB."""
+    import scale
+
+    scale.VOCAB = FULL_VOCAB
+    source = workdir / f"qwen3_moe-{layers}layers"
+    shutil.rmtree(source, ignore_errors=True)
+    checkpoint_bytes = scale.build_checkpoint(source, "qwen3_moe", layers)
+    try:
+        largest = scale.layer_bytes(source)
+        runs = {}
+        for name, extra in (("guard off", ["--no-guard"]), ("guard on", [])):
+            run = scale.timed([sys.executable, "-m", "moe_compress.cli", MEMORY_PRUNE[0], str(source), *MEMORY_PRUNE[1:],
+                               "--out", str(workdir / "out"), *extra])
+            shutil.rmtree(workdir / "out", ignore_errors=True)
+            if run["exit_code"] != 0:
+                raise RuntimeError(f"{name}: {run['error']}")
+            runs[name] = run
+            print(json.dumps({name: run}), flush=True)
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    activations = 16 * 256 * 2048 * 2 * 2
+    return {"layers": layers, "checkpoint_bytes": checkpoint_bytes, "layer_bytes": largest, "activation_bytes": activations,
+            "target_bytes": 2 * largest + activations + 2**29, "runs": runs}
+
+
 def markdown(report: dict) -> str:
     def cells(runs: list[dict], kind: str, key: str | None = "cpu_s") -> str:
         return ", ".join(f"{(r[kind][key] if key else r[kind]):.1f}" for r in runs)
@@ -311,6 +348,20 @@ def markdown(report: dict) -> str:
         lines += ["## (c) The demo minus set-up: `moe-compress " + " ".join(DEMO) + " --out ...`", "",
                   f"CPU s per round: {cells(c['rounds'], 'cpu_s', None)}; wall s: {cells(c['rounds'], 'wall_s', None)}. Median CPU **{c['median_cpu_s']} s**, "
                   f"median wall {c['median_wall_s']} s on the loaded machine (target <= 120 s).", ""]
+    memory = [report[k] for k in sorted((k for k in report if k.startswith("d_")), key=lambda k: int(k[2:]))]
+    if memory:
+        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        lines += ["## (d) Streamed peak RSS: `moe-compress " + " ".join([MEMORY_PRUNE[0], "CHECKPOINT", *MEMORY_PRUNE[1:]]) + " --out ...`", "",
+                  "Qwen3-30B-A3B-shaped, full vocabulary, as part (a). Target: 2 x largest decoder layer + activations (two generations "
+                  "of the calibration hidden states, bf16) + 0.5 GiB. Peak RSS from `/usr/bin/time -v`, one run each.", "",
+                  "| layers | checkpoint GiB | largest layer GiB | activations GiB | target GiB | guard | peak RSS GiB | within target |",
+                  "|---:|---:|---:|---:|---:|---|---:|---|"]
+        for d in memory:
+            for name, run in d["runs"].items():
+                lines.append(f"| {d['layers']} | {gib(d['checkpoint_bytes'])} | {gib(d['layer_bytes'])} | {gib(d['activation_bytes'])} | "
+                             f"{gib(d['target_bytes'])} | {name} | {gib(run['peak_rss_bytes'])} | "
+                             f"{'yes' if run['peak_rss_bytes'] <= d['target_bytes'] else 'no'} |")
+        lines.append("")
     if report.get("c_fit_demo"):
         lines += [*report["c_fit_demo"], ""]
     for section in ("profile", "what is left"):
@@ -323,6 +374,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="a,b,c")
     parser.add_argument("--layers", default="2", help="decoder layers of the synthetic checkpoints, comma-separated (part a)")
+    parser.add_argument("--memory-layers", default="1,8", help="decoder layers of the checkpoints part (d) measures, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/work/scratch-speed"))
@@ -351,6 +403,10 @@ def main() -> None:
     if "c" in parts:
         report["c"] = part_c(args.workdir, args.rounds, args.threads)
         save()
+    if "d" in parts:
+        for layers in (int(n) for n in args.memory_layers.split(",")):
+            report[f"d_{layers}"] = part_d(args.workdir, layers)
+            save()
     if "a" in parts:
         for layers in (int(n) for n in args.layers.split(",")):
             report[f"a_{layers}"] = part_a(args.workdir, layers, args.rounds, args.threads, args.baseline, args.cold)
