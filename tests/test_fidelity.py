@@ -123,9 +123,9 @@ def _recorded_blocks(monkeypatch) -> list[int]:
 
     sizes, add = [], FidelityTotals.add
 
-    def recording(self, mine, reference, targets=None):
+    def recording(self, mine, reference, targets=None, consume=False):
         sizes.append(max(t.numel() * t.element_size() for t in (mine, reference)))
-        add(self, mine, reference, targets)
+        add(self, mine, reference, targets, consume)
 
     monkeypatch.setattr(FidelityTotals, "add", recording)
     return sizes
@@ -150,8 +150,9 @@ def test_log_probabilities_in_blocks_within_the_budget_give_the_unblocked_number
 
 
 def test_a_streamed_comparison_reads_each_checkpoint_once_whatever_the_batches(tmp_path, monkeypatch):
-    """Three batches whose log-probabilities exceed the budget: each layer, the stem and the head of each checkpoint
-    are still read once (a walk per model, then both heads), and the numbers are the in-memory ones."""
+    """Three batches whose log-probabilities exceed the budget: each layer and the stem of each checkpoint are still read
+    once (a walk per model, then both stems), the head once for both (the prune left it as it was), and the numbers are
+    the in-memory ones."""
     from moe_compress.source.load import load_model, load_streamed
     from moe_compress.source.residency import StreamedWeights
 
@@ -176,7 +177,7 @@ def test_a_streamed_comparison_reads_each_checkpoint_once_whatever_the_batches(t
         assert len(read) == 1 + layers + 1  # stem (the walk), each decoder layer, stem and head (the logits)
         for index in range(layers):
             assert sum(any(n.startswith(f"model.layers.{index}.") for n in names) for names in read) == 1
-        assert sum("lm_head.weight" in names for names in read) == 1
+        assert sum("lm_head.weight" in names for names in read) == (weights is theirs)  # the pruned copy's is the original's
     assert len(sizes) == 3 * 2 * 3 and max(sizes) <= budget
     assert streamed[0].tokens == in_memory[0].tokens == 6 * 9 and streamed[0].top1_agreement == in_memory[0].top1_agreement
     assert streamed[0].kl == pytest.approx(in_memory[0].kl, rel=1e-5)

@@ -8,19 +8,21 @@ once, not N times -- but all sequences' hidden states are held between layers.
 
 The walk and the head are two steps (`BatchLogits.walk`, `BatchLogits.head`) so that a comparison
 of two models walks both first and then holds both heads, one batch's logits per side at a time:
-each checkpoint is read once, and no model's logits are held for more than the batch at hand.
+each checkpoint is read once, and no model's logits are held for more than the batch at hand. A head
+stored alike in both checkpoints is held once (`head(like=...)`, `source.identical`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from ..arch.registry import get_adapter
+from ..source.identical import identical_names
 from ..source.residency import Weights, split_names
 from ..walk.capture import logits_from_final_hidden
 from ..walk.observer import embedding_lookups, run_sequential
@@ -48,9 +50,11 @@ class BatchLogits:
         return cls(model, batches, weights, device, final)
 
     @contextmanager
-    def head(self) -> Iterator[Callable[[int], torch.Tensor]]:
+    def head(self, like: BatchLogits | None = None) -> Iterator[Callable[[int], torch.Tensor]]:
         """A function batch index -> logits [b, s, V]; streamed, the stem and head are read for the block's duration. The
-        input embedding is only looked up in, so only the batches' rows of it are read, unless the head is that same table."""
+        input embedding is only looked up in, so only the batches' rows of it are read, unless the head is that same table.
+        `like`: another model's streamed batches whose head block is open: head tensors stored alike in both checkpoints
+        (`source.identical`: a stage that never touched them) are its resident ones, not a second copy."""
         if self.final is None:
             model_device = next(self.model.parameters()).device
             yield lambda index: self.model(input_ids=self.batches[index].to(model_device), use_cache=False).logits
@@ -59,8 +63,13 @@ class BatchLogits:
         stem, _, head = split_names(self.model, adapter, self.model.state_dict(keep_vars=True))
         tied = getattr(self.model.get_output_embeddings(), "weight", None) is getattr(self.model.get_input_embeddings(), "weight", False)
         lookups = {} if tied else embedding_lookups(self.model, self.batches)
-        with self.weights.loaded_names(stem + head, self.device, lookups):
-            yield lambda index: logits_from_final_hidden(self.model, adapter, self.batches[index], self.final[index])
+        shared = identical_names(self.weights, like.weights, head) if like is not None and like.final is not None and like.device == self.device else []
+        try:
+            with self.weights.loaded_names(stem + [name for name in head if name not in shared], self.device, lookups), \
+                    (self.weights.borrowed(shared, like.weights) if shared else nullcontext()):
+                yield lambda index: logits_from_final_hidden(self.model, adapter, self.batches[index], self.final[index])
+        finally:
+            self.weights.drop_buffers()  # the head is the walk's last read: nothing follows that could reuse it
 
 
 @torch.no_grad()

@@ -96,6 +96,7 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
         yield group, False
         del group
     yield _part_group(weights, head)
+    weights.drop_buffers()  # the head was the last read: kept for a next layer, it sat on whatever follows the write (the guard)
     yield from carried_groups(weights.checkpoint, weights.carried, [plan] if plan else [], adapter, len(layers))
 
 

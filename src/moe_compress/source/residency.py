@@ -329,6 +329,19 @@ class StreamedWeights:
         """Free the buffers released tensors left for the next layer (`source.buffers`): a walk that ends has no next layer."""
         self._buffers.clear()
 
+    @contextmanager
+    def borrowed(self, names: list[str], other: StreamedWeights) -> Iterator[None]:
+        """`other`'s resident tensors behind `names` as this skeleton's too, for the block: one copy for two models
+        whose tensors are the same (`source.identical`). Nothing is read, and nothing goes to this pool afterwards."""
+        theirs, mine = other.model.state_dict(keep_vars=True), self.model.state_dict(keep_vars=True)
+        for name in names:
+            self._set(name, _like(mine[name], theirs[name].detach()))
+        try:
+            yield
+        finally:
+            for name in names:
+                self._set(name, mine[name])
+
     def missing(self, names: list[str]) -> list[str]:
         """Names among `names` that are still on the meta device (not in the checkpoint)."""
         state = self.model.state_dict(keep_vars=True)
