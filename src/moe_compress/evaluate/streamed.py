@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..arch.registry import get_adapter
+from ..source.allocator import trim_heap
 from ..source.identical import identical_names
 from ..source.residency import Weights, split_names
 from ..walk.capture import logits_from_final_hidden
@@ -64,6 +65,7 @@ class BatchLogits:
         tied = getattr(self.model.get_output_embeddings(), "weight", None) is getattr(self.model.get_input_embeddings(), "weight", False)
         lookups = {} if tied else embedding_lookups(self.model, self.batches)
         shared = identical_names(self.weights, like.weights, head) if like is not None and like.final is not None and like.device == self.device else []
+        trim_heap()  # what the walks freed back to the system before the head and a batch's logits take their place
         try:
             with self.weights.loaded_names(stem + [name for name in head if name not in shared], self.device, lookups), \
                     (self.weights.borrowed(shared, like.weights) if shared else nullcontext()):
