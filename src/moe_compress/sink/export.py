@@ -8,7 +8,9 @@ pruned with the plan where they hold experts. Both sources go through the same w
 
 * `memory_groups`: the model is in memory and already compressed;
 * `streamed_groups`: each layer is read from the checkpoint, compressed by
-  the plan's layer surgery (`surgery.experts.apply_layer_plan`, passed in), handed to the writer and dropped before the next one is read.
+  the plan's layer surgery (`surgery.experts.apply_layer_plan`, passed in), handed to the writer and dropped before the next one is read;
+* `walk_groups`: each layer is written during a layer walk's visit (slimming; a prune planned during its
+  calibration walk, `engine.fused`).
 
 A streamed and an in-memory run therefore write the same bytes.
 """
@@ -81,22 +83,29 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
     prefix = layers_prefix(model, adapter)
     dropped = set(plan.dropped_blocks) if plan else set()
     decisions = {lp.layer: lp for lp in plan.layers} if plan else {}
+    hidden_size = model.config.get_text_config().hidden_size
     kept = [i for i in range(len(layers)) if i not in dropped]
     for new_index, index in enumerate(kept):
-        original = layers[index]
-        work = copy.deepcopy(original)  # meta: costs nothing; the skeleton keeps its original layer
-        layers[index] = work
-        try:
-            weights.materialize(weights.state_names(work))
+        with weights.loaded(layers[index]) as layer:
             if index in decisions:
-                apply_layer(work, adapter, plan, decisions[index], model.config.get_text_config().hidden_size)
-            group = {f"{prefix}.{new_index}.{name}": value for name, value in work.state_dict().items()}
-        finally:
-            layers[index] = original
+                layer = compressed_copy(layer, adapter, plan, decisions[index], apply_layer, hidden_size)
+            group = {f"{prefix}.{new_index}.{name}": value for name, value in layer.state_dict().items()}
         yield group, False
         del group
     yield _part_group(weights, head)
     yield from carried_groups(weights.checkpoint, weights.carried, [plan] if plan else [], adapter, len(layers))
+
+
+def compressed_copy(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: LayerPlan, apply_layer: LayerSurgery, hidden_size: int) -> nn.Module:
+    """A copy of `layer` with `lp`'s surgery applied; `layer` itself (the skeleton's, loaded or not) is left as it was.
+
+    The copy shares every tensor of `layer` (surgery replaces tensors, never changes one in place), so a
+    materialised layer costs no second copy of its weights: what the plan keeps unchanged is written from
+    the very memory the layer was read into.
+    """
+    work = copy.deepcopy(layer, memo={id(t): t for t in (*layer.parameters(), *layer.buffers())})
+    apply_layer(work, adapter, plan, lp, hidden_size)
+    return work
 
 
 def keeps_stored_format(plan: Plan | None, output_model: PreTrainedModel) -> bool:
@@ -161,9 +170,12 @@ def _renumber(key: str, pattern: re.Pattern, old: int, new: int) -> str:
     return key[: found.start(found.lastindex)] + str(new) + key[found.end(found.lastindex) :]
 
 
-def walk_groups(weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tuple[int, nn.Module]]) -> Iterator[Group]:
-    """The groups of a model that a layer walk changes in place (slimming): each layer is written
-    during its visit, while the walk still holds it."""
+def walk_groups(
+    weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tuple[int, nn.Module]], plans: Callable[[], list[Plan]] | None = None,
+) -> Iterator[Group]:
+    """The groups of a model that a layer walk changes (slimming in place; a fused prune, `engine.fused`, in
+    copies): each layer is written during its visit, while the walk still holds it. `plans()`, asked once
+    the walk is over, are those the carried tensors are pruned with (none for slimming)."""
     model = weights.model
     stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
     prefix = layers_prefix(model, adapter)
@@ -171,7 +183,7 @@ def walk_groups(weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tu
     for index, layer in walk:
         yield {f"{prefix}.{index}.{name}": value for name, value in layer.state_dict().items()}, False
     yield _part_group(weights, head)
-    yield from carried_groups(weights.checkpoint, weights.carried, [], adapter, len(adapter.decoder_layers(model)))
+    yield from carried_groups(weights.checkpoint, weights.carried, plans() if plans else [], adapter, len(adapter.decoder_layers(model)))
 
 
 def carried_keys(model: PreTrainedModel, weights: StreamedWeights | None = None) -> list[str]:
