@@ -83,13 +83,19 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
     prefix = layers_prefix(model, adapter)
     dropped = set(plan.dropped_blocks) if plan else set()
     decisions = {lp.layer: lp for lp in plan.layers} if plan else {}
-    hidden_size = model.config.get_text_config().hidden_size
     kept = [i for i in range(len(layers)) if i not in dropped]
     for new_index, index in enumerate(kept):
-        with weights.loaded(layers[index]) as layer:
+        original = layers[index]
+        work = copy.deepcopy(original)  # meta: costs nothing; the skeleton keeps its original layer
+        layers[index] = work
+        try:
+            weights.materialize(weights.state_names(work))
+            # in place: each tensor the surgery replaces is freed as soon as its slice exists (`compressed_copy` keeps both)
             if index in decisions:
-                layer = compressed_copy(layer, adapter, plan, decisions[index], apply_layer, hidden_size)
-            group = {f"{prefix}.{new_index}.{name}": value for name, value in layer.state_dict().items()}
+                apply_layer(work, adapter, plan, decisions[index], model.config.get_text_config().hidden_size)
+            group = {f"{prefix}.{new_index}.{name}": value for name, value in work.state_dict().items()}
+        finally:
+            layers[index] = original
         yield group, False
         del group
     yield _part_group(weights, head)
@@ -99,9 +105,10 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
 def compressed_copy(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: LayerPlan, apply_layer: LayerSurgery, hidden_size: int) -> nn.Module:
     """A copy of `layer` with `lp`'s surgery applied; `layer` itself (the skeleton's, loaded or not) is left as it was.
 
-    The copy shares every tensor of `layer` (surgery replaces tensors, never changes one in place), so a
-    materialised layer costs no second copy of its weights: what the plan keeps unchanged is written from
-    the very memory the layer was read into.
+    The copy shares every tensor of `layer` (surgery replaces tensors, never changes one in place): what the
+    plan keeps unchanged is written from the very memory the layer was read into. The replaced originals stay
+    alive beside their slices while `layer` holds them (a fused prune's walk does), which costs the sliced
+    tensors' size in peak memory over surgery in place.
     """
     work = copy.deepcopy(layer, memo={id(t): t for t in (*layer.parameters(), *layer.buffers())})
     apply_layer(work, adapter, plan, lp, hidden_size)
@@ -182,6 +189,7 @@ def walk_groups(
     yield _part_group(weights, stem)
     for index, layer in walk:
         yield {f"{prefix}.{index}.{name}": value for name, value in layer.state_dict().items()}, False
+        del layer  # a pruned copy would otherwise stay alive through the walk's visit of the next layer
     yield _part_group(weights, head)
     yield from carried_groups(weights.checkpoint, weights.carried, plans() if plans else [], adapter, len(adapter.decoder_layers(model)))
 
