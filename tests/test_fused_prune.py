@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from moe_compress.methods import METHODS, PlanRequest
 from moe_compress.methods.registry import PROTECT
 from moe_compress.methods.super_experts import considered_layers
 from moe_compress.source.load import load_model
+from moe_compress.sink.writer import ShardWriter
 from moe_compress.source.residency import StreamedWeights
 from moe_compress.stages.prune import prune
 from moe_compress import get_adapter
@@ -96,6 +98,36 @@ def test_a_fused_prune_writes_the_bytes_of_the_two_pass_and_in_memory_ones(check
     assert set(runs.reads["two-pass"].values()) == {2}, "the two-pass path reads every layer tensor twice"
     if options.get(PROTECT) is False:
         assert set(runs.reads["fused"].values()) == {1}, "without the guard every layer is settled during its visit: read once"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_fused_prune_frees_what_it_cuts_away_and_holds_no_written_layer_when_it_reads_the_next(checkpoints, tmp_path, monkeypatch, family):
+    """Its peak memory is the two-pass path's (issue #24): each tensor the surgery replaces is freed as its
+    replacement comes into being (the walk does not keep the original beside its slice), and nothing of a cut
+    layer -- what was replaced, what was written -- is alive when the next tensors are read (no frame, writer or
+    buffer pool keeps it). Seen through weak references to the tensors' storages; every group is written at once
+    (the writer otherwise holds a tiny model's groups until a shard fills up)."""
+    monkeypatch.setattr(ShardWriter.__init__, "__defaults__", (1,))
+    cut_layers: list[weakref.ref] = []
+    real_cut, real_read = fused.apply_layer_plan, StreamedWeights.materialize
+
+    def cut(layer, *args):
+        before = [weakref.ref(t.untyped_storage()) for t in layer.state_dict().values()]
+        real_cut(layer, *args)
+        kept = {id(t.untyped_storage()) for t in layer.state_dict().values()}
+        replaced = [ref for ref in before if id(ref()) not in kept]
+        assert replaced and all(ref() is None for ref in replaced), "replaced tensors outlive the surgery"
+        cut_layers.extend([*before, *(weakref.ref(t.untyped_storage()) for t in layer.state_dict().values())])
+
+    def read(weights, names, *args, **kw):
+        assert all(ref() is None for ref in cut_layers), "a cut layer's tensors are alive when the next tensors are read"
+        return real_read(weights, names, *args, **kw)
+
+    monkeypatch.setattr(fused, "apply_layer_plan", cut)
+    monkeypatch.setattr(StreamedWeights, "materialize", read)
+    prune(checkpoints / family, "reap", 0.5, "layer", token_batches(), out=tmp_path / "out", cache_dir=False, streaming=True,
+          options={PROTECT: False})
+    assert cut_layers, "the prune fused"
 
 
 def test_an_explicit_budget_fuses_to_the_same_bytes(checkpoints, tmp_path, monkeypatch):

@@ -5,9 +5,11 @@ The general streamed prune (`engine.finish`) calibrates over every layer, plans 
 statistics, then reads every layer again to write it (`sink.export.streamed_groups`). When the
 plan of layer i depends only on layer i's statistics, that second read buys nothing: once the
 layer has seen every calibration batch (its outputs, the next layer's inputs, come from the
-original layer as before), its statistics are final, its plan is made, a copy of it is cut
-(`sink.export.compressed_copy`, sharing the unchanged tensors) and handed to the shard writer
-through `sink.export.walk_groups` -- the shape slimming writes in.
+original layer as before), its statistics are final, its plan is made, and it is cut and handed to
+the shard writer through `sink.export.walk_groups` -- the shape slimming writes in. The cut is made
+in place on a copy that takes the layer's tensors over (`StreamedWeights.take_over`): each replaced
+expert tensor is freed as soon as its slice exists, so cutting costs no more memory than the
+two-pass path's surgery on a layer it read again.
 
 One thing in a layer plan is not the layer's own: the super-expert guard (`methods.super_experts`)
 protects experts above a threshold taken over the first 75 % of the layers. `LayerPlanner` settles
@@ -38,9 +40,9 @@ from ..methods.registry import PROTECT, Method
 from ..methods.super_experts import STATISTIC, considered_layers, threshold_floor
 from ..plan import LayerPlan, Plan
 from ..runtime import OUTPUT_FORMAT_KEY, is_substitution
-from ..sink.export import compressed_copy, walk_groups
+from ..sink.export import walk_groups
 from ..sink.save import save_with_summary
-from ..source.residency import Weights
+from ..source.residency import StreamedWeights, Weights
 from ..surgery.experts import apply_layer_plan, apply_plan
 from ..walk.observer import ExpertObserver, LayerWalk
 from .finish import CompressionResult, outcome_summary
@@ -117,7 +119,7 @@ class FusedPrune:
     written early against it and applies it to the output skeleton; it runs once the walk is over."""
 
     def __init__(self, walk: LayerWalk, observer: ExpertObserver, observation: Observation, planner: LayerPlanner,
-                 weights: Weights, adapter: MoEAdapter):
+                 weights: StreamedWeights, adapter: MoEAdapter):
         self.walk, self.observer, self.observation, self.planner = walk, observer, observation, planner
         self.weights, self.adapter = weights, adapter
         self.hidden_size = text_config(weights.model.config).hidden_size
@@ -150,7 +152,11 @@ class FusedPrune:
             yield from self._reread(index, self.plan if index in self.seen else None)
 
     def _cut(self, layer: nn.Module, plan: Plan | None, index: int) -> nn.Module:
-        return layer if plan is None else compressed_copy(layer, self.adapter, plan, entry(plan, index), apply_layer_plan, self.hidden_size)
+        if plan is None:
+            return layer
+        work = self.weights.take_over(layer)  # the walk no longer needs it: cut in place, each original freed by its slice
+        apply_layer_plan(work, self.adapter, plan, entry(plan, index), self.hidden_size)
+        return work
 
     def _reread(self, index: int, plan: Plan | None) -> Iterator[tuple[int, nn.Module]]:
         with self.weights.loaded(self.adapter.decoder_layers(self.weights.model)[index]) as layer:
@@ -203,4 +209,5 @@ def _conversions_of(source: nn.Module, output: nn.Module, groups: Iterator) -> I
         if "_weight_conversions" in source.__dict__:
             output._weight_conversions = source._weight_conversions
         yield group
+        del group  # else this frame keeps the written layer alive through the walk's visit of the next one
 

@@ -90,7 +90,7 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
         layers[index] = work
         try:
             weights.materialize(weights.state_names(work))
-            # in place: each tensor the surgery replaces is freed as soon as its slice exists (`compressed_copy` keeps both)
+            # in place: each tensor the surgery replaces is freed as soon as its slice exists
             if index in decisions:
                 apply_layer(work, adapter, plan, decisions[index], model.config.get_text_config().hidden_size)
             group = {f"{prefix}.{new_index}.{name}": value for name, value in work.state_dict().items()}
@@ -100,19 +100,6 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
         del group
     yield _part_group(weights, head)
     yield from carried_groups(weights.checkpoint, weights.carried, [plan] if plan else [], adapter, len(layers))
-
-
-def compressed_copy(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: LayerPlan, apply_layer: LayerSurgery, hidden_size: int) -> nn.Module:
-    """A copy of `layer` with `lp`'s surgery applied; `layer` itself (the skeleton's, loaded or not) is left as it was.
-
-    The copy shares every tensor of `layer` (surgery replaces tensors, never changes one in place): what the
-    plan keeps unchanged is written from the very memory the layer was read into. The replaced originals stay
-    alive beside their slices while `layer` holds them (a fused prune's walk does), which costs the sliced
-    tensors' size in peak memory over surgery in place.
-    """
-    work = copy.deepcopy(layer, memo={id(t): t for t in (*layer.parameters(), *layer.buffers())})
-    apply_layer(work, adapter, plan, lp, hidden_size)
-    return work
 
 
 def keeps_stored_format(plan: Plan | None, output_model: PreTrainedModel) -> bool:
