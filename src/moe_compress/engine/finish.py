@@ -79,8 +79,20 @@ def apply_and_report(
                 stored_format = f"{method}, as stored (experts sliced with their scales)"
             else:
                 stored_format = f"{model.dtype} (dequantised: a {method} checkpoint keeps its format only under plans that keep or remove whole experts and blocks into a stock checkpoint)"
-    after = model_size(model, adapter)
-    summary = {
+    summary = outcome_summary(model, adapter, plan, before, from_cache, weights.streamed, len(carried), stored_format, start)
+    if outcomes:
+        summary["uniform"] = outcomes
+    output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite, groups)
+    distributed.barrier()
+    return CompressionResult(None if weights.streamed else model, plan, summary, output_dir, global_plan)
+
+
+
+
+def outcome_summary(output, adapter, plan: Plan, before, from_cache: bool, streamed: bool, carried: int, stored_format: str, start: float) -> dict:
+    """What a structural stage reports of `output`, the model `plan` was applied to (or its skeleton)."""
+    after = model_size(output, adapter)
+    return {
         "method": plan.method,
         "ratio": plan.ratio,
         "budget": plan.budget,
@@ -92,17 +104,10 @@ def apply_and_report(
         "bytes_before": before.bytes,
         "bytes_after": after.bytes,
         "statistics_from_cache": from_cache,
-        "streamed": weights.streamed,
+        "streamed": streamed,
         # checkpoint tensors transformers does not load (e.g. multi-token-prediction layers), carried into the output
-        "carried_tensors": len(carried),
+        "carried_tensors": carried,
         "weights_format": stored_format,
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    if outcomes:
-        summary["uniform"] = outcomes
-    output_dir = save_with_summary(model, out, tokenizer, plan, summary, overwrite, groups)
-    distributed.barrier()
-    return CompressionResult(None if weights.streamed else model, plan, summary, output_dir, global_plan)
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +37,57 @@ def superset_statistics(names: tuple[str, ...] | list[str] = ()) -> tuple[str, .
     return tuple(sorted(union))
 
 
+@dataclass(frozen=True)
+class Observation:
+    """What a calibration pass that missed the cache observes (`observed`: the superset when caching) and
+    how its result is kept: `finish` checks it, caches it (rank 0) and returns the statistics asked for."""
+
+    names: tuple[str, ...]
+    observed: tuple[str, ...]
+    cache: StatsCache | None
+    key: str
+
+    def finish(self, stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+        require_finite_statistics(stats)
+        if self.cache and distributed.is_main():
+            self.cache.save(self.key, stats)
+        return {layer: self.asked(named) for layer, named in stats.items()}
+
+    def observe(self, model: PreTrainedModel, batches: list[torch.Tensor], device: str = "cpu", weights: Weights | None = None) -> dict[int, dict[str, torch.Tensor]]:
+        """Walk the calibration data through `model` for the statistics observed, then `finish`."""
+        return self.finish(observe_expert_statistics(model, get_adapter(model), batches, self.observed, device, weights))
+
+    def asked(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One layer's statistics, restricted to those asked for."""
+        return {name: named[name] for name in self.names}
+
+
+def look_up_statistics(
+    model: PreTrainedModel,
+    batches: list[torch.Tensor],
+    names: tuple[str, ...],
+    cache_dir: str | Path | None | bool = None,
+    weights: Weights | None = None,
+    fingerprint: str | None = None,
+    superset: bool = True,
+) -> tuple[dict[int, dict[str, torch.Tensor]] | None, Observation]:
+    """The cached statistics `names` of this model and data (None on a miss), and the observation a miss needs
+    (see `collect_statistics`, which is this followed by that observation)."""
+    adapter = get_adapter(model)
+    names = tuple(sorted(set(names) | {"tokens"}))
+    cache = None if cache_dir is False else StatsCache(cache_dir or None)
+    expected = router_rows(model, adapter)
+    key = ""
+    if cache:
+        fingerprint = fingerprint or weights_fingerprint(model, weights)[0]
+        key = cache_key(fingerprint, batches_fingerprint(batches), config_fingerprint(model.config))
+    cached = cache.load(key, expected, names) if cache else None
+    observation = Observation(names, superset_statistics(names) if cache and superset else names, cache, key)
+    if distributed.combine(torch.tensor([cached is not None], dtype=torch.int64), torch.minimum).item():
+        return cached, observation
+    return None, observation
+
+
 def collect_statistics(
     model: PreTrainedModel,
     batches: list[torch.Tensor],
@@ -57,22 +109,7 @@ def collect_statistics(
     and expert counts is recomputed, never half-used.
     Under torchrun the cache is used only if every rank finds the entry; rank 0 writes it.
     """
-    adapter = get_adapter(model)
-    names = tuple(sorted(set(names) | {"tokens"}))
-    cache = None if cache_dir is False else StatsCache(cache_dir or None)
-    expected = router_rows(model, adapter)
-    key = ""
-    if cache:
-        fingerprint = fingerprint or weights_fingerprint(model, weights)[0]
-        key = cache_key(fingerprint, batches_fingerprint(batches), config_fingerprint(model.config))
-    cached = cache.load(key, expected, names) if cache else None
-    if distributed.combine(torch.tensor([cached is not None], dtype=torch.int64), torch.minimum).item():
+    cached, observation = look_up_statistics(model, batches, names, cache_dir, weights, fingerprint, superset)
+    if cached is not None:
         return cached, True
-    observed = superset_statistics(names) if cache and superset else names
-    stats = observe_expert_statistics(model, adapter, batches, observed, device, weights)
-    require_finite_statistics(stats)
-    if cache and distributed.is_main():
-        cache.save(key, stats)
-    return {layer: {name: named[name] for name in names} for layer, named in stats.items()}, False
-
-
+    return observation.observe(model, batches, device, weights), False

@@ -197,5 +197,6 @@ register(
             "stage1_rate": "stage-1 prune rate (default: the ratio per layer, or 1 - sqrt(1 - ratio) with a global budget)",
             "stage2_rate": "stage-2 prune rate of the survivors (default: whatever reaches the ratio)",
         },
+        layer_local=True,
     )
 )

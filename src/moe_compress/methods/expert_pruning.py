@@ -72,7 +72,7 @@ def _criterion_method(criterion: str) -> Method:
             request.adapter, request.config, request.stats, criterion, request.ratio, request.budget, request.min_keep, request.keep
         )
 
-    return Method(criterion, CRITERIA[criterion].statistics, plan, CRITERIA[criterion].doc)
+    return Method(criterion, CRITERIA[criterion].statistics, plan, CRITERIA[criterion].doc, layer_local=True)
 
 
 def _reap_statistics(options: dict) -> tuple[str, ...]:
@@ -107,5 +107,6 @@ register(
         "reap", _reap_statistics, plan_reap, CRITERIA["reap"].doc + "; top-k gates renormalised as the model does",
         options={"renormalize": "model"},
         option_help={"renormalize": "renormalise the top-k gates as the model does (model, the authors' rule), always (true) or never (false)"},
+        layer_local=True,
     )
 )

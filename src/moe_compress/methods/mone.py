@@ -216,5 +216,6 @@ register(
             "output_format": "pruned (generated modelling code's layout) or expert-substitution (vLLM #50415 / llm-compressor #2906: full routers, constants)",
         },
         substitutes=True,
+        layer_local=True,
     )
 )

@@ -74,6 +74,10 @@ class Method:
     #: Removed experts become constants (MoNE's novices): every router row stays, and one vector per
     #: removed expert and a slot map per layer are written (`stages.sizes.candidate_bytes`).
     substitutes: bool = False
+    #: Under a layer or an explicit budget, each layer's plan reads that layer's statistics alone (the super-expert
+    #: guard aside, which `engine.fused` settles itself): a streamed prune may then plan and write each layer during
+    #: its calibration walk. tests/test_fused_prune.py checks the claim for every method that makes it.
+    layer_local: bool = False
 
     def resolved_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
         options = dict(options or {})

@@ -36,16 +36,33 @@ SHARE_OF_MAX = 0.1
 INCLUDE_LAYERS = 0.75
 
 
+def considered_layers(num_layers: int) -> int:
+    """Decoder layers below this index are searched for super experts; the others never have any."""
+    return round(num_layers * INCLUDE_LAYERS)
+
+
+def _threshold(flat: np.ndarray) -> float:
+    return max(float(np.percentile(flat, QUANTILE)), float(flat.max()) * SHARE_OF_MAX)
+
+
 def find_super_experts(stats: dict[int, dict[str, torch.Tensor]], num_layers: int) -> dict[int, list[int]]:
     """Super experts per MoE layer (layers without any are absent)."""
-    include = round(num_layers * INCLUDE_LAYERS)
+    include = considered_layers(num_layers)
     values = {layer: s[STATISTIC].double() for layer, s in stats.items() if layer < include}
     if not values:
         return {}
-    flat = torch.cat(list(values.values())).numpy()
-    threshold = max(float(np.percentile(flat, QUANTILE)), float(flat.max()) * SHARE_OF_MAX)
+    threshold = _threshold(torch.cat(list(values.values())).numpy())
     found = {layer: [int(e) for e in (v > threshold).nonzero().flatten()] for layer, v in values.items()}
     return {layer: experts for layer, experts in found.items() if experts}
+
+
+def threshold_floor(seen: list[torch.Tensor], total: int) -> float:
+    """A lower bound of `find_super_experts`' threshold when only the maxima `seen` of the `total` considered experts
+    are known (what a walk has observed so far): the unknown ones are >= 0 (absolute values), and neither a
+    percentile nor a maximum rises when a value falls, so taking them as 0 bounds the final threshold from below.
+    An expert whose maximum is at most this is no super expert, whatever the layers still to come hold."""
+    flat = torch.cat([*(v.double() for v in seen), torch.zeros(total - sum(v.numel() for v in seen), dtype=torch.float64)])
+    return _threshold(flat.numpy())
 
 
 def _group_of(expert: int, lp: KeepLayer | NoviceLayer, groups: int) -> int:

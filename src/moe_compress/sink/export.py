@@ -8,7 +8,9 @@ pruned with the plan where they hold experts. Both sources go through the same w
 
 * `memory_groups`: the model is in memory and already compressed;
 * `streamed_groups`: each layer is read from the checkpoint, compressed by
-  the plan's layer surgery (`surgery.experts.apply_layer_plan`, passed in), handed to the writer and dropped before the next one is read.
+  the plan's layer surgery (`surgery.experts.apply_layer_plan`, passed in), handed to the writer and dropped before the next one is read;
+* `walk_groups`: each layer is written during a layer walk's visit (slimming; a prune planned during its
+  calibration walk, `engine.fused`).
 
 A streamed and an in-memory run therefore write the same bytes.
 """
@@ -88,6 +90,7 @@ def streamed_groups(weights: StreamedWeights, adapter: MoEAdapter, plan: Plan | 
         layers[index] = work
         try:
             weights.materialize(weights.state_names(work))
+            # in place: each tensor the surgery replaces is freed as soon as its slice exists
             if index in decisions:
                 apply_layer(work, adapter, plan, decisions[index], model.config.get_text_config().hidden_size)
             group = {f"{prefix}.{new_index}.{name}": value for name, value in work.state_dict().items()}
@@ -162,17 +165,21 @@ def _renumber(key: str, pattern: re.Pattern, old: int, new: int) -> str:
     return key[: found.start(found.lastindex)] + str(new) + key[found.end(found.lastindex) :]
 
 
-def walk_groups(weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tuple[int, nn.Module]]) -> Iterator[Group]:
-    """The groups of a model that a layer walk changes in place (slimming): each layer is written
-    during its visit, while the walk still holds it."""
+def walk_groups(
+    weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tuple[int, nn.Module]], plans: Callable[[], list[Plan]] | None = None,
+) -> Iterator[Group]:
+    """The groups of a model that a layer walk changes (slimming in place; a fused prune, `engine.fused`, in
+    copies): each layer is written during its visit, while the walk still holds it. `plans()`, asked once
+    the walk is over, are those the carried tensors are pruned with (none for slimming)."""
     model = weights.model
     stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
     prefix = layers_prefix(model, adapter)
     yield _part_group(weights, stem)
     for index, layer in walk:
         yield {f"{prefix}.{index}.{name}": value for name, value in layer.state_dict().items()}, False
+        del layer  # a pruned copy would otherwise stay alive through the walk's visit of the next layer
     yield _part_group(weights, head)
-    yield from carried_groups(weights.checkpoint, weights.carried, [], adapter, len(adapter.decoder_layers(model)))
+    yield from carried_groups(weights.checkpoint, weights.carried, plans() if plans else [], adapter, len(adapter.decoder_layers(model)))
 
 
 def carried_keys(model: PreTrainedModel, weights: StreamedWeights | None = None) -> list[str]:

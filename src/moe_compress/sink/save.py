@@ -9,7 +9,7 @@ place), so a failure (disk full, interrupted run) never leaves a half-written ch
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -55,14 +55,18 @@ def write_model(
     directory: Path, model: PreTrainedModel, groups: Iterable[Group], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     transform: Transform | None = None,
 ) -> None:
-    """Config, generation config and weights of `model` (weights from `groups`, each passed through
-    `transform` in checkpoint names), as save_pretrained lays them out."""
+    """Weights, config and generation config of `model` (weights from `groups`, each passed through
+    `transform` in checkpoint names), as save_pretrained lays them out.
+
+    The weights come first: a prune that plans each layer while it writes it (`engine.fused`) knows
+    the output's structure, hence its config, only once the last group was produced."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_groups(directory, model, groups, max_shard_bytes, transform)
     model.config.dtype = str(model.dtype).removeprefix("torch.")
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(directory)
     if model.can_generate():
         model.generation_config.save_pretrained(directory)
-    write_groups(directory, model, groups, max_shard_bytes, transform)
 
 
 @releases_outputs
@@ -70,7 +74,7 @@ def save_compressed(
     model: PreTrainedModel,
     out: str | Path,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    plan: Plan | None = None,
+    plan: Plan | Callable[[], Plan] | None = None,
     summary: dict | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -83,6 +87,9 @@ def save_compressed(
     `model` is the compressed model in memory, or -- for a streamed run -- its skeleton on
     the meta device, with `groups` producing its tensors layer by layer. `transform` rewrites
     each group's checkpoint tensors on their way to disk (quantisation packs them there).
+    `plan` may be a function that returns it once `groups` are consumed: a prune that plans each layer
+    during the walk that writes it (`engine.fused`) has its plan -- and `model` its structure, `summary`
+    its entries -- only then.
     """
     out = Path(out)
     check_output_dir(out, overwrite, [getattr(model, "name_or_path", None)])
@@ -102,6 +109,8 @@ def save_compressed(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
             _drop_loading_keys(staging / "tokenizer_config.json")
+        if callable(plan):
+            plan = plan()
         if plan is not None:
             plan.save(staging / PLAN_FILE)
         if summary is not None:
@@ -116,7 +125,7 @@ def save_compressed(
 
 
 def save_with_summary(
-    model: PreTrainedModel, out: str | Path | None, tokenizer: PreTrainedTokenizerBase | None, plan: Plan | None,
+    model: PreTrainedModel, out: str | Path | None, tokenizer: PreTrainedTokenizerBase | None, plan: Plan | Callable[[], Plan] | None,
     summary: dict, overwrite: bool, groups: Iterable[Group] | None = None,
 ) -> Path | None:
     """The common end of every compression call: save when `out` is given and add the checkpoint's size to `summary`."""

@@ -18,6 +18,7 @@ Stages therefore run the same code for a 12 M-parameter test model and a 1 T-par
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -312,18 +313,33 @@ class StreamedWeights:
         owner = self.model.get_submodule(owner_name)
         (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = value
 
-    def release(self, names: list[str]) -> None:
-        """Drop the tensors behind state `names`: they return to the meta device (a tied pair stays tied)."""
+    def release(self, names: list[str], reuse: bool = True) -> None:
+        """Drop the tensors behind state `names`: they return to the meta device (a tied pair stays tied).
+        With `reuse` their memory is kept for the next layer's read (`source.buffers`), else it is only let go."""
         for name in dict.fromkeys(self.aliases.get(name, name) for name in names):
             owner_name, _, attr = name.rpartition(".")
             value = getattr(self.model.get_submodule(owner_name), attr)
             if value.device.type == "meta":
                 continue
-            self._buffers.give(value)
+            if reuse:
+                self._buffers.give(value)
             empty = _like(value, torch.empty_like(value, device="meta"))
             self._set(name, empty)
             for alias in (a for a, stored in self.aliases.items() if stored == name):
                 self._set(alias, empty)
+
+    def take_over(self, module: nn.Module) -> nn.Module:
+        """A copy of the materialised `module` that owns its tensors from now on: the skeleton's module is back on the
+        meta device and the buffer pool keeps none of them.
+
+        Surgery in place on the copy then frees each tensor it replaces as soon as the replacement exists, as
+        `sink.export.streamed_groups` does on a layer it read itself. A fused prune (`engine.fused`) cuts the layer its
+        calibration walk holds this way; kept beside their slices until the walk released the layer (and then in
+        the pool), the replaced experts cost their size again in peak memory.
+        """
+        work = copy.deepcopy(module, memo={id(t): t for t in (*module.parameters(), *module.buffers())})
+        self.release(self.state_names(module), reuse=False)
+        return work
 
     def drop_buffers(self) -> None:
         """Free the buffers released tensors left for the next layer (`source.buffers`): a walk that ends has no next layer."""

@@ -8,6 +8,7 @@ calibration statistics and a plan says which to keep.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +21,8 @@ from ..errors import MoECompressError
 from ..engine.finish import CompressionResult, apply_and_report, other_rank_result
 from ..engine.identity import model_identity
 from ..engine.prepare import Calibration, calibration_batches, prepare
-from ..engine.statistics import collect_statistics
+from ..engine.fused import fuses, fused_prune
+from ..engine.statistics import look_up_statistics
 from ..arch.size import model_size
 from ..finite import require_finite_numbers
 from ..source.open import Streaming
@@ -94,10 +96,16 @@ def prune(
         if budget == "explicit":
             ratio = removed_share(keep, identity.experts_per_layer)
         batches = calibration_batches(calib, tokenizer, model.config)
-        stats, from_cache = collect_statistics(model, batches, chosen.needs(options), cache_dir, device, weights, identity.own_fingerprint)
+        stats, observation = look_up_statistics(model, batches, chosen.needs(options), cache_dir, weights, identity.own_fingerprint)
+        request = PlanRequest(adapter, model.config, {}, ratio, budget, min_keep, model=model, weights=weights, keep=keep)
+        from_cache = stats is not None
+        if not from_cache and fuses(chosen, budget, options, model, weights, out):  # one read: each layer written during its visit
+            return fused_prune(chosen, options, request, batches, observation, identity, tokenizer, out, overwrite, start, before, device)
+        if not from_cache:
+            stats = observation.observe(model, batches, device, weights)
         if not distributed.is_main():
             return other_rank_result()
-        request = PlanRequest(adapter, model.config, stats, ratio, budget, min_keep, model=model, weights=weights, keep=keep)
+        request = replace(request, stats=stats)
         plan = chosen.make_plan(request, options)
         if uniform:
             global_plan, plan = plan, uniform_plan(chosen, request, options, plan)

@@ -204,6 +204,27 @@ def _expert_statistics_hooks(adapter: MoEAdapter, layer: nn.Module, block: nn.Mo
         yield
 
 
+class ExpertObserver:
+    """The `layer_context` of a statistics walk: one accumulator of `names` per MoE layer it visits.
+
+    `observe_expert_statistics` walks every layer with it and reads the sums at the end; a streamed
+    prune that writes each layer during the walk (`engine.fused`) reads each layer's sums as soon as
+    the walk yields that layer, which in one process are already final (no other rank to fold in).
+    """
+
+    def __init__(self, adapter: MoEAdapter, names: tuple[str, ...]):
+        self.adapter = adapter
+        self.names = tuple(sorted(set(names) | {"tokens"}))
+        self.accumulators: dict[int, LayerAccumulator] = {}
+
+    def __call__(self, index: int, layer: nn.Module):
+        block = self.adapter.moe_block(layer)
+        if block is None:
+            return None
+        self.accumulators[index] = LayerAccumulator(self.names)
+        return _expert_statistics_hooks(self.adapter, layer, block, self.accumulators[index])
+
+
 def observe_expert_statistics(
     model: nn.Module,
     adapter: MoEAdapter,
@@ -218,17 +239,8 @@ def observe_expert_statistics(
     combined statistics (see `distributed`).
     """
     distributed.check_shareable(len(batches))
-    names = tuple(sorted(set(names) | {"tokens"}))
-    accumulators: dict[int, LayerAccumulator] = {}
-
-    def layer_context(index: int, layer: nn.Module):
-        block = adapter.moe_block(layer)
-        if block is None:
-            return None
-        accumulators[index] = LayerAccumulator(names)
-        return _expert_statistics_hooks(adapter, layer, block, accumulators[index])
-
-    run_sequential(model, adapter, distributed.shard(batches), layer_context, device, description="calibrating", weights=weights)
-    for accumulator in accumulators.values():
+    observer = ExpertObserver(adapter, names)
+    run_sequential(model, adapter, distributed.shard(batches), observer, device, description="calibrating", weights=weights)
+    for accumulator in observer.accumulators.values():
         accumulator.combine_ranks()
-    return {index: acc.sums for index, acc in accumulators.items()}
+    return {index: acc.sums for index, acc in observer.accumulators.items()}
