@@ -179,6 +179,7 @@ def walk_groups(
         yield {f"{prefix}.{index}.{name}": value for name, value in layer.state_dict().items()}, False
         del layer  # a pruned copy would otherwise stay alive through the walk's visit of the next layer
     yield _part_group(weights, head)
+    weights.drop_buffers()  # as in `streamed_groups`: the head is the last read, and the guard may follow
     yield from carried_groups(weights.checkpoint, weights.carried, plans() if plans else [], adapter, len(adapter.decoder_layers(model)))
 
 
