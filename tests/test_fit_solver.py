@@ -8,7 +8,7 @@ import random
 import pytest
 
 from moe_compress import MoECompressError
-from moe_compress.fitting.solver import Option, front, smallest_bytes, solve
+from moe_compress.fitting.solver import DP_WORK, MAX_RESOLUTION, MIN_RESOLUTION, Option, default_resolution, front, smallest_bytes, solve
 
 
 def _layer(*options: tuple[int, float]) -> list[Option]:
@@ -106,6 +106,28 @@ def test_dp_against_brute_force_on_random_tables():
             coarse_runs += 1
             coarse_misses += coarse.cost > cost + 1e-9
     print(f"resolution 16: missed the true optimum in {coarse_misses} of {coarse_runs} runs")
+
+
+def test_the_default_resolution_follows_the_table_size():
+    small = [[Option(1000 - 10 * j, float(j), str(j)) for j in range(50)] for _ in range(4)]
+    assert default_resolution(small) == MAX_RESOLUTION  # 200 options: the finest
+    large = [[Option(1000 - j, float(j), str(j)) for j in range(8000)] for _ in range(60)]
+    assert default_resolution(large) == MIN_RESOLUTION  # 480,000 options: the table stays layers x 4096
+    assert default_resolution([[Option(0, 0.0, "a")] * 1000] * 2) == DP_WORK // 2000
+
+
+def test_a_wide_slack_does_not_hide_the_optimum_a_few_bytes_under_the_budget():
+    """An option that removes more than the layer's experts (a whole block dropped: bytes far below the others')
+    widens the slack; at 4096 units the rounding then hid an allocation 5 kB under the budget on ref-mixtral.
+    Here: four layers whose block drop is 2.3 MB below their best kept option, and a budget 1.2 kB above four of
+    those: at 4096 units (one unit 2,247 bytes, each layer's option rounded up by 0.7 of one) they are rounded out;
+    by default (16 options: 131,072 units of 71 bytes) they are found."""
+    layer = [Option(600_000, 0.0, "all"), Option(300_000, 1.0, "half"), Option(300_300, 0.9, "half+"), Option(-2_000_000, 50.0, "block")]
+    table = [layer] * 4
+    budget = 4 * 300_300 + 1_200
+    (cost, _) = _brute_force(table, budget, 0)
+    assert solve(table, budget).cost == cost == 4 * 0.9
+    assert solve(table, budget, resolution=4096).cost > cost
 
 
 def test_default_resolution_on_large_random_tables():
