@@ -25,7 +25,7 @@ from .arch.registry import get_adapter
 from .errors import MoECompressError, OptionError, param
 from .source.residency import StreamedWeights
 from .plan import RoutingLimits
-from .arch.structure import experts_per_layer
+from .arch.structure import experts_per_layer, require_droppable
 
 
 @dataclass
@@ -109,15 +109,7 @@ def check_drop(structure: Structure, unit: str, n: int | None, target_ratio: flo
     """Exactly one of n / target_ratio / layers, n within what the model has, layers among its MoE layers (or its blocks),
     one MoE layer left routing."""
     if layers is not None:
-        moe = sorted(structure.experts)
-        if unit == "block":
-            blocks = len(structure.adapter.decoder_layers(structure.model))
-            if not set(layers) <= set(range(blocks)) or not set(moe) - set(layers):
-                raise MoECompressError(f"can drop blocks among 0..{blocks - 1} but not every MoE layer {moe} (one must keep routing); asked for blocks {layers}.")
-            return
-        structure.adapter.require_separate_moe()
-        if not set(layers) < set(moe):
-            raise MoECompressError(f"can drop MoE sub-layers of layers {moe} but one (one must keep routing); asked for layers {layers}.")
+        require_droppable(structure.model, structure.adapter, unit, layers)
         return
     if (n is None) == (target_ratio is None):
         raise MoECompressError(f"give exactly one of {param('n')} N or {param('target_ratio')} R.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from .adapter import MoEAdapter
+from ..errors import MoECompressError
 from ..runtime import OUTPUT_FORMAT_KEY, ConstantRouter, DroppedMoE
 
 STRUCTURE_VERSION = 3  # 3: names the expert-count key, for the standard per_layer_config
@@ -20,6 +21,21 @@ def experts_per_layer(model: PreTrainedModel, adapter: MoEAdapter) -> dict[int, 
     """Routed experts that hold weights, per MoE layer."""
     layers = adapter.decoder_layers(model)
     return {i: adapter.num_experts(adapter.moe_block(layers[i])) for i in adapter.moe_layer_indices(model)}
+
+
+def require_droppable(model: PreTrainedModel, adapter: MoEAdapter, unit: str, chosen: list[int]) -> None:
+    """That dropping the decoder layers `chosen` leaves a MoE layer routing: with unit "moe" their MoE sub-layers (a module
+    of its own in the family) among the MoE layers, with unit "block" whole blocks among the decoder layers. The drop's plan
+    (`methods.structural`) and the stage's preflight (`preflight.check_drop`) refuse alike."""
+    moe = adapter.moe_layer_indices(model)
+    if unit == "block":
+        blocks = len(adapter.decoder_layers(model))
+        if not set(chosen) <= set(range(blocks)) or not set(moe) - set(chosen):
+            raise MoECompressError(f"can drop blocks among 0..{blocks - 1} but not every MoE layer {moe} (one must keep routing); asked for blocks {chosen}.")
+        return
+    adapter.require_separate_moe()
+    if not set(chosen) < set(moe):
+        raise MoECompressError(f"can drop MoE sub-layers of layers {moe} but one (one must keep routing); asked for layers {chosen}.")
 
 
 def novice_ids(experts) -> list[int]:

@@ -87,8 +87,6 @@ def apply_and_report(
     return CompressionResult(None if weights.streamed else model, plan, summary, output_dir, global_plan)
 
 
-
-
 def outcome_summary(output, adapter, plan: Plan, before, from_cache: bool, streamed: bool, carried: int, stored_format: str, start: float) -> dict:
     """What a structural stage reports of `output`, the model `plan` was applied to (or its skeleton)."""
     after = model_size(output, adapter)

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..arch.adapter import MoEAdapter
+from ..arch.structure import require_droppable
 from ..errors import MoECompressError, param
 from ..walk.similarity import Similarities
 from ..plan import DropMoeLayer, Plan
@@ -74,10 +75,8 @@ def distance_needed(
 
 def plan_moe_drop(model: PreTrainedModel, adapter: MoEAdapter, chosen: list[int]) -> Plan:
     """The plan dropping exactly the MoE sub-layers of `chosen` (decoder indices), at least one MoE layer left routing."""
-    adapter.require_separate_moe()
-    layers, moe = adapter.decoder_layers(model), adapter.moe_layer_indices(model)
-    if not set(chosen) < set(moe):
-        raise MoECompressError(f"can drop MoE sub-layers of layers {moe} but one (one must keep routing); asked for layers {chosen}.")
+    require_droppable(model, adapter, "moe", chosen)
+    layers = adapter.decoder_layers(model)
     plan = Plan(model_type=adapter.model_type, top_k=adapter.top_k(model.config), layers=[], method="moe-drop", num_layers=len(layers))
     plan.layers = [DropMoeLayer(layer=layer, num_experts=adapter.num_experts(adapter.moe_block(layers[layer]))) for layer in chosen]
     plan.meta = {"dropped_moe": chosen}
@@ -86,10 +85,9 @@ def plan_moe_drop(model: PreTrainedModel, adapter: MoEAdapter, chosen: list[int]
 
 def plan_block_drop(model: PreTrainedModel, adapter: MoEAdapter, chosen: list[int]) -> Plan:
     """The plan dropping exactly the decoder blocks `chosen` (the input's indices), a routed MoE layer left."""
-    layers, moe = adapter.decoder_layers(model), adapter.moe_layer_indices(model)
-    if not set(chosen) <= set(range(len(layers))) or not set(moe) - set(chosen):
-        raise MoECompressError(f"can drop blocks among 0..{len(layers) - 1} but not every MoE layer {moe} (one must keep routing); asked for blocks {chosen}.")
-    plan = Plan(model_type=adapter.model_type, top_k=adapter.top_k(model.config), layers=[], method="block-drop", num_layers=len(layers))
+    require_droppable(model, adapter, "block", chosen)
+    plan = Plan(model_type=adapter.model_type, top_k=adapter.top_k(model.config), layers=[], method="block-drop",
+                num_layers=len(adapter.decoder_layers(model)))
     plan.dropped_blocks = sorted(chosen)
     plan.meta = {"dropped_blocks": sorted(chosen)}
     return plan
