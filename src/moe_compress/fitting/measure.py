@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..evaluate.fidelity import float_log_softmax
+from ..evaluate.fidelity import float_log_softmax, kl_sum
 from ..evaluate.protocol import EvalProtocol, expand_sources
 from ..stages.base import StageContext
 from ..stages.quantize import Quantize
@@ -80,7 +79,7 @@ class ReferenceSide:
         """KL(original || mine) summed over window `window`'s positions: `F.kl_div(mine, log_probs, log_target=True)`'s sum,
         bit for bit, with or without the kept probabilities."""
         if self.probs is None:
-            return float(F.kl_div(mine[window], self.log_probs[window], log_target=True, reduction="sum"))
+            return kl_sum(mine[window], self.log_probs[window])
         return float((self.probs[window] * (self.log_probs[window] - mine[window])).sum())
 
 
