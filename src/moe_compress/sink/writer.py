@@ -13,6 +13,7 @@ to the file instead. Files are read back with the safetensors library like any o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..source.headers import INDEX_FILE, SINGLE_FILE
+from .direct_file import DirectFile
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -33,8 +35,12 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` (in the given order) as one safetensors file, one tensor's memory at a time."""
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, wait: bool = True) -> DirectFile:
+    """Write `tensors` (in the given order) as one safetensors file, one tensor's memory at a time.
+
+    The file is written around the page cache by a thread of its own (`sink.direct_file`): with `wait=False`
+    this returns once every byte is copied out of `tensors` (they may be freed), and the returned file's
+    `wait()` says when the disk has them."""
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, tensor in tensors.items():
@@ -45,13 +51,20 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % _ALIGN)
-    with open(path, "wb") as handle:
+    handle = DirectFile(path)
+    try:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for tensor in tensors.values():
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             if flat.numel():
                 handle.write(memoryview(flat.view(torch.uint8).numpy()))
+    except BaseException:
+        with contextlib.suppress(OSError):  # the error that stopped the writing is the one to report
+            handle.close()
+        raise
+    handle.close(wait=wait)
+    return handle
 
 
 class ShardWriter:
@@ -65,6 +78,7 @@ class ShardWriter:
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
         self._written: set[str] = set()
+        self._writing: DirectFile | None = None  # the last shard, while its thread writes it
         self.total_bytes = 0
 
     def add(self, group: dict[str, torch.Tensor]) -> None:
@@ -84,14 +98,21 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.directory / f".shard-{len(self._shards) + 1:05d}.safetensors"
-        write_safetensors(path, self._pending)
+        self._wait()  # one shard on its way to the disk at a time: its buffers are all the writing holds
+        self._writing = write_safetensors(path, self._pending, wait=False)
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
+
+    def _wait(self) -> None:
+        if self._writing is not None:
+            self._writing.wait()
+            self._writing = None
 
     def finish(self) -> list[Path]:
         """Write the last shard, give the shards their final names and write the index if sharded."""
         if self._pending or not self._shards:
             self._flush()
+        self._wait()
         count = len(self._shards)
         names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
         weight_map = {}
