@@ -183,3 +183,22 @@ def test_a_positional_layer_input_without_a_name_is_refused_before_calibration(t
     assert message.startswith("Gemma4TextDecoderLayer is called with 1 extra positional argument(s) that its forward does not name, ")
     assert message.endswith("not supported (`moe-compress families` lists the supported types).") and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+def test_max_output_abs_is_the_widened_maximum_bit_for_bit():
+    """The statistic takes max(max x, -min x) in the layer's dtype; it must equal max |float(x)|, exactly."""
+    from moe_compress.walk.routed_batch import RoutedBatch
+
+    generator = torch.Generator().manual_seed(3)
+    outputs = (torch.randn(12, 64, generator=generator) * 40).to(torch.bfloat16)
+    outputs[1] = -outputs[1].abs()  # every channel negative: the peak is -min
+    outputs[2] = 0.0
+    outputs[3] = -0.0
+    outputs[4, 5] = -1e30  # far out of the rest's range, negative
+    top_idx = torch.tensor([[0, 1], [2, 0], [1, 2], [0, 1], [2, 1], [0, 2]])
+    batch = RoutedBatch(torch.zeros(6, 64), torch.zeros(6, 4), top_idx, torch.ones(6, 2), None, None, outputs)
+    widened = outputs.float().abs().amax(dim=-1).double()
+    expected = torch.zeros(4, dtype=torch.float64).scatter_reduce_(0, batch.pair_expert, widened, reduce="amax")
+    got = STATISTICS["max_output_abs"].update(batch)
+    assert torch.equal(got, expected) and not torch.signbit(got).any()
+    assert got[3] == 0.0  # expert 3 took no token
