@@ -57,9 +57,9 @@ def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 def _log_probs(model: PreTrainedModel, batch: torch.Tensor, workspace: Workspace, keep: bool = False) -> torch.Tensor:
     """`next_token_log_probs` of `model` on `batch`, in `workspace` (`Workspace.log_probs`; `keep`: a tensor of their own).
-    The forward's activations come from the heap (`source.allocator.activation_heap`: fit's sizing pinned the mmap
-    threshold, and each layer's blocks faulted in anew otherwise); the logits are freed inside it, so that what the heap
-    kept goes back when it ends."""
+    The forward's activations come from the heap where the mmap threshold is pinned (`source.allocator.activation_heap`:
+    a streamed load in the same process pinned it, and each layer's blocks faulted in anew otherwise); the logits are
+    freed inside it, so that what the heap kept goes back when it ends."""
     device = next(model.parameters()).device
     with activation_heap():
         return workspace.log_probs(model(input_ids=batch.to(device), use_cache=False).logits, keep)

@@ -1,12 +1,13 @@
 """The float32 blocks of fit's measurement written again for every batch, kept from one batch to the next.
 
-Why: `fit` sizes the checkpoint from a streamed skeleton, which pins glibc's mmap threshold at
-128 KiB for the process (`source.allocator.pin_mmap_threshold`), so every block above that is a
-mapping of its own, faulted in page by page when first written and unmapped when freed. A batch's
-float32 log-probabilities (up to `measure.BATCH_BYTES`), the float32 logits they are taken from and
-the product in each window's KL were such blocks, made anew for every batch of every candidate: on
-ref-mixtral at 50 % of its bytes, 4.3 M page faults and 7 s of system time in a 21 s fit. Written
-into the same blocks each time, they fault in once per fit.
+Why: glibc serves a block above its mmap threshold (32 MiB at most by its own adjustment, 128 KiB
+where a streamed load pinned it, `source.allocator`) with a mapping of its own, faulted in page by
+page when first written and unmapped when freed. A batch's float32 log-probabilities (up to
+`measure.BATCH_BYTES`: 8.4 MB a window at an 8 k vocabulary), the float32 logits they are taken from
+and the product in each window's KL were such blocks, made anew for every batch of every candidate
+(on ref-mixtral at 50 % of its bytes, with the threshold pinned as fit's sizing then left it: 4.3 M
+page faults and 7 s of system time in a 21 s fit). Written into the same blocks each time, they
+fault in once per fit.
 
 The figures are the same floats: the same kernels on tensors of the same shapes (`log_softmax` with
 a dtype converts its input and then takes the log-softmax of that, which is what `log_probs` does in
