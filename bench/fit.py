@@ -9,7 +9,9 @@ that alone fits) with bytes, proxy, held-out KL, top-1 and perplexity, the Spear
 proxy and KL, the chosen one, whether its KL is strictly lower than every single method's that
 fits, and the wall time of the whole fit (per phase: `FitResult.seconds`) against one REAP prune
 (`Prune("reap", ratio=0.25)`) with the same calibration, both with a cold statistics cache and
-after the library's imports. Results: bench/results/fit.json, bench/results/fit.md and the front plotted per
+after the library's imports, each in a Python process of its own (`--timed`): in one process, the prune
+after a fit ran at a speed set by what the fit left in glibc's heap (ref-deepseek at 50 %: 8.3-9.1 s
+after one fit, 5.2 s after a faster one, 6.3-6.8 s alone). Results: bench/results/fit.json, bench/results/fit.md and the front plotted per
 cell, bench/results/fit_front.png (KL against saved bytes, marked as `fitting.front_plot` says).
 
     python bench/fit.py --report
@@ -24,6 +26,8 @@ import argparse
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,29 +44,44 @@ RESULTS = Path(__file__).parent / "results"
 FRONT = RESULTS / "fit_front.png"
 
 
+def _timed(kind: str, model: str, fraction: float, samples: int, windows: int) -> dict:
+    """`--timed`: one fit (its seconds, phases and report) or one REAP prune (its seconds) in this process, from a cold
+    statistics cache; a fit's refusal as {"refused": ...}."""
+    calib = mc.CalibrationSpec(samples=samples)
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["MOE_COMPRESS_CACHE"] = str(Path(scratch) / "cache")  # a cold cache: each run pays its calibration
+        start = time.perf_counter()
+        if kind == "prune":
+            mc.compress(model, [mc.Prune("reap", ratio=0.25)], calib=calib, out=Path(scratch) / "reap")
+            return {"seconds": time.perf_counter() - start}
+        try:
+            fitted = mc.fit(model, target_ratio=fraction, calib=calib, out=Path(scratch) / "out", windows=windows)
+        except mc.MoECompressError as exc:  # a budget no allocation reaches: what fit says is the result
+            return {"refused": str(exc)}
+        return {"seconds": time.perf_counter() - start, "phases": fitted.seconds, "report": report_dict(fitted)}
+
+
+def _in_own_process(kind: str, model: str, fraction: float, samples: int, windows: int) -> dict:
+    arguments = ["--timed", kind, "--model", model, "--fraction", str(fraction), "--samples", str(samples), "--windows", str(windows)]
+    done = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def _one(model: str, fraction: float, samples: int, windows: int, repeat: int) -> dict:
     """The cell's fit (its figures from the first run: the same choice every run) and `repeat` pairs of timings, fit
-    then one REAP prune, each from a cold statistics cache; the ratio is the median of the pairs' ratios."""
-    calib = mc.CalibrationSpec(samples=samples)
-    fit_seconds, prune_seconds, result = [], [], None
+    then one REAP prune, each in a process of its own from a cold statistics cache; the ratio is the median of the pairs' ratios."""
+    fit_seconds, prune_seconds, first = [], [], None
     for _ in range(repeat):
-        with tempfile.TemporaryDirectory() as scratch:
-            os.environ["MOE_COMPRESS_CACHE"] = str(Path(scratch) / "cache")  # a cold cache: the fit pays its calibration
-            start = time.perf_counter()
-            try:
-                fitted = mc.fit(model, target_ratio=fraction, calib=calib, out=Path(scratch) / "out", windows=windows)
-            except mc.MoECompressError as exc:  # a budget no allocation reaches: what fit says is the result
-                return {"model": model, "fraction": fraction, "refused": str(exc)}
-            fit_seconds.append(time.perf_counter() - start)
-            result = result or fitted
-            os.environ["MOE_COMPRESS_CACHE"] = str(Path(scratch) / "cache-prune")
-            start = time.perf_counter()
-            mc.compress(model, [mc.Prune("reap", ratio=0.25)], calib=calib, out=Path(scratch) / "reap")
-            prune_seconds.append(time.perf_counter() - start)
+        fitted = _in_own_process("fit", model, fraction, samples, windows)
+        if "refused" in fitted:
+            return {"model": model, "fraction": fraction, "refused": fitted["refused"]}
+        fit_seconds.append(fitted["seconds"])
+        first = first or fitted
+        prune_seconds.append(_in_own_process("prune", model, fraction, samples, windows)["seconds"])
     ratios = sorted(f / p for f, p in zip(fit_seconds, prune_seconds))
     return {"model": model, "fraction": fraction, "fit_seconds": round(fit_seconds[0], 1), "reap_prune_seconds": round(prune_seconds[0], 1),
             "fit_over_reap": round(ratios[len(ratios) // 2], 2), "fit_runs_seconds": [round(t, 1) for t in fit_seconds],
-            "reap_runs_seconds": [round(t, 1) for t in prune_seconds], "fit_phase_seconds": result.seconds, **report_dict(result)}
+            "reap_runs_seconds": [round(t, 1) for t in prune_seconds], "fit_phase_seconds": first["phases"], **first["report"]}
 
 
 def _markdown(rows: list[dict], command: str) -> str:
@@ -170,7 +189,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="pairs of timings (fit, then one REAP prune) per cell; the ratio is their median")
     parser.add_argument("--report", action="store_true", help="rebuild fit.md and fit_front.png from fit.json; measure nothing")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where fit.json, fit.md and fit_front.png go (default: bench/results)")
+    parser.add_argument("--timed", choices=["fit", "prune"], help="(internal) one timed run in this process, as JSON on stdout")
     args = parser.parse_args()
+    if args.timed:
+        return print(json.dumps(_timed(args.timed, args.model[0], args.fraction[0], args.samples, args.windows)))
     RESULTS, FRONT = args.results, args.results / FRONT.name
     if args.report:
         return _rebuild()

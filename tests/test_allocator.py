@@ -47,3 +47,20 @@ def test_what_the_heap_kept_is_given_back_when_the_block_ends(monkeypatch):
     with activation_heap():
         calls.append("forward")
     assert calls == [(64 * _MIB, 128 * _MIB), "forward", (128 * 1024, 128 * 1024), "trim"]
+
+
+def test_a_skeleton_leaves_the_threshold_and_a_streamed_load_pins_it(tmp_path, monkeypatch):
+    """Only a run that streams weights pins glibc's mmap threshold: fit sizes an in-memory run from a skeleton, and pinned
+    there, every later block over 128 KiB of the process (its measurement, a prune after it) was a mapping faulted in anew."""
+    from moe_compress.preflight import skeleton
+    from moe_compress.source import allocator
+    from moe_compress.source.load import load_streamed
+    from tiny_checkpoints import save_tiny_checkpoint
+
+    source = save_tiny_checkpoint(tmp_path / "source", "mixtral")
+    pinned = []
+    monkeypatch.setattr(allocator, "pin_mmap_threshold", lambda: pinned.append(True) or True)
+    skeleton(str(source))
+    assert pinned == []
+    load_streamed(str(source))
+    assert pinned == [True]

@@ -211,6 +211,7 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method: F
 
     from ..arch.registry import get_adapter
     from ..engine.statistics import collect_statistics
+    from ..source.allocator import trim_heap
     from .measure import Reference, build, held_out_windows
     from .proxies import other_costs, proxy_statistics
     from .race import race, slice_bounds
@@ -227,5 +228,7 @@ def _search_and_measure(result: FitResult, loaded, tokenizer, batches, method: F
     with tempfile.TemporaryDirectory(prefix="moe-compress-fit-", dir=out.parent if out is not None else None) as scratch:
         result.best = race(result.candidates, lambda number, c: build(c, loaded, tokenizer, batches, result.sizes.group_size, Path(scratch) / f"build-{number}",
                                                                         device), reference, loaded, say, _holdable(loaded, device))
+    del reference  # the original's log-probabilities and the measurement's blocks, and the heap pages they took, go back
+    trim_heap()
     result.seconds["candidates"] = _since(start)
 

@@ -26,10 +26,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..evaluate.fidelity import float_log_softmax, kl_sum
 from ..evaluate.protocol import EvalProtocol, expand_sources
+from ..source.allocator import activation_heap
 from ..stages.base import StageContext
 from ..stages.quantize import Quantize
 from .search import Candidate
 from .simulate import simulate, simulated
+from .workspace import Workspace
 
 #: The most bytes of the original's log-probabilities and probabilities kept for every candidate's comparison; above,
 #: each candidate recomputes them.
@@ -53,9 +55,14 @@ def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
     return float_log_softmax(logits[:, :-1])
 
 
-def _log_probs(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
+def _log_probs(model: PreTrainedModel, batch: torch.Tensor, workspace: Workspace, keep: bool = False) -> torch.Tensor:
+    """`next_token_log_probs` of `model` on `batch`, in `workspace` (`Workspace.log_probs`; `keep`: a tensor of their own).
+    The forward's activations come from the heap where the mmap threshold is pinned (`source.allocator.activation_heap`:
+    a streamed load in the same process pinned it, and each layer's blocks faulted in anew otherwise); the logits are
+    freed inside it, so that what the heap kept goes back when it ends."""
     device = next(model.parameters()).device
-    return next_token_log_probs(model(input_ids=batch.to(device), use_cache=False).logits)
+    with activation_heap():
+        return workspace.log_probs(model(input_ids=batch.to(device), use_cache=False).logits, keep)
 
 
 @dataclass(frozen=True)
@@ -75,12 +82,12 @@ class ReferenceSide:
         return cls(log_probs, log_probs.argmax(-1), (-log_probs.gather(-1, targets[..., None]).sum((1, 2))).tolist(),
                    log_probs.exp() if keep_probs else None)
 
-    def kl(self, mine: torch.Tensor, window: int) -> float:
+    def kl(self, mine: torch.Tensor, window: int, workspace: Workspace | None = None) -> float:
         """KL(original || mine) summed over window `window`'s positions: `F.kl_div(mine, log_probs, log_target=True)`'s sum,
-        bit for bit, with or without the kept probabilities."""
+        bit for bit, with or without the kept probabilities (with them, the product in `workspace`'s block)."""
         if self.probs is None:
             return kl_sum(mine[window], self.log_probs[window])
-        return float((self.probs[window] * (self.log_probs[window] - mine[window])).sum())
+        return (workspace or Workspace()).kl(self.probs[window], self.log_probs[window], mine[window])
 
 
 @dataclass
@@ -93,12 +100,13 @@ class WindowScores:
     nll: list[float] = field(default_factory=list)
     nll_reference: list[float] = field(default_factory=list)
 
-    def add(self, mine: torch.Tensor, reference: ReferenceSide, targets: torch.Tensor) -> None:
-        """`mine`: [b, s, V] log-probabilities of the positions `reference` holds, `targets` [b, s] the tokens they predict."""
+    def add(self, mine: torch.Tensor, reference: ReferenceSide, targets: torch.Tensor, workspace: Workspace | None = None) -> None:
+        """`mine`: [b, s, V] log-probabilities of the positions `reference` holds, `targets` [b, s] the tokens they predict
+        (`workspace`: where each window's KL takes its product, `ReferenceSide.kl`)."""
         agree = (mine.argmax(-1) == reference.top).sum(-1).tolist()
         nll = (-mine.gather(-1, targets[..., None]).sum((1, 2))).tolist()
         for w in range(mine.shape[0]):
-            self.kl.append(reference.kl(mine, w))
+            self.kl.append(reference.kl(mine, w, workspace))
             self.tokens.append(int(mine.shape[1]))
         self.agree += agree
         self.nll += nll
@@ -137,18 +145,20 @@ def window_batches(windows: torch.Tensor, vocab: int, bounds: list[int] | None =
     return batches, slices
 
 
-def _side(original: PreTrainedModel, batch: torch.Tensor, keep_probs: bool) -> ReferenceSide:
-    return ReferenceSide.of(_log_probs(original, batch), batch[:, 1:], keep_probs)
+def _side(original: PreTrainedModel, batch: torch.Tensor, keep_probs: bool, workspace: Workspace) -> ReferenceSide:
+    return ReferenceSide.of(_log_probs(original, batch, workspace, keep=True), batch[:, 1:], keep_probs)
 
 
 @dataclass
 class Reference:
     """The held-out windows in forward batches, grouped in slices (`slices`: batch indices per slice, the race's
-    steps), with the original's side of each batch (`ReferenceSide`; None: too large to keep, recomputed per comparison)."""
+    steps), with the original's side of each batch (`ReferenceSide`; None: too large to keep, recomputed per comparison),
+    and the blocks every comparison writes its log-probabilities and KL products in (`fitting.workspace`)."""
 
     batches: list[torch.Tensor]
     sides: list[ReferenceSide] | None
     slices: list[list[int]]
+    workspace: Workspace = field(default_factory=Workspace)
 
     @classmethod
     @torch.no_grad()
@@ -156,8 +166,8 @@ class Reference:
         """`bounds`: where each slice ends, in windows (the last at every window; one slice without)."""
         vocab = original.config.get_text_config().vocab_size
         batches, slices = window_batches(windows, vocab, bounds)
-        kept = 2 * windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 <= REFERENCE_BYTES
-        return cls(batches, [_side(original, b, True) for b in batches] if kept else None, slices)
+        kept, workspace = 2 * windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 <= REFERENCE_BYTES, Workspace()
+        return cls(batches, [_side(original, b, True, workspace) for b in batches] if kept else None, slices, workspace)
 
     @property
     def windows(self) -> int:
@@ -172,8 +182,8 @@ class Reference:
         scores = WindowScores()
         for number in slices if slices is not None else range(len(self.slices)):
             for i in self.slices[number]:
-                reference = self.sides[i] if self.sides is not None else _side(original, self.batches[i], False)
-                scores.add(_log_probs(model, self.batches[i]), reference, self.batches[i][:, 1:])
+                reference = self.sides[i] if self.sides is not None else _side(original, self.batches[i], False, self.workspace)
+                scores.add(_log_probs(model, self.batches[i], self.workspace), reference, self.batches[i][:, 1:], self.workspace)
         return scores
 
     def compare(self, model: PreTrainedModel, original: PreTrainedModel) -> dict:

@@ -323,16 +323,20 @@ def _streamed_dtype(config: PretrainedConfig, checkpoint, dtype: str) -> torch.d
 
 
 def load_streamed(
-    name_or_path: str | Path, dtype: str = "auto", trust_remote_code: bool = False
+    name_or_path: str | Path, dtype: str = "auto", trust_remote_code: bool = False, pin: bool = True
 ) -> tuple[StreamedWeights, PreTrainedTokenizerBase | None]:
     """A model whose weights stay in its checkpoint until a stage needs one module of them.
 
     The skeleton is built on the meta device (parameters only: buffers such as rotary
     frequencies are computed as usual), so opening a 1 TB checkpoint costs its headers.
+    `pin`: fix glibc's mmap threshold for the process (`source.allocator`), as a streamed run
+    needs; False where only the structure is read (`preflight.skeleton`), so that a run that
+    then loads the model whole keeps glibc's own thresholds.
     """
     from .allocator import pin_mmap_threshold
 
-    pin_mmap_threshold()  # a streamed run frees a layer per step: give the memory back (see source.allocator)
+    if pin:
+        pin_mmap_threshold()  # a streamed run frees a layer per step: give the memory back (see source.allocator)
     if dtype not in DTYPES:
         raise MoECompressError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
     shown_as = str(name_or_path)
