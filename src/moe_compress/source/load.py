@@ -24,8 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from ..arch.adapter import text_config
@@ -322,21 +321,19 @@ def _streamed_dtype(config: PretrainedConfig, checkpoint, dtype: str) -> torch.d
     return next((stored[info.dtype] for info in checkpoint.tensors.values() if info.dtype in stored), torch.float32)
 
 
-def load_streamed(
-    name_or_path: str | Path, dtype: str = "auto", trust_remote_code: bool = False, pin: bool = True
-) -> tuple[StreamedWeights, PreTrainedTokenizerBase | None]:
+def load_streamed(name_or_path: str | Path, dtype: str = "auto", trust_remote_code: bool = False,
+                  pin: bool = True) -> tuple[StreamedWeights, PreTrainedTokenizerBase | None]:
     """A model whose weights stay in its checkpoint until a stage needs one module of them.
 
-    The skeleton is built on the meta device (parameters only: buffers such as rotary
-    frequencies are computed as usual), so opening a 1 TB checkpoint costs its headers.
-    `pin`: fix glibc's mmap threshold for the process (`source.allocator`), as a streamed run
-    needs; False where only the structure is read (`preflight.skeleton`), so that a run that
-    then loads the model whole keeps glibc's own thresholds.
+    The skeleton is built on the meta device (parameters only: buffers such as rotary frequencies are computed as
+    usual), so opening a 1 TB checkpoint costs its headers. `pin` fixes glibc's mmap threshold for the process, as a
+    streamed run needs (it frees a layer per step: `source.allocator`); not where only the structure is read
+    (`preflight.skeleton`), so that a run that then loads the model whole keeps glibc's own thresholds.
     """
     from .allocator import pin_mmap_threshold
 
     if pin:
-        pin_mmap_threshold()  # a streamed run frees a layer per step: give the memory back (see source.allocator)
+        pin_mmap_threshold()
     if dtype not in DTYPES:
         raise MoECompressError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
     shown_as = str(name_or_path)
