@@ -17,7 +17,11 @@ Memory: one layer's rounded experts are kept while that layer is calibrated (a l
 several batches; rounding it again for each would cost more than the forward), as int8 codes and
 their scales -- compressed-tensors' own `quantize`, widened by its `dequantize` one expert at a time,
 the values `round_to_nearest` gives -- so both bit widths together take what the experts take in
-bf16, not twice that. They are dropped as soon as the layer's weights are: a streamed walk releases
+bf16, not twice that. Each weight's scales are one block, filled expert by expert: kept as a small block per
+expert, allocated between that expert's float32 temporaries (served from the heap inside the walk's
+`activation_heap`), they split the blocks freed for the next expert, which then took new memory --
+the streamed fit of bench/results/fit_scale.md peaked at 3.9-4.7 GiB per layer of calibration (3.4-3.7 since)
+and was killed by its 4.77 GiB cgroup in 5 of 8 cold runs. They are dropped as soon as the layer's weights are: a streamed walk releases
 each layer before it reads the next, and the last layer's codes must not outlive the walk (a
 streamed fit measures its candidates after it, in the same memory).
 """
@@ -89,18 +93,22 @@ class _Codes:
         self.args, self.dtype, self.transposed = scheme.weights, tensor.dtype, transposed
         first = tensor[0].T if transposed else tensor[0]
         self.codes = torch.empty((tensor.shape[0], *first.shape), dtype=torch.int8, device=tensor.device)
-        self.scales: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.scales: torch.Tensor | None = None  # [E, *one expert's scale], float32
+        self.zero_points: torch.Tensor | None = None
         for e, weight in enumerate(tensor):
             weight = weight.T if transposed else weight
             scale, zero_point = rtn_parameters(weight, scheme)
             scale = scale.to(weight.dtype).float()  # the scale as stored, in the weights' dtype (`round_to_nearest`)
             self.codes[e] = quantize(weight.float(), scale, zero_point, self.args, dtype=torch.int8)
-            self.scales.append((scale, zero_point))
+            if self.scales is None:
+                self.scales = scale.new_empty((len(tensor), *scale.shape))
+                self.zero_points = zero_point.new_empty((len(tensor), *zero_point.shape))
+            self.scales[e], self.zero_points[e] = scale, zero_point
 
     def __getitem__(self, expert: int) -> torch.Tensor:
         from compressed_tensors.quantization.lifecycle.forward import dequantize
 
-        scale, zero_point = self.scales[expert]
+        scale, zero_point = self.scales[expert], self.zero_points[expert]
         value = dequantize(self.codes[expert], scale, zero_point, self.args, dtype=torch.float32).to(self.dtype)
         return (value.T.contiguous() if self.transposed else value).float()
 
@@ -145,7 +153,7 @@ class _LayerRounding:
         """Drop the kept codes (only if they are still `key`'s, when given)."""
         if key is None or key == self.key:
             self.key, self.views = None, []
-            trim_heap()  # the codes' scales are small blocks, served from the heap
+            trim_heap()  # the codes' scales were served from the heap
 
 
 _CURRENT = _LayerRounding()
