@@ -43,3 +43,21 @@ def test_statistics_that_overflow_are_refused():
 def test_a_non_finite_learning_rate_is_refused(lr):
     with pytest.raises(MoECompressError, match="learning rate .* must be a finite number"):
         finetune(tiny_model("qwen2_moe"), None, lr=lr)
+
+
+def test_matrix_peaks_by_hand():
+    """Max |value| per matrix, NaN wherever one holds a NaN, Inf kept; one figure for a vector or a matrix."""
+    import math
+
+    from moe_compress.finite import matrix_peaks
+
+    matrix = torch.tensor([[0.5, -3.0], [2.0, 1.0]], dtype=torch.bfloat16)
+    assert matrix_peaks(matrix) == [3.0] and matrix_peaks(torch.tensor([-0.25, 0.125])) == [0.25]
+    assert matrix_peaks(torch.tensor([[1.0, float("-inf")]])) == [math.inf]
+    for position in ((0, 0), (1, 1)):  # NaN as the first or the last value: aminmax's low, high or both
+        poisoned = matrix.clone()
+        poisoned[position] = float("nan")
+        assert math.isnan(matrix_peaks(poisoned)[0])
+    stack = torch.stack([matrix, matrix * 2, torch.zeros(2, 2, dtype=torch.bfloat16)])
+    assert matrix_peaks(stack) == [3.0, 6.0, 0.0]
+    assert matrix_peaks(torch.tensor([[1, 2]])) is None and matrix_peaks(torch.empty(0, 3)) is None

@@ -62,7 +62,10 @@ def matrix_peaks(tensor: torch.Tensor) -> list[float] | None:
     """
     if tensor.is_meta or not tensor.is_floating_point() or tensor.element_size() == 1 or tensor.numel() == 0:
         return None
-    matrices = tensor.detach().reshape(tensor.shape[0] if tensor.dim() >= 3 else 1, -1)
+    if tensor.dim() < 3:  # one matrix: two scalars out, nothing stacked (a streamed read checks a few hundred per layer)
+        low, high = (value.item() for value in torch.aminmax(tensor.detach().reshape(-1)))
+        return [math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)]
+    matrices = tensor.detach().reshape(tensor.shape[0], -1)
     if len(matrices) > 1 and matrices.shape[1] < _LONG_ROW:
         low, high = torch.aminmax(matrices, dim=1)
     else:
