@@ -19,6 +19,7 @@ from moe_compress.methods import METHODS, PlanRequest
 from moe_compress.methods.registry import PROTECT
 from moe_compress.methods.super_experts import considered_layers
 from moe_compress.source.load import load_model
+from moe_compress.sink.stored_views import KeptExperts
 from moe_compress.sink.writer import ShardWriter
 from moe_compress.source.residency import StreamedWeights
 from moe_compress.stages.prune import prune
@@ -109,25 +110,34 @@ def test_a_fused_prune_frees_what_it_cuts_away_and_holds_no_written_layer_when_i
     (the writer otherwise holds a tiny model's groups until a shard fills up)."""
     monkeypatch.setattr(ShardWriter.__init__, "__defaults__", (1,))
     cut_layers: list[weakref.ref] = []
-    real_cut, real_read = fused.apply_layer_plan, StreamedWeights.materialize
+    surgeries = {"apply_layer_plan": 0, "keep_routing": 0}
 
-    def cut(layer, *args):
-        before = [weakref.ref(t.untyped_storage()) for t in layer.state_dict().values()]
-        real_cut(layer, *args)
-        kept = {id(t.untyped_storage()) for t in layer.state_dict().values()}
-        replaced = [ref for ref in before if id(ref()) not in kept]
-        assert replaced and all(ref() is None for ref in replaced), "replaced tensors outlive the surgery"
-        cut_layers.extend([*before, *(weakref.ref(t.untyped_storage()) for t in layer.state_dict().values())])
+    def cutting(real, name):  # the whole cut, or (kept experts written from the read buffers) the router's alone
+        def cut(layer, *args):
+            before = [weakref.ref(t.untyped_storage()) for t in layer.state_dict().values()]
+            real(layer, *args)
+            kept = {id(t.untyped_storage()) for t in layer.state_dict().values()}
+            replaced = [ref for ref in before if id(ref()) not in kept]
+            assert replaced and all(ref() is None for ref in replaced), "replaced tensors outlive the surgery"
+            cut_layers.extend([*before, *(weakref.ref(t.untyped_storage()) for t in layer.state_dict().values())])
+            surgeries[name] += 1
+        return cut
+
+    real_read = StreamedWeights.materialize
 
     def read(weights, names, *args, **kw):
         assert all(ref() is None for ref in cut_layers), "a cut layer's tensors are alive when the next tensors are read"
         return real_read(weights, names, *args, **kw)
 
-    monkeypatch.setattr(fused, "apply_layer_plan", cut)
+    for name in surgeries:
+        monkeypatch.setattr(fused, name, cutting(getattr(fused, name), name))
+    monkeypatch.setattr(KeptExperts, "cut", lambda self: pytest.fail("the kept experts were cut: written as views of the read buffers, nothing is"))
     monkeypatch.setattr(StreamedWeights, "materialize", read)
     prune(checkpoints / family, "reap", 0.5, "layer", token_batches(), out=tmp_path / "out", cache_dir=False, streaming=True,
           options={PROTECT: False})
     assert cut_layers, "the prune fused"
+    assert surgeries["apply_layer_plan"] == 0 and surgeries["keep_routing"] > 0, (
+        "experts stored one tensor each: every layer's kept experts are written from the read buffers, never cut")
 
 
 def test_an_explicit_budget_fuses_to_the_same_bytes(checkpoints, tmp_path, monkeypatch):

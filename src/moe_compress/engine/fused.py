@@ -41,9 +41,10 @@ from ..methods.super_experts import STATISTIC, considered_layers, threshold_floo
 from ..plan import LayerPlan, Plan
 from ..runtime import OUTPUT_FORMAT_KEY, is_substitution
 from ..sink.export import walk_groups
+from ..sink.stored_views import KeptExperts
 from ..sink.save import save_with_summary
-from ..source.residency import StreamedWeights, Weights
-from ..surgery.experts import apply_layer_plan, apply_plan
+from ..source.residency import StreamedWeights, Weights, layers_prefix, module_names
+from ..surgery.experts import apply_layer_plan, apply_plan, keep_routing
 from ..walk.observer import ExpertObserver, LayerWalk
 from .finish import CompressionResult, outcome_summary
 from .statistics import Observation
@@ -125,6 +126,8 @@ class FusedPrune:
         self.hidden_size = text_config(weights.model.config).hidden_size
         self.seen: dict[int, dict] = {}
         self.written: dict[int, Plan] = {}  # layer -> the plan its copy was cut by (absent for a layer with no plan entry)
+        self.kept: dict[int, dict[str, KeptExperts]] = {}  # layer -> its routed experts, whole, until written
+        self.prefix = layers_prefix(weights.model, adapter)
         self.plan: Plan | None = None
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
@@ -155,8 +158,28 @@ class FusedPrune:
         if plan is None:
             return layer
         work = self.weights.take_over(layer)  # the walk no longer needs it: cut in place, each original freed by its slice
-        apply_layer_plan(work, self.adapter, plan, entry(plan, index), self.hidden_size)
+        lp = entry(plan, index)
+        kept = self._kept_experts(work, lp, index) if lp.action == "keep" and not lp.untouched else None
+        if kept is None:
+            apply_layer_plan(work, self.adapter, plan, lp, self.hidden_size)
+        else:
+            keep_routing(work, self.adapter, lp)
+            self.kept[index] = kept
         return work
+
+    def _kept_experts(self, work: nn.Module, lp: LayerPlan, index: int) -> dict[str, KeptExperts] | None:
+        """The layer's routed expert tensors (by layer-relative name), each to be written from its read buffer
+        (`sink.stored_views`), or None where one was not read by moving stored bytes (then it is cut)."""
+        block = self.adapter.moe_block(work)
+        routed, names = self.adapter.num_experts(block), module_names(work)
+        found = {}
+        for tensor in self.adapter.routed_expert_tensors(block):
+            value, name = tensor.value.detach(), f"{names[id(tensor.module)]}.{tensor.name}"
+            parts = self.weights.stored_parts(f"{self.prefix}.{index}.{name}", value)
+            if parts is None or value.shape[0] != routed or not value.is_contiguous():
+                return None
+            found[name] = KeptExperts(value, tuple(sorted(lp.keep)), parts)
+        return found
 
     def _reread(self, index: int, plan: Plan | None) -> Iterator[tuple[int, nn.Module]]:
         with self.weights.loaded(self.adapter.decoder_layers(self.weights.model)[index]) as layer:
@@ -196,7 +219,7 @@ def fused_prune(
         summary.update(outcome_summary(output, adapter, plan, before, False, True, len(weights.carried), "as loaded", start))
         return [plan]  # what the carried tensors are pruned with
 
-    groups = _conversions_of(weights.model, output, walk_groups(weights, adapter, fused.layers(), described))
+    groups = _conversions_of(weights.model, output, walk_groups(weights, adapter, fused.layers(), described, lambda i: fused.kept.pop(i, {})))
     output_dir = save_with_summary(output, out, tokenizer, lambda: fused.plan, summary, overwrite, groups)
     return CompressionResult(None, fused.plan, summary, output_dir)
 

@@ -31,6 +31,7 @@ from ..plan import LayerPlan, Plan
 from ..source.checkpoint import Checkpoint
 from ..source.origin import ORIGIN, Origin
 from ..source.residency import StreamedWeights, layers_prefix, module_names, split_names
+from .stored_views import KeptExperts, PrunedLayer, reverted
 from .writer import ShardWriter
 
 #: (tensors, whether they already carry checkpoint names) -- in-memory names are converted on write.
@@ -167,17 +168,22 @@ def _renumber(key: str, pattern: re.Pattern, old: int, new: int) -> str:
 
 def walk_groups(
     weights: StreamedWeights, adapter: MoEAdapter, walk: Iterable[tuple[int, nn.Module]], plans: Callable[[], list[Plan]] | None = None,
+    kept: Callable[[int], dict[str, KeptExperts]] | None = None,
 ) -> Iterator[Group]:
     """The groups of a model that a layer walk changes (slimming in place; a fused prune, `engine.fused`, in
     copies): each layer is written during its visit, while the walk still holds it. `plans()`, asked once
-    the walk is over, are those the carried tensors are pruned with (none for slimming)."""
+    the walk is over, are those the carried tensors are pruned with (none for slimming). `kept(index)`: a
+    layer's routed expert tensors left whole, by layer-relative name, of which the kept experts are
+    written (`sink.stored_views`)."""
     model = weights.model
     stem, _, head = split_names(model, adapter, model.state_dict(keep_vars=True))
     prefix = layers_prefix(model, adapter)
     yield _part_group(weights, stem)
     for index, layer in walk:
-        yield {f"{prefix}.{index}.{name}": value for name, value in layer.state_dict().items()}, False
-        del layer  # a pruned copy would otherwise stay alive through the walk's visit of the next layer
+        group = {f"{prefix}.{index}.{name}": value for name, value in layer.state_dict().items()}
+        experts = kept(index) if kept is not None else {}
+        yield (PrunedLayer(group, {f"{prefix}.{index}.{name}": e for name, e in experts.items()}) if experts else group), False
+        del layer, group, experts  # a pruned copy would otherwise stay alive through the walk's visit of the next layer
     yield _part_group(weights, head)
     weights.drop_buffers()  # as in `streamed_groups`: the head is the last read, and the guard may follow
     yield from carried_groups(weights.checkpoint, weights.carried, plans() if plans else [], adapter, len(adapter.decoder_layers(model)))
@@ -261,13 +267,11 @@ def write_groups(
     transform: Transform | None = None,
 ) -> list[Path]:
     """Write every group as safetensors shards under `directory` (in the family's checkpoint key layout)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
     tied = set(getattr(output_model, "all_tied_weights_keys", {}) or {})
     writer = ShardWriter(directory, max_shard_bytes)
     for tensors, in_checkpoint_names in groups:
         if not in_checkpoint_names:
-            tensors = revert_weight_conversion(output_model, {k: v for k, v in tensors.items() if k not in tied})
+            tensors = reverted(output_model, tensors, tied)
         if transform is not None:
             tensors = transform(tensors)
         writer.add(tensors)

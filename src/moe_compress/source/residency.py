@@ -258,6 +258,14 @@ class StreamedWeights:
             for name in read:
                 require_finite(state[name], f"checkpoint tensor {name}")
 
+    def stored_parts(self, name: str, param: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
+        """Where `param` (target `name`, experts along axis 0) was read from one stored tensor per expert and part:
+        each part's (row offset, rows) in an expert's rows, in stored order; None where it was read otherwise."""
+        read = self._direct_plan(name, param)
+        if read is None or any(expert is None for _, expert, _, _ in read.parts):
+            return None
+        return tuple(dict.fromkeys((offset, rows) for _, _, offset, rows in read.parts))
+
     def _direct_plan(self, name: str, param: torch.Tensor) -> DirectRead | None:
         """How `name` is read without transformers' loader (`source.direct`), or None; worked out once per name."""
         key = (name, tuple(param.shape), param.dtype)

@@ -72,6 +72,18 @@ def _keep(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: KeepLayer, hidd
         holder.num_experts = len(lp.keep)
 
 
+def keep_routing(layer: nn.Module, adapter: MoEAdapter, lp: KeepLayer) -> None:
+    """`lp`'s surgery (action "keep") but for the routed experts' own tensors, which stay whole: router rows and
+    correction biases sliced, every expert count set. The writer then takes the kept experts' slices straight from
+    the tensors as read (`sink.stored_views`), where `_keep` would copy them out first."""
+    block = adapter.moe_block(layer)
+    routed = adapter.num_experts(block)
+    router_holders, expert_holders = adapter.count_holders(block)
+    _slice(adapter.router_tensors(block), torch.tensor(sorted(lp.keep), dtype=torch.long), routed)
+    for holder in (*expert_holders, *router_holders):
+        holder.num_experts = len(lp.keep)
+
+
 def _novices(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: NoviceLayer, hidden_size: int) -> None:
     """Kept experts stay, every router row stays, and removed experts become constant vectors
     (zeros when the plan carries none: the "no novice" ablation)."""
