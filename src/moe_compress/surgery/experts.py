@@ -65,11 +65,9 @@ def _slice_experts(adapter: MoEAdapter, block: nn.Module, lp: KeepLayer | Novice
 def _keep(layer: nn.Module, adapter: MoEAdapter, plan: Plan, lp: KeepLayer, hidden_size: int) -> None:
     """Kept experts and their router rows (and correction biases) stay; the rest are deleted."""
     block = adapter.moe_block(layer)
-    routed = adapter.num_experts(block)
-    router_holders = _slice_experts(adapter, block, lp)
-    _slice(adapter.router_tensors(block), torch.tensor(sorted(lp.keep), dtype=torch.long), routed)
-    for holder in router_holders:
-        holder.num_experts = len(lp.keep)
+    routed = adapter.num_experts(block)  # read off the experts' tensors: before they are sliced
+    keep_routing(layer, adapter, lp)
+    _slice(adapter.routed_expert_tensors(block), torch.tensor(sorted(lp.keep), dtype=torch.long), routed)
 
 
 def keep_routing(layer: nn.Module, adapter: MoEAdapter, lp: KeepLayer) -> None:
